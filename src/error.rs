@@ -1,0 +1,68 @@
+//! The library's error type: every failure names what went wrong and, where a
+//! user can act on it, how to fix it.
+
+use std::path::PathBuf;
+
+/// Errors returned by the melora library.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A tensor operation failed inside candle.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+
+    /// A configuration value is invalid.
+    #[error("config: `{key}`: {message}")]
+    Config {
+        /// Dotted path of the offending key, e.g. `lora.rank`.
+        key: String,
+        /// What is wrong and what is allowed.
+        message: String,
+    },
+
+    /// A file could not be read or written.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file concerned.
+        path: PathBuf,
+        /// The underlying I/O error.
+        source: std::io::Error,
+    },
+
+    /// A file was read but its contents are malformed.
+    #[error("{}: {message}", path.display())]
+    Format {
+        /// The file concerned.
+        path: PathBuf,
+        /// What is malformed.
+        message: String,
+    },
+
+    /// Tensor shapes or names do not fit together.
+    #[error("shape mismatch: {0}")]
+    Shape(String),
+
+    /// Two parameter sets (or a parameter set and a file) disagree on names or shapes.
+    #[error("parameter set mismatch: {0}")]
+    Params(String),
+
+    /// An argument is outside its allowed range.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+
+    /// Second-order differentiation is not available on this thread.
+    #[error("second-order gradients are disabled: {0}")]
+    SecondOrder(String),
+}
+
+/// Result with the library's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// An [`Error::Io`] for `path`.
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}

@@ -1,0 +1,26 @@
+//! melora: memory-efficient meta-learning of LoRA adapters and small networks.
+//!
+//! The crate is laid out by layer (see `DESIGN.md` in the project's shared folder):
+//! [`tensor`] (second-order-safe ops and [`tensor::ParamSet`]), [`nn`] (layers such as
+//! LoRA-wrapped linears), [`memory`] (exact allocation measurement), [`config`]
+//! (typed YAML configuration) and the command-line front end in `cli`.
+//!
+//! # Second-order gradients
+//!
+//! candle detaches gradients from their graph unless the environment variable
+//! `CANDLE_GRAD_DO_NOT_DETACH=1` is set before the first backward pass of each
+//! thread. A program using this library must call [`init`] at the start of `main`,
+//! before it starts any thread; entry points that need second order check it with
+//! [`tensor::ensure_second_order`] and fail with a clear error otherwise.
+
+pub mod config;
+pub mod error;
+pub mod memory;
+pub mod nn;
+pub mod tensor;
+
+#[doc(hidden)]
+pub mod cli;
+
+pub use error::{Error, Result};
+pub use tensor::second_order::init;

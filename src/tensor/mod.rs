@@ -1,0 +1,12 @@
+//! Tensors: second-order-safe operations ([`ops`]), named parameter sets
+//! ([`ParamSet`]) and the switch that keeps gradients differentiable.
+
+pub mod ops;
+pub mod params;
+pub mod second_order;
+
+#[cfg(test)]
+pub(crate) mod gradcheck;
+
+pub use params::ParamSet;
+pub use second_order::ensure_second_order;
