@@ -16,7 +16,10 @@ pub const GRAD_GRAPH_ENV: &str = "CANDLE_GRAD_DO_NOT_DETACH";
 /// any backward pass: candle reads the variable once per thread. The `melora`
 /// binary does this itself; `cargo test` gets it from `.cargo/config.toml`.
 pub fn init() {
-    if std::env::var(GRAD_GRAPH_ENV).map(|v| v.is_empty() || v == "0").unwrap_or(true) {
+    if std::env::var(GRAD_GRAPH_ENV)
+        .map(|v| v.is_empty() || v == "0")
+        .unwrap_or(true)
+    {
         // Setting the environment is only sound while no other thread reads it,
         // which is why this must run first thing in `main`.
         std::env::set_var(GRAD_GRAPH_ENV, "1");

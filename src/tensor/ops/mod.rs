@@ -1,1 +1,45 @@
-//! placeholder
+//! Second-order-safe tensor operations.
+//!
+//! Every function here is built only from candle primitives whose backward pass is
+//! exact and itself differentiable (matmul, element-wise arithmetic, `exp`, `log`,
+//! `erf`, `tanh`, sums, `where_cond`, `index_select`, reshapes), so a gradient taken
+//! with the graph kept can be differentiated again (MAML, Hessian-vector products).
+//!
+//! Several candle and candle-nn operations are deliberately *not* used (see
+//! `DESIGN.md`): `softmax_last_dim` and the fused layer/RMS norms return no gradient,
+//! `gather` (and so candle-nn's `cross_entropy`/`nll`) fails at second order,
+//! `max_pool2d`'s gradient is scaled wrongly, and the built-in `gelu`/`gelu_erf`
+//! back-propagate with rounded constants that are not exact in f64. A test
+//! (`tests/banned_ops.rs`) keeps them out of the source tree.
+//!
+//! Each op has a test of its first derivative and Hessian-vector product against
+//! central finite differences in f64 (`tensor::gradcheck`).
+
+mod activation;
+mod dropout;
+mod embedding;
+mod linear;
+mod loss;
+pub mod norm;
+mod pooling;
+mod softmax;
+
+pub use activation::{gelu_erf, gelu_tanh, relu, sigmoid, silu};
+pub use dropout::{dropout, Mode};
+pub use embedding::embedding;
+pub use linear::{linear, linear_in_out, matmul};
+pub use loss::{cross_entropy, cross_entropy_one_hot, mse, one_hot};
+pub use pooling::{last_token, masked_mean_pool};
+pub use softmax::{log_softmax, masked_softmax, softmax};
+
+use candle_core::{DType, Tensor};
+
+/// A mask of any numeric dtype as a `u8` tensor of ones (keep) and zeros (drop), the
+/// form `where_cond` takes.
+pub(crate) fn keep_mask_u8(mask: &Tensor) -> candle_core::Result<Tensor> {
+    if mask.dtype() == DType::U8 {
+        Ok(mask.clone())
+    } else {
+        mask.ne(0f64)?.to_dtype(DType::U8)
+    }
+}

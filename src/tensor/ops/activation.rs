@@ -1,0 +1,92 @@
+//! Activation functions, composed from primitives with exact derivatives.
+
+use candle_core::{Result, Tensor};
+
+/// GELU with the exact error function, `0.5·x·(1 + erf(x/√2))`: Hugging Face's `gelu`
+/// (BERT, MiniLM, DistilBERT).
+pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    let cdf = ((x * std::f64::consts::FRAC_1_SQRT_2)?.erf()? + 1.0)?;
+    (x * cdf)? * 0.5
+}
+
+/// GELU with the tanh approximation, `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`:
+/// Hugging Face's `gelu_new` (GPT-2).
+pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
+    let sqrt_2_over_pi = (2.0 / std::f64::consts::PI).sqrt();
+    let cube = (x.sqr()? * x)?;
+    let inner = ((x + (cube * 0.044715)?)? * sqrt_2_over_pi)?;
+    (x * (inner.tanh()? + 1.0)?)? * 0.5
+}
+
+/// ReLU, `max(x, 0)`. Its second derivative is zero away from the kink.
+pub fn relu(x: &Tensor) -> Result<Tensor> {
+    x.relu()
+}
+
+/// The logistic function `1 / (1 + e^(−x))`.
+pub fn sigmoid(x: &Tensor) -> Result<Tensor> {
+    (x.neg()?.exp()? + 1.0)?.recip()
+}
+
+/// SiLU (swish), `x·σ(x)`.
+pub fn silu(x: &Tensor) -> Result<Tensor> {
+    x * sigmoid(x)?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tensor::gradcheck::{assert_op_derivatives, random_tensor};
+    use candle_core::Device;
+
+    fn check(name: &str, f: fn(&Tensor) -> Result<Tensor>) {
+        let x = random_tensor(&[3, 5], 1, &Device::Cpu).unwrap();
+        assert_op_derivatives(name, &[x], |t| f(&t[0]));
+    }
+
+    #[test]
+    fn gelu_erf_matches_reference_values() {
+        // gelu(1) = 0.5·(1 + erf(1/√2)) = 0.8413447460685429...
+        let x = Tensor::new(&[1.0f64, -2.0, 0.0], &Device::Cpu).unwrap();
+        let y = gelu_erf(&x).unwrap().to_vec1::<f64>().unwrap();
+        assert!((y[0] - 0.841_344_746_068_542_9).abs() < 1e-15);
+        assert!((y[1] - (-0.045_500_263_896_358_42)).abs() < 1e-15);
+        assert_eq!(y[2], 0.0);
+    }
+
+    #[test]
+    fn gelu_tanh_matches_reference_values() {
+        // gelu_new(1) = 0.5·(1 + tanh(√(2/π)·1.044715)) = 0.8411919906082768
+        let x = Tensor::new(&[1.0f64], &Device::Cpu).unwrap();
+        let y = gelu_tanh(&x).unwrap().to_vec1::<f64>().unwrap();
+        assert!((y[0] - 0.841_191_990_608_276_8).abs() < 1e-15);
+    }
+
+    #[test]
+    fn gelu_erf_derivatives() {
+        check("gelu_erf", gelu_erf);
+    }
+
+    #[test]
+    fn gelu_tanh_derivatives() {
+        check("gelu_tanh", gelu_tanh);
+    }
+
+    #[test]
+    fn relu_derivatives() {
+        // Keep inputs away from the kink at 0, where finite differences are meaningless.
+        let x = random_tensor(&[4, 6], 2, &Device::Cpu).unwrap();
+        let x = (x.sign().unwrap() * 0.1 + &x).unwrap();
+        assert_op_derivatives("relu", &[x], |t| relu(&t[0]));
+    }
+
+    #[test]
+    fn sigmoid_derivatives() {
+        check("sigmoid", sigmoid);
+    }
+
+    #[test]
+    fn silu_derivatives() {
+        check("silu", silu);
+    }
+}

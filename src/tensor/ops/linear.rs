@@ -1,0 +1,119 @@
+//! Matrix products and affine layers.
+
+use candle_core::{Result, Tensor};
+
+/// Matrix product over the last two dimensions with the leading (batch) dimensions
+/// broadcast, e.g. `[b, h, t, d] × [d, e]` or `[b, 1, t, d] × [b, h, d, e]`.
+pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    a.broadcast_matmul(b)
+}
+
+/// `x·Wᵀ + b` for a weight stored `[out, in]` (PyTorch's `nn.Linear`), over any number
+/// of leading dimensions of `x` `[..., in]`.
+pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    affine(x, &weight.t()?, bias)
+}
+
+/// `x·W + b` for a weight stored `[in, out]` (GPT-2's `Conv1D`).
+pub fn linear_in_out(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    affine(x, weight, bias)
+}
+
+/// `x·W + b` with `W` `[in, out]`, folding the leading dimensions of `x` into one
+/// matrix product (one GEMM instead of a batch of small ones).
+fn affine(x: &Tensor, w_in_out: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let (n_in, n_out) = w_in_out.dims2()?;
+    let dims = x.dims();
+    let Some((&last, lead)) = dims.split_last() else {
+        candle_core::bail!("linear: input is a scalar, expected [..., {n_in}]");
+    };
+    if last != n_in {
+        candle_core::bail!("linear: input has {last} features, the weight expects {n_in}");
+    }
+    let rows: usize = lead.iter().product();
+    let y = x.reshape((rows, n_in))?.matmul(w_in_out)?;
+    let y = match bias {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    };
+    let mut out = lead.to_vec();
+    out.push(n_out);
+    y.reshape(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tensor::gradcheck::{assert_op_derivatives, random_tensor};
+    use candle_core::Device;
+
+    #[test]
+    fn linear_matches_explicit_sum() {
+        let dev = Device::Cpu;
+        let x = random_tensor(&[2, 3, 4], 1, &dev).unwrap();
+        let w = random_tensor(&[5, 4], 2, &dev).unwrap();
+        let b = random_tensor(&[5], 3, &dev).unwrap();
+        let y = linear(&x, &w, Some(&b)).unwrap();
+        assert_eq!(y.dims(), &[2, 3, 5]);
+        let (xv, wv, bv) = (
+            x.to_vec3::<f64>().unwrap(),
+            w.to_vec2::<f64>().unwrap(),
+            b.to_vec1::<f64>().unwrap(),
+        );
+        let yv = y.to_vec3::<f64>().unwrap();
+        for i in 0..2 {
+            for t in 0..3 {
+                for o in 0..5 {
+                    let expect: f64 = bv[o] + (0..4).map(|k| xv[i][t][k] * wv[o][k]).sum::<f64>();
+                    assert!((yv[i][t][o] - expect).abs() < 1e-13);
+                }
+            }
+        }
+        let y2 = linear_in_out(&x, &w.t().unwrap(), Some(&b)).unwrap();
+        let diff = (y - y2).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(diff.to_scalar::<f64>().unwrap() < 1e-14);
+    }
+
+    #[test]
+    fn wrong_width_is_a_clear_error() {
+        let x = random_tensor(&[2, 3], 1, &Device::Cpu).unwrap();
+        let w = random_tensor(&[5, 4], 2, &Device::Cpu).unwrap();
+        let err = linear(&x, &w, None).unwrap_err().to_string();
+        assert!(
+            err.contains("3 features") && err.contains("expects 4"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn linear_derivatives() {
+        let dev = Device::Cpu;
+        let x = random_tensor(&[2, 3, 4], 1, &dev).unwrap();
+        let w = random_tensor(&[5, 4], 2, &dev).unwrap();
+        let b = random_tensor(&[5], 3, &dev).unwrap();
+        assert_op_derivatives("linear", &[x, w, b], |t| linear(&t[0], &t[1], Some(&t[2])));
+    }
+
+    #[test]
+    fn linear_in_out_derivatives() {
+        let dev = Device::Cpu;
+        let x = random_tensor(&[3, 4], 4, &dev).unwrap();
+        let w = random_tensor(&[4, 2], 5, &dev).unwrap();
+        let b = random_tensor(&[2], 6, &dev).unwrap();
+        assert_op_derivatives("linear_in_out", &[x, w, b], |t| {
+            linear_in_out(&t[0], &t[1], Some(&t[2]))
+        });
+    }
+
+    #[test]
+    fn broadcast_matmul_derivatives() {
+        let dev = Device::Cpu;
+        let a = random_tensor(&[2, 3, 4, 5], 7, &dev).unwrap();
+        let b = random_tensor(&[5, 2], 8, &dev).unwrap();
+        assert_op_derivatives("matmul(broadcast rhs)", &[a.clone(), b], |t| {
+            matmul(&t[0], &t[1])
+        });
+        let c = random_tensor(&[2, 1, 5, 3], 9, &dev).unwrap();
+        assert_op_derivatives("matmul(broadcast batch)", &[a, c], |t| matmul(&t[0], &t[1]));
+    }
+}

@@ -1,0 +1,78 @@
+//! Normalisation layers over the last dimension, composed from primitives so that
+//! they are differentiable to any order (candle's fused norms return no gradient).
+
+use candle_core::{Result, Tensor, D};
+
+/// Layer normalisation over the last dimension:
+/// `(x − mean) / √(var + eps) · gamma + beta`, with the biased variance (PyTorch's
+/// `nn.LayerNorm`).
+pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
+    let centered = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
+    let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = centered.broadcast_div(&(var + eps)?.sqrt()?)?;
+    normed.broadcast_mul(gamma)?.broadcast_add(beta)
+}
+
+/// T5's layer norm (RMS norm): `x / √(mean(x²) + eps) · weight`, with no mean
+/// subtraction and no bias.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let mean_square = x.sqr()?.mean_keepdim(D::Minus1)?;
+    x.broadcast_div(&(mean_square + eps)?.sqrt()?)?
+        .broadcast_mul(weight)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tensor::gradcheck::{assert_op_derivatives, random_tensor};
+    use candle_core::Device;
+
+    #[test]
+    fn layer_norm_normalises() {
+        let dev = Device::Cpu;
+        let x = random_tensor(&[3, 8], 1, &dev).unwrap();
+        let ones = Tensor::ones(8, candle_core::DType::F64, &dev).unwrap();
+        let zeros = ones.zeros_like().unwrap();
+        let y = layer_norm(&x, &ones, &zeros, 1e-12).unwrap();
+        for row in y.to_vec2::<f64>().unwrap() {
+            let mean = row.iter().sum::<f64>() / 8.0;
+            let var = row.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / 8.0;
+            assert!(
+                mean.abs() < 1e-14 && (var - 1.0).abs() < 1e-10,
+                "{mean} {var}"
+            );
+        }
+    }
+
+    #[test]
+    fn rms_norm_matches_formula() {
+        let dev = Device::Cpu;
+        let x = Tensor::new(&[[3.0f64, 4.0]], &dev).unwrap();
+        let w = Tensor::new(&[1.0f64, 2.0], &dev).unwrap();
+        let y = rms_norm(&x, &w, 0.0).unwrap().to_vec2::<f64>().unwrap();
+        let rms = (12.5f64).sqrt();
+        assert!((y[0][0] - 3.0 / rms).abs() < 1e-15 && (y[0][1] - 8.0 / rms).abs() < 1e-15);
+    }
+
+    #[test]
+    fn layer_norm_derivatives() {
+        let dev = Device::Cpu;
+        let x = random_tensor(&[2, 3, 6], 2, &dev).unwrap();
+        let g = random_tensor(&[6], 3, &dev)
+            .unwrap()
+            .affine(0.1, 1.0)
+            .unwrap();
+        let b = random_tensor(&[6], 4, &dev).unwrap();
+        assert_op_derivatives("layer_norm", &[x, g, b], |t| {
+            layer_norm(&t[0], &t[1], &t[2], 1e-5)
+        });
+    }
+
+    #[test]
+    fn rms_norm_derivatives() {
+        let dev = Device::Cpu;
+        let x = random_tensor(&[4, 5], 5, &dev).unwrap();
+        let w = random_tensor(&[5], 6, &dev).unwrap();
+        assert_op_derivatives("rms_norm", &[x, w], |t| rms_norm(&t[0], &t[1], 1e-6));
+    }
+}
