@@ -15,6 +15,7 @@
 
 pub mod config;
 pub mod error;
+mod io;
 pub mod memory;
 pub mod nn;
 pub mod tensor;

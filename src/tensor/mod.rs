@@ -8,5 +8,5 @@ pub mod second_order;
 #[cfg(test)]
 pub(crate) mod gradcheck;
 
-pub use params::ParamSet;
+pub use params::{GradGraph, ParamSet};
 pub use second_order::ensure_second_order;
