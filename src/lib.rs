@@ -23,5 +23,11 @@ pub mod tensor;
 #[doc(hidden)]
 pub mod cli;
 
+/// The library's unit tests run under the counting allocator, so that they can
+/// check exact memory figures.
+#[cfg(test)]
+#[global_allocator]
+static TEST_ALLOCATOR: memory::CountingAllocator = memory::CountingAllocator;
+
 pub use error::{Error, Result};
 pub use tensor::second_order::init;

@@ -1,1 +1,28 @@
-//! placeholder
+//! Exact memory measurement.
+//!
+//! melora's claims are about memory, so memory is measured, not guessed. The
+//! figures come from a counting global allocator, [`CountingAllocator`]: it wraps
+//! the system allocator and counts the bytes allocated now, their peak and the
+//! number of allocations. These figures are exact: they count, to the byte, what
+//! Rust code (including candle's tensor storage) asks for, so the same
+//! single-threaded computation gives the same figures on every run. The process's resident
+//! set size ([`ProcessMemory`]) is reported beside them, but it is coarse (pages),
+//! includes code, stacks and memory the allocator keeps cached, and varies from
+//! run to run, so it cannot show a saving of a few megabytes reliably.
+//!
+//! - [`CountingAllocator`] must be installed by the binary (`#[global_allocator]`);
+//!   without it [`is_installed`] is `false` and every heap figure is zero.
+//! - [`MemoryMeter`] measures the peak of a scope; meters nest.
+//! - [`MemoryReport`] is a serializable snapshot for benchmarks.
+//! - [`format_bytes`] and [`parse_bytes`] convert sizes for people and flags
+//!   such as `--memory-budget 4GiB`.
+
+mod allocator;
+mod bytes;
+mod meter;
+mod rss;
+
+pub use allocator::{allocation_count, current_bytes, is_installed, peak_bytes, CountingAllocator};
+pub use bytes::{format_bytes, parse_bytes};
+pub use meter::{HeapReport, MemoryMeter, MemoryReport};
+pub use rss::ProcessMemory;
