@@ -1,1 +1,9 @@
-//! placeholder
+//! Layers for functional models: a frozen base held by the layer, trainable tensors
+//! passed in a [`crate::tensor::ParamSet`] on every call.
+
+pub mod adapter;
+pub mod lora;
+
+pub use crate::tensor::ops::Mode;
+pub use adapter::AdapterConfig;
+pub use lora::{LoraInit, LoraLinear, LoraSpec, WeightLayout};

@@ -118,7 +118,7 @@ pub(crate) fn check_derivatives(
                 .collect()
         };
         for j in coords {
-            let mut at = |delta: f64| -> Result<f64> {
+            let at = |delta: f64| -> Result<f64> {
                 let mut moved = base.clone();
                 moved[j] += delta;
                 let mut xs = inputs.to_vec();

@@ -25,6 +25,7 @@ mod pooling;
 mod softmax;
 
 pub use activation::{gelu_erf, gelu_tanh, relu, sigmoid, silu};
+pub(crate) use dropout::mix_seed;
 pub use dropout::{dropout, Mode};
 pub use embedding::embedding;
 pub use linear::{linear, linear_in_out, matmul};

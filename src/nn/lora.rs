@@ -1,0 +1,513 @@
+//! LoRA: a frozen linear layer `W` plus a trainable low-rank update `scale·B·A`.
+//!
+//! `y = x·Wᵀ + b + scale·(dropout(x)·Aᵀ)·Bᵀ` with `A` `[r, in]`, `B` `[out, r]` and
+//! `scale = alpha / r`, as in PEFT. The frozen `W` (and bias) live in the layer; `A` and
+//! `B` live in the caller's [`ParamSet`] under PEFT's names
+//! (`base_model.model.<module path>.lora_A.weight`, `….lora_B.weight`), so the same
+//! layer runs at θ₀, θ₁, … without copies, and saved adapters load in PEFT.
+
+use candle_core::Tensor;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rand_distr::StandardNormal;
+
+use crate::tensor::ops::{self, Mode};
+use crate::tensor::ParamSet;
+use crate::{Error, Result};
+
+/// Prefix PEFT puts before the module path in saved adapters.
+pub const PEFT_PREFIX: &str = "base_model.model.";
+
+/// How a frozen weight is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightLayout {
+    /// `[out, in]`, `y = x·Wᵀ` (PyTorch `nn.Linear`: BERT, DistilBERT, T5).
+    OutIn,
+    /// `[in, out]`, `y = x·W` (GPT-2's `Conv1D`; PEFT's `fan_in_fan_out = true`).
+    InOut,
+}
+
+/// The hyper-parameters of one LoRA adapter.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LoraSpec {
+    /// Rank `r` of the update (≥ 1).
+    pub rank: usize,
+    /// `alpha`; the update is scaled by `alpha / r`.
+    pub alpha: f64,
+    /// Dropout probability on the LoRA branch's input, in [0, 1).
+    pub dropout: f64,
+}
+
+impl LoraSpec {
+    /// The update's scale, `alpha / rank`.
+    pub fn scale(&self) -> f64 {
+        self.alpha / self.rank as f64
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.rank == 0 {
+            return Err(Error::InvalidArgument(
+                "LoRA rank must be at least 1, got 0".into(),
+            ));
+        }
+        if !self.alpha.is_finite() || self.alpha <= 0.0 {
+            return Err(Error::InvalidArgument(format!(
+                "LoRA alpha must be a positive number, got {}",
+                self.alpha
+            )));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(Error::InvalidArgument(format!(
+                "LoRA dropout must be in [0, 1), got {}",
+                self.dropout
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// How to initialise `A` and `B`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum LoraInit {
+    /// PEFT's default: `A` Kaiming-uniform with `a = √5` (uniform in ±1/√in), `B = 0`,
+    /// so the adapted model starts equal to the base model.
+    Peft {
+        /// Seed of `A`'s draw.
+        seed: u64,
+    },
+    /// Both `A` and `B` normal with standard deviation `std`, so that every gradient
+    /// is non-zero (tests, reference fixtures).
+    Normal {
+        /// Seed of the draws.
+        seed: u64,
+        /// Standard deviation.
+        std: f64,
+    },
+}
+
+/// A frozen linear layer with an optional LoRA adapter.
+#[derive(Debug, Clone)]
+pub struct LoraLinear {
+    module_path: String,
+    weight: Tensor,
+    bias: Option<Tensor>,
+    layout: WeightLayout,
+    lora: Option<LoraSpec>,
+    merged: bool,
+}
+
+/// FNV-1a: a stable per-layer salt for dropout masks.
+fn stable_hash(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+impl LoraLinear {
+    /// A frozen layer at `module_path` (its Hugging Face module name, e.g.
+    /// `encoder.layer.0.attention.self.query`), with no adapter yet.
+    pub fn new(
+        module_path: impl Into<String>,
+        weight: Tensor,
+        bias: Option<Tensor>,
+        layout: WeightLayout,
+    ) -> Result<Self> {
+        let module_path = module_path.into();
+        let (rows, cols) = weight.dims2().map_err(|_| {
+            Error::Shape(format!(
+                "`{module_path}.weight` must be 2-D, got {:?}",
+                weight.dims()
+            ))
+        })?;
+        let out = match layout {
+            WeightLayout::OutIn => rows,
+            WeightLayout::InOut => cols,
+        };
+        if let Some(b) = &bias {
+            if b.dims() != [out] {
+                return Err(Error::Shape(format!(
+                    "`{module_path}.bias` has shape {:?}, expected [{out}]",
+                    b.dims()
+                )));
+            }
+        }
+        Ok(Self {
+            module_path,
+            weight,
+            bias,
+            layout,
+            lora: None,
+            merged: false,
+        })
+    }
+
+    /// Attaches a LoRA adapter (replacing any previous one).
+    pub fn with_lora(mut self, spec: LoraSpec) -> Result<Self> {
+        spec.validate()?;
+        self.lora = Some(spec);
+        Ok(self)
+    }
+
+    /// The module path this layer was created with.
+    pub fn module_path(&self) -> &str {
+        &self.module_path
+    }
+
+    /// The adapter's hyper-parameters, if one is attached.
+    pub fn lora(&self) -> Option<&LoraSpec> {
+        self.lora.as_ref()
+    }
+
+    /// The frozen weight (merged with the adapter while [`LoraLinear::merge`]d).
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// Input features.
+    pub fn in_features(&self) -> usize {
+        let d = self.weight.dims();
+        match self.layout {
+            WeightLayout::OutIn => d[1],
+            WeightLayout::InOut => d[0],
+        }
+    }
+
+    /// Output features.
+    pub fn out_features(&self) -> usize {
+        let d = self.weight.dims();
+        match self.layout {
+            WeightLayout::OutIn => d[0],
+            WeightLayout::InOut => d[1],
+        }
+    }
+
+    /// PEFT's name of `A`: `base_model.model.<module path>.lora_A.weight`.
+    pub fn lora_a_name(&self) -> String {
+        format!("{PEFT_PREFIX}{}.lora_A.weight", self.module_path)
+    }
+
+    /// PEFT's name of `B`: `base_model.model.<module path>.lora_B.weight`.
+    pub fn lora_b_name(&self) -> String {
+        format!("{PEFT_PREFIX}{}.lora_B.weight", self.module_path)
+    }
+
+    /// Adds freshly initialised `A` `[r, in]` and `B` `[out, r]` to `params`, in the
+    /// frozen weight's dtype. Does nothing for a layer without adapter.
+    pub fn init_params(&self, init: LoraInit, params: &mut ParamSet) -> Result<()> {
+        let Some(spec) = self.lora else { return Ok(()) };
+        let (r, n_in, n_out) = (spec.rank, self.in_features(), self.out_features());
+        let salt = stable_hash(&self.module_path);
+        let (a, b): (Vec<f64>, Vec<f64>) = match init {
+            LoraInit::Peft { seed } => {
+                let bound = 1.0 / (n_in as f64).sqrt();
+                let mut rng = ChaCha8Rng::seed_from_u64(ops::mix_seed(seed, salt));
+                let a = (0..r * n_in)
+                    .map(|_| rng.random_range(-bound..bound))
+                    .collect();
+                (a, vec![0.0; n_out * r])
+            }
+            LoraInit::Normal { seed, std } => {
+                let mut rng = ChaCha8Rng::seed_from_u64(ops::mix_seed(seed, salt));
+                let mut draw = |n: usize| -> Vec<f64> {
+                    (0..n)
+                        .map(|_| std * rng.sample::<f64, _>(StandardNormal))
+                        .collect()
+                };
+                let a = draw(r * n_in);
+                (a, draw(n_out * r))
+            }
+        };
+        let (dtype, device) = (self.weight.dtype(), self.weight.device());
+        params.insert(
+            self.lora_a_name(),
+            Tensor::from_vec(a, (r, n_in), device)?.to_dtype(dtype)?,
+        )?;
+        params.insert(
+            self.lora_b_name(),
+            Tensor::from_vec(b, (n_out, r), device)?.to_dtype(dtype)?,
+        )?;
+        Ok(())
+    }
+
+    fn lora_tensors<'p>(&self, params: &'p ParamSet) -> Result<(&'p Tensor, &'p Tensor)> {
+        let missing = |name: String| {
+            Error::Params(format!(
+                "LoRA tensor `{name}` is missing from the parameters (was the adapter initialised \
+                 for module `{}`?)",
+                self.module_path
+            ))
+        };
+        let a = params
+            .get(&self.lora_a_name())
+            .ok_or_else(|| missing(self.lora_a_name()))?;
+        let b = params
+            .get(&self.lora_b_name())
+            .ok_or_else(|| missing(self.lora_b_name()))?;
+        Ok((a, b))
+    }
+
+    /// `x·Wᵀ + b + scale·(dropout(x)·Aᵀ)·Bᵀ` for `x` `[..., in]`, with `A` and `B` taken
+    /// from `params`.
+    pub fn forward(&self, x: &Tensor, params: &ParamSet, mode: Mode) -> Result<Tensor> {
+        let base = match self.layout {
+            WeightLayout::OutIn => ops::linear(x, &self.weight, self.bias.as_ref())?,
+            WeightLayout::InOut => ops::linear_in_out(x, &self.weight, self.bias.as_ref())?,
+        };
+        let Some(spec) = self.lora else {
+            return Ok(base);
+        };
+        if self.merged {
+            if let Mode::Train { .. } = mode {
+                return Err(Error::InvalidArgument(format!(
+                    "`{}`: the adapter is merged into the frozen weight, so training would not \
+                     reach it; unmerge first",
+                    self.module_path
+                )));
+            }
+            return Ok(base);
+        }
+        let (a, b) = self.lora_tensors(params)?;
+        let x = ops::dropout(x, spec.dropout, mode, stable_hash(&self.module_path))?;
+        let update = ops::linear(&ops::linear(&x, a, None)?, b, None)?;
+        Ok((base + (update * spec.scale())?)?)
+    }
+
+    /// `scale·B·A` in the frozen weight's layout (`[out, in]`, or its transpose for
+    /// [`WeightLayout::InOut`]).
+    pub fn delta_weight(&self, params: &ParamSet) -> Result<Tensor> {
+        let Some(spec) = self.lora else {
+            return Err(Error::InvalidArgument(format!(
+                "`{}` has no LoRA adapter",
+                self.module_path
+            )));
+        };
+        let (a, b) = self.lora_tensors(params)?;
+        let delta = (b.matmul(a)? * spec.scale())?;
+        Ok(match self.layout {
+            WeightLayout::OutIn => delta,
+            WeightLayout::InOut => delta.t()?.contiguous()?,
+        })
+    }
+
+    /// Folds the adapter into the frozen weight (`W ← W + scale·B·A`) for inference
+    /// without the extra matrix products.
+    pub fn merge(&mut self, params: &ParamSet) -> Result<()> {
+        if self.merged {
+            return Err(Error::InvalidArgument(format!(
+                "`{}` is already merged",
+                self.module_path
+            )));
+        }
+        self.weight = (&self.weight + self.delta_weight(params)?.detach())?;
+        self.merged = true;
+        Ok(())
+    }
+
+    /// Undoes [`LoraLinear::merge`] with the same `params`.
+    pub fn unmerge(&mut self, params: &ParamSet) -> Result<()> {
+        if !self.merged {
+            return Err(Error::InvalidArgument(format!(
+                "`{}` is not merged",
+                self.module_path
+            )));
+        }
+        self.weight = (&self.weight - self.delta_weight(params)?.detach())?;
+        self.merged = false;
+        Ok(())
+    }
+
+    /// Whether the adapter is currently merged into the frozen weight.
+    pub fn is_merged(&self) -> bool {
+        self.merged
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tensor::gradcheck::{assert_op_derivatives, random_tensor};
+    use candle_core::Device;
+
+    const SPEC: LoraSpec = LoraSpec {
+        rank: 2,
+        alpha: 6.0,
+        dropout: 0.0,
+    };
+
+    fn layer(layout: WeightLayout) -> (LoraLinear, ParamSet) {
+        let dev = Device::Cpu;
+        let shape = match layout {
+            WeightLayout::OutIn => [3, 4],
+            WeightLayout::InOut => [4, 3],
+        };
+        let w = random_tensor(&shape, 1, &dev).unwrap();
+        let b = random_tensor(&[3], 2, &dev).unwrap();
+        let layer = LoraLinear::new("encoder.layer.0.attention.self.query", w, Some(b), layout)
+            .unwrap()
+            .with_lora(SPEC)
+            .unwrap();
+        let mut params = ParamSet::new();
+        layer
+            .init_params(LoraInit::Normal { seed: 3, std: 0.5 }, &mut params)
+            .unwrap();
+        (layer, params)
+    }
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    }
+
+    #[test]
+    fn names_follow_peft() {
+        let (layer, params) = layer(WeightLayout::OutIn);
+        let names: Vec<_> = params.names().collect();
+        assert_eq!(
+            names,
+            [
+                "base_model.model.encoder.layer.0.attention.self.query.lora_A.weight",
+                "base_model.model.encoder.layer.0.attention.self.query.lora_B.weight"
+            ]
+        );
+        assert_eq!(params.get(&layer.lora_a_name()).unwrap().dims(), &[2, 4]);
+        assert_eq!(params.get(&layer.lora_b_name()).unwrap().dims(), &[3, 2]);
+    }
+
+    #[test]
+    fn forward_equals_merged_formula_for_both_layouts() {
+        for layout in [WeightLayout::OutIn, WeightLayout::InOut] {
+            let (layer, params) = layer(layout);
+            let x = random_tensor(&[2, 5, 4], 9, &Device::Cpu).unwrap();
+            let y = layer.forward(&x, &params, Mode::Eval).unwrap();
+            // x·(W + scale·BA)ᵀ + b, with W written [out, in].
+            let w_out_in = match layout {
+                WeightLayout::OutIn => layer.weight().clone(),
+                WeightLayout::InOut => layer.weight().t().unwrap(),
+            };
+            let (a, b) = (
+                params.get(&layer.lora_a_name()).unwrap(),
+                params.get(&layer.lora_b_name()).unwrap(),
+            );
+            let merged = (w_out_in + (b.matmul(a).unwrap() * SPEC.scale()).unwrap()).unwrap();
+            let expect = x
+                .broadcast_matmul(&merged.t().unwrap())
+                .unwrap()
+                .broadcast_add(layer.bias.as_ref().unwrap())
+                .unwrap();
+            assert!(max_abs_diff(&y, &expect) < 1e-13, "{layout:?}");
+        }
+    }
+
+    #[test]
+    fn merge_then_unmerge_round_trips() {
+        for layout in [WeightLayout::OutIn, WeightLayout::InOut] {
+            let (mut layer, params) = layer(layout);
+            let original = layer.weight().clone();
+            let x = random_tensor(&[3, 4], 4, &Device::Cpu).unwrap();
+            let y = layer.forward(&x, &params, Mode::Eval).unwrap();
+            layer.merge(&params).unwrap();
+            let y_merged = layer.forward(&x, &params, Mode::Eval).unwrap();
+            assert!(max_abs_diff(&y, &y_merged) < 1e-13);
+            assert!(layer.forward(&x, &params, Mode::Train { seed: 1 }).is_err());
+            assert!(layer.merge(&params).is_err());
+            layer.unmerge(&params).unwrap();
+            assert!(max_abs_diff(&original, layer.weight()) < 1e-15);
+        }
+    }
+
+    #[test]
+    fn peft_init_starts_at_the_base_model() {
+        let (layer, _) = layer(WeightLayout::OutIn);
+        let mut params = ParamSet::new();
+        layer
+            .init_params(LoraInit::Peft { seed: 5 }, &mut params)
+            .unwrap();
+        let a = params
+            .get(&layer.lora_a_name())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        let b = params
+            .get(&layer.lora_b_name())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        assert!(a.iter().all(|v| v.abs() <= 0.5) && a.iter().any(|&v| v != 0.0));
+        assert!(b.iter().all(|&v| v == 0.0));
+        let mut again = ParamSet::new();
+        layer
+            .init_params(LoraInit::Peft { seed: 5 }, &mut again)
+            .unwrap();
+        assert_eq!(
+            again
+                .get(&layer.lora_a_name())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap(),
+            a
+        );
+    }
+
+    #[test]
+    fn bad_shapes_and_specs_are_errors() {
+        let dev = Device::Cpu;
+        let w = random_tensor(&[3, 4], 1, &dev).unwrap();
+        let bad_bias = random_tensor(&[4], 1, &dev).unwrap();
+        let err = LoraLinear::new("m", w.clone(), Some(bad_bias), WeightLayout::OutIn).unwrap_err();
+        assert!(err.to_string().contains("`m.bias`"), "{err}");
+        let plain = LoraLinear::new("m", w, None, WeightLayout::OutIn).unwrap();
+        let zero_rank = LoraSpec { rank: 0, ..SPEC };
+        assert!(plain
+            .clone()
+            .with_lora(zero_rank)
+            .unwrap_err()
+            .to_string()
+            .contains("rank"));
+        let with = plain.with_lora(SPEC).unwrap();
+        let x = random_tensor(&[1, 4], 2, &dev).unwrap();
+        let err = with
+            .forward(&x, &ParamSet::new(), Mode::Eval)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("m.lora_A.weight") && err.contains("missing"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn lora_derivatives_match_finite_differences() {
+        for layout in [WeightLayout::OutIn, WeightLayout::InOut] {
+            let (layer, params) = layer(layout);
+            let x = random_tensor(&[2, 3, 4], 7, &Device::Cpu).unwrap();
+            let a = params.get(&layer.lora_a_name()).unwrap().clone();
+            let b = params.get(&layer.lora_b_name()).unwrap().clone();
+            let spec = LoraSpec {
+                dropout: 0.3,
+                ..SPEC
+            };
+            let layer = layer.with_lora(spec).unwrap();
+            let (na, nb) = (layer.lora_a_name(), layer.lora_b_name());
+            assert_op_derivatives("lora", &[x, a, b], |t| {
+                let p =
+                    ParamSet::from_pairs([(na.clone(), t[1].clone()), (nb.clone(), t[2].clone())])
+                        .map_err(candle_core::Error::wrap)?;
+                layer
+                    .forward(&t[0], &p, Mode::Train { seed: 4 })
+                    .map_err(candle_core::Error::wrap)
+            });
+        }
+    }
+}
