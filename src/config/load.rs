@@ -39,7 +39,12 @@ fn parse_error(err: serde_path_to_error::Error<serde_norway::Error>, file: Optio
     if !at_root {
         message = strip_key_prefix(&message, &key).to_owned();
     }
-    let message = message.split_whitespace().collect::<Vec<_>>().join(" ");
+    let message = message
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ");
     let place = location.map(|l| format!("line {}, column {}", l.line(), l.column()));
     match (file, at_root) {
         (Some(path), true) => Error::Format {

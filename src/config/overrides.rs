@@ -94,6 +94,16 @@ impl ConfigOverrides {
             .map(|(_, _, flag)| flag)
     }
 
+    /// Every flag name, so the command line can be checked against this list.
+    #[cfg(test)]
+    pub(crate) fn all_flags() -> Vec<&'static str> {
+        Self::default()
+            .entries()
+            .into_iter()
+            .map(|(_, _, flag)| flag)
+            .collect()
+    }
+
     /// Writes the set values into `config`, without validating.
     pub(crate) fn write_into(&self, config: &mut Config) {
         fn set<T: Clone>(target: &mut T, value: &Option<T>) {
