@@ -1,1 +1,137 @@
-//! placeholder
+//! The `melora` command line. It only parses arguments, builds a
+//! [`Config`] and calls the library; its interface is the command line, so
+//! it is hidden from the library's documentation.
+
+mod args;
+mod config_cmd;
+
+#[cfg(test)]
+mod tests;
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use clap::error::ErrorKind;
+use clap::Parser;
+
+use self::args::{Cli, Command, GlobalArgs};
+use crate::config::Config;
+
+/// Failures caused by what the user gave, as opposed to failures while
+/// working: they exit with status 2.
+#[derive(Debug, thiserror::Error)]
+enum UserError {
+    /// The command line does not parse.
+    #[error("{0}")]
+    Usage(String),
+    /// The configuration (file or flags) cannot be read or is invalid.
+    #[error(transparent)]
+    Config(crate::Error),
+}
+
+/// Runs the program on its command-line arguments.
+///
+/// Help and version are printed here; an error is returned for the caller to
+/// print (see [`one_line`]) and turn into a status (see [`exit_code`]).
+pub fn run() -> anyhow::Result<ExitCode> {
+    let cli = match Cli::try_parse_from(std::env::args_os()) {
+        Ok(cli) => cli,
+        Err(err) => return parse_failure(err),
+    };
+    match &cli.command {
+        Command::Config(args) => config_cmd::run(&cli.global, args)?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The message of `err` and its causes on one line, each cause once.
+pub fn one_line(err: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in err.chain() {
+        let part = cause.to_string();
+        // Many messages already include their cause (`path: os error`).
+        if text.contains(&part) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&part);
+    }
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// 2 for bad arguments or configuration, 1 for any other failure.
+pub fn exit_code(err: &anyhow::Error) -> ExitCode {
+    let user_error = err.chain().any(|cause| {
+        cause.is::<UserError>()
+            || matches!(
+                cause.downcast_ref::<crate::Error>(),
+                Some(crate::Error::Config { .. })
+            )
+    });
+    ExitCode::from(if user_error { 2 } else { 1 })
+}
+
+fn parse_failure(err: clap::Error) -> anyhow::Result<ExitCode> {
+    match err.kind() {
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
+            // Nothing useful to report if the help cannot be written.
+            let _ = err.print();
+            Ok(ExitCode::SUCCESS)
+        }
+        ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            let _ = err.print();
+            Ok(ExitCode::from(2))
+        }
+        _ => {
+            // clap's message spans several lines; keep what says what is wrong
+            // and what is allowed, drop the usage and the pointer to --help.
+            let rendered = err.render().to_string();
+            let message = rendered
+                .lines()
+                .map(str::trim)
+                .filter(|l| {
+                    !(l.is_empty()
+                        || l.starts_with("Usage:")
+                        || l.starts_with("For more information"))
+                })
+                .map(|l| {
+                    let l = l.strip_prefix("error: ").unwrap_or(l);
+                    l.strip_prefix('[')
+                        .and_then(|l| l.strip_suffix(']'))
+                        .unwrap_or(l)
+                })
+                .collect::<Vec<_>>()
+                .join("; ");
+            Err(UserError::Usage(format!("{message}; try '--help'")).into())
+        }
+    }
+}
+
+/// The configuration from `--config` (or the defaults) with the flags applied.
+fn load_config(global: &GlobalArgs) -> anyhow::Result<Config> {
+    Config::load(global.config.as_deref(), &global.overrides()).map_err(|e| match e {
+        // These name the file but not what it is for.
+        crate::Error::Io { .. } | crate::Error::Format { .. } => {
+            anyhow::Error::new(UserError::Config(e)).context("cannot read the configuration file")
+        }
+        e => UserError::Config(e).into(),
+    })
+}
+
+/// Writes `text` to standard output; a closed pipe (`melora config | head`)
+/// is not an error.
+fn write_stdout(text: &str) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(anyhow::Error::new(e).context("cannot write to standard output"))
+        }
+        _ => Ok(()),
+    }
+}

@@ -1,0 +1,142 @@
+//! The command line's grammar: global flags and subcommands.
+
+use std::path::PathBuf;
+
+use clap::builder::PossibleValue;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::config::{ConfigOverrides, Method};
+
+/// Memory-efficient meta-learning (MAML, FOMAML, Reptile, MELoRA) of LoRA
+/// adapters, with measured memory.
+#[derive(Debug, Parser)]
+#[command(
+    name = "melora",
+    version,
+    subcommand_required = true,
+    arg_required_else_help = true
+)]
+pub(crate) struct Cli {
+    #[command(flatten)]
+    pub(crate) global: GlobalArgs,
+
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+/// Flags accepted before or after any subcommand. All but `--config` replace
+/// one value of the configuration (see [`ConfigOverrides`]).
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Configuration")]
+pub(crate) struct GlobalArgs {
+    /// YAML configuration file; without it, the built-in defaults
+    #[arg(long, global = true, value_name = "FILE")]
+    pub(crate) config: Option<PathBuf>,
+
+    /// Model: a built-in tiny model or a Hugging Face family [model.name]
+    #[arg(long, global = true, value_name = "NAME")]
+    pub(crate) model: Option<String>,
+
+    /// LoRA rank [lora.rank]
+    #[arg(long, global = true, value_name = "R", allow_negative_numbers = true)]
+    pub(crate) lora_rank: Option<usize>,
+
+    /// LoRA scale numerator [lora.alpha]
+    #[arg(
+        long,
+        global = true,
+        value_name = "ALPHA",
+        allow_negative_numbers = true
+    )]
+    pub(crate) lora_alpha: Option<f64>,
+
+    /// Learning method [meta_learning.method]
+    #[arg(long, global = true, value_name = "METHOD")]
+    pub(crate) method: Option<Method>,
+
+    /// Tasks per outer step [meta_learning.meta_batch_size]
+    #[arg(long, global = true, value_name = "N", allow_negative_numbers = true)]
+    pub(crate) meta_batch_size: Option<usize>,
+
+    /// Inner gradient steps per task [meta_learning.inner.steps]
+    #[arg(long, global = true, value_name = "K", allow_negative_numbers = true)]
+    pub(crate) inner_steps: Option<usize>,
+
+    /// Inner learning rate [meta_learning.inner.lr]
+    #[arg(long, global = true, value_name = "LR", allow_negative_numbers = true)]
+    pub(crate) inner_lr: Option<f64>,
+
+    /// Outer learning rate [meta_learning.outer.lr]
+    #[arg(long, global = true, value_name = "LR", allow_negative_numbers = true)]
+    pub(crate) outer_lr: Option<f64>,
+
+    /// Outer steps of meta-training [meta_learning.num_iterations]
+    #[arg(long, global = true, value_name = "N", allow_negative_numbers = true)]
+    pub(crate) num_iterations: Option<usize>,
+
+    /// Seed of every random choice [seed]
+    #[arg(
+        long,
+        global = true,
+        value_name = "SEED",
+        allow_negative_numbers = true
+    )]
+    pub(crate) seed: Option<u64>,
+
+    /// Use synthetic tasks whatever the data source [data.synthetic_only]
+    #[arg(long, global = true)]
+    pub(crate) synthetic_only: bool,
+
+    /// Name of the run's output folder [tracking.experiment_name]
+    #[arg(long, global = true, value_name = "NAME")]
+    pub(crate) experiment_name: Option<String>,
+
+    /// Folder of all runs' outputs [tracking.output_dir]
+    #[arg(long, global = true, value_name = "DIR")]
+    pub(crate) output: Option<PathBuf>,
+}
+
+impl GlobalArgs {
+    /// The configuration values given as flags.
+    pub(crate) fn overrides(&self) -> ConfigOverrides {
+        ConfigOverrides {
+            model: self.model.clone(),
+            lora_rank: self.lora_rank,
+            lora_alpha: self.lora_alpha,
+            meta_batch_size: self.meta_batch_size,
+            inner_steps: self.inner_steps,
+            inner_lr: self.inner_lr,
+            outer_lr: self.outer_lr,
+            num_iterations: self.num_iterations,
+            method: self.method,
+            seed: self.seed,
+            // A flag can only turn it on; absent, the file decides.
+            synthetic_only: self.synthetic_only.then_some(true),
+            experiment_name: self.experiment_name.clone(),
+            output_dir: self.output.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// Print the resolved configuration (file or defaults, then flags) as YAML
+    Config(ConfigArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ConfigArgs {
+    /// Only validate: print `config OK`, or the error
+    #[arg(long)]
+    pub(crate) check: bool,
+}
+
+impl ValueEnum for Method {
+    fn value_variants<'a>() -> &'a [Self] {
+        Method::ALL
+    }
+
+    fn to_possible_value(&self) -> Option<PossibleValue> {
+        Some(PossibleValue::new(self.as_str()))
+    }
+}

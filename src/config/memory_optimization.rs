@@ -1,0 +1,125 @@
+//! The `memory_optimization` section: ways to trade compute for memory.
+
+use serde::{Deserialize, Serialize};
+
+use super::choice::choice_enum;
+use super::validate::{at_least, non_negative};
+use crate::Result;
+
+choice_enum! {
+    /// Floating-point type used for activations during training.
+    pub enum Precision {
+        /// 32-bit float.
+        F32 = "f32",
+        /// bfloat16.
+        Bf16 = "bf16",
+        /// IEEE half precision.
+        F16 = "f16",
+    }
+    default = F32;
+}
+
+choice_enum! {
+    /// What replaces the support-set Hessian in the `melora` meta-gradient.
+    pub enum HessianKind {
+        /// Drops the Hessian term (first order).
+        None = "none",
+        /// Diagonal estimated with Hutchinson probes.
+        Diagonal = "diagonal",
+        /// Generalized Gauss-Newton products.
+        GaussNewton = "gauss_newton",
+        /// Exact blocks of each parameter tensor, cross-tensor terms dropped.
+        BlockDiagonal = "block_diagonal",
+    }
+    default = None;
+}
+
+/// The `memory_optimization` section.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MemoryOptimizationConfig {
+    /// Splitting each task's examples into micro-batches.
+    pub gradient_accumulation: GradientAccumulationConfig,
+    /// Activation checkpointing.
+    pub checkpointing: CheckpointingConfig,
+    /// Floating-point type of activations during training.
+    pub precision: Precision,
+    /// Hessian approximation used by the `melora` method.
+    pub hessian_approximation: HessianApproximationConfig,
+}
+
+/// The `memory_optimization.gradient_accumulation` section.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GradientAccumulationConfig {
+    /// Examples per micro-batch (at least 1); `None` processes a whole set at once.
+    pub micro_batch: Option<usize>,
+}
+
+/// The `memory_optimization.checkpointing` section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CheckpointingConfig {
+    /// Keep only segment inputs and recompute activations during backward.
+    pub enabled: bool,
+    /// Keep the input of every `every`-th segment (at least 1).
+    pub every: usize,
+}
+
+impl Default for CheckpointingConfig {
+    fn default() -> Self {
+        CheckpointingConfig {
+            enabled: false,
+            every: 1,
+        }
+    }
+}
+
+/// The `memory_optimization.hessian_approximation` section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HessianApproximationConfig {
+    /// The approximation.
+    pub kind: HessianKind,
+    /// Random probes per estimate of the `diagonal` kind (at least 1).
+    pub probes: usize,
+    /// Added to the approximated Hessian's diagonal (at least 0).
+    pub damping: f64,
+}
+
+impl Default for HessianApproximationConfig {
+    fn default() -> Self {
+        HessianApproximationConfig {
+            kind: HessianKind::None,
+            probes: 1,
+            damping: 0.0,
+        }
+    }
+}
+
+impl MemoryOptimizationConfig {
+    pub(crate) fn validate(&self) -> Result<()> {
+        if let Some(micro_batch) = self.gradient_accumulation.micro_batch {
+            at_least(
+                "memory_optimization.gradient_accumulation.micro_batch",
+                micro_batch,
+                1,
+            )?;
+        }
+        at_least(
+            "memory_optimization.checkpointing.every",
+            self.checkpointing.every,
+            1,
+        )?;
+        let hessian = &self.hessian_approximation;
+        at_least(
+            "memory_optimization.hessian_approximation.probes",
+            hessian.probes,
+            1,
+        )?;
+        non_negative(
+            "memory_optimization.hessian_approximation.damping",
+            hessian.damping,
+        )
+    }
+}

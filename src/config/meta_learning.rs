@@ -1,0 +1,173 @@
+//! The `meta_learning` section: the learner and its inner and outer loops.
+
+use serde::{Deserialize, Serialize};
+
+use super::choice::choice_enum;
+use super::validate::{at_least, invalid, non_negative, positive};
+use crate::Result;
+
+choice_enum! {
+    /// The learning method.
+    pub enum Method {
+        /// Model-agnostic meta-learning with the exact second-order meta-gradient.
+        Maml = "maml",
+        /// First-order MAML: the query gradient at the adapted parameters.
+        Fomaml = "fomaml",
+        /// Reptile: moves towards the adapted parameters.
+        Reptile = "reptile",
+        /// MAML with the support Hessian replaced by an approximation
+        /// (see `memory_optimization.hessian_approximation`).
+        Melora = "melora",
+        /// Baseline without meta-learning: fine-tunes all trainable parameters per task.
+        Finetune = "finetune",
+        /// Baseline without meta-learning: fine-tunes LoRA adapters per task.
+        LoraFinetune = "lora-finetune",
+        /// Prototypical networks: classifies by distance to class means.
+        Protonet = "protonet",
+    }
+    default = Maml;
+}
+
+choice_enum! {
+    /// How the second-order meta-gradient is computed.
+    pub enum InnerMode {
+        /// Keeps the graph of every inner step and back-propagates through all
+        /// of them; memory grows linearly with the number of steps.
+        FullGraph = "full_graph",
+        /// Keeps only the parameters of each inner step and rebuilds one step's
+        /// graph at a time; same result, memory constant in the number of steps.
+        Recompute = "recompute",
+    }
+    default = Recompute;
+}
+
+choice_enum! {
+    /// Optimizer applying the averaged meta-gradient.
+    pub enum OuterOptimizer {
+        /// AdamW (decoupled weight decay).
+        Adamw = "adamw",
+        /// Plain stochastic gradient descent.
+        Sgd = "sgd",
+    }
+    default = Adamw;
+}
+
+choice_enum! {
+    /// Learning-rate schedule of the outer loop.
+    pub enum LrSchedule {
+        /// The same rate throughout.
+        Constant = "constant",
+        /// Cosine decay from the rate to 0 over all iterations.
+        Cosine = "cosine",
+        /// Linear warm-up over `warmup_steps`, then cosine decay.
+        WarmupCosine = "warmup_cosine",
+    }
+    default = Constant;
+}
+
+/// The `meta_learning` section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetaLearningConfig {
+    /// The learning method.
+    pub method: Method,
+    /// Tasks whose meta-gradients are averaged into one outer step (at least 1).
+    pub meta_batch_size: usize,
+    /// Outer steps of meta-training (at least 1).
+    pub num_iterations: usize,
+    /// The per-task adaptation loop.
+    pub inner: InnerLoopConfig,
+    /// The meta-update.
+    pub outer: OuterLoopConfig,
+}
+
+impl Default for MetaLearningConfig {
+    fn default() -> Self {
+        MetaLearningConfig {
+            method: Method::Maml,
+            meta_batch_size: 4,
+            num_iterations: 1000,
+            inner: InnerLoopConfig::default(),
+            outer: OuterLoopConfig::default(),
+        }
+    }
+}
+
+/// The `meta_learning.inner` section: adaptation to one task's support set.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct InnerLoopConfig {
+    /// Gradient steps on the support set (at least 1).
+    pub steps: usize,
+    /// Step size of the inner gradient descent (> 0).
+    pub lr: f64,
+    /// How second-order meta-gradients are computed.
+    pub mode: InnerMode,
+}
+
+impl Default for InnerLoopConfig {
+    fn default() -> Self {
+        InnerLoopConfig {
+            steps: 1,
+            lr: 0.01,
+            mode: InnerMode::Recompute,
+        }
+    }
+}
+
+/// The `meta_learning.outer` section: the meta-update.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OuterLoopConfig {
+    /// The optimizer.
+    pub optimizer: OuterOptimizer,
+    /// Peak learning rate (> 0).
+    pub lr: f64,
+    /// Decoupled weight decay (at least 0).
+    pub weight_decay: f64,
+    /// Largest global norm of the meta-gradient; larger ones are scaled down.
+    /// `None` (`null` in YAML) turns clipping off.
+    pub grad_clip: Option<f64>,
+    /// Learning-rate schedule.
+    pub schedule: LrSchedule,
+    /// Linear warm-up steps of `warmup_cosine` (at most `num_iterations`).
+    pub warmup_steps: usize,
+}
+
+impl Default for OuterLoopConfig {
+    fn default() -> Self {
+        OuterLoopConfig {
+            optimizer: OuterOptimizer::Adamw,
+            lr: 1e-3,
+            weight_decay: 0.0,
+            grad_clip: Some(1.0),
+            schedule: LrSchedule::Constant,
+            warmup_steps: 0,
+        }
+    }
+}
+
+impl MetaLearningConfig {
+    pub(crate) fn validate(&self) -> Result<()> {
+        at_least("meta_learning.meta_batch_size", self.meta_batch_size, 1)?;
+        at_least("meta_learning.num_iterations", self.num_iterations, 1)?;
+        at_least("meta_learning.inner.steps", self.inner.steps, 1)?;
+        positive("meta_learning.inner.lr", self.inner.lr)?;
+        let outer = &self.outer;
+        positive("meta_learning.outer.lr", outer.lr)?;
+        non_negative("meta_learning.outer.weight_decay", outer.weight_decay)?;
+        if let Some(clip) = outer.grad_clip {
+            positive("meta_learning.outer.grad_clip", clip)?;
+        }
+        if outer.warmup_steps > self.num_iterations {
+            return Err(invalid(
+                "meta_learning.outer.warmup_steps",
+                format!(
+                    "must be at most meta_learning.num_iterations ({}), got {}",
+                    self.num_iterations, outer.warmup_steps
+                ),
+            ));
+        }
+        Ok(())
+    }
+}

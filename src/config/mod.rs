@@ -1,0 +1,183 @@
+//! Typed configuration, read from YAML.
+//!
+//! A [`Config`] has one section per concern; every key has a default, so a
+//! file sets only what differs (an empty file is the default configuration).
+//! `configs/default.yml` in the repository shows every key with its default.
+//!
+//! | section | what it sets |
+//! |---|---|
+//! | `seed` | seed of every random choice (initialization, task sampling, dropout) |
+//! | [`model`](ModelConfig) | the network to adapt: a built-in tiny model or a local Hugging Face directory, sequence length, dtype |
+//! | [`lora`](LoraConfig) | adapter rank, scale, dropout and the layers adapted |
+//! | [`meta_learning`](MetaLearningConfig) | the [`Method`], tasks per meta-batch, iterations, the inner loop (steps, learning rate, [`InnerMode`]) and the outer loop (optimizer, learning rate, weight decay, clipping, schedule) |
+//! | [`memory_optimization`](MemoryOptimizationConfig) | micro-batches, activation checkpointing, activation precision, the Hessian approximation of `melora` |
+//! | [`data`](DataConfig) | the [`DataSource`] and the task shape (`n_way` classes, `k_shot` support and `n_query` query examples per class) |
+//! | [`evaluation`](EvaluationConfig) | test episodes, confidence level, validation interval |
+//! | [`tracking`](TrackingConfig) | output folder, experiment name, TensorBoard and MLflow output |
+//!
+//! Unknown keys, values of the wrong type and values out of range are all
+//! errors ([`Error::Config`]) whose one-line message names the dotted key
+//! (`lora.rank`), the value and what is allowed. Command-line values come in
+//! as [`ConfigOverrides`].
+//!
+//! ```
+//! use melora::config::{Config, Method};
+//!
+//! let config = Config::from_yaml_str("lora:\n  rank: 4\nmeta_learning:\n  method: fomaml\n")?;
+//! assert_eq!(config.lora.rank, 4);
+//! assert_eq!(config.meta_learning.method, Method::Fomaml);
+//! assert_eq!(config.lora.alpha, 16.0); // the default
+//!
+//! let err = Config::from_yaml_str("lora:\n  rank: 0\n").unwrap_err();
+//! assert_eq!(err.to_string(), "config: `lora.rank`: must be at least 1, got 0");
+//! # Ok::<(), melora::Error>(())
+//! ```
+
+mod choice;
+mod data;
+mod evaluation;
+mod load;
+mod lora;
+mod memory_optimization;
+mod meta_learning;
+mod model;
+mod overrides;
+mod tracking;
+mod validate;
+
+#[cfg(test)]
+mod tests;
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+pub use choice::UnknownValue;
+pub use data::{DataConfig, DataSource};
+pub use evaluation::EvaluationConfig;
+pub use lora::LoraConfig;
+pub use memory_optimization::{
+    CheckpointingConfig, GradientAccumulationConfig, HessianApproximationConfig, HessianKind,
+    MemoryOptimizationConfig, Precision,
+};
+pub use meta_learning::{
+    InnerLoopConfig, InnerMode, LrSchedule, MetaLearningConfig, Method, OuterLoopConfig,
+    OuterOptimizer,
+};
+pub use model::{DType, ModelConfig};
+pub use overrides::ConfigOverrides;
+pub use tracking::TrackingConfig;
+
+use crate::{Error, Result};
+
+/// The whole configuration of a run. See the [module documentation](self).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Seed of every random choice.
+    pub seed: u64,
+    /// The network to adapt.
+    pub model: ModelConfig,
+    /// The low-rank adapters.
+    pub lora: LoraConfig,
+    /// The learner and its loops.
+    pub meta_learning: MetaLearningConfig,
+    /// Memory-saving techniques.
+    pub memory_optimization: MemoryOptimizationConfig,
+    /// Tasks and where their examples come from.
+    pub data: DataConfig,
+    /// Scoring of adapted models.
+    pub evaluation: EvaluationConfig,
+    /// Where results are written.
+    pub tracking: TrackingConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            seed: 42,
+            model: ModelConfig::default(),
+            lora: LoraConfig::default(),
+            meta_learning: MetaLearningConfig::default(),
+            memory_optimization: MemoryOptimizationConfig::default(),
+            data: DataConfig::default(),
+            evaluation: EvaluationConfig::default(),
+            tracking: TrackingConfig::default(),
+        }
+    }
+}
+
+impl Config {
+    /// Parses and validates a YAML document; keys left out take their defaults.
+    pub fn from_yaml_str(text: &str) -> Result<Self> {
+        let config = load::parse(text, None)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reads, parses and validates a YAML file; an empty file gives the defaults.
+    ///
+    /// A file that cannot be read is an [`Error::Io`], a document that is not a
+    /// mapping an [`Error::Format`], both naming the file; errors about one key
+    /// are [`Error::Config`] with the file in the message.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let config = load::read(path)?;
+        config
+            .validate()
+            .map_err(|e| load::annotate(e, |_| Some(format!("in {}", path.display()))))?;
+        Ok(config)
+    }
+
+    /// The file at `path` (or the defaults when `None`) with `overrides`
+    /// applied, then validated once: an override may correct a bad value of
+    /// the file. Errors name the flag of an overridden key, or the file.
+    pub fn load(path: Option<&Path>, overrides: &ConfigOverrides) -> Result<Self> {
+        let mut config = match path {
+            Some(path) => load::read(path)?,
+            None => Config::default(),
+        };
+        overrides.write_into(&mut config);
+        config.validate().map_err(|e| {
+            load::annotate(e, |key| match overrides.flag_for(key) {
+                Some(flag) => Some(format!("set by {flag}")),
+                None => path.map(|p| format!("in {}", p.display())),
+            })
+        })?;
+        Ok(config)
+    }
+
+    /// Applies `overrides` and validates the result. On error `self` is left
+    /// unchanged, and the message names the flag of an overridden key.
+    pub fn apply(&mut self, overrides: &ConfigOverrides) -> Result<()> {
+        let mut updated = self.clone();
+        overrides.write_into(&mut updated);
+        updated.validate().map_err(|e| {
+            load::annotate(e, |key| {
+                overrides.flag_for(key).map(|flag| format!("set by {flag}"))
+            })
+        })?;
+        *self = updated;
+        Ok(())
+    }
+
+    /// Checks every value against its allowed range, reporting the first
+    /// problem as an [`Error::Config`]. NaN and infinities are rejected.
+    pub fn validate(&self) -> Result<()> {
+        self.model.validate()?;
+        self.lora.validate()?;
+        self.meta_learning.validate()?;
+        self.memory_optimization.validate()?;
+        self.data.validate()?;
+        self.evaluation.validate()?;
+        self.tracking.validate()
+    }
+
+    /// The configuration as YAML, every key written out; parsing it back
+    /// gives an equal configuration.
+    pub fn to_yaml_string(&self) -> Result<String> {
+        serde_norway::to_string(self).map_err(|e| Error::Config {
+            key: "(top level)".to_owned(),
+            message: format!("cannot be written as YAML: {e}"),
+        })
+    }
+}

@@ -1,0 +1,59 @@
+//! The `model` section: which network to adapt and how to read it.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::choice::choice_enum;
+use super::validate::{at_least, non_empty};
+use crate::Result;
+
+choice_enum! {
+    /// Floating-point type of the model's weights and computations.
+    pub enum DType {
+        /// 32-bit float.
+        F32 = "f32",
+        /// 64-bit float, for exact comparisons with reference values.
+        F64 = "f64",
+        /// bfloat16.
+        Bf16 = "bf16",
+        /// IEEE half precision.
+        F16 = "f16",
+    }
+    default = F32;
+}
+
+/// The `model` section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelConfig {
+    /// A built-in tiny model (`tiny-bert`, `tiny-distilbert`, `tiny-gpt2`,
+    /// `tiny-t5`, `conv4`) or, with [`path`](Self::path), the Hugging Face
+    /// family of a local model directory.
+    pub name: String,
+    /// Local Hugging Face model directory (`config.json`, safetensors weights,
+    /// `tokenizer.json`); `None` for built-in models.
+    pub path: Option<PathBuf>,
+    /// Sequences are truncated or padded to this many tokens.
+    pub max_length: usize,
+    /// Type of the weights and computations.
+    pub dtype: DType,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        ModelConfig {
+            name: "tiny-bert".to_owned(),
+            path: None,
+            max_length: 32,
+            dtype: DType::F32,
+        }
+    }
+}
+
+impl ModelConfig {
+    pub(crate) fn validate(&self) -> Result<()> {
+        non_empty("model.name", &self.name)?;
+        at_least("model.max_length", self.max_length, 1)
+    }
+}

@@ -1,0 +1,406 @@
+use std::path::{Path, PathBuf};
+
+use super::*;
+
+/// The `(key, message)` of a configuration error; fails on any other error.
+fn config_error(result: Result<Config>) -> (String, String) {
+    match result {
+        Err(Error::Config { key, message }) => (key, message),
+        other => panic!("expected a config error, got {other:?}"),
+    }
+}
+
+fn assert_one_line(err: &Error) {
+    let text = err.to_string();
+    assert!(
+        !text.contains('\n'),
+        "message spans several lines: {text:?}"
+    );
+}
+
+#[test]
+fn defaults_are_valid() {
+    Config::default().validate().unwrap();
+    let config = Config::default();
+    assert_eq!(config.seed, 42);
+    assert_eq!(config.lora.rank, 8);
+    assert_eq!(config.meta_learning.method, Method::Maml);
+    assert_eq!(config.meta_learning.inner.mode, InnerMode::Recompute);
+    assert_eq!(config.meta_learning.outer.grad_clip, Some(1.0));
+    assert_eq!(config.tracking.output_dir, PathBuf::from("runs"));
+}
+
+#[test]
+fn empty_document_gives_defaults() {
+    assert_eq!(Config::from_yaml_str("").unwrap(), Config::default());
+    assert_eq!(
+        Config::from_yaml_str("# nothing but a comment\n").unwrap(),
+        Config::default()
+    );
+}
+
+#[test]
+fn partial_yaml_fills_the_rest_with_defaults() {
+    let config = Config::from_yaml_str(
+        "seed: 7\nlora:\n  rank: 4\nmeta_learning:\n  method: lora-finetune\n  inner:\n    \
+         mode: full_graph\n  outer:\n    lr: 1e-4\n    grad_clip: null\n    schedule: \
+         warmup_cosine\n",
+    )
+    .unwrap();
+    let mut expected = Config {
+        seed: 7,
+        ..Default::default()
+    };
+    expected.lora.rank = 4;
+    expected.meta_learning.method = Method::LoraFinetune;
+    expected.meta_learning.inner.mode = InnerMode::FullGraph;
+    expected.meta_learning.outer.lr = 1e-4;
+    expected.meta_learning.outer.grad_clip = None;
+    expected.meta_learning.outer.schedule = LrSchedule::WarmupCosine;
+    assert_eq!(config, expected);
+}
+
+#[test]
+fn integer_is_accepted_for_a_float() {
+    let config = Config::from_yaml_str("lora:\n  alpha: 32\n").unwrap();
+    assert_eq!(config.lora.alpha, 32.0);
+}
+
+#[test]
+fn unknown_top_level_key_is_named() {
+    let (key, message) = config_error(Config::from_yaml_str("seed: 1\nmodle:\n  name: x\n"));
+    assert_eq!(key, "modle");
+    assert!(message.contains("unknown field `modle`"), "{message}");
+    // serde lists the keys that are allowed.
+    assert!(message.contains("`model`"), "{message}");
+}
+
+#[test]
+fn unknown_nested_key_is_named_with_its_path() {
+    let err = Config::from_yaml_str("lora:\n  rnak: 4\n").unwrap_err();
+    assert_one_line(&err);
+    assert_eq!(
+        err.to_string(),
+        "config: `lora.rnak`: unknown field `rnak`, expected one of `rank`, `alpha`, \
+         `dropout`, `target_modules` (line 2, column 3)"
+    );
+    let (key, _) = config_error(Config::from_yaml_str(
+        "meta_learning:\n  outer:\n    learning_rate: 0.1\n",
+    ));
+    assert_eq!(key, "meta_learning.outer.learning_rate");
+}
+
+#[test]
+fn wrong_type_is_named() {
+    let err = Config::from_yaml_str("lora:\n  rank: \"eight\"\n").unwrap_err();
+    assert_one_line(&err);
+    let (key, message) = config_error(Err(err));
+    assert_eq!(key, "lora.rank");
+    assert!(
+        message.starts_with("invalid type: string \"eight\", expected usize"),
+        "{message}"
+    );
+    let (key, message) = config_error(Config::from_yaml_str("lora:\n  rank: -1\n"));
+    assert_eq!(key, "lora.rank");
+    assert!(message.contains("-1"), "{message}");
+    let (key, _) = config_error(Config::from_yaml_str("lora: 3\n"));
+    assert_eq!(key, "lora");
+    let (key, _) = config_error(Config::from_yaml_str(
+        "lora:\n  target_modules: [query, [value]]\n",
+    ));
+    assert_eq!(key, "lora.target_modules[1]");
+}
+
+#[test]
+fn document_that_is_not_a_mapping_is_reported() {
+    let (key, message) = config_error(Config::from_yaml_str("- 1\n- 2\n"));
+    assert_eq!(key, "(top level)");
+    assert!(message.contains("sequence"), "{message}");
+    let (key, _) = config_error(Config::from_yaml_str("seed: 1\n---\nseed: 2\n"));
+    assert_eq!(key, "(top level)");
+}
+
+#[test]
+fn rank_zero_is_rejected() {
+    let err = Config::from_yaml_str("lora:\n  rank: 0\n").unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "config: `lora.rank`: must be at least 1, got 0"
+    );
+}
+
+#[test]
+fn negative_learning_rates_are_rejected() {
+    let err = Config::from_yaml_str("meta_learning:\n  inner:\n    lr: -0.1\n").unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "config: `meta_learning.inner.lr`: must be a finite number greater than 0, got -0.1"
+    );
+    let (key, _) = config_error(Config::from_yaml_str(
+        "meta_learning:\n  outer:\n    lr: 0\n",
+    ));
+    assert_eq!(key, "meta_learning.outer.lr");
+}
+
+#[test]
+fn nan_and_infinity_are_rejected() {
+    let (key, message) = config_error(Config::from_yaml_str("lora:\n  alpha: .nan\n"));
+    assert_eq!(key, "lora.alpha");
+    assert!(message.ends_with("got NaN"), "{message}");
+    let (key, message) = config_error(Config::from_yaml_str(
+        "meta_learning:\n  outer:\n    lr: .inf\n",
+    ));
+    assert_eq!(key, "meta_learning.outer.lr");
+    assert!(message.ends_with("got inf"), "{message}");
+    let (key, _) = config_error(Config::from_yaml_str("lora:\n  dropout: .nan\n"));
+    assert_eq!(key, "lora.dropout");
+    let (key, _) = config_error(Config::from_yaml_str(
+        "memory_optimization:\n  hessian_approximation:\n    damping: .nan\n",
+    ));
+    assert_eq!(key, "memory_optimization.hessian_approximation.damping");
+}
+
+#[test]
+fn ranges_are_checked() {
+    let cases = [
+        ("lora:\n  dropout: 1.0\n", "lora.dropout"),
+        ("lora:\n  alpha: 0\n", "lora.alpha"),
+        ("lora:\n  target_modules: []\n", "lora.target_modules"),
+        ("model:\n  name: ''\n", "model.name"),
+        ("model:\n  max_length: 0\n", "model.max_length"),
+        (
+            "meta_learning:\n  meta_batch_size: 0\n",
+            "meta_learning.meta_batch_size",
+        ),
+        (
+            "meta_learning:\n  num_iterations: 0\n",
+            "meta_learning.num_iterations",
+        ),
+        (
+            "meta_learning:\n  inner:\n    steps: 0\n",
+            "meta_learning.inner.steps",
+        ),
+        (
+            "meta_learning:\n  outer:\n    weight_decay: -1\n",
+            "meta_learning.outer.weight_decay",
+        ),
+        (
+            "meta_learning:\n  outer:\n    grad_clip: 0\n",
+            "meta_learning.outer.grad_clip",
+        ),
+        (
+            "meta_learning:\n  num_iterations: 10\n  outer:\n    warmup_steps: 11\n",
+            "meta_learning.outer.warmup_steps",
+        ),
+        (
+            "memory_optimization:\n  gradient_accumulation:\n    micro_batch: 0\n",
+            "memory_optimization.gradient_accumulation.micro_batch",
+        ),
+        (
+            "memory_optimization:\n  checkpointing:\n    every: 0\n",
+            "memory_optimization.checkpointing.every",
+        ),
+        (
+            "memory_optimization:\n  hessian_approximation:\n    probes: 0\n",
+            "memory_optimization.hessian_approximation.probes",
+        ),
+        ("data:\n  n_way: 1\n", "data.n_way"),
+        ("data:\n  k_shot: 0\n", "data.k_shot"),
+        ("data:\n  n_query: 0\n", "data.n_query"),
+        ("data:\n  source: jsonl\n", "data.path"),
+        ("evaluation:\n  episodes: 0\n", "evaluation.episodes"),
+        ("evaluation:\n  confidence: 1.0\n", "evaluation.confidence"),
+        ("evaluation:\n  eval_every: 0\n", "evaluation.eval_every"),
+        ("tracking:\n  output_dir: ''\n", "tracking.output_dir"),
+        (
+            "tracking:\n  experiment_name: ../x\n",
+            "tracking.experiment_name",
+        ),
+    ];
+    for (yaml, expected_key) in cases {
+        let result = Config::from_yaml_str(yaml);
+        let (key, message) = config_error(result);
+        assert_eq!(key, expected_key, "for {yaml:?}: {message}");
+    }
+    // Sources that need no path, or synthetic_only, need no data.path.
+    Config::from_yaml_str("data:\n  source: wordnet\n").unwrap();
+    Config::from_yaml_str("data:\n  source: csv\n  synthetic_only: true\n").unwrap();
+    Config::from_yaml_str("data:\n  source: csv\n  path: tasks.csv\n").unwrap();
+}
+
+#[test]
+fn unknown_enum_value_lists_the_allowed_ones() {
+    let err = Config::from_yaml_str("meta_learning:\n  method: mamll\n").unwrap_err();
+    assert_one_line(&err);
+    assert_eq!(
+        err.to_string(),
+        "config: `meta_learning.method`: unknown value `mamll`; allowed: maml, fomaml, \
+         reptile, melora, finetune, lora-finetune, protonet (line 2, column 11)"
+    );
+    let (key, message) = config_error(Config::from_yaml_str("model:\n  dtype: 16\n"));
+    assert_eq!(key, "model.dtype");
+    assert!(message.contains("f32, f64, bf16, f16"), "{message}");
+}
+
+#[test]
+fn enum_names_parse_and_print() {
+    for &method in Method::ALL {
+        assert_eq!(method.as_str().parse::<Method>().unwrap(), method);
+    }
+    for &kind in HessianKind::ALL {
+        assert_eq!(kind.to_string().parse::<HessianKind>().unwrap(), kind);
+    }
+    assert_eq!(
+        "MAML".parse::<Method>().unwrap_err().to_string(),
+        "unknown value `MAML`; allowed: maml, fomaml, reptile, melora, finetune, \
+         lora-finetune, protonet"
+    );
+}
+
+#[test]
+fn overrides_are_applied() {
+    let mut config = Config::default();
+    let overrides = ConfigOverrides {
+        model: Some("tiny-gpt2".into()),
+        lora_rank: Some(2),
+        lora_alpha: Some(4.0),
+        meta_batch_size: Some(8),
+        inner_steps: Some(3),
+        inner_lr: Some(0.5),
+        outer_lr: Some(0.01),
+        num_iterations: Some(20),
+        method: Some(Method::Reptile),
+        seed: Some(3),
+        synthetic_only: Some(true),
+        experiment_name: Some("quick".into()),
+        output_dir: Some("out".into()),
+    };
+    config.apply(&overrides).unwrap();
+    assert_eq!(config.model.name, "tiny-gpt2");
+    assert_eq!(config.lora.rank, 2);
+    assert_eq!(config.lora.alpha, 4.0);
+    assert_eq!(config.meta_learning.meta_batch_size, 8);
+    assert_eq!(config.meta_learning.inner.steps, 3);
+    assert_eq!(config.meta_learning.inner.lr, 0.5);
+    assert_eq!(config.meta_learning.outer.lr, 0.01);
+    assert_eq!(config.meta_learning.num_iterations, 20);
+    assert_eq!(config.meta_learning.method, Method::Reptile);
+    assert_eq!(config.seed, 3);
+    assert!(config.data.synthetic_only);
+    assert_eq!(config.tracking.experiment_name, "quick");
+    assert_eq!(config.tracking.output_dir, PathBuf::from("out"));
+    // Unset fields change nothing.
+    let before = config.clone();
+    config.apply(&ConfigOverrides::default()).unwrap();
+    assert_eq!(config, before);
+}
+
+#[test]
+fn invalid_override_names_its_flag_and_leaves_config_unchanged() {
+    let mut config = Config::default();
+    let overrides = ConfigOverrides {
+        lora_rank: Some(0),
+        ..Default::default()
+    };
+    let err = config.apply(&overrides).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "config: `lora.rank`: must be at least 1, got 0 (set by --lora-rank)"
+    );
+    assert_eq!(config, Config::default());
+
+    let overrides = ConfigOverrides {
+        inner_lr: Some(f64::NAN),
+        ..Default::default()
+    };
+    let (key, message) = config_error(config.apply(&overrides).map(|()| config.clone()));
+    assert_eq!(key, "meta_learning.inner.lr");
+    assert!(message.ends_with("(set by --inner-lr)"), "{message}");
+}
+
+#[test]
+fn load_lets_overrides_fix_the_file() {
+    let path = temp_file("rank0.yml", "lora:\n  rank: 0\n");
+    let err = Config::load(Some(&path), &ConfigOverrides::default()).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "config: `lora.rank`: must be at least 1, got 0 (in {})",
+            path.display()
+        )
+    );
+    let overrides = ConfigOverrides {
+        lora_rank: Some(4),
+        ..Default::default()
+    };
+    let config = Config::load(Some(&path), &overrides).unwrap();
+    assert_eq!(config.lora.rank, 4);
+    let config = Config::load(None, &overrides).unwrap();
+    assert_eq!(config.lora.rank, 4);
+    std::fs::remove_file(path).unwrap();
+}
+
+#[test]
+fn yaml_round_trip_gives_an_equal_config() {
+    let mut config = Config::default();
+    config.model.path = Some("models/minilm".into());
+    config.model.dtype = DType::Bf16;
+    config.lora.target_modules = Some(vec!["query".into(), "value".into()]);
+    config.lora.dropout = 0.1;
+    config.meta_learning.outer.lr = 3e-4;
+    config.meta_learning.outer.grad_clip = None;
+    config.memory_optimization.gradient_accumulation.micro_batch = Some(4);
+    config.memory_optimization.hessian_approximation.kind = HessianKind::GaussNewton;
+    config.data.source = DataSource::Jsonl;
+    config.data.path = Some("tasks.jsonl".into());
+    config.tracking.experiment_name = "123".into();
+    for config in [Config::default(), config] {
+        let yaml = config.to_yaml_string().unwrap();
+        assert_eq!(Config::from_yaml_str(&yaml).unwrap(), config, "{yaml}");
+    }
+}
+
+#[test]
+fn example_file_shows_the_defaults() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/default.yml");
+    let config = Config::from_file(&path).unwrap();
+    assert_eq!(config, Config::default());
+    // Every key the program writes appears in the example.
+    let text = std::fs::read_to_string(&path).unwrap();
+    for line in Config::default().to_yaml_string().unwrap().lines() {
+        assert!(text.contains(line), "configs/default.yml lacks `{line}`");
+    }
+}
+
+#[test]
+fn missing_file_is_an_io_error_naming_the_path() {
+    let path = std::env::temp_dir().join("melora-config-test-does-not-exist.yml");
+    let err = Config::from_file(&path).unwrap_err();
+    assert!(matches!(err, Error::Io { .. }), "{err:?}");
+    assert!(err.to_string().contains(&path.display().to_string()));
+}
+
+#[test]
+fn file_errors_name_the_file() {
+    let path = temp_file("typo.yml", "lora:\n  rnak: 4\n");
+    let (key, message) = config_error(Config::from_file(&path));
+    assert_eq!(key, "lora.rnak");
+    assert!(
+        message.ends_with(&format!("({}, line 2, column 3)", path.display())),
+        "{message}"
+    );
+    std::fs::write(&path, "just a string\n").unwrap();
+    let err = Config::from_file(&path).unwrap_err();
+    assert!(matches!(err, Error::Format { .. }), "{err:?}");
+    assert_one_line(&err);
+    std::fs::write(&path, "").unwrap();
+    assert_eq!(Config::from_file(&path).unwrap(), Config::default());
+    std::fs::remove_file(path).unwrap();
+}
+
+/// A file in the temporary folder, unique to this process and test.
+fn temp_file(name: &str, contents: &str) -> PathBuf {
+    let path = std::env::temp_dir().join(format!("melora-config-{}-{name}", std::process::id()));
+    std::fs::write(&path, contents).unwrap();
+    path
+}
