@@ -3,11 +3,9 @@
 use std::io::Write;
 use std::process::ExitCode;
 
-// GLOBAL ALLOCATOR: the counting allocator of `melora::memory` is installed
-// here, so that every allocation of the process is measured:
-//
-// #[global_allocator]
-// static ALLOC: melora::memory::CountingAllocator = melora::memory::CountingAllocator;
+/// Every allocation of the process is counted, so memory figures are exact.
+#[global_allocator]
+static ALLOC: melora::memory::CountingAllocator = melora::memory::CountingAllocator;
 
 fn main() -> ExitCode {
     // First, before any thread starts: second-order gradients depend on it.
