@@ -18,6 +18,7 @@ pub mod error;
 mod io;
 pub mod memory;
 pub mod nn;
+pub mod selfcheck;
 pub mod tensor;
 
 #[doc(hidden)]

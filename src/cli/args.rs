@@ -122,6 +122,16 @@ impl GlobalArgs {
 pub(crate) enum Command {
     /// Print the resolved configuration (file or defaults, then flags) as YAML
     Config(ConfigArgs),
+    /// Check this installation: every op's first and second derivatives against
+    /// finite differences, and memory measurement
+    Check(CheckArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct CheckArgs {
+    /// Print the results as JSON
+    #[arg(long)]
+    pub(crate) json: bool,
 }
 
 #[derive(Debug, Args)]

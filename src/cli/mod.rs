@@ -3,6 +3,7 @@
 //! it is hidden from the library's documentation.
 
 mod args;
+mod check_cmd;
 mod config_cmd;
 
 #[cfg(test)]
@@ -39,9 +40,9 @@ pub fn run() -> anyhow::Result<ExitCode> {
         Err(err) => return parse_failure(err),
     };
     match &cli.command {
-        Command::Config(args) => config_cmd::run(&cli.global, args)?,
+        Command::Config(args) => config_cmd::run(&cli.global, args).map(|()| ExitCode::SUCCESS),
+        Command::Check(args) => check_cmd::run(args),
     }
-    Ok(ExitCode::SUCCESS)
 }
 
 /// The message of `err` and its causes on one line, each cause once.

@@ -172,29 +172,6 @@ pub(crate) fn check_derivatives(
     })
 }
 
-/// Panics unless `f`'s first derivatives and Hessian-vector product at `inputs` agree
-/// with finite differences within [`FIRST_ORDER_TOLERANCE`] and
-/// [`SECOND_ORDER_TOLERANCE`].
-#[cfg(test)]
-pub(crate) fn assert_op_derivatives(
-    name: &str,
-    inputs: &[Tensor],
-    f: impl Fn(&[Tensor]) -> Result<Tensor>,
-) {
-    let errors = check_derivatives(inputs, f)
-        .unwrap_or_else(|e| panic!("{name}: derivative check failed to run: {e}"));
-    assert!(
-        errors.first_order <= FIRST_ORDER_TOLERANCE,
-        "{name}: first-order relative error {:.3e} > {FIRST_ORDER_TOLERANCE:e}",
-        errors.first_order
-    );
-    assert!(
-        errors.second_order <= SECOND_ORDER_TOLERANCE,
-        "{name}: second-order relative error {:.3e} > {SECOND_ORDER_TOLERANCE:e}",
-        errors.second_order
-    );
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -239,7 +216,7 @@ mod tests {
     #[test]
     fn detects_a_wrong_second_derivative() {
         let x = random_tensor(&[4], 2, &Device::Cpu).unwrap();
-        let good = check_derivatives(&[x.clone()], |t| t[0].sqr()).unwrap();
+        let good = check_derivatives(std::slice::from_ref(&x), |t| t[0].sqr()).unwrap();
         assert!(
             good.first_order < 1e-8 && good.second_order < 1e-6,
             "{good:?}"

@@ -5,7 +5,6 @@ pub mod ops;
 pub mod params;
 pub mod second_order;
 
-#[cfg(test)]
 pub(crate) mod gradcheck;
 
 pub use params::{GradGraph, ParamSet};

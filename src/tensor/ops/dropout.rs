@@ -59,7 +59,7 @@ pub fn dropout(x: &Tensor, p: f64, mode: Mode, salt: u64) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tensor::gradcheck::{assert_op_derivatives, random_tensor};
+    use crate::tensor::gradcheck::random_tensor;
     use candle_core::Device;
 
     #[test]
@@ -96,13 +96,5 @@ mod tests {
         let x = random_tensor(&[2], 1, &Device::Cpu).unwrap();
         let err = dropout(&x, 1.0, Mode::Train { seed: 1 }, 0).unwrap_err();
         assert!(err.to_string().contains("[0, 1)"));
-    }
-
-    #[test]
-    fn dropout_derivatives() {
-        let x = random_tensor(&[3, 7], 4, &Device::Cpu).unwrap();
-        assert_op_derivatives("dropout", &[x], |t| {
-            dropout(&t[0], 0.4, Mode::Train { seed: 11 }, 3)
-        });
     }
 }

@@ -24,7 +24,7 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tensor::gradcheck::{assert_op_derivatives, random_tensor};
+    use crate::tensor::gradcheck::random_tensor;
     use candle_core::Device;
 
     #[test]
@@ -52,27 +52,5 @@ mod tests {
         let y = rms_norm(&x, &w, 0.0).unwrap().to_vec2::<f64>().unwrap();
         let rms = (12.5f64).sqrt();
         assert!((y[0][0] - 3.0 / rms).abs() < 1e-15 && (y[0][1] - 8.0 / rms).abs() < 1e-15);
-    }
-
-    #[test]
-    fn layer_norm_derivatives() {
-        let dev = Device::Cpu;
-        let x = random_tensor(&[2, 3, 6], 2, &dev).unwrap();
-        let g = random_tensor(&[6], 3, &dev)
-            .unwrap()
-            .affine(0.1, 1.0)
-            .unwrap();
-        let b = random_tensor(&[6], 4, &dev).unwrap();
-        assert_op_derivatives("layer_norm", &[x, g, b], |t| {
-            layer_norm(&t[0], &t[1], &t[2], 1e-5)
-        });
-    }
-
-    #[test]
-    fn rms_norm_derivatives() {
-        let dev = Device::Cpu;
-        let x = random_tensor(&[4, 5], 5, &dev).unwrap();
-        let w = random_tensor(&[5], 6, &dev).unwrap();
-        assert_op_derivatives("rms_norm", &[x, w], |t| rms_norm(&t[0], &t[1], 1e-6));
     }
 }
