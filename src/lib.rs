@@ -15,6 +15,8 @@
 
 pub mod config;
 pub mod error;
+#[cfg(test)]
+mod fixtures;
 mod io;
 pub mod memory;
 pub mod nn;

@@ -486,4 +486,82 @@ mod tests {
             "{err}"
         );
     }
+
+    /// The PEFT-written fixtures hold LoRA tensors under PEFT's names, with shapes
+    /// `A [r, in]`, `B [out, r]` for both `nn.Linear` (BERT) and `Conv1D` (GPT-2,
+    /// `fan_in_fan_out`): layers built on the fixtures' frozen weights must name and
+    /// shape their adapters identically, and reproduce PEFT's forward.
+    #[test]
+    fn names_and_shapes_match_peft_fixtures() {
+        let cases = [
+            ("bert_lora_maml", WeightLayout::OutIn),
+            ("gpt2_lora_maml", WeightLayout::InOut),
+        ];
+        for (name, layout) in cases {
+            let Some(fixture) = crate::fixtures::load(name) else {
+                continue;
+            };
+            let rank = fixture.value("/lora/r").as_u64().unwrap() as usize;
+            let alpha = fixture.value("/lora/alpha").as_f64().unwrap();
+            let spec = LoraSpec {
+                rank,
+                alpha,
+                dropout: 0.0,
+            };
+            let lora_names: Vec<&str> = fixture
+                .value("/trainable_param_order")
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter_map(|v| v.as_str())
+                .filter(|n| n.ends_with(".lora_A.weight"))
+                .collect();
+            assert!(!lora_names.is_empty());
+            for a_name in lora_names {
+                let module = a_name
+                    .strip_prefix(PEFT_PREFIX)
+                    .and_then(|n| n.strip_suffix(".lora_A.weight"))
+                    .unwrap();
+                let weight = fixture.tensor(&format!("{module}.weight")).clone();
+                let bias = fixture.tensor(&format!("{module}.bias")).clone();
+                let layer = LoraLinear::new(module, weight, Some(bias), layout)
+                    .unwrap()
+                    .with_lora(spec)
+                    .unwrap();
+                let mut template = ParamSet::new();
+                layer
+                    .init_params(LoraInit::Peft { seed: 0 }, &mut template)
+                    .unwrap();
+                let loaded =
+                    ParamSet::from_pairs(template.names().map(|n| (n, fixture.tensor(n).clone())))
+                        .unwrap();
+                loaded.check_compatible(&template).unwrap();
+                // PEFT's forward: base(x) + scale·x·Aᵀ·Bᵀ, whatever the weight layout.
+                let x = random_tensor(&[2, layer.in_features()], 5, &Device::Cpu).unwrap();
+                let y = layer.forward(&x, &loaded, Mode::Eval).unwrap();
+                let (a, b) = (
+                    loaded.get(&layer.lora_a_name()).unwrap(),
+                    loaded.get(&layer.lora_b_name()).unwrap(),
+                );
+                let base = LoraLinear::new(
+                    module,
+                    layer.weight().clone(),
+                    Some(layer.bias.clone().unwrap()),
+                    layout,
+                )
+                .unwrap()
+                .forward(&x, &ParamSet::new(), Mode::Eval)
+                .unwrap();
+                let peft = (base
+                    + (x.matmul(&a.t().unwrap())
+                        .unwrap()
+                        .matmul(&b.t().unwrap())
+                        .unwrap()
+                        * spec.scale())
+                    .unwrap())
+                .unwrap();
+                assert!(max_abs_diff(&y, &peft) < 1e-12, "{name} {module}");
+            }
+        }
+    }
 }

@@ -1,0 +1,68 @@
+//! Test access to the reference fixtures in `../shared/fixtures` (see its README):
+//! float64 tensors computed independently with PyTorch, Hugging Face and PEFT.
+//!
+//! The folder is found through `MELORA_FIXTURES` (default: `../shared/fixtures` beside
+//! the checkout). Where it is absent, a test prints that it skipped, unless
+//! `MELORA_REQUIRE_SHARED=1` (set by CI), under which a missing fixture fails.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{Device, Tensor};
+
+/// One fixture: its JSON description and its tensors.
+pub(crate) struct Fixture {
+    pub json: serde_json::Value,
+    pub tensors: HashMap<String, Tensor>,
+}
+
+fn fixtures_dir() -> PathBuf {
+    match std::env::var_os("MELORA_FIXTURES") {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures"),
+    }
+}
+
+fn shared_required() -> bool {
+    std::env::var("MELORA_REQUIRE_SHARED").is_ok_and(|v| v == "1")
+}
+
+/// Loads fixture `name` (`<name>.json` + `<name>.safetensors`), or `None` with a
+/// message when the fixtures are not available and not required.
+pub(crate) fn load(name: &str) -> Option<Fixture> {
+    let dir = fixtures_dir();
+    let (json_path, tensors_path) = (
+        dir.join(format!("{name}.json")),
+        dir.join(format!("{name}.safetensors")),
+    );
+    if !json_path.exists() || !tensors_path.exists() {
+        assert!(
+            !shared_required(),
+            "fixture `{name}` not found in {} (MELORA_REQUIRE_SHARED=1)",
+            dir.display()
+        );
+        eprintln!("skipped: fixture `{name}` not found in {}", dir.display());
+        return None;
+    }
+    let json = serde_json::from_str(&std::fs::read_to_string(&json_path).expect("readable JSON"))
+        .expect("fixture JSON parses");
+    let tensors = candle_core::safetensors::load(&tensors_path, &Device::Cpu)
+        .expect("fixture safetensors load");
+    Some(Fixture { json, tensors })
+}
+
+impl Fixture {
+    /// The tensor `name`, which the fixture must hold.
+    pub fn tensor(&self, name: &str) -> &Tensor {
+        self.tensors
+            .get(name)
+            .unwrap_or_else(|| panic!("fixture has no tensor `{name}`"))
+    }
+
+    /// The JSON value at a `/`-separated pointer such as `/lora/r`.
+    pub fn value(&self, pointer: &str) -> &serde_json::Value {
+        self.json
+            .pointer(pointer)
+            .unwrap_or_else(|| panic!("fixture JSON has no `{pointer}`"))
+    }
+}
