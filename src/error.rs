@@ -45,6 +45,11 @@ pub enum Error {
     #[error("parameter set mismatch: {0}")]
     Params(String),
 
+    /// A model cannot be built: unknown architecture, missing or mis-shaped weight, LoRA
+    /// target that matches no module.
+    #[error("model: {0}")]
+    Model(String),
+
     /// An argument is outside its allowed range.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),

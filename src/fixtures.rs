@@ -66,3 +66,30 @@ impl Fixture {
             .unwrap_or_else(|| panic!("fixture JSON has no `{pointer}`"))
     }
 }
+
+/// Largest |actual − expected| relative to the largest |expected| (norm-wise
+/// relative error, meaningful when some entries are near zero).
+pub(crate) fn relative_error(actual: &Tensor, expected: &Tensor) -> f64 {
+    assert_eq!(actual.dims(), expected.dims(), "shapes differ");
+    let flat = |t: &Tensor| {
+        t.to_dtype(candle_core::DType::F64)
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1::<f64>())
+            .expect("readable tensor")
+    };
+    let (a, e) = (flat(actual), flat(expected));
+    let scale = e.iter().fold(1e-300f64, |m, v| m.max(v.abs()));
+    a.iter()
+        .zip(&e)
+        .fold(0f64, |m, (x, y)| m.max((x - y).abs()))
+        / scale
+}
+
+/// Panics unless `actual` matches `expected` within relative error `tolerance`.
+pub(crate) fn assert_close(what: &str, actual: &Tensor, expected: &Tensor, tolerance: f64) {
+    let error = relative_error(actual, expected);
+    assert!(
+        error <= tolerance,
+        "{what}: relative error {error:.3e} > {tolerance:e}"
+    );
+}

@@ -14,11 +14,13 @@
 //! [`tensor::ensure_second_order`] and fail with a clear error otherwise.
 
 pub mod config;
+pub mod data;
 pub mod error;
 #[cfg(test)]
 mod fixtures;
 mod io;
 pub mod memory;
+pub mod models;
 pub mod nn;
 pub mod selfcheck;
 pub mod tensor;

@@ -1,0 +1,80 @@
+//! A batch of labelled examples as a model consumes it.
+
+use candle_core::{DType, Tensor};
+
+use crate::{Error, Result};
+
+/// Tokenised sequences, right- or left-padded to one length `t`.
+#[derive(Debug, Clone)]
+pub struct TokenInputs {
+    /// Token ids, `u32` `[b, t]`.
+    pub input_ids: Tensor,
+    /// 1 for real tokens, 0 for padding, `u32` `[b, t]`.
+    pub attention_mask: Tensor,
+    /// Segment ids for BERT-style models, `u32` `[b, t]`; `None` means all zeros.
+    pub token_type_ids: Option<Tensor>,
+}
+
+/// A batch: inputs and their class labels (`u32` `[b]`).
+#[derive(Debug, Clone)]
+pub struct Batch {
+    /// Tokenised text.
+    pub tokens: TokenInputs,
+    /// Class of each example, `u32` `[b]`.
+    pub labels: Tensor,
+}
+
+impl Batch {
+    /// A text batch, checking that shapes agree and converting ids, masks and labels
+    /// to `u32` (they may come as integer-valued floats, as in the fixtures).
+    pub fn from_tokens(
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        token_type_ids: Option<Tensor>,
+        labels: Tensor,
+    ) -> Result<Self> {
+        let (b, t) = input_ids.dims2().map_err(|_| {
+            Error::Shape(format!(
+                "input_ids must be [batch, tokens], got {:?}",
+                input_ids.dims()
+            ))
+        })?;
+        let check = |name: &str, tensor: &Tensor| -> Result<Tensor> {
+            if tensor.dims() != [b, t] {
+                return Err(Error::Shape(format!(
+                    "{name} has shape {:?}, input_ids [{b}, {t}]",
+                    tensor.dims()
+                )));
+            }
+            Ok(tensor.to_dtype(DType::U32)?)
+        };
+        let attention_mask = check("attention_mask", &attention_mask)?;
+        let token_type_ids = token_type_ids
+            .map(|tt| check("token_type_ids", &tt))
+            .transpose()?;
+        if labels.dims() != [b] {
+            return Err(Error::Shape(format!(
+                "labels have shape {:?}, expected [{b}]",
+                labels.dims()
+            )));
+        }
+        Ok(Self {
+            tokens: TokenInputs {
+                input_ids: input_ids.to_dtype(DType::U32)?,
+                attention_mask,
+                token_type_ids,
+            },
+            labels: labels.to_dtype(DType::U32)?,
+        })
+    }
+
+    /// Number of examples.
+    pub fn len(&self) -> usize {
+        self.labels.dims().first().copied().unwrap_or(0)
+    }
+
+    /// Whether the batch holds no example.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}

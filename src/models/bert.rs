@@ -1,0 +1,285 @@
+//! BERT-family encoders (BERT, MiniLM): word + position + token-type embeddings,
+//! post-LN transformer layers, masked mean pooling, classification head.
+
+use std::path::Path;
+
+use candle_core::Tensor;
+use serde::Deserialize;
+
+use super::attention::{multi_head_attention, padding_keep};
+use super::{
+    attach_lora, init_transformer_params, Activation, ClassificationHead, FewShotModel,
+    LoraSettings, Weights,
+};
+use crate::data::Batch;
+use crate::nn::{LoraLinear, Mode, WeightLayout};
+use crate::tensor::ops::{self, norm::layer_norm};
+use crate::tensor::ParamSet;
+use crate::{Error, Result};
+
+/// LoRA targets when the configuration names none (PEFT's default for BERT).
+pub const DEFAULT_TARGETS: &[&str] = &["query", "value"];
+
+/// The keys of a Hugging Face `BertConfig` (`config.json`) that the model uses.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct BertConfig {
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Width of the hidden states.
+    pub hidden_size: usize,
+    /// Number of transformer layers.
+    pub num_hidden_layers: usize,
+    /// Attention heads per layer.
+    pub num_attention_heads: usize,
+    /// Width of the feed-forward layer.
+    pub intermediate_size: usize,
+    /// Longest sequence the position embeddings cover.
+    pub max_position_embeddings: usize,
+    /// Number of token types (segments).
+    #[serde(default = "default_type_vocab")]
+    pub type_vocab_size: usize,
+    /// Layer-norm epsilon.
+    #[serde(default = "default_eps")]
+    pub layer_norm_eps: f64,
+    /// Feed-forward activation (`gelu` for BERT and MiniLM).
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+}
+
+fn default_type_vocab() -> usize {
+    2
+}
+fn default_eps() -> f64 {
+    1e-12
+}
+fn default_act() -> String {
+    "gelu".into()
+}
+
+impl BertConfig {
+    /// Reads a Hugging Face `config.json`.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        serde_json::from_str(&text).map_err(|e| Error::Format {
+            path: path.into(),
+            message: format!("not a BERT config: {e}"),
+        })
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.num_attention_heads == 0 || !self.hidden_size.is_multiple_of(self.num_attention_heads) {
+            return Err(Error::Model(format!(
+                "hidden_size {} is not a multiple of num_attention_heads {}",
+                self.hidden_size, self.num_attention_heads
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone)]
+struct LayerNorm {
+    gamma: Tensor,
+    beta: Tensor,
+}
+
+impl LayerNorm {
+    fn load(weights: &Weights, prefix: &str, width: usize) -> Result<Self> {
+        Ok(Self {
+            gamma: weights.get(&format!("{prefix}.weight"), &[width])?,
+            beta: weights.get(&format!("{prefix}.bias"), &[width])?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, eps: f64) -> Result<Tensor> {
+        Ok(layer_norm(x, &self.gamma, &self.beta, eps)?)
+    }
+}
+
+fn load_linear(weights: &Weights, path: &str, n_in: usize, n_out: usize) -> Result<LoraLinear> {
+    LoraLinear::new(
+        path,
+        weights.get(&format!("{path}.weight"), &[n_out, n_in])?,
+        Some(weights.get(&format!("{path}.bias"), &[n_out])?),
+        WeightLayout::OutIn,
+    )
+}
+
+#[derive(Debug, Clone)]
+struct BertLayer {
+    query: LoraLinear,
+    key: LoraLinear,
+    value: LoraLinear,
+    attention_output: LoraLinear,
+    attention_norm: LayerNorm,
+    intermediate: LoraLinear,
+    output: LoraLinear,
+    output_norm: LayerNorm,
+}
+
+/// A BERT-family encoder with LoRA and a classification head on masked mean pooling.
+#[derive(Debug, Clone)]
+pub struct Bert {
+    config: BertConfig,
+    activation: Activation,
+    word_embeddings: Tensor,
+    position_embeddings: Tensor,
+    token_type_embeddings: Tensor,
+    embedding_norm: LayerNorm,
+    layers: Vec<BertLayer>,
+    head: ClassificationHead,
+    lora: Option<LoraSettings>,
+    weights: Weights,
+}
+
+impl Bert {
+    /// Builds the encoder from `weights` (Hugging Face `BertModel` names), with LoRA on
+    /// the layers `lora` selects and a head for `classes` classes.
+    pub fn new(
+        config: BertConfig,
+        weights: Weights,
+        lora: Option<LoraSettings>,
+        classes: usize,
+    ) -> Result<Self> {
+        config.validate()?;
+        let activation = Activation::from_hf(&config.hidden_act)?;
+        let (h, ff) = (config.hidden_size, config.intermediate_size);
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for l in 0..config.num_hidden_layers {
+            let p = format!("encoder.layer.{l}");
+            layers.push(BertLayer {
+                query: load_linear(&weights, &format!("{p}.attention.self.query"), h, h)?,
+                key: load_linear(&weights, &format!("{p}.attention.self.key"), h, h)?,
+                value: load_linear(&weights, &format!("{p}.attention.self.value"), h, h)?,
+                attention_output: load_linear(
+                    &weights,
+                    &format!("{p}.attention.output.dense"),
+                    h,
+                    h,
+                )?,
+                attention_norm: LayerNorm::load(
+                    &weights,
+                    &format!("{p}.attention.output.LayerNorm"),
+                    h,
+                )?,
+                intermediate: load_linear(&weights, &format!("{p}.intermediate.dense"), h, ff)?,
+                output: load_linear(&weights, &format!("{p}.output.dense"), ff, h)?,
+                output_norm: LayerNorm::load(&weights, &format!("{p}.output.LayerNorm"), h)?,
+            });
+        }
+        let mut model = Self {
+            word_embeddings: weights
+                .get("embeddings.word_embeddings.weight", &[config.vocab_size, h])?,
+            position_embeddings: weights.get(
+                "embeddings.position_embeddings.weight",
+                &[config.max_position_embeddings, h],
+            )?,
+            token_type_embeddings: weights.get(
+                "embeddings.token_type_embeddings.weight",
+                &[config.type_vocab_size, h],
+            )?,
+            embedding_norm: LayerNorm::load(&weights, "embeddings.LayerNorm", h)?,
+            layers,
+            head: ClassificationHead::new(h, classes),
+            activation,
+            config,
+            lora: lora.clone(),
+            weights,
+        };
+        attach_lora("bert", model.linears_mut(), lora.as_ref(), DEFAULT_TARGETS)?;
+        Ok(model)
+    }
+
+    /// The configuration the model was built from.
+    pub fn config(&self) -> &BertConfig {
+        &self.config
+    }
+
+    fn linears_mut(&mut self) -> Vec<&mut LoraLinear> {
+        self.layers
+            .iter_mut()
+            .flat_map(|l| {
+                [
+                    &mut l.query,
+                    &mut l.key,
+                    &mut l.value,
+                    &mut l.attention_output,
+                    &mut l.intermediate,
+                    &mut l.output,
+                ]
+            })
+            .collect()
+    }
+
+    fn linears(&self) -> Vec<&LoraLinear> {
+        self.layers
+            .iter()
+            .flat_map(|l| {
+                [
+                    &l.query,
+                    &l.key,
+                    &l.value,
+                    &l.attention_output,
+                    &l.intermediate,
+                    &l.output,
+                ]
+            })
+            .collect()
+    }
+
+    /// Final hidden states `[b, t, hidden]` at `params`.
+    pub fn hidden_states(&self, params: &ParamSet, batch: &Batch, mode: Mode) -> Result<Tensor> {
+        let tokens = &batch.tokens;
+        let (_, t) = tokens.input_ids.dims2()?;
+        if t > self.config.max_position_embeddings {
+            return Err(Error::Shape(format!(
+                "sequences of {t} tokens exceed the model's {} positions; truncate them",
+                self.config.max_position_embeddings
+            )));
+        }
+        let eps = self.config.layer_norm_eps;
+        let words = ops::embedding(&tokens.input_ids, &self.word_embeddings)?;
+        let positions = self.position_embeddings.narrow(0, 0, t)?;
+        let types = match &tokens.token_type_ids {
+            Some(tt) => ops::embedding(tt, &self.token_type_embeddings)?,
+            None => self.token_type_embeddings.narrow(0, 0, 1)?.unsqueeze(0)?,
+        };
+        let x = words.broadcast_add(&positions)?.broadcast_add(&types)?;
+        let mut x = self.embedding_norm.forward(&x, eps)?;
+        let keep = padding_keep(&tokens.attention_mask)?;
+        let heads = self.config.num_attention_heads;
+        let scale = 1.0 / ((self.config.hidden_size / heads) as f64).sqrt();
+        for layer in &self.layers {
+            let q = layer.query.forward(&x, params, mode)?;
+            let k = layer.key.forward(&x, params, mode)?;
+            let v = layer.value.forward(&x, params, mode)?;
+            let context = multi_head_attention(&q, &k, &v, heads, scale, &keep, None)?;
+            let attended = layer.attention_output.forward(&context, params, mode)?;
+            x = layer.attention_norm.forward(&(attended + &x)?, eps)?;
+            let inner = self
+                .activation
+                .apply(&layer.intermediate.forward(&x, params, mode)?)?;
+            let out = layer.output.forward(&inner, params, mode)?;
+            x = layer.output_norm.forward(&(out + &x)?, eps)?;
+        }
+        Ok(x)
+    }
+}
+
+impl FewShotModel for Bert {
+    fn init_params(&self, seed: u64) -> Result<ParamSet> {
+        init_transformer_params(
+            &self.linears(),
+            self.lora.as_ref().map(|l| l.init),
+            &self.head,
+            seed,
+            &self.weights,
+        )
+    }
+
+    fn logits(&self, params: &ParamSet, batch: &Batch, mode: Mode) -> Result<Tensor> {
+        let hidden = self.hidden_states(params, batch, mode)?;
+        let pooled = ops::masked_mean_pool(&hidden, &batch.tokens.attention_mask)?;
+        self.head.forward(&pooled, params)
+    }
+}

@@ -1,0 +1,242 @@
+//! GPT-2 decoders: pre-LN layers with causal attention, `gelu_new`, `Conv1D` weights
+//! stored `[in, out]` (LoRA with `fan_in_fan_out`), and a classification head on the
+//! hidden state of the last real token.
+
+use std::path::Path;
+
+use candle_core::Tensor;
+use serde::Deserialize;
+
+use super::attention::{causal_keep, multi_head_attention};
+use super::{
+    attach_lora, init_transformer_params, Activation, ClassificationHead, FewShotModel,
+    LoraSettings, Weights,
+};
+use crate::data::Batch;
+use crate::nn::{LoraLinear, Mode, WeightLayout};
+use crate::tensor::ops::{self, norm::layer_norm};
+use crate::tensor::ParamSet;
+use crate::{Error, Result};
+
+/// LoRA targets when the configuration names none (PEFT's default for GPT-2).
+pub const DEFAULT_TARGETS: &[&str] = &["c_attn"];
+
+/// The keys of a Hugging Face `GPT2Config` (`config.json`) that the model uses.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct Gpt2Config {
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Width of the hidden states.
+    pub n_embd: usize,
+    /// Number of layers.
+    pub n_layer: usize,
+    /// Attention heads per layer.
+    pub n_head: usize,
+    /// Longest sequence the position embeddings cover.
+    pub n_positions: usize,
+    /// Width of the MLP; `None` means 4·n_embd.
+    #[serde(default)]
+    pub n_inner: Option<usize>,
+    /// Layer-norm epsilon.
+    #[serde(default = "default_eps")]
+    pub layer_norm_epsilon: f64,
+    /// MLP activation (`gelu_new` for GPT-2).
+    #[serde(default = "default_act")]
+    pub activation_function: String,
+}
+
+fn default_eps() -> f64 {
+    1e-5
+}
+fn default_act() -> String {
+    "gelu_new".into()
+}
+
+impl Gpt2Config {
+    /// Reads a Hugging Face `config.json`.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        serde_json::from_str(&text).map_err(|e| Error::Format {
+            path: path.into(),
+            message: format!("not a GPT-2 config: {e}"),
+        })
+    }
+
+    fn inner(&self) -> usize {
+        self.n_inner.unwrap_or(4 * self.n_embd)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Norm {
+    gamma: Tensor,
+    beta: Tensor,
+}
+
+impl Norm {
+    fn load(weights: &Weights, prefix: &str, width: usize) -> Result<Self> {
+        Ok(Self {
+            gamma: weights.get(&format!("{prefix}.weight"), &[width])?,
+            beta: weights.get(&format!("{prefix}.bias"), &[width])?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, eps: f64) -> Result<Tensor> {
+        Ok(layer_norm(x, &self.gamma, &self.beta, eps)?)
+    }
+}
+
+fn load_conv1d(weights: &Weights, path: &str, n_in: usize, n_out: usize) -> Result<LoraLinear> {
+    LoraLinear::new(
+        path,
+        weights.get(&format!("{path}.weight"), &[n_in, n_out])?,
+        Some(weights.get(&format!("{path}.bias"), &[n_out])?),
+        WeightLayout::InOut,
+    )
+}
+
+#[derive(Debug, Clone)]
+struct Gpt2Block {
+    ln_1: Norm,
+    c_attn: LoraLinear,
+    c_proj: LoraLinear,
+    ln_2: Norm,
+    c_fc: LoraLinear,
+    mlp_proj: LoraLinear,
+}
+
+/// A GPT-2 decoder with LoRA and a classification head on the last real token.
+#[derive(Debug, Clone)]
+pub struct Gpt2 {
+    config: Gpt2Config,
+    activation: Activation,
+    wte: Tensor,
+    wpe: Tensor,
+    blocks: Vec<Gpt2Block>,
+    ln_f: Norm,
+    head: ClassificationHead,
+    lora: Option<LoraSettings>,
+    weights: Weights,
+}
+
+impl Gpt2 {
+    /// Builds the decoder from `weights` (Hugging Face `GPT2Model` names), with LoRA on
+    /// the layers `lora` selects and a head for `classes` classes.
+    pub fn new(
+        config: Gpt2Config,
+        weights: Weights,
+        lora: Option<LoraSettings>,
+        classes: usize,
+    ) -> Result<Self> {
+        if config.n_head == 0 || !config.n_embd.is_multiple_of(config.n_head) {
+            return Err(Error::Model(format!(
+                "n_embd {} is not a multiple of n_head {}",
+                config.n_embd, config.n_head
+            )));
+        }
+        let activation = Activation::from_hf(&config.activation_function)?;
+        let (e, inner) = (config.n_embd, config.inner());
+        let mut blocks = Vec::with_capacity(config.n_layer);
+        for l in 0..config.n_layer {
+            let p = format!("h.{l}");
+            blocks.push(Gpt2Block {
+                ln_1: Norm::load(&weights, &format!("{p}.ln_1"), e)?,
+                c_attn: load_conv1d(&weights, &format!("{p}.attn.c_attn"), e, 3 * e)?,
+                c_proj: load_conv1d(&weights, &format!("{p}.attn.c_proj"), e, e)?,
+                ln_2: Norm::load(&weights, &format!("{p}.ln_2"), e)?,
+                c_fc: load_conv1d(&weights, &format!("{p}.mlp.c_fc"), e, inner)?,
+                mlp_proj: load_conv1d(&weights, &format!("{p}.mlp.c_proj"), inner, e)?,
+            });
+        }
+        let mut model = Self {
+            wte: weights.get("wte.weight", &[config.vocab_size, e])?,
+            wpe: weights.get("wpe.weight", &[config.n_positions, e])?,
+            ln_f: Norm::load(&weights, "ln_f", e)?,
+            blocks,
+            head: ClassificationHead::new(e, classes),
+            activation,
+            config,
+            lora: lora.clone(),
+            weights,
+        };
+        attach_lora("gpt2", model.linears_mut(), lora.as_ref(), DEFAULT_TARGETS)?;
+        Ok(model)
+    }
+
+    /// The configuration the model was built from.
+    pub fn config(&self) -> &Gpt2Config {
+        &self.config
+    }
+
+    fn linears_mut(&mut self) -> Vec<&mut LoraLinear> {
+        self.blocks
+            .iter_mut()
+            .flat_map(|b| [&mut b.c_attn, &mut b.c_proj, &mut b.c_fc, &mut b.mlp_proj])
+            .collect()
+    }
+
+    fn linears(&self) -> Vec<&LoraLinear> {
+        self.blocks
+            .iter()
+            .flat_map(|b| [&b.c_attn, &b.c_proj, &b.c_fc, &b.mlp_proj])
+            .collect()
+    }
+
+    /// Final hidden states `[b, t, n_embd]` (after `ln_f`) at `params`.
+    pub fn hidden_states(&self, params: &ParamSet, batch: &Batch, mode: Mode) -> Result<Tensor> {
+        let tokens = &batch.tokens;
+        let (_, t) = tokens.input_ids.dims2()?;
+        if t > self.config.n_positions {
+            return Err(Error::Shape(format!(
+                "sequences of {t} tokens exceed the model's {} positions; truncate them",
+                self.config.n_positions
+            )));
+        }
+        let (e, heads, eps) = (
+            self.config.n_embd,
+            self.config.n_head,
+            self.config.layer_norm_epsilon,
+        );
+        let mut x = ops::embedding(&tokens.input_ids, &self.wte)?
+            .broadcast_add(&self.wpe.narrow(0, 0, t)?)?;
+        let keep = causal_keep(&tokens.attention_mask, x.device())?;
+        let scale = 1.0 / ((e / heads) as f64).sqrt();
+        for block in &self.blocks {
+            let qkv = block
+                .c_attn
+                .forward(&block.ln_1.forward(&x, eps)?, params, mode)?;
+            let (q, k, v) = (
+                qkv.narrow(2, 0, e)?,
+                qkv.narrow(2, e, e)?,
+                qkv.narrow(2, 2 * e, e)?,
+            );
+            let context = multi_head_attention(&q, &k, &v, heads, scale, &keep, None)?;
+            x = (x + block.c_proj.forward(&context, params, mode)?)?;
+            let inner = self.activation.apply(&block.c_fc.forward(
+                &block.ln_2.forward(&x, eps)?,
+                params,
+                mode,
+            )?)?;
+            x = (x + block.mlp_proj.forward(&inner, params, mode)?)?;
+        }
+        self.ln_f.forward(&x, eps)
+    }
+}
+
+impl FewShotModel for Gpt2 {
+    fn init_params(&self, seed: u64) -> Result<ParamSet> {
+        init_transformer_params(
+            &self.linears(),
+            self.lora.as_ref().map(|l| l.init),
+            &self.head,
+            seed,
+            &self.weights,
+        )
+    }
+
+    fn logits(&self, params: &ParamSet, batch: &Batch, mode: Mode) -> Result<Tensor> {
+        let hidden = self.hidden_states(params, batch, mode)?;
+        let last = ops::last_token(&hidden, &batch.tokens.attention_mask)?;
+        self.head.forward(&last, params)
+    }
+}

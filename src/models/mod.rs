@@ -1,0 +1,146 @@
+//! Models as functions of their trainable parameters (see `DESIGN.md`): a model holds
+//! its frozen base and computes logits at whatever [`ParamSet`] it is given, so a
+//! meta-learner can evaluate it at θ₀, θ₁, …, θ_K.
+//!
+//! Transformers are written from [`crate::tensor::ops`] (second-order safe), load
+//! Hugging Face weights by name, and carry LoRA on the linear layers that
+//! `target_modules` selects. The frozen base runs without dropout (as in evaluation
+//! mode); only the LoRA branches apply their dropout in [`Mode::Train`].
+
+mod attention;
+pub mod bert;
+pub mod gpt2;
+mod head;
+mod targets;
+mod weights;
+
+use candle_core::Tensor;
+
+pub use head::{ClassificationHead, HEAD_BIAS, HEAD_WEIGHT};
+pub use weights::Weights;
+
+use crate::data::Batch;
+use crate::nn::{LoraInit, LoraLinear, LoraSpec, Mode};
+use crate::tensor::{ops, ParamSet};
+use crate::{Error, Result};
+
+/// A model that adapts to a few-shot task through its trainable parameters.
+pub trait FewShotModel {
+    /// Trainable tensors (LoRA `A`/`B`, head) with their names and initial values.
+    fn init_params(&self, seed: u64) -> Result<ParamSet>;
+    /// Logits `[b, classes]` at the given trainable values; the frozen base is inside
+    /// the model.
+    fn logits(&self, params: &ParamSet, batch: &Batch, mode: Mode) -> Result<Tensor>;
+}
+
+/// Which linear layers carry LoRA, and its hyper-parameters.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraSettings {
+    /// Rank, alpha, dropout.
+    pub spec: LoraSpec,
+    /// PEFT-style target names (suffixes of module paths); `None` for the family's
+    /// defaults.
+    pub target_modules: Option<Vec<String>>,
+    /// How `A` and `B` start.
+    pub init: LoraInit,
+}
+
+/// Activation functions named as in Hugging Face configs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// `gelu`: exact erf GELU.
+    GeluErf,
+    /// `gelu_new` / `gelu_pytorch_tanh`: tanh approximation.
+    GeluTanh,
+    /// `relu`.
+    Relu,
+    /// `silu` / `swish`.
+    Silu,
+}
+
+impl Activation {
+    /// Parses a Hugging Face `hidden_act` / `activation_function` value.
+    pub fn from_hf(name: &str) -> Result<Self> {
+        Ok(match name {
+            "gelu" => Self::GeluErf,
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Self::GeluTanh,
+            "relu" => Self::Relu,
+            "silu" | "swish" => Self::Silu,
+            other => {
+                return Err(Error::Model(format!(
+                "unsupported activation `{other}`; supported: gelu, gelu_new, gelu_pytorch_tanh, \
+                     relu, silu"
+            )))
+            }
+        })
+    }
+
+    pub(crate) fn apply(self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Self::GeluErf => ops::gelu_erf(x)?,
+            Self::GeluTanh => ops::gelu_tanh(x)?,
+            Self::Relu => ops::relu(x)?,
+            Self::Silu => ops::silu(x)?,
+        })
+    }
+}
+
+/// Attaches LoRA to the `linears` selected by `settings` (or the family's
+/// `default_targets`); an unknown target is an error.
+pub(crate) fn attach_lora(
+    family: &str,
+    linears: Vec<&mut LoraLinear>,
+    settings: Option<&LoraSettings>,
+    default_targets: &[&str],
+) -> Result<()> {
+    let Some(settings) = settings else {
+        return Ok(());
+    };
+    let targets: Vec<String> = match &settings.target_modules {
+        Some(t) => t.clone(),
+        None => default_targets.iter().map(|t| t.to_string()).collect(),
+    };
+    let paths: Vec<String> = linears
+        .iter()
+        .map(|l| l.module_path().to_string())
+        .collect();
+    let selected = targets::resolve(family, &targets, &paths)?;
+    for (linear, on) in linears.into_iter().zip(selected) {
+        if on {
+            *linear = linear.clone().with_lora(settings.spec)?;
+        }
+    }
+    Ok(())
+}
+
+/// The trainable ParamSet of a transformer: LoRA tensors in name order (PEFT's saved
+/// order), then the head.
+pub(crate) fn init_transformer_params(
+    linears: &[&LoraLinear],
+    init: Option<LoraInit>,
+    head: &ClassificationHead,
+    seed: u64,
+    weights: &Weights,
+) -> Result<ParamSet> {
+    let mut lora = ParamSet::new();
+    if let Some(init) = init {
+        let init = match init {
+            LoraInit::Peft { .. } => LoraInit::Peft { seed },
+            LoraInit::Normal { std, .. } => LoraInit::Normal { seed, std },
+        };
+        for linear in linears {
+            linear.init_params(init, &mut lora)?;
+        }
+    }
+    let mut sorted: Vec<(String, Tensor)> = lora
+        .iter()
+        .map(|(n, t)| (n.to_string(), t.clone()))
+        .collect();
+    sorted.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut params = ParamSet::from_pairs(sorted)?;
+    head.init_params(seed, weights.dtype(), &weights.device(), &mut params)?;
+    Ok(params)
+}
+
+#[cfg(test)]
+mod fixture_tests;
