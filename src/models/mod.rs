@@ -11,6 +11,7 @@ mod attention;
 pub mod bert;
 pub mod gpt2;
 mod head;
+pub mod load;
 mod targets;
 mod weights;
 

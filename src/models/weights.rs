@@ -4,6 +4,9 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rand_distr::StandardNormal;
 
 use crate::{Error, Result};
 
@@ -12,6 +15,9 @@ use crate::{Error, Result};
 #[derive(Debug, Clone)]
 pub struct Weights {
     tensors: HashMap<String, Tensor>,
+    /// `Some(seed)`: tensors are drawn on demand (built-in random models).
+    random_seed: Option<u64>,
+    device: Device,
     /// Where the tensors came from, for error messages.
     origin: String,
     dtype: DType,
@@ -38,12 +44,17 @@ impl Weights {
         Self::from_tensors(tensors, dtype, path.display().to_string())
     }
 
-    /// Wraps tensors already in memory (tests, built-in random models).
+    /// Wraps tensors already in memory (tests, converted checkpoints).
     pub fn from_tensors(
         tensors: HashMap<String, Tensor>,
         dtype: DType,
         origin: impl Into<String>,
     ) -> Result<Self> {
+        let device = tensors
+            .values()
+            .next()
+            .map(|t| t.device().clone())
+            .unwrap_or(Device::Cpu);
         let tensors = tensors
             .into_iter()
             .map(|(n, t)| {
@@ -59,9 +70,48 @@ impl Weights {
             .collect::<Result<_>>()?;
         Ok(Self {
             tensors,
+            random_seed: None,
+            device,
             origin: origin.into(),
             dtype,
         })
+    }
+
+    /// Seeded random weights for built-in tiny models: each tensor is drawn when asked
+    /// for, from its name and shape, so every family gets a random model without a
+    /// list of names. Weights ~ N(0, 0.02²) as BERT and GPT-2 initialise them, norm
+    /// scales 1, biases 0.
+    pub fn random(seed: u64, dtype: DType, device: &Device) -> Self {
+        Self {
+            tensors: HashMap::new(),
+            random_seed: Some(seed),
+            device: device.clone(),
+            origin: format!("built-in random weights (seed {seed})"),
+            dtype,
+        }
+    }
+
+    fn draw(&self, seed: u64, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let is_norm = ["LayerNorm", "layer_norm", "ln_"]
+            .iter()
+            .any(|k| name.contains(k));
+        let tensor = if name.ends_with(".bias") {
+            Tensor::zeros(shape, self.dtype, &self.device)?
+        } else if is_norm {
+            Tensor::ones(shape, self.dtype, &self.device)?
+        } else {
+            // A per-name stream: the same tensor whatever order the model asks in.
+            let salt = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+            });
+            let mut rng = ChaCha8Rng::seed_from_u64(crate::tensor::ops::mix_seed(seed, salt));
+            let n: usize = shape.iter().product();
+            let data: Vec<f64> = (0..n)
+                .map(|_| 0.02 * rng.sample::<f64, _>(StandardNormal))
+                .collect();
+            Tensor::from_vec(data, shape, &self.device)?.to_dtype(self.dtype)?
+        };
+        Ok(tensor)
     }
 
     /// The dtype every tensor was converted to.
@@ -71,16 +121,15 @@ impl Weights {
 
     /// The device of the tensors (CPU when empty).
     pub fn device(&self) -> Device {
-        self.tensors
-            .values()
-            .next()
-            .map(|t| t.device().clone())
-            .unwrap_or(Device::Cpu)
+        self.device.clone()
     }
 
     /// The tensor `name` (also found under a task head's prefix such as `bert.`),
     /// which must have shape `shape`.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        if let Some(seed) = self.random_seed {
+            return self.draw(seed, name, shape);
+        }
         let found = self.tensors.get(name).or_else(|| {
             KNOWN_PREFIXES
                 .iter()
