@@ -2,5 +2,7 @@
 //! readers).
 
 mod batch;
+mod tokenize;
 
 pub use batch::{Batch, TokenInputs};
+pub use tokenize::TextTokenizer;
