@@ -13,7 +13,7 @@ use super::{
     LoraSettings, Weights,
 };
 use crate::data::Batch;
-use crate::nn::{LoraLinear, Mode, WeightLayout};
+use crate::nn::{AdapterConfig, LoraLinear, Mode, WeightLayout};
 use crate::tensor::ops::{self, norm::layer_norm};
 use crate::tensor::ParamSet;
 use crate::{Error, Result};
@@ -234,9 +234,19 @@ impl FewShotModel for Gpt2 {
         )
     }
 
-    fn logits(&self, params: &ParamSet, batch: &Batch, mode: Mode) -> Result<Tensor> {
+    fn features(&self, params: &ParamSet, batch: &Batch, mode: Mode) -> Result<Tensor> {
         let hidden = self.hidden_states(params, batch, mode)?;
-        let last = ops::last_token(&hidden, &batch.tokens.attention_mask)?;
-        self.head.forward(&last, params)
+        Ok(ops::last_token(&hidden, &batch.tokens.attention_mask)?)
+    }
+
+    fn logits(&self, params: &ParamSet, batch: &Batch, mode: Mode) -> Result<Tensor> {
+        self.head
+            .forward(&self.features(params, batch, mode)?, params)
+    }
+
+    fn adapter_config(&self) -> Option<AdapterConfig> {
+        self.lora
+            .as_ref()
+            .map(|l| l.adapter_config(DEFAULT_TARGETS, true))
     }
 }

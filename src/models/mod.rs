@@ -7,6 +7,7 @@
 //! `target_modules` selects. The frozen base runs without dropout (as in evaluation
 //! mode); only the LoRA branches apply their dropout in [`Mode::Train`].
 
+pub mod adapter_files;
 mod attention;
 pub mod bert;
 pub mod gpt2;
@@ -21,7 +22,7 @@ pub use head::{ClassificationHead, HEAD_BIAS, HEAD_WEIGHT};
 pub use weights::Weights;
 
 use crate::data::Batch;
-use crate::nn::{LoraInit, LoraLinear, LoraSpec, Mode};
+use crate::nn::{AdapterConfig, LoraInit, LoraLinear, LoraSpec, Mode};
 use crate::tensor::{ops, ParamSet};
 use crate::{Error, Result};
 
@@ -29,9 +30,17 @@ use crate::{Error, Result};
 pub trait FewShotModel {
     /// Trainable tensors (LoRA `A`/`B`, head) with their names and initial values.
     fn init_params(&self, seed: u64) -> Result<ParamSet>;
+    /// Pooled features `[b, width]` before the head (masked mean for encoders, the
+    /// last real token for decoders): sentence embeddings, metric learners' inputs.
+    fn features(&self, params: &ParamSet, batch: &Batch, mode: Mode) -> Result<Tensor>;
     /// Logits `[b, classes]` at the given trainable values; the frozen base is inside
     /// the model.
     fn logits(&self, params: &ParamSet, batch: &Batch, mode: Mode) -> Result<Tensor>;
+    /// PEFT's description of the model's LoRA adapter (`None` without LoRA), for
+    /// saving adapters that other tools load.
+    fn adapter_config(&self) -> Option<AdapterConfig> {
+        None
+    }
 }
 
 /// Which linear layers carry LoRA, and its hyper-parameters.
@@ -83,6 +92,30 @@ impl Activation {
             Self::Relu => ops::relu(x)?,
             Self::Silu => ops::silu(x)?,
         })
+    }
+}
+
+impl LoraSettings {
+    /// The PEFT adapter configuration for these settings on a family whose default
+    /// targets are `default_targets`.
+    pub(crate) fn adapter_config(
+        &self,
+        default_targets: &[&str],
+        fan_in_fan_out: bool,
+    ) -> AdapterConfig {
+        let targets = self
+            .target_modules
+            .clone()
+            .unwrap_or_else(|| default_targets.iter().map(|t| t.to_string()).collect());
+        let mut config = AdapterConfig::lora(
+            self.spec.rank,
+            self.spec.alpha,
+            self.spec.dropout,
+            targets,
+            fan_in_fan_out,
+        );
+        config.modules_to_save = Some(vec!["classifier".into()]);
+        config
     }
 }
 

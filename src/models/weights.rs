@@ -58,14 +58,9 @@ impl Weights {
         let tensors = tensors
             .into_iter()
             .map(|(n, t)| {
-                Ok((
-                    n,
-                    if t.dtype() == dtype {
-                        t
-                    } else {
-                        t.to_dtype(dtype)?
-                    },
-                ))
+                // Integer buffers (BERT's `position_ids`) stay as they are.
+                let keep = t.dtype() == dtype || !t.dtype().is_float();
+                Ok((n, if keep { t } else { t.to_dtype(dtype)? }))
             })
             .collect::<Result<_>>()?;
         Ok(Self {
