@@ -186,6 +186,53 @@ mod tests {
         assert!(err.contains("tiny-bert"), "{err}");
     }
 
+    /// Half-precision loading runs and stays close to f32 (the frozen base and the
+    /// adapter in the same dtype; mixed precision proper is the memory engine's).
+    #[test]
+    fn half_precision_models_run_close_to_f32() {
+        for name in ["tiny-bert", "tiny-gpt2"] {
+            let reference = builtin(name, 3, DType::F32, Some(lora()), 3).unwrap();
+            // Features, not logits: a fresh head's logits are too small to compare.
+            let expected = reference
+                .features(&reference.init_params(2).unwrap(), &batch(), Mode::Eval)
+                .unwrap();
+            for dtype in [DType::BF16, DType::F16, DType::F64] {
+                let model = builtin(name, 3, dtype, Some(lora()), 3).unwrap();
+                let params = model.init_params(2).unwrap();
+                assert!(params.iter().all(|(_, t)| t.dtype() == dtype));
+                assert_eq!(
+                    model.logits(&params, &batch(), Mode::Eval).unwrap().dtype(),
+                    dtype
+                );
+                let features = model.features(&params, &batch(), Mode::Eval).unwrap();
+                let diff = (features.to_dtype(DType::F32).unwrap() - &expected)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                let scale = expected
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert!(
+                    scale > 0.5,
+                    "{name}: features of order 1 expected, max {scale}"
+                );
+                let tolerance = if dtype == DType::F64 { 1e-5 } else { 3e-2 };
+                assert!(
+                    diff / scale < tolerance,
+                    "{name} {dtype:?}: max |Δ| {diff} of {scale}"
+                );
+            }
+        }
+    }
+
     /// A directory with Hugging Face names round-trips: written from a built-in model's
     /// weights, read back with the right family, same logits.
     #[test]
