@@ -50,6 +50,10 @@ pub enum Error {
     #[error("model: {0}")]
     Model(String),
 
+    /// A loss or gradient became NaN or infinite; the message names the task and step.
+    #[error("non-finite value: {0}")]
+    NonFinite(String),
+
     /// An argument is outside its allowed range.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),

@@ -20,6 +20,7 @@ pub mod error;
 mod fixtures;
 mod io;
 pub mod memory;
+pub mod meta;
 pub mod models;
 pub mod nn;
 pub mod selfcheck;

@@ -2,7 +2,9 @@
 //! readers).
 
 mod batch;
+mod episode;
 mod tokenize;
 
 pub use batch::{Batch, TokenInputs};
+pub use episode::Episode;
 pub use tokenize::TextTokenizer;

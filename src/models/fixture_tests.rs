@@ -14,7 +14,66 @@ use crate::fixtures::{self, assert_close, Fixture};
 use crate::nn::{LoraInit, LoraSpec, Mode};
 use crate::tensor::{ops, GradGraph, ParamSet};
 
-fn names(fixture: &Fixture, key: &str) -> Vec<String> {
+/// A transformer fixture ready to use: the model built on its base weights, θ₀, and
+/// the task's support and query sets.
+pub(crate) struct TransformerCase {
+    pub fixture: Fixture,
+    pub model: Box<dyn FewShotModel>,
+    pub theta0: ParamSet,
+    pub support: Batch,
+    pub query: Batch,
+}
+
+/// `bert_lora_maml` or `gpt2_lora_maml`, or `None` where the fixtures are absent.
+pub(crate) fn transformer_case(name: &str) -> Option<TransformerCase> {
+    let fixture = fixtures::load(name)?;
+    let n_way = fixture.value("/task/n_way").as_u64().unwrap() as usize;
+    let (model, token_types): (Box<dyn FewShotModel>, bool) = match name {
+        "bert_lora_maml" => {
+            let config: BertConfig = model_config(&fixture, "hidden_act", "gelu");
+            let model = Bert::new(
+                config,
+                base_weights(&fixture),
+                Some(lora_settings(&fixture)),
+                n_way,
+            )
+            .unwrap();
+            (Box::new(model), true)
+        }
+        "gpt2_lora_maml" => {
+            let config: Gpt2Config = model_config(&fixture, "activation_function", "gelu_new");
+            let model = Gpt2::new(
+                config,
+                base_weights(&fixture),
+                Some(lora_settings(&fixture)),
+                n_way,
+            )
+            .unwrap();
+            (Box::new(model), false)
+        }
+        other => panic!("no transformer fixture `{other}`"),
+    };
+    let batch = |set: &str| {
+        Batch::from_tokens(
+            fixture.tensor(&format!("{set}_input_ids")).clone(),
+            fixture.tensor(&format!("{set}_attention_mask")).clone(),
+            token_types.then(|| fixture.tensor(&format!("{set}_token_type_ids")).clone()),
+            fixture.tensor(&format!("{set}_labels")).clone(),
+        )
+        .unwrap()
+    };
+    let (support, query) = (batch("support"), batch("query"));
+    let theta0 = theta0(&fixture);
+    Some(TransformerCase {
+        fixture,
+        model,
+        theta0,
+        support,
+        query,
+    })
+}
+
+pub(crate) fn names(fixture: &Fixture, key: &str) -> Vec<String> {
     fixture
         .value(key)
         .as_array()

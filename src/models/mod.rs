@@ -177,4 +177,4 @@ pub(crate) fn init_transformer_params(
 }
 
 #[cfg(test)]
-mod fixture_tests;
+pub(crate) mod fixture_tests;

@@ -1,0 +1,204 @@
+//! The learners against the reference fixtures in f64: adapted parameters, query
+//! losses, exact MAML meta-gradients for K = 1, 2, 3 in both modes, FOMAML, Reptile
+//! and Hessian-vector products. Sizes, K and learning rates come from the fixtures.
+
+use super::{
+    hessian_vector_product, Fomaml, InnerLoop, Maml, MamlMode, MetaLearner, Reptile, TaskOutcome,
+};
+use crate::data::Episode;
+use crate::fixtures::{assert_close, Fixture};
+use crate::models::fixture_tests::{transformer_case, TransformerCase};
+use crate::nn::Mode;
+use crate::tensor::ParamSet;
+
+const TOLERANCE: f64 = 1e-8;
+
+fn prefixed(fixture: &Fixture, theta: &ParamSet, prefix: &str) -> ParamSet {
+    ParamSet::from_pairs(theta.names().map(|n| {
+        (
+            n.to_string(),
+            fixture.tensor(&format!("{prefix}{n}")).clone(),
+        )
+    }))
+    .unwrap()
+}
+
+fn assert_params_close(what: &str, actual: &ParamSet, expected: &ParamSet) {
+    for ((name, a), (_, e)) in actual.iter().zip(expected.iter()) {
+        assert_close(&format!("{what}: {name}"), a, e, TOLERANCE);
+    }
+}
+
+fn scalar(fixture: &Fixture, name: &str) -> f64 {
+    fixture.tensor(name).to_vec1::<f64>().unwrap()[0]
+}
+
+fn assert_scalar(what: &str, actual: f64, expected: f64) {
+    let error = (actual - expected).abs() / expected.abs().max(1e-300);
+    assert!(
+        error <= TOLERANCE,
+        "{what}: {actual} vs {expected} (relative error {error:.3e})"
+    );
+}
+
+fn inner(case: &TransformerCase, steps: usize) -> InnerLoop {
+    InnerLoop {
+        steps,
+        lr: case.fixture.value("/inner_loop/lr").as_f64().unwrap(),
+    }
+}
+
+fn maml(case: &TransformerCase, steps: usize, mode: MamlMode) -> TaskOutcome {
+    let task = Episode::new(case.support.clone(), case.query.clone(), 3).unwrap();
+    Maml {
+        inner: inner(case, steps),
+        mode,
+    }
+    .meta_gradient(case.model.as_ref(), &case.theta0, &task, Mode::Eval)
+    .unwrap()
+}
+
+fn check_learners(name: &str) {
+    let Some(case) = transformer_case(name) else {
+        return;
+    };
+    let fixture = &case.fixture;
+    let k = fixture.value("/inner_loop/K").as_u64().unwrap() as usize;
+    let task = Episode::new(case.support.clone(), case.query.clone(), 3).unwrap();
+    let model = case.model.as_ref();
+
+    // Adaptation: θ_K, the support-loss trajectory, the query logits and loss.
+    let learner = Fomaml {
+        inner: inner(&case, k),
+    };
+    let adapted = learner
+        .adapt(model, &case.theta0, &case.support, Mode::Eval)
+        .unwrap();
+    assert_params_close(
+        "adapted",
+        &adapted,
+        &prefixed(fixture, &case.theta0, "adapted."),
+    );
+    let logits = model.logits(&adapted, &case.query, Mode::Eval).unwrap();
+    assert_close(
+        "query logits after adaptation",
+        &logits,
+        fixture.tensor("query_logits_adapted"),
+        1e-10,
+    );
+
+    let fomaml = learner
+        .meta_gradient(model, &case.theta0, &task, Mode::Eval)
+        .unwrap();
+    let trajectory = fixture
+        .tensor("inner_support_loss_trajectory")
+        .to_vec1::<f64>()
+        .unwrap();
+    for (step, loss) in fomaml.support_losses.iter().enumerate() {
+        assert_scalar(
+            &format!("support loss before step {}", step + 1),
+            *loss,
+            trajectory[step],
+        );
+    }
+    assert_scalar(
+        "query loss after K steps",
+        fomaml.query_loss,
+        scalar(fixture, "query_loss_adapted"),
+    );
+    assert_params_close(
+        "FOMAML gradient",
+        &fomaml.meta_gradient,
+        &prefixed(fixture, &case.theta0, "fomaml_grad."),
+    );
+
+    // Reptile's meta-direction is θ₀ − θ_K; the fixture stores θ_K − θ₀.
+    let reptile = Reptile {
+        inner: inner(&case, k),
+    }
+    .meta_gradient(model, &case.theta0, &task, Mode::Eval)
+    .unwrap();
+    let delta = prefixed(fixture, &case.theta0, "reptile_delta.");
+    assert_params_close(
+        "Reptile direction",
+        &reptile.meta_gradient,
+        &delta.scale(-1.0).unwrap(),
+    );
+
+    // Exact MAML for K and 3, in both modes; the two modes agree to rounding.
+    for (steps, prefix, loss_name) in [
+        (k, "maml_grad.", "query_loss_adapted"),
+        (3, "maml_grad_k3.", "query_loss_adapted_k3"),
+    ] {
+        let expected = prefixed(fixture, &case.theta0, prefix);
+        let full = maml(&case, steps, MamlMode::FullGraph);
+        let recompute = maml(&case, steps, MamlMode::Recompute);
+        assert_params_close(
+            &format!("MAML K={steps} full graph"),
+            &full.meta_gradient,
+            &expected,
+        );
+        assert_params_close(
+            &format!("MAML K={steps} recompute"),
+            &recompute.meta_gradient,
+            &expected,
+        );
+        let gap = full
+            .meta_gradient
+            .sub(&recompute.meta_gradient)
+            .unwrap()
+            .norm()
+            .unwrap()
+            / expected.norm().unwrap();
+        assert!(gap < 1e-12, "K={steps}: modes differ by {gap:.3e}");
+        assert_scalar(
+            &format!("query loss K={steps}"),
+            full.query_loss,
+            scalar(fixture, loss_name),
+        );
+    }
+
+    // K = 1: the query loss, and the identity maml = g − α·H(θ₀)·g with g = ∇L_q(θ₁).
+    for mode in [MamlMode::FullGraph, MamlMode::Recompute] {
+        let one = maml(&case, 1, mode);
+        assert_scalar(
+            "query loss K=1",
+            one.query_loss,
+            scalar(fixture, "query_loss_adapted_k1"),
+        );
+        let fo = Fomaml {
+            inner: inner(&case, 1),
+        }
+        .meta_gradient(model, &case.theta0, &task, Mode::Eval)
+        .unwrap();
+        let hg = hessian_vector_product(
+            model,
+            &case.theta0,
+            &case.support,
+            &fo.meta_gradient,
+            Mode::Eval,
+        )
+        .unwrap();
+        let identity = fo.meta_gradient.axpy(-inner(&case, 1).lr, &hg).unwrap();
+        assert_params_close("MAML K=1 identity", &one.meta_gradient, &identity);
+    }
+
+    // The Hessian-vector product at θ₀ over all trainable tensors jointly.
+    let v = prefixed(fixture, &case.theta0, "hvp_v.");
+    let hv = hessian_vector_product(model, &case.theta0, &case.support, &v, Mode::Eval).unwrap();
+    assert_params_close(
+        "Hessian-vector product",
+        &hv,
+        &prefixed(fixture, &case.theta0, "hvp."),
+    );
+}
+
+#[test]
+fn learners_match_bert_fixture() {
+    check_learners("bert_lora_maml");
+}
+
+#[test]
+fn learners_match_gpt2_fixture() {
+    check_learners("gpt2_lora_maml");
+}

@@ -1,0 +1,48 @@
+//! First-order MAML: the query gradient at the adapted parameters, ∇L_q(θ_K),
+//! ignoring how θ_K depends on θ₀.
+
+use crate::data::{Batch, Episode};
+use crate::models::FewShotModel;
+use crate::nn::Mode;
+use crate::tensor::ParamSet;
+use crate::Result;
+
+use super::inner::{adapt, InnerLoop};
+use super::{query_outcome, MetaLearner, TaskOutcome};
+
+/// First-order MAML.
+#[derive(Debug, Clone, Copy)]
+pub struct Fomaml {
+    /// The inner loop.
+    pub inner: InnerLoop,
+}
+
+impl MetaLearner for Fomaml {
+    fn meta_gradient(
+        &self,
+        model: &dyn FewShotModel,
+        params: &ParamSet,
+        task: &Episode,
+        mode: Mode,
+    ) -> Result<TaskOutcome> {
+        let (adapted, support_losses) = adapt(model, params, &task.support, self.inner, mode)?;
+        let (meta_gradient, query_loss, query_accuracy) =
+            query_outcome(model, &adapted, &task.query, mode)?;
+        Ok(TaskOutcome {
+            meta_gradient,
+            support_losses,
+            query_loss,
+            query_accuracy,
+        })
+    }
+
+    fn adapt(
+        &self,
+        model: &dyn FewShotModel,
+        params: &ParamSet,
+        support: &Batch,
+        mode: Mode,
+    ) -> Result<ParamSet> {
+        Ok(adapt(model, params, support, self.inner, mode)?.0)
+    }
+}

@@ -1,0 +1,76 @@
+//! Meta-learners: each turns one task into a meta-gradient for the shared
+//! initialisation, and adapts that initialisation to a task's support set.
+//!
+//! | learner | meta-gradient | memory in K |
+//! |---|---|---|
+//! | [`Maml`] full graph | exact second order, every step's graph kept | linear |
+//! | [`Maml`] recompute | exact second order: θ₀…θ_K stored, each step's graph rebuilt for one Hessian-vector product | constant |
+//! | [`Fomaml`] | ∇L_q(θ_K) | constant |
+//! | [`Reptile`] | θ₀ − θ_K | constant |
+
+mod fomaml;
+mod inner;
+mod loss;
+mod maml;
+mod reptile;
+
+#[cfg(test)]
+mod fixture_tests;
+
+pub use fomaml::Fomaml;
+pub use inner::{hessian_vector_product, InnerLoop};
+pub use maml::{Maml, MamlMode};
+pub use reptile::Reptile;
+
+use crate::data::{Batch, Episode};
+use crate::models::FewShotModel;
+use crate::nn::Mode;
+use crate::tensor::ParamSet;
+use crate::Result;
+
+/// What one task contributes to a meta-step.
+#[derive(Debug, Clone)]
+pub struct TaskOutcome {
+    /// The task's meta-gradient (the outer optimiser descends along it).
+    pub meta_gradient: ParamSet,
+    /// Support loss before each inner step.
+    pub support_losses: Vec<f64>,
+    /// Query loss after adaptation.
+    pub query_loss: f64,
+    /// Query accuracy after adaptation.
+    pub query_accuracy: f64,
+}
+
+/// A meta-learning algorithm. `mode` carries the dropout seed of this task's forward
+/// passes (or [`Mode::Eval`]); memory is measured by the caller around the call.
+pub trait MetaLearner {
+    /// The meta-gradient of one task at the shared initialisation `params`.
+    fn meta_gradient(
+        &self,
+        model: &dyn FewShotModel,
+        params: &ParamSet,
+        task: &Episode,
+        mode: Mode,
+    ) -> Result<TaskOutcome>;
+
+    /// `params` adapted to a support set (no graph kept).
+    fn adapt(
+        &self,
+        model: &dyn FewShotModel,
+        params: &ParamSet,
+        support: &Batch,
+        mode: Mode,
+    ) -> Result<ParamSet>;
+}
+
+/// The query gradient, loss and accuracy at adapted parameters `theta`.
+pub(crate) fn query_outcome(
+    model: &dyn FewShotModel,
+    theta: &ParamSet,
+    query: &Batch,
+    mode: Mode,
+) -> Result<(ParamSet, f64, f64)> {
+    inner::gradient(model, theta, query, mode, &|| {
+        "the query loss after adaptation".into()
+    })
+}
