@@ -93,3 +93,24 @@ pub(crate) fn assert_close(what: &str, actual: &Tensor, expected: &Tensor, toler
         "{what}: relative error {error:.3e} > {tolerance:e}"
     );
 }
+
+/// Like [`assert_close`], but where the reference is float64 round-off of an exact
+/// zero (every |x| < 1e-11, e.g. Conv4's bias gradients) compares absolutely.
+pub(crate) fn assert_close_or_zero(what: &str, actual: &Tensor, expected: &Tensor, tolerance: f64) {
+    let max_abs = |t: &Tensor| {
+        t.to_dtype(candle_core::DType::F64)
+            .and_then(|t| t.abs())
+            .and_then(|t| t.max_all())
+            .and_then(|t| t.to_scalar::<f64>())
+            .expect("readable tensor")
+    };
+    if max_abs(expected) < 1e-11 {
+        assert!(
+            max_abs(actual) < 1e-11,
+            "{what}: expected an exact zero, got max |x| = {:.3e}",
+            max_abs(actual)
+        );
+    } else {
+        assert_close(what, actual, expected, tolerance);
+    }
+}

@@ -136,6 +136,24 @@ fn cases() -> Result<Vec<Case>> {
         case("rms_norm", vec![r(&[4, 5], 13)?, r(&[5], 14)?], |t| {
             ops::norm::rms_norm(&t[0], &t[1], 1e-6)
         }),
+        case(
+            "batch_norm",
+            vec![
+                r(&[4, 3, 2, 2], 32)?,
+                r(&[3], 33)?.affine(0.1, 1.0)?,
+                r(&[3], 34)?,
+            ],
+            |t| ops::norm::batch_norm(&t[0], &t[1], &t[2], 1e-5),
+        ),
+        case(
+            "conv2d",
+            vec![r(&[2, 2, 5, 5], 35)?, r(&[3, 2, 3, 3], 36)?, r(&[3], 37)?],
+            |t| ops::conv2d(&t[0], &t[1], Some(&t[2]), 1),
+        ),
+        // Random inputs: window maxima are separated by far more than the step.
+        case("max_pool", vec![r(&[2, 2, 5, 4], 38)?], |t| {
+            ops::max_pool(&t[0], 2)
+        }),
         case("softmax", vec![r(&[3, 5], 15)?], |t| ops::softmax(&t[0])),
         case("masked_softmax", vec![r(&[2, 2, 3, 4], 16)?], move |t| {
             ops::masked_softmax(&t[0], &key_mask)
@@ -252,7 +270,9 @@ mod tests {
                 continue;
             }
             if name == "norm" {
-                assert!(names.contains(&"layer_norm") && names.contains(&"rms_norm"));
+                for op in ["layer_norm", "rms_norm", "batch_norm"] {
+                    assert!(names.contains(&op), "norm op `{op}` has no derivative case");
+                }
                 continue;
             }
             assert!(

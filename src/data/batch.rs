@@ -15,11 +15,21 @@ pub struct TokenInputs {
     pub token_type_ids: Option<Tensor>,
 }
 
+/// What a model reads.
+#[derive(Debug, Clone)]
+pub enum Inputs {
+    /// Tokenised text (transformers).
+    Tokens(TokenInputs),
+    /// A dense float tensor whose first dimension is the batch: images `[b, c, h, w]`,
+    /// feature vectors `[b, d]`.
+    Dense(Tensor),
+}
+
 /// A batch: inputs and their class labels (`u32` `[b]`).
 #[derive(Debug, Clone)]
 pub struct Batch {
-    /// Tokenised text.
-    pub tokens: TokenInputs,
+    /// The examples.
+    pub inputs: Inputs,
     /// Class of each example, `u32` `[b]`.
     pub labels: Tensor,
 }
@@ -59,13 +69,49 @@ impl Batch {
             )));
         }
         Ok(Self {
-            tokens: TokenInputs {
+            inputs: Inputs::Tokens(TokenInputs {
                 input_ids: input_ids.to_dtype(DType::U32)?,
                 attention_mask,
                 token_type_ids,
-            },
+            }),
             labels: labels.to_dtype(DType::U32)?,
         })
+    }
+
+    /// A batch of dense inputs `[b, ...]` (images, feature vectors) with labels `[b]`.
+    pub fn from_dense(inputs: Tensor, labels: Tensor) -> Result<Self> {
+        let b = inputs.dims().first().copied().unwrap_or(0);
+        if inputs.rank() < 2 || labels.dims() != [b] {
+            return Err(Error::Shape(format!(
+                "dense inputs {:?} need a batch dimension matching labels {:?}",
+                inputs.dims(),
+                labels.dims()
+            )));
+        }
+        Ok(Self {
+            inputs: Inputs::Dense(inputs),
+            labels: labels.to_dtype(DType::U32)?,
+        })
+    }
+
+    /// The token inputs, or an error for a model that reads text given other inputs.
+    pub fn tokens(&self) -> Result<&TokenInputs> {
+        match &self.inputs {
+            Inputs::Tokens(t) => Ok(t),
+            Inputs::Dense(_) => Err(Error::InvalidArgument(
+                "this model reads tokenised text, but the batch holds dense inputs".into(),
+            )),
+        }
+    }
+
+    /// The dense inputs, or an error for a model that reads tensors given text.
+    pub fn dense(&self) -> Result<&Tensor> {
+        match &self.inputs {
+            Inputs::Dense(t) => Ok(t),
+            Inputs::Tokens(_) => Err(Error::InvalidArgument(
+                "this model reads dense inputs (images, features), but the batch holds text".into(),
+            )),
+        }
     }
 
     /// Number of examples.

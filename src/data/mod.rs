@@ -5,6 +5,6 @@ mod batch;
 mod episode;
 mod tokenize;
 
-pub use batch::{Batch, TokenInputs};
+pub use batch::{Batch, Inputs, TokenInputs};
 pub use episode::Episode;
 pub use tokenize::TextTokenizer;

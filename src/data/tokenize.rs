@@ -189,10 +189,15 @@ mod tests {
         let batch = tok
             .batch(&["The cats sat", "a mat"], &[1, 0], &Device::Cpu)
             .unwrap();
-        let ids = batch.tokens.input_ids.to_vec2::<u32>().unwrap();
+        let ids = batch.tokens().unwrap().input_ids.to_vec2::<u32>().unwrap();
         // [CLS] the cat ##s sat [SEP] / [CLS] a mat [SEP] [PAD] [PAD]
         assert_eq!(ids, vec![vec![2, 4, 5, 9, 6, 3], vec![2, 10, 8, 3, 0, 0]]);
-        let mask = batch.tokens.attention_mask.to_vec2::<u32>().unwrap();
+        let mask = batch
+            .tokens()
+            .unwrap()
+            .attention_mask
+            .to_vec2::<u32>()
+            .unwrap();
         assert_eq!(mask, vec![vec![1, 1, 1, 1, 1, 1], vec![1, 1, 1, 1, 0, 0]]);
         assert_eq!(batch.labels.to_vec1::<u32>().unwrap(), vec![1, 0]);
     }
@@ -205,7 +210,7 @@ mod tests {
             .batch(&["the cat sat on the mat"], &[0], &Device::Cpu)
             .unwrap();
         assert_eq!(
-            batch.tokens.input_ids.to_vec2::<u32>().unwrap(),
+            batch.tokens().unwrap().input_ids.to_vec2::<u32>().unwrap(),
             vec![vec![2, 4, 5, 3]]
         );
     }
@@ -215,8 +220,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let tok = TextTokenizer::from_file(&bpe_file(dir.path()), 32).unwrap();
         let batch = tok.batch(&["a tat", "b"], &[0, 1], &Device::Cpu).unwrap();
-        let ids = batch.tokens.input_ids.to_vec2::<u32>().unwrap();
-        let mask = batch.tokens.attention_mask.to_vec2::<u32>().unwrap();
+        let ids = batch.tokens().unwrap().input_ids.to_vec2::<u32>().unwrap();
+        let mask = batch
+            .tokens()
+            .unwrap()
+            .attention_mask
+            .to_vec2::<u32>()
+            .unwrap();
         let eot = tok.inner.token_to_id("<|endoftext|>").unwrap();
         let merged = tok.inner.token_to_id("Ġt").unwrap();
         assert!(ids[0].contains(&merged), "the merge Ġ+t applies: {ids:?}");

@@ -231,7 +231,7 @@ impl Bert {
 
     /// Final hidden states `[b, t, hidden]` at `params`.
     pub fn hidden_states(&self, params: &ParamSet, batch: &Batch, mode: Mode) -> Result<Tensor> {
-        let tokens = &batch.tokens;
+        let tokens = batch.tokens()?;
         let (_, t) = tokens.input_ids.dims2()?;
         if t > self.config.max_position_embeddings {
             return Err(Error::Shape(format!(
@@ -283,7 +283,7 @@ impl FewShotModel for Bert {
         let hidden = self.hidden_states(params, batch, mode)?;
         Ok(ops::masked_mean_pool(
             &hidden,
-            &batch.tokens.attention_mask,
+            &batch.tokens()?.attention_mask,
         )?)
     }
 

@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Tensor};
 
 use super::bert::{Bert, BertConfig};
+use super::conv4::{Conv4, Conv4Config};
 use super::gpt2::{Gpt2, Gpt2Config};
 use super::{FewShotModel, LoraSettings, Weights};
 use crate::data::Batch;
@@ -16,7 +17,7 @@ use crate::tensor::{ops, GradGraph, ParamSet};
 
 /// A transformer fixture ready to use: the model built on its base weights, θ₀, and
 /// the task's support and query sets.
-pub(crate) struct TransformerCase {
+pub(crate) struct FixtureCase {
     pub fixture: Fixture,
     pub model: Box<dyn FewShotModel>,
     pub theta0: ParamSet,
@@ -24,8 +25,9 @@ pub(crate) struct TransformerCase {
     pub query: Batch,
 }
 
-/// `bert_lora_maml` or `gpt2_lora_maml`, or `None` where the fixtures are absent.
-pub(crate) fn transformer_case(name: &str) -> Option<TransformerCase> {
+/// `bert_lora_maml`, `gpt2_lora_maml` or `conv4_maml`, or `None` where the fixtures
+/// are absent.
+pub(crate) fn fixture_case(name: &str) -> Option<FixtureCase> {
     let fixture = fixtures::load(name)?;
     let n_way = fixture.value("/task/n_way").as_u64().unwrap() as usize;
     let (model, token_types): (Box<dyn FewShotModel>, bool) = match name {
@@ -51,7 +53,34 @@ pub(crate) fn transformer_case(name: &str) -> Option<TransformerCase> {
             .unwrap();
             (Box::new(model), false)
         }
-        other => panic!("no transformer fixture `{other}`"),
+        "conv4_maml" => {
+            let channels = fixture.value("/model_config/channels").as_u64().unwrap() as usize;
+            let eps = fixture.value("/model_config/bn_eps").as_f64().unwrap();
+            let config = Conv4Config {
+                in_channels: 1,
+                channels,
+                image_size: 28,
+                bn_eps: eps,
+            };
+            let model = Conv4::new(config, n_way, DType::F64, &candle_core::Device::Cpu).unwrap();
+            let images = |set: &str| {
+                Batch::from_dense(
+                    fixture.tensor(&format!("{set}_images")).clone(),
+                    fixture.tensor(&format!("{set}_labels")).clone(),
+                )
+                .unwrap()
+            };
+            let (support, query) = (images("support"), images("query"));
+            let theta0 = theta0(&fixture);
+            return Some(FixtureCase {
+                fixture,
+                model: Box::new(model),
+                theta0,
+                support,
+                query,
+            });
+        }
+        other => panic!("no fixture `{other}`"),
     };
     let batch = |set: &str| {
         Batch::from_tokens(
@@ -64,7 +93,7 @@ pub(crate) fn transformer_case(name: &str) -> Option<TransformerCase> {
     };
     let (support, query) = (batch("support"), batch("query"));
     let theta0 = theta0(&fixture);
-    Some(TransformerCase {
+    Some(FixtureCase {
         fixture,
         model,
         theta0,
@@ -214,6 +243,53 @@ fn gpt2_matches_fixture_at_theta0() {
     let theta = theta0(&fixture);
     let hidden = model.hidden_states(&theta, &batch, Mode::Eval).unwrap();
     check_theta0(&fixture, &model, &batch, &hidden);
+}
+
+/// Conv4 at θ₀: features, logits, loss, and every gradient; the conv biases' exact
+/// zero gradients (BatchNorm removes per-channel constants) are compared absolutely.
+#[test]
+fn conv4_matches_fixture_at_theta0() {
+    let Some(case) = fixture_case("conv4_maml") else {
+        return;
+    };
+    let theta = case.theta0.to_leaves().unwrap();
+    case.model
+        .init_params(0)
+        .unwrap()
+        .check_compatible(&theta)
+        .unwrap();
+    let features = case
+        .model
+        .features(&theta, &case.support, Mode::Eval)
+        .unwrap();
+    assert_close(
+        "features",
+        &features,
+        case.fixture.tensor("support_features_theta0"),
+        1e-10,
+    );
+    let logits = case
+        .model
+        .logits(&theta, &case.support, Mode::Eval)
+        .unwrap();
+    assert_close(
+        "logits",
+        &logits,
+        case.fixture.tensor("support_logits_theta0"),
+        1e-10,
+    );
+    let loss = ops::cross_entropy(&logits, &case.support.labels, 0.0).unwrap();
+    assert_close(
+        "loss",
+        &loss.reshape(1).unwrap(),
+        case.fixture.tensor("support_loss_theta0"),
+        1e-10,
+    );
+    let grads = theta.gradients(&loss, GradGraph::Detach).unwrap();
+    for (name, g) in grads.iter() {
+        let expected = case.fixture.tensor(&format!("grad_support_theta0.{name}"));
+        fixtures::assert_close_or_zero(&format!("gradient of {name}"), g, expected, 1e-8);
+    }
 }
 
 #[test]

@@ -184,7 +184,7 @@ impl Gpt2 {
 
     /// Final hidden states `[b, t, n_embd]` (after `ln_f`) at `params`.
     pub fn hidden_states(&self, params: &ParamSet, batch: &Batch, mode: Mode) -> Result<Tensor> {
-        let tokens = &batch.tokens;
+        let tokens = batch.tokens()?;
         let (_, t) = tokens.input_ids.dims2()?;
         if t > self.config.n_positions {
             return Err(Error::Shape(format!(
@@ -236,7 +236,7 @@ impl FewShotModel for Gpt2 {
 
     fn features(&self, params: &ParamSet, batch: &Batch, mode: Mode) -> Result<Tensor> {
         let hidden = self.hidden_states(params, batch, mode)?;
-        Ok(ops::last_token(&hidden, &batch.tokens.attention_mask)?)
+        Ok(ops::last_token(&hidden, &batch.tokens()?.attention_mask)?)
     }
 
     fn logits(&self, params: &ParamSet, batch: &Batch, mode: Mode) -> Result<Tensor> {

@@ -10,6 +10,7 @@
 pub mod adapter_files;
 mod attention;
 pub mod bert;
+pub mod conv4;
 pub mod gpt2;
 mod head;
 pub mod load;

@@ -16,6 +16,7 @@
 //! central finite differences in f64 (`tensor::gradcheck`).
 
 mod activation;
+mod conv;
 mod dropout;
 mod embedding;
 mod linear;
@@ -25,6 +26,7 @@ mod pooling;
 mod softmax;
 
 pub use activation::{gelu_erf, gelu_tanh, relu, sigmoid, silu};
+pub use conv::{conv2d, max_pool};
 pub(crate) use dropout::mix_seed;
 pub use dropout::{dropout, Mode};
 pub use embedding::embedding;

@@ -21,6 +21,29 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
         .broadcast_mul(weight)
 }
 
+/// Batch normalisation of `x` `[n, c, ...]` with the statistics of this batch (mean
+/// and biased variance per channel over every other dimension), then `gamma`, `beta`
+/// per channel: MAML's transductive BatchNorm, with no running statistics.
+pub fn batch_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
+    let dims = x.dims();
+    if dims.len() < 2 {
+        candle_core::bail!("batch norm needs [batch, channels, ...], got {dims:?}");
+    }
+    let c = dims[1];
+    // Channels last, everything else flattened: statistics are column means.
+    let moved = x.transpose(0, 1)?.contiguous()?;
+    let flat = moved.reshape((c, moved.elem_count() / c))?;
+    let centered = flat.broadcast_sub(&flat.mean_keepdim(1)?)?;
+    let var = centered.sqr()?.mean_keepdim(1)?;
+    let normed = centered.broadcast_div(&(var + eps)?.sqrt()?)?;
+    let scaled = normed
+        .broadcast_mul(&gamma.reshape((c, 1))?)?
+        .broadcast_add(&beta.reshape((c, 1))?)?;
+    let mut moved_dims = dims.to_vec();
+    moved_dims.swap(0, 1);
+    scaled.reshape(moved_dims)?.transpose(0, 1)?.contiguous()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -39,6 +62,29 @@ mod tests {
             let var = row.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / 8.0;
             assert!(
                 mean.abs() < 1e-14 && (var - 1.0).abs() < 1e-10,
+                "{mean} {var}"
+            );
+        }
+    }
+
+    #[test]
+    fn batch_norm_normalises_each_channel_over_the_batch() {
+        let dev = Device::Cpu;
+        let x = random_tensor(&[4, 3, 2, 2], 7, &dev).unwrap();
+        let ones = Tensor::ones(3, candle_core::DType::F64, &dev).unwrap();
+        let y = batch_norm(&x, &ones, &ones.zeros_like().unwrap(), 0.0).unwrap();
+        for ch in 0..3 {
+            let v: Vec<f64> = y
+                .narrow(1, ch, 1)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let mean = v.iter().sum::<f64>() / v.len() as f64;
+            let var = v.iter().map(|a| (a - mean).powi(2)).sum::<f64>() / v.len() as f64;
+            assert!(
+                mean.abs() < 1e-14 && (var - 1.0).abs() < 1e-12,
                 "{mean} {var}"
             );
         }
