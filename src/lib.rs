@@ -25,6 +25,7 @@ pub mod models;
 pub mod nn;
 pub mod selfcheck;
 pub mod tensor;
+pub mod train;
 
 #[doc(hidden)]
 pub mod cli;
