@@ -70,8 +70,22 @@ pub(crate) fn adapt(
     inner: InnerLoop,
     mode: Mode,
 ) -> Result<(ParamSet, Vec<f64>)> {
+    let (_, adapted, losses) = adapt_storing(model, params, support, inner, mode)?;
+    Ok((adapted, losses))
+}
+
+/// First-order adaptation that also returns θ₀…θ_{K−1} (values, no graphs), for
+/// recursions that revisit each step.
+pub(crate) fn adapt_storing(
+    model: &dyn FewShotModel,
+    params: &ParamSet,
+    support: &Batch,
+    inner: InnerLoop,
+    mode: Mode,
+) -> Result<(Vec<ParamSet>, ParamSet, Vec<f64>)> {
     inner.validate()?;
     let mut theta = params.detach();
+    let mut thetas = Vec::with_capacity(inner.steps);
     let mut losses = Vec::with_capacity(inner.steps);
     for step in 0..inner.steps {
         let leaves = theta.to_leaves()?;
@@ -86,9 +100,10 @@ pub(crate) fn adapt(
             &context,
         )?;
         losses.push(loss);
+        thetas.push(theta);
         theta = next.detach();
     }
-    Ok((theta, losses))
+    Ok((thetas, theta, losses))
 }
 
 /// The gradient (first order) of the loss on `batch` at `theta`, the loss, and the

@@ -7,7 +7,7 @@ use crate::nn::Mode;
 use crate::tensor::{GradGraph, ParamSet};
 use crate::Result;
 
-use super::inner::{adapt, hessian_vector_product, sgd_step, InnerLoop};
+use super::inner::{adapt, adapt_storing, hessian_vector_product, sgd_step, InnerLoop};
 use super::{query_outcome, MetaLearner, TaskOutcome};
 
 /// How the second-order terms are obtained; both give the same numbers.
@@ -78,26 +78,10 @@ impl Maml {
         task: &Episode,
         mode: Mode,
     ) -> Result<TaskOutcome> {
-        let mut thetas = Vec::with_capacity(self.inner.steps + 1);
-        let mut theta = params.detach();
-        let mut support_losses = Vec::with_capacity(self.inner.steps);
-        for step in 0..self.inner.steps {
-            let leaves = theta.to_leaves()?;
-            let context = || format!("inner step {}", step + 1);
-            let (next, loss) = sgd_step(
-                model,
-                &leaves,
-                &task.support,
-                self.inner.lr,
-                GradGraph::Detach,
-                mode,
-                &context,
-            )?;
-            support_losses.push(loss);
-            thetas.push(theta);
-            theta = next.detach();
-        }
-        let (mut v, query_loss, query_accuracy) = query_outcome(model, &theta, &task.query, mode)?;
+        let (thetas, adapted, support_losses) =
+            adapt_storing(model, params, &task.support, self.inner, mode)?;
+        let (mut v, query_loss, query_accuracy) =
+            query_outcome(model, &adapted, &task.query, mode)?;
         for theta_k in thetas.iter().rev() {
             let hv = hessian_vector_product(model, theta_k, &task.support, &v, mode)?;
             v = v.axpy(-self.inner.lr, &hv)?;

@@ -7,19 +7,28 @@
 //! | [`Maml`] recompute | exact second order: θ₀…θ_K stored, each step's graph rebuilt for one Hessian-vector product | constant |
 //! | [`Fomaml`] | ∇L_q(θ_K) | constant |
 //! | [`Reptile`] | θ₀ − θ_K | constant |
+//! | [`Melora`] | the MAML recursion with an approximate Hessian | constant |
 
+mod curvature;
 mod fomaml;
 mod inner;
 mod loss;
 mod maml;
+mod melora;
 mod reptile;
 
 #[cfg(test)]
 mod fixture_tests;
+#[cfg(test)]
+pub(crate) mod test_models;
 
+pub use curvature::{
+    block_diagonal_product, exact_hessian_diagonal, gauss_newton_product, hutchinson_diagonal,
+};
 pub use fomaml::Fomaml;
 pub use inner::{hessian_vector_product, InnerLoop};
 pub use maml::{Maml, MamlMode};
+pub use melora::{HessianApproximation, Melora};
 pub use reptile::Reptile;
 
 use crate::data::{Batch, Episode};

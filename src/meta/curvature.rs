@@ -1,0 +1,163 @@
+//! Curvature products of the support loss at one point θ: exact Hessian-vector
+//! products and the approximations MELoRA uses in their place.
+//!
+//! Each function builds the forward graph (and, where needed, the gradient's graph)
+//! once and differentiates it as many times as it needs.
+
+use candle_core::{DType, Tensor, Var};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::data::Batch;
+use crate::models::FewShotModel;
+use crate::nn::Mode;
+use crate::tensor::{ops, GradGraph, ParamSet};
+use crate::Result;
+
+use super::loss::batch_loss;
+
+/// The support loss's gradient at fresh leaves of `theta`, graph kept.
+fn gradient_with_graph(
+    model: &dyn FewShotModel,
+    theta: &ParamSet,
+    batch: &Batch,
+    mode: Mode,
+) -> Result<(ParamSet, ParamSet)> {
+    let leaves = theta.to_leaves()?;
+    let loss = batch_loss(model, &leaves, batch, mode)?;
+    let grads = leaves.gradients(&loss, GradGraph::Keep)?;
+    Ok((leaves, grads))
+}
+
+/// A ParamSet like `like` with `tensor`'s slot filled by `value` and zeros elsewhere.
+fn only(like: &ParamSet, name: &str, value: &Tensor) -> Result<ParamSet> {
+    like.map(|n, t| {
+        if n == name {
+            Ok(value.clone())
+        } else {
+            t.zeros_like()
+        }
+    })
+}
+
+/// Rademacher vectors (±1 entries) shaped like `like`.
+fn rademacher(like: &ParamSet, rng: &mut ChaCha8Rng) -> Result<ParamSet> {
+    like.map(|_, t| {
+        let signs: Vec<f64> = (0..t.elem_count())
+            .map(|_| if rng.random::<bool>() { 1.0 } else { -1.0 })
+            .collect();
+        Tensor::from_vec(signs, t.dims(), t.device())?.to_dtype(t.dtype())
+    })
+}
+
+/// Hutchinson's estimate of diag(H): the mean over `probes` Rademacher vectors z of
+/// z ⊙ Hz (unbiased; one double-backward per probe).
+pub fn hutchinson_diagonal(
+    model: &dyn FewShotModel,
+    theta: &ParamSet,
+    batch: &Batch,
+    probes: usize,
+    seed: u64,
+    mode: Mode,
+) -> Result<ParamSet> {
+    let (leaves, grads) = gradient_with_graph(model, theta, batch, mode)?;
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut sum = theta.zeros_like()?.detach();
+    for _ in 0..probes.max(1) {
+        let z = rademacher(theta, &mut rng)?;
+        let hz = leaves.gradients(&grads.dot(&z)?, GradGraph::Detach)?;
+        sum = sum.add(&z.mul(&hz)?)?;
+    }
+    sum.scale(1.0 / probes.max(1) as f64)
+}
+
+/// The exact diagonal of the Hessian, one double-backward per coordinate: for tiny
+/// parameter sets and tests. With `names`, only those tensors' entries are computed
+/// (the others are zero).
+pub fn exact_hessian_diagonal(
+    model: &dyn FewShotModel,
+    theta: &ParamSet,
+    batch: &Batch,
+    names: Option<&[&str]>,
+    mode: Mode,
+) -> Result<ParamSet> {
+    let (leaves, grads) = gradient_with_graph(model, theta, batch, mode)?;
+    let zeros = theta.zeros_like()?.detach();
+    zeros.map(|name, t| {
+        if names.is_some_and(|n| !n.contains(&name)) {
+            return Ok(t.clone());
+        }
+        let n = t.elem_count();
+        let mut diagonal = vec![0f64; n];
+        for (i, entry) in diagonal.iter_mut().enumerate() {
+            let mut basis = vec![0f64; n];
+            basis[i] = 1.0;
+            let e = Tensor::from_vec(basis, t.dims(), t.device())?.to_dtype(t.dtype())?;
+            let probe = only(&zeros, name, &e).map_err(candle_core::Error::wrap)?;
+            let h = leaves
+                .gradients(
+                    &grads.dot(&probe).map_err(candle_core::Error::wrap)?,
+                    GradGraph::Detach,
+                )
+                .map_err(candle_core::Error::wrap)?;
+            let column = h
+                .get(name)
+                .expect("same names")
+                .flatten_all()?
+                .to_dtype(DType::F64)?;
+            *entry = column.get(i)?.to_scalar::<f64>()?;
+        }
+        Tensor::from_vec(diagonal, t.dims(), t.device())?.to_dtype(t.dtype())
+    })
+}
+
+/// Block-diagonal Hessian product: each tensor's block applied to that tensor's part
+/// of `v`, cross-tensor terms dropped (one double-backward per tensor).
+pub fn block_diagonal_product(
+    model: &dyn FewShotModel,
+    theta: &ParamSet,
+    batch: &Batch,
+    v: &ParamSet,
+    mode: Mode,
+) -> Result<ParamSet> {
+    let (leaves, grads) = gradient_with_graph(model, theta, batch, mode)?;
+    let zeros = v.zeros_like()?.detach();
+    v.map(|name, v_i| {
+        let probe = only(&zeros, name, v_i).map_err(candle_core::Error::wrap)?;
+        let h = leaves
+            .gradients(
+                &grads.dot(&probe).map_err(candle_core::Error::wrap)?,
+                GradGraph::Detach,
+            )
+            .map_err(candle_core::Error::wrap)?;
+        Ok(h.get(name).expect("same names").clone())
+    })
+}
+
+/// Generalised Gauss-Newton product `Jᵀ·H_z·J·v` for the mean cross-entropy, with J
+/// the Jacobian of the logits z and H_z = (diag(p) − ppᵀ)/N per example: positive
+/// semi-definite; equal to the Hessian for a model linear in θ. `J·v` comes from the
+/// double-backward trick (∇_u⟨Jᵀu, v⟩ with a zero variable u), `Jᵀr` from one
+/// backward: three passes over one forward graph.
+pub fn gauss_newton_product(
+    model: &dyn FewShotModel,
+    theta: &ParamSet,
+    batch: &Batch,
+    v: &ParamSet,
+    mode: Mode,
+) -> Result<ParamSet> {
+    let leaves = theta.to_leaves()?;
+    let logits = model.logits(&leaves, batch, mode)?;
+    let u = ParamSet::from_pairs([(
+        "u",
+        Var::zeros(logits.dims(), logits.dtype(), logits.device())?.into_inner(),
+    )])?;
+    let j_t_u = leaves.gradients(&(&logits * u.require("u")?)?.sum_all()?, GradGraph::Keep)?;
+    let jv = u.gradients(&j_t_u.dot(v)?, GradGraph::Detach)?;
+    let jv = jv.require("u")?;
+    let n = logits.dims()[0] as f64;
+    let p = ops::softmax(&logits.detach())?;
+    let p_dot_jv = (&p * jv)?.sum_keepdim(1)?;
+    let r = ((&p * jv)? - p.broadcast_mul(&p_dot_jv)?)?.affine(1.0 / n, 0.0)?;
+    leaves.gradients(&(&logits * r)?.sum_all()?, GradGraph::Detach)
+}
