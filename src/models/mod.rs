@@ -9,6 +9,7 @@
 
 mod attention;
 pub mod bert;
+pub mod distilbert;
 pub mod gpt2;
 mod head;
 mod targets;
@@ -144,3 +145,5 @@ pub(crate) fn init_transformer_params(
 
 #[cfg(test)]
 mod fixture_tests;
+#[cfg(test)]
+mod test_support;
