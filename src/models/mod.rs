@@ -12,6 +12,7 @@ pub mod bert;
 pub mod distilbert;
 pub mod gpt2;
 mod head;
+pub mod t5;
 mod targets;
 mod weights;
 
