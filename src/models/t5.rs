@@ -436,6 +436,126 @@ mod tests {
         assert_eq!([small(-1), small(3), small(-7)], [1, 4 + 2, 3]);
     }
 
+    fn matvec(m: &[Vec<f64>], x: &[f64]) -> Vec<f64> {
+        m.iter()
+            .map(|row| row.iter().zip(x).map(|(a, b)| a * b).sum())
+            .collect()
+    }
+
+    fn rms(x: &[f64], gain: &[f64], eps: f64) -> Vec<f64> {
+        let ms = x.iter().map(|v| v * v).sum::<f64>() / x.len() as f64;
+        x.iter()
+            .zip(gain)
+            .map(|(v, g)| v / (ms + eps).sqrt() * g)
+            .collect()
+    }
+
+    /// The encoder written out with loops over positions and heads, independently of
+    /// the tensor code: pre-norm blocks, unscaled scores plus `bias[bucket(key −
+    /// query)][head]` over unpadded keys, ReLU FFN, final RMS norm. Index loops
+    /// mirror the formulas, which is the point of a reference.
+    #[allow(clippy::needless_range_loop)]
+    fn reference_hidden(
+        config: &T5Config,
+        w: &RandomWeights,
+        ids: &[Vec<u32>],
+        mask: &[Vec<u32>],
+    ) -> Vec<Vec<Vec<f64>>> {
+        let eps = config.layer_norm_epsilon;
+        let (heads, dkv) = (config.num_heads, config.d_kv);
+        let shared = w.matrix("shared.weight");
+        let bias = w.matrix("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight");
+        let mut out = Vec::new();
+        for (ids, mask) in ids.iter().zip(mask) {
+            let t = ids.len();
+            let mut h: Vec<Vec<f64>> = ids.iter().map(|&i| shared[i as usize].clone()).collect();
+            for l in 0..config.num_layers {
+                let a = format!("encoder.block.{l}.layer.0");
+                let m = |n: &str| w.matrix(&format!("{a}.SelfAttention.{n}.weight"));
+                let (wq, wk, wv, wo) = (m("q"), m("k"), m("v"), m("o"));
+                let g = &w.matrix(&format!("{a}.layer_norm.weight"))[0];
+                let x: Vec<Vec<f64>> = h.iter().map(|hi| rms(hi, g, eps)).collect();
+                let q: Vec<Vec<f64>> = x.iter().map(|xi| matvec(&wq, xi)).collect();
+                let k: Vec<Vec<f64>> = x.iter().map(|xi| matvec(&wk, xi)).collect();
+                let v: Vec<Vec<f64>> = x.iter().map(|xi| matvec(&wv, xi)).collect();
+                for i in 0..t {
+                    let mut context = vec![0.0; heads * dkv];
+                    for hd in 0..heads {
+                        let r = hd * dkv..(hd + 1) * dkv;
+                        let scores: Vec<Option<f64>> = (0..t)
+                            .map(|j| {
+                                (mask[j] != 0).then(|| {
+                                    let dot: f64 = q[i][r.clone()]
+                                        .iter()
+                                        .zip(&k[j][r.clone()])
+                                        .map(|(a, b)| a * b)
+                                        .sum();
+                                    let bucket = relative_position_bucket(
+                                        j as i64 - i as i64,
+                                        config.relative_attention_num_buckets,
+                                        config.relative_attention_max_distance,
+                                    );
+                                    dot + bias[bucket][hd]
+                                })
+                            })
+                            .collect();
+                        let max = scores.iter().flatten().fold(f64::MIN, |m, s| m.max(*s));
+                        let exps: Vec<f64> = scores
+                            .iter()
+                            .map(|s| s.map_or(0.0, |s| (s - max).exp()))
+                            .collect();
+                        let total: f64 = exps.iter().sum();
+                        for (j, e) in exps.iter().enumerate() {
+                            for d in r.clone() {
+                                context[d] += e / total * v[j][d];
+                            }
+                        }
+                    }
+                    let attended = matvec(&wo, &context);
+                    h[i].iter_mut().zip(attended).for_each(|(a, b)| *a += b);
+                }
+                let f = format!("encoder.block.{l}.layer.1");
+                let g = &w.matrix(&format!("{f}.layer_norm.weight"))[0];
+                let wi = w.matrix(&format!("{f}.DenseReluDense.wi.weight"));
+                let wo = w.matrix(&format!("{f}.DenseReluDense.wo.weight"));
+                for hi in h.iter_mut() {
+                    let inner: Vec<f64> = matvec(&wi, &rms(hi, g, eps))
+                        .into_iter()
+                        .map(|z| z.max(0.0))
+                        .collect();
+                    hi.iter_mut()
+                        .zip(matvec(&wo, &inner))
+                        .for_each(|(a, b)| *a += b);
+                }
+            }
+            let g = &w.matrix("encoder.final_layer_norm.weight")[0];
+            out.push(h.iter().map(|hi| rms(hi, g, eps)).collect());
+        }
+        out
+    }
+
+    #[test]
+    fn hidden_states_match_a_loop_reference() {
+        let config = config("relu");
+        let w = random_weights(&config);
+        let dir = tempfile::tempdir().unwrap();
+        let model = T5Encoder::new(config.clone(), w.save_and_load(&dir), None, CLASSES).unwrap();
+        let batch = padded_batch([0, 0]);
+        let params = model.init_params(0).unwrap();
+        let hidden = model.hidden_states(&params, &batch, Mode::Eval).unwrap();
+        let expected = reference_hidden(
+            &config,
+            &w,
+            &batch.tokens.input_ids.to_vec2::<u32>().unwrap(),
+            &batch.tokens.attention_mask.to_vec2::<u32>().unwrap(),
+        );
+        let expected = Tensor::new(expected, &candle_core::Device::Cpu).unwrap();
+        assert!(
+            max_abs_diff(&hidden, &expected) <= 1e-12,
+            "{hidden} {expected}"
+        );
+    }
+
     #[test]
     fn logits_have_batch_by_classes_shape_and_ignore_padding() {
         for proj in ["relu", "gated-gelu", "gated-silu"] {

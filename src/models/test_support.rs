@@ -36,6 +36,16 @@ impl RandomWeights {
         self.tensors.insert(name.to_string(), t);
     }
 
+    /// The tensor `name`, as a row-major matrix (a vector is one row), for reference
+    /// computations written without tensors.
+    pub(crate) fn matrix(&self, name: &str) -> Vec<Vec<f64>> {
+        let t = &self.tensors[name];
+        match t.rank() {
+            1 => vec![t.to_vec1::<f64>().unwrap()],
+            _ => t.to_vec2::<f64>().unwrap(),
+        }
+    }
+
     /// Drops a tensor (to test the missing-weight error).
     pub(crate) fn remove(&mut self, name: &str) {
         self.tensors.remove(name);
