@@ -9,11 +9,11 @@ use serde::Deserialize;
 
 use super::attention::{causal_keep, multi_head_attention};
 use super::{
-    attach_lora, init_transformer_params, Activation, ClassificationHead, FewShotModel,
-    LoraSettings, Weights,
+    attach_lora, Activation, ClassificationHead, ClassifierParts, LoraSettings, Pooling,
+    TransformerClassifier, Weights,
 };
 use crate::data::Batch;
-use crate::nn::{AdapterConfig, LoraLinear, Mode, WeightLayout};
+use crate::nn::{LoraLinear, Mode, WeightLayout};
 use crate::tensor::ops::{self, norm::layer_norm};
 use crate::tensor::ParamSet;
 use crate::{Error, Result};
@@ -223,30 +223,23 @@ impl Gpt2 {
     }
 }
 
-impl FewShotModel for Gpt2 {
-    fn init_params(&self, seed: u64) -> Result<ParamSet> {
-        init_transformer_params(
-            &self.linears(),
-            self.lora.as_ref().map(|l| l.init),
-            &self.head,
-            seed,
-            &self.weights,
-        )
+impl TransformerClassifier for Gpt2 {
+    fn encode(&self, params: &ParamSet, batch: &Batch, mode: Mode) -> Result<Tensor> {
+        self.hidden_states(params, batch, mode)
     }
 
-    fn features(&self, params: &ParamSet, batch: &Batch, mode: Mode) -> Result<Tensor> {
-        let hidden = self.hidden_states(params, batch, mode)?;
-        Ok(ops::last_token(&hidden, &batch.tokens()?.attention_mask)?)
+    fn lora_linears(&self) -> Vec<&LoraLinear> {
+        self.linears()
     }
 
-    fn logits(&self, params: &ParamSet, batch: &Batch, mode: Mode) -> Result<Tensor> {
-        self.head
-            .forward(&self.features(params, batch, mode)?, params)
-    }
-
-    fn adapter_config(&self) -> Option<AdapterConfig> {
-        self.lora
-            .as_ref()
-            .map(|l| l.adapter_config(DEFAULT_TARGETS, true))
+    fn parts(&self) -> ClassifierParts<'_> {
+        ClassifierParts {
+            head: &self.head,
+            lora: self.lora.as_ref(),
+            weights: &self.weights,
+            pooling: Pooling::LastToken,
+            default_targets: DEFAULT_TARGETS,
+            fan_in_fan_out: true,
+        }
     }
 }

@@ -1,31 +1,130 @@
 //! Building a model by name: a built-in tiny model (random, seeded; no download) or a
-//! Hugging Face model directory (`config.json` + `model.safetensors`).
+//! Hugging Face model directory (`config.json` + `model.safetensors`). Both go
+//! through one path: a family name, a `config.json`-style value and the weights.
 
 use std::path::Path;
 
 use candle_core::{DType, Device};
+use serde::de::DeserializeOwned;
+use serde_json::json;
 
-use super::bert::{Bert, BertConfig};
-use super::gpt2::{Gpt2, Gpt2Config};
+use super::bert::Bert;
+use super::conv4::{Conv4, Conv4Config};
+use super::distilbert::DistilBert;
+use super::gpt2::Gpt2;
+use super::t5::T5Encoder;
 use super::{FewShotModel, LoraSettings, Weights};
 use crate::{Error, Result};
 
-/// Built-in tiny models: names and what they are.
+/// Built-in models: name, description.
 pub const BUILTIN_MODELS: &[(&str, &str)] = &[
     (
         "tiny-bert",
         "BERT/MiniLM-shaped encoder: 2 layers, width 64, 4 heads, FFN 128, vocab 1000",
     ),
     (
+        "tiny-distilbert",
+        "DistilBERT-shaped encoder: 2 layers, width 64, 4 heads, FFN 128, vocab 1000",
+    ),
+    (
         "tiny-gpt2",
         "GPT-2-shaped decoder: 2 layers, width 64, 4 heads, MLP 256, vocab 1000",
+    ),
+    (
+        "tiny-t5",
+        "T5 encoder: 2 layers, width 64, 4 heads of 16, gated-GELU FFN 128, vocab 1000",
+    ),
+    (
+        "conv4",
+        "Conv4 for 28x28 grey images: 4 blocks of 64 channels (all parameters trainable)",
     ),
 ];
 
 /// Model families read from a Hugging Face directory (`model_type` in `config.json`).
-pub const SUPPORTED_FAMILIES: &[&str] = &["bert", "gpt2"];
+pub const SUPPORTED_FAMILIES: &[&str] = &["bert", "distilbert", "gpt2", "t5"];
 
-/// A built-in tiny model with seeded random weights and a head for `classes` classes.
+/// The `config.json` of a built-in transformer, with its family.
+fn builtin_config(name: &str) -> Option<(&'static str, serde_json::Value)> {
+    Some(match name {
+        "tiny-bert" => (
+            "bert",
+            json!({"vocab_size": 1000, "hidden_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "intermediate_size": 128, "max_position_embeddings": 128}),
+        ),
+        "tiny-distilbert" => (
+            "distilbert",
+            json!({"vocab_size": 1000, "dim": 64, "n_layers": 2,
+            "n_heads": 4, "hidden_dim": 128, "max_position_embeddings": 128}),
+        ),
+        "tiny-gpt2" => (
+            "gpt2",
+            json!({"vocab_size": 1000, "n_embd": 64, "n_layer": 2, "n_head": 4,
+            "n_positions": 128}),
+        ),
+        "tiny-t5" => (
+            "t5",
+            json!({"vocab_size": 1000, "d_model": 64, "d_kv": 16, "d_ff": 128,
+            "num_layers": 2, "num_heads": 4, "feed_forward_proj": "gated-gelu"}),
+        ),
+        _ => return None,
+    })
+}
+
+fn unsupported(family: &str, origin: &str) -> Error {
+    Error::Model(format!(
+        "unsupported architecture `{family}` in {origin}; supported model_type values: {}",
+        SUPPORTED_FAMILIES.join(", ")
+    ))
+}
+
+/// A transformer of `family` from its `config.json` value and weights.
+fn build(
+    family: &str,
+    config: serde_json::Value,
+    weights: Weights,
+    lora: Option<LoraSettings>,
+    classes: usize,
+    origin: &str,
+) -> Result<Box<dyn FewShotModel>> {
+    fn parse<T: DeserializeOwned>(
+        family: &str,
+        value: serde_json::Value,
+        origin: &str,
+    ) -> Result<T> {
+        serde_json::from_value(value)
+            .map_err(|e| Error::Model(format!("{origin} is not a valid {family} config: {e}")))
+    }
+    Ok(match family {
+        "bert" => Box::new(Bert::new(
+            parse(family, config, origin)?,
+            weights,
+            lora,
+            classes,
+        )?),
+        "distilbert" => Box::new(DistilBert::new(
+            parse(family, config, origin)?,
+            weights,
+            lora,
+            classes,
+        )?),
+        "gpt2" => Box::new(Gpt2::new(
+            parse(family, config, origin)?,
+            weights,
+            lora,
+            classes,
+        )?),
+        "t5" => Box::new(T5Encoder::new(
+            parse(family, config, origin)?,
+            weights,
+            lora,
+            classes,
+        )?),
+        other => return Err(unsupported(other, origin)),
+    })
+}
+
+/// A built-in model with seeded random weights and a head for `classes` classes
+/// (`lora` is ignored by `conv4`, whose parameters are all trainable).
 pub fn builtin(
     name: &str,
     seed: u64,
@@ -33,44 +132,26 @@ pub fn builtin(
     lora: Option<LoraSettings>,
     classes: usize,
 ) -> Result<Box<dyn FewShotModel>> {
-    let weights = Weights::random(seed, dtype, &Device::Cpu);
-    match name {
-        "tiny-bert" => {
-            let config = BertConfig {
-                vocab_size: 1000,
-                hidden_size: 64,
-                num_hidden_layers: 2,
-                num_attention_heads: 4,
-                intermediate_size: 128,
-                max_position_embeddings: 128,
-                type_vocab_size: 2,
-                layer_norm_eps: 1e-12,
-                hidden_act: "gelu".into(),
-            };
-            Ok(Box::new(Bert::new(config, weights, lora, classes)?))
-        }
-        "tiny-gpt2" => {
-            let config = Gpt2Config {
-                vocab_size: 1000,
-                n_embd: 64,
-                n_layer: 2,
-                n_head: 4,
-                n_positions: 128,
-                n_inner: None,
-                layer_norm_epsilon: 1e-5,
-                activation_function: "gelu_new".into(),
-            };
-            Ok(Box::new(Gpt2::new(config, weights, lora, classes)?))
-        }
-        other => Err(Error::Model(format!(
-            "unknown built-in model `{other}`; built-in models: {}",
+    if name == "conv4" {
+        return Ok(Box::new(Conv4::new(
+            Conv4Config::default(),
+            classes,
+            dtype,
+            &Device::Cpu,
+        )?));
+    }
+    let Some((family, config)) = builtin_config(name) else {
+        return Err(Error::Model(format!(
+            "unknown built-in model `{name}`; built-in models: {}",
             BUILTIN_MODELS
                 .iter()
                 .map(|(n, _)| *n)
                 .collect::<Vec<_>>()
                 .join(", ")
-        ))),
-    }
+        )));
+    };
+    let weights = Weights::random(seed, dtype, &Device::Cpu);
+    build(family, config, weights, lora, classes, name)
 }
 
 /// A pre-trained model from a local Hugging Face directory holding `config.json` and
@@ -96,7 +177,12 @@ pub fn from_directory(
     let family = value
         .get("model_type")
         .and_then(|v| v.as_str())
-        .unwrap_or("");
+        .unwrap_or("")
+        .to_string();
+    let origin = config_path.display().to_string();
+    if !SUPPORTED_FAMILIES.contains(&family.as_str()) {
+        return Err(unsupported(&family, &origin));
+    }
     let weights_path = dir.join("model.safetensors");
     if !weights_path.exists() {
         return Err(Error::Model(format!(
@@ -105,27 +191,8 @@ pub fn from_directory(
             weights_path.display()
         )));
     }
-    let parse_error = |e: serde_json::Error| Error::Format {
-        path: config_path.clone(),
-        message: format!("not a {family} config: {e}"),
-    };
-    match family {
-        "bert" => {
-            let config: BertConfig = serde_json::from_value(value.clone()).map_err(parse_error)?;
-            let weights = Weights::from_safetensors(&weights_path, dtype, &Device::Cpu)?;
-            Ok(Box::new(Bert::new(config, weights, lora, classes)?))
-        }
-        "gpt2" => {
-            let config: Gpt2Config = serde_json::from_value(value.clone()).map_err(parse_error)?;
-            let weights = Weights::from_safetensors(&weights_path, dtype, &Device::Cpu)?;
-            Ok(Box::new(Gpt2::new(config, weights, lora, classes)?))
-        }
-        other => Err(Error::Model(format!(
-            "unsupported architecture `{other}` in {}; supported model_type values: {}",
-            config_path.display(),
-            SUPPORTED_FAMILIES.join(", ")
-        ))),
-    }
+    let weights = Weights::from_safetensors(&weights_path, dtype, &Device::Cpu)?;
+    build(&family, value, weights, lora, classes, &origin)
 }
 
 #[cfg(test)]
@@ -160,7 +227,7 @@ mod tests {
 
     #[test]
     fn builtin_models_run_and_are_seeded() {
-        for (name, _) in BUILTIN_MODELS {
+        for (name, _) in BUILTIN_MODELS.iter().filter(|(n, _)| *n != "conv4") {
             let model = builtin(name, 7, DType::F32, Some(lora()), 3).unwrap();
             let params = model.init_params(1).unwrap();
             assert!(
@@ -190,7 +257,7 @@ mod tests {
     /// adapter in the same dtype; mixed precision proper is the memory engine's).
     #[test]
     fn half_precision_models_run_close_to_f32() {
-        for name in ["tiny-bert", "tiny-gpt2"] {
+        for name in ["tiny-bert", "tiny-distilbert", "tiny-gpt2", "tiny-t5"] {
             let reference = builtin(name, 3, DType::F32, Some(lora()), 3).unwrap();
             // Features, not logits: a fresh head's logits are too small to compare.
             let expected = reference
@@ -298,9 +365,11 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(
-            err.contains("unsupported architecture `llama`") && err.contains("bert, gpt2"),
+            err.contains("unsupported architecture `llama`")
+                && err.contains("bert, distilbert, gpt2, t5"),
             "{err}"
         );
+        std::fs::write(dir.path().join("config.json"), config).unwrap();
         std::fs::remove_file(dir.path().join("model.safetensors")).unwrap();
         let err = from_directory(dir.path(), DType::F32, None, 2)
             .err()

@@ -11,9 +11,11 @@ pub mod adapter_files;
 mod attention;
 pub mod bert;
 pub mod conv4;
+pub mod distilbert;
 pub mod gpt2;
 mod head;
 pub mod load;
+pub mod t5;
 mod targets;
 mod weights;
 
@@ -41,6 +43,78 @@ pub trait FewShotModel {
     /// saving adapters that other tools load.
     fn adapter_config(&self) -> Option<AdapterConfig> {
         None
+    }
+}
+
+/// How a transformer's hidden states become one feature vector per sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pooling {
+    /// Mean over the real tokens (encoders).
+    MaskedMean,
+    /// The last real token (decoders).
+    LastToken,
+}
+
+/// What every transformer classifier has besides its layers.
+#[derive(Debug, Clone, Copy)]
+pub struct ClassifierParts<'a> {
+    /// The trainable head.
+    pub head: &'a ClassificationHead,
+    /// LoRA settings, if adapters are attached.
+    pub lora: Option<&'a LoraSettings>,
+    /// The frozen weights (for dtype and device).
+    pub weights: &'a Weights,
+    /// How sequences are pooled.
+    pub pooling: Pooling,
+    /// LoRA targets used when the settings name none.
+    pub default_targets: &'static [&'static str],
+    /// Whether frozen weights are stored `[in, out]` (PEFT's `fan_in_fan_out`).
+    pub fan_in_fan_out: bool,
+}
+
+/// A transformer family: its hidden states and LoRA layers. Every implementor is a
+/// [`FewShotModel`] (pooling, head, ParamSet layout and PEFT configuration are shared).
+pub trait TransformerClassifier {
+    /// Final hidden states `[b, t, width]` at `params`.
+    fn encode(&self, params: &ParamSet, batch: &Batch, mode: Mode) -> Result<Tensor>;
+    /// Every linear layer that may carry LoRA.
+    fn lora_linears(&self) -> Vec<&LoraLinear>;
+    /// Head, LoRA settings, weights and conventions.
+    fn parts(&self) -> ClassifierParts<'_>;
+}
+
+impl<T: TransformerClassifier> FewShotModel for T {
+    fn init_params(&self, seed: u64) -> Result<ParamSet> {
+        let parts = self.parts();
+        init_transformer_params(
+            &self.lora_linears(),
+            parts.lora.map(|l| l.init),
+            parts.head,
+            seed,
+            parts.weights,
+        )
+    }
+
+    fn features(&self, params: &ParamSet, batch: &Batch, mode: Mode) -> Result<Tensor> {
+        let hidden = self.encode(params, batch, mode)?;
+        let mask = &batch.tokens()?.attention_mask;
+        Ok(match self.parts().pooling {
+            Pooling::MaskedMean => ops::masked_mean_pool(&hidden, mask)?,
+            Pooling::LastToken => ops::last_token(&hidden, mask)?,
+        })
+    }
+
+    fn logits(&self, params: &ParamSet, batch: &Batch, mode: Mode) -> Result<Tensor> {
+        self.parts()
+            .head
+            .forward(&self.features(params, batch, mode)?, params)
+    }
+
+    fn adapter_config(&self) -> Option<AdapterConfig> {
+        let parts = self.parts();
+        parts
+            .lora
+            .map(|l| l.adapter_config(parts.default_targets, parts.fan_in_fan_out))
     }
 }
 
@@ -179,3 +253,5 @@ pub(crate) fn init_transformer_params(
 
 #[cfg(test)]
 pub(crate) mod fixture_tests;
+#[cfg(test)]
+mod test_support;

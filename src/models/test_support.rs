@@ -1,0 +1,119 @@
+//! Helpers for the model tests: random Hugging Face-named weights written to and read
+//! back from a safetensors file (the path real checkpoints take), and a
+//! finite-difference check of a model's loss in its trainable tensors.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor};
+
+use super::{FewShotModel, Weights};
+use crate::data::Batch;
+use crate::nn::Mode;
+use crate::tensor::gradcheck::{check_derivatives, random_tensor};
+use crate::tensor::{ops, ParamSet};
+
+/// Random weights by name, built up by the tests.
+#[derive(Default)]
+pub(crate) struct RandomWeights {
+    tensors: HashMap<String, Tensor>,
+    seed: u64,
+}
+
+impl RandomWeights {
+    /// A matrix or vector with entries 0.2·N(0, 1): small enough that a few layers
+    /// stay well-conditioned.
+    pub(crate) fn add(&mut self, name: &str, shape: &[usize]) {
+        self.seed += 1;
+        let t = (random_tensor(shape, self.seed, &Device::Cpu).unwrap() * 0.2).unwrap();
+        self.tensors.insert(name.to_string(), t);
+    }
+
+    /// A norm's gain, 1 + 0.1·N(0, 1), near the identity as in trained models.
+    pub(crate) fn add_gain(&mut self, name: &str, width: usize) {
+        self.seed += 1;
+        let t = ((random_tensor(&[width], self.seed, &Device::Cpu).unwrap() * 0.1).unwrap() + 1.0)
+            .unwrap();
+        self.tensors.insert(name.to_string(), t);
+    }
+
+    /// The tensor `name`, as a row-major matrix (a vector is one row), for reference
+    /// computations written without tensors.
+    pub(crate) fn matrix(&self, name: &str) -> Vec<Vec<f64>> {
+        let t = &self.tensors[name];
+        match t.rank() {
+            1 => vec![t.to_vec1::<f64>().unwrap()],
+            _ => t.to_vec2::<f64>().unwrap(),
+        }
+    }
+
+    /// Drops a tensor (to test the missing-weight error).
+    pub(crate) fn remove(&mut self, name: &str) {
+        self.tensors.remove(name);
+    }
+
+    /// Writes the tensors to `dir/model.safetensors` and loads them back through
+    /// [`Weights::from_safetensors`], as a downloaded checkpoint would be.
+    pub(crate) fn save_and_load(&self, dir: &tempfile::TempDir) -> Weights {
+        let path = dir.path().join("model.safetensors");
+        candle_core::safetensors::save(&self.tensors, &path).unwrap();
+        Weights::from_safetensors(&path, DType::F64, &Device::Cpu).unwrap()
+    }
+}
+
+/// A batch of two right-padded sequences of length 5, the second with two padding
+/// positions, whose padded ids are `pad_ids`.
+pub(crate) fn padded_batch(pad_ids: [u32; 2]) -> Batch {
+    let dev = &Device::Cpu;
+    let ids = Tensor::new(
+        &[[3u32, 7, 1, 9, 4], [5, 2, 8, pad_ids[0], pad_ids[1]]],
+        dev,
+    )
+    .unwrap();
+    let mask = Tensor::new(&[[1u32, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dev).unwrap();
+    let labels = Tensor::new(&[1u32, 2], dev).unwrap();
+    Batch::from_tokens(ids, mask, None, labels).unwrap()
+}
+
+/// Largest |a − b| over two tensors of one shape.
+pub(crate) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+}
+
+/// Checks the first and second derivatives of the cross-entropy of `model` on
+/// `batch` in the trainable tensors `names` against finite differences.
+pub(crate) fn check_loss_derivatives(model: &dyn FewShotModel, batch: &Batch, names: &[String]) {
+    let init = model.init_params(3).unwrap();
+    let inputs: Vec<Tensor> = names
+        .iter()
+        .map(|n| init.require(n).unwrap().clone())
+        .collect();
+    let errors = check_derivatives(&inputs, |xs| {
+        // The other trainable tensors stay at their initial values.
+        let params = ParamSet::from_pairs(init.iter().map(|(n, t)| {
+            let t = match names.iter().position(|m| m == n) {
+                Some(i) => xs[i].clone(),
+                None => t.clone(),
+            };
+            (n.to_string(), t)
+        }))
+        .map_err(candle_core::Error::wrap)?;
+        let logits = model
+            .logits(&params, batch, Mode::Eval)
+            .map_err(candle_core::Error::wrap)?;
+        ops::cross_entropy(&logits, &batch.labels, 0.0)
+    })
+    .unwrap();
+    assert!(
+        errors.first_order <= 1e-6 && errors.second_order <= 1e-4,
+        "{errors:?}"
+    );
+}
