@@ -147,3 +147,75 @@ impl Weights {
         Ok(tensor.clone())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_and_mis_shaped_weights_name_the_tensor_and_the_file() {
+        let tensors = HashMap::from([(
+            "bert.embeddings.word_embeddings.weight".to_string(),
+            Tensor::zeros((10, 4), DType::F32, &Device::Cpu).unwrap(),
+        )]);
+        let weights = Weights::from_tensors(tensors, DType::F64, "model.safetensors").unwrap();
+        // Found through the task-head prefix, converted to the requested dtype.
+        let t = weights
+            .get("embeddings.word_embeddings.weight", &[10, 4])
+            .unwrap();
+        assert_eq!(t.dtype(), DType::F64);
+        let err = weights
+            .get("embeddings.word_embeddings.weight", &[12, 4])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("has shape [10, 4]")
+                && err.contains("[12, 4]")
+                && err.contains("model.safetensors"),
+            "{err}"
+        );
+        let err = weights
+            .get("pooler.dense.weight", &[4, 4])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`pooler.dense.weight` is missing from model.safetensors"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn random_weights_are_deterministic_per_name() {
+        let a = Weights::random(5, DType::F32, &Device::Cpu);
+        let b = Weights::random(5, DType::F32, &Device::Cpu);
+        let x = a
+            .get("h.0.attn.c_attn.weight", &[4, 12])
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let y = b
+            .get("h.0.attn.c_attn.weight", &[4, 12])
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(x, y);
+        let z = a
+            .get("h.0.attn.c_proj.weight", &[4, 12])
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_ne!(x, z);
+        let ln = a
+            .get("h.0.ln_1.weight", &[4])
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(ln, vec![1.0; 4]);
+    }
+}
