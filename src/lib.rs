@@ -23,6 +23,7 @@ pub mod memory;
 pub mod meta;
 pub mod models;
 pub mod nn;
+pub mod optim;
 pub mod selfcheck;
 pub mod tensor;
 pub mod train;

@@ -3,7 +3,8 @@
 //! and Hessian-vector products. Sizes, K and learning rates come from the fixtures.
 
 use super::{
-    hessian_vector_product, Fomaml, InnerLoop, Maml, MamlMode, MetaLearner, Reptile, TaskOutcome,
+    hessian_vector_product, Adapter, Fomaml, InnerLoop, Maml, MamlMode, MetaLearner, Reptile,
+    TaskOutcome,
 };
 use crate::data::Episode;
 use crate::fixtures::{assert_close, assert_close_or_zero, Fixture};

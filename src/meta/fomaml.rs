@@ -8,7 +8,7 @@ use crate::tensor::ParamSet;
 use crate::Result;
 
 use super::inner::{adapt, InnerLoop};
-use super::{query_outcome, MetaLearner, TaskOutcome};
+use super::{query_outcome, Adapter, MetaLearner, TaskOutcome};
 
 /// First-order MAML.
 #[derive(Debug, Clone, Copy)]
@@ -35,7 +35,9 @@ impl MetaLearner for Fomaml {
             query_accuracy,
         })
     }
+}
 
+impl Adapter for Fomaml {
     fn adapt(
         &self,
         model: &dyn FewShotModel,

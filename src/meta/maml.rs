@@ -8,7 +8,7 @@ use crate::tensor::{GradGraph, ParamSet};
 use crate::Result;
 
 use super::inner::{adapt, adapt_storing, hessian_vector_product, sgd_step, InnerLoop};
-use super::{query_outcome, MetaLearner, TaskOutcome};
+use super::{query_outcome, Adapter, MetaLearner, TaskOutcome};
 
 /// How the second-order terms are obtained; both give the same numbers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,7 +109,9 @@ impl MetaLearner for Maml {
             MamlMode::Recompute => self.recompute(model, params, task, mode),
         }
     }
+}
 
+impl Adapter for Maml {
     fn adapt(
         &self,
         model: &dyn FewShotModel,

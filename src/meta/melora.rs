@@ -27,7 +27,7 @@ use super::curvature::{
     block_diagonal_product, exact_hessian_diagonal, gauss_newton_product, hutchinson_diagonal,
 };
 use super::inner::{adapt_storing, InnerLoop};
-use super::{query_outcome, MetaLearner, TaskOutcome};
+use super::{query_outcome, Adapter, MetaLearner, TaskOutcome};
 
 /// The stand-in for the support Hessian.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -168,7 +168,9 @@ impl MetaLearner for Melora {
             query_accuracy,
         })
     }
+}
 
+impl Adapter for Melora {
     fn adapt(
         &self,
         model: &dyn FewShotModel,

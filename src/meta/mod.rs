@@ -8,7 +8,11 @@
 //! | [`Fomaml`] | ∇L_q(θ_K) | constant |
 //! | [`Reptile`] | θ₀ − θ_K | constant |
 //! | [`Melora`] | the MAML recursion with an approximate Hessian | constant |
+//!
+//! The baselines [`Finetune`] and [`LoraFinetune`] only adapt (they implement
+//! [`Adapter`], not [`MetaLearner`]): there is nothing to meta-train.
 
+mod baseline;
 mod curvature;
 mod fomaml;
 mod inner;
@@ -22,6 +26,7 @@ mod fixture_tests;
 #[cfg(test)]
 pub(crate) mod test_models;
 
+pub use baseline::{Finetune, LoraFinetune};
 pub use curvature::{
     block_diagonal_product, exact_hessian_diagonal, gauss_newton_product, hutchinson_diagonal,
 };
@@ -50,18 +55,10 @@ pub struct TaskOutcome {
     pub query_accuracy: f64,
 }
 
-/// A meta-learning algorithm. `mode` carries the dropout seed of this task's forward
-/// passes (or [`Mode::Eval`]); memory is measured by the caller around the call.
-pub trait MetaLearner {
-    /// The meta-gradient of one task at the shared initialisation `params`.
-    fn meta_gradient(
-        &self,
-        model: &dyn FewShotModel,
-        params: &ParamSet,
-        task: &Episode,
-        mode: Mode,
-    ) -> Result<TaskOutcome>;
-
+/// Anything that adapts parameters to a task's support set: every meta-learner, and
+/// the fine-tuning baselines. `mode` carries the dropout seed of the forward passes
+/// (or [`Mode::Eval`]).
+pub trait Adapter {
     /// `params` adapted to a support set (no graph kept).
     fn adapt(
         &self,
@@ -70,6 +67,18 @@ pub trait MetaLearner {
         support: &Batch,
         mode: Mode,
     ) -> Result<ParamSet>;
+}
+
+/// A meta-learning algorithm; memory is measured by the caller around the call.
+pub trait MetaLearner: Adapter {
+    /// The meta-gradient of one task at the shared initialisation `params`.
+    fn meta_gradient(
+        &self,
+        model: &dyn FewShotModel,
+        params: &ParamSet,
+        task: &Episode,
+        mode: Mode,
+    ) -> Result<TaskOutcome>;
 }
 
 /// The query gradient, loss and accuracy at adapted parameters `theta`.

@@ -8,7 +8,7 @@ use crate::tensor::ParamSet;
 use crate::Result;
 
 use super::inner::{adapt, evaluate, InnerLoop};
-use super::{MetaLearner, TaskOutcome};
+use super::{Adapter, MetaLearner, TaskOutcome};
 
 /// Reptile, with its own inner loop (typically more steps than MAML's).
 #[derive(Debug, Clone, Copy)]
@@ -37,7 +37,9 @@ impl MetaLearner for Reptile {
             query_accuracy,
         })
     }
+}
 
+impl Adapter for Reptile {
     fn adapt(
         &self,
         model: &dyn FewShotModel,

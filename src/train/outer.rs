@@ -1,7 +1,7 @@
 //! The outer update of meta-training: average the meta-batch's meta-gradients, clip
 //! them by global norm, and take an optimiser step at the scheduled rate.
 
-use super::{Optimizer, Schedule};
+use crate::optim::{Optimizer, Schedule};
 use crate::tensor::ParamSet;
 use crate::{Error, Result};
 
@@ -83,7 +83,7 @@ impl OuterUpdate {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::train::OptimizerKind;
+    use crate::optim::OptimizerKind;
     use candle_core::{Device, Tensor};
 
     fn set(values: &[f64]) -> ParamSet {
