@@ -12,6 +12,9 @@ use melora::models::load::builtin;
 use melora::models::LoraSettings;
 use melora::nn::{LoraInit, LoraSpec, Mode};
 
+/// Builds a learner for a given number of inner steps K.
+type LearnerForK = Box<dyn Fn(usize) -> Box<dyn MetaLearner>>;
+
 #[global_allocator]
 static ALLOCATOR: CountingAllocator = CountingAllocator;
 
@@ -43,7 +46,7 @@ fn peak_memory_grows_with_k_only_for_full_graph_maml() {
     let model = builtin("tiny-bert", 1, DType::F32, Some(lora), 5).unwrap();
     let params = model.init_params(2).unwrap();
     let task = Episode::new(batch(25, 32, 1), batch(25, 32, 2), 5).unwrap();
-    let learners: Vec<(&str, Box<dyn Fn(usize) -> Box<dyn MetaLearner>>)> = vec![
+    let learners: Vec<(&str, LearnerForK)> = vec![
         (
             "maml full-graph",
             Box::new(|k| {

@@ -15,6 +15,7 @@ pub mod distilbert;
 pub mod gpt2;
 mod head;
 pub mod load;
+pub mod mlp;
 pub mod t5;
 mod targets;
 mod weights;

@@ -1,0 +1,187 @@
+//! One meta-training step: every task of the meta-batch through the learner, then the
+//! outer update. A failing task (empty set, non-finite loss) stops the step with an
+//! error naming the task, before anything reaches the parameters.
+
+use crate::data::Episode;
+use crate::meta::MetaLearner;
+use crate::models::FewShotModel;
+use crate::nn::Mode;
+use crate::tensor::ParamSet;
+use crate::{Error, Result};
+
+use super::OuterUpdate;
+
+/// What one meta-step measured.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepStats {
+    /// Mean query loss after adaptation over the meta-batch.
+    pub query_loss: f64,
+    /// Mean query accuracy after adaptation.
+    pub query_accuracy: f64,
+    /// Mean support loss before the first inner step.
+    pub support_loss: f64,
+    /// Norm of the averaged meta-gradient before clipping.
+    pub grad_norm: f64,
+}
+
+/// Applies one meta-step to `params` with the tasks of `meta_batch`; `mode(i)` gives
+/// task i's forward mode (its dropout seed).
+pub fn meta_step(
+    learner: &dyn MetaLearner,
+    model: &dyn FewShotModel,
+    params: &ParamSet,
+    meta_batch: &[Episode],
+    outer: &mut OuterUpdate,
+    mode: impl Fn(usize) -> Mode,
+) -> Result<(ParamSet, StepStats)> {
+    if meta_batch.is_empty() {
+        return Err(Error::InvalidArgument(
+            "the meta-batch holds no task".into(),
+        ));
+    }
+    let mut gradients = Vec::with_capacity(meta_batch.len());
+    let (mut query_loss, mut query_accuracy, mut support_loss) = (0.0, 0.0, 0.0);
+    for (i, task) in meta_batch.iter().enumerate() {
+        let outcome = learner
+            .meta_gradient(model, params, task, mode(i))
+            .map_err(|e| match e {
+                Error::NonFinite(m) => {
+                    Error::NonFinite(format!("task {} of the meta-batch, {m}", i + 1))
+                }
+                Error::InvalidArgument(m) => {
+                    Error::InvalidArgument(format!("task {} of the meta-batch: {m}", i + 1))
+                }
+                other => other,
+            })?;
+        query_loss += outcome.query_loss;
+        query_accuracy += outcome.query_accuracy;
+        support_loss += outcome.support_losses.first().copied().unwrap_or(f64::NAN);
+        gradients.push(outcome.meta_gradient);
+    }
+    let (next, grad_norm) = outer.apply(params, &gradients)?;
+    let n = meta_batch.len() as f64;
+    Ok((
+        next,
+        StepStats {
+            query_loss: query_loss / n,
+            query_accuracy: query_accuracy / n,
+            support_loss: support_loss / n,
+            grad_norm,
+        },
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::Batch;
+    use crate::meta::test_models::{dense_episode, LinearProbe};
+    use crate::meta::{Fomaml, InnerLoop, Maml, MamlMode, Reptile};
+    use crate::optim::{Optimizer, OptimizerKind, Schedule};
+    use candle_core::{Device, Tensor};
+
+    fn outer() -> OuterUpdate {
+        OuterUpdate {
+            optimizer: Optimizer::new(OptimizerKind::adamw(0.0)),
+            schedule: Schedule::Constant,
+            lr: 0.01,
+            grad_clip: Some(1.0),
+            total_steps: 10,
+        }
+    }
+
+    fn error(learner: &dyn MetaLearner, params: &ParamSet, tasks: &[Episode]) -> String {
+        let model = LinearProbe { classes: 3, dim: 4 };
+        meta_step(learner, &model, params, tasks, &mut outer(), |_| Mode::Eval)
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn bad_settings_are_errors_naming_the_setting() {
+        let params = LinearProbe { classes: 3, dim: 4 }.init_params(0).unwrap();
+        let tasks = [dense_episode(3, 4, 2, 1)];
+        let k0 = Maml {
+            inner: InnerLoop { steps: 0, lr: 0.1 },
+            mode: MamlMode::FullGraph,
+        };
+        assert!(error(&k0, &params, &tasks).contains("meta_learning.inner.steps"));
+        for lr in [0.0, -0.1, f64::INFINITY] {
+            let bad = Fomaml {
+                inner: InnerLoop { steps: 1, lr },
+            };
+            let err = error(&bad, &params, &tasks);
+            assert!(
+                err.contains("meta_learning.inner.lr") && err.contains("task 1"),
+                "{err}"
+            );
+        }
+        let model = LinearProbe { classes: 3, dim: 4 };
+        let learner = Reptile {
+            inner: InnerLoop { steps: 1, lr: 0.1 },
+        };
+        assert!(meta_step(&learner, &model, &params, &[], &mut outer(), |_| Mode::Eval).is_err());
+    }
+
+    #[test]
+    fn an_empty_support_set_is_rejected() {
+        let empty = Batch::from_dense(
+            Tensor::zeros((0, 4), candle_core::DType::F64, &Device::Cpu).unwrap(),
+            Tensor::zeros(0, candle_core::DType::U32, &Device::Cpu).unwrap(),
+        )
+        .unwrap();
+        let query = dense_episode(3, 4, 2, 1).query;
+        let err = Episode::new(empty, query, 3).unwrap_err().to_string();
+        assert!(err.contains("0 support"), "{err}");
+    }
+
+    /// A NaN in the inputs of the second task: the step fails naming task 2 and the
+    /// inner step, and the parameters are never touched.
+    #[test]
+    fn a_nan_loss_names_task_and_step_and_never_reaches_the_parameters() {
+        let model = LinearProbe { classes: 3, dim: 4 };
+        let params = model.init_params(0).unwrap();
+        let good = dense_episode(3, 4, 2, 1);
+        let mut bad = dense_episode(3, 4, 2, 2);
+        let x = (bad.support.dense().unwrap() * f64::NAN).unwrap();
+        bad.support = Batch::from_dense(x, bad.support.labels.clone()).unwrap();
+        for learner in [
+            Box::new(Maml {
+                inner: InnerLoop { steps: 2, lr: 0.1 },
+                mode: MamlMode::FullGraph,
+            }) as Box<dyn MetaLearner>,
+            Box::new(Maml {
+                inner: InnerLoop { steps: 2, lr: 0.1 },
+                mode: MamlMode::Recompute,
+            }),
+            Box::new(Fomaml {
+                inner: InnerLoop { steps: 2, lr: 0.1 },
+            }),
+            Box::new(Reptile {
+                inner: InnerLoop { steps: 2, lr: 0.1 },
+            }),
+        ] {
+            let mut update = outer();
+            let before = params.clone();
+            let result = meta_step(
+                learner.as_ref(),
+                &model,
+                &params,
+                &[good.clone(), bad.clone()],
+                &mut update,
+                |_| Mode::Eval,
+            );
+            let err = result.unwrap_err().to_string();
+            assert!(
+                err.contains("task 2") && err.contains("inner step 1") && err.contains("NaN"),
+                "{err}"
+            );
+            assert_eq!(
+                update.optimizer.steps(),
+                0,
+                "the optimiser must not have stepped"
+            );
+            assert_eq!(before.sub(&params).unwrap().norm().unwrap(), 0.0);
+        }
+    }
+}
