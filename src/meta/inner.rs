@@ -43,13 +43,31 @@ impl InnerLoop {
     }
 }
 
+/// The inner step size: one rate for every entry, or one per entry (MetaSGD).
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum StepSize<'a> {
+    /// θ ← θ − α·g.
+    Uniform(f64),
+    /// θ ← θ − α⊙g, α with θ's names and shapes.
+    PerEntry(&'a ParamSet),
+}
+
+impl StepSize<'_> {
+    fn step(&self, theta: &ParamSet, grads: &ParamSet) -> Result<ParamSet> {
+        match self {
+            StepSize::Uniform(lr) => theta.axpy(-lr, grads),
+            StepSize::PerEntry(alpha) => theta.sub(&alpha.mul(grads)?),
+        }
+    }
+}
+
 /// One SGD step from `leaves`: returns θ_{k+1} = θ_k − α∇L (carrying the graph back to
 /// `leaves` when `graph` is [`GradGraph::Keep`]) and L(θ_k).
 pub(crate) fn sgd_step(
     model: &dyn FewShotModel,
     leaves: &ParamSet,
     support: &Batch,
-    lr: f64,
+    step_size: StepSize<'_>,
     graph: GradGraph,
     mode: Mode,
     context: &dyn Fn() -> String,
@@ -58,7 +76,7 @@ pub(crate) fn sgd_step(
     let value = finite_value(&loss, &|| format!("{}: the support loss", context()))?;
     let grads = leaves.gradients(&loss, graph)?;
     check_finite(&grads, context)?;
-    Ok((leaves.axpy(-lr, &grads)?, value))
+    Ok((step_size.step(leaves, &grads)?, value))
 }
 
 /// First-order adaptation: θ_K from `params`, with the support loss before each step.
@@ -84,17 +102,36 @@ pub(crate) fn adapt_storing(
     mode: Mode,
 ) -> Result<(Vec<ParamSet>, ParamSet, Vec<f64>)> {
     inner.validate()?;
+    adapt_with(
+        model,
+        params,
+        support,
+        inner.steps,
+        StepSize::Uniform(inner.lr),
+        mode,
+    )
+}
+
+/// [`adapt_storing`] with any step size.
+pub(crate) fn adapt_with(
+    model: &dyn FewShotModel,
+    params: &ParamSet,
+    support: &Batch,
+    steps: usize,
+    step_size: StepSize<'_>,
+    mode: Mode,
+) -> Result<(Vec<ParamSet>, ParamSet, Vec<f64>)> {
     let mut theta = params.detach();
-    let mut thetas = Vec::with_capacity(inner.steps);
-    let mut losses = Vec::with_capacity(inner.steps);
-    for step in 0..inner.steps {
+    let mut thetas = Vec::with_capacity(steps);
+    let mut losses = Vec::with_capacity(steps);
+    for step in 0..steps {
         let leaves = theta.to_leaves()?;
         let context = || format!("inner step {}", step + 1);
         let (next, loss) = sgd_step(
             model,
             &leaves,
             support,
-            inner.lr,
+            step_size,
             GradGraph::Detach,
             mode,
             &context,
@@ -150,8 +187,20 @@ pub fn hessian_vector_product(
     v: &ParamSet,
     mode: Mode,
 ) -> Result<ParamSet> {
+    Ok(gradient_and_hvp(model, theta, batch, v, mode)?.1)
+}
+
+/// The gradient (detached) and `H·v` from one graph.
+pub(crate) fn gradient_and_hvp(
+    model: &dyn FewShotModel,
+    theta: &ParamSet,
+    batch: &Batch,
+    v: &ParamSet,
+    mode: Mode,
+) -> Result<(ParamSet, ParamSet)> {
     let leaves = theta.to_leaves()?;
     let loss = batch_loss(model, &leaves, batch, mode)?;
     let grads = leaves.gradients(&loss, GradGraph::Keep)?;
-    leaves.gradients(&grads.dot(v)?, GradGraph::Detach)
+    let hv = leaves.gradients(&grads.dot(v)?, GradGraph::Detach)?;
+    Ok((grads.detach(), hv))
 }

@@ -1,13 +1,14 @@
 //! MAML with the exact second-order meta-gradient
-//! `(I − αH₀)(I − αH₁)…(I − αH_{K−1})·∇L_q(θ_K)`, H_k the support-loss Hessian at θ_k.
+//! `(I − αH₀)(I − αH₁)…(I − αH_{K−1})·∇L_q(θ_K)`, H_k the support-loss Hessian at θ_k,
+//! and its MetaSGD variant with a learned step size per parameter entry.
 
 use crate::data::{Batch, Episode};
 use crate::models::FewShotModel;
 use crate::nn::Mode;
 use crate::tensor::{GradGraph, ParamSet};
-use crate::Result;
+use crate::{Error, Result};
 
-use super::inner::{adapt, adapt_storing, hessian_vector_product, sgd_step, InnerLoop};
+use super::inner::{adapt_with, gradient_and_hvp, sgd_step, InnerLoop, StepSize};
 use super::{query_outcome, Adapter, MetaLearner, TaskOutcome};
 
 /// How the second-order terms are obtained; both give the same numbers.
@@ -31,67 +32,161 @@ pub struct Maml {
     pub mode: MamlMode,
 }
 
-impl Maml {
-    fn full_graph(
-        &self,
-        model: &dyn FewShotModel,
-        params: &ParamSet,
-        task: &Episode,
-        mode: Mode,
-    ) -> Result<TaskOutcome> {
-        let mut leaves = params.to_leaves()?;
-        let mut steps = Vec::with_capacity(self.inner.steps);
-        let mut support_losses = Vec::with_capacity(self.inner.steps);
-        for step in 0..self.inner.steps {
-            let context = || format!("inner step {}", step + 1);
-            let (next, loss) = sgd_step(
-                model,
-                &leaves,
-                &task.support,
-                self.inner.lr,
-                GradGraph::Keep,
-                mode,
-                &context,
+/// MAML with a learned step size per parameter entry (MetaSGD, Li et al. 2017):
+/// `θ_{k+1} = θ_k − α⊙∇L_s(θ_k)`, with α meta-trained beside θ₀. The step sizes live
+/// in the same ParamSet as `meta_sgd_lr.<name>` (models ignore them); create them with
+/// [`MetaSgd::with_step_sizes`]. The meta-gradient holds both parts; the step sizes'
+/// part is `Σ_k −∇L_s(θ_k) ⊙ v_{k+1}`, with v_{k+1} the adjoint of θ_{k+1}.
+#[derive(Debug, Clone, Copy)]
+pub struct MetaSgd {
+    /// Inner steps, and the initial value of every step size.
+    pub inner: InnerLoop,
+    /// How second-order terms are computed.
+    pub mode: MamlMode,
+}
+
+/// Prefix of the learned step sizes' names.
+pub const STEP_SIZE_PREFIX: &str = "meta_sgd_lr.";
+
+impl MetaSgd {
+    /// `params` with a step size per entry, all equal to `inner.lr`.
+    pub fn with_step_sizes(&self, params: &ParamSet) -> Result<ParamSet> {
+        self.inner.validate()?;
+        let mut out = params.clone();
+        for (name, t) in params.iter() {
+            out.insert(
+                format!("{STEP_SIZE_PREFIX}{name}"),
+                (t.ones_like()? * self.inner.lr)?,
             )?;
-            support_losses.push(loss);
-            let next_leaves = next.to_leaves()?;
-            steps.push((leaves, next));
-            leaves = next_leaves;
         }
-        let (mut v, query_loss, query_accuracy) = query_outcome(model, &leaves, &task.query, mode)?;
-        // v ← ∂⟨θ_{k+1}(θ_k), v⟩/∂θ_k = (I − αH_k)·v, through the kept graphs.
-        for (step_leaves, next) in steps.iter().rev() {
-            v = step_leaves.gradients(&next.dot(&v)?, GradGraph::Detach)?;
-        }
-        Ok(TaskOutcome {
-            meta_gradient: v,
-            support_losses,
-            query_loss,
-            query_accuracy,
-        })
+        Ok(out)
     }
 
-    fn recompute(
-        &self,
-        model: &dyn FewShotModel,
-        params: &ParamSet,
-        task: &Episode,
-        mode: Mode,
-    ) -> Result<TaskOutcome> {
-        let (thetas, adapted, support_losses) =
-            adapt_storing(model, params, &task.support, self.inner, mode)?;
-        let (mut v, query_loss, query_accuracy) =
-            query_outcome(model, &adapted, &task.query, mode)?;
-        for theta_k in thetas.iter().rev() {
-            let hv = hessian_vector_product(model, theta_k, &task.support, &v, mode)?;
-            v = v.axpy(-self.inner.lr, &hv)?;
+    /// Splits a ParamSet into θ and the step sizes (named like θ).
+    fn split(params: &ParamSet) -> Result<(ParamSet, ParamSet)> {
+        let mut theta = ParamSet::new();
+        let mut alpha = ParamSet::new();
+        for (name, t) in params.iter() {
+            match name.strip_prefix(STEP_SIZE_PREFIX) {
+                Some(of) => alpha.insert(of, t.clone())?,
+                None => theta.insert(name, t.clone())?,
+            }
         }
-        Ok(TaskOutcome {
-            meta_gradient: v,
-            support_losses,
-            query_loss,
-            query_accuracy,
-        })
+        let ordered = ParamSet::from_pairs(
+            theta
+                .names()
+                .map(|n| {
+                    let t = alpha.get(n).cloned().ok_or_else(|| {
+                        Error::Params(format!(
+                    "MetaSGD has no step size for `{n}`; create them with MetaSgd::with_step_sizes"
+                ))
+                    });
+                    (n.to_string(), t)
+                })
+                .map(|(n, t)| t.map(|t| (n, t)))
+                .collect::<Result<Vec<_>>>()?,
+        )?;
+        if ordered.len() != alpha.len() {
+            return Err(Error::Params(
+                "MetaSGD step sizes name parameters that do not exist".into(),
+            ));
+        }
+        Ok((theta, ordered))
+    }
+}
+
+/// Exact second-order meta-gradient with uniform (`alpha = None`) or per-entry step
+/// sizes; returns the outcome for θ and, with per-entry sizes, their gradient.
+fn second_order(
+    model: &dyn FewShotModel,
+    theta0: &ParamSet,
+    alpha: Option<&ParamSet>,
+    inner: InnerLoop,
+    method: MamlMode,
+    task: &Episode,
+    mode: Mode,
+) -> Result<(TaskOutcome, Option<ParamSet>)> {
+    inner.validate()?;
+    match method {
+        MamlMode::FullGraph => {
+            // Per-entry step sizes are leaves shared by every step's graph.
+            let alpha_leaves = alpha.map(ParamSet::to_leaves).transpose()?;
+            let step_size = match &alpha_leaves {
+                Some(a) => StepSize::PerEntry(a),
+                None => StepSize::Uniform(inner.lr),
+            };
+            let mut leaves = theta0.to_leaves()?;
+            let mut steps = Vec::with_capacity(inner.steps);
+            let mut support_losses = Vec::with_capacity(inner.steps);
+            for step in 0..inner.steps {
+                let context = || format!("inner step {}", step + 1);
+                let (next, loss) = sgd_step(
+                    model,
+                    &leaves,
+                    &task.support,
+                    step_size,
+                    GradGraph::Keep,
+                    mode,
+                    &context,
+                )?;
+                support_losses.push(loss);
+                let next_leaves = next.to_leaves()?;
+                steps.push((leaves, next));
+                leaves = next_leaves;
+            }
+            let (mut v, query_loss, query_accuracy) =
+                query_outcome(model, &leaves, &task.query, mode)?;
+            let mut alpha_grad = alpha.map(ParamSet::zeros_like).transpose()?;
+            // v ← ∂⟨θ_{k+1}(θ_k, α), v⟩/∂θ_k = v − H_k(α⊙v), through the kept graphs;
+            // the step sizes collect ∂⟨θ_{k+1}, v⟩/∂α = −g_k⊙v.
+            for (step_leaves, next) in steps.iter().rev() {
+                let surrogate = next.dot(&v)?;
+                if let (Some(a), Some(total)) = (&alpha_leaves, alpha_grad.as_mut()) {
+                    *total = total.add(&a.gradients(&surrogate, GradGraph::Detach)?)?;
+                }
+                v = step_leaves.gradients(&surrogate, GradGraph::Detach)?;
+            }
+            Ok((
+                TaskOutcome {
+                    meta_gradient: v,
+                    support_losses,
+                    query_loss,
+                    query_accuracy,
+                },
+                alpha_grad,
+            ))
+        }
+        MamlMode::Recompute => {
+            let step_size = match alpha {
+                Some(a) => StepSize::PerEntry(a),
+                None => StepSize::Uniform(inner.lr),
+            };
+            let (thetas, adapted, support_losses) =
+                adapt_with(model, theta0, &task.support, inner.steps, step_size, mode)?;
+            let (mut v, query_loss, query_accuracy) =
+                query_outcome(model, &adapted, &task.query, mode)?;
+            let mut alpha_grad = alpha.map(ParamSet::zeros_like).transpose()?;
+            for theta_k in thetas.iter().rev() {
+                let scaled = match alpha {
+                    Some(a) => a.mul(&v)?,
+                    None => v.scale(inner.lr)?,
+                };
+                let (g, h_scaled) = gradient_and_hvp(model, theta_k, &task.support, &scaled, mode)?;
+                if let Some(total) = alpha_grad.as_mut() {
+                    *total = total.sub(&g.mul(&v)?)?;
+                }
+                v = v.sub(&h_scaled)?;
+            }
+            Ok((
+                TaskOutcome {
+                    meta_gradient: v,
+                    support_losses,
+                    query_loss,
+                    query_accuracy,
+                },
+                alpha_grad,
+            ))
+        }
     }
 }
 
@@ -103,11 +198,7 @@ impl MetaLearner for Maml {
         task: &Episode,
         mode: Mode,
     ) -> Result<TaskOutcome> {
-        self.inner.validate()?;
-        match self.mode {
-            MamlMode::FullGraph => self.full_graph(model, params, task, mode),
-            MamlMode::Recompute => self.recompute(model, params, task, mode),
-        }
+        Ok(second_order(model, params, None, self.inner, self.mode, task, mode)?.0)
     }
 }
 
@@ -119,6 +210,206 @@ impl Adapter for Maml {
         support: &Batch,
         mode: Mode,
     ) -> Result<ParamSet> {
-        Ok(adapt(model, params, support, self.inner, mode)?.0)
+        self.inner.validate()?;
+        Ok(adapt_with(
+            model,
+            params,
+            support,
+            self.inner.steps,
+            StepSize::Uniform(self.inner.lr),
+            mode,
+        )?
+        .1)
     }
+}
+
+impl MetaLearner for MetaSgd {
+    fn meta_gradient(
+        &self,
+        model: &dyn FewShotModel,
+        params: &ParamSet,
+        task: &Episode,
+        mode: Mode,
+    ) -> Result<TaskOutcome> {
+        let (theta, alpha) = Self::split(params)?;
+        let (mut outcome, alpha_grad) = second_order(
+            model,
+            &theta,
+            Some(&alpha),
+            self.inner,
+            self.mode,
+            task,
+            mode,
+        )?;
+        let alpha_grad = alpha_grad.expect("per-entry step sizes give their gradient");
+        // Back in the caller's layout: θ's gradient, then the step sizes'.
+        let mut gradient = outcome.meta_gradient.clone();
+        for (name, g) in alpha_grad.iter() {
+            gradient.insert(format!("{STEP_SIZE_PREFIX}{name}"), g.clone())?;
+        }
+        let ordered = ParamSet::from_pairs(
+            params
+                .names()
+                .map(|n| (n.to_string(), gradient.require(n).cloned()))
+                .map(|(n, t)| t.map(|t| (n, t)))
+                .collect::<Result<Vec<_>>>()?,
+        )?;
+        outcome.meta_gradient = ordered;
+        Ok(outcome)
+    }
+}
+
+impl Adapter for MetaSgd {
+    /// Adapts θ with the learned step sizes; returns θ_K (without the step sizes).
+    fn adapt(
+        &self,
+        model: &dyn FewShotModel,
+        params: &ParamSet,
+        support: &Batch,
+        mode: Mode,
+    ) -> Result<ParamSet> {
+        let (theta, alpha) = Self::split(params)?;
+        Ok(adapt_with(
+            model,
+            &theta,
+            support,
+            self.inner.steps,
+            StepSize::PerEntry(&alpha),
+            mode,
+        )?
+        .1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::meta::test_models::{dense_episode, TwoLayerProbe};
+
+    const INNER: InnerLoop = InnerLoop { steps: 3, lr: 0.2 };
+
+    fn gap(a: &ParamSet, b: &ParamSet) -> f64 {
+        a.sub(b).unwrap().norm().unwrap() / b.norm().unwrap().max(1e-300)
+    }
+
+    fn theta_part(p: &ParamSet) -> ParamSet {
+        MetaSgd::split(p).unwrap().0
+    }
+
+    /// With every step size equal to the MAML rate, MetaSGD's θ-gradient is MAML's,
+    /// in both modes, and the modes agree on the step sizes' gradient.
+    #[test]
+    fn uniform_step_sizes_reduce_to_maml() {
+        let model = TwoLayerProbe {
+            classes: 3,
+            dim: 4,
+            hidden: 5,
+        };
+        let (params, task) = (model.init_params(1).unwrap(), dense_episode(3, 4, 2, 3));
+        let mut grads = Vec::new();
+        for mode in [MamlMode::FullGraph, MamlMode::Recompute] {
+            let maml = Maml { inner: INNER, mode }
+                .meta_gradient(&model, &params, &task, Mode::Eval)
+                .unwrap();
+            let learner = MetaSgd { inner: INNER, mode };
+            let with = learner.with_step_sizes(&params).unwrap();
+            let sgd = learner
+                .meta_gradient(&model, &with, &task, Mode::Eval)
+                .unwrap();
+            assert!(gap(&theta_part(&sgd.meta_gradient), &maml.meta_gradient) < 1e-12);
+            assert_eq!(
+                sgd.meta_gradient.names().collect::<Vec<_>>(),
+                with.names().collect::<Vec<_>>()
+            );
+            grads.push(sgd.meta_gradient);
+        }
+        assert!(gap(&grads[0], &grads[1]) < 1e-12, "modes differ");
+    }
+
+    /// The step sizes' gradient against central finite differences of the query loss.
+    #[test]
+    fn step_size_gradient_matches_finite_differences() {
+        let model = TwoLayerProbe {
+            classes: 3,
+            dim: 4,
+            hidden: 5,
+        };
+        let (params, task) = (model.init_params(2).unwrap(), dense_episode(3, 4, 2, 4));
+        let learner = MetaSgd {
+            inner: INNER,
+            mode: MamlMode::Recompute,
+        };
+        let base = learner.with_step_sizes(&params).unwrap();
+        // Different rates per entry, so the test is not the uniform special case.
+        let base = base
+            .map(|n, t| {
+                if n.starts_with(STEP_SIZE_PREFIX) {
+                    (t * 0.5)?
+                        + (crate::tensor::gradcheck::random_tensor(t.dims(), 5, t.device())?
+                            .abs()?
+                            * 0.1)?
+                } else {
+                    Ok(t.clone())
+                }
+            })
+            .unwrap();
+        let analytic = learner
+            .meta_gradient(&model, &base, &task, Mode::Eval)
+            .unwrap()
+            .meta_gradient;
+        let query_loss = |p: &ParamSet| {
+            learner
+                .meta_gradient(&model, p, &task, Mode::Eval)
+                .unwrap()
+                .query_loss
+        };
+        let h = 1e-6;
+        for name in ["meta_sgd_lr.w1", "meta_sgd_lr.w2"] {
+            for index in [0usize, 3] {
+                let shift = |delta: f64| {
+                    base.map(|n, t| {
+                        if n != name {
+                            return Ok(t.clone());
+                        }
+                        let mut v = t.flatten_all()?.to_vec1::<f64>()?;
+                        v[index] += delta;
+                        Tensor::from_vec(v, t.dims(), t.device())
+                    })
+                    .unwrap()
+                };
+                let numeric = (query_loss(&shift(h)) - query_loss(&shift(-h))) / (2.0 * h);
+                let a = analytic
+                    .get(name)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f64>()
+                    .unwrap()[index];
+                assert!(
+                    (a - numeric).abs() <= 1e-6 * numeric.abs().max(1e-3),
+                    "{name}[{index}]: {a} vs {numeric}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn missing_step_sizes_are_an_error() {
+        let model = TwoLayerProbe {
+            classes: 3,
+            dim: 4,
+            hidden: 5,
+        };
+        let (params, task) = (model.init_params(1).unwrap(), dense_episode(3, 4, 2, 3));
+        let err = MetaSgd {
+            inner: INNER,
+            mode: MamlMode::FullGraph,
+        }
+        .meta_gradient(&model, &params, &task, Mode::Eval)
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("with_step_sizes"), "{err}");
+    }
+
+    use candle_core::Tensor;
 }

@@ -5,6 +5,7 @@
 //! |---|---|---|
 //! | [`Maml`] full graph | exact second order, every step's graph kept | linear |
 //! | [`Maml`] recompute | exact second order: θ₀…θ_K stored, each step's graph rebuilt for one Hessian-vector product | constant |
+//! | [`MetaSgd`] | MAML with learned per-entry step sizes (either mode) | as MAML |
 //! | [`Fomaml`] | ∇L_q(θ_K) | constant |
 //! | [`Reptile`] | θ₀ − θ_K | constant |
 //! | [`Melora`] | the MAML recursion with an approximate Hessian | constant |
@@ -32,7 +33,7 @@ pub use curvature::{
 };
 pub use fomaml::Fomaml;
 pub use inner::{hessian_vector_product, InnerLoop};
-pub use maml::{Maml, MamlMode};
+pub use maml::{Maml, MamlMode, MetaSgd, STEP_SIZE_PREFIX};
 pub use melora::{HessianApproximation, Melora};
 pub use reptile::Reptile;
 
