@@ -2,20 +2,18 @@
 
 use candle_core::{Result, Tensor};
 
+use super::pointwise::{pointwise, Pointwise};
+
 /// GELU with the exact error function, `0.5·x·(1 + erf(x/√2))`: Hugging Face's `gelu`
-/// (BERT, MiniLM, DistilBERT).
+/// (BERT, MiniLM, DistilBERT). Fused: keeps only its input for the backward pass.
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
-    let cdf = ((x * std::f64::consts::FRAC_1_SQRT_2)?.erf()? + 1.0)?;
-    (x * cdf)? * 0.5
+    pointwise(x, Pointwise::GeluErf)
 }
 
 /// GELU with the tanh approximation, `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`:
-/// Hugging Face's `gelu_new` (GPT-2).
+/// Hugging Face's `gelu_new` (GPT-2). Fused.
 pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
-    let sqrt_2_over_pi = (2.0 / std::f64::consts::PI).sqrt();
-    let cube = (x.sqr()? * x)?;
-    let inner = ((x + (cube * 0.044715)?)? * sqrt_2_over_pi)?;
-    (x * (inner.tanh()? + 1.0)?)? * 0.5
+    pointwise(x, Pointwise::GeluTanh)
 }
 
 /// ReLU, `max(x, 0)`. Its second derivative is zero away from the kink.
@@ -23,14 +21,14 @@ pub fn relu(x: &Tensor) -> Result<Tensor> {
     x.relu()
 }
 
-/// The logistic function `1 / (1 + e^(−x))`.
+/// The logistic function `1 / (1 + e^(−x))`. Fused.
 pub fn sigmoid(x: &Tensor) -> Result<Tensor> {
-    (x.neg()?.exp()? + 1.0)?.recip()
+    pointwise(x, Pointwise::Sigmoid)
 }
 
-/// SiLU (swish), `x·σ(x)`.
+/// SiLU (swish), `x·σ(x)`. Fused.
 pub fn silu(x: &Tensor) -> Result<Tensor> {
-    x * sigmoid(x)?
+    pointwise(x, Pointwise::Silu)
 }
 
 #[cfg(test)]

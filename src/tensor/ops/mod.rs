@@ -22,6 +22,7 @@ mod embedding;
 mod linear;
 mod loss;
 pub mod norm;
+mod pointwise;
 mod pooling;
 mod softmax;
 

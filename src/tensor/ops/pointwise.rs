@@ -1,0 +1,190 @@
+//! Fused element-wise activations with exact derivatives of every order MAML needs.
+//!
+//! A composite like `0.5·x·(1 + erf(x/√2))` keeps four intermediate tensors alive
+//! for the backward pass; the fused op keeps only its input. Its backward is
+//! `grad · f′(x)`, where `f′` is the same op at derivative order 1, whose backward is
+//! `grad · f″(x)`, and so on: gradients stay differentiable (second order for MAML and
+//! Hessian-vector products, third for differentiating those), with each level
+//! computed from closed-form scalar formulas.
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+
+/// The fused functions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Pointwise {
+    /// `x·Φ(x)`, Φ the standard normal CDF (exact GELU).
+    GeluErf,
+    /// `0.5·x·(1 + tanh(√(2/π)(x + 0.044715x³)))` (GPT-2's `gelu_new`).
+    GeluTanh,
+    /// `1 / (1 + e^(−x))`.
+    Sigmoid,
+    /// `x·σ(x)`.
+    Silu,
+}
+
+/// Highest derivative order implemented; its backward is refused.
+const MAX_ORDER: u8 = 3;
+
+const GELU_TANH_C: f64 = 0.797_884_560_802_865_4; // √(2/π)
+const GELU_TANH_A: f64 = 0.044_715;
+
+fn normal_pdf(x: f64) -> f64 {
+    (-0.5 * x * x).exp() * 0.398_942_280_401_432_7 // 1/√(2π)
+}
+
+fn sigmoid_derivatives(x: f64) -> [f64; 4] {
+    let s = 1.0 / (1.0 + (-x).exp());
+    let d1 = s * (1.0 - s);
+    let d2 = d1 * (1.0 - 2.0 * s);
+    let d3 = d2 * (1.0 - 2.0 * s) - 2.0 * d1 * d1;
+    [s, d1, d2, d3]
+}
+
+impl Pointwise {
+    /// The `order`-th derivative at `x`.
+    pub(crate) fn derivative(self, order: u8, x: f64) -> f64 {
+        match self {
+            Pointwise::GeluErf => {
+                let phi = normal_pdf(x);
+                match order {
+                    0 => 0.5 * x * (1.0 + libm::erf(x * std::f64::consts::FRAC_1_SQRT_2)),
+                    1 => 0.5 * (1.0 + libm::erf(x * std::f64::consts::FRAC_1_SQRT_2)) + x * phi,
+                    2 => phi * (2.0 - x * x),
+                    _ => phi * (x * x * x - 4.0 * x),
+                }
+            }
+            Pointwise::GeluTanh => {
+                let (c, a) = (GELU_TANH_C, GELU_TANH_A);
+                let u = c * (x + a * x * x * x);
+                let (u1, u2, u3) = (c * (1.0 + 3.0 * a * x * x), 6.0 * a * c * x, 6.0 * a * c);
+                let t = u.tanh();
+                let t1 = (1.0 - t * t) * u1;
+                let t2 = -2.0 * t * t1 * u1 + (1.0 - t * t) * u2;
+                let t3 = -2.0 * t1 * t1 * u1 - 2.0 * t * t2 * u1 - 4.0 * t * t1 * u2
+                    + (1.0 - t * t) * u3;
+                match order {
+                    0 => 0.5 * x * (1.0 + t),
+                    1 => 0.5 * (1.0 + t) + 0.5 * x * t1,
+                    2 => t1 + 0.5 * x * t2,
+                    _ => 1.5 * t2 + 0.5 * x * t3,
+                }
+            }
+            Pointwise::Sigmoid => sigmoid_derivatives(x)[order.min(3) as usize],
+            Pointwise::Silu => {
+                let [s, d1, d2, d3] = sigmoid_derivatives(x);
+                match order {
+                    0 => x * s,
+                    1 => s + x * d1,
+                    2 => 2.0 * d1 + x * d2,
+                    _ => 3.0 * d2 + x * d3,
+                }
+            }
+        }
+    }
+}
+
+/// One derivative order of one function, as a candle op.
+struct PointwiseOp {
+    function: Pointwise,
+    order: u8,
+}
+
+fn map<T: Copy>(input: &[T], f: impl Fn(T) -> T) -> Vec<T> {
+    input.iter().map(|&v| f(v)).collect()
+}
+
+impl CustomOp1 for PointwiseOp {
+    fn name(&self) -> &'static str {
+        match (self.function, self.order) {
+            (Pointwise::GeluErf, 0) => "gelu-erf",
+            (Pointwise::GeluErf, _) => "gelu-erf-derivative",
+            (Pointwise::GeluTanh, 0) => "gelu-tanh",
+            (Pointwise::GeluTanh, _) => "gelu-tanh-derivative",
+            (Pointwise::Sigmoid, 0) => "sigmoid",
+            (Pointwise::Sigmoid, _) => "sigmoid-derivative",
+            (Pointwise::Silu, 0) => "silu",
+            (Pointwise::Silu, _) => "silu-derivative",
+        }
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("{}: expects a contiguous input", self.name());
+        };
+        let (f, k) = (self.function, self.order);
+        let out = match storage {
+            CpuStorage::F64(v) => CpuStorage::F64(map(&v[start..end], |x| f.derivative(k, x))),
+            CpuStorage::F32(v) => {
+                CpuStorage::F32(map(&v[start..end], |x| f.derivative(k, x as f64) as f32))
+            }
+            CpuStorage::BF16(v) => CpuStorage::BF16(map(&v[start..end], |x| {
+                half::bf16::from_f64(f.derivative(k, x.to_f64()))
+            })),
+            CpuStorage::F16(v) => CpuStorage::F16(map(&v[start..end], |x| {
+                half::f16::from_f64(f.derivative(k, x.to_f64()))
+            })),
+            _ => candle_core::bail!("{}: floating-point input expected", self.name()),
+        };
+        Ok((out, layout.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        if self.order >= MAX_ORDER {
+            candle_core::bail!(
+                "{}: derivatives beyond order {MAX_ORDER} are not implemented",
+                self.name()
+            );
+        }
+        let next = arg.apply_op1(PointwiseOp {
+            function: self.function,
+            order: self.order + 1,
+        })?;
+        Ok(Some((grad * next)?))
+    }
+}
+
+/// `function` applied element-wise to `x`.
+pub(crate) fn pointwise(x: &Tensor, function: Pointwise) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op1(PointwiseOp { function, order: 0 })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each derivative formula is the central difference of the one below it.
+    #[test]
+    fn derivative_formulas_are_consistent() {
+        let h = 1e-5;
+        for f in [
+            Pointwise::GeluErf,
+            Pointwise::GeluTanh,
+            Pointwise::Sigmoid,
+            Pointwise::Silu,
+        ] {
+            for &x in &[-3.1, -1.2, -0.4, 0.0, 0.3, 0.9, 2.2, 4.5] {
+                for order in 1..=MAX_ORDER {
+                    let numeric = (f.derivative(order - 1, x + h) - f.derivative(order - 1, x - h))
+                        / (2.0 * h);
+                    let exact = f.derivative(order, x);
+                    assert!(
+                        (numeric - exact).abs() < 1e-8 * exact.abs().max(1.0),
+                        "{f:?} order {order} at {x}: {exact} vs {numeric}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn beyond_the_highest_order_is_a_clear_error() {
+        let op = PointwiseOp {
+            function: Pointwise::Silu,
+            order: MAX_ORDER,
+        };
+        let x = Tensor::new(&[1.0f64], &candle_core::Device::Cpu).unwrap();
+        let err = op.bwd(&x, &x, &x).unwrap_err().to_string();
+        assert!(err.contains("not implemented"), "{err}");
+    }
+}
