@@ -19,6 +19,8 @@ mod activation;
 mod conv;
 mod dropout;
 mod embedding;
+mod fused_norm;
+mod fused_softmax;
 mod linear;
 mod loss;
 pub mod norm;
@@ -35,15 +37,3 @@ pub use linear::{linear, linear_in_out, matmul};
 pub use loss::{cross_entropy, cross_entropy_one_hot, mse, one_hot};
 pub use pooling::{last_token, masked_mean_pool};
 pub use softmax::{log_softmax, masked_softmax, softmax};
-
-use candle_core::{DType, Tensor};
-
-/// A mask of any numeric dtype as a `u8` tensor of ones (keep) and zeros (drop), the
-/// form `where_cond` takes.
-pub(crate) fn keep_mask_u8(mask: &Tensor) -> candle_core::Result<Tensor> {
-    if mask.dtype() == DType::U8 {
-        Ok(mask.clone())
-    } else {
-        mask.ne(0f64)?.to_dtype(DType::U8)
-    }
-}

@@ -6,11 +6,11 @@ use candle_core::{Result, Tensor, D};
 /// Layer normalisation over the last dimension:
 /// `(x − mean) / √(var + eps) · gamma + beta`, with the biased variance (PyTorch's
 /// `nn.LayerNorm`).
+///
+/// One fused op: the forward keeps only its input; the backward is written with
+/// differentiable tensor ops, so second derivatives are exact.
 pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
-    let centered = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
-    let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
-    let normed = centered.broadcast_div(&(var + eps)?.sqrt()?)?;
-    normed.broadcast_mul(gamma)?.broadcast_add(beta)
+    super::fused_norm::layer_norm(x, gamma, beta, eps)
 }
 
 /// T5's layer norm (RMS norm): `x / √(mean(x²) + eps) · weight`, with no mean
