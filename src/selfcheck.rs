@@ -114,6 +114,13 @@ fn cases() -> Result<Vec<Case>> {
             vec![r(&[3, 4], 4)?, r(&[4, 2], 5)?, r(&[2], 6)?],
             |t| ops::linear_in_out(&t[0], &t[1], Some(&t[2])),
         ),
+        // The frozen weight is a constant: only the input is differentiated.
+        case("frozen_linear", vec![r(&[2, 3, 4], 50)?], |t| {
+            ops::frozen_linear(&t[0], &r_const(&[5, 4], 51)?, Some(&r_const(&[5], 52)?))
+        }),
+        case("frozen_linear_in_out", vec![r(&[3, 4], 53)?], |t| {
+            ops::frozen_linear_in_out(&t[0], &r_const(&[4, 2], 54)?, Some(&r_const(&[2], 55)?))
+        }),
         case(
             "matmul (broadcast rhs)",
             vec![r(&[2, 3, 4, 5], 7)?, r(&[5, 2], 8)?],

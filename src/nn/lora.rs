@@ -250,8 +250,8 @@ impl LoraLinear {
     /// from `params`.
     pub fn forward(&self, x: &Tensor, params: &ParamSet, mode: Mode) -> Result<Tensor> {
         let base = match self.layout {
-            WeightLayout::OutIn => ops::linear(x, &self.weight, self.bias.as_ref())?,
-            WeightLayout::InOut => ops::linear_in_out(x, &self.weight, self.bias.as_ref())?,
+            WeightLayout::OutIn => ops::frozen_linear(x, &self.weight, self.bias.as_ref())?,
+            WeightLayout::InOut => ops::frozen_linear_in_out(x, &self.weight, self.bias.as_ref())?,
         };
         let Some(spec) = self.lora else {
             return Ok(base);

@@ -14,6 +14,18 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
     affine(x, &weight.t()?, bias)
 }
 
+/// `x·Wᵀ + b` for a frozen weight stored `[out, in]`: the backward returns the input's
+/// gradient only (no GEMM or buffer for the weight's).
+pub fn frozen_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    super::frozen_linear::frozen_linear(x, weight, bias, super::frozen_linear::Stored::OutIn)
+}
+
+/// `x·W + b` for a frozen weight stored `[in, out]` (GPT-2's `Conv1D`); input gradient
+/// only.
+pub fn frozen_linear_in_out(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    super::frozen_linear::frozen_linear(x, weight, bias, super::frozen_linear::Stored::InOut)
+}
+
 /// `x·W + b` for a weight stored `[in, out]` (GPT-2's `Conv1D`).
 pub fn linear_in_out(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     affine(x, weight, bias)
