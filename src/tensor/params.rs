@@ -11,7 +11,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var};
 
-use crate::tensor::second_order::ensure_second_order;
+use crate::tensor::second_order::{ensure_second_order, first_order_backward};
 use crate::{Error, Result};
 
 /// Whether gradients keep their graph (so they can be differentiated again, as MAML
@@ -272,10 +272,13 @@ impl ParamSet {
                  differentiate at `ParamSet::to_leaves()`"
             )));
         }
-        if graph == GradGraph::Keep {
-            ensure_second_order()?;
-        }
-        let store = loss.backward()?;
+        let store = match graph {
+            GradGraph::Keep => {
+                ensure_second_order()?;
+                loss.backward()?
+            }
+            GradGraph::Detach => first_order_backward(loss)?,
+        };
         self.map(|_, t| match store.get(t) {
             Some(g) if graph == GradGraph::Keep => Ok(g.clone()),
             Some(g) => Ok(g.detach()),
