@@ -62,7 +62,11 @@ fn start_worker() -> Option<FirstOrderWorker> {
         .spawn(move || {
             let _ = ready.send(probe_detaches().unwrap_or(false));
             for (loss, reply) in incoming {
-                let _ = reply.send(loss.backward());
+                let grads = loss.backward();
+                // The loss owns the forward graph: release it before answering, so
+                // nothing is freed behind the caller's back (or its memory meter's).
+                drop(loss);
+                let _ = reply.send(grads);
             }
         })
         .ok()?;
