@@ -107,7 +107,7 @@ fn two_hundred_meta_iterations_of_each_learner_beat_the_untrained_init() {
     let init = model.init_params(7).unwrap();
     let mut rng = ChaCha8Rng::seed_from_u64(99);
     let held_out: Vec<Episode> = (0..30).map(|_| family.task(&mut rng)).collect();
-    let inner = InnerLoop { steps: 1, lr: 0.1 };
+    let inner = InnerLoop::new(1, 0.1);
     let learners: Vec<(&str, Box<dyn MetaLearner>)> = vec![
         (
             "maml (full graph)",
@@ -127,7 +127,7 @@ fn two_hundred_meta_iterations_of_each_learner_beat_the_untrained_init() {
         (
             "reptile",
             Box::new(Reptile {
-                inner: InnerLoop { steps: 5, lr: 0.1 },
+                inner: InnerLoop::new(5, 0.1),
             }),
         ),
         (

@@ -51,7 +51,7 @@ fn peak_memory_grows_with_k_only_for_full_graph_maml() {
             "maml full-graph",
             Box::new(|k| {
                 Box::new(Maml {
-                    inner: InnerLoop { steps: k, lr: 0.01 },
+                    inner: InnerLoop::new(k, 0.01),
                     mode: MamlMode::FullGraph,
                 })
             }),
@@ -60,7 +60,16 @@ fn peak_memory_grows_with_k_only_for_full_graph_maml() {
             "maml recompute",
             Box::new(|k| {
                 Box::new(Maml {
-                    inner: InnerLoop { steps: k, lr: 0.01 },
+                    inner: InnerLoop::new(k, 0.01),
+                    mode: MamlMode::Recompute,
+                })
+            }),
+        ),
+        (
+            "maml recompute µb=5",
+            Box::new(|k| {
+                Box::new(Maml {
+                    inner: InnerLoop::new(k, 0.01).with_micro_batch(5),
                     mode: MamlMode::Recompute,
                 })
             }),
@@ -69,7 +78,7 @@ fn peak_memory_grows_with_k_only_for_full_graph_maml() {
             "fomaml",
             Box::new(|k| {
                 Box::new(Fomaml {
-                    inner: InnerLoop { steps: k, lr: 0.01 },
+                    inner: InnerLoop::new(k, 0.01),
                 })
             }),
         ),
@@ -77,7 +86,7 @@ fn peak_memory_grows_with_k_only_for_full_graph_maml() {
             "melora gauss-newton",
             Box::new(|k| {
                 Box::new(Melora {
-                    inner: InnerLoop { steps: k, lr: 0.01 },
+                    inner: InnerLoop::new(k, 0.01),
                     approximation: HessianApproximation::GaussNewton,
                     damping: 0.0,
                     clamp: None,

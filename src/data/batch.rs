@@ -114,6 +114,34 @@ impl Batch {
         }
     }
 
+    /// Consecutive sub-batches of at most `size` examples (gradient accumulation).
+    pub fn split(&self, size: usize) -> Result<Vec<Batch>> {
+        if size == 0 {
+            return Err(Error::InvalidArgument(
+                "micro-batches need at least 1 example".into(),
+            ));
+        }
+        let n = self.len();
+        let mut parts = Vec::with_capacity(n.div_ceil(size));
+        for start in (0..n).step_by(size) {
+            let len = size.min(n - start);
+            let rows = |t: &Tensor| t.narrow(0, start, len);
+            let inputs = match &self.inputs {
+                Inputs::Tokens(t) => Inputs::Tokens(TokenInputs {
+                    input_ids: rows(&t.input_ids)?,
+                    attention_mask: rows(&t.attention_mask)?,
+                    token_type_ids: t.token_type_ids.as_ref().map(rows).transpose()?,
+                }),
+                Inputs::Dense(x) => Inputs::Dense(rows(x)?),
+            };
+            parts.push(Batch {
+                inputs,
+                labels: rows(&self.labels)?,
+            });
+        }
+        Ok(parts)
+    }
+
     /// Number of examples.
     pub fn len(&self) -> usize {
         self.labels.dims().first().copied().unwrap_or(0)

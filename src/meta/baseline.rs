@@ -40,7 +40,7 @@ fn train(
     let mut theta = start.detach();
     for epoch in 0..epochs {
         let context = || format!("fine-tuning epoch {}", epoch + 1);
-        let (grads, _, _) = gradient(model, &theta, support, mode, &context)?;
+        let (grads, _, _) = gradient(model, &theta, support, mode, None, &context)?;
         theta = optimizer.step(&theta, &grads, lr)?;
     }
     Ok(theta)

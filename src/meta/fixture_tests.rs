@@ -43,10 +43,10 @@ fn assert_scalar(what: &str, actual: f64, expected: f64) {
 }
 
 fn inner(case: &FixtureCase, steps: usize) -> InnerLoop {
-    InnerLoop {
+    InnerLoop::new(
         steps,
-        lr: case.fixture.value("/inner_loop/lr").as_f64().unwrap(),
-    }
+        case.fixture.value("/inner_loop/lr").as_f64().unwrap(),
+    )
 }
 
 fn maml(case: &FixtureCase, steps: usize, mode: MamlMode) -> TaskOutcome {
@@ -212,4 +212,133 @@ fn learners_match_gpt2_fixture() {
 #[test]
 fn learners_match_conv4_fixture() {
     check_learners("conv4_maml");
+}
+
+/// Builds a learner around a given inner loop.
+type LearnerWith = Box<dyn Fn(InnerLoop) -> Box<dyn MetaLearner>>;
+
+/// Gradient accumulation is exact: support (6) and query (9) sets split into
+/// micro-batches of 4 give every learner's whole-batch meta-gradient and losses.
+#[test]
+fn micro_batches_give_whole_batch_results() {
+    use super::{HessianApproximation, Melora, MetaSgd};
+    let Some(case) = fixture_case("bert_lora_maml") else {
+        return;
+    };
+    let task = episode(&case);
+    let model = case.model.as_ref();
+    let whole = inner(&case, 2);
+    let melora = |approximation| -> LearnerWith {
+        Box::new(move |inner| {
+            Box::new(Melora {
+                inner,
+                approximation,
+                damping: 0.0,
+                clamp: None,
+                seed: 3,
+            })
+        })
+    };
+    let learners: Vec<(&str, LearnerWith)> = vec![
+        (
+            "maml full graph",
+            Box::new(|inner| {
+                Box::new(Maml {
+                    inner,
+                    mode: MamlMode::FullGraph,
+                })
+            }),
+        ),
+        (
+            "maml recompute",
+            Box::new(|inner| {
+                Box::new(Maml {
+                    inner,
+                    mode: MamlMode::Recompute,
+                })
+            }),
+        ),
+        ("fomaml", Box::new(|inner| Box::new(Fomaml { inner }))),
+        ("reptile", Box::new(|inner| Box::new(Reptile { inner }))),
+        (
+            "melora gauss-newton",
+            melora(HessianApproximation::GaussNewton),
+        ),
+        (
+            "melora block-diagonal",
+            melora(HessianApproximation::BlockDiagonal),
+        ),
+        (
+            "melora hutchinson",
+            melora(HessianApproximation::Diagonal {
+                probes: 2,
+                exact: false,
+            }),
+        ),
+    ];
+    for (name, make) in &learners {
+        let a = make(whole)
+            .meta_gradient(model, &case.theta0, &task, Mode::Eval)
+            .unwrap();
+        let b = make(whole.with_micro_batch(4))
+            .meta_gradient(model, &case.theta0, &task, Mode::Eval)
+            .unwrap();
+        let gap = a
+            .meta_gradient
+            .sub(&b.meta_gradient)
+            .unwrap()
+            .norm()
+            .unwrap()
+            / a.meta_gradient.norm().unwrap();
+        assert!(
+            gap < 1e-12,
+            "{name}: micro-batched meta-gradient differs by {gap:.3e}"
+        );
+        assert_scalar(&format!("{name}: query loss"), b.query_loss, a.query_loss);
+        for (x, y) in a.support_losses.iter().zip(&b.support_losses) {
+            assert_scalar(&format!("{name}: support loss"), *y, *x);
+        }
+    }
+    let sgd = MetaSgd {
+        inner: whole,
+        mode: MamlMode::Recompute,
+    };
+    let with = sgd.with_step_sizes(&case.theta0).unwrap();
+    let a = sgd.meta_gradient(model, &with, &task, Mode::Eval).unwrap();
+    let split = MetaSgd {
+        inner: whole.with_micro_batch(4),
+        mode: MamlMode::Recompute,
+    };
+    let b = split
+        .meta_gradient(model, &with, &task, Mode::Eval)
+        .unwrap();
+    assert!(
+        a.meta_gradient
+            .sub(&b.meta_gradient)
+            .unwrap()
+            .norm()
+            .unwrap()
+            < 1e-12 * a.meta_gradient.norm().unwrap()
+    );
+}
+
+/// Conv4's BatchNorm couples the examples of a batch: splitting is refused, not
+/// silently wrong.
+#[test]
+fn micro_batching_a_batch_coupled_model_is_refused() {
+    let Some(case) = fixture_case("conv4_maml") else {
+        return;
+    };
+    let task = episode(&case);
+    let learner = Fomaml {
+        inner: inner(&case, 1).with_micro_batch(2),
+    };
+    let err = learner
+        .meta_gradient(case.model.as_ref(), &case.theta0, &task, Mode::Eval)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("micro_batch") && err.contains("statistics"),
+        "{err}"
+    );
 }

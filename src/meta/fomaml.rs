@@ -27,7 +27,7 @@ impl MetaLearner for Fomaml {
     ) -> Result<TaskOutcome> {
         let (adapted, support_losses) = adapt(model, params, &task.support, self.inner, mode)?;
         let (meta_gradient, query_loss, query_accuracy) =
-            query_outcome(model, &adapted, &task.query, mode)?;
+            query_outcome(model, &adapted, &task.query, mode, self.inner.micro_batch)?;
         Ok(TaskOutcome {
             meta_gradient,
             support_losses,

@@ -23,9 +23,29 @@ pub struct InnerLoop {
     pub steps: usize,
     /// Step size α (> 0).
     pub lr: f64,
+    /// Gradient accumulation: process support and query sets in micro-batches of at
+    /// most this many examples, summing their gradients (and Hessian-vector products)
+    /// weighted by size, which equals the whole-batch result for mean losses while
+    /// only one micro-batch's graph is alive. `None`: whole batches.
+    pub micro_batch: Option<usize>,
 }
 
 impl InnerLoop {
+    /// K steps of rate `lr` on whole batches.
+    pub const fn new(steps: usize, lr: f64) -> Self {
+        Self {
+            steps,
+            lr,
+            micro_batch: None,
+        }
+    }
+
+    /// The same loop with gradient accumulation over micro-batches of `size`.
+    pub const fn with_micro_batch(mut self, size: usize) -> Self {
+        self.micro_batch = Some(size);
+        self
+    }
+
     /// Rejects K = 0 and non-positive or non-finite learning rates.
     pub fn validate(&self) -> Result<()> {
         if self.steps == 0 {
@@ -39,8 +59,65 @@ impl InnerLoop {
                 self.lr
             )));
         }
+        if self.micro_batch == Some(0) {
+            return Err(Error::InvalidArgument(
+                "micro-batches need at least 1 example \
+                 (memory_optimization.gradient_accumulation.micro_batch)"
+                    .into(),
+            ));
+        }
         Ok(())
     }
+}
+
+/// The micro-batches of `batch` with their weights n_i/N: the whole batch (weight 1)
+/// when `micro` is `None` or not smaller than the batch.
+pub(crate) fn chunks(
+    model: &dyn FewShotModel,
+    batch: &Batch,
+    micro: Option<usize>,
+) -> Result<Vec<(Batch, f64)>> {
+    match micro {
+        Some(size) if size < batch.len() => {
+            if model.couples_examples() {
+                return Err(Error::InvalidArgument(
+                    "this model normalises with the statistics of the whole batch, so splitting \
+                     it into micro-batches would change the result; unset \
+                     memory_optimization.gradient_accumulation.micro_batch"
+                        .into(),
+                ));
+            }
+            let n = batch.len() as f64;
+            Ok(batch
+                .split(size)?
+                .into_iter()
+                .map(|b| {
+                    let w = b.len() as f64 / n;
+                    (b, w)
+                })
+                .collect())
+        }
+        _ => Ok(vec![(batch.clone(), 1.0)]),
+    }
+}
+
+/// Σ_i w_i·f(chunk_i) over the micro-batches of `batch`.
+pub(crate) fn weighted_sum(
+    model: &dyn FewShotModel,
+    batch: &Batch,
+    micro: Option<usize>,
+    mut f: impl FnMut(&Batch) -> Result<ParamSet>,
+) -> Result<ParamSet> {
+    let mut total: Option<ParamSet> = None;
+    for (chunk, w) in chunks(model, batch, micro)? {
+        let part = f(&chunk)?;
+        let part = if w == 1.0 { part } else { part.scale(w)? };
+        total = Some(match total {
+            Some(t) => t.add(&part)?,
+            None => part,
+        });
+    }
+    total.ok_or_else(|| Error::InvalidArgument("an empty batch has no gradient".into()))
 }
 
 /// The inner step size: one rate for every entry, or one per entry (MetaSGD).
@@ -62,7 +139,9 @@ impl StepSize<'_> {
 }
 
 /// One SGD step from `leaves`: returns θ_{k+1} = θ_k − α∇L (carrying the graph back to
-/// `leaves` when `graph` is [`GradGraph::Keep`]) and L(θ_k).
+/// `leaves` when `graph` is [`GradGraph::Keep`]) and L(θ_k), accumulating over
+/// micro-batches of `micro` examples.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn sgd_step(
     model: &dyn FewShotModel,
     leaves: &ParamSet,
@@ -70,13 +149,21 @@ pub(crate) fn sgd_step(
     step_size: StepSize<'_>,
     graph: GradGraph,
     mode: Mode,
+    micro: Option<usize>,
     context: &dyn Fn() -> String,
 ) -> Result<(ParamSet, f64)> {
-    let loss = batch_loss(model, leaves, support, mode)?;
-    let value = finite_value(&loss, &|| format!("{}: the support loss", context()))?;
-    let grads = leaves.gradients(&loss, graph)?;
+    let mut value = 0.0;
+    let grads = weighted_sum(model, support, micro, |chunk| {
+        let loss = batch_loss(model, leaves, chunk, mode)?;
+        value += finite_value(&loss, &|| format!("{}: the support loss", context()))?
+            * chunk.len() as f64;
+        leaves.gradients(&loss, graph)
+    })?;
     check_finite(&grads, context)?;
-    Ok((step_size.step(leaves, &grads)?, value))
+    Ok((
+        step_size.step(leaves, &grads)?,
+        value / support.len() as f64,
+    ))
 }
 
 /// First-order adaptation: θ_K from `params`, with the support loss before each step.
@@ -106,7 +193,7 @@ pub(crate) fn adapt_storing(
         model,
         params,
         support,
-        inner.steps,
+        inner,
         StepSize::Uniform(inner.lr),
         mode,
     )
@@ -117,14 +204,14 @@ pub(crate) fn adapt_with(
     model: &dyn FewShotModel,
     params: &ParamSet,
     support: &Batch,
-    steps: usize,
+    inner: InnerLoop,
     step_size: StepSize<'_>,
     mode: Mode,
 ) -> Result<(Vec<ParamSet>, ParamSet, Vec<f64>)> {
     let mut theta = params.detach();
-    let mut thetas = Vec::with_capacity(steps);
-    let mut losses = Vec::with_capacity(steps);
-    for step in 0..steps {
+    let mut thetas = Vec::with_capacity(inner.steps);
+    let mut losses = Vec::with_capacity(inner.steps);
+    for step in 0..inner.steps {
         let leaves = theta.to_leaves()?;
         let context = || format!("inner step {}", step + 1);
         let (next, loss) = sgd_step(
@@ -134,6 +221,7 @@ pub(crate) fn adapt_with(
             step_size,
             GradGraph::Detach,
             mode,
+            inner.micro_batch,
             &context,
         )?;
         losses.push(loss);
@@ -144,38 +232,48 @@ pub(crate) fn adapt_with(
 }
 
 /// The gradient (first order) of the loss on `batch` at `theta`, the loss, and the
-/// accuracy of the same forward pass.
+/// accuracy of the same forward passes, accumulated over micro-batches of `micro`.
 pub(crate) fn gradient(
     model: &dyn FewShotModel,
     theta: &ParamSet,
     batch: &Batch,
     mode: Mode,
+    micro: Option<usize>,
     context: &dyn Fn() -> String,
 ) -> Result<(ParamSet, f64, f64)> {
     let leaves = theta.to_leaves()?;
-    let logits = model.logits(&leaves, batch, mode)?;
-    let loss = crate::tensor::ops::cross_entropy(&logits, &batch.labels, 0.0)?;
-    let value = finite_value(&loss, context)?;
-    let accuracy = super::loss::accuracy(&logits.detach(), &batch.labels)?;
-    let grads = leaves.gradients(&loss, GradGraph::Detach)?;
+    let (mut value, mut correct) = (0.0, 0.0);
+    let grads = weighted_sum(model, batch, micro, |chunk| {
+        let logits = model.logits(&leaves, chunk, mode)?;
+        let loss = crate::tensor::ops::cross_entropy(&logits, &chunk.labels, 0.0)?;
+        let n = chunk.len() as f64;
+        value += finite_value(&loss, context)? * n;
+        correct += super::loss::accuracy(&logits.detach(), &chunk.labels)? * n;
+        leaves.gradients(&loss, GradGraph::Detach)
+    })?;
     check_finite(&grads, context)?;
-    Ok((grads, value, accuracy))
+    let n = batch.len() as f64;
+    Ok((grads, value / n, correct / n))
 }
 
-/// Loss and accuracy on `batch` at `theta`: a forward pass only.
+/// Loss and accuracy on `batch` at `theta`: forward passes only, in micro-batches of
+/// `micro`.
 pub(crate) fn evaluate(
     model: &dyn FewShotModel,
     theta: &ParamSet,
     batch: &Batch,
     mode: Mode,
+    micro: Option<usize>,
     context: &dyn Fn() -> String,
 ) -> Result<(f64, f64)> {
-    let logits = model.logits(theta, batch, mode)?;
-    let loss = crate::tensor::ops::cross_entropy(&logits, &batch.labels, 0.0)?;
-    Ok((
-        finite_value(&loss, context)?,
-        super::loss::accuracy(&logits, &batch.labels)?,
-    ))
+    let (mut value, mut correct) = (0.0, 0.0);
+    for (chunk, w) in chunks(model, batch, micro)? {
+        let logits = model.logits(theta, &chunk, mode)?;
+        let loss = crate::tensor::ops::cross_entropy(&logits, &chunk.labels, 0.0)?;
+        value += finite_value(&loss, context)? * w;
+        correct += super::loss::accuracy(&logits, &chunk.labels)? * w;
+    }
+    Ok((value, correct))
 }
 
 /// `H·v` with `H` the Hessian of the loss on `batch` at `theta` (Pearlmutter: the
@@ -187,20 +285,29 @@ pub fn hessian_vector_product(
     v: &ParamSet,
     mode: Mode,
 ) -> Result<ParamSet> {
-    Ok(gradient_and_hvp(model, theta, batch, v, mode)?.1)
+    Ok(gradient_and_hvp(model, theta, batch, v, mode, None)?.1)
 }
 
-/// The gradient (detached) and `H·v` from one graph.
+/// The gradient (detached) and `H·v`, each micro-batch's from one graph.
 pub(crate) fn gradient_and_hvp(
     model: &dyn FewShotModel,
     theta: &ParamSet,
     batch: &Batch,
     v: &ParamSet,
     mode: Mode,
+    micro: Option<usize>,
 ) -> Result<(ParamSet, ParamSet)> {
     let leaves = theta.to_leaves()?;
-    let loss = batch_loss(model, &leaves, batch, mode)?;
-    let grads = leaves.gradients(&loss, GradGraph::Keep)?;
-    let hv = leaves.gradients(&grads.dot(v)?, GradGraph::Detach)?;
-    Ok((grads.detach(), hv))
+    let mut total: Option<(ParamSet, ParamSet)> = None;
+    for (chunk, w) in chunks(model, batch, micro)? {
+        let loss = batch_loss(model, &leaves, &chunk, mode)?;
+        let grads = leaves.gradients(&loss, GradGraph::Keep)?;
+        let hv = leaves.gradients(&grads.dot(v)?, GradGraph::Detach)?;
+        let (g, hv) = (grads.detach().scale(w)?, hv.scale(w)?);
+        total = Some(match total {
+            Some((tg, th)) => (tg.add(&g)?, th.add(&hv)?),
+            None => (g, hv),
+        });
+    }
+    total.ok_or_else(|| Error::InvalidArgument("an empty batch has no Hessian".into()))
 }

@@ -127,6 +127,7 @@ fn second_order(
                     step_size,
                     GradGraph::Keep,
                     mode,
+                    inner.micro_batch,
                     &context,
                 )?;
                 support_losses.push(loss);
@@ -135,7 +136,7 @@ fn second_order(
                 leaves = next_leaves;
             }
             let (mut v, query_loss, query_accuracy) =
-                query_outcome(model, &leaves, &task.query, mode)?;
+                query_outcome(model, &leaves, &task.query, mode, inner.micro_batch)?;
             let mut alpha_grad = alpha.map(ParamSet::zeros_like).transpose()?;
             // v ← ∂⟨θ_{k+1}(θ_k, α), v⟩/∂θ_k = v − H_k(α⊙v), through the kept graphs;
             // the step sizes collect ∂⟨θ_{k+1}, v⟩/∂α = −g_k⊙v.
@@ -162,16 +163,23 @@ fn second_order(
                 None => StepSize::Uniform(inner.lr),
             };
             let (thetas, adapted, support_losses) =
-                adapt_with(model, theta0, &task.support, inner.steps, step_size, mode)?;
+                adapt_with(model, theta0, &task.support, inner, step_size, mode)?;
             let (mut v, query_loss, query_accuracy) =
-                query_outcome(model, &adapted, &task.query, mode)?;
+                query_outcome(model, &adapted, &task.query, mode, inner.micro_batch)?;
             let mut alpha_grad = alpha.map(ParamSet::zeros_like).transpose()?;
             for theta_k in thetas.iter().rev() {
                 let scaled = match alpha {
                     Some(a) => a.mul(&v)?,
                     None => v.scale(inner.lr)?,
                 };
-                let (g, h_scaled) = gradient_and_hvp(model, theta_k, &task.support, &scaled, mode)?;
+                let (g, h_scaled) = gradient_and_hvp(
+                    model,
+                    theta_k,
+                    &task.support,
+                    &scaled,
+                    mode,
+                    inner.micro_batch,
+                )?;
                 if let Some(total) = alpha_grad.as_mut() {
                     *total = total.sub(&g.mul(&v)?)?;
                 }
@@ -215,7 +223,7 @@ impl Adapter for Maml {
             model,
             params,
             support,
-            self.inner.steps,
+            self.inner,
             StepSize::Uniform(self.inner.lr),
             mode,
         )?
@@ -273,7 +281,7 @@ impl Adapter for MetaSgd {
             model,
             &theta,
             support,
-            self.inner.steps,
+            self.inner,
             StepSize::PerEntry(&alpha),
             mode,
         )?
@@ -286,7 +294,7 @@ mod tests {
     use super::*;
     use crate::meta::test_models::{dense_episode, TwoLayerProbe};
 
-    const INNER: InnerLoop = InnerLoop { steps: 3, lr: 0.2 };
+    const INNER: InnerLoop = InnerLoop::new(3, 0.2);
 
     fn gap(a: &ParamSet, b: &ParamSet) -> f64 {
         a.sub(b).unwrap().norm().unwrap() / b.norm().unwrap().max(1e-300)

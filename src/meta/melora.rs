@@ -26,7 +26,7 @@ use crate::{Error, Result};
 use super::curvature::{
     block_diagonal_product, exact_hessian_diagonal, gauss_newton_product, hutchinson_diagonal,
 };
-use super::inner::{adapt_storing, InnerLoop};
+use super::inner::{adapt_storing, weighted_sum, InnerLoop};
 use super::{query_outcome, Adapter, MetaLearner, TaskOutcome};
 
 /// The stand-in for the support Hessian.
@@ -100,14 +100,19 @@ impl Melora {
         step: usize,
         mode: Mode,
     ) -> Result<ParamSet> {
+        let micro = self.inner.micro_batch;
         let product = match self.approximation {
             HessianApproximation::None => g.zeros_like()?,
             HessianApproximation::Diagonal { probes, exact } => {
                 let diagonal = if exact {
-                    exact_hessian_diagonal(model, theta, support, None, mode)?
+                    weighted_sum(model, support, micro, |b| {
+                        exact_hessian_diagonal(model, theta, b, None, mode)
+                    })?
                 } else {
                     let seed = crate::tensor::ops::mix_seed(self.seed, step as u64);
-                    hutchinson_diagonal(model, theta, support, probes, seed, mode)?
+                    weighted_sum(model, support, micro, |b| {
+                        hutchinson_diagonal(model, theta, b, probes, seed, mode)
+                    })?
                 };
                 let diagonal = match self.clamp {
                     Some(c) => diagonal.map(|_, d| d.clamp(0.0, c))?,
@@ -115,12 +120,18 @@ impl Melora {
                 };
                 diagonal.mul(g)?
             }
-            HessianApproximation::GaussNewton => {
-                self.bounded(gauss_newton_product(model, theta, support, g, mode)?, g)?
-            }
-            HessianApproximation::BlockDiagonal => {
-                self.bounded(block_diagonal_product(model, theta, support, g, mode)?, g)?
-            }
+            HessianApproximation::GaussNewton => self.bounded(
+                weighted_sum(model, support, micro, |b| {
+                    gauss_newton_product(model, theta, b, g, mode)
+                })?,
+                g,
+            )?,
+            HessianApproximation::BlockDiagonal => self.bounded(
+                weighted_sum(model, support, micro, |b| {
+                    block_diagonal_product(model, theta, b, g, mode)
+                })?,
+                g,
+            )?,
         };
         if self.damping > 0.0 {
             product.axpy(self.damping, g)
@@ -154,7 +165,7 @@ impl MetaLearner for Melora {
         let (thetas, adapted, support_losses) =
             adapt_storing(model, params, &task.support, self.inner, mode)?;
         let (mut g, query_loss, query_accuracy) =
-            query_outcome(model, &adapted, &task.query, mode)?;
+            query_outcome(model, &adapted, &task.query, mode, self.inner.micro_batch)?;
         if self.approximation != HessianApproximation::None || self.damping > 0.0 {
             for (step, theta_k) in thetas.iter().enumerate().rev() {
                 let h = self.curvature(model, theta_k, &task.support, &g, step, mode)?;
@@ -190,7 +201,7 @@ mod tests {
     use crate::meta::{hessian_vector_product, Fomaml, Maml, MamlMode};
     use crate::tensor::gradcheck::random_tensor;
 
-    const INNER: InnerLoop = InnerLoop { steps: 2, lr: 0.3 };
+    const INNER: InnerLoop = InnerLoop::new(2, 0.3);
 
     fn melora(approximation: HessianApproximation) -> Melora {
         Melora {
@@ -310,7 +321,7 @@ mod tests {
         // The recursion written out: θ₀, θ₁ from SGD, then g ← g − α·diag(H_k)⊙g.
         let (thetas, adapted, _) =
             adapt_storing(&model, &params, &task.support, INNER, Mode::Eval).unwrap();
-        let (mut g, _, _) = query_outcome(&model, &adapted, &task.query, Mode::Eval).unwrap();
+        let (mut g, _, _) = query_outcome(&model, &adapted, &task.query, Mode::Eval, None).unwrap();
         for theta in thetas.iter().rev() {
             let d = exact_hessian_diagonal(&model, theta, &task.support, None, Mode::Eval).unwrap();
             g = g.sub(&d.mul(&g).unwrap().scale(INNER.lr).unwrap()).unwrap();
@@ -398,11 +409,11 @@ mod tests {
                 exact: false,
             }),
             Melora {
-                inner: InnerLoop { steps: 0, lr: 0.1 },
+                inner: InnerLoop::new(0, 0.1),
                 ..melora(HessianApproximation::None)
             },
             Melora {
-                inner: InnerLoop { steps: 1, lr: 0.0 },
+                inner: InnerLoop::new(1, 0.0),
                 ..melora(HessianApproximation::None)
             },
         ];

@@ -88,8 +88,9 @@ pub(crate) fn query_outcome(
     theta: &ParamSet,
     query: &Batch,
     mode: Mode,
+    micro: Option<usize>,
 ) -> Result<(ParamSet, f64, f64)> {
-    inner::gradient(model, theta, query, mode, &|| {
+    inner::gradient(model, theta, query, mode, micro, &|| {
         "the query loss after adaptation".into()
     })
 }

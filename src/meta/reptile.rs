@@ -27,9 +27,14 @@ impl MetaLearner for Reptile {
     ) -> Result<TaskOutcome> {
         let (adapted, support_losses) = adapt(model, params, &task.support, self.inner, mode)?;
         // The query set only reports how well the adapted parameters do.
-        let (query_loss, query_accuracy) = evaluate(model, &adapted, &task.query, mode, &|| {
-            "the query loss after adaptation".into()
-        })?;
+        let (query_loss, query_accuracy) = evaluate(
+            model,
+            &adapted,
+            &task.query,
+            mode,
+            self.inner.micro_batch,
+            &|| "the query loss after adaptation".into(),
+        )?;
         Ok(TaskOutcome {
             meta_gradient: params.detach().sub(&adapted)?,
             support_losses,

@@ -159,4 +159,9 @@ impl FewShotModel for Conv4 {
         self.head
             .forward(&self.features(params, batch, mode)?, params)
     }
+
+    /// BatchNorm normalises with the statistics of the batch being forwarded.
+    fn couples_examples(&self) -> bool {
+        true
+    }
 }

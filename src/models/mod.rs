@@ -45,6 +45,12 @@ pub trait FewShotModel {
     fn adapter_config(&self) -> Option<AdapterConfig> {
         None
     }
+    /// Whether an example's output depends on the other examples of its batch
+    /// (BatchNorm with batch statistics): then a batch cannot be split into
+    /// micro-batches without changing the result.
+    fn couples_examples(&self) -> bool {
+        false
+    }
 }
 
 /// How a transformer's hidden states become one feature vector per sequence.

@@ -102,13 +102,13 @@ mod tests {
         let params = LinearProbe { classes: 3, dim: 4 }.init_params(0).unwrap();
         let tasks = [dense_episode(3, 4, 2, 1)];
         let k0 = Maml {
-            inner: InnerLoop { steps: 0, lr: 0.1 },
+            inner: InnerLoop::new(0, 0.1),
             mode: MamlMode::FullGraph,
         };
         assert!(error(&k0, &params, &tasks).contains("meta_learning.inner.steps"));
         for lr in [0.0, -0.1, f64::INFINITY] {
             let bad = Fomaml {
-                inner: InnerLoop { steps: 1, lr },
+                inner: InnerLoop::new(1, lr),
             };
             let err = error(&bad, &params, &tasks);
             assert!(
@@ -118,7 +118,7 @@ mod tests {
         }
         let model = LinearProbe { classes: 3, dim: 4 };
         let learner = Reptile {
-            inner: InnerLoop { steps: 1, lr: 0.1 },
+            inner: InnerLoop::new(1, 0.1),
         };
         assert!(meta_step(&learner, &model, &params, &[], &mut outer(), |_| Mode::Eval).is_err());
     }
@@ -147,18 +147,18 @@ mod tests {
         bad.support = Batch::from_dense(x, bad.support.labels.clone()).unwrap();
         for learner in [
             Box::new(Maml {
-                inner: InnerLoop { steps: 2, lr: 0.1 },
+                inner: InnerLoop::new(2, 0.1),
                 mode: MamlMode::FullGraph,
             }) as Box<dyn MetaLearner>,
             Box::new(Maml {
-                inner: InnerLoop { steps: 2, lr: 0.1 },
+                inner: InnerLoop::new(2, 0.1),
                 mode: MamlMode::Recompute,
             }),
             Box::new(Fomaml {
-                inner: InnerLoop { steps: 2, lr: 0.1 },
+                inner: InnerLoop::new(2, 0.1),
             }),
             Box::new(Reptile {
-                inner: InnerLoop { steps: 2, lr: 0.1 },
+                inner: InnerLoop::new(2, 0.1),
             }),
         ] {
             let mut update = outer();
