@@ -5,37 +5,7 @@
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
 
-/// Reads a contiguous float slice as f64, applies `f` row by row, and writes the
-/// result back in the input's dtype.
-pub(crate) fn map_rows(
-    storage: &CpuStorage,
-    layout: &Layout,
-    width: usize,
-    mut f: impl FnMut(&[f64], &mut [f64]),
-) -> Result<CpuStorage> {
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        candle_core::bail!("fused op: expects a contiguous input");
-    };
-    let input: Vec<f64> = match storage {
-        CpuStorage::F64(v) => v[start..end].to_vec(),
-        CpuStorage::F32(v) => v[start..end].iter().map(|&x| x as f64).collect(),
-        CpuStorage::BF16(v) => v[start..end].iter().map(|x| x.to_f64()).collect(),
-        CpuStorage::F16(v) => v[start..end].iter().map(|x| x.to_f64()).collect(),
-        _ => candle_core::bail!("fused op: floating-point input expected"),
-    };
-    let mut output = vec![0f64; input.len()];
-    for (row_in, row_out) in input.chunks(width).zip(output.chunks_mut(width)) {
-        f(row_in, row_out);
-    }
-    Ok(match storage {
-        CpuStorage::F64(_) => CpuStorage::F64(output),
-        CpuStorage::F32(_) => CpuStorage::F32(output.iter().map(|&x| x as f32).collect()),
-        CpuStorage::BF16(_) => {
-            CpuStorage::BF16(output.iter().map(|&x| half::bf16::from_f64(x)).collect())
-        }
-        _ => CpuStorage::F16(output.iter().map(|&x| half::f16::from_f64(x)).collect()),
-    })
-}
+use super::rows::map_rows;
 
 fn vector_f64(storage: &CpuStorage, layout: &Layout) -> Result<Vec<f64>> {
     let Some((start, end)) = layout.contiguous_offsets() else {
@@ -80,7 +50,7 @@ impl CustomOp3 for LayerNormOp {
                 beta.len()
             );
         }
-        let out = map_rows(x, x_layout, width, |row, out| {
+        let out = map_rows(x, x_layout, width, |_, row, out| {
             let mean = row.iter().sum::<f64>() / width as f64;
             let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / width as f64;
             let rstd = 1.0 / (var + self.eps).sqrt();

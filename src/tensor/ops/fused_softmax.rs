@@ -4,7 +4,7 @@
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 
-use super::fused_norm::map_rows;
+use super::rows::map_rows;
 
 /// A keep-mask (non-zero = attend) of the same rank as the scores, each dimension
 /// either the scores' or 1 (broadcast), the last one the scores'.
@@ -70,10 +70,8 @@ impl CustomOp1 for SoftmaxOp {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let dims = layout.dims().to_vec();
         let width = *dims.last().unwrap_or(&1);
-        let mut row = 0;
-        let out = map_rows(storage, layout, width, |x, p| {
+        let out = map_rows(storage, layout, width, |row, x, p| {
             let keep = self.keep.as_ref().map(|k| k.row(&dims, row));
-            row += 1;
             let kept = |j: usize| keep.is_none_or(|k| k[j] != 0);
             let max = (0..width)
                 .filter(|&j| kept(j))

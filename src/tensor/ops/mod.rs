@@ -27,6 +27,7 @@ mod loss;
 pub mod norm;
 mod pointwise;
 mod pooling;
+mod rows;
 mod softmax;
 
 pub use activation::{gelu_erf, gelu_tanh, relu, sigmoid, silu};

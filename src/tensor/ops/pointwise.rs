@@ -89,10 +89,6 @@ struct PointwiseOp {
     order: u8,
 }
 
-fn map<T: Copy>(input: &[T], f: impl Fn(T) -> T) -> Vec<T> {
-    input.iter().map(|&v| f(v)).collect()
-}
-
 impl CustomOp1 for PointwiseOp {
     fn name(&self) -> &'static str {
         match (self.function, self.order) {
@@ -108,23 +104,8 @@ impl CustomOp1 for PointwiseOp {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("{}: expects a contiguous input", self.name());
-        };
         let (f, k) = (self.function, self.order);
-        let out = match storage {
-            CpuStorage::F64(v) => CpuStorage::F64(map(&v[start..end], |x| f.derivative(k, x))),
-            CpuStorage::F32(v) => {
-                CpuStorage::F32(map(&v[start..end], |x| f.derivative(k, x as f64) as f32))
-            }
-            CpuStorage::BF16(v) => CpuStorage::BF16(map(&v[start..end], |x| {
-                half::bf16::from_f64(f.derivative(k, x.to_f64()))
-            })),
-            CpuStorage::F16(v) => CpuStorage::F16(map(&v[start..end], |x| {
-                half::f16::from_f64(f.derivative(k, x.to_f64()))
-            })),
-            _ => candle_core::bail!("{}: floating-point input expected", self.name()),
-        };
+        let out = super::rows::map_elements(storage, layout, |x| f.derivative(k, x))?;
         Ok((out, layout.shape().clone()))
     }
 
