@@ -8,6 +8,7 @@
 //! tensors; a [`Prefetcher`] builds the next meta-batches on a background thread.
 
 mod batch;
+mod configured;
 mod dataset;
 mod episode;
 mod prefetch;
@@ -21,6 +22,7 @@ mod tokenize;
 mod tests;
 
 pub use batch::{regression_loss, Batch, Inputs, TokenInputs};
+pub use configured::{episode_source, idx_files, load_dataset, Split};
 pub use dataset::{Class, ClassSplits, Dataset};
 pub use episode::Episode;
 pub use prefetch::Prefetcher;

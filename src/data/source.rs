@@ -58,6 +58,34 @@ impl EncodedDataset {
         })
     }
 
+    /// The data set restricted to classes `ids`, in that order (a split).
+    pub fn subset(&self, ids: &[usize]) -> Result<Self> {
+        Ok(match self {
+            Self::Tokens { dataset, pad_id } => Self::Tokens {
+                dataset: dataset.subset(ids)?,
+                pad_id: *pad_id,
+            },
+            Self::Images {
+                dataset,
+                channels,
+                height,
+                width,
+            } => Self::Images {
+                dataset: dataset.subset(ids)?,
+                channels: *channels,
+                height: *height,
+                width: *width,
+            },
+            Self::Rows {
+                dataset,
+                standardise,
+            } => Self::Rows {
+                dataset: dataset.subset(ids)?,
+                standardise: *standardise,
+            },
+        })
+    }
+
     /// Examples per class.
     pub fn class_sizes(&self) -> Vec<usize> {
         match self {

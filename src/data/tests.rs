@@ -639,3 +639,51 @@ fn fashion_mnist_reads_when_installed() {
     assert_eq!(data.num_classes(), 10);
     assert_eq!(data.num_examples(), 10_000);
 }
+
+#[test]
+fn configured_sources_split_by_class_and_follow_the_config() {
+    let device = Device::Cpu;
+    let encoder = WordHashTokenizer::tiny(32);
+    let mut config = crate::config::DataConfig::default();
+    let e = episode_source(&config, 1, Split::Train, &encoder, &device)
+        .unwrap()
+        .episode(0)
+        .unwrap();
+    assert!(e.support.tokens().is_ok());
+    config.synthetic_task = crate::config::SyntheticTask::Sinusoid;
+    let e = episode_source(&config, 1, Split::Test, &encoder, &device)
+        .unwrap()
+        .episode(0)
+        .unwrap();
+    assert!(e.support.is_regression());
+
+    // A JSONL of 10 classes: train and test episodes never share a class.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("d.jsonl");
+    let lines: String = (0..10)
+        .flat_map(|c| {
+            (0..12).map(move |i| format!("{{\"text\": \"w{c} {i}\", \"label\": \"c{c}\"}}\n"))
+        })
+        .collect();
+    std::fs::write(&path, lines).unwrap();
+    config.source = crate::config::DataSource::Jsonl;
+    config.path = Some(path);
+    config.n_way = 2;
+    let names = |split| -> HashSet<String> {
+        let source = episode_source(&config, 3, split, &encoder, &device).unwrap();
+        (0..50)
+            .flat_map(|i| {
+                let e = source.episode(i).unwrap();
+                e.support
+                    .tokens()
+                    .unwrap()
+                    .input_ids
+                    .to_vec2::<u32>()
+                    .unwrap()
+            })
+            .map(|row| format!("{:?}", row[1]))
+            .collect()
+    };
+    let (train, test) = (names(Split::Train), names(Split::Test));
+    assert!(!train.is_empty() && train.is_disjoint(&test));
+}
