@@ -211,7 +211,10 @@ fn ranges_are_checked() {
         ("data:\n  image_size: 0\n", "data.image_size"),
         ("data:\n  label_column: \"\"\n", "data.label_column"),
         ("data:\n  train_fraction: 1.0\n", "data.train_fraction"),
-        ("data:\n  train_fraction: 0.7\n  val_fraction: 0.3\n", "data.val_fraction"),
+        (
+            "data:\n  train_fraction: 0.7\n  val_fraction: 0.3\n",
+            "data.val_fraction",
+        ),
         ("data:\n  small_classes: drop\n", "data.small_classes"),
         ("data:\n  synthetic_task: audio\n", "data.synthetic_task"),
         ("evaluation:\n  episodes: 0\n", "evaluation.episodes"),
