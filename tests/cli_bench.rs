@@ -97,3 +97,55 @@ fn bench_data_names_missing_data_and_the_fix() {
         stderr(&output)
     );
 }
+
+#[test]
+fn bench_data_tokenises_wordnet_with_a_given_tokenizer() {
+    if !omniglot().exists() || !Path::new("/usr/share/wordnet/data.noun").exists() {
+        assert!(
+            std::env::var("MELORA_REQUIRE_SHARED").map_or(true, |v| v != "1"),
+            "Omniglot or WordNet missing (MELORA_REQUIRE_SHARED=1)"
+        );
+        eprintln!("skipped: Omniglot or WordNet not installed");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // A tiny WordPiece tokenizer.json in BERT's layout.
+    let words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "a", "the", "of", "or"];
+    let vocab: serde_json::Map<String, serde_json::Value> = words
+        .iter()
+        .enumerate()
+        .map(|(i, w)| (w.to_string(), i.into()))
+        .collect();
+    let json = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": {"type": "BertNormalizer", "clean_text": true,
+            "handle_chinese_chars": true, "strip_accents": null, "lowercase": true},
+        "pre_tokenizer": {"type": "BertPreTokenizer"},
+        "post_processor": {"type": "BertProcessing", "sep": ["[SEP]", 3], "cls": ["[CLS]", 2]},
+        "decoder": null,
+        "model": {"type": "WordPiece", "unk_token": "[UNK]", "continuing_subword_prefix": "##",
+            "max_input_chars_per_word": 100, "vocab": vocab}
+    });
+    let tokenizer = dir.path().join("tokenizer.json");
+    std::fs::write(&tokenizer, json.to_string()).unwrap();
+    let out = dir.path().join("results");
+    let output = melora(&[
+        "bench",
+        "data",
+        "--omniglot",
+        omniglot().to_str().unwrap(),
+        "--tokenizer",
+        tokenizer.to_str().unwrap(),
+        "--episodes",
+        "5",
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("data.json")).unwrap()).unwrap();
+    assert_eq!(
+        json["data"][1]["tokenizer"],
+        tokenizer.display().to_string()
+    );
+}
