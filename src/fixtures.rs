@@ -23,7 +23,7 @@ fn fixtures_dir() -> PathBuf {
     }
 }
 
-fn shared_required() -> bool {
+pub(crate) fn shared_required() -> bool {
     std::env::var("MELORA_REQUIRE_SHARED").is_ok_and(|v| v == "1")
 }
 

@@ -125,6 +125,36 @@ pub(crate) enum Command {
     /// Check this installation: every op's first and second derivatives against
     /// finite differences, and memory measurement
     Check(CheckArgs),
+    /// Measure parts of the system (results written to --output, default bench-results/)
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum BenchCommand {
+    /// Decoding and batching speed of real data: 1,000 Omniglot episodes (20-way
+    /// 1-shot, 5 queries) and 1,000 WordNet episodes (5-way 5-shot, 5 queries)
+    Data(BenchDataArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct BenchDataArgs {
+    /// Omniglot zip archive, folder of zips, or extracted folder
+    #[arg(long, value_name = "PATH", default_value = "../shared/data/omniglot")]
+    pub(crate) omniglot: PathBuf,
+
+    /// Folder of WordNet's data.noun and data.verb
+    #[arg(long, value_name = "DIR", default_value = "/usr/share/wordnet")]
+    pub(crate) wordnet: PathBuf,
+
+    /// tokenizer.json for the WordNet texts; without it, the built-in word-hash
+    /// tokenisation into the tiny models' vocabulary (1000 ids)
+    #[arg(long, value_name = "FILE")]
+    pub(crate) tokenizer: Option<PathBuf>,
+
+    /// Episodes per data set
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    pub(crate) episodes: usize,
 }
 
 #[derive(Debug, Args)]

@@ -3,6 +3,7 @@
 //! it is hidden from the library's documentation.
 
 mod args;
+mod bench_cmd;
 mod check_cmd;
 mod config_cmd;
 
@@ -42,6 +43,9 @@ pub fn run() -> anyhow::Result<ExitCode> {
     match &cli.command {
         Command::Config(args) => config_cmd::run(&cli.global, args).map(|()| ExitCode::SUCCESS),
         Command::Check(args) => check_cmd::run(args),
+        Command::Bench(args::BenchCommand::Data(args)) => {
+            bench_cmd::run_data(&cli.global, args).map(|()| ExitCode::SUCCESS)
+        }
     }
 }
 

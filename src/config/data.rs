@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use super::choice::choice_enum;
-use super::validate::{at_least, invalid};
+use super::validate::{at_least, in_half_open, invalid, non_empty};
 use crate::Result;
 
 choice_enum! {
@@ -28,6 +28,30 @@ choice_enum! {
         Tabular = "tabular",
     }
     default = Synthetic;
+}
+
+choice_enum! {
+    /// Which built-in synthetic task family `source: synthetic` generates.
+    pub enum SyntheticTask {
+        /// Text classification over the tiny models' vocabulary.
+        Text = "text",
+        /// Sinusoid regression (the classic MAML benchmark).
+        Sinusoid = "sinusoid",
+        /// 28×28 grey prototype images with jitter, for Conv4.
+        Images = "images",
+    }
+    default = Text;
+}
+
+choice_enum! {
+    /// What happens to a class with fewer than `k_shot + n_query` examples.
+    pub enum SmallClasses {
+        /// Leave it out, with a warning.
+        Skip = "skip",
+        /// Stop with an error naming the class.
+        Error = "error",
+    }
+    default = Skip;
 }
 
 impl DataSource {
@@ -56,6 +80,22 @@ pub struct DataConfig {
     pub n_query: usize,
     /// Use synthetic tasks whatever the source, e.g. for a quick check.
     pub synthetic_only: bool,
+    /// The synthetic task family of `source: synthetic` (and `synthetic_only`).
+    pub synthetic_task: SyntheticTask,
+    /// Field (JSON lines) or column (CSV) holding the text.
+    pub text_column: String,
+    /// Field or column holding the class label (also of `tabular`).
+    pub label_column: String,
+    /// Side of the square images after resizing (`omniglot`).
+    pub image_size: usize,
+    /// Add each Omniglot character rotated by 90°, 180° and 270° as new classes.
+    pub rotations: bool,
+    /// Fraction of the classes to meta-train on, in [0, 1).
+    pub train_fraction: f64,
+    /// Fraction of the classes to validate on, in [0, 1); the rest are test classes.
+    pub val_fraction: f64,
+    /// What to do with a class with fewer than `k_shot + n_query` examples.
+    pub small_classes: SmallClasses,
 }
 
 impl Default for DataConfig {
@@ -67,6 +107,14 @@ impl Default for DataConfig {
             k_shot: 5,
             n_query: 5,
             synthetic_only: false,
+            synthetic_task: SyntheticTask::Text,
+            text_column: "text".into(),
+            label_column: "label".into(),
+            image_size: 28,
+            rotations: false,
+            train_fraction: 0.6,
+            val_fraction: 0.2,
+            small_classes: SmallClasses::Skip,
         }
     }
 }
@@ -76,6 +124,21 @@ impl DataConfig {
         at_least("data.n_way", self.n_way, 2)?;
         at_least("data.k_shot", self.k_shot, 1)?;
         at_least("data.n_query", self.n_query, 1)?;
+        at_least("data.image_size", self.image_size, 1)?;
+        non_empty("data.text_column", &self.text_column)?;
+        non_empty("data.label_column", &self.label_column)?;
+        in_half_open("data.train_fraction", self.train_fraction, 0.0, 1.0)?;
+        in_half_open("data.val_fraction", self.val_fraction, 0.0, 1.0)?;
+        if self.train_fraction + self.val_fraction >= 1.0 {
+            return Err(invalid(
+                "data.val_fraction",
+                format!(
+                    "train_fraction + val_fraction must leave classes for testing (< 1), got \
+                     {} + {}",
+                    self.train_fraction, self.val_fraction
+                ),
+            ));
+        }
         if !self.synthetic_only && self.source.needs_path() && self.path.is_none() {
             return Err(invalid(
                 "data.path",

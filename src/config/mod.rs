@@ -53,7 +53,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 pub use choice::UnknownValue;
-pub use data::{DataConfig, DataSource};
+pub use data::{DataConfig, DataSource, SmallClasses, SyntheticTask};
 pub use evaluation::EvaluationConfig;
 pub use lora::LoraConfig;
 pub use memory_optimization::{

@@ -25,13 +25,29 @@ pub enum Inputs {
     Dense(Tensor),
 }
 
-/// A batch: inputs and their class labels (`u32` `[b]`).
+/// A batch: inputs and their class labels (`u32` `[b]`), or, for regression, their
+/// float targets.
+///
+/// Classification batches have `targets: None` and `labels` holding each example's
+/// class. Regression batches (see [`Batch::regression`]) hold the real-valued targets
+/// in `targets` (`f32` `[b, d]`, read them with [`Batch::regression_targets`] and score
+/// with [`regression_loss`]); their `labels` are all zero, so that code which only
+/// counts examples keeps working, and must not be read as classes.
 #[derive(Debug, Clone)]
 pub struct Batch {
     /// The examples.
     pub inputs: Inputs,
-    /// Class of each example, `u32` `[b]`.
+    /// Class of each example, `u32` `[b]` (all zero in a regression batch).
     pub labels: Tensor,
+    /// Real-valued targets `[b, d]` of a regression batch; `None` for classification.
+    pub targets: Option<Tensor>,
+}
+
+/// Mean squared error between a model's `prediction` (`[b, d]`) and a regression
+/// batch's targets; an error for a classification batch.
+pub fn regression_loss(prediction: &Tensor, batch: &Batch) -> Result<Tensor> {
+    let targets = batch.regression_targets()?.to_dtype(prediction.dtype())?;
+    Ok(crate::tensor::ops::mse(prediction, &targets)?)
 }
 
 impl Batch {
@@ -75,6 +91,7 @@ impl Batch {
                 token_type_ids,
             }),
             labels: labels.to_dtype(DType::U32)?,
+            targets: None,
         })
     }
 
@@ -91,7 +108,43 @@ impl Batch {
         Ok(Self {
             inputs: Inputs::Dense(inputs),
             labels: labels.to_dtype(DType::U32)?,
+            targets: None,
         })
+    }
+
+    /// A regression batch: dense inputs `[b, ...]` and float targets `[b, d]` (or `[b]`,
+    /// taken as `[b, 1]`); `labels` are zeros (see [`Batch`]).
+    pub fn regression(inputs: Tensor, targets: Tensor) -> Result<Self> {
+        let b = inputs.dims().first().copied().unwrap_or(0);
+        let targets = match targets.rank() {
+            1 => targets.unsqueeze(1)?,
+            _ => targets,
+        };
+        if inputs.rank() < 2 || targets.rank() != 2 || targets.dims()[0] != b {
+            return Err(Error::Shape(format!(
+                "regression inputs {:?} need a batch dimension matching targets [b, d], got {:?}",
+                inputs.dims(),
+                targets.dims()
+            )));
+        }
+        let labels = Tensor::zeros(b, DType::U32, inputs.device())?;
+        Ok(Self {
+            inputs: Inputs::Dense(inputs),
+            labels,
+            targets: Some(targets),
+        })
+    }
+
+    /// The float targets of a regression batch, or an error for a classification batch.
+    pub fn regression_targets(&self) -> Result<&Tensor> {
+        self.targets.as_ref().ok_or_else(|| {
+            Error::InvalidArgument("this batch holds class labels, not regression targets".into())
+        })
+    }
+
+    /// Whether the batch holds regression targets rather than classes.
+    pub fn is_regression(&self) -> bool {
+        self.targets.is_some()
     }
 
     /// The token inputs, or an error for a model that reads text given other inputs.
@@ -137,6 +190,7 @@ impl Batch {
             parts.push(Batch {
                 inputs,
                 labels: rows(&self.labels)?,
+                targets: self.targets.as_ref().map(rows).transpose()?,
             });
         }
         Ok(parts)

@@ -1,10 +1,32 @@
-//! Data: batches of examples (and, in later milestones, episodes, samplers and
-//! readers).
+//! Data: batches and episodes, class-grouped data sets and their episode sampler,
+//! synthetic task families, readers of real data sets, and a prefetcher.
+//!
+//! The pipeline: a reader (or a synthetic family) gives a [`Dataset`] of examples
+//! grouped by class; it is decoded once into an [`EncodedDataset`] (texts tokenised,
+//! images decoded and resized); an [`EpisodeSampler`] draws N-way K-shot Q-query
+//! [`EpisodeSpec`]s by seed; [`DatasetEpisodes`] turns specs into [`Episode`]s of
+//! tensors; a [`Prefetcher`] builds the next meta-batches on a background thread.
 
 mod batch;
+mod configured;
+mod dataset;
 mod episode;
+mod prefetch;
+pub mod readers;
+mod sampler;
+mod source;
+mod synthetic;
 mod tokenize;
 
-pub use batch::{Batch, Inputs, TokenInputs};
+#[cfg(test)]
+mod tests;
+
+pub use batch::{regression_loss, Batch, Inputs, TokenInputs};
+pub use configured::{episode_source, idx_files, load_dataset, Split};
+pub use dataset::{Class, ClassSplits, Dataset};
 pub use episode::Episode;
-pub use tokenize::TextTokenizer;
+pub use prefetch::Prefetcher;
+pub use sampler::{episode_rng, EpisodeSampler, EpisodeSpec, SmallClassPolicy};
+pub use source::{DatasetEpisodes, EncodedDataset, EpisodeSource};
+pub use synthetic::{SinusoidTasks, SyntheticImages, SyntheticText, TextTask};
+pub use tokenize::{EncodeText, TextTokenizer, WordHashTokenizer};

@@ -17,6 +17,7 @@ const PAD_CANDIDATES: &[&str] = &["[PAD]", "<pad>", "<|endoftext|>", "</s>"];
 pub struct TextTokenizer {
     inner: Tokenizer,
     max_length: usize,
+    pad_id: u32,
 }
 
 impl std::fmt::Debug for TextTokenizer {
@@ -75,12 +76,21 @@ impl TextTokenizer {
             .map_err(|e| {
                 Error::InvalidArgument(format!("truncation to {max_length} tokens: {e}"))
             })?;
-        Ok(Self { inner, max_length })
+        Ok(Self {
+            inner,
+            max_length,
+            pad_id,
+        })
     }
 
     /// The longest sequence a batch may have.
     pub fn max_length(&self) -> usize {
         self.max_length
+    }
+
+    /// The padding token id.
+    pub fn pad_id(&self) -> u32 {
+        self.pad_id
     }
 
     /// Tokenises `texts` with their class `labels` into a batch on `device`.
@@ -123,6 +133,86 @@ impl TextTokenizer {
             )?),
             Tensor::from_vec(labels.to_vec(), labels.len(), device)?,
         )
+    }
+}
+
+impl EncodeText for TextTokenizer {
+    fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        // One sequence: batch-longest padding adds nothing.
+        let encoding = self
+            .inner
+            .encode(text, true)
+            .map_err(|e| Error::InvalidArgument(format!("tokenisation failed: {e}")))?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    fn pad_id(&self) -> u32 {
+        self.pad_id
+    }
+}
+
+/// Turns one text into token ids (truncated, special tokens included), so that a
+/// data set is tokenised once and batches are only padded.
+pub trait EncodeText {
+    /// The token ids of `text`.
+    fn encode(&self, text: &str) -> Result<Vec<u32>>;
+    /// The id batches are padded with.
+    fn pad_id(&self) -> u32;
+}
+
+/// A tokeniser that needs no file, for the built-in tiny models: lower-cased words
+/// (runs of alphanumeric characters) hashed (FNV-1a, 64 bits) into `[2, vocab)`, after
+/// a leading id 1 (`[CLS]`-like); 0 is padding. Different words may share an id; with
+/// a vocabulary of 1000 that is the price of having no vocabulary file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WordHashTokenizer {
+    /// Ids are below this (at least 3).
+    pub vocab: u32,
+    /// Longest sequence, the leading id included (at least 1).
+    pub max_length: usize,
+}
+
+impl WordHashTokenizer {
+    /// Ids for the built-in tiny models: vocabulary 1000.
+    pub fn tiny(max_length: usize) -> Self {
+        Self {
+            vocab: 1000,
+            max_length,
+        }
+    }
+}
+
+impl EncodeText for WordHashTokenizer {
+    fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        if self.vocab < 3 || self.max_length == 0 {
+            return Err(Error::InvalidArgument(format!(
+                "word-hash tokeniser needs vocab >= 3 and max_length >= 1, got {} and {}",
+                self.vocab, self.max_length
+            )));
+        }
+        let mut ids = vec![1u32];
+        for word in text
+            .split(|c: char| !c.is_alphanumeric())
+            .filter(|w| !w.is_empty())
+        {
+            if ids.len() >= self.max_length {
+                break;
+            }
+            let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+            for c in word.chars().flat_map(char::to_lowercase) {
+                let mut buf = [0u8; 4];
+                for &b in c.encode_utf8(&mut buf).as_bytes() {
+                    hash ^= u64::from(b);
+                    hash = hash.wrapping_mul(0x0100_0000_01b3);
+                }
+            }
+            ids.push(2 + (hash % u64::from(self.vocab - 2)) as u32);
+        }
+        Ok(ids)
+    }
+
+    fn pad_id(&self) -> u32 {
+        0
     }
 }
 

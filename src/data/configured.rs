@@ -1,0 +1,209 @@
+//! Episode sources as the `data` section of a configuration describes them: a
+//! synthetic family, or a real data set read once, split by class and sampled.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::Device;
+
+use super::readers::{
+    read_idx_dataset, read_omniglot, read_tabular, read_text_csv, read_text_jsonl, read_wordnet,
+    OmniglotOptions, TextColumns, WORDNET_DIR,
+};
+use super::{
+    ClassSplits, DatasetEpisodes, EncodeText, EncodedDataset, EpisodeSampler, EpisodeSource,
+    SinusoidTasks, SmallClassPolicy, SyntheticImages, SyntheticText,
+};
+use crate::config::{DataConfig, DataSource, SmallClasses, SyntheticTask};
+use crate::{Error, Result};
+
+/// Which class-disjoint part of a data set episodes come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Split {
+    /// Meta-training classes.
+    Train,
+    /// Meta-validation classes.
+    Val,
+    /// Meta-test classes.
+    Test,
+}
+
+impl Split {
+    /// Added to the seed of episode sampling, so that the splits' episode streams (and
+    /// synthetic tasks) differ.
+    fn salt(self) -> u64 {
+        match self {
+            Split::Train => 0,
+            Split::Val => 0x5EED_0001,
+            Split::Test => 0x5EED_0002,
+        }
+    }
+}
+
+/// The whole data set of a non-synthetic `data` section, decoded once (texts encoded
+/// by `text_encoder`).
+pub fn load_dataset(config: &DataConfig, text_encoder: &dyn EncodeText) -> Result<EncodedDataset> {
+    let path = || {
+        config.path.clone().ok_or_else(|| Error::Config {
+            key: "data.path".into(),
+            message: format!("required when data.source is `{}`", config.source),
+        })
+    };
+    let columns = TextColumns {
+        text: config.text_column.clone(),
+        label: config.label_column.clone(),
+    };
+    match config.source {
+        DataSource::Synthetic => Err(Error::InvalidArgument(
+            "synthetic tasks have no data set to load".into(),
+        )),
+        DataSource::Jsonl => {
+            EncodedDataset::from_texts(read_text_jsonl(&path()?, &columns)?, text_encoder)
+        }
+        DataSource::Csv => {
+            EncodedDataset::from_texts(read_text_csv(&path()?, &columns)?, text_encoder)
+        }
+        DataSource::Wordnet => {
+            let dir = config
+                .path
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(WORDNET_DIR));
+            EncodedDataset::from_texts(read_wordnet(&dir)?, text_encoder)
+        }
+        DataSource::Omniglot => {
+            let options = OmniglotOptions {
+                image_size: config.image_size,
+                rotations: config.rotations,
+            };
+            Ok(EncodedDataset::Images {
+                dataset: read_omniglot(&path()?, &options)?,
+                channels: 1,
+                height: config.image_size,
+                width: config.image_size,
+            })
+        }
+        DataSource::Idx => {
+            let (images, labels) = idx_files(&path()?)?;
+            let (dataset, height, width) = read_idx_dataset(&images, &labels)?;
+            Ok(EncodedDataset::Images {
+                dataset,
+                channels: 1,
+                height,
+                width,
+            })
+        }
+        DataSource::Tabular => Ok(EncodedDataset::Rows {
+            dataset: read_tabular(&path()?, &config.label_column)?.dataset,
+            standardise: true,
+        }),
+    }
+}
+
+/// The images and labels files of an IDX `path`: a folder holding
+/// `train-images-idx3-ubyte[.gz]` and `train-labels-idx1-ubyte[.gz]`, or an images file
+/// whose labels file has the same name with `images-idx3` replaced by `labels-idx1`.
+pub fn idx_files(path: &Path) -> Result<(PathBuf, PathBuf)> {
+    if path.is_dir() {
+        for suffix in ["", ".gz"] {
+            let images = path.join(format!("train-images-idx3-ubyte{suffix}"));
+            if images.exists() {
+                return Ok((
+                    images,
+                    path.join(format!("train-labels-idx1-ubyte{suffix}")),
+                ));
+            }
+        }
+        return Err(Error::Format {
+            path: path.into(),
+            message: "no train-images-idx3-ubyte[.gz] in this folder; give the images file \
+                      as data.path"
+                .into(),
+        });
+    }
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if !name.contains("images-idx3") {
+        return Err(Error::Format {
+            path: path.into(),
+            message: "an IDX images file name must contain `images-idx3` (its labels file \
+                      has `labels-idx1` instead)"
+                .into(),
+        });
+    }
+    Ok((
+        path.to_path_buf(),
+        path.with_file_name(name.replace("images-idx3", "labels-idx1")),
+    ))
+}
+
+/// Episodes of `split` as `config` describes them. Synthetic families (also under
+/// `synthetic_only`) draw fresh tasks from a seed that depends on the split; real data
+/// sets are loaded with [`load_dataset`], split by class with the configured fractions
+/// (seeded by `seed`) and sampled N-way K-shot Q-query.
+pub fn episode_source(
+    config: &DataConfig,
+    seed: u64,
+    split: Split,
+    text_encoder: &dyn EncodeText,
+    device: &Device,
+) -> Result<Arc<dyn EpisodeSource>> {
+    let episode_seed = seed.wrapping_add(split.salt());
+    if config.synthetic_only || config.source == DataSource::Synthetic {
+        let (n_way, k_shot, n_query) = (config.n_way, config.k_shot, config.n_query);
+        return Ok(match config.synthetic_task {
+            SyntheticTask::Text => Arc::new(SyntheticText {
+                n_way,
+                k_shot,
+                n_query,
+                seed: episode_seed,
+                ..SyntheticText::default()
+            }),
+            SyntheticTask::Sinusoid => Arc::new(SinusoidTasks {
+                k_shot,
+                n_query,
+                seed: episode_seed,
+            }),
+            SyntheticTask::Images => Arc::new(SyntheticImages {
+                size: config.image_size,
+                n_way,
+                k_shot,
+                n_query,
+                seed: episode_seed,
+                ..SyntheticImages::default()
+            }),
+        });
+    }
+    let data = load_dataset(config, text_encoder)?;
+    let splits = ClassSplits::by_fraction(
+        data.class_sizes().len(),
+        config.train_fraction,
+        config.val_fraction,
+        seed,
+    )?;
+    let ids = match split {
+        Split::Train => &splits.train,
+        Split::Val => &splits.val,
+        Split::Test => &splits.test,
+    };
+    let data = data.subset(ids)?;
+    let policy = match config.small_classes {
+        SmallClasses::Skip => SmallClassPolicy::Skip,
+        SmallClasses::Error => SmallClassPolicy::Error,
+    };
+    let sampler = EpisodeSampler::new(
+        data.class_sizes(),
+        &data.class_names(),
+        config.n_way,
+        config.k_shot,
+        config.n_query,
+        policy,
+    )?;
+    Ok(Arc::new(DatasetEpisodes::new(
+        Arc::new(data),
+        sampler,
+        episode_seed,
+        device.clone(),
+    )?))
+}

@@ -1,0 +1,131 @@
+//! Labelled texts: JSON lines and CSV/TSV files.
+
+use std::io::BufRead;
+use std::path::Path;
+
+use super::{at_line, malformed};
+use crate::data::Dataset;
+use crate::{Error, Result};
+
+/// Names of the text and label fields (JSON lines) or columns (CSV, by header).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TextColumns {
+    /// Field or column holding the text.
+    pub text: String,
+    /// Field or column holding the class label.
+    pub label: String,
+}
+
+impl Default for TextColumns {
+    fn default() -> Self {
+        Self {
+            text: "text".into(),
+            label: "label".into(),
+        }
+    }
+}
+
+/// Reads JSON lines `{"text": ..., "label": ...}` (field names from `columns`; a label
+/// may be a string or a number); blank lines are skipped.
+pub fn read_text_jsonl(path: &Path, columns: &TextColumns) -> Result<Dataset<String>> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut pairs = Vec::new();
+    for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
+        let line_no = i as u64 + 1;
+        let line = line.map_err(|e| at_line(path, line_no, e))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let value: serde_json::Value =
+            serde_json::from_str(&line).map_err(|e| at_line(path, line_no, e))?;
+        let text = value
+            .get(&columns.text)
+            .and_then(|v| v.as_str())
+            .ok_or_else(|| at_line(path, line_no, format!("no string field `{}`", columns.text)))?;
+        let label = match value.get(&columns.label) {
+            Some(serde_json::Value::String(s)) => s.clone(),
+            Some(v @ serde_json::Value::Number(_)) | Some(v @ serde_json::Value::Bool(_)) => {
+                v.to_string()
+            }
+            _ => {
+                return Err(at_line(
+                    path,
+                    line_no,
+                    format!("no string or number field `{}`", columns.label),
+                ))
+            }
+        };
+        pairs.push((label, text.to_string()));
+    }
+    if pairs.is_empty() {
+        return Err(malformed(path, "no examples"));
+    }
+    Ok(Dataset::from_labelled(pairs))
+}
+
+/// Reads a CSV file with a header row (tab-separated if the name ends in `.tsv`),
+/// taking the text and label from the columns named in `columns`.
+pub fn read_text_csv(path: &Path, columns: &TextColumns) -> Result<Dataset<String>> {
+    let mut reader = csv_reader(path)?;
+    let headers = reader
+        .headers()
+        .map_err(|e| malformed(path, format!("cannot read the header row: {e}")))?
+        .clone();
+    let column = |name: &str| {
+        headers
+            .iter()
+            .position(|h| h.trim() == name)
+            .ok_or_else(|| {
+                malformed(
+                    path,
+                    format!(
+                        "no column `{name}` in the header (columns: {})",
+                        headers.iter().collect::<Vec<_>>().join(", ")
+                    ),
+                )
+            })
+    };
+    let (text_col, label_col) = (column(&columns.text)?, column(&columns.label)?);
+    let mut pairs = Vec::new();
+    for record in reader.records() {
+        let record = record.map_err(|e| csv_error(path, e))?;
+        let line = record.position().map_or(0, |p| p.line());
+        let field = |c: usize, name: &str| {
+            record
+                .get(c)
+                .ok_or_else(|| at_line(path, line, format!("no value in column `{name}`")))
+        };
+        let label = field(label_col, &columns.label)?.trim();
+        if label.is_empty() {
+            return Err(at_line(path, line, format!("empty `{}`", columns.label)));
+        }
+        pairs.push((
+            label.to_string(),
+            field(text_col, &columns.text)?.to_string(),
+        ));
+    }
+    if pairs.is_empty() {
+        return Err(malformed(path, "no examples"));
+    }
+    Ok(Dataset::from_labelled(pairs))
+}
+
+/// A CSV reader of `path` with headers; tab-delimited for `.tsv`.
+pub(crate) fn csv_reader(path: &Path) -> Result<csv::Reader<std::fs::File>> {
+    let tab = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("tsv"));
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    Ok(csv::ReaderBuilder::new()
+        .delimiter(if tab { b'\t' } else { b',' })
+        .has_headers(true)
+        .from_reader(file))
+}
+
+/// A csv error as a format error naming the file and line.
+pub(crate) fn csv_error(path: &Path, e: csv::Error) -> Error {
+    match e.position() {
+        Some(p) => at_line(path, p.line(), e),
+        None => malformed(path, e.to_string()),
+    }
+}

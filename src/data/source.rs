@@ -1,0 +1,300 @@
+//! Episodes from a decoded data set: an [`EpisodeSource`] turns an episode index
+//! into tensors, decoding nothing (the data set was decoded and tokenised once).
+
+use std::sync::Arc;
+
+use candle_core::{Device, Tensor};
+
+use super::{Batch, Dataset, Episode, EpisodeSampler, EpisodeSpec};
+use crate::{Error, Result};
+
+/// Anything that makes episode `index` deterministically (same source and index, same
+/// episode): sampled data sets and synthetic task families. `Send + Sync` so that a
+/// [`super::Prefetcher`] can draw episodes on a background thread.
+pub trait EpisodeSource: Send + Sync {
+    /// Episode `index`.
+    fn episode(&self, index: u64) -> Result<Episode>;
+}
+
+/// A data set decoded into model inputs, ready to batch.
+#[derive(Debug, Clone)]
+pub enum EncodedDataset {
+    /// Token ids per text (already truncated, special tokens included); batches are
+    /// padded with `pad_id` to the longest sequence.
+    Tokens {
+        /// The token ids, grouped by class.
+        dataset: Dataset<Vec<u32>>,
+        /// Padding token id.
+        pad_id: u32,
+    },
+    /// Images as `channels × height × width` floats, row-major.
+    Images {
+        /// The pixels, grouped by class.
+        dataset: Dataset<Vec<f32>>,
+        /// Channels per image.
+        channels: usize,
+        /// Rows per image.
+        height: usize,
+        /// Columns per image.
+        width: usize,
+    },
+    /// Feature rows of one width; `NaN` marks a missing value.
+    Rows {
+        /// The rows, grouped by class.
+        dataset: Dataset<Vec<f32>>,
+        /// Standardise each column with the support set's mean and standard deviation
+        /// (fitted on the support only, applied to both sets; missing values become the
+        /// support mean, i.e. 0 after standardisation).
+        standardise: bool,
+    },
+}
+
+impl EncodedDataset {
+    /// Texts tokenised once by `encoder`.
+    pub fn from_texts(dataset: Dataset<String>, encoder: &dyn super::EncodeText) -> Result<Self> {
+        Ok(Self::Tokens {
+            dataset: dataset.map(|text| encoder.encode(&text))?,
+            pad_id: encoder.pad_id(),
+        })
+    }
+
+    /// The data set restricted to classes `ids`, in that order (a split).
+    pub fn subset(&self, ids: &[usize]) -> Result<Self> {
+        Ok(match self {
+            Self::Tokens { dataset, pad_id } => Self::Tokens {
+                dataset: dataset.subset(ids)?,
+                pad_id: *pad_id,
+            },
+            Self::Images {
+                dataset,
+                channels,
+                height,
+                width,
+            } => Self::Images {
+                dataset: dataset.subset(ids)?,
+                channels: *channels,
+                height: *height,
+                width: *width,
+            },
+            Self::Rows {
+                dataset,
+                standardise,
+            } => Self::Rows {
+                dataset: dataset.subset(ids)?,
+                standardise: *standardise,
+            },
+        })
+    }
+
+    /// Examples per class.
+    pub fn class_sizes(&self) -> Vec<usize> {
+        match self {
+            Self::Tokens { dataset, .. } => dataset.class_sizes(),
+            Self::Images { dataset, .. } | Self::Rows { dataset, .. } => dataset.class_sizes(),
+        }
+    }
+
+    /// Class names, in class order.
+    pub fn class_names(&self) -> Vec<String> {
+        fn names<T>(classes: &[super::Class<T>]) -> Vec<String> {
+            classes.iter().map(|c| c.name.clone()).collect()
+        }
+        match self {
+            Self::Tokens { dataset, .. } => names(dataset.classes()),
+            Self::Images { dataset, .. } | Self::Rows { dataset, .. } => names(dataset.classes()),
+        }
+    }
+
+    /// The support and query batches of `spec` on `device`.
+    pub fn batches(&self, spec: &EpisodeSpec, device: &Device) -> Result<(Batch, Batch)> {
+        let labelled = |sets: &[Vec<usize>]| -> (Vec<(usize, usize)>, Vec<u32>) {
+            let mut picks = Vec::new();
+            let mut labels = Vec::new();
+            for (label, indices) in sets.iter().enumerate() {
+                for &i in indices {
+                    picks.push((spec.classes[label], i));
+                    labels.push(label as u32);
+                }
+            }
+            (picks, labels)
+        };
+        let (support, support_labels) = labelled(&spec.support);
+        let (query, query_labels) = labelled(&spec.query);
+        let labels = |l: Vec<u32>| Tensor::from_vec(l.clone(), l.len(), device);
+        match self {
+            Self::Tokens { dataset, pad_id } => Ok((
+                token_batch(dataset, &support, labels(support_labels)?, *pad_id, device)?,
+                token_batch(dataset, &query, labels(query_labels)?, *pad_id, device)?,
+            )),
+            Self::Images {
+                dataset,
+                channels,
+                height,
+                width,
+            } => {
+                let image = |picks: &[(usize, usize)], l: Vec<u32>| -> Result<Batch> {
+                    let data = gather(dataset, picks);
+                    let shape = (picks.len(), *channels, *height, *width);
+                    Batch::from_dense(Tensor::from_vec(data, shape, device)?, labels(l)?)
+                };
+                Ok((
+                    image(&support, support_labels)?,
+                    image(&query, query_labels)?,
+                ))
+            }
+            Self::Rows {
+                dataset,
+                standardise,
+            } => {
+                let mut s = gather(dataset, &support);
+                let mut q = gather(dataset, &query);
+                let width = dataset
+                    .classes()
+                    .iter()
+                    .find_map(|c| c.examples.first())
+                    .map_or(0, Vec::len);
+                if *standardise {
+                    standardise_on_support(&mut s, &mut q, width);
+                } else {
+                    for v in s.iter_mut().chain(q.iter_mut()) {
+                        if v.is_nan() {
+                            *v = 0.0;
+                        }
+                    }
+                }
+                let rows = |data: Vec<f32>, l: Vec<u32>| -> Result<Batch> {
+                    let n = l.len();
+                    Batch::from_dense(Tensor::from_vec(data, (n, width), device)?, labels(l)?)
+                };
+                Ok((rows(s, support_labels)?, rows(q, query_labels)?))
+            }
+        }
+    }
+}
+
+fn gather(dataset: &Dataset<Vec<f32>>, picks: &[(usize, usize)]) -> Vec<f32> {
+    picks
+        .iter()
+        .flat_map(|&(c, i)| dataset.classes()[c].examples[i].iter().copied())
+        .collect()
+}
+
+/// Right-pads the picked sequences with `pad_id` to the longest; mask 1 on tokens.
+fn token_batch(
+    dataset: &Dataset<Vec<u32>>,
+    picks: &[(usize, usize)],
+    labels: Tensor,
+    pad_id: u32,
+    device: &Device,
+) -> Result<Batch> {
+    let seqs: Vec<&[u32]> = picks
+        .iter()
+        .map(|&(c, i)| dataset.classes()[c].examples[i].as_slice())
+        .collect();
+    let length = seqs.iter().map(|s| s.len()).max().unwrap_or(0).max(1);
+    let mut ids = Vec::with_capacity(seqs.len() * length);
+    let mut mask = Vec::with_capacity(seqs.len() * length);
+    for s in &seqs {
+        ids.extend_from_slice(s);
+        ids.extend(std::iter::repeat_n(pad_id, length - s.len()));
+        mask.extend(std::iter::repeat_n(1u32, s.len()));
+        mask.extend(std::iter::repeat_n(0u32, length - s.len()));
+    }
+    let shape = (seqs.len(), length);
+    Batch::from_tokens(
+        Tensor::from_vec(ids, shape, device)?,
+        Tensor::from_vec(mask, shape, device)?,
+        None,
+        labels,
+    )
+}
+
+/// Standardises the columns of row-major `support` and `query` (`width` columns) with
+/// the support's statistics only, so nothing about the query leaks into the inputs;
+/// missing (`NaN`) values become 0, the support mean. A constant column is only
+/// centred.
+pub(crate) fn standardise_on_support(support: &mut [f32], query: &mut [f32], width: usize) {
+    if width == 0 {
+        return;
+    }
+    for col in 0..width {
+        let values: Vec<f64> = support
+            .iter()
+            .skip(col)
+            .step_by(width)
+            .filter(|v| !v.is_nan())
+            .map(|&v| f64::from(v))
+            .collect();
+        let n = values.len().max(1) as f64;
+        let mean = values.iter().sum::<f64>() / n;
+        let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n;
+        let std = if var > 1e-12 { var.sqrt() } else { 1.0 };
+        for data in [&mut *support, &mut *query] {
+            for v in data.iter_mut().skip(col).step_by(width) {
+                *v = if v.is_nan() {
+                    0.0
+                } else {
+                    ((f64::from(*v) - mean) / std) as f32
+                };
+            }
+        }
+    }
+}
+
+/// Episodes sampled from an [`EncodedDataset`]: episode `i` is the sampler's episode
+/// `i` under `seed`, batched on `device`.
+#[derive(Debug, Clone)]
+pub struct DatasetEpisodes {
+    data: Arc<EncodedDataset>,
+    sampler: EpisodeSampler,
+    seed: u64,
+    device: Device,
+}
+
+impl DatasetEpisodes {
+    /// Episodes of `data` as `sampler` draws them under `seed`. The sampler must have
+    /// been built over this data set's class sizes.
+    pub fn new(
+        data: Arc<EncodedDataset>,
+        sampler: EpisodeSampler,
+        seed: u64,
+        device: Device,
+    ) -> Result<Self> {
+        let sizes = data.class_sizes();
+        if sampler.eligible().iter().any(|&c| c >= sizes.len()) {
+            return Err(Error::InvalidArgument(
+                "the sampler was built for a data set with more classes".into(),
+            ));
+        }
+        Ok(Self {
+            data,
+            sampler,
+            seed,
+            device,
+        })
+    }
+
+    /// The sampler.
+    pub fn sampler(&self) -> &EpisodeSampler {
+        &self.sampler
+    }
+
+    /// The episode of an explicit spec (e.g. one of a fixed evaluation set).
+    pub fn episode_of(&self, spec: &EpisodeSpec) -> Result<Episode> {
+        let (support, query) = self.data.batches(spec, &self.device)?;
+        Episode::with_classes(
+            support,
+            query,
+            spec.classes.len(),
+            self.sampler.k_shot(),
+            self.sampler.n_query(),
+            spec.classes.clone(),
+        )
+    }
+}
+
+impl EpisodeSource for DatasetEpisodes {
+    fn episode(&self, index: u64) -> Result<Episode> {
+        self.episode_of(&self.sampler.episode(self.seed, index))
+    }
+}

@@ -1,0 +1,464 @@
+//! Built-in synthetic task families; they need no files and are deterministic by
+//! seed (episode `i` is drawn from its own ChaCha8 stream, see [`episode_rng`]).
+//!
+//! # Text classification ([`SyntheticText`])
+//!
+//! Every episode is a new task over a vocabulary of `vocab` ids. Id 0 is padding; with
+//! `cls_token` on, every sequence starts with id 1 (a `[CLS]`-like token) and content
+//! ids are in `[2, vocab)`, else in `[1, vocab)`. The generative process of a task:
+//!
+//! 1. a background distribution: a Zipf law (weight 1/rank) over the content ids in a
+//!    random order, standing for words common to every class;
+//! 2. one topic per class, `topic_size` content ids: a fraction `similarity` of them is
+//!    drawn from a pool shared by all classes of the task, the rest is the class's own
+//!    (0 = disjoint topics, 1 = identical topics, i.e. unlearnable);
+//! 3. a sequence of a class: length uniform in `[min_len, max_len]`; each token is,
+//!    with probability `noise`, a uniform content id (difficulty); otherwise, with
+//!    probability `separability`, a uniform id of the class topic, else a background
+//!    id.
+//!
+//! So the class token distributions are `noise·U + (1−noise)·(sep·topic_c +
+//! (1−sep)·background)`; they differ on the topic ids, by `(1−noise)·sep/topic_size`
+//! per own topic id.
+//!
+//! # Sinusoid regression ([`SinusoidTasks`])
+//!
+//! The classic MAML benchmark: `y = A·sin(x − φ)` with amplitude `A` uniform in
+//! [0.1, 5], phase `φ` uniform in [0, π] and `x` uniform in [−5, 5]. Episodes have
+//! `n_way` 1; support and query are [`Batch::regression`] batches with inputs `[n, 1]`
+//! and targets `[n, 1]` (read with [`Batch::regression_targets`]).
+//!
+//! # Images ([`SyntheticImages`])
+//!
+//! Every class of an episode is a random prototype: a few thick line strokes on a
+//! `size × size` grey canvas (strokes 1, background 0, like inverted Omniglot). An
+//! example is its prototype under a random affine jitter (shift of up to `max_shift`
+//! pixels, rotation of up to `max_rotation` radians; bilinear resampling) plus Gaussian
+//! pixel noise of standard deviation `noise`. Batches are `[n, 1, size, size]`, as
+//! Conv4 reads.
+
+use candle_core::{Device, Tensor};
+use rand::seq::SliceRandom;
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+use rand_distr::StandardNormal;
+
+use super::{episode_rng, Batch, Class, Dataset, EncodedDataset, Episode, EpisodeSource};
+use crate::{Error, Result};
+
+/// Synthetic text-classification tasks (see the module documentation).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SyntheticText {
+    /// Vocabulary size; ids are below it (1000 for the built-in tiny models).
+    pub vocab: usize,
+    /// Shortest sequence, special token included.
+    pub min_len: usize,
+    /// Longest sequence, special token included (at most the model's positions).
+    pub max_len: usize,
+    /// Content ids per class topic.
+    pub topic_size: usize,
+    /// Fraction of a topic shared by all classes of a task, in [0, 1].
+    pub similarity: f64,
+    /// Probability that a non-noise token comes from the class topic, in [0, 1].
+    pub separability: f64,
+    /// Probability that a token is uniform noise, in [0, 1].
+    pub noise: f64,
+    /// Start every sequence with id 1.
+    pub cls_token: bool,
+    /// Classes per task.
+    pub n_way: usize,
+    /// Support sequences per class.
+    pub k_shot: usize,
+    /// Query sequences per class.
+    pub n_query: usize,
+    /// Seed of the task family.
+    pub seed: u64,
+}
+
+impl Default for SyntheticText {
+    fn default() -> Self {
+        Self {
+            vocab: 1000,
+            min_len: 8,
+            max_len: 32,
+            topic_size: 20,
+            similarity: 0.25,
+            separability: 0.5,
+            noise: 0.1,
+            cls_token: true,
+            n_way: 5,
+            k_shot: 5,
+            n_query: 5,
+            seed: 0,
+        }
+    }
+}
+
+/// A task of [`SyntheticText`]: the token distribution of each class.
+#[derive(Debug, Clone)]
+pub struct TextTask {
+    /// Per class, the probability of each id (`vocab` entries; padding and the
+    /// special token have probability 0).
+    pub distributions: Vec<Vec<f64>>,
+}
+
+impl SyntheticText {
+    fn check(&self) -> Result<()> {
+        let first = self.first_content_id();
+        let unit = |name: &str, v: f64| {
+            if (0.0..=1.0).contains(&v) {
+                Ok(())
+            } else {
+                Err(Error::InvalidArgument(format!(
+                    "synthetic text: {name} must be in [0, 1], got {v}"
+                )))
+            }
+        };
+        unit("similarity", self.similarity)?;
+        unit("separability", self.separability)?;
+        unit("noise", self.noise)?;
+        if self.vocab < first + self.topic_size.max(1) * 2
+            || self.min_len <= first
+            || self.min_len > self.max_len
+            || self.topic_size == 0
+            || self.n_way == 0
+            || self.k_shot == 0
+            || self.n_query == 0
+        {
+            return Err(Error::InvalidArgument(format!(
+                "synthetic text: inconsistent settings {self:?}"
+            )));
+        }
+        Ok(())
+    }
+
+    fn first_content_id(&self) -> usize {
+        if self.cls_token {
+            2
+        } else {
+            1
+        }
+    }
+
+    fn draw_task(&self, rng: &mut ChaCha8Rng) -> (Vec<usize>, Vec<f64>, Vec<Vec<usize>>) {
+        let first = self.first_content_id();
+        let mut background: Vec<usize> = (first..self.vocab).collect();
+        background.shuffle(rng);
+        // Cumulative Zipf weights over `background`'s order.
+        let mut cumulative = Vec::with_capacity(background.len());
+        let mut total = 0.0;
+        for rank in 0..background.len() {
+            total += 1.0 / (rank + 1) as f64;
+            cumulative.push(total);
+        }
+        let shared_count = (self.similarity * self.topic_size as f64).round() as usize;
+        let mut ids: Vec<usize> = (first..self.vocab).collect();
+        ids.shuffle(rng);
+        let shared: Vec<usize> = ids.iter().copied().take(self.topic_size).collect();
+        let mut own = ids.into_iter().skip(self.topic_size).cycle();
+        let topics = (0..self.n_way)
+            .map(|_| {
+                let mut topic: Vec<usize> = shared.iter().copied().take(shared_count).collect();
+                topic.extend(own.by_ref().take(self.topic_size - shared_count));
+                topic
+            })
+            .collect();
+        (background, cumulative, topics)
+    }
+
+    /// The token distribution of each class of task `index` (to check that classes
+    /// differ; episodes sample from exactly these).
+    pub fn task(&self, index: u64) -> Result<TextTask> {
+        self.check()?;
+        let (background, cumulative, topics) = self.draw_task(&mut episode_rng(self.seed, index));
+        let first = self.first_content_id();
+        let content = (self.vocab - first) as f64;
+        let total = *cumulative.last().unwrap_or(&1.0);
+        let distributions = topics
+            .iter()
+            .map(|topic: &Vec<usize>| {
+                let mut p = vec![0.0; self.vocab];
+                let keep = 1.0 - self.noise;
+                for (id, pi) in p.iter_mut().enumerate().skip(first) {
+                    let _ = id;
+                    *pi = self.noise / content;
+                }
+                for (rank, &id) in background.iter().enumerate() {
+                    p[id] += keep * (1.0 - self.separability) / ((rank + 1) as f64 * total);
+                }
+                for &id in topic {
+                    p[id] += keep * self.separability / topic.len() as f64;
+                }
+                p
+            })
+            .collect();
+        Ok(TextTask { distributions })
+    }
+
+    fn sequence(
+        &self,
+        rng: &mut ChaCha8Rng,
+        background: &[usize],
+        cumulative: &[f64],
+        topic: &[usize],
+    ) -> Vec<u32> {
+        let first = self.first_content_id();
+        let len = rng.random_range(self.min_len..=self.max_len);
+        let mut seq = Vec::with_capacity(len);
+        if self.cls_token {
+            seq.push(1);
+        }
+        let total = *cumulative.last().unwrap_or(&1.0);
+        while seq.len() < len {
+            let id = if rng.random::<f64>() < self.noise {
+                rng.random_range(first..self.vocab)
+            } else if rng.random::<f64>() < self.separability {
+                topic[rng.random_range(0..topic.len())]
+            } else {
+                let u = rng.random::<f64>() * total;
+                background[cumulative
+                    .partition_point(|&c| c < u)
+                    .min(background.len() - 1)]
+            };
+            seq.push(id as u32);
+        }
+        seq
+    }
+}
+
+impl EpisodeSource for SyntheticText {
+    fn episode(&self, index: u64) -> Result<Episode> {
+        self.check()?;
+        let mut rng = episode_rng(self.seed, index);
+        let (background, cumulative, topics) = self.draw_task(&mut rng);
+        let per_class = self.k_shot + self.n_query;
+        let classes = topics
+            .iter()
+            .enumerate()
+            .map(|(c, topic)| Class {
+                name: format!("topic {c}"),
+                examples: (0..per_class)
+                    .map(|_| self.sequence(&mut rng, &background, &cumulative, topic))
+                    .collect(),
+            })
+            .collect();
+        whole_episode(
+            EncodedDataset::Tokens {
+                dataset: Dataset::new(classes),
+                pad_id: 0,
+            },
+            self.k_shot,
+            self.n_query,
+        )
+    }
+}
+
+/// The episode of a freshly generated task: class `c` is label `c`, its first
+/// `k_shot` examples are the support, the rest the query.
+fn whole_episode(data: EncodedDataset, k_shot: usize, n_query: usize) -> Result<Episode> {
+    let n_way = data.class_sizes().len();
+    let spec = super::EpisodeSpec {
+        classes: (0..n_way).collect(),
+        support: (0..n_way).map(|_| (0..k_shot).collect()).collect(),
+        query: (0..n_way)
+            .map(|_| (k_shot..k_shot + n_query).collect())
+            .collect(),
+    };
+    let (support, query) = data.batches(&spec, &Device::Cpu)?;
+    Episode::with_classes(support, query, n_way, k_shot, n_query, Vec::new())
+}
+
+/// Sinusoid regression tasks (see the module documentation).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SinusoidTasks {
+    /// Support points per task.
+    pub k_shot: usize,
+    /// Query points per task.
+    pub n_query: usize,
+    /// Seed of the task family.
+    pub seed: u64,
+}
+
+impl SinusoidTasks {
+    /// Smallest and largest amplitude.
+    pub const AMPLITUDE: (f64, f64) = (0.1, 5.0);
+    /// Smallest and largest phase.
+    pub const PHASE: (f64, f64) = (0.0, std::f64::consts::PI);
+    /// Range of the inputs.
+    pub const X: (f64, f64) = (-5.0, 5.0);
+
+    /// Amplitude and phase of task `index`.
+    pub fn parameters(&self, index: u64) -> (f64, f64) {
+        draw_sinusoid(&mut episode_rng(self.seed, index))
+    }
+}
+
+fn draw_sinusoid(rng: &mut ChaCha8Rng) -> (f64, f64) {
+    let amplitude = rng.random_range(SinusoidTasks::AMPLITUDE.0..=SinusoidTasks::AMPLITUDE.1);
+    let phase = rng.random_range(SinusoidTasks::PHASE.0..=SinusoidTasks::PHASE.1);
+    (amplitude, phase)
+}
+
+impl EpisodeSource for SinusoidTasks {
+    fn episode(&self, index: u64) -> Result<Episode> {
+        if self.k_shot == 0 || self.n_query == 0 {
+            return Err(Error::InvalidArgument(
+                "sinusoid tasks need k_shot and n_query of at least 1".into(),
+            ));
+        }
+        let mut rng = episode_rng(self.seed, index);
+        let (amplitude, phase) = draw_sinusoid(&mut rng);
+        let mut points = |n: usize| -> Result<Batch> {
+            let x: Vec<f32> = (0..n)
+                .map(|_| rng.random_range(SinusoidTasks::X.0..=SinusoidTasks::X.1) as f32)
+                .collect();
+            let y: Vec<f32> = x
+                .iter()
+                .map(|&x| (amplitude * (f64::from(x) - phase).sin()) as f32)
+                .collect();
+            Batch::regression(
+                Tensor::from_vec(x, (n, 1), &Device::Cpu)?,
+                Tensor::from_vec(y, (n, 1), &Device::Cpu)?,
+            )
+        };
+        let support = points(self.k_shot)?;
+        let query = points(self.n_query)?;
+        Episode::with_classes(support, query, 1, self.k_shot, self.n_query, Vec::new())
+    }
+}
+
+/// Synthetic image-classification tasks (see the module documentation).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SyntheticImages {
+    /// Side of the square images.
+    pub size: usize,
+    /// Strokes per prototype.
+    pub strokes: usize,
+    /// Largest shift, in pixels.
+    pub max_shift: f64,
+    /// Largest rotation, in radians.
+    pub max_rotation: f64,
+    /// Standard deviation of the pixel noise.
+    pub noise: f64,
+    /// Classes per task.
+    pub n_way: usize,
+    /// Support images per class.
+    pub k_shot: usize,
+    /// Query images per class.
+    pub n_query: usize,
+    /// Seed of the task family.
+    pub seed: u64,
+}
+
+impl Default for SyntheticImages {
+    fn default() -> Self {
+        Self {
+            size: 28,
+            strokes: 3,
+            max_shift: 2.0,
+            max_rotation: 0.2,
+            noise: 0.1,
+            n_way: 5,
+            k_shot: 1,
+            n_query: 5,
+            seed: 0,
+        }
+    }
+}
+
+impl SyntheticImages {
+    fn prototype(&self, rng: &mut ChaCha8Rng) -> Vec<f32> {
+        let s = self.size as f64;
+        let segments: Vec<[f64; 4]> = (0..self.strokes)
+            .map(|_| {
+                let mut p = || rng.random_range(0.2 * s..0.8 * s);
+                [p(), p(), p(), p()]
+            })
+            .collect();
+        let mut image = vec![0.0f32; self.size * self.size];
+        for (i, px) in image.iter_mut().enumerate() {
+            let (x, y) = ((i % self.size) as f64 + 0.5, (i / self.size) as f64 + 0.5);
+            let near = segments.iter().any(|&[x0, y0, x1, y1]| {
+                let (dx, dy) = (x1 - x0, y1 - y0);
+                let t = (((x - x0) * dx + (y - y0) * dy) / (dx * dx + dy * dy).max(1e-9))
+                    .clamp(0.0, 1.0);
+                let (ex, ey) = (x - x0 - t * dx, y - y0 - t * dy);
+                ex * ex + ey * ey <= 1.1 * 1.1
+            });
+            *px = if near { 1.0 } else { 0.0 };
+        }
+        image
+    }
+
+    fn jitter(&self, rng: &mut ChaCha8Rng, prototype: &[f32]) -> Vec<f32> {
+        let n = self.size;
+        let angle = rng.random_range(-self.max_rotation..=self.max_rotation);
+        let (sx, sy) = (
+            rng.random_range(-self.max_shift..=self.max_shift),
+            rng.random_range(-self.max_shift..=self.max_shift),
+        );
+        let (sin, cos) = angle.sin_cos();
+        let centre = n as f64 / 2.0;
+        let at = |x: isize, y: isize| -> f64 {
+            if x < 0 || y < 0 || x >= n as isize || y >= n as isize {
+                0.0
+            } else {
+                f64::from(prototype[y as usize * n + x as usize])
+            }
+        };
+        (0..n * n)
+            .map(|i| {
+                // Inverse map: where in the prototype this output pixel comes from.
+                let (x, y) = (
+                    (i % n) as f64 + 0.5 - centre - sx,
+                    (i / n) as f64 + 0.5 - centre - sy,
+                );
+                let (u, v) = (
+                    cos * x + sin * y + centre - 0.5,
+                    -sin * x + cos * y + centre - 0.5,
+                );
+                let (u0, v0) = (u.floor(), v.floor());
+                let (fu, fv) = (u - u0, v - v0);
+                let (u0, v0) = (u0 as isize, v0 as isize);
+                let value = at(u0, v0) * (1.0 - fu) * (1.0 - fv)
+                    + at(u0 + 1, v0) * fu * (1.0 - fv)
+                    + at(u0, v0 + 1) * (1.0 - fu) * fv
+                    + at(u0 + 1, v0 + 1) * fu * fv;
+                let noise: f64 = rng.sample(StandardNormal);
+                (value + self.noise * noise) as f32
+            })
+            .collect()
+    }
+}
+
+impl EpisodeSource for SyntheticImages {
+    fn episode(&self, index: u64) -> Result<Episode> {
+        if self.size == 0 || self.n_way == 0 || self.k_shot == 0 || self.n_query == 0 {
+            return Err(Error::InvalidArgument(format!(
+                "synthetic images: inconsistent settings {self:?}"
+            )));
+        }
+        let mut rng = episode_rng(self.seed, index);
+        let classes = (0..self.n_way)
+            .map(|c| {
+                let prototype = self.prototype(&mut rng);
+                Class {
+                    name: format!("prototype {c}"),
+                    examples: (0..self.k_shot + self.n_query)
+                        .map(|_| self.jitter(&mut rng, &prototype))
+                        .collect(),
+                }
+            })
+            .collect();
+        whole_episode(
+            EncodedDataset::Images {
+                dataset: Dataset::new(classes),
+                channels: 1,
+                height: self.size,
+                width: self.size,
+            },
+            self.k_shot,
+            self.n_query,
+        )
+    }
+}
