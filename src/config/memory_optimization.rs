@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::choice::choice_enum;
-use super::validate::{at_least, non_negative};
+use super::validate::{at_least, invalid, non_negative};
 use crate::Result;
 
 choice_enum! {
@@ -111,6 +111,25 @@ impl MemoryOptimizationConfig {
             self.checkpointing.every,
             1,
         )?;
+        // Named in the schema, not yet built: refuse rather than silently ignore.
+        if self.checkpointing.enabled {
+            return Err(invalid(
+                "memory_optimization.checkpointing.enabled",
+                "gradient checkpointing is not available in this version; set it to false \
+                 (micro-batching, memory_optimization.gradient_accumulation.micro_batch, \
+                 lowers memory exactly)",
+            ));
+        }
+        if self.precision != Precision::F32 {
+            return Err(invalid(
+                "memory_optimization.precision",
+                format!(
+                    "mixed precision ({}) is not available in this version; use f32, or load the \
+                     whole model in half precision with model.dtype",
+                    self.precision
+                ),
+            ));
+        }
         let hessian = &self.hessian_approximation;
         at_least(
             "memory_optimization.hessian_approximation.probes",

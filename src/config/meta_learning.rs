@@ -22,8 +22,6 @@ choice_enum! {
         Finetune = "finetune",
         /// Baseline without meta-learning: fine-tunes LoRA adapters per task.
         LoraFinetune = "lora-finetune",
-        /// Prototypical networks: classifies by distance to class means.
-        Protonet = "protonet",
     }
     default = Maml;
 }

@@ -244,7 +244,7 @@ fn unknown_enum_value_lists_the_allowed_ones() {
     assert_eq!(
         err.to_string(),
         "config: `meta_learning.method`: unknown value `mamll`; allowed: maml, fomaml, \
-         reptile, melora, finetune, lora-finetune, protonet (line 2, column 11)"
+         reptile, melora, finetune, lora-finetune (line 2, column 11)"
     );
     let (key, message) = config_error(Config::from_yaml_str("model:\n  dtype: 16\n"));
     assert_eq!(key, "model.dtype");
@@ -262,7 +262,7 @@ fn enum_names_parse_and_print() {
     assert_eq!(
         "MAML".parse::<Method>().unwrap_err().to_string(),
         "unknown value `MAML`; allowed: maml, fomaml, reptile, melora, finetune, \
-         lora-finetune, protonet"
+         lora-finetune"
     );
 }
 
@@ -412,4 +412,19 @@ fn temp_file(name: &str, contents: &str) -> PathBuf {
     let path = std::env::temp_dir().join(format!("melora-config-{}-{name}", std::process::id()));
     std::fs::write(&path, contents).unwrap();
     path
+}
+
+/// Options the schema names but this version does not provide are refused, never
+/// silently ignored.
+#[test]
+fn unavailable_memory_options_are_refused() {
+    let (key, message) = config_error(Config::from_yaml_str(
+        "memory_optimization:\n  checkpointing:\n    enabled: true\n",
+    ));
+    assert_eq!(key, "memory_optimization.checkpointing.enabled");
+    assert!(message.contains("not available"), "{message}");
+    let (key, message) =
+        config_error(Config::from_yaml_str("memory_optimization:\n  precision: bf16\n"));
+    assert_eq!(key, "memory_optimization.precision");
+    assert!(message.contains("model.dtype"), "{message}");
 }
