@@ -423,8 +423,9 @@ fn unavailable_memory_options_are_refused() {
     ));
     assert_eq!(key, "memory_optimization.checkpointing.enabled");
     assert!(message.contains("not available"), "{message}");
-    let (key, message) =
-        config_error(Config::from_yaml_str("memory_optimization:\n  precision: bf16\n"));
+    let (key, message) = config_error(Config::from_yaml_str(
+        "memory_optimization:\n  precision: bf16\n",
+    ));
     assert_eq!(key, "memory_optimization.precision");
     assert!(message.contains("model.dtype"), "{message}");
 }

@@ -1,0 +1,163 @@
+//! Turning a [`Config`] into the objects of a run: model, learner or baseline, text
+//! encoder, outer update.
+
+use candle_core::DType;
+
+use crate::config::{self, Config, HessianKind, InnerMode, LrSchedule, Method, OuterOptimizer};
+use crate::data::{EncodeText, TextTokenizer, WordHashTokenizer};
+use crate::meta::{
+    Adapter, Finetune, Fomaml, HessianApproximation, InnerLoop, LoraFinetune, Maml, MamlMode,
+    Melora, MetaLearner, Reptile,
+};
+use crate::models::load::{builtin, from_directory};
+use crate::models::{FewShotModel, LoraSettings};
+use crate::nn::{LoraInit, LoraSpec};
+use crate::optim::{Optimizer, OptimizerKind, Schedule};
+use crate::{Error, Result};
+
+use super::OuterUpdate;
+
+fn dtype(config: &Config) -> DType {
+    match config.model.dtype {
+        config::DType::F32 => DType::F32,
+        config::DType::F64 => DType::F64,
+        config::DType::Bf16 => DType::BF16,
+        config::DType::F16 => DType::F16,
+    }
+}
+
+/// The model named by `model.name` (built-in) or `model.path` (Hugging Face folder),
+/// with LoRA from the `lora` section and a head for `data.n_way` classes.
+pub fn build_model(config: &Config) -> Result<Box<dyn FewShotModel>> {
+    let lora = LoraSettings {
+        spec: LoraSpec {
+            rank: config.lora.rank,
+            alpha: config.lora.alpha,
+            dropout: config.lora.dropout,
+        },
+        target_modules: config.lora.target_modules.clone(),
+        init: LoraInit::Peft { seed: config.seed },
+    };
+    match &config.model.path {
+        Some(dir) => from_directory(dir, dtype(config), Some(lora), config.data.n_way),
+        None => builtin(
+            &config.model.name,
+            config.seed,
+            dtype(config),
+            Some(lora),
+            config.data.n_way,
+        ),
+    }
+}
+
+/// The text encoder: the model folder's `tokenizer.json`, or for built-in models a
+/// word-hash tokenisation into their 1000-id vocabulary.
+pub fn build_text_encoder(config: &Config) -> Result<Box<dyn EncodeText>> {
+    match &config.model.path {
+        Some(dir) => Ok(Box::new(TextTokenizer::from_file(
+            &dir.join("tokenizer.json"),
+            config.model.max_length,
+        )?)),
+        None => Ok(Box::new(WordHashTokenizer::tiny(config.model.max_length))),
+    }
+}
+
+fn inner_loop(config: &Config) -> InnerLoop {
+    let inner = InnerLoop::new(
+        config.meta_learning.inner.steps,
+        config.meta_learning.inner.lr,
+    );
+    match config.memory_optimization.gradient_accumulation.micro_batch {
+        Some(size) => inner.with_micro_batch(size),
+        None => inner,
+    }
+}
+
+/// The meta-learner of `meta_learning.method`; the baselines have none (they only
+/// adapt), which is an error naming the fix.
+pub fn build_learner(config: &Config) -> Result<Box<dyn MetaLearner>> {
+    let inner = inner_loop(config);
+    let mode = match config.meta_learning.inner.mode {
+        InnerMode::FullGraph => MamlMode::FullGraph,
+        InnerMode::Recompute => MamlMode::Recompute,
+    };
+    let hessian = &config.memory_optimization.hessian_approximation;
+    Ok(match config.meta_learning.method {
+        Method::Maml => Box::new(Maml { inner, mode }),
+        Method::Fomaml => Box::new(Fomaml { inner }),
+        Method::Reptile => Box::new(Reptile { inner }),
+        Method::Melora => Box::new(Melora {
+            inner,
+            approximation: match hessian.kind {
+                HessianKind::None => HessianApproximation::None,
+                HessianKind::Diagonal => HessianApproximation::Diagonal { probes: hessian.probes, exact: false },
+                HessianKind::GaussNewton => HessianApproximation::GaussNewton,
+                HessianKind::BlockDiagonal => HessianApproximation::BlockDiagonal,
+            },
+            damping: hessian.damping,
+            clamp: None,
+            seed: config.seed,
+        }),
+        method @ (Method::Finetune | Method::LoraFinetune) => {
+            return Err(Error::InvalidArgument(format!(
+                "`{method}` is a baseline without meta-training: evaluate it with `melora evaluate` \
+                 (meta_learning.method)"
+            )))
+        }
+    })
+}
+
+/// What adapts to a test task: the learner's inner loop, or a baseline's fine-tuning
+/// (as many steps as the inner loop's, at its learning rate).
+pub fn build_adapter(config: &Config) -> Result<Box<dyn Adapter>> {
+    let (steps, lr) = (
+        config.meta_learning.inner.steps,
+        config.meta_learning.inner.lr,
+    );
+    Ok(match config.meta_learning.method {
+        Method::Finetune => Box::new(Finetune { epochs: steps, lr }),
+        Method::LoraFinetune => Box::new(LoraFinetune {
+            epochs: steps,
+            lr,
+            seed: config.seed,
+        }),
+        _ => Box::new(AdapterOf(build_learner(config)?)),
+    })
+}
+
+struct AdapterOf(Box<dyn MetaLearner>);
+
+impl Adapter for AdapterOf {
+    fn adapt(
+        &self,
+        model: &dyn FewShotModel,
+        params: &crate::tensor::ParamSet,
+        support: &crate::data::Batch,
+        mode: crate::nn::Mode,
+    ) -> Result<crate::tensor::ParamSet> {
+        self.0.adapt(model, params, support, mode)
+    }
+}
+
+/// The outer optimiser, schedule and clipping of `meta_learning.outer`.
+pub fn build_outer(config: &Config) -> OuterUpdate {
+    let outer = &config.meta_learning.outer;
+    OuterUpdate {
+        optimizer: Optimizer::new(match outer.optimizer {
+            OuterOptimizer::Adamw => OptimizerKind::adamw(outer.weight_decay),
+            OuterOptimizer::Sgd => OptimizerKind::Sgd {
+                weight_decay: outer.weight_decay,
+            },
+        }),
+        schedule: match outer.schedule {
+            LrSchedule::Constant => Schedule::Constant,
+            LrSchedule::Cosine => Schedule::Cosine,
+            LrSchedule::WarmupCosine => Schedule::WarmupCosine {
+                warmup: outer.warmup_steps,
+            },
+        },
+        lr: outer.lr,
+        grad_clip: outer.grad_clip,
+        total_steps: config.meta_learning.num_iterations,
+    }
+}

@@ -1,0 +1,344 @@
+//! `melora train`: meta-training with validation, best and last checkpoints, exact
+//! resumption and clean interruption.
+//!
+//! Episodes are a deterministic function of their index (see `data::EpisodeSource`),
+//! and dropout seeds of the iteration, so a run resumed from a checkpoint of
+//! iteration i continues exactly as the uninterrupted run would.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use candle_core::Device;
+
+use crate::config::Config;
+use crate::data::{episode_source, EpisodeSource, Prefetcher, Split};
+use crate::meta::Adapter;
+use crate::models::FewShotModel;
+use crate::nn::Mode;
+use crate::tensor::{ops, ParamSet};
+use crate::Result;
+
+use super::build::{build_learner, build_model, build_outer, build_text_encoder};
+use super::checkpoint::{load_checkpoint, save_checkpoint, CheckpointState};
+use super::{meta_step, StepStats};
+
+/// Validation episodes per evaluation during training.
+const VALIDATION_EPISODES: u64 = 50;
+
+/// How a training run is driven.
+#[derive(Debug, Default, Clone)]
+pub struct TrainOptions {
+    /// Continue from this checkpoint folder.
+    pub resume: Option<PathBuf>,
+    /// Set from outside (Ctrl-C) to stop after the current iteration, saving a
+    /// checkpoint.
+    pub stop: Option<Arc<AtomicBool>>,
+    /// Stop after this many iterations of this call (tests of resumption).
+    pub max_iterations: Option<usize>,
+    /// Called after every iteration with its number and statistics.
+    pub on_iteration: Option<fn(usize, &StepStats)>,
+}
+
+/// What a run produced.
+#[derive(Debug)]
+pub struct TrainSummary {
+    /// The folder of the run (checkpoints, resolved configuration).
+    pub run_dir: PathBuf,
+    /// Iterations completed in total.
+    pub iterations: usize,
+    /// The final parameters.
+    pub params: ParamSet,
+    /// Best validation accuracy.
+    pub best_val_accuracy: Option<f64>,
+    /// Statistics of each iteration of this call.
+    pub history: Vec<StepStats>,
+    /// (iteration, validation accuracy) of each validation.
+    pub validations: Vec<(usize, f64)>,
+    /// Whether the run stopped early on request.
+    pub interrupted: bool,
+}
+
+/// Mean accuracy over the first `count` episodes of `source` after adaptation.
+pub(crate) fn validation_accuracy(
+    adapter: &dyn Adapter,
+    model: &dyn FewShotModel,
+    params: &ParamSet,
+    source: &dyn EpisodeSource,
+    count: u64,
+) -> Result<f64> {
+    let mut total = 0.0;
+    for index in 0..count {
+        let task = source.episode(index)?;
+        let adapted = adapter.adapt(model, params, &task.support, Mode::Eval)?;
+        let logits = model.logits(&adapted, &task.query, Mode::Eval)?;
+        let predicted = logits.argmax(1)?.to_vec1::<u32>()?;
+        let labels = task.query.labels.to_vec1::<u32>()?;
+        total += predicted
+            .iter()
+            .zip(&labels)
+            .filter(|(p, l)| p == l)
+            .count() as f64
+            / labels.len() as f64;
+    }
+    Ok(total / count as f64)
+}
+
+/// The run's folder: `<output_dir>/<experiment_name>`.
+pub fn run_dir(config: &Config) -> PathBuf {
+    config
+        .tracking
+        .output_dir
+        .join(&config.tracking.experiment_name)
+}
+
+/// Meta-trains the configured learner.
+pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainSummary> {
+    crate::init();
+    let model = build_model(config)?;
+    let learner = build_learner(config)?;
+    let encoder = build_text_encoder(config)?;
+    let mut outer = build_outer(config);
+    let mut params = model.init_params(config.seed)?;
+    let (mut start, mut best) = (0usize, None);
+    if let Some(dir) = &options.resume {
+        let checkpoint = load_checkpoint(dir, &params)?;
+        params = checkpoint.params;
+        outer
+            .optimizer
+            .restore(checkpoint.state.optimizer_steps, checkpoint.moments);
+        start = checkpoint.state.iteration;
+        best = checkpoint.state.best_val_accuracy;
+    }
+    let run_dir = run_dir(config);
+    std::fs::create_dir_all(&run_dir).map_err(|e| crate::Error::io(&run_dir, e))?;
+    let config_yaml = config.to_yaml_string()?;
+    crate::io::write_atomic(&run_dir.join("config.yml"), config_yaml.as_bytes())?;
+    let device = Device::Cpu;
+    let train_source = episode_source(
+        &config.data,
+        config.seed,
+        Split::Train,
+        encoder.as_ref(),
+        &device,
+    )?;
+    let val_source = episode_source(
+        &config.data,
+        config.seed,
+        Split::Val,
+        encoder.as_ref(),
+        &device,
+    )?;
+    let meta_batch = config.meta_learning.meta_batch_size;
+    let total = config.meta_learning.num_iterations;
+    let mut prefetcher = Prefetcher::new(train_source, (start * meta_batch) as u64, meta_batch, 2)?;
+    let state = |iteration: usize, steps: u64, best: Option<f64>| CheckpointState {
+        iteration,
+        optimizer_steps: steps,
+        best_val_accuracy: best,
+        model: config
+            .model
+            .path
+            .as_ref()
+            .map_or(config.model.name.clone(), |p| p.display().to_string()),
+        lora_rank: config.lora.rank,
+        n_way: config.data.n_way,
+        config: config_yaml.clone(),
+    };
+    let mut summary = TrainSummary {
+        run_dir: run_dir.clone(),
+        iterations: start,
+        params: params.clone(),
+        best_val_accuracy: best,
+        history: Vec::new(),
+        validations: Vec::new(),
+        interrupted: false,
+    };
+    for iteration in start..total {
+        let stop_requested = options
+            .stop
+            .as_ref()
+            .is_some_and(|s| s.load(Ordering::SeqCst))
+            || options.max_iterations.is_some_and(|m| iteration - start >= m);
+        if stop_requested {
+            summary.interrupted = true;
+            save_checkpoint(
+                &run_dir.join("last"),
+                &params,
+                &outer.optimizer,
+                &state(iteration, outer.optimizer.steps(), best),
+            )?;
+            break;
+        }
+        let tasks = prefetcher.next_batch()?;
+        let seed = config.seed;
+        let dropout = move |task: usize| Mode::Train {
+            seed: ops::mix_seed(seed, (iteration * meta_batch + task) as u64),
+        };
+        let (next, stats) = meta_step(
+            learner.as_ref(),
+            model.as_ref(),
+            &params,
+            &tasks,
+            &mut outer,
+            dropout,
+        )
+        .map_err(|e| crate::Error::InvalidArgument(format!("iteration {}: {e}", iteration + 1)))?;
+        params = next;
+        if let Some(report) = options.on_iteration {
+            report(iteration + 1, &stats);
+        }
+        summary.history.push(stats);
+        summary.iterations = iteration + 1;
+        let validate =
+            (iteration + 1) % config.evaluation.eval_every == 0 || iteration + 1 == total;
+        if validate {
+            let count = VALIDATION_EPISODES.min(config.evaluation.episodes as u64);
+            let accuracy = validation_accuracy(
+                learner.as_ref(),
+                model.as_ref(),
+                &params,
+                val_source.as_ref(),
+                count,
+            )?;
+            summary.validations.push((iteration + 1, accuracy));
+            if best.is_none_or(|b| accuracy > b) {
+                best = Some(accuracy);
+                save_checkpoint(
+                    &run_dir.join("best"),
+                    &params,
+                    &outer.optimizer,
+                    &state(iteration + 1, outer.optimizer.steps(), best),
+                )?;
+            }
+            save_checkpoint(
+                &run_dir.join("last"),
+                &params,
+                &outer.optimizer,
+                &state(iteration + 1, outer.optimizer.steps(), best),
+            )?;
+        }
+    }
+    summary.params = params;
+    summary.best_val_accuracy = best;
+    Ok(summary)
+}
+
+/// The checkpoint folder `dir`'s parameters for `model`, or its initialisation.
+pub fn params_from(
+    model: &dyn FewShotModel,
+    config: &Config,
+    checkpoint: Option<&Path>,
+) -> Result<ParamSet> {
+    let init = model.init_params(config.seed)?;
+    match checkpoint {
+        Some(dir) => Ok(load_checkpoint(dir, &init)?.params),
+        None => Ok(init),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny_config(output: &Path) -> Config {
+        let yaml = "seed: 3\nmodel:\n  name: tiny-bert\n  max_length: 16\nlora:\n  rank: 2\n\
+                    meta_learning:\n  method: maml\n  meta_batch_size: 2\n  num_iterations: 6\n  \
+                    inner:\n    steps: 1\n    lr: 0.5\n\
+                    data:\n  n_way: 3\n  k_shot: 2\n  n_query: 2\n\
+                    evaluation:\n  episodes: 3\n  eval_every: 3\n";
+        let mut config = Config::from_yaml_str(yaml).unwrap();
+        config.tracking.output_dir = output.to_path_buf();
+        config
+    }
+
+    /// Interrupted after 4 iterations and resumed from the last checkpoint, a run ends
+    /// with the uninterrupted run's parameters.
+    #[test]
+    fn resumed_training_equals_uninterrupted_training() {
+        let dir = tempfile::tempdir().unwrap();
+        let whole = train(
+            &tiny_config(&dir.path().join("a")),
+            &TrainOptions::default(),
+        )
+        .unwrap();
+        assert_eq!(whole.iterations, 6);
+        assert_eq!(whole.validations.len(), 2);
+        let config = tiny_config(&dir.path().join("b"));
+        let first = train(
+            &config,
+            &TrainOptions {
+                max_iterations: Some(4),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert!(first.interrupted);
+        assert_eq!(first.iterations, 4);
+        let resumed = train(
+            &config,
+            &TrainOptions {
+                resume: Some(first.run_dir.join("last")),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(resumed.iterations, 6);
+        let gap = resumed.params.sub(&whole.params).unwrap().norm().unwrap()
+            / whole.params.norm().unwrap();
+        assert!(gap < 1e-6, "resumed run differs by {gap:.3e}");
+        // The interruption left only complete checkpoints.
+        let leftovers: Vec<_> = std::fs::read_dir(&first.run_dir)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().to_string())
+            .filter(|n| n.contains("partial") || n.ends_with(".old"))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
+
+    #[test]
+    fn missing_or_mismatched_checkpoints_are_clear_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = tiny_config(&dir.path().join("a"));
+        let missing = TrainOptions {
+            resume: Some(dir.path().join("nowhere")),
+            ..Default::default()
+        };
+        let err = train(&config, &missing).unwrap_err().to_string();
+        assert!(
+            err.contains("nowhere") && err.contains("state.json"),
+            "{err}"
+        );
+        let first = train(
+            &config,
+            &TrainOptions {
+                max_iterations: Some(1),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let mut other = tiny_config(&dir.path().join("b"));
+        other.lora.rank = 4;
+        let resume = TrainOptions {
+            resume: Some(first.run_dir.join("last")),
+            ..Default::default()
+        };
+        let err = train(&other, &resume).unwrap_err().to_string();
+        assert!(
+            err.contains("does not fit this model") && err.contains("rank 2"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn an_unwritable_output_directory_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("a-file");
+        std::fs::write(&file, b"x").unwrap();
+        let err = train(&tiny_config(&file.join("runs")), &TrainOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("a-file"), "{err}");
+    }
+}
