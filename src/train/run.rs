@@ -159,7 +159,9 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainSummary> {
             .stop
             .as_ref()
             .is_some_and(|s| s.load(Ordering::SeqCst))
-            || options.max_iterations.is_some_and(|m| iteration - start >= m);
+            || options
+                .max_iterations
+                .is_some_and(|m| iteration - start >= m);
         if stop_requested {
             summary.interrupted = true;
             save_checkpoint(
