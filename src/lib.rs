@@ -16,6 +16,7 @@
 pub mod config;
 pub mod data;
 pub mod error;
+pub mod eval;
 #[cfg(test)]
 mod fixtures;
 mod io;
