@@ -25,6 +25,7 @@ pub mod meta;
 pub mod models;
 pub mod nn;
 pub mod optim;
+pub mod report;
 pub mod selfcheck;
 pub mod tensor;
 pub mod train;
