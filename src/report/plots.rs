@@ -647,3 +647,50 @@ pub fn heatmap(
     };
     render(stem, "heatmap", &fig)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Draws a figure as it would be drawn without a font (only the `text = false` path
+    /// can be exercised here: a font registered by another test stays registered).
+    fn draws_without_text(figure: &impl Figure) {
+        let (w, h) = figure.size();
+        let mut rgb = vec![255u8; (w * h * 3) as usize];
+        let root = BitMapBackend::with_buffer(&mut rgb, (w, h)).into_drawing_area();
+        figure.draw(&root, false).unwrap();
+        root.present().unwrap();
+        drop(root);
+        assert!(rgb.iter().any(|&b| b != 255), "nothing was drawn");
+    }
+
+    #[test]
+    fn figures_draw_without_text() {
+        draws_without_text(&LineChart {
+            title: "t",
+            x_label: "x",
+            y_label: "y",
+            series: vec![("a".into(), vec![(0.0, 1.0), (1.0, f64::NAN), (2.0, 0.5)])],
+            markers: true,
+        });
+        draws_without_text(&Pareto {
+            points: vec![("a".into(), 10.0, 0.6, 0.02), ("b".into(), 20.0, 0.7, 0.0)],
+        });
+        let names = vec!["r".to_string()];
+        draws_without_text(&Heatmap {
+            rows: &names,
+            cols: &names,
+            values: &[vec![0.5]],
+            title: "h",
+        });
+    }
+
+    #[test]
+    fn tick_labels_are_compact() {
+        assert_eq!(tick(&0.0), "0");
+        assert_eq!(tick(&1.25), "1.25");
+        assert_eq!(tick(&0.7), "0.7");
+        assert_eq!(tick(&900.0), "900");
+        assert_eq!(tick(&2.5e6), "2.5e6");
+    }
+}
