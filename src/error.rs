@@ -58,6 +58,10 @@ pub enum Error {
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
 
+    /// A plot or report could not be drawn (the message names the plot).
+    #[error("report: {0}")]
+    Report(String),
+
     /// Second-order differentiation is not available on this thread.
     #[error("second-order gradients are disabled: {0}")]
     SecondOrder(String),

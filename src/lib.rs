@@ -16,6 +16,7 @@
 pub mod config;
 pub mod data;
 pub mod error;
+pub mod eval;
 #[cfg(test)]
 mod fixtures;
 mod io;
@@ -24,6 +25,7 @@ pub mod meta;
 pub mod models;
 pub mod nn;
 pub mod optim;
+pub mod report;
 pub mod selfcheck;
 pub mod tensor;
 pub mod train;

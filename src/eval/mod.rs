@@ -1,0 +1,3 @@
+//! Evaluation: statistics for comparing methods across episodes and seeds.
+
+pub mod stats;
