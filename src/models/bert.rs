@@ -7,13 +7,14 @@ use candle_core::Tensor;
 use serde::Deserialize;
 
 use super::attention::{multi_head_attention, padding_keep};
+use super::layers::{load_linear, LayerNorm};
 use super::{
     attach_lora, Activation, ClassificationHead, ClassifierParts, LoraSettings, Pooling,
     TransformerClassifier, Weights,
 };
 use crate::data::Batch;
-use crate::nn::{LoraLinear, Mode, WeightLayout};
-use crate::tensor::ops::{self, norm::layer_norm};
+use crate::nn::{LoraLinear, Mode};
+use crate::tensor::ops;
 use crate::tensor::ParamSet;
 use crate::{Error, Result};
 
@@ -77,34 +78,6 @@ impl BertConfig {
         }
         Ok(())
     }
-}
-
-#[derive(Debug, Clone)]
-struct LayerNorm {
-    gamma: Tensor,
-    beta: Tensor,
-}
-
-impl LayerNorm {
-    fn load(weights: &Weights, prefix: &str, width: usize) -> Result<Self> {
-        Ok(Self {
-            gamma: weights.get(&format!("{prefix}.weight"), &[width])?,
-            beta: weights.get(&format!("{prefix}.bias"), &[width])?,
-        })
-    }
-
-    fn forward(&self, x: &Tensor, eps: f64) -> Result<Tensor> {
-        Ok(layer_norm(x, &self.gamma, &self.beta, eps)?)
-    }
-}
-
-fn load_linear(weights: &Weights, path: &str, n_in: usize, n_out: usize) -> Result<LoraLinear> {
-    LoraLinear::new(
-        path,
-        weights.get(&format!("{path}.weight"), &[n_out, n_in])?,
-        Some(weights.get(&format!("{path}.bias"), &[n_out])?),
-        WeightLayout::OutIn,
-    )
 }
 
 #[derive(Debug, Clone)]

@@ -7,13 +7,14 @@ use candle_core::Tensor;
 use serde::Deserialize;
 
 use super::attention::{multi_head_attention, padding_keep};
+use super::layers::{load_linear, LayerNorm};
 use super::{
     attach_lora, Activation, ClassificationHead, ClassifierParts, LoraSettings, Pooling,
     TransformerClassifier, Weights,
 };
 use crate::data::Batch;
-use crate::nn::{LoraLinear, Mode, WeightLayout};
-use crate::tensor::ops::{self, norm::layer_norm};
+use crate::nn::{LoraLinear, Mode};
+use crate::tensor::ops;
 use crate::tensor::ParamSet;
 use crate::{Error, Result};
 
@@ -66,34 +67,6 @@ impl DistilBertConfig {
         }
         Ok(())
     }
-}
-
-#[derive(Debug, Clone)]
-struct LayerNorm {
-    gamma: Tensor,
-    beta: Tensor,
-}
-
-impl LayerNorm {
-    fn load(weights: &Weights, prefix: &str, width: usize) -> Result<Self> {
-        Ok(Self {
-            gamma: weights.get(&format!("{prefix}.weight"), &[width])?,
-            beta: weights.get(&format!("{prefix}.bias"), &[width])?,
-        })
-    }
-
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(layer_norm(x, &self.gamma, &self.beta, LAYER_NORM_EPS)?)
-    }
-}
-
-fn load_linear(weights: &Weights, path: &str, n_in: usize, n_out: usize) -> Result<LoraLinear> {
-    LoraLinear::new(
-        path,
-        weights.get(&format!("{path}.weight"), &[n_out, n_in])?,
-        Some(weights.get(&format!("{path}.bias"), &[n_out])?),
-        WeightLayout::OutIn,
-    )
 }
 
 #[derive(Debug, Clone)]
@@ -215,7 +188,7 @@ impl DistilBert {
         let positions = self.position_embeddings.narrow(0, 0, t)?;
         let mut x = self
             .embedding_norm
-            .forward(&words.broadcast_add(&positions)?)?;
+            .forward(&words.broadcast_add(&positions)?, LAYER_NORM_EPS)?;
         let keep = padding_keep(&tokens.attention_mask)?;
         let heads = self.config.n_heads;
         // HF divides q by √dh before the product; scaling the scores is the same.
@@ -226,12 +199,16 @@ impl DistilBert {
             let v = layer.v_lin.forward(&x, params, mode)?;
             let context = multi_head_attention(&q, &k, &v, heads, scale, &keep, None)?;
             let attended = layer.out_lin.forward(&context, params, mode)?;
-            x = layer.sa_layer_norm.forward(&(attended + &x)?)?;
+            x = layer
+                .sa_layer_norm
+                .forward(&(attended + &x)?, LAYER_NORM_EPS)?;
             let inner = self
                 .activation
                 .apply(&layer.lin1.forward(&x, params, mode)?)?;
             let out = layer.lin2.forward(&inner, params, mode)?;
-            x = layer.output_layer_norm.forward(&(out + &x)?)?;
+            x = layer
+                .output_layer_norm
+                .forward(&(out + &x)?, LAYER_NORM_EPS)?;
         }
         Ok(x)
     }

@@ -8,13 +8,14 @@ use candle_core::Tensor;
 use serde::Deserialize;
 
 use super::attention::{causal_keep, multi_head_attention};
+use super::layers::{load_conv1d, LayerNorm};
 use super::{
     attach_lora, Activation, ClassificationHead, ClassifierParts, LoraSettings, Pooling,
     TransformerClassifier, Weights,
 };
 use crate::data::Batch;
-use crate::nn::{LoraLinear, Mode, WeightLayout};
-use crate::tensor::ops::{self, norm::layer_norm};
+use crate::nn::{LoraLinear, Mode};
+use crate::tensor::ops;
 use crate::tensor::ParamSet;
 use crate::{Error, Result};
 
@@ -68,39 +69,11 @@ impl Gpt2Config {
 }
 
 #[derive(Debug, Clone)]
-struct Norm {
-    gamma: Tensor,
-    beta: Tensor,
-}
-
-impl Norm {
-    fn load(weights: &Weights, prefix: &str, width: usize) -> Result<Self> {
-        Ok(Self {
-            gamma: weights.get(&format!("{prefix}.weight"), &[width])?,
-            beta: weights.get(&format!("{prefix}.bias"), &[width])?,
-        })
-    }
-
-    fn forward(&self, x: &Tensor, eps: f64) -> Result<Tensor> {
-        Ok(layer_norm(x, &self.gamma, &self.beta, eps)?)
-    }
-}
-
-fn load_conv1d(weights: &Weights, path: &str, n_in: usize, n_out: usize) -> Result<LoraLinear> {
-    LoraLinear::new(
-        path,
-        weights.get(&format!("{path}.weight"), &[n_in, n_out])?,
-        Some(weights.get(&format!("{path}.bias"), &[n_out])?),
-        WeightLayout::InOut,
-    )
-}
-
-#[derive(Debug, Clone)]
 struct Gpt2Block {
-    ln_1: Norm,
+    ln_1: LayerNorm,
     c_attn: LoraLinear,
     c_proj: LoraLinear,
-    ln_2: Norm,
+    ln_2: LayerNorm,
     c_fc: LoraLinear,
     mlp_proj: LoraLinear,
 }
@@ -113,7 +86,7 @@ pub struct Gpt2 {
     wte: Tensor,
     wpe: Tensor,
     blocks: Vec<Gpt2Block>,
-    ln_f: Norm,
+    ln_f: LayerNorm,
     head: ClassificationHead,
     lora: Option<LoraSettings>,
     weights: Weights,
@@ -140,10 +113,10 @@ impl Gpt2 {
         for l in 0..config.n_layer {
             let p = format!("h.{l}");
             blocks.push(Gpt2Block {
-                ln_1: Norm::load(&weights, &format!("{p}.ln_1"), e)?,
+                ln_1: LayerNorm::load(&weights, &format!("{p}.ln_1"), e)?,
                 c_attn: load_conv1d(&weights, &format!("{p}.attn.c_attn"), e, 3 * e)?,
                 c_proj: load_conv1d(&weights, &format!("{p}.attn.c_proj"), e, e)?,
-                ln_2: Norm::load(&weights, &format!("{p}.ln_2"), e)?,
+                ln_2: LayerNorm::load(&weights, &format!("{p}.ln_2"), e)?,
                 c_fc: load_conv1d(&weights, &format!("{p}.mlp.c_fc"), e, inner)?,
                 mlp_proj: load_conv1d(&weights, &format!("{p}.mlp.c_proj"), inner, e)?,
             });
@@ -151,7 +124,7 @@ impl Gpt2 {
         let mut model = Self {
             wte: weights.get("wte.weight", &[config.vocab_size, e])?,
             wpe: weights.get("wpe.weight", &[config.n_positions, e])?,
-            ln_f: Norm::load(&weights, "ln_f", e)?,
+            ln_f: LayerNorm::load(&weights, "ln_f", e)?,
             blocks,
             head: ClassificationHead::new(e, classes),
             activation,

@@ -14,6 +14,7 @@ pub mod conv4;
 pub mod distilbert;
 pub mod gpt2;
 mod head;
+mod layers;
 pub mod load;
 pub mod mlp;
 pub mod t5;

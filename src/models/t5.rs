@@ -9,12 +9,13 @@ use candle_core::{Device, Tensor};
 use serde::Deserialize;
 
 use super::attention::{multi_head_attention, padding_keep};
+use super::layers::load_linear_no_bias;
 use super::{
     attach_lora, Activation, ClassificationHead, ClassifierParts, LoraSettings, Pooling,
     TransformerClassifier, Weights,
 };
 use crate::data::Batch;
-use crate::nn::{LoraLinear, Mode, WeightLayout};
+use crate::nn::{LoraLinear, Mode};
 use crate::tensor::ops::{self, norm::rms_norm};
 use crate::tensor::ParamSet;
 use crate::{Error, Result};
@@ -159,15 +160,6 @@ struct T5Block {
     ffn_norm: Tensor,
 }
 
-fn load_linear(weights: &Weights, path: &str, n_in: usize, n_out: usize) -> Result<LoraLinear> {
-    LoraLinear::new(
-        path,
-        weights.get(&format!("{path}.weight"), &[n_out, n_in])?,
-        None,
-        WeightLayout::OutIn,
-    )
-}
-
 /// A T5 encoder with LoRA and a classification head on masked mean pooling.
 #[derive(Debug, Clone)]
 pub struct T5Encoder {
@@ -204,21 +196,29 @@ impl T5Encoder {
             let dense = format!("{f}.DenseReluDense");
             let (wi, wi_1) = if gated {
                 (
-                    load_linear(&weights, &format!("{dense}.wi_0"), d, ff)?,
-                    Some(load_linear(&weights, &format!("{dense}.wi_1"), d, ff)?),
+                    load_linear_no_bias(&weights, &format!("{dense}.wi_0"), d, ff)?,
+                    Some(load_linear_no_bias(
+                        &weights,
+                        &format!("{dense}.wi_1"),
+                        d,
+                        ff,
+                    )?),
                 )
             } else {
-                (load_linear(&weights, &format!("{dense}.wi"), d, ff)?, None)
+                (
+                    load_linear_no_bias(&weights, &format!("{dense}.wi"), d, ff)?,
+                    None,
+                )
             };
             blocks.push(T5Block {
-                q: load_linear(&weights, &format!("{a}.SelfAttention.q"), d, inner)?,
-                k: load_linear(&weights, &format!("{a}.SelfAttention.k"), d, inner)?,
-                v: load_linear(&weights, &format!("{a}.SelfAttention.v"), d, inner)?,
-                o: load_linear(&weights, &format!("{a}.SelfAttention.o"), inner, d)?,
+                q: load_linear_no_bias(&weights, &format!("{a}.SelfAttention.q"), d, inner)?,
+                k: load_linear_no_bias(&weights, &format!("{a}.SelfAttention.k"), d, inner)?,
+                v: load_linear_no_bias(&weights, &format!("{a}.SelfAttention.v"), d, inner)?,
+                o: load_linear_no_bias(&weights, &format!("{a}.SelfAttention.o"), inner, d)?,
                 attention_norm: norm(&format!("{a}.layer_norm.weight"))?,
                 wi,
                 wi_1,
-                wo: load_linear(&weights, &format!("{dense}.wo"), ff, d)?,
+                wo: load_linear_no_bias(&weights, &format!("{dense}.wo"), ff, d)?,
                 ffn_norm: norm(&format!("{f}.layer_norm.weight"))?,
             });
         }
