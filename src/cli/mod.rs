@@ -6,6 +6,8 @@ mod args;
 mod bench_cmd;
 mod check_cmd;
 mod config_cmd;
+mod plan_cmd;
+mod profile_cmd;
 
 #[cfg(test)]
 mod tests;
@@ -46,6 +48,8 @@ pub fn run() -> anyhow::Result<ExitCode> {
         Command::Bench(args::BenchCommand::Data(args)) => {
             bench_cmd::run_data(&cli.global, args).map(|()| ExitCode::SUCCESS)
         }
+        Command::Plan(args) => plan_cmd::run(&cli.global, args).map(|()| ExitCode::SUCCESS),
+        Command::Profile(args) => profile_cmd::run(&cli.global, args).map(|()| ExitCode::SUCCESS),
     }
 }
 

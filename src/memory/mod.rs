@@ -16,10 +16,12 @@
 //! - [`MemoryReport`] is a serializable snapshot for benchmarks.
 //! - [`format_bytes`] and [`parse_bytes`] convert sizes for people and flags
 //!   such as `--memory-budget 4GiB`.
+//! - [`planner`] predicts the peak of a configuration before it runs (`melora plan`).
 
 mod allocator;
 mod bytes;
 mod meter;
+pub mod planner;
 mod rss;
 
 pub use allocator::{allocation_count, current_bytes, is_installed, peak_bytes, CountingAllocator};

@@ -44,7 +44,7 @@ pub const BUILTIN_MODELS: &[(&str, &str)] = &[
 pub const SUPPORTED_FAMILIES: &[&str] = &["bert", "distilbert", "gpt2", "t5"];
 
 /// The `config.json` of a built-in transformer, with its family.
-fn builtin_config(name: &str) -> Option<(&'static str, serde_json::Value)> {
+pub(crate) fn builtin_config(name: &str) -> Option<(&'static str, serde_json::Value)> {
     Some(match name {
         "tiny-bert" => (
             "bert",

@@ -18,7 +18,7 @@ mod layers;
 pub mod load;
 pub mod mlp;
 pub mod t5;
-mod targets;
+pub(crate) mod targets;
 mod weights;
 
 use candle_core::Tensor;
