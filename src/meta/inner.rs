@@ -245,7 +245,7 @@ pub(crate) fn gradient(
     let (mut value, mut correct) = (0.0, 0.0);
     let grads = weighted_sum(model, batch, micro, |chunk| {
         let logits = model.logits(&leaves, chunk, mode)?;
-        let loss = crate::tensor::ops::cross_entropy(&logits, &chunk.labels, 0.0)?;
+        let loss = super::loss::task_loss(&logits, chunk)?;
         let n = chunk.len() as f64;
         value += finite_value(&loss, context)? * n;
         correct += super::loss::accuracy(&logits.detach(), &chunk.labels)? * n;
@@ -269,7 +269,7 @@ pub(crate) fn evaluate(
     let (mut value, mut correct) = (0.0, 0.0);
     for (chunk, w) in chunks(model, batch, micro)? {
         let logits = model.logits(theta, &chunk, mode)?;
-        let loss = crate::tensor::ops::cross_entropy(&logits, &chunk.labels, 0.0)?;
+        let loss = super::loss::task_loss(&logits, &chunk)?;
         value += finite_value(&loss, context)? * w;
         correct += super::loss::accuracy(&logits, &chunk.labels)? * w;
     }

@@ -58,9 +58,18 @@ pub(crate) struct JsonlWriter {
 }
 
 impl JsonlWriter {
-    /// Creates (or truncates) `path`: a run folder holds one run.
-    pub(crate) fn create(path: PathBuf) -> Result<Self> {
-        let file = File::create(&path).map_err(|e| Error::io(&path, e))?;
+    /// Creates (or truncates) `path`: a run folder holds one run; or, when
+    /// `append`, continues it (a resumed run).
+    pub(crate) fn create(path: PathBuf, append: bool) -> Result<Self> {
+        let file = if append {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+        } else {
+            File::create(&path)
+        }
+        .map_err(|e| Error::io(&path, e))?;
         Ok(JsonlWriter { path, file })
     }
 

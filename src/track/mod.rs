@@ -48,6 +48,12 @@ pub struct TrackerOptions {
     pub tensorboard: bool,
     /// Write the run to an MLflow file store at `output_dir/mlruns/`.
     pub mlflow: bool,
+    /// Continue a run resumed from a checkpoint: append to its `metrics.jsonl` and
+    /// keep its event files (TensorBoard reads them all) instead of replacing them.
+    /// Steps logged after the checkpoint by a run that then crashed appear twice;
+    /// readers keep the last line of a step. MLflow records the continuation as a
+    /// new run.
+    pub resume: bool,
 }
 
 /// The outputs of one run. Call [`RunTracker::finish`] at the end; a tracker
@@ -101,10 +107,10 @@ impl RunTracker {
             )
         })?;
         write_atomic(&dir.join("config.yml"), config_yaml.as_bytes())?;
-        let metrics = JsonlWriter::create(dir.join("metrics.jsonl"))?;
+        let metrics = JsonlWriter::create(dir.join("metrics.jsonl"), options.resume)?;
         let (wall_time, now_ms) = now();
         let tensorboard = if options.tensorboard {
-            Some(EventWriter::create(&dir, wall_time)?)
+            Some(EventWriter::create(&dir, wall_time, options.resume)?)
         } else {
             None
         };

@@ -153,11 +153,20 @@ impl EventWriter {
     /// expects first.
     ///
     /// A run folder holds one run: TensorBoard merges every event file in a
-    /// folder, so a rerun would otherwise plot both runs as one curve.
-    pub(crate) fn create(dir: &Path, wall_time: f64) -> Result<Self> {
-        remove_event_files(dir)?;
+    /// folder, so a rerun would otherwise plot both runs as one curve. A resumed
+    /// run (`keep_existing`) continues that curve, so its files stay.
+    pub(crate) fn create(dir: &Path, wall_time: f64, keep_existing: bool) -> Result<Self> {
+        if !keep_existing {
+            remove_event_files(dir)?;
+        }
         let name = format!("events.out.tfevents.{}.{}", wall_time as u64, host_name());
-        let path = dir.join(name);
+        let mut path = dir.join(&name);
+        // A resumed run started within the same second keeps the earlier file.
+        let mut n = 0;
+        while keep_existing && path.exists() {
+            n += 1;
+            path = dir.join(format!("{name}.{n}"));
+        }
         let file = File::create(&path).map_err(|e| Error::io(&path, e))?;
         let mut writer = EventWriter { path, file };
         writer.write_event(&encode_event(

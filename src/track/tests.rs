@@ -12,6 +12,7 @@ fn both() -> TrackerOptions {
     TrackerOptions {
         tensorboard: true,
         mlflow: true,
+        resume: false,
     }
 }
 
@@ -698,4 +699,38 @@ for run in sorted(runs, key=lambda r: r.info.run_name):
         }
     }
     assert_eq!(got, want, "{output}");
+}
+
+#[test]
+fn a_resumed_run_appends_to_its_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut first =
+        RunTracker::create(dir.path(), "exp", "run", CONFIG, &params(), both()).unwrap();
+    first.log(1, &[("loss", 1.0)]).unwrap();
+    first.log(2, &[("loss", 0.5)]).unwrap();
+    first.finish(true).unwrap();
+    let resumed = TrackerOptions {
+        resume: true,
+        ..both()
+    };
+    let mut second =
+        RunTracker::create(dir.path(), "exp", "run", CONFIG, &params(), resumed).unwrap();
+    second.log(3, &[("loss", 0.25)]).unwrap();
+    let run_dir = second.dir().to_path_buf();
+    second.finish(true).unwrap();
+    let rows = read_metrics(&run_dir.join("metrics.jsonl")).unwrap();
+    let steps: Vec<u64> = rows.iter().map(|r| r.step).collect();
+    assert_eq!(steps, vec![1, 2, 3]);
+    assert_eq!(rows[2].values["loss"], 0.25);
+    let events = std::fs::read_dir(&run_dir)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .contains("tfevents")
+        })
+        .count();
+    assert_eq!(events, 2, "the first run's event file is kept");
 }
