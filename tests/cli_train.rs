@@ -194,3 +194,27 @@ fn full_writes_the_comparison_and_the_report() {
     assert!(!nowhere.status.success());
     assert!(text(&nowhere.stderr).contains("melora full"));
 }
+
+#[test]
+fn every_shipped_configuration_is_valid() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "yml") {
+            let out = melora(&["config", "--check", "--config", &path.display().to_string()]);
+            assert!(
+                out.status.success(),
+                "{}: {}",
+                path.display(),
+                text(&out.stderr)
+            );
+            checked += 1;
+        }
+    }
+    assert!(
+        checked >= 5,
+        "only {checked} configurations in {}",
+        dir.display()
+    );
+}
