@@ -57,6 +57,12 @@ pub trait FewShotModel {
     fn transformer(&self) -> Option<&dyn TransformerClassifier> {
         None
     }
+    /// The checkpointing engine when the model was built with gradient checkpointing
+    /// on ([`crate::memory::Checkpointed`]): the learners' gradient and curvature
+    /// primitives then run segment by segment. `None` by default.
+    fn checkpointing(&self) -> Option<crate::memory::Checkpointer<'_>> {
+        None
+    }
 }
 
 /// How a transformer's hidden states become one feature vector per sequence.
@@ -158,6 +164,19 @@ fn pool(model: &dyn TransformerClassifier, hidden: &Tensor, batch: &Batch) -> Re
         Pooling::MaskedMean => ops::masked_mean_pool(hidden, mask)?,
         Pooling::LastToken => ops::last_token(hidden, mask)?,
     })
+}
+
+/// The tail segment: logits `[b, classes]` from the last layer's output `h_L`
+/// (finish, pooling, head). [`FewShotModel::logits`] of a transformer is this applied
+/// to the chain of the other segments.
+pub(crate) fn tail_logits(
+    model: &dyn TransformerClassifier,
+    last: &Tensor,
+    params: &ParamSet,
+    batch: &Batch,
+) -> Result<Tensor> {
+    let features = pool(model, &model.finish(last)?, batch)?;
+    model.parts().head.forward(&features, params)
 }
 
 impl<T: TransformerClassifier> FewShotModel for T {
