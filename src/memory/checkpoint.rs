@@ -20,8 +20,9 @@
 //! # First-order gradient
 //!
 //! Forward at detached θ (candle records no graph at all), keeping the segment
-//! outputs. The tail is differentiated at a leaf copy of `h_L`, giving the adjoint
-//! `a = ∂L/∂h_L` and the head's gradient. Then for each segment from the last: rebuild
+//! outputs; the last segment runs with its graph and the tail on top, and their
+//! backward gives the head's and last segment's gradient and the adjoint `a` of the
+//! last segment's input. Then for each earlier segment: rebuild
 //! its graph from a leaf copy of its stored input, back-propagate the surrogate scalar
 //! `⟨F(h, θ), a⟩` (a vector-Jacobian product), which gives the segment's share of the
 //! θ-gradient and the adjoint of its input; drop the graph. The sum of the shares is
@@ -366,29 +367,32 @@ impl<'a> Checkpointer<'a> {
         Ok(h)
     }
 
-    /// The forward pass at detached θ (no graph is recorded): every segment's output,
-    /// the last being `h_L`.
+    /// The forward pass through segments `0..count` at detached θ (no graph is
+    /// recorded): their outputs.
     fn forward(
         &self,
+        count: usize,
         theta: &ParamSet,
         batch: &Batch,
         context: &StackContext,
         mode: Mode,
     ) -> Result<Vec<Tensor>> {
         let values = theta.detach();
-        let mut outputs: Vec<Tensor> = Vec::with_capacity(self.segments.len());
-        for k in 0..self.segments.len() {
+        let mut outputs: Vec<Tensor> = Vec::with_capacity(count);
+        for k in 0..count {
             let out = self.run(k, outputs.last(), &values, batch, context, mode)?;
             outputs.push(out);
         }
         Ok(outputs)
     }
 
-    /// Back-propagates the adjoint `a` of `h_L` through every segment (first order),
-    /// adding each segment's θ-gradient to `total`.
+    /// Back-propagates the adjoint `a` of the output of segment `count − 1` through
+    /// segments `count − 1` down to 0 (first order), adding each segment's θ-gradient
+    /// to `total`; `outputs` holds (at least) the outputs of segments `0..count − 1`.
     #[allow(clippy::too_many_arguments)]
     fn backward_sweep(
         &self,
+        count: usize,
         outputs: &[Tensor],
         leaves: &ParamSet,
         mut a: Tensor,
@@ -397,7 +401,7 @@ impl<'a> Checkpointer<'a> {
         mode: Mode,
         total: &mut Accumulator,
     ) -> Result<()> {
-        for k in (0..self.segments.len()).rev() {
+        for k in (0..count).rev() {
             let input = if k > 0 {
                 Some(leaf(&outputs[k - 1])?)
             } else {
@@ -423,24 +427,40 @@ impl<'a> Checkpointer<'a> {
 
     /// The gradient of the mean cross-entropy on `batch` at `theta`, with the loss and
     /// logits, one segment graph alive at a time.
+    ///
+    /// The last segment is run once, with its graph, and the tail is attached to it:
+    /// its graph would be rebuilt first thing in the backward pass anyway, so this
+    /// saves one segment's forward at the same peak.
     pub(crate) fn gradient(&self, theta: &ParamSet, batch: &Batch, mode: Mode) -> Result<Gradient> {
         let context = self.stack.stack_context(batch)?;
-        let outputs = self.forward(theta, batch, &context, mode)?;
+        let last = self.segments.len() - 1;
+        let outputs = self.forward(last, theta, batch, &context, mode)?;
         let leaves = theta.to_leaves()?;
         let mut total = Accumulator::new(&leaves);
-        let last = leaf(outputs.last().expect("at least one segment"))?;
+        let input = match outputs.last() {
+            Some(h) => Some(leaf(h)?),
+            None => None,
+        };
         let (loss, logits, a) = {
-            let logits = tail_logits(self.stack, &last, &leaves, batch)?;
+            let h = self.run(last, input.as_ref(), &leaves, batch, &context, mode)?;
+            let logits = tail_logits(self.stack, &h, &leaves, batch)?;
             let loss = ops::cross_entropy(&logits, &batch.labels, 0.0)?;
             let store = first_order_backward(&loss)?;
             total.add(&store, &leaves)?;
-            let a = match store.get(&last) {
-                Some(g) => g.detach(),
-                None => last.zeros_like()?,
+            let a = match &input {
+                Some(input) => Some(match store.get(input) {
+                    Some(g) => g.detach(),
+                    None => input.zeros_like()?,
+                }),
+                None => None,
             };
             (loss.detach(), logits.detach(), a)
         };
-        self.backward_sweep(&outputs, &leaves, a, batch, &context, mode, &mut total)?;
+        if let Some(a) = a {
+            self.backward_sweep(
+                last, &outputs, &leaves, a, batch, &context, mode, &mut total,
+            )?;
+        }
         Ok(Gradient {
             grads: total.finish(&leaves)?,
             loss,
@@ -655,7 +675,10 @@ impl<'a> Checkpointer<'a> {
                 None => last.zeros_like()?,
             }
         };
-        self.backward_sweep(&outputs, &leaves, a, batch, &context, mode, &mut total)?;
+        let count = self.segments.len();
+        self.backward_sweep(
+            count, &outputs, &leaves, a, batch, &context, mode, &mut total,
+        )?;
         total.finish(&leaves)
     }
 }
