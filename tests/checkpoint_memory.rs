@@ -7,7 +7,9 @@
 //! allocates while it measures.
 //!
 //! `cargo test --release --test checkpoint_memory -- --nocapture` prints the whole
-//! table with times (fastest of 3 runs). A debug build (plain `cargo test`) measures
+//! table with wall-clock and CPU times (fastest of 5 interleaved rounds); on a
+//! machine shared with other work, `RAYON_NUM_THREADS=1` makes the CPU time the
+//! steadiest measure of the compute overhead. A debug build (plain `cargo test`) measures
 //! only what the assertion needs — the gradient without checkpointing and with every
 //! layer checkpointed — since unoptimised code makes the rest take minutes; its times
 //! are not meaningful.
@@ -74,20 +76,43 @@ fn batch(seed: u32) -> Batch {
     .unwrap()
 }
 
-/// Peak heap above the baseline and seconds of `f` (the peak of the first call, the
-/// fastest of `reps` further calls; infinite when `reps` is 0).
-fn measure(reps: usize, mut f: impl FnMut()) -> (usize, f64) {
+/// Peak heap above the baseline during `f`.
+fn peak(f: impl FnOnce()) -> usize {
     let meter = MemoryMeter::start();
     f();
-    let peak = meter.peak_above_baseline();
-    drop(meter);
-    let mut best = f64::INFINITY;
-    for _ in 0..reps {
-        let start = Instant::now();
-        f();
-        best = best.min(start.elapsed().as_secs_f64());
+    meter.peak_above_baseline()
+}
+
+/// CPU seconds (user + system, every thread) this process has used, from
+/// `/proc/self/stat` in clock ticks of 10 ms; `None` where it cannot be read.
+fn cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name (which may hold spaces) start at `state`.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}
+
+/// Wall-clock and CPU seconds `f` takes. CPU time is steadier than wall time on a
+/// machine shared with other work; it includes the thread pool's spinning.
+fn seconds(f: impl FnOnce()) -> (f64, f64) {
+    let (start, cpu) = (Instant::now(), cpu_seconds());
+    f();
+    let wall = start.elapsed().as_secs_f64();
+    let cpu = match (cpu, cpu_seconds()) {
+        (Some(a), Some(b)) => b - a,
+        _ => f64::NAN,
+    };
+    (wall, cpu)
+}
+
+/// A figure and its share of the reference, or "-" where not measured.
+fn cells(value: f64, reference: f64, show: impl Fn(f64) -> String) -> (String, String) {
+    if reference > 0.0 && value.is_finite() {
+        (show(value), format!("{:.0}%", 100.0 * value / reference))
+    } else {
+        ("-".into(), "-".into())
     }
-    (peak, best)
 }
 
 #[test]
@@ -100,100 +125,111 @@ fn checkpointing_halves_activation_memory_of_a_six_layer_encoder() {
     let fomaml = Fomaml {
         inner: InnerLoop::new(1, 0.01),
     };
+    // Debug builds measure the gradient's memory only: their times mean nothing and
+    // the products take minutes.
     let release = !cfg!(debug_assertions);
-    // Debug builds measure memory only: their times mean nothing.
-    let reps = if release { 3 } else { 0 };
-    // Warm-up: thread pools and one-off buffers are not what is measured.
-    fomaml
-        .meta_gradient(plain.as_ref(), &params, &task, Mode::Eval)
-        .unwrap();
-
     let mut plans: Vec<(&str, Option<CheckpointPlan>)> =
         vec![("none", None), ("every: 1", Some(CheckpointPlan::Every(1)))];
     if release {
         plans.push(("every: 2", Some(CheckpointPlan::Every(2))));
         plans.push(("layers: [0, 3]", Some(CheckpointPlan::Layers(vec![0, 3]))));
     }
-    println!(
-        "BERT-shaped encoder: {LAYERS} layers, width 128, FFN 512, LoRA r=8 on q/v; \
-         {EXAMPLES} + {EXAMPLES} sequences x {TOKENS} tokens, f32 ({} build)",
-        if cfg!(debug_assertions) {
-            "debug"
-        } else {
-            "release"
-        }
-    );
-    println!(
-        "{:<16} {:>14} {:>10} {:>10} {:>14} {:>10} {:>10}",
-        "checkpointing", "gradient peak", "ratio", "time", "H·v peak", "ratio", "time"
-    );
-    let mut rows = Vec::new();
-    for (name, plan) in plans {
-        let model: Box<dyn FewShotModel> = match plan {
-            Some(plan) => Box::new(Checkpointed::new(encoder(), plan).unwrap()),
-            None => encoder(),
-        };
-        let gradient = measure(reps, || {
-            let outcome = fomaml
-                .meta_gradient(model.as_ref(), &params, &task, Mode::Eval)
-                .unwrap();
-            drop(outcome);
-        });
-        let hvp = if release {
-            measure(reps, || {
-                let hv =
-                    hessian_vector_product(model.as_ref(), &params, &task.support, &v, Mode::Eval)
-                        .unwrap();
-                drop(hv);
-            })
-        } else {
-            (0, 0.0)
-        };
-        rows.push((name, gradient, hvp));
-    }
-    let (_, base_gradient, base_hvp) = rows[0];
-    // "-" where a figure was not measured (debug builds skip the products).
-    let cells = |(peak, time): (usize, f64), base: (usize, f64)| {
-        if base.0 == 0 {
-            return ("-".to_string(), "-".to_string(), "-".to_string());
-        }
-        (
-            format_bytes(peak as u64),
-            format!("{:.0}%", 100.0 * peak as f64 / base.0 as f64),
-            if time.is_finite() {
-                format!("{time:.3}s")
-            } else {
-                "-".to_string()
-            },
+    let models: Vec<(&str, Box<dyn FewShotModel>)> = plans
+        .into_iter()
+        .map(|(name, plan)| -> (&str, Box<dyn FewShotModel>) {
+            match plan {
+                Some(plan) => (name, Box::new(Checkpointed::new(encoder(), plan).unwrap())),
+                None => (name, encoder()),
+            }
+        })
+        .collect();
+    let gradient = |model: &dyn FewShotModel| {
+        drop(
+            fomaml
+                .meta_gradient(model, &params, &task, Mode::Eval)
+                .unwrap(),
         )
     };
-    for (name, gradient, hvp) in &rows {
-        let (g_peak, g_ratio, g_time) = cells(*gradient, base_gradient);
-        let (h_peak, h_ratio, h_time) = cells(*hvp, base_hvp);
-        println!(
-            "{name:<16} {g_peak:>14} {g_ratio:>10} {g_time:>10} {h_peak:>14} {h_ratio:>10} {h_time:>10}"
-        );
-    }
-    for (name, (g_peak, g_time), (h_peak, h_time)) in &rows[1..] {
-        println!("{name}: gradient {g_peak} B vs {} B", base_gradient.0);
-        if release {
-            println!(
-                "{name}: gradient time x{:.2}; H·v {h_peak} B vs {} B, time x{:.2}",
-                g_time / base_gradient.1,
-                base_hvp.0,
-                h_time / base_hvp.1,
-            );
+    let hvp = |model: &dyn FewShotModel| {
+        drop(hessian_vector_product(model, &params, &task.support, &v, Mode::Eval).unwrap())
+    };
+    // Warm-up: thread pools and one-off buffers are not what is measured.
+    gradient(plain.as_ref());
+
+    let gradient_peaks: Vec<usize> = models
+        .iter()
+        .map(|(_, m)| peak(|| gradient(m.as_ref())))
+        .collect();
+    let hvp_peaks: Vec<usize> = models
+        .iter()
+        .map(|(_, m)| if release { peak(|| hvp(m.as_ref())) } else { 0 })
+        .collect();
+    // Times: the fastest of 3 rounds, each round timing every model in turn, so that
+    // load from other processes hits all of them alike.
+    let mut gradient_times = vec![(f64::INFINITY, f64::INFINITY); models.len()];
+    let mut hvp_times = vec![(f64::INFINITY, f64::INFINITY); models.len()];
+    let fastest = |best: &mut (f64, f64), (wall, cpu): (f64, f64)| {
+        *best = (best.0.min(wall), best.1.min(cpu));
+    };
+    for _ in 0..if release { 5 } else { 0 } {
+        for (i, (_, m)) in models.iter().enumerate() {
+            fastest(&mut gradient_times[i], seconds(|| gradient(m.as_ref())));
+            fastest(&mut hvp_times[i], seconds(|| hvp(m.as_ref())));
         }
     }
-    let (_, (every_layer, _), (every_layer_hvp, _)) = rows[1];
+
+    println!(
+        "BERT-shaped encoder: {LAYERS} layers, width 128, FFN 512, LoRA r=8 on q/v; \
+         {EXAMPLES} + {EXAMPLES} sequences x {TOKENS} tokens, f32 ({} build, {} threads)",
+        if release { "release" } else { "debug" },
+        candle_core::utils::get_num_threads()
+    );
+    println!(
+        "{:<15} {:>10} {:>5} {:>7} {:>5} {:>7} {:>5} {:>10} {:>5} {:>7} {:>5} {:>7} {:>5}",
+        "checkpointing",
+        "grad peak",
+        "",
+        "wall",
+        "",
+        "cpu",
+        "",
+        "H·v peak",
+        "",
+        "wall",
+        "",
+        "cpu",
+        ""
+    );
+    let bytes = |b: f64| format_bytes(b as u64);
+    let secs = |t: f64| format!("{t:.2}s");
+    for (i, (name, _)) in models.iter().enumerate() {
+        let (gp, gpr) = cells(gradient_peaks[i] as f64, gradient_peaks[0] as f64, bytes);
+        let (gw, gwr) = cells(gradient_times[i].0, gradient_times[0].0, secs);
+        let (gc, gcr) = cells(gradient_times[i].1, gradient_times[0].1, secs);
+        let (hp, hpr) = cells(hvp_peaks[i] as f64, hvp_peaks[0] as f64, bytes);
+        let (hw, hwr) = cells(hvp_times[i].0, hvp_times[0].0, secs);
+        let (hc, hcr) = cells(hvp_times[i].1, hvp_times[0].1, secs);
+        println!(
+            "{name:<15} {gp:>10} {gpr:>5} {gw:>7} {gwr:>5} {gc:>7} {gcr:>5} \
+             {hp:>10} {hpr:>5} {hw:>7} {hwr:>5} {hc:>7} {hcr:>5}"
+        );
+    }
+    for (i, (name, _)) in models.iter().enumerate() {
+        println!(
+            "{name}: gradient peak {} B, H·v peak {} B",
+            gradient_peaks[i], hvp_peaks[i]
+        );
+    }
     assert!(
-        every_layer * 2 <= base_gradient.0,
-        "checkpointing every layer: gradient peak {every_layer} B is more than half of {} B",
-        base_gradient.0
+        gradient_peaks[1] * 2 <= gradient_peaks[0],
+        "checkpointing every layer: gradient peak {} B is more than half of {} B",
+        gradient_peaks[1],
+        gradient_peaks[0]
     );
     assert!(
-        !release || every_layer_hvp < base_hvp.0,
-        "checkpointing every layer: H·v peak {every_layer_hvp} B is not below {} B",
-        base_hvp.0
+        !release || hvp_peaks[1] < hvp_peaks[0],
+        "checkpointing every layer: H·v peak {} B is not below {} B",
+        hvp_peaks[1],
+        hvp_peaks[0]
     );
 }
