@@ -9,7 +9,7 @@
 //!
 //! A transformer is a chain (see [`TransformerClassifier`]): the embedding
 //! `h₀ = E(θ)`, layers `h_{l+1} = F_l(h_l, θ)`, and the tail `Φ(h_L, θ)` (final norm,
-//! pooling, head, mean cross-entropy). A [`CheckpointPlan`] names the layers whose
+//! pooling, head, and the task's loss). A [`CheckpointPlan`] names the layers whose
 //! input is kept, `B₀ < B₁ < … < B_{n−1}`; they cut the chain into segments:
 //! segment 0 is the embedding followed by layers `0..B₀` (just the embedding when
 //! `B₀ = 0`), segment k ≥ 1 is layers `B_{k−1}..B_k` (with `B_n = L`). The output of
@@ -225,13 +225,17 @@ pub struct Checkpointer<'a> {
 
 /// A first-order gradient with the forward's loss and logits (detached).
 pub(crate) struct Gradient {
-    /// ∇_θ of the mean cross-entropy.
+    /// ∇_θ of the loss.
     pub grads: ParamSet,
     /// The loss, a 0-d tensor.
     pub loss: Tensor,
     /// Logits `[b, classes]`.
     pub logits: Tensor,
 }
+
+/// The task's loss of a batch's outputs (logits), as the learners define it: the
+/// engine differentiates whatever the caller's loss is, so it knows nothing of tasks.
+pub(crate) type Loss<'a> = &'a dyn Fn(&Tensor, &Batch) -> Result<Tensor>;
 
 /// What the forward sweep with tangents keeps: every segment's output, and per
 /// segment and vector the output's tangent (`None` where it is zero).
@@ -425,13 +429,19 @@ impl<'a> Checkpointer<'a> {
         Ok(())
     }
 
-    /// The gradient of the mean cross-entropy on `batch` at `theta`, with the loss and
-    /// logits, one segment graph alive at a time.
+    /// The gradient of `loss` on `batch` at `theta`, with the loss and logits, one
+    /// segment graph alive at a time.
     ///
     /// The last segment is run once, with its graph, and the tail is attached to it:
     /// its graph would be rebuilt first thing in the backward pass anyway, so this
     /// saves one segment's forward at the same peak.
-    pub(crate) fn gradient(&self, theta: &ParamSet, batch: &Batch, mode: Mode) -> Result<Gradient> {
+    pub(crate) fn gradient(
+        &self,
+        theta: &ParamSet,
+        batch: &Batch,
+        mode: Mode,
+        loss: Loss<'_>,
+    ) -> Result<Gradient> {
         let context = self.stack.stack_context(batch)?;
         let last = self.segments.len() - 1;
         let outputs = self.forward(last, theta, batch, &context, mode)?;
@@ -444,7 +454,7 @@ impl<'a> Checkpointer<'a> {
         let (loss, logits, a) = {
             let h = self.run(last, input.as_ref(), &leaves, batch, &context, mode)?;
             let logits = tail_logits(self.stack, &h, &leaves, batch)?;
-            let loss = ops::cross_entropy(&logits, &batch.labels, 0.0)?;
+            let loss = loss(&logits, batch)?;
             let store = first_order_backward(&loss)?;
             total.add(&store, &leaves)?;
             let a = match &input {
@@ -506,28 +516,29 @@ impl<'a> Checkpointer<'a> {
         Ok(TangentSweep { outputs, tangents })
     }
 
-    /// The gradient and `H·v` for every `v` of `vs` (H the Hessian of the mean
-    /// cross-entropy on `batch` at `theta`), by the R-operator sweeps described in
-    /// the module documentation; vectors are taken [`TANGENT_GROUP`] at a time.
+    /// The gradient and `H·v` for every `v` of `vs` (H the Hessian of `loss` on
+    /// `batch` at `theta`), by the R-operator sweeps described in the module
+    /// documentation; vectors are taken [`TANGENT_GROUP`] at a time.
     pub(crate) fn gradient_and_hvps(
         &self,
         theta: &ParamSet,
         batch: &Batch,
         vs: &[ParamSet],
         mode: Mode,
+        loss: Loss<'_>,
     ) -> Result<(ParamSet, Vec<ParamSet>)> {
         let context = self.stack.stack_context(batch)?;
         let mut gradient = None;
         let mut products = Vec::with_capacity(vs.len());
         for group in vs.chunks(TANGENT_GROUP) {
-            let (g, hv) = self.hvp_group(theta, batch, group, &context, mode)?;
+            let (g, hv) = self.hvp_group(theta, batch, group, &context, mode, loss)?;
             gradient.get_or_insert(g);
             products.extend(hv);
         }
         match gradient {
             Some(g) => Ok((g, products)),
             None => {
-                let g = self.gradient(theta, batch, mode)?.grads;
+                let g = self.gradient(theta, batch, mode, loss)?.grads;
                 Ok((g, products))
             }
         }
@@ -540,6 +551,7 @@ impl<'a> Checkpointer<'a> {
         vs: &[ParamSet],
         context: &StackContext,
         mode: Mode,
+        loss: Loss<'_>,
     ) -> Result<(ParamSet, Vec<ParamSet>)> {
         for v in vs {
             theta.check_compatible(v)?;
@@ -554,8 +566,7 @@ impl<'a> Checkpointer<'a> {
         let last = leaf(outputs.last().expect("at least one segment"))?;
         let (mut a, mut a_dot) = {
             let logits = tail_logits(self.stack, &last, &leaves, batch)?;
-            let loss = ops::cross_entropy(&logits, &batch.labels, 0.0)?;
-            let store = backward_keep(&loss)?;
+            let store = backward_keep(&loss(&logits, batch)?)?;
             gradient.add(&store, &leaves)?;
             let a = match store.get(&last) {
                 Some(g) => g.detach(),
@@ -631,7 +642,8 @@ impl<'a> Checkpointer<'a> {
     }
 
     /// The generalised Gauss-Newton product `Jᵀ·H_z·J·v` of the mean cross-entropy
-    /// (as [`crate::meta::gauss_newton_product`]), segment by segment.
+    /// (as [`crate::meta::gauss_newton_product`], which also assumes that loss),
+    /// segment by segment.
     pub(crate) fn gauss_newton_product(
         &self,
         theta: &ParamSet,

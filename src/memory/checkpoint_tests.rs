@@ -124,6 +124,11 @@ fn assert_same(what: &str, actual: &ParamSet, expected: &ParamSet) {
     assert!(expected.norm().unwrap() > 0.0, "{what}: zero reference");
 }
 
+/// The learners' classification loss.
+fn cross_entropy(logits: &Tensor, batch: &Batch) -> crate::Result<Tensor> {
+    Ok(ops::cross_entropy(logits, &batch.labels, 0.0)?)
+}
+
 fn engine<'a>(model: &'a dyn FewShotModel, plan: &CheckpointPlan) -> Checkpointer<'a> {
     Checkpointer::new(model.transformer().unwrap(), plan).unwrap()
 }
@@ -201,7 +206,7 @@ fn gradients_equal_the_unsegmented_ones() {
         for plan in plans {
             let what = format!("{name} {plan:?}");
             let got = engine(model.as_ref(), &plan)
-                .gradient(&theta, &b, mode)
+                .gradient(&theta, &b, mode, &cross_entropy)
                 .unwrap();
             assert_same(&what, &got.grads, &expected);
             let loss_gap =
@@ -247,7 +252,7 @@ fn hessian_vector_products_equal_the_unsegmented_ones() {
         for plan in plans {
             let what = format!("{name} {plan:?}");
             let (g, products) = engine(model.as_ref(), &plan)
-                .gradient_and_hvps(&theta, &b, &vs, Mode::Eval)
+                .gradient_and_hvps(&theta, &b, &vs, Mode::Eval, &cross_entropy)
                 .unwrap();
             assert_same(&format!("{what}: gradient"), &g, &gradient);
             assert_eq!(products.len(), vs.len());

@@ -18,7 +18,7 @@ use crate::nn::Mode;
 use crate::tensor::{ops, GradGraph, ParamSet};
 use crate::Result;
 
-use super::loss::batch_loss;
+use super::loss::{batch_loss, task_loss};
 
 /// The support loss's gradient at fresh leaves of `theta`, graph kept.
 fn gradient_with_graph(
@@ -69,7 +69,7 @@ pub fn hutchinson_diagonal(
         let probes = (0..probes.max(1))
             .map(|_| rademacher(theta, &mut rng))
             .collect::<Result<Vec<_>>>()?;
-        let (_, products) = engine.gradient_and_hvps(theta, batch, &probes, mode)?;
+        let (_, products) = engine.gradient_and_hvps(theta, batch, &probes, mode, &task_loss)?;
         let mut sum = theta.zeros_like()?.detach();
         for (z, hz) in probes.iter().zip(&products) {
             sum = sum.add(&z.mul(hz)?)?;
@@ -166,7 +166,7 @@ fn checkpointed_hessian_diagonal(
                     only(&zeros, name, &e)
                 })
                 .collect::<Result<Vec<_>>>()?;
-            let (_, columns) = engine.gradient_and_hvps(theta, batch, &probes, mode)?;
+            let (_, columns) = engine.gradient_and_hvps(theta, batch, &probes, mode, &task_loss)?;
             for (i, column) in indices.zip(&columns) {
                 let column = column.require(name)?.flatten_all()?.to_dtype(DType::F64)?;
                 entries[i] = column.get(i)?.to_scalar::<f64>()?;
@@ -195,7 +195,7 @@ pub fn block_diagonal_product(
             .iter()
             .map(|(name, v_i)| only(&zeros, name, v_i))
             .collect::<Result<Vec<_>>>()?;
-        let (_, products) = engine.gradient_and_hvps(theta, batch, &probes, mode)?;
+        let (_, products) = engine.gradient_and_hvps(theta, batch, &probes, mode, &task_loss)?;
         let mut blocks = products.iter();
         return v.map(|name, _| {
             let h = blocks.next().expect("one product per tensor");

@@ -20,7 +20,7 @@ use crate::nn::Mode;
 use crate::tensor::{GradGraph, ParamSet};
 use crate::{Error, Result};
 
-use super::loss::{batch_loss, check_finite, finite_value};
+use super::loss::{batch_loss, check_finite, finite_value, task_loss};
 
 /// K steps of SGD with learning rate `lr` on the support loss.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -164,7 +164,7 @@ pub(crate) fn sgd_step(
             // A kept graph is differentiated again across steps (full-graph MAML): that
             // needs the whole graph, so it is never segmented (see memory::checkpoint).
             (GradGraph::Detach, Some(engine)) => {
-                let g = engine.gradient(leaves, chunk, mode)?;
+                let g = engine.gradient(leaves, chunk, mode, &task_loss)?;
                 (g.grads, g.loss)
             }
             _ => {
@@ -263,13 +263,13 @@ pub(crate) fn gradient(
     let grads = weighted_sum(model, batch, micro, |chunk| {
         let n = chunk.len() as f64;
         if let Some(engine) = model.checkpointing() {
-            let g = engine.gradient(&leaves, chunk, mode)?;
+            let g = engine.gradient(&leaves, chunk, mode, &task_loss)?;
             value += finite_value(&g.loss, context)? * n;
             correct += super::loss::accuracy(&g.logits, &chunk.labels)? * n;
             return Ok(g.grads);
         }
         let logits = model.logits(&leaves, chunk, mode)?;
-        let loss = crate::tensor::ops::cross_entropy(&logits, &chunk.labels, 0.0)?;
+        let loss = super::loss::task_loss(&logits, chunk)?;
         value += finite_value(&loss, context)? * n;
         correct += super::loss::accuracy(&logits.detach(), &chunk.labels)? * n;
         leaves.gradients(&loss, GradGraph::Detach)
@@ -292,7 +292,7 @@ pub(crate) fn evaluate(
     let (mut value, mut correct) = (0.0, 0.0);
     for (chunk, w) in chunks(model, batch, micro)? {
         let logits = model.logits(theta, &chunk, mode)?;
-        let loss = crate::tensor::ops::cross_entropy(&logits, &chunk.labels, 0.0)?;
+        let loss = super::loss::task_loss(&logits, &chunk)?;
         value += finite_value(&loss, context)? * w;
         correct += super::loss::accuracy(&logits, &chunk.labels)? * w;
     }
@@ -326,8 +326,13 @@ pub(crate) fn gradient_and_hvp(
     for (chunk, w) in chunks(model, batch, micro)? {
         let (grads, hv) = match model.checkpointing() {
             Some(engine) => {
-                let (g, mut hv) =
-                    engine.gradient_and_hvps(&leaves, &chunk, std::slice::from_ref(v), mode)?;
+                let (g, mut hv) = engine.gradient_and_hvps(
+                    &leaves,
+                    &chunk,
+                    std::slice::from_ref(v),
+                    mode,
+                    &task_loss,
+                )?;
                 (g, hv.pop().expect("one product per vector"))
             }
             None => {

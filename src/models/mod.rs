@@ -342,7 +342,7 @@ pub(crate) fn init_transformer_params(
         .collect();
     sorted.sort_by(|a, b| a.0.cmp(&b.0));
     let mut params = ParamSet::from_pairs(sorted)?;
-    head.init_params(seed, weights.dtype(), &weights.device(), &mut params)?;
+    head.init_zero_params(weights.dtype(), &weights.device(), &mut params)?;
     Ok(params)
 }
 

@@ -41,20 +41,44 @@ pub fn build_model(config: &Config) -> Result<Box<dyn FewShotModel>> {
         target_modules: config.lora.target_modules.clone(),
         init: LoraInit::Peft { seed: config.seed },
     };
+    let regression = is_sinusoid(config);
+    let mlp = config.model.path.is_none() && config.model.name == "mlp";
+    if regression != mlp {
+        return Err(Error::InvalidArgument(if regression {
+            format!(
+                "sinusoid regression tasks have one real input, which `{}` cannot read; \
+                 use model.name: mlp",
+                config.model.name
+            )
+        } else {
+            "the mlp model reads one real input (sinusoid regression); use \
+             data.synthetic_task: sinusoid with data.synthetic_only: true or data.source: \
+             synthetic, or another model"
+                .into()
+        }));
+    }
+    // A regression network has one output, whatever n_way says.
+    let outputs = if regression { 1 } else { config.data.n_way };
     let model = match &config.model.path {
-        Some(dir) => from_directory(dir, dtype(config), Some(lora), config.data.n_way)?,
+        Some(dir) => from_directory(dir, dtype(config), Some(lora), outputs)?,
         None => builtin(
             &config.model.name,
             config.seed,
             dtype(config),
             Some(lora),
-            config.data.n_way,
+            outputs,
         )?,
     };
     match config.memory_optimization.checkpointing.plan() {
         Some(plan) => Ok(Box::new(Checkpointed::new(model, plan)?)),
         None => Ok(model),
     }
+}
+
+/// Whether the configured tasks are the synthetic sinusoid regressions.
+fn is_sinusoid(config: &Config) -> bool {
+    (config.data.synthetic_only || config.data.source == config::DataSource::Synthetic)
+        && config.data.synthetic_task == config::SyntheticTask::Sinusoid
 }
 
 /// The text encoder: the model folder's `tokenizer.json`, or for built-in models a
@@ -115,10 +139,10 @@ pub fn build_learner(config: &Config) -> Result<Box<dyn MetaLearner>> {
 }
 
 /// What adapts to a test task: the learner's inner loop, or a baseline's fine-tuning
-/// (as many steps as the inner loop's, at its learning rate).
+/// (`evaluation.finetune_steps` steps at the inner learning rate).
 pub fn build_adapter(config: &Config) -> Result<Box<dyn Adapter>> {
     let (steps, lr) = (
-        config.meta_learning.inner.steps,
+        config.evaluation.finetune_steps,
         config.meta_learning.inner.lr,
     );
     Ok(match config.meta_learning.method {
