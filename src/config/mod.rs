@@ -34,6 +34,7 @@
 //! ```
 
 mod choice;
+mod comparison;
 mod data;
 mod evaluation;
 mod load;
@@ -53,6 +54,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 pub use choice::UnknownValue;
+pub use comparison::{AblationConfig, ComparisonConfig, Variant};
 pub use data::{DataConfig, DataSource, SmallClasses, SyntheticTask};
 pub use evaluation::EvaluationConfig;
 pub use lora::LoraConfig;
@@ -90,6 +92,8 @@ pub struct Config {
     pub evaluation: EvaluationConfig,
     /// Where results are written.
     pub tracking: TrackingConfig,
+    /// What `melora full` compares.
+    pub comparison: ComparisonConfig,
 }
 
 impl Default for Config {
@@ -103,6 +107,7 @@ impl Default for Config {
             data: DataConfig::default(),
             evaluation: EvaluationConfig::default(),
             tracking: TrackingConfig::default(),
+            comparison: ComparisonConfig::default(),
         }
     }
 }
@@ -169,7 +174,21 @@ impl Config {
         self.memory_optimization.validate()?;
         self.data.validate()?;
         self.evaluation.validate()?;
-        self.tracking.validate()
+        self.tracking.validate()?;
+        self.comparison.validate()?;
+        if !self.comparison.ablation.hessian.is_empty()
+            && self.meta_learning.method != Method::Melora
+        {
+            return Err(validate::invalid(
+                "comparison.ablation.hessian",
+                format!(
+                    "Hessian approximations only vary the melora method, but \
+                     meta_learning.method is {}; empty this list or use method: melora",
+                    self.meta_learning.method
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// The configuration as YAML, every key written out; parsing it back

@@ -12,6 +12,7 @@ use super::bert::Bert;
 use super::conv4::{Conv4, Conv4Config};
 use super::distilbert::DistilBert;
 use super::gpt2::Gpt2;
+use super::mlp::Mlp;
 use super::t5::T5Encoder;
 use super::{FewShotModel, LoraSettings, Weights};
 use crate::{Error, Result};
@@ -37,6 +38,11 @@ pub const BUILTIN_MODELS: &[(&str, &str)] = &[
     (
         "conv4",
         "Conv4 for 28x28 grey images: 4 blocks of 64 channels (all parameters trainable)",
+    ),
+    (
+        "mlp",
+        "MAML's sinusoid network: 1 input, 2 hidden layers of 40 with ReLU, one output per \
+         class (1 for regression); all parameters trainable",
     ),
 ];
 
@@ -140,6 +146,15 @@ pub fn builtin(
             &Device::Cpu,
         )?));
     }
+    if name == "mlp" {
+        return Ok(Box::new(Mlp::new(
+            1,
+            &[40, 40],
+            classes,
+            dtype,
+            &Device::Cpu,
+        )?));
+    }
     let Some((family, config)) = builtin_config(name) else {
         return Err(Error::Model(format!(
             "unknown built-in model `{name}`; built-in models: {}",
@@ -227,7 +242,10 @@ mod tests {
 
     #[test]
     fn builtin_models_run_and_are_seeded() {
-        for (name, _) in BUILTIN_MODELS.iter().filter(|(n, _)| *n != "conv4") {
+        for (name, _) in BUILTIN_MODELS
+            .iter()
+            .filter(|(n, _)| !matches!(*n, "conv4" | "mlp"))
+        {
             let model = builtin(name, 7, DType::F32, Some(lora()), 3).unwrap();
             let params = model.init_params(1).unwrap();
             assert!(

@@ -11,23 +11,46 @@ use std::sync::Arc;
 
 use candle_core::Device;
 
-use crate::config::Config;
+use std::time::Instant;
+
+use crate::config::{Config, Variant};
 use crate::data::{episode_source, EpisodeSource, Prefetcher, Split};
+use crate::eval::evaluate_episodes;
+use crate::memory::MemoryMeter;
 use crate::meta::Adapter;
 use crate::models::FewShotModel;
 use crate::nn::Mode;
 use crate::tensor::{ops, ParamSet};
+use crate::track::{RunTracker, TrackerOptions};
 use crate::Result;
 
 use super::build::{build_learner, build_model, build_outer, build_text_encoder};
 use super::checkpoint::{load_checkpoint, save_checkpoint, CheckpointState};
 use super::{meta_step, StepStats};
 
-/// Validation episodes per evaluation during training.
-const VALIDATION_EPISODES: u64 = 50;
+/// What the progress callback sees after each iteration.
+#[derive(Debug, Clone)]
+pub struct IterationReport<'a> {
+    /// Iterations completed (1-based).
+    pub iteration: usize,
+    /// Iterations the run will take unless stopped.
+    pub total: usize,
+    /// The iteration's statistics.
+    pub stats: &'a StepStats,
+    /// The validation score taken after this iteration, if any (accuracy, or minus the
+    /// MSE for regression).
+    pub validation: Option<f64>,
+    /// The best validation score so far.
+    pub best: Option<f64>,
+    /// Seconds the iteration took.
+    pub seconds: f64,
+}
+
+/// Called after every iteration.
+pub type ProgressFn = Arc<dyn Fn(&IterationReport<'_>) + Send + Sync>;
 
 /// How a training run is driven.
-#[derive(Debug, Default, Clone)]
+#[derive(Default, Clone)]
 pub struct TrainOptions {
     /// Continue from this checkpoint folder.
     pub resume: Option<PathBuf>,
@@ -36,71 +59,102 @@ pub struct TrainOptions {
     pub stop: Option<Arc<AtomicBool>>,
     /// Stop after this many iterations of this call (tests of resumption).
     pub max_iterations: Option<usize>,
-    /// Called after every iteration with its number and statistics.
-    pub on_iteration: Option<fn(usize, &StepStats)>,
+    /// Called after every iteration.
+    pub on_iteration: Option<ProgressFn>,
+}
+
+impl std::fmt::Debug for TrainOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TrainOptions")
+            .field("resume", &self.resume)
+            .field("stop", &self.stop)
+            .field("max_iterations", &self.max_iterations)
+            .field("on_iteration", &self.on_iteration.is_some())
+            .finish()
+    }
 }
 
 /// What a run produced.
 #[derive(Debug)]
 pub struct TrainSummary {
-    /// The folder of the run (checkpoints, resolved configuration).
+    /// The folder of the run (checkpoints, resolved configuration, metrics).
     pub run_dir: PathBuf,
     /// Iterations completed in total.
     pub iterations: usize,
     /// The final parameters.
     pub params: ParamSet,
-    /// Best validation accuracy.
-    pub best_val_accuracy: Option<f64>,
+    /// Best validation score (accuracy, or minus the MSE for regression).
+    pub best_val_score: Option<f64>,
     /// Statistics of each iteration of this call.
     pub history: Vec<StepStats>,
-    /// (iteration, validation accuracy) of each validation.
+    /// (iteration, validation score) of each validation.
     pub validations: Vec<(usize, f64)>,
     /// Whether the run stopped early on request.
     pub interrupted: bool,
+    /// Whether early stopping ended the run.
+    pub stopped_early: bool,
+    /// Median seconds per meta-iteration of this call (validation excluded).
+    pub seconds_per_iteration: Option<f64>,
+    /// Peak heap bytes of the run above the level at its start (model, data,
+    /// training); `None` without the counting allocator.
+    pub peak_bytes: Option<u64>,
 }
 
-/// Mean accuracy over the first `count` episodes of `source` after adaptation.
-pub(crate) fn validation_accuracy(
+/// The mean validation score over the first `count` episodes of `source`: accuracy,
+/// or minus the MSE for regression tasks.
+pub(crate) fn validation_score(
     adapter: &dyn Adapter,
     model: &dyn FewShotModel,
     params: &ParamSet,
     source: &dyn EpisodeSource,
-    count: u64,
+    count: usize,
 ) -> Result<f64> {
-    let mut total = 0.0;
-    for index in 0..count {
-        let task = source.episode(index)?;
-        let adapted = adapter.adapt(model, params, &task.support, Mode::Eval)?;
-        let logits = model.logits(&adapted, &task.query, Mode::Eval)?;
-        let predicted = logits.argmax(1)?.to_vec1::<u32>()?;
-        let labels = task.query.labels.to_vec1::<u32>()?;
-        total += predicted
-            .iter()
-            .zip(&labels)
-            .filter(|(p, l)| p == l)
-            .count() as f64
-            / labels.len() as f64;
-    }
-    Ok(total / count as f64)
+    let evaluation = evaluate_episodes(adapter, model, params, source, count, 0.95, &mut |_| {})?;
+    Ok(evaluation.score())
 }
 
-/// The run's folder: `<output_dir>/<experiment_name>`.
+/// The run's folder: `<output_dir>/<experiment_name>/<run_name>`, the run named
+/// `<method>-seed<seed>` unless `tracking.run_name` is set.
 pub fn run_dir(config: &Config) -> PathBuf {
     config
         .tracking
         .output_dir
         .join(&config.tracking.experiment_name)
+        .join(run_name(config))
+}
+
+/// The run's name (see [`run_dir`]).
+pub fn run_name(config: &Config) -> String {
+    config
+        .tracking
+        .run_name
+        .clone()
+        .unwrap_or_else(|| format!("{}-seed{}", Variant::of(config), config.seed))
+}
+
+fn median(values: &mut [f64]) -> Option<f64> {
+    if values.is_empty() {
+        return None;
+    }
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    Some(if values.len().is_multiple_of(2) {
+        (values[mid - 1] + values[mid]) / 2.0
+    } else {
+        values[mid]
+    })
 }
 
 /// Meta-trains the configured learner.
 pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainSummary> {
     crate::init();
+    let meter = MemoryMeter::start();
     let model = build_model(config)?;
     let learner = build_learner(config)?;
     let encoder = build_text_encoder(config)?;
     let mut outer = build_outer(config);
     let mut params = model.init_params(config.seed)?;
-    let (mut start, mut best) = (0usize, None);
+    let (mut start, mut best, mut stale) = (0usize, None, 0usize);
     if let Some(dir) = &options.resume {
         let checkpoint = load_checkpoint(dir, &params)?;
         params = checkpoint.params;
@@ -108,12 +162,24 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainSummary> {
             .optimizer
             .restore(checkpoint.state.optimizer_steps, checkpoint.moments);
         start = checkpoint.state.iteration;
-        best = checkpoint.state.best_val_accuracy;
+        best = checkpoint.state.best_val_score;
+        stale = checkpoint.state.validations_since_best;
     }
     let run_dir = run_dir(config);
     std::fs::create_dir_all(&run_dir).map_err(|e| crate::Error::io(&run_dir, e))?;
     let config_yaml = config.to_yaml_string()?;
-    crate::io::write_atomic(&run_dir.join("config.yml"), config_yaml.as_bytes())?;
+    let mut tracker = RunTracker::create(
+        &config.tracking.output_dir,
+        &config.tracking.experiment_name,
+        &run_name(config),
+        &config_yaml,
+        &tracked_params(config),
+        TrackerOptions {
+            tensorboard: config.tracking.tensorboard,
+            mlflow: config.tracking.mlflow,
+            resume: options.resume.is_some(),
+        },
+    )?;
     let device = Device::Cpu;
     let train_source = episode_source(
         &config.data,
@@ -132,10 +198,11 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainSummary> {
     let meta_batch = config.meta_learning.meta_batch_size;
     let total = config.meta_learning.num_iterations;
     let mut prefetcher = Prefetcher::new(train_source, (start * meta_batch) as u64, meta_batch, 2)?;
-    let state = |iteration: usize, steps: u64, best: Option<f64>| CheckpointState {
+    let state = |iteration: usize, steps: u64, best: Option<f64>, stale: usize| CheckpointState {
         iteration,
         optimizer_steps: steps,
-        best_val_accuracy: best,
+        best_val_score: best,
+        validations_since_best: stale,
         model: config
             .model
             .path
@@ -149,11 +216,15 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainSummary> {
         run_dir: run_dir.clone(),
         iterations: start,
         params: params.clone(),
-        best_val_accuracy: best,
+        best_val_score: best,
         history: Vec::new(),
         validations: Vec::new(),
         interrupted: false,
+        stopped_early: false,
+        seconds_per_iteration: None,
+        peak_bytes: None,
     };
+    let mut times = Vec::new();
     for iteration in start..total {
         let stop_requested = options
             .stop
@@ -168,10 +239,11 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainSummary> {
                 &run_dir.join("last"),
                 &params,
                 &outer.optimizer,
-                &state(iteration, outer.optimizer.steps(), best),
+                &state(iteration, outer.optimizer.steps(), best, stale),
             )?;
             break;
         }
+        let started = Instant::now();
         let tasks = prefetcher.next_batch()?;
         let seed = config.seed;
         let dropout = move |task: usize| Mode::Train {
@@ -186,44 +258,100 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainSummary> {
             dropout,
         )
         .map_err(|e| crate::Error::InvalidArgument(format!("iteration {}: {e}", iteration + 1)))?;
+        let seconds = started.elapsed().as_secs_f64();
+        times.push(seconds);
         params = next;
-        if let Some(report) = options.on_iteration {
-            report(iteration + 1, &stats);
-        }
-        summary.history.push(stats);
         summary.iterations = iteration + 1;
+        let mut metrics = vec![
+            ("train/query_loss", stats.query_loss),
+            ("train/support_loss", stats.support_loss),
+            ("train/grad_norm", stats.grad_norm),
+            ("train/seconds", seconds),
+        ];
+        if !stats.regression {
+            metrics.push(("train/query_accuracy", stats.query_accuracy));
+        }
         let validate =
             (iteration + 1) % config.evaluation.eval_every == 0 || iteration + 1 == total;
+        let mut validation = None;
         if validate {
-            let count = VALIDATION_EPISODES.min(config.evaluation.episodes as u64);
-            let accuracy = validation_accuracy(
+            let score = validation_score(
                 learner.as_ref(),
                 model.as_ref(),
                 &params,
                 val_source.as_ref(),
-                count,
+                config.evaluation.val_episodes,
             )?;
-            summary.validations.push((iteration + 1, accuracy));
-            if best.is_none_or(|b| accuracy > b) {
-                best = Some(accuracy);
+            validation = Some(score);
+            metrics.push(("val/score", score));
+            summary.validations.push((iteration + 1, score));
+            if best.is_none_or(|b| score > b) {
+                best = Some(score);
+                stale = 0;
                 save_checkpoint(
                     &run_dir.join("best"),
                     &params,
                     &outer.optimizer,
-                    &state(iteration + 1, outer.optimizer.steps(), best),
+                    &state(iteration + 1, outer.optimizer.steps(), best, stale),
                 )?;
+            } else {
+                stale += 1;
             }
             save_checkpoint(
                 &run_dir.join("last"),
                 &params,
                 &outer.optimizer,
-                &state(iteration + 1, outer.optimizer.steps(), best),
+                &state(iteration + 1, outer.optimizer.steps(), best, stale),
             )?;
         }
+        if crate::memory::is_installed() {
+            metrics.push(("memory/peak_bytes", meter.peak_above_baseline() as f64));
+        }
+        tracker.log((iteration + 1) as u64, &metrics)?;
+        if let Some(report) = &options.on_iteration {
+            report(&IterationReport {
+                iteration: iteration + 1,
+                total,
+                stats: &stats,
+                validation,
+                best,
+                seconds,
+            });
+        }
+        summary.history.push(stats);
+        if config
+            .evaluation
+            .early_stopping_patience
+            .is_some_and(|patience| stale >= patience)
+        {
+            summary.stopped_early = true;
+            break;
+        }
     }
+    tracker.finish(true)?;
     summary.params = params;
-    summary.best_val_accuracy = best;
+    summary.best_val_score = best;
+    summary.seconds_per_iteration = median(&mut times);
+    summary.peak_bytes = crate::memory::is_installed().then(|| meter.peak_above_baseline() as u64);
     Ok(summary)
+}
+
+/// The settings a tracker records as a run's parameters (MLflow `params`).
+fn tracked_params(config: &Config) -> Vec<(String, String)> {
+    let ml = &config.meta_learning;
+    vec![
+        ("method".into(), Variant::of(config).to_string()),
+        ("model".into(), config.model.name.clone()),
+        ("lora_rank".into(), config.lora.rank.to_string()),
+        ("inner_steps".into(), ml.inner.steps.to_string()),
+        ("inner_lr".into(), ml.inner.lr.to_string()),
+        ("outer_lr".into(), ml.outer.lr.to_string()),
+        ("meta_batch_size".into(), ml.meta_batch_size.to_string()),
+        ("num_iterations".into(), ml.num_iterations.to_string()),
+        ("n_way".into(), config.data.n_way.to_string()),
+        ("k_shot".into(), config.data.k_shot.to_string()),
+        ("seed".into(), config.seed.to_string()),
+    ]
 }
 
 /// The checkpoint folder `dir`'s parameters for `model`, or its initialisation.

@@ -22,6 +22,8 @@ pub struct StepStats {
     pub support_loss: f64,
     /// Norm of the averaged meta-gradient before clipping.
     pub grad_norm: f64,
+    /// Whether the tasks are regression (the loss is an MSE, accuracy meaningless).
+    pub regression: bool,
 }
 
 /// Applies one meta-step to `params` with the tasks of `meta_batch`; `mode(i)` gives
@@ -67,6 +69,7 @@ pub fn meta_step(
             query_accuracy: query_accuracy / n,
             support_loss: support_loss / n,
             grad_norm,
+            regression: meta_batch[0].query.targets.is_some(),
         },
     ))
 }
