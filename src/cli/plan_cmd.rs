@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 
 use super::args::{GlobalArgs, PlanArgs};
 use super::{load_config, write_stdout, UserError};
-use crate::memory::planner::{self, MemoryPlan, PlanMethod};
+use crate::memory::planner::{self, Plan, PlanMethod};
 use crate::memory::{format_bytes, parse_bytes};
 
 pub(crate) fn run(global: &GlobalArgs, args: &PlanArgs) -> anyhow::Result<()> {
@@ -48,7 +48,7 @@ pub(crate) fn run(global: &GlobalArgs, args: &PlanArgs) -> anyhow::Result<()> {
 }
 
 /// What the prediction covers, in plain words.
-fn notes(plan: &MemoryPlan) -> String {
+fn notes(plan: &Plan) -> String {
     let mut out = String::from(
         "Heap bytes as the counting allocator counts them (`melora profile` measures them), \
          in steady-state training: frozen weights, parameters and optimiser state, ",

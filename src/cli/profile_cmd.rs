@@ -11,7 +11,7 @@ use serde::Serialize;
 use super::args::{GlobalArgs, ProfileArgs};
 use super::{load_config, write_stdout, UserError};
 use crate::data::{episode_source, Prefetcher, Split};
-use crate::memory::planner::{self, MemoryPlan};
+use crate::memory::planner::{self, Plan};
 use crate::memory::{current_bytes, format_bytes, is_installed, MemoryMeter, ProcessMemory};
 use crate::nn::Mode;
 use crate::tensor::ops;
@@ -22,7 +22,7 @@ use crate::train::meta_step;
 #[derive(Debug, Serialize)]
 struct Profile {
     /// The planner's prediction for the configuration.
-    plan: MemoryPlan,
+    plan: Plan,
     /// Measured heap peak since the model was built (counting allocator), bytes.
     measured_peak_bytes: Option<u64>,
     /// (predicted − measured) / measured.

@@ -11,7 +11,8 @@
 //! do not change a single size.
 
 use super::autograd::gradients;
-use super::models::{cross_entropy, SimBatch, SimModel};
+use super::checkpoint::SimCheckpointer;
+use super::models::{task_loss, SimBatch, SimModel};
 use super::sim::{Category, DType, Sim, T};
 
 /// Parameters, gradients and directions: one tensor per trainable tensor.
@@ -171,21 +172,33 @@ pub(crate) struct Ctx<'a> {
     pub(crate) model: &'a SimModel,
     pub(crate) train: bool,
     pub(crate) inner: InnerSpec,
+    /// With gradient checkpointing, the layers whose input is kept.
+    pub(crate) checkpoint: Option<&'a [usize]>,
 }
 
 impl Ctx<'_> {
     fn loss(&self, params: &[T], batch: &SimBatch) -> T {
         within(self.sim, Category::Activations, || {
-            cross_entropy(&self.model.logits(params, batch, self.train))
+            task_loss(&self.model.logits(params, batch, self.train), batch)
         })
     }
 
+    /// The checkpointing engine (`FewShotModel::checkpointing`), when it is on.
+    fn engine(&self) -> Option<SimCheckpointer<'_>> {
+        self.checkpoint
+            .map(|boundaries| SimCheckpointer::new(self.model, boundaries, self.train))
+    }
+
     /// One SGD step from `leaves` (`inner::sgd_step`): θ − α∇L, the gradient's graph
-    /// kept when `keep`.
+    /// kept when `keep`. A kept graph is never segmented (full-graph MAML needs the
+    /// whole graph); a first-order gradient is, with checkpointing.
     fn sgd_step(&self, leaves: &[T], support: &SimBatch, keep: bool) -> Params {
-        let g = weighted_sum(support, self.inner.micro, |chunk| {
-            let loss = self.loss(leaves, chunk);
-            grads(self.sim, &loss, leaves, keep)
+        let g = weighted_sum(support, self.inner.micro, |chunk| match self.engine() {
+            Some(engine) if !keep => engine.gradient(leaves, chunk),
+            _ => {
+                let loss = self.loss(leaves, chunk);
+                grads(self.sim, &loss, leaves, keep)
+            }
         });
         read_norm(self.sim, &g);
         within(self.sim, Category::Trainable, || axpy(leaves, -0.01, &g))
@@ -206,10 +219,19 @@ impl Ctx<'_> {
 
     /// The query gradient at `theta` (`inner::gradient`, first order).
     fn query_gradient(&self, theta: &[T], query: &SimBatch) -> Params {
+        self.gradient(theta, query, self.inner.micro)
+    }
+
+    /// `inner::gradient`: the first-order gradient at `theta` over micro-batches of
+    /// `micro`, segmented with checkpointing.
+    fn gradient(&self, theta: &[T], batch: &SimBatch, micro: Option<usize>) -> Params {
         let leaves = to_leaves(self.sim, theta);
-        let g = weighted_sum(query, self.inner.micro, |chunk| {
-            let loss = self.loss(&leaves, chunk);
-            grads(self.sim, &loss, &leaves, false)
+        let g = weighted_sum(batch, micro, |chunk| match self.engine() {
+            Some(engine) => engine.gradient(&leaves, chunk),
+            None => {
+                let loss = self.loss(&leaves, chunk);
+                grads(self.sim, &loss, &leaves, false)
+            }
         });
         read_norm(self.sim, &g);
         g
@@ -220,13 +242,22 @@ impl Ctx<'_> {
         let leaves = to_leaves(self.sim, theta);
         let mut total: Option<(Params, Params)> = None;
         for (chunk, w) in chunks(batch, self.inner.micro) {
-            let loss = self.loss(&leaves, &chunk);
-            let g = grads(self.sim, &loss, &leaves, true);
-            let hv = {
-                let surrogate = dot(&g, v);
-                grads(self.sim, &surrogate, &leaves, false)
+            let (g, hv) = match self.engine() {
+                Some(engine) => {
+                    let (g, mut hv) = engine.gradient_and_hvps(&leaves, &chunk, &[v.to_vec()]);
+                    (g, hv.pop().expect("one product per vector"))
+                }
+                None => {
+                    let loss = self.loss(&leaves, &chunk);
+                    let g = grads(self.sim, &loss, &leaves, true);
+                    let hv = {
+                        let surrogate = dot(&g, v);
+                        grads(self.sim, &surrogate, &leaves, false)
+                    };
+                    (detach(&g), hv)
+                }
             };
-            let (g, hv) = (scale(&detach(&g), w), scale(&hv, w));
+            let (g, hv) = (scale(&g, w), scale(&hv, w));
             total = Some(match total {
                 Some((tg, th)) => (add(&tg, &g), add(&th, &hv)),
                 None => (g, hv),
@@ -243,6 +274,21 @@ impl Ctx<'_> {
         (leaves, g)
     }
 
+    /// A Rademacher probe shaped like `theta` (`curvature::rademacher`): signs drawn in
+    /// f64, then converted.
+    fn rademacher(&self, theta: &[T]) -> Params {
+        let sim = self.sim;
+        within(sim, Category::Temporaries, || {
+            theta
+                .iter()
+                .map(|t| {
+                    sim.spike(8 * t.elem_count() as u64);
+                    sim.tensor(&t.dims(), DType::F64).to_dtype(t.dtype())
+                })
+                .collect()
+        })
+    }
+
     /// MELoRA's curvature product H̃(θ)·g over the micro-batches.
     fn curvature(
         &self,
@@ -256,19 +302,21 @@ impl Ctx<'_> {
             Approximation::None => zeros_like(g),
             Approximation::Diagonal { probes } => {
                 let diagonal = weighted_sum(support, self.inner.micro, |b| {
+                    if let Some(engine) = self.engine() {
+                        // Every probe drawn first, then their products from shared sweeps.
+                        let zs: Vec<Params> =
+                            (0..probes.max(1)).map(|_| self.rademacher(theta)).collect();
+                        let (_, products) = engine.gradient_and_hvps(theta, b, &zs);
+                        let mut sum = detach(&zeros_like(theta));
+                        for (z, hz) in zs.iter().zip(&products) {
+                            sum = add(&sum, &mul(z, hz));
+                        }
+                        return scale(&sum, 1.0 / zs.len() as f64);
+                    }
                     let (leaves, gr) = self.gradient_with_graph(theta, b);
                     let mut sum = detach(&zeros_like(theta));
                     for _ in 0..probes.max(1) {
-                        // Rademacher signs drawn in f64, then converted.
-                        let z: Params = within(sim, Category::Temporaries, || {
-                            theta
-                                .iter()
-                                .map(|t| {
-                                    sim.spike(8 * t.elem_count() as u64);
-                                    sim.tensor(&t.dims(), DType::F64).to_dtype(t.dtype())
-                                })
-                                .collect()
-                        });
+                        let z = self.rademacher(theta);
                         let hz = {
                             let surrogate = dot(&gr, &z);
                             grads(sim, &surrogate, &leaves, false)
@@ -280,6 +328,9 @@ impl Ctx<'_> {
                 mul(&diagonal, g)
             }
             Approximation::GaussNewton => weighted_sum(support, self.inner.micro, |b| {
+                if let Some(engine) = self.engine() {
+                    return engine.gauss_newton_product(theta, b, g);
+                }
                 let leaves = to_leaves(sim, theta);
                 let logits = within(sim, Category::Activations, || {
                     self.model.logits(&leaves, b, self.train)
@@ -308,6 +359,26 @@ impl Ctx<'_> {
                 out
             }),
             Approximation::BlockDiagonal => weighted_sum(support, self.inner.micro, |b| {
+                if let Some(engine) = self.engine() {
+                    // One probe per tensor (its part of g, zeros elsewhere), all products
+                    // from shared sweeps; each keeps its own tensor's block.
+                    let zeros = detach(&zeros_like(g));
+                    let probes: Vec<Params> = (0..g.len())
+                        .map(|i| {
+                            zeros
+                                .iter()
+                                .enumerate()
+                                .map(|(j, z)| if j == i { g[i].clone() } else { z.zeros_like() })
+                                .collect()
+                        })
+                        .collect();
+                    let (_, products) = engine.gradient_and_hvps(theta, b, &probes);
+                    return products
+                        .iter()
+                        .enumerate()
+                        .map(|(i, h)| h[i].clone())
+                        .collect();
+                }
                 let (leaves, gr) = self.gradient_with_graph(theta, b);
                 let zeros = detach(&zeros_like(g));
                 (0..g.len())
@@ -328,21 +399,23 @@ impl Ctx<'_> {
         }
     }
 
-    /// A fine-tuning baseline's adaptation (`meta::baseline`): `steps` full-batch
-    /// AdamW steps on the support set, first order.
-    pub(crate) fn finetune(&self, params: &[T], support: &SimBatch, steps: usize) -> Params {
-        let mut theta = detach(params);
+    /// A fine-tuning baseline on one test task (`meta::baseline` and
+    /// `eval::evaluate_episodes`): `steps` full-batch AdamW steps on the support set
+    /// from `start` (first order, segmented with checkpointing), then the query's
+    /// outputs without a graph.
+    pub(crate) fn finetune(&self, start: &[T], support: &SimBatch, query: &SimBatch, steps: usize) {
+        let mut theta = detach(start);
         let mut state = None;
+        // Optimizer::new(OptimizerKind::adamw(0.0)).
+        let adamw = OptimizerSpec {
+            adamw: true,
+            weight_decay: false,
+        };
         for _ in 0..steps {
-            let leaves = to_leaves(self.sim, &theta);
-            let g = {
-                let loss = self.loss(&leaves, support);
-                grads(self.sim, &loss, &leaves, false)
-            };
-            read_norm(self.sim, &g);
-            theta = outer_update(self.sim, &theta, &[g], true, &mut state);
+            let g = self.gradient(&theta, support, None);
+            theta = optimizer_step(self.sim, &theta, &g, adamw, &mut state);
         }
-        theta
+        let _ = self.loss(&theta, query);
     }
 
     /// One task's meta-gradient.
@@ -413,14 +486,29 @@ impl Ctx<'_> {
     }
 }
 
-/// The outer update (`train::OuterUpdate::apply` with AdamW or SGD): the mean of the
-/// meta-gradients, its norm, and the optimiser step; returns the new parameters and
-/// leaves the optimiser state in `state`.
+/// The optimiser as the simulation needs it: AdamW or SGD, and whether weight decay
+/// makes a decayed copy of the parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct OptimizerSpec {
+    /// AdamW (moments kept) rather than SGD.
+    pub(crate) adamw: bool,
+    /// Weight decay above 0.
+    pub(crate) weight_decay: bool,
+}
+
+/// The outer update (`train::OuterUpdate::apply`): the mean of the meta-gradients
+/// (alive until the step is done, as there), its norm, the clipped copy when
+/// clipping is on, and the optimiser step; returns the new parameters and leaves the
+/// optimiser state in `state`.
+///
+/// Clipping copies the mean only when its norm exceeds the threshold, which depends
+/// on values the planner does not know: it counts the copy, the larger case.
 pub(crate) fn outer_update(
     sim: &Sim,
     params: &[T],
     gradients: &[Params],
-    adamw: bool,
+    optimizer: OptimizerSpec,
+    clip: bool,
     state: &mut Option<(Params, Params)>,
 ) -> Params {
     let mean = within(sim, Category::Gradients, || {
@@ -431,13 +519,35 @@ pub(crate) fn outer_update(
         scale(&sum, 1.0 / gradients.len() as f64)
     });
     read_norm(sim, &mean);
-    let grads = scale(&mean, 0.5);
-    drop(mean);
-    let (p, g) = (detach(params), detach(&grads));
-    if !adamw {
-        return within(sim, Category::Trainable, || axpy(&p, -0.01, &g));
+    let grads = if clip {
+        within(sim, Category::Gradients, || scale(&mean, 0.5))
+    } else {
+        mean.clone()
+    };
+    let next = optimizer_step(sim, params, &grads, optimizer, state);
+    drop((grads, mean));
+    next
+}
+
+/// `Optimizer::step`: the new parameters, the moments left in `state`. The squared
+/// gradient lives until the step returns, as there.
+pub(crate) fn optimizer_step(
+    sim: &Sim,
+    params: &[T],
+    grads: &[T],
+    optimizer: OptimizerSpec,
+    state: &mut Option<(Params, Params)>,
+) -> Params {
+    let (p, g) = (detach(params), detach(grads));
+    if !optimizer.adamw {
+        let direction = if optimizer.weight_decay {
+            within(sim, Category::Temporaries, || axpy(&g, 0.01, &p))
+        } else {
+            g
+        };
+        return within(sim, Category::Trainable, || axpy(&p, -0.01, &direction));
     }
-    let (m, v) = within(sim, Category::Optimizer, || {
+    let (m, squared, v) = within(sim, Category::Optimizer, || {
         let m = match state {
             Some((m, _)) => axpy(&scale(m, 0.9), 0.1, &g),
             None => scale(&g, 0.1),
@@ -447,8 +557,9 @@ pub(crate) fn outer_update(
             Some((_, v)) => axpy(&scale(v, 0.999), 0.001, &squared),
             None => scale(&squared, 0.001),
         };
-        (m, v)
+        (m, squared, v)
     });
+    // (m / c1) / (sqrt(v / c2) + eps), tensor by tensor.
     let update: Params = within(sim, Category::Temporaries, || {
         m.iter()
             .zip(&v)
@@ -458,6 +569,13 @@ pub(crate) fn outer_update(
             })
             .collect()
     });
+    let decayed = if optimizer.weight_decay {
+        within(sim, Category::Trainable, || scale(&p, 0.999))
+    } else {
+        p
+    };
     *state = Some((m, v));
-    within(sim, Category::Trainable, || axpy(&p, -0.01, &update))
+    let next = within(sim, Category::Trainable, || axpy(&decayed, -0.01, &update));
+    drop(squared);
+    next
 }

@@ -11,17 +11,24 @@
 //! - `autograd` replays candle's backward pass rule by rule, so a gradient taken with
 //!   its graph (second order) holds what candle's does, and a detached one frees what
 //!   candle's frees;
+//! - `checkpoint` replays gradient checkpointing (`memory::checkpoint`): the forward
+//!   sweep keeps only segment outputs (and, for Hessian-vector and Gauss-Newton
+//!   products, their tangents), and every backward sweep has one segment's graph
+//!   alive at a time;
 //! - `learners` replays the learners and the meta-step: what each keeps alive (every
 //!   inner step's graphs for full-graph MAML, one step's for recompute-MAML and
 //!   MELoRA, one forward graph for FOMAML and Reptile, a micro-batch's with gradient
-//!   accumulation), the meta-batch's tasks one after another, the outer update;
+//!   accumulation, one segment's with checkpointing), the meta-batch's tasks one
+//!   after another, the outer update; for the fine-tuning baselines, which are not
+//!   meta-trained, the adaptation to one test task;
 //! - `sim` counts every buffer like candle's reference-counted tensors, with candle's
 //!   per-tensor bookkeeping, and records the peak and what it was made of.
 //!
 //! Sizes come from the configuration: the model's architecture (built-in or the
 //! `config.json` and safetensors header of a model folder), LoRA rank and targets,
-//! the task shape (ways, shots, queries, sequence length or image size), the
-//! meta-batch, the method and its inner steps, micro-batches and the dtype.
+//! the task shape (ways, shots, queries, sequence length, image size, or sinusoid
+//! points), the meta-batch, the method and its inner steps, micro-batches, gradient
+//! checkpointing and the dtype.
 //!
 //! ```no_run
 //! use melora::config::Config;
@@ -34,6 +41,7 @@
 //! ```
 
 mod autograd;
+mod checkpoint;
 mod learners;
 mod models;
 mod sim;
@@ -45,7 +53,7 @@ use serde::Serialize;
 use crate::config::{Config, HessianKind, InnerMode, Method};
 use crate::Result;
 
-use self::learners::{outer_update, Approximation, Ctx, InnerSpec, Learner, Params};
+use self::learners::{outer_update, Approximation, Ctx, InnerSpec, Learner, OptimizerSpec, Params};
 use self::models::{SimBatch, SimModel};
 use self::sim::{Category, Sim};
 
@@ -135,7 +143,7 @@ impl PlanBreakdown {
 
 /// The predicted peak of one configuration.
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct MemoryPlan {
+pub struct Plan {
     /// The method as shown in tables, e.g. `maml (full graph)`.
     pub method: String,
     /// The model as configured (built-in name or folder).
@@ -155,10 +163,12 @@ pub struct MemoryPlan {
     pub graphs_kept: f64,
     /// Trainable parameters (elements).
     pub trainable_parameters: u64,
-    /// Inner steps K.
+    /// Inner steps K (for the baselines, their fine-tuning steps).
     pub inner_steps: usize,
     /// Examples per micro-batch, if any.
     pub micro_batch: Option<usize>,
+    /// With gradient checkpointing, the layers whose input the forward pass keeps.
+    pub checkpoint_layers: Option<Vec<usize>>,
     /// Tasks per meta-batch.
     pub meta_batch_size: usize,
     /// Support and query examples per task.
@@ -237,10 +247,11 @@ impl PlanMethod {
     }
 }
 
-/// The method of `config` as the simulation runs it, and its table label.
-fn learner_of(config: &Config) -> Result<(Option<Learner>, String)> {
+/// The method of `config` as the simulation runs it (`None` for the baselines,
+/// which only adapt), and its table label.
+fn learner_of(config: &Config) -> (Option<Learner>, String) {
     let hessian = &config.memory_optimization.hessian_approximation;
-    Ok(match config.meta_learning.method {
+    match config.meta_learning.method {
         Method::Maml => match config.meta_learning.inner.mode {
             InnerMode::FullGraph => (Some(Learner::MamlFullGraph), "maml (full graph)".into()),
             InnerMode::Recompute => (Some(Learner::MamlRecompute), "maml (recompute)".into()),
@@ -266,7 +277,7 @@ fn learner_of(config: &Config) -> Result<(Option<Learner>, String)> {
         }
         Method::Finetune => (None, "finetune".into()),
         Method::LoraFinetune => (None, "lora-finetune".into()),
-    })
+    }
 }
 
 /// The predicted peak of training with `config` (steady state: see
@@ -276,33 +287,43 @@ fn learner_of(config: &Config) -> Result<(Option<Learner>, String)> {
 /// missing `config.json`, unsupported family, LoRA target matching no module) and
 /// [`crate::Error::InvalidArgument`] for a combination training refuses too
 /// (micro-batches with Conv4's batch statistics, a data source no model reads).
-pub fn plan(config: &Config) -> Result<MemoryPlan> {
+pub fn plan(config: &Config) -> Result<Plan> {
     plan_with(config, &PlanOptions::default())
 }
 
 /// [`plan`] with explicit options.
-pub fn plan_with(config: &Config, options: &PlanOptions) -> Result<MemoryPlan> {
+pub fn plan_with(config: &Config, options: &PlanOptions) -> Result<Plan> {
     let spec = spec::model_spec(config)?;
-    let (learner, method) = learner_of(config)?;
+    let (learner, method) = learner_of(config);
     let micro = config.memory_optimization.gradient_accumulation.micro_batch;
-    if micro.is_some() && matches!(spec.model.family, models::Family::Conv4(_)) {
-        let n = spec.support.len();
-        if micro.is_some_and(|m| m < n) {
-            return Err(crate::Error::InvalidArgument(
-                "this model normalises with the statistics of the whole batch, so splitting \
-                 it into micro-batches would change the result; unset \
-                 memory_optimization.gradient_accumulation.micro_batch"
-                    .into(),
-            ));
-        }
+    if micro.is_some_and(|m| m < spec.support.len())
+        && matches!(spec.model.family, models::Family::Conv4(_))
+    {
+        return Err(crate::Error::InvalidArgument(
+            "this model normalises with the statistics of the whole batch, so splitting \
+             it into micro-batches would change the result; unset \
+             memory_optimization.gradient_accumulation.micro_batch"
+                .into(),
+        ));
     }
     let inner = InnerSpec {
         steps: config.meta_learning.inner.steps,
         micro,
     };
-    let meta_batch = config.meta_learning.meta_batch_size;
-    let adamw = config.meta_learning.outer.optimizer == crate::config::OuterOptimizer::Adamw;
-    let train = config.lora.dropout > 0.0;
+    // The baselines are not meta-trained: their peak is evaluation's, one test task
+    // at a time.
+    let meta_batch = match learner {
+        Some(_) => config.meta_learning.meta_batch_size,
+        None => 1,
+    };
+    let outer = &config.meta_learning.outer;
+    let optimizer = OptimizerSpec {
+        adamw: outer.optimizer == crate::config::OuterOptimizer::Adamw,
+        weight_decay: outer.weight_decay > 0.0,
+    };
+    let clip = outer.grad_clip.is_some();
+    // Dropout draws masks only in training (evaluation runs the baselines).
+    let train = config.lora.dropout > 0.0 && learner.is_some();
 
     let sim = Sim::new(options.threads);
     // Loading: the weights file read whole, then its tensors; the file is dropped
@@ -319,17 +340,20 @@ pub fn plan_with(config: &Config, options: &PlanOptions) -> Result<MemoryPlan> {
 
     sim.set_category(Category::Trainable);
     let dtype = model.dtype();
-    let mut params: Params = model
-        .param_shapes()
-        .iter()
-        .map(|s| {
-            // Initial values are drawn in f64, then converted.
-            if dtype.bytes != 8 {
-                sim.spike(8 * s.iter().product::<usize>() as u64);
-            }
-            sim.tensor(s, dtype)
-        })
-        .collect();
+    let init_params = || -> Params {
+        model
+            .param_shapes()
+            .iter()
+            .map(|s| {
+                // Initial values are drawn in f64, then converted.
+                if dtype.bytes != 8 {
+                    sim.spike(8 * s.iter().product::<usize>() as u64);
+                }
+                sim.tensor(s, dtype)
+            })
+            .collect()
+    };
+    let mut params = init_params();
     let trainable_parameters: u64 = model
         .param_shapes()
         .iter()
@@ -337,7 +361,11 @@ pub fn plan_with(config: &Config, options: &PlanOptions) -> Result<MemoryPlan> {
         .sum();
 
     sim.set_category(Category::Data);
-    let batches: Vec<Vec<(SimBatch, SimBatch)>> = (0..options.episode_batches.max(1))
+    let episode_batches = match learner {
+        Some(_) => options.episode_batches.max(1),
+        None => 1,
+    };
+    let batches: Vec<Vec<(SimBatch, SimBatch)>> = (0..episode_batches)
         .map(|_| {
             (0..meta_batch)
                 .map(|_| {
@@ -357,29 +385,35 @@ pub fn plan_with(config: &Config, options: &PlanOptions) -> Result<MemoryPlan> {
         model: &model,
         train,
         inner,
+        checkpoint: spec.checkpoint.as_deref(),
     };
     let mut state = None;
     for _ in 0..options.iterations.max(1) {
-        let mut gradients = Vec::with_capacity(meta_batch);
-        for (support, query) in &batches[0] {
-            let g = match learner {
-                Some(l) => ctx.meta_gradient(l, &params, support, query),
-                None => ctx.finetune(&params, support, inner.steps),
-            };
-            gradients.push(g);
-        }
-        if learner.is_none() {
-            // Baselines only adapt: there is no outer step.
+        let Some(learner) = learner else {
+            let (support, query) = &batches[0][0];
+            let steps = config.evaluation.finetune_steps;
+            match config.meta_learning.method {
+                // LoRA fine-tuning starts every task from fresh adapters.
+                Method::LoraFinetune => {
+                    let fresh = within_category(&sim, Category::Trainable, init_params);
+                    ctx.finetune(&fresh, support, query, steps);
+                }
+                _ => ctx.finetune(&params, support, query, steps),
+            }
             continue;
-        }
-        params = outer_update(&sim, &params, &gradients, adamw, &mut state);
+        };
+        let gradients: Vec<Params> = batches[0]
+            .iter()
+            .map(|(support, query)| ctx.meta_gradient(learner, &params, support, query))
+            .collect();
+        params = outer_update(&sim, &params, &gradients, optimizer, clip, &mut state);
     }
     let (peak, parts) = sim.peak();
     drop((params, state, batches, model));
 
     let forward_graph_bytes = spec::forward_graph_bytes(&spec, inner.micro, options.threads);
     let breakdown = PlanBreakdown::from_array(&parts);
-    Ok(MemoryPlan {
+    Ok(Plan {
         method,
         model: spec.name.clone(),
         peak_bytes: peak.max(load_peak),
@@ -392,8 +426,12 @@ pub fn plan_with(config: &Config, options: &PlanOptions) -> Result<MemoryPlan> {
             0.0
         },
         trainable_parameters,
-        inner_steps: inner.steps,
+        inner_steps: match learner {
+            Some(_) => inner.steps,
+            None => config.evaluation.finetune_steps,
+        },
         micro_batch: micro,
+        checkpoint_layers: spec.checkpoint.clone(),
         meta_batch_size: meta_batch,
         support_examples: spec.support.len(),
         query_examples: spec.query.len(),
@@ -403,8 +441,16 @@ pub fn plan_with(config: &Config, options: &PlanOptions) -> Result<MemoryPlan> {
     })
 }
 
+/// Runs `f` with new buffers counted in `category`.
+fn within_category<R>(sim: &Sim, category: Category, f: impl FnOnce() -> R) -> R {
+    let previous = sim.set_category(category);
+    let out = f();
+    sim.set_category(previous);
+    out
+}
+
 /// Plans of `config` under each of `methods` (the comparison table).
-pub fn compare(config: &Config, methods: &[PlanMethod]) -> Result<Vec<MemoryPlan>> {
+pub fn compare(config: &Config, methods: &[PlanMethod]) -> Result<Vec<Plan>> {
     compare_with(config, methods, &PlanOptions::default())
 }
 
@@ -413,7 +459,7 @@ pub fn compare_with(
     config: &Config,
     methods: &[PlanMethod],
     options: &PlanOptions,
-) -> Result<Vec<MemoryPlan>> {
+) -> Result<Vec<Plan>> {
     methods
         .iter()
         .map(|m| plan_with(&m.apply(config), options))

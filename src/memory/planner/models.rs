@@ -28,6 +28,18 @@ pub(crate) enum Family {
     T5(T5Config),
     /// Conv4 (every parameter trainable).
     Conv4(Conv4Config),
+    /// The fully connected network of the regression tasks (every parameter
+    /// trainable).
+    Mlp(MlpShape),
+}
+
+/// Widths of the built-in MLP (`models::load::builtin("mlp")`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct MlpShape {
+    /// Input features.
+    pub(crate) inputs: usize,
+    /// Hidden layer widths.
+    pub(crate) hidden: Vec<usize>,
 }
 
 /// What the planner needs to know of a model.
@@ -64,13 +76,15 @@ pub(crate) enum Inputs {
     Tokens { n: usize, t: usize },
     /// `n` images of `c × side × side`.
     Images { n: usize, c: usize, side: usize },
+    /// `n` rows of `d` features with regression targets of `outputs` values.
+    Dense { n: usize, d: usize, outputs: usize },
 }
 
 impl Inputs {
     /// Number of examples.
     pub(crate) fn len(&self) -> usize {
         match *self {
-            Inputs::Tokens { n, .. } | Inputs::Images { n, .. } => n,
+            Inputs::Tokens { n, .. } | Inputs::Images { n, .. } | Inputs::Dense { n, .. } => n,
         }
     }
 
@@ -79,17 +93,21 @@ impl Inputs {
         match *self {
             Inputs::Tokens { t, .. } => Inputs::Tokens { n, t },
             Inputs::Images { c, side, .. } => Inputs::Images { n, c, side },
+            Inputs::Dense { d, outputs, .. } => Inputs::Dense { n, d, outputs },
         }
     }
 }
 
-/// A batch's tensors (token ids and mask, or images; labels).
+/// A batch's tensors (token ids and mask, images, or dense rows with regression
+/// targets; labels).
 #[derive(Debug, Clone)]
 pub(crate) struct SimBatch {
     pub(crate) inputs: Inputs,
     pub(crate) ids: Option<T>,
     pub(crate) mask: Option<T>,
     pub(crate) images: Option<T>,
+    pub(crate) dense: Option<T>,
+    pub(crate) targets: Option<T>,
     pub(crate) labels: T,
 }
 
@@ -102,6 +120,8 @@ impl SimBatch {
                 ids: Some(sim.tensor(&[n, t], DType::U32)),
                 mask: Some(sim.tensor(&[n, t], DType::U32)),
                 images: None,
+                dense: None,
+                targets: None,
                 labels: sim.tensor(&[n], DType::U32),
             },
             Inputs::Images { n, c, side } => SimBatch {
@@ -109,6 +129,18 @@ impl SimBatch {
                 ids: None,
                 mask: None,
                 images: Some(sim.tensor(&[n, c, side, side], dtype)),
+                dense: None,
+                targets: None,
+                labels: sim.tensor(&[n], DType::U32),
+            },
+            // Batch::regression: inputs and targets as made (f32), labels zeros.
+            Inputs::Dense { n, d, outputs } => SimBatch {
+                inputs,
+                ids: None,
+                mask: None,
+                images: None,
+                dense: Some(sim.tensor(&[n, d], DType::F32)),
+                targets: Some(sim.tensor(&[n, outputs], DType::F32)),
                 labels: sim.tensor(&[n], DType::U32),
             },
         }
@@ -127,6 +159,8 @@ impl SimBatch {
                     ids: self.ids.as_ref().map(|t| rows(t, start, len)),
                     mask: self.mask.as_ref().map(|t| rows(t, start, len)),
                     images: self.images.as_ref().map(|t| rows(t, start, len)),
+                    dense: self.dense.as_ref().map(|t| rows(t, start, len)),
+                    targets: self.targets.as_ref().map(|t| rows(t, start, len)),
                     labels: rows(&self.labels, start, len),
                 }
             })
@@ -344,10 +378,45 @@ pub(crate) fn cross_entropy(logits: &T) -> T {
     per_example.sum_all().affine(1.0 / b as f64).unary(Un::Neg)
 }
 
+/// `ops::mse` of a regression batch's outputs against its targets
+/// (`data::regression_loss`: the targets converted to the outputs' type first).
+fn mse(outputs: &T, targets: &T) -> T {
+    let targets = targets.to_dtype(outputs.dtype());
+    let count = outputs.elem_count() as f64;
+    // mean_all: the sum divided by the count.
+    outputs
+        .sub(&targets)
+        .unary(Un::Sqr)
+        .sum_all()
+        .affine(1.0 / count)
+}
+
+/// `meta::loss::task_loss`: mean squared error for a regression batch, mean
+/// cross-entropy otherwise.
+pub(crate) fn task_loss(outputs: &T, batch: &SimBatch) -> T {
+    match &batch.targets {
+        Some(targets) => mse(outputs, targets),
+        None => cross_entropy(outputs),
+    }
+}
+
+/// Per-batch constants of a transformer stack (`models::StackContext`), alive while
+/// its layers run.
+#[derive(Debug)]
+pub(crate) struct SimContext {
+    /// The keep mask: a view of the padding mask, or GPT-2's causal table.
+    _keep: T,
+    /// Bytes of the 0/1 copy of the mask each attention softmax keeps.
+    keep_bytes: u64,
+    /// T5's relative-position bias `[1, heads, t, t]`.
+    bias: Option<T>,
+}
+
 /// The simulated model: frozen weights (allocated by [`SimModel::build`]) and the
 /// shapes of its trainable parameters.
 #[derive(Debug)]
 pub(crate) struct SimModel {
+    sim: Sim,
     spec: ModelSpec,
     embeddings: Vec<T>,
     layers: Vec<Layer>,
@@ -423,18 +492,18 @@ fn layer_linears(family: &Family, l: usize) -> Vec<(String, usize, usize)> {
             v.push((format!("{f}.wo"), ff, d));
             v
         }
-        Family::Conv4(_) => Vec::new(),
+        Family::Conv4(_) | Family::Mlp(_) => Vec::new(),
     }
 }
 
 /// Number of transformer layers.
-fn layer_count(family: &Family) -> usize {
+pub(crate) fn layer_count(family: &Family) -> usize {
     match family {
         Family::Bert(c) => c.num_hidden_layers,
         Family::DistilBert(c) => c.n_layers,
         Family::Gpt2(c) => c.n_layer,
         Family::T5(c) => c.num_layers,
-        Family::Conv4(_) => 0,
+        Family::Conv4(_) | Family::Mlp(_) => 0,
     }
 }
 
@@ -458,7 +527,7 @@ fn activation_of(family: &Family) -> Activation {
                 None => p.to_string(),
             }
         }
-        Family::Conv4(_) => "relu".into(),
+        Family::Conv4(_) | Family::Mlp(_) => "relu".into(),
     };
     Activation::from_hf(&name).unwrap_or(Activation::GeluErf)
 }
@@ -507,6 +576,7 @@ impl SimModel {
                 }
                 c.channels * side * side
             }
+            Family::Mlp(m) => m.hidden.last().copied().unwrap_or(m.inputs),
         };
         let paths = module_paths(&spec.family);
         let targets = spec.lora.as_ref().map(|l| &l.targets);
@@ -544,7 +614,7 @@ impl SimModel {
                     (0..4).map(|_| w(&[width])).collect()
                 }
                 Family::T5(_) => (0..2).map(|_| w(&[width])).collect(),
-                Family::Conv4(_) => Vec::new(),
+                Family::Conv4(_) | Family::Mlp(_) => Vec::new(),
             };
             layers.push(Layer { linears, norms });
         }
@@ -581,12 +651,22 @@ impl SimModel {
                 conv_blocks.push([base, base + 1, base + 2, base + 3]);
             }
         }
+        if let Family::Mlp(m) = &spec.family {
+            // layers.{i}.weight [width, fan_in] and layers.{i}.bias, in order.
+            let mut fan_in = m.inputs;
+            for &width in &m.hidden {
+                param_shapes.push(vec![width, fan_in]);
+                param_shapes.push(vec![width]);
+                fan_in = width;
+            }
+        }
         let head = (param_shapes.len(), param_shapes.len() + 1);
         param_shapes.push(vec![spec.classes, width]);
         param_shapes.push(vec![spec.classes]);
         let unused = (spec.unused_weight_bytes > 0)
             .then(|| sim.tensor(&[spec.unused_weight_bytes as usize], DType::U8));
         SimModel {
+            sim: sim.clone(),
             spec: spec.clone(),
             embeddings,
             layers,
@@ -603,6 +683,11 @@ impl SimModel {
         &self.param_shapes
     }
 
+    /// The simulation the model lives in.
+    pub(crate) fn sim(&self) -> Sim {
+        self.sim.clone()
+    }
+
     /// Element type.
     pub(crate) fn dtype(&self) -> DType {
         self.spec.dtype
@@ -612,148 +697,229 @@ impl SimModel {
     pub(crate) fn logits(&self, params: &[T], batch: &SimBatch, train: bool) -> T {
         let features = match &self.spec.family {
             Family::Conv4(c) => self.conv4_features(c, params, batch),
-            family => {
-                let hidden = self.hidden_states(family, params, batch, train);
-                match family {
-                    Family::Gpt2(_) => last_token(&hidden),
-                    _ => masked_mean_pool(&hidden, batch.mask.as_ref().expect("tokens")),
-                }
-            }
+            Family::Mlp(_) => self.mlp_features(params, batch),
+            _ => self.pool(&self.encode(params, batch, train), batch),
         };
-        linear_with_bias(&features, &params[self.head.0], &params[self.head.1])
+        self.head(&features, params)
     }
 
-    fn hidden_states(&self, family: &Family, params: &[T], batch: &SimBatch, train: bool) -> T {
+    /// The classification (or regression) head on pooled features.
+    fn head(&self, features: &T, params: &[T]) -> T {
+        linear_with_bias(features, &params[self.head.0], &params[self.head.1])
+    }
+
+    /// `TransformerClassifier::encode`: the batch's context, the embedding, every
+    /// layer and the finish; the context is dropped on return, as there.
+    fn encode(&self, params: &[T], batch: &SimBatch, train: bool) -> T {
+        let context = self.stack_context(batch);
+        let mut h = self.embed(params, batch, train);
+        for index in 0..self.num_layers() {
+            h = self.layer(index, &h, &context, params, train);
+        }
+        let out = self.finish(&h);
+        drop(context);
+        out
+    }
+
+    /// Pooled features of final hidden states (`models::pool`).
+    fn pool(&self, hidden: &T, batch: &SimBatch) -> T {
+        match self.spec.family {
+            Family::Gpt2(_) => last_token(hidden),
+            _ => masked_mean_pool(hidden, batch.mask.as_ref().expect("tokens")),
+        }
+    }
+
+    /// `models::tail_logits`: logits from the last layer's output (finish, pooling,
+    /// head), the tail segment of gradient checkpointing.
+    pub(crate) fn tail_logits(&self, last: &T, params: &[T], batch: &SimBatch) -> T {
+        let features = self.pool(&self.finish(last), batch);
+        self.head(&features, params)
+    }
+
+    /// Number of transformer layers (0 for Conv4 and the MLP).
+    pub(crate) fn num_layers(&self) -> usize {
+        layer_count(&self.spec.family)
+    }
+
+    /// `TransformerClassifier::stack_context`: the keep mask every layer's softmax
+    /// reads and, for T5, the relative-position bias.
+    pub(crate) fn stack_context(&self, batch: &SimBatch) -> SimContext {
         let Inputs::Tokens { n, t } = batch.inputs else {
             unreachable!("transformers read tokens")
         };
+        let mask = batch.mask.as_ref().expect("tokens");
+        // attention::padding_keep: a `[n, 1, 1, t]` view of the mask.
+        let padding = || mask.reshape(&[n, 1, 1, t]);
+        match &self.spec.family {
+            Family::Bert(_) | Family::DistilBert(_) => SimContext {
+                _keep: padding(),
+                keep_bytes: (n * t) as u64,
+                bias: None,
+            },
+            Family::Gpt2(_) => {
+                // attention::causal_keep: the lower-triangular table times the padding
+                // mask, `[n, 1, t, t]` u32.
+                let sim = mask.sim_handle();
+                sim.spike(4 * (t * t) as u64);
+                let causal = sim.tensor(&[1, 1, t, t], DType::U32);
+                SimContext {
+                    _keep: causal.broadcast_binary(&padding(), Bin::Mul),
+                    keep_bytes: (n * t * t) as u64,
+                    bias: None,
+                }
+            }
+            Family::T5(_) => {
+                // T5Encoder::position_bias: bucket ids, a lookup in the frozen table,
+                // permuted to [1, heads, t, t] and copied.
+                let sim = mask.sim_handle();
+                let buckets = sim.tensor(&[t, t], DType::U32);
+                let looked = embedding(&buckets, &self.embeddings[1]);
+                drop(buckets);
+                SimContext {
+                    _keep: padding(),
+                    keep_bytes: (n * t) as u64,
+                    bias: Some(looked.permute(&[2, 0, 1]).unsqueeze(0).contiguous()),
+                }
+            }
+            Family::Conv4(_) | Family::Mlp(_) => unreachable!("not a transformer stack"),
+        }
+    }
+
+    /// `TransformerClassifier::embed`: hidden states entering layer 0.
+    pub(crate) fn embed(&self, _params: &[T], batch: &SimBatch, _train: bool) -> T {
+        let Inputs::Tokens { t, .. } = batch.inputs else {
+            unreachable!("transformers read tokens")
+        };
         let ids = batch.ids.as_ref().expect("tokens");
-        let mask_bytes = (n * t) as u64;
-        match family {
-            Family::Bert(c) => {
+        match &self.spec.family {
+            Family::Bert(_) => {
                 let words = embedding(ids, &self.embeddings[0]);
                 let positions = self.embeddings[1].narrow(0, 0, t);
                 let types = self.embeddings[2].narrow(0, 0, 1).unsqueeze(0);
                 let x = words
                     .broadcast_binary(&positions, Bin::Add)
                     .broadcast_binary(&types, Bin::Add);
-                let mut x = layer_norm(&x, &self.embeddings[3], &self.embeddings[4]);
-                let heads = c.num_attention_heads;
-                for layer in &self.layers {
-                    let lin = &layer.linears;
-                    let q = lin[0].forward(&x, params, train);
-                    let k = lin[1].forward(&x, params, train);
-                    let v = lin[2].forward(&x, params, train);
-                    let context = attention(&q, &k, &v, heads, true, mask_bytes, None);
-                    let attended = lin[3].forward(&context, params, train);
-                    x = layer_norm(&attended.add(&x), &layer.norms[0], &layer.norms[1]);
-                    let inner =
-                        activation(activation_of(family), &lin[4].forward(&x, params, train));
-                    let out = lin[5].forward(&inner, params, train);
-                    x = layer_norm(&out.add(&x), &layer.norms[2], &layer.norms[3]);
-                }
-                x
+                layer_norm(&x, &self.embeddings[3], &self.embeddings[4])
             }
-            Family::DistilBert(c) => {
+            Family::DistilBert(_) => {
                 let words = embedding(ids, &self.embeddings[0]);
                 let positions = self.embeddings[1].narrow(0, 0, t);
-                let mut x = layer_norm(
+                layer_norm(
                     &words.broadcast_binary(&positions, Bin::Add),
                     &self.embeddings[2],
                     &self.embeddings[3],
-                );
-                let heads = c.n_heads;
-                for layer in &self.layers {
-                    let lin = &layer.linears;
-                    let q = lin[0].forward(&x, params, train);
-                    let k = lin[1].forward(&x, params, train);
-                    let v = lin[2].forward(&x, params, train);
-                    let context = attention(&q, &k, &v, heads, true, mask_bytes, None);
-                    let attended = lin[3].forward(&context, params, train);
-                    x = layer_norm(&attended.add(&x), &layer.norms[0], &layer.norms[1]);
-                    let inner =
-                        activation(activation_of(family), &lin[4].forward(&x, params, train));
-                    let out = lin[5].forward(&inner, params, train);
-                    x = layer_norm(&out.add(&x), &layer.norms[2], &layer.norms[3]);
-                }
-                x
+                )
+            }
+            Family::Gpt2(_) => embedding(ids, &self.embeddings[0])
+                .broadcast_binary(&self.embeddings[1].narrow(0, 0, t), Bin::Add),
+            Family::T5(_) => embedding(ids, &self.embeddings[0]),
+            Family::Conv4(_) | Family::Mlp(_) => unreachable!("not a transformer stack"),
+        }
+    }
+
+    /// `TransformerClassifier::layer`: layer `index` applied to `x`.
+    pub(crate) fn layer(
+        &self,
+        index: usize,
+        x: &T,
+        context: &SimContext,
+        params: &[T],
+        train: bool,
+    ) -> T {
+        let family = &self.spec.family;
+        let layer = &self.layers[index];
+        let lin = &layer.linears;
+        let keep_bytes = context.keep_bytes;
+        match family {
+            Family::Bert(_) | Family::DistilBert(_) => {
+                let heads = match family {
+                    Family::Bert(c) => c.num_attention_heads,
+                    Family::DistilBert(c) => c.n_heads,
+                    _ => unreachable!("matched above"),
+                };
+                let q = lin[0].forward(x, params, train);
+                let k = lin[1].forward(x, params, train);
+                let v = lin[2].forward(x, params, train);
+                let context = attention(&q, &k, &v, heads, true, keep_bytes, None);
+                let attended = lin[3].forward(&context, params, train);
+                let x = layer_norm(&attended.add(x), &layer.norms[0], &layer.norms[1]);
+                let inner = activation(activation_of(family), &lin[4].forward(&x, params, train));
+                let out = lin[5].forward(&inner, params, train);
+                layer_norm(&out.add(&x), &layer.norms[2], &layer.norms[3])
             }
             Family::Gpt2(c) => {
                 let e = c.n_embd;
-                let sim = ids.sim_handle();
-                let mut x = embedding(ids, &self.embeddings[0])
-                    .broadcast_binary(&self.embeddings[1].narrow(0, 0, t), Bin::Add);
-                // causal_keep: the lower-triangular table, then its product with the
-                // padding mask `[n, 1, t, t]` (u32), alive through the forward pass.
-                sim.spike(4 * (t * t) as u64);
-                let keep = {
-                    let causal = sim.tensor(&[1, 1, t, t], DType::U32);
-                    let padding = batch.mask.as_ref().expect("tokens").reshape(&[n, 1, 1, t]);
-                    causal.broadcast_binary(&padding, Bin::Mul)
-                };
-                let keep_bytes = (n * t * t) as u64;
-                for layer in &self.layers {
-                    let lin = &layer.linears;
-                    let qkv = lin[0].forward(
-                        &layer_norm(&x, &layer.norms[0], &layer.norms[1]),
+                let qkv = lin[0].forward(
+                    &layer_norm(x, &layer.norms[0], &layer.norms[1]),
+                    params,
+                    train,
+                );
+                let (q, k, v) = (
+                    qkv.narrow(2, 0, e),
+                    qkv.narrow(2, e, e),
+                    qkv.narrow(2, 2 * e, e),
+                );
+                let context = attention(&q, &k, &v, c.n_head, true, keep_bytes, None);
+                let x = x.add(&lin[1].forward(&context, params, train));
+                let inner = activation(
+                    activation_of(family),
+                    &lin[2].forward(
+                        &layer_norm(&x, &layer.norms[2], &layer.norms[3]),
                         params,
                         train,
-                    );
-                    let (q, k, v) = (
-                        qkv.narrow(2, 0, e),
-                        qkv.narrow(2, e, e),
-                        qkv.narrow(2, 2 * e, e),
-                    );
-                    let context = attention(&q, &k, &v, c.n_head, true, keep_bytes, None);
-                    x = x.add(&lin[1].forward(&context, params, train));
-                    let inner = activation(
-                        activation_of(family),
-                        &lin[2].forward(
-                            &layer_norm(&x, &layer.norms[2], &layer.norms[3]),
-                            params,
-                            train,
-                        ),
-                    );
-                    x = x.add(&lin[3].forward(&inner, params, train));
-                }
-                drop(keep);
-                layer_norm(&x, &self.final_norm[0], &self.final_norm[1])
+                    ),
+                );
+                x.add(&lin[3].forward(&inner, params, train))
             }
             Family::T5(c) => {
-                let sim = ids.sim_handle();
-                let mut h = embedding(ids, &self.embeddings[0]);
-                // position_bias: bucket ids, a lookup in the frozen table, permuted
-                // to [1, heads, t, t] and copied.
-                let bias = {
-                    let buckets = sim.tensor(&[t, t], DType::U32);
-                    let looked = embedding(&buckets, &self.embeddings[1]);
-                    looked.permute(&[2, 0, 1]).unsqueeze(0).contiguous()
-                };
                 let gated = c.feed_forward_proj.starts_with("gated-");
-                for layer in &self.layers {
-                    let lin = &layer.linears;
-                    let x = rms_norm(&h, &layer.norms[0]);
-                    let q = lin[0].forward(&x, params, train);
-                    let k = lin[1].forward(&x, params, train);
-                    let v = lin[2].forward(&x, params, train);
-                    let context =
-                        attention(&q, &k, &v, c.num_heads, false, mask_bytes, Some(&bias));
-                    h = h.add(&lin[3].forward(&context, params, train));
-                    let x = rms_norm(&h, &layer.norms[1]);
-                    let mut inner =
-                        activation(activation_of(family), &lin[4].forward(&x, params, train));
-                    let wo = if gated {
-                        inner = inner.mul(&lin[5].forward(&x, params, train));
-                        &lin[6]
-                    } else {
-                        &lin[5]
-                    };
-                    h = h.add(&wo.forward(&inner, params, train));
-                }
-                rms_norm(&h, &self.final_norm[0])
+                let h = x;
+                let x = rms_norm(h, &layer.norms[0]);
+                let q = lin[0].forward(&x, params, train);
+                let k = lin[1].forward(&x, params, train);
+                let v = lin[2].forward(&x, params, train);
+                let attended = attention(
+                    &q,
+                    &k,
+                    &v,
+                    c.num_heads,
+                    false,
+                    keep_bytes,
+                    context.bias.as_ref(),
+                );
+                let h = h.add(&lin[3].forward(&attended, params, train));
+                let x = rms_norm(&h, &layer.norms[1]);
+                let mut inner =
+                    activation(activation_of(family), &lin[4].forward(&x, params, train));
+                let wo = if gated {
+                    inner = inner.mul(&lin[5].forward(&x, params, train));
+                    &lin[6]
+                } else {
+                    &lin[5]
+                };
+                h.add(&wo.forward(&inner, params, train))
             }
-            Family::Conv4(_) => unreachable!("Conv4 has no hidden states"),
+            Family::Conv4(_) | Family::Mlp(_) => unreachable!("not a transformer stack"),
         }
+    }
+
+    /// `TransformerClassifier::finish`: GPT-2's final layer norm, T5's final RMS norm,
+    /// the identity otherwise.
+    fn finish(&self, h: &T) -> T {
+        match &self.spec.family {
+            Family::Gpt2(_) => layer_norm(h, &self.final_norm[0], &self.final_norm[1]),
+            Family::T5(_) => rms_norm(h, &self.final_norm[0]),
+            _ => h.clone(),
+        }
+    }
+
+    /// `Mlp::features`: ReLU layers on the dense inputs.
+    fn mlp_features(&self, params: &[T], batch: &SimBatch) -> T {
+        let mut x = batch.dense.as_ref().expect("dense inputs").clone();
+        for pair in params[..self.head.0].chunks(2) {
+            x = linear_with_bias(&x, &pair[0], &pair[1]).unary(Un::Relu);
+        }
+        x
     }
 
     fn conv4_features(&self, c: &Conv4Config, params: &[T], batch: &SimBatch) -> T {

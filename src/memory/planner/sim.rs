@@ -647,6 +647,12 @@ impl T {
         self.dims().len()
     }
 
+    /// Whether the tensor tracks gradients (a variable, or made by an op on one):
+    /// candle's `track_op`.
+    pub(crate) fn tracks(&self) -> bool {
+        self.sim.borrow().tracks(self.id)
+    }
+
     /// Whether the layout is row-major contiguous.
     pub(crate) fn is_contiguous(&self) -> bool {
         let n = self.sim.borrow();

@@ -7,7 +7,9 @@ use std::path::Path;
 
 use serde::de::DeserializeOwned;
 
-use super::models::{Family, Inputs, LoraPlan, ModelSpec, SimBatch, SimModel};
+use super::models::{
+    layer_count, Family, Inputs, LoraPlan, MlpShape, ModelSpec, SimBatch, SimModel,
+};
 use super::sim::{Category, DType, Sim};
 use crate::config::{self, Config, DataSource, SyntheticTask};
 use crate::data::SyntheticText;
@@ -41,6 +43,9 @@ pub(crate) struct Spec {
     pub(crate) query: Inputs,
     /// Loading costs.
     pub(crate) load: LoadSpec,
+    /// With gradient checkpointing, the layers whose input the forward pass keeps
+    /// (`CheckpointPlan::boundaries`).
+    pub(crate) checkpoint: Option<Vec<usize>>,
 }
 
 impl Spec {
@@ -48,7 +53,7 @@ impl Spec {
     pub(crate) fn sequence_length(&self) -> Option<usize> {
         match self.support {
             Inputs::Tokens { t, .. } => Some(t),
-            Inputs::Images { .. } => None,
+            Inputs::Images { .. } | Inputs::Dense { .. } => None,
         }
     }
 }
@@ -95,7 +100,7 @@ fn default_targets(family: &Family) -> &'static [&'static str] {
         Family::DistilBert(_) => distilbert::DEFAULT_TARGETS,
         Family::Gpt2(_) => gpt2::DEFAULT_TARGETS,
         Family::T5(_) => t5::DEFAULT_TARGETS,
-        Family::Conv4(_) => &[],
+        Family::Conv4(_) | Family::Mlp(_) => &[],
     }
 }
 
@@ -106,6 +111,7 @@ fn family_name(family: &Family) -> &'static str {
         Family::Gpt2(_) => "gpt2",
         Family::T5(_) => "t5",
         Family::Conv4(_) => "conv4",
+        Family::Mlp(_) => "mlp",
     }
 }
 
@@ -164,6 +170,9 @@ fn safetensors_sizes(path: &Path, dtype: DType) -> Result<LoadSpec> {
 /// The sizes of `config`'s run.
 pub(crate) fn model_spec(config: &Config) -> Result<Spec> {
     let dtype = dtype_of(config);
+    // Classes of the head, or one output for regression; a model that cannot read the
+    // configured tasks is refused here as `build_model` refuses it.
+    let outputs = crate::train::build::model_outputs(config)?;
     let (name, family, weights_file) = match &config.model.path {
         Some(dir) => {
             let path = dir.join("config.json");
@@ -190,6 +199,14 @@ pub(crate) fn model_spec(config: &Config) -> Result<Spec> {
             Family::Conv4(Conv4Config::default()),
             None,
         ),
+        None if config.model.name == "mlp" => (
+            "mlp".to_string(),
+            Family::Mlp(MlpShape {
+                inputs: crate::models::load::MLP_INPUTS,
+                hidden: crate::models::load::MLP_HIDDEN.to_vec(),
+            }),
+            None,
+        ),
         None => {
             let name = &config.model.name;
             let Some((kind, value)) = crate::models::load::builtin_config(name) else {
@@ -206,7 +223,7 @@ pub(crate) fn model_spec(config: &Config) -> Result<Spec> {
         }
     };
     let lora = match &family {
-        Family::Conv4(_) => None,
+        Family::Conv4(_) | Family::Mlp(_) => None,
         f => {
             let targets: Vec<String> = match &config.lora.target_modules {
                 Some(t) => t.clone(),
@@ -229,6 +246,20 @@ pub(crate) fn model_spec(config: &Config) -> Result<Spec> {
     let data = &config.data;
     let (support_n, query_n) = (data.n_way * data.k_shot, data.n_way * data.n_query);
     let (support, query) = match &family {
+        // Sinusoid tasks: k_shot support points and n_query query points, whatever
+        // n_way says (model_outputs above has checked that the tasks are these).
+        Family::Mlp(m) => (
+            Inputs::Dense {
+                n: data.k_shot,
+                d: m.inputs,
+                outputs,
+            },
+            Inputs::Dense {
+                n: data.n_query,
+                d: m.inputs,
+                outputs,
+            },
+        ),
         Family::Conv4(c) => {
             let images = |n| Inputs::Images {
                 n,
@@ -275,7 +306,7 @@ pub(crate) fn model_spec(config: &Config) -> Result<Spec> {
     let mut model = ModelSpec {
         family,
         lora,
-        classes: data.n_way,
+        classes: outputs,
         dtype,
         unused_weight_bytes: 0,
     };
@@ -291,16 +322,26 @@ pub(crate) fn model_spec(config: &Config) -> Result<Spec> {
         // The model keeps every tensor of the file; those it does not use count too.
         let used = weight_bytes(&model);
         model.unused_weight_bytes = load.kept_bytes.saturating_sub(used);
-    } else if !matches!(model.family, Family::Conv4(_)) && dtype.bytes != 8 {
+    } else if !matches!(model.family, Family::Conv4(_) | Family::Mlp(_)) && dtype.bytes != 8 {
         // Built-in weights are drawn in f64 one tensor at a time, then converted.
         load.conversion_scratch = 8 * largest_weight_elems(&model);
     }
+    let checkpoint = match config.memory_optimization.checkpointing.plan() {
+        None => None,
+        Some(plan) => match &model.family {
+            Family::Conv4(_) | Family::Mlp(_) => {
+                return Err(crate::memory::checkpoint::not_a_stack())
+            }
+            family => Some(plan.boundaries(layer_count(family))?),
+        },
+    };
     Ok(Spec {
         name,
         model,
         support,
         query,
         load,
+        checkpoint,
     })
 }
 
@@ -337,7 +378,7 @@ pub(crate) fn forward_graph_bytes(spec: &Spec, micro: Option<usize>, threads: us
     let batch = SimBatch::new(&sim, inputs, spec.model.dtype);
     let before = sim.live();
     let logits = model.logits(&params, &batch, false);
-    let loss = super::models::cross_entropy(&logits);
+    let loss = super::models::task_loss(&logits, &batch);
     let after = sim.live();
     drop((loss, logits));
     after - before

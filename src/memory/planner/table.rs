@@ -2,7 +2,7 @@
 
 use std::fmt::Write as _;
 
-use super::MemoryPlan;
+use super::Plan;
 use crate::memory::format_bytes;
 
 fn percent(part: u64, total: u64) -> String {
@@ -12,14 +12,25 @@ fn percent(part: u64, total: u64) -> String {
     format!("{:.1}%", 100.0 * part as f64 / total as f64)
 }
 
+/// ", checkpointing layers 0, 1" when gradient checkpointing is on.
+fn checkpointing(plan: &Plan) -> String {
+    match &plan.checkpoint_layers {
+        Some(layers) => {
+            let list: Vec<String> = layers.iter().map(usize::to_string).collect();
+            format!(", checkpointing the inputs of layers {}", list.join(", "))
+        }
+        None => String::new(),
+    }
+}
+
 /// The breakdown of one plan's peak, with the assumptions it rests on.
-pub fn format_breakdown(plan: &MemoryPlan) -> String {
+pub fn format_breakdown(plan: &Plan) -> String {
     let b = &plan.breakdown;
     let total = b.total();
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "Predicted peak of {} on {} (K = {}, meta-batch {}, {} support + {} query{}{})",
+        "Predicted peak of {} on {} (K = {}, meta-batch {}, {} support + {} query{}{}{})",
         plan.method,
         plan.model,
         plan.inner_steps,
@@ -30,6 +41,7 @@ pub fn format_breakdown(plan: &MemoryPlan) -> String {
             .map_or(String::new(), |t| format!(" × {t} tokens")),
         plan.micro_batch
             .map_or(String::new(), |m| format!(", micro-batches of {m}")),
+        checkpointing(plan),
     );
     out.push('\n');
     out.push_str("| part | bytes | share |\n|---|---:|---:|\n");
@@ -72,7 +84,7 @@ pub fn format_breakdown(plan: &MemoryPlan) -> String {
 
 /// One row per plan: peak, activations, gradients, graphs kept, the ratio to the
 /// first row and, with a budget, whether it fits.
-pub fn format_comparison(plans: &[MemoryPlan], budget: Option<u64>) -> String {
+pub fn format_comparison(plans: &[Plan], budget: Option<u64>) -> String {
     let mut out = String::new();
     out.push_str("| method | predicted peak | activations | gradients | graphs kept | vs first |");
     match budget {
