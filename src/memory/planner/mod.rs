@@ -50,7 +50,7 @@ mod table;
 
 use serde::Serialize;
 
-use crate::config::{Config, HessianKind, InnerMode, Method};
+use crate::config::{Config, HessianKind, InnerMode, Method, Variant};
 use crate::Result;
 
 use self::learners::{outer_update, Approximation, Ctx, InnerSpec, Learner, OptimizerSpec, Params};
@@ -146,6 +146,9 @@ impl PlanBreakdown {
 pub struct Plan {
     /// The method as shown in tables, e.g. `maml (full graph)`.
     pub method: String,
+    /// The method by its configuration name (`comparison.baselines`), e.g.
+    /// `maml-full_graph`.
+    pub variant: Variant,
     /// The model as configured (built-in name or folder).
     pub model: String,
     /// Peak heap bytes of training (the larger of loading and the meta-steps).
@@ -183,68 +186,17 @@ pub struct Plan {
     pub options: PlanOptions,
 }
 
-/// A method of the comparison table.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub enum PlanMethod {
-    /// MAML keeping every inner step's graph (the reference).
-    FullMaml,
-    /// MAML recomputing one step's graph at a time (same meta-gradient).
-    RecomputeMaml,
-    /// First-order MAML.
-    Fomaml,
-    /// Reptile.
-    Reptile,
-    /// MELoRA with the configuration's Hessian approximation.
-    Melora,
-}
-
-impl PlanMethod {
-    /// The seed's comparison: FullMAML, FOMAML, Reptile, MELoRA.
-    pub const DEFAULT_COMPARISON: [PlanMethod; 4] = [
-        PlanMethod::FullMaml,
-        PlanMethod::Fomaml,
-        PlanMethod::Reptile,
-        PlanMethod::Melora,
-    ];
-
-    /// Parses a method name: `maml` or `full-maml` (full graph), `maml-recompute`,
-    /// `fomaml`, `reptile`, `melora`.
-    pub fn parse(name: &str) -> Result<PlanMethod> {
-        Ok(match name.trim().to_ascii_lowercase().as_str() {
-            "maml" | "full-maml" | "fullmaml" | "full_maml" => PlanMethod::FullMaml,
-            "maml-recompute" | "recompute" | "maml_recompute" => PlanMethod::RecomputeMaml,
-            "fomaml" => PlanMethod::Fomaml,
-            "reptile" => PlanMethod::Reptile,
-            "melora" => PlanMethod::Melora,
-            other => {
-                return Err(crate::Error::InvalidArgument(format!(
-                    "unknown method `{other}` to plan; expected maml (full graph), \
-                     maml-recompute, fomaml, reptile or melora"
-                )))
-            }
-        })
-    }
-
-    /// The configuration with this method (MELoRA keeps the configured Hessian
-    /// approximation).
-    pub fn apply(self, config: &Config) -> Config {
-        let mut c = config.clone();
-        let ml = &mut c.meta_learning;
-        match self {
-            PlanMethod::FullMaml => {
-                ml.method = Method::Maml;
-                ml.inner.mode = InnerMode::FullGraph;
-            }
-            PlanMethod::RecomputeMaml => {
-                ml.method = Method::Maml;
-                ml.inner.mode = InnerMode::Recompute;
-            }
-            PlanMethod::Fomaml => ml.method = Method::Fomaml,
-            PlanMethod::Reptile => ml.method = Method::Reptile,
-            PlanMethod::Melora => ml.method = Method::Melora,
-        }
-        c
-    }
+/// The comparison `melora plan` shows by default: full-graph MAML, FOMAML, Reptile
+/// and MELoRA with the configured Hessian approximation.
+pub fn default_comparison(config: &Config) -> Vec<Variant> {
+    let mut melora = config.clone();
+    melora.meta_learning.method = Method::Melora;
+    vec![
+        Variant::MamlFullGraph,
+        Variant::Fomaml,
+        Variant::Reptile,
+        Variant::of(&melora),
+    ]
 }
 
 /// The method of `config` as the simulation runs it (`None` for the baselines,
@@ -293,6 +245,8 @@ pub fn plan(config: &Config) -> Result<Plan> {
 
 /// [`plan`] with explicit options.
 pub fn plan_with(config: &Config, options: &PlanOptions) -> Result<Plan> {
+    // A configuration built in code has not been through `Config::load`.
+    config.validate()?;
     let spec = spec::model_spec(config)?;
     let (learner, method) = learner_of(config);
     let micro = config.memory_optimization.gradient_accumulation.micro_batch;
@@ -402,10 +356,27 @@ pub fn plan_with(config: &Config, options: &PlanOptions) -> Result<Plan> {
             }
             continue;
         };
-        let gradients: Vec<Params> = batches[0]
-            .iter()
-            .map(|(support, query)| ctx.meta_gradient(learner, &params, support, query))
-            .collect();
+        // The tasks of a meta-batch have the same shapes and run one after another,
+        // each leaving only its meta-gradient: a later task peaks higher than an
+        // earlier one by exactly the meta-gradients in between. So the first task
+        // (for what it leaves) and the last (for the peak) are replayed, and the
+        // ones between leave a copy of the first's meta-gradient.
+        let tasks = &batches[0];
+        let mut gradients: Vec<Params> = Vec::with_capacity(tasks.len());
+        for (i, (support, query)) in tasks.iter().enumerate() {
+            let replayed = i == 0 || i + 1 == tasks.len();
+            let g = if replayed {
+                ctx.meta_gradient(learner, &params, support, query)
+            } else {
+                within_category(&sim, Category::Gradients, || {
+                    gradients[0]
+                        .iter()
+                        .map(|t| sim.tensor(&t.dims(), t.dtype()))
+                        .collect()
+                })
+            };
+            gradients.push(g);
+        }
         params = outer_update(&sim, &params, &gradients, optimizer, clip, &mut state);
     }
     let (peak, parts) = sim.peak();
@@ -415,6 +386,7 @@ pub fn plan_with(config: &Config, options: &PlanOptions) -> Result<Plan> {
     let breakdown = PlanBreakdown::from_array(&parts);
     Ok(Plan {
         method,
+        variant: Variant::of(config),
         model: spec.name.clone(),
         peak_bytes: peak.max(load_peak),
         breakdown,
@@ -449,19 +421,20 @@ fn within_category<R>(sim: &Sim, category: Category, f: impl FnOnce() -> R) -> R
     out
 }
 
-/// Plans of `config` under each of `methods` (the comparison table).
-pub fn compare(config: &Config, methods: &[PlanMethod]) -> Result<Vec<Plan>> {
-    compare_with(config, methods, &PlanOptions::default())
+/// Plans of `config` run with each of `variants` (the comparison table), everything
+/// else unchanged.
+pub fn compare(config: &Config, variants: &[Variant]) -> Result<Vec<Plan>> {
+    compare_with(config, variants, &PlanOptions::default())
 }
 
 /// [`compare`] with explicit options.
 pub fn compare_with(
     config: &Config,
-    methods: &[PlanMethod],
+    variants: &[Variant],
     options: &PlanOptions,
 ) -> Result<Vec<Plan>> {
-    methods
+    variants
         .iter()
-        .map(|m| plan_with(&m.apply(config), options))
+        .map(|v| plan_with(&v.apply(config), options))
         .collect()
 }

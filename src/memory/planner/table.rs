@@ -56,8 +56,8 @@ pub fn format_breakdown(plan: &Plan) -> String {
         ("gradients", b.gradients),
         ("optimizer state", b.optimizer_state),
         (activations.as_str(), b.activations),
-        ("data", b.data),
-        ("temporaries", b.temporaries),
+        ("data (episodes)", b.data),
+        ("temporary buffers", b.temporaries),
     ];
     for (name, bytes) in rows {
         let _ = writeln!(
