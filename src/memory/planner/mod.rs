@@ -34,7 +34,10 @@
 //! use melora::config::Config;
 //! use melora::memory::{format_bytes, planner};
 //!
-//! let config = Config::from_yaml_str("meta_learning:\n  inner:\n    steps: 5\n")?;
+//! let config = Config::from_yaml_str(
+//!     "meta_learning:\n  inner:\n    steps: 5\n\
+//!      memory_optimization:\n  checkpointing:\n    enabled: true\n",
+//! )?;
 //! let plan = planner::plan(&config)?;
 //! println!("{}: {}", plan.method, format_bytes(plan.peak_bytes));
 //! # Ok::<(), melora::Error>(())
@@ -58,7 +61,7 @@ use self::models::{SimBatch, SimModel};
 use self::sim::{Category, Sim};
 
 pub use self::sim::{Overheads, CANDLE_OVERHEADS};
-pub use self::table::{format_breakdown, format_comparison};
+pub(crate) use self::table::{format_breakdown, format_comparison};
 
 /// What the simulated run includes besides one meta-step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -87,7 +90,7 @@ impl Default for PlanOptions {
 }
 
 /// Threads of rayon's global pool, as candle's kernels will use them.
-pub fn kernel_threads() -> usize {
+pub(crate) fn kernel_threads() -> usize {
     std::env::var("RAYON_NUM_THREADS")
         .ok()
         .and_then(|v| v.parse::<usize>().ok())
@@ -232,13 +235,20 @@ fn learner_of(config: &Config) -> (Option<Learner>, String) {
     }
 }
 
-/// The predicted peak of training with `config` (steady state: see
-/// [`PlanOptions::default`]).
+/// The predicted peak heap bytes ([`Plan::peak_bytes`]) of training with `config`
+/// (steady state: see [`PlanOptions::default`]), for every method and mode of the
+/// configuration — MAML in full-graph and recompute modes, FOMAML, Reptile, MELoRA
+/// with each Hessian approximation — with or without gradient checkpointing and
+/// micro-batches; for the `finetune` and `lora-finetune` baselines, which are not
+/// meta-trained, the peak of adapting to one test task.
 ///
-/// Fails with [`crate::Error::Model`] for a model it cannot read (unknown built-in,
-/// missing `config.json`, unsupported family, LoRA target matching no module) and
+/// Fails with [`crate::Error::Config`] for an invalid configuration,
+/// [`crate::Error::Model`] for a model it cannot read (unknown built-in, missing or
+/// invalid `config.json`, unsupported family, LoRA target matching no module), and
 /// [`crate::Error::InvalidArgument`] for a combination training refuses too
-/// (micro-batches with Conv4's batch statistics, a data source no model reads).
+/// (micro-batches with Conv4's batch statistics, a data source the model does not
+/// read, checkpointing a model that is not a transformer stack or layers it does not
+/// have, sequences longer than the model's positions) or sizes no machine holds.
 pub fn plan(config: &Config) -> Result<Plan> {
     plan_with(config, &PlanOptions::default())
 }
@@ -438,3 +448,6 @@ pub fn compare_with(
         .map(|v| plan_with(&v.apply(config), options))
         .collect()
 }
+
+#[cfg(test)]
+mod tests;
