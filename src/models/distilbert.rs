@@ -7,14 +7,13 @@ use candle_core::Tensor;
 use serde::Deserialize;
 
 use super::attention::{multi_head_attention, padding_keep};
-use super::layers::{load_linear, LayerNorm};
+use super::layers::{load_linear, FrozenTable, LayerNorm};
 use super::{
     attach_lora, Activation, ClassificationHead, ClassifierParts, LoraSettings, Pooling,
     TransformerClassifier, Weights,
 };
 use crate::data::Batch;
 use crate::nn::{LoraLinear, Mode};
-use crate::tensor::ops;
 use crate::tensor::ParamSet;
 use crate::{Error, Result};
 
@@ -86,7 +85,7 @@ struct DistilBertLayer {
 pub struct DistilBert {
     config: DistilBertConfig,
     activation: Activation,
-    word_embeddings: Tensor,
+    word_embeddings: FrozenTable,
     position_embeddings: Tensor,
     embedding_norm: LayerNorm,
     layers: Vec<DistilBertLayer>,
@@ -123,8 +122,11 @@ impl DistilBert {
             });
         }
         let mut model = Self {
-            word_embeddings: weights
-                .get("embeddings.word_embeddings.weight", &[config.vocab_size, h])?,
+            word_embeddings: FrozenTable::load(
+                &weights,
+                "embeddings.word_embeddings.weight",
+                &[config.vocab_size, h],
+            )?,
             position_embeddings: weights.get(
                 "embeddings.position_embeddings.weight",
                 &[config.max_position_embeddings, h],
@@ -135,7 +137,7 @@ impl DistilBert {
             activation,
             config,
             lora: lora.clone(),
-            weights,
+            weights: weights.without_tensors(),
         };
         attach_lora(
             "distilbert",
@@ -184,7 +186,7 @@ impl DistilBert {
                 self.config.max_position_embeddings
             )));
         }
-        let words = ops::embedding(&tokens.input_ids, &self.word_embeddings)?;
+        let words = self.word_embeddings.lookup(&tokens.input_ids)?;
         let positions = self.position_embeddings.narrow(0, 0, t)?;
         let mut x = self
             .embedding_norm

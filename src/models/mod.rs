@@ -17,6 +17,7 @@ mod head;
 mod layers;
 pub mod load;
 pub mod mlp;
+mod precision;
 pub mod t5;
 mod targets;
 mod weights;
@@ -24,6 +25,7 @@ mod weights;
 use candle_core::Tensor;
 
 pub use head::{ClassificationHead, HEAD_BIAS, HEAD_WEIGHT};
+pub use precision::{ModelPrecision, Quantization};
 pub use weights::Weights;
 
 use crate::data::Batch;
@@ -104,7 +106,11 @@ impl<T: TransformerClassifier> FewShotModel for T {
     }
 
     fn features(&self, params: &ParamSet, batch: &Batch, mode: Mode) -> Result<Tensor> {
-        let hidden = self.encode(params, batch, mode)?;
+        // Mixed precision: pooling, head and loss in the trainable dtype (f32), so the
+        // token sum is accurate and the loss's statistics are f32.
+        let hidden = self
+            .encode(params, batch, mode)?
+            .to_dtype(self.parts().weights.trainable_dtype())?;
         let mask = &batch.tokens()?.attention_mask;
         Ok(match self.parts().pooling {
             Pooling::MaskedMean => ops::masked_mean_pool(&hidden, mask)?,
@@ -255,7 +261,12 @@ pub(crate) fn init_transformer_params(
         .collect();
     sorted.sort_by(|a, b| a.0.cmp(&b.0));
     let mut params = ParamSet::from_pairs(sorted)?;
-    head.init_params(seed, weights.dtype(), &weights.device(), &mut params)?;
+    head.init_params(
+        seed,
+        weights.trainable_dtype(),
+        &weights.device(),
+        &mut params,
+    )?;
     Ok(params)
 }
 

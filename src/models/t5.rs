@@ -9,7 +9,7 @@ use candle_core::{Device, Tensor};
 use serde::Deserialize;
 
 use super::attention::{multi_head_attention, padding_keep};
-use super::layers::load_linear_no_bias;
+use super::layers::{load_linear_no_bias, FrozenTable};
 use super::{
     attach_lora, Activation, ClassificationHead, ClassifierParts, LoraSettings, Pooling,
     TransformerClassifier, Weights,
@@ -165,7 +165,7 @@ struct T5Block {
 pub struct T5Encoder {
     config: T5Config,
     activation: Activation,
-    embeddings: Tensor,
+    embeddings: FrozenTable,
     /// `[num_buckets, num_heads]`, block 0's table, which every block uses.
     relative_attention_bias: Tensor,
     blocks: Vec<T5Block>,
@@ -231,7 +231,7 @@ impl T5Encoder {
                 .map_err(|_| e)
         })?;
         let mut model = Self {
-            embeddings,
+            embeddings: FrozenTable::new(&weights, embeddings)?,
             relative_attention_bias: weights.get(
                 "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
                 &[config.relative_attention_num_buckets, config.num_heads],
@@ -242,7 +242,7 @@ impl T5Encoder {
             activation,
             config,
             lora: lora.clone(),
-            weights,
+            weights: weights.without_tensors(),
         };
         attach_lora("t5", model.linears_mut(), lora.as_ref(), DEFAULT_TARGETS)?;
         Ok(model)
@@ -301,7 +301,7 @@ impl T5Encoder {
         let (_, t) = tokens.input_ids.dims2()?;
         let eps = self.config.layer_norm_epsilon;
         // T5 does not scale its embeddings and has no absolute positions.
-        let mut h = ops::embedding(&tokens.input_ids, &self.embeddings)?;
+        let mut h = self.embeddings.lookup(&tokens.input_ids)?;
         let keep = padding_keep(&tokens.attention_mask)?;
         let bias = self.position_bias(t, h.device())?;
         let heads = self.config.num_heads;
