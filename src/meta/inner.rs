@@ -302,7 +302,7 @@ pub(crate) fn gradient_and_hvp(
     for (chunk, w) in chunks(model, batch, micro)? {
         let loss = batch_loss(model, &leaves, &chunk, mode)?;
         let grads = leaves.gradients(&loss, GradGraph::Keep)?;
-        let hv = leaves.gradients(&grads.dot(v)?, GradGraph::Detach)?;
+        let hv = leaves.vjp(&grads, v, GradGraph::Detach)?;
         let (g, hv) = (grads.detach().scale(w)?, hv.scale(w)?);
         total = Some(match total {
             Some((tg, th)) => (tg.add(&g)?, th.add(&hv)?),
