@@ -18,7 +18,10 @@ use melora::models::bert::{Bert, BertConfig};
 use melora::models::load::builtin;
 use melora::models::{FewShotModel, LoraSettings, ModelPrecision, Quantization, Weights};
 use melora::nn::{LoraInit, LoraSpec, Mode};
+use melora::optim::{LossScaler, Optimizer, OptimizerKind, Schedule, MAX_LOSS_SCALE};
+use melora::tensor::loss_scale;
 use melora::tensor::ParamSet;
+use melora::train::{meta_step, OuterUpdate};
 
 #[global_allocator]
 static ALLOCATOR: CountingAllocator = CountingAllocator;
@@ -176,6 +179,131 @@ fn bf16_meta_gradients_are_within_two_percent_of_f32() {
             "K={steps} {mode:?}: LoRA part {lora_error}"
         );
     }
+}
+
+/// f16 activations with loss scaling: the meta-gradient tracks f32's, and without the
+/// scale the inner and query gradients underflow.
+#[test]
+fn f16_meta_gradients_with_loss_scaling_track_f32() {
+    melora::init();
+    let f32_model = builtin("tiny-bert", 1, DType::F32, Some(lora()), 5).unwrap();
+    let f16_model = builtin(
+        "tiny-bert",
+        1,
+        ModelPrecision::mixed(DType::F16),
+        Some(lora()),
+        5,
+    )
+    .unwrap();
+    let params = f32_model.init_params(2).unwrap();
+    let task = task(32, 1000);
+    for mode in [MamlMode::Recompute, MamlMode::FullGraph] {
+        let learner = maml(2, mode);
+        let reference = learner
+            .meta_gradient(f32_model.as_ref(), &params, &task, Mode::Eval)
+            .unwrap()
+            .meta_gradient;
+        let mut errors = Vec::new();
+        for scale in [1.0, 65536.0] {
+            let _scope = loss_scale::scoped(scale);
+            let g = learner
+                .meta_gradient(f16_model.as_ref(), &params, &task, Mode::Eval)
+                .unwrap()
+                .meta_gradient;
+            errors.push(relative_error(&lora_part(&g), &lora_part(&reference)));
+        }
+        println!(
+            "tiny-bert f16 K=2 {mode:?}: LoRA meta-gradient relative error {:.2e} unscaled, \
+             {:.2e} at scale 65536",
+            errors[0], errors[1]
+        );
+        assert!(errors[1] < 0.02, "{mode:?}: {errors:?}");
+    }
+}
+
+/// A forced overflow (a huge initial scale) skips steps and halves the scale until
+/// the scaled passes fit in f16; the parameters stay finite throughout, the
+/// optimiser only steps on good steps, and the scale grows again after good steps.
+#[test]
+fn f16_loss_scaling_survives_a_forced_overflow() {
+    melora::init();
+    let model = builtin(
+        "tiny-bert",
+        1,
+        ModelPrecision::mixed(DType::F16),
+        Some(lora()),
+        5,
+    )
+    .unwrap();
+    let initial = 2f64.powi(40);
+    let mut outer = OuterUpdate {
+        optimizer: Optimizer::new(OptimizerKind::adamw(0.0)),
+        schedule: Schedule::Constant,
+        lr: 1e-3,
+        grad_clip: Some(1.0),
+        total_steps: 100,
+        loss_scale: Some(LossScaler::new(initial, 2).unwrap()),
+    };
+    let learner = maml(1, MamlMode::Recompute);
+    let tasks = [task(16, 1000)];
+    let mut params = model.init_params(2).unwrap();
+    let (mut skipped, mut applied) = (0, 0);
+    // The policy replayed: halve on a skip, double after 2 good steps in a row.
+    let (mut expected, mut run) = (initial, 0);
+    for _ in 0..40 {
+        let (next, stats) = meta_step(
+            &learner,
+            model.as_ref(),
+            &params,
+            &tasks,
+            &mut outer,
+            |_| Mode::Eval,
+        )
+        .unwrap();
+        for (name, t) in next.iter() {
+            let sum = t
+                .to_dtype(DType::F64)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap();
+            assert!(sum.is_finite(), "`{name}` became non-finite");
+        }
+        assert_eq!(stats.loss_scale, Some(expected));
+        if stats.skipped {
+            skipped += 1;
+            (expected, run) = (expected / 2.0, 0);
+            assert_eq!(relative_error(&next, &params), 0.0, "a skipped step moved");
+        } else {
+            applied += 1;
+            run += 1;
+            if run == 2 {
+                (expected, run) = ((expected * 2.0).min(MAX_LOSS_SCALE), 0);
+            }
+            assert!(stats.query_loss.is_finite() && stats.grad_norm.is_finite());
+        }
+        params = next;
+        if applied == 4 {
+            break;
+        }
+    }
+    let scaler = outer.loss_scale.as_ref().unwrap();
+    println!(
+        "forced overflow: {skipped} steps skipped, scale {initial:e} → {:e} after {applied} \
+         good steps",
+        scaler.scale()
+    );
+    assert!(
+        skipped >= 1 && scaler.skipped_steps() == skipped,
+        "{skipped}"
+    );
+    assert_eq!(applied, 4, "training never recovered");
+    assert_eq!(outer.optimizer.steps(), 4);
+    assert_eq!(scaler.scale(), expected);
+    assert!(scaler.scale() < initial);
 }
 
 /// One MiniLM-shaped meta-gradient (MAML K = 1, recompute, 5-way 5-shot 5-query, 32

@@ -3,11 +3,13 @@
 use serde::{Deserialize, Serialize};
 
 use super::choice::choice_enum;
-use super::validate::{at_least, invalid, non_negative};
+use super::validate::{at_least, invalid, non_negative, positive};
 use crate::Result;
 
 choice_enum! {
-    /// Floating-point type used for activations during training.
+    /// Floating-point type of the frozen base and the activations. With bf16 or
+    /// f16 the trainable tensors (LoRA, head), the optimiser state, the head's
+    /// computation and the loss stay in f32 (mixed precision).
     pub enum Precision {
         /// 32-bit float.
         F32 = "f32",
@@ -42,8 +44,10 @@ pub struct MemoryOptimizationConfig {
     pub gradient_accumulation: GradientAccumulationConfig,
     /// Activation checkpointing.
     pub checkpointing: CheckpointingConfig,
-    /// Floating-point type of activations during training.
+    /// Floating-point type of the frozen base and the activations.
     pub precision: Precision,
+    /// Dynamic loss scaling, used with `precision: f16`.
+    pub loss_scaling: LossScalingConfig,
     /// Hessian approximation used by the `melora` method.
     pub hessian_approximation: HessianApproximationConfig,
 }
@@ -71,6 +75,28 @@ impl Default for CheckpointingConfig {
         CheckpointingConfig {
             enabled: false,
             every: 1,
+        }
+    }
+}
+
+/// The `memory_optimization.loss_scaling` section: with `precision: f16`, every
+/// backward pass runs on the loss times a scale, so that small gradients do not
+/// underflow in f16; a meta-step whose gradients overflow is skipped and the scale
+/// halved; after `growth_interval` good steps in a row it doubles.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LossScalingConfig {
+    /// The first scale (at least 1; a power of two keeps scaling exact).
+    pub initial_scale: f64,
+    /// Good meta-steps in a row before the scale doubles (at least 1).
+    pub growth_interval: usize,
+}
+
+impl Default for LossScalingConfig {
+    fn default() -> Self {
+        LossScalingConfig {
+            initial_scale: 65536.0,
+            growth_interval: 2000,
         }
     }
 }
@@ -120,16 +146,20 @@ impl MemoryOptimizationConfig {
                  lowers memory exactly)",
             ));
         }
-        if self.precision != Precision::F32 {
-            return Err(invalid(
-                "memory_optimization.precision",
-                format!(
-                    "mixed precision ({}) is not available in this version; use f32, or load the \
-                     whole model in half precision with model.dtype",
-                    self.precision
-                ),
-            ));
-        }
+        positive(
+            "memory_optimization.loss_scaling.initial_scale",
+            self.loss_scaling.initial_scale,
+        )?;
+        at_least(
+            "memory_optimization.loss_scaling.initial_scale",
+            self.loss_scaling.initial_scale,
+            crate::optim::MIN_LOSS_SCALE,
+        )?;
+        at_least(
+            "memory_optimization.loss_scaling.growth_interval",
+            self.loss_scaling.growth_interval,
+            1,
+        )?;
         let hessian = &self.hessian_approximation;
         at_least(
             "memory_optimization.hessian_approximation.probes",

@@ -58,13 +58,13 @@ pub use evaluation::EvaluationConfig;
 pub use lora::LoraConfig;
 pub use memory_optimization::{
     CheckpointingConfig, GradientAccumulationConfig, HessianApproximationConfig, HessianKind,
-    MemoryOptimizationConfig, Precision,
+    LossScalingConfig, MemoryOptimizationConfig, Precision,
 };
 pub use meta_learning::{
     InnerLoopConfig, InnerMode, LrSchedule, MetaLearningConfig, Method, OuterLoopConfig,
     OuterOptimizer,
 };
-pub use model::{DType, ModelConfig};
+pub use model::{DType, ModelConfig, Quantization};
 pub use overrides::ConfigOverrides;
 pub use tracking::TrackingConfig;
 
@@ -169,7 +169,45 @@ impl Config {
         self.memory_optimization.validate()?;
         self.data.validate()?;
         self.evaluation.validate()?;
-        self.tracking.validate()
+        self.tracking.validate()?;
+        self.validate_precision()
+    }
+
+    /// The combinations of `model` and `memory_optimization.precision` the models
+    /// implement.
+    fn validate_precision(&self) -> Result<()> {
+        let precision = self.memory_optimization.precision;
+        let conv4 = self.model.path.is_none() && self.model.name == "conv4";
+        if precision != Precision::F32 {
+            if self.model.dtype != DType::F32 {
+                return Err(validate::invalid(
+                    "memory_optimization.precision",
+                    format!(
+                        "{precision} mixed precision keeps the trainable tensors in f32, but \
+                         model.dtype is {}; set model.dtype: f32 (or precision: f32 to run the \
+                         whole model in {})",
+                        self.model.dtype, self.model.dtype
+                    ),
+                ));
+            }
+            if conv4 {
+                return Err(validate::invalid(
+                    "memory_optimization.precision",
+                    format!(
+                        "conv4 has no frozen base (every parameter is trained), so {precision} \
+                         mixed precision does not apply; set it to f32 with conv4"
+                    ),
+                ));
+            }
+        }
+        if self.model.quantization == Quantization::Int8 && conv4 {
+            return Err(validate::invalid(
+                "model.quantization",
+                "conv4 has no frozen base (every parameter is trained) to store in int8; set it \
+                 to none with conv4",
+            ));
+        }
+        Ok(())
     }
 
     /// The configuration as YAML, every key written out; parsing it back

@@ -423,9 +423,67 @@ fn unavailable_memory_options_are_refused() {
     ));
     assert_eq!(key, "memory_optimization.checkpointing.enabled");
     assert!(message.contains("not available"), "{message}");
-    let (key, message) = config_error(Config::from_yaml_str(
-        "memory_optimization:\n  precision: bf16\n",
-    ));
-    assert_eq!(key, "memory_optimization.precision");
-    assert!(message.contains("model.dtype"), "{message}");
+}
+
+/// Mixed precision and int8 are accepted where the models implement them; the other
+/// combinations are errors naming the key and the fix.
+#[test]
+fn precision_and_quantization_combinations() {
+    let config = Config::from_yaml_str(
+        "model:\n  quantization: int8\nmemory_optimization:\n  precision: bf16\n",
+    )
+    .unwrap();
+    assert_eq!(config.memory_optimization.precision, Precision::Bf16);
+    assert_eq!(config.model.quantization, Quantization::Int8);
+    let round_trip = Config::from_yaml_str(&config.to_yaml_string().unwrap()).unwrap();
+    assert_eq!(round_trip, config);
+    assert_eq!(
+        Config::default()
+            .memory_optimization
+            .loss_scaling
+            .initial_scale,
+        65536.0
+    );
+    let cases = [
+        (
+            "model:\n  dtype: f64\nmemory_optimization:\n  precision: f16\n",
+            "memory_optimization.precision",
+            "model.dtype: f32",
+        ),
+        (
+            "model:\n  dtype: bf16\nmemory_optimization:\n  precision: bf16\n",
+            "memory_optimization.precision",
+            "model.dtype: f32",
+        ),
+        (
+            "model:\n  name: conv4\nmemory_optimization:\n  precision: bf16\n",
+            "memory_optimization.precision",
+            "conv4",
+        ),
+        (
+            "model:\n  name: conv4\n  quantization: int8\n",
+            "model.quantization",
+            "conv4",
+        ),
+        (
+            "model:\n  quantization: int4\n",
+            "model.quantization",
+            "none, int8",
+        ),
+        (
+            "memory_optimization:\n  loss_scaling:\n    initial_scale: 0\n",
+            "memory_optimization.loss_scaling.initial_scale",
+            "greater than 0",
+        ),
+        (
+            "memory_optimization:\n  loss_scaling:\n    growth_interval: 0\n",
+            "memory_optimization.loss_scaling.growth_interval",
+            "at least 1",
+        ),
+    ];
+    for (yaml, expected_key, fix) in cases {
+        let (key, message) = config_error(Config::from_yaml_str(yaml));
+        assert_eq!(key, expected_key, "{yaml}");
+        assert!(message.contains(fix), "{yaml}: {message}");
+    }
 }

@@ -16,12 +16,13 @@ use crate::data::{episode_source, EpisodeSource, Prefetcher, Split};
 use crate::meta::Adapter;
 use crate::models::FewShotModel;
 use crate::nn::Mode;
+use crate::optim::{LossScaler, MIN_LOSS_SCALE};
 use crate::tensor::{ops, ParamSet};
 use crate::Result;
 
 use super::build::{build_learner, build_model, build_outer, build_text_encoder};
 use super::checkpoint::{load_checkpoint, save_checkpoint, CheckpointState};
-use super::{meta_step, StepStats};
+use super::{meta_step, OuterUpdate, StepStats};
 
 /// Validation episodes per evaluation during training.
 const VALIDATION_EPISODES: u64 = 50;
@@ -59,18 +60,32 @@ pub struct TrainSummary {
     pub interrupted: bool,
 }
 
-/// Mean accuracy over the first `count` episodes of `source` after adaptation.
+/// Mean accuracy over the first `count` episodes of `source` after adaptation. With a
+/// loss scale (f16 activations) adaptation runs under it; an overflow halves it and
+/// retries the episode.
 pub(crate) fn validation_accuracy(
     adapter: &dyn Adapter,
     model: &dyn FewShotModel,
     params: &ParamSet,
     source: &dyn EpisodeSource,
     count: u64,
+    mut scale: Option<f64>,
 ) -> Result<f64> {
     let mut total = 0.0;
     for index in 0..count {
         let task = source.episode(index)?;
-        let adapted = adapter.adapt(model, params, &task.support, Mode::Eval)?;
+        let adapted = loop {
+            let _scope = scale.map(crate::tensor::loss_scale::scoped);
+            match (
+                adapter.adapt(model, params, &task.support, Mode::Eval),
+                scale,
+            ) {
+                (Err(crate::Error::NonFinite(_)), Some(s)) if s / 2.0 >= MIN_LOSS_SCALE => {
+                    scale = Some(s / 2.0);
+                }
+                (result, _) => break result?,
+            }
+        };
         let logits = model.logits(&adapted, &task.query, Mode::Eval)?;
         let predicted = logits.argmax(1)?.to_vec1::<u32>()?;
         let labels = task.query.labels.to_vec1::<u32>()?;
@@ -98,7 +113,7 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainSummary> {
     let model = build_model(config)?;
     let learner = build_learner(config)?;
     let encoder = build_text_encoder(config)?;
-    let mut outer = build_outer(config);
+    let mut outer = build_outer(config)?;
     let mut params = model.init_params(config.seed)?;
     let (mut start, mut best) = (0usize, None);
     if let Some(dir) = &options.resume {
@@ -109,6 +124,9 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainSummary> {
             .restore(checkpoint.state.optimizer_steps, checkpoint.moments);
         start = checkpoint.state.iteration;
         best = checkpoint.state.best_val_accuracy;
+        if checkpoint.state.loss_scaler.is_some() && outer.loss_scale.is_some() {
+            outer.loss_scale = checkpoint.state.loss_scaler;
+        }
     }
     let run_dir = run_dir(config);
     std::fs::create_dir_all(&run_dir).map_err(|e| crate::Error::io(&run_dir, e))?;
@@ -132,9 +150,9 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainSummary> {
     let meta_batch = config.meta_learning.meta_batch_size;
     let total = config.meta_learning.num_iterations;
     let mut prefetcher = Prefetcher::new(train_source, (start * meta_batch) as u64, meta_batch, 2)?;
-    let state = |iteration: usize, steps: u64, best: Option<f64>| CheckpointState {
+    let state = |iteration: usize, outer: &OuterUpdate, best: Option<f64>| CheckpointState {
         iteration,
-        optimizer_steps: steps,
+        optimizer_steps: outer.optimizer.steps(),
         best_val_accuracy: best,
         model: config
             .model
@@ -144,6 +162,7 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainSummary> {
         lora_rank: config.lora.rank,
         n_way: config.data.n_way,
         config: config_yaml.clone(),
+        loss_scaler: outer.loss_scale.clone(),
     };
     let mut summary = TrainSummary {
         run_dir: run_dir.clone(),
@@ -168,7 +187,7 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainSummary> {
                 &run_dir.join("last"),
                 &params,
                 &outer.optimizer,
-                &state(iteration, outer.optimizer.steps(), best),
+                &state(iteration, &outer, best),
             )?;
             break;
         }
@@ -196,12 +215,14 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainSummary> {
             (iteration + 1) % config.evaluation.eval_every == 0 || iteration + 1 == total;
         if validate {
             let count = VALIDATION_EPISODES.min(config.evaluation.episodes as u64);
+            // f16: adaptation's backward passes need the loss scale too.
             let accuracy = validation_accuracy(
                 learner.as_ref(),
                 model.as_ref(),
                 &params,
                 val_source.as_ref(),
                 count,
+                outer.loss_scale.as_ref().map(LossScaler::scale),
             )?;
             summary.validations.push((iteration + 1, accuracy));
             if best.is_none_or(|b| accuracy > b) {
@@ -210,14 +231,14 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainSummary> {
                     &run_dir.join("best"),
                     &params,
                     &outer.optimizer,
-                    &state(iteration + 1, outer.optimizer.steps(), best),
+                    &state(iteration + 1, &outer, best),
                 )?;
             }
             save_checkpoint(
                 &run_dir.join("last"),
                 &params,
                 &outer.optimizer,
-                &state(iteration + 1, outer.optimizer.steps(), best),
+                &state(iteration + 1, &outer, best),
             )?;
         }
     }
@@ -242,6 +263,7 @@ pub fn params_from(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::DType;
 
     fn tiny_config(output: &Path) -> Config {
         let yaml = "seed: 3\nmodel:\n  name: tiny-bert\n  max_length: 16\nlora:\n  rank: 2\n\
@@ -297,6 +319,56 @@ mod tests {
             .filter(|n| n.contains("partial") || n.ends_with(".old"))
             .collect();
         assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
+
+    /// f16 activations over an int8 base with a scale forced to overflow: the run skips
+    /// steps until the scale fits, keeps f32 finite parameters, and a resumed run
+    /// continues with the checkpoint's scale (same parameters as uninterrupted).
+    #[test]
+    fn f16_int8_training_recovers_from_overflow_and_resumes_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = |name: &str| {
+            let mut c = tiny_config(&dir.path().join(name));
+            c.model.quantization = crate::config::Quantization::Int8;
+            c.memory_optimization.precision = crate::config::Precision::F16;
+            c.memory_optimization.loss_scaling.initial_scale = 2f64.powi(24);
+            c.memory_optimization.loss_scaling.growth_interval = 2;
+            c.meta_learning.num_iterations = 10;
+            c
+        };
+        let whole = train(&config("a"), &TrainOptions::default()).unwrap();
+        assert!(whole.params.iter().all(|(_, t)| t.dtype() == DType::F32));
+        assert!(whole.params.norm().unwrap().is_finite());
+        let skipped = whole.history.iter().filter(|s| s.skipped).count();
+        assert!(skipped >= 1, "the forced scale did not overflow");
+        assert!(skipped < whole.history.len(), "no step was applied");
+        let first = train(
+            &config("b"),
+            &TrainOptions {
+                max_iterations: Some(7),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let saved = load_checkpoint(&first.run_dir.join("last"), &first.params).unwrap();
+        let scaler = saved
+            .state
+            .loss_scaler
+            .expect("the scaler's state is saved");
+        assert!(scaler.scale() < 2f64.powi(24));
+        let resumed = train(
+            &config("b"),
+            &TrainOptions {
+                resume: Some(first.run_dir.join("last")),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            resumed.params.sub(&whole.params).unwrap().norm().unwrap(),
+            0.0,
+            "resumed run differs"
+        );
     }
 
     #[test]
