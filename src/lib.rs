@@ -3,7 +3,8 @@
 //! The crate is laid out by layer (see `DESIGN.md` in the project's shared folder):
 //! [`tensor`] (second-order-safe ops and [`tensor::ParamSet`]), [`nn`] (layers such as
 //! LoRA-wrapped linears), [`memory`] (exact allocation measurement), [`config`]
-//! (typed YAML configuration) and the command-line front end in `cli`.
+//! (typed YAML configuration), [`track`] (what a run writes: metrics, TensorBoard,
+//! MLflow) and the command-line front end in `cli`.
 //!
 //! # Second-order gradients
 //!
@@ -28,6 +29,7 @@ pub mod optim;
 pub mod report;
 pub mod selfcheck;
 pub mod tensor;
+pub mod track;
 pub mod train;
 
 #[doc(hidden)]

@@ -128,6 +128,62 @@ pub(crate) enum Command {
     /// Measure parts of the system (results written to --output, default bench-results/)
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Meta-train the configured method, with validation and best/last checkpoints
+    /// in <output>/<experiment>/<run>/; Ctrl-C saves a checkpoint and stops
+    Train(TrainArgs),
+    /// Adapt a checkpoint (or the untrained model) on the fixed meta-test episodes and
+    /// report accuracy ± confidence interval, macro-F1, loss, adaptation time, memory
+    Evaluate(EvaluateArgs),
+    /// Train and evaluate the configured method and every baseline on the same tasks,
+    /// compare them with paired statistics, and write the report
+    Full(FullArgs),
+    /// Redraw the plots and report of an experiment folder written by `full`
+    Report(ReportArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct TrainArgs {
+    /// Continue from this checkpoint folder (e.g. runs/default/maml-seed42/last)
+    #[arg(long, value_name = "DIR")]
+    pub(crate) resume: Option<PathBuf>,
+
+    /// Name of the run's folder [tracking.run_name]
+    #[arg(long, value_name = "NAME")]
+    pub(crate) run_name: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct EvaluateArgs {
+    /// Checkpoint folder to evaluate (its configuration is used unless --config is
+    /// given); without it, the untrained model of the configuration
+    #[arg(long, value_name = "DIR")]
+    pub(crate) checkpoint: Option<PathBuf>,
+
+    /// Test episodes [evaluation.episodes]
+    #[arg(long, value_name = "N")]
+    pub(crate) episodes: Option<usize>,
+
+    /// Print the per-episode results as JSON instead of the summary
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct FullArgs {
+    /// Run only the configured method (and the ablation, if configured)
+    #[arg(long)]
+    pub(crate) skip_baselines: bool,
+
+    /// Training seeds per method [comparison.seeds]
+    #[arg(long, value_name = "N")]
+    pub(crate) seeds: Option<usize>,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ReportArgs {
+    /// The experiment folder (<output>/<experiment>) holding results.json
+    #[arg(value_name = "DIR")]
+    pub(crate) dir: PathBuf,
 }
 
 #[derive(Debug, Subcommand)]

@@ -6,6 +6,9 @@ mod args;
 mod bench_cmd;
 mod check_cmd;
 mod config_cmd;
+mod full_cmd;
+mod progress;
+mod train_cmd;
 
 #[cfg(test)]
 mod tests;
@@ -36,7 +39,7 @@ enum UserError {
 /// Help and version are printed here; an error is returned for the caller to
 /// print (see [`one_line`]) and turn into a status (see [`exit_code`]).
 pub fn run() -> anyhow::Result<ExitCode> {
-    let cli = match Cli::try_parse_from(std::env::args_os()) {
+    let cli = match Cli::try_parse_from(mode_as_subcommand(std::env::args_os().collect())) {
         Ok(cli) => cli,
         Err(err) => return parse_failure(err),
     };
@@ -46,7 +49,32 @@ pub fn run() -> anyhow::Result<ExitCode> {
         Command::Bench(args::BenchCommand::Data(args)) => {
             bench_cmd::run_data(&cli.global, args).map(|()| ExitCode::SUCCESS)
         }
+        Command::Train(args) => train_cmd::run_train(&cli.global, args),
+        Command::Evaluate(args) => train_cmd::run_evaluate(&cli.global, args),
+        Command::Full(args) => full_cmd::run_full_cmd(&cli.global, args),
+        Command::Report(args) => full_cmd::run_report(args),
     }
+}
+
+/// The reference project's interface, `--mode train|evaluate|full` instead of a
+/// subcommand: `melora --mode train --config f.yml` becomes `melora train --config
+/// f.yml`; an unknown mode is then reported as an unknown subcommand.
+fn mode_as_subcommand(mut args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    let position = args
+        .iter()
+        .position(|a| a == "--mode" || a.to_string_lossy().starts_with("--mode="));
+    let Some(i) = position else { return args };
+    let flag = args[i].to_string_lossy().to_string();
+    let (mode, taken) = match flag.strip_prefix("--mode=") {
+        Some(m) => (m.to_string(), 1),
+        None => match args.get(i + 1) {
+            Some(m) => (m.to_string_lossy().to_string(), 2),
+            None => return args,
+        },
+    };
+    args.drain(i..i + taken);
+    args.insert(1.min(args.len()), mode.into());
+    args
 }
 
 /// The message of `err` and its causes on one line, each cause once.

@@ -15,6 +15,14 @@ pub struct EvaluationConfig {
     pub confidence: f64,
     /// Validate every this many outer iterations (at least 1).
     pub eval_every: usize,
+    /// Meta-validation episodes per validation (at least 1).
+    pub val_episodes: usize,
+    /// Stop training after this many validations without a new best score;
+    /// `None` trains for every iteration.
+    pub early_stopping_patience: Option<usize>,
+    /// Gradient steps of the `finetune` and `lora-finetune` baselines on each test
+    /// task's support set (at least 1), at the inner learning rate.
+    pub finetune_steps: usize,
 }
 
 impl Default for EvaluationConfig {
@@ -23,6 +31,9 @@ impl Default for EvaluationConfig {
             episodes: 600,
             confidence: 0.95,
             eval_every: 100,
+            val_episodes: 50,
+            early_stopping_patience: None,
+            finetune_steps: 10,
         }
     }
 }
@@ -31,6 +42,12 @@ impl EvaluationConfig {
     pub(crate) fn validate(&self) -> Result<()> {
         at_least("evaluation.episodes", self.episodes, 1)?;
         in_open("evaluation.confidence", self.confidence, 0.0, 1.0)?;
-        at_least("evaluation.eval_every", self.eval_every, 1)
+        at_least("evaluation.eval_every", self.eval_every, 1)?;
+        at_least("evaluation.val_episodes", self.val_episodes, 1)?;
+        at_least("evaluation.finetune_steps", self.finetune_steps, 1)?;
+        if let Some(patience) = self.early_stopping_patience {
+            at_least("evaluation.early_stopping_patience", patience, 1)?;
+        }
+        Ok(())
     }
 }

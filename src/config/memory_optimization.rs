@@ -4,6 +4,7 @@ use serde::{Deserialize, Serialize};
 
 use super::choice::choice_enum;
 use super::validate::{at_least, invalid, non_negative, positive};
+use crate::memory::CheckpointPlan;
 use crate::Result;
 
 choice_enum! {
@@ -60,14 +61,40 @@ pub struct GradientAccumulationConfig {
     pub micro_batch: Option<usize>,
 }
 
-/// The `memory_optimization.checkpointing` section.
+/// The `memory_optimization.checkpointing` section: gradient checkpointing of the
+/// transformer layers (see `memory::checkpoint`). The forward pass keeps only the
+/// inputs of the chosen layers; every backward pass (gradients, and the
+/// Hessian-vector and Gauss-Newton products of `maml` recompute mode and `melora`)
+/// rebuilds one segment's graph at a time from its stored input. Results equal the
+/// unsegmented ones to float rounding; the cost is about one extra forward pass per
+/// gradient (more for second-order products). Full-graph MAML (`inner.mode:
+/// full_graph`) keeps every inner step's graph by definition, so only its query
+/// gradient is segmented; use `inner.mode: recompute` for the saving.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CheckpointingConfig {
-    /// Keep only segment inputs and recompute activations during backward.
+    /// Keep only segment inputs and recompute activations during backward
+    /// (transformer models only).
     pub enabled: bool,
-    /// Keep the input of every `every`-th segment (at least 1).
+    /// Keep the input of every `every`-th layer (at least 1): segments of `every`
+    /// layers. Ignored when `layers` is set (which then requires the default 1).
     pub every: usize,
+    /// Keep the inputs of exactly these layers (0-based); checked against the model's
+    /// layer count when the model is built. `None`: use `every`.
+    pub layers: Option<Vec<usize>>,
+    /// Recompute only the frozen base's activations and keep the LoRA branches'
+    /// (not available in this version: must be false).
+    pub selective: bool,
+}
+
+impl CheckpointingConfig {
+    /// The layers to checkpoint, when checkpointing is enabled.
+    pub fn plan(&self) -> Option<CheckpointPlan> {
+        self.enabled.then(|| match &self.layers {
+            Some(layers) => CheckpointPlan::Layers(layers.clone()),
+            None => CheckpointPlan::Every(self.every),
+        })
+    }
 }
 
 impl Default for CheckpointingConfig {
@@ -75,6 +102,8 @@ impl Default for CheckpointingConfig {
         CheckpointingConfig {
             enabled: false,
             every: 1,
+            layers: None,
+            selective: false,
         }
     }
 }
@@ -137,13 +166,33 @@ impl MemoryOptimizationConfig {
             self.checkpointing.every,
             1,
         )?;
+        if let Some(layers) = &self.checkpointing.layers {
+            if layers.is_empty() {
+                return Err(invalid(
+                    "memory_optimization.checkpointing.layers",
+                    "lists no layer: the whole stack would be one segment recomputed at once, \
+                     which saves nothing; list at least one layer index, or set it to null to \
+                     use `every`",
+                ));
+            }
+            if self.checkpointing.every != 1 {
+                return Err(invalid(
+                    "memory_optimization.checkpointing.every",
+                    format!(
+                        "is {} while `layers` also chooses the checkpointed layers; set one of \
+                         them: `every` back to 1, or `layers` to null",
+                        self.checkpointing.every
+                    ),
+                ));
+            }
+        }
         // Named in the schema, not yet built: refuse rather than silently ignore.
-        if self.checkpointing.enabled {
+        if self.checkpointing.selective {
             return Err(invalid(
-                "memory_optimization.checkpointing.enabled",
-                "gradient checkpointing is not available in this version; set it to false \
-                 (micro-batching, memory_optimization.gradient_accumulation.micro_batch, \
-                 lowers memory exactly)",
+                "memory_optimization.checkpointing.selective",
+                "selective recomputation (frozen base only) is not available in this version; \
+                 set it to false (segment checkpointing, `enabled: true` with `every` or \
+                 `layers`, recomputes whole layers exactly)",
             ));
         }
         positive(

@@ -34,6 +34,7 @@
 //! ```
 
 mod choice;
+mod comparison;
 mod data;
 mod evaluation;
 mod load;
@@ -53,6 +54,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 pub use choice::UnknownValue;
+pub use comparison::{AblationConfig, ComparisonConfig, Variant};
 pub use data::{DataConfig, DataSource, SmallClasses, SyntheticTask};
 pub use evaluation::EvaluationConfig;
 pub use lora::LoraConfig;
@@ -90,6 +92,8 @@ pub struct Config {
     pub evaluation: EvaluationConfig,
     /// Where results are written.
     pub tracking: TrackingConfig,
+    /// What `melora full` compares.
+    pub comparison: ComparisonConfig,
 }
 
 impl Default for Config {
@@ -103,6 +107,7 @@ impl Default for Config {
             data: DataConfig::default(),
             evaluation: EvaluationConfig::default(),
             tracking: TrackingConfig::default(),
+            comparison: ComparisonConfig::default(),
         }
     }
 }
@@ -170,6 +175,19 @@ impl Config {
         self.data.validate()?;
         self.evaluation.validate()?;
         self.tracking.validate()?;
+        self.comparison.validate()?;
+        if !self.comparison.ablation.hessian.is_empty()
+            && self.meta_learning.method != Method::Melora
+        {
+            return Err(validate::invalid(
+                "comparison.ablation.hessian",
+                format!(
+                    "Hessian approximations only vary the melora method, but \
+                     meta_learning.method is {}; empty this list or use method: melora",
+                    self.meta_learning.method
+                ),
+            ));
+        }
         self.validate_precision()
     }
 
@@ -177,7 +195,9 @@ impl Config {
     /// implement.
     fn validate_precision(&self) -> Result<()> {
         let precision = self.memory_optimization.precision;
-        let conv4 = self.model.path.is_none() && self.model.name == "conv4";
+        // conv4 and mlp train every parameter: there is no frozen base to store differently.
+        let builtin = |name: &str| self.model.path.is_none() && self.model.name == name;
+        let all_trained = builtin("conv4") || builtin("mlp");
         if precision != Precision::F32 {
             if self.model.dtype != DType::F32 {
                 return Err(validate::invalid(
@@ -190,21 +210,35 @@ impl Config {
                     ),
                 ));
             }
-            if conv4 {
+            if all_trained {
                 return Err(validate::invalid(
                     "memory_optimization.precision",
                     format!(
-                        "conv4 has no frozen base (every parameter is trained), so {precision} \
-                         mixed precision does not apply; set it to f32 with conv4"
+                        "{} has no frozen base (every parameter is trained), so {precision} \
+                         mixed precision does not apply; set it to f32 with {}",
+                        self.model.name, self.model.name
                     ),
                 ));
             }
         }
-        if self.model.quantization == Quantization::Int8 && conv4 {
+        if precision == Precision::F16 && self.memory_optimization.checkpointing.enabled {
+            // The checkpointed passes do not run under the loss scale, and f16 gradients
+            // underflow without it.
+            return Err(validate::invalid(
+                "memory_optimization.checkpointing.enabled",
+                "gradient checkpointing does not run under f16 loss scaling; use precision: \
+                 bf16 with checkpointing (same memory, no scaling needed), or turn \
+                 checkpointing off with f16",
+            ));
+        }
+        if self.model.quantization == Quantization::Int8 && all_trained {
             return Err(validate::invalid(
                 "model.quantization",
-                "conv4 has no frozen base (every parameter is trained) to store in int8; set it \
-                 to none with conv4",
+                format!(
+                    "{} has no frozen base (every parameter is trained) to store in int8; set \
+                     it to none with {}",
+                    self.model.name, self.model.name
+                ),
             ));
         }
         Ok(())

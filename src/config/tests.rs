@@ -201,6 +201,14 @@ fn ranges_are_checked() {
             "memory_optimization.checkpointing.every",
         ),
         (
+            "memory_optimization:\n  checkpointing:\n    layers: []\n",
+            "memory_optimization.checkpointing.layers",
+        ),
+        (
+            "memory_optimization:\n  checkpointing:\n    every: 2\n    layers: [0, 1]\n",
+            "memory_optimization.checkpointing.every",
+        ),
+        (
             "memory_optimization:\n  hessian_approximation:\n    probes: 0\n",
             "memory_optimization.hessian_approximation.probes",
         ),
@@ -414,14 +422,41 @@ fn temp_file(name: &str, contents: &str) -> PathBuf {
     path
 }
 
+/// Checkpointing is accepted with `every` or a chosen set of layers, and gives the
+/// engine's plan only when enabled.
+#[test]
+fn checkpointing_plans_follow_the_section() {
+    use crate::memory::CheckpointPlan;
+    let config = Config::from_yaml_str(
+        "memory_optimization:\n  checkpointing:\n    enabled: true\n    every: 2\n",
+    )
+    .unwrap();
+    assert_eq!(
+        config.memory_optimization.checkpointing.plan(),
+        Some(CheckpointPlan::Every(2))
+    );
+    let config = Config::from_yaml_str(
+        "memory_optimization:\n  checkpointing:\n    enabled: true\n    layers: [3, 0]\n",
+    )
+    .unwrap();
+    assert_eq!(
+        config.memory_optimization.checkpointing.plan(),
+        Some(CheckpointPlan::Layers(vec![3, 0]))
+    );
+    assert_eq!(
+        Config::default().memory_optimization.checkpointing.plan(),
+        None
+    );
+}
+
 /// Options the schema names but this version does not provide are refused, never
 /// silently ignored.
 #[test]
 fn unavailable_memory_options_are_refused() {
     let (key, message) = config_error(Config::from_yaml_str(
-        "memory_optimization:\n  checkpointing:\n    enabled: true\n",
+        "memory_optimization:\n  checkpointing:\n    enabled: true\n    selective: true\n",
     ));
-    assert_eq!(key, "memory_optimization.checkpointing.enabled");
+    assert_eq!(key, "memory_optimization.checkpointing.selective");
     assert!(message.contains("not available"), "{message}");
 }
 
@@ -464,6 +499,16 @@ fn precision_and_quantization_combinations() {
             "model:\n  name: conv4\n  quantization: int8\n",
             "model.quantization",
             "conv4",
+        ),
+        (
+            "model:\n  name: mlp\nmemory_optimization:\n  precision: bf16\n",
+            "memory_optimization.precision",
+            "mlp",
+        ),
+        (
+            "memory_optimization:\n  precision: f16\n  checkpointing:\n    enabled: true\n",
+            "memory_optimization.checkpointing.enabled",
+            "precision: bf16",
         ),
         (
             "model:\n  quantization: int4\n",

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use super::validate::{invalid, non_empty};
 use crate::Result;
 
-/// The `tracking` section. A run writes to `output_dir/experiment_name/`.
+/// The `tracking` section. A run writes to `output_dir/experiment_name/run_name/`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TrackingConfig {
@@ -15,6 +15,9 @@ pub struct TrackingConfig {
     pub output_dir: PathBuf,
     /// Name of this run's sub-folder: a plain name, not a path.
     pub experiment_name: String,
+    /// Name of the run's folder inside the experiment's; `None` names it after the
+    /// method and seed (`maml-seed42`).
+    pub run_name: Option<String>,
     /// Also write TensorBoard event files.
     pub tensorboard: bool,
     /// Also write an MLflow file store.
@@ -26,6 +29,7 @@ impl Default for TrackingConfig {
         TrackingConfig {
             output_dir: PathBuf::from("runs"),
             experiment_name: "default".to_owned(),
+            run_name: None,
             tensorboard: false,
             mlflow: false,
         }
@@ -37,16 +41,22 @@ impl TrackingConfig {
         if self.output_dir.as_os_str().is_empty() {
             return Err(invalid("tracking.output_dir", "must not be empty"));
         }
-        let name = &self.experiment_name;
-        non_empty("tracking.experiment_name", name)?;
-        // The name becomes one folder under output_dir; a path here would
-        // write outside it.
-        if name.contains(['/', '\\']) || name == "." || name == ".." {
-            return Err(invalid(
-                "tracking.experiment_name",
-                format!("must be a plain folder name (no `/`, `\\`, `.` or `..`), got `{name}`"),
-            ));
+        folder_name("tracking.experiment_name", &self.experiment_name)?;
+        if let Some(run) = &self.run_name {
+            folder_name("tracking.run_name", run)?;
         }
         Ok(())
     }
+}
+
+/// A name that becomes one folder under another: a path here would write outside it.
+fn folder_name(key: &str, name: &str) -> Result<()> {
+    non_empty(key, name)?;
+    if name.contains(['/', '\\']) || name == "." || name == ".." {
+        return Err(invalid(
+            key,
+            format!("must be a plain folder name (no `/`, `\\`, `.` or `..`), got `{name}`"),
+        ));
+    }
+    Ok(())
 }

@@ -16,13 +16,17 @@
 //! - [`MemoryReport`] is a serializable snapshot for benchmarks.
 //! - [`format_bytes`] and [`parse_bytes`] convert sizes for people and flags
 //!   such as `--memory-budget 4GiB`.
+//! - [`checkpoint`]: gradient checkpointing of transformer stacks ([`Checkpointed`]),
+//!   exact to second order.
 
 mod allocator;
 mod bytes;
+pub mod checkpoint;
 mod meter;
 mod rss;
 
 pub use allocator::{allocation_count, current_bytes, is_installed, peak_bytes, CountingAllocator};
 pub use bytes::{format_bytes, parse_bytes};
+pub use checkpoint::{CheckpointPlan, Checkpointed, Checkpointer};
 pub use meter::{HeapReport, MemoryMeter, MemoryReport};
 pub use rss::ProcessMemory;

@@ -2,7 +2,11 @@
 //! products and the approximations MELoRA uses in their place.
 //!
 //! Each function builds the forward graph (and, where needed, the gradient's graph)
-//! once and differentiates it as many times as it needs.
+//! once and differentiates it as many times as it needs. On a model with gradient
+//! checkpointing ([`FewShotModel::checkpointing`]) no whole graph is ever built: the
+//! same products come from the engine's segment sweeps (exact Hessian-vector products
+//! by the R-operator, several vectors per sweep), with the same probes in the same
+//! order, so the results agree to float rounding.
 
 use candle_core::{DType, Tensor, Var};
 use rand::{Rng, SeedableRng};
@@ -14,7 +18,7 @@ use crate::nn::Mode;
 use crate::tensor::{ops, GradGraph, ParamSet};
 use crate::Result;
 
-use super::loss::batch_loss;
+use super::loss::{batch_loss, task_loss};
 
 /// The support loss's gradient at fresh leaves of `theta`, graph kept.
 fn gradient_with_graph(
@@ -60,6 +64,18 @@ pub fn hutchinson_diagonal(
     seed: u64,
     mode: Mode,
 ) -> Result<ParamSet> {
+    if let Some(engine) = model.checkpointing() {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let probes = (0..probes.max(1))
+            .map(|_| rademacher(theta, &mut rng))
+            .collect::<Result<Vec<_>>>()?;
+        let (_, products) = engine.gradient_and_hvps(theta, batch, &probes, mode, &task_loss)?;
+        let mut sum = theta.zeros_like()?.detach();
+        for (z, hz) in probes.iter().zip(&products) {
+            sum = sum.add(&z.mul(hz)?)?;
+        }
+        return sum.scale(1.0 / probes.len() as f64);
+    }
     let (leaves, grads) = gradient_with_graph(model, theta, batch, mode)?;
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut sum = theta.zeros_like()?.detach();
@@ -81,6 +97,9 @@ pub fn exact_hessian_diagonal(
     names: Option<&[&str]>,
     mode: Mode,
 ) -> Result<ParamSet> {
+    if model.checkpointing().is_some() {
+        return checkpointed_hessian_diagonal(model, theta, batch, names, mode);
+    }
     let (leaves, grads) = gradient_with_graph(model, theta, batch, mode)?;
     let zeros = theta.zeros_like()?.detach();
     zeros.map(|name, t| {
@@ -111,6 +130,56 @@ pub fn exact_hessian_diagonal(
     })
 }
 
+/// Basis vectors per checkpointed sweep of [`exact_hessian_diagonal`]: bounds the
+/// probes held at once (each as large as θ).
+const BASIS_BATCH: usize = 64;
+
+/// [`exact_hessian_diagonal`] from the checkpointing engine's Hessian-vector products,
+/// [`BASIS_BATCH`] basis vectors at a time.
+fn checkpointed_hessian_diagonal(
+    model: &dyn FewShotModel,
+    theta: &ParamSet,
+    batch: &Batch,
+    names: Option<&[&str]>,
+    mode: Mode,
+) -> Result<ParamSet> {
+    let engine = model
+        .checkpointing()
+        .expect("called for checkpointing models only");
+    let zeros = theta.zeros_like()?.detach();
+    let mut diagonal = ParamSet::new();
+    for (name, t) in zeros.iter() {
+        if names.is_some_and(|n| !n.contains(&name)) {
+            diagonal.insert(name, t.clone())?;
+            continue;
+        }
+        let n = t.elem_count();
+        let mut entries = vec![0f64; n];
+        for start in (0..n).step_by(BASIS_BATCH) {
+            let indices = start..(start + BASIS_BATCH).min(n);
+            let probes = indices
+                .clone()
+                .map(|i| {
+                    let mut basis = vec![0f64; n];
+                    basis[i] = 1.0;
+                    let e = Tensor::from_vec(basis, t.dims(), t.device())?.to_dtype(t.dtype())?;
+                    only(&zeros, name, &e)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let (_, columns) = engine.gradient_and_hvps(theta, batch, &probes, mode, &task_loss)?;
+            for (i, column) in indices.zip(&columns) {
+                let column = column.require(name)?.flatten_all()?.to_dtype(DType::F64)?;
+                entries[i] = column.get(i)?.to_scalar::<f64>()?;
+            }
+        }
+        diagonal.insert(
+            name,
+            Tensor::from_vec(entries, t.dims(), t.device())?.to_dtype(t.dtype())?,
+        )?;
+    }
+    Ok(diagonal)
+}
+
 /// Block-diagonal Hessian product: each tensor's block applied to that tensor's part
 /// of `v`, cross-tensor terms dropped (one double-backward per tensor).
 pub fn block_diagonal_product(
@@ -120,6 +189,19 @@ pub fn block_diagonal_product(
     v: &ParamSet,
     mode: Mode,
 ) -> Result<ParamSet> {
+    if let Some(engine) = model.checkpointing() {
+        let zeros = v.zeros_like()?.detach();
+        let probes = v
+            .iter()
+            .map(|(name, v_i)| only(&zeros, name, v_i))
+            .collect::<Result<Vec<_>>>()?;
+        let (_, products) = engine.gradient_and_hvps(theta, batch, &probes, mode, &task_loss)?;
+        let mut blocks = products.iter();
+        return v.map(|name, _| {
+            let h = blocks.next().expect("one product per tensor");
+            Ok(h.get(name).expect("same names").clone())
+        });
+    }
     let (leaves, grads) = gradient_with_graph(model, theta, batch, mode)?;
     let zeros = v.zeros_like()?.detach();
     v.map(|name, v_i| {
@@ -146,6 +228,9 @@ pub fn gauss_newton_product(
     v: &ParamSet,
     mode: Mode,
 ) -> Result<ParamSet> {
+    if let Some(engine) = model.checkpointing() {
+        return engine.gauss_newton_product(theta, batch, v, mode);
+    }
     let leaves = theta.to_leaves()?;
     let logits = model.logits(&leaves, batch, mode)?;
     let u = ParamSet::from_pairs([(

@@ -65,8 +65,20 @@ fn episode(case: &FixtureCase) -> Episode {
 }
 
 fn check_learners(name: &str) {
+    check_learners_with(name, None);
+}
+
+/// The fixture checks, with gradient checkpointing on when `plan` is given.
+fn check_learners_with(name: &str, plan: Option<crate::memory::CheckpointPlan>) {
     let Some(case) = fixture_case(name) else {
         return;
+    };
+    let case = match plan {
+        Some(plan) => FixtureCase {
+            model: Box::new(crate::memory::Checkpointed::new(case.model, plan).unwrap()),
+            ..case
+        },
+        None => case,
     };
     let fixture = &case.fixture;
     let k = fixture.value("/inner_loop/K").as_u64().unwrap() as usize;
@@ -207,6 +219,15 @@ fn learners_match_bert_fixture() {
 #[test]
 fn learners_match_gpt2_fixture() {
     check_learners("gpt2_lora_maml");
+}
+
+/// Every learner with checkpointing (one layer per segment, and a chosen layer)
+/// against the same reference values.
+#[test]
+fn checkpointed_learners_match_the_transformer_fixtures() {
+    use crate::memory::CheckpointPlan;
+    check_learners_with("bert_lora_maml", Some(CheckpointPlan::Every(1)));
+    check_learners_with("gpt2_lora_maml", Some(CheckpointPlan::Layers(vec![1])));
 }
 
 #[test]

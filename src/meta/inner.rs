@@ -7,6 +7,12 @@
 //! its leaves to θ_{k+1}; the meta-gradient then crosses the steps one at a time by
 //! vector-Jacobian products — the same arithmetic as one backward pass through the
 //! unrolled loop.
+//!
+//! On a model with gradient checkpointing ([`FewShotModel::checkpointing`]) the
+//! first-order gradients and the Hessian-vector products come from the engine's
+//! segment sweeps (`memory::checkpoint`), equal to the whole-graph ones to rounding.
+//! Gradients whose graph is kept across steps (full-graph MAML) are not segmented:
+//! they need the whole graph by definition.
 
 use crate::data::Batch;
 use crate::models::FewShotModel;
@@ -14,7 +20,7 @@ use crate::nn::Mode;
 use crate::tensor::{GradGraph, ParamSet};
 use crate::{Error, Result};
 
-use super::loss::{batch_loss, check_finite, finite_value};
+use super::loss::{batch_loss, check_finite, finite_value, task_loss};
 
 /// K steps of SGD with learning rate `lr` on the support loss.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -154,10 +160,21 @@ pub(crate) fn sgd_step(
 ) -> Result<(ParamSet, f64)> {
     let mut value = 0.0;
     let grads = weighted_sum(model, support, micro, |chunk| {
-        let loss = batch_loss(model, leaves, chunk, mode)?;
+        let (grads, loss) = match (graph, model.checkpointing()) {
+            // A kept graph is differentiated again across steps (full-graph MAML): that
+            // needs the whole graph, so it is never segmented (see memory::checkpoint).
+            (GradGraph::Detach, Some(engine)) => {
+                let g = engine.gradient(leaves, chunk, mode, &task_loss)?;
+                (g.grads, g.loss)
+            }
+            _ => {
+                let loss = batch_loss(model, leaves, chunk, mode)?;
+                (leaves.gradients(&loss, graph)?, loss)
+            }
+        };
         value += finite_value(&loss, &|| format!("{}: the support loss", context()))?
             * chunk.len() as f64;
-        leaves.gradients(&loss, graph)
+        Ok(grads)
     })?;
     check_finite(&grads, context)?;
     Ok((
@@ -244,9 +261,15 @@ pub(crate) fn gradient(
     let leaves = theta.to_leaves()?;
     let (mut value, mut correct) = (0.0, 0.0);
     let grads = weighted_sum(model, batch, micro, |chunk| {
-        let logits = model.logits(&leaves, chunk, mode)?;
-        let loss = crate::tensor::ops::cross_entropy(&logits, &chunk.labels, 0.0)?;
         let n = chunk.len() as f64;
+        if let Some(engine) = model.checkpointing() {
+            let g = engine.gradient(&leaves, chunk, mode, &task_loss)?;
+            value += finite_value(&g.loss, context)? * n;
+            correct += super::loss::accuracy(&g.logits, &chunk.labels)? * n;
+            return Ok(g.grads);
+        }
+        let logits = model.logits(&leaves, chunk, mode)?;
+        let loss = super::loss::task_loss(&logits, chunk)?;
         value += finite_value(&loss, context)? * n;
         correct += super::loss::accuracy(&logits.detach(), &chunk.labels)? * n;
         leaves.gradients(&loss, GradGraph::Detach)
@@ -269,7 +292,7 @@ pub(crate) fn evaluate(
     let (mut value, mut correct) = (0.0, 0.0);
     for (chunk, w) in chunks(model, batch, micro)? {
         let logits = model.logits(theta, &chunk, mode)?;
-        let loss = crate::tensor::ops::cross_entropy(&logits, &chunk.labels, 0.0)?;
+        let loss = super::loss::task_loss(&logits, &chunk)?;
         value += finite_value(&loss, context)? * w;
         correct += super::loss::accuracy(&logits, &chunk.labels)? * w;
     }
@@ -288,7 +311,8 @@ pub fn hessian_vector_product(
     Ok(gradient_and_hvp(model, theta, batch, v, mode, None)?.1)
 }
 
-/// The gradient (detached) and `H·v`, each micro-batch's from one graph.
+/// The gradient (detached) and `H·v`, each micro-batch's from one graph, or with
+/// checkpointing from one forward and one backward sweep over the segments.
 pub(crate) fn gradient_and_hvp(
     model: &dyn FewShotModel,
     theta: &ParamSet,
@@ -300,10 +324,25 @@ pub(crate) fn gradient_and_hvp(
     let leaves = theta.to_leaves()?;
     let mut total: Option<(ParamSet, ParamSet)> = None;
     for (chunk, w) in chunks(model, batch, micro)? {
-        let loss = batch_loss(model, &leaves, &chunk, mode)?;
-        let grads = leaves.gradients(&loss, GradGraph::Keep)?;
-        let hv = leaves.vjp(&grads, v, GradGraph::Detach)?;
-        let (g, hv) = (grads.detach().scale(w)?, hv.scale(w)?);
+        let (grads, hv) = match model.checkpointing() {
+            Some(engine) => {
+                let (g, mut hv) = engine.gradient_and_hvps(
+                    &leaves,
+                    &chunk,
+                    std::slice::from_ref(v),
+                    mode,
+                    &task_loss,
+                )?;
+                (g, hv.pop().expect("one product per vector"))
+            }
+            None => {
+                let loss = batch_loss(model, &leaves, &chunk, mode)?;
+                let grads = leaves.gradients(&loss, GradGraph::Keep)?;
+                let hv = leaves.vjp(&grads, v, GradGraph::Detach)?;
+                (grads.detach(), hv)
+            }
+        };
+        let (g, hv) = (grads.scale(w)?, hv.scale(w)?);
         total = Some(match total {
             Some((tg, th)) => (tg.add(&g)?, th.add(&hv)?),
             None => (g, hv),

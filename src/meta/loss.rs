@@ -9,15 +9,29 @@ use crate::nn::Mode;
 use crate::tensor::{ops, ParamSet};
 use crate::{Error, Result};
 
-/// Mean cross-entropy of the model's logits on `batch` at `params`.
+/// The task's loss on the model's `outputs` for `batch`: mean cross-entropy for a
+/// classification batch, mean squared error for a regression batch.
+pub(crate) fn task_loss(outputs: &Tensor, batch: &Batch) -> Result<Tensor> {
+    if batch.targets.is_some() {
+        crate::data::regression_loss(outputs, batch)
+    } else {
+        Ok(ops::cross_entropy(outputs, &batch.labels, 0.0)?)
+    }
+}
+
+/// The task's loss on `outputs` as a finite number.
+pub(crate) fn loss_value(outputs: &Tensor, batch: &Batch) -> Result<f64> {
+    finite_value(&task_loss(outputs, batch)?, &|| "the query loss".into())
+}
+
+/// The task's loss (see [`task_loss`]) of the model on `batch` at `params`.
 pub(crate) fn batch_loss(
     model: &dyn FewShotModel,
     params: &ParamSet,
     batch: &Batch,
     mode: Mode,
 ) -> Result<Tensor> {
-    let logits = model.logits(params, batch, mode)?;
-    Ok(ops::cross_entropy(&logits, &batch.labels, 0.0)?)
+    task_loss(&model.logits(params, batch, mode)?, batch)
 }
 
 /// The loss as f64, or an error naming `context` when it is NaN or infinite.

@@ -33,6 +33,7 @@ pub use curvature::{
 };
 pub use fomaml::Fomaml;
 pub use inner::{hessian_vector_product, InnerLoop};
+pub(crate) use loss::loss_value;
 pub use maml::{Maml, MamlMode, MetaSgd, STEP_SIZE_PREFIX};
 pub use melora::{HessianApproximation, Melora};
 pub use reptile::Reptile;

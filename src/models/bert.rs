@@ -9,8 +9,8 @@ use serde::Deserialize;
 use super::attention::{multi_head_attention, padding_keep};
 use super::layers::{load_linear, FrozenTable, LayerNorm};
 use super::{
-    attach_lora, Activation, ClassificationHead, ClassifierParts, LoraSettings, Pooling,
-    TransformerClassifier, Weights,
+    attach_lora, layer_at, Activation, ClassificationHead, ClassifierParts, LoraSettings, Pooling,
+    StackContext, TransformerClassifier, Weights,
 };
 use crate::data::Batch;
 use crate::nn::{LoraLinear, Mode};
@@ -207,6 +207,19 @@ impl Bert {
 
     /// Final hidden states `[b, t, hidden]` at `params`.
     pub fn hidden_states(&self, params: &ParamSet, batch: &Batch, mode: Mode) -> Result<Tensor> {
+        self.encode(params, batch, mode)
+    }
+}
+
+impl TransformerClassifier for Bert {
+    fn stack_context(&self, batch: &Batch) -> Result<StackContext> {
+        Ok(StackContext {
+            keep: padding_keep(&batch.tokens()?.attention_mask)?,
+            bias: None,
+        })
+    }
+
+    fn embed(&self, _params: &ParamSet, batch: &Batch, _mode: Mode) -> Result<Tensor> {
         let tokens = batch.tokens()?;
         let (_, t) = tokens.input_ids.dims2()?;
         if t > self.config.max_position_embeddings {
@@ -215,7 +228,6 @@ impl Bert {
                 self.config.max_position_embeddings
             )));
         }
-        let eps = self.config.layer_norm_eps;
         let words = self.word_embeddings.lookup(&tokens.input_ids)?;
         let positions = self.position_embeddings.narrow(0, 0, t)?;
         let types = match &tokens.token_type_ids {
@@ -223,30 +235,36 @@ impl Bert {
             None => self.token_type_embeddings.narrow(0, 0, 1)?.unsqueeze(0)?,
         };
         let x = words.broadcast_add(&positions)?.broadcast_add(&types)?;
-        let mut x = self.embedding_norm.forward(&x, eps)?;
-        let keep = padding_keep(&tokens.attention_mask)?;
+        self.embedding_norm.forward(&x, self.config.layer_norm_eps)
+    }
+
+    fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    fn layer(
+        &self,
+        index: usize,
+        x: &Tensor,
+        context: &StackContext,
+        params: &ParamSet,
+        mode: Mode,
+    ) -> Result<Tensor> {
+        let layer = layer_at(&self.layers, index)?;
+        let eps = self.config.layer_norm_eps;
         let heads = self.config.num_attention_heads;
         let scale = 1.0 / ((self.config.hidden_size / heads) as f64).sqrt();
-        for layer in &self.layers {
-            let q = layer.query.forward(&x, params, mode)?;
-            let k = layer.key.forward(&x, params, mode)?;
-            let v = layer.value.forward(&x, params, mode)?;
-            let context = multi_head_attention(&q, &k, &v, heads, scale, &keep, None)?;
-            let attended = layer.attention_output.forward(&context, params, mode)?;
-            x = layer.attention_norm.forward(&(attended + &x)?, eps)?;
-            let inner = self
-                .activation
-                .apply(&layer.intermediate.forward(&x, params, mode)?)?;
-            let out = layer.output.forward(&inner, params, mode)?;
-            x = layer.output_norm.forward(&(out + &x)?, eps)?;
-        }
-        Ok(x)
-    }
-}
-
-impl TransformerClassifier for Bert {
-    fn encode(&self, params: &ParamSet, batch: &Batch, mode: Mode) -> Result<Tensor> {
-        self.hidden_states(params, batch, mode)
+        let q = layer.query.forward(x, params, mode)?;
+        let k = layer.key.forward(x, params, mode)?;
+        let v = layer.value.forward(x, params, mode)?;
+        let attention = multi_head_attention(&q, &k, &v, heads, scale, &context.keep, None)?;
+        let attended = layer.attention_output.forward(&attention, params, mode)?;
+        let x = layer.attention_norm.forward(&(attended + x)?, eps)?;
+        let inner = self
+            .activation
+            .apply(&layer.intermediate.forward(&x, params, mode)?)?;
+        let out = layer.output.forward(&inner, params, mode)?;
+        layer.output_norm.forward(&(out + &x)?, eps)
     }
 
     fn lora_linears(&self) -> Vec<&LoraLinear> {

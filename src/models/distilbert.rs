@@ -9,8 +9,8 @@ use serde::Deserialize;
 use super::attention::{multi_head_attention, padding_keep};
 use super::layers::{load_linear, FrozenTable, LayerNorm};
 use super::{
-    attach_lora, Activation, ClassificationHead, ClassifierParts, LoraSettings, Pooling,
-    TransformerClassifier, Weights,
+    attach_lora, layer_at, Activation, ClassificationHead, ClassifierParts, LoraSettings, Pooling,
+    StackContext, TransformerClassifier, Weights,
 };
 use crate::data::Batch;
 use crate::nn::{LoraLinear, Mode};
@@ -178,6 +178,19 @@ impl DistilBert {
 
     /// Final hidden states `[b, t, dim]` at `params`.
     pub fn hidden_states(&self, params: &ParamSet, batch: &Batch, mode: Mode) -> Result<Tensor> {
+        self.encode(params, batch, mode)
+    }
+}
+
+impl TransformerClassifier for DistilBert {
+    fn stack_context(&self, batch: &Batch) -> Result<StackContext> {
+        Ok(StackContext {
+            keep: padding_keep(&batch.tokens()?.attention_mask)?,
+            bias: None,
+        })
+    }
+
+    fn embed(&self, _params: &ParamSet, batch: &Batch, _mode: Mode) -> Result<Tensor> {
         let tokens = batch.tokens()?;
         let (_, t) = tokens.input_ids.dims2()?;
         if t > self.config.max_position_embeddings {
@@ -188,37 +201,41 @@ impl DistilBert {
         }
         let words = self.word_embeddings.lookup(&tokens.input_ids)?;
         let positions = self.position_embeddings.narrow(0, 0, t)?;
-        let mut x = self
-            .embedding_norm
-            .forward(&words.broadcast_add(&positions)?, LAYER_NORM_EPS)?;
-        let keep = padding_keep(&tokens.attention_mask)?;
+        self.embedding_norm
+            .forward(&words.broadcast_add(&positions)?, LAYER_NORM_EPS)
+    }
+
+    fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    fn layer(
+        &self,
+        index: usize,
+        x: &Tensor,
+        context: &StackContext,
+        params: &ParamSet,
+        mode: Mode,
+    ) -> Result<Tensor> {
+        let layer = layer_at(&self.layers, index)?;
         let heads = self.config.n_heads;
         // HF divides q by √dh before the product; scaling the scores is the same.
         let scale = 1.0 / ((self.config.dim / heads) as f64).sqrt();
-        for layer in &self.layers {
-            let q = layer.q_lin.forward(&x, params, mode)?;
-            let k = layer.k_lin.forward(&x, params, mode)?;
-            let v = layer.v_lin.forward(&x, params, mode)?;
-            let context = multi_head_attention(&q, &k, &v, heads, scale, &keep, None)?;
-            let attended = layer.out_lin.forward(&context, params, mode)?;
-            x = layer
-                .sa_layer_norm
-                .forward(&(attended + &x)?, LAYER_NORM_EPS)?;
-            let inner = self
-                .activation
-                .apply(&layer.lin1.forward(&x, params, mode)?)?;
-            let out = layer.lin2.forward(&inner, params, mode)?;
-            x = layer
-                .output_layer_norm
-                .forward(&(out + &x)?, LAYER_NORM_EPS)?;
-        }
-        Ok(x)
-    }
-}
-
-impl TransformerClassifier for DistilBert {
-    fn encode(&self, params: &ParamSet, batch: &Batch, mode: Mode) -> Result<Tensor> {
-        self.hidden_states(params, batch, mode)
+        let q = layer.q_lin.forward(x, params, mode)?;
+        let k = layer.k_lin.forward(x, params, mode)?;
+        let v = layer.v_lin.forward(x, params, mode)?;
+        let attention = multi_head_attention(&q, &k, &v, heads, scale, &context.keep, None)?;
+        let attended = layer.out_lin.forward(&attention, params, mode)?;
+        let x = layer
+            .sa_layer_norm
+            .forward(&(attended + x)?, LAYER_NORM_EPS)?;
+        let inner = self
+            .activation
+            .apply(&layer.lin1.forward(&x, params, mode)?)?;
+        let out = layer.lin2.forward(&inner, params, mode)?;
+        layer
+            .output_layer_norm
+            .forward(&(out + &x)?, LAYER_NORM_EPS)
     }
 
     fn lora_linears(&self) -> Vec<&LoraLinear> {

@@ -10,8 +10,8 @@ use serde::Deserialize;
 use super::attention::{causal_keep, multi_head_attention};
 use super::layers::{load_conv1d, FrozenTable, LayerNorm};
 use super::{
-    attach_lora, Activation, ClassificationHead, ClassifierParts, LoraSettings, Pooling,
-    TransformerClassifier, Weights,
+    attach_lora, layer_at, Activation, ClassificationHead, ClassifierParts, LoraSettings, Pooling,
+    StackContext, TransformerClassifier, Weights,
 };
 use crate::data::Batch;
 use crate::nn::{LoraLinear, Mode};
@@ -156,6 +156,20 @@ impl Gpt2 {
 
     /// Final hidden states `[b, t, n_embd]` (after `ln_f`) at `params`.
     pub fn hidden_states(&self, params: &ParamSet, batch: &Batch, mode: Mode) -> Result<Tensor> {
+        self.encode(params, batch, mode)
+    }
+}
+
+impl TransformerClassifier for Gpt2 {
+    fn stack_context(&self, batch: &Batch) -> Result<StackContext> {
+        let mask = &batch.tokens()?.attention_mask;
+        Ok(StackContext {
+            keep: causal_keep(mask, mask.device())?,
+            bias: None,
+        })
+    }
+
+    fn embed(&self, _params: &ParamSet, batch: &Batch, _mode: Mode) -> Result<Tensor> {
         let tokens = batch.tokens()?;
         let (_, t) = tokens.input_ids.dims2()?;
         if t > self.config.n_positions {
@@ -164,42 +178,51 @@ impl Gpt2 {
                 self.config.n_positions
             )));
         }
+        Ok(self
+            .wte
+            .lookup(&tokens.input_ids)?
+            .broadcast_add(&self.wpe.narrow(0, 0, t)?)?)
+    }
+
+    fn num_layers(&self) -> usize {
+        self.blocks.len()
+    }
+
+    fn layer(
+        &self,
+        index: usize,
+        x: &Tensor,
+        context: &StackContext,
+        params: &ParamSet,
+        mode: Mode,
+    ) -> Result<Tensor> {
+        let block = layer_at(&self.blocks, index)?;
         let (e, heads, eps) = (
             self.config.n_embd,
             self.config.n_head,
             self.config.layer_norm_epsilon,
         );
-        let mut x = self
-            .wte
-            .lookup(&tokens.input_ids)?
-            .broadcast_add(&self.wpe.narrow(0, 0, t)?)?;
-        let keep = causal_keep(&tokens.attention_mask, x.device())?;
         let scale = 1.0 / ((e / heads) as f64).sqrt();
-        for block in &self.blocks {
-            let qkv = block
-                .c_attn
-                .forward(&block.ln_1.forward(&x, eps)?, params, mode)?;
-            let (q, k, v) = (
-                qkv.narrow(2, 0, e)?,
-                qkv.narrow(2, e, e)?,
-                qkv.narrow(2, 2 * e, e)?,
-            );
-            let context = multi_head_attention(&q, &k, &v, heads, scale, &keep, None)?;
-            x = (x + block.c_proj.forward(&context, params, mode)?)?;
-            let inner = self.activation.apply(&block.c_fc.forward(
-                &block.ln_2.forward(&x, eps)?,
-                params,
-                mode,
-            )?)?;
-            x = (x + block.mlp_proj.forward(&inner, params, mode)?)?;
-        }
-        self.ln_f.forward(&x, eps)
+        let qkv = block
+            .c_attn
+            .forward(&block.ln_1.forward(x, eps)?, params, mode)?;
+        let (q, k, v) = (
+            qkv.narrow(2, 0, e)?,
+            qkv.narrow(2, e, e)?,
+            qkv.narrow(2, 2 * e, e)?,
+        );
+        let attention = multi_head_attention(&q, &k, &v, heads, scale, &context.keep, None)?;
+        let x = (x + block.c_proj.forward(&attention, params, mode)?)?;
+        let inner = self.activation.apply(&block.c_fc.forward(
+            &block.ln_2.forward(&x, eps)?,
+            params,
+            mode,
+        )?)?;
+        Ok((&x + block.mlp_proj.forward(&inner, params, mode)?)?)
     }
-}
 
-impl TransformerClassifier for Gpt2 {
-    fn encode(&self, params: &ParamSet, batch: &Batch, mode: Mode) -> Result<Tensor> {
-        self.hidden_states(params, batch, mode)
+    fn finish(&self, h: &Tensor) -> Result<Tensor> {
+        self.ln_f.forward(h, self.config.layer_norm_epsilon)
     }
 
     fn lora_linears(&self) -> Vec<&LoraLinear> {

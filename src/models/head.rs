@@ -31,6 +31,25 @@ impl ClassificationHead {
         self.classes
     }
 
+    /// Adds `W = 0` and `b = 0` to `params`: the transformers' head. Few-shot labels
+    /// are an arbitrary order of each task's classes, so a random head only adds
+    /// noise that the first inner step amplifies (one class wins every query); at zero
+    /// every class starts equal and the first step acts as a nearest-centroid rule on
+    /// the support features (the "zeroing trick" of Kao et al., 2022).
+    pub fn init_zero_params(
+        &self,
+        dtype: DType,
+        device: &Device,
+        params: &mut ParamSet,
+    ) -> Result<()> {
+        params.insert(
+            HEAD_WEIGHT,
+            Tensor::zeros((self.classes, self.features), dtype, device)?,
+        )?;
+        params.insert(HEAD_BIAS, Tensor::zeros(self.classes, dtype, device)?)?;
+        Ok(())
+    }
+
     /// Adds `W` ~ N(0, 0.02²) (BERT's initialiser range) and `b = 0` to `params`.
     pub fn init_params(
         &self,

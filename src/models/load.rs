@@ -12,6 +12,7 @@ use super::bert::Bert;
 use super::conv4::{Conv4, Conv4Config};
 use super::distilbert::DistilBert;
 use super::gpt2::Gpt2;
+use super::mlp::Mlp;
 use super::t5::T5Encoder;
 use super::{FewShotModel, LoraSettings, ModelPrecision, Weights};
 use crate::{Error, Result};
@@ -37,6 +38,11 @@ pub const BUILTIN_MODELS: &[(&str, &str)] = &[
     (
         "conv4",
         "Conv4 for 28x28 grey images: 4 blocks of 64 channels (all parameters trainable)",
+    ),
+    (
+        "mlp",
+        "MAML's sinusoid network: 1 input, 2 hidden layers of 40 with ReLU, one output per \
+         class (1 for regression); all parameters trainable",
     ),
 ];
 
@@ -135,17 +141,27 @@ pub fn builtin(
 ) -> Result<Box<dyn FewShotModel>> {
     let precision = precision.into();
     precision.validate()?;
-    if name == "conv4" {
+    if name == "conv4" || name == "mlp" {
         if precision.is_mixed() {
-            return Err(Error::Model(
-                "conv4 has no frozen base (every parameter is trained): mixed precision and \
+            return Err(Error::Model(format!(
+                "{name} has no frozen base (every parameter is trained): mixed precision and \
                  int8 storage apply to transformers; use memory_optimization.precision: f32 \
-                 and model.quantization: none with conv4"
-                    .into(),
-            ));
+                 and model.quantization: none with {name}"
+            )));
         }
+    }
+    if name == "conv4" {
         return Ok(Box::new(Conv4::new(
             Conv4Config::default(),
+            classes,
+            precision.frozen,
+            &Device::Cpu,
+        )?));
+    }
+    if name == "mlp" {
+        return Ok(Box::new(Mlp::new(
+            1,
+            &[40, 40],
             classes,
             precision.frozen,
             &Device::Cpu,
@@ -243,7 +259,10 @@ mod tests {
 
     #[test]
     fn builtin_models_run_and_are_seeded() {
-        for (name, _) in BUILTIN_MODELS.iter().filter(|(n, _)| *n != "conv4") {
+        for (name, _) in BUILTIN_MODELS
+            .iter()
+            .filter(|(n, _)| !matches!(*n, "conv4" | "mlp"))
+        {
             let model = builtin(name, 7, DType::F32, Some(lora()), 3).unwrap();
             let params = model.init_params(1).unwrap();
             assert!(

@@ -54,6 +54,17 @@ pub trait FewShotModel {
     fn couples_examples(&self) -> bool {
         false
     }
+    /// The model as a chain of transformer segments, for gradient checkpointing;
+    /// `None` for models that are not transformer stacks (Conv4, MLP).
+    fn transformer(&self) -> Option<&dyn TransformerClassifier> {
+        None
+    }
+    /// The checkpointing engine when the model was built with gradient checkpointing
+    /// on ([`crate::memory::Checkpointed`]): the learners' gradient and curvature
+    /// primitives then run segment by segment. `None` by default.
+    fn checkpointing(&self) -> Option<crate::memory::Checkpointer<'_>> {
+        None
+    }
 }
 
 /// How a transformer's hidden states become one feature vector per sequence.
@@ -82,15 +93,95 @@ pub struct ClassifierParts<'a> {
     pub fan_in_fan_out: bool,
 }
 
+/// Per-batch constants that every layer of a transformer stack reads: the attention
+/// mask (key padding, and causality for decoders) and, for T5, the relative-position
+/// bias. They depend on the batch and the frozen base only, so a recomputed layer
+/// (gradient checkpointing) reads the same values as the first pass.
+#[derive(Debug, Clone)]
+pub struct StackContext {
+    /// Non-zero where a query may attend to a key, broadcastable to `[b, h, t, t]`.
+    pub(crate) keep: Tensor,
+    /// Added to the attention scores of every layer (`[1, h, t, t]`), if any.
+    pub(crate) bias: Option<Tensor>,
+}
+
 /// A transformer family: its hidden states and LoRA layers. Every implementor is a
 /// [`FewShotModel`] (pooling, head, ParamSet layout and PEFT configuration are shared).
+///
+/// The stack is written as a chain of segments (see `DESIGN.md`): the embedding
+/// `h₀ = E(θ)`, the layers `h_{l+1} = F_l(h_l, θ)` and the tail (`finish`, pooling,
+/// head). [`encode`](Self::encode) runs them in order; gradient checkpointing
+/// (`crate::memory::checkpoint`) runs the same functions one segment graph at a
+/// time, so there is one copy of each family's layer code.
 pub trait TransformerClassifier {
-    /// Final hidden states `[b, t, width]` at `params`.
-    fn encode(&self, params: &ParamSet, batch: &Batch, mode: Mode) -> Result<Tensor>;
+    /// The batch's constants for [`layer`](Self::layer).
+    fn stack_context(&self, batch: &Batch) -> Result<StackContext>;
+    /// The embedding segment: hidden states `[b, t, width]` entering layer 0.
+    fn embed(&self, params: &ParamSet, batch: &Batch, mode: Mode) -> Result<Tensor>;
+    /// Number of layers.
+    fn num_layers(&self) -> usize;
+    /// Layer `index` (0-based) applied to hidden states `h` `[b, t, width]`.
+    fn layer(
+        &self,
+        index: usize,
+        h: &Tensor,
+        context: &StackContext,
+        params: &ParamSet,
+        mode: Mode,
+    ) -> Result<Tensor>;
+    /// What follows the last layer (GPT-2's `ln_f`, T5's final norm); frozen, the
+    /// identity by default.
+    fn finish(&self, h: &Tensor) -> Result<Tensor> {
+        Ok(h.clone())
+    }
+    /// Final hidden states `[b, t, width]` at `params`: embedding, every layer, finish.
+    fn encode(&self, params: &ParamSet, batch: &Batch, mode: Mode) -> Result<Tensor> {
+        let context = self.stack_context(batch)?;
+        let mut h = self.embed(params, batch, mode)?;
+        for index in 0..self.num_layers() {
+            h = self.layer(index, &h, &context, params, mode)?;
+        }
+        self.finish(&h)
+    }
     /// Every linear layer that may carry LoRA.
     fn lora_linears(&self) -> Vec<&LoraLinear>;
     /// Head, LoRA settings, weights and conventions.
     fn parts(&self) -> ClassifierParts<'_>;
+}
+
+/// Layer `index` of a family's stack, or an error naming the valid range.
+pub(crate) fn layer_at<L>(layers: &[L], index: usize) -> Result<&L> {
+    layers.get(index).ok_or_else(|| {
+        Error::InvalidArgument(format!(
+            "layer {index} does not exist; the stack has layers 0..{}",
+            layers.len()
+        ))
+    })
+}
+
+/// Pooled features `[b, width]` of final hidden states, by the family's pooling.
+fn pool(model: &dyn TransformerClassifier, hidden: &Tensor, batch: &Batch) -> Result<Tensor> {
+    // Mixed precision: pooling, head and loss in the trainable dtype (f32), so the
+    // token sum is accurate and the loss's statistics are f32.
+    let hidden = &hidden.to_dtype(model.parts().weights.trainable_dtype())?;
+    let mask = &batch.tokens()?.attention_mask;
+    Ok(match model.parts().pooling {
+        Pooling::MaskedMean => ops::masked_mean_pool(hidden, mask)?,
+        Pooling::LastToken => ops::last_token(hidden, mask)?,
+    })
+}
+
+/// The tail segment: logits `[b, classes]` from the last layer's output `h_L`
+/// (finish, pooling, head). [`FewShotModel::logits`] of a transformer is this applied
+/// to the chain of the other segments.
+pub(crate) fn tail_logits(
+    model: &dyn TransformerClassifier,
+    last: &Tensor,
+    params: &ParamSet,
+    batch: &Batch,
+) -> Result<Tensor> {
+    let features = pool(model, &model.finish(last)?, batch)?;
+    model.parts().head.forward(&features, params)
 }
 
 impl<T: TransformerClassifier> FewShotModel for T {
@@ -106,16 +197,7 @@ impl<T: TransformerClassifier> FewShotModel for T {
     }
 
     fn features(&self, params: &ParamSet, batch: &Batch, mode: Mode) -> Result<Tensor> {
-        // Mixed precision: pooling, head and loss in the trainable dtype (f32), so the
-        // token sum is accurate and the loss's statistics are f32.
-        let hidden = self
-            .encode(params, batch, mode)?
-            .to_dtype(self.parts().weights.trainable_dtype())?;
-        let mask = &batch.tokens()?.attention_mask;
-        Ok(match self.parts().pooling {
-            Pooling::MaskedMean => ops::masked_mean_pool(&hidden, mask)?,
-            Pooling::LastToken => ops::last_token(&hidden, mask)?,
-        })
+        pool(self, &self.encode(params, batch, mode)?, batch)
     }
 
     fn logits(&self, params: &ParamSet, batch: &Batch, mode: Mode) -> Result<Tensor> {
@@ -129,6 +211,10 @@ impl<T: TransformerClassifier> FewShotModel for T {
         parts
             .lora
             .map(|l| l.adapter_config(parts.default_targets, parts.fan_in_fan_out))
+    }
+
+    fn transformer(&self) -> Option<&dyn TransformerClassifier> {
+        Some(self)
     }
 }
 
@@ -261,12 +347,7 @@ pub(crate) fn init_transformer_params(
         .collect();
     sorted.sort_by(|a, b| a.0.cmp(&b.0));
     let mut params = ParamSet::from_pairs(sorted)?;
-    head.init_params(
-        seed,
-        weights.trainable_dtype(),
-        &weights.device(),
-        &mut params,
-    )?;
+    head.init_zero_params(weights.trainable_dtype(), &weights.device(), &mut params)?;
     Ok(params)
 }
 

@@ -11,8 +11,8 @@ use serde::Deserialize;
 use super::attention::{multi_head_attention, padding_keep};
 use super::layers::{load_linear_no_bias, FrozenTable};
 use super::{
-    attach_lora, Activation, ClassificationHead, ClassifierParts, LoraSettings, Pooling,
-    TransformerClassifier, Weights,
+    attach_lora, layer_at, Activation, ClassificationHead, ClassifierParts, LoraSettings, Pooling,
+    StackContext, TransformerClassifier, Weights,
 };
 use crate::data::Batch;
 use crate::nn::{LoraLinear, Mode};
@@ -297,38 +297,64 @@ impl T5Encoder {
     /// Final encoder states `[b, t, d_model]` (after the final layer norm) at
     /// `params`.
     pub fn hidden_states(&self, params: &ParamSet, batch: &Batch, mode: Mode) -> Result<Tensor> {
-        let tokens = batch.tokens()?;
-        let (_, t) = tokens.input_ids.dims2()?;
-        let eps = self.config.layer_norm_epsilon;
-        // T5 does not scale its embeddings and has no absolute positions.
-        let mut h = self.embeddings.lookup(&tokens.input_ids)?;
-        let keep = padding_keep(&tokens.attention_mask)?;
-        let bias = self.position_bias(t, h.device())?;
-        let heads = self.config.num_heads;
-        for block in &self.blocks {
-            let x = rms_norm(&h, &block.attention_norm, eps)?;
-            let q = block.q.forward(&x, params, mode)?;
-            let k = block.k.forward(&x, params, mode)?;
-            let v = block.v.forward(&x, params, mode)?;
-            // T5 folds the 1/√d_kv scale into its q initialisation: no scaling here.
-            let context = multi_head_attention(&q, &k, &v, heads, 1.0, &keep, Some(&bias))?;
-            h = (h + block.o.forward(&context, params, mode)?)?;
-            let x = rms_norm(&h, &block.ffn_norm, eps)?;
-            let mut inner = self
-                .activation
-                .apply(&block.wi.forward(&x, params, mode)?)?;
-            if let Some(wi_1) = &block.wi_1 {
-                inner = (inner * wi_1.forward(&x, params, mode)?)?;
-            }
-            h = (h + block.wo.forward(&inner, params, mode)?)?;
-        }
-        Ok(rms_norm(&h, &self.final_norm, eps)?)
+        self.encode(params, batch, mode)
     }
 }
 
 impl TransformerClassifier for T5Encoder {
-    fn encode(&self, params: &ParamSet, batch: &Batch, mode: Mode) -> Result<Tensor> {
-        self.hidden_states(params, batch, mode)
+    fn stack_context(&self, batch: &Batch) -> Result<StackContext> {
+        let mask = &batch.tokens()?.attention_mask;
+        let (_, t) = mask.dims2()?;
+        Ok(StackContext {
+            keep: padding_keep(mask)?,
+            bias: Some(self.position_bias(t, mask.device())?),
+        })
+    }
+
+    fn embed(&self, _params: &ParamSet, batch: &Batch, _mode: Mode) -> Result<Tensor> {
+        // T5 does not scale its embeddings and has no absolute positions.
+        self.embeddings.lookup(&batch.tokens()?.input_ids)
+    }
+
+    fn num_layers(&self) -> usize {
+        self.blocks.len()
+    }
+
+    fn layer(
+        &self,
+        index: usize,
+        h: &Tensor,
+        context: &StackContext,
+        params: &ParamSet,
+        mode: Mode,
+    ) -> Result<Tensor> {
+        let block = layer_at(&self.blocks, index)?;
+        let eps = self.config.layer_norm_epsilon;
+        let heads = self.config.num_heads;
+        let x = rms_norm(h, &block.attention_norm, eps)?;
+        let q = block.q.forward(&x, params, mode)?;
+        let k = block.k.forward(&x, params, mode)?;
+        let v = block.v.forward(&x, params, mode)?;
+        // T5 folds the 1/√d_kv scale into its q initialisation: no scaling here.
+        let attention =
+            multi_head_attention(&q, &k, &v, heads, 1.0, &context.keep, context.bias.as_ref())?;
+        let h = (h + block.o.forward(&attention, params, mode)?)?;
+        let x = rms_norm(&h, &block.ffn_norm, eps)?;
+        let mut inner = self
+            .activation
+            .apply(&block.wi.forward(&x, params, mode)?)?;
+        if let Some(wi_1) = &block.wi_1 {
+            inner = (inner * wi_1.forward(&x, params, mode)?)?;
+        }
+        Ok((&h + block.wo.forward(&inner, params, mode)?)?)
+    }
+
+    fn finish(&self, h: &Tensor) -> Result<Tensor> {
+        Ok(rms_norm(
+            h,
+            &self.final_norm,
+            self.config.layer_norm_epsilon,
+        )?)
     }
 
     fn lora_linears(&self) -> Vec<&LoraLinear> {

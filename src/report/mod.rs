@@ -3,7 +3,10 @@
 //! (`report.html`, inline CSS and images embedded as data URIs, so it can be mailed or
 //! archived alone).
 
+mod experiment;
 pub mod plots;
+
+pub use experiment::{comparison_table, statistics_table, write_experiment_report};
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -287,6 +290,42 @@ fn table_width(table: &Table) -> usize {
         .chain([table.headers.len()])
         .max()
         .unwrap_or(0)
+}
+
+impl Table {
+    /// The table in Markdown (GitHub's pipe tables).
+    pub fn to_markdown(&self) -> String {
+        markdown_table(self)
+    }
+
+    /// The table as aligned plain text for a terminal: columns padded to their widest
+    /// cell, a rule under the headers.
+    pub fn to_text(&self) -> String {
+        let width = table_width(self);
+        let mut widths = vec![0usize; width];
+        for row in std::iter::once(&self.headers).chain(&self.rows) {
+            for (i, cell) in row.iter().enumerate() {
+                widths[i] = widths[i].max(cell.chars().count());
+            }
+        }
+        let line = |row: &Vec<String>| {
+            let cells: Vec<String> = (0..width)
+                .map(|i| {
+                    let cell = row.get(i).map_or("", String::as_str);
+                    let pad = widths[i] - cell.chars().count();
+                    format!("{cell}{}", " ".repeat(pad))
+                })
+                .collect();
+            format!("{}\n", cells.join("  ").trim_end())
+        };
+        let mut text = line(&self.headers);
+        let rule: Vec<String> = widths.iter().map(|w| "-".repeat(*w)).collect();
+        text.push_str(&format!("{}\n", rule.join("  ")));
+        for row in &self.rows {
+            text.push_str(&line(row));
+        }
+        text
+    }
 }
 
 fn markdown_table(table: &Table) -> String {

@@ -7,6 +7,7 @@ use crate::config::{
     self, Config, HessianKind, InnerMode, LrSchedule, Method, OuterOptimizer, Precision,
 };
 use crate::data::{EncodeText, TextTokenizer, WordHashTokenizer};
+use crate::memory::Checkpointed;
 use crate::meta::{
     Adapter, Finetune, Fomaml, HessianApproximation, InnerLoop, LoraFinetune, Maml, MamlMode,
     Melora, MetaLearner, Reptile,
@@ -46,7 +47,9 @@ pub fn model_precision(config: &Config) -> ModelPrecision {
 
 /// The model named by `model.name` (built-in) or `model.path` (Hugging Face folder),
 /// with LoRA from the `lora` section and a head for `data.n_way` classes, in the
-/// precision of [`model_precision`].
+/// precision of [`model_precision`], and gradient checkpointing when
+/// `memory_optimization.checkpointing.enabled` (an error for models that are not
+/// transformer stacks, or layers the model does not have).
 pub fn build_model(config: &Config) -> Result<Box<dyn FewShotModel>> {
     let lora = LoraSettings {
         spec: LoraSpec {
@@ -57,16 +60,44 @@ pub fn build_model(config: &Config) -> Result<Box<dyn FewShotModel>> {
         target_modules: config.lora.target_modules.clone(),
         init: LoraInit::Peft { seed: config.seed },
     };
-    match &config.model.path {
-        Some(dir) => from_directory(dir, model_precision(config), Some(lora), config.data.n_way),
+    let regression = is_sinusoid(config);
+    let mlp = config.model.path.is_none() && config.model.name == "mlp";
+    if regression != mlp {
+        return Err(Error::InvalidArgument(if regression {
+            format!(
+                "sinusoid regression tasks have one real input, which `{}` cannot read; \
+                 use model.name: mlp",
+                config.model.name
+            )
+        } else {
+            "the mlp model reads one real input (sinusoid regression); use \
+             data.synthetic_task: sinusoid with data.synthetic_only: true or data.source: \
+             synthetic, or another model"
+                .into()
+        }));
+    }
+    // A regression network has one output, whatever n_way says.
+    let outputs = if regression { 1 } else { config.data.n_way };
+    let model = match &config.model.path {
+        Some(dir) => from_directory(dir, model_precision(config), Some(lora), outputs)?,
         None => builtin(
             &config.model.name,
             config.seed,
             model_precision(config),
             Some(lora),
-            config.data.n_way,
-        ),
+            outputs,
+        )?,
+    };
+    match config.memory_optimization.checkpointing.plan() {
+        Some(plan) => Ok(Box::new(Checkpointed::new(model, plan)?)),
+        None => Ok(model),
     }
+}
+
+/// Whether the configured tasks are the synthetic sinusoid regressions.
+fn is_sinusoid(config: &Config) -> bool {
+    (config.data.synthetic_only || config.data.source == config::DataSource::Synthetic)
+        && config.data.synthetic_task == config::SyntheticTask::Sinusoid
 }
 
 /// The text encoder: the model folder's `tokenizer.json`, or for built-in models a
@@ -127,10 +158,10 @@ pub fn build_learner(config: &Config) -> Result<Box<dyn MetaLearner>> {
 }
 
 /// What adapts to a test task: the learner's inner loop, or a baseline's fine-tuning
-/// (as many steps as the inner loop's, at its learning rate).
+/// (`evaluation.finetune_steps` steps at the inner learning rate).
 pub fn build_adapter(config: &Config) -> Result<Box<dyn Adapter>> {
     let (steps, lr) = (
-        config.meta_learning.inner.steps,
+        config.evaluation.finetune_steps,
         config.meta_learning.inner.lr,
     );
     Ok(match config.meta_learning.method {
@@ -231,5 +262,62 @@ mod tests {
             let outer = build_outer(&config).unwrap();
             assert_eq!(outer.loss_scale.is_some(), scaled, "{precision}");
         }
+    }
+
+    fn config(yaml: &str) -> Config {
+        Config::from_yaml_str(yaml).unwrap()
+    }
+
+    #[test]
+    fn checkpointing_wraps_transformers_and_refuses_what_it_cannot_do() {
+        let on = "model:\n  name: tiny-bert\nmemory_optimization:\n  checkpointing:\n    \
+                  enabled: true\n";
+        let model = build_model(&config(on)).unwrap();
+        assert!(model.checkpointing().is_some());
+        assert!(build_model(&config("model:\n  name: tiny-bert\n"))
+            .unwrap()
+            .checkpointing()
+            .is_none());
+        let err = build_model(&config(&format!("{on}    layers: [1, 2]\n")))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("layer 2")
+                && err.contains("0..=1")
+                && err.contains("checkpointing.layers"),
+            "{err}"
+        );
+        let err = build_model(&config(
+            "model:\n  name: conv4\nmemory_optimization:\n  checkpointing:\n    enabled: true\n",
+        ))
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(err.contains("checkpointing.enabled to false"), "{err}");
+    }
+
+    /// Training with checkpointing takes the same steps as without (f32: to rounding).
+    #[test]
+    fn training_with_checkpointing_follows_the_same_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = |checkpointing: bool, name: &str| {
+            let yaml = format!(
+                "seed: 3\nmodel:\n  name: tiny-gpt2\n  max_length: 16\nlora:\n  rank: 2\n\
+                 meta_learning:\n  method: maml\n  meta_batch_size: 2\n  num_iterations: 2\n  \
+                 inner:\n    steps: 2\n    lr: 0.5\n    mode: recompute\n\
+                 data:\n  n_way: 3\n  k_shot: 2\n  n_query: 2\n\
+                 evaluation:\n  episodes: 2\n  eval_every: 2\n\
+                 memory_optimization:\n  checkpointing:\n    enabled: {checkpointing}\n"
+            );
+            let mut config = config(&yaml);
+            config.tracking.output_dir = dir.path().join(name);
+            crate::train::train(&config, &crate::train::TrainOptions::default())
+                .unwrap()
+                .params
+        };
+        let (plain, checkpointed) = (run(false, "plain"), run(true, "checkpointed"));
+        let gap = checkpointed.sub(&plain).unwrap().norm().unwrap() / plain.norm().unwrap();
+        assert!(gap < 1e-5, "checkpointed training differs by {gap:.3e}");
     }
 }

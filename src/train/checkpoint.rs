@@ -24,8 +24,11 @@ pub struct CheckpointState {
     pub iteration: usize,
     /// Optimiser steps taken.
     pub optimizer_steps: u64,
-    /// Best validation accuracy so far.
-    pub best_val_accuracy: Option<f64>,
+    /// Best validation score so far (accuracy, or minus the MSE for regression).
+    pub best_val_score: Option<f64>,
+    /// Validations since the best one (early stopping's count).
+    #[serde(default)]
+    pub validations_since_best: usize,
     /// Model name or path, LoRA rank and classes: a checkpoint only loads into the
     /// same shapes.
     pub model: String,
@@ -114,16 +117,32 @@ fn readable(dir: &Path) -> PathBuf {
     }
 }
 
+/// Reads only a checkpoint's recorded state (its configuration among it).
+pub fn read_checkpoint_state(dir: &Path) -> Result<CheckpointState> {
+    let state_path = readable(dir).join(STATE);
+    let text = std::fs::read_to_string(&state_path).map_err(|e| {
+        Error::io(
+            &state_path,
+            std::io::Error::new(
+                e.kind(),
+                format!(
+                    "{e} (is {} a checkpoint folder, such as runs/<experiment>/<run>/best?)",
+                    dir.display()
+                ),
+            ),
+        )
+    })?;
+    serde_json::from_str(&text).map_err(|e| Error::Format {
+        path: state_path.clone(),
+        message: format!("not a melora checkpoint state: {e}"),
+    })
+}
+
 /// Reads a checkpoint whose tensors must match `template` (the model's parameters):
 /// a checkpoint of another model, rank or number of classes is a clear error.
 pub fn load_checkpoint(dir: &Path, template: &ParamSet) -> Result<Checkpoint> {
+    let state = read_checkpoint_state(dir)?;
     let dir = readable(dir);
-    let state_path = dir.join(STATE);
-    let text = std::fs::read_to_string(&state_path).map_err(|e| Error::io(&state_path, e))?;
-    let state: CheckpointState = serde_json::from_str(&text).map_err(|e| Error::Format {
-        path: state_path.clone(),
-        message: format!("not a melora checkpoint state: {e}"),
-    })?;
     let params = ParamSet::load_like(&dir.join(PARAMS), template).map_err(|e| {
         Error::Params(format!(
             "the checkpoint in {} does not fit this model (it was written for {}, LoRA rank {}, \

@@ -4,10 +4,19 @@
 
 pub mod build;
 pub mod checkpoint;
+mod evaluate;
+mod full;
 mod outer;
 mod run;
 mod step;
 
+pub use evaluate::{evaluate, save_evaluation, EvaluateOptions};
+pub use full::{
+    experiment_dir, load_results, run_full, save_results, AblationPoint, Comparison, FullObserver,
+    FullOptions, FullResults, MemoryPoint, MethodSummary, RunRecord, TestRecord, RESULTS_FILE,
+};
 pub use outer::{average, clip_global_norm, OuterUpdate};
-pub use run::{params_from, run_dir, train, TrainOptions, TrainSummary};
+pub use run::{
+    params_from, run_dir, run_name, train, IterationReport, ProgressFn, TrainOptions, TrainSummary,
+};
 pub use step::{meta_step, StepStats};

@@ -31,10 +31,12 @@ pub struct StepStats {
     /// Whether the step was skipped because a scaled backward pass overflowed (the
     /// losses and norm are then NaN).
     pub skipped: bool,
+    /// Whether the tasks are regression (the loss is an MSE, accuracy meaningless).
+    pub regression: bool,
 }
 
 /// A skipped step: the parameters unchanged, NaN statistics.
-fn skipped(params: &ParamSet, scale: Option<f64>) -> (ParamSet, StepStats) {
+fn skipped(params: &ParamSet, scale: Option<f64>, regression: bool) -> (ParamSet, StepStats) {
     let nan = f64::NAN;
     let stats = StepStats {
         query_loss: nan,
@@ -43,6 +45,7 @@ fn skipped(params: &ParamSet, scale: Option<f64>) -> (ParamSet, StepStats) {
         grad_norm: nan,
         loss_scale: scale,
         skipped: true,
+        regression,
     };
     (params.clone(), stats)
 }
@@ -62,6 +65,7 @@ pub fn meta_step(
             "the meta-batch holds no task".into(),
         ));
     }
+    let regression = meta_batch[0].query.targets.is_some();
     let mut gradients = Vec::with_capacity(meta_batch.len());
     let (mut query_loss, mut query_accuracy, mut support_loss) = (0.0, 0.0, 0.0);
     let scale = outer.loss_scale.as_ref().map(|s| s.scale());
@@ -71,7 +75,7 @@ pub fn meta_step(
         if let (Err(Error::NonFinite(what)), Some(scaler)) = (&outcome, outer.loss_scale.as_mut()) {
             // An overflow of the scaled passes: skip the step, smaller scale next time.
             scaler.record_overflow(&format!("task {} of the meta-batch, {what}", i + 1))?;
-            return Ok(skipped(params, scale));
+            return Ok(skipped(params, scale, regression));
         }
         let outcome = outcome.map_err(|e| match e {
             Error::NonFinite(m) => {
@@ -92,7 +96,7 @@ pub fn meta_step(
     let applied = outer.apply(params, &gradients);
     if let (Err(Error::NonFinite(what)), Some(scaler)) = (&applied, outer.loss_scale.as_mut()) {
         scaler.record_overflow(what)?;
-        return Ok(skipped(params, scale));
+        return Ok(skipped(params, scale, regression));
     }
     let (next, grad_norm) = applied?;
     if let Some(scaler) = outer.loss_scale.as_mut() {
@@ -108,6 +112,7 @@ pub fn meta_step(
             grad_norm,
             loss_scale: scale,
             skipped: false,
+            regression,
         },
     ))
 }

@@ -1,0 +1,700 @@
+//! Gradient checkpointing for transformer stacks: the forward pass keeps only the
+//! inputs of chosen layers, and the backward pass rebuilds one segment's graph at a
+//! time from its stored input — for gradients, Hessian-vector products and
+//! Gauss-Newton products alike, so that every learner (including the second-order
+//! recursions of `maml` recompute mode and `melora`) runs with one segment's
+//! activations alive instead of the whole stack's.
+//!
+//! # The chain
+//!
+//! A transformer is a chain (see [`TransformerClassifier`]): the embedding
+//! `h₀ = E(θ)`, layers `h_{l+1} = F_l(h_l, θ)`, and the tail `Φ(h_L, θ)` (final norm,
+//! pooling, head, and the task's loss). A [`CheckpointPlan`] names the layers whose
+//! input is kept, `B₀ < B₁ < … < B_{n−1}`; they cut the chain into segments:
+//! segment 0 is the embedding followed by layers `0..B₀` (just the embedding when
+//! `B₀ = 0`), segment k ≥ 1 is layers `B_{k−1}..B_k` (with `B_n = L`). The output of
+//! segment k is the input of segment k+1; those outputs, and the last one `h_L`, are
+//! all the forward pass keeps. Segment 0 is recomputed from the tokens, so it has no
+//! stored input.
+//!
+//! # First-order gradient
+//!
+//! Forward at detached θ (candle records no graph at all), keeping the segment
+//! outputs; the last segment runs with its graph and the tail on top, and their
+//! backward gives the head's and last segment's gradient and the adjoint `a` of the
+//! last segment's input. Then for each earlier segment: rebuild
+//! its graph from a leaf copy of its stored input, back-propagate the surrogate scalar
+//! `⟨F(h, θ), a⟩` (a vector-Jacobian product), which gives the segment's share of the
+//! θ-gradient and the adjoint of its input; drop the graph. The sum of the shares is
+//! the gradient of the unsegmented graph — the same sums of the same products, so it
+//! agrees to float rounding.
+//!
+//! # Hessian-vector products (Pearlmutter's R-operator, exact)
+//!
+//! Differentiating the gradient computation above along θ + εv:
+//!
+//! - forward sweep: with the segment output also keep its tangent
+//!   `ḣ_out = J_h·ḣ_in + J_θ·v`, a Jacobian-vector product obtained from two reverse
+//!   passes on the segment graph: `ḣ_out = ∇_u ⟨∇_{(h,θ)}⟨F(h,θ), u⟩, (ḣ_in, v)⟩` with
+//!   `u` a zero variable (the inner gradient is linear in `u`, so differentiating it
+//!   along `(ḣ_in, v)` and then in `u` gives `J·(ḣ_in, v)`);
+//! - tail: `G = ∇_{(h,θ)}Φ` with its graph; `∇_{(h,θ)}⟨G, (ḣ_L, v)⟩ = (ȧ_L, (Hv)_tail)`;
+//! - backward sweep, each segment from the last, with `a`, `ȧ` of its output:
+//!   `s̃(h, θ) = ⟨F(h,θ), ȧ⟩ + ⟨∇_{(h,θ)}⟨F(h,θ), a⟩, (ḣ_in, v)⟩`, whose gradient is
+//!   `(ȧ_in, (Hv)_segment)`; the inner gradient `∇⟨F, a⟩` is at once the ordinary
+//!   backward step `(a_in, g_segment)`.
+//!
+//! So the gradient and any number of products come from one forward sweep and one
+//! backward sweep, one segment graph alive at a time, plus the stored outputs and
+//! their tangents (one tensor `[b, t, width]` per boundary and per vector).
+//!
+//! # Gauss-Newton products
+//!
+//! `Jᵀ·H_z·J·v` with z the logits: the forward tangent sweep gives `ḣ_L`, the tail's
+//! Jacobian-vector product (the same double-backward trick) gives `ż = J·v`,
+//! `r = H_z·ż` is formed from the softmax, and the first-order backward sweep with the
+//! surrogate `⟨z, r⟩` at the tail gives `Jᵀr`.
+//!
+//! # What is not checkpointed
+//!
+//! - Gradients whose graph is kept to be differentiated again *across* inner steps
+//!   (full-graph MAML's inner steps, [`GradGraph::Keep`](crate::tensor::GradGraph)):
+//!   candle returns gradients only at leaf variables, so a segment's input gradient
+//!   needs a leaf input, which cuts the dependence of the later segments' gradients
+//!   on the earlier layers' θ; keeping that dependence needs every segment's graph,
+//!   which is the whole unsegmented graph. Full-graph MAML keeps every graph by
+//!   definition, so its inner steps run unsegmented; its query gradient is
+//!   checkpointed. `meta_learning.inner.mode: recompute` gives the same
+//!   meta-gradient with checkpointed Hessian-vector products.
+//! - Forward-only evaluation: without a graph nothing is kept anyway.
+
+use candle_core::backprop::GradStore;
+use candle_core::{Tensor, Var};
+
+use crate::data::Batch;
+use crate::models::{tail_logits, FewShotModel, StackContext, TransformerClassifier};
+use crate::nn::{AdapterConfig, Mode};
+use crate::tensor::second_order::{ensure_second_order, first_order_backward};
+use crate::tensor::{ops, ParamSet};
+use crate::{Error, Result};
+
+/// Tangent vectors carried through one sweep: more share the segment graphs
+/// (one forward and one kept backward per segment for all of them) but each keeps a
+/// tangent per boundary, so sweeps take at most this many and callers with more
+/// (exact diagonals, block products) run several sweeps.
+const TANGENT_GROUP: usize = 8;
+
+/// Which layer inputs the forward pass keeps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CheckpointPlan {
+    /// The input of every `n`-th layer (0, n, 2n, …): segments of `n` layers.
+    Every(usize),
+    /// The inputs of the listed layers (0-based; order and repeats do not matter).
+    Layers(Vec<usize>),
+}
+
+impl CheckpointPlan {
+    /// The sorted, distinct layers whose input is kept in a stack of `layers` layers;
+    /// an error names the valid range and the configuration key.
+    pub fn boundaries(&self, layers: usize) -> Result<Vec<usize>> {
+        if layers == 0 {
+            return Err(Error::InvalidArgument(
+                "gradient checkpointing needs a stack with at least one layer; set \
+                 memory_optimization.checkpointing.enabled to false"
+                    .into(),
+            ));
+        }
+        match self {
+            CheckpointPlan::Every(0) => Err(Error::InvalidArgument(
+                "checkpointing every 0 layers is meaningless; set \
+                 memory_optimization.checkpointing.every to at least 1"
+                    .into(),
+            )),
+            CheckpointPlan::Every(n) => Ok((0..layers).step_by(*n).collect()),
+            CheckpointPlan::Layers(list) => {
+                if list.is_empty() {
+                    return Err(Error::InvalidArgument(
+                        "memory_optimization.checkpointing.layers is empty: the whole stack would \
+                         be one segment recomputed at once, which saves nothing; list at least \
+                         one layer, or unset it to use `every`"
+                            .into(),
+                    ));
+                }
+                if let Some(bad) = list.iter().find(|&&l| l >= layers) {
+                    return Err(Error::InvalidArgument(format!(
+                        "memory_optimization.checkpointing.layers names layer {bad}, but the \
+                         model has layers 0..={} ({layers} layers); list indices in that range",
+                        layers - 1
+                    )));
+                }
+                let mut sorted = list.clone();
+                sorted.sort_unstable();
+                sorted.dedup();
+                Ok(sorted)
+            }
+        }
+    }
+}
+
+/// A segment: the layers it runs. Segment 0 starts from the embedding (recomputed
+/// from the tokens), every other one from the previous segment's stored output.
+#[derive(Debug, Clone)]
+struct Segment {
+    layers: std::ops::Range<usize>,
+}
+
+/// A transformer model with gradient checkpointing on: the model's forward is
+/// unchanged; the learners' gradient and curvature primitives find the engine
+/// through [`FewShotModel::checkpointing`] and run segment by segment.
+///
+/// Wrappers of a `Checkpointed` model must forward [`FewShotModel::checkpointing`]
+/// and [`FewShotModel::transformer`], or the learners run unsegmented.
+pub struct Checkpointed {
+    model: Box<dyn FewShotModel>,
+    plan: CheckpointPlan,
+    /// The plan's boundaries in this model's stack, checked once at construction.
+    boundaries: Vec<usize>,
+}
+
+impl Checkpointed {
+    /// Wraps `model` with `plan`. Models that are not transformer stacks (Conv4, MLP)
+    /// are refused rather than silently run unsegmented, and so are plans naming
+    /// layers the model does not have.
+    pub fn new(model: Box<dyn FewShotModel>, plan: CheckpointPlan) -> Result<Self> {
+        let Some(stack) = model.transformer() else {
+            return Err(Error::InvalidArgument(
+                "gradient checkpointing recomputes transformer layers (BERT, DistilBERT, GPT-2, \
+                 T5); this model is not a transformer stack, so set \
+                 memory_optimization.checkpointing.enabled to false (micro-batches, \
+                 memory_optimization.gradient_accumulation.micro_batch, lower its memory)"
+                    .into(),
+            ));
+        };
+        let boundaries = plan.boundaries(stack.num_layers())?;
+        Ok(Self {
+            model,
+            plan,
+            boundaries,
+        })
+    }
+
+    /// The plan.
+    pub fn plan(&self) -> &CheckpointPlan {
+        &self.plan
+    }
+}
+
+impl FewShotModel for Checkpointed {
+    fn init_params(&self, seed: u64) -> Result<ParamSet> {
+        self.model.init_params(seed)
+    }
+
+    fn features(&self, params: &ParamSet, batch: &Batch, mode: Mode) -> Result<Tensor> {
+        self.model.features(params, batch, mode)
+    }
+
+    fn logits(&self, params: &ParamSet, batch: &Batch, mode: Mode) -> Result<Tensor> {
+        self.model.logits(params, batch, mode)
+    }
+
+    fn adapter_config(&self) -> Option<AdapterConfig> {
+        self.model.adapter_config()
+    }
+
+    fn couples_examples(&self) -> bool {
+        self.model.couples_examples()
+    }
+
+    fn transformer(&self) -> Option<&dyn TransformerClassifier> {
+        self.model.transformer()
+    }
+
+    fn checkpointing(&self) -> Option<Checkpointer<'_>> {
+        let stack = self.model.transformer()?;
+        Some(Checkpointer::from_boundaries(stack, &self.boundaries))
+    }
+}
+
+/// The checkpointing engine for one transformer stack and plan: what
+/// [`FewShotModel::checkpointing`] hands the learners' gradient and curvature
+/// primitives (`meta::inner`, `meta::curvature`).
+pub struct Checkpointer<'a> {
+    stack: &'a dyn TransformerClassifier,
+    segments: Vec<Segment>,
+}
+
+/// A first-order gradient with the forward's loss and logits (detached).
+pub(crate) struct Gradient {
+    /// ∇_θ of the loss.
+    pub grads: ParamSet,
+    /// The loss, a 0-d tensor.
+    pub loss: Tensor,
+    /// Logits `[b, classes]`.
+    pub logits: Tensor,
+}
+
+/// The task's loss of a batch's outputs (logits), as the learners define it: the
+/// engine differentiates whatever the caller's loss is, so it knows nothing of tasks.
+pub(crate) type Loss<'a> = &'a dyn Fn(&Tensor, &Batch) -> Result<Tensor>;
+
+/// What the forward sweep with tangents keeps: every segment's output, and per
+/// segment and vector the output's tangent (`None` where it is zero).
+struct TangentSweep {
+    outputs: Vec<Tensor>,
+    tangents: Vec<Vec<Option<Tensor>>>,
+}
+
+/// Sums gradient shares per parameter, reading only the entries a backward pass
+/// produced (most segments touch a few LoRA tensors of the whole set).
+struct Accumulator {
+    sums: Vec<Option<Tensor>>,
+}
+
+impl Accumulator {
+    fn new(leaves: &ParamSet) -> Self {
+        Self {
+            sums: vec![None; leaves.len()],
+        }
+    }
+
+    fn add(&mut self, store: &GradStore, leaves: &ParamSet) -> Result<()> {
+        for (sum, (_, leaf)) in self.sums.iter_mut().zip(leaves.iter()) {
+            if let Some(g) = store.get(leaf) {
+                let g = g.detach();
+                *sum = Some(match sum.take() {
+                    Some(s) => (s + g)?,
+                    None => g,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(self, leaves: &ParamSet) -> Result<ParamSet> {
+        let mut sums = self.sums.into_iter();
+        leaves.map(|_, leaf| match sums.next().flatten() {
+            Some(s) => Ok(s),
+            None => leaf.zeros_like(),
+        })
+    }
+}
+
+/// A fresh leaf variable holding `t`'s values.
+fn leaf(t: &Tensor) -> Result<Tensor> {
+    Ok(Var::from_tensor(&t.detach())?.into_inner())
+}
+
+/// `Σ ⟨a, b⟩` as a 0-d tensor.
+fn inner(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    Ok((a * b)?.sum_all()?)
+}
+
+/// Adds an optional term to an optional sum.
+fn plus(total: Option<Tensor>, term: Option<Tensor>) -> Result<Option<Tensor>> {
+    Ok(match (total, term) {
+        (Some(a), Some(b)) => Some((a + b)?),
+        (a, None) => a,
+        (None, b) => b,
+    })
+}
+
+/// A backward pass whose gradients keep their graph, on this thread.
+fn backward_keep(scalar: &Tensor) -> Result<GradStore> {
+    ensure_second_order()?;
+    Ok(scalar.backward()?)
+}
+
+/// `⟨G_θ, v⟩ + ⟨G_h, ḣ⟩` over the entries `store` holds: the directional derivative,
+/// along `(ḣ, v)`, of whatever scalar `store` differentiated. `None` when no term
+/// exists (the scalar depends on none of them).
+fn directional(
+    store: &GradStore,
+    leaves: &ParamSet,
+    v: &ParamSet,
+    input: Option<(&Tensor, &Tensor)>,
+) -> Result<Option<Tensor>> {
+    let mut total = None;
+    for ((_, leaf), (_, v_i)) in leaves.iter().zip(v.iter()) {
+        if let Some(g) = store.get(leaf) {
+            total = plus(total, Some(inner(g, v_i)?))?;
+        }
+    }
+    if let Some((h, h_dot)) = input {
+        if let Some(g) = store.get(h) {
+            total = plus(total, Some(inner(g, h_dot)?))?;
+        }
+    }
+    Ok(total)
+}
+
+impl<'a> Checkpointer<'a> {
+    /// The engine for `stack` with `plan`, or an error when the plan names layers the
+    /// stack does not have (the tests' way in; models go through [`Checkpointed`]).
+    #[cfg(test)]
+    pub(crate) fn new(stack: &'a dyn TransformerClassifier, plan: &CheckpointPlan) -> Result<Self> {
+        Ok(Self::from_boundaries(
+            stack,
+            &plan.boundaries(stack.num_layers())?,
+        ))
+    }
+
+    fn from_boundaries(stack: &'a dyn TransformerClassifier, boundaries: &[usize]) -> Self {
+        let layers = stack.num_layers();
+        let mut segments = vec![Segment {
+            layers: 0..boundaries.first().copied().unwrap_or(layers),
+        }];
+        for (i, &start) in boundaries.iter().enumerate() {
+            let end = boundaries.get(i + 1).copied().unwrap_or(layers);
+            segments.push(Segment { layers: start..end });
+        }
+        Self { stack, segments }
+    }
+
+    /// Runs segment `k` from `input` (its stored input; ignored for segment 0, which
+    /// starts from the embedding) at `params`.
+    fn run(
+        &self,
+        k: usize,
+        input: Option<&Tensor>,
+        params: &ParamSet,
+        batch: &Batch,
+        context: &StackContext,
+        mode: Mode,
+    ) -> Result<Tensor> {
+        let mut h = match input {
+            Some(h) if k > 0 => h.clone(),
+            _ => self.stack.embed(params, batch, mode)?,
+        };
+        for l in self.segments[k].layers.clone() {
+            h = self.stack.layer(l, &h, context, params, mode)?;
+        }
+        Ok(h)
+    }
+
+    /// The forward pass through segments `0..count` at detached θ (no graph is
+    /// recorded): their outputs.
+    fn forward(
+        &self,
+        count: usize,
+        theta: &ParamSet,
+        batch: &Batch,
+        context: &StackContext,
+        mode: Mode,
+    ) -> Result<Vec<Tensor>> {
+        let values = theta.detach();
+        let mut outputs: Vec<Tensor> = Vec::with_capacity(count);
+        for k in 0..count {
+            let out = self.run(k, outputs.last(), &values, batch, context, mode)?;
+            outputs.push(out);
+        }
+        Ok(outputs)
+    }
+
+    /// Back-propagates the adjoint `a` of the output of segment `count − 1` through
+    /// segments `count − 1` down to 0 (first order), adding each segment's θ-gradient
+    /// to `total`; `outputs` holds (at least) the outputs of segments `0..count − 1`.
+    #[allow(clippy::too_many_arguments)]
+    fn backward_sweep(
+        &self,
+        count: usize,
+        outputs: &[Tensor],
+        leaves: &ParamSet,
+        mut a: Tensor,
+        batch: &Batch,
+        context: &StackContext,
+        mode: Mode,
+        total: &mut Accumulator,
+    ) -> Result<()> {
+        for k in (0..count).rev() {
+            let input = if k > 0 {
+                Some(leaf(&outputs[k - 1])?)
+            } else {
+                None
+            };
+            let out = self.run(k, input.as_ref(), leaves, batch, context, mode)?;
+            if !out.track_op() {
+                // The embedding segment without trainable tensors: nothing to add.
+                continue;
+            }
+            let store = first_order_backward(&inner(&out, &a)?)?;
+            drop(out);
+            total.add(&store, leaves)?;
+            if let Some(h) = &input {
+                a = match store.get(h) {
+                    Some(g) => g.detach(),
+                    None => h.zeros_like()?,
+                };
+            }
+        }
+        Ok(())
+    }
+
+    /// The gradient of `loss` on `batch` at `theta`, with the loss and logits, one
+    /// segment graph alive at a time.
+    ///
+    /// The last segment is run once, with its graph, and the tail is attached to it:
+    /// its graph would be rebuilt first thing in the backward pass anyway, so this
+    /// saves one segment's forward at the same peak.
+    pub(crate) fn gradient(
+        &self,
+        theta: &ParamSet,
+        batch: &Batch,
+        mode: Mode,
+        loss: Loss<'_>,
+    ) -> Result<Gradient> {
+        let context = self.stack.stack_context(batch)?;
+        let last = self.segments.len() - 1;
+        let outputs = self.forward(last, theta, batch, &context, mode)?;
+        let leaves = theta.to_leaves()?;
+        let mut total = Accumulator::new(&leaves);
+        let input = match outputs.last() {
+            Some(h) => Some(leaf(h)?),
+            None => None,
+        };
+        let (loss, logits, a) = {
+            let h = self.run(last, input.as_ref(), &leaves, batch, &context, mode)?;
+            let logits = tail_logits(self.stack, &h, &leaves, batch)?;
+            let loss = loss(&logits, batch)?;
+            let store = first_order_backward(&loss)?;
+            total.add(&store, &leaves)?;
+            let a = match &input {
+                Some(input) => Some(match store.get(input) {
+                    Some(g) => g.detach(),
+                    None => input.zeros_like()?,
+                }),
+                None => None,
+            };
+            (loss.detach(), logits.detach(), a)
+        };
+        if let Some(a) = a {
+            self.backward_sweep(
+                last, &outputs, &leaves, a, batch, &context, mode, &mut total,
+            )?;
+        }
+        Ok(Gradient {
+            grads: total.finish(&leaves)?,
+            loss,
+            logits,
+        })
+    }
+
+    /// The forward sweep with tangents: every segment's output and, per vector of
+    /// `vs`, its tangent `ḣ = J·(ḣ_in, v)` (`None` where it is zero).
+    fn tangent_sweep(
+        &self,
+        leaves: &ParamSet,
+        vs: &[ParamSet],
+        batch: &Batch,
+        context: &StackContext,
+        mode: Mode,
+    ) -> Result<TangentSweep> {
+        let mut outputs: Vec<Tensor> = Vec::with_capacity(self.segments.len());
+        let mut tangents: Vec<Vec<Option<Tensor>>> = Vec::with_capacity(self.segments.len());
+        for k in 0..self.segments.len() {
+            let input = match outputs.last() {
+                Some(h) if k > 0 => Some(leaf(h)?),
+                _ => None,
+            };
+            let out = self.run(k, input.as_ref(), leaves, batch, context, mode)?;
+            let mut dots = vec![None; vs.len()];
+            if out.track_op() {
+                let u = Var::zeros(out.shape(), out.dtype(), out.device())?.into_inner();
+                let store = backward_keep(&inner(&out, &u)?)?;
+                for (i, v) in vs.iter().enumerate() {
+                    let h_dot = match (&input, tangents.last()) {
+                        (Some(h), Some(previous)) => previous[i].as_ref().map(|d| (h, d)),
+                        _ => None,
+                    };
+                    if let Some(s) = directional(&store, leaves, v, h_dot)? {
+                        dots[i] = first_order_backward(&s)?.get(&u).map(Tensor::detach);
+                    }
+                }
+            }
+            outputs.push(out.detach());
+            tangents.push(dots);
+        }
+        Ok(TangentSweep { outputs, tangents })
+    }
+
+    /// The gradient and `H·v` for every `v` of `vs` (H the Hessian of `loss` on
+    /// `batch` at `theta`), by the R-operator sweeps described in the module
+    /// documentation; vectors are taken [`TANGENT_GROUP`] at a time.
+    pub(crate) fn gradient_and_hvps(
+        &self,
+        theta: &ParamSet,
+        batch: &Batch,
+        vs: &[ParamSet],
+        mode: Mode,
+        loss: Loss<'_>,
+    ) -> Result<(ParamSet, Vec<ParamSet>)> {
+        let context = self.stack.stack_context(batch)?;
+        let mut gradient = None;
+        let mut products = Vec::with_capacity(vs.len());
+        for group in vs.chunks(TANGENT_GROUP) {
+            let (g, hv) = self.hvp_group(theta, batch, group, &context, mode, loss)?;
+            gradient.get_or_insert(g);
+            products.extend(hv);
+        }
+        match gradient {
+            Some(g) => Ok((g, products)),
+            None => {
+                let g = self.gradient(theta, batch, mode, loss)?.grads;
+                Ok((g, products))
+            }
+        }
+    }
+
+    fn hvp_group(
+        &self,
+        theta: &ParamSet,
+        batch: &Batch,
+        vs: &[ParamSet],
+        context: &StackContext,
+        mode: Mode,
+        loss: Loss<'_>,
+    ) -> Result<(ParamSet, Vec<ParamSet>)> {
+        for v in vs {
+            theta.check_compatible(v)?;
+        }
+        let leaves = theta.to_leaves()?;
+        let TangentSweep { outputs, tangents } =
+            self.tangent_sweep(&leaves, vs, batch, context, mode)?;
+        let mut gradient = Accumulator::new(&leaves);
+        let mut products: Vec<Accumulator> = vs.iter().map(|_| Accumulator::new(&leaves)).collect();
+
+        // The tail: a = ∂L/∂h_L and ȧ = R{a}, with the head's shares.
+        let last = leaf(outputs.last().expect("at least one segment"))?;
+        let (mut a, mut a_dot) = {
+            let logits = tail_logits(self.stack, &last, &leaves, batch)?;
+            let store = backward_keep(&loss(&logits, batch)?)?;
+            gradient.add(&store, &leaves)?;
+            let a = match store.get(&last) {
+                Some(g) => g.detach(),
+                None => last.zeros_like()?,
+            };
+            let last_tangents = tangents.last().expect("at least one segment");
+            let mut a_dot = Vec::with_capacity(vs.len());
+            for (i, v) in vs.iter().enumerate() {
+                let h_dot = last_tangents[i].as_ref().map(|d| (&last, d));
+                a_dot.push(match directional(&store, &leaves, v, h_dot)? {
+                    Some(s) => {
+                        let second = first_order_backward(&s)?;
+                        products[i].add(&second, &leaves)?;
+                        second.get(&last).map(Tensor::detach)
+                    }
+                    None => None,
+                });
+            }
+            (a, a_dot)
+        };
+
+        // The backward sweep: (a_in, g) from ∇⟨F, a⟩, (ȧ_in, Hv) from ∇s̃.
+        for k in (0..self.segments.len()).rev() {
+            let input = if k > 0 {
+                Some(leaf(&outputs[k - 1])?)
+            } else {
+                None
+            };
+            let out = self.run(k, input.as_ref(), &leaves, batch, context, mode)?;
+            if !out.track_op() {
+                continue;
+            }
+            let store = backward_keep(&inner(&out, &a)?)?;
+            gradient.add(&store, &leaves)?;
+            let mut next_dot = Vec::with_capacity(vs.len());
+            for (i, v) in vs.iter().enumerate() {
+                let h_dot = match (&input, k.checked_sub(1)) {
+                    (Some(h), Some(previous)) => tangents[previous][i].as_ref().map(|d| (h, d)),
+                    _ => None,
+                };
+                let first = match &a_dot[i] {
+                    Some(ad) => Some(inner(&out, ad)?),
+                    None => None,
+                };
+                let s = plus(first, directional(&store, &leaves, v, h_dot)?)?;
+                next_dot.push(match s {
+                    Some(s) => {
+                        let second = first_order_backward(&s)?;
+                        products[i].add(&second, &leaves)?;
+                        input
+                            .as_ref()
+                            .and_then(|h| second.get(h))
+                            .map(Tensor::detach)
+                    }
+                    None => None,
+                });
+            }
+            if let Some(h) = &input {
+                a = match store.get(h) {
+                    Some(g) => g.detach(),
+                    None => h.zeros_like()?,
+                };
+            }
+            a_dot = next_dot;
+        }
+        Ok((
+            gradient.finish(&leaves)?,
+            products
+                .into_iter()
+                .map(|p| p.finish(&leaves))
+                .collect::<Result<_>>()?,
+        ))
+    }
+
+    /// The generalised Gauss-Newton product `Jᵀ·H_z·J·v` of the mean cross-entropy
+    /// (as [`crate::meta::gauss_newton_product`], which also assumes that loss),
+    /// segment by segment.
+    pub(crate) fn gauss_newton_product(
+        &self,
+        theta: &ParamSet,
+        batch: &Batch,
+        v: &ParamSet,
+        mode: Mode,
+    ) -> Result<ParamSet> {
+        theta.check_compatible(v)?;
+        let context = self.stack.stack_context(batch)?;
+        let leaves = theta.to_leaves()?;
+        let TangentSweep { outputs, tangents } =
+            self.tangent_sweep(&leaves, std::slice::from_ref(v), batch, &context, mode)?;
+        let mut total = Accumulator::new(&leaves);
+        let last = leaf(outputs.last().expect("at least one segment"))?;
+        let a = {
+            let logits = tail_logits(self.stack, &last, &leaves, batch)?;
+            // ż = J·(ḣ_L, v) by the double-backward trick at the tail.
+            let u = Var::zeros(logits.shape(), logits.dtype(), logits.device())?.into_inner();
+            let store = backward_keep(&inner(&logits, &u)?)?;
+            let h_dot = tangents.last().expect("at least one segment")[0]
+                .as_ref()
+                .map(|d| (&last, d));
+            let z_dot = match directional(&store, &leaves, v, h_dot)? {
+                Some(s) => first_order_backward(&s)?.get(&u).map(Tensor::detach),
+                None => None,
+            };
+            drop(store);
+            let z_dot = match z_dot {
+                Some(z) => z,
+                None => logits.zeros_like()?.detach(),
+            };
+            // r = H_z·ż with H_z = (diag(p) − ppᵀ)/N per example.
+            let n = logits.dims()[0] as f64;
+            let p = ops::softmax(&logits.detach())?;
+            let p_dot = (&p * &z_dot)?.sum_keepdim(1)?;
+            let r = ((&p * &z_dot)? - p.broadcast_mul(&p_dot)?)?.affine(1.0 / n, 0.0)?;
+            let store = first_order_backward(&inner(&logits, &r)?)?;
+            total.add(&store, &leaves)?;
+            match store.get(&last) {
+                Some(g) => g.detach(),
+                None => last.zeros_like()?,
+            }
+        };
+        let count = self.segments.len();
+        self.backward_sweep(
+            count, &outputs, &leaves, a, batch, &context, mode, &mut total,
+        )?;
+        total.finish(&leaves)
+    }
+}
+
+#[cfg(test)]
+#[path = "checkpoint_tests.rs"]
+mod tests;

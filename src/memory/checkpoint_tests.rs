@@ -1,0 +1,453 @@
+//! Checkpointed gradients, Hessian-vector and Gauss-Newton products, and every
+//! learner's meta-gradient, against the unsegmented computation in f64.
+
+use candle_core::{DType, Device, Tensor};
+
+use super::*;
+use crate::data::{Batch, Episode};
+use crate::meta::{
+    block_diagonal_product, exact_hessian_diagonal, gauss_newton_product, hessian_vector_product,
+    hutchinson_diagonal, Fomaml, HessianApproximation, InnerLoop, Maml, MamlMode, Melora,
+    MetaLearner, MetaSgd, Reptile,
+};
+use crate::models::bert::Bert;
+use crate::models::gpt2::Gpt2;
+use crate::models::load::builtin;
+use crate::models::{LoraSettings, Weights};
+use crate::nn::{LoraInit, LoraSpec};
+use crate::tensor::gradcheck::random_tensor;
+use crate::tensor::GradGraph;
+
+/// Agreement asked of checkpointed results (float rounding in f64).
+const TOLERANCE: f64 = 1e-10;
+const CLASSES: usize = 3;
+
+fn lora(dropout: f64) -> LoraSettings {
+    LoraSettings {
+        spec: LoraSpec {
+            rank: 2,
+            alpha: 4.0,
+            dropout,
+        },
+        target_modules: None,
+        // Non-zero B, so that every LoRA tensor has a non-zero gradient.
+        init: LoraInit::Normal { seed: 0, std: 0.3 },
+    }
+}
+
+/// Seeded frozen weights; the LoRA tensors (std 0.3, see [`lora`]) make the layers
+/// clearly non-linear in θ, so the second-order terms are not negligible.
+fn weights() -> Weights {
+    Weights::random(11, DType::F64, &Device::Cpu)
+}
+
+/// A 3-layer BERT (3 layers, so that `every: 2` gives unequal segments).
+fn bert(dropout: f64) -> Box<dyn FewShotModel> {
+    let config = serde_json::from_value(serde_json::json!({
+        "vocab_size": 50, "hidden_size": 16, "num_hidden_layers": 3,
+        "num_attention_heads": 2, "intermediate_size": 24, "max_position_embeddings": 16,
+    }))
+    .unwrap();
+    Box::new(Bert::new(config, weights(), Some(lora(dropout)), CLASSES).unwrap())
+}
+
+/// A 3-layer GPT-2.
+fn gpt2() -> Box<dyn FewShotModel> {
+    let config = serde_json::from_value(serde_json::json!({
+        "vocab_size": 50, "n_embd": 16, "n_layer": 3, "n_head": 2, "n_positions": 16,
+    }))
+    .unwrap();
+    Box::new(Gpt2::new(config, weights(), Some(lora(0.0)), CLASSES).unwrap())
+}
+
+fn tiny(name: &str) -> Box<dyn FewShotModel> {
+    builtin(name, 5, DType::F64, Some(lora(0.0)), CLASSES).unwrap()
+}
+
+type Build = fn() -> Box<dyn FewShotModel>;
+
+/// The families with a plan of each kind that fits their layer count.
+fn cases() -> Vec<(&'static str, Build, Vec<CheckpointPlan>)> {
+    let three = || {
+        vec![
+            CheckpointPlan::Every(1),
+            CheckpointPlan::Every(2),
+            CheckpointPlan::Layers(vec![1]),
+            CheckpointPlan::Layers(vec![2, 0]),
+        ]
+    };
+    let two = || vec![CheckpointPlan::Every(1), CheckpointPlan::Layers(vec![1])];
+    vec![
+        ("bert", || bert(0.0), three()),
+        ("gpt2", gpt2, three()),
+        ("distilbert", || tiny("tiny-distilbert"), two()),
+        ("t5", || tiny("tiny-t5"), two()),
+    ]
+}
+
+/// `n` sequences of 6 tokens, every other one padded after 4, labels cycling.
+fn batch(n: usize, seed: u32) -> Batch {
+    let dev = &Device::Cpu;
+    let t = 6;
+    let ids: Vec<u32> = (0..n * t)
+        .map(|i| (i as u32 * 7 + seed * 13) % 47 + 1)
+        .collect();
+    let mask: Vec<u32> = (0..n * t)
+        .map(|i| u32::from(i / t % 2 == 0 || i % t < 4))
+        .collect();
+    Batch::from_tokens(
+        Tensor::from_vec(ids, (n, t), dev).unwrap(),
+        Tensor::from_vec(mask, (n, t), dev).unwrap(),
+        None,
+        Tensor::from_vec((0..n as u32).map(|i| i % CLASSES as u32).collect(), n, dev).unwrap(),
+    )
+    .unwrap()
+}
+
+fn episode() -> Episode {
+    Episode::new(batch(6, 1), batch(6, 2), CLASSES).unwrap()
+}
+
+fn random_like(p: &ParamSet, seed: u64) -> ParamSet {
+    p.map(|_, t| random_tensor(t.dims(), seed, t.device()))
+        .unwrap()
+}
+
+/// ‖a − b‖ / ‖b‖.
+fn gap(a: &ParamSet, b: &ParamSet) -> f64 {
+    a.sub(b).unwrap().norm().unwrap() / b.norm().unwrap().max(1e-300)
+}
+
+fn assert_same(what: &str, actual: &ParamSet, expected: &ParamSet) {
+    let g = gap(actual, expected);
+    assert!(g <= TOLERANCE, "{what}: relative gap {g:.3e}");
+    assert!(expected.norm().unwrap() > 0.0, "{what}: zero reference");
+}
+
+/// The learners' classification loss.
+fn cross_entropy(logits: &Tensor, batch: &Batch) -> crate::Result<Tensor> {
+    Ok(ops::cross_entropy(logits, &batch.labels, 0.0)?)
+}
+
+fn engine<'a>(model: &'a dyn FewShotModel, plan: &CheckpointPlan) -> Checkpointer<'a> {
+    Checkpointer::new(model.transformer().unwrap(), plan).unwrap()
+}
+
+#[test]
+fn plans_cut_the_stack_into_segments() {
+    let model = bert(0.0);
+    let stack = model.transformer().unwrap();
+    let layers = |plan: CheckpointPlan| -> Vec<std::ops::Range<usize>> {
+        Checkpointer::new(stack, &plan)
+            .unwrap()
+            .segments
+            .iter()
+            .map(|s| s.layers.clone())
+            .collect()
+    };
+    assert_eq!(layers(CheckpointPlan::Every(1)), [0..0, 0..1, 1..2, 2..3]);
+    assert_eq!(layers(CheckpointPlan::Every(2)), [0..0, 0..2, 2..3]);
+    assert_eq!(layers(CheckpointPlan::Every(7)), [0..0, 0..3]);
+    // Layer 0's input not kept: the embedding is recomputed with layer 0.
+    assert_eq!(
+        layers(CheckpointPlan::Layers(vec![2, 1, 2])),
+        [0..1, 1..2, 2..3]
+    );
+}
+
+#[test]
+fn unknown_layers_and_non_transformers_are_refused_naming_the_fix() {
+    let err = Checkpointed::new(bert(0.0), CheckpointPlan::Layers(vec![0, 3]))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("layer 3") && err.contains("0..=2") && err.contains("checkpointing.layers"),
+        "{err}"
+    );
+    let conv4 = builtin("conv4", 0, DType::F64, None, CLASSES).unwrap();
+    let err = Checkpointed::new(conv4, CheckpointPlan::Every(1))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("not a transformer") && err.contains("checkpointing.enabled to false"),
+        "{err}"
+    );
+    let err = Checkpointed::new(bert(0.0), CheckpointPlan::Layers(vec![]))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("at least one layer"), "{err}");
+}
+
+/// Gradient, loss and logits, for every family and plan, in evaluation and in
+/// training mode (LoRA dropout: the recomputed segments must draw the same masks).
+#[test]
+fn gradients_equal_the_unsegmented_ones() {
+    let b = batch(5, 3);
+    type Run = (String, Box<dyn FewShotModel>, Vec<CheckpointPlan>, Mode);
+    let mut runs: Vec<Run> = cases()
+        .into_iter()
+        .map(|(name, build, plans)| (name.to_string(), build(), plans, Mode::Eval))
+        .collect();
+    runs.push((
+        "bert with dropout".into(),
+        bert(0.2),
+        vec![CheckpointPlan::Every(1), CheckpointPlan::Layers(vec![2])],
+        Mode::Train { seed: 9 },
+    ));
+    for (name, model, plans, mode) in runs {
+        let theta = model.init_params(3).unwrap();
+        let leaves = theta.to_leaves().unwrap();
+        let logits = model.logits(&leaves, &b, mode).unwrap();
+        let loss = ops::cross_entropy(&logits, &b.labels, 0.0).unwrap();
+        let expected = leaves.gradients(&loss, GradGraph::Detach).unwrap();
+        for plan in plans {
+            let what = format!("{name} {plan:?}");
+            let got = engine(model.as_ref(), &plan)
+                .gradient(&theta, &b, mode, &cross_entropy)
+                .unwrap();
+            assert_same(&what, &got.grads, &expected);
+            let loss_gap =
+                (got.loss.to_scalar::<f64>().unwrap() - loss.to_scalar::<f64>().unwrap()).abs();
+            assert!(loss_gap < 1e-13, "{what}: loss differs by {loss_gap}");
+            let logits_gap = (&got.logits - &logits)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap();
+            assert!(logits_gap < 1e-13, "{what}: logits differ by {logits_gap}");
+        }
+    }
+}
+
+/// H·v for several vectors at once (one sweep), and more vectors than one sweep
+/// carries, against Pearlmutter's product on the whole graph.
+#[test]
+fn hessian_vector_products_equal_the_unsegmented_ones() {
+    let b = batch(4, 5);
+    for (name, build, plans) in cases() {
+        let model = build();
+        let theta = model.init_params(4).unwrap();
+        let count = if name == "bert" { TANGENT_GROUP + 2 } else { 2 };
+        let vs: Vec<ParamSet> = (0..count)
+            .map(|i| random_like(&theta, 100 + i as u64))
+            .collect();
+        let expected: Vec<ParamSet> = vs
+            .iter()
+            .map(|v| hessian_vector_product(model.as_ref(), &theta, &b, v, Mode::Eval).unwrap())
+            .collect();
+        let leaves = theta.to_leaves().unwrap();
+        let loss = ops::cross_entropy(
+            &model.logits(&leaves, &b, Mode::Eval).unwrap(),
+            &b.labels,
+            0.0,
+        )
+        .unwrap();
+        let gradient = leaves.gradients(&loss, GradGraph::Detach).unwrap();
+        for plan in plans {
+            let what = format!("{name} {plan:?}");
+            let (g, products) = engine(model.as_ref(), &plan)
+                .gradient_and_hvps(&theta, &b, &vs, Mode::Eval, &cross_entropy)
+                .unwrap();
+            assert_same(&format!("{what}: gradient"), &g, &gradient);
+            assert_eq!(products.len(), vs.len());
+            for (i, (hv, e)) in products.iter().zip(&expected).enumerate() {
+                assert_same(&format!("{what}: H·v{i}"), hv, e);
+            }
+        }
+    }
+}
+
+/// The curvature products MELoRA uses, through a checkpointed model against the
+/// plain one.
+#[test]
+fn curvature_products_equal_the_unsegmented_ones() {
+    let b = batch(4, 7);
+    for (name, build, plans) in cases() {
+        let plain = build();
+        let theta = plain.init_params(6).unwrap();
+        let v = random_like(&theta, 8);
+        let expected = [
+            gauss_newton_product(plain.as_ref(), &theta, &b, &v, Mode::Eval).unwrap(),
+            block_diagonal_product(plain.as_ref(), &theta, &b, &v, Mode::Eval).unwrap(),
+            hutchinson_diagonal(plain.as_ref(), &theta, &b, 3, 17, Mode::Eval).unwrap(),
+        ];
+        // The exact diagonal costs one product per entry: two tensors suffice.
+        let names: Vec<String> = theta
+            .names()
+            .filter(|n| n.contains("layer.1") || n.contains("h.1") || n.contains("block.1"))
+            .take(1)
+            .chain([crate::models::HEAD_BIAS])
+            .map(String::from)
+            .collect();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        assert_eq!(names.len(), 2, "{name}: {names:?}");
+        let diagonal =
+            exact_hessian_diagonal(plain.as_ref(), &theta, &b, Some(&names), Mode::Eval).unwrap();
+        for plan in plans.into_iter().take(2) {
+            let what = format!("{name} {plan:?}");
+            let model = Checkpointed::new(build(), plan).unwrap();
+            let got = [
+                gauss_newton_product(&model, &theta, &b, &v, Mode::Eval).unwrap(),
+                block_diagonal_product(&model, &theta, &b, &v, Mode::Eval).unwrap(),
+                hutchinson_diagonal(&model, &theta, &b, 3, 17, Mode::Eval).unwrap(),
+            ];
+            for ((kind, g), e) in ["gauss-newton", "block-diagonal", "hutchinson"]
+                .iter()
+                .zip(&got)
+                .zip(&expected)
+            {
+                assert_same(&format!("{what}: {kind}"), g, e);
+            }
+            let d = exact_hessian_diagonal(&model, &theta, &b, Some(&names), Mode::Eval).unwrap();
+            assert_same(&format!("{what}: exact diagonal"), &d, &diagonal);
+        }
+    }
+}
+
+/// Every learner's meta-gradient (and outcome) with checkpointing equals the one
+/// without, for BERT and GPT-2 and plans of each kind, with and without micro-batches.
+#[test]
+fn meta_gradients_equal_the_unsegmented_ones() {
+    let task = episode();
+    let inner = InnerLoop::new(2, 0.3);
+    let melora = |approximation| Melora {
+        inner,
+        approximation,
+        damping: 0.0,
+        clamp: None,
+        seed: 3,
+    };
+    let learners: Vec<(&str, Box<dyn MetaLearner>)> = vec![
+        ("fomaml", Box::new(Fomaml { inner })),
+        ("reptile", Box::new(Reptile { inner })),
+        (
+            "maml full-graph",
+            Box::new(Maml {
+                inner,
+                mode: MamlMode::FullGraph,
+            }),
+        ),
+        (
+            "maml recompute",
+            Box::new(Maml {
+                inner,
+                mode: MamlMode::Recompute,
+            }),
+        ),
+        (
+            "maml recompute, micro-batches of 4",
+            Box::new(Maml {
+                inner: inner.with_micro_batch(4),
+                mode: MamlMode::Recompute,
+            }),
+        ),
+        (
+            "melora gauss-newton",
+            Box::new(melora(HessianApproximation::GaussNewton)),
+        ),
+        (
+            "melora block-diagonal",
+            Box::new(melora(HessianApproximation::BlockDiagonal)),
+        ),
+        (
+            "melora hutchinson",
+            Box::new(melora(HessianApproximation::Diagonal {
+                probes: 2,
+                exact: false,
+            })),
+        ),
+    ];
+    let builds: [(&str, Build); 2] = [("bert", || bert(0.0)), ("gpt2", gpt2)];
+    for (family, build) in builds {
+        let plain = build();
+        let params = plain.init_params(2).unwrap();
+        for (name, learner) in &learners {
+            let expected = learner
+                .meta_gradient(plain.as_ref(), &params, &task, Mode::Eval)
+                .unwrap();
+            for plan in [CheckpointPlan::Every(1), CheckpointPlan::Layers(vec![1])] {
+                let what = format!("{family} {name} {plan:?}");
+                let model = Checkpointed::new(build(), plan).unwrap();
+                let got = learner
+                    .meta_gradient(&model, &params, &task, Mode::Eval)
+                    .unwrap();
+                assert_same(&what, &got.meta_gradient, &expected.meta_gradient);
+                assert!(
+                    (got.query_loss - expected.query_loss).abs() < 1e-12,
+                    "{what}"
+                );
+                assert_eq!(got.query_accuracy, expected.query_accuracy, "{what}");
+                for (a, e) in got.support_losses.iter().zip(&expected.support_losses) {
+                    assert!((a - e).abs() < 1e-12, "{what}: support loss {a} vs {e}");
+                }
+            }
+        }
+    }
+}
+
+/// MELoRA with the exact diagonal (one Hessian-vector product per entry) on a BERT
+/// small enough for that, and MetaSGD, whose step sizes' gradient uses the
+/// checkpointed gradient beside the products.
+#[test]
+fn exact_diagonal_melora_and_meta_sgd_equal_the_unsegmented_ones() {
+    let small = || -> Box<dyn FewShotModel> {
+        let config = serde_json::from_value(serde_json::json!({
+            "vocab_size": 50, "hidden_size": 4, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "intermediate_size": 6, "max_position_embeddings": 16,
+        }))
+        .unwrap();
+        let mut settings = lora(0.0);
+        settings.spec.rank = 1;
+        Box::new(Bert::new(config, weights(), Some(settings), CLASSES).unwrap())
+    };
+    let task = episode();
+    let inner = InnerLoop::new(2, 0.3);
+    let plain = small();
+    let params = plain.init_params(2).unwrap();
+    let exact = Melora {
+        inner,
+        approximation: HessianApproximation::Diagonal {
+            probes: 1,
+            exact: true,
+        },
+        damping: 0.1,
+        clamp: None,
+        seed: 0,
+    };
+    let meta_sgd = MetaSgd {
+        inner,
+        mode: MamlMode::Recompute,
+    };
+    let with_sizes = meta_sgd.with_step_sizes(&params).unwrap();
+    let expected = (
+        exact
+            .meta_gradient(plain.as_ref(), &params, &task, Mode::Eval)
+            .unwrap(),
+        meta_sgd
+            .meta_gradient(plain.as_ref(), &with_sizes, &task, Mode::Eval)
+            .unwrap(),
+    );
+    let model = Checkpointed::new(small(), CheckpointPlan::Every(1)).unwrap();
+    let got = exact
+        .meta_gradient(&model, &params, &task, Mode::Eval)
+        .unwrap();
+    assert_same(
+        "melora exact diagonal",
+        &got.meta_gradient,
+        &expected.0.meta_gradient,
+    );
+    let got = meta_sgd
+        .meta_gradient(&model, &with_sizes, &task, Mode::Eval)
+        .unwrap();
+    assert_same(
+        "meta-sgd recompute",
+        &got.meta_gradient,
+        &expected.1.meta_gradient,
+    );
+}

@@ -1,0 +1,235 @@
+//! Run tracking: every run writes what it did.
+//!
+//! A [`RunTracker`] owns one run folder, `output_dir/<experiment>/<run>/`:
+//!
+//! | file | what it holds |
+//! |---|---|
+//! | `config.yml` | the resolved configuration the run used (written atomically) |
+//! | `metrics.jsonl` | one line `{"step":..,"time":..,"<metric>":<value>,..}` per logged step; read it with [`read_metrics`] |
+//! | `events.out.tfevents.<secs>.<host>` | with [`TrackerOptions::tensorboard`]: the same scalars for `tensorboard --logdir output_dir` |
+//!
+//! With [`TrackerOptions::mlflow`] the run is also written to an MLflow file store
+//! at `output_dir/mlruns/`, for `mlflow ui --backend-store-uri output_dir/mlruns`
+//! (MLflow 3 reads file stores only with `MLFLOW_ALLOW_FILE_STORE=true`).
+//!
+//! Neither TensorBoard nor MLflow is a dependency: both formats are written
+//! directly, and the tests parse them back. Metric values that are NaN or
+//! infinite do not fail a run: they are written as `null` in `metrics.jsonl`
+//! (JSON has no NaN) and left out of TensorBoard and MLflow, whose plots would
+//! otherwise be scaled to infinity.
+//!
+//! Whole files (`config.yml`, MLflow's `meta.yaml`, params and tags) are written
+//! atomically, so a crash never leaves one truncated; appended streams
+//! (`metrics.jsonl`, the event file, MLflow metric files) get one unbuffered
+//! write per record, so a crash loses at most the record being written.
+
+mod jsonl;
+mod mlflow;
+mod tensorboard;
+
+#[cfg(test)]
+mod tests;
+
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+pub use jsonl::{read_metrics, MetricsRow};
+
+use crate::io::write_atomic;
+use crate::{Error, Result};
+use jsonl::JsonlWriter;
+use mlflow::MlflowRun;
+use tensorboard::EventWriter;
+
+/// Which outputs a run writes besides `config.yml` and `metrics.jsonl`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TrackerOptions {
+    /// Write a TensorBoard event file in the run folder.
+    pub tensorboard: bool,
+    /// Write the run to an MLflow file store at `output_dir/mlruns/`.
+    pub mlflow: bool,
+    /// Continue a run resumed from a checkpoint: append to its `metrics.jsonl` and
+    /// keep its event files (TensorBoard reads them all) instead of replacing them.
+    /// Steps logged after the checkpoint by a run that then crashed appear twice;
+    /// readers keep the last line of a step. MLflow records the continuation as a
+    /// new run.
+    pub resume: bool,
+}
+
+/// The outputs of one run. Call [`RunTracker::finish`] at the end; a tracker
+/// dropped without it leaves its files complete up to the last [`RunTracker::log`],
+/// but MLflow shows the run as still running (as it does for a crashed run).
+#[derive(Debug)]
+pub struct RunTracker {
+    dir: PathBuf,
+    metrics: JsonlWriter,
+    tensorboard: Option<EventWriter>,
+    mlflow: Option<MlflowRun>,
+}
+
+impl RunTracker {
+    /// Creates `output_dir/experiment/run/`, writes `config.yml` (the resolved
+    /// configuration text `config_yaml`) atomically and opens `metrics.jsonl`;
+    /// if enabled, also opens a TensorBoard event file there and creates the run
+    /// in the MLflow store `output_dir/mlruns/` with `params` as its parameters.
+    ///
+    /// `experiment` and `run` must be plain folder names. An existing run folder
+    /// of the same name is reused: its `metrics.jsonl` and event files are
+    /// replaced, so that one folder never mixes two runs' curves. (MLflow keeps
+    /// every run, each under its own id.)
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for a name that is not a plain folder name or a
+    /// parameter key MLflow cannot store; [`Error::Io`] naming the path that could
+    /// not be created or written.
+    pub fn create(
+        output_dir: &Path,
+        experiment: &str,
+        run: &str,
+        config_yaml: &str,
+        params: &[(String, String)],
+        options: TrackerOptions,
+    ) -> Result<Self> {
+        check_folder_name("experiment", experiment)?;
+        check_folder_name("run", run)?;
+        if options.mlflow {
+            MlflowRun::check_param_names(params)?;
+        }
+        let dir = output_dir.join(experiment).join(run);
+        std::fs::create_dir_all(&dir).map_err(|e| {
+            Error::io(
+                &dir,
+                with_hint(
+                    e,
+                    "cannot create the run folder; point `tracking.output_dir` \
+                     (or --output) at a writable folder",
+                ),
+            )
+        })?;
+        write_atomic(&dir.join("config.yml"), config_yaml.as_bytes())?;
+        let metrics = JsonlWriter::create(dir.join("metrics.jsonl"), options.resume)?;
+        let (wall_time, now_ms) = now();
+        let tensorboard = if options.tensorboard {
+            Some(EventWriter::create(&dir, wall_time, options.resume)?)
+        } else {
+            None
+        };
+        let mlflow = if options.mlflow {
+            Some(MlflowRun::create(
+                &output_dir.join("mlruns"),
+                experiment,
+                run,
+                config_yaml,
+                params,
+                now_ms,
+            )?)
+        } else {
+            None
+        };
+        Ok(RunTracker {
+            dir,
+            metrics,
+            tensorboard,
+            mlflow,
+        })
+    }
+
+    /// The run folder, `output_dir/experiment/run`.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Records `metrics` at `step`: one line in `metrics.jsonl` (written through
+    /// at once), one scalar summary per metric in TensorBoard and one line per
+    /// metric in MLflow's `metrics/<name>`. NaN and infinite values become `null`
+    /// in `metrics.jsonl` and are skipped elsewhere.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] (before anything is written) for an empty or
+    /// repeated metric name, for `step` or `time` (the keys every JSONL line
+    /// already has), or, when MLflow is on, for a name MLflow cannot store;
+    /// [`Error::Io`] if a file cannot be written.
+    pub fn log(&mut self, step: u64, metrics: &[(&str, f64)]) -> Result<()> {
+        check_metric_names(metrics)?;
+        if self.mlflow.is_some() {
+            MlflowRun::check_metric_names(metrics)?;
+        }
+        let (wall_time, now_ms) = now();
+        self.metrics.write(step, wall_time, metrics)?;
+        if let Some(events) = &mut self.tensorboard {
+            events.write_scalars(step, wall_time, metrics)?;
+        }
+        if let Some(run) = &mut self.mlflow {
+            run.log(step, now_ms, metrics)?;
+        }
+        Ok(())
+    }
+
+    /// Ends the run: MLflow status FINISHED (`success`) or FAILED with its end
+    /// time, and every file synced to disk.
+    ///
+    /// # Errors
+    /// [`Error::Io`] naming the file that could not be synced or written.
+    pub fn finish(self, success: bool) -> Result<()> {
+        let (_, now_ms) = now();
+        self.metrics.finish()?;
+        if let Some(events) = self.tensorboard {
+            events.finish()?;
+        }
+        if let Some(run) = self.mlflow {
+            run.finish(success, now_ms)?;
+        }
+        Ok(())
+    }
+}
+
+/// The current time as seconds (TensorBoard, `metrics.jsonl`) and milliseconds
+/// (MLflow) since the Unix epoch; a clock before 1970 counts as the epoch rather
+/// than failing a run.
+fn now() -> (f64, u64) {
+    let since = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    (since.as_secs_f64(), since.as_millis() as u64)
+}
+
+/// Experiment and run names each become one folder; a path there would write
+/// outside `output_dir`.
+fn check_folder_name(kind: &str, name: &str) -> Result<()> {
+    if name.is_empty() || name.contains(['/', '\\']) || name == "." || name == ".." {
+        return Err(Error::InvalidArgument(format!(
+            "{kind} name must be a plain folder name (no `/`, `\\`, `.` or `..`), got `{name}`"
+        )));
+    }
+    Ok(())
+}
+
+/// Metric names become JSON keys next to `step` and `time`, TensorBoard tags and
+/// MLflow file names: one step naming a metric twice, or naming it like a
+/// JSONL key, would be ambiguous in at least one of them.
+fn check_metric_names(metrics: &[(&str, f64)]) -> Result<()> {
+    for (index, &(name, _)) in metrics.iter().enumerate() {
+        if name.is_empty() {
+            return Err(Error::InvalidArgument(
+                "metric name must not be empty".to_owned(),
+            ));
+        }
+        if jsonl::RESERVED_KEYS.contains(&name) {
+            return Err(Error::InvalidArgument(format!(
+                "metric name `{name}` is reserved (every metrics.jsonl line has it); \
+                 rename the metric"
+            )));
+        }
+        if metrics[..index].iter().any(|&(other, _)| other == name) {
+            return Err(Error::InvalidArgument(format!(
+                "metric `{name}` is logged twice in one step; log each metric once per step"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// `e` with what the user can do about it appended, keeping its kind.
+fn with_hint(e: std::io::Error, hint: &str) -> std::io::Error {
+    std::io::Error::new(e.kind(), format!("{e}; {hint}"))
+}

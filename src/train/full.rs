@@ -1,0 +1,525 @@
+//! `melora full`: the configured method and its baselines trained on the same splits
+//! and seeds, evaluated on the same test episodes, compared with paired statistics,
+//! and (if configured) an ablation grid — everything saved in
+//! `<output_dir>/<experiment>/results.json` after each run, so an interruption keeps
+//! what was finished.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::Device;
+use serde::{Deserialize, Serialize};
+
+use crate::config::{Config, HessianKind, Method, Variant};
+use crate::data::{episode_source, Split};
+use crate::eval::stats::{
+    bootstrap_ci_diff, cohens_d_paired, mean_ci, paired_t_test, wilcoxon_signed_rank,
+};
+use crate::eval::{Evaluation, IntervalRecord};
+use crate::memory::MemoryMeter;
+use crate::nn::Mode;
+use crate::{Error, Result};
+
+use super::build::{build_learner, build_model, build_text_encoder};
+use super::evaluate::{evaluate, save_evaluation, EvaluateOptions};
+use super::run::{run_dir, train, TrainOptions};
+
+/// File name of a comparison's results inside the experiment folder.
+pub const RESULTS_FILE: &str = "results.json";
+
+/// One method trained with one seed and evaluated.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunRecord {
+    /// The method (see [`Variant`]), or an ablation point's label.
+    pub label: String,
+    /// Training seed.
+    pub seed: u64,
+    /// The run's folder (`None` for the fine-tuning baselines, which do not train).
+    pub run_dir: Option<PathBuf>,
+    /// Meta-iterations trained.
+    pub iterations: usize,
+    /// Median seconds per meta-iteration.
+    pub seconds_per_iteration: Option<f64>,
+    /// Peak heap bytes of training (model, data, graphs) above the start, or of the
+    /// evaluation for the fine-tuning baselines.
+    pub peak_bytes: Option<u64>,
+    /// The test-episode scores.
+    pub evaluation: Evaluation,
+}
+
+/// A method's scores pooled over seeds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MethodSummary {
+    /// The method.
+    pub label: String,
+    /// Seeds trained.
+    pub seeds: usize,
+    /// Mean headline metric (accuracy, or MSE for regression) over the test episodes,
+    /// each episode's value averaged over seeds, with its confidence interval.
+    pub headline: IntervalRecord,
+    /// Mean macro-F1 over episodes and seeds (classification).
+    pub macro_f1: Option<f64>,
+    /// Largest peak memory over the seeds.
+    pub peak_bytes: Option<u64>,
+    /// Mean over seeds of the median seconds per meta-iteration.
+    pub seconds_per_iteration: Option<f64>,
+    /// Mean seconds of adaptation per test task.
+    pub adapt_seconds: f64,
+    /// Per-episode headline values averaged over seeds (the paired samples).
+    pub per_episode: Vec<f64>,
+}
+
+/// A two-sided test's outcome in serialisable form.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct TestRecord {
+    /// The statistic (t, or Wilcoxon's min(W+, W−)).
+    pub statistic: f64,
+    /// Two-sided p-value.
+    pub p_value: f64,
+}
+
+/// The configured method against one other method, paired by test episode.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Comparison {
+    /// The other method.
+    pub baseline: String,
+    /// Mean of (configured − baseline) in the headline metric.
+    pub mean_difference: f64,
+    /// Paired t-test (`None` when every difference is equal, e.g. all zero).
+    pub t_test: Option<TestRecord>,
+    /// Wilcoxon signed-rank test (`None` when every difference is zero).
+    pub wilcoxon: Option<TestRecord>,
+    /// Cohen's d of the paired differences (`None` when they do not vary).
+    pub cohens_d: Option<f64>,
+    /// Percentile bootstrap interval of the mean difference, `[low, high]`.
+    pub bootstrap: Option<(f64, f64)>,
+}
+
+/// One point of the ablation grid.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AblationPoint {
+    /// LoRA rank.
+    pub lora_rank: usize,
+    /// Inner steps K.
+    pub inner_steps: usize,
+    /// Hessian approximation (the melora method), else `None`.
+    pub hessian: Option<HessianKind>,
+    /// Mean headline metric and its interval.
+    pub headline: IntervalRecord,
+    /// Peak memory of training.
+    pub peak_bytes: Option<u64>,
+}
+
+/// Peak memory of one task's meta-gradient with K inner steps.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MemoryPoint {
+    /// The method.
+    pub label: String,
+    /// Inner steps K.
+    pub k: usize,
+    /// Peak heap bytes above the model and parameters.
+    pub peak_bytes: u64,
+}
+
+/// Everything `melora full` produced.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FullResults {
+    /// The experiment's name.
+    pub experiment: String,
+    /// The configured method, compared against the others.
+    pub main: String,
+    /// Test episodes per evaluation.
+    pub episodes: usize,
+    /// Seed of the test episodes (the same for every run).
+    pub episode_seed: u64,
+    /// Whether the tasks are regression (headline metric MSE, lower is better).
+    pub regression: bool,
+    /// Level of the confidence intervals.
+    pub confidence: f64,
+    /// Every trained and evaluated run.
+    pub runs: Vec<RunRecord>,
+    /// Each method pooled over seeds, the configured one first.
+    pub methods: Vec<MethodSummary>,
+    /// The configured method against each other method.
+    pub comparisons: Vec<Comparison>,
+    /// The ablation grid (empty when not configured).
+    pub ablation: Vec<AblationPoint>,
+    /// Peak memory against K per meta-learning method.
+    pub memory_vs_k: Vec<MemoryPoint>,
+    /// Whether the comparison stopped early on request.
+    pub interrupted: bool,
+}
+
+/// What the caller sees of a comparison's progress, and how each training is driven.
+pub trait FullObserver {
+    /// A run (`index` of `total`) starts.
+    fn run_started(&mut self, _label: &str, _seed: u64, _index: usize, _total: usize) {}
+    /// Options of the next training (stop flag, progress callback).
+    fn train_options(&mut self, _label: &str, _iterations: usize) -> TrainOptions {
+        TrainOptions::default()
+    }
+    /// Test episode `done` (1-based) of `total` finished.
+    fn evaluation_progress(&mut self, _done: usize, _total: usize) {}
+    /// A run finished.
+    fn run_finished(&mut self, _record: &RunRecord) {}
+}
+
+/// How `melora full` is driven beyond the configuration.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FullOptions {
+    /// Run only the configured method (and the ablation).
+    pub skip_baselines: bool,
+    /// Seeds per method, replacing `comparison.seeds`.
+    pub seeds: Option<usize>,
+}
+
+/// The experiment folder of `config`: `<output_dir>/<experiment_name>`.
+pub fn experiment_dir(config: &Config) -> PathBuf {
+    config
+        .tracking
+        .output_dir
+        .join(&config.tracking.experiment_name)
+}
+
+/// Runs the comparison (see the module documentation).
+pub fn run_full(
+    config: &Config,
+    options: &FullOptions,
+    observer: &mut dyn FullObserver,
+) -> Result<FullResults> {
+    let main = Variant::of(config);
+    let mut variants = vec![main];
+    if !options.skip_baselines {
+        variants.extend(config.comparison.baselines.iter().filter(|v| **v != main));
+    }
+    let seeds = options.seeds.unwrap_or(config.comparison.seeds).max(1);
+    let grid = ablation_grid(config);
+    let total = variants.len() * seeds + grid.len();
+    let dir = experiment_dir(config);
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    let mut results = FullResults {
+        experiment: config.tracking.experiment_name.clone(),
+        main: main.to_string(),
+        episodes: config.evaluation.episodes,
+        episode_seed: config.seed,
+        regression: false,
+        confidence: config.evaluation.confidence,
+        runs: Vec::new(),
+        methods: Vec::new(),
+        comparisons: Vec::new(),
+        ablation: Vec::new(),
+        memory_vs_k: Vec::new(),
+        interrupted: false,
+    };
+    let mut index = 0;
+    'methods: for variant in &variants {
+        for s in 0..seeds {
+            let mut run_config = variant.apply(config);
+            run_config.seed = config.seed + s as u64;
+            run_config.tracking.run_name = None;
+            index += 1;
+            let label = variant.to_string();
+            observer.run_started(&label, run_config.seed, index, total);
+            let Some(record) = train_and_evaluate(&run_config, &label, config.seed, observer)?
+            else {
+                results.interrupted = true;
+                break 'methods;
+            };
+            results.regression = record.evaluation.regression;
+            observer.run_finished(&record);
+            results.runs.push(record);
+            summarise(&mut results)?;
+            save_results(&results, &dir)?;
+        }
+    }
+    if !results.interrupted {
+        for (rank, k, hessian) in grid {
+            let mut run_config = config.clone();
+            run_config.lora.rank = rank;
+            run_config.meta_learning.inner.steps = k;
+            if let Some(kind) = hessian {
+                run_config.memory_optimization.hessian_approximation.kind = kind;
+            }
+            let label = match hessian {
+                Some(kind) => format!("ablation-r{rank}-k{k}-{kind}"),
+                None => format!("ablation-r{rank}-k{k}"),
+            };
+            run_config.tracking.run_name = Some(label.clone());
+            index += 1;
+            observer.run_started(&label, run_config.seed, index, total);
+            let Some(record) = train_and_evaluate(&run_config, &label, config.seed, observer)?
+            else {
+                results.interrupted = true;
+                break;
+            };
+            observer.run_finished(&record);
+            results.ablation.push(AblationPoint {
+                lora_rank: rank,
+                inner_steps: k,
+                hessian,
+                headline: headline_interval(
+                    &record.evaluation.headline_values(),
+                    config.evaluation.confidence,
+                )?,
+                peak_bytes: record.peak_bytes,
+            });
+            results.runs.push(record);
+            save_results(&results, &dir)?;
+        }
+    }
+    if !results.interrupted {
+        let mut trained: Vec<Variant> = variants
+            .iter()
+            .copied()
+            .filter(|v| v.meta_trains())
+            .collect();
+        // Full-graph MAML is the memory reference every other method is measured against.
+        if trained.contains(&Variant::Maml) && !trained.contains(&Variant::MamlFullGraph) {
+            trained.push(Variant::MamlFullGraph);
+        }
+        results.memory_vs_k = memory_vs_k(config, &trained)?;
+        save_results(&results, &dir)?;
+    }
+    Ok(results)
+}
+
+/// Rank × K × Hessian points of the ablation, empty when it is off.
+fn ablation_grid(config: &Config) -> Vec<(usize, usize, Option<HessianKind>)> {
+    let ablation = &config.comparison.ablation;
+    if !ablation.is_enabled() {
+        return Vec::new();
+    }
+    let or = |v: &Vec<usize>, d: usize| if v.is_empty() { vec![d] } else { v.clone() };
+    let ranks = or(&ablation.lora_ranks, config.lora.rank);
+    let ks = or(&ablation.inner_steps, config.meta_learning.inner.steps);
+    let hessians: Vec<Option<HessianKind>> = if config.meta_learning.method == Method::Melora {
+        if ablation.hessian.is_empty() {
+            vec![Some(config.memory_optimization.hessian_approximation.kind)]
+        } else {
+            ablation.hessian.iter().copied().map(Some).collect()
+        }
+    } else {
+        vec![None]
+    };
+    let mut grid = Vec::new();
+    for &h in &hessians {
+        for &r in &ranks {
+            for &k in &ks {
+                grid.push((r, k, h));
+            }
+        }
+    }
+    grid
+}
+
+/// Trains (unless a fine-tuning baseline) and evaluates one configuration; `None`
+/// when the training was interrupted.
+fn train_and_evaluate(
+    config: &Config,
+    label: &str,
+    episode_seed: u64,
+    observer: &mut dyn FullObserver,
+) -> Result<Option<RunRecord>> {
+    let variant = Variant::of(config);
+    let (checkpoint, run, iterations, seconds, mut peak) = if variant.meta_trains() {
+        let options = observer.train_options(label, config.meta_learning.num_iterations);
+        let summary = train(config, &options)?;
+        if summary.interrupted {
+            return Ok(None);
+        }
+        let best = summary.run_dir.join("best");
+        let checkpoint = if best.exists() {
+            best
+        } else {
+            summary.run_dir.join("last")
+        };
+        (
+            Some(checkpoint),
+            Some(summary.run_dir),
+            summary.iterations,
+            summary.seconds_per_iteration,
+            summary.peak_bytes,
+        )
+    } else {
+        (None, None, 0, None, None)
+    };
+    let episodes = config.evaluation.episodes;
+    let evaluation = evaluate(
+        config,
+        &EvaluateOptions {
+            checkpoint,
+            episodes: Some(episodes),
+            episode_seed: Some(episode_seed),
+        },
+        &mut |i| observer.evaluation_progress(i + 1, episodes),
+    )?;
+    if peak.is_none() {
+        peak = evaluation.peak_bytes;
+    }
+    let eval_dir = run.clone().unwrap_or_else(|| run_dir(config));
+    save_evaluation(&evaluation, &eval_dir)?;
+    Ok(Some(RunRecord {
+        label: label.to_string(),
+        seed: config.seed,
+        run_dir: run,
+        iterations,
+        seconds_per_iteration: seconds,
+        peak_bytes: peak,
+        evaluation,
+    }))
+}
+
+fn headline_interval(values: &[f64], confidence: f64) -> Result<IntervalRecord> {
+    if values.len() < 2 {
+        return Ok(IntervalRecord {
+            mean: values.first().copied().unwrap_or(f64::NAN),
+            half_width: 0.0,
+            n: values.len(),
+        });
+    }
+    Ok(mean_ci(values, confidence)?.into())
+}
+
+/// Recomputes the per-method summaries and the paired comparisons from the runs.
+fn summarise(results: &mut FullResults) -> Result<()> {
+    let mut labels: Vec<String> = Vec::new();
+    for run in &results.runs {
+        if !run.label.starts_with("ablation-") && !labels.contains(&run.label) {
+            labels.push(run.label.clone());
+        }
+    }
+    results.methods = labels
+        .iter()
+        .map(|label| {
+            let runs: Vec<&RunRecord> = results.runs.iter().filter(|r| &r.label == label).collect();
+            let n = runs[0].evaluation.episodes.len();
+            let per_episode: Vec<f64> = (0..n)
+                .map(|i| {
+                    runs.iter()
+                        .map(|r| r.evaluation.headline_values()[i])
+                        .sum::<f64>()
+                        / runs.len() as f64
+                })
+                .collect();
+            let f1s: Option<Vec<f64>> = runs
+                .iter()
+                .map(|r| r.evaluation.macro_f1.map(|f| f.mean))
+                .collect();
+            let seconds: Vec<f64> = runs
+                .iter()
+                .filter_map(|r| r.seconds_per_iteration)
+                .collect();
+            Ok(MethodSummary {
+                label: label.clone(),
+                seeds: runs.len(),
+                headline: headline_interval(&per_episode, results.confidence)?,
+                macro_f1: f1s.map(|f| f.iter().sum::<f64>() / f.len() as f64),
+                peak_bytes: runs.iter().filter_map(|r| r.peak_bytes).max(),
+                seconds_per_iteration: (!seconds.is_empty())
+                    .then(|| seconds.iter().sum::<f64>() / seconds.len() as f64),
+                adapt_seconds: runs.iter().map(|r| r.evaluation.adapt_seconds).sum::<f64>()
+                    / runs.len() as f64,
+                per_episode,
+            })
+        })
+        .collect::<Result<_>>()?;
+    results.comparisons = match results.methods.split_first() {
+        Some((main, others)) => others
+            .iter()
+            .map(|other| compare(main, other, results.confidence))
+            .collect(),
+        None => Vec::new(),
+    };
+    Ok(())
+}
+
+/// Paired statistics of `main` against `other` over the shared test episodes. A test
+/// that is undefined for these samples (e.g. identical scores) is `None`, not an error.
+fn compare(main: &MethodSummary, other: &MethodSummary, confidence: f64) -> Comparison {
+    let (a, b) = (&main.per_episode, &other.per_episode);
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let record = |r: crate::eval::stats::TestResult| TestRecord {
+        statistic: r.statistic,
+        p_value: r.p_value,
+    };
+    Comparison {
+        baseline: other.label.clone(),
+        mean_difference: a.iter().zip(b).map(|(x, y)| x - y).sum::<f64>() / n.max(1) as f64,
+        t_test: paired_t_test(a, b).ok().map(record),
+        wilcoxon: wilcoxon_signed_rank(a, b).ok().map(record),
+        cohens_d: cohens_d_paired(a, b).ok().filter(|d| d.is_finite()),
+        bootstrap: bootstrap_ci_diff(a, b, 2000, confidence, 0)
+            .ok()
+            .map(|i| (i.low, i.high)),
+    }
+}
+
+/// Peak memory of one task's meta-gradient for each method and each K of
+/// `comparison.memory_inner_steps`, measured above the model and its parameters.
+fn memory_vs_k(config: &Config, variants: &[Variant]) -> Result<Vec<MemoryPoint>> {
+    let ks = &config.comparison.memory_inner_steps;
+    if ks.is_empty() || variants.is_empty() {
+        return Ok(Vec::new());
+    }
+    let model = build_model(config)?;
+    let params = model.init_params(config.seed)?;
+    let encoder = build_text_encoder(config)?;
+    let source = episode_source(
+        &config.data,
+        config.seed,
+        Split::Train,
+        encoder.as_ref(),
+        &Device::Cpu,
+    )?;
+    let task = source.episode(0)?;
+    let mut points = Vec::new();
+    for variant in variants {
+        for &k in ks {
+            let mut c = variant.apply(config);
+            c.meta_learning.inner.steps = k;
+            let learner = build_learner(&c)?;
+            let meter = MemoryMeter::start();
+            learner.meta_gradient(
+                model.as_ref(),
+                &params,
+                &task,
+                Mode::Train { seed: config.seed },
+            )?;
+            points.push(MemoryPoint {
+                label: variant.to_string(),
+                k,
+                peak_bytes: meter.peak_above_baseline() as u64,
+            });
+        }
+    }
+    Ok(points)
+}
+
+/// Writes `results` as `results.json` in `dir`, atomically.
+pub fn save_results(results: &FullResults, dir: &Path) -> Result<PathBuf> {
+    let path = dir.join(RESULTS_FILE);
+    let json = serde_json::to_vec_pretty(results).map_err(|e| Error::Format {
+        path: path.clone(),
+        message: e.to_string(),
+    })?;
+    crate::io::write_atomic(&path, &json)?;
+    Ok(path)
+}
+
+/// Reads `results.json` from an experiment folder.
+pub fn load_results(dir: &Path) -> Result<FullResults> {
+    let path = dir.join(RESULTS_FILE);
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        Error::io(
+            &path,
+            std::io::Error::new(
+                e.kind(),
+                format!("{e}; run `melora full` first, or give the experiment folder it wrote"),
+            ),
+        )
+    })?;
+    serde_json::from_str(&text).map_err(|e| Error::Format {
+        path,
+        message: format!("not a melora results file: {e}"),
+    })
+}

@@ -1,0 +1,220 @@
+//! `melora train`, `evaluate`, `full` and `report`, run as a user would, on tiny
+//! configurations (built-in tiny BERT, synthetic tasks; a few iterations).
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn melora(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_melora"))
+        .args(args)
+        .output()
+        .expect("the melora binary runs")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).to_string()
+}
+
+const TINY: &str = "seed: 3
+model:
+  name: tiny-bert
+  max_length: 12
+lora:
+  rank: 2
+meta_learning:
+  method: fomaml
+  meta_batch_size: 2
+  num_iterations: 4
+  inner:
+    steps: 1
+    lr: 0.5
+data:
+  n_way: 3
+  k_shot: 2
+  n_query: 2
+evaluation:
+  episodes: 6
+  eval_every: 2
+  val_episodes: 2
+  finetune_steps: 2
+tracking:
+  experiment_name: tiny
+  tensorboard: true
+  mlflow: true
+comparison:
+  baselines:
+  - maml
+  - finetune
+  memory_inner_steps:
+  - 1
+  - 2
+";
+
+fn write_config(dir: &Path) -> String {
+    let path = dir.join("tiny.yml");
+    std::fs::write(&path, TINY).unwrap();
+    path.display().to_string()
+}
+
+#[test]
+fn train_then_evaluate_a_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path());
+    let out = dir.path().join("runs");
+    let out_s = out.display().to_string();
+    let train = melora(&["train", "--config", &config, "--output", &out_s]);
+    assert!(train.status.success(), "{}", text(&train.stderr));
+    let stdout = text(&train.stdout);
+    assert!(stdout.contains("iterations: 4"), "{stdout}");
+    let run = out.join("tiny").join("fomaml-seed3");
+    for file in [
+        "config.yml",
+        "metrics.jsonl",
+        "best/state.json",
+        "last/params.safetensors",
+    ] {
+        assert!(
+            run.join(file).exists(),
+            "{file} missing in {}",
+            run.display()
+        );
+    }
+    assert!(out.join("mlruns").is_dir());
+    let events = std::fs::read_dir(&run)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .contains("tfevents")
+        })
+        .count();
+    assert_eq!(events, 1);
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), 4, "{metrics}");
+    assert!(metrics.contains("val/score"));
+
+    // The checkpoint carries its configuration: no --config needed.
+    let best = run.join("best").display().to_string();
+    let eval = melora(&["evaluate", "--checkpoint", &best, "--episodes", "3"]);
+    assert!(eval.status.success(), "{}", text(&eval.stderr));
+    let stdout = text(&eval.stdout);
+    assert!(
+        stdout.contains("accuracy:") && stdout.contains("macro-F1:"),
+        "{stdout}"
+    );
+    assert!(run.join("evaluation.json").exists());
+
+    // The reference project's --mode spelling.
+    let resumed = melora(&[
+        "--mode",
+        "train",
+        "--resume",
+        &run.join("last").display().to_string(),
+    ]);
+    assert!(resumed.status.success(), "{}", text(&resumed.stderr));
+    assert!(text(&resumed.stdout).contains("iterations: 4"));
+}
+
+#[test]
+fn bad_checkpoints_and_outputs_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-run").join("best");
+    let eval = melora(&["evaluate", "--checkpoint", &missing.display().to_string()]);
+    assert!(!eval.status.success());
+    let err = text(&eval.stderr);
+    assert!(
+        err.contains("no-such-run") && err.contains("checkpoint folder"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+
+    let config = write_config(dir.path());
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, b"x").unwrap();
+    let out = file.join("runs").display().to_string();
+    let train = melora(&["train", "--config", &config, "--output", &out]);
+    assert!(!train.status.success());
+    let err = text(&train.stderr);
+    assert!(err.contains("a-file"), "{err}");
+}
+
+#[test]
+fn full_writes_the_comparison_and_the_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path());
+    let out = dir.path().join("runs");
+    let full = melora(&[
+        "full",
+        "--config",
+        &config,
+        "--output",
+        &out.display().to_string(),
+    ]);
+    assert!(full.status.success(), "{}", text(&full.stderr));
+    let stdout = text(&full.stdout);
+    for name in [
+        "fomaml",
+        "maml",
+        "finetune",
+        "paired statistics",
+        "Wilcoxon",
+    ] {
+        assert!(stdout.contains(name), "`{name}` missing from:\n{stdout}");
+    }
+    let exp = out.join("tiny");
+    for file in [
+        "results.json",
+        "report.md",
+        "report.html",
+        "plots/training-loss.png",
+        "plots/validation.svg",
+        "plots/pareto.png",
+        "plots/memory-vs-k.png",
+    ] {
+        assert!(exp.join(file).exists(), "{file} missing");
+    }
+    let results: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(exp.join("results.json")).unwrap()).unwrap();
+    assert_eq!(results["methods"].as_array().unwrap().len(), 3);
+    // Every method saw the same 6 test episodes.
+    for run in results["runs"].as_array().unwrap() {
+        assert_eq!(run["evaluation"]["episodes"].as_array().unwrap().len(), 6);
+    }
+    // maml and maml-full_graph at K = 1, 2.
+    assert!(results["memory_vs_k"].as_array().unwrap().len() >= 6);
+
+    std::fs::remove_file(exp.join("report.md")).unwrap();
+    let report = melora(&["report", &exp.display().to_string()]);
+    assert!(report.status.success(), "{}", text(&report.stderr));
+    assert!(exp.join("report.md").exists());
+
+    let nowhere = melora(&["report", &dir.path().join("nothing").display().to_string()]);
+    assert!(!nowhere.status.success());
+    assert!(text(&nowhere.stderr).contains("melora full"));
+}
+
+#[test]
+fn every_shipped_configuration_is_valid() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "yml") {
+            let out = melora(&["config", "--check", "--config", &path.display().to_string()]);
+            assert!(
+                out.status.success(),
+                "{}: {}",
+                path.display(),
+                text(&out.stderr)
+            );
+            checked += 1;
+        }
+    }
+    assert!(
+        checked >= 5,
+        "only {checked} configurations in {}",
+        dir.display()
+    );
+}
