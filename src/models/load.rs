@@ -141,14 +141,12 @@ pub fn builtin(
 ) -> Result<Box<dyn FewShotModel>> {
     let precision = precision.into();
     precision.validate()?;
-    if name == "conv4" || name == "mlp" {
-        if precision.is_mixed() {
-            return Err(Error::Model(format!(
-                "{name} has no frozen base (every parameter is trained): mixed precision and \
-                 int8 storage apply to transformers; use memory_optimization.precision: f32 \
-                 and model.quantization: none with {name}"
-            )));
-        }
+    if (name == "conv4" || name == "mlp") && precision.is_mixed() {
+        return Err(Error::Model(format!(
+            "{name} has no frozen base (every parameter is trained): mixed precision and \
+             int8 storage apply to transformers; use memory_optimization.precision: f32 and \
+             model.quantization: none with {name}"
+        )));
     }
     if name == "conv4" {
         return Ok(Box::new(Conv4::new(
