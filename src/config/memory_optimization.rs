@@ -37,6 +37,19 @@ choice_enum! {
     default = None;
 }
 
+choice_enum! {
+    /// A setting that [`crate::memory::budget`] may change to fit a memory budget.
+    pub enum BudgetLever {
+        /// Gradient checkpointing: every 2 layers, then every layer.
+        Checkpointing = "checkpointing",
+        /// Micro-batches (gradient accumulation), halved down to 1 example.
+        MicroBatch = "micro_batch",
+        /// A bf16 frozen base and activations (mixed precision).
+        Precision = "precision",
+    }
+    default = Checkpointing;
+}
+
 /// The `memory_optimization` section.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -51,6 +64,49 @@ pub struct MemoryOptimizationConfig {
     pub loss_scaling: LossScalingConfig,
     /// Hessian approximation used by the `melora` method.
     pub hessian_approximation: HessianApproximationConfig,
+    /// A memory budget the run must fit in.
+    pub budget: MemoryBudgetConfig,
+}
+
+/// The `memory_optimization.budget` section: a peak-heap limit. Before a run the
+/// planner's prediction picks the first configuration that fits, changing the
+/// settings of `order` one after another (the method stays as given); during the
+/// run a meta-step whose heap goes above the limit is redone with half the
+/// micro-batch (the result is the same: gradients are accumulated).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MemoryBudgetConfig {
+    /// The limit, such as `4GiB` or `512MB`; `None`: no budget (`--memory-budget`).
+    pub limit: Option<String>,
+    /// The settings tried, in this order, each to its most frugal level before the
+    /// next is changed.
+    pub order: Vec<BudgetLever>,
+}
+
+impl Default for MemoryBudgetConfig {
+    fn default() -> Self {
+        MemoryBudgetConfig {
+            limit: None,
+            order: vec![
+                BudgetLever::Checkpointing,
+                BudgetLever::MicroBatch,
+                BudgetLever::Precision,
+            ],
+        }
+    }
+}
+
+impl MemoryBudgetConfig {
+    /// The limit in bytes, if one is set.
+    pub fn limit_bytes(&self) -> Result<Option<u64>> {
+        self.limit
+            .as_deref()
+            .map(|text| {
+                crate::memory::parse_bytes(text)
+                    .map_err(|e| invalid("memory_optimization.budget.limit", e.to_string()))
+            })
+            .transpose()
+    }
 }
 
 /// The `memory_optimization.gradient_accumulation` section.
@@ -194,6 +250,20 @@ impl MemoryOptimizationConfig {
                  set it to false (segment checkpointing, `enabled: true` with `every` or \
                  `layers`, recomputes whole layers exactly)",
             ));
+        }
+        if self.budget.limit_bytes()? == Some(0) {
+            return Err(invalid(
+                "memory_optimization.budget.limit",
+                "is 0 bytes; give a size such as 4GiB, or null for no budget",
+            ));
+        }
+        for (i, lever) in self.budget.order.iter().enumerate() {
+            if self.budget.order[..i].contains(lever) {
+                return Err(invalid(
+                    "memory_optimization.budget.order",
+                    format!("names {lever} twice; list each setting once"),
+                ));
+            }
         }
         positive(
             "memory_optimization.loss_scaling.initial_scale",

@@ -59,8 +59,8 @@ pub use data::{DataConfig, DataSource, SmallClasses, SyntheticTask};
 pub use evaluation::EvaluationConfig;
 pub use lora::LoraConfig;
 pub use memory_optimization::{
-    CheckpointingConfig, GradientAccumulationConfig, HessianApproximationConfig, HessianKind,
-    LossScalingConfig, MemoryOptimizationConfig, Precision,
+    BudgetLever, CheckpointingConfig, GradientAccumulationConfig, HessianApproximationConfig,
+    HessianKind, LossScalingConfig, MemoryBudgetConfig, MemoryOptimizationConfig, Precision,
 };
 pub use meta_learning::{
     InnerLoopConfig, InnerMode, LrSchedule, MetaLearningConfig, Method, OuterLoopConfig,

@@ -291,6 +291,7 @@ fn overrides_are_applied() {
         synthetic_only: Some(true),
         experiment_name: Some("quick".into()),
         output_dir: Some("out".into()),
+        memory_budget: Some("4GiB".into()),
     };
     config.apply(&overrides).unwrap();
     assert_eq!(config.model.name, "tiny-gpt2");
@@ -306,6 +307,10 @@ fn overrides_are_applied() {
     assert!(config.data.synthetic_only);
     assert_eq!(config.tracking.experiment_name, "quick");
     assert_eq!(config.tracking.output_dir, PathBuf::from("out"));
+    assert_eq!(
+        config.memory_optimization.budget.limit_bytes().unwrap(),
+        Some(4 << 30)
+    );
     // Unset fields change nothing.
     let before = config.clone();
     config.apply(&ConfigOverrides::default()).unwrap();
@@ -325,6 +330,18 @@ fn invalid_override_names_its_flag_and_leaves_config_unchanged() {
         "config: `lora.rank`: must be at least 1, got 0 (set by --lora-rank)"
     );
     assert_eq!(config, Config::default());
+
+    let overrides = ConfigOverrides {
+        memory_budget: Some("4 parsecs".into()),
+        ..Default::default()
+    };
+    let err = config.apply(&overrides).unwrap_err().to_string();
+    assert!(
+        err.contains("memory_optimization.budget.limit")
+            && err.contains("--memory-budget")
+            && err.contains("GiB"),
+        "{err}"
+    );
 
     let overrides = ConfigOverrides {
         inner_lr: Some(f64::NAN),

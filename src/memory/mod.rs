@@ -16,16 +16,20 @@
 //! - [`MemoryReport`] is a serializable snapshot for benchmarks.
 //! - [`format_bytes`] and [`parse_bytes`] convert sizes for people and flags
 //!   such as `--memory-budget 4GiB`.
+//! - [`budget`]: fitting a configuration to a memory budget before a run, and
+//!   holding the run to it ([`BudgetGuard`]).
 //! - [`checkpoint`]: gradient checkpointing of transformer stacks ([`Checkpointed`]),
 //!   exact to second order.
 
 mod allocator;
+pub mod budget;
 mod bytes;
 pub mod checkpoint;
 mod meter;
 mod rss;
 
 pub use allocator::{allocation_count, current_bytes, is_installed, peak_bytes, CountingAllocator};
+pub use budget::{check_budget, fit_to_budget, BudgetChoice, BudgetGuard};
 pub use bytes::{format_bytes, parse_bytes};
 pub use checkpoint::{CheckpointPlan, Checkpointed, Checkpointer};
 pub use meter::{HeapReport, MemoryMeter, MemoryReport};

@@ -17,6 +17,7 @@ use crate::config::{Config, Variant};
 use crate::data::{episode_source, EpisodeSource, Prefetcher, Split};
 use crate::eval::evaluate_episodes;
 use crate::memory::MemoryMeter;
+use crate::memory::{format_bytes, BudgetGuard};
 use crate::meta::Adapter;
 use crate::models::FewShotModel;
 use crate::nn::Mode;
@@ -45,6 +46,9 @@ pub struct IterationReport<'a> {
     pub best: Option<f64>,
     /// Seconds the iteration took.
     pub seconds: f64,
+    /// The micro-batch this iteration was redone with after going above the memory
+    /// budget (it stays in use), if it was.
+    pub reduced_micro_batch: Option<usize>,
 }
 
 /// Called after every iteration.
@@ -125,6 +129,18 @@ pub(crate) fn validation_score(
     Ok(evaluation.score())
 }
 
+/// Half the micro-batch in use (`None`: whole sets, i.e. the largest set of
+/// `tasks`), or `None` if it is already 1.
+fn halved_micro_batch(current: Option<usize>, tasks: &[crate::data::Episode]) -> Option<usize> {
+    let largest = tasks
+        .iter()
+        .map(|t| t.support.len().max(t.query.len()))
+        .max()
+        .unwrap_or(1);
+    let size = current.unwrap_or(largest).min(largest);
+    (size > 1).then(|| size.div_ceil(2))
+}
+
 /// The run's folder: `<output_dir>/<experiment_name>/<run_name>`, the run named
 /// `<method>-seed<seed>` unless `tracking.run_name` is set.
 pub fn run_dir(config: &Config) -> PathBuf {
@@ -162,7 +178,7 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainSummary> {
     crate::init();
     let meter = MemoryMeter::start();
     let model = build_model(config)?;
-    let learner = build_learner(config)?;
+    let mut learner = build_learner(config)?;
     let encoder = build_text_encoder(config)?;
     let mut outer = build_outer(config)?;
     let mut params = model.init_params(config.seed)?;
@@ -242,6 +258,14 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainSummary> {
         peak_bytes: None,
     };
     let mut times = Vec::new();
+    // The budget holds for the whole process (model, data and steps), as planned.
+    let guard = config
+        .memory_optimization
+        .budget
+        .limit_bytes()?
+        .map(BudgetGuard::arm)
+        .transpose()?;
+    let mut micro_batch = config.memory_optimization.gradient_accumulation.micro_batch;
     for iteration in start..total {
         let stop_requested = options
             .stop
@@ -266,15 +290,47 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainSummary> {
         let dropout = move |task: usize| Mode::Train {
             seed: ops::mix_seed(seed, (iteration * meta_batch + task) as u64),
         };
-        let (next, stats) = meta_step(
-            learner.as_ref(),
-            model.as_ref(),
-            &params,
-            &tasks,
-            &mut outer,
-            dropout,
-        )
-        .map_err(|e| crate::Error::InvalidArgument(format!("iteration {}: {e}", iteration + 1)))?;
+        let mut reduced_micro_batch = None;
+        let (next, stats) = loop {
+            if let Some(guard) = &guard {
+                guard.clear();
+            }
+            match meta_step(
+                learner.as_ref(),
+                model.as_ref(),
+                &params,
+                &tasks,
+                &mut outer,
+                dropout,
+            ) {
+                Err(crate::Error::OverBudget { budget }) => {
+                    // Nothing changed yet: redo the step with half the micro-batch, which
+                    // accumulates to the same gradient.
+                    let half = halved_micro_batch(micro_batch, &tasks).ok_or_else(|| {
+                        crate::Error::MemoryBudget(format!(
+                            "iteration {}: a meta-step needs more than the budget of {} even \
+                             with micro-batches of 1 example; raise --memory-budget, or enable \
+                             memory_optimization.checkpointing or precision: bf16",
+                            iteration + 1,
+                            format_bytes(budget)
+                        ))
+                    })?;
+                    micro_batch = Some(half);
+                    let mut smaller = config.clone();
+                    smaller
+                        .memory_optimization
+                        .gradient_accumulation
+                        .micro_batch = Some(half);
+                    learner = build_learner(&smaller)?;
+                    reduced_micro_batch = Some(half);
+                }
+                outcome => {
+                    break outcome.map_err(|e| {
+                        crate::Error::InvalidArgument(format!("iteration {}: {e}", iteration + 1))
+                    })?
+                }
+            }
+        };
         let seconds = started.elapsed().as_secs_f64();
         times.push(seconds);
         params = next;
@@ -331,6 +387,9 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainSummary> {
         if crate::memory::is_installed() {
             metrics.push(("memory/peak_bytes", meter.peak_above_baseline() as f64));
         }
+        if let Some(size) = reduced_micro_batch {
+            metrics.push(("memory/micro_batch", size as f64));
+        }
         tracker.log((iteration + 1) as u64, &metrics)?;
         if let Some(report) = &options.on_iteration {
             report(&IterationReport {
@@ -340,6 +399,7 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainSummary> {
                 validation,
                 best,
                 seconds,
+                reduced_micro_batch,
             });
         }
         summary.history.push(stats);

@@ -86,6 +86,9 @@ pub fn meta_step(
             }
             other => other,
         })?;
+        // Under a memory budget, a task that went above it ends the step here, before
+        // the optimiser changes: the caller redoes it with smaller micro-batches.
+        crate::memory::check_budget()?;
         query_loss += outcome.query_loss;
         query_accuracy += outcome.query_accuracy;
         support_loss += outcome.support_losses.first().copied().unwrap_or(f64::NAN);
