@@ -62,6 +62,19 @@ pub enum Error {
     #[error("report: {0}")]
     Report(String),
 
+    /// Nothing fits the memory budget (before a run), or a meta-step went above it
+    /// with no smaller micro-batch left (during one).
+    #[error("memory budget: {0}")]
+    MemoryBudget(String),
+
+    /// A meta-step's heap went above the memory budget; the step was abandoned before
+    /// any state changed, to be redone with a smaller micro-batch.
+    #[error("the meta-step's heap went above the memory budget of {budget} bytes")]
+    OverBudget {
+        /// The budget, in bytes.
+        budget: u64,
+    },
+
     /// Second-order differentiation is not available on this thread.
     #[error("second-order gradients are disabled: {0}")]
     SecondOrder(String),

@@ -218,3 +218,56 @@ fn every_shipped_configuration_is_valid() {
         dir.display()
     );
 }
+
+/// A memory budget: one below what the planner predicts for the configuration as
+/// given makes `train` choose a more frugal one, say so and run it; one below the
+/// most frugal configuration is refused with the smallest feasible budget, status 2.
+#[test]
+fn a_memory_budget_chooses_a_configuration_or_refuses() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path());
+    let output = dir.path().join("runs").display().to_string();
+    let planned = melora(&["plan", "--config", &config, "--method", "maml", "--json"]);
+    assert!(planned.status.success(), "{}", text(&planned.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&planned.stdout).unwrap();
+    let peak = json["plan"]["peak_bytes"].as_u64().unwrap();
+    // 90% of the plain prediction: checkpointing or micro-batches must make it fit.
+    let budget = (peak * 9 / 10).to_string();
+    let out = melora(&[
+        "train",
+        "--config",
+        &config,
+        "--method",
+        "maml",
+        "--output",
+        &output,
+        "--memory-budget",
+        &budget,
+    ]);
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("as given: predicted") && stderr.contains("too large"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("chosen: ") && !stderr.contains("chosen: the configuration as given"),
+        "{stderr}"
+    );
+    let out = melora(&[
+        "train",
+        "--config",
+        &config,
+        "--output",
+        &output,
+        "--memory-budget",
+        "1KiB",
+    ]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("smallest predicted peak is") && stderr.contains("--memory-budget"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

@@ -173,6 +173,7 @@ fn two_hundred_meta_iterations_of_each_learner_beat_the_untrained_init() {
             lr: 0.01,
             grad_clip: Some(10.0),
             total_steps: 200,
+            loss_scale: None,
         };
         let mut rng = ChaCha8Rng::seed_from_u64(5);
         let mut params = init.clone();

@@ -399,7 +399,7 @@ fn one_meta_step(c: &Config) {
         .map(|i| episode(c, i as u32))
         .collect();
     let learner = build_learner(c).unwrap();
-    let mut outer = build_outer(c);
+    let mut outer = build_outer(c).unwrap();
     let (next, _) = meta_step(
         learner.as_ref(),
         model.as_ref(),

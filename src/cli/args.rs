@@ -94,6 +94,11 @@ pub(crate) struct GlobalArgs {
     /// Folder of all runs' outputs [tracking.output_dir]
     #[arg(long, global = true, value_name = "DIR")]
     pub(crate) output: Option<PathBuf>,
+
+    /// Peak-heap limit such as 4GiB: pick a configuration that fits, hold the run
+    /// to it [memory_optimization.budget.limit]
+    #[arg(long, global = true, value_name = "SIZE")]
+    pub(crate) memory_budget: Option<String>,
 }
 
 impl GlobalArgs {
@@ -114,6 +119,7 @@ impl GlobalArgs {
             synthetic_only: self.synthetic_only.then_some(true),
             experiment_name: self.experiment_name.clone(),
             output_dir: self.output.clone(),
+            memory_budget: self.memory_budget.clone(),
         }
     }
 }
@@ -200,10 +206,6 @@ pub(crate) struct PlanArgs {
     /// maml-full_graph,fomaml,reptile,melora]
     #[arg(long, value_name = "LIST", value_delimiter = ',')]
     pub(crate) methods: Vec<String>,
-
-    /// Mark which methods fit in this much memory (e.g. 4GiB)
-    #[arg(long, value_name = "SIZE")]
-    pub(crate) memory_budget: Option<String>,
 
     /// Print the plans as JSON
     #[arg(long)]

@@ -42,6 +42,10 @@ impl FullObserver for Console {
         }
     }
 
+    fn note(&mut self, text: &str) {
+        eprintln!("{text}");
+    }
+
     fn run_finished(&mut self, record: &RunRecord) {
         if let Some(b) = self.bar.take() {
             b.finish_and_clear();

@@ -102,13 +102,14 @@ pub fn one_line(err: &anyhow::Error) -> String {
         .join(" ")
 }
 
-/// 2 for bad arguments or configuration, 1 for any other failure.
+/// 2 for bad arguments or configuration (or a memory budget nothing fits), 1 for any
+/// other failure.
 pub fn exit_code(err: &anyhow::Error) -> ExitCode {
     let user_error = err.chain().any(|cause| {
         cause.is::<UserError>()
             || matches!(
                 cause.downcast_ref::<crate::Error>(),
-                Some(crate::Error::Config { .. })
+                Some(crate::Error::Config { .. } | crate::Error::MemoryBudget(_))
             )
     });
     ExitCode::from(if user_error { 2 } else { 1 })

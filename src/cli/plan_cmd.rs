@@ -8,17 +8,16 @@ use super::args::{GlobalArgs, PlanArgs};
 use super::{load_config, write_stdout, UserError};
 use crate::config::{Config, Method, Variant};
 use crate::memory::planner::{self, Plan};
-use crate::memory::{format_bytes, parse_bytes};
+use crate::memory::{format_bytes, search_configured};
 
 pub(crate) fn run(global: &GlobalArgs, args: &PlanArgs) -> anyhow::Result<()> {
     let config = load_config(global)?;
     let variants = methods(&config, &args.methods)?;
-    let budget = args
-        .memory_budget
-        .as_deref()
-        .map(parse_bytes)
-        .transpose()
-        .map_err(|e| UserError::Usage(format!("--memory-budget: {e}")))?;
+    let budget = config
+        .memory_optimization
+        .budget
+        .limit_bytes()
+        .map_err(UserError::Config)?;
     // Everything the planner rejects comes from the configuration (model, targets,
     // data source, micro-batches, checkpointed layers).
     let plan = planner::plan(&config).map_err(UserError::Config)?;
@@ -40,6 +39,10 @@ pub(crate) fn run(global: &GlobalArgs, args: &PlanArgs) -> anyhow::Result<()> {
             "does not fit in"
         };
         writeln!(out, "\nThis configuration {verdict} {}.", format_bytes(b))?;
+        // What `train` would run under this budget, or how close it gets.
+        if let Some(choice) = search_configured(&config)? {
+            writeln!(out, "{}", choice.explain())?;
+        }
     }
     writeln!(out, "\nThe same configuration under each method:\n")?;
     out.push_str(&planner::format_comparison(&comparison, budget));

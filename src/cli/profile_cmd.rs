@@ -89,7 +89,7 @@ impl Run {
             )?;
             Work::Train(Box::new(Training {
                 learner: build_learner(config).map_err(UserError::Config)?,
-                outer: build_outer(config),
+                outer: build_outer(config)?,
                 prefetcher: Prefetcher::new(source, 0, config.meta_learning.meta_batch_size, 2)?,
             }))
         } else {

@@ -75,6 +75,14 @@ pub(crate) fn training_callback(bar: ProgressBar) -> ProgressFn {
             1.0 / r.seconds.max(1e-9),
             memory_text()
         ));
+        if let Some(size) = r.reduced_micro_batch {
+            let line = format!(
+                "iteration {}: above the memory budget; redone with micro-batches of {size} \
+                 (same gradient, accumulated)",
+                r.iteration
+            );
+            bar.suspend(|| eprintln!("{line}"));
+        }
         if let Some(v) = r.validation {
             let name = if r.stats.regression {
                 "val −mse"

@@ -42,6 +42,11 @@ pub(crate) fn run_train(global: &GlobalArgs, args: &TrainArgs) -> anyhow::Result
         config.tracking.run_name = Some(name.clone());
         config.validate().map_err(UserError::Config)?;
     }
+    // A memory budget picks the configuration the planner says fits (exit 2 if none).
+    if let Some(choice) = crate::memory::fit_configured(&config)? {
+        eprintln!("{}", choice.explain());
+        config = choice.config;
+    }
     let total = config.meta_learning.num_iterations as u64;
     let progress = bar(total, "train");
     let options = TrainOptions {

@@ -3,12 +3,14 @@
 use serde::{Deserialize, Serialize};
 
 use super::choice::choice_enum;
-use super::validate::{at_least, invalid, non_negative};
+use super::validate::{at_least, invalid, non_negative, positive};
 use crate::memory::CheckpointPlan;
 use crate::Result;
 
 choice_enum! {
-    /// Floating-point type used for activations during training.
+    /// Floating-point type of the frozen base and the activations. With bf16 or
+    /// f16 the trainable tensors (LoRA, head), the optimiser state, the head's
+    /// computation and the loss stay in f32 (mixed precision).
     pub enum Precision {
         /// 32-bit float.
         F32 = "f32",
@@ -35,6 +37,19 @@ choice_enum! {
     default = None;
 }
 
+choice_enum! {
+    /// A setting that [`crate::memory::budget`] may change to fit a memory budget.
+    pub enum BudgetLever {
+        /// Gradient checkpointing: every 2 layers, then every layer.
+        Checkpointing = "checkpointing",
+        /// Micro-batches (gradient accumulation), halved down to 1 example.
+        MicroBatch = "micro_batch",
+        /// A bf16 frozen base and activations (mixed precision).
+        Precision = "precision",
+    }
+    default = Checkpointing;
+}
+
 /// The `memory_optimization` section.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -43,10 +58,55 @@ pub struct MemoryOptimizationConfig {
     pub gradient_accumulation: GradientAccumulationConfig,
     /// Activation checkpointing.
     pub checkpointing: CheckpointingConfig,
-    /// Floating-point type of activations during training.
+    /// Floating-point type of the frozen base and the activations.
     pub precision: Precision,
+    /// Dynamic loss scaling, used with `precision: f16`.
+    pub loss_scaling: LossScalingConfig,
     /// Hessian approximation used by the `melora` method.
     pub hessian_approximation: HessianApproximationConfig,
+    /// A memory budget the run must fit in.
+    pub budget: MemoryBudgetConfig,
+}
+
+/// The `memory_optimization.budget` section: a peak-heap limit. Before a run the
+/// planner's prediction picks the first configuration that fits, changing the
+/// settings of `order` one after another (the method stays as given); during the
+/// run a meta-step whose heap goes above the limit is redone with half the
+/// micro-batch (the result is the same: gradients are accumulated).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MemoryBudgetConfig {
+    /// The limit, such as `4GiB` or `512MB`; `None`: no budget (`--memory-budget`).
+    pub limit: Option<String>,
+    /// The settings tried, in this order, each to its most frugal level before the
+    /// next is changed.
+    pub order: Vec<BudgetLever>,
+}
+
+impl Default for MemoryBudgetConfig {
+    fn default() -> Self {
+        MemoryBudgetConfig {
+            limit: None,
+            order: vec![
+                BudgetLever::Checkpointing,
+                BudgetLever::MicroBatch,
+                BudgetLever::Precision,
+            ],
+        }
+    }
+}
+
+impl MemoryBudgetConfig {
+    /// The limit in bytes, if one is set.
+    pub fn limit_bytes(&self) -> Result<Option<u64>> {
+        self.limit
+            .as_deref()
+            .map(|text| {
+                crate::memory::parse_bytes(text)
+                    .map_err(|e| invalid("memory_optimization.budget.limit", e.to_string()))
+            })
+            .transpose()
+    }
 }
 
 /// The `memory_optimization.gradient_accumulation` section.
@@ -100,6 +160,28 @@ impl Default for CheckpointingConfig {
             every: 1,
             layers: None,
             selective: false,
+        }
+    }
+}
+
+/// The `memory_optimization.loss_scaling` section: with `precision: f16`, every
+/// backward pass runs on the loss times a scale, so that small gradients do not
+/// underflow in f16; a meta-step whose gradients overflow is skipped and the scale
+/// halved; after `growth_interval` good steps in a row it doubles.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LossScalingConfig {
+    /// The first scale (at least 1; a power of two keeps scaling exact).
+    pub initial_scale: f64,
+    /// Good meta-steps in a row before the scale doubles (at least 1).
+    pub growth_interval: usize,
+}
+
+impl Default for LossScalingConfig {
+    fn default() -> Self {
+        LossScalingConfig {
+            initial_scale: 65536.0,
+            growth_interval: 2000,
         }
     }
 }
@@ -169,16 +251,34 @@ impl MemoryOptimizationConfig {
                  `layers`, recomputes whole layers exactly)",
             ));
         }
-        if self.precision != Precision::F32 {
+        if self.budget.limit_bytes()? == Some(0) {
             return Err(invalid(
-                "memory_optimization.precision",
-                format!(
-                    "mixed precision ({}) is not available in this version; use f32, or load the \
-                     whole model in half precision with model.dtype",
-                    self.precision
-                ),
+                "memory_optimization.budget.limit",
+                "is 0 bytes; give a size such as 4GiB, or null for no budget",
             ));
         }
+        for (i, lever) in self.budget.order.iter().enumerate() {
+            if self.budget.order[..i].contains(lever) {
+                return Err(invalid(
+                    "memory_optimization.budget.order",
+                    format!("names {lever} twice; list each setting once"),
+                ));
+            }
+        }
+        positive(
+            "memory_optimization.loss_scaling.initial_scale",
+            self.loss_scaling.initial_scale,
+        )?;
+        at_least(
+            "memory_optimization.loss_scaling.initial_scale",
+            self.loss_scaling.initial_scale,
+            crate::optim::MIN_LOSS_SCALE,
+        )?;
+        at_least(
+            "memory_optimization.loss_scaling.growth_interval",
+            self.loss_scaling.growth_interval,
+            1,
+        )?;
         let hessian = &self.hessian_approximation;
         at_least(
             "memory_optimization.hessian_approximation.probes",

@@ -59,14 +59,14 @@ pub use data::{DataConfig, DataSource, SmallClasses, SyntheticTask};
 pub use evaluation::EvaluationConfig;
 pub use lora::LoraConfig;
 pub use memory_optimization::{
-    CheckpointingConfig, GradientAccumulationConfig, HessianApproximationConfig, HessianKind,
-    MemoryOptimizationConfig, Precision,
+    BudgetLever, CheckpointingConfig, GradientAccumulationConfig, HessianApproximationConfig,
+    HessianKind, LossScalingConfig, MemoryBudgetConfig, MemoryOptimizationConfig, Precision,
 };
 pub use meta_learning::{
     InnerLoopConfig, InnerMode, LrSchedule, MetaLearningConfig, Method, OuterLoopConfig,
     OuterOptimizer,
 };
-pub use model::{DType, ModelConfig};
+pub use model::{DType, ModelConfig, Quantization};
 pub use overrides::ConfigOverrides;
 pub use tracking::TrackingConfig;
 
@@ -185,6 +185,59 @@ impl Config {
                     "Hessian approximations only vary the melora method, but \
                      meta_learning.method is {}; empty this list or use method: melora",
                     self.meta_learning.method
+                ),
+            ));
+        }
+        self.validate_precision()
+    }
+
+    /// The combinations of `model` and `memory_optimization.precision` the models
+    /// implement.
+    fn validate_precision(&self) -> Result<()> {
+        let precision = self.memory_optimization.precision;
+        // conv4 and mlp train every parameter: there is no frozen base to store differently.
+        let builtin = |name: &str| self.model.path.is_none() && self.model.name == name;
+        let all_trained = builtin("conv4") || builtin("mlp");
+        if precision != Precision::F32 {
+            if self.model.dtype != DType::F32 {
+                return Err(validate::invalid(
+                    "memory_optimization.precision",
+                    format!(
+                        "{precision} mixed precision keeps the trainable tensors in f32, but \
+                         model.dtype is {}; set model.dtype: f32 (or precision: f32 to run the \
+                         whole model in {})",
+                        self.model.dtype, self.model.dtype
+                    ),
+                ));
+            }
+            if all_trained {
+                return Err(validate::invalid(
+                    "memory_optimization.precision",
+                    format!(
+                        "{} has no frozen base (every parameter is trained), so {precision} \
+                         mixed precision does not apply; set it to f32 with {}",
+                        self.model.name, self.model.name
+                    ),
+                ));
+            }
+        }
+        if precision == Precision::F16 && self.memory_optimization.checkpointing.enabled {
+            // The checkpointed passes do not run under the loss scale, and f16 gradients
+            // underflow without it.
+            return Err(validate::invalid(
+                "memory_optimization.checkpointing.enabled",
+                "gradient checkpointing does not run under f16 loss scaling; use precision: \
+                 bf16 with checkpointing (same memory, no scaling needed), or turn \
+                 checkpointing off with f16",
+            ));
+        }
+        if self.model.quantization == Quantization::Int8 && all_trained {
+            return Err(validate::invalid(
+                "model.quantization",
+                format!(
+                    "{} has no frozen base (every parameter is trained) to store in int8; set \
+                     it to none with {}",
+                    self.model.name, self.model.name
                 ),
             ));
         }

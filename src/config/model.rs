@@ -23,6 +23,20 @@ choice_enum! {
     default = F32;
 }
 
+choice_enum! {
+    /// Storage of the frozen base's matrices.
+    pub enum Quantization {
+        /// Dense, in `model.dtype` (or `memory_optimization.precision`).
+        None = "none",
+        /// Linear weights and token-embedding tables in int8 with one scale per
+        /// output channel, dequantized one layer at a time (QLoRA-style; the
+        /// adapters stay in full precision). About a quarter of the f32 bytes;
+        /// transformers only.
+        Int8 = "int8",
+    }
+    default = None;
+}
+
 /// The `model` section.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -36,8 +50,12 @@ pub struct ModelConfig {
     pub path: Option<PathBuf>,
     /// Sequences are truncated or padded to this many tokens.
     pub max_length: usize,
-    /// Type of the weights and computations.
+    /// Type of the weights and computations; with mixed precision
+    /// (`memory_optimization.precision` bf16 or f16) the type of the trainable
+    /// tensors only, which must then be f32.
     pub dtype: DType,
+    /// Storage of the frozen matrices.
+    pub quantization: Quantization,
 }
 
 impl Default for ModelConfig {
@@ -47,6 +65,7 @@ impl Default for ModelConfig {
             path: None,
             max_length: 32,
             dtype: DType::F32,
+            quantization: Quantization::None,
         }
     }
 }

@@ -36,11 +36,13 @@ pub struct ConfigOverrides {
     pub experiment_name: Option<String>,
     /// `tracking.output_dir` (`--output`).
     pub output_dir: Option<PathBuf>,
+    /// `memory_optimization.budget.limit` (`--memory-budget`).
+    pub memory_budget: Option<String>,
 }
 
 impl ConfigOverrides {
     /// (is set, config key, command-line flag) for every field.
-    fn entries(&self) -> [(bool, &'static str, &'static str); 13] {
+    fn entries(&self) -> [(bool, &'static str, &'static str); 14] {
         [
             (self.model.is_some(), "model.name", "--model"),
             (self.lora_rank.is_some(), "lora.rank", "--lora-rank"),
@@ -83,6 +85,11 @@ impl ConfigOverrides {
                 "--experiment-name",
             ),
             (self.output_dir.is_some(), "tracking.output_dir", "--output"),
+            (
+                self.memory_budget.is_some(),
+                "memory_optimization.budget.limit",
+                "--memory-budget",
+            ),
         ]
     }
 
@@ -125,5 +132,8 @@ impl ConfigOverrides {
         set(&mut config.data.synthetic_only, &self.synthetic_only);
         set(&mut config.tracking.experiment_name, &self.experiment_name);
         set(&mut config.tracking.output_dir, &self.output_dir);
+        if let Some(limit) = &self.memory_budget {
+            config.memory_optimization.budget.limit = Some(limit.clone());
+        }
     }
 }

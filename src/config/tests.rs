@@ -291,6 +291,7 @@ fn overrides_are_applied() {
         synthetic_only: Some(true),
         experiment_name: Some("quick".into()),
         output_dir: Some("out".into()),
+        memory_budget: Some("4GiB".into()),
     };
     config.apply(&overrides).unwrap();
     assert_eq!(config.model.name, "tiny-gpt2");
@@ -306,6 +307,10 @@ fn overrides_are_applied() {
     assert!(config.data.synthetic_only);
     assert_eq!(config.tracking.experiment_name, "quick");
     assert_eq!(config.tracking.output_dir, PathBuf::from("out"));
+    assert_eq!(
+        config.memory_optimization.budget.limit_bytes().unwrap(),
+        Some(4 << 30)
+    );
     // Unset fields change nothing.
     let before = config.clone();
     config.apply(&ConfigOverrides::default()).unwrap();
@@ -325,6 +330,18 @@ fn invalid_override_names_its_flag_and_leaves_config_unchanged() {
         "config: `lora.rank`: must be at least 1, got 0 (set by --lora-rank)"
     );
     assert_eq!(config, Config::default());
+
+    let overrides = ConfigOverrides {
+        memory_budget: Some("4 parsecs".into()),
+        ..Default::default()
+    };
+    let err = config.apply(&overrides).unwrap_err().to_string();
+    assert!(
+        err.contains("memory_optimization.budget.limit")
+            && err.contains("--memory-budget")
+            && err.contains("GiB"),
+        "{err}"
+    );
 
     let overrides = ConfigOverrides {
         inner_lr: Some(f64::NAN),
@@ -458,9 +475,77 @@ fn unavailable_memory_options_are_refused() {
     ));
     assert_eq!(key, "memory_optimization.checkpointing.selective");
     assert!(message.contains("not available"), "{message}");
-    let (key, message) = config_error(Config::from_yaml_str(
-        "memory_optimization:\n  precision: bf16\n",
-    ));
-    assert_eq!(key, "memory_optimization.precision");
-    assert!(message.contains("model.dtype"), "{message}");
+}
+
+/// Mixed precision and int8 are accepted where the models implement them; the other
+/// combinations are errors naming the key and the fix.
+#[test]
+fn precision_and_quantization_combinations() {
+    let config = Config::from_yaml_str(
+        "model:\n  quantization: int8\nmemory_optimization:\n  precision: bf16\n",
+    )
+    .unwrap();
+    assert_eq!(config.memory_optimization.precision, Precision::Bf16);
+    assert_eq!(config.model.quantization, Quantization::Int8);
+    let round_trip = Config::from_yaml_str(&config.to_yaml_string().unwrap()).unwrap();
+    assert_eq!(round_trip, config);
+    assert_eq!(
+        Config::default()
+            .memory_optimization
+            .loss_scaling
+            .initial_scale,
+        65536.0
+    );
+    let cases = [
+        (
+            "model:\n  dtype: f64\nmemory_optimization:\n  precision: f16\n",
+            "memory_optimization.precision",
+            "model.dtype: f32",
+        ),
+        (
+            "model:\n  dtype: bf16\nmemory_optimization:\n  precision: bf16\n",
+            "memory_optimization.precision",
+            "model.dtype: f32",
+        ),
+        (
+            "model:\n  name: conv4\nmemory_optimization:\n  precision: bf16\n",
+            "memory_optimization.precision",
+            "conv4",
+        ),
+        (
+            "model:\n  name: conv4\n  quantization: int8\n",
+            "model.quantization",
+            "conv4",
+        ),
+        (
+            "model:\n  name: mlp\nmemory_optimization:\n  precision: bf16\n",
+            "memory_optimization.precision",
+            "mlp",
+        ),
+        (
+            "memory_optimization:\n  precision: f16\n  checkpointing:\n    enabled: true\n",
+            "memory_optimization.checkpointing.enabled",
+            "precision: bf16",
+        ),
+        (
+            "model:\n  quantization: int4\n",
+            "model.quantization",
+            "none, int8",
+        ),
+        (
+            "memory_optimization:\n  loss_scaling:\n    initial_scale: 0\n",
+            "memory_optimization.loss_scaling.initial_scale",
+            "greater than 0",
+        ),
+        (
+            "memory_optimization:\n  loss_scaling:\n    growth_interval: 0\n",
+            "memory_optimization.loss_scaling.growth_interval",
+            "at least 1",
+        ),
+    ];
+    for (yaml, expected_key, fix) in cases {
+        let (key, message) = config_error(Config::from_yaml_str(yaml));
+        assert_eq!(key, expected_key, "{yaml}");
+        assert!(message.contains(fix), "{yaml}: {message}");
+    }
 }

@@ -14,6 +14,7 @@ use crate::memory::MemoryMeter;
 use crate::meta::Adapter;
 use crate::models::FewShotModel;
 use crate::nn::Mode;
+use crate::optim::MIN_LOSS_SCALE;
 use crate::tensor::ParamSet;
 use crate::{Error, Result};
 
@@ -104,6 +105,10 @@ impl Evaluation {
 
 /// Adapts `params` on each of the first `count` episodes of `source` and scores the
 /// query sets; `progress(i)` is called after episode `i` (0-based).
+///
+/// With a `loss_scale` (f16 activations) adaptation's backward passes run under it;
+/// an overflow halves it and adapts the episode again.
+#[allow(clippy::too_many_arguments)]
 pub fn evaluate_episodes(
     adapter: &dyn Adapter,
     model: &dyn FewShotModel,
@@ -111,6 +116,7 @@ pub fn evaluate_episodes(
     source: &dyn EpisodeSource,
     count: usize,
     confidence: f64,
+    mut loss_scale: Option<f64>,
     progress: &mut dyn FnMut(usize),
 ) -> Result<Evaluation> {
     if count == 0 {
@@ -125,7 +131,18 @@ pub fn evaluate_episodes(
         let task = source.episode(index as u64)?;
         regression = task.query.targets.is_some();
         let started = Instant::now();
-        let adapted = adapter.adapt(model, params, &task.support, Mode::Eval)?;
+        let adapted = loop {
+            let _scope = loss_scale.map(crate::tensor::loss_scale::scoped);
+            match (
+                adapter.adapt(model, params, &task.support, Mode::Eval),
+                loss_scale,
+            ) {
+                (Err(Error::NonFinite(_)), Some(s)) if s / 2.0 >= MIN_LOSS_SCALE => {
+                    loss_scale = Some(s / 2.0);
+                }
+                (result, _) => break result?,
+            }
+        };
         let adapt_seconds = started.elapsed().as_secs_f64();
         let outputs = model.logits(&adapted, &task.query, Mode::Eval)?.detach();
         let loss = crate::meta::loss_value(&outputs, &task.query)

@@ -8,7 +8,7 @@
 //! is needed. The allocator itself never allocates and never locks.
 
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 
 /// A global allocator that wraps [`System`] and counts live bytes, their peak and
 /// the number of allocations, for exact and repeatable memory figures.
@@ -41,6 +41,10 @@ pub(crate) struct Counters {
     current: AtomicUsize,
     peak: AtomicUsize,
     allocations: AtomicU64,
+    /// Bytes above which `over_limit` is raised (`usize::MAX`: no limit).
+    limit: AtomicUsize,
+    /// Whether `current` went above `limit` since it was last cleared.
+    over_limit: AtomicBool,
 }
 
 /// The counters fed by [`CountingAllocator`].
@@ -52,6 +56,8 @@ impl Counters {
             current: AtomicUsize::new(0),
             peak: AtomicUsize::new(0),
             allocations: AtomicU64::new(0),
+            limit: AtomicUsize::new(usize::MAX),
+            over_limit: AtomicBool::new(false),
         }
     }
 
@@ -61,6 +67,38 @@ impl Counters {
         self.allocations.fetch_add(1, Relaxed);
         let now = self.current.fetch_add(size, Relaxed).wrapping_add(size);
         self.peak.fetch_max(now, Relaxed);
+        self.check_limit(now);
+    }
+
+    /// Raises the over-limit flag when `now` bytes exceed the limit.
+    #[inline]
+    fn check_limit(&self, now: usize) {
+        if now > self.limit.load(Relaxed) {
+            self.over_limit.store(true, Relaxed);
+        }
+    }
+
+    /// Sets the limit (`usize::MAX`: none) and clears the over-limit flag.
+    pub(crate) fn set_limit(&self, limit: usize) {
+        self.limit.store(limit, Relaxed);
+        self.over_limit.store(false, Relaxed);
+    }
+
+    /// The limit (`usize::MAX`: none).
+    pub(crate) fn limit(&self) -> usize {
+        self.limit.load(Relaxed)
+    }
+
+    /// Whether the live bytes went above the limit since it was set or cleared.
+    pub(crate) fn over_limit(&self) -> bool {
+        self.over_limit.load(Relaxed)
+    }
+
+    /// Clears the over-limit flag (and raises it again at once if the live bytes are
+    /// still above the limit).
+    pub(crate) fn clear_over_limit(&self) {
+        self.over_limit.store(false, Relaxed);
+        self.check_limit(self.current());
     }
 
     /// A block of `size` bytes was returned.
@@ -80,6 +118,7 @@ impl Counters {
             let grow = new_size - old_size;
             let now = self.current.fetch_add(grow, Relaxed).wrapping_add(grow);
             self.peak.fetch_max(now, Relaxed);
+            self.check_limit(now);
         } else {
             self.current.fetch_sub(old_size - new_size, Relaxed);
         }
@@ -190,6 +229,27 @@ pub fn is_installed() -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_limit_flag_rises_above_the_limit_and_clears() {
+        let c = Counters::new();
+        c.set_limit(100);
+        c.record_alloc(80);
+        assert!(!c.over_limit());
+        c.record_alloc(30);
+        assert!(c.over_limit(), "110 > 100");
+        c.record_dealloc(30);
+        assert!(c.over_limit(), "the flag stays until cleared");
+        c.clear_over_limit();
+        assert!(!c.over_limit());
+        c.record_realloc(80, 120);
+        assert!(c.over_limit(), "a growing realloc counts");
+        c.record_dealloc(120);
+        c.clear_over_limit();
+        c.set_limit(usize::MAX);
+        c.record_alloc(1 << 40);
+        assert!(!c.over_limit());
+    }
 
     #[test]
     fn counters_track_alloc_dealloc_and_peak() {

@@ -16,11 +16,14 @@
 //! - [`MemoryReport`] is a serializable snapshot for benchmarks.
 //! - [`format_bytes`] and [`parse_bytes`] convert sizes for people and flags
 //!   such as `--memory-budget 4GiB`.
+//! - [`budget`]: fitting a configuration to a memory budget before a run, and
+//!   holding the run to it ([`BudgetGuard`]).
 //! - [`planner`] predicts the peak of a configuration before it runs (`melora plan`).
 //! - [`checkpoint`]: gradient checkpointing of transformer stacks ([`Checkpointed`]),
 //!   exact to second order.
 
 mod allocator;
+pub mod budget;
 mod bytes;
 pub mod checkpoint;
 mod meter;
@@ -28,6 +31,10 @@ pub mod planner;
 mod rss;
 
 pub use allocator::{allocation_count, current_bytes, is_installed, peak_bytes, CountingAllocator};
+pub use budget::{
+    check_budget, fit_configured, fit_to_budget, search_budget, search_configured, BudgetChoice,
+    BudgetGuard,
+};
 pub use bytes::{format_bytes, parse_bytes};
 pub use checkpoint::{CheckpointPlan, Checkpointed, Checkpointer};
 pub use meter::{HeapReport, MemoryMeter, MemoryReport};

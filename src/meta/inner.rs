@@ -117,6 +117,8 @@ pub(crate) fn weighted_sum(
     let mut total: Option<ParamSet> = None;
     for (chunk, w) in chunks(model, batch, micro)? {
         let part = f(&chunk)?;
+        // Under a memory budget, stop at the first chunk that went above it.
+        crate::memory::check_budget()?;
         let part = if w == 1.0 { part } else { part.scale(w)? };
         total = Some(match total {
             Some(t) => t.add(&part)?,
@@ -338,10 +340,11 @@ pub(crate) fn gradient_and_hvp(
             None => {
                 let loss = batch_loss(model, &leaves, &chunk, mode)?;
                 let grads = leaves.gradients(&loss, GradGraph::Keep)?;
-                let hv = leaves.gradients(&grads.dot(v)?, GradGraph::Detach)?;
+                let hv = leaves.vjp(&grads, v, GradGraph::Detach)?;
                 (grads.detach(), hv)
             }
         };
+        crate::memory::check_budget()?;
         let (g, hv) = (grads.scale(w)?, hv.scale(w)?);
         total = Some(match total {
             Some((tg, th)) => (tg.add(&g)?, th.add(&hv)?),

@@ -141,11 +141,10 @@ fn second_order(
             // v ← ∂⟨θ_{k+1}(θ_k, α), v⟩/∂θ_k = v − H_k(α⊙v), through the kept graphs;
             // the step sizes collect ∂⟨θ_{k+1}, v⟩/∂α = −g_k⊙v.
             for (step_leaves, next) in steps.iter().rev() {
-                let surrogate = next.dot(&v)?;
                 if let (Some(a), Some(total)) = (&alpha_leaves, alpha_grad.as_mut()) {
-                    *total = total.add(&a.gradients(&surrogate, GradGraph::Detach)?)?;
+                    *total = total.add(&a.vjp(next, &v, GradGraph::Detach)?)?;
                 }
-                v = step_leaves.gradients(&surrogate, GradGraph::Detach)?;
+                v = step_leaves.vjp(next, &v, GradGraph::Detach)?;
             }
             Ok((
                 TaskOutcome {

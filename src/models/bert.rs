@@ -7,7 +7,7 @@ use candle_core::Tensor;
 use serde::Deserialize;
 
 use super::attention::{multi_head_attention, padding_keep};
-use super::layers::{load_linear, LayerNorm};
+use super::layers::{load_linear, FrozenTable, LayerNorm};
 use super::{
     attach_lora, layer_at, Activation, ClassificationHead, ClassifierParts, LoraSettings, Pooling,
     StackContext, TransformerClassifier, Weights,
@@ -98,7 +98,7 @@ struct BertLayer {
 pub struct Bert {
     config: BertConfig,
     activation: Activation,
-    word_embeddings: Tensor,
+    word_embeddings: FrozenTable,
     position_embeddings: Tensor,
     token_type_embeddings: Tensor,
     embedding_norm: LayerNorm,
@@ -144,8 +144,11 @@ impl Bert {
             });
         }
         let mut model = Self {
-            word_embeddings: weights
-                .get("embeddings.word_embeddings.weight", &[config.vocab_size, h])?,
+            word_embeddings: FrozenTable::load(
+                &weights,
+                "embeddings.word_embeddings.weight",
+                &[config.vocab_size, h],
+            )?,
             position_embeddings: weights.get(
                 "embeddings.position_embeddings.weight",
                 &[config.max_position_embeddings, h],
@@ -160,7 +163,7 @@ impl Bert {
             activation,
             config,
             lora: lora.clone(),
-            weights,
+            weights: weights.without_tensors(),
         };
         attach_lora("bert", model.linears_mut(), lora.as_ref(), DEFAULT_TARGETS)?;
         Ok(model)
@@ -226,7 +229,7 @@ impl TransformerClassifier for Bert {
                 self.config.max_position_embeddings
             )));
         }
-        let words = ops::embedding(&tokens.input_ids, &self.word_embeddings)?;
+        let words = self.word_embeddings.lookup(&tokens.input_ids)?;
         let positions = self.position_embeddings.narrow(0, 0, t)?;
         let types = match &tokens.token_type_ids {
             Some(tt) => ops::embedding(tt, &self.token_type_embeddings)?,

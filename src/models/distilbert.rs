@@ -7,14 +7,13 @@ use candle_core::Tensor;
 use serde::Deserialize;
 
 use super::attention::{multi_head_attention, padding_keep};
-use super::layers::{load_linear, LayerNorm};
+use super::layers::{load_linear, FrozenTable, LayerNorm};
 use super::{
     attach_lora, layer_at, Activation, ClassificationHead, ClassifierParts, LoraSettings, Pooling,
     StackContext, TransformerClassifier, Weights,
 };
 use crate::data::Batch;
 use crate::nn::{LoraLinear, Mode};
-use crate::tensor::ops;
 use crate::tensor::ParamSet;
 use crate::{Error, Result};
 
@@ -87,7 +86,7 @@ struct DistilBertLayer {
 pub struct DistilBert {
     config: DistilBertConfig,
     activation: Activation,
-    word_embeddings: Tensor,
+    word_embeddings: FrozenTable,
     position_embeddings: Tensor,
     embedding_norm: LayerNorm,
     layers: Vec<DistilBertLayer>,
@@ -124,8 +123,11 @@ impl DistilBert {
             });
         }
         let mut model = Self {
-            word_embeddings: weights
-                .get("embeddings.word_embeddings.weight", &[config.vocab_size, h])?,
+            word_embeddings: FrozenTable::load(
+                &weights,
+                "embeddings.word_embeddings.weight",
+                &[config.vocab_size, h],
+            )?,
             position_embeddings: weights.get(
                 "embeddings.position_embeddings.weight",
                 &[config.max_position_embeddings, h],
@@ -136,7 +138,7 @@ impl DistilBert {
             activation,
             config,
             lora: lora.clone(),
-            weights,
+            weights: weights.without_tensors(),
         };
         attach_lora(
             "distilbert",
@@ -198,7 +200,7 @@ impl TransformerClassifier for DistilBert {
                 self.config.max_position_embeddings
             )));
         }
-        let words = ops::embedding(&tokens.input_ids, &self.word_embeddings)?;
+        let words = self.word_embeddings.lookup(&tokens.input_ids)?;
         let positions = self.position_embeddings.narrow(0, 0, t)?;
         self.embedding_norm
             .forward(&words.broadcast_add(&positions)?, LAYER_NORM_EPS)

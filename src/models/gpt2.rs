@@ -8,14 +8,13 @@ use candle_core::Tensor;
 use serde::Deserialize;
 
 use super::attention::{causal_keep, multi_head_attention};
-use super::layers::{load_conv1d, LayerNorm};
+use super::layers::{load_conv1d, FrozenTable, LayerNorm};
 use super::{
     attach_lora, layer_at, Activation, ClassificationHead, ClassifierParts, LoraSettings, Pooling,
     StackContext, TransformerClassifier, Weights,
 };
 use crate::data::Batch;
 use crate::nn::{LoraLinear, Mode};
-use crate::tensor::ops;
 use crate::tensor::ParamSet;
 use crate::{Error, Result};
 
@@ -94,7 +93,7 @@ struct Gpt2Block {
 pub struct Gpt2 {
     config: Gpt2Config,
     activation: Activation,
-    wte: Tensor,
+    wte: FrozenTable,
     wpe: Tensor,
     blocks: Vec<Gpt2Block>,
     ln_f: LayerNorm,
@@ -128,7 +127,7 @@ impl Gpt2 {
             });
         }
         let mut model = Self {
-            wte: weights.get("wte.weight", &[config.vocab_size, e])?,
+            wte: FrozenTable::load(&weights, "wte.weight", &[config.vocab_size, e])?,
             wpe: weights.get("wpe.weight", &[config.n_positions, e])?,
             ln_f: LayerNorm::load(&weights, "ln_f", e)?,
             blocks,
@@ -136,7 +135,7 @@ impl Gpt2 {
             activation,
             config,
             lora: lora.clone(),
-            weights,
+            weights: weights.without_tensors(),
         };
         attach_lora("gpt2", model.linears_mut(), lora.as_ref(), DEFAULT_TARGETS)?;
         Ok(model)
@@ -185,7 +184,9 @@ impl TransformerClassifier for Gpt2 {
                 self.config.n_positions
             )));
         }
-        Ok(ops::embedding(&tokens.input_ids, &self.wte)?
+        Ok(self
+            .wte
+            .lookup(&tokens.input_ids)?
             .broadcast_add(&self.wpe.narrow(0, 0, t)?)?)
     }
 

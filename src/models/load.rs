@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Device};
+use candle_core::Device;
 use serde::de::DeserializeOwned;
 use serde_json::json;
 
@@ -14,7 +14,7 @@ use super::distilbert::DistilBert;
 use super::gpt2::Gpt2;
 use super::mlp::Mlp;
 use super::t5::T5Encoder;
-use super::{FewShotModel, LoraSettings, Weights};
+use super::{FewShotModel, LoraSettings, ModelPrecision, Weights};
 use crate::{Error, Result};
 
 /// Built-in models: name, description.
@@ -135,19 +135,29 @@ fn build(
 }
 
 /// A built-in model with seeded random weights and a head for `classes` classes
-/// (`lora` is ignored by `conv4`, whose parameters are all trainable).
+/// (`lora` is ignored by `conv4`, whose parameters are all trainable), in `precision`:
+/// a dtype for everything, or a [`ModelPrecision`] (mixed precision, int8 base).
 pub fn builtin(
     name: &str,
     seed: u64,
-    dtype: DType,
+    precision: impl Into<ModelPrecision>,
     lora: Option<LoraSettings>,
     classes: usize,
 ) -> Result<Box<dyn FewShotModel>> {
+    let precision = precision.into();
+    precision.validate()?;
+    if (name == "conv4" || name == "mlp") && precision.is_mixed() {
+        return Err(Error::Model(format!(
+            "{name} has no frozen base (every parameter is trained): mixed precision and \
+             int8 storage apply to transformers; use memory_optimization.precision: f32 and \
+             model.quantization: none with {name}"
+        )));
+    }
     if name == "conv4" {
         return Ok(Box::new(Conv4::new(
             Conv4Config::default(),
             classes,
-            dtype,
+            precision.frozen,
             &Device::Cpu,
         )?));
     }
@@ -156,7 +166,7 @@ pub fn builtin(
             MLP_INPUTS,
             MLP_HIDDEN,
             classes,
-            dtype,
+            precision.frozen,
             &Device::Cpu,
         )?));
     }
@@ -170,18 +180,22 @@ pub fn builtin(
                 .join(", ")
         )));
     };
-    let weights = Weights::random(seed, dtype, &Device::Cpu);
+    let weights =
+        Weights::random(seed, precision.frozen, &Device::Cpu).with_precision(precision)?;
     build(family, config, weights, lora, classes, name)
 }
 
 /// A pre-trained model from a local Hugging Face directory holding `config.json` and
-/// `model.safetensors`, in `dtype`, with LoRA and a head for `classes` classes.
+/// `model.safetensors`, in `precision` (a dtype, or a [`ModelPrecision`]), with LoRA
+/// and a head for `classes` classes.
 pub fn from_directory(
     dir: &Path,
-    dtype: DType,
+    precision: impl Into<ModelPrecision>,
     lora: Option<LoraSettings>,
     classes: usize,
 ) -> Result<Box<dyn FewShotModel>> {
+    let precision = precision.into();
+    precision.validate()?;
     if !dir.is_dir() {
         return Err(Error::Model(format!(
             "model directory {} does not exist (expected config.json and model.safetensors there)",
@@ -211,7 +225,8 @@ pub fn from_directory(
             weights_path.display()
         )));
     }
-    let weights = Weights::from_safetensors(&weights_path, dtype, &Device::Cpu)?;
+    let weights = Weights::from_safetensors(&weights_path, precision.frozen, &Device::Cpu)?
+        .with_precision(precision)?;
     build(&family, value, weights, lora, classes, &origin)
 }
 
@@ -220,7 +235,7 @@ mod tests {
     use super::*;
     use crate::data::Batch;
     use crate::nn::{LoraInit, LoraSpec, Mode};
-    use candle_core::Tensor;
+    use candle_core::{DType, Tensor};
 
     fn lora() -> LoraSettings {
         LoraSettings {

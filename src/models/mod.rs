@@ -17,6 +17,7 @@ mod head;
 mod layers;
 pub mod load;
 pub mod mlp;
+mod precision;
 pub mod t5;
 pub(crate) mod targets;
 mod weights;
@@ -24,6 +25,7 @@ mod weights;
 use candle_core::Tensor;
 
 pub use head::{ClassificationHead, HEAD_BIAS, HEAD_WEIGHT};
+pub use precision::{ModelPrecision, Quantization};
 pub use weights::Weights;
 
 use crate::data::Batch;
@@ -159,6 +161,9 @@ pub(crate) fn layer_at<L>(layers: &[L], index: usize) -> Result<&L> {
 
 /// Pooled features `[b, width]` of final hidden states, by the family's pooling.
 fn pool(model: &dyn TransformerClassifier, hidden: &Tensor, batch: &Batch) -> Result<Tensor> {
+    // Mixed precision: pooling, head and loss in the trainable dtype (f32), so the
+    // token sum is accurate and the loss's statistics are f32.
+    let hidden = &hidden.to_dtype(model.parts().weights.trainable_dtype())?;
     let mask = &batch.tokens()?.attention_mask;
     Ok(match model.parts().pooling {
         Pooling::MaskedMean => ops::masked_mean_pool(hidden, mask)?,
@@ -342,7 +347,7 @@ pub(crate) fn init_transformer_params(
         .collect();
     sorted.sort_by(|a, b| a.0.cmp(&b.0));
     let mut params = ParamSet::from_pairs(sorted)?;
-    head.init_zero_params(weights.dtype(), &weights.device(), &mut params)?;
+    head.init_zero_params(weights.trainable_dtype(), &weights.device(), &mut params)?;
     Ok(params)
 }
 

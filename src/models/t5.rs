@@ -9,7 +9,7 @@ use candle_core::{Device, Tensor};
 use serde::Deserialize;
 
 use super::attention::{multi_head_attention, padding_keep};
-use super::layers::load_linear_no_bias;
+use super::layers::{load_linear_no_bias, FrozenTable};
 use super::{
     attach_lora, layer_at, Activation, ClassificationHead, ClassifierParts, LoraSettings, Pooling,
     StackContext, TransformerClassifier, Weights,
@@ -166,7 +166,7 @@ struct T5Block {
 pub struct T5Encoder {
     config: T5Config,
     activation: Activation,
-    embeddings: Tensor,
+    embeddings: FrozenTable,
     /// `[num_buckets, num_heads]`, block 0's table, which every block uses.
     relative_attention_bias: Tensor,
     blocks: Vec<T5Block>,
@@ -232,7 +232,7 @@ impl T5Encoder {
                 .map_err(|_| e)
         })?;
         let mut model = Self {
-            embeddings,
+            embeddings: FrozenTable::new(&weights, embeddings)?,
             relative_attention_bias: weights.get(
                 "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
                 &[config.relative_attention_num_buckets, config.num_heads],
@@ -243,7 +243,7 @@ impl T5Encoder {
             activation,
             config,
             lora: lora.clone(),
-            weights,
+            weights: weights.without_tensors(),
         };
         attach_lora("t5", model.linears_mut(), lora.as_ref(), DEFAULT_TARGETS)?;
         Ok(model)
@@ -314,10 +314,7 @@ impl TransformerClassifier for T5Encoder {
 
     fn embed(&self, _params: &ParamSet, batch: &Batch, _mode: Mode) -> Result<Tensor> {
         // T5 does not scale its embeddings and has no absolute positions.
-        Ok(ops::embedding(
-            &batch.tokens()?.input_ids,
-            &self.embeddings,
-        )?)
+        self.embeddings.lookup(&batch.tokens()?.input_ids)
     }
 
     fn num_layers(&self) -> usize {

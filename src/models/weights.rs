@@ -8,6 +8,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
 
+use super::precision::{ModelPrecision, Quantization};
 use crate::{Error, Result};
 
 /// Frozen tensors of a pre-trained model, looked up by Hugging Face name with their
@@ -21,6 +22,10 @@ pub struct Weights {
     /// Where the tensors came from, for error messages.
     origin: String,
     dtype: DType,
+    /// Dtype of the trainable tensors built beside these weights (LoRA, head).
+    trainable: DType,
+    /// How frozen matrices are stored by the layers that load them.
+    quantization: Quantization,
 }
 
 /// Prefixes task-specific Hugging Face checkpoints put before the base model's names
@@ -69,6 +74,8 @@ impl Weights {
             device,
             origin: origin.into(),
             dtype,
+            trainable: dtype,
+            quantization: Quantization::None,
         })
     }
 
@@ -83,7 +90,53 @@ impl Weights {
             device: device.clone(),
             origin: format!("built-in random weights (seed {seed})"),
             dtype,
+            trainable: dtype,
+            quantization: Quantization::None,
         }
+    }
+
+    /// The same weights for a model of `precision`: frozen tensors converted to
+    /// `precision.frozen` (the dtype they were read in, when it already is), trainable
+    /// tensors to be made in `precision.trainable`, matrices stored as
+    /// `precision.quantization`.
+    pub fn with_precision(mut self, precision: ModelPrecision) -> Result<Self> {
+        precision.validate()?;
+        if precision.frozen != self.dtype {
+            for t in self.tensors.values_mut() {
+                if t.dtype().is_float() {
+                    *t = t.to_dtype(precision.frozen)?;
+                }
+            }
+            self.dtype = precision.frozen;
+        }
+        self.trainable = precision.trainable;
+        self.quantization = precision.quantization;
+        Ok(self)
+    }
+
+    /// The weights' settings without their tensors: what a built model keeps, so that
+    /// the file's tensors (dense copies of matrices the model stores in int8, tensors
+    /// it does not use) are freed once the model holds its own.
+    pub fn without_tensors(&self) -> Self {
+        Self {
+            tensors: HashMap::new(),
+            random_seed: self.random_seed,
+            device: self.device.clone(),
+            origin: self.origin.clone(),
+            dtype: self.dtype,
+            trainable: self.trainable,
+            quantization: self.quantization,
+        }
+    }
+
+    /// The dtype trainable tensors are made in (the frozen dtype unless mixed).
+    pub fn trainable_dtype(&self) -> DType {
+        self.trainable
+    }
+
+    /// How frozen matrices are stored.
+    pub fn quantization(&self) -> Quantization {
+        self.quantization
     }
 
     fn draw(&self, seed: u64, name: &str, shape: &[usize]) -> Result<Tensor> {
@@ -109,7 +162,7 @@ impl Weights {
         Ok(tensor)
     }
 
-    /// The dtype every tensor was converted to.
+    /// The dtype every frozen tensor was converted to (the activations' dtype).
     pub fn dtype(&self) -> DType {
         self.dtype
     }

@@ -259,6 +259,10 @@ impl ParamSet {
     /// must be leaves (see [`ParamSet::to_leaves`]). A tensor the loss does not depend on
     /// gets a zero gradient. With [`GradGraph::Keep`] the gradient can be differentiated
     /// again; that needs second-order gradients enabled (see [`crate::init`]).
+    ///
+    /// Under a loss scale ([`crate::tensor::loss_scale`]) the pass runs on
+    /// `scale·loss` and the gradients are divided by the scale in their own dtype (f32
+    /// master weights), so they are the true gradients unless something overflowed.
     pub fn gradients(&self, loss: &Tensor, graph: GradGraph) -> Result<Self> {
         if loss.elem_count() != 1 {
             return Err(Error::Shape(format!(
@@ -272,6 +276,14 @@ impl ParamSet {
                  differentiate at `ParamSet::to_leaves()`"
             )));
         }
+        let scale = super::loss_scale::current();
+        let scaled;
+        let loss = if scale == 1.0 {
+            loss
+        } else {
+            scaled = (loss * scale)?;
+            &scaled
+        };
         let store = match graph {
             GradGraph::Keep => {
                 ensure_second_order()?;
@@ -279,11 +291,38 @@ impl ParamSet {
             }
             GradGraph::Detach => first_order_backward(loss)?,
         };
-        self.map(|_, t| match store.get(t) {
-            Some(g) if graph == GradGraph::Keep => Ok(g.clone()),
-            Some(g) => Ok(g.detach()),
-            None => t.zeros_like(),
+        self.map(|_, t| {
+            let g = match store.get(t) {
+                Some(g) if graph == GradGraph::Keep => g.clone(),
+                Some(g) => g.detach(),
+                None => return t.zeros_like(),
+            };
+            if scale == 1.0 {
+                Ok(g)
+            } else {
+                g * scale.recip()
+            }
         })
+    }
+
+    /// `∇⟨outputs, v⟩` with respect to this set (leaves): the vector-Jacobian product of
+    /// `outputs`, tensors computed from these leaves and named like `v`, along `v` —
+    /// a Hessian-vector product when `outputs` is a gradient kept with its graph.
+    ///
+    /// Under a loss scale (f16 activations) `v` is normalised to unit norm for the pass
+    /// and the result scaled back (exact, by linearity): a short `v`, such as an inner
+    /// learning rate times a gradient, would otherwise underflow in f16 where the pass
+    /// crosses the first backward's graph.
+    pub fn vjp(&self, outputs: &ParamSet, v: &ParamSet, graph: GradGraph) -> Result<Self> {
+        if super::loss_scale::current() == 1.0 {
+            return self.gradients(&outputs.dot(v)?, graph);
+        }
+        let norm = v.norm()?;
+        if norm == 0.0 || !norm.is_finite() {
+            return self.gradients(&outputs.dot(v)?, graph);
+        }
+        self.gradients(&outputs.dot(&v.scale(norm.recip())?)?, graph)?
+            .scale(norm)
     }
 
     /// Saves the tensors as safetensors at `path` (atomically), recording their order in

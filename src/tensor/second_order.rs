@@ -60,7 +60,9 @@ fn start_worker() -> Option<FirstOrderWorker> {
     std::thread::Builder::new()
         .name("melora-first-order".into())
         .spawn(move || {
-            let _ = ready.send(probe_detaches().unwrap_or(false));
+            let detaches = probe_detaches().unwrap_or(false);
+            ON_FIRST_ORDER_WORKER.with(|w| w.set(detaches));
+            let _ = ready.send(detaches);
             for (loss, reply) in incoming {
                 let grads = loss.backward();
                 // The loss owns the forward graph: release it before answering, so
@@ -127,6 +129,19 @@ pub(crate) fn first_order_backward(loss: &Tensor) -> Result<GradStore> {
         .recv()
         .map_err(|_| Error::SecondOrder("the first-order worker stopped".into()))?
         .map_err(Error::from)
+}
+
+thread_local! {
+    /// Set on the first-order worker once its passes are known to detach.
+    static ON_FIRST_ORDER_WORKER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether what an op's backward returns on this thread may be differentiated again.
+/// `false` on the first-order worker, whose passes detach every gradient before using
+/// it: a custom op's backward can then drop the graph of its result at once, instead
+/// of keeping its intermediates alive until the pass consumes the result.
+pub(crate) fn backward_keeps_graph() -> bool {
+    !ON_FIRST_ORDER_WORKER.with(std::cell::Cell::get)
 }
 
 thread_local! {

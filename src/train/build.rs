@@ -3,7 +3,9 @@
 
 use candle_core::DType;
 
-use crate::config::{self, Config, HessianKind, InnerMode, LrSchedule, Method, OuterOptimizer};
+use crate::config::{
+    self, Config, HessianKind, InnerMode, LrSchedule, Method, OuterOptimizer, Precision,
+};
 use crate::data::{EncodeText, TextTokenizer, WordHashTokenizer};
 use crate::memory::Checkpointed;
 use crate::meta::{
@@ -11,9 +13,9 @@ use crate::meta::{
     Melora, MetaLearner, Reptile,
 };
 use crate::models::load::{builtin, from_directory};
-use crate::models::{FewShotModel, LoraSettings};
+use crate::models::{FewShotModel, LoraSettings, ModelPrecision, Quantization};
 use crate::nn::{LoraInit, LoraSpec};
-use crate::optim::{Optimizer, OptimizerKind, Schedule};
+use crate::optim::{LossScaler, Optimizer, OptimizerKind, Schedule};
 use crate::{Error, Result};
 
 use super::OuterUpdate;
@@ -27,10 +29,27 @@ fn dtype(config: &Config) -> DType {
     }
 }
 
+/// The dtypes and storage of the model: `model.dtype` throughout, or with
+/// `memory_optimization.precision` bf16/f16 a frozen base and activations in that
+/// type beside f32 trainable tensors; frozen matrices as `model.quantization` says.
+pub fn model_precision(config: &Config) -> ModelPrecision {
+    let quantization = match config.model.quantization {
+        config::Quantization::None => Quantization::None,
+        config::Quantization::Int8 => Quantization::Int8,
+    };
+    let precision = match config.memory_optimization.precision {
+        Precision::F32 => ModelPrecision::from(dtype(config)),
+        Precision::Bf16 => ModelPrecision::mixed(DType::BF16),
+        Precision::F16 => ModelPrecision::mixed(DType::F16),
+    };
+    precision.with_quantization(quantization)
+}
+
 /// The model named by `model.name` (built-in) or `model.path` (Hugging Face folder),
-/// with LoRA from the `lora` section and a head for `data.n_way` classes, and gradient
-/// checkpointing when `memory_optimization.checkpointing.enabled` (an error for
-/// models that are not transformer stacks, or layers the model does not have).
+/// with LoRA from the `lora` section and a head for `data.n_way` classes, in the
+/// precision of [`model_precision`], and gradient checkpointing when
+/// `memory_optimization.checkpointing.enabled` (an error for models that are not
+/// transformer stacks, or layers the model does not have).
 pub fn build_model(config: &Config) -> Result<Box<dyn FewShotModel>> {
     let lora = LoraSettings {
         spec: LoraSpec {
@@ -43,11 +62,11 @@ pub fn build_model(config: &Config) -> Result<Box<dyn FewShotModel>> {
     };
     let outputs = model_outputs(config)?;
     let model = match &config.model.path {
-        Some(dir) => from_directory(dir, dtype(config), Some(lora), outputs)?,
+        Some(dir) => from_directory(dir, model_precision(config), Some(lora), outputs)?,
         None => builtin(
             &config.model.name,
             config.seed,
-            dtype(config),
+            model_precision(config),
             Some(lora),
             outputs,
         )?,
@@ -178,10 +197,11 @@ impl Adapter for AdapterOf {
     }
 }
 
-/// The outer optimiser, schedule and clipping of `meta_learning.outer`.
-pub fn build_outer(config: &Config) -> OuterUpdate {
+/// The outer optimiser, schedule and clipping of `meta_learning.outer`, with dynamic
+/// loss scaling under `memory_optimization.precision: f16`.
+pub fn build_outer(config: &Config) -> Result<OuterUpdate> {
     let outer = &config.meta_learning.outer;
-    OuterUpdate {
+    Ok(OuterUpdate {
         optimizer: Optimizer::new(match outer.optimizer {
             OuterOptimizer::Adamw => OptimizerKind::adamw(outer.weight_decay),
             OuterOptimizer::Sgd => OptimizerKind::Sgd {
@@ -198,12 +218,59 @@ pub fn build_outer(config: &Config) -> OuterUpdate {
         lr: outer.lr,
         grad_clip: outer.grad_clip,
         total_steps: config.meta_learning.num_iterations,
+        loss_scale: loss_scaler(config)?,
+    })
+}
+
+/// Dynamic loss scaling with f16 activations; none otherwise (bf16 has f32's range).
+fn loss_scaler(config: &Config) -> Result<Option<LossScaler>> {
+    let memory = &config.memory_optimization;
+    if memory.precision != Precision::F16 {
+        return Ok(None);
     }
+    let scaling = &memory.loss_scaling;
+    Ok(Some(LossScaler::new(
+        scaling.initial_scale,
+        scaling.growth_interval,
+    )?))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::data::EpisodeSource;
+
+    /// `memory_optimization.precision` and `model.quantization` reach the model and the
+    /// outer update: f32 trainable tensors and logits over a bf16/f16 or int8 base,
+    /// a loss scaler with f16 only.
+    #[test]
+    fn precision_settings_reach_the_model_and_the_outer_update() {
+        let base = Config::default();
+        let reference = build_model(&base).unwrap();
+        let params = reference.init_params(base.seed).unwrap();
+        for (precision, quantization, scaled) in [
+            (Precision::Bf16, config::Quantization::None, false),
+            (Precision::F16, config::Quantization::None, true),
+            (Precision::F32, config::Quantization::Int8, false),
+            (Precision::Bf16, config::Quantization::Int8, false),
+        ] {
+            let mut config = base.clone();
+            config.memory_optimization.precision = precision;
+            config.model.quantization = quantization;
+            config.validate().unwrap();
+            let model = build_model(&config).unwrap();
+            let own = model.init_params(config.seed).unwrap();
+            assert_eq!(own.sub(&params).unwrap().norm().unwrap(), 0.0);
+            assert!(own.iter().all(|(_, t)| t.dtype() == DType::F32));
+            let task = crate::data::SyntheticText::default().episode(0).unwrap();
+            let logits = model
+                .logits(&params, &task.query, crate::nn::Mode::Eval)
+                .unwrap();
+            assert_eq!(logits.dtype(), DType::F32, "{precision} {quantization}");
+            let outer = build_outer(&config).unwrap();
+            assert_eq!(outer.loss_scale.is_some(), scaled, "{precision}");
+        }
+    }
 
     fn config(yaml: &str) -> Config {
         Config::from_yaml_str(yaml).unwrap()

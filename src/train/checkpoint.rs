@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::optim::Optimizer;
+use crate::optim::{LossScaler, Optimizer};
 use crate::tensor::ParamSet;
 use crate::{Error, Result};
 
@@ -38,6 +38,10 @@ pub struct CheckpointState {
     pub n_way: usize,
     /// The resolved configuration of the run (YAML).
     pub config: String,
+    /// Dynamic loss scaling's state (f16 activations), so that a resumed run
+    /// continues with the same scale.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scaler: Option<LossScaler>,
 }
 
 /// Writes a checkpoint folder at `dir` (replacing any previous one only once the new

@@ -55,12 +55,29 @@ pub fn evaluate(
         source.as_ref(),
         options.episodes.unwrap_or(config.evaluation.episodes),
         config.evaluation.confidence,
+        evaluation_loss_scale(config, options.checkpoint.as_deref())?,
         progress,
     )?;
     if crate::memory::is_installed() {
         evaluation.peak_bytes = Some(meter.peak_above_baseline() as u64);
     }
     Ok(evaluation)
+}
+
+/// The loss scale adaptation runs under: none unless the activations are f16; then
+/// the scale the checkpoint's training reached, or the configured initial scale.
+fn evaluation_loss_scale(config: &Config, checkpoint: Option<&Path>) -> Result<Option<f64>> {
+    if config.memory_optimization.precision != crate::config::Precision::F16 {
+        return Ok(None);
+    }
+    let trained = match checkpoint {
+        Some(dir) => super::checkpoint::read_checkpoint_state(dir)?.loss_scaler,
+        None => None,
+    };
+    Ok(Some(trained.map_or(
+        config.memory_optimization.loss_scaling.initial_scale,
+        |s| s.scale(),
+    )))
 }
 
 /// Writes `evaluation` as `evaluation.json` in `dir` (atomically) and returns the path.

@@ -161,6 +161,20 @@ pub trait FullObserver {
     fn evaluation_progress(&mut self, _done: usize, _total: usize) {}
     /// A run finished.
     fn run_finished(&mut self, _record: &RunRecord) {}
+    /// Something to tell the user, such as the configuration a memory budget chose.
+    fn note(&mut self, _text: &str) {}
+}
+
+/// `config` fitted to its memory budget, if it sets one (see
+/// [`crate::memory::budget`]); the choice is told to `observer`.
+fn fitted_to_budget(config: Config, observer: &mut dyn FullObserver) -> Result<Config> {
+    match crate::memory::fit_configured(&config)? {
+        Some(choice) => {
+            observer.note(&choice.explain());
+            Ok(choice.config)
+        }
+        None => Ok(config),
+    }
 }
 
 /// How `melora full` is driven beyond the configuration.
@@ -216,6 +230,7 @@ pub fn run_full(
             let mut run_config = variant.apply(config);
             run_config.seed = config.seed + s as u64;
             run_config.tracking.run_name = None;
+            let run_config = fitted_to_budget(run_config, observer)?;
             index += 1;
             let label = variant.to_string();
             observer.run_started(&label, run_config.seed, index, total);
@@ -244,6 +259,7 @@ pub fn run_full(
                 None => format!("ablation-r{rank}-k{k}"),
             };
             run_config.tracking.run_name = Some(label.clone());
+            let run_config = fitted_to_budget(run_config, observer)?;
             index += 1;
             observer.run_started(&label, run_config.seed, index, total);
             let Some(record) = train_and_evaluate(&run_config, &label, config.seed, observer)?

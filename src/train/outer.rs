@@ -1,7 +1,7 @@
 //! The outer update of meta-training: average the meta-batch's meta-gradients, clip
 //! them by global norm, and take an optimiser step at the scheduled rate.
 
-use crate::optim::{Optimizer, Schedule};
+use crate::optim::{LossScaler, Optimizer, Schedule};
 use crate::tensor::ParamSet;
 use crate::{Error, Result};
 
@@ -47,6 +47,9 @@ pub struct OuterUpdate {
     pub grad_clip: Option<f64>,
     /// Total outer steps (for the schedule).
     pub total_steps: usize,
+    /// Dynamic loss scaling of every backward pass of a step (f16 activations); a
+    /// step that overflows is skipped. `None`: no scaling.
+    pub loss_scale: Option<LossScaler>,
 }
 
 impl OuterUpdate {
@@ -117,6 +120,7 @@ mod tests {
             lr: 0.5,
             grad_clip: Some(10.0),
             total_steps: 3,
+            loss_scale: None,
         };
         let (next, norm) = outer
             .apply(&set(&[1.0]), &[set(&[1.0]), set(&[3.0])])

@@ -17,16 +17,18 @@ use crate::config::{Config, Variant};
 use crate::data::{episode_source, EpisodeSource, Prefetcher, Split};
 use crate::eval::evaluate_episodes;
 use crate::memory::MemoryMeter;
+use crate::memory::{format_bytes, BudgetGuard};
 use crate::meta::Adapter;
 use crate::models::FewShotModel;
 use crate::nn::Mode;
+use crate::optim::LossScaler;
 use crate::tensor::{ops, ParamSet};
 use crate::track::{RunTracker, TrackerOptions};
 use crate::Result;
 
 use super::build::{build_learner, build_model, build_outer, build_text_encoder};
 use super::checkpoint::{load_checkpoint, save_checkpoint, CheckpointState};
-use super::{meta_step, StepStats};
+use super::{meta_step, OuterUpdate, StepStats};
 
 /// What the progress callback sees after each iteration.
 #[derive(Debug, Clone)]
@@ -44,6 +46,9 @@ pub struct IterationReport<'a> {
     pub best: Option<f64>,
     /// Seconds the iteration took.
     pub seconds: f64,
+    /// The micro-batch this iteration was redone with after going above the memory
+    /// budget (it stays in use), if it was.
+    pub reduced_micro_batch: Option<usize>,
 }
 
 /// Called after every iteration.
@@ -101,16 +106,39 @@ pub struct TrainSummary {
 }
 
 /// The mean validation score over the first `count` episodes of `source`: accuracy,
-/// or minus the MSE for regression tasks.
+/// or minus the MSE for regression tasks. With a loss scale (f16 activations)
+/// adaptation runs under it.
 pub(crate) fn validation_score(
     adapter: &dyn Adapter,
     model: &dyn FewShotModel,
     params: &ParamSet,
     source: &dyn EpisodeSource,
     count: usize,
+    loss_scale: Option<f64>,
 ) -> Result<f64> {
-    let evaluation = evaluate_episodes(adapter, model, params, source, count, 0.95, &mut |_| {})?;
+    let evaluation = evaluate_episodes(
+        adapter,
+        model,
+        params,
+        source,
+        count,
+        0.95,
+        loss_scale,
+        &mut |_| {},
+    )?;
     Ok(evaluation.score())
+}
+
+/// Half the micro-batch in use (`None`: whole sets, i.e. the largest set of
+/// `tasks`), or `None` if it is already 1.
+fn halved_micro_batch(current: Option<usize>, tasks: &[crate::data::Episode]) -> Option<usize> {
+    let largest = tasks
+        .iter()
+        .map(|t| t.support.len().max(t.query.len()))
+        .max()
+        .unwrap_or(1);
+    let size = current.unwrap_or(largest).min(largest);
+    (size > 1).then(|| size.div_ceil(2))
 }
 
 /// The run's folder: `<output_dir>/<experiment_name>/<run_name>`, the run named
@@ -150,9 +178,9 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainSummary> {
     crate::init();
     let meter = MemoryMeter::start();
     let model = build_model(config)?;
-    let learner = build_learner(config)?;
+    let mut learner = build_learner(config)?;
     let encoder = build_text_encoder(config)?;
-    let mut outer = build_outer(config);
+    let mut outer = build_outer(config)?;
     let mut params = model.init_params(config.seed)?;
     let (mut start, mut best, mut stale) = (0usize, None, 0usize);
     if let Some(dir) = &options.resume {
@@ -164,6 +192,9 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainSummary> {
         start = checkpoint.state.iteration;
         best = checkpoint.state.best_val_score;
         stale = checkpoint.state.validations_since_best;
+        if checkpoint.state.loss_scaler.is_some() && outer.loss_scale.is_some() {
+            outer.loss_scale = checkpoint.state.loss_scaler;
+        }
     }
     let run_dir = run_dir(config);
     std::fs::create_dir_all(&run_dir).map_err(|e| crate::Error::io(&run_dir, e))?;
@@ -198,20 +229,22 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainSummary> {
     let meta_batch = config.meta_learning.meta_batch_size;
     let total = config.meta_learning.num_iterations;
     let mut prefetcher = Prefetcher::new(train_source, (start * meta_batch) as u64, meta_batch, 2)?;
-    let state = |iteration: usize, steps: u64, best: Option<f64>, stale: usize| CheckpointState {
-        iteration,
-        optimizer_steps: steps,
-        best_val_score: best,
-        validations_since_best: stale,
-        model: config
-            .model
-            .path
-            .as_ref()
-            .map_or(config.model.name.clone(), |p| p.display().to_string()),
-        lora_rank: config.lora.rank,
-        n_way: config.data.n_way,
-        config: config_yaml.clone(),
-    };
+    let state =
+        |iteration: usize, outer: &OuterUpdate, best: Option<f64>, stale: usize| CheckpointState {
+            iteration,
+            optimizer_steps: outer.optimizer.steps(),
+            best_val_score: best,
+            validations_since_best: stale,
+            model: config
+                .model
+                .path
+                .as_ref()
+                .map_or(config.model.name.clone(), |p| p.display().to_string()),
+            lora_rank: config.lora.rank,
+            n_way: config.data.n_way,
+            config: config_yaml.clone(),
+            loss_scaler: outer.loss_scale.clone(),
+        };
     let mut summary = TrainSummary {
         run_dir: run_dir.clone(),
         iterations: start,
@@ -225,6 +258,14 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainSummary> {
         peak_bytes: None,
     };
     let mut times = Vec::new();
+    // The budget holds for the whole process (model, data and steps), as planned.
+    let guard = config
+        .memory_optimization
+        .budget
+        .limit_bytes()?
+        .map(BudgetGuard::arm)
+        .transpose()?;
+    let mut micro_batch = config.memory_optimization.gradient_accumulation.micro_batch;
     for iteration in start..total {
         let stop_requested = options
             .stop
@@ -239,7 +280,7 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainSummary> {
                 &run_dir.join("last"),
                 &params,
                 &outer.optimizer,
-                &state(iteration, outer.optimizer.steps(), best, stale),
+                &state(iteration, &outer, best, stale),
             )?;
             break;
         }
@@ -249,15 +290,47 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainSummary> {
         let dropout = move |task: usize| Mode::Train {
             seed: ops::mix_seed(seed, (iteration * meta_batch + task) as u64),
         };
-        let (next, stats) = meta_step(
-            learner.as_ref(),
-            model.as_ref(),
-            &params,
-            &tasks,
-            &mut outer,
-            dropout,
-        )
-        .map_err(|e| crate::Error::InvalidArgument(format!("iteration {}: {e}", iteration + 1)))?;
+        let mut reduced_micro_batch = None;
+        let (next, stats) = loop {
+            if let Some(guard) = &guard {
+                guard.clear();
+            }
+            match meta_step(
+                learner.as_ref(),
+                model.as_ref(),
+                &params,
+                &tasks,
+                &mut outer,
+                dropout,
+            ) {
+                Err(crate::Error::OverBudget { budget }) => {
+                    // Nothing changed yet: redo the step with half the micro-batch, which
+                    // accumulates to the same gradient.
+                    let half = halved_micro_batch(micro_batch, &tasks).ok_or_else(|| {
+                        crate::Error::MemoryBudget(format!(
+                            "iteration {}: a meta-step needs more than the budget of {} even \
+                             with micro-batches of 1 example; raise --memory-budget, or enable \
+                             memory_optimization.checkpointing or precision: bf16",
+                            iteration + 1,
+                            format_bytes(budget)
+                        ))
+                    })?;
+                    micro_batch = Some(half);
+                    let mut smaller = config.clone();
+                    smaller
+                        .memory_optimization
+                        .gradient_accumulation
+                        .micro_batch = Some(half);
+                    learner = build_learner(&smaller)?;
+                    reduced_micro_batch = Some(half);
+                }
+                outcome => {
+                    break outcome.map_err(|e| {
+                        crate::Error::InvalidArgument(format!("iteration {}: {e}", iteration + 1))
+                    })?
+                }
+            }
+        };
         let seconds = started.elapsed().as_secs_f64();
         times.push(seconds);
         params = next;
@@ -271,6 +344,11 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainSummary> {
         if !stats.regression {
             metrics.push(("train/query_accuracy", stats.query_accuracy));
         }
+        if let Some(scale) = stats.loss_scale {
+            // f16: the scale this step ran under, and whether it overflowed (skipped).
+            metrics.push(("train/loss_scale", scale));
+            metrics.push(("train/skipped", f64::from(u8::from(stats.skipped))));
+        }
         let validate =
             (iteration + 1) % config.evaluation.eval_every == 0 || iteration + 1 == total;
         let mut validation = None;
@@ -281,6 +359,8 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainSummary> {
                 &params,
                 val_source.as_ref(),
                 config.evaluation.val_episodes,
+                // f16: adaptation's backward passes need the loss scale too.
+                outer.loss_scale.as_ref().map(LossScaler::scale),
             )?;
             validation = Some(score);
             metrics.push(("val/score", score));
@@ -292,7 +372,7 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainSummary> {
                     &run_dir.join("best"),
                     &params,
                     &outer.optimizer,
-                    &state(iteration + 1, outer.optimizer.steps(), best, stale),
+                    &state(iteration + 1, &outer, best, stale),
                 )?;
             } else {
                 stale += 1;
@@ -301,11 +381,14 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainSummary> {
                 &run_dir.join("last"),
                 &params,
                 &outer.optimizer,
-                &state(iteration + 1, outer.optimizer.steps(), best, stale),
+                &state(iteration + 1, &outer, best, stale),
             )?;
         }
         if crate::memory::is_installed() {
             metrics.push(("memory/peak_bytes", meter.peak_above_baseline() as f64));
+        }
+        if let Some(size) = reduced_micro_batch {
+            metrics.push(("memory/micro_batch", size as f64));
         }
         tracker.log((iteration + 1) as u64, &metrics)?;
         if let Some(report) = &options.on_iteration {
@@ -316,6 +399,7 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainSummary> {
                 validation,
                 best,
                 seconds,
+                reduced_micro_batch,
             });
         }
         summary.history.push(stats);
@@ -380,6 +464,59 @@ mod tests {
         let mut config = Config::from_yaml_str(yaml).unwrap();
         config.tracking.output_dir = output.to_path_buf();
         config
+    }
+
+    /// f16 activations over an int8 base with a scale forced to overflow: the run skips
+    /// steps until the scale fits, keeps f32 finite parameters, and a resumed run
+    /// continues with the checkpoint's scale (same parameters as uninterrupted).
+    #[test]
+    fn f16_int8_training_recovers_from_overflow_and_resumes_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = |name: &str| {
+            let mut c = tiny_config(&dir.path().join(name));
+            c.model.quantization = crate::config::Quantization::Int8;
+            c.memory_optimization.precision = crate::config::Precision::F16;
+            c.memory_optimization.loss_scaling.initial_scale = 2f64.powi(24);
+            c.memory_optimization.loss_scaling.growth_interval = 2;
+            c.meta_learning.num_iterations = 10;
+            c
+        };
+        let whole = train(&config("a"), &TrainOptions::default()).unwrap();
+        assert!(whole
+            .params
+            .iter()
+            .all(|(_, t)| t.dtype() == candle_core::DType::F32));
+        assert!(whole.params.norm().unwrap().is_finite());
+        let skipped = whole.history.iter().filter(|s| s.skipped).count();
+        assert!(skipped >= 1, "the forced scale did not overflow");
+        assert!(skipped < whole.history.len(), "no step was applied");
+        let first = train(
+            &config("b"),
+            &TrainOptions {
+                max_iterations: Some(7),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let saved = load_checkpoint(&first.run_dir.join("last"), &first.params).unwrap();
+        let scaler = saved
+            .state
+            .loss_scaler
+            .expect("the scaler's state is saved");
+        assert!(scaler.scale() < 2f64.powi(24));
+        let resumed = train(
+            &config("b"),
+            &TrainOptions {
+                resume: Some(first.run_dir.join("last")),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            resumed.params.sub(&whole.params).unwrap().norm().unwrap(),
+            0.0,
+            "resumed run differs"
+        );
     }
 
     /// Interrupted after 4 iterations and resumed from the last checkpoint, a run ends

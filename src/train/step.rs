@@ -1,6 +1,10 @@
 //! One meta-training step: every task of the meta-batch through the learner, then the
 //! outer update. A failing task (empty set, non-finite loss) stops the step with an
 //! error naming the task, before anything reaches the parameters.
+//!
+//! With dynamic loss scaling (f16 activations) every backward pass of the step runs
+//! under the scaler's scale; a non-finite value anywhere in the meta-batch skips the
+//! step (parameters and optimiser untouched) and halves the scale instead.
 
 use crate::data::Episode;
 use crate::meta::MetaLearner;
@@ -22,8 +26,28 @@ pub struct StepStats {
     pub support_loss: f64,
     /// Norm of the averaged meta-gradient before clipping.
     pub grad_norm: f64,
+    /// The loss scale the step ran under (`None`: no scaling).
+    pub loss_scale: Option<f64>,
+    /// Whether the step was skipped because a scaled backward pass overflowed (the
+    /// losses and norm are then NaN).
+    pub skipped: bool,
     /// Whether the tasks are regression (the loss is an MSE, accuracy meaningless).
     pub regression: bool,
+}
+
+/// A skipped step: the parameters unchanged, NaN statistics.
+fn skipped(params: &ParamSet, scale: Option<f64>, regression: bool) -> (ParamSet, StepStats) {
+    let nan = f64::NAN;
+    let stats = StepStats {
+        query_loss: nan,
+        query_accuracy: nan,
+        support_loss: nan,
+        grad_norm: nan,
+        loss_scale: scale,
+        skipped: true,
+        regression,
+    };
+    (params.clone(), stats)
 }
 
 /// Applies one meta-step to `params` with the tasks of `meta_batch`; `mode(i)` gives
@@ -41,26 +65,46 @@ pub fn meta_step(
             "the meta-batch holds no task".into(),
         ));
     }
+    let regression = meta_batch[0].query.targets.is_some();
     let mut gradients = Vec::with_capacity(meta_batch.len());
     let (mut query_loss, mut query_accuracy, mut support_loss) = (0.0, 0.0, 0.0);
+    let scale = outer.loss_scale.as_ref().map(|s| s.scale());
+    let scope = scale.map(crate::tensor::loss_scale::scoped);
     for (i, task) in meta_batch.iter().enumerate() {
-        let outcome = learner
-            .meta_gradient(model, params, task, mode(i))
-            .map_err(|e| match e {
-                Error::NonFinite(m) => {
-                    Error::NonFinite(format!("task {} of the meta-batch, {m}", i + 1))
-                }
-                Error::InvalidArgument(m) => {
-                    Error::InvalidArgument(format!("task {} of the meta-batch: {m}", i + 1))
-                }
-                other => other,
-            })?;
+        let outcome = learner.meta_gradient(model, params, task, mode(i));
+        if let (Err(Error::NonFinite(what)), Some(scaler)) = (&outcome, outer.loss_scale.as_mut()) {
+            // An overflow of the scaled passes: skip the step, smaller scale next time.
+            scaler.record_overflow(&format!("task {} of the meta-batch, {what}", i + 1))?;
+            return Ok(skipped(params, scale, regression));
+        }
+        let outcome = outcome.map_err(|e| match e {
+            Error::NonFinite(m) => {
+                Error::NonFinite(format!("task {} of the meta-batch, {m}", i + 1))
+            }
+            Error::InvalidArgument(m) => {
+                Error::InvalidArgument(format!("task {} of the meta-batch: {m}", i + 1))
+            }
+            other => other,
+        })?;
+        // Under a memory budget, a task that went above it ends the step here, before
+        // the optimiser changes: the caller redoes it with smaller micro-batches.
+        crate::memory::check_budget()?;
         query_loss += outcome.query_loss;
         query_accuracy += outcome.query_accuracy;
         support_loss += outcome.support_losses.first().copied().unwrap_or(f64::NAN);
         gradients.push(outcome.meta_gradient);
     }
-    let (next, grad_norm) = outer.apply(params, &gradients)?;
+    drop(scope);
+    // The outer update refuses a non-finite mean before touching the optimiser.
+    let applied = outer.apply(params, &gradients);
+    if let (Err(Error::NonFinite(what)), Some(scaler)) = (&applied, outer.loss_scale.as_mut()) {
+        scaler.record_overflow(what)?;
+        return Ok(skipped(params, scale, regression));
+    }
+    let (next, grad_norm) = applied?;
+    if let Some(scaler) = outer.loss_scale.as_mut() {
+        scaler.record_good_step();
+    }
     let n = meta_batch.len() as f64;
     Ok((
         next,
@@ -69,7 +113,9 @@ pub fn meta_step(
             query_accuracy: query_accuracy / n,
             support_loss: support_loss / n,
             grad_norm,
-            regression: meta_batch[0].query.targets.is_some(),
+            loss_scale: scale,
+            skipped: false,
+            regression,
         },
     ))
 }
@@ -90,6 +136,7 @@ mod tests {
             lr: 0.01,
             grad_clip: Some(1.0),
             total_steps: 10,
+            loss_scale: None,
         }
     }
 

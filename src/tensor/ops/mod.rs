@@ -27,6 +27,7 @@ mod loss;
 pub mod norm;
 mod pointwise;
 mod pooling;
+mod quantized;
 mod rows;
 mod softmax;
 
@@ -35,7 +36,9 @@ pub use conv::{conv2d, max_pool};
 pub(crate) use dropout::mix_seed;
 pub use dropout::{dropout, Mode};
 pub use embedding::embedding;
+pub(crate) use frozen_linear::{frozen_linear_matrix, FrozenMatrix, Stored};
 pub use linear::{frozen_linear, frozen_linear_in_out, linear, linear_in_out, matmul};
 pub use loss::{cross_entropy, cross_entropy_one_hot, mse, one_hot};
 pub use pooling::{last_token, masked_mean_pool};
+pub(crate) use quantized::{int8_embedding, Int8Matrix};
 pub use softmax::{log_softmax, masked_softmax, softmax};

@@ -1,7 +1,7 @@
 //! Normalisation layers over the last dimension, composed from primitives so that
 //! they are differentiable to any order (candle's fused norms return no gradient).
 
-use candle_core::{Result, Tensor, D};
+use candle_core::{DType, Result, Tensor, D};
 
 /// Layer normalisation over the last dimension:
 /// `(x − mean) / √(var + eps) · gamma + beta`, with the biased variance (PyTorch's
@@ -16,6 +16,12 @@ pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result
 /// T5's layer norm (RMS norm): `x / √(mean(x²) + eps) · weight`, with no mean
 /// subtraction and no bias.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    if matches!(x.dtype(), DType::BF16 | DType::F16) {
+        // candle sums bf16/f16 rows in their own type, which loses the mean square:
+        // compute in f32 (the composite keeps f32 intermediates for its backward).
+        let x32 = x.to_dtype(DType::F32)?;
+        return rms_norm(&x32, &weight.to_dtype(DType::F32)?, eps)?.to_dtype(x.dtype());
+    }
     let mean_square = x.sqr()?.mean_keepdim(D::Minus1)?;
     x.broadcast_div(&(mean_square + eps)?.sqrt()?)?
         .broadcast_mul(weight)

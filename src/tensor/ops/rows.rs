@@ -121,3 +121,116 @@ pub(crate) fn map_elements(
         _ => candle_core::bail!("fused op: floating-point input expected"),
     })
 }
+
+/// Contiguous float elements of any dtype, read as f64.
+#[derive(Clone, Copy)]
+enum Floats<'a> {
+    F64(&'a [f64]),
+    F32(&'a [f32]),
+    BF16(&'a [half::bf16]),
+    F16(&'a [half::f16]),
+}
+
+impl<'a> Floats<'a> {
+    fn new(storage: &'a CpuStorage, layout: &Layout) -> Result<Self> {
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("fused op: expects a contiguous input");
+        };
+        Ok(match storage {
+            CpuStorage::F64(v) => Floats::F64(&v[start..end]),
+            CpuStorage::F32(v) => Floats::F32(&v[start..end]),
+            CpuStorage::BF16(v) => Floats::BF16(&v[start..end]),
+            CpuStorage::F16(v) => Floats::F16(&v[start..end]),
+            _ => candle_core::bail!("fused op: floating-point input expected"),
+        })
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Floats::F64(v) => v.len(),
+            Floats::F32(v) => v.len(),
+            Floats::BF16(v) => v.len(),
+            Floats::F16(v) => v.len(),
+        }
+    }
+
+    /// Elements `offset..offset + dst.len()` into `dst`.
+    fn read(&self, offset: usize, dst: &mut [f64]) {
+        let n = dst.len();
+        match self {
+            Floats::F64(v) => dst.copy_from_slice(&v[offset..offset + n]),
+            Floats::F32(v) => dst
+                .iter_mut()
+                .zip(&v[offset..offset + n])
+                .for_each(|(d, &s)| *d = s as f64),
+            Floats::BF16(v) => dst
+                .iter_mut()
+                .zip(&v[offset..offset + n])
+                .for_each(|(d, s)| *d = s.to_f64()),
+            Floats::F16(v) => dst
+                .iter_mut()
+                .zip(&v[offset..offset + n])
+                .for_each(|(d, s)| *d = s.to_f64()),
+        }
+    }
+}
+
+type RowFn<'f> = &'f (dyn Fn(usize, &[f64], &[f64], &mut [f64]) + Sync);
+
+fn rows2_typed<T: Copy + Send + Sync>(
+    a: Floats<'_>,
+    b: Floats<'_>,
+    width: usize,
+    from: fn(f64) -> T,
+    f: RowFn<'_>,
+) -> Vec<T> {
+    let mut out = vec![from(0.0); a.len()];
+    let run = |scratch: &mut (Vec<f64>, Vec<f64>, Vec<f64>), (row, dst): (usize, &mut [T])| {
+        let (x, y, z) = scratch;
+        x.resize(width, 0.0);
+        y.resize(width, 0.0);
+        z.resize(width, 0.0);
+        a.read(row * width, x);
+        b.read(row * width, y);
+        f(row, x, y, z);
+        for (d, &v) in dst.iter_mut().zip(z.iter()) {
+            *d = from(v);
+        }
+    };
+    if out.len() < PARALLEL_THRESHOLD {
+        let mut scratch = (Vec::new(), Vec::new(), Vec::new());
+        for item in out.chunks_mut(width).enumerate() {
+            run(&mut scratch, item);
+        }
+    } else {
+        out.par_chunks_mut(width)
+            .enumerate()
+            .for_each_init(|| (Vec::new(), Vec::new(), Vec::new()), run);
+    }
+    out
+}
+
+/// Applies `f(row index, a row, b row, output row)` to every row of `width` elements of
+/// two contiguous float tensors with the same number of elements (any float dtypes),
+/// in parallel, in f64; the result has `a`'s dtype.
+pub(crate) fn map_rows2(
+    a: (&CpuStorage, &Layout),
+    b: (&CpuStorage, &Layout),
+    width: usize,
+    f: impl Fn(usize, &[f64], &[f64], &mut [f64]) + Sync,
+) -> Result<CpuStorage> {
+    let (fa, fb) = (Floats::new(a.0, a.1)?, Floats::new(b.0, b.1)?);
+    if fa.len() != fb.len() || width == 0 || fa.len() % width != 0 {
+        candle_core::bail!(
+            "fused op: inputs of {} and {} elements do not form rows of {width}",
+            fa.len(),
+            fb.len()
+        );
+    }
+    Ok(match fa {
+        Floats::F64(_) => CpuStorage::F64(rows2_typed(fa, fb, width, |x| x, &f)),
+        Floats::F32(_) => CpuStorage::F32(rows2_typed(fa, fb, width, |x| x as f32, &f)),
+        Floats::BF16(_) => CpuStorage::BF16(rows2_typed(fa, fb, width, half::bf16::from_f64, &f)),
+        Floats::F16(_) => CpuStorage::F16(rows2_typed(fa, fb, width, half::f16::from_f64, &f)),
+    })
+}
