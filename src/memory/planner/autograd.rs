@@ -317,10 +317,20 @@ fn rule(sim: &Sim, grads: &mut GradStore, node: &T, op: &Op, grad: &T) {
         Op::Custom1(arg, custom) => {
             let a = h(*arg);
             let g = match custom {
-                Custom::FrozenLinear { weight, in_out } => {
-                    let w = if *in_out { h(*weight).t() } else { h(*weight) };
-                    grad.broadcast_matmul(&w)
-                }
+                // The same op with the weight's roles swapped, on the contiguous
+                // gradient: no weight gradient, at any order.
+                Custom::FrozenLinear {
+                    weight,
+                    in_out,
+                    transposed,
+                } => grad.contiguous().custom1(
+                    Custom::FrozenLinear {
+                        weight: *weight,
+                        in_out: *in_out,
+                        transposed: !transposed,
+                    },
+                    &a.dims(),
+                ),
                 Custom::Softmax => {
                     let weighted = grad.mul(node).sum_keepdim(&[last(node)]);
                     node.mul(&grad.broadcast_binary(&weighted, Bin::Sub))
@@ -351,11 +361,16 @@ fn rule(sim: &Sim, grads: &mut GradStore, node: &T, op: &Op, grad: &T) {
                 .broadcast_binary(&rstd, Bin::Mul);
             let width = xt.dims()[l];
             let rows = xt.elem_count() / width;
-            let d_gamma = grad.mul(&normed).reshape(&[rows, width]).sum(&[0]);
-            let d_beta = grad.reshape(&[rows, width]).sum(&[0]);
             accumulate(sim, grads, *x, &dx, false);
-            accumulate(sim, grads, *gamma, &d_gamma, false);
-            accumulate(sim, grads, *beta, &d_beta, false);
+            // A frozen scale or shift (every transformer's) gets no gradient.
+            if gm.tracks() {
+                let d_gamma = grad.mul(&normed).reshape(&[rows, width]).sum(&[0]);
+                accumulate(sim, grads, *gamma, &d_gamma, false);
+            }
+            if h(*beta).tracks() {
+                let d_beta = grad.reshape(&[rows, width]).sum(&[0]);
+                accumulate(sim, grads, *beta, &d_beta, false);
+            }
         }
         Op::Custom3(..) => unreachable!("only layer norm has three inputs"),
     }

@@ -196,6 +196,7 @@ impl Linear {
                 Custom::FrozenLinear {
                     weight: self.weight.id(),
                     in_out: self.in_out,
+                    transposed: false,
                 },
                 &out_dims,
             )

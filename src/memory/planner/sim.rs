@@ -113,8 +113,13 @@ pub(crate) enum Un {
 /// melora's custom ops (`tensor::ops`), with the backward each one builds.
 #[derive(Debug, Clone)]
 pub(crate) enum Custom {
-    /// `frozen_linear`: backward is `grad · W` (W `[out, in]`, or `Wᵀ` of `[in, out]`).
-    FrozenLinear { weight: NodeId, in_out: bool },
+    /// `frozen_linear`: `x·Wᵀ` (or, `transposed`, `g·W`) for a frozen `W` held by the
+    /// op struct; its backward is the same op with the roles swapped.
+    FrozenLinear {
+        weight: NodeId,
+        in_out: bool,
+        transposed: bool,
+    },
     /// Fused layer norm (inputs x, γ, β); backward rebuilds the statistics.
     LayerNorm,
     /// Fused (masked) softmax; backward from its output.
@@ -160,7 +165,7 @@ impl Custom {
     /// `PointwiseOp`, `LayerNormOp`).
     fn struct_bytes(&self) -> u64 {
         match self {
-            Custom::FrozenLinear { .. } => 40,
+            Custom::FrozenLinear { .. } => 48,
             Custom::Softmax => 48,
             Custom::Pointwise { .. } => 2,
             Custom::LayerNorm => 8,
