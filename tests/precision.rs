@@ -215,6 +215,55 @@ fn bf16_meta_gradients_are_within_two_percent_of_f32() {
     }
 }
 
+/// Gradient checkpointing over a bf16 base: the segment sweeps of the exact
+/// second-order meta-gradient (Hessian-vector products by the R-operator) and of
+/// MELoRA's Gauss-Newton products add f32 and bf16 inner products; the results stay
+/// within 2% of the unsegmented f32 ones (tiny BERT, a segment per layer).
+#[test]
+fn bf16_checkpointed_second_order_meta_gradients_track_f32() {
+    use melora::memory::{CheckpointPlan, Checkpointed};
+    use melora::meta::{HessianApproximation, Melora};
+    melora::init();
+    let f32_model = builtin("tiny-bert", 1, DType::F32, Some(lora()), 5).unwrap();
+    let bf16_model = builtin(
+        "tiny-bert",
+        1,
+        ModelPrecision::mixed(DType::BF16),
+        Some(lora()),
+        5,
+    )
+    .unwrap();
+    let checkpointed = Checkpointed::new(bf16_model, CheckpointPlan::Every(1)).unwrap();
+    let params = trained_like(&f32_model.init_params(2).unwrap());
+    let task = task(16, 1000);
+    let learners: Vec<(&str, Box<dyn MetaLearner>)> = vec![
+        ("maml recompute", Box::new(maml(2, MamlMode::Recompute))),
+        (
+            "melora gauss-newton",
+            Box::new(Melora {
+                inner: InnerLoop::new(2, 0.01),
+                approximation: HessianApproximation::GaussNewton,
+                damping: 0.0,
+                clamp: None,
+                seed: 0,
+            }),
+        ),
+    ];
+    for (name, learner) in learners {
+        let reference = learner
+            .meta_gradient(f32_model.as_ref(), &params, &task, Mode::Eval)
+            .unwrap()
+            .meta_gradient;
+        let mixed = learner
+            .meta_gradient(&checkpointed, &params, &task, Mode::Eval)
+            .unwrap()
+            .meta_gradient;
+        let error = relative_error(&lora_part(&mixed), &lora_part(&reference));
+        println!("tiny-bert bf16 checkpointed {name}: LoRA meta-gradient error {error:.2e}");
+        assert!(error < 0.02, "{name}: {error}");
+    }
+}
+
 /// f16 activations with loss scaling: the meta-gradient tracks f32's, and without the
 /// scale the inner and query gradients underflow.
 #[test]

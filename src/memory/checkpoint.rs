@@ -69,7 +69,7 @@
 //! - Forward-only evaluation: without a graph nothing is kept anyway.
 
 use candle_core::backprop::GradStore;
-use candle_core::{Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 
 use crate::data::Batch;
 use crate::models::{tail_logits, FewShotModel, StackContext, TransformerClassifier};
@@ -290,9 +290,16 @@ fn leaf(t: &Tensor) -> Result<Tensor> {
     Ok(Var::from_tensor(&t.detach())?.into_inner())
 }
 
-/// `Σ ⟨a, b⟩` as a 0-d tensor.
+/// `Σ ⟨a, b⟩` as a 0-d tensor, in f32 when `a` and `b` are half precision: the
+/// sweeps add products of half-precision activations to products of the f32
+/// trainable tensors (mixed precision), and only differentiate the sum, whose own
+/// value is never read.
 fn inner(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    Ok((a * b)?.sum_all()?)
+    let sum = (a * b)?.sum_all()?;
+    Ok(match sum.dtype() {
+        DType::BF16 | DType::F16 => sum.to_dtype(DType::F32)?,
+        _ => sum,
+    })
 }
 
 /// Adds an optional term to an optional sum.
