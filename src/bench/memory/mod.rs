@@ -266,8 +266,9 @@ pub struct ModelInfo {
     pub lora_rank: usize,
     /// LoRA scale numerator.
     pub lora_alpha: f64,
-    /// Modules with LoRA adapters; `None`: the family's defaults (query and value for
-    /// BERT). The classification head is always trained.
+    /// Modules with LoRA adapters: `lora.target_modules`, or the family's defaults
+    /// (query and value for BERT); `None` for an unknown family. The classification
+    /// head is always trained.
     pub lora_targets: Option<Vec<String>>,
     /// Classes per task.
     pub n_way: usize,
@@ -311,6 +312,9 @@ impl ModelInfo {
                 (family, Some(value))
             }
         };
+        let lora_targets = config.lora.target_modules.clone().or_else(|| {
+            default_targets(family.as_deref()?).map(|t| t.iter().map(|s| s.to_string()).collect())
+        });
         Ok(ModelInfo {
             name: config.model.name.clone(),
             path: config.model.path.clone(),
@@ -318,7 +322,7 @@ impl ModelInfo {
             architecture,
             lora_rank: config.lora.rank,
             lora_alpha: config.lora.alpha,
-            lora_targets: config.lora.target_modules.clone(),
+            lora_targets,
             n_way: config.data.n_way,
             k_shot: config.data.k_shot,
             n_query: config.data.n_query,
@@ -359,6 +363,18 @@ impl ModelInfo {
             self.meta_batch_size
         )
     }
+}
+
+/// The modules a family adapts when `lora.target_modules` is not set.
+fn default_targets(family: &str) -> Option<&'static [&'static str]> {
+    use crate::models::{bert, distilbert, gpt2, t5};
+    Some(match family {
+        "bert" => bert::DEFAULT_TARGETS,
+        "distilbert" => distilbert::DEFAULT_TARGETS,
+        "gpt2" => gpt2::DEFAULT_TARGETS,
+        "t5" => t5::DEFAULT_TARGETS,
+        _ => return None,
+    })
 }
 
 /// `6 layers, width 384, 12 heads, FFN 1536, vocab 30522` from a `config.json` of

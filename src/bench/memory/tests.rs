@@ -138,7 +138,9 @@ fn model_info_reads_the_builtin_architecture() {
         "{text}"
     );
     assert!(
-        text.contains("5-way 5-shot, 5 queries, 32 tokens; meta-batch 4"),
+        text.contains(
+            "LoRA r=8 on query, value + head; 5-way 5-shot, 5 queries, 32 tokens; meta-batch 4"
+        ),
         "{text}"
     );
 }
