@@ -139,6 +139,12 @@ pub(crate) enum Command {
     Full(FullArgs),
     /// Redraw the plots and report of an experiment folder written by `full`
     Report(ReportArgs),
+    /// Predict the peak memory of the configuration before running it, broken down,
+    /// and compared across methods
+    Plan(PlanArgs),
+    /// Run a few meta-iterations of the configuration: measured peak memory (heap and
+    /// RSS) and time per iteration beside the planner's prediction
+    Profile(ProfileArgs),
 }
 
 #[derive(Debug, Args)]
@@ -184,6 +190,38 @@ pub(crate) struct ReportArgs {
     /// The experiment folder (<output>/<experiment>) holding results.json
     #[arg(value_name = "DIR")]
     pub(crate) dir: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct PlanArgs {
+    /// Methods of the comparison table: maml (full graph), maml-recompute, fomaml,
+    /// reptile, melora
+    #[arg(
+        long,
+        value_name = "LIST",
+        value_delimiter = ',',
+        default_value = "maml,fomaml,reptile,melora"
+    )]
+    pub(crate) methods: Vec<String>,
+
+    /// Mark which methods fit in this much memory (e.g. 4GiB)
+    #[arg(long, value_name = "SIZE")]
+    pub(crate) memory_budget: Option<String>,
+
+    /// Print the plans as JSON
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ProfileArgs {
+    /// Meta-iterations measured, after one warm-up iteration
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    pub(crate) iterations: usize,
+
+    /// Print the results as JSON
+    #[arg(long)]
+    pub(crate) json: bool,
 }
 
 #[derive(Debug, Subcommand)]

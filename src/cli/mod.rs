@@ -8,6 +8,8 @@ mod bench_memory_cmd;
 mod check_cmd;
 mod config_cmd;
 mod full_cmd;
+mod plan_cmd;
+mod profile_cmd;
 mod progress;
 mod train_cmd;
 
@@ -56,6 +58,8 @@ pub fn run() -> anyhow::Result<ExitCode> {
         Command::Bench(args::BenchCommand::MemoryRow(args)) => {
             bench_memory_cmd::run_row(args).map(|()| ExitCode::SUCCESS)
         }
+        Command::Plan(args) => plan_cmd::run(&cli.global, args).map(|()| ExitCode::SUCCESS),
+        Command::Profile(args) => profile_cmd::run(&cli.global, args).map(|()| ExitCode::SUCCESS),
         Command::Train(args) => train_cmd::run_train(&cli.global, args),
         Command::Evaluate(args) => train_cmd::run_evaluate(&cli.global, args),
         Command::Full(args) => full_cmd::run_full_cmd(&cli.global, args),

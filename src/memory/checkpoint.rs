@@ -136,6 +136,18 @@ impl CheckpointPlan {
     }
 }
 
+/// The error for checkpointing a model that is not a transformer stack (also the
+/// memory planner's).
+pub(crate) fn not_a_stack() -> Error {
+    Error::InvalidArgument(
+        "gradient checkpointing recomputes transformer layers (BERT, DistilBERT, GPT-2, T5); \
+         this model is not a transformer stack, so set \
+         memory_optimization.checkpointing.enabled to false (micro-batches, \
+         memory_optimization.gradient_accumulation.micro_batch, lower its memory)"
+            .into(),
+    )
+}
+
 /// A segment: the layers it runs. Segment 0 starts from the embedding (recomputed
 /// from the tokens), every other one from the previous segment's stored output.
 #[derive(Debug, Clone)]
@@ -162,13 +174,7 @@ impl Checkpointed {
     /// layers the model does not have.
     pub fn new(model: Box<dyn FewShotModel>, plan: CheckpointPlan) -> Result<Self> {
         let Some(stack) = model.transformer() else {
-            return Err(Error::InvalidArgument(
-                "gradient checkpointing recomputes transformer layers (BERT, DistilBERT, GPT-2, \
-                 T5); this model is not a transformer stack, so set \
-                 memory_optimization.checkpointing.enabled to false (micro-batches, \
-                 memory_optimization.gradient_accumulation.micro_batch, lower its memory)"
-                    .into(),
-            ));
+            return Err(not_a_stack());
         };
         let boundaries = plan.boundaries(stack.num_layers())?;
         Ok(Self {

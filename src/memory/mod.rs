@@ -16,6 +16,7 @@
 //! - [`MemoryReport`] is a serializable snapshot for benchmarks.
 //! - [`format_bytes`] and [`parse_bytes`] convert sizes for people and flags
 //!   such as `--memory-budget 4GiB`.
+//! - [`planner`] predicts the peak of a configuration before it runs (`melora plan`).
 //! - [`checkpoint`]: gradient checkpointing of transformer stacks ([`Checkpointed`]),
 //!   exact to second order.
 
@@ -23,6 +24,7 @@ mod allocator;
 mod bytes;
 pub mod checkpoint;
 mod meter;
+pub mod planner;
 mod rss;
 
 pub use allocator::{allocation_count, current_bytes, is_installed, peak_bytes, CountingAllocator};

@@ -51,6 +51,11 @@ pub const BUILTIN_MODELS: &[(&str, &str)] = &[
     ),
 ];
 
+/// Inputs of the built-in `mlp` (the sinusoid's x).
+pub(crate) const MLP_INPUTS: usize = 1;
+/// Hidden widths of the built-in `mlp` (MAML's sinusoid network).
+pub(crate) const MLP_HIDDEN: &[usize] = &[40, 40];
+
 /// Model families read from a Hugging Face directory (`model_type` in `config.json`).
 pub const SUPPORTED_FAMILIES: &[&str] = &["bert", "distilbert", "gpt2", "t5"];
 
@@ -169,8 +174,8 @@ pub fn builtin(
     }
     if name == "mlp" {
         return Ok(Box::new(Mlp::new(
-            1,
-            &[40, 40],
+            MLP_INPUTS,
+            MLP_HIDDEN,
             classes,
             precision.frozen,
             &Device::Cpu,

@@ -19,7 +19,7 @@ pub mod load;
 pub mod mlp;
 mod precision;
 pub mod t5;
-mod targets;
+pub(crate) mod targets;
 mod weights;
 
 use candle_core::Tensor;

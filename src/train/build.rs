@@ -60,6 +60,28 @@ pub fn build_model(config: &Config) -> Result<Box<dyn FewShotModel>> {
         target_modules: config.lora.target_modules.clone(),
         init: LoraInit::Peft { seed: config.seed },
     };
+    let outputs = model_outputs(config)?;
+    let model = match &config.model.path {
+        Some(dir) => from_directory(dir, model_precision(config), Some(lora), outputs)?,
+        None => builtin(
+            &config.model.name,
+            config.seed,
+            model_precision(config),
+            Some(lora),
+            outputs,
+        )?,
+    };
+    match config.memory_optimization.checkpointing.plan() {
+        Some(plan) => Ok(Box::new(Checkpointed::new(model, plan)?)),
+        None => Ok(model),
+    }
+}
+
+/// Outputs of the configured model's head: one per class, or one for the sinusoid
+/// regression, which only the `mlp` model reads (and which is all it reads): any
+/// other pairing is an error naming the fix. The memory planner sizes the head with
+/// it too.
+pub(crate) fn model_outputs(config: &Config) -> Result<usize> {
     let regression = is_sinusoid(config);
     let mlp = config.model.path.is_none() && config.model.name == "mlp";
     if regression != mlp {
@@ -77,25 +99,11 @@ pub fn build_model(config: &Config) -> Result<Box<dyn FewShotModel>> {
         }));
     }
     // A regression network has one output, whatever n_way says.
-    let outputs = if regression { 1 } else { config.data.n_way };
-    let model = match &config.model.path {
-        Some(dir) => from_directory(dir, model_precision(config), Some(lora), outputs)?,
-        None => builtin(
-            &config.model.name,
-            config.seed,
-            model_precision(config),
-            Some(lora),
-            outputs,
-        )?,
-    };
-    match config.memory_optimization.checkpointing.plan() {
-        Some(plan) => Ok(Box::new(Checkpointed::new(model, plan)?)),
-        None => Ok(model),
-    }
+    Ok(if regression { 1 } else { config.data.n_way })
 }
 
 /// Whether the configured tasks are the synthetic sinusoid regressions.
-fn is_sinusoid(config: &Config) -> bool {
+pub(crate) fn is_sinusoid(config: &Config) -> bool {
     (config.data.synthetic_only || config.data.source == config::DataSource::Synthetic)
         && config.data.synthetic_task == config::SyntheticTask::Sinusoid
 }

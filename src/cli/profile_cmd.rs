@@ -1,0 +1,196 @@
+//! `melora profile`: a few meta-iterations of a configuration, built as training
+//! builds it, with the measured peak memory (counting allocator and RSS) and time per
+//! iteration beside the planner's prediction.
+
+use std::fmt::Write as _;
+use std::time::Instant;
+
+use candle_core::Device;
+use serde::Serialize;
+
+use super::args::{GlobalArgs, ProfileArgs};
+use super::{load_config, write_stdout, UserError};
+use crate::data::{episode_source, Prefetcher, Split};
+use crate::memory::planner::{self, Plan};
+use crate::memory::{current_bytes, format_bytes, is_installed, MemoryMeter, ProcessMemory};
+use crate::nn::Mode;
+use crate::tensor::ops;
+use crate::train::build::{build_learner, build_model, build_outer, build_text_encoder};
+use crate::train::meta_step;
+
+/// What `melora profile` reports.
+#[derive(Debug, Serialize)]
+struct Profile {
+    /// The planner's prediction for the configuration.
+    plan: Plan,
+    /// Measured heap peak since the model was built (counting allocator), bytes.
+    measured_peak_bytes: Option<u64>,
+    /// (predicted − measured) / measured.
+    relative_error: Option<f64>,
+    /// Peak resident set size of the process, bytes.
+    peak_rss_bytes: Option<u64>,
+    /// Seconds of each measured meta-iteration.
+    seconds: Vec<f64>,
+    /// Their median.
+    median_seconds: f64,
+    /// Measured iterations (after a warm-up iteration on a throwaway build).
+    iterations: usize,
+    /// Bytes the warm-up left allocated: thread pools, the first-order worker and
+    /// the matrix kernels' per-thread workspaces, set up once per process (neither
+    /// predicted nor in the measured peak).
+    runtime_setup_bytes: Option<u64>,
+}
+
+/// What a training run builds from the configuration.
+struct Run {
+    model: Box<dyn crate::models::FewShotModel>,
+    learner: Box<dyn crate::meta::MetaLearner>,
+    outer: crate::train::OuterUpdate,
+    params: crate::tensor::ParamSet,
+    prefetcher: Prefetcher,
+}
+
+impl Run {
+    /// Model, learner, outer update, parameters and the training episodes (with the
+    /// training loop's prefetcher), as `train` builds them.
+    fn build(config: &crate::config::Config) -> anyhow::Result<Run> {
+        let model = build_model(config)?;
+        let learner = build_learner(config).map_err(UserError::Config)?;
+        let encoder = build_text_encoder(config)?;
+        let params = model.init_params(config.seed)?;
+        let source = episode_source(
+            &config.data,
+            config.seed,
+            Split::Train,
+            encoder.as_ref(),
+            &Device::Cpu,
+        )?;
+        let prefetcher = Prefetcher::new(source, 0, config.meta_learning.meta_batch_size, 2)?;
+        Ok(Run {
+            model,
+            learner,
+            outer: build_outer(config)?,
+            params,
+            prefetcher,
+        })
+    }
+
+    /// One meta-iteration on the next meta-batch, with training's dropout seeds.
+    fn iteration(
+        &mut self,
+        config: &crate::config::Config,
+        iteration: usize,
+    ) -> anyhow::Result<()> {
+        let tasks = self.prefetcher.next_batch()?;
+        let (seed, meta_batch) = (config.seed, config.meta_learning.meta_batch_size);
+        let dropout = move |task: usize| Mode::Train {
+            seed: ops::mix_seed(seed, (iteration * meta_batch + task) as u64),
+        };
+        let (next, _) = meta_step(
+            self.learner.as_ref(),
+            self.model.as_ref(),
+            &self.params,
+            &tasks,
+            &mut self.outer,
+            dropout,
+        )?;
+        self.params = next;
+        Ok(())
+    }
+}
+
+pub(crate) fn run(global: &GlobalArgs, args: &ProfileArgs) -> anyhow::Result<()> {
+    if args.iterations == 0 {
+        return Err(UserError::Usage("--iterations must be at least 1".into()).into());
+    }
+    let config = load_config(global)?;
+    // The prediction first: a configuration the planner rejects is not run either.
+    let plan = planner::plan(&config).map_err(UserError::Config)?;
+    crate::init();
+
+    // A warm-up on a throwaway build sets up what a process sets up once (thread
+    // pools, the first-order worker, the matrix kernels' per-thread workspaces); the
+    // prediction leaves these out, so they are reported apart and not measured.
+    let before_warm_up = current_bytes();
+    {
+        let mut run = Run::build(&config)?;
+        run.iteration(&config, 0)?;
+    }
+    let runtime_bytes = current_bytes().saturating_sub(before_warm_up) as u64;
+
+    // Everything of the run itself is measured, from building the model on.
+    let meter = MemoryMeter::start();
+    let mut run = Run::build(&config)?;
+    let mut seconds = Vec::with_capacity(args.iterations);
+    for iteration in 0..args.iterations {
+        let started = Instant::now();
+        run.iteration(&config, iteration)?;
+        seconds.push(started.elapsed().as_secs_f64());
+    }
+    drop(run);
+    let measured = is_installed().then(|| meter.peak_above_baseline() as u64);
+    drop(meter);
+    let peak_rss_bytes = ProcessMemory::read().ok().map(|m| m.peak_rss_bytes);
+    let mut sorted = seconds.clone();
+    sorted.sort_by(f64::total_cmp);
+    let median_seconds = sorted[sorted.len() / 2];
+    let profile = Profile {
+        relative_error: measured.map(|m| (plan.peak_bytes as f64 - m as f64) / (m as f64).max(1.0)),
+        plan,
+        measured_peak_bytes: measured,
+        peak_rss_bytes,
+        seconds,
+        median_seconds,
+        iterations: args.iterations,
+        runtime_setup_bytes: is_installed().then_some(runtime_bytes),
+    };
+    if args.json {
+        return write_stdout(&format!("{}\n", serde_json::to_string_pretty(&profile)?));
+    }
+    write_stdout(&table(&profile))
+}
+
+fn table(p: &Profile) -> String {
+    let mut out = String::new();
+    let plan = &p.plan;
+    let _ = writeln!(
+        out,
+        "Profile of {} on {}: {} meta-iterations after a warm-up (K = {}, meta-batch {})\n",
+        plan.method, plan.model, p.iterations, plan.inner_steps, plan.meta_batch_size
+    );
+    out.push_str("| | predicted | measured | error |\n|---|---:|---:|---:|\n");
+    let measured = p
+        .measured_peak_bytes
+        .map_or("not measured".to_string(), format_bytes);
+    let error = p
+        .relative_error
+        .map_or("-".to_string(), |e| format!("{:+.1}%", 100.0 * e));
+    let _ = writeln!(
+        out,
+        "| peak heap (counting allocator) | {} | {measured} | {error} |",
+        format_bytes(plan.peak_bytes)
+    );
+    let rss = p
+        .peak_rss_bytes
+        .map_or("unavailable".to_string(), format_bytes);
+    let _ = writeln!(out, "| peak RSS of the process | | {rss} | |");
+    let _ = writeln!(
+        out,
+        "| seconds per meta-iteration (median) | | {:.3} | |",
+        p.median_seconds
+    );
+    if let Some(setup) = p.runtime_setup_bytes {
+        let _ = writeln!(
+            out,
+            "| runtime set up once (thread pools, kernel workspaces) | | {} | |",
+            format_bytes(setup)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\nThe heap peak is exact and covers the run from building the model on; RSS also \
+         counts code, thread stacks, the runtime set up once and memory the allocator keeps \
+         cached."
+    );
+    out
+}

@@ -1,0 +1,467 @@
+//! The memory planner: the peak heap memory of a meta-training configuration,
+//! predicted before running it.
+//!
+//! The prediction is analytical — no tensor is computed — but not a closed formula
+//! fitted to measurements: the planner replays, at the level of shapes, exactly what
+//! a meta-training step allocates and frees.
+//!
+//! - `models` replays each model's forward pass op by op (frozen
+//!   projections, LoRA branches, head-split copies, attention scores and
+//!   probabilities, layer norms, FFN and activation, pooling, loss);
+//! - `autograd` replays candle's backward pass rule by rule, so a gradient taken with
+//!   its graph (second order) holds what candle's does, and a detached one frees what
+//!   candle's frees;
+//! - `checkpoint` replays gradient checkpointing (`memory::checkpoint`): the forward
+//!   sweep keeps only segment outputs (and, for Hessian-vector and Gauss-Newton
+//!   products, their tangents), and every backward sweep has one segment's graph
+//!   alive at a time;
+//! - `learners` replays the learners and the meta-step: what each keeps alive (every
+//!   inner step's graphs for full-graph MAML, one step's for recompute-MAML and
+//!   MELoRA, one forward graph for FOMAML and Reptile, a micro-batch's with gradient
+//!   accumulation, one segment's with checkpointing), the meta-batch's tasks one
+//!   after another, the outer update; for the fine-tuning baselines, which are not
+//!   meta-trained, the adaptation to one test task;
+//! - `sim` counts every buffer like candle's reference-counted tensors, with candle's
+//!   per-tensor bookkeeping, and records the peak and what it was made of.
+//!
+//! Sizes come from the configuration: the model's architecture (built-in or the
+//! `config.json` and safetensors header of a model folder), LoRA rank and targets,
+//! the task shape (ways, shots, queries, sequence length, image size, or sinusoid
+//! points), the meta-batch, the method and its inner steps, micro-batches, gradient
+//! checkpointing and the dtype.
+//!
+//! ```no_run
+//! use melora::config::Config;
+//! use melora::memory::{format_bytes, planner};
+//!
+//! let config = Config::from_yaml_str("meta_learning:\n  inner:\n    steps: 5\n")?;
+//! let plan = planner::plan(&config)?;
+//! println!("{}: {}", plan.method, format_bytes(plan.peak_bytes));
+//! # Ok::<(), melora::Error>(())
+//! ```
+
+mod autograd;
+mod checkpoint;
+mod learners;
+mod models;
+mod sim;
+mod spec;
+mod table;
+
+use serde::Serialize;
+
+use crate::config::{Config, HessianKind, InnerMode, Method};
+use crate::Result;
+
+use self::learners::{outer_update, Approximation, Ctx, InnerSpec, Learner, OptimizerSpec, Params};
+use self::models::{SimBatch, SimModel};
+use self::sim::{Category, Sim};
+
+pub use self::sim::{Overheads, CANDLE_OVERHEADS};
+pub use self::table::{format_breakdown, format_comparison};
+
+/// What the simulated run includes besides one meta-step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct PlanOptions {
+    /// Meta-iterations replayed; from the second on, the optimiser state exists
+    /// throughout, as in a long training run.
+    pub iterations: usize,
+    /// Meta-batches of episodes in memory at once (the one being trained on and those
+    /// the prefetcher holds).
+    pub episode_batches: usize,
+    /// Threads that run candle's kernels (their scratch buffers are per thread).
+    pub threads: usize,
+}
+
+impl Default for PlanOptions {
+    /// Steady-state training: two iterations; four meta-batches of episodes (the one
+    /// trained on, two in the prefetcher's queue, one being made); the machine's
+    /// threads (or `RAYON_NUM_THREADS`).
+    fn default() -> Self {
+        PlanOptions {
+            iterations: 2,
+            episode_batches: 4,
+            threads: kernel_threads(),
+        }
+    }
+}
+
+/// Threads of rayon's global pool, as candle's kernels will use them.
+pub fn kernel_threads() -> usize {
+    std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+/// Bytes of each kind at the moment of the peak.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct PlanBreakdown {
+    /// The frozen base model (every tensor of its weights file).
+    pub frozen_weights: u64,
+    /// Trainable parameters and the per-step copies a learner keeps (θ₀…θ_K, leaves).
+    pub trainable: u64,
+    /// Gradients, including the gradient graphs second-order methods keep.
+    pub gradients: u64,
+    /// The outer optimiser's state (AdamW moments).
+    pub optimizer_state: u64,
+    /// Forward activations and what they keep for backward, times the graphs the
+    /// method holds at once.
+    pub activations: u64,
+    /// The tasks' examples.
+    pub data: u64,
+    /// Kernel scratch, copies and other short-lived buffers.
+    pub temporaries: u64,
+}
+
+impl PlanBreakdown {
+    fn from_array(b: &sim::Breakdown) -> Self {
+        let get = |c: Category| b[Category::ALL.iter().position(|x| *x == c).expect("listed")];
+        PlanBreakdown {
+            frozen_weights: get(Category::Weights),
+            trainable: get(Category::Trainable),
+            gradients: get(Category::Gradients),
+            optimizer_state: get(Category::Optimizer),
+            activations: get(Category::Activations),
+            data: get(Category::Data),
+            temporaries: get(Category::Temporaries),
+        }
+    }
+
+    /// The sum of the parts (the peak).
+    pub fn total(&self) -> u64 {
+        self.frozen_weights
+            + self.trainable
+            + self.gradients
+            + self.optimizer_state
+            + self.activations
+            + self.data
+            + self.temporaries
+    }
+}
+
+/// The predicted peak of one configuration.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Plan {
+    /// The method as shown in tables, e.g. `maml (full graph)`.
+    pub method: String,
+    /// The model as configured (built-in name or folder).
+    pub model: String,
+    /// Peak heap bytes of training (the larger of loading and the meta-steps).
+    pub peak_bytes: u64,
+    /// What the peak of the meta-steps is made of.
+    pub breakdown: PlanBreakdown,
+    /// Peak while the model is loaded (a weights file is read whole, then
+    /// converted), before training starts.
+    pub load_peak_bytes: u64,
+    /// Activations one forward graph of the support set keeps for backward (one
+    /// micro-batch's with gradient accumulation).
+    pub forward_graph_bytes: u64,
+    /// Activations at the peak in units of one forward graph: about K for
+    /// full-graph MAML, 1 for the others.
+    pub graphs_kept: f64,
+    /// Trainable parameters (elements).
+    pub trainable_parameters: u64,
+    /// Inner steps K (for the baselines, their fine-tuning steps).
+    pub inner_steps: usize,
+    /// Examples per micro-batch, if any.
+    pub micro_batch: Option<usize>,
+    /// With gradient checkpointing, the layers whose input the forward pass keeps.
+    pub checkpoint_layers: Option<Vec<usize>>,
+    /// Tasks per meta-batch.
+    pub meta_batch_size: usize,
+    /// Support and query examples per task.
+    pub support_examples: usize,
+    /// Query examples per task.
+    pub query_examples: usize,
+    /// Tokens per sequence assumed (the longest a batch can be), for text models.
+    pub sequence_length: Option<usize>,
+    /// Element size of weights and activations, in bytes.
+    pub dtype_bytes: u64,
+    /// What the simulated run included.
+    pub options: PlanOptions,
+}
+
+/// A method of the comparison table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum PlanMethod {
+    /// MAML keeping every inner step's graph (the reference).
+    FullMaml,
+    /// MAML recomputing one step's graph at a time (same meta-gradient).
+    RecomputeMaml,
+    /// First-order MAML.
+    Fomaml,
+    /// Reptile.
+    Reptile,
+    /// MELoRA with the configuration's Hessian approximation.
+    Melora,
+}
+
+impl PlanMethod {
+    /// The seed's comparison: FullMAML, FOMAML, Reptile, MELoRA.
+    pub const DEFAULT_COMPARISON: [PlanMethod; 4] = [
+        PlanMethod::FullMaml,
+        PlanMethod::Fomaml,
+        PlanMethod::Reptile,
+        PlanMethod::Melora,
+    ];
+
+    /// Parses a method name: `maml` or `full-maml` (full graph), `maml-recompute`,
+    /// `fomaml`, `reptile`, `melora`.
+    pub fn parse(name: &str) -> Result<PlanMethod> {
+        Ok(match name.trim().to_ascii_lowercase().as_str() {
+            "maml" | "full-maml" | "fullmaml" | "full_maml" => PlanMethod::FullMaml,
+            "maml-recompute" | "recompute" | "maml_recompute" => PlanMethod::RecomputeMaml,
+            "fomaml" => PlanMethod::Fomaml,
+            "reptile" => PlanMethod::Reptile,
+            "melora" => PlanMethod::Melora,
+            other => {
+                return Err(crate::Error::InvalidArgument(format!(
+                    "unknown method `{other}` to plan; expected maml (full graph), \
+                     maml-recompute, fomaml, reptile or melora"
+                )))
+            }
+        })
+    }
+
+    /// The configuration with this method (MELoRA keeps the configured Hessian
+    /// approximation).
+    pub fn apply(self, config: &Config) -> Config {
+        let mut c = config.clone();
+        let ml = &mut c.meta_learning;
+        match self {
+            PlanMethod::FullMaml => {
+                ml.method = Method::Maml;
+                ml.inner.mode = InnerMode::FullGraph;
+            }
+            PlanMethod::RecomputeMaml => {
+                ml.method = Method::Maml;
+                ml.inner.mode = InnerMode::Recompute;
+            }
+            PlanMethod::Fomaml => ml.method = Method::Fomaml,
+            PlanMethod::Reptile => ml.method = Method::Reptile,
+            PlanMethod::Melora => ml.method = Method::Melora,
+        }
+        c
+    }
+}
+
+/// The method of `config` as the simulation runs it (`None` for the baselines,
+/// which only adapt), and its table label.
+fn learner_of(config: &Config) -> (Option<Learner>, String) {
+    let hessian = &config.memory_optimization.hessian_approximation;
+    match config.meta_learning.method {
+        Method::Maml => match config.meta_learning.inner.mode {
+            InnerMode::FullGraph => (Some(Learner::MamlFullGraph), "maml (full graph)".into()),
+            InnerMode::Recompute => (Some(Learner::MamlRecompute), "maml (recompute)".into()),
+        },
+        Method::Fomaml => (Some(Learner::Fomaml), "fomaml".into()),
+        Method::Reptile => (Some(Learner::Reptile), "reptile".into()),
+        Method::Melora => {
+            let approximation = match hessian.kind {
+                HessianKind::None => Approximation::None,
+                HessianKind::Diagonal => Approximation::Diagonal {
+                    probes: hessian.probes,
+                },
+                HessianKind::GaussNewton => Approximation::GaussNewton,
+                HessianKind::BlockDiagonal => Approximation::BlockDiagonal,
+            };
+            (
+                Some(Learner::Melora {
+                    approximation,
+                    damped: hessian.damping > 0.0,
+                }),
+                format!("melora ({})", hessian.kind),
+            )
+        }
+        Method::Finetune => (None, "finetune".into()),
+        Method::LoraFinetune => (None, "lora-finetune".into()),
+    }
+}
+
+/// The predicted peak of training with `config` (steady state: see
+/// [`PlanOptions::default`]).
+///
+/// Fails with [`crate::Error::Model`] for a model it cannot read (unknown built-in,
+/// missing `config.json`, unsupported family, LoRA target matching no module) and
+/// [`crate::Error::InvalidArgument`] for a combination training refuses too
+/// (micro-batches with Conv4's batch statistics, a data source no model reads).
+pub fn plan(config: &Config) -> Result<Plan> {
+    plan_with(config, &PlanOptions::default())
+}
+
+/// [`plan`] with explicit options.
+pub fn plan_with(config: &Config, options: &PlanOptions) -> Result<Plan> {
+    let spec = spec::model_spec(config)?;
+    let (learner, method) = learner_of(config);
+    let micro = config.memory_optimization.gradient_accumulation.micro_batch;
+    if micro.is_some_and(|m| m < spec.support.len())
+        && matches!(spec.model.family, models::Family::Conv4(_))
+    {
+        return Err(crate::Error::InvalidArgument(
+            "this model normalises with the statistics of the whole batch, so splitting \
+             it into micro-batches would change the result; unset \
+             memory_optimization.gradient_accumulation.micro_batch"
+                .into(),
+        ));
+    }
+    let inner = InnerSpec {
+        steps: config.meta_learning.inner.steps,
+        micro,
+    };
+    // The baselines are not meta-trained: their peak is evaluation's, one test task
+    // at a time.
+    let meta_batch = match learner {
+        Some(_) => config.meta_learning.meta_batch_size,
+        None => 1,
+    };
+    let outer = &config.meta_learning.outer;
+    let optimizer = OptimizerSpec {
+        adamw: outer.optimizer == crate::config::OuterOptimizer::Adamw,
+        weight_decay: outer.weight_decay > 0.0,
+    };
+    let clip = outer.grad_clip.is_some();
+    // Dropout draws masks only in training (evaluation runs the baselines).
+    let train = config.lora.dropout > 0.0 && learner.is_some();
+
+    let sim = Sim::new(options.threads);
+    // Loading: the weights file read whole, then its tensors; the file is dropped
+    // before the model is assembled.
+    sim.set_category(Category::Temporaries);
+    let file = sim.hold_bytes(spec.load.file_bytes);
+    sim.set_category(Category::Weights);
+    let in_file = sim.hold_bytes(spec.load.tensor_bytes);
+    sim.free_bytes(file, spec.load.file_bytes);
+    sim.spike(spec.load.conversion_scratch);
+    sim.free_bytes(in_file, spec.load.tensor_bytes);
+    let model = SimModel::build(&sim, &spec.model);
+    let load_peak = sim.peak().0;
+
+    sim.set_category(Category::Trainable);
+    let dtype = model.dtype();
+    let init_params = || -> Params {
+        model
+            .param_shapes()
+            .iter()
+            .map(|s| {
+                // Initial values are drawn in f64, then converted.
+                if dtype.bytes != 8 {
+                    sim.spike(8 * s.iter().product::<usize>() as u64);
+                }
+                sim.tensor(s, dtype)
+            })
+            .collect()
+    };
+    let mut params = init_params();
+    let trainable_parameters: u64 = model
+        .param_shapes()
+        .iter()
+        .map(|s| s.iter().product::<usize>() as u64)
+        .sum();
+
+    sim.set_category(Category::Data);
+    let episode_batches = match learner {
+        Some(_) => options.episode_batches.max(1),
+        None => 1,
+    };
+    let batches: Vec<Vec<(SimBatch, SimBatch)>> = (0..episode_batches)
+        .map(|_| {
+            (0..meta_batch)
+                .map(|_| {
+                    (
+                        SimBatch::new(&sim, spec.support, dtype),
+                        SimBatch::new(&sim, spec.query, dtype),
+                    )
+                })
+                .collect()
+        })
+        .collect();
+    sim.set_category(Category::Temporaries);
+    sim.reset_peak();
+
+    let ctx = Ctx {
+        sim: &sim,
+        model: &model,
+        train,
+        inner,
+        checkpoint: spec.checkpoint.as_deref(),
+    };
+    let mut state = None;
+    for _ in 0..options.iterations.max(1) {
+        let Some(learner) = learner else {
+            let (support, query) = &batches[0][0];
+            let steps = config.evaluation.finetune_steps;
+            match config.meta_learning.method {
+                // LoRA fine-tuning starts every task from fresh adapters.
+                Method::LoraFinetune => {
+                    let fresh = within_category(&sim, Category::Trainable, init_params);
+                    ctx.finetune(&fresh, support, query, steps);
+                }
+                _ => ctx.finetune(&params, support, query, steps),
+            }
+            continue;
+        };
+        let gradients: Vec<Params> = batches[0]
+            .iter()
+            .map(|(support, query)| ctx.meta_gradient(learner, &params, support, query))
+            .collect();
+        params = outer_update(&sim, &params, &gradients, optimizer, clip, &mut state);
+    }
+    let (peak, parts) = sim.peak();
+    drop((params, state, batches, model));
+
+    let forward_graph_bytes = spec::forward_graph_bytes(&spec, inner.micro, options.threads);
+    let breakdown = PlanBreakdown::from_array(&parts);
+    Ok(Plan {
+        method,
+        model: spec.name.clone(),
+        peak_bytes: peak.max(load_peak),
+        breakdown,
+        load_peak_bytes: load_peak,
+        forward_graph_bytes,
+        graphs_kept: if forward_graph_bytes > 0 {
+            breakdown.activations as f64 / forward_graph_bytes as f64
+        } else {
+            0.0
+        },
+        trainable_parameters,
+        inner_steps: match learner {
+            Some(_) => inner.steps,
+            None => config.evaluation.finetune_steps,
+        },
+        micro_batch: micro,
+        checkpoint_layers: spec.checkpoint.clone(),
+        meta_batch_size: meta_batch,
+        support_examples: spec.support.len(),
+        query_examples: spec.query.len(),
+        sequence_length: spec.sequence_length(),
+        dtype_bytes: dtype.bytes,
+        options: *options,
+    })
+}
+
+/// Runs `f` with new buffers counted in `category`.
+fn within_category<R>(sim: &Sim, category: Category, f: impl FnOnce() -> R) -> R {
+    let previous = sim.set_category(category);
+    let out = f();
+    sim.set_category(previous);
+    out
+}
+
+/// Plans of `config` under each of `methods` (the comparison table).
+pub fn compare(config: &Config, methods: &[PlanMethod]) -> Result<Vec<Plan>> {
+    compare_with(config, methods, &PlanOptions::default())
+}
+
+/// [`compare`] with explicit options.
+pub fn compare_with(
+    config: &Config,
+    methods: &[PlanMethod],
+    options: &PlanOptions,
+) -> Result<Vec<Plan>> {
+    methods
+        .iter()
+        .map(|m| plan_with(&m.apply(config), options))
+        .collect()
+}

@@ -1,0 +1,977 @@
+//! The models' forward passes, replayed on simulated tensors op by op.
+//!
+//! Each function here mirrors the model code in `crate::models` (and the ops of
+//! `crate::tensor::ops` it calls) statement by statement, so that the simulated graph
+//! holds the same buffers as the real one: the frozen projections, the LoRA branch,
+//! the head-split copies, scores and probabilities, layer-norm outputs, the FFN
+//! intermediate and its activation, the pooling and the loss. When the model code
+//! changes, this file must follow; the planner test compares both.
+
+use super::sim::{Bin, ConvParams, Custom, DType, Sim, Un, T};
+use crate::models::bert::BertConfig;
+use crate::models::conv4::Conv4Config;
+use crate::models::distilbert::DistilBertConfig;
+use crate::models::gpt2::Gpt2Config;
+use crate::models::t5::T5Config;
+use crate::models::Activation;
+
+/// The architecture and its sizes.
+#[derive(Debug, Clone)]
+pub(crate) enum Family {
+    /// BERT / MiniLM.
+    Bert(BertConfig),
+    /// DistilBERT.
+    DistilBert(DistilBertConfig),
+    /// GPT-2.
+    Gpt2(Gpt2Config),
+    /// T5 encoder.
+    T5(T5Config),
+    /// Conv4 (every parameter trainable).
+    Conv4(Conv4Config),
+    /// The fully connected network of the regression tasks (every parameter
+    /// trainable).
+    Mlp(MlpShape),
+}
+
+/// Widths of the built-in MLP (`models::load::builtin("mlp")`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct MlpShape {
+    /// Input features.
+    pub(crate) inputs: usize,
+    /// Hidden layer widths.
+    pub(crate) hidden: Vec<usize>,
+}
+
+/// What the planner needs to know of a model.
+#[derive(Debug, Clone)]
+pub(crate) struct ModelSpec {
+    /// Architecture.
+    pub(crate) family: Family,
+    /// LoRA rank and dropout, and which linear modules carry it (module paths).
+    pub(crate) lora: Option<LoraPlan>,
+    /// Classes of the head.
+    pub(crate) classes: usize,
+    /// Element type of weights and activations.
+    pub(crate) dtype: DType,
+    /// Bytes of frozen tensors the weights file holds beyond those the model uses
+    /// (kept in memory with the rest).
+    pub(crate) unused_weight_bytes: u64,
+}
+
+/// LoRA settings resolved against the model's modules.
+#[derive(Debug, Clone)]
+pub(crate) struct LoraPlan {
+    /// Rank r.
+    pub(crate) rank: usize,
+    /// Dropout probability on the LoRA input.
+    pub(crate) dropout: f64,
+    /// Module paths that carry an adapter.
+    pub(crate) targets: Vec<String>,
+}
+
+/// The inputs of one batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Inputs {
+    /// `n` sequences of `t` tokens.
+    Tokens { n: usize, t: usize },
+    /// `n` images of `c × side × side`.
+    Images { n: usize, c: usize, side: usize },
+    /// `n` rows of `d` features with regression targets of `outputs` values.
+    Dense { n: usize, d: usize, outputs: usize },
+}
+
+impl Inputs {
+    /// Number of examples.
+    pub(crate) fn len(&self) -> usize {
+        match *self {
+            Inputs::Tokens { n, .. } | Inputs::Images { n, .. } | Inputs::Dense { n, .. } => n,
+        }
+    }
+
+    /// The same inputs with `n` examples.
+    pub(crate) fn with_len(&self, n: usize) -> Inputs {
+        match *self {
+            Inputs::Tokens { t, .. } => Inputs::Tokens { n, t },
+            Inputs::Images { c, side, .. } => Inputs::Images { n, c, side },
+            Inputs::Dense { d, outputs, .. } => Inputs::Dense { n, d, outputs },
+        }
+    }
+}
+
+/// A batch's tensors (token ids and mask, images, or dense rows with regression
+/// targets; labels).
+#[derive(Debug, Clone)]
+pub(crate) struct SimBatch {
+    pub(crate) inputs: Inputs,
+    pub(crate) ids: Option<T>,
+    pub(crate) mask: Option<T>,
+    pub(crate) images: Option<T>,
+    pub(crate) dense: Option<T>,
+    pub(crate) targets: Option<T>,
+    pub(crate) labels: T,
+}
+
+impl SimBatch {
+    /// Allocates a batch's tensors.
+    pub(crate) fn new(sim: &Sim, inputs: Inputs, dtype: DType) -> Self {
+        match inputs {
+            Inputs::Tokens { n, t } => SimBatch {
+                inputs,
+                ids: Some(sim.tensor(&[n, t], DType::U32)),
+                mask: Some(sim.tensor(&[n, t], DType::U32)),
+                images: None,
+                dense: None,
+                targets: None,
+                labels: sim.tensor(&[n], DType::U32),
+            },
+            Inputs::Images { n, c, side } => SimBatch {
+                inputs,
+                ids: None,
+                mask: None,
+                images: Some(sim.tensor(&[n, c, side, side], dtype)),
+                dense: None,
+                targets: None,
+                labels: sim.tensor(&[n], DType::U32),
+            },
+            // Batch::regression: inputs and targets as made (f32), labels zeros.
+            Inputs::Dense { n, d, outputs } => SimBatch {
+                inputs,
+                ids: None,
+                mask: None,
+                images: None,
+                dense: Some(sim.tensor(&[n, d], DType::F32)),
+                targets: Some(sim.tensor(&[n, outputs], DType::F32)),
+                labels: sim.tensor(&[n], DType::U32),
+            },
+        }
+    }
+
+    /// Consecutive micro-batches of at most `size` examples: views (`Batch::split`).
+    pub(crate) fn split(&self, size: usize) -> Vec<SimBatch> {
+        let n = self.inputs.len();
+        let rows = |t: &T, start: usize, len: usize| t.narrow(0, start, len);
+        (0..n)
+            .step_by(size)
+            .map(|start| {
+                let len = size.min(n - start);
+                SimBatch {
+                    inputs: self.inputs.with_len(len),
+                    ids: self.ids.as_ref().map(|t| rows(t, start, len)),
+                    mask: self.mask.as_ref().map(|t| rows(t, start, len)),
+                    images: self.images.as_ref().map(|t| rows(t, start, len)),
+                    dense: self.dense.as_ref().map(|t| rows(t, start, len)),
+                    targets: self.targets.as_ref().map(|t| rows(t, start, len)),
+                    labels: rows(&self.labels, start, len),
+                }
+            })
+            .collect()
+    }
+
+    /// Number of examples.
+    pub(crate) fn len(&self) -> usize {
+        self.inputs.len()
+    }
+}
+
+/// A frozen linear layer with an optional adapter (`nn::LoraLinear`).
+#[derive(Debug)]
+struct Linear {
+    weight: T,
+    bias: Option<T>,
+    in_out: bool,
+    n_out: usize,
+    /// Indices of A and B in the parameter list, with the dropout probability.
+    lora: Option<(usize, usize, f64)>,
+}
+
+impl Linear {
+    fn forward(&self, x: &T, params: &[T], train: bool) -> T {
+        let sim_dims = x.dims();
+        let mut out_dims = sim_dims.clone();
+        *out_dims.last_mut().expect("rank ≥ 1") = self.n_out;
+        // ops::frozen_linear: one custom op on the contiguous input (f32/f64), or
+        // candle's broadcast matmul in half precision.
+        let base = if x.dtype().bytes >= 4 {
+            x.contiguous().custom1(
+                Custom::FrozenLinear {
+                    weight: self.weight.id(),
+                    in_out: self.in_out,
+                },
+                &out_dims,
+            )
+        } else {
+            let w = if self.in_out {
+                self.weight.clone()
+            } else {
+                self.weight.t()
+            };
+            let y = x.broadcast_matmul(&w);
+            match &self.bias {
+                Some(b) => y.broadcast_binary(b, Bin::Add),
+                None => y,
+            }
+        };
+        let Some((a, b, p)) = self.lora else {
+            return base;
+        };
+        let x = dropout(x, p, train);
+        let update = affine(&affine(&x, &params[a].t()), &params[b].t());
+        base.add(&update.affine(2.0))
+    }
+}
+
+/// `ops::dropout`: the input itself in evaluation or at p = 0, else `x ⊙ mask` with a
+/// mask drawn in f64 and converted.
+fn dropout(x: &T, p: f64, train: bool) -> T {
+    if !train || p == 0.0 {
+        return x.clone();
+    }
+    let sim = x.sim_handle();
+    let elems = x.elem_count() as u64;
+    let mask = if x.dtype().bytes == 8 {
+        sim.tensor(&x.dims(), x.dtype())
+    } else {
+        sim.spike(8 * elems);
+        sim.tensor(&x.dims(), x.dtype())
+    };
+    x.mul(&mask)
+}
+
+/// `linear::affine`: `x·W` with the leading dims folded into one matrix product.
+fn affine(x: &T, w_in_out: &T) -> T {
+    let dims = x.dims();
+    let (n_in, n_out) = (w_in_out.dims()[0], w_in_out.dims()[1]);
+    let rows: usize = dims[..dims.len() - 1].iter().product();
+    let y = x.reshape(&[rows, n_in]).matmul(w_in_out);
+    let mut out = dims[..dims.len() - 1].to_vec();
+    out.push(n_out);
+    y.reshape(&out)
+}
+
+/// `linear::linear` with a bias (the classification head).
+fn linear_with_bias(x: &T, w: &T, b: &T) -> T {
+    let dims = x.dims();
+    let n_in = dims[dims.len() - 1];
+    let rows: usize = dims[..dims.len() - 1].iter().product();
+    let y = x.reshape(&[rows, n_in]).matmul(&w.t());
+    let y = y.broadcast_binary(b, Bin::Add);
+    let mut out = dims[..dims.len() - 1].to_vec();
+    out.push(w.dims()[0]);
+    y.reshape(&out)
+}
+
+/// The fused layer norm (`layers::LayerNorm::forward`).
+fn layer_norm(x: &T, gamma: &T, beta: &T) -> T {
+    x.contiguous()
+        .custom3(&gamma.contiguous(), &beta.contiguous(), Custom::LayerNorm)
+}
+
+/// `ops::norm::rms_norm`.
+fn rms_norm(x: &T, weight: &T) -> T {
+    let last = x.rank() - 1;
+    let mean_square = x.unary(Un::Sqr).mean_keepdim(&[last]);
+    x.broadcast_binary(&mean_square.affine(1.0).unary(Un::Sqrt), Bin::Div)
+        .broadcast_binary(weight, Bin::Mul)
+}
+
+/// `ops::embedding`: a row lookup in a frozen table (the ids are copied to check them).
+fn embedding(ids: &T, table: &T) -> T {
+    let dims = ids.dims();
+    let flat = ids.reshape(&[ids.elem_count()]);
+    ids.sim_handle().spike(4 * ids.elem_count() as u64);
+    let mut shape = dims.clone();
+    shape.push(table.dims()[1]);
+    table.index_select(&flat, 0).reshape(&shape)
+}
+
+fn activation(act: Activation, x: &T) -> T {
+    match act {
+        Activation::Relu => x.unary(Un::Relu),
+        Activation::GeluErf | Activation::GeluTanh | Activation::Silu => x
+            .contiguous()
+            .custom1(Custom::Pointwise { order: 0 }, &x.dims()),
+    }
+}
+
+/// `attention::split_heads`: `[b, t, h·d]` → `[b, h, t, d]` (a copy).
+fn split_heads(x: &T, heads: usize) -> T {
+    let d = x.dims();
+    let (b, t, w) = (d[0], d[1], d[2]);
+    x.reshape(&[b, t, heads, w / heads])
+        .transpose(1, 2)
+        .contiguous()
+}
+
+/// `attention::multi_head_attention`. `keep_bytes` is the size of the 0/1 mask the
+/// softmax op copies and keeps (one byte per entry of the mask).
+fn attention(
+    q: &T,
+    k: &T,
+    v: &T,
+    heads: usize,
+    scaled: bool,
+    keep_bytes: u64,
+    bias: Option<&T>,
+) -> T {
+    let d = q.dims();
+    let (b, t, w) = (d[0], d[1], d[2]);
+    let (q, k, v) = (
+        split_heads(q, heads),
+        split_heads(k, heads),
+        split_heads(v, heads),
+    );
+    let mut scores = q.matmul(&k.transpose(2, 3).contiguous());
+    if scaled {
+        scores = scores.affine(0.125);
+    }
+    if let Some(bias) = bias {
+        scores = scores.broadcast_binary(bias, Bin::Add);
+    }
+    // KeepMask::new: the mask compared with 0 (u8), copied into the op.
+    let sim = q.sim_handle();
+    sim.spike(2 * keep_bytes);
+    let probs = scores
+        .contiguous()
+        .custom1_keeping(Custom::Softmax, &scores.dims(), keep_bytes);
+    let context = probs.matmul(&v);
+    context.transpose(1, 2).contiguous().reshape(&[b, t, w])
+}
+
+/// `ops::masked_mean_pool`.
+fn masked_mean_pool(hidden: &T, mask: &T) -> T {
+    let weights = mask.cmp().to_dtype(hidden.dtype());
+    let counts = weights.sum_keepdim(&[1]);
+    // The zero-count check reads the counts as f64.
+    hidden.sim_handle().spike(16 * counts.elem_count() as u64);
+    hidden
+        .broadcast_binary(&weights.unsqueeze(2), Bin::Mul)
+        .sum(&[1])
+        .broadcast_binary(&counts, Bin::Div)
+}
+
+/// `ops::last_token`.
+fn last_token(hidden: &T) -> T {
+    let d = hidden.dims();
+    let (b, t, w) = (d[0], d[1], d[2]);
+    let sim = hidden.sim_handle();
+    // The mask read as f64 rows, and the row indices.
+    sim.spike(8 * (b * t) as u64 + 24 * b as u64);
+    let rows = sim.tensor(&[b], DType::U32);
+    hidden.reshape(&[b * t, w]).index_select(&rows, 0)
+}
+
+/// `ops::cross_entropy` of logits `[b, c]` (one-hot targets built in f64).
+pub(crate) fn cross_entropy(logits: &T) -> T {
+    let d = logits.dims();
+    let (b, c) = (d[0], d[1]);
+    let sim = logits.sim_handle();
+    sim.spike(4 * b as u64 + 8 * (b * c) as u64);
+    let targets = {
+        let f64_targets = sim.tensor(&[b, c], DType::F64);
+        f64_targets.to_dtype(logits.dtype())
+    };
+    let max = logits.detach().max_keepdim(1);
+    let shifted = logits.broadcast_binary(&max, Bin::Sub);
+    let log_sum = shifted.unary(Un::Exp).sum_keepdim(&[1]).unary(Un::Log);
+    let log_softmax = shifted.broadcast_binary(&log_sum, Bin::Sub);
+    let per_example = log_softmax.mul(&targets).sum(&[1]);
+    per_example.sum_all().affine(1.0 / b as f64).unary(Un::Neg)
+}
+
+/// `ops::mse` of a regression batch's outputs against its targets
+/// (`data::regression_loss`: the targets converted to the outputs' type first).
+fn mse(outputs: &T, targets: &T) -> T {
+    let targets = targets.to_dtype(outputs.dtype());
+    let count = outputs.elem_count() as f64;
+    // mean_all: the sum divided by the count.
+    outputs
+        .sub(&targets)
+        .unary(Un::Sqr)
+        .sum_all()
+        .affine(1.0 / count)
+}
+
+/// `meta::loss::task_loss`: mean squared error for a regression batch, mean
+/// cross-entropy otherwise.
+pub(crate) fn task_loss(outputs: &T, batch: &SimBatch) -> T {
+    match &batch.targets {
+        Some(targets) => mse(outputs, targets),
+        None => cross_entropy(outputs),
+    }
+}
+
+/// Per-batch constants of a transformer stack (`models::StackContext`), alive while
+/// its layers run.
+#[derive(Debug)]
+pub(crate) struct SimContext {
+    /// The keep mask: a view of the padding mask, or GPT-2's causal table.
+    _keep: T,
+    /// Bytes of the 0/1 copy of the mask each attention softmax keeps.
+    keep_bytes: u64,
+    /// T5's relative-position bias `[1, heads, t, t]`.
+    bias: Option<T>,
+}
+
+/// The simulated model: frozen weights (allocated by [`SimModel::build`]) and the
+/// shapes of its trainable parameters.
+#[derive(Debug)]
+pub(crate) struct SimModel {
+    sim: Sim,
+    spec: ModelSpec,
+    embeddings: Vec<T>,
+    layers: Vec<Layer>,
+    final_norm: Vec<T>,
+    /// Shapes of the trainable tensors, in ParamSet order.
+    param_shapes: Vec<Vec<usize>>,
+    /// Conv4 parameter indices per block (conv weight, conv bias, bn γ, bn β).
+    conv_blocks: Vec<[usize; 4]>,
+    head: (usize, usize),
+    _unused: Option<T>,
+}
+
+#[derive(Debug)]
+struct Layer {
+    linears: Vec<Linear>,
+    norms: Vec<T>,
+}
+
+/// Module paths of a family's linear layers in one layer, with their (in, out) sizes.
+fn layer_linears(family: &Family, l: usize) -> Vec<(String, usize, usize)> {
+    match family {
+        Family::Bert(c) => {
+            let (h, ff) = (c.hidden_size, c.intermediate_size);
+            let p = format!("encoder.layer.{l}");
+            vec![
+                (format!("{p}.attention.self.query"), h, h),
+                (format!("{p}.attention.self.key"), h, h),
+                (format!("{p}.attention.self.value"), h, h),
+                (format!("{p}.attention.output.dense"), h, h),
+                (format!("{p}.intermediate.dense"), h, ff),
+                (format!("{p}.output.dense"), ff, h),
+            ]
+        }
+        Family::DistilBert(c) => {
+            let (h, ff) = (c.dim, c.hidden_dim);
+            let p = format!("transformer.layer.{l}");
+            vec![
+                (format!("{p}.attention.q_lin"), h, h),
+                (format!("{p}.attention.k_lin"), h, h),
+                (format!("{p}.attention.v_lin"), h, h),
+                (format!("{p}.attention.out_lin"), h, h),
+                (format!("{p}.ffn.lin1"), h, ff),
+                (format!("{p}.ffn.lin2"), ff, h),
+            ]
+        }
+        Family::Gpt2(c) => {
+            let (e, inner) = (c.n_embd, c.n_inner.unwrap_or(4 * c.n_embd));
+            let p = format!("h.{l}");
+            vec![
+                (format!("{p}.attn.c_attn"), e, 3 * e),
+                (format!("{p}.attn.c_proj"), e, e),
+                (format!("{p}.mlp.c_fc"), e, inner),
+                (format!("{p}.mlp.c_proj"), inner, e),
+            ]
+        }
+        Family::T5(c) => {
+            let (d, inner, ff) = (c.d_model, c.num_heads * c.d_kv, c.d_ff);
+            let a = format!("encoder.block.{l}.layer.0.SelfAttention");
+            let f = format!("encoder.block.{l}.layer.1.DenseReluDense");
+            let gated = c.feed_forward_proj.starts_with("gated-");
+            let mut v = vec![
+                (format!("{a}.q"), d, inner),
+                (format!("{a}.k"), d, inner),
+                (format!("{a}.v"), d, inner),
+                (format!("{a}.o"), inner, d),
+            ];
+            if gated {
+                v.push((format!("{f}.wi_0"), d, ff));
+                v.push((format!("{f}.wi_1"), d, ff));
+            } else {
+                v.push((format!("{f}.wi"), d, ff));
+            }
+            v.push((format!("{f}.wo"), ff, d));
+            v
+        }
+        Family::Conv4(_) | Family::Mlp(_) => Vec::new(),
+    }
+}
+
+/// Number of transformer layers.
+pub(crate) fn layer_count(family: &Family) -> usize {
+    match family {
+        Family::Bert(c) => c.num_hidden_layers,
+        Family::DistilBert(c) => c.n_layers,
+        Family::Gpt2(c) => c.n_layer,
+        Family::T5(c) => c.num_layers,
+        Family::Conv4(_) | Family::Mlp(_) => 0,
+    }
+}
+
+/// Every linear module path of the model, in order (for LoRA target resolution).
+pub(crate) fn module_paths(family: &Family) -> Vec<String> {
+    (0..layer_count(family))
+        .flat_map(|l| layer_linears(family, l).into_iter().map(|(p, _, _)| p))
+        .collect()
+}
+
+fn activation_of(family: &Family) -> Activation {
+    let name = match family {
+        Family::Bert(c) => c.hidden_act.clone(),
+        Family::DistilBert(c) => c.activation.clone(),
+        Family::Gpt2(c) => c.activation_function.clone(),
+        Family::T5(c) => {
+            let p = c.feed_forward_proj.as_str();
+            match p.split_once('-') {
+                Some(("gated", "gelu")) => "gelu_new".to_string(),
+                Some((_, act)) => act.to_string(),
+                None => p.to_string(),
+            }
+        }
+        Family::Conv4(_) | Family::Mlp(_) => "relu".into(),
+    };
+    Activation::from_hf(&name).unwrap_or(Activation::GeluErf)
+}
+
+impl SimModel {
+    /// Allocates the frozen weights (in [`super::sim::Category::Weights`]) and lays out
+    /// the trainable parameters.
+    pub(crate) fn build(sim: &Sim, spec: &ModelSpec) -> SimModel {
+        let dt = spec.dtype;
+        let w = |dims: &[usize]| sim.tensor(dims, dt);
+        let mut embeddings = Vec::new();
+        let mut final_norm = Vec::new();
+        let width = match &spec.family {
+            Family::Bert(c) => {
+                embeddings.push(w(&[c.vocab_size, c.hidden_size]));
+                embeddings.push(w(&[c.max_position_embeddings, c.hidden_size]));
+                embeddings.push(w(&[c.type_vocab_size, c.hidden_size]));
+                embeddings.push(w(&[c.hidden_size]));
+                embeddings.push(w(&[c.hidden_size]));
+                c.hidden_size
+            }
+            Family::DistilBert(c) => {
+                embeddings.push(w(&[c.vocab_size, c.dim]));
+                embeddings.push(w(&[c.max_position_embeddings, c.dim]));
+                embeddings.push(w(&[c.dim]));
+                embeddings.push(w(&[c.dim]));
+                c.dim
+            }
+            Family::Gpt2(c) => {
+                embeddings.push(w(&[c.vocab_size, c.n_embd]));
+                embeddings.push(w(&[c.n_positions, c.n_embd]));
+                final_norm.push(w(&[c.n_embd]));
+                final_norm.push(w(&[c.n_embd]));
+                c.n_embd
+            }
+            Family::T5(c) => {
+                embeddings.push(w(&[c.vocab_size, c.d_model]));
+                embeddings.push(w(&[c.relative_attention_num_buckets, c.num_heads]));
+                final_norm.push(w(&[c.d_model]));
+                c.d_model
+            }
+            Family::Conv4(c) => {
+                let mut side = c.image_size;
+                for _ in 0..4 {
+                    side /= 2;
+                }
+                c.channels * side * side
+            }
+            Family::Mlp(m) => m.hidden.last().copied().unwrap_or(m.inputs),
+        };
+        let paths = module_paths(&spec.family);
+        let targets = spec.lora.as_ref().map(|l| &l.targets);
+        // LoRA tensors are ordered by name (A before B of a module), then the head.
+        let mut lora_names: Vec<(String, Vec<usize>)> = Vec::new();
+        let mut layers = Vec::new();
+        for l in 0..layer_count(&spec.family) {
+            let mut linears = Vec::new();
+            for (path, n_in, n_out) in layer_linears(&spec.family, l) {
+                let in_out = matches!(spec.family, Family::Gpt2(_));
+                let weight = if in_out {
+                    w(&[n_in, n_out])
+                } else {
+                    w(&[n_out, n_in])
+                };
+                let bias = (!matches!(spec.family, Family::T5(_))).then(|| w(&[n_out]));
+                let lora = match (targets, &spec.lora) {
+                    (Some(t), Some(plan)) if t.contains(&path) => {
+                        lora_names.push((format!("{path}.lora_A"), vec![plan.rank, n_in]));
+                        lora_names.push((format!("{path}.lora_B"), vec![n_out, plan.rank]));
+                        Some((lora_names.len() - 2, lora_names.len() - 1, plan.dropout))
+                    }
+                    _ => None,
+                };
+                linears.push(Linear {
+                    weight,
+                    bias,
+                    in_out,
+                    n_out,
+                    lora,
+                });
+            }
+            let norms = match &spec.family {
+                Family::Bert(_) | Family::DistilBert(_) | Family::Gpt2(_) => {
+                    (0..4).map(|_| w(&[width])).collect()
+                }
+                Family::T5(_) => (0..2).map(|_| w(&[width])).collect(),
+                Family::Conv4(_) | Family::Mlp(_) => Vec::new(),
+            };
+            layers.push(Layer { linears, norms });
+        }
+        debug_assert!(paths.len() >= lora_names.len() / 2);
+        // Sort LoRA tensors by name as `init_transformer_params` does, remapping indices.
+        let mut order: Vec<usize> = (0..lora_names.len()).collect();
+        order.sort_by(|&a, &b| lora_names[a].0.cmp(&lora_names[b].0));
+        let mut position = vec![0; lora_names.len()];
+        for (new, &old) in order.iter().enumerate() {
+            position[old] = new;
+        }
+        for layer in &mut layers {
+            for lin in &mut layer.linears {
+                if let Some((a, b, p)) = lin.lora {
+                    lin.lora = Some((position[a], position[b], p));
+                }
+            }
+        }
+        let mut param_shapes: Vec<Vec<usize>> =
+            order.iter().map(|&i| lora_names[i].1.clone()).collect();
+        let mut conv_blocks = Vec::new();
+        if let Family::Conv4(c) = &spec.family {
+            for block in 0..4 {
+                let c_in = if block == 0 {
+                    c.in_channels
+                } else {
+                    c.channels
+                };
+                let base = param_shapes.len();
+                param_shapes.push(vec![c.channels, c_in, 3, 3]);
+                param_shapes.push(vec![c.channels]);
+                param_shapes.push(vec![c.channels]);
+                param_shapes.push(vec![c.channels]);
+                conv_blocks.push([base, base + 1, base + 2, base + 3]);
+            }
+        }
+        if let Family::Mlp(m) = &spec.family {
+            // layers.{i}.weight [width, fan_in] and layers.{i}.bias, in order.
+            let mut fan_in = m.inputs;
+            for &width in &m.hidden {
+                param_shapes.push(vec![width, fan_in]);
+                param_shapes.push(vec![width]);
+                fan_in = width;
+            }
+        }
+        let head = (param_shapes.len(), param_shapes.len() + 1);
+        param_shapes.push(vec![spec.classes, width]);
+        param_shapes.push(vec![spec.classes]);
+        let unused = (spec.unused_weight_bytes > 0)
+            .then(|| sim.tensor(&[spec.unused_weight_bytes as usize], DType::U8));
+        SimModel {
+            sim: sim.clone(),
+            spec: spec.clone(),
+            embeddings,
+            layers,
+            final_norm,
+            param_shapes,
+            conv_blocks,
+            head,
+            _unused: unused,
+        }
+    }
+
+    /// Shapes of the trainable tensors.
+    pub(crate) fn param_shapes(&self) -> &[Vec<usize>] {
+        &self.param_shapes
+    }
+
+    /// The simulation the model lives in.
+    pub(crate) fn sim(&self) -> Sim {
+        self.sim.clone()
+    }
+
+    /// Element type.
+    pub(crate) fn dtype(&self) -> DType {
+        self.spec.dtype
+    }
+
+    /// `FewShotModel::logits` at `params` on `batch`.
+    pub(crate) fn logits(&self, params: &[T], batch: &SimBatch, train: bool) -> T {
+        let features = match &self.spec.family {
+            Family::Conv4(c) => self.conv4_features(c, params, batch),
+            Family::Mlp(_) => self.mlp_features(params, batch),
+            _ => self.pool(&self.encode(params, batch, train), batch),
+        };
+        self.head(&features, params)
+    }
+
+    /// The classification (or regression) head on pooled features.
+    fn head(&self, features: &T, params: &[T]) -> T {
+        linear_with_bias(features, &params[self.head.0], &params[self.head.1])
+    }
+
+    /// `TransformerClassifier::encode`: the batch's context, the embedding, every
+    /// layer and the finish; the context is dropped on return, as there.
+    fn encode(&self, params: &[T], batch: &SimBatch, train: bool) -> T {
+        let context = self.stack_context(batch);
+        let mut h = self.embed(params, batch, train);
+        for index in 0..self.num_layers() {
+            h = self.layer(index, &h, &context, params, train);
+        }
+        let out = self.finish(&h);
+        drop(context);
+        out
+    }
+
+    /// Pooled features of final hidden states (`models::pool`).
+    fn pool(&self, hidden: &T, batch: &SimBatch) -> T {
+        match self.spec.family {
+            Family::Gpt2(_) => last_token(hidden),
+            _ => masked_mean_pool(hidden, batch.mask.as_ref().expect("tokens")),
+        }
+    }
+
+    /// `models::tail_logits`: logits from the last layer's output (finish, pooling,
+    /// head), the tail segment of gradient checkpointing.
+    pub(crate) fn tail_logits(&self, last: &T, params: &[T], batch: &SimBatch) -> T {
+        let features = self.pool(&self.finish(last), batch);
+        self.head(&features, params)
+    }
+
+    /// Number of transformer layers (0 for Conv4 and the MLP).
+    pub(crate) fn num_layers(&self) -> usize {
+        layer_count(&self.spec.family)
+    }
+
+    /// `TransformerClassifier::stack_context`: the keep mask every layer's softmax
+    /// reads and, for T5, the relative-position bias.
+    pub(crate) fn stack_context(&self, batch: &SimBatch) -> SimContext {
+        let Inputs::Tokens { n, t } = batch.inputs else {
+            unreachable!("transformers read tokens")
+        };
+        let mask = batch.mask.as_ref().expect("tokens");
+        // attention::padding_keep: a `[n, 1, 1, t]` view of the mask.
+        let padding = || mask.reshape(&[n, 1, 1, t]);
+        match &self.spec.family {
+            Family::Bert(_) | Family::DistilBert(_) => SimContext {
+                _keep: padding(),
+                keep_bytes: (n * t) as u64,
+                bias: None,
+            },
+            Family::Gpt2(_) => {
+                // attention::causal_keep: the lower-triangular table times the padding
+                // mask, `[n, 1, t, t]` u32.
+                let sim = mask.sim_handle();
+                sim.spike(4 * (t * t) as u64);
+                let causal = sim.tensor(&[1, 1, t, t], DType::U32);
+                SimContext {
+                    _keep: causal.broadcast_binary(&padding(), Bin::Mul),
+                    keep_bytes: (n * t * t) as u64,
+                    bias: None,
+                }
+            }
+            Family::T5(_) => {
+                // T5Encoder::position_bias: bucket ids, a lookup in the frozen table,
+                // permuted to [1, heads, t, t] and copied.
+                let sim = mask.sim_handle();
+                let buckets = sim.tensor(&[t, t], DType::U32);
+                let looked = embedding(&buckets, &self.embeddings[1]);
+                drop(buckets);
+                SimContext {
+                    _keep: padding(),
+                    keep_bytes: (n * t) as u64,
+                    bias: Some(looked.permute(&[2, 0, 1]).unsqueeze(0).contiguous()),
+                }
+            }
+            Family::Conv4(_) | Family::Mlp(_) => unreachable!("not a transformer stack"),
+        }
+    }
+
+    /// `TransformerClassifier::embed`: hidden states entering layer 0.
+    pub(crate) fn embed(&self, _params: &[T], batch: &SimBatch, _train: bool) -> T {
+        let Inputs::Tokens { t, .. } = batch.inputs else {
+            unreachable!("transformers read tokens")
+        };
+        let ids = batch.ids.as_ref().expect("tokens");
+        match &self.spec.family {
+            Family::Bert(_) => {
+                let words = embedding(ids, &self.embeddings[0]);
+                let positions = self.embeddings[1].narrow(0, 0, t);
+                let types = self.embeddings[2].narrow(0, 0, 1).unsqueeze(0);
+                let x = words
+                    .broadcast_binary(&positions, Bin::Add)
+                    .broadcast_binary(&types, Bin::Add);
+                layer_norm(&x, &self.embeddings[3], &self.embeddings[4])
+            }
+            Family::DistilBert(_) => {
+                let words = embedding(ids, &self.embeddings[0]);
+                let positions = self.embeddings[1].narrow(0, 0, t);
+                layer_norm(
+                    &words.broadcast_binary(&positions, Bin::Add),
+                    &self.embeddings[2],
+                    &self.embeddings[3],
+                )
+            }
+            Family::Gpt2(_) => embedding(ids, &self.embeddings[0])
+                .broadcast_binary(&self.embeddings[1].narrow(0, 0, t), Bin::Add),
+            Family::T5(_) => embedding(ids, &self.embeddings[0]),
+            Family::Conv4(_) | Family::Mlp(_) => unreachable!("not a transformer stack"),
+        }
+    }
+
+    /// `TransformerClassifier::layer`: layer `index` applied to `x`.
+    pub(crate) fn layer(
+        &self,
+        index: usize,
+        x: &T,
+        context: &SimContext,
+        params: &[T],
+        train: bool,
+    ) -> T {
+        let family = &self.spec.family;
+        let layer = &self.layers[index];
+        let lin = &layer.linears;
+        let keep_bytes = context.keep_bytes;
+        match family {
+            Family::Bert(_) | Family::DistilBert(_) => {
+                let heads = match family {
+                    Family::Bert(c) => c.num_attention_heads,
+                    Family::DistilBert(c) => c.n_heads,
+                    _ => unreachable!("matched above"),
+                };
+                let q = lin[0].forward(x, params, train);
+                let k = lin[1].forward(x, params, train);
+                let v = lin[2].forward(x, params, train);
+                let context = attention(&q, &k, &v, heads, true, keep_bytes, None);
+                let attended = lin[3].forward(&context, params, train);
+                let x = layer_norm(&attended.add(x), &layer.norms[0], &layer.norms[1]);
+                let inner = activation(activation_of(family), &lin[4].forward(&x, params, train));
+                let out = lin[5].forward(&inner, params, train);
+                layer_norm(&out.add(&x), &layer.norms[2], &layer.norms[3])
+            }
+            Family::Gpt2(c) => {
+                let e = c.n_embd;
+                let qkv = lin[0].forward(
+                    &layer_norm(x, &layer.norms[0], &layer.norms[1]),
+                    params,
+                    train,
+                );
+                let (q, k, v) = (
+                    qkv.narrow(2, 0, e),
+                    qkv.narrow(2, e, e),
+                    qkv.narrow(2, 2 * e, e),
+                );
+                let context = attention(&q, &k, &v, c.n_head, true, keep_bytes, None);
+                let x = x.add(&lin[1].forward(&context, params, train));
+                let inner = activation(
+                    activation_of(family),
+                    &lin[2].forward(
+                        &layer_norm(&x, &layer.norms[2], &layer.norms[3]),
+                        params,
+                        train,
+                    ),
+                );
+                x.add(&lin[3].forward(&inner, params, train))
+            }
+            Family::T5(c) => {
+                let gated = c.feed_forward_proj.starts_with("gated-");
+                let h = x;
+                let x = rms_norm(h, &layer.norms[0]);
+                let q = lin[0].forward(&x, params, train);
+                let k = lin[1].forward(&x, params, train);
+                let v = lin[2].forward(&x, params, train);
+                let attended = attention(
+                    &q,
+                    &k,
+                    &v,
+                    c.num_heads,
+                    false,
+                    keep_bytes,
+                    context.bias.as_ref(),
+                );
+                let h = h.add(&lin[3].forward(&attended, params, train));
+                let x = rms_norm(&h, &layer.norms[1]);
+                let mut inner =
+                    activation(activation_of(family), &lin[4].forward(&x, params, train));
+                let wo = if gated {
+                    inner = inner.mul(&lin[5].forward(&x, params, train));
+                    &lin[6]
+                } else {
+                    &lin[5]
+                };
+                h.add(&wo.forward(&inner, params, train))
+            }
+            Family::Conv4(_) | Family::Mlp(_) => unreachable!("not a transformer stack"),
+        }
+    }
+
+    /// `TransformerClassifier::finish`: GPT-2's final layer norm, T5's final RMS norm,
+    /// the identity otherwise.
+    fn finish(&self, h: &T) -> T {
+        match &self.spec.family {
+            Family::Gpt2(_) => layer_norm(h, &self.final_norm[0], &self.final_norm[1]),
+            Family::T5(_) => rms_norm(h, &self.final_norm[0]),
+            _ => h.clone(),
+        }
+    }
+
+    /// `Mlp::features`: ReLU layers on the dense inputs.
+    fn mlp_features(&self, params: &[T], batch: &SimBatch) -> T {
+        let mut x = batch.dense.as_ref().expect("dense inputs").clone();
+        for pair in params[..self.head.0].chunks(2) {
+            x = linear_with_bias(&x, &pair[0], &pair[1]).unary(Un::Relu);
+        }
+        x
+    }
+
+    fn conv4_features(&self, c: &Conv4Config, params: &[T], batch: &SimBatch) -> T {
+        let mut x = batch.images.as_ref().expect("images").clone();
+        for block in &self.conv_blocks {
+            let conv = {
+                let (weight, bias) = (&params[block[0]], &params[block[1]]);
+                let y = x.conv2d(weight, ConvParams { padding: 1 });
+                y.broadcast_binary(&bias.reshape(&[1, c.channels, 1, 1]), Bin::Add)
+            };
+            let normed = batch_norm(&conv, &params[block[2]], &params[block[3]]);
+            x = max_pool(&normed.unary(Un::Relu), 2);
+        }
+        let d = x.dims();
+        x.reshape(&[d[0], d[1] * d[2] * d[3]])
+    }
+}
+
+/// `ops::norm::batch_norm` with the batch's statistics.
+fn batch_norm(x: &T, gamma: &T, beta: &T) -> T {
+    let dims = x.dims();
+    let c = dims[1];
+    let moved = x.transpose(0, 1).contiguous();
+    let flat = moved.reshape(&[c, moved.elem_count() / c]);
+    let centered = flat.broadcast_binary(&flat.mean_keepdim(&[1]), Bin::Sub);
+    let var = centered.unary(Un::Sqr).mean_keepdim(&[1]);
+    let normed = centered.broadcast_binary(&var.affine(1.0).unary(Un::Sqrt), Bin::Div);
+    let scaled = normed
+        .broadcast_binary(&gamma.reshape(&[c, 1]), Bin::Mul)
+        .broadcast_binary(&beta.reshape(&[c, 1]), Bin::Add);
+    let mut moved_dims = dims.clone();
+    moved_dims.swap(0, 1);
+    scaled.reshape(&moved_dims).transpose(0, 1).contiguous()
+}
+
+/// `ops::max_pool`: windows as extra dims, max over them.
+fn max_pool(x: &T, k: usize) -> T {
+    let d = x.dims();
+    let (n, c, h, w) = (d[0], d[1], d[2], d[3]);
+    let (ho, wo) = (h / k, w / k);
+    let x = x.narrow(2, 0, ho * k).narrow(3, 0, wo * k).contiguous();
+    x.reshape(&[n, c, ho, k, wo, k]).max(5).max(3)
+}
+
+impl T {
+    /// The simulation this tensor belongs to.
+    fn sim_handle(&self) -> Sim {
+        self.sim_of()
+    }
+}
+
+/// `ops::softmax` over the last dim (the fused op).
+pub(crate) fn softmax(x: &T) -> T {
+    x.contiguous().custom1(Custom::Softmax, &x.dims())
+}

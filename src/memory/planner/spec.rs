@@ -1,0 +1,385 @@
+//! From a [`Config`] to the sizes the simulation needs: the model's architecture
+//! (a built-in model's configuration, or a model folder's `config.json` and the
+//! header of its safetensors file), the resolved LoRA targets and the task's batches.
+
+use std::io::Read;
+use std::path::Path;
+
+use serde::de::DeserializeOwned;
+
+use super::models::{
+    layer_count, Family, Inputs, LoraPlan, MlpShape, ModelSpec, SimBatch, SimModel,
+};
+use super::sim::{Category, DType, Sim};
+use crate::config::{self, Config, DataSource, SyntheticTask};
+use crate::data::SyntheticText;
+use crate::models::conv4::Conv4Config;
+use crate::models::{bert, distilbert, gpt2, t5};
+use crate::{Error, Result};
+
+/// What loading the weights costs before the model exists.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct LoadSpec {
+    /// The weights file, read whole.
+    pub(crate) file_bytes: u64,
+    /// Its tensors in the file's dtype.
+    pub(crate) tensor_bytes: u64,
+    /// The largest tensor converted to the model's dtype (alive with the rest).
+    pub(crate) conversion_scratch: u64,
+    /// Its tensors in the model's dtype (floats converted), as kept.
+    pub(crate) kept_bytes: u64,
+}
+
+/// Everything the simulation needs to know of a configuration.
+#[derive(Debug, Clone)]
+pub(crate) struct Spec {
+    /// The model's name or folder.
+    pub(crate) name: String,
+    /// Architecture, LoRA, head, dtype.
+    pub(crate) model: ModelSpec,
+    /// One task's support batch.
+    pub(crate) support: Inputs,
+    /// One task's query batch.
+    pub(crate) query: Inputs,
+    /// Loading costs.
+    pub(crate) load: LoadSpec,
+    /// With gradient checkpointing, the layers whose input the forward pass keeps
+    /// (`CheckpointPlan::boundaries`).
+    pub(crate) checkpoint: Option<Vec<usize>>,
+}
+
+impl Spec {
+    /// Tokens per sequence, for text models.
+    pub(crate) fn sequence_length(&self) -> Option<usize> {
+        match self.support {
+            Inputs::Tokens { t, .. } => Some(t),
+            Inputs::Images { .. } | Inputs::Dense { .. } => None,
+        }
+    }
+}
+
+fn dtype_of(config: &Config) -> DType {
+    match config.model.dtype {
+        config::DType::F32 => DType::F32,
+        config::DType::F64 => DType::F64,
+        config::DType::Bf16 | config::DType::F16 => DType::float(2),
+    }
+}
+
+fn parse<T: DeserializeOwned>(value: serde_json::Value, what: &str) -> Result<T> {
+    serde_json::from_value(value).map_err(|e| Error::Model(format!("{what}: {e}")))
+}
+
+fn family_from(kind: &str, value: serde_json::Value, origin: &str) -> Result<Family> {
+    Ok(match kind {
+        "bert" => Family::Bert(parse(
+            value,
+            &format!("{origin} is not a valid bert config"),
+        )?),
+        "distilbert" => Family::DistilBert(parse(
+            value,
+            &format!("{origin} is not a valid distilbert config"),
+        )?),
+        "gpt2" => Family::Gpt2(parse(
+            value,
+            &format!("{origin} is not a valid gpt2 config"),
+        )?),
+        "t5" => Family::T5(parse(value, &format!("{origin} is not a valid t5 config"))?),
+        other => {
+            return Err(Error::Model(format!(
+                "unsupported architecture `{other}` in {origin}; supported model_type values: {}",
+                crate::models::load::SUPPORTED_FAMILIES.join(", ")
+            )))
+        }
+    })
+}
+
+fn default_targets(family: &Family) -> &'static [&'static str] {
+    match family {
+        Family::Bert(_) => bert::DEFAULT_TARGETS,
+        Family::DistilBert(_) => distilbert::DEFAULT_TARGETS,
+        Family::Gpt2(_) => gpt2::DEFAULT_TARGETS,
+        Family::T5(_) => t5::DEFAULT_TARGETS,
+        Family::Conv4(_) | Family::Mlp(_) => &[],
+    }
+}
+
+fn family_name(family: &Family) -> &'static str {
+    match family {
+        Family::Bert(_) => "bert",
+        Family::DistilBert(_) => "distilbert",
+        Family::Gpt2(_) => "gpt2",
+        Family::T5(_) => "t5",
+        Family::Conv4(_) => "conv4",
+        Family::Mlp(_) => "mlp",
+    }
+}
+
+/// Sizes of the tensors of a safetensors file, read from its header only.
+fn safetensors_sizes(path: &Path, dtype: DType) -> Result<LoadSpec> {
+    let format = |message: String| Error::Format {
+        path: path.into(),
+        message,
+    };
+    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let file_bytes = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len)
+        .map_err(|e| format(format!("not a safetensors file: {e}")))?;
+    let header_len = u64::from_le_bytes(len);
+    if header_len > file_bytes.saturating_sub(8) || header_len > 1 << 30 {
+        return Err(format(
+            "not a safetensors file: header length out of range".into(),
+        ));
+    }
+    let mut header = vec![0u8; header_len as usize];
+    file.read_exact(&mut header)
+        .map_err(|e| format(format!("cannot read the safetensors header: {e}")))?;
+    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header)
+        .map_err(|e| format(format!("malformed safetensors header: {e}")))?;
+    let mut load = LoadSpec {
+        file_bytes,
+        ..LoadSpec::default()
+    };
+    for (name, entry) in &header {
+        if name == "__metadata__" {
+            continue;
+        }
+        let stored = entry.get("dtype").and_then(|d| d.as_str()).unwrap_or("F32");
+        let elems: u64 = entry
+            .get("shape")
+            .and_then(|s| s.as_array())
+            .map(|s| s.iter().filter_map(|d| d.as_u64()).product())
+            .unwrap_or(0);
+        let bytes_per = match stored {
+            "F64" | "I64" | "U64" => 8,
+            "F32" | "I32" | "U32" => 4,
+            "F16" | "BF16" | "I16" | "U16" => 2,
+            _ => 1,
+        };
+        load.tensor_bytes += elems * bytes_per;
+        let float = matches!(stored, "F64" | "F32" | "F16" | "BF16");
+        load.kept_bytes += elems * if float { dtype.bytes } else { bytes_per };
+        if float && bytes_per != dtype.bytes {
+            load.conversion_scratch = load.conversion_scratch.max(elems * dtype.bytes);
+        }
+    }
+    Ok(load)
+}
+
+/// The sizes of `config`'s run.
+pub(crate) fn model_spec(config: &Config) -> Result<Spec> {
+    let dtype = dtype_of(config);
+    // Classes of the head, or one output for regression; a model that cannot read the
+    // configured tasks is refused here as `build_model` refuses it.
+    let outputs = crate::train::build::model_outputs(config)?;
+    let (name, family, weights_file) = match &config.model.path {
+        Some(dir) => {
+            let path = dir.join("config.json");
+            let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+            let value: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| Error::Format {
+                    path: path.clone(),
+                    message: format!("not JSON: {e}"),
+                })?;
+            let kind = value
+                .get("model_type")
+                .and_then(|v| v.as_str())
+                .unwrap_or("")
+                .to_string();
+            let family = family_from(&kind, value, &path.display().to_string())?;
+            (
+                dir.display().to_string(),
+                family,
+                Some(dir.join("model.safetensors")),
+            )
+        }
+        None if config.model.name == "conv4" => (
+            "conv4".to_string(),
+            Family::Conv4(Conv4Config::default()),
+            None,
+        ),
+        None if config.model.name == "mlp" => (
+            "mlp".to_string(),
+            Family::Mlp(MlpShape {
+                inputs: crate::models::load::MLP_INPUTS,
+                hidden: crate::models::load::MLP_HIDDEN.to_vec(),
+            }),
+            None,
+        ),
+        None => {
+            let name = &config.model.name;
+            let Some((kind, value)) = crate::models::load::builtin_config(name) else {
+                return Err(Error::Model(format!(
+                    "unknown built-in model `{name}`; built-in models: {}",
+                    crate::models::load::BUILTIN_MODELS
+                        .iter()
+                        .map(|(n, _)| *n)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+            };
+            (name.clone(), family_from(kind, value, name)?, None)
+        }
+    };
+    let lora = match &family {
+        Family::Conv4(_) | Family::Mlp(_) => None,
+        f => {
+            let targets: Vec<String> = match &config.lora.target_modules {
+                Some(t) => t.clone(),
+                None => default_targets(f).iter().map(|t| t.to_string()).collect(),
+            };
+            let paths = super::models::module_paths(f);
+            let on = crate::models::targets::resolve(family_name(f), &targets, &paths)?;
+            Some(LoraPlan {
+                rank: config.lora.rank,
+                dropout: config.lora.dropout,
+                targets: paths
+                    .into_iter()
+                    .zip(on)
+                    .filter(|(_, on)| *on)
+                    .map(|(p, _)| p)
+                    .collect(),
+            })
+        }
+    };
+    let data = &config.data;
+    let (support_n, query_n) = (data.n_way * data.k_shot, data.n_way * data.n_query);
+    let (support, query) = match &family {
+        // Sinusoid tasks: k_shot support points and n_query query points, whatever
+        // n_way says (model_outputs above has checked that the tasks are these).
+        Family::Mlp(m) => (
+            Inputs::Dense {
+                n: data.k_shot,
+                d: m.inputs,
+                outputs,
+            },
+            Inputs::Dense {
+                n: data.n_query,
+                d: m.inputs,
+                outputs,
+            },
+        ),
+        Family::Conv4(c) => {
+            let images = |n| Inputs::Images {
+                n,
+                c: c.in_channels,
+                side: c.image_size,
+            };
+            let synthetic = data.synthetic_only || data.source == DataSource::Synthetic;
+            let readable = if synthetic {
+                data.synthetic_task == SyntheticTask::Images
+            } else {
+                matches!(data.source, DataSource::Omniglot | DataSource::Idx)
+            };
+            if !readable {
+                return Err(Error::InvalidArgument(
+                    "conv4 reads images: use data.source omniglot or idx, or synthetic_task \
+                     images"
+                        .into(),
+                ));
+            }
+            (images(support_n), images(query_n))
+        }
+        _ => {
+            let synthetic = data.synthetic_only || data.source == DataSource::Synthetic;
+            if synthetic && data.synthetic_task != SyntheticTask::Text {
+                return Err(Error::InvalidArgument(format!(
+                    "a text model reads token sequences, not synthetic `{}` tasks; use \
+                     data.synthetic_task text",
+                    data.synthetic_task
+                )));
+            }
+            // Batches are padded to their longest sequence: at most max_length
+            // tokens, and synthetic texts are never longer than the generator's limit.
+            let t = if synthetic {
+                SyntheticText::default().max_len
+            } else {
+                config.model.max_length
+            };
+            (
+                Inputs::Tokens { n: support_n, t },
+                Inputs::Tokens { n: query_n, t },
+            )
+        }
+    };
+    let mut model = ModelSpec {
+        family,
+        lora,
+        classes: outputs,
+        dtype,
+        unused_weight_bytes: 0,
+    };
+    let mut load = LoadSpec::default();
+    if let Some(file) = weights_file {
+        if !file.exists() {
+            return Err(Error::Model(format!(
+                "{} not found; melora reads safetensors weights only",
+                file.display()
+            )));
+        }
+        load = safetensors_sizes(&file, dtype)?;
+        // The model keeps every tensor of the file; those it does not use count too.
+        let used = weight_bytes(&model);
+        model.unused_weight_bytes = load.kept_bytes.saturating_sub(used);
+    } else if !matches!(model.family, Family::Conv4(_) | Family::Mlp(_)) && dtype.bytes != 8 {
+        // Built-in weights are drawn in f64 one tensor at a time, then converted.
+        load.conversion_scratch = 8 * largest_weight_elems(&model);
+    }
+    let checkpoint = match config.memory_optimization.checkpointing.plan() {
+        None => None,
+        Some(plan) => match &model.family {
+            Family::Conv4(_) | Family::Mlp(_) => {
+                return Err(crate::memory::checkpoint::not_a_stack())
+            }
+            family => Some(plan.boundaries(layer_count(family))?),
+        },
+    };
+    Ok(Spec {
+        name,
+        model,
+        support,
+        query,
+        load,
+        checkpoint,
+    })
+}
+
+/// Bytes of the frozen tensors the model itself uses.
+fn weight_bytes(model: &ModelSpec) -> u64 {
+    let sim = Sim::new(1);
+    sim.set_category(Category::Weights);
+    let built = SimModel::build(&sim, model);
+    let bytes = sim.data_bytes();
+    drop(built);
+    bytes
+}
+
+fn largest_weight_elems(model: &ModelSpec) -> u64 {
+    let sim = Sim::new(1);
+    let built = SimModel::build(&sim, model);
+    let largest = sim.largest_storage() / model.dtype.bytes;
+    drop(built);
+    largest
+}
+
+/// Activations of one forward graph of the support set (one micro-batch's with
+/// gradient accumulation), at trainable leaves, with the loss alive.
+pub(crate) fn forward_graph_bytes(spec: &Spec, micro: Option<usize>, threads: usize) -> u64 {
+    let sim = Sim::new(threads);
+    let model = SimModel::build(&sim, &spec.model);
+    let n = spec.support.len();
+    let inputs = spec.support.with_len(micro.map_or(n, |m| m.min(n)));
+    let params: Vec<_> = model
+        .param_shapes()
+        .iter()
+        .map(|s| sim.variable(s, spec.model.dtype))
+        .collect();
+    let batch = SimBatch::new(&sim, inputs, spec.model.dtype);
+    let before = sim.live();
+    let logits = model.logits(&params, &batch, false);
+    let loss = super::models::task_loss(&logits, &batch);
+    let after = sim.live();
+    drop((loss, logits));
+    after - before
+}

@@ -1,0 +1,517 @@
+//! The memory planner against the counting allocator: for a grid of tiny models ×
+//! methods × inner steps K × micro-batches × dtypes, one meta-step (model built,
+//! parameters initialised, episodes created, every task's meta-gradient, the outer
+//! update) runs under a `MemoryMeter`, and the planner's prediction for the same
+//! configuration must be within 15% of the measured peak on every row.
+//!
+//! One test in its own process, so that no other test allocates while it measures.
+//! `MELORA_PLAN_GRID=<substring>` runs only the rows whose label contains it.
+//!
+//! To extend the grid (mixed precision, say), add a dimension to [`grid`]: each row
+//! is only a [`Config`].
+
+use std::sync::Mutex;
+
+use candle_core::{DType, Device, Tensor, Var};
+use melora::config::{Config, DataSource, HessianKind, InnerMode, Method, SyntheticTask};
+use melora::data::{Batch, Episode, EpisodeSource, SinusoidTasks};
+use melora::memory::planner::{plan_with, PlanOptions, CANDLE_OVERHEADS};
+use melora::memory::{current_bytes, format_bytes, CountingAllocator, MemoryMeter};
+use melora::nn::Mode;
+use melora::train::build::{build_learner, build_model, build_outer};
+use melora::train::meta_step;
+
+#[global_allocator]
+static ALLOCATOR: CountingAllocator = CountingAllocator;
+
+/// Largest accepted |predicted − measured| / measured.
+const TOLERANCE: f64 = 0.15;
+
+/// Tokens per sequence in the text rows (the planner assumes `model.max_length`
+/// for data read from files).
+const TOKENS: usize = 8;
+
+fn base_config(model: &str) -> Config {
+    let mut c = Config::default();
+    c.model.name = model.into();
+    c.model.max_length = TOKENS;
+    c.data.n_way = 3;
+    c.data.k_shot = 2;
+    c.data.n_query = 1;
+    c.meta_learning.meta_batch_size = 2;
+    if model == "conv4" {
+        c.data.source = DataSource::Synthetic;
+        c.data.synthetic_task = SyntheticTask::Images;
+        c.data.n_way = 2;
+        c.data.k_shot = 1;
+        c.data.n_query = 1;
+    } else if model == "mlp" {
+        // Sinusoid regression: k_shot support points, n_query query points.
+        c.data.source = DataSource::Synthetic;
+        c.data.synthetic_task = SyntheticTask::Sinusoid;
+        c.data.k_shot = 10;
+        c.data.n_query = 10;
+    } else {
+        // Sequences of exactly max_length tokens, as from a file.
+        c.data.source = DataSource::Jsonl;
+        c.data.path = Some("unused.jsonl".into());
+    }
+    c
+}
+
+/// (label, method, mode, Hessian approximation).
+fn methods() -> Vec<(&'static str, Method, InnerMode, HessianKind)> {
+    vec![
+        (
+            "maml-full",
+            Method::Maml,
+            InnerMode::FullGraph,
+            HessianKind::None,
+        ),
+        (
+            "maml-recompute",
+            Method::Maml,
+            InnerMode::Recompute,
+            HessianKind::None,
+        ),
+        (
+            "fomaml",
+            Method::Fomaml,
+            InnerMode::Recompute,
+            HessianKind::None,
+        ),
+        (
+            "reptile",
+            Method::Reptile,
+            InnerMode::Recompute,
+            HessianKind::None,
+        ),
+        (
+            "melora-none",
+            Method::Melora,
+            InnerMode::Recompute,
+            HessianKind::None,
+        ),
+        (
+            "melora-diagonal",
+            Method::Melora,
+            InnerMode::Recompute,
+            HessianKind::Diagonal,
+        ),
+        (
+            "melora-gn",
+            Method::Melora,
+            InnerMode::Recompute,
+            HessianKind::GaussNewton,
+        ),
+        (
+            "melora-block",
+            Method::Melora,
+            InnerMode::Recompute,
+            HessianKind::BlockDiagonal,
+        ),
+    ]
+}
+
+/// One row of the grid.
+fn row(
+    model: &str,
+    method: (&str, Method, InnerMode, HessianKind),
+    k: usize,
+    micro: Option<usize>,
+) -> (String, Config) {
+    let (name, method, mode, kind) = method;
+    let mut c = base_config(model);
+    c.meta_learning.method = method;
+    c.meta_learning.inner.mode = mode;
+    c.meta_learning.inner.steps = k;
+    c.memory_optimization.hessian_approximation.kind = kind;
+    c.memory_optimization.gradient_accumulation.micro_batch = micro;
+    let label = format!(
+        "{model} {name} K={k} µb={}",
+        micro.map_or("-".into(), |m| m.to_string())
+    );
+    (label, c)
+}
+
+const TEXT_MODELS: [&str; 4] = ["tiny-bert", "tiny-distilbert", "tiny-gpt2", "tiny-t5"];
+
+/// f64 rows: one per model for a second- and a first-order method.
+fn f64_rows() -> Vec<(String, Config)> {
+    let mut rows = Vec::new();
+    for model in TEXT_MODELS.iter().chain(&["conv4"]) {
+        for (name, method, mode) in [
+            ("maml-full", Method::Maml, InnerMode::FullGraph),
+            ("fomaml", Method::Fomaml, InnerMode::Recompute),
+        ] {
+            let mut c = base_config(model);
+            c.model.dtype = melora::config::DType::F64;
+            c.meta_learning.method = method;
+            c.meta_learning.inner.mode = mode;
+            c.meta_learning.inner.steps = 2;
+            rows.push((format!("{model} {name} K=2 f64"), c));
+        }
+    }
+    rows
+}
+
+/// Gradient checkpointing on: `Every(n)` or the chosen layers.
+#[derive(Debug, Clone)]
+enum Ckpt {
+    Every(usize),
+    Layers(Vec<usize>),
+}
+
+/// `row` with gradient checkpointing.
+fn checkpointed(
+    model: &str,
+    method: (&str, Method, InnerMode, HessianKind),
+    k: usize,
+    micro: Option<usize>,
+    ckpt: Ckpt,
+) -> (String, Config) {
+    let (label, mut c) = row(model, method, k, micro);
+    let section = &mut c.memory_optimization.checkpointing;
+    section.enabled = true;
+    let what = match ckpt {
+        Ckpt::Every(n) => {
+            section.every = n;
+            format!("every {n}")
+        }
+        Ckpt::Layers(layers) => {
+            let what = format!("layers {layers:?}");
+            section.layers = Some(layers);
+            what
+        }
+    };
+    (format!("{label} ckpt {what}"), c)
+}
+
+/// Checkpointing rows: every method on every text model at K = 2 with one layer per
+/// segment, with and without micro-batches; both MAML modes at K = 1 and 4; the
+/// chosen-layer plan on every model for the second-order methods.
+fn checkpoint_rows() -> Vec<(String, Config)> {
+    let mut rows = Vec::new();
+    let all = methods();
+    for model in TEXT_MODELS {
+        for &method in &all {
+            for micro in [None, Some(3)] {
+                rows.push(checkpointed(model, method, 2, micro, Ckpt::Every(1)));
+            }
+            if method.1 == Method::Maml {
+                for k in [1, 4] {
+                    rows.push(checkpointed(model, method, k, None, Ckpt::Every(1)));
+                }
+            }
+            if matches!(method.0, "maml-full" | "maml-recompute" | "melora-gn") {
+                rows.push(checkpointed(model, method, 2, None, Ckpt::Layers(vec![1])));
+            }
+        }
+    }
+    rows
+}
+
+/// The sinusoid regression's MLP (every parameter trainable, mean squared error):
+/// every method at K = 1 and 2, with and without micro-batches.
+fn mlp_rows() -> Vec<(String, Config)> {
+    let mut rows = Vec::new();
+    for method in methods() {
+        for k in [1, 2] {
+            for micro in [None, Some(3)] {
+                rows.push(row("mlp", method, k, micro));
+            }
+        }
+    }
+    rows
+}
+
+/// Longer sequences (64 tokens), where activations rather than kept gradients make
+/// the peak: with and without checkpointing, for first-order, recompute-MAML and
+/// Gauss-Newton MELoRA on BERT and GPT-2 (GPT-2's attention mask is `t × t`).
+fn long_rows() -> Vec<(String, Config)> {
+    let mut rows = Vec::new();
+    let all = methods();
+    for model in ["tiny-bert", "tiny-gpt2"] {
+        for &method in all
+            .iter()
+            .filter(|m| matches!(m.0, "fomaml" | "maml-recompute" | "melora-gn"))
+        {
+            let with = checkpointed(model, method, 1, None, Ckpt::Every(1));
+            for (label, mut c) in [row(model, method, 1, None), with] {
+                c.model.max_length = 64;
+                rows.push((format!("{label} t=64"), c));
+            }
+        }
+    }
+    rows
+}
+
+/// The grid run by default (about a minute): every text model with both MAML modes
+/// at K ∈ {1, 2, 4} with and without micro-batches, every other method at K = 2 with
+/// and without micro-batches; Conv4 (whose backward passes are slow) with every
+/// method but the block-diagonal one at K = 1 and full-graph MAML at K = 2; f64 rows;
+/// the checkpointing rows.
+fn grid() -> Vec<(String, Config)> {
+    let mut rows = Vec::new();
+    let all = methods();
+    for model in TEXT_MODELS {
+        for &method in &all {
+            let ks: &[usize] = if method.1 == Method::Maml {
+                &[1, 2, 4]
+            } else {
+                &[2]
+            };
+            for &k in ks {
+                for micro in [None, Some(3)] {
+                    rows.push(row(model, method, k, micro));
+                }
+            }
+        }
+    }
+    for &method in &all {
+        if method.3 != HessianKind::BlockDiagonal {
+            rows.push(row("conv4", method, 1, None));
+        }
+    }
+    rows.push(row("conv4", all[0], 2, None));
+    rows.extend(f64_rows());
+    rows.extend(checkpoint_rows());
+    rows.extend(long_rows());
+    rows.extend(mlp_rows());
+    rows
+}
+
+/// The whole cartesian grid: models × methods × K ∈ {1, 2, 4} × micro-batches
+/// (none, 3; Conv4 none), and the f64 rows. Several minutes: run with `--ignored`.
+fn full_grid() -> Vec<(String, Config)> {
+    let mut rows = Vec::new();
+    for model in TEXT_MODELS.iter().chain(&["conv4"]) {
+        for method in methods() {
+            for k in [1, 2, 4] {
+                let micros: &[Option<usize>] = if *model == "conv4" {
+                    &[None]
+                } else {
+                    &[None, Some(3)]
+                };
+                for &micro in micros {
+                    rows.push(row(model, method, k, micro));
+                }
+            }
+        }
+    }
+    rows.extend(f64_rows());
+    rows.extend(checkpoint_rows());
+    rows.extend(long_rows());
+    rows.extend(mlp_rows());
+    rows
+}
+
+fn candle_dtype(c: &Config) -> DType {
+    match c.model.dtype {
+        melora::config::DType::F64 => DType::F64,
+        _ => DType::F32,
+    }
+}
+
+fn text_batch(n: usize, t: usize, seed: u32) -> Batch {
+    let ids: Vec<u32> = (0..n * t)
+        .map(|i| (i as u32 * 7919 + seed * 104_729) % 997 + 1)
+        .collect();
+    Batch::from_tokens(
+        Tensor::from_vec(ids, (n, t), &Device::Cpu).unwrap(),
+        Tensor::ones((n, t), DType::U32, &Device::Cpu).unwrap(),
+        None,
+        Tensor::from_vec((0..n as u32).map(|i| i % 3).collect(), n, &Device::Cpu).unwrap(),
+    )
+    .unwrap()
+}
+
+fn image_batch(n: usize, side: usize, dtype: DType, seed: u64) -> Batch {
+    let pixels: Vec<f64> = (0..n * side * side)
+        .map(|i| ((i as u64 * 2_654_435_761 + seed) % 1000) as f64 / 1000.0)
+        .collect();
+    Batch::from_dense(
+        Tensor::from_vec(pixels, (n, 1, side, side), &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap(),
+        Tensor::from_vec((0..n as u32).map(|i| i % 3).collect(), n, &Device::Cpu).unwrap(),
+    )
+    .unwrap()
+}
+
+fn episode(c: &Config, seed: u32) -> Episode {
+    let d = &c.data;
+    let (ns, nq) = (d.n_way * d.k_shot, d.n_way * d.n_query);
+    if c.model.name == "mlp" {
+        let tasks = SinusoidTasks {
+            k_shot: d.k_shot,
+            n_query: d.n_query,
+            seed: 7,
+        };
+        tasks.episode(seed as u64).unwrap()
+    } else if c.model.name == "conv4" {
+        let dt = candle_dtype(c);
+        Episode::new(
+            image_batch(ns, d.image_size, dt, seed as u64),
+            image_batch(nq, d.image_size, dt, seed as u64 + 1),
+            d.n_way,
+        )
+        .unwrap()
+    } else {
+        Episode::new(
+            text_batch(ns, c.model.max_length, 2 * seed),
+            text_batch(nq, c.model.max_length, 2 * seed + 1),
+            d.n_way,
+        )
+        .unwrap()
+    }
+}
+
+/// Everything of one meta-step, allocated and freed inside the caller's meter.
+fn one_meta_step(c: &Config) {
+    let model = build_model(c).unwrap();
+    let params = model.init_params(c.seed).unwrap();
+    let tasks: Vec<Episode> = (0..c.meta_learning.meta_batch_size)
+        .map(|i| episode(c, i as u32))
+        .collect();
+    let learner = build_learner(c).unwrap();
+    let mut outer = build_outer(c).unwrap();
+    let (next, _) = meta_step(
+        learner.as_ref(),
+        model.as_ref(),
+        &params,
+        &tasks,
+        &mut outer,
+        |i| Mode::Train { seed: i as u64 },
+    )
+    .unwrap();
+    drop(next);
+}
+
+/// Measurements must not overlap: the counters are process-wide.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// Runs `rows`, prints predicted against measured peaks and fails on any row off by
+/// more than [`TOLERANCE`].
+fn check(rows: Vec<(String, Config)>) {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    melora::init();
+    let filter = std::env::var("MELORA_PLAN_GRID").unwrap_or_default();
+    let rows: Vec<_> = rows
+        .into_iter()
+        .filter(|(label, _)| label.contains(&filter))
+        .collect();
+    let options = PlanOptions {
+        iterations: 1,
+        episode_batches: 1,
+        ..PlanOptions::default()
+    };
+    // Warm-up per model and dtype: thread pools, the first-order worker and the
+    // kernels' per-thread buffers are set up once per process, not per step.
+    let mut warmed = Vec::new();
+    println!(
+        "{:<56} {:>10} {:>10} {:>8} {:>7}",
+        "configuration", "predicted", "measured", "error", "time"
+    );
+    let mut failures = Vec::new();
+    let mut worst = 0f64;
+    for (label, config) in &rows {
+        let key = (config.model.name.clone(), config.model.dtype);
+        if !warmed.contains(&key) {
+            let mut warm = config.clone();
+            warm.meta_learning.method = Method::Maml;
+            warm.meta_learning.inner.mode = InnerMode::FullGraph;
+            warm.memory_optimization.gradient_accumulation.micro_batch = None;
+            one_meta_step(&warm);
+            warmed.push(key);
+        }
+        let predicted = plan_with(config, &options).unwrap().peak_bytes as f64;
+        let started = std::time::Instant::now();
+        let meter = MemoryMeter::start();
+        one_meta_step(config);
+        let measured = meter.peak_above_baseline() as f64;
+        drop(meter);
+        let seconds = started.elapsed().as_secs_f64();
+        let error = (predicted - measured) / measured;
+        worst = worst.max(error.abs());
+        println!(
+            "{label:<56} {:>10} {:>10} {:>+7.1}% {seconds:>6.2}s",
+            format_bytes(predicted as u64),
+            format_bytes(measured as u64),
+            100.0 * error
+        );
+        if error.abs() > TOLERANCE {
+            failures.push(format!("{label}: {:+.1}%", 100.0 * error));
+        }
+    }
+    println!("{} rows, largest error {:.1}%", rows.len(), 100.0 * worst);
+    assert!(
+        failures.is_empty(),
+        "predictions off by more than {:.0}%: {failures:?}",
+        100.0 * TOLERANCE
+    );
+}
+
+#[test]
+fn planner_predicts_measured_peaks_within_tolerance() {
+    check(grid());
+}
+
+#[test]
+#[ignore = "the whole cartesian grid takes several minutes"]
+fn planner_full_grid_within_tolerance() {
+    check(full_grid());
+}
+
+/// Bytes allocated per element of `make()`, over many.
+///
+/// The counters are process-wide and the test harness allocates and frees on its own
+/// threads (spawning the other test, collecting output), which can shift a round
+/// either way; the value most rounds agree on is taken.
+fn bytes_per(make: impl Fn() -> Tensor) -> u64 {
+    let n = 1000;
+    let mut rounds: Vec<u64> = (0..7)
+        .map(|_| {
+            let mut kept: Vec<Tensor> = Vec::with_capacity(n);
+            let before = current_bytes() as i64;
+            kept.extend((0..n).map(|_| make()));
+            let per = (current_bytes() as i64 - before) / n as i64;
+            drop(kept);
+            per.max(0) as u64
+        })
+        .collect();
+    rounds.sort_unstable();
+    let mut best = (0, rounds[0]);
+    for &value in &rounds {
+        let count = rounds.iter().filter(|&&r| r == value).count();
+        if count > best.0 {
+            best = (count, value);
+        }
+    }
+    best.1
+}
+
+/// The planner's figures for candle's per-tensor bookkeeping match the allocator's.
+#[test]
+fn planner_overheads_match_candle() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let d = Device::Cpu;
+    let o = CANDLE_OVERHEADS;
+    for (rank, dims) in [(1, vec![16]), (2, vec![4, 4]), (4, vec![2, 2, 2, 2])] {
+        // A fresh tensor of 16 f32: node, layout, storage and data.
+        let fresh = bytes_per(|| Tensor::zeros(dims.as_slice(), DType::F32, &d).unwrap());
+        assert_eq!(fresh, o.fresh + o.fresh_per_dim * rank + 64, "rank {rank}");
+        // A tracked op's result costs the same (the op lives inline).
+        let v = Var::zeros(dims.as_slice(), DType::F32, &d).unwrap();
+        assert_eq!(bytes_per(|| v.as_tensor().sqr().unwrap()), fresh);
+        // A view: node and layout only.
+        let view = bytes_per(|| v.as_tensor().detach());
+        assert_eq!(view, o.view + o.view_per_dim * rank, "rank {rank}");
+    }
+    // A custom op: its Arc<Box<dyn CustomOp>> and the op struct on top.
+    let v = Var::zeros((2, 2, 4), DType::F32, &d).unwrap();
+    let plain = bytes_per(|| v.as_tensor().sqr().unwrap());
+    let gelu = bytes_per(|| melora::tensor::ops::gelu_erf(v.as_tensor()).unwrap());
+    assert_eq!(gelu, plain + o.custom_op + 2);
+}
