@@ -10,7 +10,8 @@
 //! - [`measure`]: one point measured in the current process. Heap peaks and the
 //!   resident high-water mark are process-wide, so the `melora` command measures every
 //!   point in a fresh child process and collects the [`Measurement`]s;
-//! - [`predicted_bytes`]: the planner's prediction, the one place the planner is asked;
+//! - [`predicted_bytes`]: the planner's prediction ([`crate::memory::planner`]), the one
+//!   place the planner is asked;
 //! - [`MemoryBench`]: the results (`memory.json`), with [`MemoryBench::to_markdown`]
 //!   (`memory.md`, including the comparison with full-graph MAML) and
 //!   [`MemoryBench::plot`] (peak memory against K per method).
@@ -239,16 +240,32 @@ pub fn row_config(base: &Config, point: &GridPoint) -> Config {
     c
 }
 
-/// The planner's prediction of the peak heap bytes of training with `config`: the one
-/// place the benchmark asks the planner.
-///
-/// PLANNER NOT WIRED: the memory planner (`memory::planner::plan`, on its own branch)
-/// is not part of this build yet, so every prediction is `Err` with this reason and
-/// `predicted_bytes` is `null` in the results. Once it is merged, this becomes
-/// `crate::memory::planner::plan(config).map(|p| p.peak_bytes)`.
-pub fn predicted_bytes(config: &Config) -> std::result::Result<u64, String> {
-    let _ = config;
-    Err("the memory planner is not part of this build".into())
+/// The planner's prediction of the peak heap bytes of training with `config` with
+/// candle's kernels on `threads` threads (the planner's steady state, `peak_bytes` of
+/// [`crate::memory::planner::plan_with`]): the one place the benchmark asks the planner. `Err` says why there is none: the planner refused the configuration,
+/// or — checked here, until the planner reads it — the configuration uses
+/// `memory_optimization.precision` bf16/f16 or `model.quantization`, which the planner
+/// does not model yet (it would predict the f32 figure).
+pub fn predicted_bytes(config: &Config, threads: usize) -> std::result::Result<u64, String> {
+    if config.memory_optimization.precision != Precision::F32 {
+        return Err(format!(
+            "the planner does not model memory_optimization.precision {} yet",
+            config.memory_optimization.precision
+        ));
+    }
+    if config.model.quantization != crate::config::Quantization::None {
+        return Err(format!(
+            "the planner does not model model.quantization {} yet",
+            config.model.quantization
+        ));
+    }
+    let options = crate::memory::planner::PlanOptions {
+        threads,
+        ..Default::default()
+    };
+    crate::memory::planner::plan_with(config, &options)
+        .map(|plan| plan.peak_bytes)
+        .map_err(|e| format!("the planner refused the configuration: {e}"))
 }
 
 /// The model of the benchmark, as recorded beside the results.

@@ -266,3 +266,26 @@ fn median_of_odd_and_even_counts() {
     assert_eq!(measure::median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
     assert!(measure::median(&[]).is_nan());
 }
+
+#[test]
+fn predictions_come_from_the_planner_where_it_models_the_configuration() {
+    let base = quick_config();
+    let point = GridPoint {
+        variant: Variant::MamlFullGraph,
+        k: 2,
+        checkpointing: false,
+        precision: Precision::F32,
+    };
+    let two = predicted_bytes(&row_config(&base, &point), 1).unwrap();
+    let one = predicted_bytes(&row_config(&base, &GridPoint { k: 1, ..point }), 1).unwrap();
+    assert!(two > one && one > 0, "{one} {two}");
+    let bf16 = row_config(
+        &base,
+        &GridPoint {
+            precision: Precision::Bf16,
+            ..point
+        },
+    );
+    let note = predicted_bytes(&bf16, 1).unwrap_err();
+    assert!(note.contains("precision bf16"), "{note}");
+}
