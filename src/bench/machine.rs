@@ -45,8 +45,10 @@ impl Machine {
             .clone()
             .unwrap_or_else(|| "unknown processor".into())];
         parts.push(format!(
-            "{} logical CPUs, kernels on {} threads",
-            self.logical_cpus, self.kernel_threads
+            "{} logical CPUs, kernels on {} thread{}",
+            self.logical_cpus,
+            self.kernel_threads,
+            if self.kernel_threads == 1 { "" } else { "s" }
         ));
         if let Some(bytes) = self.memory_bytes {
             parts.push(crate::memory::format_bytes(bytes));

@@ -242,7 +242,7 @@ pub(crate) enum BenchCommand {
 #[derive(Debug, Args)]
 pub(crate) struct BenchMemoryArgs {
     /// The reduced grid: the built-in tiny-bert, meta-batches of 1 task, K in {1, 8},
-    /// f32, kernels on 1 thread (same schema; about two minutes on 2 cores)
+    /// f32, kernels on 1 thread (same schema; about a minute on 2 cores)
     #[arg(long)]
     pub(crate) quick: bool,
 
