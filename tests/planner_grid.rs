@@ -211,6 +211,27 @@ fn checkpoint_rows() -> Vec<(String, Config)> {
     rows
 }
 
+/// Meta-batches of 5 tasks (the planner replays the first and the last and lets the
+/// ones between leave the first's meta-gradient), without and with checkpointing.
+fn meta_batch_rows() -> Vec<(String, Config)> {
+    let all = methods();
+    let mut rows = Vec::new();
+    for &method in all
+        .iter()
+        .filter(|m| matches!(m.0, "maml-full" | "fomaml" | "melora-diagonal"))
+    {
+        let with = checkpointed("tiny-bert", method, 2, None, Ckpt::Every(1));
+        for (label, mut c) in [row("tiny-bert", method, 2, None), with] {
+            c.meta_learning.meta_batch_size = 5;
+            rows.push((format!("{label} tasks=5"), c));
+        }
+    }
+    let (label, mut c) = row("mlp", all[2], 2, None);
+    c.meta_learning.meta_batch_size = 5;
+    rows.push((format!("{label} tasks=5"), c));
+    rows
+}
+
 /// The sinusoid regression's MLP (every parameter trainable, mean squared error):
 /// every method at K = 1 and 2, with and without micro-batches.
 fn mlp_rows() -> Vec<(String, Config)> {
@@ -278,6 +299,7 @@ fn grid() -> Vec<(String, Config)> {
     rows.extend(checkpoint_rows());
     rows.extend(long_rows());
     rows.extend(mlp_rows());
+    rows.extend(meta_batch_rows());
     rows
 }
 
@@ -303,6 +325,7 @@ fn full_grid() -> Vec<(String, Config)> {
     rows.extend(checkpoint_rows());
     rows.extend(long_rows());
     rows.extend(mlp_rows());
+    rows.extend(meta_batch_rows());
     rows
 }
 

@@ -194,14 +194,11 @@ pub(crate) struct ReportArgs {
 
 #[derive(Debug, Args)]
 pub(crate) struct PlanArgs {
-    /// Methods of the comparison table: maml (full graph), maml-recompute, fomaml,
-    /// reptile, melora
-    #[arg(
-        long,
-        value_name = "LIST",
-        value_delimiter = ',',
-        default_value = "maml,fomaml,reptile,melora"
-    )]
+    /// Methods of the comparison table, by their names in comparison.baselines
+    /// (maml-full_graph, maml, fomaml, reptile, melora-diagonal, finetune, ...), or
+    /// melora for MELoRA with the configured Hessian approximation [default:
+    /// maml-full_graph,fomaml,reptile,melora]
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
     pub(crate) methods: Vec<String>,
 
     /// Mark which methods fit in this much memory (e.g. 4GiB)

@@ -2,24 +2,17 @@
 //! the same configuration under each method of the comparison.
 
 use std::fmt::Write as _;
+use std::str::FromStr;
 
 use super::args::{GlobalArgs, PlanArgs};
 use super::{load_config, write_stdout, UserError};
-use crate::memory::planner::{self, Plan, PlanMethod};
+use crate::config::{Config, Method, Variant};
+use crate::memory::planner::{self, Plan};
 use crate::memory::{format_bytes, parse_bytes};
 
 pub(crate) fn run(global: &GlobalArgs, args: &PlanArgs) -> anyhow::Result<()> {
     let config = load_config(global)?;
-    let methods = args
-        .methods
-        .iter()
-        .filter(|m| !m.trim().is_empty())
-        .map(|m| PlanMethod::parse(m))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| UserError::Usage(format!("--methods: {e}")))?;
-    if methods.is_empty() {
-        return Err(UserError::Usage("--methods names no method".into()).into());
-    }
+    let variants = methods(&config, &args.methods)?;
     let budget = args
         .memory_budget
         .as_deref()
@@ -27,9 +20,9 @@ pub(crate) fn run(global: &GlobalArgs, args: &PlanArgs) -> anyhow::Result<()> {
         .transpose()
         .map_err(|e| UserError::Usage(format!("--memory-budget: {e}")))?;
     // Everything the planner rejects comes from the configuration (model, targets,
-    // data source, micro-batches).
+    // data source, micro-batches, checkpointed layers).
     let plan = planner::plan(&config).map_err(UserError::Config)?;
-    let comparison = planner::compare(&config, &methods).map_err(UserError::Config)?;
+    let comparison = planner::compare(&config, &variants).map_err(UserError::Config)?;
 
     if args.json {
         let json = serde_json::json!({
@@ -40,6 +33,14 @@ pub(crate) fn run(global: &GlobalArgs, args: &PlanArgs) -> anyhow::Result<()> {
         return write_stdout(&format!("{}\n", serde_json::to_string_pretty(&json)?));
     }
     let mut out = planner::format_breakdown(&plan);
+    if let Some(b) = budget {
+        let verdict = if plan.peak_bytes <= b {
+            "fits in"
+        } else {
+            "does not fit in"
+        };
+        writeln!(out, "\nThis configuration {verdict} {}.", format_bytes(b))?;
+    }
     writeln!(out, "\nThe same configuration under each method:\n")?;
     out.push_str(&planner::format_comparison(&comparison, budget));
     out.push('\n');
@@ -47,18 +48,61 @@ pub(crate) fn run(global: &GlobalArgs, args: &PlanArgs) -> anyhow::Result<()> {
     write_stdout(&out)
 }
 
+/// The variants of `--methods`: the configuration's names (`comparison.baselines`),
+/// and `melora` for MELoRA with the configured Hessian approximation. Empty (the
+/// default) gives [`planner::default_comparison`].
+fn methods(config: &Config, names: &[String]) -> anyhow::Result<Vec<Variant>> {
+    let names: Vec<&str> = names
+        .iter()
+        .map(|n| n.trim())
+        .filter(|n| !n.is_empty())
+        .collect();
+    if names.is_empty() {
+        return Ok(planner::default_comparison(config));
+    }
+    names
+        .iter()
+        .map(|&name| {
+            if name.eq_ignore_ascii_case("melora") {
+                let mut melora = config.clone();
+                melora.meta_learning.method = Method::Melora;
+                return Ok(Variant::of(&melora));
+            }
+            Variant::from_str(&name.to_ascii_lowercase()).map_err(|_| {
+                UserError::Usage(format!(
+                    "--methods: unknown method `{name}`; allowed: melora (with the configured \
+                     Hessian approximation), {}",
+                    Variant::ALL
+                        .iter()
+                        .map(|v| v.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+                .into()
+            })
+        })
+        .collect()
+}
+
 /// What the prediction covers, in plain words.
 fn notes(plan: &Plan) -> String {
     let mut out = String::from(
-        "Heap bytes as the counting allocator counts them (`melora profile` measures them), \
-         in steady-state training: frozen weights, parameters and optimiser state, ",
+        "Heap bytes as the counting allocator counts them (`melora profile` measures them). ",
     );
-    let _ = write!(
-        out,
-        "{} meta-batches of episodes in memory (the prefetcher's), and the meta-step's \
-         graphs",
-        plan.options.episode_batches
-    );
+    if plan.variant.meta_trains() {
+        let _ = write!(
+            out,
+            "Steady-state training: frozen weights, parameters and optimiser state, {} \
+             meta-batches of episodes in memory (the prefetcher's), and the meta-step's \
+             graphs",
+            plan.options.episode_batches
+        );
+    } else {
+        out.push_str(
+            "A baseline is not meta-trained: its peak is the adaptation to one test task \
+             (evaluation.finetune_steps AdamW steps) and the query's outputs",
+        );
+    }
     if let Some(t) = plan.sequence_length {
         let _ = write!(
             out,
@@ -66,11 +110,14 @@ fn notes(plan: &Plan) -> String {
              to their longest sequence)"
         );
     }
-    let _ = writeln!(
+    let _ = write!(
         out,
-        ". Not included: a data set read from files, the tokenizer, validation passes. \
-         Loading the model peaks at {}.",
+        ". \"graphs kept\" is the activations at the peak over one forward graph of the \
+         support set ({}). Not included: a data set read from files, the tokenizer, \
+         validation passes. Loading the model peaks at {}.",
+        format_bytes(plan.forward_graph_bytes),
         format_bytes(plan.load_peak_bytes)
     );
+    out.push('\n');
     out
 }

@@ -1,6 +1,7 @@
 //! `melora profile`: a few meta-iterations of a configuration, built as training
-//! builds it, with the measured peak memory (counting allocator and RSS) and time per
-//! iteration beside the planner's prediction.
+//! builds it (for the fine-tuning baselines, which are not meta-trained, a few test
+//! episodes as evaluation runs them), with the measured peak memory (counting
+//! allocator and RSS) and time per iteration beside the planner's prediction.
 
 use std::fmt::Write as _;
 use std::time::Instant;
@@ -10,12 +11,16 @@ use serde::Serialize;
 
 use super::args::{GlobalArgs, ProfileArgs};
 use super::{load_config, write_stdout, UserError};
-use crate::data::{episode_source, Prefetcher, Split};
+use crate::config::{Config, Variant};
+use crate::data::{episode_source, EpisodeSource, Prefetcher, Split};
 use crate::memory::planner::{self, Plan};
 use crate::memory::{current_bytes, format_bytes, is_installed, MemoryMeter, ProcessMemory};
+use crate::meta::loss_value;
 use crate::nn::Mode;
 use crate::tensor::ops;
-use crate::train::build::{build_learner, build_model, build_outer, build_text_encoder};
+use crate::train::build::{
+    build_adapter, build_learner, build_model, build_outer, build_text_encoder,
+};
 use crate::train::meta_step;
 
 /// What `melora profile` reports.
@@ -29,7 +34,7 @@ struct Profile {
     relative_error: Option<f64>,
     /// Peak resident set size of the process, bytes.
     peak_rss_bytes: Option<u64>,
-    /// Seconds of each measured meta-iteration.
+    /// Seconds of each measured meta-iteration (test episode, for a baseline).
     seconds: Vec<f64>,
     /// Their median.
     median_seconds: f64,
@@ -41,60 +46,107 @@ struct Profile {
     runtime_setup_bytes: Option<u64>,
 }
 
-/// What a training run builds from the configuration.
+/// What a run builds from the configuration.
 struct Run {
     model: Box<dyn crate::models::FewShotModel>,
+    params: crate::tensor::ParamSet,
+    work: Work,
+}
+
+/// Meta-training, or for the fine-tuning baselines (not meta-trained) the
+/// adaptation to test episodes that evaluation runs.
+enum Work {
+    Train(Box<Training>),
+    Evaluate {
+        adapter: Box<dyn crate::meta::Adapter>,
+        source: std::sync::Arc<dyn EpisodeSource>,
+    },
+}
+
+/// What meta-training steps with (boxed in [`Work`]: the optimiser state and the
+/// prefetcher are large beside the evaluation's handles).
+struct Training {
     learner: Box<dyn crate::meta::MetaLearner>,
     outer: crate::train::OuterUpdate,
-    params: crate::tensor::ParamSet,
     prefetcher: Prefetcher,
 }
 
 impl Run {
-    /// Model, learner, outer update, parameters and the training episodes (with the
-    /// training loop's prefetcher), as `train` builds them.
-    fn build(config: &crate::config::Config) -> anyhow::Result<Run> {
-        let model = build_model(config)?;
-        let learner = build_learner(config).map_err(UserError::Config)?;
+    /// Model, parameters and either the learner, outer update and training episodes
+    /// (with the training loop's prefetcher), as `train` builds them, or the adapter
+    /// and test episodes, as `evaluate` builds them.
+    fn build(config: &Config) -> anyhow::Result<Run> {
+        let model = build_model(config).map_err(UserError::Config)?;
         let encoder = build_text_encoder(config)?;
         let params = model.init_params(config.seed)?;
-        let source = episode_source(
-            &config.data,
-            config.seed,
-            Split::Train,
-            encoder.as_ref(),
-            &Device::Cpu,
-        )?;
-        let prefetcher = Prefetcher::new(source, 0, config.meta_learning.meta_batch_size, 2)?;
+        let work = if Variant::of(config).meta_trains() {
+            let source = episode_source(
+                &config.data,
+                config.seed,
+                Split::Train,
+                encoder.as_ref(),
+                &Device::Cpu,
+            )?;
+            Work::Train(Box::new(Training {
+                learner: build_learner(config).map_err(UserError::Config)?,
+                outer: build_outer(config)?,
+                prefetcher: Prefetcher::new(source, 0, config.meta_learning.meta_batch_size, 2)?,
+            }))
+        } else {
+            Work::Evaluate {
+                adapter: build_adapter(config).map_err(UserError::Config)?,
+                source: episode_source(
+                    &config.data,
+                    config.seed,
+                    Split::Test,
+                    encoder.as_ref(),
+                    &Device::Cpu,
+                )?,
+            }
+        };
         Ok(Run {
             model,
-            learner,
-            outer: build_outer(config)?,
             params,
-            prefetcher,
+            work,
         })
     }
 
-    /// One meta-iteration on the next meta-batch, with training's dropout seeds.
-    fn iteration(
-        &mut self,
-        config: &crate::config::Config,
-        iteration: usize,
-    ) -> anyhow::Result<()> {
-        let tasks = self.prefetcher.next_batch()?;
-        let (seed, meta_batch) = (config.seed, config.meta_learning.meta_batch_size);
-        let dropout = move |task: usize| Mode::Train {
-            seed: ops::mix_seed(seed, (iteration * meta_batch + task) as u64),
-        };
-        let (next, _) = meta_step(
-            self.learner.as_ref(),
-            self.model.as_ref(),
-            &self.params,
-            &tasks,
-            &mut self.outer,
-            dropout,
-        )?;
-        self.params = next;
+    /// One meta-iteration on the next meta-batch, with training's dropout seeds; or
+    /// the adaptation to test episode `iteration` and its query's outputs.
+    fn iteration(&mut self, config: &Config, iteration: usize) -> anyhow::Result<()> {
+        match &mut self.work {
+            Work::Train(training) => {
+                let Training {
+                    learner,
+                    outer,
+                    prefetcher,
+                } = training.as_mut();
+                let tasks = prefetcher.next_batch()?;
+                let (seed, meta_batch) = (config.seed, config.meta_learning.meta_batch_size);
+                let dropout = move |task: usize| Mode::Train {
+                    seed: ops::mix_seed(seed, (iteration * meta_batch + task) as u64),
+                };
+                let (next, _) = meta_step(
+                    learner.as_ref(),
+                    self.model.as_ref(),
+                    &self.params,
+                    &tasks,
+                    outer,
+                    dropout,
+                )?;
+                self.params = next;
+            }
+            Work::Evaluate { adapter, source } => {
+                let task = source.episode(iteration as u64)?;
+                let adapted =
+                    adapter.adapt(self.model.as_ref(), &self.params, &task.support, Mode::Eval)?;
+                let outputs = self
+                    .model
+                    .logits(&adapted, &task.query, Mode::Eval)?
+                    .detach();
+                loss_value(&outputs, &task.query)?;
+            }
+        }
         Ok(())
     }
 }
@@ -153,11 +205,23 @@ pub(crate) fn run(global: &GlobalArgs, args: &ProfileArgs) -> anyhow::Result<()>
 fn table(p: &Profile) -> String {
     let mut out = String::new();
     let plan = &p.plan;
-    let _ = writeln!(
-        out,
-        "Profile of {} on {}: {} meta-iterations after a warm-up (K = {}, meta-batch {})\n",
-        plan.method, plan.model, p.iterations, plan.inner_steps, plan.meta_batch_size
-    );
+    let trains = plan.variant.meta_trains();
+    let plural = if p.iterations == 1 { "" } else { "s" };
+    let _ = if trains {
+        writeln!(
+            out,
+            "Profile of {} on {}: {} meta-iteration{plural} after a warm-up (K = {}, \
+             meta-batch {})\n",
+            plan.method, plan.model, p.iterations, plan.inner_steps, plan.meta_batch_size
+        )
+    } else {
+        writeln!(
+            out,
+            "Profile of {} on {}: {} test episode{plural} after a warm-up ({} fine-tuning \
+             steps each; a baseline is not meta-trained)\n",
+            plan.method, plan.model, p.iterations, plan.inner_steps
+        )
+    };
     out.push_str("| | predicted | measured | error |\n|---|---:|---:|---:|\n");
     let measured = p
         .measured_peak_bytes
@@ -174,9 +238,14 @@ fn table(p: &Profile) -> String {
         .peak_rss_bytes
         .map_or("unavailable".to_string(), format_bytes);
     let _ = writeln!(out, "| peak RSS of the process | | {rss} | |");
+    let unit = if trains {
+        "meta-iteration"
+    } else {
+        "test episode"
+    };
     let _ = writeln!(
         out,
-        "| seconds per meta-iteration (median) | | {:.3} | |",
+        "| seconds per {unit} (median) | | {:.3} | |",
         p.median_seconds
     );
     if let Some(setup) = p.runtime_setup_bytes {

@@ -67,7 +67,8 @@ impl BertConfig {
         })
     }
 
-    fn validate(&self) -> Result<()> {
+    /// Refuses a width that the heads do not divide.
+    pub(crate) fn validate(&self) -> Result<()> {
         if self.num_attention_heads == 0
             || !self.hidden_size.is_multiple_of(self.num_attention_heads)
         {

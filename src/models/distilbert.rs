@@ -57,7 +57,8 @@ impl DistilBertConfig {
         })
     }
 
-    fn validate(&self) -> Result<()> {
+    /// Refuses a width that the heads do not divide.
+    pub(crate) fn validate(&self) -> Result<()> {
         if self.n_heads == 0 || !self.dim.is_multiple_of(self.n_heads) {
             return Err(Error::Model(format!(
                 "dim {} is not a multiple of n_heads {}",

@@ -65,6 +65,17 @@ impl Gpt2Config {
     fn inner(&self) -> usize {
         self.n_inner.unwrap_or(4 * self.n_embd)
     }
+
+    /// Refuses a width that the heads do not divide.
+    pub(crate) fn validate(&self) -> Result<()> {
+        if self.n_head == 0 || !self.n_embd.is_multiple_of(self.n_head) {
+            return Err(Error::Model(format!(
+                "n_embd {} is not a multiple of n_head {}",
+                self.n_embd, self.n_head
+            )));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -100,12 +111,7 @@ impl Gpt2 {
         lora: Option<LoraSettings>,
         classes: usize,
     ) -> Result<Self> {
-        if config.n_head == 0 || !config.n_embd.is_multiple_of(config.n_head) {
-            return Err(Error::Model(format!(
-                "n_embd {} is not a multiple of n_head {}",
-                config.n_embd, config.n_head
-            )));
-        }
+        config.validate()?;
         let activation = Activation::from_hf(&config.activation_function)?;
         let (e, inner) = (config.n_embd, config.inner());
         let mut blocks = Vec::with_capacity(config.n_layer);

@@ -78,7 +78,7 @@ impl T5Config {
 
     /// The feed-forward activation and whether the layer is gated, parsed as
     /// `T5Config.__init__` does.
-    fn feed_forward(&self) -> Result<(Activation, bool)> {
+    pub(crate) fn feed_forward(&self) -> Result<(Activation, bool)> {
         let proj = self.feed_forward_proj.as_str();
         let (gated, act) = match proj.split_once('-') {
             Some(("gated", act)) => (true, act),
@@ -98,7 +98,8 @@ impl T5Config {
         Ok((Activation::from_hf(act)?, gated))
     }
 
-    fn validate(&self) -> Result<()> {
+    /// Refuses empty heads and relative-position buckets the bucketing cannot use.
+    pub(crate) fn validate(&self) -> Result<()> {
         if self.num_heads == 0 || self.d_kv == 0 {
             return Err(Error::Model(format!(
                 "num_heads ({}) and d_kv ({}) must be positive",

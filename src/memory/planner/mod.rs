@@ -34,7 +34,10 @@
 //! use melora::config::Config;
 //! use melora::memory::{format_bytes, planner};
 //!
-//! let config = Config::from_yaml_str("meta_learning:\n  inner:\n    steps: 5\n")?;
+//! let config = Config::from_yaml_str(
+//!     "meta_learning:\n  inner:\n    steps: 5\n\
+//!      memory_optimization:\n  checkpointing:\n    enabled: true\n",
+//! )?;
 //! let plan = planner::plan(&config)?;
 //! println!("{}: {}", plan.method, format_bytes(plan.peak_bytes));
 //! # Ok::<(), melora::Error>(())
@@ -50,7 +53,7 @@ mod table;
 
 use serde::Serialize;
 
-use crate::config::{Config, HessianKind, InnerMode, Method};
+use crate::config::{Config, HessianKind, InnerMode, Method, Variant};
 use crate::Result;
 
 use self::learners::{outer_update, Approximation, Ctx, InnerSpec, Learner, OptimizerSpec, Params};
@@ -58,7 +61,7 @@ use self::models::{SimBatch, SimModel};
 use self::sim::{Category, Sim};
 
 pub use self::sim::{Overheads, CANDLE_OVERHEADS};
-pub use self::table::{format_breakdown, format_comparison};
+pub(crate) use self::table::{format_breakdown, format_comparison};
 
 /// What the simulated run includes besides one meta-step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -87,7 +90,7 @@ impl Default for PlanOptions {
 }
 
 /// Threads of rayon's global pool, as candle's kernels will use them.
-pub fn kernel_threads() -> usize {
+pub(crate) fn kernel_threads() -> usize {
     std::env::var("RAYON_NUM_THREADS")
         .ok()
         .and_then(|v| v.parse::<usize>().ok())
@@ -146,6 +149,9 @@ impl PlanBreakdown {
 pub struct Plan {
     /// The method as shown in tables, e.g. `maml (full graph)`.
     pub method: String,
+    /// The method by its configuration name (`comparison.baselines`), e.g.
+    /// `maml-full_graph`.
+    pub variant: Variant,
     /// The model as configured (built-in name or folder).
     pub model: String,
     /// Peak heap bytes of training (the larger of loading and the meta-steps).
@@ -183,68 +189,17 @@ pub struct Plan {
     pub options: PlanOptions,
 }
 
-/// A method of the comparison table.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub enum PlanMethod {
-    /// MAML keeping every inner step's graph (the reference).
-    FullMaml,
-    /// MAML recomputing one step's graph at a time (same meta-gradient).
-    RecomputeMaml,
-    /// First-order MAML.
-    Fomaml,
-    /// Reptile.
-    Reptile,
-    /// MELoRA with the configuration's Hessian approximation.
-    Melora,
-}
-
-impl PlanMethod {
-    /// The seed's comparison: FullMAML, FOMAML, Reptile, MELoRA.
-    pub const DEFAULT_COMPARISON: [PlanMethod; 4] = [
-        PlanMethod::FullMaml,
-        PlanMethod::Fomaml,
-        PlanMethod::Reptile,
-        PlanMethod::Melora,
-    ];
-
-    /// Parses a method name: `maml` or `full-maml` (full graph), `maml-recompute`,
-    /// `fomaml`, `reptile`, `melora`.
-    pub fn parse(name: &str) -> Result<PlanMethod> {
-        Ok(match name.trim().to_ascii_lowercase().as_str() {
-            "maml" | "full-maml" | "fullmaml" | "full_maml" => PlanMethod::FullMaml,
-            "maml-recompute" | "recompute" | "maml_recompute" => PlanMethod::RecomputeMaml,
-            "fomaml" => PlanMethod::Fomaml,
-            "reptile" => PlanMethod::Reptile,
-            "melora" => PlanMethod::Melora,
-            other => {
-                return Err(crate::Error::InvalidArgument(format!(
-                    "unknown method `{other}` to plan; expected maml (full graph), \
-                     maml-recompute, fomaml, reptile or melora"
-                )))
-            }
-        })
-    }
-
-    /// The configuration with this method (MELoRA keeps the configured Hessian
-    /// approximation).
-    pub fn apply(self, config: &Config) -> Config {
-        let mut c = config.clone();
-        let ml = &mut c.meta_learning;
-        match self {
-            PlanMethod::FullMaml => {
-                ml.method = Method::Maml;
-                ml.inner.mode = InnerMode::FullGraph;
-            }
-            PlanMethod::RecomputeMaml => {
-                ml.method = Method::Maml;
-                ml.inner.mode = InnerMode::Recompute;
-            }
-            PlanMethod::Fomaml => ml.method = Method::Fomaml,
-            PlanMethod::Reptile => ml.method = Method::Reptile,
-            PlanMethod::Melora => ml.method = Method::Melora,
-        }
-        c
-    }
+/// The comparison `melora plan` shows by default: full-graph MAML, FOMAML, Reptile
+/// and MELoRA with the configured Hessian approximation.
+pub fn default_comparison(config: &Config) -> Vec<Variant> {
+    let mut melora = config.clone();
+    melora.meta_learning.method = Method::Melora;
+    vec![
+        Variant::MamlFullGraph,
+        Variant::Fomaml,
+        Variant::Reptile,
+        Variant::of(&melora),
+    ]
 }
 
 /// The method of `config` as the simulation runs it (`None` for the baselines,
@@ -280,19 +235,28 @@ fn learner_of(config: &Config) -> (Option<Learner>, String) {
     }
 }
 
-/// The predicted peak of training with `config` (steady state: see
-/// [`PlanOptions::default`]).
+/// The predicted peak heap bytes ([`Plan::peak_bytes`]) of training with `config`
+/// (steady state: see [`PlanOptions::default`]), for every method and mode of the
+/// configuration — MAML in full-graph and recompute modes, FOMAML, Reptile, MELoRA
+/// with each Hessian approximation — with or without gradient checkpointing and
+/// micro-batches; for the `finetune` and `lora-finetune` baselines, which are not
+/// meta-trained, the peak of adapting to one test task.
 ///
-/// Fails with [`crate::Error::Model`] for a model it cannot read (unknown built-in,
-/// missing `config.json`, unsupported family, LoRA target matching no module) and
+/// Fails with [`crate::Error::Config`] for an invalid configuration,
+/// [`crate::Error::Model`] for a model it cannot read (unknown built-in, missing or
+/// invalid `config.json`, unsupported family, LoRA target matching no module), and
 /// [`crate::Error::InvalidArgument`] for a combination training refuses too
-/// (micro-batches with Conv4's batch statistics, a data source no model reads).
+/// (micro-batches with Conv4's batch statistics, a data source the model does not
+/// read, checkpointing a model that is not a transformer stack or layers it does not
+/// have, sequences longer than the model's positions) or sizes no machine holds.
 pub fn plan(config: &Config) -> Result<Plan> {
     plan_with(config, &PlanOptions::default())
 }
 
 /// [`plan`] with explicit options.
 pub fn plan_with(config: &Config, options: &PlanOptions) -> Result<Plan> {
+    // A configuration built in code has not been through `Config::load`.
+    config.validate()?;
     let spec = spec::model_spec(config)?;
     let (learner, method) = learner_of(config);
     let micro = config.memory_optimization.gradient_accumulation.micro_batch;
@@ -402,10 +366,27 @@ pub fn plan_with(config: &Config, options: &PlanOptions) -> Result<Plan> {
             }
             continue;
         };
-        let gradients: Vec<Params> = batches[0]
-            .iter()
-            .map(|(support, query)| ctx.meta_gradient(learner, &params, support, query))
-            .collect();
+        // The tasks of a meta-batch have the same shapes and run one after another,
+        // each leaving only its meta-gradient: a later task peaks higher than an
+        // earlier one by exactly the meta-gradients in between. So the first task
+        // (for what it leaves) and the last (for the peak) are replayed, and the
+        // ones between leave a copy of the first's meta-gradient.
+        let tasks = &batches[0];
+        let mut gradients: Vec<Params> = Vec::with_capacity(tasks.len());
+        for (i, (support, query)) in tasks.iter().enumerate() {
+            let replayed = i == 0 || i + 1 == tasks.len();
+            let g = if replayed {
+                ctx.meta_gradient(learner, &params, support, query)
+            } else {
+                within_category(&sim, Category::Gradients, || {
+                    gradients[0]
+                        .iter()
+                        .map(|t| sim.tensor(&t.dims(), t.dtype()))
+                        .collect()
+                })
+            };
+            gradients.push(g);
+        }
         params = outer_update(&sim, &params, &gradients, optimizer, clip, &mut state);
     }
     let (peak, parts) = sim.peak();
@@ -415,6 +396,7 @@ pub fn plan_with(config: &Config, options: &PlanOptions) -> Result<Plan> {
     let breakdown = PlanBreakdown::from_array(&parts);
     Ok(Plan {
         method,
+        variant: Variant::of(config),
         model: spec.name.clone(),
         peak_bytes: peak.max(load_peak),
         breakdown,
@@ -449,19 +431,23 @@ fn within_category<R>(sim: &Sim, category: Category, f: impl FnOnce() -> R) -> R
     out
 }
 
-/// Plans of `config` under each of `methods` (the comparison table).
-pub fn compare(config: &Config, methods: &[PlanMethod]) -> Result<Vec<Plan>> {
-    compare_with(config, methods, &PlanOptions::default())
+/// Plans of `config` run with each of `variants` (the comparison table), everything
+/// else unchanged.
+pub fn compare(config: &Config, variants: &[Variant]) -> Result<Vec<Plan>> {
+    compare_with(config, variants, &PlanOptions::default())
 }
 
 /// [`compare`] with explicit options.
 pub fn compare_with(
     config: &Config,
-    methods: &[PlanMethod],
+    variants: &[Variant],
     options: &PlanOptions,
 ) -> Result<Vec<Plan>> {
-    methods
+    variants
         .iter()
-        .map(|m| plan_with(&m.apply(config), options))
+        .map(|v| plan_with(&v.apply(config), options))
         .collect()
 }
+
+#[cfg(test)]
+mod tests;

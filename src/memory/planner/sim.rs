@@ -275,6 +275,12 @@ struct Storage {
 pub(crate) struct Inner {
     nodes: Vec<Option<Node>>,
     storages: Vec<Option<Storage>>,
+    /// Slots of freed nodes and storages, reused so that the simulation's own memory
+    /// follows the live tensors, not every tensor ever made. A slot is only reused
+    /// once nothing refers to its node: handles and ops count references, and the
+    /// gradient stores are only asked about nodes that are alive.
+    free_nodes: Vec<NodeId>,
+    free_storages: Vec<usize>,
     live: Breakdown,
     live_total: u64,
     peak_total: u64,
@@ -369,11 +375,13 @@ impl Inner {
                 continue;
             }
             let node = self.nodes[id].take().expect("live node");
+            self.free_nodes.push(id);
             self.release(node.category, node.overhead);
             let storage = self.storages[node.storage].as_mut().expect("live storage");
             storage.refs -= 1;
             if storage.refs == 0 {
                 let storage = self.storages[node.storage].take().expect("live storage");
+                self.free_storages.push(node.storage);
                 self.release(storage.category, storage.bytes + storage.overhead);
             }
             if let Some(op) = node.op {
@@ -390,13 +398,22 @@ impl Inner {
         let overhead = (o.fresh + o.fresh_per_dim * rank as u64)
             .saturating_sub(o.view + o.view_per_dim * rank as u64);
         self.account(category, bytes + overhead);
-        self.storages.push(Some(Storage {
+        let storage = Some(Storage {
             bytes,
             overhead,
             refs: 0,
             category,
-        }));
-        self.storages.len() - 1
+        });
+        match self.free_storages.pop() {
+            Some(slot) => {
+                self.storages[slot] = storage;
+                slot
+            }
+            None => {
+                self.storages.push(storage);
+                self.storages.len() - 1
+            }
+        }
     }
 
     /// A node on `storage` (which gains a reference); `op` is kept only when one of
@@ -427,7 +444,7 @@ impl Inner {
         let category = self.category;
         self.account(category, overhead);
         self.storages[storage].as_mut().expect("live storage").refs += 1;
-        self.nodes.push(Some(Node {
+        let node = Some(Node {
             dims,
             strides,
             dtype,
@@ -437,8 +454,17 @@ impl Inner {
             refs: 1,
             overhead,
             category,
-        }));
-        self.nodes.len() - 1
+        });
+        match self.free_nodes.pop() {
+            Some(slot) => {
+                self.nodes[slot] = node;
+                slot
+            }
+            None => {
+                self.nodes.push(node);
+                self.nodes.len() - 1
+            }
+        }
     }
 
     fn tracks(&self, id: NodeId) -> bool {
@@ -453,6 +479,8 @@ impl Sim {
         Sim(Rc::new(RefCell::new(Inner {
             nodes: Vec::new(),
             storages: Vec::new(),
+            free_nodes: Vec::new(),
+            free_storages: Vec::new(),
             live: [0; 7],
             live_total: 0,
             peak_total: 0,

@@ -14,7 +14,7 @@ use super::sim::{Category, DType, Sim};
 use crate::config::{self, Config, DataSource, SyntheticTask};
 use crate::data::SyntheticText;
 use crate::models::conv4::Conv4Config;
-use crate::models::{bert, distilbert, gpt2, t5};
+use crate::models::{bert, distilbert, gpt2, t5, Activation};
 use crate::{Error, Result};
 
 /// What loading the weights costs before the model exists.
@@ -70,7 +70,33 @@ fn parse<T: DeserializeOwned>(value: serde_json::Value, what: &str) -> Result<T>
     serde_json::from_value(value).map_err(|e| Error::Model(format!("{what}: {e}")))
 }
 
+/// The family of a `config.json`, refused where the model itself would refuse it
+/// (heads that do not divide the width, an unknown activation, T5's buckets).
 fn family_from(kind: &str, value: serde_json::Value, origin: &str) -> Result<Family> {
+    let family = parse_family(kind, value, origin)?;
+    match &family {
+        Family::Bert(c) => {
+            c.validate()?;
+            Activation::from_hf(&c.hidden_act)?;
+        }
+        Family::DistilBert(c) => {
+            c.validate()?;
+            Activation::from_hf(&c.activation)?;
+        }
+        Family::Gpt2(c) => {
+            c.validate()?;
+            Activation::from_hf(&c.activation_function)?;
+        }
+        Family::T5(c) => {
+            c.validate()?;
+            c.feed_forward()?;
+        }
+        Family::Conv4(_) | Family::Mlp(_) => {}
+    }
+    Ok(family)
+}
+
+fn parse_family(kind: &str, value: serde_json::Value, origin: &str) -> Result<Family> {
     Ok(match kind {
         "bert" => Family::Bert(parse(
             value,
@@ -149,20 +175,35 @@ fn safetensors_sizes(path: &Path, dtype: DType) -> Result<LoadSpec> {
         let elems: u64 = entry
             .get("shape")
             .and_then(|s| s.as_array())
-            .map(|s| s.iter().filter_map(|d| d.as_u64()).product())
-            .unwrap_or(0);
+            .map(|s| {
+                s.iter()
+                    .filter_map(|d| d.as_u64())
+                    .try_fold(1u64, |acc, d| acc.checked_mul(d))
+            })
+            .unwrap_or(Some(0))
+            .ok_or_else(|| format(format!("tensor `{name}` has an impossible shape")))?;
         let bytes_per = match stored {
             "F64" | "I64" | "U64" => 8,
             "F32" | "I32" | "U32" => 4,
             "F16" | "BF16" | "I16" | "U16" => 2,
             _ => 1,
         };
-        load.tensor_bytes += elems * bytes_per;
+        load.tensor_bytes = load
+            .tensor_bytes
+            .saturating_add(elems.saturating_mul(bytes_per));
         let float = matches!(stored, "F64" | "F32" | "F16" | "BF16");
-        load.kept_bytes += elems * if float { dtype.bytes } else { bytes_per };
+        let kept = elems.saturating_mul(if float { dtype.bytes } else { bytes_per });
+        load.kept_bytes = load.kept_bytes.saturating_add(kept);
         if float && bytes_per != dtype.bytes {
-            load.conversion_scratch = load.conversion_scratch.max(elems * dtype.bytes);
+            load.conversion_scratch = load.conversion_scratch.max(kept);
         }
+    }
+    // The tensors are stored after the header: they cannot be larger than the file.
+    if load.tensor_bytes > file_bytes {
+        return Err(format(format!(
+            "the header describes {} bytes of tensors, but the file has {file_bytes}",
+            load.tensor_bytes
+        )));
     }
     Ok(load)
 }
@@ -279,6 +320,14 @@ pub(crate) fn model_spec(config: &Config) -> Result<Spec> {
                         .into(),
                 ));
             }
+            // Images are made (or resized) to data.image_size; Conv4 reads only its own.
+            if data.image_size != c.image_size {
+                return Err(Error::InvalidArgument(format!(
+                    "conv4 reads {s}×{s} images, but data.image_size is {}; set it to {s}",
+                    data.image_size,
+                    s = c.image_size
+                )));
+            }
             (images(support_n), images(query_n))
         }
         _ => {
@@ -303,6 +352,8 @@ pub(crate) fn model_spec(config: &Config) -> Result<Spec> {
             )
         }
     };
+    check_positions(&family, support, config)?;
+    check_sizes(&family, support.len().max(query.len()), support, config)?;
     let mut model = ModelSpec {
         family,
         lora,
@@ -343,6 +394,118 @@ pub(crate) fn model_spec(config: &Config) -> Result<Spec> {
         load,
         checkpoint,
     })
+}
+
+/// Refuses sequences longer than the model's position table, as its `embed` does at
+/// run time.
+fn check_positions(family: &Family, inputs: Inputs, config: &Config) -> Result<()> {
+    let Inputs::Tokens { t, .. } = inputs else {
+        return Ok(());
+    };
+    let positions = match family {
+        Family::Bert(c) => c.max_position_embeddings,
+        Family::DistilBert(c) => c.max_position_embeddings,
+        Family::Gpt2(c) => c.n_positions,
+        // Relative positions: any length.
+        Family::T5(_) | Family::Conv4(_) | Family::Mlp(_) => return Ok(()),
+    };
+    if t <= positions {
+        return Ok(());
+    }
+    let synthetic = config.data.synthetic_only || config.data.source == DataSource::Synthetic;
+    Err(Error::InvalidArgument(if synthetic {
+        format!(
+            "synthetic texts have up to {t} tokens, more than the model's {positions} \
+             positions; use a model with at least {t} positions"
+        )
+    } else {
+        format!(
+            "model.max_length is {t}, more than the model's {positions} positions; set it \
+             to at most {positions}"
+        )
+    }))
+}
+
+/// Largest tensor the planner sizes, in bytes: far beyond any machine's memory, and
+/// far below where the simulation's byte counts could overflow.
+const LARGEST_TENSOR: u64 = 1 << 50;
+
+/// Refuses configurations whose tensors could not exist (more than [`LARGEST_TENSOR`]
+/// bytes): sizes are products of configured numbers, and the simulation counts them in
+/// 64 bits.
+fn check_sizes(family: &Family, n: usize, inputs: Inputs, config: &Config) -> Result<()> {
+    // Per family: the elements of a row (token, pixel), the row widths, and the
+    // attention scores' heads (each `t × t`).
+    let (rows, widths, heads): (usize, Vec<usize>, usize) = match (family, inputs) {
+        (Family::Bert(c), Inputs::Tokens { t, .. }) => (
+            t,
+            vec![c.hidden_size, c.intermediate_size, c.vocab_size],
+            c.num_attention_heads,
+        ),
+        (Family::DistilBert(c), Inputs::Tokens { t, .. }) => {
+            (t, vec![c.dim, c.hidden_dim, c.vocab_size], c.n_heads)
+        }
+        (Family::Gpt2(c), Inputs::Tokens { t, .. }) => (
+            t,
+            vec![
+                c.n_embd.saturating_mul(4),
+                c.n_inner.unwrap_or(0),
+                c.vocab_size,
+            ],
+            c.n_head,
+        ),
+        (Family::T5(c), Inputs::Tokens { t, .. }) => (
+            t,
+            vec![
+                c.d_model,
+                c.num_heads.saturating_mul(c.d_kv),
+                c.d_ff,
+                c.vocab_size,
+            ],
+            c.num_heads,
+        ),
+        (Family::Conv4(c), Inputs::Images { side, .. }) => (
+            side.saturating_mul(side),
+            vec![
+                c.channels.saturating_mul(9),
+                c.in_channels.saturating_mul(9),
+            ],
+            0,
+        ),
+        (Family::Mlp(m), Inputs::Dense { d, .. }) => {
+            let mut widths = m.hidden.clone();
+            widths.push(d);
+            (1, widths, 0)
+        }
+        _ => return Ok(()),
+    };
+    let product = |factors: &[usize]| -> Option<u64> {
+        factors
+            .iter()
+            .try_fold(8u64, |acc, &f| acc.checked_mul(f as u64))
+    };
+    let widest = widths.into_iter().max().unwrap_or(1);
+    let tokens = matches!(inputs, Inputs::Tokens { .. });
+    let largest = [
+        product(&[n, rows, widest]),
+        if tokens {
+            product(&[n, heads, rows, rows])
+        } else {
+            Some(0)
+        },
+    ]
+    .into_iter()
+    .try_fold(0u64, |largest, bytes| bytes.map(|b| largest.max(b)));
+    match largest {
+        Some(bytes) if bytes <= LARGEST_TENSOR => Ok(()),
+        _ => Err(Error::InvalidArgument(format!(
+            "the configured sizes (model.max_length {}, {n} examples per batch, the model's \
+             widths) make tensors of more than {}; no machine holds them, so the planner \
+             does not size them",
+            config.model.max_length,
+            crate::memory::format_bytes(LARGEST_TENSOR)
+        ))),
+    }
 }
 
 /// Bytes of the frozen tensors the model itself uses.

@@ -24,7 +24,7 @@ fn checkpointing(plan: &Plan) -> String {
 }
 
 /// The breakdown of one plan's peak, with the assumptions it rests on.
-pub fn format_breakdown(plan: &Plan) -> String {
+pub(crate) fn format_breakdown(plan: &Plan) -> String {
     let b = &plan.breakdown;
     let total = b.total();
     let mut out = String::new();
@@ -56,8 +56,8 @@ pub fn format_breakdown(plan: &Plan) -> String {
         ("gradients", b.gradients),
         ("optimizer state", b.optimizer_state),
         (activations.as_str(), b.activations),
-        ("data", b.data),
-        ("temporaries", b.temporaries),
+        ("data (episodes)", b.data),
+        ("temporary buffers", b.temporaries),
     ];
     for (name, bytes) in rows {
         let _ = writeln!(
@@ -84,7 +84,7 @@ pub fn format_breakdown(plan: &Plan) -> String {
 
 /// One row per plan: peak, activations, gradients, graphs kept, the ratio to the
 /// first row and, with a budget, whether it fits.
-pub fn format_comparison(plans: &[Plan], budget: Option<u64>) -> String {
+pub(crate) fn format_comparison(plans: &[Plan], budget: Option<u64>) -> String {
     let mut out = String::new();
     out.push_str("| method | predicted peak | activations | gradients | graphs kept | vs first |");
     match budget {

@@ -1,0 +1,171 @@
+//! The public entry point over every method and mode the configuration offers, with
+//! checkpointing on and off and with micro-batches; and the relations a plan must
+//! keep (exact agreement with measurement is `tests/planner_grid.rs`'s job).
+
+use super::*;
+use crate::config::{DataSource, SyntheticTask};
+
+/// A small text configuration read from a file (sequences of `max_length` tokens).
+fn text(model: &str, tokens: usize) -> Config {
+    let mut c = Config::default();
+    c.model.name = model.into();
+    c.model.max_length = tokens;
+    c.data.source = DataSource::Jsonl;
+    c.data.path = Some("texts.jsonl".into());
+    c.data.n_way = 3;
+    c.data.k_shot = 4;
+    c.data.n_query = 2;
+    c.meta_learning.meta_batch_size = 2;
+    c
+}
+
+fn sinusoid() -> Config {
+    let mut c = Config::default();
+    c.model.name = "mlp".into();
+    c.data.source = DataSource::Synthetic;
+    c.data.synthetic_task = SyntheticTask::Sinusoid;
+    c.data.k_shot = 5;
+    c.data.n_query = 5;
+    c
+}
+
+fn images() -> Config {
+    let mut c = Config::default();
+    c.model.name = "conv4".into();
+    c.data.source = DataSource::Synthetic;
+    c.data.synthetic_task = SyntheticTask::Images;
+    c.data.n_way = 2;
+    c.data.k_shot = 1;
+    c.data.n_query = 1;
+    c.meta_learning.meta_batch_size = 1;
+    c
+}
+
+fn checkpointed(mut c: Config, layers: Option<Vec<usize>>) -> Config {
+    c.memory_optimization.checkpointing.enabled = true;
+    c.memory_optimization.checkpointing.layers = layers;
+    c
+}
+
+fn micro(mut c: Config, size: usize) -> Config {
+    c.memory_optimization.gradient_accumulation.micro_batch = Some(size);
+    c
+}
+
+fn peak(c: &Config) -> u64 {
+    plan(c)
+        .unwrap_or_else(|e| panic!("{}: {e}", Variant::of(c)))
+        .peak_bytes
+}
+
+/// A plan that exists and adds up.
+fn check(c: &Config) -> Plan {
+    let p = plan(c).unwrap_or_else(|e| panic!("{} on {}: {e}", Variant::of(c), c.model.name));
+    assert!(p.peak_bytes > 0);
+    assert!(p.breakdown.total() <= p.peak_bytes);
+    assert_eq!(p.peak_bytes, p.breakdown.total().max(p.load_peak_bytes));
+    assert_eq!(p.variant, Variant::of(c));
+    p
+}
+
+#[test]
+fn every_method_plans_on_every_model_with_and_without_checkpointing_and_micro_batches() {
+    let mut bases = Vec::new();
+    for model in ["tiny-bert", "tiny-distilbert", "tiny-gpt2", "tiny-t5"] {
+        let c = text(model, 8);
+        bases.push(checkpointed(c.clone(), None));
+        bases.push(checkpointed(micro(c.clone(), 5), Some(vec![1])));
+        bases.push(micro(c.clone(), 5));
+        bases.push(c);
+    }
+    bases.push(sinusoid());
+    bases.push(micro(sinusoid(), 2));
+    bases.push(images());
+    for base in &bases {
+        for &variant in Variant::ALL {
+            let c = variant.apply(base);
+            let p = check(&c);
+            assert_eq!(
+                p.checkpoint_layers.is_some(),
+                c.memory_optimization.checkpointing.enabled
+            );
+        }
+    }
+}
+
+#[test]
+fn the_planner_refuses_what_training_refuses() {
+    // Only transformer stacks are checkpointed; Conv4's batch statistics are not
+    // split into micro-batches.
+    for c in [checkpointed(sinusoid(), None), checkpointed(images(), None)] {
+        let err = plan(&c).unwrap_err().to_string();
+        assert!(err.contains("not a transformer stack"), "{err}");
+    }
+    let err = plan(&micro(
+        {
+            let mut c = images();
+            c.data.k_shot = 3;
+            c
+        },
+        2,
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("micro_batch"), "{err}");
+    let err = plan(&checkpointed(text("tiny-bert", 8), Some(vec![2])))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("layer 2"), "{err}");
+    // An invalid configuration built in code is refused, not planned.
+    let mut c = text("tiny-bert", 8);
+    c.meta_learning.inner.steps = 0;
+    assert!(plan(&c).is_err());
+}
+
+#[test]
+fn memory_follows_what_each_method_keeps() {
+    let base = text("tiny-bert", 32);
+    let with_k = |variant: Variant, k: usize| {
+        let mut c = variant.apply(&base);
+        c.meta_learning.inner.steps = k;
+        c
+    };
+    // Full-graph MAML keeps every inner step's graphs; recompute-MAML one step's.
+    let full = [1, 2, 4].map(|k| peak(&with_k(Variant::MamlFullGraph, k)));
+    assert!(full[0] < full[1] && full[1] < full[2], "{full:?}");
+    let recompute = [1, 4].map(|k| peak(&with_k(Variant::Maml, k)));
+    assert!(recompute[1] < full[2]);
+    assert!(
+        (recompute[1] as f64) < 1.05 * recompute[0] as f64,
+        "{recompute:?}"
+    );
+    // First-order methods keep no gradient graph.
+    assert!(peak(&with_k(Variant::Fomaml, 4)) < recompute[1]);
+    // Checkpointing and micro-batches lower the second-order peak.
+    let recompute_c = with_k(Variant::Maml, 2);
+    let whole = peak(&recompute_c);
+    assert!(peak(&checkpointed(recompute_c.clone(), None)) < whole);
+    assert!(peak(&micro(recompute_c.clone(), 3)) < whole);
+    // A baseline's peak is one task's adaptation: smaller than meta-training's.
+    assert!(peak(&Variant::Finetune.apply(&base)) < whole);
+}
+
+#[test]
+fn checkpointing_keeps_one_segment_of_activations() {
+    // Long sequences, so that activations dominate: with every layer a segment the
+    // recompute-MAML peak keeps far less than a whole forward graph's worth.
+    let c = Variant::Maml.apply(&text("tiny-gpt2", 64));
+    let off = check(&c);
+    let on = check(&checkpointed(c, None));
+    assert!(
+        on.breakdown.activations + on.breakdown.gradients
+            < off.breakdown.activations + off.breakdown.gradients
+    );
+    assert_eq!(on.forward_graph_bytes, off.forward_graph_bytes);
+    assert!(
+        on.graphs_kept < off.graphs_kept,
+        "{} {}",
+        on.graphs_kept,
+        off.graphs_kept
+    );
+}

@@ -1,0 +1,271 @@
+//! `melora plan` and `melora profile`, run as a user would: on the shipped
+//! quickstart configuration and on tiny inline ones, and with bad input, which must
+//! give a one-line error and status 2, never a panic.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn melora(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_melora"))
+        .args(args)
+        .output()
+        .expect("the melora binary runs")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).to_string()
+}
+
+/// The shipped quickstart, found from the crate root (tests run there).
+fn quickstart() -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("configs/quickstart.yml")
+        .display()
+        .to_string()
+}
+
+/// A tiny FOMAML run on the built-in tiny GPT-2 with checkpointing, so that
+/// `profile` takes a second.
+const TINY: &str = "seed: 3
+model:
+  name: tiny-gpt2
+lora:
+  rank: 2
+meta_learning:
+  method: fomaml
+  meta_batch_size: 2
+  inner:
+    steps: 1
+data:
+  n_way: 3
+  k_shot: 2
+  n_query: 2
+memory_optimization:
+  checkpointing:
+    enabled: true
+";
+
+fn write(dir: &Path, name: &str, yaml: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, yaml).unwrap();
+    path.display().to_string()
+}
+
+/// Checks a failure: status 2, one line starting `error:` that contains `needle`,
+/// and no panic.
+fn assert_user_error(out: &Output, needle: &str) {
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "stderr: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.starts_with("error: ") && err.contains(needle), "{err}");
+}
+
+#[test]
+fn plan_prints_the_breakdown_and_the_comparison() {
+    let out = melora(&["plan", "--config", &quickstart()]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    for part in [
+        "frozen weights",
+        "trainable parameters",
+        "gradients",
+        "optimizer state",
+        "activations",
+        "temporary buffers",
+        "**total (peak)**",
+    ] {
+        assert!(stdout.contains(part), "no `{part}` in:\n{stdout}");
+    }
+    // The configured method heads the breakdown; the comparison has one row per
+    // default method.
+    assert!(stdout.contains("Predicted peak of melora (gauss_newton) on tiny-bert"));
+    for method in [
+        "| maml (full graph) |",
+        "| fomaml |",
+        "| reptile |",
+        "| melora (gauss_newton) |",
+    ] {
+        assert!(stdout.contains(method), "no row `{method}` in:\n{stdout}");
+    }
+}
+
+#[test]
+fn plan_takes_methods_a_budget_and_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write(dir.path(), "tiny.yml", TINY);
+    let out = melora(&[
+        "plan",
+        "--config",
+        &config,
+        "--methods",
+        "maml,finetune,melora-block_diagonal",
+        "--memory-budget",
+        "1GiB",
+    ]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        stdout.contains("checkpointing the inputs of layers 0, 1"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("This configuration fits in 1.00 GiB"),
+        "{stdout}"
+    );
+    for row in [
+        "| maml (recompute) |",
+        "| finetune |",
+        "| melora (block_diagonal) |",
+    ] {
+        assert!(stdout.contains(row), "no row `{row}` in:\n{stdout}");
+    }
+    assert!(stdout.contains(" yes |"), "{stdout}");
+
+    let out = melora(&["plan", "--config", &config, "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let peak = json["plan"]["peak_bytes"].as_u64().unwrap();
+    let parts = &json["plan"]["breakdown"];
+    let sum: u64 = [
+        "frozen_weights",
+        "trainable",
+        "gradients",
+        "optimizer_state",
+        "activations",
+        "data",
+        "temporaries",
+    ]
+    .iter()
+    .map(|k| parts[k].as_u64().unwrap())
+    .sum();
+    assert!(sum <= peak && peak > 0, "{json}");
+    assert_eq!(json["plan"]["variant"], "fomaml");
+    assert_eq!(json["plan"]["checkpoint_layers"], serde_json::json!([0, 1]));
+    assert_eq!(json["comparison"].as_array().unwrap().len(), 4);
+}
+
+#[test]
+fn plan_refuses_bad_input_with_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing.yml").display().to_string();
+    assert_user_error(&melora(&["plan", "--config", &missing]), "missing.yml");
+    let quick = quickstart();
+    assert_user_error(
+        &melora(&["plan", "--config", &quick, "--methods", "protonet"]),
+        "unknown method `protonet`",
+    );
+    assert_user_error(
+        &melora(&["plan", "--config", &quick, "--memory-budget", "lots"]),
+        "--memory-budget",
+    );
+    // Configurations training would refuse, refused before anything runs.
+    let cases = [
+        (
+            "conv4-checkpointed.yml",
+            "model:\n  name: conv4\ndata:\n  synthetic_task: images\n\
+             memory_optimization:\n  checkpointing:\n    enabled: true\n",
+            "not a transformer stack",
+        ),
+        (
+            "no-such-layer.yml",
+            "model:\n  name: tiny-bert\nmemory_optimization:\n  checkpointing:\n    \
+             enabled: true\n    layers: [7]\n",
+            "names layer 7",
+        ),
+        (
+            "sinusoid-bert.yml",
+            "model:\n  name: tiny-bert\ndata:\n  synthetic_task: sinusoid\n",
+            "use model.name: mlp",
+        ),
+        (
+            "too-long.yml",
+            "model:\n  name: tiny-bert\n  max_length: 100000000000\ndata:\n  source: jsonl\n  \
+             path: texts.jsonl\n",
+            "more than the model's 128 positions",
+        ),
+        (
+            "too-large.yml",
+            "model:\n  name: tiny-t5\n  max_length: 100000000000\ndata:\n  source: jsonl\n  \
+             path: texts.jsonl\n",
+            "no machine holds them",
+        ),
+        (
+            "no-model.yml",
+            "model:\n  path: /nonexistent/melora-model\n",
+            "config.json",
+        ),
+        (
+            "bad-key.yml",
+            "meta_learning:\n  inner:\n    steps: 0\n",
+            "inner.steps",
+        ),
+    ];
+    for (name, yaml, needle) in cases {
+        let path = write(dir.path(), name, yaml);
+        assert_user_error(&melora(&["plan", "--config", &path]), needle);
+    }
+}
+
+#[test]
+fn profile_measures_beside_the_prediction() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write(dir.path(), "tiny.yml", TINY);
+    let out = melora(&[
+        "profile",
+        "--config",
+        &config,
+        "--iterations",
+        "2",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let predicted = json["plan"]["peak_bytes"].as_f64().unwrap();
+    let measured = json["measured_peak_bytes"].as_f64().unwrap();
+    let error = (predicted - measured).abs() / measured;
+    assert!(error < 0.15, "predicted {predicted}, measured {measured}");
+    assert!(json["peak_rss_bytes"].as_u64().unwrap() > 0);
+    assert_eq!(json["seconds"].as_array().unwrap().len(), 2);
+    assert!(json["median_seconds"].as_f64().unwrap() > 0.0);
+
+    // The table, here for a baseline (test episodes, not meta-iterations).
+    let out = melora(&[
+        "profile",
+        "--config",
+        &config,
+        "--method",
+        "finetune",
+        "--iterations",
+        "1",
+    ]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    for row in [
+        "| peak heap (counting allocator) |",
+        "| peak RSS of the process |",
+        "| seconds per test episode (median) |",
+    ] {
+        assert!(stdout.contains(row), "no row `{row}` in:\n{stdout}");
+    }
+}
+
+#[test]
+fn profile_refuses_bad_input_with_one_line() {
+    let quick = quickstart();
+    assert_user_error(
+        &melora(&["profile", "--config", &quick, "--iterations", "0"]),
+        "--iterations must be at least 1",
+    );
+    assert_user_error(
+        &melora(&["profile", "--config", &quick, "--iterations", "many"]),
+        "many",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(
+        dir.path(),
+        "conv4.yml",
+        "model:\n  name: conv4\ndata:\n  synthetic_task: images\n  image_size: 32\n",
+    );
+    assert_user_error(&melora(&["profile", "--config", &path]), "set it to 28");
+}
