@@ -14,6 +14,7 @@
 //! before it starts any thread; entry points that need second order check it with
 //! [`tensor::ensure_second_order`] and fail with a clear error otherwise.
 
+pub mod bench;
 pub mod config;
 pub mod data;
 pub mod error;

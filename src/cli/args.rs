@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::builder::PossibleValue;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::config::{ConfigOverrides, Method};
+use crate::config::{ConfigOverrides, Method, Precision, Variant};
 
 /// Memory-efficient meta-learning (MAML, FOMAML, Reptile, MELoRA) of LoRA
 /// adapters, with measured memory.
@@ -228,6 +228,68 @@ pub(crate) enum BenchCommand {
     /// Decoding and batching speed of real data: 1,000 Omniglot episodes (20-way
     /// 1-shot, 5 queries) and 1,000 WordNet episodes (5-way 5-shot, 5 queries)
     Data(BenchDataArgs),
+    /// Peak memory (counting allocator and RSS), the planner's prediction and seconds
+    /// per meta-iteration for each method × inner steps K × checkpointing × precision
+    /// on a MiniLM-shaped model; writes memory.json, memory.md and memory.png
+    Memory(BenchMemoryArgs),
+    /// One point of `bench memory`, measured in this process: reads the configuration
+    /// (YAML) from standard input and prints the measurement as JSON
+    #[command(hide = true)]
+    MemoryRow(BenchMemoryRowArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct BenchMemoryArgs {
+    /// The reduced grid: the built-in tiny-bert, meta-batches of 1 task, K in {1, 8},
+    /// f32, kernels on 1 thread (same schema; about a minute on 2 cores)
+    #[arg(long)]
+    pub(crate) quick: bool,
+
+    /// A Hugging Face model folder (config.json, model.safetensors) to measure instead
+    /// of the random-weight MiniLM-shaped model
+    #[arg(long, value_name = "DIR")]
+    pub(crate) model_dir: Option<PathBuf>,
+
+    /// Timed meta-iterations per point, after one warm-up (the median is reported)
+    #[arg(long, value_name = "N", default_value_t = crate::bench::memory::DEFAULT_ITERATIONS)]
+    pub(crate) iterations: usize,
+
+    /// Threads of candle's kernels in each measuring process (RAYON_NUM_THREADS);
+    /// default: every processor, or 1 with --quick (the tiny model's kernels are too
+    /// small to split, and spinning threads slow a busy machine down)
+    #[arg(long, value_name = "N")]
+    pub(crate) threads: Option<usize>,
+
+    /// Only these methods: maml-full_graph, maml (recompute), fomaml, reptile,
+    /// melora-diagonal, melora-gauss_newton, melora-block_diagonal
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    pub(crate) methods: Vec<Variant>,
+
+    /// Only these inner-step counts K (default 1,2,4,8; with --quick 1,8)
+    #[arg(long = "k", value_name = "LIST", value_delimiter = ',')]
+    pub(crate) ks: Vec<usize>,
+
+    /// Only these checkpointing settings: off, on (default both)
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    pub(crate) checkpointing: Vec<OnOff>,
+
+    /// Only these precisions: f32, bf16, f16 (default f32,bf16; with --quick f32)
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    pub(crate) precision: Vec<Precision>,
+}
+
+/// A switch given by name on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum OnOff {
+    Off,
+    On,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct BenchMemoryRowArgs {
+    /// Timed meta-iterations, after one warm-up
+    #[arg(long, value_name = "N", default_value_t = crate::bench::memory::DEFAULT_ITERATIONS)]
+    pub(crate) iterations: usize,
 }
 
 #[derive(Debug, Args)]

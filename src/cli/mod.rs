@@ -4,6 +4,7 @@
 
 mod args;
 mod bench_cmd;
+mod bench_memory_cmd;
 mod check_cmd;
 mod config_cmd;
 mod full_cmd;
@@ -50,6 +51,12 @@ pub fn run() -> anyhow::Result<ExitCode> {
         Command::Check(args) => check_cmd::run(args),
         Command::Bench(args::BenchCommand::Data(args)) => {
             bench_cmd::run_data(&cli.global, args).map(|()| ExitCode::SUCCESS)
+        }
+        Command::Bench(args::BenchCommand::Memory(args)) => {
+            bench_memory_cmd::run(&cli.global, args)
+        }
+        Command::Bench(args::BenchCommand::MemoryRow(args)) => {
+            bench_memory_cmd::run_row(args).map(|()| ExitCode::SUCCESS)
         }
         Command::Plan(args) => plan_cmd::run(&cli.global, args).map(|()| ExitCode::SUCCESS),
         Command::Profile(args) => profile_cmd::run(&cli.global, args).map(|()| ExitCode::SUCCESS),

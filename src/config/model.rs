@@ -41,8 +41,8 @@ choice_enum! {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ModelConfig {
-    /// A built-in tiny model (`tiny-bert`, `tiny-distilbert`, `tiny-gpt2`,
-    /// `tiny-t5`, `conv4`) or, with [`path`](Self::path), the Hugging Face
+    /// A built-in model (`tiny-bert`, `tiny-distilbert`, `tiny-gpt2`, `tiny-t5`,
+    /// `minilm-shaped`, `conv4`, `mlp`) or, with [`path`](Self::path), the Hugging Face
     /// family of a local model directory.
     pub name: String,
     /// Local Hugging Face model directory (`config.json`, safetensors weights,

@@ -36,6 +36,11 @@ pub const BUILTIN_MODELS: &[(&str, &str)] = &[
         "T5 encoder: 2 layers, width 64, 4 heads of 16, gated-GELU FFN 128, vocab 1000",
     ),
     (
+        "minilm-shaped",
+        "all-MiniLM-L6-v2's architecture with random weights (for memory and speed \
+         measurements): 6 layers, width 384, 12 heads, FFN 1536, vocab 30522, 512 positions",
+    ),
+    (
         "conv4",
         "Conv4 for 28x28 grey images: 4 blocks of 64 channels (all parameters trainable)",
     ),
@@ -76,6 +81,12 @@ pub(crate) fn builtin_config(name: &str) -> Option<(&'static str, serde_json::Va
             "t5",
             json!({"vocab_size": 1000, "d_model": 64, "d_kv": 16, "d_ff": 128,
             "num_layers": 2, "num_heads": 4, "feed_forward_proj": "gated-gelu"}),
+        ),
+        "minilm-shaped" => (
+            "bert",
+            json!({"vocab_size": 30522, "hidden_size": 384, "num_hidden_layers": 6,
+            "num_attention_heads": 12, "intermediate_size": 1536,
+            "max_position_embeddings": 512}),
         ),
         _ => return None,
     })
@@ -264,7 +275,8 @@ mod tests {
     fn builtin_models_run_and_are_seeded() {
         for (name, _) in BUILTIN_MODELS
             .iter()
-            .filter(|(n, _)| !matches!(*n, "conv4" | "mlp"))
+            // minilm-shaped is the same family as tiny-bert at full size: too slow here.
+            .filter(|(n, _)| !matches!(*n, "conv4" | "mlp" | "minilm-shaped"))
         {
             let model = builtin(name, 7, DType::F32, Some(lora()), 3).unwrap();
             let params = model.init_params(1).unwrap();
@@ -289,6 +301,18 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(err.contains("tiny-bert"), "{err}");
+    }
+
+    /// The MiniLM-shaped built-in has all-MiniLM-L6-v2's shapes: with rank-4 LoRA on
+    /// query and value, 6 layers × 2 adapters × (384·4 + 4·384) trainable values, plus
+    /// a 384 → 3 head; features are 384 wide.
+    #[test]
+    fn minilm_shaped_has_minilm_shapes() {
+        let model = builtin("minilm-shaped", 7, DType::F32, Some(lora()), 3).unwrap();
+        let params = model.init_params(1).unwrap();
+        assert_eq!(params.numel(), 6 * 2 * (384 * 4 + 4 * 384) + 384 * 3 + 3);
+        let features = model.features(&params, &batch(), Mode::Eval).unwrap();
+        assert_eq!(features.dims(), &[2, 384]);
     }
 
     /// Half-precision loading runs and stays close to f32 (the frozen base and the
