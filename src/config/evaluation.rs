@@ -20,9 +20,13 @@ pub struct EvaluationConfig {
     /// Stop training after this many validations without a new best score;
     /// `None` trains for every iteration.
     pub early_stopping_patience: Option<usize>,
-    /// Gradient steps of the `finetune` and `lora-finetune` baselines on each test
-    /// task's support set (at least 1), at the inner learning rate.
+    /// AdamW steps of the `finetune` and `lora-finetune` baselines on each test
+    /// task's support set (at least 1).
     pub finetune_steps: usize,
+    /// Their AdamW learning rate (> 0). Separate from the inner SGD rate: AdamW's
+    /// first steps move every entry by about the rate, so a rate fit for SGD on a
+    /// small gradient (0.5) would throw LoRA's zero B far from the base model.
+    pub finetune_lr: f64,
 }
 
 impl Default for EvaluationConfig {
@@ -34,6 +38,7 @@ impl Default for EvaluationConfig {
             val_episodes: 50,
             early_stopping_patience: None,
             finetune_steps: 10,
+            finetune_lr: 0.01,
         }
     }
 }
@@ -45,6 +50,7 @@ impl EvaluationConfig {
         at_least("evaluation.eval_every", self.eval_every, 1)?;
         at_least("evaluation.val_episodes", self.val_episodes, 1)?;
         at_least("evaluation.finetune_steps", self.finetune_steps, 1)?;
+        super::validate::positive("evaluation.finetune_lr", self.finetune_lr)?;
         if let Some(patience) = self.early_stopping_patience {
             at_least("evaluation.early_stopping_patience", patience, 1)?;
         }

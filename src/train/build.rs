@@ -166,11 +166,11 @@ pub fn build_learner(config: &Config) -> Result<Box<dyn MetaLearner>> {
 }
 
 /// What adapts to a test task: the learner's inner loop, or a baseline's fine-tuning
-/// (`evaluation.finetune_steps` steps at the inner learning rate).
+/// (`evaluation.finetune_steps` AdamW steps at `evaluation.finetune_lr`).
 pub fn build_adapter(config: &Config) -> Result<Box<dyn Adapter>> {
     let (steps, lr) = (
         config.evaluation.finetune_steps,
-        config.meta_learning.inner.lr,
+        config.evaluation.finetune_lr,
     );
     Ok(match config.meta_learning.method {
         Method::Finetune => Box::new(Finetune { epochs: steps, lr }),
