@@ -380,6 +380,93 @@ fn precision_rows() -> Vec<(String, Config)> {
     rows
 }
 
+/// A BERT folder (`config.json`, `model.safetensors` in f32) with tiny-bert's sizes
+/// and one tensor the model does not use (the pooler), written once per process.
+fn bert_folder() -> std::path::PathBuf {
+    static FOLDER: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    FOLDER
+        .get_or_init(|| {
+            let dir =
+                std::env::temp_dir().join(format!("melora-planner-grid-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let (h, ff, vocab, layers) = (64, 128, 1000, 2);
+            std::fs::write(
+                dir.join("config.json"),
+                format!(
+                    "{{\"model_type\": \"bert\", \"vocab_size\": {vocab}, \"hidden_size\": {h}, \
+                     \"num_hidden_layers\": {layers}, \"num_attention_heads\": 4, \
+                     \"intermediate_size\": {ff}, \"max_position_embeddings\": 128}}"
+                ),
+            )
+            .unwrap();
+            let mut shapes: Vec<(String, Vec<usize>)> = vec![
+                ("embeddings.word_embeddings.weight".into(), vec![vocab, h]),
+                ("embeddings.position_embeddings.weight".into(), vec![128, h]),
+                ("embeddings.token_type_embeddings.weight".into(), vec![2, h]),
+                ("embeddings.LayerNorm.weight".into(), vec![h]),
+                ("embeddings.LayerNorm.bias".into(), vec![h]),
+                ("pooler.dense.weight".into(), vec![h, h]),
+                ("pooler.dense.bias".into(), vec![h]),
+            ];
+            for l in 0..layers {
+                let p = format!("encoder.layer.{l}");
+                for (name, n_out, n_in) in [
+                    ("attention.self.query", h, h),
+                    ("attention.self.key", h, h),
+                    ("attention.self.value", h, h),
+                    ("attention.output.dense", h, h),
+                    ("intermediate.dense", ff, h),
+                    ("output.dense", h, ff),
+                ] {
+                    shapes.push((format!("{p}.{name}.weight"), vec![n_out, n_in]));
+                    shapes.push((format!("{p}.{name}.bias"), vec![n_out]));
+                }
+                for norm in ["attention.output.LayerNorm", "output.LayerNorm"] {
+                    shapes.push((format!("{p}.{norm}.weight"), vec![h]));
+                    shapes.push((format!("{p}.{norm}.bias"), vec![h]));
+                }
+            }
+            let tensors: std::collections::HashMap<String, Tensor> = shapes
+                .into_iter()
+                .enumerate()
+                .map(|(k, (name, shape))| {
+                    let n: usize = shape.iter().product();
+                    let values: Vec<f32> =
+                        (0..n).map(|i| 0.02 * ((i * 7 + k) as f32).sin()).collect();
+                    let t = Tensor::from_vec(values, shape.as_slice(), &Device::Cpu).unwrap();
+                    (name, t)
+                })
+                .collect();
+            candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
+            dir
+        })
+        .clone()
+}
+
+/// A model read from a folder (the file read whole, converted, the tensors the model
+/// does not keep freed once it is built): first- and second-order at K = 1 in f32,
+/// bf16 and over an int8 base.
+fn folder_rows() -> Vec<(String, Config)> {
+    let mut rows = Vec::new();
+    let all = methods();
+    for &method in all
+        .iter()
+        .filter(|m| matches!(m.0, "fomaml" | "maml-recompute"))
+    {
+        for (precision, quantization) in [
+            (Precision::F32, Quantization::None),
+            (Precision::Bf16, Quantization::None),
+            (Precision::F32, Quantization::Int8),
+            (Precision::Bf16, Quantization::Int8),
+        ] {
+            let (label, mut c) = precise("tiny-bert", method, 1, None, precision, quantization);
+            c.model.path = Some(bert_folder());
+            rows.push((label.replacen("tiny-bert", "bert folder", 1), c));
+        }
+    }
+    rows
+}
+
 /// The grid run by default (about a minute): every text model with both MAML modes
 /// at K ∈ {1, 2, 4} with and without micro-batches, every other method at K = 2 with
 /// and without micro-batches; Conv4 (whose backward passes are slow) with every
@@ -414,6 +501,7 @@ fn grid() -> Vec<(String, Config)> {
     rows.extend(mlp_rows());
     rows.extend(meta_batch_rows());
     rows.extend(precision_rows());
+    rows.extend(folder_rows());
     rows
 }
 
@@ -441,6 +529,7 @@ fn full_grid() -> Vec<(String, Config)> {
     rows.extend(mlp_rows());
     rows.extend(meta_batch_rows());
     rows.extend(precision_rows());
+    rows.extend(folder_rows());
     rows
 }
 
