@@ -13,7 +13,9 @@
 use std::sync::Mutex;
 
 use candle_core::{DType, Device, Tensor, Var};
-use melora::config::{Config, DataSource, HessianKind, InnerMode, Method, SyntheticTask};
+use melora::config::{
+    Config, DataSource, HessianKind, InnerMode, Method, Precision, Quantization, SyntheticTask,
+};
 use melora::data::{Batch, Episode, EpisodeSource, SinusoidTasks};
 use melora::memory::planner::{plan_with, PlanOptions, CANDLE_OVERHEADS};
 use melora::memory::{current_bytes, format_bytes, CountingAllocator, MemoryMeter};
@@ -267,6 +269,204 @@ fn long_rows() -> Vec<(String, Config)> {
     rows
 }
 
+/// `row` in mixed precision (`precision` bf16/f16: frozen base and activations in
+/// two bytes, trainable tensors in f32; f16 under loss scaling) and/or with an int8
+/// frozen base.
+fn precise(
+    model: &str,
+    method: (&str, Method, InnerMode, HessianKind),
+    k: usize,
+    micro: Option<usize>,
+    precision: Precision,
+    quantization: Quantization,
+) -> (String, Config) {
+    let (label, mut c) = row(model, method, k, micro);
+    c.memory_optimization.precision = precision;
+    c.model.quantization = quantization;
+    // f16: a scale under which no pass of these tiny models overflows (at the default
+    // 65536 some second-order passes do, and the step is skipped before it peaks).
+    c.memory_optimization.loss_scaling.initial_scale = 1024.0;
+    let mut what = format!("{precision}");
+    if quantization == Quantization::Int8 {
+        what.push_str(" int8");
+    }
+    (format!("{label} {what}"), c)
+}
+
+/// Mixed precision and int8 on every text model: in bf16 every method but the
+/// MELoRA variants that only repeat others' passes (block-diagonal on BERT only, no
+/// curvature-free one) at K = 2 with and without micro-batches, and both MAML modes at
+/// K = 1 and 4 on BERT; in f16 (loss scaling) both MAML modes, FOMAML and diagonal
+/// MELoRA at K = 2 with and without micro-batches; an int8 base under f32 and bf16
+/// for recompute-MAML, FOMAML and Gauss-Newton MELoRA at K = 1 and at K = 2 with
+/// micro-batches; bf16 with checkpointing (f16 refuses it) for recompute-MAML, FOMAML
+/// and Gauss-Newton MELoRA with and without micro-batches, and recompute-MAML over an
+/// int8 base; longer sequences for FOMAML and recompute-MAML on BERT and GPT-2.
+fn precision_rows() -> Vec<(String, Config)> {
+    let mut rows = Vec::new();
+    let all = methods();
+    let named = |names: &[&str]| -> Vec<(&'static str, Method, InnerMode, HessianKind)> {
+        all.iter()
+            .filter(|m| names.contains(&m.0))
+            .copied()
+            .collect()
+    };
+    let none = Quantization::None;
+    let int8 = Quantization::Int8;
+    for model in TEXT_MODELS {
+        let mut bf16 = named(&[
+            "maml-full",
+            "maml-recompute",
+            "fomaml",
+            "reptile",
+            "melora-diagonal",
+            "melora-gn",
+        ]);
+        if model == "tiny-bert" {
+            bf16.extend(named(&["melora-block"]));
+        }
+        for &method in &bf16 {
+            for micro in [None, Some(3)] {
+                rows.push(precise(model, method, 2, micro, Precision::Bf16, none));
+            }
+            if method.1 == Method::Maml && model == "tiny-bert" {
+                for k in [1, 4] {
+                    rows.push(precise(model, method, k, None, Precision::Bf16, none));
+                }
+            }
+        }
+        for method in named(&["maml-full", "maml-recompute", "fomaml", "melora-diagonal"]) {
+            for micro in [None, Some(3)] {
+                rows.push(precise(model, method, 2, micro, Precision::F16, none));
+            }
+        }
+        for method in named(&["maml-recompute", "fomaml", "melora-gn"]) {
+            for precision in [Precision::F32, Precision::Bf16] {
+                for (k, micro) in [(1, None), (2, Some(3))] {
+                    rows.push(precise(model, method, k, micro, precision, int8));
+                }
+            }
+        }
+        let mut checkpointed = Vec::new();
+        for method in named(&["maml-recompute", "fomaml", "melora-gn"]) {
+            for micro in [None, Some(3)] {
+                checkpointed.push(precise(model, method, 2, micro, Precision::Bf16, none));
+            }
+        }
+        for method in named(&["maml-recompute"]) {
+            checkpointed.push(precise(model, method, 2, None, Precision::Bf16, int8));
+        }
+        for (label, mut c) in checkpointed {
+            let section = &mut c.memory_optimization.checkpointing;
+            section.enabled = true;
+            section.every = 1;
+            rows.push((format!("{label} ckpt every 1"), c));
+        }
+    }
+    // Longer sequences, where activations make the peak.
+    for model in ["tiny-bert", "tiny-gpt2"] {
+        for method in named(&["fomaml", "maml-recompute"]) {
+            for (precision, quantization) in [
+                (Precision::Bf16, none),
+                (Precision::F16, none),
+                (Precision::Bf16, int8),
+            ] {
+                let (label, mut c) = precise(model, method, 1, None, precision, quantization);
+                c.model.max_length = 64;
+                rows.push((format!("{label} t=64"), c));
+            }
+        }
+    }
+    rows
+}
+
+/// A BERT folder (`config.json`, `model.safetensors` in f32) with tiny-bert's sizes
+/// and one tensor the model does not use (the pooler), written once per process.
+fn bert_folder() -> std::path::PathBuf {
+    static FOLDER: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    FOLDER
+        .get_or_init(|| {
+            let dir =
+                std::env::temp_dir().join(format!("melora-planner-grid-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let (h, ff, vocab, layers) = (64, 128, 1000, 2);
+            std::fs::write(
+                dir.join("config.json"),
+                format!(
+                    "{{\"model_type\": \"bert\", \"vocab_size\": {vocab}, \"hidden_size\": {h}, \
+                     \"num_hidden_layers\": {layers}, \"num_attention_heads\": 4, \
+                     \"intermediate_size\": {ff}, \"max_position_embeddings\": 128}}"
+                ),
+            )
+            .unwrap();
+            let mut shapes: Vec<(String, Vec<usize>)> = vec![
+                ("embeddings.word_embeddings.weight".into(), vec![vocab, h]),
+                ("embeddings.position_embeddings.weight".into(), vec![128, h]),
+                ("embeddings.token_type_embeddings.weight".into(), vec![2, h]),
+                ("embeddings.LayerNorm.weight".into(), vec![h]),
+                ("embeddings.LayerNorm.bias".into(), vec![h]),
+                ("pooler.dense.weight".into(), vec![h, h]),
+                ("pooler.dense.bias".into(), vec![h]),
+            ];
+            for l in 0..layers {
+                let p = format!("encoder.layer.{l}");
+                for (name, n_out, n_in) in [
+                    ("attention.self.query", h, h),
+                    ("attention.self.key", h, h),
+                    ("attention.self.value", h, h),
+                    ("attention.output.dense", h, h),
+                    ("intermediate.dense", ff, h),
+                    ("output.dense", h, ff),
+                ] {
+                    shapes.push((format!("{p}.{name}.weight"), vec![n_out, n_in]));
+                    shapes.push((format!("{p}.{name}.bias"), vec![n_out]));
+                }
+                for norm in ["attention.output.LayerNorm", "output.LayerNorm"] {
+                    shapes.push((format!("{p}.{norm}.weight"), vec![h]));
+                    shapes.push((format!("{p}.{norm}.bias"), vec![h]));
+                }
+            }
+            let tensors: std::collections::HashMap<String, Tensor> = shapes
+                .into_iter()
+                .enumerate()
+                .map(|(k, (name, shape))| {
+                    let n: usize = shape.iter().product();
+                    let values: Vec<f32> =
+                        (0..n).map(|i| 0.02 * ((i * 7 + k) as f32).sin()).collect();
+                    let t = Tensor::from_vec(values, shape.as_slice(), &Device::Cpu).unwrap();
+                    (name, t)
+                })
+                .collect();
+            candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
+            dir
+        })
+        .clone()
+}
+
+/// A model read from a folder (the file read whole, converted, the tensors the model
+/// does not keep freed once it is built): first- and second-order at K = 1 in f32,
+/// bf16 and over an int8 base.
+fn folder_rows() -> Vec<(String, Config)> {
+    let mut rows = Vec::new();
+    let all = methods();
+    for &method in all
+        .iter()
+        .filter(|m| matches!(m.0, "fomaml" | "maml-recompute"))
+    {
+        for (precision, quantization) in [
+            (Precision::F32, Quantization::None),
+            (Precision::Bf16, Quantization::None),
+            (Precision::F32, Quantization::Int8),
+            (Precision::Bf16, Quantization::Int8),
+        ] {
+            let (label, mut c) = precise("tiny-bert", method, 1, None, precision, quantization);
+            c.model.path = Some(bert_folder());
+            rows.push((label.replacen("tiny-bert", "bert folder", 1), c));
+        }
+    }
+    rows
+}
+
 /// The grid run by default (about a minute): every text model with both MAML modes
 /// at K ∈ {1, 2, 4} with and without micro-batches, every other method at K = 2 with
 /// and without micro-batches; Conv4 (whose backward passes are slow) with every
@@ -300,6 +500,8 @@ fn grid() -> Vec<(String, Config)> {
     rows.extend(long_rows());
     rows.extend(mlp_rows());
     rows.extend(meta_batch_rows());
+    rows.extend(precision_rows());
+    rows.extend(folder_rows());
     rows
 }
 
@@ -326,6 +528,8 @@ fn full_grid() -> Vec<(String, Config)> {
     rows.extend(long_rows());
     rows.extend(mlp_rows());
     rows.extend(meta_batch_rows());
+    rows.extend(precision_rows());
+    rows.extend(folder_rows());
     rows
 }
 
@@ -400,7 +604,7 @@ fn one_meta_step(c: &Config) {
         .collect();
     let learner = build_learner(c).unwrap();
     let mut outer = build_outer(c).unwrap();
-    let (next, _) = meta_step(
+    let (next, stats) = meta_step(
         learner.as_ref(),
         model.as_ref(),
         &params,
@@ -409,6 +613,8 @@ fn one_meta_step(c: &Config) {
         |i| Mode::Train { seed: i as u64 },
     )
     .unwrap();
+    // An overflow under f16 loss scaling would end the step early: not what is measured.
+    assert!(!stats.skipped, "the step was skipped (loss-scale overflow)");
     drop(next);
 }
 
@@ -440,7 +646,12 @@ fn check(rows: Vec<(String, Config)>) {
     let mut failures = Vec::new();
     let mut worst = 0f64;
     for (label, config) in &rows {
-        let key = (config.model.name.clone(), config.model.dtype);
+        let key = (
+            config.model.name.clone(),
+            config.model.dtype,
+            config.memory_optimization.precision,
+            config.model.quantization,
+        );
         if !warmed.contains(&key) {
             let mut warm = config.clone();
             warm.meta_learning.method = Method::Maml;
@@ -537,4 +748,8 @@ fn planner_overheads_match_candle() {
     let plain = bytes_per(|| v.as_tensor().sqr().unwrap());
     let gelu = bytes_per(|| melora::tensor::ops::gelu_erf(v.as_tensor()).unwrap());
     assert_eq!(gelu, plain + o.custom_op + 2);
+    // The frozen linear op (its weight, bias, sizes and direction: 48 bytes).
+    let w = Tensor::zeros((4, 4), DType::F32, &d).unwrap();
+    let frozen = bytes_per(|| melora::tensor::ops::frozen_linear(v.as_tensor(), &w, None).unwrap());
+    assert_eq!(frozen, plain + o.custom_op + 48);
 }

@@ -87,6 +87,35 @@ fn accumulate(sim: &Sim, grads: &mut GradStore, arg: NodeId, contribution: &T, s
     *sum = next;
 }
 
+/// `fused_norm::light`: a backward result with its graph where it may be
+/// differentiated again, detached (its working-type intermediates freed at once) in
+/// a pass that detaches every gradient anyway.
+fn light(t: T, detach: bool) -> T {
+    if detach {
+        t.detach()
+    } else {
+        t
+    }
+}
+
+/// `fused_softmax::softmax_grad`: `p ⊙ (g − Σ g⊙p)` as one op on contiguous inputs.
+fn softmax_grad(p: &T, g: &T) -> T {
+    p.contiguous().custom2(&g.contiguous(), Custom::SoftmaxGrad)
+}
+
+/// `fused_norm::normalised`: `(x̂, r)` with `r = 1/√(var + eps)` and `x̂ = (x − mean)·r`.
+fn normalised(x: &T) -> (T, T) {
+    let l = last(x);
+    let centered = x.broadcast_binary(&x.mean_keepdim(&[l]), Bin::Sub);
+    let rstd = centered
+        .unary(Un::Sqr)
+        .mean_keepdim(&[l])
+        .affine(1.0)
+        .unary(Un::Sqrt)
+        .unary(Un::Recip);
+    (centered.broadcast_binary(&rstd, Bin::Mul), rstd)
+}
+
 /// The last dimension's index.
 fn last(t: &T) -> usize {
     t.rank() - 1
@@ -118,7 +147,7 @@ pub(crate) fn backward(sim: &Sim, loss: &T, detach: bool) -> GradStore {
         let Some(op) = sim.op_of(node.id()) else {
             continue;
         };
-        rule(sim, &mut grads, node, &op, &grad);
+        rule(sim, &mut grads, node, &op, &grad, detach);
         drop(grad);
         drop(original);
     }
@@ -128,7 +157,7 @@ pub(crate) fn backward(sim: &Sim, loss: &T, detach: bool) -> GradStore {
 }
 
 /// One node's rule of candle's backward.
-fn rule(sim: &Sim, grads: &mut GradStore, node: &T, op: &Op, grad: &T) {
+fn rule(sim: &Sim, grads: &mut GradStore, node: &T, op: &Op, grad: &T, detach: bool) {
     let h = |id: NodeId| sim.handle(id);
     match op {
         Op::Binary(lhs, rhs, Bin::Add) => {
@@ -323,14 +352,11 @@ fn rule(sim: &Sim, grads: &mut GradStore, node: &T, op: &Op, grad: &T) {
                     weight,
                     in_out,
                     transposed,
-                } => grad.contiguous().custom1(
-                    Custom::FrozenLinear {
-                        weight: *weight,
-                        in_out: *in_out,
-                        transposed: !transposed,
-                    },
-                    &a.dims(),
-                ),
+                } => {
+                    grad.frozen_linear(&h(*weight), *in_out, !transposed, a.dims()[last(&a)], None)
+                }
+                // Half precision: one op summing rows in f64.
+                Custom::Softmax if node.dtype().is_half() => softmax_grad(node, grad),
                 Custom::Softmax => {
                     let weighted = grad.mul(node).sum_keepdim(&[last(node)]);
                     node.mul(&grad.broadcast_binary(&weighted, Bin::Sub))
@@ -339,9 +365,51 @@ fn rule(sim: &Sim, grads: &mut GradStore, node: &T, op: &Op, grad: &T) {
                     let next = a.custom1(Custom::Pointwise { order: order + 1 }, &a.dims());
                     grad.mul(&next)
                 }
-                Custom::LayerNorm => unreachable!("layer norm has three inputs"),
+                Custom::LayerNorm | Custom::LayerNormGrad | Custom::SoftmaxGrad => {
+                    unreachable!("ops of two or three inputs")
+                }
             };
             accumulate(sim, grads, *arg, &g, false);
+        }
+        Op::Custom2(p, g, Custom::SoftmaxGrad) => {
+            // For a cotangent c of d = p ⊙ (g − ⟨g, p⟩): d g = p ⊙ (c − ⟨c, p⟩) (the op
+            // again) and d p = c ⊙ (g − ⟨g, p⟩) − g·⟨c, p⟩ in f32, the result made light.
+            let (pt, gt) = (h(*p), h(*g));
+            let d_g = softmax_grad(&pt, grad).to_dtype(gt.dtype());
+            let work = pt.dtype().work();
+            let (pw, gw, cw) = (pt.to_dtype(work), gt.to_dtype(work), grad.to_dtype(work));
+            let l = last(&pt);
+            let s_g = gw.mul(&pw).sum_keepdim(&[l]);
+            let s_c = cw.mul(&pw).sum_keepdim(&[l]);
+            let d_p = cw
+                .mul(&gw.broadcast_binary(&s_g, Bin::Sub))
+                .sub(&gw.broadcast_binary(&s_c, Bin::Mul));
+            let d_p = light(d_p.to_dtype(pt.dtype()), detach);
+            drop((pw, gw, cw, s_g, s_c));
+            accumulate(sim, grads, *p, &d_p, false);
+            accumulate(sim, grads, *g, &d_g, false);
+        }
+        Op::Custom2(..) => unreachable!("only the softmax gradient has two inputs"),
+        Op::Custom3(x, gamma, beta, Custom::LayerNorm) if node.dtype().is_half() => {
+            // `dx` from the fused op; a frozen scale or shift gets no gradient.
+            let (xt, gm, bt) = (h(*x), h(*gamma), h(*beta));
+            let dx = xt.custom3(&gm, &grad.contiguous(), Custom::LayerNormGrad);
+            let l = last(&xt);
+            let width = xt.dims()[l];
+            let rows = xt.elem_count() / width;
+            let work = xt.dtype().work();
+            let grad_w = || grad.to_dtype(work).reshape(&[rows, width]);
+            accumulate(sim, grads, *x, &dx, false);
+            if gm.tracks() {
+                let (normed, _) = normalised(&xt.to_dtype(work));
+                let sum = grad_w().mul(&normed.reshape(&[rows, width])).sum(&[0]);
+                let d_gamma = light(sum.to_dtype(gm.dtype()), detach);
+                accumulate(sim, grads, *gamma, &d_gamma, false);
+            }
+            if bt.tracks() {
+                let d_beta = light(grad_w().sum(&[0]).to_dtype(bt.dtype()), detach);
+                accumulate(sim, grads, *beta, &d_beta, false);
+            }
         }
         Op::Custom3(x, gamma, beta, Custom::LayerNorm) => {
             let (xt, gm) = (h(*x), h(*gamma));
@@ -372,20 +440,78 @@ fn rule(sim: &Sim, grads: &mut GradStore, node: &T, op: &Op, grad: &T) {
                 accumulate(sim, grads, *beta, &d_beta, false);
             }
         }
+        Op::Custom3(x, gamma, c_in, Custom::LayerNormGrad) => {
+            // The second derivative in the working type (`LayerNormGradOp::bwd`), for
+            // a cotangent c of dx; its results are made light.
+            let (xt, gm, gt) = (h(*x), h(*gamma), h(*c_in));
+            let work = xt.dtype().work();
+            let (xw, gw, cw, gammaw) = (
+                xt.to_dtype(work),
+                gt.to_dtype(work),
+                grad.to_dtype(work),
+                gm.to_dtype(work),
+            );
+            let l = last(&xt);
+            let n = xt.dims()[l] as f64;
+            let (x_hat, r) = normalised(&xw);
+            let project = |w: &T| -> T {
+                w.broadcast_binary(&w.mean_keepdim(&[l]), Bin::Sub)
+                    .sub(&x_hat.broadcast_binary(&x_hat.mul(w).mean_keepdim(&[l]), Bin::Mul))
+            };
+            let g_hat = gw.broadcast_binary(&gammaw, Bin::Mul);
+            let b = g_hat.mul(&x_hat).mean_keepdim(&[l]);
+            let p_g = project(&g_hat);
+            let s = cw.mul(&p_g).sum_keepdim(&[l]);
+            let c_x = cw.mul(&x_hat).sum_keepdim(&[l]);
+            let w = cw
+                .broadcast_binary(&b, Bin::Mul)
+                .add(&g_hat.broadcast_binary(&c_x.affine(1.0 / n), Bin::Mul));
+            let d_x = x_hat
+                .broadcast_binary(&s.affine(1.0 / n), Bin::Mul)
+                .add(&project(&w))
+                .broadcast_binary(&r.unary(Un::Sqr), Bin::Mul)
+                .unary(Un::Neg);
+            let r_pc = project(&cw).broadcast_binary(&r, Bin::Mul);
+            let d_grad = r_pc.broadcast_binary(&gammaw, Bin::Mul);
+            let d_gamma = gm.tracks().then(|| {
+                let width = xt.dims()[l];
+                let rows = xt.elem_count() / width;
+                let sum = gw.mul(&r_pc).reshape(&[rows, width]).sum(&[0]);
+                light(sum.to_dtype(gm.dtype()), detach)
+            });
+            let d_x = light(d_x.to_dtype(xt.dtype()), detach);
+            let d_grad = light(d_grad.to_dtype(gt.dtype()), detach);
+            drop((xw, gw, cw, gammaw, x_hat, r, g_hat, b, p_g, s, c_x, w, r_pc));
+            accumulate(sim, grads, *x, &d_x, false);
+            if let Some(d_gamma) = d_gamma {
+                accumulate(sim, grads, *gamma, &d_gamma, false);
+            }
+            accumulate(sim, grads, *c_in, &d_grad, false);
+        }
         Op::Custom3(..) => unreachable!("only layer norm has three inputs"),
     }
 }
 
 /// The gradients of `loss` at `leaves` (`ParamSet::gradients`): kept with their graph
-/// (`keep`) or detached; a leaf the loss does not reach gets zeros.
+/// (`keep`) or detached; a leaf the loss does not reach gets zeros. Under a loss
+/// scale the pass runs on the scaled loss and each gradient is unscaled into a copy.
 pub(crate) fn gradients(sim: &Sim, loss: &T, leaves: &[T], keep: bool) -> Vec<T> {
-    let store = backward(sim, loss, !keep);
+    let scaled = sim.loss_scaled();
+    let scaled_loss = scaled.then(|| loss.affine(65536.0));
+    let store = backward(sim, scaled_loss.as_ref().unwrap_or(loss), !keep);
     let out = leaves
         .iter()
-        .map(|leaf| match store.get(&leaf.id()) {
-            Some(g) if keep => g.clone(),
-            Some(g) => g.detach(),
-            None => leaf.zeros_like(),
+        .map(|leaf| {
+            let g = match store.get(&leaf.id()) {
+                Some(g) if keep => g.clone(),
+                Some(g) => g.detach(),
+                None => return leaf.zeros_like(),
+            };
+            if scaled {
+                g.affine(1.0 / 65536.0)
+            } else {
+                g
+            }
         })
         .collect();
     drop(store);

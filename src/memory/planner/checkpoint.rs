@@ -13,7 +13,7 @@
 
 use super::autograd::{backward, GradStore};
 use super::models::{task_loss, SimBatch, SimContext, SimModel};
-use super::sim::{Category, T};
+use super::sim::{Category, DType, T};
 
 /// Vectors per tangent sweep (the engine's `TANGENT_GROUP`).
 const TANGENT_GROUP: usize = 8;
@@ -34,7 +34,13 @@ fn leaf(t: &T) -> T {
 
 /// `Σ ⟨a, b⟩`, a 0-d tensor.
 fn inner(a: &T, b: &T) -> T {
-    a.mul(b).sum_all()
+    let sum = a.mul(b).sum_all();
+    // Half-precision sums are made f32 scalars (the engine's `inner`).
+    if sum.dtype().is_half() {
+        sum.to_dtype(DType::F32)
+    } else {
+        sum
+    }
 }
 
 /// Adds an optional term to an optional sum.

@@ -130,6 +130,22 @@ fn grads(sim: &Sim, loss: &T, leaves: &[T], keep: bool) -> Params {
     })
 }
 
+/// `ParamSet::vjp`: `∇⟨outputs, v⟩` at `leaves`, detached. Under a loss scale `v` is
+/// normalised for the pass (its norm read in f64, a unit copy made) and the result
+/// scaled back into a copy.
+fn vjp(sim: &Sim, leaves: &[T], outputs: &[T], v: &[T]) -> Params {
+    if !sim.loss_scaled() {
+        return grads(sim, &dot(outputs, v), leaves, false);
+    }
+    read_norm(sim, v);
+    let unit = within(sim, Category::Gradients, || scale(v, 0.5));
+    let surrogate = dot(outputs, &unit);
+    let g = grads(sim, &surrogate, leaves, false);
+    let out = within(sim, Category::Gradients, || scale(&g, 2.0));
+    drop((g, surrogate, unit));
+    out
+}
+
 /// The micro-batches of a batch (`inner::chunks`) with their weights.
 fn chunks(batch: &SimBatch, micro: Option<usize>) -> Vec<(SimBatch, f64)> {
     match micro {
@@ -250,10 +266,7 @@ impl Ctx<'_> {
                 None => {
                     let loss = self.loss(&leaves, &chunk);
                     let g = grads(self.sim, &loss, &leaves, true);
-                    let hv = {
-                        let surrogate = dot(&g, v);
-                        grads(self.sim, &surrogate, &leaves, false)
-                    };
+                    let hv = vjp(self.sim, &leaves, &g, v);
                     (detach(&g), hv)
                 }
             };
@@ -439,8 +452,7 @@ impl Ctx<'_> {
                 }
                 let mut v = self.query_gradient(&leaves, query);
                 for (step_leaves, next) in steps.iter().rev() {
-                    let surrogate = dot(next, &v);
-                    v = grads(sim, &surrogate, step_leaves, false);
+                    v = vjp(sim, step_leaves, next, &v);
                 }
                 drop(steps);
                 v

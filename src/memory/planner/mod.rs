@@ -24,11 +24,24 @@
 //! - `sim` counts every buffer like candle's reference-counted tensors, with candle's
 //!   per-tensor bookkeeping, and records the peak and what it was made of.
 //!
+//! Mixed precision (`memory_optimization.precision` bf16/f16) is replayed as the models
+//! run it: frozen weights and activations in two bytes; LoRA `A`/`B` and the head in
+//! f32, with the adapter's bf16/f16 copies cast in the graph of every forward; the
+//! hidden states copied to f32 for pooling, head and loss; the frozen linear maps
+//! accumulating in f32 buffers for the duration of each call; the half-precision
+//! backward of layer norm and softmax as fused ops whose second derivatives run in
+//! f32 (detached at once in first-order passes); candle's bf16 products on f32
+//! copies of both operands; and under f16, the loss scale's copies of every
+//! gradient. An int8 base (`model.quantization`) keeps one byte per entry of the
+//! linear weights and token tables plus an f32 scale per output channel, dequantizes
+//! a layer's weight into an f32 buffer for each product forward and backward, looks
+//! tokens up without a dense table, and is quantized from dense copies when loaded.
+//!
 //! Sizes come from the configuration: the model's architecture (built-in or the
 //! `config.json` and safetensors header of a model folder), LoRA rank and targets,
 //! the task shape (ways, shots, queries, sequence length, image size, or sinusoid
 //! points), the meta-batch, the method and its inner steps, micro-batches, gradient
-//! checkpointing and the dtype.
+//! checkpointing, the dtypes and the storage of the frozen base.
 //!
 //! ```no_run
 //! use melora::config::Config;
@@ -101,7 +114,8 @@ pub(crate) fn kernel_threads() -> usize {
 /// Bytes of each kind at the moment of the peak.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
 pub struct PlanBreakdown {
-    /// The frozen base model (every tensor of its weights file).
+    /// The frozen base model as it stores it (int8 values and scales with
+    /// `model.quantization: int8`).
     pub frozen_weights: u64,
     /// Trainable parameters and the per-step copies a learner keeps (θ₀…θ_K, leaves).
     pub trainable: u64,
@@ -183,8 +197,19 @@ pub struct Plan {
     pub query_examples: usize,
     /// Tokens per sequence assumed (the longest a batch can be), for text models.
     pub sequence_length: Option<usize>,
-    /// Element size of weights and activations, in bytes.
+    /// Element size of the frozen weights and the activations, in bytes (2 with
+    /// `memory_optimization.precision` bf16 or f16).
     pub dtype_bytes: u64,
+    /// Type of the frozen weights and the activations (`f32`, `f64`, `bf16`, `f16`).
+    pub dtype: String,
+    /// Type of the trainable tensors, their gradients and optimiser state, and of
+    /// pooling, head and loss (`f32` in mixed precision).
+    pub trainable_dtype: String,
+    /// Whether the frozen linear weights and token tables are stored in int8
+    /// (`model.quantization: int8`), dequantized one layer at a time.
+    pub int8: bool,
+    /// Whether backward passes run under a loss scale (`precision: f16`).
+    pub loss_scaling: bool,
     /// What the simulated run included.
     pub options: PlanOptions,
 }
@@ -303,7 +328,10 @@ pub fn plan_with(config: &Config, options: &PlanOptions) -> Result<Plan> {
     let load_peak = sim.peak().0;
 
     sim.set_category(Category::Trainable);
-    let dtype = model.dtype();
+    let precision = model.precision();
+    // Trainable tensors (LoRA, head; Conv4's and the MLP's every tensor) in the
+    // trainable type, the master weights of mixed precision.
+    let dtype = precision.trainable;
     let init_params = || -> Params {
         model
             .param_shapes()
@@ -334,8 +362,8 @@ pub fn plan_with(config: &Config, options: &PlanOptions) -> Result<Plan> {
             (0..meta_batch)
                 .map(|_| {
                     (
-                        SimBatch::new(&sim, spec.support, dtype),
-                        SimBatch::new(&sim, spec.query, dtype),
+                        SimBatch::new(&sim, spec.support, precision.frozen),
+                        SimBatch::new(&sim, spec.query, precision.frozen),
                     )
                 })
                 .collect()
@@ -343,6 +371,9 @@ pub fn plan_with(config: &Config, options: &PlanOptions) -> Result<Plan> {
         .collect();
     sim.set_category(Category::Temporaries);
     sim.reset_peak();
+    // f16 activations: every backward pass runs under the loss scale.
+    let loss_scaled = config.memory_optimization.precision == crate::config::Precision::F16;
+    sim.set_loss_scaled(loss_scaled);
 
     let ctx = Ctx {
         sim: &sim,
@@ -418,7 +449,11 @@ pub fn plan_with(config: &Config, options: &PlanOptions) -> Result<Plan> {
         support_examples: spec.support.len(),
         query_examples: spec.query.len(),
         sequence_length: spec.sequence_length(),
-        dtype_bytes: dtype.bytes,
+        dtype_bytes: precision.frozen.bytes,
+        dtype: precision.frozen.name().into(),
+        trainable_dtype: precision.trainable.name().into(),
+        int8: precision.int8,
+        loss_scaling: loss_scaled,
         options: *options,
     })
 }

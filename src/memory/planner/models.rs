@@ -51,11 +51,47 @@ pub(crate) struct ModelSpec {
     pub(crate) lora: Option<LoraPlan>,
     /// Classes of the head.
     pub(crate) classes: usize,
-    /// Element type of weights and activations.
-    pub(crate) dtype: DType,
-    /// Bytes of frozen tensors the weights file holds beyond those the model uses
-    /// (kept in memory with the rest).
-    pub(crate) unused_weight_bytes: u64,
+    /// Element types and storage.
+    pub(crate) precision: Precision,
+    /// Where the frozen weights come from.
+    pub(crate) source: Source,
+}
+
+/// The element types of a model (`models::ModelPrecision`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Precision {
+    /// Frozen tensors and activations.
+    pub(crate) frozen: DType,
+    /// Trainable tensors, pooling, head and loss (the master weights).
+    pub(crate) trainable: DType,
+    /// Frozen linear weights and token tables in int8 with f32 scales per output
+    /// channel (per row for tables).
+    pub(crate) int8: bool,
+}
+
+impl Precision {
+    /// Everything in `dtype`, dense.
+    pub(crate) fn uniform(dtype: DType) -> Self {
+        Precision {
+            frozen: dtype,
+            trainable: dtype,
+            int8: false,
+        }
+    }
+}
+
+/// Where a model's frozen weights come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Source {
+    /// Built in: each tensor drawn in f64 when the model asks for it, then
+    /// converted (norms and biases are made as ones and zeros).
+    Drawn,
+    /// A weights file, read whole before the model is built: the tensors the model
+    /// does not keep (`unused` bytes of them, and the dense copies of matrices it
+    /// stores in int8) are freed once it is built.
+    File { unused: u64 },
+    /// No frozen weights (Conv4, the MLP).
+    None,
 }
 
 /// LoRA settings resolved against the model's modules.
@@ -176,7 +212,9 @@ impl SimBatch {
 /// A frozen linear layer with an optional adapter (`nn::LoraLinear`).
 #[derive(Debug)]
 struct Linear {
+    /// The dense weight, or its int8 values (with `scales`).
     weight: T,
+    _scales: Option<T>,
     bias: Option<T>,
     in_out: bool,
     n_out: usize,
@@ -186,37 +224,21 @@ struct Linear {
 
 impl Linear {
     fn forward(&self, x: &T, params: &[T], train: bool) -> T {
-        let sim_dims = x.dims();
-        let mut out_dims = sim_dims.clone();
-        *out_dims.last_mut().expect("rank ≥ 1") = self.n_out;
-        // ops::frozen_linear: one custom op on the contiguous input (f32/f64), or
-        // candle's broadcast matmul in half precision.
-        let base = if x.dtype().bytes >= 4 {
-            x.contiguous().custom1(
-                Custom::FrozenLinear {
-                    weight: self.weight.id(),
-                    in_out: self.in_out,
-                    transposed: false,
-                },
-                &out_dims,
-            )
-        } else {
-            let w = if self.in_out {
-                self.weight.clone()
-            } else {
-                self.weight.t()
-            };
-            let y = x.broadcast_matmul(&w);
-            match &self.bias {
-                Some(b) => y.broadcast_binary(b, Bin::Add),
-                None => y,
-            }
-        };
+        // ops::frozen_linear_matrix: one custom op on the contiguous input.
+        let base = x.frozen_linear(
+            &self.weight,
+            self.in_out,
+            false,
+            self.n_out,
+            self.bias.as_ref(),
+        );
         let Some((a, b, p)) = self.lora else {
             return base;
         };
+        // A and B cast into the input's type in the graph (mixed precision).
+        let (a, b) = (params[a].to_dtype(x.dtype()), params[b].to_dtype(x.dtype()));
         let x = dropout(x, p, train);
-        let update = affine(&affine(&x, &params[a].t()), &params[b].t());
+        let update = affine(&affine(&x, &a.t()), &b.t());
         base.add(&update.affine(2.0))
     }
 }
@@ -267,8 +289,13 @@ fn layer_norm(x: &T, gamma: &T, beta: &T) -> T {
         .custom3(&gamma.contiguous(), &beta.contiguous(), Custom::LayerNorm)
 }
 
-/// `ops::norm::rms_norm`.
+/// `ops::norm::rms_norm`: in half precision, on f32 copies of `x` and the weight,
+/// the result converted back.
 fn rms_norm(x: &T, weight: &T) -> T {
+    if x.dtype().is_half() {
+        let x32 = x.to_dtype(DType::F32);
+        return rms_norm(&x32, &weight.to_dtype(DType::F32)).to_dtype(x.dtype());
+    }
     let last = x.rank() - 1;
     let mean_square = x.unary(Un::Sqr).mean_keepdim(&[last]);
     x.broadcast_binary(&mean_square.affine(1.0).unary(Un::Sqrt), Bin::Div)
@@ -283,6 +310,22 @@ fn embedding(ids: &T, table: &T) -> T {
     let mut shape = dims.clone();
     shape.push(table.dims()[1]);
     table.index_select(&flat, 0).reshape(&shape)
+}
+
+/// `ops::int8_embedding`: rows of an int8 table dequantized into `dtype` by one
+/// untracked op. The ids are read into a vector of indices, and the rows are
+/// gathered one at a time into a vector that grows by doubling, so the result holds
+/// the row width times the next power of two of the ids.
+fn int8_embedding(ids: &T, table: &T, dtype: DType) -> T {
+    let sim = ids.sim_handle();
+    let count = ids.elem_count();
+    let dim = table.dims()[1];
+    let mut shape = ids.dims();
+    shape.push(dim);
+    let capacity = (count.next_power_of_two() * dim) as u64 * dtype.bytes;
+    let out = sim.tensor_with_capacity(&shape, dtype, capacity);
+    sim.spike(8 * count as u64 + 4 * dim as u64);
+    out
 }
 
 fn activation(act: Activation, x: &T) -> T {
@@ -427,7 +470,8 @@ pub(crate) struct SimModel {
     /// Conv4 parameter indices per block (conv weight, conv bias, bn γ, bn β).
     conv_blocks: Vec<[usize; 4]>,
     head: (usize, usize),
-    _unused: Option<T>,
+    /// Scales of an int8 token table.
+    _table_scales: Option<T>,
 }
 
 #[derive(Debug)]
@@ -536,40 +580,53 @@ fn activation_of(family: &Family) -> Activation {
 impl SimModel {
     /// Allocates the frozen weights (in [`super::sim::Category::Weights`]) and lays out
     /// the trainable parameters.
+    ///
+    /// In the order the model code loads them: drawn weights cost their f64 draw on
+    /// top while they are made; a file's tensors the model does not keep stay alive
+    /// until it is built; an int8 matrix is quantized from its dense copy (read in f64
+    /// twice, as a tensor and as a vector), which is then dropped.
     pub(crate) fn build(sim: &Sim, spec: &ModelSpec) -> SimModel {
-        let dt = spec.dtype;
-        let w = |dims: &[usize]| sim.tensor(dims, dt);
-        let mut embeddings = Vec::new();
-        let mut final_norm = Vec::new();
+        let dt = spec.precision.frozen;
+        // The file's tensors beyond those the model keeps, until it is built.
+        let mut file_only: Vec<T> = Vec::new();
+        if let Source::File { unused } = spec.source {
+            if unused > 0 {
+                file_only.push(sim.tensor(&[unused as usize], DType::U8));
+            }
+        }
+        // A dense frozen tensor; `drawn` for the randomly initialised ones (matrices
+        // and tables, not norms and biases).
+        let dense = |dims: &[usize], drawn: bool| {
+            let t = sim.tensor(dims, dt);
+            if drawn && spec.source == Source::Drawn && dt != DType::F64 {
+                sim.spike(8 * t.elem_count() as u64);
+            }
+            t
+        };
+        let w = |dims: &[usize]| dense(dims, false);
+        // A matrix (`channels` output channels), int8 when quantized: the values and
+        // scales, made from the dense copy.
+        let mut matrix = |dims: &[usize], channels: usize| -> (T, Option<T>) {
+            let full = dense(dims, true);
+            if !spec.precision.int8 {
+                return (full, None);
+            }
+            // `Int8Matrix::quantize`: an f64 tensor (the dense one itself in f64) read
+            // into an f64 vector.
+            let copies = if dt == DType::F64 { 1 } else { 2 };
+            sim.spike(copies * 8 * full.elem_count() as u64);
+            let values = sim.tensor(dims, DType::U8);
+            let scales = sim.tensor(&[channels], DType::F32);
+            if matches!(spec.source, Source::File { .. }) {
+                file_only.push(full);
+            }
+            (values, Some(scales))
+        };
         let width = match &spec.family {
-            Family::Bert(c) => {
-                embeddings.push(w(&[c.vocab_size, c.hidden_size]));
-                embeddings.push(w(&[c.max_position_embeddings, c.hidden_size]));
-                embeddings.push(w(&[c.type_vocab_size, c.hidden_size]));
-                embeddings.push(w(&[c.hidden_size]));
-                embeddings.push(w(&[c.hidden_size]));
-                c.hidden_size
-            }
-            Family::DistilBert(c) => {
-                embeddings.push(w(&[c.vocab_size, c.dim]));
-                embeddings.push(w(&[c.max_position_embeddings, c.dim]));
-                embeddings.push(w(&[c.dim]));
-                embeddings.push(w(&[c.dim]));
-                c.dim
-            }
-            Family::Gpt2(c) => {
-                embeddings.push(w(&[c.vocab_size, c.n_embd]));
-                embeddings.push(w(&[c.n_positions, c.n_embd]));
-                final_norm.push(w(&[c.n_embd]));
-                final_norm.push(w(&[c.n_embd]));
-                c.n_embd
-            }
-            Family::T5(c) => {
-                embeddings.push(w(&[c.vocab_size, c.d_model]));
-                embeddings.push(w(&[c.relative_attention_num_buckets, c.num_heads]));
-                final_norm.push(w(&[c.d_model]));
-                c.d_model
-            }
+            Family::Bert(c) => c.hidden_size,
+            Family::DistilBert(c) => c.dim,
+            Family::Gpt2(c) => c.n_embd,
+            Family::T5(c) => c.d_model,
             Family::Conv4(c) => {
                 let mut side = c.image_size;
                 for _ in 0..4 {
@@ -579,6 +636,7 @@ impl SimModel {
             }
             Family::Mlp(m) => m.hidden.last().copied().unwrap_or(m.inputs),
         };
+        // The layers first, then the embeddings, as every family's constructor.
         let paths = module_paths(&spec.family);
         let targets = spec.lora.as_ref().map(|l| &l.targets);
         // LoRA tensors are ordered by name (A before B of a module), then the head.
@@ -588,10 +646,10 @@ impl SimModel {
             let mut linears = Vec::new();
             for (path, n_in, n_out) in layer_linears(&spec.family, l) {
                 let in_out = matches!(spec.family, Family::Gpt2(_));
-                let weight = if in_out {
-                    w(&[n_in, n_out])
+                let (weight, scales) = if in_out {
+                    matrix(&[n_in, n_out], n_out)
                 } else {
-                    w(&[n_out, n_in])
+                    matrix(&[n_out, n_in], n_out)
                 };
                 let bias = (!matches!(spec.family, Family::T5(_))).then(|| w(&[n_out]));
                 let lora = match (targets, &spec.lora) {
@@ -604,6 +662,7 @@ impl SimModel {
                 };
                 linears.push(Linear {
                     weight,
+                    _scales: scales,
                     bias,
                     in_out,
                     n_out,
@@ -618,6 +677,46 @@ impl SimModel {
                 Family::Conv4(_) | Family::Mlp(_) => Vec::new(),
             };
             layers.push(Layer { linears, norms });
+        }
+        let mut embeddings = Vec::new();
+        let mut final_norm = Vec::new();
+        let mut table = |vocab: usize| {
+            let (t, scales) = matrix(&[vocab, width], vocab);
+            embeddings.push(t);
+            scales
+        };
+        let table_scales = match &spec.family {
+            Family::Bert(c) => table(c.vocab_size),
+            Family::DistilBert(c) => table(c.vocab_size),
+            Family::Gpt2(c) => table(c.vocab_size),
+            Family::T5(c) => table(c.vocab_size),
+            Family::Conv4(_) | Family::Mlp(_) => None,
+        };
+        match &spec.family {
+            Family::Bert(c) => {
+                embeddings.push(dense(&[c.max_position_embeddings, width], true));
+                embeddings.push(dense(&[c.type_vocab_size, width], true));
+                embeddings.push(w(&[width]));
+                embeddings.push(w(&[width]));
+            }
+            Family::DistilBert(c) => {
+                embeddings.push(dense(&[c.max_position_embeddings, width], true));
+                embeddings.push(w(&[width]));
+                embeddings.push(w(&[width]));
+            }
+            Family::Gpt2(c) => {
+                embeddings.push(dense(&[c.n_positions, width], true));
+                final_norm.push(w(&[width]));
+                final_norm.push(w(&[width]));
+            }
+            Family::T5(c) => {
+                embeddings.push(dense(
+                    &[c.relative_attention_num_buckets, c.num_heads],
+                    true,
+                ));
+                final_norm.push(w(&[width]));
+            }
+            Family::Conv4(_) | Family::Mlp(_) => {}
         }
         debug_assert!(paths.len() >= lora_names.len() / 2);
         // Sort LoRA tensors by name as `init_transformer_params` does, remapping indices.
@@ -664,8 +763,9 @@ impl SimModel {
         let head = (param_shapes.len(), param_shapes.len() + 1);
         param_shapes.push(vec![spec.classes, width]);
         param_shapes.push(vec![spec.classes]);
-        let unused = (spec.unused_weight_bytes > 0)
-            .then(|| sim.tensor(&[spec.unused_weight_bytes as usize], DType::U8));
+        // The weights' tensors are dropped once the model holds its own
+        // (`Weights::without_tensors`).
+        drop(file_only);
         SimModel {
             sim: sim.clone(),
             spec: spec.clone(),
@@ -675,7 +775,7 @@ impl SimModel {
             param_shapes,
             conv_blocks,
             head,
-            _unused: unused,
+            _table_scales: table_scales,
         }
     }
 
@@ -689,9 +789,9 @@ impl SimModel {
         self.sim.clone()
     }
 
-    /// Element type.
-    pub(crate) fn dtype(&self) -> DType {
-        self.spec.dtype
+    /// Element types.
+    pub(crate) fn precision(&self) -> Precision {
+        self.spec.precision
     }
 
     /// `FewShotModel::logits` at `params` on `batch`.
@@ -722,8 +822,10 @@ impl SimModel {
         out
     }
 
-    /// Pooled features of final hidden states (`models::pool`).
+    /// Pooled features of final hidden states (`models::pool`), in the trainable type
+    /// (an f32 copy of the hidden states in mixed precision).
     fn pool(&self, hidden: &T, batch: &SimBatch) -> T {
+        let hidden = &hidden.to_dtype(self.spec.precision.trainable);
         match self.spec.family {
             Family::Gpt2(_) => last_token(hidden),
             _ => masked_mean_pool(hidden, batch.mask.as_ref().expect("tokens")),
@@ -786,6 +888,15 @@ impl SimModel {
         }
     }
 
+    /// The token table's rows at `ids` (`layers::FrozenTable::lookup`).
+    fn words(&self, ids: &T) -> T {
+        if self.spec.precision.int8 {
+            int8_embedding(ids, &self.embeddings[0], self.spec.precision.frozen)
+        } else {
+            embedding(ids, &self.embeddings[0])
+        }
+    }
+
     /// `TransformerClassifier::embed`: hidden states entering layer 0.
     pub(crate) fn embed(&self, _params: &[T], batch: &SimBatch, _train: bool) -> T {
         let Inputs::Tokens { t, .. } = batch.inputs else {
@@ -794,7 +905,7 @@ impl SimModel {
         let ids = batch.ids.as_ref().expect("tokens");
         match &self.spec.family {
             Family::Bert(_) => {
-                let words = embedding(ids, &self.embeddings[0]);
+                let words = self.words(ids);
                 let positions = self.embeddings[1].narrow(0, 0, t);
                 let types = self.embeddings[2].narrow(0, 0, 1).unsqueeze(0);
                 let x = words
@@ -803,7 +914,7 @@ impl SimModel {
                 layer_norm(&x, &self.embeddings[3], &self.embeddings[4])
             }
             Family::DistilBert(_) => {
-                let words = embedding(ids, &self.embeddings[0]);
+                let words = self.words(ids);
                 let positions = self.embeddings[1].narrow(0, 0, t);
                 layer_norm(
                     &words.broadcast_binary(&positions, Bin::Add),
@@ -811,9 +922,10 @@ impl SimModel {
                     &self.embeddings[3],
                 )
             }
-            Family::Gpt2(_) => embedding(ids, &self.embeddings[0])
+            Family::Gpt2(_) => self
+                .words(ids)
                 .broadcast_binary(&self.embeddings[1].narrow(0, 0, t), Bin::Add),
-            Family::T5(_) => embedding(ids, &self.embeddings[0]),
+            Family::T5(_) => self.words(ids),
             Family::Conv4(_) | Family::Mlp(_) => unreachable!("not a transformer stack"),
         }
     }

@@ -120,10 +120,16 @@ pub(crate) enum Custom {
         in_out: bool,
         transposed: bool,
     },
-    /// Fused layer norm (inputs x, γ, β); backward rebuilds the statistics.
+    /// Fused layer norm (inputs x, γ, β); backward rebuilds the statistics (f32/f64)
+    /// or is [`Custom::LayerNormGrad`] (half precision).
     LayerNorm,
+    /// The layer norm's input gradient as one op (inputs x, γ, grad), in half
+    /// precision; its own backward is tensor ops in f32.
+    LayerNormGrad,
     /// Fused (masked) softmax; backward from its output.
     Softmax,
+    /// The softmax's input gradient as one op (inputs p, g), in half precision.
+    SoftmaxGrad,
     /// Element-wise function of the given derivative order (GELU, SiLU, sigmoid).
     Pointwise { order: u8 },
 }
@@ -157,18 +163,21 @@ pub(crate) enum Op {
     Conv2d(NodeId, NodeId, ConvParams),
     ConvTranspose2d(NodeId, NodeId, ConvParams),
     Custom1(NodeId, Custom),
+    Custom2(NodeId, NodeId, Custom),
     Custom3(NodeId, NodeId, NodeId, Custom),
 }
 
 impl Custom {
     /// Bytes of the op struct (`FrozenLinearOp`, `SoftmaxOp` without its mask,
-    /// `PointwiseOp`, `LayerNormOp`).
+    /// `PointwiseOp`, `LayerNormOp`, `LayerNormGradOp`; `SoftmaxGradOp` has no field,
+    /// so its box allocates nothing).
     fn struct_bytes(&self) -> u64 {
         match self {
             Custom::FrozenLinear { .. } => 48,
             Custom::Softmax => 48,
+            Custom::SoftmaxGrad => 0,
             Custom::Pointwise { .. } => 2,
-            Custom::LayerNorm => 8,
+            Custom::LayerNorm | Custom::LayerNormGrad => 8,
         }
     }
 }
@@ -179,6 +188,7 @@ impl Op {
         match self {
             Op::Binary(a, b, _)
             | Op::Matmul(a, b)
+            | Op::Custom2(a, b, _)
             | Op::IndexSelect(a, b, _)
             | Op::Conv2d(a, b, _)
             | Op::ConvTranspose2d(a, b, _) => vec![*a, *b],
@@ -223,6 +233,8 @@ pub(crate) struct DType {
     pub(crate) bytes: u64,
     /// Integer types are never differentiated (candle's walk stops at them).
     pub(crate) int: bool,
+    /// bfloat16 (candle multiplies it by widening both operands to f32).
+    pub(crate) brain: bool,
 }
 
 impl DType {
@@ -230,25 +242,64 @@ impl DType {
     pub(crate) const F32: DType = DType {
         bytes: 4,
         int: false,
+        brain: false,
     };
     /// 64-bit float.
     pub(crate) const F64: DType = DType {
         bytes: 8,
         int: false,
+        brain: false,
     };
-    /// u8 (comparison results).
+    /// bfloat16.
+    pub(crate) const BF16: DType = DType {
+        bytes: 2,
+        int: false,
+        brain: true,
+    };
+    /// IEEE half precision.
+    pub(crate) const F16: DType = DType {
+        bytes: 2,
+        int: false,
+        brain: false,
+    };
+    /// u8 (comparison results; int8 weights, which are never differentiated either).
     pub(crate) const U8: DType = DType {
         bytes: 1,
         int: true,
+        brain: false,
     };
     /// u32 (token ids, labels).
     pub(crate) const U32: DType = DType {
         bytes: 4,
         int: true,
+        brain: false,
     };
-    /// A float type of `bytes` bytes (2: bf16/f16).
-    pub(crate) fn float(bytes: u64) -> DType {
-        DType { bytes, int: false }
+
+    /// The type's name (floats; `int` for the integer types).
+    pub(crate) fn name(self) -> &'static str {
+        match (self.bytes, self.int, self.brain) {
+            (_, true, _) => "int",
+            (8, ..) => "f64",
+            (2, _, true) => "bf16",
+            (2, ..) => "f16",
+            _ => "f32",
+        }
+    }
+
+    /// bf16 or f16.
+    pub(crate) fn is_half(self) -> bool {
+        self.bytes == 2 && !self.int
+    }
+
+    /// The type products and the fused ops' second derivatives are computed in: f64
+    /// for f64, f32 otherwise (`fused_norm::work_dtype`, the frozen linear's
+    /// accumulator).
+    pub(crate) fn work(self) -> DType {
+        if self == DType::F64 {
+            DType::F64
+        } else {
+            DType::F32
+        }
     }
 }
 
@@ -295,6 +346,8 @@ pub(crate) struct Inner {
     overheads: Overheads,
     /// Threads that run kernel tiles at once (rayon's pool).
     pub(crate) threads: u64,
+    /// Whether backward passes run under a loss scale (f16 activations).
+    loss_scaled: bool,
 }
 
 /// A simulation: the live bytes and their peak.
@@ -439,7 +492,7 @@ impl Inner {
             }
         }
         let custom = match &op {
-            Some(Op::Custom1(_, c) | Op::Custom3(_, _, _, c)) => {
+            Some(Op::Custom1(_, c) | Op::Custom2(_, _, c) | Op::Custom3(_, _, _, c)) => {
                 self.overheads.custom_op + c.struct_bytes()
             }
             _ => 0,
@@ -493,6 +546,7 @@ impl Sim {
             category: Category::Temporaries,
             overheads: CANDLE_OVERHEADS,
             threads: threads.max(1) as u64,
+            loss_scaled: false,
         })))
     }
 
@@ -523,18 +577,6 @@ impl Sim {
             .sum()
     }
 
-    /// The largest live storage, in bytes.
-    pub(crate) fn largest_storage(&self) -> u64 {
-        self.0
-            .borrow()
-            .storages
-            .iter()
-            .flatten()
-            .map(|s| s.bytes)
-            .max()
-            .unwrap_or(0)
-    }
-
     /// Restarts the peak from the live bytes (as a new `MemoryMeter` does).
     pub(crate) fn reset_peak(&self) {
         let mut inner = self.0.borrow_mut();
@@ -559,9 +601,30 @@ impl Sim {
         category
     }
 
+    /// Counts `bytes` of scratch (in the temporaries) until [`Sim::free_temporary`].
+    pub(crate) fn hold_temporary(&self, bytes: u64) -> u64 {
+        self.0.borrow_mut().account(Category::Temporaries, bytes);
+        bytes
+    }
+
+    /// Releases scratch counted by [`Sim::hold_temporary`].
+    pub(crate) fn free_temporary(&self, bytes: u64) {
+        self.0.borrow_mut().release(Category::Temporaries, bytes);
+    }
+
     /// Releases bytes counted by [`Sim::hold_bytes`] in `category`.
     pub(crate) fn free_bytes(&self, category: Category, bytes: u64) {
         self.0.borrow_mut().release(category, bytes);
+    }
+
+    /// Runs later backward passes under a loss scale (`tensor::loss_scale`), or not.
+    pub(crate) fn set_loss_scaled(&self, scaled: bool) {
+        self.0.borrow_mut().loss_scaled = scaled;
+    }
+
+    /// Whether backward passes run under a loss scale.
+    pub(crate) fn loss_scaled(&self) -> bool {
+        self.0.borrow().loss_scaled
     }
 
     /// Kernel threads.
@@ -586,11 +649,28 @@ impl Sim {
         self.alloc(dims, dtype, None, true)
     }
 
+    /// A fresh contiguous tensor whose buffer holds `bytes` (a vector grown past its
+    /// length keeps its capacity): not tracked.
+    pub(crate) fn tensor_with_capacity(&self, dims: &[usize], dtype: DType, bytes: u64) -> T {
+        self.alloc_bytes(dims, dtype, None, false, bytes)
+    }
+
     /// A new contiguous buffer for the result of `op`.
     fn alloc(&self, dims: &[usize], dtype: DType, op: Option<Op>, variable: bool) -> T {
-        let mut inner = self.0.borrow_mut();
         let elems: usize = dims.iter().product();
-        let storage = inner.new_storage(elems as u64 * dtype.bytes, dims.len());
+        self.alloc_bytes(dims, dtype, op, variable, elems as u64 * dtype.bytes)
+    }
+
+    fn alloc_bytes(
+        &self,
+        dims: &[usize],
+        dtype: DType,
+        op: Option<Op>,
+        variable: bool,
+        bytes: u64,
+    ) -> T {
+        let mut inner = self.0.borrow_mut();
+        let storage = inner.new_storage(bytes, dims.len());
         let id = inner.new_node(
             dims.to_vec(),
             contiguous_strides(dims),
@@ -758,52 +838,34 @@ impl T {
     }
 
     /// Matrix product over the last two dims (batch dims equal).
+    ///
+    /// candle 0.11.1 has no bf16 kernel: it widens both operands' whole storages to
+    /// f32, multiplies into an f32 result and narrows that into the bf16 one. The f16
+    /// kernel packs the right operand (and a small left one) into f32 panels on each
+    /// call.
     pub(crate) fn matmul(&self, rhs: &T) -> T {
         let (a, b) = (self.dims(), rhs.dims());
         let mut dims = a.clone();
         let n = dims.len();
         dims[n - 1] = b[b.len() - 1];
-        self.op_output(&dims, self.dtype(), Op::Matmul(self.id, rhs.id))
+        let out = self.op_output(&dims, self.dtype(), Op::Matmul(self.id, rhs.id));
+        let dtype = self.dtype();
+        if dtype.brain {
+            let widened = self.storage_elems() + rhs.storage_elems() + out.elem_count() as u64;
+            self.sim().spike(4 * widened);
+        } else if dtype.is_half() {
+            let (m, k, cols) = (a[n - 2] as u64, a[n - 1] as u64, b[b.len() - 1] as u64);
+            self.sim().spike(4 * (m * k + k * cols));
+        }
+        out
     }
 
-    /// candle 0.11.1's `broadcast_matmul`.
-    pub(crate) fn broadcast_matmul(&self, rhs: &T) -> T {
-        let (a, b) = (self.dims(), rhs.dims());
-        let (ra, rb) = (a.len(), b.len());
-        let batch_a = &a[..ra - 2];
-        let batch_b = &b[..rb - 2];
-        let rank = batch_a.len().max(batch_b.len());
-        let pad = |d: &[usize]| {
-            let mut v = vec![1; rank - d.len()];
-            v.extend_from_slice(d);
-            v
-        };
-        let batch: Vec<usize> = pad(batch_a)
-            .iter()
-            .zip(pad(batch_b))
-            .map(|(x, y)| *x.max(&y))
-            .collect();
-        let mut l_shape = batch.clone();
-        l_shape.extend_from_slice(&a[ra - 2..]);
-        let mut r_shape = batch;
-        r_shape.extend_from_slice(&b[rb - 2..]);
-        let (l_b, r_b) = (l_shape != a, r_shape != b);
-        match (l_b, r_b) {
-            (true, true) => self
-                .broadcast_as(&l_shape)
-                .contiguous()
-                .matmul(&rhs.broadcast_as(&r_shape).contiguous()),
-            (false, true) if rb == 2 && self.is_contiguous() => {
-                let (m, k) = (a[ra - 2], a[ra - 1]);
-                let rows: usize = a[..ra - 2].iter().product();
-                let mut out = a.clone();
-                out[ra - 1] = b[1];
-                self.reshape(&[rows * m, k]).matmul(rhs).reshape(&out)
-            }
-            (false, true) => self.matmul(&rhs.broadcast_as(&r_shape).contiguous()),
-            (true, false) => self.broadcast_as(&l_shape).contiguous().matmul(rhs),
-            (false, false) => self.matmul(rhs),
-        }
+    /// Elements of the storage this tensor views.
+    pub(crate) fn storage_elems(&self) -> u64 {
+        let inner = self.sim.borrow();
+        let node = inner.node(self.id);
+        let storage = inner.storages[node.storage].as_ref().expect("live storage");
+        storage.bytes / node.dtype.bytes
     }
 
     /// A broadcast view (always a new node, as in candle).
@@ -1010,6 +1072,69 @@ impl T {
         self.zeros_like()
     }
 
+    /// `ops::frozen_linear_matrix`: the frozen map of `weight` (dense of any float
+    /// type, or int8 values) applied to `self` made contiguous, `[.., k_in]` →
+    /// `[.., k_out]`, or with `transposed` its input gradient (the same op with the
+    /// weight's roles swapped); `bias` is added to the forward map only.
+    ///
+    /// The product accumulates in the working type (f32, f64 for f64 inputs): an input
+    /// of another type is converted for the call, as is a weight (dequantized for
+    /// int8), and a result of another type is narrowed from an f32 buffer, so the call
+    /// holds up to an input, a weight and a result in f32 beside its output.
+    pub(crate) fn frozen_linear(
+        &self,
+        weight: &T,
+        in_out: bool,
+        transposed: bool,
+        k_out: usize,
+        bias: Option<&T>,
+    ) -> T {
+        let x = self.contiguous();
+        let mut dims = x.dims();
+        let k_in = *dims.last().expect("rank ≥ 1");
+        *dims.last_mut().expect("rank ≥ 1") = k_out;
+        let (x_dtype, w_dtype) = (x.dtype(), weight.dtype());
+        let work = x_dtype.work();
+        let rows = (x.elem_count() / k_in.max(1)) as u64;
+        let converted = |elems: u64, dtype: DType| {
+            if dtype == work {
+                0
+            } else {
+                elems * work.bytes
+            }
+        };
+        let x_work = converted(rows * k_in as u64, x_dtype);
+        let w_work = converted(weight.elem_count() as u64, w_dtype);
+        let bias_work = match bias {
+            Some(b) if !transposed => converted(b.elem_count() as u64, b.dtype()),
+            _ => 0,
+        };
+        let sim = self.sim();
+        let held = sim.hold_temporary(x_work);
+        let op = Op::Custom1(
+            x.id,
+            Custom::FrozenLinear {
+                weight: weight.id,
+                in_out,
+                transposed,
+            },
+        );
+        let out = if x_dtype == work {
+            // The product is written into the output itself.
+            let out = x.op_output(&dims, x_dtype, op);
+            sim.spike(w_work.max(bias_work));
+            out
+        } else {
+            let product = rows * k_out as u64 * work.bytes;
+            sim.spike(product + w_work.max(bias_work));
+            let out = x.op_output(&dims, x_dtype, op);
+            sim.spike(product);
+            out
+        };
+        sim.free_temporary(held);
+        out
+    }
+
     /// A custom op of one input with an output shaped like it.
     pub(crate) fn custom1(&self, custom: Custom, out_dims: &[usize]) -> T {
         self.op_output(out_dims, self.dtype(), Op::Custom1(self.id, custom))
@@ -1026,6 +1151,15 @@ impl T {
         inner.account(category, extra);
         drop(inner);
         out
+    }
+
+    /// A custom op of two inputs with an output shaped like the first.
+    pub(crate) fn custom2(&self, b: &T, custom: Custom) -> T {
+        self.op_output(
+            &self.dims(),
+            self.dtype(),
+            Op::Custom2(self.id, b.id, custom),
+        )
     }
 
     /// A custom op of three inputs with an output shaped like the first.

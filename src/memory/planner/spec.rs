@@ -8,7 +8,8 @@ use std::path::Path;
 use serde::de::DeserializeOwned;
 
 use super::models::{
-    layer_count, Family, Inputs, LoraPlan, MlpShape, ModelSpec, SimBatch, SimModel,
+    layer_count, Family, Inputs, LoraPlan, MlpShape, ModelSpec, Precision, SimBatch, SimModel,
+    Source,
 };
 use super::sim::{Category, DType, Sim};
 use crate::config::{self, Config, DataSource, SyntheticTask};
@@ -58,12 +59,41 @@ impl Spec {
     }
 }
 
-fn dtype_of(config: &Config) -> DType {
-    match config.model.dtype {
+/// A float type's name in safetensors headers.
+fn safetensors_name(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F64 => "F64",
+        DType::BF16 => "BF16",
+        DType::F16 => "F16",
+        _ => "F32",
+    }
+}
+
+/// `train::build::model_precision`: `model.dtype` throughout, or with
+/// `memory_optimization.precision` bf16/f16 a frozen base and activations in that
+/// type beside f32 trainable tensors; int8 frozen matrices with `model.quantization`.
+pub(crate) fn precision_of(config: &Config) -> Precision {
+    let model = match config.model.dtype {
         config::DType::F32 => DType::F32,
         config::DType::F64 => DType::F64,
-        config::DType::Bf16 | config::DType::F16 => DType::float(2),
-    }
+        config::DType::Bf16 => DType::BF16,
+        config::DType::F16 => DType::F16,
+    };
+    let mut precision = match config.memory_optimization.precision {
+        config::Precision::F32 => Precision::uniform(model),
+        config::Precision::Bf16 => Precision {
+            frozen: DType::BF16,
+            trainable: DType::F32,
+            int8: false,
+        },
+        config::Precision::F16 => Precision {
+            frozen: DType::F16,
+            trainable: DType::F32,
+            int8: false,
+        },
+    };
+    precision.int8 = config.model.quantization == config::Quantization::Int8;
+    precision
 }
 
 fn parse<T: DeserializeOwned>(value: serde_json::Value, what: &str) -> Result<T> {
@@ -194,7 +224,7 @@ fn safetensors_sizes(path: &Path, dtype: DType) -> Result<LoadSpec> {
         let float = matches!(stored, "F64" | "F32" | "F16" | "BF16");
         let kept = elems.saturating_mul(if float { dtype.bytes } else { bytes_per });
         load.kept_bytes = load.kept_bytes.saturating_add(kept);
-        if float && bytes_per != dtype.bytes {
+        if float && stored != safetensors_name(dtype) {
             load.conversion_scratch = load.conversion_scratch.max(kept);
         }
     }
@@ -210,7 +240,7 @@ fn safetensors_sizes(path: &Path, dtype: DType) -> Result<LoadSpec> {
 
 /// The sizes of `config`'s run.
 pub(crate) fn model_spec(config: &Config) -> Result<Spec> {
-    let dtype = dtype_of(config);
+    let precision = precision_of(config);
     // Classes of the head, or one output for regression; a model that cannot read the
     // configured tasks is refused here as `build_model` refuses it.
     let outputs = crate::train::build::model_outputs(config)?;
@@ -354,12 +384,17 @@ pub(crate) fn model_spec(config: &Config) -> Result<Spec> {
     };
     check_positions(&family, support, config)?;
     check_sizes(&family, support.len().max(query.len()), support, config)?;
+    let source = match (&family, &weights_file) {
+        (Family::Conv4(_) | Family::Mlp(_), _) => Source::None,
+        (_, Some(_)) => Source::File { unused: 0 },
+        (_, None) => Source::Drawn,
+    };
     let mut model = ModelSpec {
         family,
         lora,
         classes: outputs,
-        dtype,
-        unused_weight_bytes: 0,
+        precision,
+        source,
     };
     let mut load = LoadSpec::default();
     if let Some(file) = weights_file {
@@ -369,13 +404,12 @@ pub(crate) fn model_spec(config: &Config) -> Result<Spec> {
                 file.display()
             )));
         }
-        load = safetensors_sizes(&file, dtype)?;
-        // The model keeps every tensor of the file; those it does not use count too.
-        let used = weight_bytes(&model);
-        model.unused_weight_bytes = load.kept_bytes.saturating_sub(used);
-    } else if !matches!(model.family, Family::Conv4(_) | Family::Mlp(_)) && dtype.bytes != 8 {
-        // Built-in weights are drawn in f64 one tensor at a time, then converted.
-        load.conversion_scratch = 8 * largest_weight_elems(&model);
+        load = safetensors_sizes(&file, precision.frozen)?;
+        // The file's tensors the model does not use live until it is built.
+        let used = dense_weight_bytes(&model);
+        model.source = Source::File {
+            unused: load.kept_bytes.saturating_sub(used),
+        };
     }
     let checkpoint = match config.memory_optimization.checkpointing.plan() {
         None => None,
@@ -508,22 +542,18 @@ fn check_sizes(family: &Family, n: usize, inputs: Inputs, config: &Config) -> Re
     }
 }
 
-/// Bytes of the frozen tensors the model itself uses.
-fn weight_bytes(model: &ModelSpec) -> u64 {
+/// Bytes of the frozen tensors the model uses, dense (as the file's tensors are
+/// before the model stores some of them in int8).
+fn dense_weight_bytes(model: &ModelSpec) -> u64 {
+    let mut dense = model.clone();
+    dense.precision.int8 = false;
+    dense.source = Source::None;
     let sim = Sim::new(1);
     sim.set_category(Category::Weights);
-    let built = SimModel::build(&sim, model);
+    let built = SimModel::build(&sim, &dense);
     let bytes = sim.data_bytes();
     drop(built);
     bytes
-}
-
-fn largest_weight_elems(model: &ModelSpec) -> u64 {
-    let sim = Sim::new(1);
-    let built = SimModel::build(&sim, model);
-    let largest = sim.largest_storage() / model.dtype.bytes;
-    drop(built);
-    largest
 }
 
 /// Activations of one forward graph of the support set (one micro-batch's with
@@ -536,9 +566,9 @@ pub(crate) fn forward_graph_bytes(spec: &Spec, micro: Option<usize>, threads: us
     let params: Vec<_> = model
         .param_shapes()
         .iter()
-        .map(|s| sim.variable(s, spec.model.dtype))
+        .map(|s| sim.variable(s, spec.model.precision.trainable))
         .collect();
-    let batch = SimBatch::new(&sim, inputs, spec.model.dtype);
+    let batch = SimBatch::new(&sim, inputs, spec.model.precision.frozen);
     let before = sim.live();
     let logits = model.logits(&params, &batch, false);
     let loss = super::models::task_loss(&logits, &batch);

@@ -23,6 +23,25 @@ fn checkpointing(plan: &Plan) -> String {
     }
 }
 
+/// "bf16 base and activations, f32 trainable, int8 frozen matrices" and the like.
+fn precision(plan: &Plan) -> String {
+    let mut out = if plan.dtype == plan.trainable_dtype {
+        plan.dtype.clone()
+    } else {
+        format!(
+            "{} base and activations, {} trainable",
+            plan.dtype, plan.trainable_dtype
+        )
+    };
+    if plan.loss_scaling {
+        out.push_str(" under loss scaling");
+    }
+    if plan.int8 {
+        out.push_str(", int8 frozen matrices");
+    }
+    out
+}
+
 /// The breakdown of one plan's peak, with the assumptions it rests on.
 pub(crate) fn format_breakdown(plan: &Plan) -> String {
     let b = &plan.breakdown;
@@ -30,9 +49,10 @@ pub(crate) fn format_breakdown(plan: &Plan) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "Predicted peak of {} on {} (K = {}, meta-batch {}, {} support + {} query{}{}{})",
+        "Predicted peak of {} on {} ({}; K = {}, meta-batch {}, {} support + {} query{}{}{})",
         plan.method,
         plan.model,
+        precision(plan),
         plan.inner_steps,
         plan.meta_batch_size,
         plan.support_examples,

@@ -169,3 +169,76 @@ fn checkpointing_keeps_one_segment_of_activations() {
         off.graphs_kept
     );
 }
+
+fn precise(
+    mut c: Config,
+    precision: crate::config::Precision,
+    quantization: crate::config::Quantization,
+) -> Config {
+    c.memory_optimization.precision = precision;
+    c.model.quantization = quantization;
+    c
+}
+
+#[test]
+fn mixed_precision_and_int8_shrink_what_they_store() {
+    use crate::config::{Precision, Quantization};
+    let base = text("tiny-bert", 32);
+    for &variant in Variant::ALL {
+        let f32_plan = check(&variant.apply(&base));
+        let bf16 = check(&precise(
+            variant.apply(&base),
+            Precision::Bf16,
+            Quantization::None,
+        ));
+        let int8 = check(&precise(
+            variant.apply(&base),
+            Precision::F32,
+            Quantization::Int8,
+        ));
+        // Half the frozen bytes and a smaller peak in bf16; the trainable tensors and
+        // the optimiser's state stay f32.
+        assert_eq!(
+            (bf16.dtype.as_str(), bf16.trainable_dtype.as_str()),
+            ("bf16", "f32")
+        );
+        // (candle's per-tensor bookkeeping does not halve).
+        let half = bf16.breakdown.frozen_weights as f64 / f32_plan.breakdown.frozen_weights as f64;
+        assert!((0.5..0.52).contains(&half), "{variant}: {half}");
+        assert_eq!(
+            bf16.breakdown.optimizer_state,
+            f32_plan.breakdown.optimizer_state
+        );
+        assert!(bf16.peak_bytes < f32_plan.peak_bytes, "{variant}");
+        // int8: a byte per matrix entry and f32 scales, dense norms and positions.
+        let ratio = int8.breakdown.frozen_weights as f64 / f32_plan.breakdown.frozen_weights as f64;
+        assert!((0.25..0.4).contains(&ratio), "{variant}: {ratio}");
+    }
+    // f16 stores what bf16 stores, plus the loss scale's copies of the gradients.
+    let c = Variant::Maml.apply(&base);
+    let bf16 = check(&precise(c.clone(), Precision::Bf16, Quantization::None));
+    let f16 = check(&precise(c.clone(), Precision::F16, Quantization::None));
+    assert!(f16.loss_scaling && !bf16.loss_scaling);
+    assert_eq!(f16.breakdown.frozen_weights, bf16.breakdown.frozen_weights);
+    assert!(f16.peak_bytes >= bf16.peak_bytes);
+    // Over an int8 base, bf16 activations still shrink the peak.
+    let int8 = check(&precise(c.clone(), Precision::F32, Quantization::Int8));
+    let both = check(&precise(c, Precision::Bf16, Quantization::Int8));
+    assert!(both.peak_bytes < int8.peak_bytes);
+    assert!(format_breakdown(&both).contains("bf16 base and activations, f32 trainable, int8"));
+}
+
+#[test]
+fn precision_combinations_training_refuses_are_refused() {
+    use crate::config::{Precision, Quantization};
+    // f16 does not run with checkpointing; Conv4 and the MLP have no frozen base.
+    let c = checkpointed(text("tiny-bert", 8), None);
+    let err = plan(&precise(c, Precision::F16, Quantization::None))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("checkpointing"), "{err}");
+    for c in [images(), sinusoid()] {
+        assert!(plan(&precise(c.clone(), Precision::Bf16, Quantization::None)).is_err());
+        assert!(plan(&precise(c, Precision::F32, Quantization::Int8)).is_err());
+    }
+}
