@@ -242,23 +242,9 @@ pub fn row_config(base: &Config, point: &GridPoint) -> Config {
 
 /// The planner's prediction of the peak heap bytes of training with `config` with
 /// candle's kernels on `threads` threads (the planner's steady state, `peak_bytes` of
-/// [`crate::memory::planner::plan_with`]): the one place the benchmark asks the planner. `Err` says why there is none: the planner refused the configuration,
-/// or — checked here, until the planner reads it — the configuration uses
-/// `memory_optimization.precision` bf16/f16 or `model.quantization`, which the planner
-/// does not model yet (it would predict the f32 figure).
+/// [`crate::memory::planner::plan_with`]): the one place the benchmark asks the
+/// planner. `Err` says why there is none (the planner refused the configuration).
 pub fn predicted_bytes(config: &Config, threads: usize) -> std::result::Result<u64, String> {
-    if config.memory_optimization.precision != Precision::F32 {
-        return Err(format!(
-            "the planner does not model memory_optimization.precision {} yet",
-            config.memory_optimization.precision
-        ));
-    }
-    if config.model.quantization != crate::config::Quantization::None {
-        return Err(format!(
-            "the planner does not model model.quantization {} yet",
-            config.model.quantization
-        ));
-    }
     let options = crate::memory::planner::PlanOptions {
         threads,
         ..Default::default()
