@@ -16,6 +16,7 @@ use crate::models::load::builtin;
 use crate::models::{LoraSettings, Weights};
 use crate::nn::{LoraInit, LoraSpec};
 use crate::tensor::gradcheck::random_tensor;
+use crate::tensor::test_support::max_abs_diff;
 use crate::tensor::GradGraph;
 
 /// Agreement asked of checkpointed results (float rounding in f64).
@@ -212,14 +213,7 @@ fn gradients_equal_the_unsegmented_ones() {
             let loss_gap =
                 (got.loss.to_scalar::<f64>().unwrap() - loss.to_scalar::<f64>().unwrap()).abs();
             assert!(loss_gap < 1e-13, "{what}: loss differs by {loss_gap}");
-            let logits_gap = (&got.logits - &logits)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap();
+            let logits_gap = max_abs_diff(&got.logits, &logits);
             assert!(logits_gap < 1e-13, "{what}: logits differ by {logits_gap}");
         }
     }

@@ -10,6 +10,7 @@ use super::{FewShotModel, Weights};
 use crate::data::Batch;
 use crate::nn::Mode;
 use crate::tensor::gradcheck::{check_derivatives, random_tensor};
+pub(crate) use crate::tensor::test_support::max_abs_diff;
 use crate::tensor::{ops, ParamSet};
 
 /// Random weights by name, built up by the tests.
@@ -72,20 +73,6 @@ pub(crate) fn padded_batch(pad_ids: [u32; 2]) -> Batch {
     let mask = Tensor::new(&[[1u32, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dev).unwrap();
     let labels = Tensor::new(&[1u32, 2], dev).unwrap();
     Batch::from_tokens(ids, mask, None, labels).unwrap()
-}
-
-/// Largest |a − b| over two tensors of one shape.
-pub(crate) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
 }
 
 /// Checks the first and second derivatives of the cross-entropy of `model` on

@@ -403,6 +403,7 @@ impl LoraLinear {
 mod tests {
     use super::*;
     use crate::tensor::gradcheck::random_tensor;
+    use crate::tensor::test_support::max_abs_diff;
     use candle_core::Device;
 
     const SPEC: LoraSpec = LoraSpec {
@@ -428,17 +429,6 @@ mod tests {
             .init_params(LoraInit::Normal { seed: 3, std: 0.5 }, &mut params)
             .unwrap();
         (layer, params)
-    }
-
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
     }
 
     #[test]

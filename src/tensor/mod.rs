@@ -7,6 +7,8 @@ pub mod params;
 pub mod second_order;
 
 pub(crate) mod gradcheck;
+#[cfg(test)]
+pub(crate) mod test_support;
 
 pub use params::{GradGraph, ParamSet};
 pub use second_order::ensure_second_order;

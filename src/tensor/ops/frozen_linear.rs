@@ -392,18 +392,8 @@ pub(crate) fn frozen_linear_matrix(
 mod tests {
     use super::*;
     use crate::tensor::gradcheck::{check_derivatives, random_tensor};
+    use crate::tensor::test_support::max_abs_diff;
     use candle_core::Device;
-
-    fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
-        (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-    }
 
     /// Every storage and input dtype against the f64 product with the dequantized
     /// weight, forward and input gradient, both layouts.
@@ -447,7 +437,7 @@ mod tests {
                     let bias = b.to_dtype(x_dtype).unwrap();
                     let y = frozen_linear_matrix(&xv, &matrix, Some(&bias), stored).unwrap();
                     assert_eq!(y.dtype(), x_dtype);
-                    let err = max_abs(&y, &expect);
+                    let err = max_abs_diff(&y, &expect);
                     assert!(
                         err < tolerance * 4.0,
                         "{label} {stored:?} {x_dtype:?}/{w_dtype:?}: {err}"
@@ -460,7 +450,7 @@ mod tests {
                         .unwrap();
                     let gx = grads.get(&xv).unwrap();
                     assert_eq!(gx.dtype(), x_dtype);
-                    let err = max_abs(gx, &expect_grad);
+                    let err = max_abs_diff(gx, &expect_grad);
                     assert!(
                         err < tolerance * 4.0,
                         "{label} {stored:?} grad {x_dtype:?}: {err}"

@@ -311,6 +311,7 @@ pub(crate) fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) ->
 mod tests {
     use super::*;
     use crate::tensor::gradcheck::{check_derivatives, random_tensor};
+    use crate::tensor::test_support::max_abs_diff;
     use candle_core::{Device, Var};
 
     /// The fused input gradient equals the tensor-op formula, and its own derivatives
@@ -327,14 +328,7 @@ mod tests {
         let store = (y * &grad).unwrap().sum_all().unwrap().backward().unwrap();
         let reference = store.get(&xv).unwrap();
         let fused = layer_norm_grad(&x, &gamma, &grad, 1e-3).unwrap();
-        let diff = (reference - &fused)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
+        let diff = max_abs_diff(reference, &fused);
         assert!(diff < 1e-13, "{diff}");
         let errors = check_derivatives(&[x, gamma, grad], |t| {
             layer_norm_grad(&t[0], &t[1], &t[2], 1e-3)

@@ -195,6 +195,7 @@ pub(crate) fn int8_embedding(
 mod tests {
     use super::*;
     use crate::tensor::gradcheck::random_tensor;
+    use crate::tensor::test_support::max_abs_diff;
     use candle_core::Device;
 
     #[test]
@@ -258,14 +259,7 @@ mod tests {
         for dtype in [DType::F64, DType::F32, DType::BF16, DType::F16] {
             let rows = int8_embedding(&ids, &q, dtype).unwrap();
             assert_eq!((rows.dims(), rows.dtype()), (&[2usize, 3, 4][..], dtype));
-            let diff = (rows.to_dtype(DType::F64).unwrap() - &expected)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap();
+            let diff = max_abs_diff(&rows, &expected);
             let tolerance = match dtype {
                 DType::F64 | DType::F32 => 1e-6,
                 _ => 2e-2,
