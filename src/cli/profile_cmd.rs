@@ -183,9 +183,7 @@ pub(crate) fn run(global: &GlobalArgs, args: &ProfileArgs) -> anyhow::Result<()>
     let measured = is_installed().then(|| meter.peak_above_baseline() as u64);
     drop(meter);
     let peak_rss_bytes = ProcessMemory::read().ok().map(|m| m.peak_rss_bytes);
-    let mut sorted = seconds.clone();
-    sorted.sort_by(f64::total_cmp);
-    let median_seconds = sorted[sorted.len() / 2];
+    let median_seconds = crate::eval::stats::median(&seconds).unwrap_or(f64::NAN);
     let profile = Profile {
         relative_error: measured.map(|m| (plan.peak_bytes as f64 - m as f64) / (m as f64).max(1.0)),
         plan,

@@ -296,6 +296,18 @@ pub fn student_t_quantile(p: f64, df: f64) -> Result<f64> {
 // Intervals, tests and effect sizes
 // ---------------------------------------------------------------------------------
 
+/// The median (the mean of the middle two for an even count); `None` when empty.
+pub fn median(values: &[f64]) -> Option<f64> {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let mid = v.len() / 2;
+    match v.len() {
+        0 => None,
+        n if n % 2 == 1 => Some(v[mid]),
+        _ => Some(0.5 * (v[mid - 1] + v[mid])),
+    }
+}
+
 /// Mean of `values` with a two-sided Student's t confidence interval at level
 /// `confidence` (e.g. 0.95): `mean ± t_{(1+c)/2, n−1} · sd / √n`.
 ///

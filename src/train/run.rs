@@ -160,19 +160,6 @@ pub fn run_name(config: &Config) -> String {
         .unwrap_or_else(|| format!("{}-seed{}", Variant::of(config), config.seed))
 }
 
-fn median(values: &mut [f64]) -> Option<f64> {
-    if values.is_empty() {
-        return None;
-    }
-    values.sort_by(f64::total_cmp);
-    let mid = values.len() / 2;
-    Some(if values.len().is_multiple_of(2) {
-        (values[mid - 1] + values[mid]) / 2.0
-    } else {
-        values[mid]
-    })
-}
-
 /// Meta-trains the configured learner.
 pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainSummary> {
     crate::init();
@@ -415,7 +402,7 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainSummary> {
     tracker.finish(true)?;
     summary.params = params;
     summary.best_val_score = best;
-    summary.seconds_per_iteration = median(&mut times);
+    summary.seconds_per_iteration = crate::eval::stats::median(&times);
     summary.peak_bytes = crate::memory::is_installed().then(|| meter.peak_above_baseline() as u64);
     Ok(summary)
 }

@@ -116,11 +116,5 @@ pub fn measure(config: &Config, iterations: usize) -> Result<Measurement> {
 
 /// The median (the mean of the middle two for an even count); NaN when empty.
 pub(crate) fn median(values: &[f64]) -> f64 {
-    let mut v = values.to_vec();
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => 0.5 * (v[n / 2 - 1] + v[n / 2]),
-    }
+    crate::eval::stats::median(values).unwrap_or(f64::NAN)
 }
