@@ -17,11 +17,10 @@ use crate::memory::planner::{self, Plan};
 use crate::memory::{current_bytes, format_bytes, is_installed, MemoryMeter, ProcessMemory};
 use crate::meta::loss_value;
 use crate::nn::Mode;
-use crate::tensor::ops;
 use crate::train::build::{
     build_adapter, build_learner, build_model, build_outer, build_text_encoder,
 };
-use crate::train::meta_step;
+use crate::train::{meta_step, training_mode};
 
 /// What `melora profile` reports.
 #[derive(Debug, Serialize)]
@@ -122,10 +121,8 @@ impl Run {
                     prefetcher,
                 } = training.as_mut();
                 let tasks = prefetcher.next_batch()?;
-                let (seed, meta_batch) = (config.seed, config.meta_learning.meta_batch_size);
-                let dropout = move |task: usize| Mode::Train {
-                    seed: ops::mix_seed(seed, (iteration * meta_batch + task) as u64),
-                };
+                let dropout =
+                    training_mode(config.seed, iteration, config.meta_learning.meta_batch_size);
                 let (next, _) = meta_step(
                     learner.as_ref(),
                     self.model.as_ref(),

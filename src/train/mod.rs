@@ -19,4 +19,4 @@ pub use outer::{average, clip_global_norm, OuterUpdate};
 pub use run::{
     params_from, run_dir, run_name, train, IterationReport, ProgressFn, TrainOptions, TrainSummary,
 };
-pub use step::{meta_step, StepStats};
+pub use step::{meta_step, training_mode, StepStats};

@@ -20,15 +20,14 @@ use crate::memory::MemoryMeter;
 use crate::memory::{format_bytes, BudgetGuard};
 use crate::meta::Adapter;
 use crate::models::FewShotModel;
-use crate::nn::Mode;
 use crate::optim::LossScaler;
-use crate::tensor::{ops, ParamSet};
+use crate::tensor::ParamSet;
 use crate::track::{RunTracker, TrackerOptions};
 use crate::Result;
 
 use super::build::{build_learner, build_model, build_outer, build_text_encoder};
 use super::checkpoint::{load_checkpoint, save_checkpoint, CheckpointState};
-use super::{meta_step, OuterUpdate, StepStats};
+use super::{meta_step, training_mode, OuterUpdate, StepStats};
 
 /// What the progress callback sees after each iteration.
 #[derive(Debug, Clone)]
@@ -273,10 +272,7 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainSummary> {
         }
         let started = Instant::now();
         let tasks = prefetcher.next_batch()?;
-        let seed = config.seed;
-        let dropout = move |task: usize| Mode::Train {
-            seed: ops::mix_seed(seed, (iteration * meta_batch + task) as u64),
-        };
+        let dropout = training_mode(config.seed, iteration, meta_batch);
         let mut reduced_micro_batch = None;
         let (next, stats) = loop {
             if let Some(guard) = &guard {

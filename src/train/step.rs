@@ -35,6 +35,19 @@ pub struct StepStats {
     pub regression: bool,
 }
 
+/// Training's forward mode for task `task` of meta-iteration `iteration`: dropout
+/// seeded from the run's seed and the task's position in the whole run, so that a
+/// resumed run (or a measurement) draws the same masks as an uninterrupted one.
+pub fn training_mode(
+    seed: u64,
+    iteration: usize,
+    meta_batch: usize,
+) -> impl Fn(usize) -> Mode + Copy {
+    move |task: usize| Mode::Train {
+        seed: crate::tensor::ops::mix_seed(seed, (iteration * meta_batch + task) as u64),
+    }
+}
+
 /// A skipped step: the parameters unchanged, NaN statistics.
 fn skipped(params: &ParamSet, scale: Option<f64>, regression: bool) -> (ParamSet, StepStats) {
     let nan = f64::NAN;

@@ -8,10 +8,8 @@ use serde::{Deserialize, Serialize};
 use crate::config::Config;
 use crate::data::{Prefetcher, SyntheticText};
 use crate::memory::{current_bytes, is_installed, MemoryMeter, ProcessMemory};
-use crate::nn::Mode;
-use crate::tensor::ops::mix_seed;
 use crate::train::build::{build_learner, build_model, build_outer};
-use crate::train::meta_step;
+use crate::train::{meta_step, training_mode};
 use crate::{Error, Result};
 
 /// What [`measure`] found.
@@ -75,9 +73,7 @@ pub fn measure(config: &Config, iterations: usize) -> Result<Measurement> {
     let seed = config.seed;
     let mut step = |iteration: usize, params: &crate::tensor::ParamSet| {
         let tasks = prefetcher.next_batch()?;
-        let dropout = move |task: usize| Mode::Train {
-            seed: mix_seed(seed, (iteration * meta_batch + task) as u64),
-        };
+        let dropout = training_mode(seed, iteration, meta_batch);
         meta_step(
             learner.as_ref(),
             model.as_ref(),
