@@ -5,20 +5,12 @@
 
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::process::{Command, Output};
 
 use serde_json::Value;
 
-fn melora(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_melora"))
-        .args(args)
-        .output()
-        .expect("the melora binary runs")
-}
+mod common;
 
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).to_string()
-}
+use common::{melora, text};
 
 fn read_json(path: &Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()

@@ -3,14 +3,11 @@
 //! Where they are absent the test prints `skipped:`, unless `MELORA_REQUIRE_SHARED=1`.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
-fn melora(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_melora"))
-        .args(args)
-        .output()
-        .expect("the melora binary runs")
-}
+mod common;
+
+use common::melora;
 
 fn stderr(output: &Output) -> String {
     String::from_utf8(output.stderr.clone()).expect("stderr is UTF-8")

@@ -2,16 +2,13 @@
 //! user would.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use melora::config::{Config, Method};
 
-fn melora(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_melora"))
-        .args(args)
-        .output()
-        .expect("the melora binary runs")
-}
+mod common;
+
+use common::melora;
 
 fn stdout(output: &Output) -> String {
     String::from_utf8(output.stdout.clone()).expect("stdout is UTF-8")

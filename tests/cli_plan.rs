@@ -3,18 +3,11 @@
 //! give a one-line error and status 2, never a panic.
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
-fn melora(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_melora"))
-        .args(args)
-        .output()
-        .expect("the melora binary runs")
-}
+mod common;
 
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).to_string()
-}
+use common::{melora, text};
 
 /// The shipped quickstart, found from the crate root (tests run there).
 fn quickstart() -> String {

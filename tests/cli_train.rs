@@ -2,18 +2,10 @@
 //! configurations (built-in tiny BERT, synthetic tasks; a few iterations).
 
 use std::path::Path;
-use std::process::{Command, Output};
 
-fn melora(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_melora"))
-        .args(args)
-        .output()
-        .expect("the melora binary runs")
-}
+mod common;
 
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).to_string()
-}
+use common::{melora, text};
 
 const TINY: &str = "seed: 3
 model:

@@ -6,8 +6,6 @@
 //! Run with `cargo test --release --test minilm -- --ignored --nocapture`, after
 //! `scripts/fetch-minilm.sh` (or with `MELORA_MINILM=<model folder>`).
 
-use std::path::PathBuf;
-
 use candle_core::{DType, Device, Tensor};
 use melora::data::TextTokenizer;
 use melora::models::bert::{Bert, BertConfig};
@@ -15,22 +13,7 @@ use melora::models::{FewShotModel, Weights};
 use melora::nn::Mode;
 use melora::tensor::ParamSet;
 
-fn model_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("MELORA_MINILM") {
-        return dir.into();
-    }
-    let cache = std::env::var_os("MELORA_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let base = std::env::var_os("XDG_CACHE_HOME")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| {
-                    PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache")
-                });
-            base.join("melora")
-        });
-    cache.join("all-MiniLM-L6-v2")
-}
+mod common;
 
 fn cosine(a: &[f32], b: &[f32]) -> f32 {
     let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
@@ -42,7 +25,7 @@ fn cosine(a: &[f32], b: &[f32]) -> f32 {
 #[ignore = "needs the MiniLM model: run scripts/fetch-minilm.sh, then --ignored"]
 fn minilm_embeddings_rank_paraphrases_above_unrelated_sentences() {
     melora::init();
-    let dir = model_dir();
+    let dir = common::minilm_dir();
     assert!(
         dir.join("model.safetensors").exists(),
         "no model in {}: run scripts/fetch-minilm.sh first",

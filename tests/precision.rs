@@ -7,7 +7,6 @@
 //! MiniLM-shaped measurements are heavy: run them with
 //! `cargo test --release --test precision -- --ignored --nocapture`.
 
-use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -25,6 +24,8 @@ use melora::optim::{LossScaler, Optimizer, OptimizerKind, Schedule, MAX_LOSS_SCA
 use melora::tensor::loss_scale;
 use melora::tensor::ParamSet;
 use melora::train::{meta_step, OuterUpdate};
+
+mod common;
 
 #[global_allocator]
 static ALLOCATOR: CountingAllocator = CountingAllocator;
@@ -536,25 +537,6 @@ fn int8_minilm_base_takes_a_quarter_of_f32() {
     );
 }
 
-/// The all-MiniLM-L6-v2 folder (`MELORA_MINILM`, or where `scripts/fetch-minilm.sh`
-/// puts it).
-fn minilm_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("MELORA_MINILM") {
-        return dir.into();
-    }
-    let cache = std::env::var_os("MELORA_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let base = std::env::var_os("XDG_CACHE_HOME")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| {
-                    PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache")
-                });
-            base.join("melora")
-        });
-    cache.join("all-MiniLM-L6-v2")
-}
-
 /// Nearest-prototype accuracy (L2-normalised embeddings, Euclidean distance to the
 /// class means of the support set) of one episode.
 fn prototype_accuracy(
@@ -613,7 +595,7 @@ fn prototype_accuracy(
 #[ignore = "needs all-MiniLM-L6-v2 (scripts/fetch-minilm.sh) and WordNet (wordnet-base)"]
 fn accuracy_cost_on_wordnet_with_real_minilm() {
     melora::init();
-    let dir = minilm_dir();
+    let dir = common::minilm_dir();
     if !dir.join("model.safetensors").exists() {
         println!("skipped: no model in {}", dir.display());
         return;
