@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 
-use super::sim::{Bin, Custom, NodeId, Op, Sim, Un, T};
+use super::sim::{Bin, Custom, NodeId, Op, Sim, SimDType, Un, T};
 
 /// candle's `GradStore`: a gradient per node that received one.
 pub(crate) type GradStore = HashMap<NodeId, T>;

@@ -13,7 +13,7 @@
 
 use super::autograd::{backward, GradStore};
 use super::models::{task_loss, SimBatch, SimContext, SimModel};
-use super::sim::{Category, DType, T};
+use super::sim::{Category, DType, SimDType, T};
 
 /// Vectors per tangent sweep (the engine's `TANGENT_GROUP`).
 const TANGENT_GROUP: usize = 8;

@@ -71,7 +71,7 @@ use crate::Result;
 
 use self::learners::{outer_update, Approximation, Ctx, InnerSpec, Learner, OptimizerSpec, Params};
 use self::models::{SimBatch, SimModel};
-use self::sim::{Category, Sim};
+use self::sim::{Category, Sim, SimDType};
 
 pub use self::sim::{Overheads, CANDLE_OVERHEADS};
 pub(crate) use self::table::{format_breakdown, format_comparison};
@@ -338,7 +338,7 @@ pub fn plan_with(config: &Config, options: &PlanOptions) -> Result<Plan> {
             .iter()
             .map(|s| {
                 // Initial values are drawn in f64, then converted.
-                if dtype.bytes != 8 {
+                if dtype.bytes() != 8 {
                     sim.spike(8 * s.iter().product::<usize>() as u64);
                 }
                 sim.tensor(s, dtype)
@@ -449,7 +449,7 @@ pub fn plan_with(config: &Config, options: &PlanOptions) -> Result<Plan> {
         support_examples: spec.support.len(),
         query_examples: spec.query.len(),
         sequence_length: spec.sequence_length(),
-        dtype_bytes: precision.frozen.bytes,
+        dtype_bytes: precision.frozen.bytes(),
         dtype: precision.frozen.name().into(),
         trainable_dtype: precision.trainable.name().into(),
         int8: precision.int8,

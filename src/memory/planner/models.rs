@@ -7,7 +7,7 @@
 //! intermediate and its activation, the pooling and the loss. When the model code
 //! changes, this file must follow; the planner test compares both.
 
-use super::sim::{Bin, ConvParams, Custom, DType, Sim, Un, T};
+use super::sim::{Bin, ConvParams, Custom, DType, Sim, SimDType, Un, T};
 use crate::models::bert::BertConfig;
 use crate::models::conv4::Conv4Config;
 use crate::models::distilbert::DistilBertConfig;
@@ -251,7 +251,7 @@ fn dropout(x: &T, p: f64, train: bool) -> T {
     }
     let sim = x.sim_handle();
     let elems = x.elem_count() as u64;
-    let mask = if x.dtype().bytes == 8 {
+    let mask = if x.dtype().bytes() == 8 {
         sim.tensor(&x.dims(), x.dtype())
     } else {
         sim.spike(8 * elems);
@@ -322,7 +322,7 @@ fn int8_embedding(ids: &T, table: &T, dtype: DType) -> T {
     let dim = table.dims()[1];
     let mut shape = ids.dims();
     shape.push(dim);
-    let capacity = (count.next_power_of_two() * dim) as u64 * dtype.bytes;
+    let capacity = (count.next_power_of_two() * dim) as u64 * dtype.bytes();
     let out = sim.tensor_with_capacity(&shape, dtype, capacity);
     sim.spike(8 * count as u64 + 4 * dim as u64);
     out

@@ -226,75 +226,49 @@ impl Op {
 /// Index of a node in the simulation.
 pub(crate) type NodeId = usize;
 
-/// Element type of a simulated tensor.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct DType {
+/// Element type of a simulated tensor: candle's own.
+pub(crate) use candle_core::DType;
+
+/// What the simulation asks of an element type.
+pub(crate) trait SimDType: Copy {
     /// Bytes per element.
-    pub(crate) bytes: u64,
+    fn bytes(self) -> u64;
     /// Integer types are never differentiated (candle's walk stops at them).
-    pub(crate) int: bool,
-    /// bfloat16 (candle multiplies it by widening both operands to f32).
-    pub(crate) brain: bool,
+    fn is_int(self) -> bool;
+    /// The type's name (floats; `int` for the integer types).
+    fn name(self) -> &'static str;
+    /// bf16 or f16.
+    fn is_half(self) -> bool;
+    /// The type products and the fused ops' second derivatives are computed in: f64
+    /// for f64, f32 otherwise (`fused_norm::work_dtype`, the frozen linear's
+    /// accumulator).
+    fn work(self) -> DType;
 }
 
-impl DType {
-    /// 32-bit float.
-    pub(crate) const F32: DType = DType {
-        bytes: 4,
-        int: false,
-        brain: false,
-    };
-    /// 64-bit float.
-    pub(crate) const F64: DType = DType {
-        bytes: 8,
-        int: false,
-        brain: false,
-    };
-    /// bfloat16.
-    pub(crate) const BF16: DType = DType {
-        bytes: 2,
-        int: false,
-        brain: true,
-    };
-    /// IEEE half precision.
-    pub(crate) const F16: DType = DType {
-        bytes: 2,
-        int: false,
-        brain: false,
-    };
-    /// u8 (comparison results; int8 weights, which are never differentiated either).
-    pub(crate) const U8: DType = DType {
-        bytes: 1,
-        int: true,
-        brain: false,
-    };
-    /// u32 (token ids, labels).
-    pub(crate) const U32: DType = DType {
-        bytes: 4,
-        int: true,
-        brain: false,
-    };
+impl SimDType for DType {
+    fn bytes(self) -> u64 {
+        self.size_in_bytes() as u64
+    }
 
-    /// The type's name (floats; `int` for the integer types).
-    pub(crate) fn name(self) -> &'static str {
-        match (self.bytes, self.int, self.brain) {
-            (_, true, _) => "int",
-            (8, ..) => "f64",
-            (2, _, true) => "bf16",
-            (2, ..) => "f16",
+    fn is_int(self) -> bool {
+        !self.is_float()
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            DType::F64 => "f64",
+            DType::BF16 => "bf16",
+            DType::F16 => "f16",
+            _ if self.is_int() => "int",
             _ => "f32",
         }
     }
 
-    /// bf16 or f16.
-    pub(crate) fn is_half(self) -> bool {
-        self.bytes == 2 && !self.int
+    fn is_half(self) -> bool {
+        matches!(self, DType::BF16 | DType::F16)
     }
 
-    /// The type products and the fused ops' second derivatives are computed in: f64
-    /// for f64, f32 otherwise (`fused_norm::work_dtype`, the frozen linear's
-    /// accumulator).
-    pub(crate) fn work(self) -> DType {
+    fn work(self) -> DType {
         if self == DType::F64 {
             DType::F64
         } else {
@@ -658,7 +632,7 @@ impl Sim {
     /// A new contiguous buffer for the result of `op`.
     fn alloc(&self, dims: &[usize], dtype: DType, op: Option<Op>, variable: bool) -> T {
         let elems: usize = dims.iter().product();
-        self.alloc_bytes(dims, dtype, op, variable, elems as u64 * dtype.bytes)
+        self.alloc_bytes(dims, dtype, op, variable, elems as u64 * dtype.bytes())
     }
 
     fn alloc_bytes(
@@ -717,7 +691,7 @@ impl Sim {
 
     /// Whether a node's type is an integer type.
     pub(crate) fn is_int(&self, id: NodeId) -> bool {
-        self.with_node(id, |n| n.dtype.int)
+        self.with_node(id, |n| n.dtype.is_int())
     }
 }
 
@@ -850,7 +824,7 @@ impl T {
         dims[n - 1] = b[b.len() - 1];
         let out = self.op_output(&dims, self.dtype(), Op::Matmul(self.id, rhs.id));
         let dtype = self.dtype();
-        if dtype.brain {
+        if dtype == DType::BF16 {
             let widened = self.storage_elems() + rhs.storage_elems() + out.elem_count() as u64;
             self.sim().spike(4 * widened);
         } else if dtype.is_half() {
@@ -865,7 +839,7 @@ impl T {
         let inner = self.sim.borrow();
         let node = inner.node(self.id);
         let storage = inner.storages[node.storage].as_ref().expect("live storage");
-        storage.bytes / node.dtype.bytes
+        storage.bytes / node.dtype.bytes()
     }
 
     /// A broadcast view (always a new node, as in candle).
@@ -1100,7 +1074,7 @@ impl T {
             if dtype == work {
                 0
             } else {
-                elems * work.bytes
+                elems * work.bytes()
             }
         };
         let x_work = converted(rows * k_in as u64, x_dtype);
@@ -1125,7 +1099,7 @@ impl T {
             sim.spike(w_work.max(bias_work));
             out
         } else {
-            let product = rows * k_out as u64 * work.bytes;
+            let product = rows * k_out as u64 * work.bytes();
             sim.spike(product + w_work.max(bias_work));
             let out = x.op_output(&dims, x_dtype, op);
             sim.spike(product);
@@ -1208,7 +1182,7 @@ impl T {
             h + 2 * params.padding + 1 - kh,
             w + 2 * params.padding + 1 - kw,
         );
-        let bytes = self.dtype().bytes;
+        let bytes = self.dtype().bytes();
         let out = self.op_output(
             &[b, c_out, oh, ow],
             self.dtype(),
@@ -1242,7 +1216,7 @@ impl T {
             Op::ConvTranspose2d(self.id, kernel.id, params),
         );
         self.sim()
-            .spike((b * c_in * h * w) as u64 * self.dtype().bytes);
+            .spike((b * c_in * h * w) as u64 * self.dtype().bytes());
         out
     }
 }

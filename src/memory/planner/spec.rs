@@ -11,7 +11,7 @@ use super::models::{
     layer_count, Family, Inputs, LoraPlan, MlpShape, ModelSpec, Precision, SimBatch, SimModel,
     Source,
 };
-use super::sim::{Category, DType, Sim};
+use super::sim::{Category, DType, Sim, SimDType};
 use crate::config::{self, Config, DataSource, SyntheticTask};
 use crate::data::SyntheticText;
 use crate::models::conv4::Conv4Config;
@@ -222,7 +222,7 @@ fn safetensors_sizes(path: &Path, dtype: DType) -> Result<LoadSpec> {
             .tensor_bytes
             .saturating_add(elems.saturating_mul(bytes_per));
         let float = matches!(stored, "F64" | "F32" | "F16" | "BF16");
-        let kept = elems.saturating_mul(if float { dtype.bytes } else { bytes_per });
+        let kept = elems.saturating_mul(if float { dtype.bytes() } else { bytes_per });
         load.kept_bytes = load.kept_bytes.saturating_add(kept);
         if float && stored != safetensors_name(dtype) {
             load.conversion_scratch = load.conversion_scratch.max(kept);
