@@ -330,6 +330,31 @@ impl Pareto {
     }
 }
 
+impl Pareto {
+    /// The corner of the plot (`0..x_max` × `y0..y1`) whose quarter holds the fewest
+    /// points, for the legend: a fixed corner covers points whenever they happen to
+    /// lie there.
+    fn emptiest_corner(&self, x_max: f64, y0: f64, y1: f64) -> SeriesLabelPosition {
+        let (x_mid, y_mid) = (x_max / 2.0, (y0 + y1) / 2.0);
+        let count = |right: bool, upper: bool| {
+            self.points
+                .iter()
+                .filter(|(_, mem, acc, _)| (*mem > x_mid) == right && (*acc > y_mid) == upper)
+                .count()
+        };
+        [
+            (SeriesLabelPosition::UpperRight, count(true, true)),
+            (SeriesLabelPosition::LowerRight, count(true, false)),
+            (SeriesLabelPosition::UpperLeft, count(false, true)),
+            (SeriesLabelPosition::LowerLeft, count(false, false)),
+        ]
+        .into_iter()
+        .min_by_key(|(_, n)| *n)
+        .map(|(corner, _)| corner)
+        .expect("four corners")
+    }
+}
+
 impl Figure for Pareto {
     fn size(&self) -> (u32, u32) {
         (900, 560)
@@ -360,7 +385,7 @@ impl Figure for Pareto {
             builder.x_label_area_size(8).y_label_area_size(8);
         }
         let mut chart = builder
-            .build_cartesian_2d(0.0..x1 * 1.08, y0..y1)
+            .build_cartesian_2d(0.0..x1 * 1.25, y0..y1)
             .or_msg()?;
         let mut mesh = chart.configure_mesh();
         mesh.light_line_style(RGBColor(235, 235, 235));
@@ -423,7 +448,7 @@ impl Figure for Pareto {
         if text && !self.points.is_empty() {
             chart
                 .configure_series_labels()
-                .position(SeriesLabelPosition::LowerRight)
+                .position(self.emptiest_corner(x1 * 1.25, y0, y1))
                 .background_style(WHITE.mix(0.85))
                 .border_style(RGBColor(180, 180, 180))
                 .label_font((FAMILY, 15))
