@@ -134,7 +134,7 @@ fn checkpointing_halves_activation_memory_of_a_six_layer_encoder() {
         plans.push(("every: 2", Some(CheckpointPlan::Every(2))));
         plans.push(("layers: [0, 3]", Some(CheckpointPlan::Layers(vec![0, 3]))));
     }
-    let models: Vec<(&str, Box<dyn FewShotModel>)> = plans
+    let mut models: Vec<(&str, Box<dyn FewShotModel>)> = plans
         .into_iter()
         .map(|(name, plan)| -> (&str, Box<dyn FewShotModel>) {
             match plan {
@@ -143,6 +143,19 @@ fn checkpointing_halves_activation_memory_of_a_six_layer_encoder() {
             }
         })
         .collect();
+    // Selective recomputation: attention cores and feed-forward blocks rebuilt in the
+    // backward pass, alone and inside one-layer segments.
+    let selective = || {
+        let mut model = encoder();
+        model.set_selective_recompute(true).unwrap();
+        model
+    };
+    models.push(("selective", selective()));
+    models.push((
+        "selective+ev. 1",
+        Box::new(Checkpointed::new(selective(), CheckpointPlan::Every(1)).unwrap()),
+    ));
+    let selective_at = models.len() - 2;
     let gradient = |model: &dyn FewShotModel| {
         drop(
             fomaml
@@ -225,6 +238,19 @@ fn checkpointing_halves_activation_memory_of_a_six_layer_encoder() {
         "checkpointing every layer: gradient peak {} B is more than half of {} B",
         gradient_peaks[1],
         gradient_peaks[0]
+    );
+    assert!(
+        gradient_peaks[selective_at] * 4 <= gradient_peaks[0] * 3,
+        "selective recomputation: gradient peak {} B is more than 3/4 of {} B",
+        gradient_peaks[selective_at],
+        gradient_peaks[0]
+    );
+    assert!(
+        !release || hvp_peaks[selective_at + 1] < hvp_peaks[1],
+        "selective recomputation in segments: H·v peak {} B is not below \
+         checkpointing's {} B",
+        hvp_peaks[selective_at + 1],
+        hvp_peaks[1]
     );
     assert!(
         !release || hvp_peaks[1] < hvp_peaks[0],

@@ -138,8 +138,12 @@ pub struct CheckpointingConfig {
     /// Keep the inputs of exactly these layers (0-based); checked against the model's
     /// layer count when the model is built. `None`: use `every`.
     pub layers: Option<Vec<usize>>,
-    /// Recompute only the frozen base's activations and keep the LoRA branches'
-    /// (not available in this version: must be false).
+    /// Selective recomputation: the frozen base's attention cores (scores,
+    /// probabilities) and feed-forward blocks without adapters (the 4×-wide
+    /// intermediate) keep only their inputs and are rebuilt in the backward pass; the
+    /// layers' inputs, projections and LoRA branches stay stored. Works with or
+    /// without `enabled` (then inside each recomputed segment), and in every learner,
+    /// full-graph MAML included (transformer models only).
     pub selective: bool,
 }
 
@@ -241,15 +245,6 @@ impl MemoryOptimizationConfig {
                     ),
                 ));
             }
-        }
-        // Named in the schema, not yet built: refuse rather than silently ignore.
-        if self.checkpointing.selective {
-            return Err(invalid(
-                "memory_optimization.checkpointing.selective",
-                "selective recomputation (frozen base only) is not available in this version; \
-                 set it to false (segment checkpointing, `enabled: true` with `every` or \
-                 `layers`, recomputes whole layers exactly)",
-            ));
         }
         if self.budget.limit_bytes()? == Some(0) {
             return Err(invalid(

@@ -466,15 +466,16 @@ fn checkpointing_plans_follow_the_section() {
     );
 }
 
-/// Options the schema names but this version does not provide are refused, never
-/// silently ignored.
+/// Selective recomputation is accepted with and without segment checkpointing.
 #[test]
-fn unavailable_memory_options_are_refused() {
-    let (key, message) = config_error(Config::from_yaml_str(
-        "memory_optimization:\n  checkpointing:\n    enabled: true\n    selective: true\n",
-    ));
-    assert_eq!(key, "memory_optimization.checkpointing.selective");
-    assert!(message.contains("not available"), "{message}");
+fn selective_recomputation_is_accepted() {
+    for enabled in [false, true] {
+        let c = Config::from_yaml_str(&format!(
+            "memory_optimization:\n  checkpointing:\n    enabled: {enabled}\n    selective: true\n"
+        ))
+        .unwrap();
+        assert!(c.memory_optimization.checkpointing.selective);
+    }
 }
 
 /// Mixed precision and int8 are accepted where the models implement them; the other

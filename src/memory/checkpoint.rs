@@ -148,6 +148,17 @@ pub(crate) fn not_a_stack() -> Error {
     )
 }
 
+/// The error for selective recomputation of a model that is not a transformer stack.
+pub(crate) fn not_a_stack_selective() -> Error {
+    Error::InvalidArgument(
+        "selective recomputation rebuilds the attention and feed-forward blocks of \
+         transformer layers (BERT, DistilBERT, GPT-2, T5); this model has none, so set \
+         memory_optimization.checkpointing.selective to false (micro-batches, \
+         memory_optimization.gradient_accumulation.micro_batch, lower its memory)"
+            .into(),
+    )
+}
+
 /// A segment: the layers it runs. Segment 0 starts from the embedding (recomputed
 /// from the tokens), every other one from the previous segment's stored output.
 #[derive(Debug, Clone)]
@@ -218,6 +229,10 @@ impl FewShotModel for Checkpointed {
     fn checkpointing(&self) -> Option<Checkpointer<'_>> {
         let stack = self.model.transformer()?;
         Some(Checkpointer::from_boundaries(stack, &self.boundaries))
+    }
+
+    fn set_selective_recompute(&mut self, on: bool) -> Result<()> {
+        self.model.set_selective_recompute(on)
     }
 }
 

@@ -304,11 +304,9 @@ fn curvature_products_equal_the_unsegmented_ones() {
     }
 }
 
-/// Every learner's meta-gradient (and outcome) with checkpointing equals the one
-/// without, for BERT and GPT-2 and plans of each kind, with and without micro-batches.
-#[test]
-fn meta_gradients_equal_the_unsegmented_ones() {
-    let task = episode();
+/// Every learner, with K = 2 inner steps: FOMAML, Reptile, MAML in both modes (one
+/// with micro-batches) and MELoRA with each Hessian approximation.
+fn learners() -> Vec<(&'static str, Box<dyn MetaLearner>)> {
     let inner = InnerLoop::new(2, 0.3);
     let melora = |approximation| Melora {
         inner,
@@ -317,7 +315,7 @@ fn meta_gradients_equal_the_unsegmented_ones() {
         clamp: None,
         seed: 3,
     };
-    let learners: Vec<(&str, Box<dyn MetaLearner>)> = vec![
+    vec![
         ("fomaml", Box::new(Fomaml { inner })),
         ("reptile", Box::new(Reptile { inner })),
         (
@@ -356,7 +354,15 @@ fn meta_gradients_equal_the_unsegmented_ones() {
                 exact: false,
             })),
         ),
-    ];
+    ]
+}
+
+/// Every learner's meta-gradient (and outcome) with checkpointing equals the one
+/// without, for BERT and GPT-2 and plans of each kind, with and without micro-batches.
+#[test]
+fn meta_gradients_equal_the_unsegmented_ones() {
+    let task = episode();
+    let learners = learners();
     let builds: [(&str, Build); 2] = [("bert", || bert(0.0)), ("gpt2", gpt2)];
     for (family, build) in builds {
         let plain = build();
@@ -444,4 +450,113 @@ fn exact_diagonal_melora_and_meta_sgd_equal_the_unsegmented_ones() {
         &got.meta_gradient,
         &expected.1.meta_gradient,
     );
+}
+
+/// A 2-layer T5 with a plain ReLU feed-forward block (T5 v1.0).
+fn t5_relu() -> Box<dyn FewShotModel> {
+    let config = serde_json::from_value(serde_json::json!({
+        "vocab_size": 50, "d_model": 16, "d_kv": 8, "d_ff": 24, "num_layers": 2,
+        "num_heads": 2, "feed_forward_proj": "relu",
+    }))
+    .unwrap();
+    Box::new(
+        crate::models::t5::T5Encoder::new(config, weights(), Some(lora(0.0)), CLASSES).unwrap(),
+    )
+}
+
+/// A BERT with adapters on its feed-forward blocks too: those blocks run as they
+/// are (their LoRA branches need their inputs); the attention cores are recomputed.
+fn bert_ffn_adapted() -> Box<dyn FewShotModel> {
+    let config = serde_json::from_value(serde_json::json!({
+        "vocab_size": 50, "hidden_size": 16, "num_hidden_layers": 2,
+        "num_attention_heads": 2, "intermediate_size": 24, "max_position_embeddings": 16,
+    }))
+    .unwrap();
+    let mut settings = lora(0.0);
+    settings.target_modules = Some(vec!["query".into(), "intermediate.dense".into()]);
+    Box::new(Bert::new(config, weights(), Some(settings), CLASSES).unwrap())
+}
+
+fn selective(mut model: Box<dyn FewShotModel>) -> Box<dyn FewShotModel> {
+    model.set_selective_recompute(true).unwrap();
+    model
+}
+
+/// Selective recomputation (attention cores and adapter-free feed-forward blocks
+/// rebuilt in the backward pass), alone and inside checkpointed segments: every
+/// learner's meta-gradient and outcome equal the plain model's, for every family
+/// (T5 gated and plain), and for a model whose feed-forward blocks carry adapters.
+#[test]
+fn selective_recomputation_gives_the_same_meta_gradients() {
+    let task = episode();
+    let learners = learners();
+    let builds: [(&str, Build); 6] = [
+        ("bert", || bert(0.0)),
+        ("gpt2", gpt2),
+        ("distilbert", || tiny("tiny-distilbert")),
+        ("t5 gated-gelu", || tiny("tiny-t5")),
+        ("t5 relu", t5_relu),
+        ("bert, feed-forward adapted", bert_ffn_adapted),
+    ];
+    for (family, build) in builds {
+        let plain = build();
+        let params = plain.init_params(2).unwrap();
+        let variants: [(&str, Box<dyn FewShotModel>); 2] = [
+            ("selective", selective(build())),
+            (
+                "selective in segments",
+                Box::new(Checkpointed::new(selective(build()), CheckpointPlan::Every(1)).unwrap()),
+            ),
+        ];
+        for (name, learner) in &learners {
+            let expected = learner
+                .meta_gradient(plain.as_ref(), &params, &task, Mode::Eval)
+                .unwrap();
+            for (variant, model) in &variants {
+                let what = format!("{family} {name} {variant}");
+                let got = learner
+                    .meta_gradient(model.as_ref(), &params, &task, Mode::Eval)
+                    .unwrap();
+                assert_same(&what, &got.meta_gradient, &expected.meta_gradient);
+                assert!(
+                    (got.query_loss - expected.query_loss).abs() < 1e-12,
+                    "{what}"
+                );
+                for (a, e) in got.support_losses.iter().zip(&expected.support_losses) {
+                    assert!((a - e).abs() < 1e-12, "{what}: support loss {a} vs {e}");
+                }
+            }
+        }
+    }
+}
+
+/// With LoRA dropout (training mode), the recomputed blocks see the same masks: the
+/// gradient equals the plain model's.
+#[test]
+fn selective_recomputation_keeps_dropout_masks() {
+    let b = batch(4, 3);
+    let mode = Mode::Train { seed: 9 };
+    let plain = bert(0.2);
+    let model = selective(bert(0.2));
+    let theta = plain.init_params(3).unwrap();
+    let gradient = |m: &dyn FewShotModel| {
+        let leaves = theta.to_leaves().unwrap();
+        let loss =
+            ops::cross_entropy(&m.logits(&leaves, &b, mode).unwrap(), &b.labels, 0.0).unwrap();
+        leaves.gradients(&loss, GradGraph::Detach).unwrap()
+    };
+    assert_same(
+        "bert with dropout",
+        &gradient(model.as_ref()),
+        &gradient(plain.as_ref()),
+    );
+}
+
+/// Models that are not transformer stacks refuse selective recomputation, naming
+/// the setting.
+#[test]
+fn selective_recomputation_of_a_non_transformer_is_refused() {
+    let mut conv4 = builtin("conv4", 0, DType::F64, None, CLASSES).unwrap();
+    let err = conv4.set_selective_recompute(true).unwrap_err().to_string();
+    assert!(err.contains("checkpointing.selective to false"), "{err}");
 }

@@ -65,14 +65,18 @@ fn episode(case: &FixtureCase) -> Episode {
 }
 
 fn check_learners(name: &str) {
-    check_learners_with(name, None);
+    check_learners_with(name, None, false);
 }
 
-/// The fixture checks, with gradient checkpointing on when `plan` is given.
-fn check_learners_with(name: &str, plan: Option<crate::memory::CheckpointPlan>) {
-    let Some(case) = fixture_case(name) else {
+/// The fixture checks, with gradient checkpointing on when `plan` is given and
+/// selective recomputation when `selective`.
+fn check_learners_with(name: &str, plan: Option<crate::memory::CheckpointPlan>, selective: bool) {
+    let Some(mut case) = fixture_case(name) else {
         return;
     };
+    if selective {
+        case.model.set_selective_recompute(true).unwrap();
+    }
     let case = match plan {
         Some(plan) => FixtureCase {
             model: Box::new(crate::memory::Checkpointed::new(case.model, plan).unwrap()),
@@ -226,8 +230,23 @@ fn learners_match_gpt2_fixture() {
 #[test]
 fn checkpointed_learners_match_the_transformer_fixtures() {
     use crate::memory::CheckpointPlan;
-    check_learners_with("bert_lora_maml", Some(CheckpointPlan::Every(1)));
-    check_learners_with("gpt2_lora_maml", Some(CheckpointPlan::Layers(vec![1])));
+    check_learners_with("bert_lora_maml", Some(CheckpointPlan::Every(1)), false);
+    check_learners_with(
+        "gpt2_lora_maml",
+        Some(CheckpointPlan::Layers(vec![1])),
+        false,
+    );
+}
+
+/// Every learner with selective recomputation (attention cores and feed-forward
+/// blocks rebuilt in the backward pass), alone and inside segments, against the same
+/// reference values.
+#[test]
+fn selective_learners_match_the_transformer_fixtures() {
+    use crate::memory::CheckpointPlan;
+    check_learners_with("bert_lora_maml", None, true);
+    check_learners_with("gpt2_lora_maml", None, true);
+    check_learners_with("bert_lora_maml", Some(CheckpointPlan::Every(1)), true);
 }
 
 #[test]

@@ -1,22 +1,97 @@
 //! Multi-head scaled dot-product attention on projected queries, keys and values.
 
+use std::sync::Arc;
+
 use candle_core::{DType, Device, Tensor};
 
 use crate::tensor::ops;
 use crate::Result;
 
 /// `[b, t, h·d]` → `[b, h, t, d]`.
-fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
+fn split_heads(x: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
     let (b, t, width) = x.dims3()?;
-    Ok(x.reshape((b, t, heads, width / heads))?
+    x.reshape((b, t, heads, width / heads))?
         .transpose(1, 2)?
-        .contiguous()?)
+        .contiguous()
+}
+
+/// `[b, h, t, d]` → `[b, t, h·d]`.
+fn merge_heads(x: &Tensor) -> candle_core::Result<Tensor> {
+    let (b, h, t, d) = x.dims4()?;
+    x.transpose(1, 2)?.contiguous()?.reshape((b, t, h * d))
+}
+
+/// The constants of an attention core: heads, score scale, key mask and score bias.
+#[derive(Clone)]
+struct Core {
+    heads: usize,
+    scale: f64,
+    keep: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Core {
+    /// Attention probabilities `[b, h, t, t]` of head-split queries and keys.
+    fn probabilities(&self, q: &Tensor, k: &Tensor) -> candle_core::Result<Tensor> {
+        let mut scores = q.matmul(&k.transpose(2, 3)?.contiguous()?)?;
+        if self.scale != 1.0 {
+            scores = (scores * self.scale)?;
+        }
+        if let Some(bias) = &self.bias {
+            scores = scores.broadcast_add(bias)?;
+        }
+        ops::masked_softmax(&scores, &self.keep)
+    }
+
+    /// `softmax(q·kᵀ·scale + bias)·v` per head, `[b, t, h·d]` in and out.
+    fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tensor> {
+        let probs =
+            self.probabilities(&split_heads(q, self.heads)?, &split_heads(k, self.heads)?)?;
+        merge_heads(&probs.matmul(&split_heads(v, self.heads)?)?)
+    }
+
+    /// The gradients of `⟨forward(q, k, v), g⟩` in `q`, `k` and `v`, written with
+    /// differentiable ops (the probabilities are rebuilt from `q` and `k`).
+    fn vjp(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<Vec<Tensor>> {
+        let heads = self.heads;
+        let (q, k, v, g) = (
+            split_heads(q, heads)?,
+            split_heads(k, heads)?,
+            split_heads(v, heads)?,
+            split_heads(g, heads)?,
+        );
+        let probs = self.probabilities(&q, &k)?;
+        let d_v = probs.transpose(2, 3)?.contiguous()?.matmul(&g)?;
+        let d_probs = g.matmul(&v.transpose(2, 3)?.contiguous()?)?;
+        let mut d_scores = ops::softmax_backward(&probs, &d_probs)?;
+        if self.scale != 1.0 {
+            d_scores = (d_scores * self.scale)?;
+        }
+        let d_q = d_scores.matmul(&k)?;
+        let d_k = d_scores.transpose(2, 3)?.contiguous()?.matmul(&q)?;
+        Ok(vec![
+            merge_heads(&d_q)?,
+            merge_heads(&d_k)?,
+            merge_heads(&d_v)?,
+        ])
+    }
 }
 
 /// Attention of `q`, `k`, `v` `[b, t, h·d]` over `heads` heads: `softmax(q·kᵀ·scale +
 /// bias)·v` where `keep` (broadcastable to `[b, h, t, t]`, non-zero = attend) masks
 /// keys; `bias` `[1 or b, h, t, t]` is added to the scores (T5's relative positions).
 /// Returns `[b, t, h·d]`.
+///
+/// With `recompute` (selective recomputation) the core is one op whose graph keeps
+/// `q`, `k`, `v` and the result: the head-split copies, scores and probabilities are
+/// freed at once and rebuilt in the backward pass.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn multi_head_attention(
     q: &Tensor,
     k: &Tensor,
@@ -25,26 +100,24 @@ pub(crate) fn multi_head_attention(
     scale: f64,
     keep: &Tensor,
     bias: Option<&Tensor>,
+    recompute: bool,
 ) -> Result<Tensor> {
-    let (b, t, width) = q.dims3()?;
-    let (q, k, v) = (
-        split_heads(q, heads)?,
-        split_heads(k, heads)?,
-        split_heads(v, heads)?,
+    let core = Core {
+        heads,
+        scale,
+        keep: keep.clone(),
+        bias: bias.cloned(),
+    };
+    if !recompute {
+        return Ok(core.forward(q, k, v)?);
+    }
+    let backward = core.clone();
+    let block = ops::Recomputed::new(
+        "attention-core",
+        Arc::new(move |x: &[Tensor]| core.forward(&x[0], &x[1], &x[2])),
+        Arc::new(move |x: &[Tensor], g: &Tensor| backward.vjp(&x[0], &x[1], &x[2], g)),
     );
-    let mut scores = q.matmul(&k.transpose(2, 3)?.contiguous()?)?;
-    if scale != 1.0 {
-        scores = (scores * scale)?;
-    }
-    if let Some(bias) = bias {
-        scores = scores.broadcast_add(bias)?;
-    }
-    let probs = ops::masked_softmax(&scores, keep)?;
-    let context = probs.matmul(&v)?;
-    Ok(context
-        .transpose(1, 2)?
-        .contiguous()?
-        .reshape((b, t, width))?)
+    Ok(block.apply3(q, k, v)?)
 }
 
 /// Key-padding mask `[b, 1, 1, t]` from an attention mask `[b, t]`.

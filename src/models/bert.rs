@@ -7,7 +7,7 @@ use candle_core::Tensor;
 use serde::Deserialize;
 
 use super::attention::{multi_head_attention, padding_keep};
-use super::layers::{load_linear, FrozenTable, LayerNorm};
+use super::layers::{load_linear, FeedForward, FrozenTable, LayerNorm};
 use super::{
     attach_lora, layer_at, Activation, ClassificationHead, ClassifierParts, LoraSettings, Pooling,
     StackContext, TransformerClassifier, Weights,
@@ -106,6 +106,9 @@ pub struct Bert {
     head: ClassificationHead,
     lora: Option<LoraSettings>,
     weights: Weights,
+    /// Selective recomputation of the frozen base's attention cores and adapter-free
+    /// feed-forward blocks ([`FewShotModel::set_selective_recompute`]).
+    recompute: bool,
 }
 
 impl Bert {
@@ -164,6 +167,7 @@ impl Bert {
             config,
             lora: lora.clone(),
             weights: weights.without_tensors(),
+            recompute: false,
         };
         attach_lora("bert", model.linears_mut(), lora.as_ref(), DEFAULT_TARGETS)?;
         Ok(model)
@@ -258,14 +262,30 @@ impl TransformerClassifier for Bert {
         let q = layer.query.forward(x, params, mode)?;
         let k = layer.key.forward(x, params, mode)?;
         let v = layer.value.forward(x, params, mode)?;
-        let attention = multi_head_attention(&q, &k, &v, heads, scale, &context.keep, None)?;
+        let attention = multi_head_attention(
+            &q,
+            &k,
+            &v,
+            heads,
+            scale,
+            &context.keep,
+            None,
+            self.recompute,
+        )?;
         let attended = layer.attention_output.forward(&attention, params, mode)?;
         let x = layer.attention_norm.forward(&(attended + x)?, eps)?;
-        let inner = self
-            .activation
-            .apply(&layer.intermediate.forward(&x, params, mode)?)?;
-        let out = layer.output.forward(&inner, params, mode)?;
+        let out = FeedForward {
+            input: &layer.intermediate,
+            gate: None,
+            output: &layer.output,
+            activation: self.activation,
+        }
+        .forward(&x, params, mode, self.recompute)?;
         layer.output_norm.forward(&(out + &x)?, eps)
+    }
+
+    fn set_recompute(&mut self, on: bool) {
+        self.recompute = on;
     }
 
     fn lora_linears(&self) -> Vec<&LoraLinear> {

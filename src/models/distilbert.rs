@@ -7,7 +7,7 @@ use candle_core::Tensor;
 use serde::Deserialize;
 
 use super::attention::{multi_head_attention, padding_keep};
-use super::layers::{load_linear, FrozenTable, LayerNorm};
+use super::layers::{load_linear, FeedForward, FrozenTable, LayerNorm};
 use super::{
     attach_lora, layer_at, Activation, ClassificationHead, ClassifierParts, LoraSettings, Pooling,
     StackContext, TransformerClassifier, Weights,
@@ -93,6 +93,9 @@ pub struct DistilBert {
     head: ClassificationHead,
     lora: Option<LoraSettings>,
     weights: Weights,
+    /// Selective recomputation of the frozen base's attention cores and adapter-free
+    /// feed-forward blocks ([`FewShotModel::set_selective_recompute`]).
+    recompute: bool,
 }
 
 impl DistilBert {
@@ -139,6 +142,7 @@ impl DistilBert {
             config,
             lora: lora.clone(),
             weights: weights.without_tensors(),
+            recompute: false,
         };
         attach_lora(
             "distilbert",
@@ -225,18 +229,34 @@ impl TransformerClassifier for DistilBert {
         let q = layer.q_lin.forward(x, params, mode)?;
         let k = layer.k_lin.forward(x, params, mode)?;
         let v = layer.v_lin.forward(x, params, mode)?;
-        let attention = multi_head_attention(&q, &k, &v, heads, scale, &context.keep, None)?;
+        let attention = multi_head_attention(
+            &q,
+            &k,
+            &v,
+            heads,
+            scale,
+            &context.keep,
+            None,
+            self.recompute,
+        )?;
         let attended = layer.out_lin.forward(&attention, params, mode)?;
         let x = layer
             .sa_layer_norm
             .forward(&(attended + x)?, LAYER_NORM_EPS)?;
-        let inner = self
-            .activation
-            .apply(&layer.lin1.forward(&x, params, mode)?)?;
-        let out = layer.lin2.forward(&inner, params, mode)?;
+        let out = FeedForward {
+            input: &layer.lin1,
+            gate: None,
+            output: &layer.lin2,
+            activation: self.activation,
+        }
+        .forward(&x, params, mode, self.recompute)?;
         layer
             .output_layer_norm
             .forward(&(out + &x)?, LAYER_NORM_EPS)
+    }
+
+    fn set_recompute(&mut self, on: bool) {
+        self.recompute = on;
     }
 
     fn lora_linears(&self) -> Vec<&LoraLinear> {

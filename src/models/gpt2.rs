@@ -8,7 +8,7 @@ use candle_core::Tensor;
 use serde::Deserialize;
 
 use super::attention::{causal_keep, multi_head_attention};
-use super::layers::{load_conv1d, FrozenTable, LayerNorm};
+use super::layers::{load_conv1d, FeedForward, FrozenTable, LayerNorm};
 use super::{
     attach_lora, layer_at, Activation, ClassificationHead, ClassifierParts, LoraSettings, Pooling,
     StackContext, TransformerClassifier, Weights,
@@ -100,6 +100,9 @@ pub struct Gpt2 {
     head: ClassificationHead,
     lora: Option<LoraSettings>,
     weights: Weights,
+    /// Selective recomputation of the frozen base's attention cores and adapter-free
+    /// feed-forward blocks ([`FewShotModel::set_selective_recompute`]).
+    recompute: bool,
 }
 
 impl Gpt2 {
@@ -136,6 +139,7 @@ impl Gpt2 {
             config,
             lora: lora.clone(),
             weights: weights.without_tensors(),
+            recompute: false,
         };
         attach_lora("gpt2", model.linears_mut(), lora.as_ref(), DEFAULT_TARGETS)?;
         Ok(model)
@@ -217,18 +221,33 @@ impl TransformerClassifier for Gpt2 {
             qkv.narrow(2, e, e)?,
             qkv.narrow(2, 2 * e, e)?,
         );
-        let attention = multi_head_attention(&q, &k, &v, heads, scale, &context.keep, None)?;
+        let attention = multi_head_attention(
+            &q,
+            &k,
+            &v,
+            heads,
+            scale,
+            &context.keep,
+            None,
+            self.recompute,
+        )?;
         let x = (x + block.c_proj.forward(&attention, params, mode)?)?;
-        let inner = self.activation.apply(&block.c_fc.forward(
-            &block.ln_2.forward(&x, eps)?,
-            params,
-            mode,
-        )?)?;
-        Ok((&x + block.mlp_proj.forward(&inner, params, mode)?)?)
+        let out = FeedForward {
+            input: &block.c_fc,
+            gate: None,
+            output: &block.mlp_proj,
+            activation: self.activation,
+        }
+        .forward(&block.ln_2.forward(&x, eps)?, params, mode, self.recompute)?;
+        Ok((&x + out)?)
     }
 
     fn finish(&self, h: &Tensor) -> Result<Tensor> {
         self.ln_f.forward(h, self.config.layer_norm_epsilon)
+    }
+
+    fn set_recompute(&mut self, on: bool) {
+        self.recompute = on;
     }
 
     fn lora_linears(&self) -> Vec<&LoraLinear> {

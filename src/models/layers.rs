@@ -5,10 +5,11 @@ use std::sync::Arc;
 
 use candle_core::{DType, Tensor};
 
-use super::{Quantization, Weights};
-use crate::nn::{LoraLinear, WeightLayout};
+use super::{Activation, Quantization, Weights};
+use crate::nn::{LoraLinear, Mode, WeightLayout};
 use crate::tensor::ops::norm::layer_norm;
 use crate::tensor::ops::{self, Int8Matrix, Stored};
+use crate::tensor::ParamSet;
 use crate::Result;
 
 /// A frozen token-embedding table: dense, or int8 with one scale per row (token),
@@ -126,4 +127,91 @@ pub(crate) fn load_conv1d(
             WeightLayout::InOut,
         )?,
     )
+}
+
+/// A transformer's feed-forward block, `output(act(input(x)) ⊙ gate(x))` (the gate
+/// only in gated T5 variants), borrowed from a layer.
+pub(crate) struct FeedForward<'a> {
+    pub(crate) input: &'a LoraLinear,
+    pub(crate) gate: Option<&'a LoraLinear>,
+    pub(crate) output: &'a LoraLinear,
+    pub(crate) activation: Activation,
+}
+
+/// The block's frozen linears and activation, owned by its recomputed op.
+#[derive(Clone)]
+struct FrozenFeedForward {
+    input: LoraLinear,
+    gate: Option<LoraLinear>,
+    output: LoraLinear,
+    activation: Activation,
+}
+
+impl FrozenFeedForward {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let mut inner = self.activation.apply(&self.input.frozen_forward(x)?)?;
+        if let Some(gate) = &self.gate {
+            inner = (inner * gate.frozen_forward(x)?)?;
+        }
+        self.output.frozen_forward(&inner)
+    }
+
+    /// The gradient of `⟨forward(x), g⟩` in `x`, with differentiable ops.
+    fn vjp(&self, x: &Tensor, g: &Tensor) -> candle_core::Result<Tensor> {
+        let d_inner = self.output.frozen_input_gradient(g)?;
+        let pre = self.input.frozen_forward(x)?;
+        let slope = self.activation.derivative(&pre)?;
+        match &self.gate {
+            None => self.input.frozen_input_gradient(&(d_inner * slope)?),
+            Some(gate) => {
+                let gated = gate.frozen_forward(x)?;
+                let d_pre = ((&d_inner * &gated)? * slope)?;
+                let d_gated = (d_inner * self.activation.apply(&pre)?)?;
+                self.input.frozen_input_gradient(&d_pre)? + gate.frozen_input_gradient(&d_gated)?
+            }
+        }
+    }
+}
+
+impl FeedForward<'_> {
+    /// The block on hidden states `x` `[b, t, width]`.
+    ///
+    /// With `recompute` (selective recomputation), a block without adapters is one op
+    /// whose graph keeps `x` and the result: the intermediate (4× the width) and its
+    /// activation are freed at once and rebuilt in the backward pass. A block with an
+    /// adapter on any of its linears runs as it is (its LoRA branch needs its input).
+    pub(crate) fn forward(
+        &self,
+        x: &Tensor,
+        params: &ParamSet,
+        mode: Mode,
+        recompute: bool,
+    ) -> Result<Tensor> {
+        let frozen = [Some(self.input), self.gate, Some(self.output)]
+            .into_iter()
+            .flatten()
+            .all(|l| l.lora().is_none());
+        if recompute && frozen {
+            let block = FrozenFeedForward {
+                input: self.input.clone(),
+                gate: self.gate.cloned(),
+                output: self.output.clone(),
+                activation: self.activation,
+            };
+            let backward = block.clone();
+            let op = ops::Recomputed::new(
+                "feed-forward",
+                Arc::new(move |x: &[Tensor]| block.forward(&x[0])),
+                Arc::new(move |x: &[Tensor], g: &Tensor| Ok(vec![backward.vjp(&x[0], g)?])),
+            );
+            return Ok(op.apply1(x)?);
+        }
+        let mut inner = self
+            .activation
+            .apply(&self.input.forward(x, params, mode)?)?;
+        if let Some(gate) = self.gate {
+            inner = (inner * gate.forward(x, params, mode)?)?;
+        }
+        self.output.forward(&inner, params, mode)
+    }
 }

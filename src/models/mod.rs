@@ -65,6 +65,17 @@ pub trait FewShotModel {
     fn checkpointing(&self) -> Option<crate::memory::Checkpointer<'_>> {
         None
     }
+    /// Selective recomputation (`memory_optimization.checkpointing.selective`): the
+    /// frozen base's attention cores and adapter-free feed-forward blocks keep only
+    /// their inputs in the graph and are rebuilt in the backward pass, while the
+    /// layers' inputs, projections and LoRA branches stay stored. Models that are not
+    /// transformer stacks refuse.
+    fn set_selective_recompute(&mut self, on: bool) -> Result<()> {
+        if on {
+            return Err(crate::memory::checkpoint::not_a_stack_selective());
+        }
+        Ok(())
+    }
 }
 
 /// How a transformer's hidden states become one feature vector per sequence.
@@ -143,6 +154,9 @@ pub trait TransformerClassifier {
         }
         self.finish(&h)
     }
+    /// Turns selective recomputation of the frozen blocks on or off
+    /// ([`FewShotModel::set_selective_recompute`]).
+    fn set_recompute(&mut self, on: bool);
     /// Every linear layer that may carry LoRA.
     fn lora_linears(&self) -> Vec<&LoraLinear>;
     /// Head, LoRA settings, weights and conventions.
@@ -216,6 +230,11 @@ impl<T: TransformerClassifier> FewShotModel for T {
     fn transformer(&self) -> Option<&dyn TransformerClassifier> {
         Some(self)
     }
+
+    fn set_selective_recompute(&mut self, on: bool) -> Result<()> {
+        self.set_recompute(on);
+        Ok(())
+    }
 }
 
 /// Which linear layers carry LoRA, and its hyper-parameters.
@@ -260,13 +279,25 @@ impl Activation {
         })
     }
 
-    pub(crate) fn apply(self, x: &Tensor) -> Result<Tensor> {
-        Ok(match self {
-            Self::GeluErf => ops::gelu_erf(x)?,
-            Self::GeluTanh => ops::gelu_tanh(x)?,
-            Self::Relu => ops::relu(x)?,
-            Self::Silu => ops::silu(x)?,
-        })
+    pub(crate) fn apply(self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Self::GeluErf => ops::gelu_erf(x),
+            Self::GeluTanh => ops::gelu_tanh(x),
+            Self::Relu => ops::relu(x),
+            Self::Silu => ops::silu(x),
+        }
+    }
+
+    /// The derivative at `x`, element-wise, itself differentiable (ReLU's is a
+    /// constant step: its own derivative is zero away from the kink).
+    pub(crate) fn derivative(self, x: &Tensor) -> candle_core::Result<Tensor> {
+        use crate::tensor::ops::{pointwise_derivative, Pointwise};
+        match self {
+            Self::GeluErf => pointwise_derivative(x, Pointwise::GeluErf),
+            Self::GeluTanh => pointwise_derivative(x, Pointwise::GeluTanh),
+            Self::Silu => pointwise_derivative(x, Pointwise::Silu),
+            Self::Relu => x.detach().gt(0.0)?.to_dtype(x.dtype()),
+        }
     }
 }
 

@@ -9,7 +9,7 @@ use candle_core::{Device, Tensor};
 use serde::Deserialize;
 
 use super::attention::{multi_head_attention, padding_keep};
-use super::layers::{load_linear_no_bias, FrozenTable};
+use super::layers::{load_linear_no_bias, FeedForward, FrozenTable};
 use super::{
     attach_lora, layer_at, Activation, ClassificationHead, ClassifierParts, LoraSettings, Pooling,
     StackContext, TransformerClassifier, Weights,
@@ -174,6 +174,9 @@ pub struct T5Encoder {
     head: ClassificationHead,
     lora: Option<LoraSettings>,
     weights: Weights,
+    /// Selective recomputation of the frozen base's attention cores and adapter-free
+    /// feed-forward blocks ([`FewShotModel::set_selective_recompute`]).
+    recompute: bool,
 }
 
 impl T5Encoder {
@@ -244,6 +247,7 @@ impl T5Encoder {
             config,
             lora: lora.clone(),
             weights: weights.without_tensors(),
+            recompute: false,
         };
         attach_lora("t5", model.linears_mut(), lora.as_ref(), DEFAULT_TARGETS)?;
         Ok(model)
@@ -337,17 +341,26 @@ impl TransformerClassifier for T5Encoder {
         let k = block.k.forward(&x, params, mode)?;
         let v = block.v.forward(&x, params, mode)?;
         // T5 folds the 1/√d_kv scale into its q initialisation: no scaling here.
-        let attention =
-            multi_head_attention(&q, &k, &v, heads, 1.0, &context.keep, context.bias.as_ref())?;
+        let attention = multi_head_attention(
+            &q,
+            &k,
+            &v,
+            heads,
+            1.0,
+            &context.keep,
+            context.bias.as_ref(),
+            self.recompute,
+        )?;
         let h = (h + block.o.forward(&attention, params, mode)?)?;
         let x = rms_norm(&h, &block.ffn_norm, eps)?;
-        let mut inner = self
-            .activation
-            .apply(&block.wi.forward(&x, params, mode)?)?;
-        if let Some(wi_1) = &block.wi_1 {
-            inner = (inner * wi_1.forward(&x, params, mode)?)?;
+        let out = FeedForward {
+            input: &block.wi,
+            gate: block.wi_1.as_ref(),
+            output: &block.wo,
+            activation: self.activation,
         }
-        Ok((&h + block.wo.forward(&inner, params, mode)?)?)
+        .forward(&x, params, mode, self.recompute)?;
+        Ok((&h + out)?)
     }
 
     fn finish(&self, h: &Tensor) -> Result<Tensor> {
@@ -356,6 +369,10 @@ impl TransformerClassifier for T5Encoder {
             &self.final_norm,
             self.config.layer_norm_epsilon,
         )?)
+    }
+
+    fn set_recompute(&mut self, on: bool) {
+        self.recompute = on;
     }
 
     fn lora_linears(&self) -> Vec<&LoraLinear> {

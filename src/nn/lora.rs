@@ -307,7 +307,7 @@ impl LoraLinear {
     /// f32 copy of `x`, at a LoRA-gradient error of 3.4e-3 against f32 (2.5e-3 for the
     /// f32 branch).
     pub fn forward(&self, x: &Tensor, params: &ParamSet, mode: Mode) -> Result<Tensor> {
-        let base = ops::frozen_linear_matrix(x, &self.weight, self.bias.as_ref(), self.stored())?;
+        let base = self.frozen_forward(x)?;
         let Some(spec) = self.lora else {
             return Ok(base);
         };
@@ -326,6 +326,18 @@ impl LoraLinear {
         let x = ops::dropout(x, spec.dropout, mode, stable_hash(&self.module_path))?;
         let update = ops::linear(&ops::linear(&x, &a, None)?, &b, None)?;
         Ok((base + (update * spec.scale())?)?)
+    }
+
+    /// The frozen map alone, `x·Wᵀ + b`, whatever the adapter (for blocks without
+    /// adapters, which recompute it in their backward pass).
+    pub(crate) fn frozen_forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        ops::frozen_linear_matrix(x, &self.weight, self.bias.as_ref(), self.stored())
+    }
+
+    /// `g·W`: the input gradient of [`frozen_forward`](Self::frozen_forward) for the
+    /// output gradient `g`, differentiable.
+    pub(crate) fn frozen_input_gradient(&self, g: &Tensor) -> candle_core::Result<Tensor> {
+        ops::frozen_linear_matrix_transposed(g, &self.weight, self.stored())
     }
 
     /// `scale·B·A` in the frozen weight's layout (`[out, in]`, or its transpose for

@@ -61,7 +61,7 @@ pub fn build_model(config: &Config) -> Result<Box<dyn FewShotModel>> {
         init: LoraInit::Peft { seed: config.seed },
     };
     let outputs = model_outputs(config)?;
-    let model = match &config.model.path {
+    let mut model = match &config.model.path {
         Some(dir) => from_directory(dir, model_precision(config), Some(lora), outputs)?,
         None => builtin(
             &config.model.name,
@@ -71,6 +71,9 @@ pub fn build_model(config: &Config) -> Result<Box<dyn FewShotModel>> {
             outputs,
         )?,
     };
+    if config.memory_optimization.checkpointing.selective {
+        model.set_selective_recompute(true)?;
+    }
     match config.memory_optimization.checkpointing.plan() {
         Some(plan) => Ok(Box::new(Checkpointed::new(model, plan)?)),
         None => Ok(model),

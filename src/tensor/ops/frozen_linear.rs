@@ -352,6 +352,36 @@ pub(crate) fn frozen_linear(
     frozen_linear_matrix(x, &FrozenMatrix::Dense(weight.clone()), bias, stored)
 }
 
+/// `g·W`, the input gradient of [`frozen_linear_matrix`] for output gradient `g`
+/// (differentiable: its backward is the forward map without bias).
+pub(crate) fn frozen_linear_matrix_transposed(
+    g: &Tensor,
+    weight: &FrozenMatrix,
+    stored: Stored,
+) -> Result<Tensor> {
+    let (rows_w, cols_w) = weight.dims()?;
+    let (n_in, n_out) = match stored {
+        Stored::OutIn => (cols_w, rows_w),
+        Stored::InOut => (rows_w, cols_w),
+    };
+    let last = g.dims().last().copied().unwrap_or(0);
+    if last != n_out {
+        candle_core::bail!("linear: gradient has {last} features, the weight gives {n_out}");
+    }
+    let weight = match weight {
+        FrozenMatrix::Dense(w) => FrozenMatrix::Dense(w.contiguous()?),
+        int8 => int8.clone(),
+    };
+    g.contiguous()?.apply_op1(FrozenLinearOp {
+        weight,
+        bias: None,
+        stored,
+        n_in,
+        n_out,
+        transposed: true,
+    })
+}
+
 /// `x·Wᵀ + b` for a frozen matrix in any storage (dense or int8).
 pub(crate) fn frozen_linear_matrix(
     x: &Tensor,

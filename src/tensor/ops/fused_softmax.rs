@@ -97,12 +97,19 @@ impl CustomOp1 for SoftmaxOp {
     }
 
     fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        if matches!(res.dtype(), DType::BF16 | DType::F16) {
-            return Ok(Some(softmax_grad(res, grad)?));
-        }
-        let weighted = (grad * res)?.sum_keepdim(candle_core::D::Minus1)?;
-        Ok(Some((res * grad.broadcast_sub(&weighted)?)?))
+        Ok(Some(softmax_backward(res, grad)?))
     }
+}
+
+/// The input gradient of a (masked) softmax with output `p` for the output gradient
+/// `g`, differentiable in both: tensor ops in f32/f64, [`softmax_grad`] in half
+/// precision (which sums rows in f64).
+pub(crate) fn softmax_backward(p: &Tensor, g: &Tensor) -> Result<Tensor> {
+    if matches!(p.dtype(), DType::BF16 | DType::F16) {
+        return softmax_grad(p, g);
+    }
+    let weighted = (g * p)?.sum_keepdim(candle_core::D::Minus1)?;
+    p * g.broadcast_sub(&weighted)?
 }
 
 /// The input gradient of a softmax with output `p` for an output gradient `g`,

@@ -28,6 +28,7 @@ pub mod norm;
 mod pointwise;
 mod pooling;
 mod quantized;
+mod recompute;
 mod rows;
 mod softmax;
 
@@ -36,9 +37,14 @@ pub use conv::{conv2d, max_pool};
 pub(crate) use dropout::mix_seed;
 pub use dropout::{dropout, Mode};
 pub use embedding::embedding;
-pub(crate) use frozen_linear::{frozen_linear_matrix, FrozenMatrix, Stored};
+pub(crate) use frozen_linear::{
+    frozen_linear_matrix, frozen_linear_matrix_transposed, FrozenMatrix, Stored,
+};
+pub(crate) use fused_softmax::softmax_backward;
 pub use linear::{frozen_linear, frozen_linear_in_out, linear, linear_in_out, matmul};
 pub use loss::{cross_entropy, cross_entropy_one_hot, mse, one_hot};
+pub(crate) use pointwise::{pointwise_derivative, Pointwise};
 pub use pooling::{last_token, masked_mean_pool};
 pub(crate) use quantized::{int8_embedding, Int8Matrix};
+pub(crate) use recompute::Recomputed;
 pub use softmax::{log_softmax, masked_softmax, softmax};

@@ -130,6 +130,13 @@ pub(crate) fn pointwise(x: &Tensor, function: Pointwise) -> Result<Tensor> {
         .apply_op1(PointwiseOp { function, order: 0 })
 }
 
+/// `function′` applied element-wise to `x`, itself differentiable (a hand-written
+/// backward of a block that contains `function` stays exact at second order).
+pub(crate) fn pointwise_derivative(x: &Tensor, function: Pointwise) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op1(PointwiseOp { function, order: 1 })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
