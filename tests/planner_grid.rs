@@ -380,6 +380,69 @@ fn precision_rows() -> Vec<(String, Config)> {
     rows
 }
 
+/// Selective recomputation (attention cores and adapter-free feed-forward blocks
+/// rebuilt in the backward pass): every text model with every method at K = 2, alone
+/// and inside checkpointed segments, with and without micro-batches; full-graph and
+/// recompute MAML at K = 4; bf16; longer sequences; FFN adapters (block not fused).
+fn selective_rows() -> Vec<(String, Config)> {
+    let mut rows = Vec::new();
+    let all = methods();
+    let selective = |(label, mut c): (String, Config), segments: bool| {
+        c.memory_optimization.checkpointing.selective = true;
+        c.memory_optimization.checkpointing.enabled = segments;
+        let what = if segments {
+            "selective+ckpt"
+        } else {
+            "selective"
+        };
+        (format!("{label} {what}"), c)
+    };
+    for model in TEXT_MODELS {
+        for &method in &all {
+            for micro in [None, Some(3)] {
+                rows.push(selective(row(model, method, 2, micro), false));
+            }
+            rows.push(selective(row(model, method, 2, None), true));
+        }
+        for &method in all.iter().filter(|m| m.1 == Method::Maml) {
+            rows.push(selective(row(model, method, 4, None), false));
+        }
+        let named = |n: &str| *all.iter().find(|m| m.0 == n).expect("known method");
+        for name in ["maml-recompute", "fomaml", "melora-gn"] {
+            rows.push(selective(
+                precise(
+                    model,
+                    named(name),
+                    2,
+                    None,
+                    Precision::Bf16,
+                    Quantization::None,
+                ),
+                false,
+            ));
+        }
+    }
+    for model in ["tiny-bert", "tiny-gpt2"] {
+        for &method in all
+            .iter()
+            .filter(|m| matches!(m.0, "fomaml" | "maml-recompute" | "maml-full"))
+        {
+            let (label, mut c) = selective(row(model, method, 1, None), false);
+            c.model.max_length = 64;
+            rows.push((format!("{label} t=64"), c));
+        }
+    }
+    for &method in all
+        .iter()
+        .filter(|m| matches!(m.0, "fomaml" | "maml-recompute"))
+    {
+        let (label, mut c) = selective(row("tiny-bert", method, 2, None), false);
+        c.lora.target_modules = Some(vec!["query".into(), "intermediate.dense".into()]);
+        rows.push((format!("{label} ffn-lora"), c));
+    }
+    rows
+}
+
 /// Where [`bert_folder`] writes (removed when the grid is done).
 fn folder_dir() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
@@ -503,6 +566,7 @@ fn grid() -> Vec<(String, Config)> {
     rows.extend(meta_batch_rows());
     rows.extend(precision_rows());
     rows.extend(folder_rows());
+    rows.extend(selective_rows());
     rows
 }
 
@@ -531,6 +595,7 @@ fn full_grid() -> Vec<(String, Config)> {
     rows.extend(meta_batch_rows());
     rows.extend(precision_rows());
     rows.extend(folder_rows());
+    rows.extend(selective_rows());
     rows
 }
 

@@ -489,6 +489,13 @@ fn rule(sim: &Sim, grads: &mut GradStore, node: &T, op: &Op, grad: &T, detach: b
             accumulate(sim, grads, *c_in, &d_grad, false);
         }
         Op::Custom3(..) => unreachable!("only layer norm has three inputs"),
+        Op::Recomputed(args, block) => {
+            let inputs: Vec<T> = args.iter().map(|&id| h(id)).collect();
+            let gradients = (block.vjp)(&inputs, grad);
+            for (&arg, g) in args.iter().zip(&gradients) {
+                accumulate(sim, grads, arg, g, false);
+            }
+        }
     }
 }
 

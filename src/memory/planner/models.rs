@@ -7,7 +7,7 @@
 //! intermediate and its activation, the pooling and the loss. When the model code
 //! changes, this file must follow; the planner test compares both.
 
-use super::sim::{Bin, ConvParams, Custom, DType, Sim, SimDType, Un, T};
+use super::sim::{Bin, ConvParams, Custom, DType, Sim, SimBlock, SimDType, Un, T};
 use crate::models::bert::BertConfig;
 use crate::models::conv4::Conv4Config;
 use crate::models::distilbert::DistilBertConfig;
@@ -55,6 +55,9 @@ pub(crate) struct ModelSpec {
     pub(crate) precision: Precision,
     /// Where the frozen weights come from.
     pub(crate) source: Source,
+    /// Selective recomputation of the attention cores and adapter-free feed-forward
+    /// blocks (`memory_optimization.checkpointing.selective`).
+    pub(crate) selective: bool,
 }
 
 /// The element types of a model (`models::ModelPrecision`).
@@ -210,7 +213,7 @@ impl SimBatch {
 }
 
 /// A frozen linear layer with an optional adapter (`nn::LoraLinear`).
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Linear {
     /// The dense weight, or its int8 values (with `scales`).
     weight: T,
@@ -223,6 +226,24 @@ struct Linear {
 }
 
 impl Linear {
+    /// `LoraLinear::frozen_forward`: the frozen map alone.
+    fn frozen(&self, x: &T) -> T {
+        x.frozen_linear(
+            &self.weight,
+            self.in_out,
+            false,
+            self.n_out,
+            self.bias.as_ref(),
+        )
+    }
+
+    /// `LoraLinear::frozen_input_gradient`: `g·W`.
+    fn frozen_input_gradient(&self, g: &T) -> T {
+        let d = self.weight.dims();
+        let n_in = if self.in_out { d[0] } else { d[1] };
+        g.frozen_linear(&self.weight, self.in_out, true, n_in, None)
+    }
+
     fn forward(&self, x: &T, params: &[T], train: bool) -> T {
         // ops::frozen_linear_matrix: one custom op on the contiguous input.
         let base = x.frozen_linear(
@@ -346,8 +367,76 @@ fn split_heads(x: &T, heads: usize) -> T {
         .contiguous()
 }
 
-/// `attention::multi_head_attention`. `keep_bytes` is the size of the 0/1 mask the
-/// softmax op copies and keeps (one byte per entry of the mask).
+/// `attention::merge_heads`: `[b, h, t, d]` → `[b, t, h·d]` (a copy).
+fn merge_heads(x: &T) -> T {
+    let d = x.dims();
+    x.transpose(1, 2)
+        .contiguous()
+        .reshape(&[d[0], d[2], d[1] * d[3]])
+}
+
+/// `attention::Core`: heads, scaling, the mask's size in bytes (the 0/1 copy the
+/// softmax op keeps, one byte per entry) and the score bias.
+#[derive(Clone)]
+struct Core {
+    heads: usize,
+    scaled: bool,
+    keep_bytes: u64,
+    bias: Option<T>,
+}
+
+impl Core {
+    fn probabilities(&self, q: &T, k: &T) -> T {
+        let mut scores = q.matmul(&k.transpose(2, 3).contiguous());
+        if self.scaled {
+            scores = scores.affine(0.125);
+        }
+        if let Some(bias) = &self.bias {
+            scores = scores.broadcast_binary(bias, Bin::Add);
+        }
+        // KeepMask::new: the mask compared with 0 (u8), copied into the op.
+        q.sim_handle().spike(2 * self.keep_bytes);
+        scores
+            .contiguous()
+            .custom1_keeping(Custom::Softmax, &scores.dims(), self.keep_bytes)
+    }
+
+    fn forward(&self, q: &T, k: &T, v: &T) -> T {
+        let probs = self.probabilities(&split_heads(q, self.heads), &split_heads(k, self.heads));
+        merge_heads(&probs.matmul(&split_heads(v, self.heads)))
+    }
+
+    fn vjp(&self, q: &T, k: &T, v: &T, g: &T) -> Vec<T> {
+        let (q, k, v, g) = (
+            split_heads(q, self.heads),
+            split_heads(k, self.heads),
+            split_heads(v, self.heads),
+            split_heads(g, self.heads),
+        );
+        let probs = self.probabilities(&q, &k);
+        let d_v = probs.transpose(2, 3).contiguous().matmul(&g);
+        let d_probs = g.matmul(&v.transpose(2, 3).contiguous());
+        let mut d_scores = softmax_backward(&probs, &d_probs);
+        if self.scaled {
+            d_scores = d_scores.affine(0.125);
+        }
+        let d_q = d_scores.matmul(&k);
+        let d_k = d_scores.transpose(2, 3).contiguous().matmul(&q);
+        vec![merge_heads(&d_q), merge_heads(&d_k), merge_heads(&d_v)]
+    }
+}
+
+/// `fused_softmax::softmax_backward`.
+fn softmax_backward(p: &T, g: &T) -> T {
+    if p.dtype().is_half() {
+        return p.contiguous().custom2(&g.contiguous(), Custom::SoftmaxGrad);
+    }
+    let weighted = g.mul(p).sum_keepdim(&[p.rank() - 1]);
+    p.mul(&g.broadcast_binary(&weighted, Bin::Sub))
+}
+
+/// `attention::multi_head_attention`, one recomputed block with `recompute`.
+#[allow(clippy::too_many_arguments)]
 fn attention(
     q: &T,
     k: &T,
@@ -356,29 +445,116 @@ fn attention(
     scaled: bool,
     keep_bytes: u64,
     bias: Option<&T>,
+    recompute: bool,
 ) -> T {
-    let d = q.dims();
-    let (b, t, w) = (d[0], d[1], d[2]);
-    let (q, k, v) = (
-        split_heads(q, heads),
-        split_heads(k, heads),
-        split_heads(v, heads),
-    );
-    let mut scores = q.matmul(&k.transpose(2, 3).contiguous());
-    if scaled {
-        scores = scores.affine(0.125);
+    let core = Core {
+        heads,
+        scaled,
+        keep_bytes,
+        bias: bias.cloned(),
+    };
+    if !recompute {
+        return core.forward(q, k, v);
     }
-    if let Some(bias) = bias {
-        scores = scores.broadcast_binary(bias, Bin::Add);
+    let backward = core.clone();
+    T::recomputed(
+        &[q, k, v],
+        SimBlock {
+            forward: Box::new(move |x: &[T]| core.forward(&x[0], &x[1], &x[2])),
+            vjp: Box::new(move |x: &[T], g: &T| backward.vjp(&x[0], &x[1], &x[2], g)),
+            // The op struct, two closures' Arcs with a `Core` each.
+            struct_bytes: 48 + 2 * 64,
+        },
+    )
+}
+
+/// `layers::FeedForward::forward`: `output(act(input(x)) ⊙ gate(x))`, one recomputed
+/// block with `recompute` when none of its linears has an adapter.
+#[allow(clippy::too_many_arguments)]
+fn feed_forward(
+    input: &Linear,
+    gate: Option<&Linear>,
+    output: &Linear,
+    act: Activation,
+    x: &T,
+    params: &[T],
+    train: bool,
+    recompute: bool,
+) -> T {
+    let frozen = [Some(input), gate, Some(output)]
+        .into_iter()
+        .flatten()
+        .all(|l| l.lora.is_none());
+    if !(recompute && frozen) {
+        let mut inner = activation(act, &input.forward(x, params, train));
+        if let Some(gate) = gate {
+            inner = inner.mul(&gate.forward(x, params, train));
+        }
+        return output.forward(&inner, params, train);
     }
-    // KeepMask::new: the mask compared with 0 (u8), copied into the op.
-    let sim = q.sim_handle();
-    sim.spike(2 * keep_bytes);
-    let probs = scores
-        .contiguous()
-        .custom1_keeping(Custom::Softmax, &scores.dims(), keep_bytes);
-    let context = probs.matmul(&v);
-    context.transpose(1, 2).contiguous().reshape(&[b, t, w])
+    let block = FrozenFeedForward {
+        input: input.clone(),
+        gate: gate.cloned(),
+        output: output.clone(),
+        act,
+    };
+    let backward = block.clone();
+    T::recomputed(
+        &[x],
+        SimBlock {
+            forward: Box::new(move |x: &[T]| block.forward(&x[0])),
+            vjp: Box::new(move |x: &[T], g: &T| vec![backward.vjp(&x[0], g)]),
+            // The op struct, two closures' Arcs with three cloned linears each
+            // (their module paths are new strings).
+            struct_bytes: 48 + 2 * (3 * 160 + 3 * 48),
+        },
+    )
+}
+
+/// `layers::FrozenFeedForward`.
+#[derive(Clone)]
+struct FrozenFeedForward {
+    input: Linear,
+    gate: Option<Linear>,
+    output: Linear,
+    act: Activation,
+}
+
+impl FrozenFeedForward {
+    fn forward(&self, x: &T) -> T {
+        let mut inner = activation(self.act, &self.input.frozen(x));
+        if let Some(gate) = &self.gate {
+            inner = inner.mul(&gate.frozen(x));
+        }
+        self.output.frozen(&inner)
+    }
+
+    fn vjp(&self, x: &T, g: &T) -> T {
+        let d_inner = self.output.frozen_input_gradient(g);
+        let pre = self.input.frozen(x);
+        let slope = activation_derivative(self.act, &pre);
+        match &self.gate {
+            None => self.input.frozen_input_gradient(&d_inner.mul(&slope)),
+            Some(gate) => {
+                let gated = gate.frozen(x);
+                let d_pre = d_inner.mul(&gated).mul(&slope);
+                let d_gated = d_inner.mul(&activation(self.act, &pre));
+                self.input
+                    .frozen_input_gradient(&d_pre)
+                    .add(&gate.frozen_input_gradient(&d_gated))
+            }
+        }
+    }
+}
+
+/// `Activation::derivative`.
+fn activation_derivative(act: Activation, x: &T) -> T {
+    match act {
+        Activation::Relu => x.detach().cmp().to_dtype(x.dtype()),
+        Activation::GeluErf | Activation::GeluTanh | Activation::Silu => x
+            .contiguous()
+            .custom1(Custom::Pointwise { order: 1 }, &x.dims()),
+    }
 }
 
 /// `ops::masked_mean_pool`.
@@ -943,6 +1119,7 @@ impl SimModel {
         let layer = &self.layers[index];
         let lin = &layer.linears;
         let keep_bytes = context.keep_bytes;
+        let selective = self.spec.selective;
         match family {
             Family::Bert(_) | Family::DistilBert(_) => {
                 let heads = match family {
@@ -953,11 +1130,19 @@ impl SimModel {
                 let q = lin[0].forward(x, params, train);
                 let k = lin[1].forward(x, params, train);
                 let v = lin[2].forward(x, params, train);
-                let context = attention(&q, &k, &v, heads, true, keep_bytes, None);
+                let context = attention(&q, &k, &v, heads, true, keep_bytes, None, selective);
                 let attended = lin[3].forward(&context, params, train);
                 let x = layer_norm(&attended.add(x), &layer.norms[0], &layer.norms[1]);
-                let inner = activation(activation_of(family), &lin[4].forward(&x, params, train));
-                let out = lin[5].forward(&inner, params, train);
+                let out = feed_forward(
+                    &lin[4],
+                    None,
+                    &lin[5],
+                    activation_of(family),
+                    &x,
+                    params,
+                    train,
+                    selective,
+                );
                 layer_norm(&out.add(&x), &layer.norms[2], &layer.norms[3])
             }
             Family::Gpt2(c) => {
@@ -972,17 +1157,19 @@ impl SimModel {
                     qkv.narrow(2, e, e),
                     qkv.narrow(2, 2 * e, e),
                 );
-                let context = attention(&q, &k, &v, c.n_head, true, keep_bytes, None);
+                let context = attention(&q, &k, &v, c.n_head, true, keep_bytes, None, selective);
                 let x = x.add(&lin[1].forward(&context, params, train));
-                let inner = activation(
+                let out = feed_forward(
+                    &lin[2],
+                    None,
+                    &lin[3],
                     activation_of(family),
-                    &lin[2].forward(
-                        &layer_norm(&x, &layer.norms[2], &layer.norms[3]),
-                        params,
-                        train,
-                    ),
+                    &layer_norm(&x, &layer.norms[2], &layer.norms[3]),
+                    params,
+                    train,
+                    selective,
                 );
-                x.add(&lin[3].forward(&inner, params, train))
+                x.add(&out)
             }
             Family::T5(c) => {
                 let gated = c.feed_forward_proj.starts_with("gated-");
@@ -999,18 +1186,26 @@ impl SimModel {
                     false,
                     keep_bytes,
                     context.bias.as_ref(),
+                    selective,
                 );
                 let h = h.add(&lin[3].forward(&attended, params, train));
                 let x = rms_norm(&h, &layer.norms[1]);
-                let mut inner =
-                    activation(activation_of(family), &lin[4].forward(&x, params, train));
-                let wo = if gated {
-                    inner = inner.mul(&lin[5].forward(&x, params, train));
-                    &lin[6]
+                let (gate, wo) = if gated {
+                    (Some(&lin[5]), &lin[6])
                 } else {
-                    &lin[5]
+                    (None, &lin[5])
                 };
-                h.add(&wo.forward(&inner, params, train))
+                let out = feed_forward(
+                    &lin[4],
+                    gate,
+                    wo,
+                    activation_of(family),
+                    &x,
+                    params,
+                    train,
+                    selective,
+                );
+                h.add(&out)
             }
             Family::Conv4(_) | Family::Mlp(_) => unreachable!("not a transformer stack"),
         }

@@ -165,6 +165,30 @@ pub(crate) enum Op {
     Custom1(NodeId, Custom),
     Custom2(NodeId, NodeId, Custom),
     Custom3(NodeId, NodeId, NodeId, Custom),
+    /// A block recomputed in its backward pass (`ops::Recomputed`), on its inputs.
+    Recomputed(Vec<NodeId>, Rc<SimBlock>),
+}
+
+/// A recomputed block's forward on detached copies of its inputs.
+pub(crate) type SimForward = Box<dyn Fn(&[T]) -> T>;
+/// A recomputed block's gradients of `⟨forward(x), g⟩` in each input.
+pub(crate) type SimVjp = Box<dyn Fn(&[T], &T) -> Vec<T>>;
+
+/// A recomputed block's forward and vector-Jacobian product, replayed on simulated
+/// tensors (`tensor::ops::Recomputed`).
+pub(crate) struct SimBlock {
+    /// The forward.
+    pub(crate) forward: SimForward,
+    /// The vector-Jacobian product.
+    pub(crate) vjp: SimVjp,
+    /// Heap bytes of the op struct and its closures' captures.
+    pub(crate) struct_bytes: u64,
+}
+
+impl std::fmt::Debug for SimBlock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SimBlock")
+    }
 }
 
 impl Custom {
@@ -204,7 +228,7 @@ impl Op {
             | Op::ToDType(a)
             | Op::Cmp(a) => vec![*a],
             Op::IndexAdd(a, b, c, _) | Op::Custom3(a, b, c, _) => vec![*a, *b, *c],
-            Op::Cat(args, _) => args.clone(),
+            Op::Cat(args, _) | Op::Recomputed(args, _) => args.clone(),
             Op::Custom1(a, c) => match c {
                 // The op struct holds the frozen weight (cloned, so not freed with it).
                 Custom::FrozenLinear { weight, .. } => vec![*a, *weight],
@@ -322,6 +346,9 @@ pub(crate) struct Inner {
     pub(crate) threads: u64,
     /// Whether backward passes run under a loss scale (f16 activations).
     loss_scaled: bool,
+    /// Recomputed blocks of freed nodes, dropped once the borrow of the simulation
+    /// ends (their closures hold tensors, whose drop borrows it again).
+    released_blocks: Vec<Rc<SimBlock>>,
 }
 
 /// A simulation: the live bytes and their peak.
@@ -348,7 +375,12 @@ impl Clone for T {
 
 impl Drop for T {
     fn drop(&mut self) {
-        self.sim.borrow_mut().decref(self.id);
+        let released = {
+            let mut inner = self.sim.borrow_mut();
+            inner.decref(self.id);
+            std::mem::take(&mut inner.released_blocks)
+        };
+        drop(released);
     }
 }
 
@@ -418,6 +450,9 @@ impl Inner {
             }
             if let Some(op) = node.op {
                 pending.extend(op.inputs());
+                if let Op::Recomputed(_, block) = op {
+                    self.released_blocks.push(block);
+                }
             }
         }
     }
@@ -469,6 +504,7 @@ impl Inner {
             Some(Op::Custom1(_, c) | Op::Custom2(_, _, c) | Op::Custom3(_, _, _, c)) => {
                 self.overheads.custom_op + c.struct_bytes()
             }
+            Some(Op::Recomputed(_, block)) => self.overheads.custom_op + block.struct_bytes,
             _ => 0,
         };
         let overhead =
@@ -521,6 +557,7 @@ impl Sim {
             overheads: CANDLE_OVERHEADS,
             threads: threads.max(1) as u64,
             loss_scaled: false,
+            released_blocks: Vec::new(),
         })))
     }
 
@@ -1125,6 +1162,34 @@ impl T {
         inner.account(category, extra);
         drop(inner);
         out
+    }
+
+    /// `ops::Recomputed::apply1/apply3`: the block's forward runs on detached copies of
+    /// the (contiguous) inputs, its output is copied into the op's result, and the
+    /// graph keeps the inputs and the result only.
+    pub(crate) fn recomputed(inputs: &[&T], block: SimBlock) -> T {
+        let inputs: Vec<T> = inputs.iter().map(|x| x.contiguous()).collect();
+        let sim = inputs[0].sim();
+        let copies: Vec<T> = inputs
+            .iter()
+            .map(|x| sim.tensor(&x.dims(), x.dtype()))
+            .collect();
+        let out = (block.forward)(&copies);
+        let result = if inputs.iter().any(T::tracks) {
+            let ids = inputs.iter().map(|x| x.id).collect();
+            inputs[0].op_output(
+                &out.dims(),
+                out.dtype(),
+                Op::Recomputed(ids, Rc::new(block)),
+            )
+        } else {
+            // No graph: the op is not recorded (and the block is dropped here, outside
+            // the simulation's borrow).
+            sim.tensor(&out.dims(), out.dtype())
+        };
+        drop(out);
+        drop(copies);
+        result
     }
 
     /// A custom op of two inputs with an output shaped like the first.

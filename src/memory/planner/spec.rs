@@ -395,7 +395,11 @@ pub(crate) fn model_spec(config: &Config) -> Result<Spec> {
         classes: outputs,
         precision,
         source,
+        selective: config.memory_optimization.checkpointing.selective,
     };
+    if model.selective && matches!(model.family, Family::Conv4(_) | Family::Mlp(_)) {
+        return Err(crate::memory::checkpoint::not_a_stack_selective());
+    }
     let mut load = LoadSpec::default();
     if let Some(file) = weights_file {
         if !file.exists() {
