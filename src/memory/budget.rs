@@ -219,6 +219,16 @@ fn lever_levels(lever: BudgetLever, config: &Config) -> Vec<(String, Apply)> {
         BudgetLever::Checkpointing => {
             let checkpointing = &memory.checkpointing;
             let mut levels: Vec<(String, Apply)> = Vec::new();
+            if !checkpointing.enabled && !checkpointing.selective {
+                // The cheapest in time: only the attention cores and feed-forward
+                // blocks are recomputed.
+                levels.push((
+                    "selective recomputation".into(),
+                    Box::new(|c: &mut Config| {
+                        c.memory_optimization.checkpointing.selective = true;
+                    }),
+                ));
+            }
             if !checkpointing.enabled {
                 levels.push((
                     "checkpointing every 2 layers".into(),
@@ -238,6 +248,18 @@ fn lever_levels(lever: BudgetLever, config: &Config) -> Vec<(String, Apply)> {
                         checkpointing.enabled = true;
                         checkpointing.every = 1;
                         checkpointing.layers = None;
+                    }),
+                ));
+            }
+            if !checkpointing.selective {
+                levels.push((
+                    "checkpointing every layer with selective recomputation".into(),
+                    Box::new(|c: &mut Config| {
+                        let checkpointing = &mut c.memory_optimization.checkpointing;
+                        checkpointing.enabled = true;
+                        checkpointing.every = 1;
+                        checkpointing.layers = None;
+                        checkpointing.selective = true;
                     }),
                 ));
             }
@@ -328,7 +350,8 @@ mod tests {
     use super::*;
 
     /// A predictor of known figures: 100 MB, halved by checkpointing every layer
-    /// (75 every 2), minus 5 MB per halving of the micro-batch, times 0.6 in bf16.
+    /// (75 every 2), times 0.8 with selective recomputation alone (0.95 on top of
+    /// checkpointing), minus 5 MB per halving of the micro-batch, times 0.6 in bf16.
     fn predict(c: &Config) -> Result<u64> {
         let memory = &c.memory_optimization;
         let mut mb: f64 = 100.0;
@@ -337,6 +360,13 @@ mod tests {
                 0.5
             } else {
                 0.75
+            };
+        }
+        if memory.checkpointing.selective {
+            mb *= if memory.checkpointing.enabled {
+                0.95
+            } else {
+                0.8
             };
         }
         let largest = (c.data.n_way * c.data.k_shot.max(c.data.n_query)) as f64;
@@ -366,29 +396,38 @@ mod tests {
 
     #[test]
     fn levers_are_taken_in_order_each_to_its_end() {
-        // Checkpointing every layer gives 50 MB; micro-batch 8 brings it to 45.5 MB.
+        // Checkpointing every layer with selective recomputation gives 47.5 MB;
+        // micro-batch 8 brings it to 43 MB.
+        let both = "checkpointing every layer with selective recomputation";
         let choice = fit_to_budget(&config(), 46_000_000, &predict).unwrap();
         assert_eq!(
             choice.changes,
-            ["checkpointing every layer", "micro-batch 8"],
+            [both, "micro-batch 8"],
             "{}",
             choice.explain()
         );
         let memory = &choice.config.memory_optimization;
         assert!(memory.checkpointing.enabled && memory.checkpointing.every == 1);
+        assert!(memory.checkpointing.selective);
         assert_eq!(memory.gradient_accumulation.micro_batch, Some(8));
         assert_eq!(memory.precision, Precision::F32);
         let labels: Vec<_> = choice.tried.iter().map(|(l, _)| l.as_str()).collect();
         assert_eq!(
             labels,
             [
-                "as given",
-                "checkpointing every 2 layers",
-                "checkpointing every layer",
-                "checkpointing every layer, micro-batch 8"
+                "as given".to_string(),
+                "selective recomputation".into(),
+                "checkpointing every 2 layers".into(),
+                "checkpointing every layer".into(),
+                both.into(),
+                format!("{both}, micro-batch 8")
             ]
         );
-        // Past micro-batch 1 (50 − 5·log2(15) ≈ 30.5 MB) only bf16 helps.
+        // Selective recomputation alone is the first try: 80 MB.
+        let choice = fit_to_budget(&config(), 85_000_000, &predict).unwrap();
+        assert_eq!(choice.changes, ["selective recomputation"]);
+        assert!(!choice.config.memory_optimization.checkpointing.enabled);
+        // Past micro-batch 1 (47.5 − 5·log2(15) ≈ 28 MB) only bf16 helps.
         let choice = fit_to_budget(&config(), 25_000_000, &predict).unwrap();
         assert_eq!(
             choice.changes.last().map(String::as_str),
@@ -418,8 +457,9 @@ mod tests {
         let err = fit_to_budget(&config(), 1_000_000, &predict)
             .unwrap_err()
             .to_string();
-        // Most frugal: every layer, micro-batch 1, bf16: (50 − 5·log2 15)·0.6 MB.
-        let smallest = ((50.0 - 5.0 * 15f64.log2()) * 0.6 * 1e6).round() as u64;
+        // Most frugal: every layer with selective recomputation, micro-batch 1, bf16:
+        // (47.5 − 5·log2 15)·0.6 MB.
+        let smallest = ((47.5 - 5.0 * 15f64.log2()) * 0.6 * 1e6).round() as u64;
         assert!(
             err.contains(&format!(
                 "smallest predicted peak is {}",
