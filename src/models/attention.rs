@@ -22,7 +22,6 @@ fn merge_heads(x: &Tensor) -> candle_core::Result<Tensor> {
 }
 
 /// The constants of an attention core: heads, score scale, key mask and score bias.
-#[derive(Clone)]
 struct Core {
     heads: usize,
     scale: f64,
@@ -111,7 +110,8 @@ pub(crate) fn multi_head_attention(
     if !recompute {
         return Ok(core.forward(q, k, v)?);
     }
-    let backward = core.clone();
+    let core = Arc::new(core);
+    let backward = Arc::clone(&core);
     let block = ops::Recomputed::new(
         "attention-core",
         Arc::new(move |x: &[Tensor]| core.forward(&x[0], &x[1], &x[2])),

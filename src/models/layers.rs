@@ -139,7 +139,6 @@ pub(crate) struct FeedForward<'a> {
 }
 
 /// The block's frozen linears and activation, owned by its recomputed op.
-#[derive(Clone)]
 struct FrozenFeedForward {
     input: LoraLinear,
     gate: Option<LoraLinear>,
@@ -192,13 +191,14 @@ impl FeedForward<'_> {
             .flatten()
             .all(|l| l.lora().is_none());
         if recompute && frozen {
-            let block = FrozenFeedForward {
+            // One copy of the block, shared by the forward and the backward.
+            let block = Arc::new(FrozenFeedForward {
                 input: self.input.clone(),
                 gate: self.gate.cloned(),
                 output: self.output.clone(),
                 activation: self.activation,
-            };
-            let backward = block.clone();
+            });
+            let backward = Arc::clone(&block);
             let op = ops::Recomputed::new(
                 "feed-forward",
                 Arc::new(move |x: &[Tensor]| block.forward(&x[0])),

@@ -352,6 +352,40 @@ pub(crate) fn frozen_linear(
     frozen_linear_matrix(x, &FrozenMatrix::Dense(weight.clone()), bias, stored)
 }
 
+impl FrozenLinearOp {
+    /// The op of `weight` stored as `stored`: the forward map with `bias`, or
+    /// (`transposed`) the input-gradient map.
+    fn new(
+        weight: &FrozenMatrix,
+        bias: Option<&Tensor>,
+        stored: Stored,
+        transposed: bool,
+    ) -> Result<Self> {
+        let (rows_w, cols_w) = weight.dims()?;
+        let (n_in, n_out) = match stored {
+            Stored::OutIn => (cols_w, rows_w),
+            Stored::InOut => (rows_w, cols_w),
+        };
+        if let Some(b) = bias {
+            if b.dims() != [n_out] {
+                candle_core::bail!("linear: bias {:?}, expected [{n_out}]", b.dims());
+            }
+        }
+        let weight = match weight {
+            FrozenMatrix::Dense(w) => FrozenMatrix::Dense(w.contiguous()?),
+            int8 => int8.clone(),
+        };
+        Ok(Self {
+            weight,
+            bias: bias.map(Tensor::contiguous).transpose()?,
+            stored,
+            n_in,
+            n_out,
+            transposed,
+        })
+    }
+}
+
 /// `g·W`, the input gradient of [`frozen_linear_matrix`] for output gradient `g`
 /// (differentiable: its backward is the forward map without bias).
 pub(crate) fn frozen_linear_matrix_transposed(
@@ -359,27 +393,15 @@ pub(crate) fn frozen_linear_matrix_transposed(
     weight: &FrozenMatrix,
     stored: Stored,
 ) -> Result<Tensor> {
-    let (rows_w, cols_w) = weight.dims()?;
-    let (n_in, n_out) = match stored {
-        Stored::OutIn => (cols_w, rows_w),
-        Stored::InOut => (rows_w, cols_w),
-    };
+    let op = FrozenLinearOp::new(weight, None, stored, true)?;
     let last = g.dims().last().copied().unwrap_or(0);
-    if last != n_out {
-        candle_core::bail!("linear: gradient has {last} features, the weight gives {n_out}");
+    if last != op.n_out {
+        candle_core::bail!(
+            "linear: gradient has {last} features, the weight gives {}",
+            op.n_out
+        );
     }
-    let weight = match weight {
-        FrozenMatrix::Dense(w) => FrozenMatrix::Dense(w.contiguous()?),
-        int8 => int8.clone(),
-    };
-    g.contiguous()?.apply_op1(FrozenLinearOp {
-        weight,
-        bias: None,
-        stored,
-        n_in,
-        n_out,
-        transposed: true,
-    })
+    g.contiguous()?.apply_op1(op)
 }
 
 /// `x·Wᵀ + b` for a frozen matrix in any storage (dense or int8).
@@ -389,32 +411,14 @@ pub(crate) fn frozen_linear_matrix(
     bias: Option<&Tensor>,
     stored: Stored,
 ) -> Result<Tensor> {
-    let (rows_w, cols_w) = weight.dims()?;
-    let (n_in, n_out) = match stored {
-        Stored::OutIn => (cols_w, rows_w),
-        Stored::InOut => (rows_w, cols_w),
-    };
+    let op = FrozenLinearOp::new(weight, bias, stored, false)?;
     let last = x.dims().last().copied().unwrap_or(0);
-    if last != n_in {
-        candle_core::bail!("linear: input has {last} features, the weight expects {n_in}");
+    if last != op.n_in {
+        candle_core::bail!(
+            "linear: input has {last} features, the weight expects {}",
+            op.n_in
+        );
     }
-    if let Some(b) = bias {
-        if b.dims() != [n_out] {
-            candle_core::bail!("linear: bias {:?}, expected [{n_out}]", b.dims());
-        }
-    }
-    let weight = match weight {
-        FrozenMatrix::Dense(w) => FrozenMatrix::Dense(w.contiguous()?),
-        int8 => int8.clone(),
-    };
-    let op = FrozenLinearOp {
-        weight,
-        bias: bias.map(Tensor::contiguous).transpose()?,
-        stored,
-        n_in,
-        n_out,
-        transposed: false,
-    };
     x.contiguous()?.apply_op1(op)
 }
 
