@@ -165,6 +165,7 @@ pub(crate) fn run(global: &GlobalArgs, args: &ProfileArgs) -> anyhow::Result<()>
         let mut run = Run::build(&config)?;
         run.iteration(&config, 0)?;
     }
+    crate::tensor::kernel_workspace::reserve_on_kernel_threads();
     let runtime_bytes = current_bytes().saturating_sub(before_warm_up) as u64;
 
     // Everything of the run itself is measured, from building the model on.

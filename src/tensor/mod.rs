@@ -7,6 +7,7 @@ pub mod params;
 pub mod second_order;
 
 pub(crate) mod gradcheck;
+pub(crate) mod kernel_workspace;
 #[cfg(test)]
 pub(crate) mod test_support;
 

@@ -60,6 +60,7 @@ fn start_worker() -> Option<FirstOrderWorker> {
     std::thread::Builder::new()
         .name("melora-first-order".into())
         .spawn(move || {
+            super::kernel_workspace::reserve_on_this_thread();
             let detaches = probe_detaches().unwrap_or(false);
             ON_FIRST_ORDER_WORKER.with(|w| w.set(detaches));
             let _ = ready.send(detaches);
