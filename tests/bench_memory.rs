@@ -205,3 +205,66 @@ fn bad_arguments_exit_with_status_2() {
         );
     }
 }
+
+#[test]
+fn resume_measures_a_grid_in_pieces() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("pieces");
+    let piece = |method: &str, extra: &[&str]| {
+        let mut args = vec![
+            "bench",
+            "memory",
+            "--quick",
+            "--methods",
+            method,
+            "--k",
+            "1",
+            "--checkpointing",
+            "off",
+            "--output",
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        if !extra.contains(&"--iterations") {
+            args.extend_from_slice(&["--iterations", "1"]);
+        }
+        melora(&args)
+    };
+    let first = piece("reptile", &[]);
+    assert!(first.status.success(), "{}", text(&first.stderr));
+    let before = read_json(&out.join("memory.json"));
+
+    let second = piece("fomaml,reptile", &["--resume"]);
+    let stderr = text(&second.stderr);
+    assert!(second.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("reptile, K=1, checkpointing off, f32: measured before, kept"),
+        "{stderr}"
+    );
+    let json = read_json(&out.join("memory.json"));
+    let rows = json["rows"].as_array().unwrap();
+    let methods: Vec<&str> = rows.iter().map(|r| r["method"].as_str().unwrap()).collect();
+    assert_eq!(methods, ["fomaml", "reptile"], "grid order");
+    assert_eq!(rows[1], before["rows"][0], "the earlier row as it was");
+    assert_eq!(json["date"], before["date"]);
+    assert_eq!(json["points"], 2);
+    assert!(std::fs::read_to_string(out.join("memory.md"))
+        .unwrap()
+        .contains("| fomaml |"));
+
+    // Figures that would not compare are refused, and the file is left alone.
+    let other = piece("fomaml", &["--resume", "--iterations", "2"]);
+    let stderr = text(&other.stderr);
+    assert_eq!(other.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("--resume: cannot add to") && stderr.contains("--iterations 1"),
+        "{stderr}"
+    );
+    assert_eq!(read_json(&out.join("memory.json")), json);
+
+    std::fs::write(out.join("memory.json"), "{ not json").unwrap();
+    let corrupt = piece("fomaml", &["--resume"]);
+    let stderr = text(&corrupt.stderr);
+    assert_eq!(corrupt.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("memory.json"), "{stderr}");
+}

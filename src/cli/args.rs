@@ -276,6 +276,12 @@ pub(crate) struct BenchMemoryArgs {
     /// Only these precisions: f32, bf16, f16 (default f32,bf16; with --quick f32)
     #[arg(long, value_name = "LIST", value_delimiter = ',')]
     pub(crate) precision: Vec<Precision>,
+
+    /// Add to the memory.json already in the output folder instead of replacing it:
+    /// points it measured are kept (not run again), failed ones are run again, and
+    /// the table covers both runs. For measuring a long grid in pieces
+    #[arg(long)]
+    pub(crate) resume: bool,
 }
 
 /// A switch given by name on the command line.

@@ -122,6 +122,18 @@ pub(crate) fn run(global: &GlobalArgs, args: &BenchMemoryArgs) -> anyhow::Result
         points.len(),
     );
     bench.machine.kernel_threads = threads;
+    let json_path = output.join("memory.json");
+    if args.resume && json_path.is_file() {
+        let previous = MemoryBench::read(&json_path)
+            .map_err(|e| UserError::Usage(format!("--resume: {e}")))?;
+        bench.resume(previous, &points).map_err(|e| {
+            UserError::Usage(format!(
+                "--resume: cannot add to {}: {e}; drop --resume (to replace it) or give \
+                 another --output folder",
+                json_path.display()
+            ))
+        })?;
+    }
     eprintln!(
         "bench memory: {} points on {}; results in {}",
         points.len(),
@@ -133,6 +145,10 @@ pub(crate) fn run(global: &GlobalArgs, args: &BenchMemoryArgs) -> anyhow::Result
     for (i, point) in points.iter().enumerate() {
         let config = row_config(&base, point);
         let prefix = format!("[{}/{total}] {point}", i + 1);
+        if bench.has_measured(point) {
+            eprintln!("{prefix}: measured before, kept (--resume)");
+            continue;
+        }
         if let Err(e) = config.validate() {
             eprintln!("{prefix}: skipped: {e}");
             bench.skip(SkippedRow::new(point, e.to_string()));

@@ -448,6 +448,14 @@ pub struct MemoryRow {
     pub model_bytes: Option<u64>,
     /// Threads candle's kernels ran on.
     pub kernel_threads: Option<usize>,
+    /// When the point finished (UTC, ISO 8601): points of a resumed benchmark were
+    /// measured in different sessions.
+    #[serde(default)]
+    pub measured_at: Option<String>,
+    /// The machine's 1-, 5- and 15-minute load averages when the point finished
+    /// (`/proc/loadavg`): other work slows the timings down.
+    #[serde(default)]
+    pub load_average: Option<[f64; 3]>,
     /// Why the measurement failed (`None` when it succeeded).
     pub error: Option<String>,
 }
@@ -479,6 +487,8 @@ impl MemoryRow {
             baseline_bytes: None,
             model_bytes: None,
             kernel_threads: None,
+            measured_at: Some(super::machine::utc_now()),
+            load_average: super::machine::load_average(),
             error: None,
         };
         match measured {
@@ -505,6 +515,19 @@ impl MemoryRow {
             precision: self.precision,
         }
     }
+}
+
+/// Where a point sorts in tables: by precision, then checkpointing, then method (in
+/// [`VARIANTS`] order), then K, as [`Grid::points`] lists them.
+fn order_key(point: &GridPoint) -> (usize, bool, usize, usize) {
+    let precision = Precision::ALL.iter().position(|&p| p == point.precision);
+    let variant = VARIANTS.iter().position(|&v| v == point.variant);
+    (
+        precision.unwrap_or(usize::MAX),
+        point.checkpointing,
+        variant.unwrap_or(usize::MAX),
+        point.k,
+    )
 }
 
 /// A point the configuration refuses (e.g. f16 with checkpointing): not run.
@@ -535,6 +558,35 @@ impl SkippedRow {
             precision: point.precision,
             reason,
         }
+    }
+
+    /// The grid point, where the method and mode name a variant.
+    pub fn point(&self) -> Option<GridPoint> {
+        let variant = *VARIANTS
+            .iter()
+            .find(|&&v| method_of(v) == self.method && mode_of(v) == self.mode)?;
+        Some(GridPoint {
+            variant,
+            k: self.k,
+            checkpointing: self.checkpointing,
+            precision: self.precision,
+        })
+    }
+
+    fn is_point(&self, other: &SkippedRow) -> bool {
+        (
+            self.method,
+            &self.mode,
+            self.k,
+            self.checkpointing,
+            self.precision,
+        ) == (
+            other.method,
+            &other.mode,
+            other.k,
+            other.checkpointing,
+            other.precision,
+        )
     }
 }
 
@@ -595,16 +647,101 @@ impl MemoryBench {
         }
     }
 
-    /// Adds a measured (or failed) row and refreshes the summary.
+    /// Adds a measured (or failed) row, replacing an earlier row of the same point,
+    /// keeps the rows in grid order and refreshes the summary.
     pub fn push(&mut self, row: MemoryRow) {
+        let point = row.point();
+        self.rows.retain(|r| r.point() != point);
         self.rows.push(row);
+        self.rows.sort_by_key(|r| order_key(&r.point()));
         self.refresh();
     }
 
-    /// Adds a skipped point.
+    /// Adds a skipped point (replacing an earlier entry of the same point).
     pub fn skip(&mut self, row: SkippedRow) {
+        self.skipped.retain(|r| !r.is_point(&row));
         self.skipped.push(row);
         self.refresh();
+    }
+
+    /// Whether `point` already has a successful measurement.
+    pub fn has_measured(&self, point: &GridPoint) -> bool {
+        self.rows
+            .iter()
+            .any(|r| r.error.is_none() && r.point() == *point)
+    }
+
+    /// Reads a `memory.json` written by [`write`](Self::write).
+    pub fn read(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        serde_json::from_str(&text).map_err(|e| Error::Format {
+            path: path.to_path_buf(),
+            message: format!("{e} (not the memory.json of `melora bench memory`?)"),
+        })
+    }
+
+    /// Continues `previous`, an earlier run's results: keeps its rows, skipped points
+    /// and start date, so that only points it lacks (or that failed) are measured and
+    /// everything lands in one table. `grid` is this run's points; the total counts
+    /// both runs' points once. Refuses results of another model, task shape, grid
+    /// kind, iteration count or machine, whose figures would not compare.
+    pub fn resume(
+        &mut self,
+        previous: MemoryBench,
+        grid: &[GridPoint],
+    ) -> std::result::Result<(), String> {
+        let mismatch = |what: &str, before: String, now: String| {
+            let what = if what.is_empty() {
+                String::new()
+            } else {
+                format!("{what} ")
+            };
+            Err(format!(
+                "they were measured with {what}{before}, this run would use {now}"
+            ))
+        };
+        if previous.model != self.model {
+            return mismatch(
+                "the model",
+                previous.model.describe(),
+                self.model.describe(),
+            );
+        }
+        if previous.quick != self.quick {
+            let kind = |quick: bool| if quick { "--quick" } else { "no --quick" };
+            return mismatch("", kind(previous.quick).into(), kind(self.quick).into());
+        }
+        if previous.iterations != self.iterations {
+            return mismatch(
+                "--iterations",
+                previous.iterations.to_string(),
+                self.iterations.to_string(),
+            );
+        }
+        let (a, b) = (&previous.machine, &self.machine);
+        if (&a.cpu, a.logical_cpus, a.kernel_threads) != (&b.cpu, b.logical_cpus, b.kernel_threads)
+        {
+            return mismatch("the machine", a.describe(), b.describe());
+        }
+        let mut points: Vec<GridPoint> = grid.to_vec();
+        for p in previous
+            .rows
+            .iter()
+            .map(MemoryRow::point)
+            .chain(previous.skipped.iter().filter_map(SkippedRow::point))
+        {
+            if !points.contains(&p) {
+                points.push(p);
+            }
+        }
+        self.points = points.len();
+        self.date = previous.date;
+        self.machine.load_average_start = previous.machine.load_average_start;
+        self.rows = previous.rows;
+        self.skipped = previous.skipped;
+        self.rows.sort_by_key(|r| order_key(&r.point()));
+        self.refresh();
+        Ok(())
     }
 
     fn refresh(&mut self) {

@@ -290,3 +290,77 @@ fn predictions_come_from_the_planner_where_it_models_the_configuration() {
     let half = predicted_bytes(&bf16, 1).unwrap();
     assert!(half < two, "bf16 {half} vs f32 {two}");
 }
+
+#[test]
+fn a_resumed_bench_keeps_earlier_rows_and_measures_the_rest() {
+    let mut failed = row(Variant::Fomaml, 8, false, 5 * MIB);
+    failed.error = Some("killed".into());
+    let earlier = bench(vec![row(Variant::Reptile, 1, false, 3 * MIB), failed]);
+    let earlier = MemoryBench {
+        points: 2,
+        date: "2026-01-01T00:00:00Z".into(),
+        ..earlier
+    };
+    let grid = Grid {
+        variants: vec![Variant::MamlFullGraph, Variant::Reptile],
+        ks: vec![1],
+        checkpointing: vec![false],
+        precisions: vec![Precision::F32],
+    }
+    .points();
+    let mut now = bench(vec![]);
+    now.resume(earlier.clone(), &grid).unwrap();
+    assert_eq!(now.date, earlier.date, "the first run's start date");
+    assert_eq!(now.points, 3, "reptile K=1 counted once");
+    assert!(now.has_measured(&row(Variant::Reptile, 1, false, 0).point()));
+    assert!(
+        !now.has_measured(&row(Variant::Fomaml, 8, false, 0).point()),
+        "a failed point is measured again"
+    );
+    assert!(!now.has_measured(&grid[0]));
+
+    now.push(row(Variant::Fomaml, 8, false, 4 * MIB));
+    now.push(row(Variant::MamlFullGraph, 1, false, 9 * MIB));
+    let order: Vec<(Variant, Option<u64>, bool)> = now
+        .rows
+        .iter()
+        .map(|r| (r.variant, r.peak_bytes, r.error.is_some()))
+        .collect();
+    assert_eq!(
+        order,
+        vec![
+            (Variant::MamlFullGraph, Some(9 * MIB), false),
+            (Variant::Fomaml, Some(4 * MIB), false),
+            (Variant::Reptile, Some(3 * MIB), false),
+        ],
+        "grid order, the failed row replaced"
+    );
+    assert!(now.rows.iter().all(|r| r.measured_at.is_some()));
+}
+
+#[test]
+fn resuming_refuses_results_that_would_not_compare() {
+    let earlier = bench(vec![row(Variant::Reptile, 1, false, MIB)]);
+    let mut other_iterations = bench(vec![]);
+    other_iterations.iterations = 5;
+    let e = other_iterations.resume(earlier.clone(), &[]).unwrap_err();
+    assert!(e.contains("--iterations 3") && e.contains("use 5"), "{e}");
+
+    let mut other_model = bench(vec![]);
+    other_model.model.lora_rank = 4;
+    let e = other_model.resume(earlier.clone(), &[]).unwrap_err();
+    assert!(e.contains("the model") && e.contains("r=8"), "{e}");
+
+    let mut other_machine = bench(vec![]);
+    other_machine.machine.kernel_threads += 1;
+    let e = other_machine.resume(earlier, &[]).unwrap_err();
+    assert!(e.contains("the machine"), "{e}");
+}
+
+#[test]
+fn skipped_rows_name_their_grid_point() {
+    for point in Grid::full().points() {
+        let skipped = SkippedRow::new(&point, "refused".into());
+        assert_eq!(skipped.point(), Some(point));
+    }
+}
