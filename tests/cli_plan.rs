@@ -262,3 +262,46 @@ fn profile_refuses_bad_input_with_one_line() {
     );
     assert_user_error(&melora(&["profile", "--config", &path]), "set it to 28");
 }
+
+/// With a budget, `profile` measures the configuration `train` would run: below the
+/// plain prediction it chooses a more frugal one; below every configuration it
+/// refuses, status 2.
+#[test]
+fn profile_follows_a_memory_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write(dir.path(), "tiny.yml", TINY);
+    let planned = melora(&["plan", "--config", &config, "--method", "maml", "--json"]);
+    assert!(planned.status.success(), "{}", text(&planned.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&planned.stdout).unwrap();
+    let peak = json["plan"]["peak_bytes"].as_u64().unwrap();
+    let budget = (peak * 9 / 10).to_string();
+    let out = melora(&[
+        "profile",
+        "--config",
+        &config,
+        "--method",
+        "maml",
+        "--iterations",
+        "1",
+        "--json",
+        "--memory-budget",
+        &budget,
+    ]);
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("too large") && stderr.contains("chosen: "),
+        "{stderr}"
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let predicted = json["plan"]["peak_bytes"].as_u64().unwrap();
+    assert!(
+        predicted <= peak * 9 / 10,
+        "profiled the plain configuration"
+    );
+
+    assert_user_error(
+        &melora(&["profile", "--config", &config, "--memory-budget", "1KiB"]),
+        "smallest predicted peak is",
+    );
+}

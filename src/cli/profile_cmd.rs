@@ -152,7 +152,12 @@ pub(crate) fn run(global: &GlobalArgs, args: &ProfileArgs) -> anyhow::Result<()>
     if args.iterations == 0 {
         return Err(UserError::Usage("--iterations must be at least 1".into()).into());
     }
-    let config = load_config(global)?;
+    let mut config = load_config(global)?;
+    // A memory budget profiles the configuration `train` would run (exit 2 if none fits).
+    if let Some(choice) = crate::memory::fit_configured(&config)? {
+        eprintln!("{}", choice.explain());
+        config = choice.config;
+    }
     // The prediction first: a configuration the planner rejects is not run either.
     let plan = planner::plan(&config).map_err(UserError::Config)?;
     crate::init();
