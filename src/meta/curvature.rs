@@ -203,14 +203,13 @@ pub fn block_diagonal_product(
         });
     }
     let (leaves, grads) = gradient_with_graph(model, theta, batch, mode)?;
-    let zeros = v.zeros_like()?.detach();
     v.map(|name, v_i| {
-        let probe = only(&zeros, name, v_i).map_err(candle_core::Error::wrap)?;
+        // ⟨∇_i L, v_i⟩ alone, not ⟨∇L, probe⟩ with zeros elsewhere: the backward then
+        // walks only the part of the double-backward graph this tensor's gradient
+        // depends on, instead of the whole graph once per tensor.
+        let g_i = grads.get(name).expect("same names");
         let h = leaves
-            .gradients(
-                &grads.dot(&probe).map_err(candle_core::Error::wrap)?,
-                GradGraph::Detach,
-            )
+            .gradients(&(g_i * v_i)?.sum_all()?, GradGraph::Detach)
             .map_err(candle_core::Error::wrap)?;
         Ok(h.get(name).expect("same names").clone())
     })

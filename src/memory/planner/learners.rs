@@ -392,17 +392,13 @@ impl Ctx<'_> {
                         .map(|(i, h)| h[i].clone())
                         .collect();
                 }
+                // ⟨∇_i L, g_i⟩ per tensor: only the graph that tensor's gradient
+                // depends on is walked.
                 let (leaves, gr) = self.gradient_with_graph(theta, b);
-                let zeros = detach(&zeros_like(g));
                 (0..g.len())
                     .map(|i| {
-                        let probe: Params = zeros
-                            .iter()
-                            .enumerate()
-                            .map(|(j, z)| if j == i { g[i].clone() } else { z.zeros_like() })
-                            .collect();
                         let h = {
-                            let surrogate = dot(&gr, &probe);
+                            let surrogate = dot(&gr[i..=i], &g[i..=i]);
                             grads(sim, &surrogate, &leaves, false)
                         };
                         h[i].clone()
