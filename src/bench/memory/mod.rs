@@ -245,15 +245,15 @@ pub fn row_config(base: &Config, point: &GridPoint) -> Config {
 /// [`crate::memory::planner::plan_with`]): the one place the benchmark asks the
 /// planner. Loading is left out, as the measurement starts after the warm-up; where
 /// loading peaks higher (random weights are drawn in f64, a weights file is read
-/// whole), the whole run's peak would overstate what is measured. `Err` says why there is none (the planner
-/// refused the configuration).
+/// whole), the whole run's peak would overstate what is measured. `Err` says why
+/// there is none (the planner refused the configuration).
 pub fn predicted_bytes(config: &Config, threads: usize) -> std::result::Result<u64, String> {
     let options = crate::memory::planner::PlanOptions {
         threads,
         ..Default::default()
     };
     crate::memory::planner::plan_with(config, &options)
-        .map(|plan| plan.step_peak_bytes)
+        .map(|plan| plan.step_peak_bytes())
         .map_err(|e| format!("the planner refused the configuration: {e}"))
 }
 

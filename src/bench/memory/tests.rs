@@ -315,13 +315,13 @@ fn predictions_leave_out_loading_which_the_measurement_starts_after() {
     )
     .unwrap();
     assert!(
-        plan.load_peak_bytes > plan.step_peak_bytes,
+        plan.load_peak_bytes > plan.step_peak_bytes(),
         "loading {} vs steps {}",
         plan.load_peak_bytes,
-        plan.step_peak_bytes
+        plan.step_peak_bytes()
     );
     assert_eq!(plan.peak_bytes, plan.load_peak_bytes);
-    assert_eq!(predicted_bytes(&config, 2).unwrap(), plan.step_peak_bytes);
+    assert_eq!(predicted_bytes(&config, 2).unwrap(), plan.step_peak_bytes());
 }
 
 #[test]

@@ -132,6 +132,16 @@ pub struct PlanBreakdown {
     pub temporaries: u64,
 }
 
+impl Plan {
+    /// Peak heap bytes of the meta-steps alone, model and optimiser state included
+    /// (the breakdown's total): what a measurement that starts after loading
+    /// (`bench memory`, after its warm-up) sees. Below [`Self::peak_bytes`] when
+    /// loading peaks higher.
+    pub fn step_peak_bytes(&self) -> u64 {
+        self.breakdown.total()
+    }
+}
+
 impl PlanBreakdown {
     fn from_array(b: &sim::Breakdown) -> Self {
         let get = |c: Category| b[Category::ALL.iter().position(|x| *x == c).expect("listed")];
@@ -170,10 +180,6 @@ pub struct Plan {
     pub model: String,
     /// Peak heap bytes of training (the larger of loading and the meta-steps).
     pub peak_bytes: u64,
-    /// Peak heap bytes of the meta-steps alone, model and optimiser state included:
-    /// what a measurement that starts after loading (`bench memory`, after its
-    /// warm-up) sees. Below [`Self::peak_bytes`] when loading peaks higher.
-    pub step_peak_bytes: u64,
     /// What the peak of the meta-steps is made of.
     pub breakdown: PlanBreakdown,
     /// Peak while the model is loaded (a weights file is read whole, then
@@ -434,7 +440,6 @@ pub fn plan_with(config: &Config, options: &PlanOptions) -> Result<Plan> {
         variant: Variant::of(config),
         model: spec.name.clone(),
         peak_bytes: peak.max(load_peak),
-        step_peak_bytes: peak,
         breakdown,
         load_peak_bytes: load_peak,
         forward_graph_bytes,
