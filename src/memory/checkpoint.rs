@@ -48,6 +48,18 @@
 //! backward sweep, one segment graph alive at a time, plus the stored outputs and
 //! their tangents (one tensor `[b, t, width]` per boundary and per vector).
 //!
+//! # Block products
+//!
+//! A block product wants, for a vector `v` zero outside one tensor `i`, only tensor
+//! `i`'s part of `H·v` (`H_ii·v_i`: MELoRA's block-diagonal approximation, the exact
+//! diagonal). Its tangent is zero below the first segment that reads tensor `i`, and
+//! below that segment its backward sweep would only produce cross terms nobody wants.
+//! So one forward finds, from each segment's graph, the first segment reading each
+//! tensor and keeps the outputs all sweeps start from; probes are grouped by that
+//! segment; a group's tangent sweep starts at its lowest one and its backward sweep
+//! stops there. Each directional derivative has the one term `⟨G_i, v_i⟩` instead of
+//! one per tensor of which all but one are zero.
+//!
 //! # Gauss-Newton products
 //!
 //! `Jᵀ·H_z·J·v` with z the logits: the forward tangent sweep gives `ḣ_L`, the tail's
@@ -67,6 +79,8 @@
 //!   checkpointed. `meta_learning.inner.mode: recompute` gives the same
 //!   meta-gradient with checkpointed Hessian-vector products.
 //! - Forward-only evaluation: without a graph nothing is kept anyway.
+
+use std::collections::HashSet;
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
@@ -265,21 +279,79 @@ struct TangentSweep {
     tangents: Vec<Vec<Option<Tensor>>>,
 }
 
+/// One Hessian-vector product of a sweep.
+#[derive(Clone, Copy)]
+struct Probe<'p> {
+    /// The vector.
+    v: &'p ParamSet,
+    /// For a block product, the block (see the module documentation); `None` for
+    /// a whole product.
+    block: Option<Block>,
+}
+
+/// A block product's tensor: `v` is zero outside it and only its part of `H·v` is
+/// wanted.
+#[derive(Clone, Copy)]
+struct Block {
+    /// The tensor's index in θ.
+    tensor: usize,
+    /// The first segment whose graph reads it (the number of segments when only
+    /// the tail does).
+    first_segment: usize,
+}
+
+impl<'p> Probe<'p> {
+    fn whole(v: &'p ParamSet) -> Self {
+        Self { v, block: None }
+    }
+
+    /// Whether `v` may be non-zero on tensor `index`.
+    fn touches(&self, index: usize) -> bool {
+        self.block.is_none_or(|b| b.tensor == index)
+    }
+
+    /// Whether segment `k` may give this probe a tangent from a zero input tangent
+    /// (it may read the probe's tensor).
+    fn may_start_at(&self, k: usize) -> bool {
+        self.block.is_none_or(|b| k >= b.first_segment)
+    }
+
+    /// Whether the backward sweep's segment `k` still contributes to the wanted part
+    /// of the product.
+    fn wanted_at(&self, k: usize) -> bool {
+        self.may_start_at(k)
+    }
+}
+
 /// Sums gradient shares per parameter, reading only the entries a backward pass
 /// produced (most segments touch a few LoRA tensors of the whole set).
 struct Accumulator {
     sums: Vec<Option<Tensor>>,
+    /// Only this tensor's shares are summed (a block product's), when set.
+    only: Option<usize>,
 }
 
 impl Accumulator {
     fn new(leaves: &ParamSet) -> Self {
         Self {
             sums: vec![None; leaves.len()],
+            only: None,
+        }
+    }
+
+    /// The accumulator of a probe's product: only its block's tensor for a block.
+    fn for_probe(leaves: &ParamSet, probe: &Probe) -> Self {
+        Self {
+            only: probe.block.map(|b| b.tensor),
+            ..Self::new(leaves)
         }
     }
 
     fn add(&mut self, store: &GradStore, leaves: &ParamSet) -> Result<()> {
-        for (sum, (_, leaf)) in self.sums.iter_mut().zip(leaves.iter()) {
+        for (index, (sum, (_, leaf))) in self.sums.iter_mut().zip(leaves.iter()).enumerate() {
+            if self.only.is_some_and(|only| only != index) {
+                continue;
+            }
             if let Some(g) = store.get(leaf) {
                 let g = g.detach();
                 *sum = Some(match sum.take() {
@@ -297,6 +369,17 @@ impl Accumulator {
             Some(s) => Ok(s),
             None => leaf.zeros_like(),
         })
+    }
+
+    /// Tensor `index`'s sum (zeros when nothing was added).
+    fn take(mut self, index: usize, leaves: &ParamSet) -> Result<Tensor> {
+        match self.sums[index].take() {
+            Some(s) => Ok(s),
+            None => {
+                let (_, leaf) = leaves.iter().nth(index).expect("an index of θ");
+                Ok(leaf.zeros_like()?)
+            }
+        }
     }
 }
 
@@ -332,17 +415,21 @@ fn backward_keep(scalar: &Tensor) -> Result<GradStore> {
     Ok(scalar.backward()?)
 }
 
-/// `⟨G_θ, v⟩ + ⟨G_h, ḣ⟩` over the entries `store` holds: the directional derivative,
-/// along `(ḣ, v)`, of whatever scalar `store` differentiated. `None` when no term
-/// exists (the scalar depends on none of them).
+/// `⟨G_θ, v⟩ + ⟨G_h, ḣ⟩` over the entries `store` holds (and the probe's `v` may
+/// be non-zero on): the directional derivative, along `(ḣ, v)`, of whatever scalar
+/// `store` differentiated. `None` when no term exists (the scalar depends on none
+/// of them).
 fn directional(
     store: &GradStore,
     leaves: &ParamSet,
-    v: &ParamSet,
+    probe: &Probe,
     input: Option<(&Tensor, &Tensor)>,
 ) -> Result<Option<Tensor>> {
     let mut total = None;
-    for ((_, leaf), (_, v_i)) in leaves.iter().zip(v.iter()) {
+    for (index, ((_, leaf), (_, v_i))) in leaves.iter().zip(probe.v.iter()).enumerate() {
+        if !probe.touches(index) {
+            continue;
+        }
         if let Some(g) = store.get(leaf) {
             total = plus(total, Some(inner(g, v_i)?))?;
         }
@@ -506,12 +593,14 @@ impl<'a> Checkpointer<'a> {
         })
     }
 
-    /// The forward sweep with tangents: every segment's output and, per vector of
-    /// `vs`, its tangent `ḣ = J·(ḣ_in, v)` (`None` where it is zero).
+    /// The forward sweep with tangents: every segment's output and, per probe, its
+    /// tangent `ḣ = J·(ḣ_in, v)` (`None` where it is zero). With `known` outputs
+    /// (block products), segments where no probe can have a tangent are not run.
     fn tangent_sweep(
         &self,
         leaves: &ParamSet,
-        vs: &[ParamSet],
+        probes: &[Probe],
+        known: Option<&[Tensor]>,
         batch: &Batch,
         context: &StackContext,
         mode: Mode,
@@ -519,26 +608,42 @@ impl<'a> Checkpointer<'a> {
         let mut outputs: Vec<Tensor> = Vec::with_capacity(self.segments.len());
         let mut tangents: Vec<Vec<Option<Tensor>>> = Vec::with_capacity(self.segments.len());
         for k in 0..self.segments.len() {
+            let active: Vec<bool> = probes
+                .iter()
+                .enumerate()
+                .map(|(i, p)| p.may_start_at(k) || tangents.last().is_some_and(|t| t[i].is_some()))
+                .collect();
+            let mut dots = vec![None; probes.len()];
+            if let Some(known) = known.filter(|_| !active.contains(&true)) {
+                outputs.push(known[k].clone());
+                tangents.push(dots);
+                continue;
+            }
             let input = match outputs.last() {
                 Some(h) if k > 0 => Some(leaf(h)?),
                 _ => None,
             };
             let out = self.run(k, input.as_ref(), leaves, batch, context, mode)?;
-            let mut dots = vec![None; vs.len()];
             if out.track_op() {
                 let u = Var::zeros(out.shape(), out.dtype(), out.device())?.into_inner();
                 let store = backward_keep(&inner(&out, &u)?)?;
-                for (i, v) in vs.iter().enumerate() {
+                for (i, probe) in probes.iter().enumerate() {
+                    if !active[i] {
+                        continue;
+                    }
                     let h_dot = match (&input, tangents.last()) {
                         (Some(h), Some(previous)) => previous[i].as_ref().map(|d| (h, d)),
                         _ => None,
                     };
-                    if let Some(s) = directional(&store, leaves, v, h_dot)? {
+                    if let Some(s) = directional(&store, leaves, probe, h_dot)? {
                         dots[i] = first_order_backward(&s)?.get(&u).map(Tensor::detach);
                     }
                 }
             }
-            outputs.push(out.detach());
+            outputs.push(match known {
+                Some(known) => known[k].clone(),
+                None => out.detach(),
+            });
             tangents.push(dots);
         }
         Ok(TangentSweep { outputs, tangents })
@@ -555,59 +660,152 @@ impl<'a> Checkpointer<'a> {
         mode: Mode,
         loss: Loss<'_>,
     ) -> Result<(ParamSet, Vec<ParamSet>)> {
-        let context = self.stack.stack_context(batch)?;
-        let mut gradient = None;
-        let mut products = Vec::with_capacity(vs.len());
-        for group in vs.chunks(TANGENT_GROUP) {
-            let (g, hv) = self.hvp_group(theta, batch, group, &context, mode, loss)?;
-            gradient.get_or_insert(g);
-            products.extend(hv);
+        if vs.is_empty() {
+            return Ok((self.gradient(theta, batch, mode, loss)?.grads, Vec::new()));
         }
-        match gradient {
-            Some(g) => Ok((g, products)),
-            None => {
-                let g = self.gradient(theta, batch, mode, loss)?.grads;
-                Ok((g, products))
-            }
-        }
-    }
-
-    fn hvp_group(
-        &self,
-        theta: &ParamSet,
-        batch: &Batch,
-        vs: &[ParamSet],
-        context: &StackContext,
-        mode: Mode,
-        loss: Loss<'_>,
-    ) -> Result<(ParamSet, Vec<ParamSet>)> {
         for v in vs {
             theta.check_compatible(v)?;
         }
+        let context = self.stack.stack_context(batch)?;
         let leaves = theta.to_leaves()?;
-        let TangentSweep { outputs, tangents } =
-            self.tangent_sweep(&leaves, vs, batch, context, mode)?;
         let mut gradient = Accumulator::new(&leaves);
-        let mut products: Vec<Accumulator> = vs.iter().map(|_| Accumulator::new(&leaves)).collect();
+        let mut products = Vec::with_capacity(vs.len());
+        for (index, group) in vs.chunks(TANGENT_GROUP).enumerate() {
+            let probes: Vec<Probe> = group.iter().map(Probe::whole).collect();
+            // The gradient is the same in every sweep: the first one sums it.
+            let sums = self.hvp_group(
+                &leaves,
+                &probes,
+                None,
+                batch,
+                &context,
+                mode,
+                loss,
+                (index == 0).then_some(&mut gradient),
+            )?;
+            for sum in sums {
+                products.push(sum.finish(&leaves)?);
+            }
+        }
+        Ok((gradient.finish(&leaves)?, products))
+    }
+
+    /// Block products (see the module documentation): for each `(i, v)` of `blocks`,
+    /// tensor `i`'s part of `H·v` for a `v` that is zero outside tensor `i`
+    /// (`H_ii·v_i`), in order.
+    pub(crate) fn block_products(
+        &self,
+        theta: &ParamSet,
+        batch: &Batch,
+        blocks: &[(usize, &ParamSet)],
+        mode: Mode,
+        loss: Loss<'_>,
+    ) -> Result<Vec<Tensor>> {
+        for (i, v) in blocks {
+            theta.check_compatible(v)?;
+            if *i >= theta.len() {
+                return Err(Error::InvalidArgument(format!(
+                    "block product of tensor {i}, but θ has {} tensors",
+                    theta.len()
+                )));
+            }
+        }
+        let context = self.stack.stack_context(batch)?;
+        let leaves = theta.to_leaves()?;
+        let count = self.segments.len();
+        // One forward, a segment graph at a time: the outputs every sweep starts
+        // from, and the first segment whose graph reads each tensor.
+        let mut first_segment = vec![count; leaves.len()];
+        let mut outputs: Vec<Tensor> = Vec::with_capacity(count);
+        for k in 0..count {
+            let out = self.run(k, outputs.last(), &leaves, batch, &context, mode)?;
+            let read: HashSet<_> = out.sorted_nodes().iter().map(|n| n.id()).collect();
+            for (first, (_, leaf)) in first_segment.iter_mut().zip(leaves.iter()) {
+                if *first == count && read.contains(&leaf.id()) {
+                    *first = k;
+                }
+            }
+            outputs.push(out.detach());
+        }
+        let mut order: Vec<usize> = (0..blocks.len()).collect();
+        order.sort_by_key(|&b| first_segment[blocks[b].0]);
+        let mut products: Vec<Option<Tensor>> = vec![None; blocks.len()];
+        for group in order.chunks(TANGENT_GROUP) {
+            let probes: Vec<Probe> = group
+                .iter()
+                .map(|&b| {
+                    let (tensor, v) = blocks[b];
+                    Probe {
+                        v,
+                        block: Some(Block {
+                            tensor,
+                            first_segment: first_segment[tensor],
+                        }),
+                    }
+                })
+                .collect();
+            let sums = self.hvp_group(
+                &leaves,
+                &probes,
+                Some(&outputs),
+                batch,
+                &context,
+                mode,
+                loss,
+                None,
+            )?;
+            for (&b, sum) in group.iter().zip(sums) {
+                products[b] = Some(sum.take(blocks[b].0, &leaves)?);
+            }
+        }
+        Ok(products
+            .into_iter()
+            .map(|p| p.expect("every block is in a group"))
+            .collect())
+    }
+
+    /// One sweep pair for `probes`: their products' sums, and the gradient's added
+    /// to `gradient` when given. Without a gradient to sum, the backward sweep stops
+    /// below the last segment any probe wants.
+    #[allow(clippy::too_many_arguments)]
+    fn hvp_group(
+        &self,
+        leaves: &ParamSet,
+        probes: &[Probe],
+        known: Option<&[Tensor]>,
+        batch: &Batch,
+        context: &StackContext,
+        mode: Mode,
+        loss: Loss<'_>,
+        mut gradient: Option<&mut Accumulator>,
+    ) -> Result<Vec<Accumulator>> {
+        let TangentSweep { outputs, tangents } =
+            self.tangent_sweep(leaves, probes, known, batch, context, mode)?;
+        let mut products: Vec<Accumulator> = probes
+            .iter()
+            .map(|p| Accumulator::for_probe(leaves, p))
+            .collect();
 
         // The tail: a = ∂L/∂h_L and ȧ = R{a}, with the head's shares.
         let last = leaf(outputs.last().expect("at least one segment"))?;
         let (mut a, mut a_dot) = {
-            let logits = tail_logits(self.stack, &last, &leaves, batch)?;
+            let logits = tail_logits(self.stack, &last, leaves, batch)?;
             let store = backward_keep(&loss(&logits, batch)?)?;
-            gradient.add(&store, &leaves)?;
+            if let Some(gradient) = gradient.as_deref_mut() {
+                gradient.add(&store, leaves)?;
+            }
             let a = match store.get(&last) {
                 Some(g) => g.detach(),
                 None => last.zeros_like()?,
             };
             let last_tangents = tangents.last().expect("at least one segment");
-            let mut a_dot = Vec::with_capacity(vs.len());
-            for (i, v) in vs.iter().enumerate() {
+            let mut a_dot = Vec::with_capacity(probes.len());
+            for (i, probe) in probes.iter().enumerate() {
                 let h_dot = last_tangents[i].as_ref().map(|d| (&last, d));
-                a_dot.push(match directional(&store, &leaves, v, h_dot)? {
+                a_dot.push(match directional(&store, leaves, probe, h_dot)? {
                     Some(s) => {
                         let second = first_order_backward(&s)?;
-                        products[i].add(&second, &leaves)?;
+                        products[i].add(&second, leaves)?;
                         second.get(&last).map(Tensor::detach)
                     }
                     None => None,
@@ -618,19 +816,29 @@ impl<'a> Checkpointer<'a> {
 
         // The backward sweep: (a_in, g) from ∇⟨F, a⟩, (ȧ_in, Hv) from ∇s̃.
         for k in (0..self.segments.len()).rev() {
+            let wanted: Vec<bool> = probes.iter().map(|p| p.wanted_at(k)).collect();
+            if gradient.is_none() && !wanted.contains(&true) {
+                break;
+            }
             let input = if k > 0 {
                 Some(leaf(&outputs[k - 1])?)
             } else {
                 None
             };
-            let out = self.run(k, input.as_ref(), &leaves, batch, context, mode)?;
+            let out = self.run(k, input.as_ref(), leaves, batch, context, mode)?;
             if !out.track_op() {
                 continue;
             }
             let store = backward_keep(&inner(&out, &a)?)?;
-            gradient.add(&store, &leaves)?;
-            let mut next_dot = Vec::with_capacity(vs.len());
-            for (i, v) in vs.iter().enumerate() {
+            if let Some(gradient) = gradient.as_deref_mut() {
+                gradient.add(&store, leaves)?;
+            }
+            let mut next_dot = Vec::with_capacity(probes.len());
+            for (i, probe) in probes.iter().enumerate() {
+                if !wanted[i] {
+                    next_dot.push(None);
+                    continue;
+                }
                 let h_dot = match (&input, k.checked_sub(1)) {
                     (Some(h), Some(previous)) => tangents[previous][i].as_ref().map(|d| (h, d)),
                     _ => None,
@@ -639,11 +847,11 @@ impl<'a> Checkpointer<'a> {
                     Some(ad) => Some(inner(&out, ad)?),
                     None => None,
                 };
-                let s = plus(first, directional(&store, &leaves, v, h_dot)?)?;
+                let s = plus(first, directional(&store, leaves, probe, h_dot)?)?;
                 next_dot.push(match s {
                     Some(s) => {
                         let second = first_order_backward(&s)?;
-                        products[i].add(&second, &leaves)?;
+                        products[i].add(&second, leaves)?;
                         input
                             .as_ref()
                             .and_then(|h| second.get(h))
@@ -660,13 +868,7 @@ impl<'a> Checkpointer<'a> {
             }
             a_dot = next_dot;
         }
-        Ok((
-            gradient.finish(&leaves)?,
-            products
-                .into_iter()
-                .map(|p| p.finish(&leaves))
-                .collect::<Result<_>>()?,
-        ))
+        Ok(products)
     }
 
     /// The generalised Gauss-Newton product `Jᵀ·H_z·J·v` of the mean cross-entropy
@@ -682,8 +884,15 @@ impl<'a> Checkpointer<'a> {
         theta.check_compatible(v)?;
         let context = self.stack.stack_context(batch)?;
         let leaves = theta.to_leaves()?;
-        let TangentSweep { outputs, tangents } =
-            self.tangent_sweep(&leaves, std::slice::from_ref(v), batch, &context, mode)?;
+        let probe = Probe::whole(v);
+        let TangentSweep { outputs, tangents } = self.tangent_sweep(
+            &leaves,
+            std::slice::from_ref(&probe),
+            None,
+            batch,
+            &context,
+            mode,
+        )?;
         let mut total = Accumulator::new(&leaves);
         let last = leaf(outputs.last().expect("at least one segment"))?;
         let a = {
@@ -694,7 +903,7 @@ impl<'a> Checkpointer<'a> {
             let h_dot = tangents.last().expect("at least one segment")[0]
                 .as_ref()
                 .map(|d| (&last, d));
-            let z_dot = match directional(&store, &leaves, v, h_dot)? {
+            let z_dot = match directional(&store, &leaves, &probe, h_dot)? {
                 Some(s) => first_order_backward(&s)?.get(&u).map(Tensor::detach),
                 None => None,
             };

@@ -109,6 +109,14 @@ fn episode() -> Episode {
     Episode::new(batch(6, 1), batch(6, 2), CLASSES).unwrap()
 }
 
+/// A point where no LoRA factor is zero (at initialisation B is, which zeroes the
+/// curvature of the A factors and would hide errors in their blocks).
+fn random_point(model: &dyn FewShotModel, seed: u64) -> ParamSet {
+    random_like(&model.init_params(seed).unwrap(), seed)
+        .scale(0.3)
+        .unwrap()
+}
+
 fn random_like(p: &ParamSet, seed: u64) -> ParamSet {
     p.map(|_, t| random_tensor(t.dims(), seed, t.device()))
         .unwrap()
@@ -264,7 +272,7 @@ fn curvature_products_equal_the_unsegmented_ones() {
     let b = batch(4, 7);
     for (name, build, plans) in cases() {
         let plain = build();
-        let theta = plain.init_params(6).unwrap();
+        let theta = random_point(plain.as_ref(), 6);
         let v = random_like(&theta, 8);
         let expected = [
             gauss_newton_product(plain.as_ref(), &theta, &b, &v, Mode::Eval).unwrap(),
@@ -300,6 +308,32 @@ fn curvature_products_equal_the_unsegmented_ones() {
             }
             let d = exact_hessian_diagonal(&model, &theta, &b, Some(&names), Mode::Eval).unwrap();
             assert_same(&format!("{what}: exact diagonal"), &d, &diagonal);
+        }
+    }
+}
+
+/// Block products start each probe's sweeps at the first segment reading its tensor
+/// and stop them there: with every plan (segments of one layer, of several, uneven),
+/// the blocks equal the unsegmented ones.
+#[test]
+fn block_products_equal_the_unsegmented_blocks_with_every_plan() {
+    let b = batch(4, 3);
+    for (name, build, plans) in cases() {
+        let plain = build();
+        let theta = random_point(plain.as_ref(), 2);
+        let v = random_like(&theta, 4);
+        let expected = block_diagonal_product(plain.as_ref(), &theta, &b, &v, Mode::Eval).unwrap();
+        for plan in plans {
+            let model = Checkpointed::new(build(), plan.clone()).unwrap();
+            let got = block_diagonal_product(&model, &theta, &b, &v, Mode::Eval).unwrap();
+            // Tensor by tensor: the head's block would hide a wrong layer block.
+            for tensor in expected.names() {
+                let one = |p: &ParamSet| {
+                    ParamSet::from_pairs([(tensor, p.get(tensor).unwrap().clone())]).unwrap()
+                };
+                let what = format!("{name} {plan:?}: block of {tensor}");
+                assert_same(&what, &one(&got), &one(&expected));
+            }
         }
     }
 }

@@ -134,7 +134,7 @@ pub fn exact_hessian_diagonal(
 /// probes held at once (each as large as θ).
 const BASIS_BATCH: usize = 64;
 
-/// [`exact_hessian_diagonal`] from the checkpointing engine's Hessian-vector products,
+/// [`exact_hessian_diagonal`] from the checkpointing engine's block products,
 /// [`BASIS_BATCH`] basis vectors at a time.
 fn checkpointed_hessian_diagonal(
     model: &dyn FewShotModel,
@@ -148,7 +148,7 @@ fn checkpointed_hessian_diagonal(
         .expect("called for checkpointing models only");
     let zeros = theta.zeros_like()?.detach();
     let mut diagonal = ParamSet::new();
-    for (name, t) in zeros.iter() {
+    for (tensor, (name, t)) in zeros.iter().enumerate() {
         if names.is_some_and(|n| !n.contains(&name)) {
             diagonal.insert(name, t.clone())?;
             continue;
@@ -166,9 +166,10 @@ fn checkpointed_hessian_diagonal(
                     only(&zeros, name, &e)
                 })
                 .collect::<Result<Vec<_>>>()?;
-            let (_, columns) = engine.gradient_and_hvps(theta, batch, &probes, mode, &task_loss)?;
+            let blocks: Vec<(usize, &ParamSet)> = probes.iter().map(|p| (tensor, p)).collect();
+            let columns = engine.block_products(theta, batch, &blocks, mode, &task_loss)?;
             for (i, column) in indices.zip(&columns) {
-                let column = column.require(name)?.flatten_all()?.to_dtype(DType::F64)?;
+                let column = column.flatten_all()?.to_dtype(DType::F64)?;
                 entries[i] = column.get(i)?.to_scalar::<f64>()?;
             }
         }
@@ -190,17 +191,11 @@ pub fn block_diagonal_product(
     mode: Mode,
 ) -> Result<ParamSet> {
     if let Some(engine) = model.checkpointing() {
-        let zeros = v.zeros_like()?.detach();
-        let probes = v
-            .iter()
-            .map(|(name, v_i)| only(&zeros, name, v_i))
-            .collect::<Result<Vec<_>>>()?;
-        let (_, products) = engine.gradient_and_hvps(theta, batch, &probes, mode, &task_loss)?;
-        let mut blocks = products.iter();
-        return v.map(|name, _| {
-            let h = blocks.next().expect("one product per tensor");
-            Ok(h.get(name).expect("same names").clone())
-        });
+        // Each block product reads only its own tensor of `v`: no zero-padded copies.
+        let blocks: Vec<(usize, &ParamSet)> = (0..v.len()).map(|i| (i, v)).collect();
+        let products = engine.block_products(theta, batch, &blocks, mode, &task_loss)?;
+        let mut products = products.into_iter();
+        return v.map(|_, _| Ok(products.next().expect("one product per tensor")));
     }
     let (leaves, grads) = gradient_with_graph(model, theta, batch, mode)?;
     v.map(|name, v_i| {

@@ -73,6 +73,15 @@ fn sorted_nodes(sim: &Sim, root: NodeId) -> Vec<NodeId> {
     out
 }
 
+/// Which of `leaves` the graph of `root` reads (the engine's block products find
+/// them with candle's `sorted_nodes`).
+pub(crate) fn reads(root: &T, leaves: &[T]) -> Vec<bool> {
+    let read: std::collections::HashSet<NodeId> = sorted_nodes(&root.sim_of(), root.id())
+        .into_iter()
+        .collect();
+    leaves.iter().map(|l| read.contains(&l.id())).collect()
+}
+
 /// Adds (or subtracts) `contribution` to `arg`'s gradient, creating it as zeros first
 /// (candle's `or_insert` then `add`).
 fn accumulate(sim: &Sim, grads: &mut GradStore, arg: NodeId, contribution: &T, subtract: bool) {

@@ -11,7 +11,7 @@
 //! store at a time. When the engine changes, this file must follow; the planner test
 //! compares both.
 
-use super::autograd::{backward, GradStore};
+use super::autograd::{backward, reads, GradStore};
 use super::models::{task_loss, SimBatch, SimContext, SimModel};
 use super::sim::{Category, DType, SimDType, T};
 
@@ -52,10 +52,44 @@ fn plus(total: Option<T>, term: Option<T>) -> Option<T> {
     }
 }
 
-/// `⟨G_θ, v⟩ + ⟨G_h, ḣ⟩` over the entries `store` holds.
-fn directional(store: &GradStore, leaves: &[T], v: &[T], input: Option<(&T, &T)>) -> Option<T> {
+/// One Hessian-vector product of a sweep (the engine's `Probe`): the vector and,
+/// for a block product, its tensor and the first segment reading it.
+#[derive(Clone, Copy)]
+struct Probe<'p> {
+    v: &'p [T],
+    block: Option<(usize, usize)>,
+}
+
+impl<'p> Probe<'p> {
+    fn whole(v: &'p [T]) -> Self {
+        Probe { v, block: None }
+    }
+
+    fn touches(&self, index: usize) -> bool {
+        self.block.is_none_or(|(tensor, _)| tensor == index)
+    }
+
+    fn may_start_at(&self, k: usize) -> bool {
+        self.block.is_none_or(|(_, first)| k >= first)
+    }
+
+    fn wanted_at(&self, k: usize) -> bool {
+        self.may_start_at(k)
+    }
+}
+
+/// `⟨G_θ, v⟩ + ⟨G_h, ḣ⟩` over the entries `store` holds (and the probe touches).
+fn directional(
+    store: &GradStore,
+    leaves: &[T],
+    probe: &Probe,
+    input: Option<(&T, &T)>,
+) -> Option<T> {
     let mut total = None;
-    for (leaf, v_i) in leaves.iter().zip(v) {
+    for (index, (leaf, v_i)) in leaves.iter().zip(probe.v).enumerate() {
+        if !probe.touches(index) {
+            continue;
+        }
         if let Some(g) = store.get(&leaf.id()) {
             total = plus(total, Some(inner(g, v_i)));
         }
@@ -79,17 +113,29 @@ fn adjoint(store: &GradStore, h: &T) -> T {
 /// Gradient shares summed per parameter (the engine's `Accumulator`).
 struct Accumulator {
     sums: Vec<Option<T>>,
+    only: Option<usize>,
 }
 
 impl Accumulator {
     fn new(leaves: &[T]) -> Self {
         Accumulator {
             sums: vec![None; leaves.len()],
+            only: None,
+        }
+    }
+
+    fn for_probe(leaves: &[T], probe: &Probe) -> Self {
+        Accumulator {
+            only: probe.block.map(|(tensor, _)| tensor),
+            ..Self::new(leaves)
         }
     }
 
     fn add(&mut self, store: &GradStore, leaves: &[T]) {
-        for (sum, leaf) in self.sums.iter_mut().zip(leaves) {
+        for (index, (sum, leaf)) in self.sums.iter_mut().zip(leaves).enumerate() {
+            if self.only.is_some_and(|only| only != index) {
+                continue;
+            }
             if let Some(g) = store.get(&leaf.id()) {
                 let g = g.detach();
                 *sum = Some(match sum.take() {
@@ -106,6 +152,12 @@ impl Accumulator {
             .zip(leaves)
             .map(|(sum, leaf)| sum.unwrap_or_else(|| leaf.zeros_like()))
             .collect()
+    }
+
+    fn take(mut self, index: usize, leaves: &[T]) -> T {
+        self.sums[index]
+            .take()
+            .unwrap_or_else(|| leaves[index].zeros_like())
     }
 }
 
@@ -259,103 +311,177 @@ impl<'a> SimCheckpointer<'a> {
         total.finish(&leaves)
     }
 
-    /// The forward sweep with tangents `ḣ = J·(ḣ_in, v)` per vector of `vs`.
+    /// The forward sweep with tangents `ḣ = J·(ḣ_in, v)` per probe; with `known`
+    /// outputs, segments where no probe can have a tangent are not run.
     fn tangent_sweep(
         &self,
         leaves: &[T],
-        vs: &[Vec<T>],
+        probes: &[Probe],
+        known: Option<&[T]>,
         batch: &SimBatch,
         ctx: &SimContext,
     ) -> TangentSweep {
         let mut outputs: Vec<T> = Vec::with_capacity(self.segments.len());
         let mut tangents: Vec<Vec<Option<T>>> = Vec::with_capacity(self.segments.len());
         for k in 0..self.segments.len() {
+            let active: Vec<bool> = probes
+                .iter()
+                .enumerate()
+                .map(|(i, p)| p.may_start_at(k) || tangents.last().is_some_and(|t| t[i].is_some()))
+                .collect();
+            let mut dots = vec![None; probes.len()];
+            if let Some(known) = known.filter(|_| !active.contains(&true)) {
+                outputs.push(known[k].clone());
+                tangents.push(dots);
+                continue;
+            }
             let input = match outputs.last() {
                 Some(h) if k > 0 => Some(within(self.model, Category::Activations, || leaf(h))),
                 _ => None,
             };
             let out = self.run(k, input.as_ref(), leaves, batch, ctx);
-            let mut dots = vec![None; vs.len()];
             if out.tracks() {
                 let u = within(self.model, Category::Gradients, || {
                     self.model.sim().variable(&out.dims(), out.dtype())
                 });
                 let store = self.keep(&inner(&out, &u));
-                for (i, v) in vs.iter().enumerate() {
+                for (i, probe) in probes.iter().enumerate() {
+                    if !active[i] {
+                        continue;
+                    }
                     let h_dot = match (&input, tangents.last()) {
                         (Some(h), Some(previous)) => previous[i].as_ref().map(|d| (h, d)),
                         _ => None,
                     };
                     let s = within(self.model, Category::Gradients, || {
-                        directional(&store, leaves, v, h_dot)
+                        directional(&store, leaves, probe, h_dot)
                     });
                     if let Some(s) = s {
                         dots[i] = self.first_order(&s).get(&u.id()).map(T::detach);
                     }
                 }
             }
-            outputs.push(out.detach());
+            outputs.push(match known {
+                Some(known) => known[k].clone(),
+                None => out.detach(),
+            });
             tangents.push(dots);
         }
         TangentSweep { outputs, tangents }
     }
 
     /// `Checkpointer::gradient_and_hvps`: the gradient and `H·v` for every `v`, by
-    /// sweeps of at most [`TANGENT_GROUP`] vectors.
+    /// sweeps of at most [`TANGENT_GROUP`] vectors (the first one summing the
+    /// gradient).
     pub(crate) fn gradient_and_hvps(
         &self,
         theta: &[T],
         batch: &SimBatch,
         vs: &[Vec<T>],
     ) -> (Vec<T>, Vec<Vec<T>>) {
+        if vs.is_empty() {
+            return (self.gradient(theta, batch), Vec::new());
+        }
         let ctx = self.context(batch);
-        let mut gradient = None;
+        let leaves = self.leaves(theta);
+        let mut gradient = Accumulator::new(&leaves);
         let mut products = Vec::with_capacity(vs.len());
-        for group in vs.chunks(TANGENT_GROUP) {
-            let (g, hv) = self.hvp_group(theta, batch, group, &ctx);
-            gradient.get_or_insert(g);
-            products.extend(hv);
+        for (index, group) in vs.chunks(TANGENT_GROUP).enumerate() {
+            let probes: Vec<Probe> = group.iter().map(|v| Probe::whole(v)).collect();
+            let first = (index == 0).then_some(&mut gradient);
+            let sums = self.hvp_group(&leaves, &probes, None, batch, &ctx, first);
+            products.extend(sums.into_iter().map(|sum| sum.finish(&leaves)));
         }
-        match gradient {
-            Some(g) => (g, products),
-            None => (self.gradient(theta, batch), products),
+        (gradient.finish(&leaves), products)
+    }
+
+    /// `Checkpointer::block_products`: tensor `i`'s block of `H·v` for each `(i, v)`
+    /// of `blocks`.
+    pub(crate) fn block_products(
+        &self,
+        theta: &[T],
+        batch: &SimBatch,
+        blocks: &[(usize, &[T])],
+    ) -> Vec<T> {
+        let ctx = self.context(batch);
+        let leaves = self.leaves(theta);
+        let count = self.segments.len();
+        let mut first_segment = vec![count; leaves.len()];
+        let mut outputs: Vec<T> = Vec::with_capacity(count);
+        for k in 0..count {
+            let out = self.run(k, outputs.last(), &leaves, batch, &ctx);
+            for (first, read) in first_segment.iter_mut().zip(reads(&out, &leaves)) {
+                if *first == count && read {
+                    *first = k;
+                }
+            }
+            outputs.push(out.detach());
         }
+        let mut order: Vec<usize> = (0..blocks.len()).collect();
+        order.sort_by_key(|&b| first_segment[blocks[b].0]);
+        let mut products: Vec<Option<T>> = vec![None; blocks.len()];
+        for group in order.chunks(TANGENT_GROUP) {
+            let probes: Vec<Probe> = group
+                .iter()
+                .map(|&b| {
+                    let (tensor, v) = blocks[b];
+                    Probe {
+                        v,
+                        block: Some((tensor, first_segment[tensor])),
+                    }
+                })
+                .collect();
+            let sums = self.hvp_group(&leaves, &probes, Some(&outputs), batch, &ctx, None);
+            for (&b, sum) in group.iter().zip(sums) {
+                products[b] = Some(sum.take(blocks[b].0, &leaves));
+            }
+        }
+        products
+            .into_iter()
+            .map(|p| p.expect("every block is in a group"))
+            .collect()
     }
 
     fn hvp_group(
         &self,
-        theta: &[T],
+        leaves: &[T],
+        probes: &[Probe],
+        known: Option<&[T]>,
         batch: &SimBatch,
-        vs: &[Vec<T>],
         ctx: &SimContext,
-    ) -> (Vec<T>, Vec<Vec<T>>) {
-        let leaves = self.leaves(theta);
-        let TangentSweep { outputs, tangents } = self.tangent_sweep(&leaves, vs, batch, ctx);
-        let mut gradient = Accumulator::new(&leaves);
-        let mut products: Vec<Accumulator> = vs.iter().map(|_| Accumulator::new(&leaves)).collect();
+        mut gradient: Option<&mut Accumulator>,
+    ) -> Vec<Accumulator> {
+        let TangentSweep { outputs, tangents } =
+            self.tangent_sweep(leaves, probes, known, batch, ctx);
+        let mut products: Vec<Accumulator> = probes
+            .iter()
+            .map(|p| Accumulator::for_probe(leaves, p))
+            .collect();
 
         let last = within(self.model, Category::Activations, || {
             leaf(outputs.last().expect("at least one segment"))
         });
         let (mut a, mut a_dot) = {
             let logits = within(self.model, Category::Activations, || {
-                self.model.tail_logits(&last, &leaves, batch)
+                self.model.tail_logits(&last, leaves, batch)
             });
             let store = self.keep(&within(self.model, Category::Activations, || {
                 task_loss(&logits, batch)
             }));
-            gradient.add(&store, &leaves);
+            if let Some(gradient) = gradient.as_deref_mut() {
+                gradient.add(&store, leaves);
+            }
             let a = adjoint(&store, &last);
             let last_tangents = tangents.last().expect("at least one segment");
-            let mut a_dot = Vec::with_capacity(vs.len());
-            for (i, v) in vs.iter().enumerate() {
+            let mut a_dot = Vec::with_capacity(probes.len());
+            for (i, probe) in probes.iter().enumerate() {
                 let h_dot = last_tangents[i].as_ref().map(|d| (&last, d));
                 let s = within(self.model, Category::Gradients, || {
-                    directional(&store, &leaves, v, h_dot)
+                    directional(&store, leaves, probe, h_dot)
                 });
                 a_dot.push(s.and_then(|s| {
                     let second = self.first_order(&s);
-                    products[i].add(&second, &leaves);
+                    products[i].add(&second, leaves);
                     second.get(&last.id()).map(T::detach)
                 }));
             }
@@ -363,27 +489,37 @@ impl<'a> SimCheckpointer<'a> {
         };
 
         for k in (0..self.segments.len()).rev() {
+            let wanted: Vec<bool> = probes.iter().map(|p| p.wanted_at(k)).collect();
+            if gradient.is_none() && !wanted.contains(&true) {
+                break;
+            }
             let input = (k > 0)
                 .then(|| within(self.model, Category::Activations, || leaf(&outputs[k - 1])));
-            let out = self.run(k, input.as_ref(), &leaves, batch, ctx);
+            let out = self.run(k, input.as_ref(), leaves, batch, ctx);
             if !out.tracks() {
                 continue;
             }
             let store = self.keep(&inner(&out, &a));
-            gradient.add(&store, &leaves);
-            let mut next_dot = Vec::with_capacity(vs.len());
-            for (i, v) in vs.iter().enumerate() {
+            if let Some(gradient) = gradient.as_deref_mut() {
+                gradient.add(&store, leaves);
+            }
+            let mut next_dot = Vec::with_capacity(probes.len());
+            for (i, probe) in probes.iter().enumerate() {
+                if !wanted[i] {
+                    next_dot.push(None);
+                    continue;
+                }
                 let h_dot = match (&input, k.checked_sub(1)) {
                     (Some(h), Some(previous)) => tangents[previous][i].as_ref().map(|d| (h, d)),
                     _ => None,
                 };
                 let s = within(self.model, Category::Gradients, || {
                     let first = a_dot[i].as_ref().map(|ad| inner(&out, ad));
-                    plus(first, directional(&store, &leaves, v, h_dot))
+                    plus(first, directional(&store, leaves, probe, h_dot))
                 });
                 next_dot.push(s.and_then(|s| {
                     let second = self.first_order(&s);
-                    products[i].add(&second, &leaves);
+                    products[i].add(&second, leaves);
                     input
                         .as_ref()
                         .and_then(|h| second.get(&h.id()))
@@ -395,18 +531,16 @@ impl<'a> SimCheckpointer<'a> {
             }
             a_dot = next_dot;
         }
-        (
-            gradient.finish(&leaves),
-            products.into_iter().map(|p| p.finish(&leaves)).collect(),
-        )
+        products
     }
 
     /// `Checkpointer::gauss_newton_product`: `Jᵀ·H_z·J·v` of the mean cross-entropy.
     pub(crate) fn gauss_newton_product(&self, theta: &[T], batch: &SimBatch, v: &[T]) -> Vec<T> {
         let ctx = self.context(batch);
         let leaves = self.leaves(theta);
+        let probe = Probe::whole(v);
         let TangentSweep { outputs, tangents } =
-            self.tangent_sweep(&leaves, std::slice::from_ref(&v.to_vec()), batch, &ctx);
+            self.tangent_sweep(&leaves, std::slice::from_ref(&probe), None, batch, &ctx);
         let mut total = Accumulator::new(&leaves);
         let last = within(self.model, Category::Activations, || {
             leaf(outputs.last().expect("at least one segment"))
@@ -425,7 +559,7 @@ impl<'a> SimCheckpointer<'a> {
                 .as_ref()
                 .map(|d| (&last, d));
             let s = within(self.model, Category::Gradients, || {
-                directional(&store, &leaves, v, h_dot)
+                directional(&store, &leaves, &probe, h_dot)
             });
             let z_dot = s.and_then(|s| self.first_order(&s).get(&u.id()).map(T::detach));
             drop(store);

@@ -373,24 +373,9 @@ impl Ctx<'_> {
             }),
             Approximation::BlockDiagonal => weighted_sum(support, self.inner.micro, |b| {
                 if let Some(engine) = self.engine() {
-                    // One probe per tensor (its part of g, zeros elsewhere), all products
-                    // from shared sweeps; each keeps its own tensor's block.
-                    let zeros = detach(&zeros_like(g));
-                    let probes: Vec<Params> = (0..g.len())
-                        .map(|i| {
-                            zeros
-                                .iter()
-                                .enumerate()
-                                .map(|(j, z)| if j == i { g[i].clone() } else { z.zeros_like() })
-                                .collect()
-                        })
-                        .collect();
-                    let (_, products) = engine.gradient_and_hvps(theta, b, &probes);
-                    return products
-                        .iter()
-                        .enumerate()
-                        .map(|(i, h)| h[i].clone())
-                        .collect();
+                    // One block product per tensor, each reading its part of g.
+                    let blocks: Vec<(usize, &[T])> = (0..g.len()).map(|i| (i, g)).collect();
+                    return engine.block_products(theta, b, &blocks);
                 }
                 // ⟨∇_i L, g_i⟩ per tensor: only the graph that tensor's gradient
                 // depends on is walked.
