@@ -310,16 +310,11 @@ impl<'p> Probe<'p> {
         self.block.is_none_or(|b| b.tensor == index)
     }
 
-    /// Whether segment `k` may give this probe a tangent from a zero input tangent
-    /// (it may read the probe's tensor).
-    fn may_start_at(&self, k: usize) -> bool {
+    /// Whether segment `k` is at or above the first segment reading the probe's
+    /// tensor: only there can it give the probe a tangent from a zero input tangent,
+    /// and only there does the backward sweep add to the wanted part of the product.
+    fn reaches(&self, k: usize) -> bool {
         self.block.is_none_or(|b| k >= b.first_segment)
-    }
-
-    /// Whether the backward sweep's segment `k` still contributes to the wanted part
-    /// of the product.
-    fn wanted_at(&self, k: usize) -> bool {
-        self.may_start_at(k)
     }
 }
 
@@ -611,7 +606,7 @@ impl<'a> Checkpointer<'a> {
             let active: Vec<bool> = probes
                 .iter()
                 .enumerate()
-                .map(|(i, p)| p.may_start_at(k) || tangents.last().is_some_and(|t| t[i].is_some()))
+                .map(|(i, p)| p.reaches(k) || tangents.last().is_some_and(|t| t[i].is_some()))
                 .collect();
             let mut dots = vec![None; probes.len()];
             if let Some(known) = known.filter(|_| !active.contains(&true)) {
@@ -816,7 +811,7 @@ impl<'a> Checkpointer<'a> {
 
         // The backward sweep: (a_in, g) from ∇⟨F, a⟩, (ȧ_in, Hv) from ∇s̃.
         for k in (0..self.segments.len()).rev() {
-            let wanted: Vec<bool> = probes.iter().map(|p| p.wanted_at(k)).collect();
+            let wanted: Vec<bool> = probes.iter().map(|p| p.reaches(k)).collect();
             if gradient.is_none() && !wanted.contains(&true) {
                 break;
             }

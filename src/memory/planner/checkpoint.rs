@@ -69,12 +69,9 @@ impl<'p> Probe<'p> {
         self.block.is_none_or(|(tensor, _)| tensor == index)
     }
 
-    fn may_start_at(&self, k: usize) -> bool {
+    /// The engine's `Probe::reaches`.
+    fn reaches(&self, k: usize) -> bool {
         self.block.is_none_or(|(_, first)| k >= first)
-    }
-
-    fn wanted_at(&self, k: usize) -> bool {
-        self.may_start_at(k)
     }
 }
 
@@ -327,7 +324,7 @@ impl<'a> SimCheckpointer<'a> {
             let active: Vec<bool> = probes
                 .iter()
                 .enumerate()
-                .map(|(i, p)| p.may_start_at(k) || tangents.last().is_some_and(|t| t[i].is_some()))
+                .map(|(i, p)| p.reaches(k) || tangents.last().is_some_and(|t| t[i].is_some()))
                 .collect();
             let mut dots = vec![None; probes.len()];
             if let Some(known) = known.filter(|_| !active.contains(&true)) {
@@ -489,7 +486,7 @@ impl<'a> SimCheckpointer<'a> {
         };
 
         for k in (0..self.segments.len()).rev() {
-            let wanted: Vec<bool> = probes.iter().map(|p| p.wanted_at(k)).collect();
+            let wanted: Vec<bool> = probes.iter().map(|p| p.reaches(k)).collect();
             if gradient.is_none() && !wanted.contains(&true) {
                 break;
             }
