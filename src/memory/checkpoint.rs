@@ -89,7 +89,7 @@ use crate::data::Batch;
 use crate::models::{tail_logits, FewShotModel, StackContext, TransformerClassifier};
 use crate::nn::{AdapterConfig, Mode};
 use crate::tensor::second_order::{ensure_second_order, first_order_backward};
-use crate::tensor::{ops, ParamSet};
+use crate::tensor::ParamSet;
 use crate::{Error, Result};
 
 /// Tangent vectors carried through one sweep: more share the segment graphs
@@ -271,6 +271,11 @@ pub(crate) struct Gradient {
 /// The task's loss of a batch's outputs (logits), as the learners define it: the
 /// engine differentiates whatever the caller's loss is, so it knows nothing of tasks.
 pub(crate) type Loss<'a> = &'a dyn Fn(&Tensor, &Batch) -> Result<Tensor>;
+
+/// The Hessian of the task's loss in a batch's outputs applied to an output tangent
+/// (`outputs`, `batch`, `ż` → `H_z·ż`): the middle factor of a Gauss-Newton product,
+/// given by the caller like [`Loss`].
+pub(crate) type OutputCurvature<'a> = &'a dyn Fn(&Tensor, &Batch, &Tensor) -> Result<Tensor>;
 
 /// What the forward sweep with tangents keeps: every segment's output, and per
 /// segment and vector the output's tangent (`None` where it is zero).
@@ -866,15 +871,16 @@ impl<'a> Checkpointer<'a> {
         Ok(products)
     }
 
-    /// The generalised Gauss-Newton product `Jᵀ·H_z·J·v` of the mean cross-entropy
-    /// (as [`crate::meta::gauss_newton_product`], which also assumes that loss),
-    /// segment by segment.
+    /// The generalised Gauss-Newton product `Jᵀ·H_z·J·v` (as
+    /// [`crate::meta::gauss_newton_product`]), segment by segment, with `curvature`
+    /// giving `H_z·ż` of the caller's loss.
     pub(crate) fn gauss_newton_product(
         &self,
         theta: &ParamSet,
         batch: &Batch,
         v: &ParamSet,
         mode: Mode,
+        curvature: OutputCurvature<'_>,
     ) -> Result<ParamSet> {
         theta.check_compatible(v)?;
         let context = self.stack.stack_context(batch)?;
@@ -907,11 +913,7 @@ impl<'a> Checkpointer<'a> {
                 Some(z) => z,
                 None => logits.zeros_like()?.detach(),
             };
-            // r = H_z·ż with H_z = (diag(p) − ppᵀ)/N per example.
-            let n = logits.dims()[0] as f64;
-            let p = ops::softmax(&logits.detach())?;
-            let p_dot = (&p * &z_dot)?.sum_keepdim(1)?;
-            let r = ((&p * &z_dot)? - p.broadcast_mul(&p_dot)?)?.affine(1.0 / n, 0.0)?;
+            let r = curvature(&logits, batch, &z_dot)?;
             let store = first_order_backward(&inner(&logits, &r)?)?;
             total.add(&store, &leaves)?;
             match store.get(&last) {

@@ -17,7 +17,7 @@ use crate::models::{LoraSettings, Weights};
 use crate::nn::{LoraInit, LoraSpec};
 use crate::tensor::gradcheck::random_tensor;
 use crate::tensor::test_support::max_abs_diff;
-use crate::tensor::GradGraph;
+use crate::tensor::{ops, GradGraph};
 
 /// Agreement asked of checkpointed results (float rounding in f64).
 const TOLERANCE: f64 = 1e-10;

@@ -15,10 +15,10 @@ use rand_chacha::ChaCha8Rng;
 use crate::data::Batch;
 use crate::models::FewShotModel;
 use crate::nn::Mode;
-use crate::tensor::{ops, GradGraph, ParamSet};
+use crate::tensor::{GradGraph, ParamSet};
 use crate::Result;
 
-use super::loss::{batch_loss, task_loss};
+use super::loss::{batch_loss, output_hessian_product, task_loss};
 
 /// The support loss's gradient at fresh leaves of `theta`, graph kept.
 fn gradient_with_graph(
@@ -182,7 +182,8 @@ fn checkpointed_hessian_diagonal(
 }
 
 /// Block-diagonal Hessian product: each tensor's block applied to that tensor's part
-/// of `v`, cross-tensor terms dropped (one double-backward per tensor).
+/// of `v`, cross-tensor terms dropped (one double-backward per tensor). `v` must have
+/// `theta`'s names and shapes, in its order ([`crate::Error::Params`] otherwise).
 pub fn block_diagonal_product(
     model: &dyn FewShotModel,
     theta: &ParamSet,
@@ -190,6 +191,7 @@ pub fn block_diagonal_product(
     v: &ParamSet,
     mode: Mode,
 ) -> Result<ParamSet> {
+    theta.check_compatible(v)?;
     if let Some(engine) = model.checkpointing() {
         // Each block product reads only its own tensor of `v`: no zero-padded copies.
         let blocks: Vec<(usize, &ParamSet)> = (0..v.len()).map(|i| (i, v)).collect();
@@ -210,8 +212,10 @@ pub fn block_diagonal_product(
     })
 }
 
-/// Generalised Gauss-Newton product `Jᵀ·H_z·J·v` for the mean cross-entropy, with J
-/// the Jacobian of the logits z and H_z = (diag(p) − ppᵀ)/N per example: positive
+/// Generalised Gauss-Newton product `Jᵀ·H_z·J·v` of the task's own loss, with J the
+/// Jacobian of the outputs z and H_z the loss's Hessian in z (see
+/// [`output_hessian_product`]: `(diag(p) − ppᵀ)/N` per example for the mean
+/// cross-entropy, `2/(N·d)` times the identity for the mean squared error): positive
 /// semi-definite; equal to the Hessian for a model linear in θ. `J·v` comes from the
 /// double-backward trick (∇_u⟨Jᵀu, v⟩ with a zero variable u), `Jᵀr` from one
 /// backward: three passes over one forward graph.
@@ -222,8 +226,9 @@ pub fn gauss_newton_product(
     v: &ParamSet,
     mode: Mode,
 ) -> Result<ParamSet> {
+    theta.check_compatible(v)?;
     if let Some(engine) = model.checkpointing() {
-        return engine.gauss_newton_product(theta, batch, v, mode);
+        return engine.gauss_newton_product(theta, batch, v, mode, &output_hessian_product);
     }
     let leaves = theta.to_leaves()?;
     let logits = model.logits(&leaves, batch, mode)?;
@@ -233,10 +238,6 @@ pub fn gauss_newton_product(
     )])?;
     let j_t_u = leaves.gradients(&(&logits * u.require("u")?)?.sum_all()?, GradGraph::Keep)?;
     let jv = u.gradients(&j_t_u.dot(v)?, GradGraph::Detach)?;
-    let jv = jv.require("u")?;
-    let n = logits.dims()[0] as f64;
-    let p = ops::softmax(&logits.detach())?;
-    let p_dot_jv = (&p * jv)?.sum_keepdim(1)?;
-    let r = ((&p * jv)? - p.broadcast_mul(&p_dot_jv)?)?.affine(1.0 / n, 0.0)?;
+    let r = output_hessian_product(&logits, batch, jv.require("u")?)?;
     leaves.gradients(&(&logits * r)?.sum_all()?, GradGraph::Detach)
 }

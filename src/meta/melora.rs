@@ -277,6 +277,92 @@ mod tests {
         }
     }
 
+    /// A regression batch of `n` random points with `dim` inputs and one target, in f64.
+    fn regression_batch(n: usize, dim: usize, seed: u64) -> Batch {
+        let device = candle_core::Device::Cpu;
+        Batch::regression(
+            random_tensor(&[n, dim], seed, &device).unwrap(),
+            random_tensor(&[n, 1], seed + 1, &device).unwrap(),
+        )
+        .unwrap()
+    }
+
+    /// The mean squared error's own Gauss-Newton matrix, `Jᵀ·(2/N)·J`: the exact
+    /// Hessian of a model linear in θ, and symmetric, positive semi-definite and non-zero
+    /// on MAML's sinusoid network (a softmax curvature would be 0 for one output).
+    #[test]
+    fn gauss_newton_of_a_regression_loss_is_its_own_curvature() {
+        let linear = LinearProbe { classes: 1, dim: 4 };
+        let (params, batch) = (linear.init_params(3).unwrap(), regression_batch(20, 4, 9));
+        let v = random_like(&params, 4);
+        let ggn = gauss_newton_product(&linear, &params, &batch, &v, Mode::Eval).unwrap();
+        let hvp = hessian_vector_product(&linear, &params, &batch, &v, Mode::Eval).unwrap();
+        assert!(hvp.norm().unwrap() > 1e-3);
+        assert!(
+            relative_gap(&ggn, &hvp) < 1e-12,
+            "{}",
+            relative_gap(&ggn, &hvp)
+        );
+
+        let mlp = crate::models::mlp::Mlp::new(
+            1,
+            &[40, 40],
+            1,
+            candle_core::DType::F64,
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        let (params, batch) = (mlp.init_params(5).unwrap(), regression_batch(10, 1, 11));
+        let product =
+            |v: &ParamSet| gauss_newton_product(&mlp, &params, &batch, v, Mode::Eval).unwrap();
+        for seed in 0..4 {
+            let (u, v) = (
+                random_like(&params, 100 + seed),
+                random_like(&params, 200 + seed),
+            );
+            let (gu, gv) = (product(&u), product(&v));
+            let (ugv, vgu) = (
+                u.dot(&gv).unwrap().to_scalar::<f64>().unwrap(),
+                v.dot(&gu).unwrap().to_scalar::<f64>().unwrap(),
+            );
+            assert!(
+                (ugv - vgu).abs() <= 1e-10 * ugv.abs().max(1.0),
+                "{ugv} vs {vgu}"
+            );
+            let vgv = v.dot(&gv).unwrap().to_scalar::<f64>().unwrap();
+            assert!(vgv > 1e-6, "vᵀGv = {vgv}");
+            assert!(gv.norm().unwrap() > 1e-6);
+        }
+    }
+
+    /// A direction that does not match θ (other names, shapes or order) is an error,
+    /// not a panic.
+    #[test]
+    fn curvature_products_refuse_a_direction_of_other_parameters() {
+        let model = TwoLayerProbe {
+            classes: 3,
+            dim: 4,
+            hidden: 5,
+        };
+        let (params, task) = (model.init_params(2).unwrap(), dense_episode(3, 4, 3, 20));
+        let w1 = params.require("w1").unwrap().clone();
+        let w2 = params.require("w2").unwrap().clone();
+        for v in [
+            ParamSet::from_pairs([("w1", w1.clone()), ("other", w2.clone())]).unwrap(),
+            ParamSet::from_pairs([("w2", w2.clone()), ("w1", w1.clone())]).unwrap(),
+            ParamSet::from_pairs([("w1", w1.clone())]).unwrap(),
+            ParamSet::from_pairs([("w1", w1.clone()), ("w2", w1.clone())]).unwrap(),
+        ] {
+            for result in [
+                block_diagonal_product(&model, &params, &task.support, &v, Mode::Eval),
+                gauss_newton_product(&model, &params, &task.support, &v, Mode::Eval),
+            ] {
+                let err = result.err().expect("a mismatched direction is refused");
+                assert!(matches!(err, Error::Params(_)), "{err}");
+            }
+        }
+    }
+
     /// The exact diagonal against the fixture's closed-form head diagonal.
     #[test]
     fn exact_diagonal_matches_fixture_head_diagonal() {

@@ -531,7 +531,7 @@ impl<'a> SimCheckpointer<'a> {
         products
     }
 
-    /// `Checkpointer::gauss_newton_product`: `Jᵀ·H_z·J·v` of the mean cross-entropy.
+    /// `Checkpointer::gauss_newton_product`: `Jᵀ·H_z·J·v` of the task loss.
     pub(crate) fn gauss_newton_product(&self, theta: &[T], batch: &SimBatch, v: &[T]) -> Vec<T> {
         let ctx = self.context(batch);
         let leaves = self.leaves(theta);
@@ -562,12 +562,7 @@ impl<'a> SimCheckpointer<'a> {
             drop(store);
             let r = within(self.model, Category::Gradients, || {
                 let z_dot = z_dot.unwrap_or_else(|| logits.zeros_like().detach());
-                let n = logits.dims()[0] as f64;
-                let p = super::models::softmax(&logits.detach());
-                let p_dot = p.mul(&z_dot).sum_keepdim(&[1]);
-                p.mul(&z_dot)
-                    .sub(&p.broadcast_binary(&p_dot, super::sim::Bin::Mul))
-                    .affine(1.0 / n)
+                super::models::output_hessian_product(&logits, batch, &z_dot)
             });
             let store = self.first_order(&within(self.model, Category::Activations, || {
                 inner(&logits, &r)

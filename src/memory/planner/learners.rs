@@ -360,11 +360,7 @@ impl Ctx<'_> {
                     grads(sim, &surrogate, std::slice::from_ref(&u), false)
                 };
                 let r = within(sim, Category::Gradients, || {
-                    let p = super::models::softmax(&logits.detach());
-                    let p_dot = p.mul(&jv[0]).sum_keepdim(&[1]);
-                    p.mul(&jv[0])
-                        .sub(&p.broadcast_binary(&p_dot, super::sim::Bin::Mul))
-                        .affine(0.5)
+                    super::models::output_hessian_product(&logits, b, &jv[0])
                 });
                 let surrogate = within(sim, Category::Activations, || logits.mul(&r).sum_all());
                 let out = grads(sim, &surrogate, &leaves, false);

@@ -620,6 +620,21 @@ pub(crate) fn task_loss(outputs: &T, batch: &SimBatch) -> T {
     }
 }
 
+/// `meta::loss::output_hessian_product`: `H_z·ż` of the task loss in the outputs
+/// (the mean squared error's `2ż/count`, or the cross-entropy's
+/// `(diag(p) − ppᵀ)·ż/N`).
+pub(crate) fn output_hessian_product(outputs: &T, batch: &SimBatch, z_dot: &T) -> T {
+    if batch.targets.is_some() {
+        return z_dot.affine(2.0 / outputs.elem_count().max(1) as f64);
+    }
+    let n = outputs.dims()[0].max(1) as f64;
+    let p = softmax(&outputs.detach());
+    let p_dot = p.mul(z_dot).sum_keepdim(&[1]);
+    p.mul(z_dot)
+        .sub(&p.broadcast_binary(&p_dot, Bin::Mul))
+        .affine(1.0 / n)
+}
+
 /// Per-batch constants of a transformer stack (`models::StackContext`), alive while
 /// its layers run.
 #[derive(Debug)]
