@@ -158,7 +158,7 @@ pub fn episode_source(
                 k_shot,
                 n_query,
                 seed: episode_seed,
-                ..SyntheticText::default()
+                ..SyntheticText::with_max_length(text_encoder.max_length())?
             }),
             SyntheticTask::Sinusoid => Arc::new(SinusoidTasks {
                 k_shot,

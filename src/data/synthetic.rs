@@ -103,6 +103,27 @@ pub struct TextTask {
 }
 
 impl SyntheticText {
+    /// The default family with sequences of at most `max_length` tokens (the model's
+    /// `model.max_length`): lengths uniform in `[min(8, max_length), min(32,
+    /// max_length)]`. At least 3 tokens (the leading id and two content ids).
+    pub fn with_max_length(max_length: usize) -> Result<Self> {
+        let default = Self::default();
+        if max_length < 3 {
+            return Err(Error::Config {
+                key: "model.max_length".into(),
+                message: format!(
+                    "synthetic text sequences need at least 3 tokens, got {max_length}"
+                ),
+            });
+        }
+        let max_len = default.max_len.min(max_length);
+        Ok(Self {
+            min_len: default.min_len.min(max_len),
+            max_len,
+            ..default
+        })
+    }
+
     fn check(&self) -> Result<()> {
         let first = self.first_content_id();
         let unit = |name: &str, v: f64| {

@@ -640,6 +640,38 @@ fn fashion_mnist_reads_when_installed() {
     assert_eq!(data.num_examples(), 10_000);
 }
 
+/// `model.max_length` (the encoder's length) bounds the synthetic text sequences, as
+/// it bounds tokenised texts; too short a length for the family is a config error.
+#[test]
+fn synthetic_text_honours_the_model_max_length() {
+    let config = crate::config::DataConfig::default();
+    for max_length in [3, 5, 12, 32, 64] {
+        let encoder = WordHashTokenizer::tiny(max_length);
+        let source = episode_source(&config, 1, Split::Train, &encoder, &Device::Cpu).unwrap();
+        let longest = (0..20)
+            .map(|i| {
+                let e = source.episode(i).unwrap();
+                let len = |b: &Batch| b.tokens().unwrap().input_ids.dims()[1];
+                len(&e.support).max(len(&e.query))
+            })
+            .max()
+            .unwrap();
+        assert!(longest <= max_length, "{longest} tokens under {max_length}");
+        assert_eq!(longest, max_length.min(32), "the longest of 20 episodes");
+    }
+    let err = episode_source(
+        &config,
+        1,
+        Split::Train,
+        &WordHashTokenizer::tiny(2),
+        &Device::Cpu,
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(err.contains("model.max_length"), "{err}");
+}
+
 #[test]
 fn configured_sources_split_by_class_and_follow_the_config() {
     let device = Device::Cpu;

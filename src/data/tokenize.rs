@@ -149,6 +149,10 @@ impl EncodeText for TextTokenizer {
     fn pad_id(&self) -> u32 {
         self.pad_id
     }
+
+    fn max_length(&self) -> usize {
+        self.max_length
+    }
 }
 
 /// Turns one text into token ids (truncated, special tokens included), so that a
@@ -158,6 +162,9 @@ pub trait EncodeText {
     fn encode(&self, text: &str) -> Result<Vec<u32>>;
     /// The id batches are padded with.
     fn pad_id(&self) -> u32;
+    /// The longest sequence `encode` returns (`model.max_length`); synthetic text
+    /// sources generate no longer sequences either.
+    fn max_length(&self) -> usize;
 }
 
 /// A tokeniser that needs no file, for the built-in tiny models: lower-cased words
@@ -213,6 +220,10 @@ impl EncodeText for WordHashTokenizer {
 
     fn pad_id(&self) -> u32 {
         0
+    }
+
+    fn max_length(&self) -> usize {
+        self.max_length
     }
 }
 

@@ -372,7 +372,7 @@ pub(crate) fn model_spec(config: &Config) -> Result<Spec> {
             // Batches are padded to their longest sequence: at most max_length
             // tokens, and synthetic texts are never longer than the generator's limit.
             let t = if synthetic {
-                SyntheticText::default().max_len
+                SyntheticText::with_max_length(config.model.max_length)?.max_len
             } else {
                 config.model.max_length
             };

@@ -242,3 +242,19 @@ fn precision_combinations_training_refuses_are_refused() {
         assert!(plan(&precise(c, Precision::F32, Quantization::Int8)).is_err());
     }
 }
+
+/// Synthetic text is planned at the sequence length it is generated with: at most
+/// `model.max_length`, at most the generator's 32.
+#[test]
+fn synthetic_text_is_planned_at_the_model_max_length() {
+    for (max_length, planned) in [(8, 8), (16, 16), (32, 32), (64, 32)] {
+        let mut c = Config::default();
+        c.model.max_length = max_length;
+        let spec = spec::model_spec(&c).unwrap();
+        assert_eq!(
+            spec.sequence_length(),
+            Some(planned),
+            "max_length {max_length}"
+        );
+    }
+}
