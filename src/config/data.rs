@@ -90,6 +90,11 @@ pub struct DataConfig {
     pub image_size: usize,
     /// Add each Omniglot character rotated by 90°, 180° and 270° as new classes.
     pub rotations: bool,
+    /// Seed of the split of a data set's classes into meta-train, meta-validation and
+    /// meta-test classes; `None` (the default) uses the top-level `seed`. `melora full`
+    /// fixes it for the whole experiment, so that runs of other seeds never train on
+    /// the test classes.
+    pub split_seed: Option<u64>,
     /// Fraction of the classes to meta-train on, in [0, 1).
     pub train_fraction: f64,
     /// Fraction of the classes to validate on, in [0, 1); the rest are test classes.
@@ -112,6 +117,7 @@ impl Default for DataConfig {
             label_column: "label".into(),
             image_size: 28,
             rotations: false,
+            split_seed: None,
             train_fraction: 0.6,
             val_fraction: 0.2,
             small_classes: SmallClasses::Skip,

@@ -138,10 +138,7 @@ pub fn idx_files(path: &Path) -> Result<(PathBuf, PathBuf)> {
     ))
 }
 
-/// Episodes of `split` as `config` describes them. Synthetic families (also under
-/// `synthetic_only`) draw fresh tasks from a seed that depends on the split; real data
-/// sets are loaded with [`load_dataset`], split by class with the configured fractions
-/// (seeded by `seed`) and sampled N-way K-shot Q-query.
+/// Episodes of `split` as `config` describes them (see [`episode_sources`]).
 pub fn episode_source(
     config: &DataConfig,
     seed: u64,
@@ -149,61 +146,95 @@ pub fn episode_source(
     text_encoder: &dyn EncodeText,
     device: &Device,
 ) -> Result<Arc<dyn EpisodeSource>> {
-    let episode_seed = seed.wrapping_add(split.salt());
+    let mut sources = episode_sources(config, seed, &[split], text_encoder, device)?;
+    Ok(sources.remove(0))
+}
+
+/// Episodes of each of `splits` as `config` describes them, a real data set read
+/// once for all. Synthetic families (also under `synthetic_only`) draw fresh tasks
+/// from a seed that depends on the split; real data sets are loaded with
+/// [`load_dataset`], split by class with the configured fractions (seeded by
+/// `data.split_seed`, or `seed` when it is unset) and sampled N-way K-shot Q-query
+/// with episode seeds from `seed`.
+pub fn episode_sources(
+    config: &DataConfig,
+    seed: u64,
+    splits: &[Split],
+    text_encoder: &dyn EncodeText,
+    device: &Device,
+) -> Result<Vec<Arc<dyn EpisodeSource>>> {
     if config.synthetic_only || config.source == DataSource::Synthetic {
-        let (n_way, k_shot, n_query) = (config.n_way, config.k_shot, config.n_query);
-        return Ok(match config.synthetic_task {
-            SyntheticTask::Text => Arc::new(SyntheticText {
-                n_way,
-                k_shot,
-                n_query,
-                seed: episode_seed,
-                ..SyntheticText::with_max_length(text_encoder.max_length())?
-            }),
-            SyntheticTask::Sinusoid => Arc::new(SinusoidTasks {
-                k_shot,
-                n_query,
-                seed: episode_seed,
-            }),
-            SyntheticTask::Images => Arc::new(SyntheticImages {
-                size: config.image_size,
-                n_way,
-                k_shot,
-                n_query,
-                seed: episode_seed,
-                ..SyntheticImages::default()
-            }),
-        });
+        return splits
+            .iter()
+            .map(|&split| synthetic_source(config, seed.wrapping_add(split.salt()), text_encoder))
+            .collect();
     }
     let data = load_dataset(config, text_encoder)?;
-    let splits = ClassSplits::by_fraction(
+    let splits_of_classes = ClassSplits::by_fraction(
         data.class_sizes().len(),
         config.train_fraction,
         config.val_fraction,
-        seed,
+        config.split_seed.unwrap_or(seed),
     )?;
-    let ids = match split {
-        Split::Train => &splits.train,
-        Split::Val => &splits.val,
-        Split::Test => &splits.test,
-    };
-    let data = data.subset(ids)?;
     let policy = match config.small_classes {
         SmallClasses::Skip => SmallClassPolicy::Skip,
         SmallClasses::Error => SmallClassPolicy::Error,
     };
-    let sampler = EpisodeSampler::new(
-        data.class_sizes(),
-        &data.class_names(),
-        config.n_way,
-        config.k_shot,
-        config.n_query,
-        policy,
-    )?;
-    Ok(Arc::new(DatasetEpisodes::new(
-        Arc::new(data),
-        sampler,
-        episode_seed,
-        device.clone(),
-    )?))
+    splits
+        .iter()
+        .map(|&split| {
+            let ids = match split {
+                Split::Train => &splits_of_classes.train,
+                Split::Val => &splits_of_classes.val,
+                Split::Test => &splits_of_classes.test,
+            };
+            let data = data.subset(ids)?;
+            let sampler = EpisodeSampler::new(
+                data.class_sizes(),
+                &data.class_names(),
+                config.n_way,
+                config.k_shot,
+                config.n_query,
+                policy,
+            )?;
+            let source: Arc<dyn EpisodeSource> = Arc::new(DatasetEpisodes::new(
+                Arc::new(data),
+                sampler,
+                seed.wrapping_add(split.salt()),
+                device.clone(),
+            )?);
+            Ok(source)
+        })
+        .collect()
+}
+
+/// The synthetic family of `config` with episode seed `episode_seed`.
+fn synthetic_source(
+    config: &DataConfig,
+    episode_seed: u64,
+    text_encoder: &dyn EncodeText,
+) -> Result<Arc<dyn EpisodeSource>> {
+    let (n_way, k_shot, n_query) = (config.n_way, config.k_shot, config.n_query);
+    Ok(match config.synthetic_task {
+        SyntheticTask::Text => Arc::new(SyntheticText {
+            n_way,
+            k_shot,
+            n_query,
+            seed: episode_seed,
+            ..SyntheticText::with_max_length(text_encoder.max_length())?
+        }),
+        SyntheticTask::Sinusoid => Arc::new(SinusoidTasks {
+            k_shot,
+            n_query,
+            seed: episode_seed,
+        }),
+        SyntheticTask::Images => Arc::new(SyntheticImages {
+            size: config.image_size,
+            n_way,
+            k_shot,
+            n_query,
+            seed: episode_seed,
+            ..SyntheticImages::default()
+        }),
+    })
 }

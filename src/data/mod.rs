@@ -22,7 +22,7 @@ mod tokenize;
 mod tests;
 
 pub use batch::{regression_loss, Batch, Inputs, TokenInputs};
-pub use configured::{episode_source, idx_files, load_dataset, Split};
+pub use configured::{episode_source, episode_sources, idx_files, load_dataset, Split};
 pub use dataset::{Class, ClassSplits, Dataset};
 pub use episode::Episode;
 pub use prefetch::Prefetcher;

@@ -14,6 +14,12 @@ use crate::{Error, Result};
 pub trait EpisodeSource: Send + Sync {
     /// Episode `index`.
     fn episode(&self, index: u64) -> Result<Episode>;
+    /// The names of the classes episodes are drawn from (one split of a data set, the
+    /// classes with enough examples), for the record of what a run trained and was
+    /// tested on; `None` for synthetic families, which make new classes for every task.
+    fn class_names(&self) -> Option<Vec<String>> {
+        None
+    }
 }
 
 /// A data set decoded into model inputs, ready to batch.
@@ -296,5 +302,16 @@ impl DatasetEpisodes {
 impl EpisodeSource for DatasetEpisodes {
     fn episode(&self, index: u64) -> Result<Episode> {
         self.episode_of(&self.sampler.episode(self.seed, index))
+    }
+
+    fn class_names(&self) -> Option<Vec<String>> {
+        let names = self.data.class_names();
+        Some(
+            self.sampler
+                .eligible()
+                .iter()
+                .map(|&c| names[c].clone())
+                .collect(),
+        )
     }
 }

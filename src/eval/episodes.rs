@@ -53,6 +53,9 @@ pub struct Evaluation {
     /// Peak heap bytes above the level at the start of the evaluation (adaptation
     /// graphs, episode data); `None` when the counting allocator is not installed.
     pub peak_bytes: Option<u64>,
+    /// The classes the test episodes were drawn from (`None` for synthetic tasks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub classes: Option<Vec<String>>,
 }
 
 /// A confidence interval in a serialisable form (see [`Interval`]).
@@ -172,7 +175,9 @@ pub fn evaluate_episodes(
         progress(index);
     }
     let peak_bytes = crate::memory::is_installed().then(|| meter.peak_above_baseline() as u64);
-    summarise(episodes, regression, confidence, peak_bytes)
+    let mut evaluation = summarise(episodes, regression, confidence, peak_bytes)?;
+    evaluation.classes = source.class_names();
+    Ok(evaluation)
 }
 
 /// Intervals and means of per-episode scores.
@@ -211,6 +216,7 @@ pub(crate) fn summarise(
         loss,
         adapt_seconds,
         peak_bytes,
+        classes: None,
     })
 }
 

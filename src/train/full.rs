@@ -10,7 +10,7 @@ use candle_core::Device;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Config, HessianKind, Method, Variant};
-use crate::data::{episode_source, Split};
+use crate::data::{episode_source, episode_sources, Split};
 use crate::eval::stats::{
     bootstrap_ci_diff, cohens_d_paired, mean_ci, paired_t_test, wilcoxon_signed_rank,
 };
@@ -42,8 +42,24 @@ pub struct RunRecord {
     /// Peak heap bytes of training (model, data, graphs) above the start, or of the
     /// evaluation for the fine-tuning baselines.
     pub peak_bytes: Option<u64>,
-    /// The test-episode scores.
+    /// The test-episode scores (with the classes they were drawn from).
     pub evaluation: Evaluation,
+    /// The classes meta-training drew its tasks from (`None` for synthetic tasks and
+    /// for the baselines that do not meta-train).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train_classes: Option<Vec<String>>,
+}
+
+/// The class-disjoint split of a data set's classes that every run of an experiment
+/// shares.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SplitRecord {
+    /// Meta-training classes.
+    pub train: Vec<String>,
+    /// Meta-validation classes (checkpoint selection, learning-rate sweeps).
+    pub val: Vec<String>,
+    /// Meta-test classes (every reported score).
+    pub test: Vec<String>,
 }
 
 /// A method's scores pooled over seeds.
@@ -131,6 +147,13 @@ pub struct FullResults {
     pub episodes: usize,
     /// Seed of the test episodes (the same for every run).
     pub episode_seed: u64,
+    /// Seed of the class split (`data.split_seed`, or the configuration's seed), the
+    /// same for every run whatever its training seed.
+    #[serde(default)]
+    pub split_seed: u64,
+    /// The classes of each split, for data sets (`None` for synthetic tasks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub splits: Option<SplitRecord>,
     /// Whether the tasks are regression (headline metric MSE, lower is better).
     pub regression: bool,
     /// Level of the confidence intervals.
@@ -210,11 +233,19 @@ pub fn run_full(
     let total = variants.len() * seeds + grid.len();
     let dir = experiment_dir(config);
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    // One class split for the whole experiment: a run of another training seed that
+    // split by its own seed would meta-train on classes the evaluation tests.
+    let split_seed = config.data.split_seed.unwrap_or(config.seed);
+    let mut config = config.clone();
+    config.data.split_seed = Some(split_seed);
+    let config = &config;
     let mut results = FullResults {
         experiment: config.tracking.experiment_name.clone(),
         main: main.to_string(),
         episodes: config.evaluation.episodes,
         episode_seed: config.seed,
+        split_seed,
+        splits: split_record(config)?,
         regression: false,
         confidence: config.evaluation.confidence,
         runs: Vec::new(),
@@ -336,12 +367,14 @@ fn train_and_evaluate(
     observer: &mut dyn FullObserver,
 ) -> Result<Option<RunRecord>> {
     let variant = Variant::of(config);
+    let mut train_classes = None;
     let (checkpoint, run, iterations, seconds, mut peak) = if variant.meta_trains() {
         let options = observer.train_options(label, config.meta_learning.num_iterations);
         let summary = train(config, &options)?;
         if summary.interrupted {
             return Ok(None);
         }
+        train_classes = summary.train_classes.clone();
         let best = summary.run_dir.join("best");
         let checkpoint = if best.exists() {
             best
@@ -381,6 +414,28 @@ fn train_and_evaluate(
         seconds_per_iteration: seconds,
         peak_bytes: peak,
         evaluation,
+        train_classes,
+    }))
+}
+
+/// The classes of each split of `config`'s data set (`None` for synthetic tasks).
+fn split_record(config: &Config) -> Result<Option<SplitRecord>> {
+    if config.data.synthetic_only || config.data.source == crate::config::DataSource::Synthetic {
+        return Ok(None);
+    }
+    let encoder = build_text_encoder(config)?;
+    let sources = episode_sources(
+        &config.data,
+        config.seed,
+        &[Split::Train, Split::Val, Split::Test],
+        encoder.as_ref(),
+        &Device::Cpu,
+    )?;
+    let names = |i: usize| sources[i].class_names().unwrap_or_default();
+    Ok(Some(SplitRecord {
+        train: names(0),
+        val: names(1),
+        test: names(2),
     }))
 }
 
@@ -538,4 +593,88 @@ pub fn load_results(dir: &Path) -> Result<FullResults> {
         path,
         message: format!("not a melora results file: {e}"),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Quiet;
+    impl FullObserver for Quiet {}
+
+    /// A JSONL data set of `classes` classes whose texts name their class.
+    fn jsonl(dir: &Path, classes: usize) -> PathBuf {
+        let path = dir.join("texts.jsonl");
+        let lines: String = (0..classes)
+            .flat_map(|c| {
+                (0..6).map(move |i| {
+                    format!("{{\"text\": \"word{c} other{c} {i}\", \"label\": \"class{c}\"}}\n")
+                })
+            })
+            .collect();
+        std::fs::write(&path, lines).unwrap();
+        path
+    }
+
+    /// With several training seeds on a data set, every run meta-trains on the same
+    /// meta-train classes and is tested on the same meta-test classes, disjoint from
+    /// them, and results.json records the split.
+    #[test]
+    fn every_seed_of_an_experiment_shares_one_class_split() {
+        let dir = tempfile::tempdir().unwrap();
+        let yaml = format!(
+            "seed: 42\nmodel:\n  name: tiny-bert\n  max_length: 8\nlora:\n  rank: 2\n\
+             meta_learning:\n  method: fomaml\n  meta_batch_size: 1\n  num_iterations: 2\n  \
+             inner:\n    lr: 0.1\n\
+             data:\n  source: jsonl\n  path: {}\n  n_way: 2\n  k_shot: 1\n  n_query: 1\n\
+             evaluation:\n  episodes: 3\n  eval_every: 2\n  val_episodes: 1\n\
+             comparison:\n  baselines: [lora-finetune]\n  memory_inner_steps: []\n",
+            jsonl(dir.path(), 20).display()
+        );
+        let mut config = Config::from_yaml_str(&yaml).unwrap();
+        config.tracking.output_dir = dir.path().join("runs");
+        let options = FullOptions {
+            skip_baselines: false,
+            seeds: Some(3),
+        };
+        let results = run_full(&config, &options, &mut Quiet).unwrap();
+        assert_eq!(results.split_seed, 42);
+        let splits = results
+            .splits
+            .clone()
+            .expect("a data set's split is recorded");
+        let set = |v: &[String]| v.iter().cloned().collect::<std::collections::HashSet<_>>();
+        let (train, val, test) = (set(&splits.train), set(&splits.val), set(&splits.test));
+        assert!(train.is_disjoint(&test) && train.is_disjoint(&val) && val.is_disjoint(&test));
+        assert_eq!(train.len() + val.len() + test.len(), 20);
+        assert_eq!(results.runs.len(), 6);
+        for run in &results.runs {
+            let tested = set(run.evaluation.classes.as_deref().expect("test classes"));
+            assert_eq!(
+                tested, test,
+                "{} seed {} is tested elsewhere",
+                run.label, run.seed
+            );
+            if let Some(trained) = &run.train_classes {
+                let trained = set(trained);
+                assert!(
+                    trained.is_disjoint(&tested),
+                    "{} seed {} trained on test classes",
+                    run.label,
+                    run.seed
+                );
+                assert_eq!(trained, train, "{} seed {}", run.label, run.seed);
+            }
+        }
+        assert_eq!(
+            results
+                .runs
+                .iter()
+                .filter(|r| r.train_classes.is_some())
+                .count(),
+            3
+        );
+        let saved = load_results(&experiment_dir(&config)).unwrap();
+        assert_eq!(saved.splits, Some(splits));
+    }
 }

@@ -13,7 +13,8 @@ mod step;
 pub use evaluate::{evaluate, save_evaluation, EvaluateOptions};
 pub use full::{
     experiment_dir, load_results, run_full, save_results, AblationPoint, Comparison, FullObserver,
-    FullOptions, FullResults, MemoryPoint, MethodSummary, RunRecord, TestRecord, RESULTS_FILE,
+    FullOptions, FullResults, MemoryPoint, MethodSummary, RunRecord, SplitRecord, TestRecord,
+    RESULTS_FILE,
 };
 pub use outer::{average, clip_global_norm, OuterUpdate};
 pub use run::{

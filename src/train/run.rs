@@ -14,7 +14,7 @@ use candle_core::Device;
 use std::time::Instant;
 
 use crate::config::{Config, Variant};
-use crate::data::{episode_source, EpisodeSource, Prefetcher, Split};
+use crate::data::{episode_sources, EpisodeSource, Prefetcher, Split};
 use crate::eval::evaluate_episodes;
 use crate::memory::MemoryMeter;
 use crate::memory::{format_bytes, BudgetGuard};
@@ -102,6 +102,8 @@ pub struct TrainSummary {
     /// Peak heap bytes of the run above the level at its start (model, data,
     /// training); `None` without the counting allocator.
     pub peak_bytes: Option<u64>,
+    /// The classes meta-training drew its tasks from (`None` for synthetic tasks).
+    pub train_classes: Option<Vec<String>>,
 }
 
 /// The mean validation score over the first `count` episodes of `source`: accuracy,
@@ -198,20 +200,15 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainSummary> {
         },
     )?;
     let device = Device::Cpu;
-    let train_source = episode_source(
+    let mut sources = episode_sources(
         &config.data,
         config.seed,
-        Split::Train,
+        &[Split::Train, Split::Val],
         encoder.as_ref(),
         &device,
     )?;
-    let val_source = episode_source(
-        &config.data,
-        config.seed,
-        Split::Val,
-        encoder.as_ref(),
-        &device,
-    )?;
+    let (train_source, val_source) = (sources.remove(0), sources.remove(0));
+    let train_classes = train_source.class_names();
     let meta_batch = config.meta_learning.meta_batch_size;
     let total = config.meta_learning.num_iterations;
     let mut prefetcher = Prefetcher::new(train_source, (start * meta_batch) as u64, meta_batch, 2)?;
@@ -242,6 +239,7 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainSummary> {
         stopped_early: false,
         seconds_per_iteration: None,
         peak_bytes: None,
+        train_classes,
     };
     let mut times = Vec::new();
     // The budget holds for the whole process (model, data and steps), as planned.
