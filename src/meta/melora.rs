@@ -357,7 +357,7 @@ mod tests {
                 block_diagonal_product(&model, &params, &task.support, &v, Mode::Eval),
                 gauss_newton_product(&model, &params, &task.support, &v, Mode::Eval),
             ] {
-                let err = result.err().expect("a mismatched direction is refused");
+                let err = result.expect_err("a mismatched direction is refused");
                 assert!(matches!(err, Error::Params(_)), "{err}");
             }
         }
