@@ -258,9 +258,9 @@ fn profile_refuses_bad_input_with_one_line() {
     let path = write(
         dir.path(),
         "conv4.yml",
-        "model:\n  name: conv4\ndata:\n  synthetic_task: images\n  image_size: 32\n",
+        "model:\n  name: conv4\ndata:\n  synthetic_task: images\n  image_size: 12\n",
     );
-    assert_user_error(&melora(&["profile", "--config", &path]), "set it to 28");
+    assert_user_error(&melora(&["profile", "--config", &path]), "at least 16");
 }
 
 /// With a budget, `profile` measures the configuration `train` would run: below the

@@ -86,7 +86,8 @@ pub struct DataConfig {
     pub text_column: String,
     /// Field or column holding the class label (also of `tabular`).
     pub label_column: String,
-    /// Side of the square images after resizing (`omniglot`).
+    /// Side of the square images: Omniglot and IDX images are resized to it (area
+    /// averaging), synthetic images made at it, and `conv4` built for it (at least 16).
     pub image_size: usize,
     /// Add each Omniglot character rotated by 90°, 180° and 270° as new classes.
     pub rotations: bool,

@@ -43,6 +43,7 @@ mod memory_optimization;
 mod meta_learning;
 mod model;
 mod overrides;
+pub(crate) mod pairing;
 mod tracking;
 mod validate;
 
@@ -188,6 +189,7 @@ impl Config {
                 ),
             ));
         }
+        pairing::validate(self)?;
         self.validate_precision()
     }
 
@@ -196,8 +198,7 @@ impl Config {
     fn validate_precision(&self) -> Result<()> {
         let precision = self.memory_optimization.precision;
         // conv4 and mlp train every parameter: there is no frozen base to store differently.
-        let builtin = |name: &str| self.model.path.is_none() && self.model.name == name;
-        let all_trained = builtin("conv4") || builtin("mlp");
+        let all_trained = pairing::ModelKind::of(self).trains_everything();
         if precision != Precision::F32 {
             if self.model.dtype != DType::F32 {
                 return Err(validate::invalid(

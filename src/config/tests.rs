@@ -509,17 +509,19 @@ fn precision_and_quantization_combinations() {
             "model.dtype: f32",
         ),
         (
-            "model:\n  name: conv4\nmemory_optimization:\n  precision: bf16\n",
+            "model:\n  name: conv4\ndata:\n  synthetic_task: images\nmemory_optimization:\n  \
+             precision: bf16\n",
             "memory_optimization.precision",
             "conv4",
         ),
         (
-            "model:\n  name: conv4\n  quantization: int8\n",
+            "model:\n  name: conv4\n  quantization: int8\ndata:\n  synthetic_task: images\n",
             "model.quantization",
             "conv4",
         ),
         (
-            "model:\n  name: mlp\nmemory_optimization:\n  precision: bf16\n",
+            "model:\n  name: mlp\ndata:\n  synthetic_task: sinusoid\nmemory_optimization:\n  \
+             precision: bf16\n",
             "memory_optimization.precision",
             "mlp",
         ),
@@ -548,5 +550,80 @@ fn precision_and_quantization_combinations() {
         let (key, message) = config_error(Config::from_yaml_str(yaml));
         assert_eq!(key, expected_key, "{yaml}");
         assert!(message.contains(fix), "{yaml}: {message}");
+    }
+}
+
+/// A model that cannot read the configured tasks, LoRA settings for a model without
+/// adapters and an image size Conv4 cannot read are refused at validation, naming the
+/// key and the fix; the pairings that work pass.
+#[test]
+fn models_and_data_sources_that_do_not_fit_are_refused() {
+    let refused = [
+        (
+            "model:\n  name: conv4\ndata:\n  synthetic_task: images\nlora:\n  rank: 4\n",
+            "lora.rank",
+            "no LoRA",
+        ),
+        (
+            "model:\n  name: mlp\ndata:\n  synthetic_task: sinusoid\nlora:\n  alpha: 4\n",
+            "lora.alpha",
+            "no LoRA",
+        ),
+        (
+            "model:\n  name: conv4\ndata:\n  synthetic_task: images\nlora:\n  target_modules: \
+             [query]\n",
+            "lora.target_modules",
+            "no LoRA",
+        ),
+        (
+            "model:\n  name: conv4\ndata:\n  synthetic_task: images\ncomparison:\n  ablation:\n    \
+             lora_ranks: [2, 4]\n",
+            "comparison.ablation.lora_ranks",
+            "no LoRA",
+        ),
+        (
+            "model:\n  name: conv4\ndata:\n  synthetic_task: images\n  image_size: 12\n",
+            "data.image_size",
+            "at least 16",
+        ),
+        (
+            "data:\n  source: tabular\n  path: t.csv\n",
+            "data.source",
+            "model.name: mlp",
+        ),
+        (
+            "model:\n  name: conv4\n",
+            "model.name",
+            "data.synthetic_task: images",
+        ),
+        (
+            "model:\n  name: mlp\ndata:\n  source: wordnet\n",
+            "model.name",
+            "data.source: tabular",
+        ),
+        (
+            "data:\n  source: omniglot\n  path: o\n",
+            "model.name",
+            "conv4",
+        ),
+        (
+            "data:\n  synthetic_task: sinusoid\n",
+            "data.synthetic_task",
+            "model.name: mlp",
+        ),
+    ];
+    for (yaml, expected_key, fix) in refused {
+        let (key, message) = config_error(Config::from_yaml_str(yaml));
+        assert_eq!(key, expected_key, "{yaml}");
+        assert!(message.contains(fix), "{yaml}: {message}");
+    }
+    for yaml in [
+        "model:\n  name: conv4\ndata:\n  synthetic_task: images\n  image_size: 32\n",
+        "model:\n  name: conv4\ndata:\n  source: idx\n  path: x\n",
+        "model:\n  name: mlp\ndata:\n  source: tabular\n  path: t.csv\n",
+        "model:\n  name: mlp\ndata:\n  synthetic_task: sinusoid\nlora:\n  rank: 8\n",
+        "data:\n  source: wordnet\nlora:\n  rank: 2\n",
+    ] {
+        Config::from_yaml_str(yaml).unwrap_or_else(|e| panic!("{yaml}: {e}"));
     }
 }

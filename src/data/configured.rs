@@ -8,7 +8,7 @@ use candle_core::Device;
 
 use super::readers::{
     read_idx_dataset, read_omniglot, read_tabular, read_text_csv, read_text_jsonl, read_wordnet,
-    OmniglotOptions, TextColumns, WORDNET_DIR,
+    resize_area, OmniglotOptions, TextColumns, WORDNET_DIR,
 };
 use super::{
     ClassSplits, DatasetEpisodes, EncodeText, EncodedDataset, EpisodeSampler, EpisodeSource,
@@ -85,11 +85,18 @@ pub fn load_dataset(config: &DataConfig, text_encoder: &dyn EncodeText) -> Resul
         DataSource::Idx => {
             let (images, labels) = idx_files(&path()?)?;
             let (dataset, height, width) = read_idx_dataset(&images, &labels)?;
+            // Resized (area averaging) to data.image_size, as Omniglot is.
+            let size = config.image_size;
+            let dataset = if (height, width) == (size, size) {
+                dataset
+            } else {
+                dataset.map(|image| Ok(resize_area(&image, width, height, size)))?
+            };
             Ok(EncodedDataset::Images {
                 dataset,
                 channels: 1,
-                height,
-                width,
+                height: size,
+                width: size,
             })
         }
         DataSource::Tabular => Ok(EncodedDataset::Rows {

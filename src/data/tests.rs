@@ -719,3 +719,40 @@ fn configured_sources_split_by_class_and_follow_the_config() {
     let (train, test) = (names(Split::Train), names(Split::Test));
     assert!(!train.is_empty() && train.is_disjoint(&test));
 }
+
+/// IDX images are resized to `data.image_size`, as Omniglot's are, so Conv4 (built for
+/// that size) reads them.
+#[test]
+fn idx_images_are_resized_to_the_configured_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let (images, labels) = (
+        dir.path().join("train-images-idx3-ubyte"),
+        dir.path().join("train-labels-idx1-ubyte"),
+    );
+    let pixels: Vec<u8> = (0..6 * 20 * 20).map(|i| (i % 251) as u8).collect();
+    write_idx(&images, &[6, 20, 20], &pixels, false);
+    write_idx(&labels, &[6], &[0, 1, 0, 1, 0, 1], false);
+    let mut config = crate::config::DataConfig {
+        source: crate::config::DataSource::Idx,
+        path: Some(dir.path().to_path_buf()),
+        ..Default::default()
+    };
+    for size in [20, 16, 28] {
+        config.image_size = size;
+        match load_dataset(&config, &WordHashTokenizer::tiny(8)).unwrap() {
+            EncodedDataset::Images {
+                dataset,
+                height,
+                width,
+                ..
+            } => {
+                assert_eq!((height, width), (size, size));
+                assert!(dataset
+                    .classes()
+                    .iter()
+                    .all(|c| c.examples.iter().all(|e| e.len() == size * size)));
+            }
+            other => panic!("IDX gives images, got {other:?}"),
+        }
+    }
+}

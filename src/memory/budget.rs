@@ -13,6 +13,8 @@
 //!   the micro-batch, which gives the same gradient (accumulation is exact up to
 //!   float rounding).
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use crate::config::{BudgetLever, Config, Precision};
 use crate::{Error, Result};
 
@@ -302,10 +304,21 @@ pub struct BudgetGuard {
     budget: u64,
 }
 
+/// Heap bytes the armed budget is counted above (see [`BudgetGuard::arm_above`]).
+static BUDGET_BASE: AtomicUsize = AtomicUsize::new(0);
+
 impl BudgetGuard {
-    /// Arms the allocator with `budget` bytes. Fails without the counting allocator
-    /// (nothing would be measured).
+    /// Arms the allocator with `budget` bytes of the whole process's heap. Fails
+    /// without the counting allocator (nothing would be measured).
     pub fn arm(budget: u64) -> Result<Self> {
+        Self::arm_above(budget, 0)
+    }
+
+    /// Arms the allocator with `budget` bytes above `base` bytes of heap: a run's
+    /// budget counted from where the planner's prediction starts (building the model
+    /// on), not including the process's runtime set up before it (thread pools,
+    /// kernel workspaces), which `plan` does not predict either.
+    pub fn arm_above(budget: u64, base: usize) -> Result<Self> {
         if !super::is_installed() {
             return Err(Error::MemoryBudget(
                 "enforcing a budget needs the counting allocator, which this program does not \
@@ -313,7 +326,9 @@ impl BudgetGuard {
                     .into(),
             ));
         }
-        COUNTERS.set_limit(usize::try_from(budget).unwrap_or(usize::MAX));
+        BUDGET_BASE.store(base, Ordering::Relaxed);
+        let budget_bytes = usize::try_from(budget).unwrap_or(usize::MAX);
+        COUNTERS.set_limit(budget_bytes.saturating_add(base));
         Ok(BudgetGuard { budget })
     }
 
@@ -338,8 +353,9 @@ impl Drop for BudgetGuard {
 /// was armed or cleared; `Ok` otherwise (always, when no guard is armed).
 pub fn check_budget() -> Result<()> {
     if COUNTERS.over_limit() {
+        let base = BUDGET_BASE.load(Ordering::Relaxed);
         return Err(Error::OverBudget {
-            budget: COUNTERS.limit() as u64,
+            budget: COUNTERS.limit().saturating_sub(base) as u64,
         });
     }
     Ok(())
@@ -477,6 +493,7 @@ mod tests {
         // conv4 has no frozen base: bf16 is refused by validation, so it is skipped.
         let mut c = config();
         c.model.name = "conv4".into();
+        c.data.synthetic_task = crate::config::SyntheticTask::Images;
         c.memory_optimization.budget.order = vec![BudgetLever::Precision];
         let search = search_budget(&c, 1_000_000, &predict).unwrap();
         assert!(!search.fits);

@@ -42,12 +42,14 @@ pub const BUILTIN_MODELS: &[(&str, &str)] = &[
     ),
     (
         "conv4",
-        "Conv4 for 28x28 grey images: 4 blocks of 64 channels (all parameters trainable)",
+        "Conv4 for grey images of data.image_size pixels (28 by default, at least 16): 4 \
+         blocks of 64 channels (all parameters trainable)",
     ),
     (
         "mlp",
-        "MAML's sinusoid network: 1 input, 2 hidden layers of 40 with ReLU, one output per \
-         class (1 for regression); all parameters trainable",
+        "MAML's sinusoid network: one input per feature (1 for the sinusoid, the table's \
+         width for tabular data), 2 hidden layers of 40 with ReLU, one output per class (1 \
+         for regression); all parameters trainable",
     ),
 ];
 
@@ -145,15 +147,55 @@ fn build(
     })
 }
 
+/// Input sizes of the built-in models that read dense inputs; transformers ignore
+/// them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BuiltinInputs {
+    /// Side of `conv4`'s square grey images (28 for Omniglot and MNIST).
+    pub image_size: usize,
+    /// Features of each row the `mlp` reads (1: the sinusoid's x).
+    pub features: usize,
+}
+
+impl Default for BuiltinInputs {
+    fn default() -> Self {
+        Self {
+            image_size: Conv4Config::default().image_size,
+            features: MLP_INPUTS,
+        }
+    }
+}
+
 /// A built-in model with seeded random weights and a head for `classes` classes
-/// (`lora` is ignored by `conv4`, whose parameters are all trainable), in `precision`:
-/// a dtype for everything, or a [`ModelPrecision`] (mixed precision, int8 base).
+/// (`lora` is ignored by `conv4` and `mlp`, whose parameters are all trainable), in
+/// `precision`: a dtype for everything, or a [`ModelPrecision`] (mixed precision,
+/// int8 base). `conv4` reads 28×28 images and `mlp` one input; see
+/// [`builtin_with_inputs`] for other sizes.
 pub fn builtin(
     name: &str,
     seed: u64,
     precision: impl Into<ModelPrecision>,
     lora: Option<LoraSettings>,
     classes: usize,
+) -> Result<Box<dyn FewShotModel>> {
+    builtin_with_inputs(
+        name,
+        seed,
+        precision,
+        lora,
+        classes,
+        BuiltinInputs::default(),
+    )
+}
+
+/// [`builtin`] with `conv4`'s image size and the `mlp`'s input width given.
+pub fn builtin_with_inputs(
+    name: &str,
+    seed: u64,
+    precision: impl Into<ModelPrecision>,
+    lora: Option<LoraSettings>,
+    classes: usize,
+    inputs: BuiltinInputs,
 ) -> Result<Box<dyn FewShotModel>> {
     let precision = precision.into();
     precision.validate()?;
@@ -166,7 +208,10 @@ pub fn builtin(
     }
     if name == "conv4" {
         return Ok(Box::new(Conv4::new(
-            Conv4Config::default(),
+            Conv4Config {
+                image_size: inputs.image_size,
+                ..Conv4Config::default()
+            },
             classes,
             precision.frozen,
             &Device::Cpu,
@@ -174,7 +219,7 @@ pub fn builtin(
     }
     if name == "mlp" {
         return Ok(Box::new(Mlp::new(
-            MLP_INPUTS,
+            inputs.features,
             MLP_HIDDEN,
             classes,
             precision.frozen,

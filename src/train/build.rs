@@ -12,7 +12,7 @@ use crate::meta::{
     Adapter, Finetune, Fomaml, HessianApproximation, InnerLoop, LoraFinetune, Maml, MamlMode,
     Melora, MetaLearner, Reptile,
 };
-use crate::models::load::{builtin, from_directory};
+use crate::models::load::{builtin_with_inputs, from_directory, BuiltinInputs};
 use crate::models::{FewShotModel, LoraSettings, ModelPrecision, Quantization};
 use crate::nn::{LoraInit, LoraSpec};
 use crate::optim::{LossScaler, Optimizer, OptimizerKind, Schedule};
@@ -63,12 +63,13 @@ pub fn build_model(config: &Config) -> Result<Box<dyn FewShotModel>> {
     let outputs = model_outputs(config)?;
     let mut model = match &config.model.path {
         Some(dir) => from_directory(dir, model_precision(config), Some(lora), outputs)?,
-        None => builtin(
+        None => builtin_with_inputs(
             &config.model.name,
             config.seed,
             model_precision(config),
             Some(lora),
             outputs,
+            builtin_inputs(config)?,
         )?,
     };
     if config.memory_optimization.checkpointing.selective {
@@ -81,34 +82,52 @@ pub fn build_model(config: &Config) -> Result<Box<dyn FewShotModel>> {
 }
 
 /// Outputs of the configured model's head: one per class, or one for the sinusoid
-/// regression, which only the `mlp` model reads (and which is all it reads): any
-/// other pairing is an error naming the fix. The memory planner sizes the head with
-/// it too.
+/// regression. A model that cannot read the configured tasks is an error naming the
+/// fix (`config::pairing`, which validation applies too). The memory planner sizes the
+/// head with it too.
 pub(crate) fn model_outputs(config: &Config) -> Result<usize> {
-    let regression = is_sinusoid(config);
-    let mlp = config.model.path.is_none() && config.model.name == "mlp";
-    if regression != mlp {
-        return Err(Error::InvalidArgument(if regression {
-            format!(
-                "sinusoid regression tasks have one real input, which `{}` cannot read; \
-                 use model.name: mlp",
-                config.model.name
-            )
-        } else {
-            "the mlp model reads one real input (sinusoid regression); use \
-             data.synthetic_task: sinusoid with data.synthetic_only: true or data.source: \
-             synthetic, or another model"
-                .into()
-        }));
-    }
+    config::pairing::validate(config)?;
     // A regression network has one output, whatever n_way says.
-    Ok(if regression { 1 } else { config.data.n_way })
+    Ok(if is_sinusoid(config) {
+        1
+    } else {
+        config.data.n_way
+    })
 }
 
 /// Whether the configured tasks are the synthetic sinusoid regressions.
 pub(crate) fn is_sinusoid(config: &Config) -> bool {
-    (config.data.synthetic_only || config.data.source == config::DataSource::Synthetic)
-        && config.data.synthetic_task == config::SyntheticTask::Sinusoid
+    config::pairing::TaskInputs::of(config) == config::pairing::TaskInputs::Regression
+}
+
+/// The input sizes of the built-in dense models: Conv4 reads `data.image_size` images;
+/// the MLP one input for the sinusoid, or one per feature of a table (read from the
+/// file: categorical columns are one-hot encoded over the values they take).
+pub(crate) fn builtin_inputs(config: &Config) -> Result<BuiltinInputs> {
+    let mut inputs = BuiltinInputs {
+        image_size: config.data.image_size,
+        ..BuiltinInputs::default()
+    };
+    if config::pairing::TaskInputs::of(config) == config::pairing::TaskInputs::Rows
+        && config::pairing::ModelKind::of(config) == config::pairing::ModelKind::Mlp
+    {
+        let path = config.data.path.as_deref().ok_or_else(|| Error::Config {
+            key: "data.path".into(),
+            message: "required when data.source is `tabular`".into(),
+        })?;
+        let table = crate::data::readers::read_tabular(path, &config.data.label_column)?;
+        if table.features.is_empty() {
+            return Err(Error::Format {
+                path: path.into(),
+                message: format!(
+                    "no feature columns besides the label column `{}`",
+                    config.data.label_column
+                ),
+            });
+        }
+        inputs.features = table.features.len();
+    }
+    Ok(inputs)
 }
 
 /// The text encoder: the model folder's `tokenizer.json`, or for built-in models a
@@ -300,7 +319,8 @@ mod tests {
             "{err}"
         );
         let err = build_model(&config(
-            "model:\n  name: conv4\nmemory_optimization:\n  checkpointing:\n    enabled: true\n",
+            "model:\n  name: conv4\ndata:\n  synthetic_task: images\nmemory_optimization:\n  \
+             checkpointing:\n    enabled: true\n",
         ))
         .err()
         .unwrap()
@@ -330,5 +350,74 @@ mod tests {
         let (plain, checkpointed) = (run(false, "plain"), run(true, "checkpointed"));
         let gap = checkpointed.sub(&plain).unwrap().norm().unwrap() / plain.norm().unwrap();
         assert!(gap < 1e-5, "checkpointed training differs by {gap:.3e}");
+    }
+
+    /// Conv4 is built for data.image_size (it read only 28×28 before and failed at the
+    /// first forward pass of other sizes), and the planner plans that size.
+    #[test]
+    fn conv4_trains_on_images_of_the_configured_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = config(
+            "model:\n  name: conv4\nmeta_learning:\n  method: fomaml\n  meta_batch_size: 1\n  \
+             num_iterations: 2\ndata:\n  synthetic_task: images\n  image_size: 36\n  n_way: 3\n  \
+             k_shot: 1\n  n_query: 1\nevaluation:\n  episodes: 2\n  eval_every: 2\n  \
+             val_episodes: 1\n",
+        );
+        config.tracking.output_dir = dir.path().to_path_buf();
+        let summary = crate::train::train(&config, &crate::train::TrainOptions::default()).unwrap();
+        assert_eq!(summary.iterations, 2);
+        // 36 → 18 → 9 → 4 → 2: a head over 64·2·2 features.
+        assert_eq!(
+            summary.params.require("classifier.weight").unwrap().dims(),
+            [3, 256]
+        );
+        let plan = crate::memory::planner::plan(&config).unwrap();
+        assert!(plan.peak_bytes > 0);
+    }
+
+    /// The MLP reads tabular rows, one input per feature (categorical columns one-hot),
+    /// and classifies them; the planner plans it.
+    #[test]
+    fn the_mlp_trains_on_a_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("table.csv");
+        let mut rows = String::from("size,weight,colour,kind\n");
+        for class in 0..8 {
+            for i in 0..6 {
+                let colour = if i % 2 == 0 { "red" } else { "blue" };
+                rows.push_str(&format!("{},{}.5,{colour},k{class}\n", class * 10 + i, i));
+            }
+        }
+        std::fs::write(&path, rows).unwrap();
+        let mut config = config(&format!(
+            "model:\n  name: mlp\nmeta_learning:\n  method: maml\n  meta_batch_size: 2\n  \
+             num_iterations: 2\n  inner:\n    lr: 0.1\ndata:\n  source: tabular\n  path: {}\n  \
+             label_column: kind\n  n_way: 2\n  k_shot: 2\n  n_query: 2\n  train_fraction: 0.5\n  \
+             val_fraction: 0.25\nevaluation:\n  episodes: 2\n  eval_every: 2\n  \
+             val_episodes: 1\n",
+            path.display()
+        ));
+        config.tracking.output_dir = dir.path().join("runs");
+        assert_eq!(builtin_inputs(&config).unwrap().features, 4);
+        let summary = crate::train::train(&config, &crate::train::TrainOptions::default()).unwrap();
+        assert_eq!(
+            summary.params.require("layers.0.weight").unwrap().dims(),
+            [40, 4]
+        );
+        assert_eq!(
+            summary.params.require("classifier.weight").unwrap().dims(),
+            [2, 40]
+        );
+        let evaluation = crate::train::evaluate(
+            &config,
+            &crate::train::EvaluateOptions {
+                checkpoint: Some(summary.run_dir.join("last")),
+                ..Default::default()
+            },
+            &mut |_| {},
+        )
+        .unwrap();
+        assert!(evaluation.accuracy.is_some());
+        assert!(crate::memory::planner::plan(&config).unwrap().peak_bytes > 0);
     }
 }

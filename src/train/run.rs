@@ -242,12 +242,13 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainSummary> {
         train_classes,
     };
     let mut times = Vec::new();
-    // The budget holds for the whole process (model, data and steps), as planned.
+    // The budget holds for the run from building the model on (model, data and
+    // steps), which is what the planner predicts.
     let guard = config
         .memory_optimization
         .budget
         .limit_bytes()?
-        .map(BudgetGuard::arm)
+        .map(|budget| BudgetGuard::arm_above(budget, meter.baseline_bytes()))
         .transpose()?;
     let mut micro_batch = config.memory_optimization.gradient_accumulation.micro_batch;
     for iteration in start..total {

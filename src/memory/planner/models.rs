@@ -115,8 +115,13 @@ pub(crate) enum Inputs {
     Tokens { n: usize, t: usize },
     /// `n` images of `c × side × side`.
     Images { n: usize, c: usize, side: usize },
-    /// `n` rows of `d` features with regression targets of `outputs` values.
-    Dense { n: usize, d: usize, outputs: usize },
+    /// `n` rows of `d` features, with regression targets of `targets` values each, or
+    /// class labels (`targets: None`: tabular classification).
+    Dense {
+        n: usize,
+        d: usize,
+        targets: Option<usize>,
+    },
 }
 
 impl Inputs {
@@ -132,7 +137,7 @@ impl Inputs {
         match *self {
             Inputs::Tokens { t, .. } => Inputs::Tokens { n, t },
             Inputs::Images { c, side, .. } => Inputs::Images { n, c, side },
-            Inputs::Dense { d, outputs, .. } => Inputs::Dense { n, d, outputs },
+            Inputs::Dense { d, targets, .. } => Inputs::Dense { n, d, targets },
         }
     }
 }
@@ -172,14 +177,15 @@ impl SimBatch {
                 targets: None,
                 labels: sim.tensor(&[n], DType::U32),
             },
-            // Batch::regression: inputs and targets as made (f32), labels zeros.
-            Inputs::Dense { n, d, outputs } => SimBatch {
+            // Batch::regression: inputs and targets as made (f32), labels zeros;
+            // Batch::from_dense (tabular rows): inputs and labels.
+            Inputs::Dense { n, d, targets } => SimBatch {
                 inputs,
                 ids: None,
                 mask: None,
                 images: None,
                 dense: Some(sim.tensor(&[n, d], DType::F32)),
-                targets: Some(sim.tensor(&[n, outputs], DType::F32)),
+                targets: targets.map(|outputs| sim.tensor(&[n, outputs], DType::F32)),
                 labels: sim.tensor(&[n], DType::U32),
             },
         }

@@ -12,7 +12,7 @@ use super::models::{
     Source,
 };
 use super::sim::{Category, DType, Sim, SimDType};
-use crate::config::{self, Config, DataSource, SyntheticTask};
+use crate::config::{self, Config, DataSource};
 use crate::data::SyntheticText;
 use crate::models::conv4::Conv4Config;
 use crate::models::{bert, distilbert, gpt2, t5, Activation};
@@ -267,13 +267,16 @@ pub(crate) fn model_spec(config: &Config) -> Result<Spec> {
         }
         None if config.model.name == "conv4" => (
             "conv4".to_string(),
-            Family::Conv4(Conv4Config::default()),
+            Family::Conv4(Conv4Config {
+                image_size: config.data.image_size,
+                ..Conv4Config::default()
+            }),
             None,
         ),
         None if config.model.name == "mlp" => (
             "mlp".to_string(),
             Family::Mlp(MlpShape {
-                inputs: crate::models::load::MLP_INPUTS,
+                inputs: crate::train::build::builtin_inputs(config)?.features,
                 hidden: crate::models::load::MLP_HIDDEN.to_vec(),
             }),
             None,
@@ -317,58 +320,37 @@ pub(crate) fn model_spec(config: &Config) -> Result<Spec> {
     let data = &config.data;
     let (support_n, query_n) = (data.n_way * data.k_shot, data.n_way * data.n_query);
     let (support, query) = match &family {
-        // Sinusoid tasks: k_shot support points and n_query query points, whatever
-        // n_way says (model_outputs above has checked that the tasks are these).
-        Family::Mlp(m) => (
-            Inputs::Dense {
-                n: data.k_shot,
-                d: m.inputs,
-                outputs,
-            },
-            Inputs::Dense {
-                n: data.n_query,
-                d: m.inputs,
-                outputs,
-            },
-        ),
+        Family::Mlp(m) => {
+            if crate::train::build::is_sinusoid(config) {
+                // Sinusoid tasks: k_shot support points and n_query query points, whatever
+                // n_way says, each with one real target.
+                let rows = |n| Inputs::Dense {
+                    n,
+                    d: m.inputs,
+                    targets: Some(outputs),
+                };
+                (rows(data.k_shot), rows(data.n_query))
+            } else {
+                // Tabular rows with class labels.
+                let rows = |n| Inputs::Dense {
+                    n,
+                    d: m.inputs,
+                    targets: None,
+                };
+                (rows(support_n), rows(query_n))
+            }
+        }
+        // Images are made (or resized) to data.image_size, which Conv4 is built for.
         Family::Conv4(c) => {
             let images = |n| Inputs::Images {
                 n,
                 c: c.in_channels,
                 side: c.image_size,
             };
-            let synthetic = data.synthetic_only || data.source == DataSource::Synthetic;
-            let readable = if synthetic {
-                data.synthetic_task == SyntheticTask::Images
-            } else {
-                matches!(data.source, DataSource::Omniglot | DataSource::Idx)
-            };
-            if !readable {
-                return Err(Error::InvalidArgument(
-                    "conv4 reads images: use data.source omniglot or idx, or synthetic_task \
-                     images"
-                        .into(),
-                ));
-            }
-            // Images are made (or resized) to data.image_size; Conv4 reads only its own.
-            if data.image_size != c.image_size {
-                return Err(Error::InvalidArgument(format!(
-                    "conv4 reads {s}×{s} images, but data.image_size is {}; set it to {s}",
-                    data.image_size,
-                    s = c.image_size
-                )));
-            }
             (images(support_n), images(query_n))
         }
         _ => {
             let synthetic = data.synthetic_only || data.source == DataSource::Synthetic;
-            if synthetic && data.synthetic_task != SyntheticTask::Text {
-                return Err(Error::InvalidArgument(format!(
-                    "a text model reads token sequences, not synthetic `{}` tasks; use \
-                     data.synthetic_task text",
-                    data.synthetic_task
-                )));
-            }
             // Batches are padded to their longest sequence: at most max_length
             // tokens, and synthetic texts are never longer than the generator's limit.
             let t = if synthetic {

@@ -1,0 +1,198 @@
+//! Which models read which tasks: a configuration whose model cannot consume its data
+//! source, or that sets options the model does not have, is refused at validation
+//! (with the key, what is allowed and the fix) instead of being accepted and then
+//! ignored or failing at the first forward pass.
+//!
+//! | model | reads | from |
+//! |---|---|---|
+//! | transformers (`tiny-bert`, …, a Hugging Face folder) | token sequences | synthetic `text`, `jsonl`, `csv`, `wordnet` |
+//! | `conv4` | grey images of `data.image_size` pixels (at least 16) | synthetic `images`, `omniglot`, `idx` |
+//! | `mlp` | feature rows | synthetic `sinusoid` (one input, regression), `tabular` (one input per feature, classification) |
+
+use super::validate::invalid;
+use super::{Config, DataSource, LoraConfig, SyntheticTask};
+use crate::Result;
+
+/// What a configuration's tasks give a model to read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TaskInputs {
+    /// Token sequences (text).
+    Tokens,
+    /// Grey square images.
+    Images,
+    /// The sinusoid's one real input, with a real target.
+    Regression,
+    /// Feature rows of a table, with a class label.
+    Rows,
+}
+
+impl TaskInputs {
+    /// The inputs `config`'s data section makes.
+    pub(crate) fn of(config: &Config) -> Self {
+        let data = &config.data;
+        if data.synthetic_only || data.source == DataSource::Synthetic {
+            return match data.synthetic_task {
+                SyntheticTask::Text => Self::Tokens,
+                SyntheticTask::Sinusoid => Self::Regression,
+                SyntheticTask::Images => Self::Images,
+            };
+        }
+        match data.source {
+            DataSource::Synthetic | DataSource::Jsonl | DataSource::Csv | DataSource::Wordnet => {
+                Self::Tokens
+            }
+            DataSource::Omniglot | DataSource::Idx => Self::Images,
+            DataSource::Tabular => Self::Rows,
+        }
+    }
+}
+
+/// The kinds of model, by what they read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ModelKind {
+    /// A transformer with LoRA (built in, or a Hugging Face folder).
+    Transformer,
+    /// The built-in Conv4, every parameter trained.
+    Conv4,
+    /// The built-in fully connected network, every parameter trained.
+    Mlp,
+}
+
+impl ModelKind {
+    /// The kind of `config`'s model.
+    pub(crate) fn of(config: &Config) -> Self {
+        match (&config.model.path, config.model.name.as_str()) {
+            (None, "conv4") => Self::Conv4,
+            (None, "mlp") => Self::Mlp,
+            _ => Self::Transformer,
+        }
+    }
+
+    /// Whether every parameter is trained (no frozen base, no LoRA).
+    pub(crate) fn trains_everything(self) -> bool {
+        matches!(self, Self::Conv4 | Self::Mlp)
+    }
+}
+
+/// Smallest image side Conv4 reads: its four 2×2 poolings leave at least one pixel.
+pub(crate) const CONV4_MIN_IMAGE_SIZE: usize = 16;
+
+/// Refuses a model that cannot read the configured tasks, LoRA settings for a model
+/// without adapters, and an image size Conv4 cannot read.
+pub(crate) fn validate(config: &Config) -> Result<()> {
+    let model = ModelKind::of(config);
+    let inputs = TaskInputs::of(config);
+    let name = &config.model.name;
+    let source = describe_source(config);
+    match (model, inputs) {
+        (ModelKind::Transformer, TaskInputs::Tokens)
+        | (ModelKind::Conv4, TaskInputs::Images)
+        | (ModelKind::Mlp, TaskInputs::Regression | TaskInputs::Rows) => {}
+        (ModelKind::Transformer, TaskInputs::Regression) => {
+            return Err(invalid(
+                "data.synthetic_task",
+                format!(
+                    "sinusoid regression tasks have one real input, which `{name}` cannot \
+                     read; use model.name: mlp"
+                ),
+            ))
+        }
+        (ModelKind::Transformer, TaskInputs::Rows) => {
+            return Err(invalid(
+                "data.source",
+                format!(
+                    "tabular feature rows are read by the mlp model only, not by the text \
+                     model `{name}`; use model.name: mlp"
+                ),
+            ))
+        }
+        (ModelKind::Transformer, TaskInputs::Images) => {
+            return Err(invalid(
+                "model.name",
+                format!(
+                    "`{name}` reads token sequences, but {source} gives images; use model.name: \
+                     conv4, or a text source (data.source jsonl, csv, wordnet or synthetic \
+                     text)"
+                ),
+            ))
+        }
+        (ModelKind::Conv4, _) => {
+            return Err(invalid(
+                "model.name",
+                format!(
+                    "conv4 reads images, but {source} does not give images; use data.source \
+                     omniglot or idx, or data.synthetic_task: images"
+                ),
+            ))
+        }
+        (ModelKind::Mlp, _) => {
+            return Err(invalid(
+                "model.name",
+                format!(
+                    "mlp reads feature rows (data.source: tabular) or the sinusoid's one input \
+                     (data.synthetic_task: sinusoid), but {source} gives {}; use a transformer \
+                     for text or conv4 for images",
+                    if inputs == TaskInputs::Images {
+                        "images"
+                    } else {
+                        "token sequences"
+                    }
+                ),
+            ))
+        }
+    }
+    if model.trains_everything() {
+        if let Some(key) = changed_lora_key(&config.lora) {
+            return Err(invalid(
+                key,
+                format!(
+                    "{name} trains every parameter and has no LoRA adapters; remove the lora \
+                     settings (or use a transformer such as tiny-bert)"
+                ),
+            ));
+        }
+        if !config.comparison.ablation.lora_ranks.is_empty() {
+            return Err(invalid(
+                "comparison.ablation.lora_ranks",
+                format!("{name} has no LoRA adapters to vary the rank of; empty this list"),
+            ));
+        }
+    }
+    if model == ModelKind::Conv4 && config.data.image_size < CONV4_MIN_IMAGE_SIZE {
+        return Err(invalid(
+            "data.image_size",
+            format!(
+                "conv4 halves the image four times, so it needs at least \
+                 {CONV4_MIN_IMAGE_SIZE} pixels, got {}",
+                config.data.image_size
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The first `lora` key whose value differs from its default.
+fn changed_lora_key(lora: &LoraConfig) -> Option<&'static str> {
+    let default = LoraConfig::default();
+    if lora.rank != default.rank {
+        Some("lora.rank")
+    } else if lora.alpha != default.alpha {
+        Some("lora.alpha")
+    } else if lora.dropout != default.dropout {
+        Some("lora.dropout")
+    } else if lora.target_modules != default.target_modules {
+        Some("lora.target_modules")
+    } else {
+        None
+    }
+}
+
+/// `data.source \`x\`` or `synthetic \`task\`` tasks, for messages.
+fn describe_source(config: &Config) -> String {
+    let data = &config.data;
+    if data.synthetic_only || data.source == DataSource::Synthetic {
+        format!("data.synthetic_task `{}`", data.synthetic_task)
+    } else {
+        format!("data.source `{}`", data.source)
+    }
+}
