@@ -138,6 +138,46 @@ fn plan_takes_methods_a_budget_and_json() {
     assert_eq!(json["comparison"].as_array().unwrap().len(), 4);
 }
 
+/// A budget that nothing fits: the plan is still printed, with the smallest feasible
+/// budget, and the status is 2 (as `train` exits), also with `--json`.
+#[test]
+fn plan_exits_with_status_2_when_nothing_fits_the_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write(dir.path(), "tiny.yml", TINY);
+    let out = melora(&["plan", "--config", &config, "--memory-budget", "1KiB"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("nothing fits"), "{stdout}");
+    assert!(stdout.contains("| **total (peak)** |"), "{stdout}");
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.starts_with("error: nothing fits") && stderr.contains("smallest feasible budget"),
+        "{stderr}"
+    );
+    let out = melora(&[
+        "plan",
+        "--config",
+        &config,
+        "--memory-budget",
+        "1KiB",
+        "--json",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["fits"], false);
+    let out = melora(&[
+        "plan",
+        "--config",
+        &config,
+        "--memory-budget",
+        "1GiB",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["fits"], true);
+}
+
 #[test]
 fn plan_refuses_bad_input_with_one_line() {
     let dir = tempfile::tempdir().unwrap();

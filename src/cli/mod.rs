@@ -58,7 +58,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
         Command::Bench(args::BenchCommand::MemoryRow(args)) => {
             bench_memory_cmd::run_row(args).map(|()| ExitCode::SUCCESS)
         }
-        Command::Plan(args) => plan_cmd::run(&cli.global, args).map(|()| ExitCode::SUCCESS),
+        Command::Plan(args) => plan_cmd::run(&cli.global, args),
         Command::Profile(args) => profile_cmd::run(&cli.global, args).map(|()| ExitCode::SUCCESS),
         Command::Train(args) => train_cmd::run_train(&cli.global, args),
         Command::Evaluate(args) => train_cmd::run_evaluate(&cli.global, args),

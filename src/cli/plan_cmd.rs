@@ -2,6 +2,7 @@
 //! the same configuration under each method of the comparison.
 
 use std::fmt::Write as _;
+use std::process::ExitCode;
 use std::str::FromStr;
 
 use super::args::{GlobalArgs, PlanArgs};
@@ -10,7 +11,10 @@ use crate::config::{Config, Method, Variant};
 use crate::memory::planner::{self, Plan};
 use crate::memory::{format_bytes, search_configured};
 
-pub(crate) fn run(global: &GlobalArgs, args: &PlanArgs) -> anyhow::Result<()> {
+/// Prints the plan; with a memory budget that nothing fits (not even the most frugal
+/// configuration the budget search tries), exits with status 2, as `train` does, so
+/// that scripts can test whether a configuration can run.
+pub(crate) fn run(global: &GlobalArgs, args: &PlanArgs) -> anyhow::Result<ExitCode> {
     let config = load_config(global)?;
     let variants = methods(&config, &args.methods)?;
     let budget = config
@@ -22,14 +26,31 @@ pub(crate) fn run(global: &GlobalArgs, args: &PlanArgs) -> anyhow::Result<()> {
     // data source, micro-batches, checkpointed layers).
     let plan = planner::plan(&config).map_err(UserError::Config)?;
     let comparison = planner::compare(&config, &variants).map_err(UserError::Config)?;
+    // What `train` would run under the budget, or how close it gets.
+    let choice = search_configured(&config)?;
+    let status = match &choice {
+        Some(choice) if !choice.fits => {
+            eprintln!(
+                "error: nothing fits in the memory budget of {}; the smallest feasible budget \
+                 is {}",
+                format_bytes(choice.budget),
+                format_bytes(choice.predicted_bytes)
+            );
+            ExitCode::from(2)
+        }
+        _ => ExitCode::SUCCESS,
+    };
 
     if args.json {
         let json = serde_json::json!({
             "plan": plan,
             "comparison": comparison,
             "memory_budget_bytes": budget,
+            "fits": choice.as_ref().map(|c| c.fits),
+            "chosen_changes": choice.as_ref().filter(|c| c.fits).map(|c| &c.changes),
         });
-        return write_stdout(&format!("{}\n", serde_json::to_string_pretty(&json)?));
+        write_stdout(&format!("{}\n", serde_json::to_string_pretty(&json)?))?;
+        return Ok(status);
     }
     let mut out = planner::format_breakdown(&plan);
     if let Some(b) = budget {
@@ -39,8 +60,7 @@ pub(crate) fn run(global: &GlobalArgs, args: &PlanArgs) -> anyhow::Result<()> {
             "does not fit in"
         };
         writeln!(out, "\nThis configuration {verdict} {}.", format_bytes(b))?;
-        // What `train` would run under this budget, or how close it gets.
-        if let Some(choice) = search_configured(&config)? {
+        if let Some(choice) = &choice {
             writeln!(out, "{}", choice.explain())?;
         }
     }
@@ -48,7 +68,8 @@ pub(crate) fn run(global: &GlobalArgs, args: &PlanArgs) -> anyhow::Result<()> {
     out.push_str(&planner::format_comparison(&comparison, budget));
     out.push('\n');
     out.push_str(&notes(&plan));
-    write_stdout(&out)
+    write_stdout(&out)?;
+    Ok(status)
 }
 
 /// The variants of `--methods`: the configuration's names (`comparison.baselines`),
