@@ -30,6 +30,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use serde::Serialize;
 
+use super::RunEnd;
 use crate::io::write_atomic;
 use crate::{Error, Result};
 
@@ -37,6 +38,7 @@ use crate::{Error, Result};
 const STATUS_RUNNING: u32 = 1;
 const STATUS_FINISHED: u32 = 3;
 const STATUS_FAILED: u32 = 4;
+const STATUS_KILLED: u32 = 5;
 /// MLflow's `SourceType.LOCAL`.
 const SOURCE_LOCAL: u32 = 4;
 /// MLflow's limit on metric, parameter and tag key length.
@@ -205,12 +207,12 @@ impl MlflowRun {
         Ok(())
     }
 
-    /// Marks the run FINISHED or FAILED with its end time.
-    pub(crate) fn finish(mut self, success: bool, now_ms: u64) -> Result<()> {
-        self.meta.status = if success {
-            STATUS_FINISHED
-        } else {
-            STATUS_FAILED
+    /// Marks the run FINISHED, FAILED or KILLED with its end time.
+    pub(crate) fn finish(mut self, end: RunEnd, now_ms: u64) -> Result<()> {
+        self.meta.status = match end {
+            RunEnd::Finished => STATUS_FINISHED,
+            RunEnd::Failed => STATUS_FAILED,
+            RunEnd::Killed => STATUS_KILLED,
         };
         self.meta.end_time = Some(now_ms);
         self.write_meta()

@@ -56,6 +56,17 @@ pub struct TrackerOptions {
     pub resume: bool,
 }
 
+/// How a run ended, as [`RunTracker::finish`] records it (MLflow's run status).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunEnd {
+    /// It ran to its end (early stopping included): FINISHED.
+    Finished,
+    /// An error stopped it: FAILED.
+    Failed,
+    /// It was stopped on request (Ctrl-C), to be resumed: KILLED.
+    Killed,
+}
+
 /// The outputs of one run. Call [`RunTracker::finish`] at the end; a tracker
 /// dropped without it leaves its files complete up to the last [`RunTracker::log`],
 /// but MLflow shows the run as still running (as it does for a crashed run).
@@ -165,21 +176,18 @@ impl RunTracker {
         Ok(())
     }
 
-    /// Ends the run: MLflow status FINISHED (`success`) or FAILED with its end
-    /// time, and every file synced to disk.
+    /// Ends the run: every file synced to disk, and the MLflow run marked with
+    /// how it ended (`end`: FINISHED, FAILED or KILLED) and its end time.
     ///
     /// # Errors
     /// [`Error::Io`] naming the file that could not be synced or written.
-    pub fn finish(self, success: bool) -> Result<()> {
+    pub fn finish(self, end: RunEnd) -> Result<()> {
         let (_, now_ms) = now();
-        self.metrics.finish()?;
-        if let Some(events) = self.tensorboard {
-            events.finish()?;
-        }
-        if let Some(run) = self.mlflow {
-            run.finish(success, now_ms)?;
-        }
-        Ok(())
+        // Each output is ended even if another fails; the first error is returned.
+        let metrics = self.metrics.finish();
+        let events = self.tensorboard.map_or(Ok(()), EventWriter::finish);
+        let mlflow = self.mlflow.map_or(Ok(()), |run| run.finish(end, now_ms));
+        metrics.and(events).and(mlflow)
     }
 }
 

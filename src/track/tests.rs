@@ -36,7 +36,7 @@ fn logged() -> Vec<(u64, Vec<(&'static str, f64)>)> {
     ]
 }
 
-fn write_run(output: &Path, experiment: &str, run: &str, success: bool) -> PathBuf {
+fn write_run(output: &Path, experiment: &str, run: &str, end: RunEnd) -> PathBuf {
     let mut tracker = RunTracker::create(output, experiment, run, CONFIG, &params(), both())
         .expect("create tracker");
     assert_eq!(tracker.dir(), output.join(experiment).join(run));
@@ -44,14 +44,14 @@ fn write_run(output: &Path, experiment: &str, run: &str, success: bool) -> PathB
         tracker.log(step, &metrics).expect("log");
     }
     let dir = tracker.dir().to_owned();
-    tracker.finish(success).expect("finish");
+    tracker.finish(end).expect("finish");
     dir
 }
 
 #[test]
 fn metrics_jsonl_round_trips_exactly() {
     let tmp = tempfile::tempdir().unwrap();
-    let dir = write_run(tmp.path(), "exp", "run-1", true);
+    let dir = write_run(tmp.path(), "exp", "run-1", RunEnd::Finished);
     assert_eq!(
         std::fs::read_to_string(dir.join("config.yml")).unwrap(),
         CONFIG
@@ -225,7 +225,7 @@ fn event_file(dir: &Path) -> PathBuf {
 #[test]
 fn tensorboard_event_file_decodes() {
     let tmp = tempfile::tempdir().unwrap();
-    let dir = write_run(tmp.path(), "exp", "run-1", true);
+    let dir = write_run(tmp.path(), "exp", "run-1", RunEnd::Finished);
     let events: Vec<Event> = read_records(&event_file(&dir))
         .iter()
         .map(|r| decode_event(r))
@@ -271,7 +271,7 @@ fn run_dirs(experiment_dir: &Path) -> Vec<PathBuf> {
 #[test]
 fn mlflow_file_store_layout() {
     let tmp = tempfile::tempdir().unwrap();
-    write_run(tmp.path(), "exp", "run-1", true);
+    write_run(tmp.path(), "exp", "run-1", RunEnd::Finished);
     let mlruns = tmp.path().join("mlruns");
 
     // A new store starts like MLflow's own: the Default experiment 0 and .trash.
@@ -364,18 +364,19 @@ fn mlflow_file_store_layout() {
 }
 
 #[test]
-fn mlflow_reuses_experiments_by_name_and_records_failure() {
+fn mlflow_reuses_experiments_by_name_and_records_how_runs_ended() {
     let tmp = tempfile::tempdir().unwrap();
-    write_run(tmp.path(), "exp", "a", true);
-    write_run(tmp.path(), "other", "b", true);
-    write_run(tmp.path(), "exp", "c", false);
+    write_run(tmp.path(), "exp", "a", RunEnd::Finished);
+    write_run(tmp.path(), "other", "b", RunEnd::Finished);
+    write_run(tmp.path(), "exp", "c", RunEnd::Failed);
+    write_run(tmp.path(), "exp", "d", RunEnd::Killed);
     let mlruns = tmp.path().join("mlruns");
     assert_eq!(
         yaml(&mlruns.join("2/meta.yaml"))["name"].as_str(),
         Some("other")
     );
     let runs = run_dirs(&mlruns.join("1"));
-    assert_eq!(runs.len(), 2);
+    assert_eq!(runs.len(), 3);
     let statuses: BTreeMap<String, u64> = runs
         .iter()
         .map(|run| {
@@ -386,8 +387,10 @@ fn mlflow_reuses_experiments_by_name_and_records_failure() {
             )
         })
         .collect();
+    // MLflow's RunStatus: FINISHED, FAILED, KILLED.
     assert_eq!(statuses["a"], 3);
     assert_eq!(statuses["c"], 4);
+    assert_eq!(statuses["d"], 5);
 }
 
 #[test]
@@ -404,7 +407,7 @@ fn a_running_run_is_marked_running_and_files_are_readable() {
     let meta = yaml(&run.join("meta.yaml"));
     assert_eq!(meta["status"].as_u64(), Some(1));
     assert!(meta["end_time"].is_null());
-    tracker.finish(true).unwrap();
+    tracker.finish(RunEnd::Finished).unwrap();
 }
 
 #[test]
@@ -421,7 +424,7 @@ fn jsonl_only_writes_no_other_outputs() {
     .unwrap();
     tracker.log(0, &[("loss", f64::INFINITY)]).unwrap();
     let dir = tracker.dir().to_owned();
-    tracker.finish(true).unwrap();
+    tracker.finish(RunEnd::Finished).unwrap();
     let mut names: Vec<String> = std::fs::read_dir(&dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -471,7 +474,7 @@ fn invalid_names_are_refused_before_writing() {
     assert!(read_metrics(&tracker.dir().join("metrics.jsonl"))
         .unwrap()
         .is_empty());
-    tracker.finish(true).unwrap();
+    tracker.finish(RunEnd::Finished).unwrap();
 }
 
 #[test]
@@ -523,7 +526,7 @@ fn reserved_repeated_and_empty_metric_names_are_refused() {
     assert!(read_metrics(&tracker.dir().join("metrics.jsonl"))
         .unwrap()
         .is_empty());
-    tracker.finish(true).unwrap();
+    tracker.finish(RunEnd::Finished).unwrap();
 }
 
 #[test]
@@ -542,7 +545,7 @@ fn slashed_metric_names_become_mlflow_subfolders() {
     let tmp = tempfile::tempdir().unwrap();
     let mut tracker = RunTracker::create(tmp.path(), "exp", "r", CONFIG, &[], both()).unwrap();
     tracker.log(3, &[("loss/train", 0.25)]).unwrap();
-    tracker.finish(true).unwrap();
+    tracker.finish(RunEnd::Finished).unwrap();
     let run = run_dirs(&tmp.path().join("mlruns/1")).remove(0);
     let text = std::fs::read_to_string(run.join("metrics/loss/train")).unwrap();
     assert!(text.ends_with(" 0.25 3\n"), "{text}");
@@ -556,8 +559,8 @@ fn rerunning_into_a_run_folder_replaces_its_records() {
     // An event file of an earlier run with another timestamp in its name.
     std::fs::write(dir.join("events.out.tfevents.1000000000.oldhost"), b"old").unwrap();
     std::fs::write(dir.join("keep.txt"), b"not ours").unwrap();
-    write_run(tmp.path(), "exp", "again", true);
-    write_run(tmp.path(), "exp", "again", true);
+    write_run(tmp.path(), "exp", "again", RunEnd::Finished);
+    write_run(tmp.path(), "exp", "again", RunEnd::Finished);
     // One event file (asserted inside) holding one run's events.
     let records = read_records(&event_file(&dir));
     assert_eq!(records.len(), 1 + logged().len());
@@ -605,7 +608,7 @@ fn tensorboard_reads_the_event_file() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    let dir = write_run(tmp.path(), "exp", "run-1", true);
+    let dir = write_run(tmp.path(), "exp", "run-1", RunEnd::Finished);
     let script = r#"
 import sys
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -649,8 +652,8 @@ fn mlflow_reads_the_file_store() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    write_run(tmp.path(), "exp", "run-1", true);
-    write_run(tmp.path(), "exp", "run-2", false);
+    write_run(tmp.path(), "exp", "run-1", RunEnd::Finished);
+    write_run(tmp.path(), "exp", "run-2", RunEnd::Failed);
     let script = r#"
 import os, sys
 os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
@@ -708,7 +711,7 @@ fn a_resumed_run_appends_to_its_records() {
         RunTracker::create(dir.path(), "exp", "run", CONFIG, &params(), both()).unwrap();
     first.log(1, &[("loss", 1.0)]).unwrap();
     first.log(2, &[("loss", 0.5)]).unwrap();
-    first.finish(true).unwrap();
+    first.finish(RunEnd::Finished).unwrap();
     let resumed = TrackerOptions {
         resume: true,
         ..both()
@@ -717,7 +720,7 @@ fn a_resumed_run_appends_to_its_records() {
         RunTracker::create(dir.path(), "exp", "run", CONFIG, &params(), resumed).unwrap();
     second.log(3, &[("loss", 0.25)]).unwrap();
     let run_dir = second.dir().to_path_buf();
-    second.finish(true).unwrap();
+    second.finish(RunEnd::Finished).unwrap();
     let rows = read_metrics(&run_dir.join("metrics.jsonl")).unwrap();
     let steps: Vec<u64> = rows.iter().map(|r| r.step).collect();
     assert_eq!(steps, vec![1, 2, 3]);

@@ -44,6 +44,17 @@ pub struct CheckpointState {
     pub loss_scaler: Option<LossScaler>,
 }
 
+/// The folder a checkpoint for `dir` is written into before it is swapped in:
+/// `.<name>.<pid>.partial` beside it.
+pub(crate) fn staging_dir(dir: &Path) -> PathBuf {
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    let parent = dir.parent().unwrap_or(Path::new("."));
+    parent.join(format!(".{name}.{}.partial", std::process::id()))
+}
+
 /// Writes a checkpoint folder at `dir` (replacing any previous one only once the new
 /// one is complete).
 pub fn save_checkpoint(
@@ -57,7 +68,7 @@ pub fn save_checkpoint(
         .map(|n| n.to_string_lossy().to_string())
         .unwrap_or_default();
     let parent = dir.parent().unwrap_or(Path::new("."));
-    let staging = parent.join(format!(".{name}.{}.partial", std::process::id()));
+    let staging = staging_dir(dir);
     let _ = std::fs::remove_dir_all(&staging);
     std::fs::create_dir_all(&staging).map_err(|e| Error::io(&staging, e))?;
     params.save(&staging.join(PARAMS))?;
