@@ -12,7 +12,7 @@ fn both() -> TrackerOptions {
     TrackerOptions {
         tensorboard: true,
         mlflow: true,
-        resume: false,
+        resume: None,
     }
 }
 
@@ -704,36 +704,174 @@ for run in sorted(runs, key=lambda r: r.info.run_name):
     assert_eq!(got, want, "{output}");
 }
 
+/// MLflow metric points of `name` in `run`: (value, step) per line.
+fn mlflow_points(run: &Path, name: &str) -> Vec<(f64, u64)> {
+    std::fs::read_to_string(run.join("metrics").join(name))
+        .unwrap()
+        .lines()
+        .map(|line| {
+            let parts: Vec<&str> = line.split(' ').collect();
+            (parts[1].parse().unwrap(), parts[2].parse().unwrap())
+        })
+        .collect()
+}
+
+/// The steps of the scalar events in the one event file of `dir`.
+fn event_steps(dir: &Path) -> Vec<i64> {
+    read_records(&event_file(dir))
+        .iter()
+        .map(|r| decode_event(r))
+        .filter(|e| e.file_version.is_none())
+        .map(|e| e.step)
+        .collect()
+}
+
+/// A run that logged steps 1..=5 and was killed (a record of each stream cut
+/// short), resumed from its checkpoint of step 3: every stream holds steps 1..=3
+/// as first written and 4..=6 as logged again, each once, and the same MLflow
+/// run goes on to FINISHED.
 #[test]
-fn a_resumed_run_appends_to_its_records() {
-    let dir = tempfile::tempdir().unwrap();
+fn a_resumed_run_drops_what_was_logged_after_its_checkpoint() {
+    use std::io::Write;
+    let tmp = tempfile::tempdir().unwrap();
     let mut first =
-        RunTracker::create(dir.path(), "exp", "run", CONFIG, &params(), both()).unwrap();
-    first.log(1, &[("loss", 1.0)]).unwrap();
-    first.log(2, &[("loss", 0.5)]).unwrap();
-    first.finish(RunEnd::Finished).unwrap();
+        RunTracker::create(tmp.path(), "exp", "run", CONFIG, &params(), both()).unwrap();
+    for step in 1..=5 {
+        first.log(step, &[("loss", step as f64)]).unwrap();
+    }
+    let run_id = first.mlflow_run_id().unwrap().to_owned();
+    let dir = first.dir().to_owned();
+    drop(first); // killed: never finished
+    let mlflow_run = run_dirs(&tmp.path().join("mlruns/1")).remove(0);
+    assert_eq!(mlflow_run.file_name().unwrap().to_string_lossy(), run_id);
+    let before = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+    let before_events = read_records(&event_file(&dir));
+    // What a kill in the middle of a write leaves at the end of each stream.
+    let append = |path: &Path, bytes: &[u8]| {
+        let mut file = std::fs::OpenOptions::new().append(true).open(path).unwrap();
+        file.write_all(bytes).unwrap();
+    };
+    append(&dir.join("metrics.jsonl"), b"{\"step\":6,\"ti");
+    append(&event_file(&dir), &[42, 0, 0, 0, 0, 0, 0, 0, 1, 2]);
+    append(&mlflow_run.join("metrics/loss"), b"17000000");
+
     let resumed = TrackerOptions {
-        resume: true,
+        resume: Some(Resume {
+            step: 3,
+            mlflow_run_id: Some(run_id.clone()),
+        }),
         ..both()
     };
     let mut second =
-        RunTracker::create(dir.path(), "exp", "run", CONFIG, &params(), resumed).unwrap();
-    second.log(3, &[("loss", 0.25)]).unwrap();
-    let run_dir = second.dir().to_path_buf();
+        RunTracker::create(tmp.path(), "exp", "run", CONFIG, &params(), resumed).unwrap();
+    assert_eq!(second.mlflow_run_id(), Some(run_id.as_str()));
+    // Running again until it ends.
+    let meta = yaml(&mlflow_run.join("meta.yaml"));
+    assert_eq!(meta["status"].as_u64(), Some(1));
+    for step in 4..=6 {
+        second.log(step, &[("loss", 10.0 * step as f64)]).unwrap();
+    }
     second.finish(RunEnd::Finished).unwrap();
-    let rows = read_metrics(&run_dir.join("metrics.jsonl")).unwrap();
-    let steps: Vec<u64> = rows.iter().map(|r| r.step).collect();
-    assert_eq!(steps, vec![1, 2, 3]);
-    assert_eq!(rows[2].values["loss"], 0.25);
-    let events = std::fs::read_dir(&run_dir)
-        .unwrap()
-        .filter(|e| {
-            e.as_ref()
-                .unwrap()
-                .file_name()
-                .to_string_lossy()
-                .contains("tfevents")
-        })
-        .count();
-    assert_eq!(events, 2, "the first run's event file is kept");
+
+    let text = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+    let kept: String = before.lines().take(3).map(|l| format!("{l}\n")).collect();
+    assert!(text.starts_with(&kept), "steps 1..=3 rewritten:\n{text}");
+    let rows = read_metrics(&dir.join("metrics.jsonl")).unwrap();
+    let got: Vec<(u64, f64)> = rows.iter().map(|r| (r.step, r.values["loss"])).collect();
+    let want = [
+        (1, 1.0),
+        (2, 2.0),
+        (3, 3.0),
+        (4, 40.0),
+        (5, 50.0),
+        (6, 60.0),
+    ];
+    assert_eq!(got, want);
+
+    // One event file (asserted inside), continued: its first records as they were.
+    assert_eq!(event_steps(&dir), [1, 2, 3, 4, 5, 6]);
+    let after_events = read_records(&event_file(&dir));
+    assert_eq!(after_events[..4], before_events[..4]);
+    assert_eq!(
+        after_events
+            .iter()
+            .filter(|r| decode_event(r).file_version.is_some())
+            .count(),
+        1
+    );
+
+    assert_eq!(run_dirs(&tmp.path().join("mlruns/1")).len(), 1);
+    let meta = yaml(&mlflow_run.join("meta.yaml"));
+    assert_eq!(meta["status"].as_u64(), Some(3));
+    assert!(meta["end_time"].as_u64().is_some());
+    let points: Vec<(f64, u64)> = want.iter().map(|&(s, v)| (v, s)).collect();
+    assert_eq!(mlflow_points(&mlflow_run, "loss"), points);
+}
+
+/// Resuming when the MLflow run cannot be continued (the store deleted, or no
+/// run recorded) opens a new MLflow run; the other records are still cut back.
+#[test]
+fn resuming_without_the_recorded_mlflow_run_opens_a_new_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut first =
+        RunTracker::create(tmp.path(), "exp", "run", CONFIG, &params(), both()).unwrap();
+    first.log(1, &[("loss", 1.0)]).unwrap();
+    first.log(2, &[("loss", 2.0)]).unwrap();
+    let run_id = first.mlflow_run_id().unwrap().to_owned();
+    first.finish(RunEnd::Killed).unwrap();
+    std::fs::remove_dir_all(tmp.path().join("mlruns")).unwrap();
+    for recorded in [Some(run_id.clone()), None] {
+        let resumed = TrackerOptions {
+            resume: Some(Resume {
+                step: 1,
+                mlflow_run_id: recorded,
+            }),
+            ..both()
+        };
+        let mut second =
+            RunTracker::create(tmp.path(), "exp", "run", CONFIG, &params(), resumed).unwrap();
+        let new_id = second.mlflow_run_id().unwrap().to_owned();
+        assert_ne!(new_id, run_id);
+        second.log(2, &[("loss", 4.0)]).unwrap();
+        let dir = second.dir().to_owned();
+        second.finish(RunEnd::Finished).unwrap();
+        let steps: Vec<u64> = read_metrics(&dir.join("metrics.jsonl"))
+            .unwrap()
+            .iter()
+            .map(|r| r.step)
+            .collect();
+        assert_eq!(steps, [1, 2]);
+        let run = tmp.path().join("mlruns/1").join(&new_id);
+        assert_eq!(yaml(&run.join("meta.yaml"))["status"].as_u64(), Some(3));
+        assert_eq!(mlflow_points(&run, "loss"), [(4.0, 2)]);
+    }
+}
+
+/// A complete record that does not parse is not silently dropped on resume: the
+/// error names the file and line, and the file is left as it was.
+#[test]
+fn a_corrupt_record_is_refused_on_resume_and_left_unchanged() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("exp/run");
+    std::fs::create_dir_all(&dir).unwrap();
+    let text = "{\"step\":1,\"time\":1.0,\"loss\":1}\nnot json\n{\"step\":2,\"time\":2.0}\n";
+    std::fs::write(dir.join("metrics.jsonl"), text).unwrap();
+    let resumed = TrackerOptions {
+        resume: Some(Resume {
+            step: 1,
+            mlflow_run_id: None,
+        }),
+        ..TrackerOptions::default()
+    };
+    let err = RunTracker::create(tmp.path(), "exp", "run", CONFIG, &[], resumed).unwrap_err();
+    assert!(matches!(err, Error::Format { .. }), "{err}");
+    let message = err.to_string();
+    assert!(
+        message.contains("metrics.jsonl") && message.contains("line 2"),
+        "{message}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap(),
+        text
+    );
 }

@@ -42,6 +42,10 @@ pub struct CheckpointState {
     /// continues with the same scale.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub loss_scaler: Option<LossScaler>,
+    /// The MLflow run that logged the run (with `tracking.mlflow`), so that a run
+    /// resumed from this checkpoint continues it instead of opening a new one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mlflow_run_id: Option<String>,
 }
 
 /// The folder a checkpoint for `dir` is written into before it is swapped in:

@@ -22,7 +22,7 @@ use crate::meta::Adapter;
 use crate::models::FewShotModel;
 use crate::optim::LossScaler;
 use crate::tensor::ParamSet;
-use crate::track::{RunEnd, RunTracker, TrackerOptions};
+use crate::track::{Resume, RunEnd, RunTracker, TrackerOptions};
 use crate::Result;
 
 use super::build::{build_learner, build_model, build_outer, build_text_encoder};
@@ -169,6 +169,7 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainSummary> {
     let mut outer = build_outer(config)?;
     let mut params = model.init_params(config.seed)?;
     let (mut start, mut best, mut stale) = (0usize, None, 0usize);
+    let mut resume = None;
     if let Some(dir) = &options.resume {
         let checkpoint = load_checkpoint(dir, &params)?;
         params = checkpoint.params;
@@ -181,6 +182,12 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainSummary> {
         if checkpoint.state.loss_scaler.is_some() && outer.loss_scale.is_some() {
             outer.loss_scale = checkpoint.state.loss_scaler;
         }
+        // The records continue from the checkpoint: what a crashed run logged after
+        // it is dropped, and its MLflow run goes on.
+        resume = Some(Resume {
+            step: start as u64,
+            mlflow_run_id: checkpoint.state.mlflow_run_id,
+        });
     }
     let run_dir = run_dir(config);
     std::fs::create_dir_all(&run_dir).map_err(|e| crate::Error::io(&run_dir, e))?;
@@ -220,9 +227,10 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainSummary> {
         TrackerOptions {
             tensorboard: config.tracking.tensorboard,
             mlflow: config.tracking.mlflow,
-            resume: options.resume.is_some(),
+            resume,
         },
     )?;
+    let mlflow_run_id = tracker.mlflow_run_id().map(str::to_owned);
     let state =
         |iteration: usize, outer: &OuterUpdate, best: Option<f64>, stale: usize| CheckpointState {
             iteration,
@@ -238,6 +246,7 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainSummary> {
             n_way: config.data.n_way,
             config: config_yaml.clone(),
             loss_scaler: outer.loss_scale.clone(),
+            mlflow_run_id: mlflow_run_id.clone(),
         };
     let mut summary = TrainSummary {
         run_dir: run_dir.clone(),
@@ -640,9 +649,10 @@ mod tests {
         assert!(runs[0].1["end_time"].as_u64().is_some());
     }
 
-    /// A stop request (Ctrl-C) ends the MLflow run KILLED.
+    /// A stop request (Ctrl-C) ends the MLflow run KILLED; resuming continues that
+    /// run (FINISHED at the end), each metric logged once per step.
     #[test]
-    fn a_stopped_run_is_killed_in_mlflow() {
+    fn a_stopped_run_is_killed_in_mlflow_and_its_resumption_continues_it() {
         let dir = tempfile::tempdir().unwrap();
         let mut config = tiny_config(dir.path());
         config.tracking.mlflow = true;
@@ -667,6 +677,26 @@ mod tests {
         assert_eq!(runs.len(), 1);
         assert_eq!(runs[0].1["status"].as_u64(), Some(5), "KILLED");
         assert!(runs[0].1["end_time"].as_u64().is_some());
+
+        let resumed = train(
+            &config,
+            &TrainOptions {
+                resume: Some(first.run_dir.join("last")),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(resumed.iterations, 6);
+        let runs = mlflow_runs(dir.path());
+        assert_eq!(runs.len(), 1, "the resumption opened a new MLflow run");
+        let (run, meta) = &runs[0];
+        assert_eq!(meta["status"].as_u64(), Some(3), "FINISHED");
+        let steps: Vec<u64> = std::fs::read_to_string(run.join("metrics/train/query_loss"))
+            .unwrap()
+            .lines()
+            .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
+            .collect();
+        assert_eq!(steps, [1, 2, 3, 4, 5, 6]);
     }
 
     #[test]
