@@ -348,7 +348,7 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainSummary> {
             }
             let validate =
                 (iteration + 1) % config.evaluation.eval_every == 0 || iteration + 1 == total;
-            let mut validation = None;
+            let (mut validation, mut new_best) = (None, false);
             if validate {
                 let score = validation_score(
                     learner.as_ref(),
@@ -362,24 +362,13 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainSummary> {
                 validation = Some(score);
                 metrics.push(("val/score", score));
                 summary.validations.push((iteration + 1, score));
-                if best.is_none_or(|b| score > b) {
+                new_best = best.is_none_or(|b| score > b);
+                if new_best {
                     best = Some(score);
                     stale = 0;
-                    save_checkpoint(
-                        &run_dir.join("best"),
-                        &params,
-                        &outer.optimizer,
-                        &state(iteration + 1, &outer, best, stale),
-                    )?;
                 } else {
                     stale += 1;
                 }
-                save_checkpoint(
-                    &run_dir.join("last"),
-                    &params,
-                    &outer.optimizer,
-                    &state(iteration + 1, &outer, best, stale),
-                )?;
             }
             if crate::memory::is_installed() {
                 metrics.push(("memory/peak_bytes", meter.peak_above_baseline() as f64));
@@ -387,7 +376,26 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainSummary> {
             if let Some(size) = reduced_micro_batch {
                 metrics.push(("memory/micro_batch", size as f64));
             }
+            // Logged before the checkpoints are written: a crash in between leaves
+            // the step logged past the older checkpoint, which a resumed run drops
+            // and logs again, rather than checkpointed but never logged.
             tracker.log((iteration + 1) as u64, &metrics)?;
+            if new_best {
+                save_checkpoint(
+                    &run_dir.join("best"),
+                    &params,
+                    &outer.optimizer,
+                    &state(iteration + 1, &outer, best, stale),
+                )?;
+            }
+            if validate {
+                save_checkpoint(
+                    &run_dir.join("last"),
+                    &params,
+                    &outer.optimizer,
+                    &state(iteration + 1, &outer, best, stale),
+                )?;
+            }
             if let Some(report) = &options.on_iteration {
                 report(&IterationReport {
                     iteration: iteration + 1,
@@ -697,6 +705,41 @@ mod tests {
             .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
             .collect();
         assert_eq!(steps, [1, 2, 3, 4, 5, 6]);
+    }
+
+    /// Every step a checkpoint includes is logged: a run that dies between writing
+    /// `best` and `last` at iteration 3 (here `last` cannot be staged) has step 3
+    /// in `metrics.jsonl`, and resuming from `best` then logs each step once.
+    #[test]
+    fn a_checkpointed_step_is_logged_even_if_the_run_dies_checkpointing() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = tiny_config(dir.path());
+        let run = run_dir(&config);
+        let blocker = super::super::checkpoint::staging_dir(&run.join("last"));
+        std::fs::create_dir_all(&run).unwrap();
+        std::fs::write(&blocker, b"in the way").unwrap();
+        train(&config, &TrainOptions::default()).unwrap_err();
+        let best = super::super::checkpoint::read_checkpoint_state(&run.join("best")).unwrap();
+        assert_eq!(best.iteration, 3);
+        let steps = |run: &Path| -> Vec<u64> {
+            crate::track::read_metrics(&run.join("metrics.jsonl"))
+                .unwrap()
+                .iter()
+                .map(|r| r.step)
+                .collect()
+        };
+        assert_eq!(steps(&run), [1, 2, 3], "checkpointed step 3 is not logged");
+        std::fs::remove_file(&blocker).unwrap();
+        let resumed = train(
+            &config,
+            &TrainOptions {
+                resume: Some(run.join("best")),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(resumed.iterations, 6);
+        assert_eq!(steps(&run), [1, 2, 3, 4, 5, 6]);
     }
 
     #[test]
