@@ -396,3 +396,57 @@ fn a_run_killed_and_resumed_logs_every_step_once() {
         (1..=8).map(|i| 5 * i).collect::<Vec<u64>>()
     );
 }
+
+/// Ctrl-C (SIGINT) during `train`: the run saves `last`, exits with status 130 and
+/// its MLflow run ends KILLED; `train --resume` continues that MLflow run to
+/// FINISHED, each step once.
+#[test]
+fn ctrl_c_ends_the_mlflow_run_killed_and_resume_continues_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("killable.yml");
+    std::fs::write(&config, KILLABLE).unwrap();
+    let out = dir.path().join("runs");
+    let run = out.join("killed").join("fomaml-seed5");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_melora"))
+        .args(["train", "--config", &config.display().to_string()])
+        .args(["--output", &out.display().to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // The Ctrl-C handler is installed before the first step is logged.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while metrics_lines(&run.join("metrics.jsonl")).is_empty() {
+        assert!(child.try_wait().unwrap().is_none(), "the run ended early");
+        assert!(Instant::now() < deadline, "no step logged");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let sent = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "{status:?}");
+    let stopped_at = last_checkpoint(&run).unwrap();
+    assert!(stopped_at < 40, "the run was not interrupted");
+    let runs = mlflow_runs(&out.join("mlruns"), "killed");
+    assert_eq!(runs.len(), 1);
+    assert_eq!(runs[0].1["status"].as_u64(), Some(5), "KILLED");
+
+    let resumed = melora(&["train", "--resume", &run.join("last").display().to_string()]);
+    assert!(resumed.status.success(), "{}", text(&resumed.stderr));
+    let all: Vec<u64> = (1..=40).collect();
+    let steps: Vec<u64> = metrics_lines(&run.join("metrics.jsonl"))
+        .iter()
+        .map(step_of)
+        .collect();
+    assert_eq!(steps, all);
+    let runs = mlflow_runs(&out.join("mlruns"), "killed");
+    assert_eq!(runs.len(), 1, "the resumption continues the MLflow run");
+    assert_eq!(runs[0].1["status"].as_u64(), Some(3), "FINISHED");
+    assert_eq!(
+        mlflow_steps(&runs[0].0.join("metrics/train/query_loss")),
+        all
+    );
+}

@@ -59,9 +59,10 @@ pub struct TrainOptions {
     /// Continue from this checkpoint folder.
     pub resume: Option<PathBuf>,
     /// Set from outside (Ctrl-C) to stop after the current iteration, saving a
-    /// checkpoint.
+    /// checkpoint; the MLflow run then ends KILLED.
     pub stop: Option<Arc<AtomicBool>>,
-    /// Stop after this many iterations of this call (tests of resumption).
+    /// Stop after this many iterations of this call, as a stop request would
+    /// (checkpoint saved, MLflow run KILLED): tests of resumption.
     pub max_iterations: Option<usize>,
     /// Called after every iteration.
     pub on_iteration: Option<ProgressFn>,
