@@ -317,8 +317,8 @@ fn truncate_metric_files(dir: &Path, step: u64) -> Result<()> {
 
 /// Drops the lines (`<timestamp> <value> <step>`) of a metric file whose step is
 /// past `step`, rewriting it atomically; earlier lines are kept byte for byte. A
-/// last line without its newline that does not parse was cut short by a crash
-/// and is dropped too.
+/// last line without its newline was cut short by a crash (each line is written
+/// whole, newline included) and is dropped too: its step may be cut short as well.
 ///
 /// # Errors
 /// [`Error::Io`]; [`Error::Format`] naming a complete line that is not a metric
@@ -328,7 +328,7 @@ fn truncate_metric_file(path: &Path, step: u64) -> Result<()> {
     let mut kept = String::with_capacity(text.len());
     for (index, raw) in text.split_inclusive('\n').enumerate() {
         let line = raw.trim_end_matches(['\n', '\r']);
-        if line.trim().is_empty() {
+        if line.trim().is_empty() || !raw.ends_with('\n') {
             continue;
         }
         let parts: Vec<&str> = line.split(' ').collect();
@@ -346,7 +346,6 @@ fn truncate_metric_file(path: &Path, step: u64) -> Result<()> {
                 kept.push('\n');
             }
             Some(_) => {}
-            None if !raw.ends_with('\n') => {} // a torn last write
             None => {
                 return Err(Error::Format {
                     path: path.to_owned(),

@@ -753,7 +753,8 @@ fn a_resumed_run_drops_what_was_logged_after_its_checkpoint() {
     };
     append(&dir.join("metrics.jsonl"), b"{\"step\":6,\"ti");
     append(&event_file(&dir), &[42, 0, 0, 0, 0, 0, 0, 0, 1, 2]);
-    append(&mlflow_run.join("metrics/loss"), b"17000000");
+    // Cut inside the step (say 12): it reads as step 1, yet is no record of it.
+    append(&mlflow_run.join("metrics/loss"), b"1700000000000 7.5 1");
 
     let resumed = TrackerOptions {
         resume: Some(Resume {
