@@ -6,7 +6,7 @@
 //! `MELORA_REQUIRE_SHARED=1` (set by CI), under which a missing fixture fails.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 
@@ -16,7 +16,7 @@ pub(crate) struct Fixture {
     pub tensors: HashMap<String, Tensor>,
 }
 
-fn fixtures_dir() -> PathBuf {
+pub(crate) fn fixtures_dir() -> PathBuf {
     match std::env::var_os("MELORA_FIXTURES") {
         Some(dir) => PathBuf::from(dir),
         None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures"),
@@ -44,11 +44,19 @@ pub(crate) fn load(name: &str) -> Option<Fixture> {
         eprintln!("skipped: fixture `{name}` not found in {}", dir.display());
         return None;
     }
-    let json = serde_json::from_str(&std::fs::read_to_string(&json_path).expect("readable JSON"))
-        .expect("fixture JSON parses");
-    let tensors = candle_core::safetensors::load(&tensors_path, &Device::Cpu)
-        .expect("fixture safetensors load");
-    Some(Fixture { json, tensors })
+    Some(load_files(&json_path, &tensors_path))
+}
+
+/// Loads a fixture from its two files, whatever their names: what a fixture is
+/// comes from its JSON, never from its file name.
+pub(crate) fn load_files(json_path: &Path, tensors_path: &Path) -> Fixture {
+    let text = std::fs::read_to_string(json_path)
+        .unwrap_or_else(|e| panic!("{}: {e}", json_path.display()));
+    let json =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", json_path.display()));
+    let tensors = candle_core::safetensors::load(tensors_path, &Device::Cpu)
+        .unwrap_or_else(|e| panic!("{}: {e}", tensors_path.display()));
+    Fixture { json, tensors }
 }
 
 impl Fixture {

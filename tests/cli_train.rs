@@ -2,10 +2,11 @@
 //! configurations (built-in tiny BERT, synthetic tasks; a few iterations).
 
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{melora, text};
+use common::{event_steps, melora, metrics_lines, mlflow_runs, mlflow_steps, step_of, text};
 
 const TINY: &str = "seed: 3
 model:
@@ -262,4 +263,190 @@ fn a_memory_budget_chooses_a_configuration_or_refuses() {
         "{stderr}"
     );
     assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+/// A run small enough to take about a second, validated (and checkpointed) every
+/// 5 of its 40 iterations, with every log on.
+const KILLABLE: &str = "seed: 5
+model:
+  name: tiny-bert
+  max_length: 8
+lora:
+  rank: 2
+meta_learning:
+  method: fomaml
+  meta_batch_size: 1
+  num_iterations: 40
+  inner:
+    steps: 1
+    lr: 0.5
+data:
+  n_way: 2
+  k_shot: 1
+  n_query: 1
+evaluation:
+  episodes: 2
+  eval_every: 5
+  val_episodes: 1
+tracking:
+  experiment_name: killed
+  tensorboard: true
+  mlflow: true
+";
+
+/// The iteration of the `last` checkpoint in `run` (or of the previous one a
+/// checkpoint swap in progress left beside it), if any.
+fn last_checkpoint(run: &Path) -> Option<u64> {
+    [
+        run.join("last/state.json"),
+        run.join(".last.old/state.json"),
+    ]
+    .iter()
+    .find_map(|path| {
+        let text = std::fs::read_to_string(path).ok()?;
+        let state: serde_json::Value = serde_json::from_str(&text).ok()?;
+        state["iteration"].as_u64()
+    })
+}
+
+/// `kill -9` during `train` with steps logged past the last checkpoint, then
+/// `train --resume`: the run completes, `metrics.jsonl`, the TensorBoard events
+/// and the (one) MLflow run hold every step exactly once, what was logged up to
+/// the checkpoint is kept as it was, and the re-run steps have the killed run's
+/// losses (exact resumption).
+#[test]
+fn a_run_killed_and_resumed_logs_every_step_once() {
+    use std::os::unix::process::ExitStatusExt;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("killable.yml");
+    std::fs::write(&config, KILLABLE).unwrap();
+    let out = dir.path().join("runs");
+    let run = out.join("killed").join("fomaml-seed5");
+    let log = std::fs::File::create(dir.path().join("stderr.txt")).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_melora"))
+        .args(["train", "--config", &config.display().to_string()])
+        .args(["--output", &out.display().to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    // Kill one or two steps past a checkpoint, three or more before the next.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let logged = metrics_lines(&run.join("metrics.jsonl"))
+            .last()
+            .map_or(0, step_of);
+        if let Some(checkpoint) = last_checkpoint(&run) {
+            if (checkpoint + 1..=checkpoint + 2).contains(&logged) {
+                break;
+            }
+        }
+        let finished = child.try_wait().unwrap();
+        assert!(
+            finished.is_none() && Instant::now() < deadline,
+            "no step past a checkpoint to kill at (exit {finished:?}); stderr:\n{}",
+            std::fs::read_to_string(dir.path().join("stderr.txt")).unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    child.kill().unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.signal(), Some(9), "the run ended before the kill");
+    let checkpoint = last_checkpoint(&run).unwrap();
+    let killed = metrics_lines(&run.join("metrics.jsonl"));
+    let killed_at = killed.last().map_or(0, step_of);
+    assert!(
+        killed_at > checkpoint,
+        "{killed_at} vs checkpoint {checkpoint}"
+    );
+
+    let resumed = melora(&["train", "--resume", &run.join("last").display().to_string()]);
+    assert!(resumed.status.success(), "{}", text(&resumed.stderr));
+    assert!(text(&resumed.stdout).contains("iterations: 40"));
+
+    let all: Vec<u64> = (1..=40).collect();
+    let lines = metrics_lines(&run.join("metrics.jsonl"));
+    assert_eq!(lines.iter().map(step_of).collect::<Vec<_>>(), all);
+    for (line, before) in lines.iter().zip(&killed) {
+        let step = step_of(line);
+        if step <= checkpoint {
+            assert_eq!(line, before, "step {step} before the checkpoint changed");
+        } else {
+            for key in [
+                "train/query_loss",
+                "train/support_loss",
+                "train/grad_norm",
+                "train/query_accuracy",
+            ] {
+                assert_eq!(line[key], before[key], "{key} at re-run step {step}");
+            }
+        }
+    }
+    assert_eq!(event_steps(&run), all);
+    let runs = mlflow_runs(&out.join("mlruns"), "killed");
+    assert_eq!(runs.len(), 1, "the resumption continues the MLflow run");
+    let (mlflow_run, meta) = &runs[0];
+    assert_eq!(meta["status"].as_u64(), Some(3), "FINISHED");
+    assert_eq!(
+        mlflow_steps(&mlflow_run.join("metrics/train/query_loss")),
+        all
+    );
+    assert_eq!(
+        mlflow_steps(&mlflow_run.join("metrics/val/score")),
+        (1..=8).map(|i| 5 * i).collect::<Vec<u64>>()
+    );
+}
+
+/// Ctrl-C (SIGINT) during `train`: the run saves `last`, exits with status 130 and
+/// its MLflow run ends KILLED; `train --resume` continues that MLflow run to
+/// FINISHED, each step once.
+#[test]
+fn ctrl_c_ends_the_mlflow_run_killed_and_resume_continues_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("killable.yml");
+    std::fs::write(&config, KILLABLE).unwrap();
+    let out = dir.path().join("runs");
+    let run = out.join("killed").join("fomaml-seed5");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_melora"))
+        .args(["train", "--config", &config.display().to_string()])
+        .args(["--output", &out.display().to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // The Ctrl-C handler is installed before the first step is logged.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while metrics_lines(&run.join("metrics.jsonl")).is_empty() {
+        assert!(child.try_wait().unwrap().is_none(), "the run ended early");
+        assert!(Instant::now() < deadline, "no step logged");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let sent = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "{status:?}");
+    let stopped_at = last_checkpoint(&run).unwrap();
+    assert!(stopped_at < 40, "the run was not interrupted");
+    let runs = mlflow_runs(&out.join("mlruns"), "killed");
+    assert_eq!(runs.len(), 1);
+    assert_eq!(runs[0].1["status"].as_u64(), Some(5), "KILLED");
+
+    let resumed = melora(&["train", "--resume", &run.join("last").display().to_string()]);
+    assert!(resumed.status.success(), "{}", text(&resumed.stderr));
+    let all: Vec<u64> = (1..=40).collect();
+    let steps: Vec<u64> = metrics_lines(&run.join("metrics.jsonl"))
+        .iter()
+        .map(step_of)
+        .collect();
+    assert_eq!(steps, all);
+    let runs = mlflow_runs(&out.join("mlruns"), "killed");
+    assert_eq!(runs.len(), 1, "the resumption continues the MLflow run");
+    assert_eq!(runs[0].1["status"].as_u64(), Some(3), "FINISHED");
+    assert_eq!(
+        mlflow_steps(&runs[0].0.join("metrics/train/query_loss")),
+        all
+    );
 }

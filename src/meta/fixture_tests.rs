@@ -1,6 +1,8 @@
 //! The learners against the reference fixtures in f64: adapted parameters, query
-//! losses, exact MAML meta-gradients for K = 1, 2, 3 in both modes, FOMAML, Reptile
-//! and Hessian-vector products. Sizes, K and learning rates come from the fixtures.
+//! losses, exact MAML meta-gradients for the fixture's K and extra step counts in
+//! both modes, FOMAML, Reptile and Hessian-vector products. Sizes, K, the extra
+//! step counts (`extra_k`, `extra_maml_k`) and learning rates come from the
+//! fixtures' JSON.
 
 use super::{
     hessian_vector_product, Adapter, Fomaml, InnerLoop, Maml, MamlMode, MetaLearner, Reptile,
@@ -8,7 +10,7 @@ use super::{
 };
 use crate::data::Episode;
 use crate::fixtures::{assert_close, assert_close_or_zero, Fixture};
-use crate::models::fixture_tests::{fixture_case, FixtureCase};
+use crate::models::fixture_tests::{copy_fixture, fixture_case, save_fixture, FixtureCase};
 use crate::nn::Mode;
 use crate::tensor::ParamSet;
 
@@ -64,16 +66,32 @@ fn episode(case: &FixtureCase) -> Episode {
     Episode::new(case.support.clone(), case.query.clone(), n_way).unwrap()
 }
 
+/// The inner-step counts listed at `key` in the fixture's JSON (`/extra_k`,
+/// `/extra_maml_k`).
+fn step_counts(fixture: &Fixture, key: &str) -> Vec<usize> {
+    fixture
+        .value(key)
+        .as_array()
+        .unwrap_or_else(|| panic!("fixture `{key}` is not a list"))
+        .iter()
+        .map(|v| v.as_u64().expect("a step count") as usize)
+        .collect()
+}
+
 fn check_learners(name: &str) {
     check_learners_with(name, None, false);
 }
 
-/// The fixture checks, with gradient checkpointing on when `plan` is given and
-/// selective recomputation when `selective`.
+/// The fixture checks on fixture `name`, with gradient checkpointing on when
+/// `plan` is given and selective recomputation when `selective`.
 fn check_learners_with(name: &str, plan: Option<crate::memory::CheckpointPlan>, selective: bool) {
-    let Some(mut case) = fixture_case(name) else {
-        return;
-    };
+    if let Some(case) = fixture_case(name) {
+        check_case(case, plan, selective);
+    }
+}
+
+/// The fixture checks on `case`.
+fn check_case(mut case: FixtureCase, plan: Option<crate::memory::CheckpointPlan>, selective: bool) {
     if selective {
         case.model.set_selective_recompute(true).unwrap();
     }
@@ -147,12 +165,15 @@ fn check_learners_with(name: &str, plan: Option<crate::memory::CheckpointPlan>, 
         &delta.scale(-1.0).unwrap(),
     );
 
-    // Exact MAML for K and 3, in both modes; the two modes agree to rounding.
-    for (steps, prefix, loss_name) in [
-        (k, "maml_grad.", "query_loss_adapted"),
-        (3, "maml_grad_k3.", "query_loss_adapted_k3"),
-    ] {
-        let expected = prefixed(fixture, &case.theta0, prefix);
+    // Exact MAML for K and each of the JSON's `extra_maml_k`, in both modes; the two
+    // modes agree to rounding.
+    let gradients = std::iter::once((k, "maml_grad.".to_owned())).chain(
+        step_counts(fixture, "/extra_maml_k")
+            .into_iter()
+            .map(|steps| (steps, format!("maml_grad_k{steps}."))),
+    );
+    for (steps, prefix) in gradients {
+        let expected = prefixed(fixture, &case.theta0, &prefix);
         let full = maml(&case, steps, MamlMode::FullGraph);
         let recompute = maml(&case, steps, MamlMode::Recompute);
         assert_params_close(
@@ -173,21 +194,30 @@ fn check_learners_with(name: &str, plan: Option<crate::memory::CheckpointPlan>, 
             .unwrap()
             / expected.norm().unwrap();
         assert!(gap < 1e-12, "K={steps}: modes differ by {gap:.3e}");
-        assert_scalar(
-            &format!("query loss K={steps}"),
-            full.query_loss,
-            scalar(fixture, loss_name),
-        );
+        if steps == k {
+            assert_scalar(
+                &format!("query loss K={steps}"),
+                full.query_loss,
+                scalar(fixture, "query_loss_adapted"),
+            );
+        }
     }
 
-    // K = 1: the query loss, and the identity maml = g − α·H(θ₀)·g with g = ∇L_q(θ₁).
+    // The query loss after each of the JSON's `extra_k` inner-step counts.
+    for steps in step_counts(fixture, "/extra_k") {
+        for mode in [MamlMode::FullGraph, MamlMode::Recompute] {
+            assert_scalar(
+                &format!("query loss K={steps} ({mode:?})"),
+                maml(&case, steps, mode).query_loss,
+                scalar(fixture, &format!("query_loss_adapted_k{steps}")),
+            );
+        }
+    }
+
+    // K = 1, whatever the fixture's step counts: the identity
+    // maml = g − α·H(θ₀)·g with g = ∇L_q(θ₁).
     for mode in [MamlMode::FullGraph, MamlMode::Recompute] {
         let one = maml(&case, 1, mode);
-        assert_scalar(
-            "query loss K=1",
-            one.query_loss,
-            scalar(fixture, "query_loss_adapted_k1"),
-        );
         let fo = Fomaml {
             inner: inner(&case, 1),
         }
@@ -213,6 +243,71 @@ fn check_learners_with(name: &str, plan: Option<crate::memory::CheckpointPlan>, 
         &hv,
         &prefixed(fixture, &case.theta0, "hvp."),
     );
+}
+
+/// Fixture `name` copied into `dir` under a neutral name as another fixture of
+/// the same format: its extra step counts replaced by K itself (`extra_k` and
+/// `extra_maml_k` = [K], the K-step tensors under the `_k{K}` names, the former
+/// extras' tensors removed).
+fn variant_with_extras_at_k(name: &str, dir: &std::path::Path) -> Option<FixtureCase> {
+    let mut fixture = copy_fixture(name, dir, "variant")?;
+    let k = fixture.value("/inner_loop/K").as_u64().unwrap();
+    let extras = |key: &str| -> Vec<u64> {
+        let list = fixture.value(key).as_array().unwrap();
+        list.iter().map(|v| v.as_u64().unwrap()).collect()
+    };
+    let (losses, gradients) = (extras("/extra_k"), extras("/extra_maml_k"));
+    assert!(!losses.contains(&k) && !gradients.contains(&k));
+    let renamed: Vec<(String, String)> = fixture
+        .tensors
+        .keys()
+        .filter_map(|key| {
+            let old = losses
+                .iter()
+                .any(|e| key == &format!("query_loss_adapted_k{e}"))
+                || gradients
+                    .iter()
+                    .any(|e| key.starts_with(&format!("maml_grad_k{e}.")));
+            if old {
+                Some((key.clone(), String::new()))
+            } else if key == "query_loss_adapted" {
+                Some((key.clone(), format!("query_loss_adapted_k{k}")))
+            } else {
+                key.strip_prefix("maml_grad.")
+                    .map(|p| (key.clone(), format!("maml_grad_k{k}.{p}")))
+            }
+        })
+        .collect();
+    for (from, to) in renamed {
+        let entry = fixture.json["tensors"][&from].clone();
+        if to.is_empty() {
+            fixture.tensors.remove(&from);
+            fixture.json["tensors"]
+                .as_object_mut()
+                .unwrap()
+                .remove(&from);
+        } else {
+            let tensor = fixture.tensors[&from].clone();
+            fixture.tensors.insert(to.clone(), tensor);
+            fixture.json["tensors"][&to] = entry;
+        }
+    }
+    fixture.json["extra_k"] = serde_json::json!([k]);
+    fixture.json["extra_maml_k"] = serde_json::json!([k]);
+    Some(FixtureCase::new(save_fixture(fixture, dir, "variant")))
+}
+
+/// Another fixture of the same format, under another name and with other extra
+/// step counts, runs through the same checks unchanged: step counts come from the
+/// JSON.
+#[test]
+fn learners_match_a_fixture_of_the_same_format_with_other_extras() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["gpt2_lora_maml", "conv4_maml"] {
+        if let Some(case) = variant_with_extras_at_k(name, dir.path()) {
+            check_case(case, None, false);
+        }
+    }
 }
 
 #[test]

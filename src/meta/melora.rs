@@ -363,29 +363,39 @@ mod tests {
         }
     }
 
-    /// The exact diagonal against the fixture's closed-form head diagonal.
+    /// The exact diagonal against the transformer fixtures' closed-form head
+    /// diagonals (`hess_diag.<param>`, for the parameters the fixture gives).
     #[test]
     fn exact_diagonal_matches_fixture_head_diagonal() {
-        let Some(case) = crate::models::fixture_tests::fixture_case("bert_lora_maml") else {
-            return;
-        };
-        let heads = ["classifier.weight", "classifier.bias"];
-        let diagonal = exact_hessian_diagonal(
-            case.model.as_ref(),
-            &case.theta0,
-            &case.support,
-            Some(&heads),
-            Mode::Eval,
-        )
-        .unwrap();
-        for name in heads {
-            let expected = case.fixture.tensor(&format!("hess_diag.{name}"));
-            assert_close(
-                &format!("diag(H) of {name}"),
-                diagonal.get(name).unwrap(),
-                expected,
-                1e-8,
-            );
+        for name in ["bert_lora_maml", "gpt2_lora_maml"] {
+            let Some(case) = crate::models::fixture_tests::fixture_case(name) else {
+                return;
+            };
+            let mut heads: Vec<&str> = case
+                .fixture
+                .tensors
+                .keys()
+                .filter_map(|key| key.strip_prefix("hess_diag."))
+                .collect();
+            heads.sort_unstable();
+            assert!(!heads.is_empty(), "{name} has no hess_diag tensors");
+            let diagonal = exact_hessian_diagonal(
+                case.model.as_ref(),
+                &case.theta0,
+                &case.support,
+                Some(&heads),
+                Mode::Eval,
+            )
+            .unwrap();
+            for head in heads {
+                let expected = case.fixture.tensor(&format!("hess_diag.{head}"));
+                assert_close(
+                    &format!("{name}: diag(H) of {head}"),
+                    diagonal.get(head).unwrap(),
+                    expected,
+                    1e-8,
+                );
+            }
         }
     }
 

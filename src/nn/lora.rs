@@ -572,13 +572,20 @@ mod tests {
     /// shape their adapters identically, and reproduce PEFT's forward.
     #[test]
     fn names_and_shapes_match_peft_fixtures() {
-        let cases = [
-            ("bert_lora_maml", WeightLayout::OutIn),
-            ("gpt2_lora_maml", WeightLayout::InOut),
-        ];
-        for (name, layout) in cases {
+        for name in ["bert_lora_maml", "gpt2_lora_maml"] {
             let Some(fixture) = crate::fixtures::load(name) else {
                 continue;
+            };
+            // PEFT's `fan_in_fan_out` marks Conv1D's [in, out] weights (GPT-2).
+            let fan_in_fan_out = fixture
+                .json
+                .pointer("/lora/fan_in_fan_out")
+                .and_then(|v| v.as_bool())
+                .unwrap_or(false);
+            let layout = if fan_in_fan_out {
+                WeightLayout::InOut
+            } else {
+                WeightLayout::OutIn
             };
             let rank = fixture.value("/lora/r").as_u64().unwrap() as usize;
             let alpha = fixture.value("/lora/alpha").as_f64().unwrap();

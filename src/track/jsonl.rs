@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 
 use serde::ser::{Serialize, SerializeMap, Serializer};
 
+use crate::io::write_atomic;
 use crate::{Error, Result};
 
 /// Keys every line carries besides the metrics, so no metric may use them.
@@ -58,16 +59,20 @@ pub(crate) struct JsonlWriter {
 }
 
 impl JsonlWriter {
-    /// Creates (or truncates) `path`: a run folder holds one run; or, when
-    /// `append`, continues it (a resumed run).
-    pub(crate) fn create(path: PathBuf, append: bool) -> Result<Self> {
-        let file = if append {
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&path)
-        } else {
-            File::create(&path)
+    /// Creates (or truncates) `path`: a run folder holds one run; or, with
+    /// `resume_after` = `Some(step)`, continues it (a run resumed from a checkpoint
+    /// of `step`): lines of later steps are dropped first (see [`truncate_after`]),
+    /// so that the resumed run logs each step once.
+    pub(crate) fn create(path: PathBuf, resume_after: Option<u64>) -> Result<Self> {
+        let file = match resume_after {
+            Some(step) => {
+                truncate_after(&path, step)?;
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&path)
+            }
+            None => File::create(&path),
         }
         .map_err(|e| Error::io(&path, e))?;
         Ok(JsonlWriter { path, file })
@@ -97,6 +102,60 @@ impl JsonlWriter {
     pub(crate) fn finish(self) -> Result<()> {
         self.file.sync_all().map_err(|e| Error::io(&self.path, e))
     }
+}
+
+/// Just the step of a line, for [`truncate_after`].
+#[derive(serde::Deserialize)]
+struct StepOnly {
+    step: u64,
+}
+
+/// Drops the lines of `path` whose step is past `step` (what a run logged after
+/// the checkpoint it is resumed from), rewriting the file atomically; every line
+/// up to the checkpoint is kept byte for byte. A last line without its newline
+/// that does not parse was cut short by a crash and is dropped too. A missing
+/// file is left missing.
+///
+/// # Errors
+/// [`Error::Io`] if the file cannot be read or rewritten; [`Error::Format`]
+/// naming a complete line that is not a metrics object (nothing is rewritten).
+pub(crate) fn truncate_after(path: &Path, step: u64) -> Result<()> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io(path, e)),
+    };
+    let mut kept = String::with_capacity(text.len());
+    for (index, raw) in text.split_inclusive('\n').enumerate() {
+        let line = raw.trim_end_matches(['\n', '\r']);
+        if line.trim().is_empty() {
+            continue;
+        }
+        let parsed: std::result::Result<StepOnly, _> = serde_json::from_str(line);
+        match parsed {
+            Ok(row) if row.step <= step => {
+                kept.push_str(line);
+                kept.push('\n');
+            }
+            Ok(_) => {}
+            // A torn last write: the record was never complete.
+            Err(_) if !raw.ends_with('\n') => {}
+            Err(e) => {
+                return Err(Error::Format {
+                    path: path.to_owned(),
+                    message: format!(
+                        "line {}: {e}; cannot drop the steps after the checkpoint \
+                         (step {step}) from it: repair or delete that line, then resume",
+                        index + 1
+                    ),
+                })
+            }
+        }
+    }
+    if kept != text {
+        write_atomic(path, kept.as_bytes())?;
+    }
+    Ok(())
 }
 
 /// Reads a `metrics.jsonl` back, one [`MetricsRow`] per line in file order.

@@ -28,8 +28,9 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
+use super::RunEnd;
 use crate::io::write_atomic;
 use crate::{Error, Result};
 
@@ -37,6 +38,7 @@ use crate::{Error, Result};
 const STATUS_RUNNING: u32 = 1;
 const STATUS_FINISHED: u32 = 3;
 const STATUS_FAILED: u32 = 4;
+const STATUS_KILLED: u32 = 5;
 /// MLflow's `SourceType.LOCAL`.
 const SOURCE_LOCAL: u32 = 4;
 /// MLflow's limit on metric, parameter and tag key length.
@@ -54,20 +56,20 @@ struct ExperimentMeta {
 }
 
 /// `mlruns/<experiment_id>/<run_id>/meta.yaml`, fields in the order MLflow writes.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 struct RunMeta {
     artifact_uri: String,
     deleted_time: Option<u64>,
     end_time: Option<u64>,
-    entry_point_name: &'static str,
+    entry_point_name: String,
     experiment_id: String,
-    lifecycle_stage: &'static str,
+    lifecycle_stage: String,
     run_id: String,
     run_name: String,
     run_uuid: String,
-    source_name: &'static str,
+    source_name: String,
     source_type: u32,
-    source_version: &'static str,
+    source_version: String,
     start_time: u64,
     status: u32,
     tags: Vec<String>,
@@ -123,15 +125,15 @@ impl MlflowRun {
             ),
             deleted_time: None,
             end_time: None,
-            entry_point_name: "",
+            entry_point_name: String::new(),
             experiment_id,
-            lifecycle_stage: "active",
+            lifecycle_stage: "active".to_owned(),
             run_id: run_id.clone(),
             run_name: run_name.to_owned(),
             run_uuid: run_id,
-            source_name: "",
+            source_name: String::new(),
             source_type: SOURCE_LOCAL,
-            source_version: "",
+            source_version: String::new(),
             start_time: now_ms,
             status: STATUS_RUNNING,
             tags: Vec::new(),
@@ -155,6 +157,60 @@ impl MlflowRun {
         )?;
         run.write_meta()?;
         Ok(run)
+    }
+
+    /// Reopens the run `run_id` of the store `mlruns` to continue it from a
+    /// checkpoint of `step`: status RUNNING again, no end time, `config_yaml` as
+    /// its `config.yml` artifact, and every metric line of a later step dropped
+    /// (see [`truncate_metric_file`]); parameters and tags stay as recorded.
+    /// `Ok(None)` when the store holds no such active run (deleted, or the store
+    /// is gone), for the caller to start a new one.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for a run id that is not one; [`Error::Format`]
+    /// for a `meta.yaml` or metric file that does not parse; [`Error::Io`].
+    pub(crate) fn resume(
+        mlruns: &Path,
+        run_id: &str,
+        step: u64,
+        config_yaml: &str,
+    ) -> Result<Option<Self>> {
+        if run_id.is_empty() || !run_id.chars().all(|c| c.is_ascii_alphanumeric()) {
+            return Err(Error::InvalidArgument(format!(
+                "`{run_id}` is not an MLflow run id (the checkpoint's state.json records \
+                 it as `mlflow_run_id`); remove that entry to record a new MLflow run"
+            )));
+        }
+        let Some(dir) = find_run(mlruns, run_id)? else {
+            return Ok(None);
+        };
+        let path = dir.join("meta.yaml");
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        let mut meta: RunMeta = serde_norway::from_str(&text).map_err(|e| Error::Format {
+            path: path.clone(),
+            message: format!("not an MLflow run's meta.yaml: {e}"),
+        })?;
+        if meta.lifecycle_stage != "active" {
+            return Ok(None);
+        }
+        let metrics = dir.join("metrics");
+        if metrics.is_dir() {
+            truncate_metric_files(&metrics, step)?;
+        }
+        meta.status = STATUS_RUNNING;
+        meta.end_time = None;
+        let run = MlflowRun { dir, meta };
+        write_atomic(
+            &run.dir.join("artifacts/config.yml"),
+            config_yaml.as_bytes(),
+        )?;
+        run.write_meta()?;
+        Ok(Some(run))
+    }
+
+    /// The run's id (its folder name).
+    pub(crate) fn run_id(&self) -> &str {
+        &self.meta.run_id
     }
 
     /// Checks that every parameter key can be an MLflow key and none repeats,
@@ -205,12 +261,12 @@ impl MlflowRun {
         Ok(())
     }
 
-    /// Marks the run FINISHED or FAILED with its end time.
-    pub(crate) fn finish(mut self, success: bool, now_ms: u64) -> Result<()> {
-        self.meta.status = if success {
-            STATUS_FINISHED
-        } else {
-            STATUS_FAILED
+    /// Marks the run FINISHED, FAILED or KILLED with its end time.
+    pub(crate) fn finish(mut self, end: RunEnd, now_ms: u64) -> Result<()> {
+        self.meta.status = match end {
+            RunEnd::Finished => STATUS_FINISHED,
+            RunEnd::Failed => STATUS_FAILED,
+            RunEnd::Killed => STATUS_KILLED,
         };
         self.meta.end_time = Some(now_ms);
         self.write_meta()
@@ -219,6 +275,94 @@ impl MlflowRun {
     fn write_meta(&self) -> Result<()> {
         write_yaml(&self.dir.join("meta.yaml"), &self.meta)
     }
+}
+
+/// The folder of run `run_id` in any experiment of the store `mlruns` (MLflow
+/// keeps deleted experiments in `.trash`, whose runs are not continued).
+fn find_run(mlruns: &Path, run_id: &str) -> Result<Option<PathBuf>> {
+    let entries = match std::fs::read_dir(mlruns) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::io(mlruns, e)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io(mlruns, e))?;
+        if entry.file_name() == ".trash" {
+            continue;
+        }
+        let dir = entry.path().join(run_id);
+        if dir.join("meta.yaml").is_file() {
+            return Ok(Some(dir));
+        }
+    }
+    Ok(None)
+}
+
+/// [`truncate_metric_file`] on every metric file under `dir` (keys with `/` are
+/// sub-folders); temporary files of an atomic write (`.<name>.<pid>.tmp`) are
+/// not metrics and are left alone.
+fn truncate_metric_files(dir: &Path, step: u64) -> Result<()> {
+    for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+        let entry = entry.map_err(|e| Error::io(dir, e))?;
+        let path = entry.path();
+        let kind = entry.file_type().map_err(|e| Error::io(&path, e))?;
+        if kind.is_dir() {
+            truncate_metric_files(&path, step)?;
+        } else if kind.is_file() && !entry.file_name().to_string_lossy().starts_with('.') {
+            truncate_metric_file(&path, step)?;
+        }
+    }
+    Ok(())
+}
+
+/// Drops the lines (`<timestamp> <value> <step>`) of a metric file whose step is
+/// past `step`, rewriting it atomically; earlier lines are kept byte for byte. A
+/// last line without its newline was cut short by a crash (each line is written
+/// whole, newline included) and is dropped too: its step may be cut short as well.
+///
+/// # Errors
+/// [`Error::Io`]; [`Error::Format`] naming a complete line that is not a metric
+/// point (nothing is rewritten).
+fn truncate_metric_file(path: &Path, step: u64) -> Result<()> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let mut kept = String::with_capacity(text.len());
+    for (index, raw) in text.split_inclusive('\n').enumerate() {
+        let line = raw.trim_end_matches(['\n', '\r']);
+        if line.trim().is_empty() || !raw.ends_with('\n') {
+            continue;
+        }
+        let parts: Vec<&str> = line.split(' ').collect();
+        let point_step = match parts[..] {
+            [time, value, point_step]
+                if time.parse::<u64>().is_ok() && value.parse::<f64>().is_ok() =>
+            {
+                point_step.parse::<u64>().ok()
+            }
+            _ => None,
+        };
+        match point_step {
+            Some(s) if s <= step => {
+                kept.push_str(line);
+                kept.push('\n');
+            }
+            Some(_) => {}
+            None => {
+                return Err(Error::Format {
+                    path: path.to_owned(),
+                    message: format!(
+                        "line {}: `{line}` is not `<timestamp> <value> <step>`; cannot drop \
+                         the steps after the checkpoint (step {step}) from it: repair or \
+                         delete that line, then resume",
+                        index + 1
+                    ),
+                })
+            }
+        }
+    }
+    if kept != text {
+        write_atomic(path, kept.as_bytes())?;
+    }
+    Ok(())
 }
 
 /// Serializes `value` to `path` atomically: a crash never leaves a truncated

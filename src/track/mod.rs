@@ -22,6 +22,13 @@
 //! atomically, so a crash never leaves one truncated; appended streams
 //! (`metrics.jsonl`, the event file, MLflow metric files) get one unbuffered
 //! write per record, so a crash loses at most the record being written.
+//!
+//! A run resumed from a checkpoint ([`TrackerOptions::resume`]) continues the
+//! same records: each stream is first rewritten (atomically) without what was
+//! logged after the checkpoint's step, a record a crash cut short included, so
+//! that every step appears once; the MLflow run recorded in the checkpoint is
+//! continued rather than a new one opened. [`RunTracker::finish`] records how the
+//! run ended ([`RunEnd`]).
 
 mod jsonl;
 mod mlflow;
@@ -42,18 +49,43 @@ use mlflow::MlflowRun;
 use tensorboard::EventWriter;
 
 /// Which outputs a run writes besides `config.yml` and `metrics.jsonl`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TrackerOptions {
     /// Write a TensorBoard event file in the run folder.
     pub tensorboard: bool,
     /// Write the run to an MLflow file store at `output_dir/mlruns/`.
     pub mlflow: bool,
-    /// Continue a run resumed from a checkpoint: append to its `metrics.jsonl` and
-    /// keep its event files (TensorBoard reads them all) instead of replacing them.
-    /// Steps logged after the checkpoint by a run that then crashed appear twice;
-    /// readers keep the last line of a step. MLflow records the continuation as a
-    /// new run.
-    pub resume: bool,
+    /// Continue a run resumed from a checkpoint instead of replacing its records:
+    /// `metrics.jsonl` and the event files keep every step up to
+    /// [`Resume::step`] and lose the later ones (which the resumed run logs
+    /// again, so each step appears once), and the MLflow run
+    /// [`Resume::mlflow_run_id`] is continued with its later metric points
+    /// dropped alike. Where that MLflow run cannot be found (the store was
+    /// deleted, or the checkpoint recorded none) a new one is opened, with a
+    /// warning on standard error.
+    pub resume: Option<Resume>,
+}
+
+/// Where a resumed run continues: what [`TrackerOptions::resume`] needs from the
+/// checkpoint it resumes from.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Resume {
+    /// The checkpoint's step (iterations completed): records of later steps are
+    /// dropped.
+    pub step: u64,
+    /// The MLflow run the checkpoint was written by ([`RunTracker::mlflow_run_id`]).
+    pub mlflow_run_id: Option<String>,
+}
+
+/// How a run ended, as [`RunTracker::finish`] records it (MLflow's run status).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunEnd {
+    /// It ran to its end (early stopping included): FINISHED.
+    Finished,
+    /// An error stopped it: FAILED.
+    Failed,
+    /// It was stopped on request (Ctrl-C), to be resumed: KILLED.
+    Killed,
 }
 
 /// The outputs of one run. Call [`RunTracker::finish`] at the end; a tracker
@@ -75,13 +107,15 @@ impl RunTracker {
     ///
     /// `experiment` and `run` must be plain folder names. An existing run folder
     /// of the same name is reused: its `metrics.jsonl` and event files are
-    /// replaced, so that one folder never mixes two runs' curves. (MLflow keeps
-    /// every run, each under its own id.)
+    /// replaced, so that one folder never mixes two runs' curves (MLflow keeps
+    /// every run, each under its own id) — unless [`TrackerOptions::resume`]
+    /// continues them.
     ///
     /// # Errors
     /// [`Error::InvalidArgument`] for a name that is not a plain folder name or a
     /// parameter key MLflow cannot store; [`Error::Io`] naming the path that could
-    /// not be created or written.
+    /// not be created or written; when resuming, [`Error::Format`] naming a
+    /// record file that does not parse (it is left unchanged).
     pub fn create(
         output_dir: &Path,
         experiment: &str,
@@ -107,22 +141,57 @@ impl RunTracker {
             )
         })?;
         write_atomic(&dir.join("config.yml"), config_yaml.as_bytes())?;
-        let metrics = JsonlWriter::create(dir.join("metrics.jsonl"), options.resume)?;
+        let resume = options.resume.as_ref();
+        let step = resume.map(|r| r.step);
+        let metrics = JsonlWriter::create(dir.join("metrics.jsonl"), step)?;
         let (wall_time, now_ms) = now();
-        let tensorboard = if options.tensorboard {
-            Some(EventWriter::create(&dir, wall_time, options.resume)?)
-        } else {
-            None
+        let tensorboard = match (options.tensorboard, step) {
+            (false, _) => None,
+            (true, None) => Some(EventWriter::create(&dir, wall_time)?),
+            (true, Some(step)) => Some(EventWriter::resume(&dir, wall_time, step)?),
         };
         let mlflow = if options.mlflow {
-            Some(MlflowRun::create(
-                &output_dir.join("mlruns"),
-                experiment,
-                run,
-                config_yaml,
-                params,
-                now_ms,
-            )?)
+            let mlruns = output_dir.join("mlruns");
+            let continued = match resume {
+                Some(Resume {
+                    step,
+                    mlflow_run_id: Some(id),
+                }) => {
+                    let found = MlflowRun::resume(&mlruns, id, *step, config_yaml)?;
+                    if found.is_none() {
+                        eprintln!(
+                            "warning: MLflow run {id}, which the checkpoint was written by, \
+                             is not in {} (deleted?); recording the resumed run as a new \
+                             MLflow run",
+                            mlruns.display()
+                        );
+                    }
+                    found
+                }
+                Some(Resume {
+                    mlflow_run_id: None,
+                    ..
+                }) => {
+                    eprintln!(
+                        "warning: the checkpoint records no MLflow run (MLflow was off, or \
+                         an older melora wrote it); recording the resumed run as a new \
+                         MLflow run"
+                    );
+                    None
+                }
+                None => None,
+            };
+            match continued {
+                Some(run) => Some(run),
+                None => Some(MlflowRun::create(
+                    &mlruns,
+                    experiment,
+                    run,
+                    config_yaml,
+                    params,
+                    now_ms,
+                )?),
+            }
         } else {
             None
         };
@@ -137,6 +206,13 @@ impl RunTracker {
     /// The run folder, `output_dir/experiment/run`.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The id of the run in the MLflow store, when MLflow is on: record it with a
+    /// checkpoint, so that a run resumed from it continues this MLflow run
+    /// ([`Resume::mlflow_run_id`]).
+    pub fn mlflow_run_id(&self) -> Option<&str> {
+        self.mlflow.as_ref().map(MlflowRun::run_id)
     }
 
     /// Records `metrics` at `step`: one line in `metrics.jsonl` (written through
@@ -165,21 +241,18 @@ impl RunTracker {
         Ok(())
     }
 
-    /// Ends the run: MLflow status FINISHED (`success`) or FAILED with its end
-    /// time, and every file synced to disk.
+    /// Ends the run: every file synced to disk, and the MLflow run marked with
+    /// how it ended (`end`: FINISHED, FAILED or KILLED) and its end time.
     ///
     /// # Errors
     /// [`Error::Io`] naming the file that could not be synced or written.
-    pub fn finish(self, success: bool) -> Result<()> {
+    pub fn finish(self, end: RunEnd) -> Result<()> {
         let (_, now_ms) = now();
-        self.metrics.finish()?;
-        if let Some(events) = self.tensorboard {
-            events.finish()?;
-        }
-        if let Some(run) = self.mlflow {
-            run.finish(success, now_ms)?;
-        }
-        Ok(())
+        // Each output is ended even if another fails; the first error is returned.
+        let metrics = self.metrics.finish();
+        let events = self.tensorboard.map_or(Ok(()), EventWriter::finish);
+        let mlflow = self.mlflow.map_or(Ok(()), |run| run.finish(end, now_ms));
+        metrics.and(events).and(mlflow)
     }
 }
 

@@ -10,6 +10,7 @@ use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use crate::io::write_atomic;
 use crate::{Error, Result};
 
 /// CRC-32C (Castagnoli) table for the reflected polynomial `0x82F63B78`, built at
@@ -153,20 +154,40 @@ impl EventWriter {
     /// expects first.
     ///
     /// A run folder holds one run: TensorBoard merges every event file in a
-    /// folder, so a rerun would otherwise plot both runs as one curve. A resumed
-    /// run (`keep_existing`) continues that curve, so its files stay.
-    pub(crate) fn create(dir: &Path, wall_time: f64, keep_existing: bool) -> Result<Self> {
-        if !keep_existing {
-            remove_event_files(dir)?;
+    /// folder, so a rerun would otherwise plot both runs as one curve.
+    pub(crate) fn create(dir: &Path, wall_time: f64) -> Result<Self> {
+        remove_event_files(dir)?;
+        let path = dir.join(format!(
+            "events.out.tfevents.{}.{}",
+            wall_time as u64,
+            host_name()
+        ));
+        Self::create_at(path, wall_time)
+    }
+
+    /// Continues the run in `dir` resumed from a checkpoint of `step`: every event
+    /// file there is rewritten without the events of later steps (see
+    /// [`truncate_event_file`]), and the last one by name is continued; with none,
+    /// a new one is started as [`EventWriter::create`] does.
+    pub(crate) fn resume(dir: &Path, wall_time: f64, step: u64) -> Result<Self> {
+        let mut files = event_files(dir)?;
+        files.sort();
+        for file in &files {
+            truncate_event_file(file, step)?;
         }
-        let name = format!("events.out.tfevents.{}.{}", wall_time as u64, host_name());
-        let mut path = dir.join(&name);
-        // A resumed run started within the same second keeps the earlier file.
-        let mut n = 0;
-        while keep_existing && path.exists() {
-            n += 1;
-            path = dir.join(format!("{name}.{n}"));
+        match files.pop() {
+            Some(path) => {
+                let file = std::fs::OpenOptions::new()
+                    .append(true)
+                    .open(&path)
+                    .map_err(|e| Error::io(&path, e))?;
+                Ok(EventWriter { path, file })
+            }
+            None => Self::create(dir, wall_time),
         }
+    }
+
+    fn create_at(path: PathBuf, wall_time: f64) -> Result<Self> {
         let file = File::create(&path).map_err(|e| Error::io(&path, e))?;
         let mut writer = EventWriter { path, file };
         writer.write_event(&encode_event(
@@ -211,19 +232,113 @@ impl EventWriter {
     }
 }
 
-/// Deletes the files in `dir` whose names mark them as event files.
-fn remove_event_files(dir: &Path) -> Result<()> {
-    let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
-    for entry in entries {
+/// The files in `dir` whose names mark them as event files.
+fn event_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
         let entry = entry.map_err(|e| Error::io(dir, e))?;
         if entry
             .file_name()
             .to_string_lossy()
             .starts_with("events.out.tfevents.")
         {
-            let path = entry.path();
-            std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+            files.push(entry.path());
         }
+    }
+    Ok(files)
+}
+
+/// Deletes the files in `dir` whose names mark them as event files.
+fn remove_event_files(dir: &Path) -> Result<()> {
+    for path in event_files(dir)? {
+        std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+    }
+    Ok(())
+}
+
+/// Reads a varint at `*pos`, or `None` where `data` ends inside it.
+fn read_varint(data: &[u8], pos: &mut usize) -> Option<u64> {
+    let mut value = 0u64;
+    for shift in (0..64).step_by(7) {
+        let byte = *data.get(*pos)?;
+        *pos += 1;
+        value |= u64::from(byte & 0x7f) << shift;
+        if byte & 0x80 == 0 {
+            return Some(value);
+        }
+    }
+    None
+}
+
+/// The `step` (field 2) of a serialized `tensorflow.Event`; 0 where it is absent,
+/// as protobuf reads it; `None` if the message is malformed.
+fn event_step(event: &[u8]) -> Option<u64> {
+    let (mut pos, mut step) = (0, 0);
+    while pos < event.len() {
+        let key = read_varint(event, &mut pos)?;
+        let size = match (key & 7) as u32 {
+            WIRE_VARINT => {
+                let value = read_varint(event, &mut pos)?;
+                if key >> 3 == 2 {
+                    step = value;
+                }
+                0
+            }
+            WIRE_FIXED64 => 8,
+            WIRE_LEN => usize::try_from(read_varint(event, &mut pos)?).ok()?,
+            WIRE_FIXED32 => 4,
+            _ => return None,
+        };
+        pos = pos.checked_add(size).filter(|&end| end <= event.len())?;
+    }
+    Some(step)
+}
+
+/// Rewrites the event file `path` atomically without the events of steps past
+/// `step` (a resumed run logs them again); earlier records are kept byte for byte.
+/// A last record cut short by a crash is dropped too.
+///
+/// # Errors
+/// [`Error::Io`] if it cannot be read or rewritten; [`Error::Format`] for a
+/// complete record whose checksum or event does not decode (nothing is rewritten).
+pub(crate) fn truncate_event_file(path: &Path, step: u64) -> Result<()> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let corrupt = |at: usize, what: &str| Error::Format {
+        path: path.to_owned(),
+        message: format!(
+            "record at byte {at}: {what}; cannot drop the steps after the checkpoint \
+             (step {step}) from it: move the file out of the run folder, then resume"
+        ),
+    };
+    let mut kept = Vec::with_capacity(bytes.len());
+    let mut pos = 0;
+    while pos < bytes.len() {
+        let Some(header) = bytes.get(pos..pos + 12) else {
+            break; // a torn last record
+        };
+        let (len_bytes, len_crc) = header.split_at(8);
+        if masked_crc32c(len_bytes).to_le_bytes() != len_crc {
+            return Err(corrupt(pos, "length checksum mismatch"));
+        }
+        let len = u64::from_le_bytes(len_bytes.try_into().expect("8 bytes"));
+        let end = usize::try_from(len)
+            .ok()
+            .and_then(|len| (pos + 16).checked_add(len));
+        let Some(record) = end.and_then(|end| bytes.get(pos..end)) else {
+            break; // a torn last record
+        };
+        let data = &record[12..record.len() - 4];
+        if masked_crc32c(data).to_le_bytes() != record[record.len() - 4..] {
+            return Err(corrupt(pos, "data checksum mismatch"));
+        }
+        let event_step = event_step(data).ok_or_else(|| corrupt(pos, "not an event"))?;
+        if event_step <= step {
+            kept.extend_from_slice(record);
+        }
+        pos += record.len();
+    }
+    if kept != bytes {
+        write_atomic(path, &kept)?;
     }
     Ok(())
 }

@@ -12,7 +12,7 @@ fn both() -> TrackerOptions {
     TrackerOptions {
         tensorboard: true,
         mlflow: true,
-        resume: false,
+        resume: None,
     }
 }
 
@@ -36,7 +36,7 @@ fn logged() -> Vec<(u64, Vec<(&'static str, f64)>)> {
     ]
 }
 
-fn write_run(output: &Path, experiment: &str, run: &str, success: bool) -> PathBuf {
+fn write_run(output: &Path, experiment: &str, run: &str, end: RunEnd) -> PathBuf {
     let mut tracker = RunTracker::create(output, experiment, run, CONFIG, &params(), both())
         .expect("create tracker");
     assert_eq!(tracker.dir(), output.join(experiment).join(run));
@@ -44,14 +44,14 @@ fn write_run(output: &Path, experiment: &str, run: &str, success: bool) -> PathB
         tracker.log(step, &metrics).expect("log");
     }
     let dir = tracker.dir().to_owned();
-    tracker.finish(success).expect("finish");
+    tracker.finish(end).expect("finish");
     dir
 }
 
 #[test]
 fn metrics_jsonl_round_trips_exactly() {
     let tmp = tempfile::tempdir().unwrap();
-    let dir = write_run(tmp.path(), "exp", "run-1", true);
+    let dir = write_run(tmp.path(), "exp", "run-1", RunEnd::Finished);
     assert_eq!(
         std::fs::read_to_string(dir.join("config.yml")).unwrap(),
         CONFIG
@@ -225,7 +225,7 @@ fn event_file(dir: &Path) -> PathBuf {
 #[test]
 fn tensorboard_event_file_decodes() {
     let tmp = tempfile::tempdir().unwrap();
-    let dir = write_run(tmp.path(), "exp", "run-1", true);
+    let dir = write_run(tmp.path(), "exp", "run-1", RunEnd::Finished);
     let events: Vec<Event> = read_records(&event_file(&dir))
         .iter()
         .map(|r| decode_event(r))
@@ -271,7 +271,7 @@ fn run_dirs(experiment_dir: &Path) -> Vec<PathBuf> {
 #[test]
 fn mlflow_file_store_layout() {
     let tmp = tempfile::tempdir().unwrap();
-    write_run(tmp.path(), "exp", "run-1", true);
+    write_run(tmp.path(), "exp", "run-1", RunEnd::Finished);
     let mlruns = tmp.path().join("mlruns");
 
     // A new store starts like MLflow's own: the Default experiment 0 and .trash.
@@ -364,18 +364,19 @@ fn mlflow_file_store_layout() {
 }
 
 #[test]
-fn mlflow_reuses_experiments_by_name_and_records_failure() {
+fn mlflow_reuses_experiments_by_name_and_records_how_runs_ended() {
     let tmp = tempfile::tempdir().unwrap();
-    write_run(tmp.path(), "exp", "a", true);
-    write_run(tmp.path(), "other", "b", true);
-    write_run(tmp.path(), "exp", "c", false);
+    write_run(tmp.path(), "exp", "a", RunEnd::Finished);
+    write_run(tmp.path(), "other", "b", RunEnd::Finished);
+    write_run(tmp.path(), "exp", "c", RunEnd::Failed);
+    write_run(tmp.path(), "exp", "d", RunEnd::Killed);
     let mlruns = tmp.path().join("mlruns");
     assert_eq!(
         yaml(&mlruns.join("2/meta.yaml"))["name"].as_str(),
         Some("other")
     );
     let runs = run_dirs(&mlruns.join("1"));
-    assert_eq!(runs.len(), 2);
+    assert_eq!(runs.len(), 3);
     let statuses: BTreeMap<String, u64> = runs
         .iter()
         .map(|run| {
@@ -386,8 +387,10 @@ fn mlflow_reuses_experiments_by_name_and_records_failure() {
             )
         })
         .collect();
+    // MLflow's RunStatus: FINISHED, FAILED, KILLED.
     assert_eq!(statuses["a"], 3);
     assert_eq!(statuses["c"], 4);
+    assert_eq!(statuses["d"], 5);
 }
 
 #[test]
@@ -404,7 +407,7 @@ fn a_running_run_is_marked_running_and_files_are_readable() {
     let meta = yaml(&run.join("meta.yaml"));
     assert_eq!(meta["status"].as_u64(), Some(1));
     assert!(meta["end_time"].is_null());
-    tracker.finish(true).unwrap();
+    tracker.finish(RunEnd::Finished).unwrap();
 }
 
 #[test]
@@ -421,7 +424,7 @@ fn jsonl_only_writes_no_other_outputs() {
     .unwrap();
     tracker.log(0, &[("loss", f64::INFINITY)]).unwrap();
     let dir = tracker.dir().to_owned();
-    tracker.finish(true).unwrap();
+    tracker.finish(RunEnd::Finished).unwrap();
     let mut names: Vec<String> = std::fs::read_dir(&dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -471,7 +474,7 @@ fn invalid_names_are_refused_before_writing() {
     assert!(read_metrics(&tracker.dir().join("metrics.jsonl"))
         .unwrap()
         .is_empty());
-    tracker.finish(true).unwrap();
+    tracker.finish(RunEnd::Finished).unwrap();
 }
 
 #[test]
@@ -523,7 +526,7 @@ fn reserved_repeated_and_empty_metric_names_are_refused() {
     assert!(read_metrics(&tracker.dir().join("metrics.jsonl"))
         .unwrap()
         .is_empty());
-    tracker.finish(true).unwrap();
+    tracker.finish(RunEnd::Finished).unwrap();
 }
 
 #[test]
@@ -542,7 +545,7 @@ fn slashed_metric_names_become_mlflow_subfolders() {
     let tmp = tempfile::tempdir().unwrap();
     let mut tracker = RunTracker::create(tmp.path(), "exp", "r", CONFIG, &[], both()).unwrap();
     tracker.log(3, &[("loss/train", 0.25)]).unwrap();
-    tracker.finish(true).unwrap();
+    tracker.finish(RunEnd::Finished).unwrap();
     let run = run_dirs(&tmp.path().join("mlruns/1")).remove(0);
     let text = std::fs::read_to_string(run.join("metrics/loss/train")).unwrap();
     assert!(text.ends_with(" 0.25 3\n"), "{text}");
@@ -556,8 +559,8 @@ fn rerunning_into_a_run_folder_replaces_its_records() {
     // An event file of an earlier run with another timestamp in its name.
     std::fs::write(dir.join("events.out.tfevents.1000000000.oldhost"), b"old").unwrap();
     std::fs::write(dir.join("keep.txt"), b"not ours").unwrap();
-    write_run(tmp.path(), "exp", "again", true);
-    write_run(tmp.path(), "exp", "again", true);
+    write_run(tmp.path(), "exp", "again", RunEnd::Finished);
+    write_run(tmp.path(), "exp", "again", RunEnd::Finished);
     // One event file (asserted inside) holding one run's events.
     let records = read_records(&event_file(&dir));
     assert_eq!(records.len(), 1 + logged().len());
@@ -605,7 +608,7 @@ fn tensorboard_reads_the_event_file() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    let dir = write_run(tmp.path(), "exp", "run-1", true);
+    let dir = write_run(tmp.path(), "exp", "run-1", RunEnd::Finished);
     let script = r#"
 import sys
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -649,8 +652,8 @@ fn mlflow_reads_the_file_store() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    write_run(tmp.path(), "exp", "run-1", true);
-    write_run(tmp.path(), "exp", "run-2", false);
+    write_run(tmp.path(), "exp", "run-1", RunEnd::Finished);
+    write_run(tmp.path(), "exp", "run-2", RunEnd::Failed);
     let script = r#"
 import os, sys
 os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
@@ -701,36 +704,175 @@ for run in sorted(runs, key=lambda r: r.info.run_name):
     assert_eq!(got, want, "{output}");
 }
 
+/// MLflow metric points of `name` in `run`: (value, step) per line.
+fn mlflow_points(run: &Path, name: &str) -> Vec<(f64, u64)> {
+    std::fs::read_to_string(run.join("metrics").join(name))
+        .unwrap()
+        .lines()
+        .map(|line| {
+            let parts: Vec<&str> = line.split(' ').collect();
+            (parts[1].parse().unwrap(), parts[2].parse().unwrap())
+        })
+        .collect()
+}
+
+/// The steps of the scalar events in the one event file of `dir`.
+fn event_steps(dir: &Path) -> Vec<i64> {
+    read_records(&event_file(dir))
+        .iter()
+        .map(|r| decode_event(r))
+        .filter(|e| e.file_version.is_none())
+        .map(|e| e.step)
+        .collect()
+}
+
+/// A run that logged steps 1..=5 and was killed (a record of each stream cut
+/// short), resumed from its checkpoint of step 3: every stream holds steps 1..=3
+/// as first written and 4..=6 as logged again, each once, and the same MLflow
+/// run goes on to FINISHED.
 #[test]
-fn a_resumed_run_appends_to_its_records() {
-    let dir = tempfile::tempdir().unwrap();
+fn a_resumed_run_drops_what_was_logged_after_its_checkpoint() {
+    use std::io::Write;
+    let tmp = tempfile::tempdir().unwrap();
     let mut first =
-        RunTracker::create(dir.path(), "exp", "run", CONFIG, &params(), both()).unwrap();
-    first.log(1, &[("loss", 1.0)]).unwrap();
-    first.log(2, &[("loss", 0.5)]).unwrap();
-    first.finish(true).unwrap();
+        RunTracker::create(tmp.path(), "exp", "run", CONFIG, &params(), both()).unwrap();
+    for step in 1..=5 {
+        first.log(step, &[("loss", step as f64)]).unwrap();
+    }
+    let run_id = first.mlflow_run_id().unwrap().to_owned();
+    let dir = first.dir().to_owned();
+    drop(first); // killed: never finished
+    let mlflow_run = run_dirs(&tmp.path().join("mlruns/1")).remove(0);
+    assert_eq!(mlflow_run.file_name().unwrap().to_string_lossy(), run_id);
+    let before = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+    let before_events = read_records(&event_file(&dir));
+    // What a kill in the middle of a write leaves at the end of each stream.
+    let append = |path: &Path, bytes: &[u8]| {
+        let mut file = std::fs::OpenOptions::new().append(true).open(path).unwrap();
+        file.write_all(bytes).unwrap();
+    };
+    append(&dir.join("metrics.jsonl"), b"{\"step\":6,\"ti");
+    append(&event_file(&dir), &[42, 0, 0, 0, 0, 0, 0, 0, 1, 2]);
+    // Cut inside the step (say 12): it reads as step 1, yet is no record of it.
+    append(&mlflow_run.join("metrics/loss"), b"1700000000000 7.5 1");
+
     let resumed = TrackerOptions {
-        resume: true,
+        resume: Some(Resume {
+            step: 3,
+            mlflow_run_id: Some(run_id.clone()),
+        }),
         ..both()
     };
     let mut second =
-        RunTracker::create(dir.path(), "exp", "run", CONFIG, &params(), resumed).unwrap();
-    second.log(3, &[("loss", 0.25)]).unwrap();
-    let run_dir = second.dir().to_path_buf();
-    second.finish(true).unwrap();
-    let rows = read_metrics(&run_dir.join("metrics.jsonl")).unwrap();
-    let steps: Vec<u64> = rows.iter().map(|r| r.step).collect();
-    assert_eq!(steps, vec![1, 2, 3]);
-    assert_eq!(rows[2].values["loss"], 0.25);
-    let events = std::fs::read_dir(&run_dir)
-        .unwrap()
-        .filter(|e| {
-            e.as_ref()
-                .unwrap()
-                .file_name()
-                .to_string_lossy()
-                .contains("tfevents")
-        })
-        .count();
-    assert_eq!(events, 2, "the first run's event file is kept");
+        RunTracker::create(tmp.path(), "exp", "run", CONFIG, &params(), resumed).unwrap();
+    assert_eq!(second.mlflow_run_id(), Some(run_id.as_str()));
+    // Running again until it ends.
+    let meta = yaml(&mlflow_run.join("meta.yaml"));
+    assert_eq!(meta["status"].as_u64(), Some(1));
+    for step in 4..=6 {
+        second.log(step, &[("loss", 10.0 * step as f64)]).unwrap();
+    }
+    second.finish(RunEnd::Finished).unwrap();
+
+    let text = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+    let kept: String = before.lines().take(3).map(|l| format!("{l}\n")).collect();
+    assert!(text.starts_with(&kept), "steps 1..=3 rewritten:\n{text}");
+    let rows = read_metrics(&dir.join("metrics.jsonl")).unwrap();
+    let got: Vec<(u64, f64)> = rows.iter().map(|r| (r.step, r.values["loss"])).collect();
+    let want = [
+        (1, 1.0),
+        (2, 2.0),
+        (3, 3.0),
+        (4, 40.0),
+        (5, 50.0),
+        (6, 60.0),
+    ];
+    assert_eq!(got, want);
+
+    // One event file (asserted inside), continued: its first records as they were.
+    assert_eq!(event_steps(&dir), [1, 2, 3, 4, 5, 6]);
+    let after_events = read_records(&event_file(&dir));
+    assert_eq!(after_events[..4], before_events[..4]);
+    assert_eq!(
+        after_events
+            .iter()
+            .filter(|r| decode_event(r).file_version.is_some())
+            .count(),
+        1
+    );
+
+    assert_eq!(run_dirs(&tmp.path().join("mlruns/1")).len(), 1);
+    let meta = yaml(&mlflow_run.join("meta.yaml"));
+    assert_eq!(meta["status"].as_u64(), Some(3));
+    assert!(meta["end_time"].as_u64().is_some());
+    let points: Vec<(f64, u64)> = want.iter().map(|&(s, v)| (v, s)).collect();
+    assert_eq!(mlflow_points(&mlflow_run, "loss"), points);
+}
+
+/// Resuming when the MLflow run cannot be continued (the store deleted, or no
+/// run recorded) opens a new MLflow run; the other records are still cut back.
+#[test]
+fn resuming_without_the_recorded_mlflow_run_opens_a_new_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut first =
+        RunTracker::create(tmp.path(), "exp", "run", CONFIG, &params(), both()).unwrap();
+    first.log(1, &[("loss", 1.0)]).unwrap();
+    first.log(2, &[("loss", 2.0)]).unwrap();
+    let run_id = first.mlflow_run_id().unwrap().to_owned();
+    first.finish(RunEnd::Killed).unwrap();
+    std::fs::remove_dir_all(tmp.path().join("mlruns")).unwrap();
+    for recorded in [Some(run_id.clone()), None] {
+        let resumed = TrackerOptions {
+            resume: Some(Resume {
+                step: 1,
+                mlflow_run_id: recorded,
+            }),
+            ..both()
+        };
+        let mut second =
+            RunTracker::create(tmp.path(), "exp", "run", CONFIG, &params(), resumed).unwrap();
+        let new_id = second.mlflow_run_id().unwrap().to_owned();
+        assert_ne!(new_id, run_id);
+        second.log(2, &[("loss", 4.0)]).unwrap();
+        let dir = second.dir().to_owned();
+        second.finish(RunEnd::Finished).unwrap();
+        let steps: Vec<u64> = read_metrics(&dir.join("metrics.jsonl"))
+            .unwrap()
+            .iter()
+            .map(|r| r.step)
+            .collect();
+        assert_eq!(steps, [1, 2]);
+        let run = tmp.path().join("mlruns/1").join(&new_id);
+        assert_eq!(yaml(&run.join("meta.yaml"))["status"].as_u64(), Some(3));
+        assert_eq!(mlflow_points(&run, "loss"), [(4.0, 2)]);
+    }
+}
+
+/// A complete record that does not parse is not silently dropped on resume: the
+/// error names the file and line, and the file is left as it was.
+#[test]
+fn a_corrupt_record_is_refused_on_resume_and_left_unchanged() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("exp/run");
+    std::fs::create_dir_all(&dir).unwrap();
+    let text = "{\"step\":1,\"time\":1.0,\"loss\":1}\nnot json\n{\"step\":2,\"time\":2.0}\n";
+    std::fs::write(dir.join("metrics.jsonl"), text).unwrap();
+    let resumed = TrackerOptions {
+        resume: Some(Resume {
+            step: 1,
+            mlflow_run_id: None,
+        }),
+        ..TrackerOptions::default()
+    };
+    let err = RunTracker::create(tmp.path(), "exp", "run", CONFIG, &[], resumed).unwrap_err();
+    assert!(matches!(err, Error::Format { .. }), "{err}");
+    let message = err.to_string();
+    assert!(
+        message.contains("metrics.jsonl") && message.contains("line 2"),
+        "{message}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap(),
+        text
+    );
 }

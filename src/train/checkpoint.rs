@@ -42,6 +42,21 @@ pub struct CheckpointState {
     /// continues with the same scale.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub loss_scaler: Option<LossScaler>,
+    /// The MLflow run that logged the run (with `tracking.mlflow`), so that a run
+    /// resumed from this checkpoint continues it instead of opening a new one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mlflow_run_id: Option<String>,
+}
+
+/// The folder a checkpoint for `dir` is written into before it is swapped in:
+/// `.<name>.<pid>.partial` beside it.
+pub(crate) fn staging_dir(dir: &Path) -> PathBuf {
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    let parent = dir.parent().unwrap_or(Path::new("."));
+    parent.join(format!(".{name}.{}.partial", std::process::id()))
 }
 
 /// Writes a checkpoint folder at `dir` (replacing any previous one only once the new
@@ -57,7 +72,7 @@ pub fn save_checkpoint(
         .map(|n| n.to_string_lossy().to_string())
         .unwrap_or_default();
     let parent = dir.parent().unwrap_or(Path::new("."));
-    let staging = parent.join(format!(".{name}.{}.partial", std::process::id()));
+    let staging = staging_dir(dir);
     let _ = std::fs::remove_dir_all(&staging);
     std::fs::create_dir_all(&staging).map_err(|e| Error::io(&staging, e))?;
     params.save(&staging.join(PARAMS))?;

@@ -22,7 +22,7 @@ use crate::meta::Adapter;
 use crate::models::FewShotModel;
 use crate::optim::LossScaler;
 use crate::tensor::ParamSet;
-use crate::track::{RunTracker, TrackerOptions};
+use crate::track::{Resume, RunEnd, RunTracker, TrackerOptions};
 use crate::Result;
 
 use super::build::{build_learner, build_model, build_outer, build_text_encoder};
@@ -59,9 +59,10 @@ pub struct TrainOptions {
     /// Continue from this checkpoint folder.
     pub resume: Option<PathBuf>,
     /// Set from outside (Ctrl-C) to stop after the current iteration, saving a
-    /// checkpoint.
+    /// checkpoint; the MLflow run then ends KILLED.
     pub stop: Option<Arc<AtomicBool>>,
-    /// Stop after this many iterations of this call (tests of resumption).
+    /// Stop after this many iterations of this call, as a stop request would
+    /// (checkpoint saved, MLflow run KILLED): tests of resumption.
     pub max_iterations: Option<usize>,
     /// Called after every iteration.
     pub on_iteration: Option<ProgressFn>,
@@ -171,6 +172,7 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainSummary> {
     let mut outer = build_outer(config)?;
     let mut params = model.init_params(config.seed)?;
     let (mut start, mut best, mut stale) = (0usize, None, 0usize);
+    let mut resume = None;
     if let Some(dir) = &options.resume {
         let checkpoint = load_checkpoint(dir, &params)?;
         params = checkpoint.params;
@@ -183,22 +185,16 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainSummary> {
         if checkpoint.state.loss_scaler.is_some() && outer.loss_scale.is_some() {
             outer.loss_scale = checkpoint.state.loss_scaler;
         }
+        // The records continue from the checkpoint: what a crashed run logged after
+        // it is dropped, and its MLflow run goes on.
+        resume = Some(Resume {
+            step: start as u64,
+            mlflow_run_id: checkpoint.state.mlflow_run_id,
+        });
     }
     let run_dir = run_dir(config);
     std::fs::create_dir_all(&run_dir).map_err(|e| crate::Error::io(&run_dir, e))?;
     let config_yaml = config.to_yaml_string()?;
-    let mut tracker = RunTracker::create(
-        &config.tracking.output_dir,
-        &config.tracking.experiment_name,
-        &run_name(config),
-        &config_yaml,
-        &tracked_params(config),
-        TrackerOptions {
-            tensorboard: config.tracking.tensorboard,
-            mlflow: config.tracking.mlflow,
-            resume: options.resume.is_some(),
-        },
-    )?;
     let device = Device::Cpu;
     let mut sources = episode_sources(
         &config.data,
@@ -212,6 +208,28 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainSummary> {
     let meta_batch = config.meta_learning.meta_batch_size;
     let total = config.meta_learning.num_iterations;
     let mut prefetcher = Prefetcher::new(train_source, (start * meta_batch) as u64, meta_batch, 2)?;
+    // The budget holds for the run from building the model on (model, data and
+    // steps), which is what the planner predicts.
+    let guard = config
+        .memory_optimization
+        .budget
+        .limit_bytes()?
+        .map(|budget| BudgetGuard::arm_above(budget, meter.baseline_bytes()))
+        .transpose()?;
+    // From here on every way out ends the tracker (see `RunEnd` below).
+    let mut tracker = RunTracker::create(
+        &config.tracking.output_dir,
+        &config.tracking.experiment_name,
+        &run_name(config),
+        &config_yaml,
+        &tracked_params(config),
+        TrackerOptions {
+            tensorboard: config.tracking.tensorboard,
+            mlflow: config.tracking.mlflow,
+            resume,
+        },
+    )?;
+    let mlflow_run_id = tracker.mlflow_run_id().map(str::to_owned);
     let state =
         |iteration: usize, outer: &OuterUpdate, best: Option<f64>, stale: usize| CheckpointState {
             iteration,
@@ -227,6 +245,7 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainSummary> {
             n_way: config.data.n_way,
             config: config_yaml.clone(),
             loss_scaler: outer.loss_scale.clone(),
+            mlflow_run_id: mlflow_run_id.clone(),
         };
     let mut summary = TrainSummary {
         run_dir: run_dir.clone(),
@@ -242,159 +261,177 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainSummary> {
         train_classes,
     };
     let mut times = Vec::new();
-    // The budget holds for the run from building the model on (model, data and
-    // steps), which is what the planner predicts.
-    let guard = config
-        .memory_optimization
-        .budget
-        .limit_bytes()?
-        .map(|budget| BudgetGuard::arm_above(budget, meter.baseline_bytes()))
-        .transpose()?;
     let mut micro_batch = config.memory_optimization.gradient_accumulation.micro_batch;
-    for iteration in start..total {
-        let stop_requested = options
-            .stop
-            .as_ref()
-            .is_some_and(|s| s.load(Ordering::SeqCst))
-            || options
-                .max_iterations
-                .is_some_and(|m| iteration - start >= m);
-        if stop_requested {
-            summary.interrupted = true;
-            save_checkpoint(
-                &run_dir.join("last"),
-                &params,
-                &outer.optimizer,
-                &state(iteration, &outer, best, stale),
-            )?;
-            break;
-        }
-        let started = Instant::now();
-        let tasks = prefetcher.next_batch()?;
-        let dropout = training_mode(config.seed, iteration, meta_batch);
-        let mut reduced_micro_batch = None;
-        let (next, stats) = loop {
-            if let Some(guard) = &guard {
-                guard.clear();
+    let outcome = (|| -> Result<()> {
+        for iteration in start..total {
+            let stop_requested = options
+                .stop
+                .as_ref()
+                .is_some_and(|s| s.load(Ordering::SeqCst))
+                || options
+                    .max_iterations
+                    .is_some_and(|m| iteration - start >= m);
+            if stop_requested {
+                summary.interrupted = true;
+                save_checkpoint(
+                    &run_dir.join("last"),
+                    &params,
+                    &outer.optimizer,
+                    &state(iteration, &outer, best, stale),
+                )?;
+                break;
             }
-            match meta_step(
-                learner.as_ref(),
-                model.as_ref(),
-                &params,
-                &tasks,
-                &mut outer,
-                dropout,
-            ) {
-                Err(crate::Error::OverBudget { budget }) => {
-                    // Nothing changed yet: redo the step with half the micro-batch, which
-                    // accumulates to the same gradient.
-                    let half = halved_micro_batch(micro_batch, &tasks).ok_or_else(|| {
-                        crate::Error::MemoryBudget(format!(
-                            "iteration {}: a meta-step needs more than the budget of {} even \
+            let started = Instant::now();
+            let tasks = prefetcher.next_batch()?;
+            let dropout = training_mode(config.seed, iteration, meta_batch);
+            let mut reduced_micro_batch = None;
+            let (next, stats) = loop {
+                if let Some(guard) = &guard {
+                    guard.clear();
+                }
+                match meta_step(
+                    learner.as_ref(),
+                    model.as_ref(),
+                    &params,
+                    &tasks,
+                    &mut outer,
+                    dropout,
+                ) {
+                    Err(crate::Error::OverBudget { budget }) => {
+                        // Nothing changed yet: redo the step with half the micro-batch, which
+                        // accumulates to the same gradient.
+                        let half = halved_micro_batch(micro_batch, &tasks).ok_or_else(|| {
+                            crate::Error::MemoryBudget(format!(
+                                "iteration {}: a meta-step needs more than the budget of {} even \
                              with micro-batches of 1 example; raise --memory-budget, or enable \
                              memory_optimization.checkpointing or precision: bf16",
-                            iteration + 1,
-                            format_bytes(budget)
-                        ))
-                    })?;
-                    micro_batch = Some(half);
-                    let mut smaller = config.clone();
-                    smaller
-                        .memory_optimization
-                        .gradient_accumulation
-                        .micro_batch = Some(half);
-                    learner = build_learner(&smaller)?;
-                    reduced_micro_batch = Some(half);
+                                iteration + 1,
+                                format_bytes(budget)
+                            ))
+                        })?;
+                        micro_batch = Some(half);
+                        let mut smaller = config.clone();
+                        smaller
+                            .memory_optimization
+                            .gradient_accumulation
+                            .micro_batch = Some(half);
+                        learner = build_learner(&smaller)?;
+                        reduced_micro_batch = Some(half);
+                    }
+                    outcome => {
+                        break outcome.map_err(|e| {
+                            crate::Error::InvalidArgument(format!(
+                                "iteration {}: {e}",
+                                iteration + 1
+                            ))
+                        })?
+                    }
                 }
-                outcome => {
-                    break outcome.map_err(|e| {
-                        crate::Error::InvalidArgument(format!("iteration {}: {e}", iteration + 1))
-                    })?
+            };
+            let seconds = started.elapsed().as_secs_f64();
+            times.push(seconds);
+            params = next;
+            summary.iterations = iteration + 1;
+            let mut metrics = vec![
+                ("train/query_loss", stats.query_loss),
+                ("train/support_loss", stats.support_loss),
+                ("train/grad_norm", stats.grad_norm),
+                ("train/seconds", seconds),
+            ];
+            if !stats.regression {
+                metrics.push(("train/query_accuracy", stats.query_accuracy));
+            }
+            if let Some(scale) = stats.loss_scale {
+                // f16: the scale this step ran under, and whether it overflowed (skipped).
+                metrics.push(("train/loss_scale", scale));
+                metrics.push(("train/skipped", f64::from(u8::from(stats.skipped))));
+            }
+            let validate =
+                (iteration + 1) % config.evaluation.eval_every == 0 || iteration + 1 == total;
+            let (mut validation, mut new_best) = (None, false);
+            if validate {
+                let score = validation_score(
+                    learner.as_ref(),
+                    model.as_ref(),
+                    &params,
+                    val_source.as_ref(),
+                    config.evaluation.val_episodes,
+                    // f16: adaptation's backward passes need the loss scale too.
+                    outer.loss_scale.as_ref().map(LossScaler::scale),
+                )?;
+                validation = Some(score);
+                metrics.push(("val/score", score));
+                summary.validations.push((iteration + 1, score));
+                new_best = best.is_none_or(|b| score > b);
+                if new_best {
+                    best = Some(score);
+                    stale = 0;
+                } else {
+                    stale += 1;
                 }
             }
-        };
-        let seconds = started.elapsed().as_secs_f64();
-        times.push(seconds);
-        params = next;
-        summary.iterations = iteration + 1;
-        let mut metrics = vec![
-            ("train/query_loss", stats.query_loss),
-            ("train/support_loss", stats.support_loss),
-            ("train/grad_norm", stats.grad_norm),
-            ("train/seconds", seconds),
-        ];
-        if !stats.regression {
-            metrics.push(("train/query_accuracy", stats.query_accuracy));
-        }
-        if let Some(scale) = stats.loss_scale {
-            // f16: the scale this step ran under, and whether it overflowed (skipped).
-            metrics.push(("train/loss_scale", scale));
-            metrics.push(("train/skipped", f64::from(u8::from(stats.skipped))));
-        }
-        let validate =
-            (iteration + 1) % config.evaluation.eval_every == 0 || iteration + 1 == total;
-        let mut validation = None;
-        if validate {
-            let score = validation_score(
-                learner.as_ref(),
-                model.as_ref(),
-                &params,
-                val_source.as_ref(),
-                config.evaluation.val_episodes,
-                // f16: adaptation's backward passes need the loss scale too.
-                outer.loss_scale.as_ref().map(LossScaler::scale),
-            )?;
-            validation = Some(score);
-            metrics.push(("val/score", score));
-            summary.validations.push((iteration + 1, score));
-            if best.is_none_or(|b| score > b) {
-                best = Some(score);
-                stale = 0;
+            if crate::memory::is_installed() {
+                metrics.push(("memory/peak_bytes", meter.peak_above_baseline() as f64));
+            }
+            if let Some(size) = reduced_micro_batch {
+                metrics.push(("memory/micro_batch", size as f64));
+            }
+            // Logged before the checkpoints are written: a crash in between leaves
+            // the step logged past the older checkpoint, which a resumed run drops
+            // and logs again, rather than checkpointed but never logged.
+            tracker.log((iteration + 1) as u64, &metrics)?;
+            if new_best {
                 save_checkpoint(
                     &run_dir.join("best"),
                     &params,
                     &outer.optimizer,
                     &state(iteration + 1, &outer, best, stale),
                 )?;
-            } else {
-                stale += 1;
             }
-            save_checkpoint(
-                &run_dir.join("last"),
-                &params,
-                &outer.optimizer,
-                &state(iteration + 1, &outer, best, stale),
-            )?;
+            if validate {
+                save_checkpoint(
+                    &run_dir.join("last"),
+                    &params,
+                    &outer.optimizer,
+                    &state(iteration + 1, &outer, best, stale),
+                )?;
+            }
+            if let Some(report) = &options.on_iteration {
+                report(&IterationReport {
+                    iteration: iteration + 1,
+                    total,
+                    stats: &stats,
+                    validation,
+                    best,
+                    seconds,
+                    reduced_micro_batch,
+                });
+            }
+            summary.history.push(stats);
+            if config
+                .evaluation
+                .early_stopping_patience
+                .is_some_and(|patience| stale >= patience)
+            {
+                summary.stopped_early = true;
+                break;
+            }
         }
-        if crate::memory::is_installed() {
-            metrics.push(("memory/peak_bytes", meter.peak_above_baseline() as f64));
-        }
-        if let Some(size) = reduced_micro_batch {
-            metrics.push(("memory/micro_batch", size as f64));
-        }
-        tracker.log((iteration + 1) as u64, &metrics)?;
-        if let Some(report) = &options.on_iteration {
-            report(&IterationReport {
-                iteration: iteration + 1,
-                total,
-                stats: &stats,
-                validation,
-                best,
-                seconds,
-                reduced_micro_batch,
-            });
-        }
-        summary.history.push(stats);
-        if config
-            .evaluation
-            .early_stopping_patience
-            .is_some_and(|patience| stale >= patience)
-        {
-            summary.stopped_early = true;
-            break;
-        }
+        Ok(())
+    })();
+    let end = match &outcome {
+        Err(_) => RunEnd::Failed,
+        Ok(()) if summary.interrupted => RunEnd::Killed,
+        Ok(()) => RunEnd::Finished,
+    };
+    let finished = tracker.finish(end);
+    // The loop's error is the one to report; a failure to end the records after
+    // it is secondary.
+    if let (Err(_), Err(e)) = (&outcome, &finished) {
+        eprintln!("warning: the run's records could not be ended: {e}");
     }
-    tracker.finish(true)?;
+    outcome?;
+    finished?;
     summary.params = params;
     summary.best_val_score = best;
     summary.seconds_per_iteration = crate::eval::stats::median(&times);
@@ -578,6 +615,131 @@ mod tests {
             err.contains("does not fit this model") && err.contains("rank 2"),
             "{err}"
         );
+    }
+
+    /// The MLflow runs (folder, `meta.yaml`) of the experiment `tiny_config` writes to.
+    fn mlflow_runs(output: &Path) -> Vec<(PathBuf, serde_norway::Value)> {
+        let experiment = output.join("mlruns/1");
+        let mut runs: Vec<(PathBuf, serde_norway::Value)> = std::fs::read_dir(&experiment)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.join("meta.yaml").exists())
+            .map(|p| {
+                let meta =
+                    serde_norway::from_str(&std::fs::read_to_string(p.join("meta.yaml")).unwrap())
+                        .unwrap();
+                (p, meta)
+            })
+            .collect();
+        runs.sort_by(|a, b| a.0.cmp(&b.0));
+        runs
+    }
+
+    /// An error in the loop (here: a checkpoint that cannot be written) is returned
+    /// as it was, and the MLflow run ends FAILED instead of staying RUNNING.
+    #[test]
+    fn a_failing_run_is_failed_in_mlflow_and_keeps_its_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = tiny_config(dir.path());
+        config.tracking.mlflow = true;
+        // A file where the first checkpoint (iteration 3) is staged.
+        let blocker = super::super::checkpoint::staging_dir(&run_dir(&config).join("best"));
+        std::fs::create_dir_all(blocker.parent().unwrap()).unwrap();
+        std::fs::write(&blocker, b"in the way").unwrap();
+        let err = train(&config, &TrainOptions::default()).unwrap_err();
+        match &err {
+            crate::Error::Io { path, .. } => assert_eq!(path, &blocker, "{err}"),
+            other => panic!("expected the checkpoint's Error::Io, got {other:?}"),
+        }
+        let runs = mlflow_runs(dir.path());
+        assert_eq!(runs.len(), 1);
+        assert_eq!(runs[0].1["status"].as_u64(), Some(4), "FAILED");
+        assert!(runs[0].1["end_time"].as_u64().is_some());
+    }
+
+    /// A stop request (Ctrl-C) ends the MLflow run KILLED; resuming continues that
+    /// run (FINISHED at the end), each metric logged once per step.
+    #[test]
+    fn a_stopped_run_is_killed_in_mlflow_and_its_resumption_continues_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = tiny_config(dir.path());
+        config.tracking.mlflow = true;
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let first = train(
+            &config,
+            &TrainOptions {
+                stop: Some(stop),
+                on_iteration: Some(Arc::new(move |report: &IterationReport<'_>| {
+                    if report.iteration == 4 {
+                        flag.store(true, Ordering::SeqCst);
+                    }
+                })),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert!(first.interrupted);
+        assert_eq!(first.iterations, 4);
+        let runs = mlflow_runs(dir.path());
+        assert_eq!(runs.len(), 1);
+        assert_eq!(runs[0].1["status"].as_u64(), Some(5), "KILLED");
+        assert!(runs[0].1["end_time"].as_u64().is_some());
+
+        let resumed = train(
+            &config,
+            &TrainOptions {
+                resume: Some(first.run_dir.join("last")),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(resumed.iterations, 6);
+        let runs = mlflow_runs(dir.path());
+        assert_eq!(runs.len(), 1, "the resumption opened a new MLflow run");
+        let (run, meta) = &runs[0];
+        assert_eq!(meta["status"].as_u64(), Some(3), "FINISHED");
+        let steps: Vec<u64> = std::fs::read_to_string(run.join("metrics/train/query_loss"))
+            .unwrap()
+            .lines()
+            .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
+            .collect();
+        assert_eq!(steps, [1, 2, 3, 4, 5, 6]);
+    }
+
+    /// Every step a checkpoint includes is logged: a run that dies between writing
+    /// `best` and `last` at iteration 3 (here `last` cannot be staged) has step 3
+    /// in `metrics.jsonl`, and resuming from `best` then logs each step once.
+    #[test]
+    fn a_checkpointed_step_is_logged_even_if_the_run_dies_checkpointing() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = tiny_config(dir.path());
+        let run = run_dir(&config);
+        let blocker = super::super::checkpoint::staging_dir(&run.join("last"));
+        std::fs::create_dir_all(&run).unwrap();
+        std::fs::write(&blocker, b"in the way").unwrap();
+        train(&config, &TrainOptions::default()).unwrap_err();
+        let best = super::super::checkpoint::read_checkpoint_state(&run.join("best")).unwrap();
+        assert_eq!(best.iteration, 3);
+        let steps = |run: &Path| -> Vec<u64> {
+            crate::track::read_metrics(&run.join("metrics.jsonl"))
+                .unwrap()
+                .iter()
+                .map(|r| r.step)
+                .collect()
+        };
+        assert_eq!(steps(&run), [1, 2, 3], "checkpointed step 3 is not logged");
+        std::fs::remove_file(&blocker).unwrap();
+        let resumed = train(
+            &config,
+            &TrainOptions {
+                resume: Some(run.join("best")),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(resumed.iterations, 6);
+        assert_eq!(steps(&run), [1, 2, 3, 4, 5, 6]);
     }
 
     #[test]
