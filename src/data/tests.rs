@@ -687,3 +687,65 @@ fn configured_sources_split_by_class_and_follow_the_config() {
     let (train, test) = (names(Split::Train), names(Split::Test));
     assert!(!train.is_empty() && train.is_disjoint(&test));
 }
+
+// Crafted input (issue 17): sizes and headers that used to overflow, index out of
+// bounds or allocate from a header are errors naming the problem.
+
+#[test]
+fn idx_dimensions_whose_product_overflows_are_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    for gzip in [false, true] {
+        let path = dir
+            .path()
+            .join(format!("huge{}.idx", if gzip { ".gz" } else { "" }));
+        write_idx(&path, &[u32::MAX, u32::MAX, u32::MAX], &[1, 2, 3], gzip);
+        let err = read_idx(&path).unwrap_err();
+        assert!(matches!(err, Error::Format { .. }), "{err:?}");
+        let text = err.to_string();
+        assert!(
+            text.contains("huge") && text.contains("too large"),
+            "{text}"
+        );
+    }
+}
+
+#[test]
+fn idx_header_claiming_more_data_than_the_file_has_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    for gzip in [false, true] {
+        // 2^31 × 2 × 2 bytes claimed (8 GiB), 3 present: refused without allocating.
+        let path = dir
+            .path()
+            .join(format!("claims{}.idx", if gzip { ".gz" } else { "" }));
+        write_idx(&path, &[1 << 31, 2, 2], &[1, 2, 3], gzip);
+        let text = read_idx(&path).unwrap_err().to_string();
+        assert!(
+            text.contains("claims") && text.contains("truncated"),
+            "{text}"
+        );
+        // More data than claimed.
+        write_idx(&path, &[1, 2, 2], &[0; 5], gzip);
+        let text = read_idx(&path).unwrap_err().to_string();
+        assert!(text.contains("found more"), "{text}");
+    }
+}
+
+#[test]
+fn idx_label_count_mismatch_and_empty_images_are_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let (im, lb) = (dir.path().join("im.idx"), dir.path().join("lb.idx"));
+    write_idx(&im, &[2, 2, 2], &[0; 8], false);
+    write_idx(&lb, &[3], &[0, 1, 2], false);
+    let text = read_idx_dataset(&im, &lb).unwrap_err().to_string();
+    assert!(
+        text.contains("lb.idx") && text.contains("expected 2 labels"),
+        "{text}"
+    );
+    write_idx(&im, &[2, 0, 2], &[], false);
+    write_idx(&lb, &[2], &[0, 1], false);
+    let text = read_idx_dataset(&im, &lb).unwrap_err().to_string();
+    assert!(
+        text.contains("im.idx") && text.contains("no pixels"),
+        "{text}"
+    );
+}
