@@ -550,3 +550,44 @@ fn precision_and_quantization_combinations() {
         assert!(message.contains(fix), "{yaml}: {message}");
     }
 }
+
+/// Sizes near `usize::MAX` used to pass validation and then overflow in the sampler
+/// (`k_shot + n_query`) or in batching (`n_way × (k_shot + n_query)`).
+#[test]
+fn episode_sizes_that_overflow_are_config_errors() {
+    let max = usize::MAX;
+    for (yaml, expected_key) in [
+        (format!("data:\n  k_shot: {max}\n"), "data.k_shot"),
+        (format!("data:\n  n_query: {max}\n"), "data.k_shot"),
+        (
+            format!("data:\n  k_shot: {}\n  n_query: 2\n", max / 2 + 1),
+            "data.k_shot",
+        ),
+        (format!("data:\n  n_way: {max}\n"), "data.n_way"),
+        (format!("data:\n  n_way: {}\n", 1usize << 62), "data.n_way"),
+        // Not overflowing, but beyond any episode that fits in memory.
+        (
+            format!("data:\n  n_way: 1000\n  k_shot: {}\n", 1 << 20),
+            "data.k_shot",
+        ),
+        (
+            "data:\n  n_way: 100000\n  k_shot: 100\n".to_string(),
+            "data.n_way",
+        ),
+        (format!("data:\n  image_size: {max}\n"), "data.image_size"),
+    ] {
+        let (key, message) = config_error(Config::from_yaml_str(&yaml));
+        assert_eq!(key, expected_key, "{yaml}: {message}");
+        assert!(
+            message.contains("too large") || message.contains("at most"),
+            "{message}"
+        );
+    }
+    // The largest allowed episode is still valid.
+    let yaml = format!(
+        "data:\n  n_way: 2\n  k_shot: {}\n  n_query: {}\n",
+        MAX_EPISODE_EXAMPLES / 4,
+        MAX_EPISODE_EXAMPLES / 4
+    );
+    Config::from_yaml_str(&yaml).unwrap();
+}
