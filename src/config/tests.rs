@@ -591,3 +591,16 @@ fn episode_sizes_that_overflow_are_config_errors() {
     );
     Config::from_yaml_str(&yaml).unwrap();
 }
+
+/// Episode indices are `iteration × meta_batch_size + task` (u64): a run whose
+/// indices overflow is refused before it starts.
+#[test]
+fn meta_batches_whose_episode_indices_overflow_are_config_errors() {
+    let yaml = format!(
+        "meta_learning:\n  num_iterations: {}\n  meta_batch_size: 4\n",
+        usize::MAX / 2
+    );
+    let (key, message) = config_error(Config::from_yaml_str(&yaml));
+    assert_eq!(key, "meta_learning.num_iterations", "{message}");
+    assert!(message.contains("meta_batch_size"), "{message}");
+}
