@@ -749,3 +749,60 @@ fn idx_label_count_mismatch_and_empty_images_are_errors() {
         "{text}"
     );
 }
+
+#[test]
+fn sampler_sizes_that_overflow_are_an_error() {
+    for (n, k, q) in [
+        (2, usize::MAX, 1),
+        (2, 1, usize::MAX),
+        (usize::MAX, 1, 1),
+        (1 << 62, 2, 2),
+    ] {
+        let err =
+            EpisodeSampler::new(vec![10; 4], &[], n, k, q, SmallClassPolicy::Skip).unwrap_err();
+        assert!(matches!(err, Error::InvalidArgument(_)), "{err:?}");
+        assert!(err.to_string().contains("too large"), "{err}");
+    }
+}
+
+#[test]
+fn synthetic_sizes_that_overflow_are_an_error() {
+    let text = SyntheticText {
+        k_shot: usize::MAX,
+        n_query: 1,
+        ..SyntheticText::default()
+    };
+    assert!(text
+        .episode(0)
+        .unwrap_err()
+        .to_string()
+        .contains("too large"));
+    let images = SyntheticImages {
+        n_way: usize::MAX,
+        ..SyntheticImages::default()
+    };
+    assert!(images
+        .episode(0)
+        .unwrap_err()
+        .to_string()
+        .contains("too large"));
+    let images = SyntheticImages {
+        size: 1 << 33,
+        ..SyntheticImages::default()
+    };
+    assert!(images
+        .episode(0)
+        .unwrap_err()
+        .to_string()
+        .contains("too large"));
+    let sinusoids = SinusoidTasks {
+        k_shot: usize::MAX,
+        n_query: 1,
+        seed: 0,
+    };
+    assert!(sinusoids
+        .episode(0)
+        .unwrap_err()
+        .to_string()
+        .contains("too large"));
+}
