@@ -806,3 +806,16 @@ fn synthetic_sizes_that_overflow_are_an_error() {
         .to_string()
         .contains("too large"));
 }
+
+#[test]
+fn prefetcher_episode_indices_that_overflow_are_an_error() {
+    let source = Arc::new(SinusoidTasks {
+        k_shot: 1,
+        n_query: 1,
+        seed: 0,
+    });
+    let mut p = Prefetcher::new(source, u64::MAX - 2, 2, 1).unwrap();
+    assert_eq!(p.next_batch().unwrap().len(), 2);
+    let err = p.next_batch().unwrap_err().to_string();
+    assert!(err.contains("episode index"), "{err}");
+}
