@@ -819,3 +819,18 @@ fn prefetcher_episode_indices_that_overflow_are_an_error() {
     let err = p.next_batch().unwrap_err().to_string();
     assert!(err.contains("episode index"), "{err}");
 }
+
+#[test]
+fn omniglot_image_size_that_overflows_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let class = dir.path().join("Alpha/character01");
+    std::fs::create_dir_all(&class).unwrap();
+    std::fs::write(class.join("0.png"), png_bytes(2, 2, &[0, 255, 255, 0])).unwrap();
+    let options = OmniglotOptions {
+        image_size: 1 << 33,
+        rotations: false,
+    };
+    let err = read_omniglot(dir.path(), &options).unwrap_err();
+    assert!(matches!(err, Error::InvalidArgument(_)), "{err:?}");
+    assert!(err.to_string().contains("image_size"), "{err}");
+}
