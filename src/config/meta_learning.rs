@@ -181,6 +181,9 @@ impl MetaLearningConfig {
                 ),
             ));
         }
+        // Both size per-step vectors (tasks of a meta-batch, the inner trajectory).
+        super::validate::at_most_count("meta_learning.meta_batch_size", self.meta_batch_size)?;
+        super::validate::at_most_count("meta_learning.inner.steps", self.inner.steps)?;
         Ok(())
     }
 }

@@ -604,3 +604,54 @@ fn meta_batches_whose_episode_indices_overflow_are_config_errors() {
     assert_eq!(key, "meta_learning.num_iterations", "{message}");
     assert!(message.contains("meta_batch_size"), "{message}");
 }
+
+/// Counts near `usize::MAX` that validated and then panicked: `lora.rank` (rank ×
+/// features overflowed building the adapters), `meta_learning.inner.steps`,
+/// `meta_batch_size`, `evaluation.val_episodes` and the Hessian probes ('capacity
+/// overflow' allocating per-step vectors), and the comparison lists replacing them.
+#[test]
+fn counts_near_usize_max_are_config_errors() {
+    for value in [usize::MAX, 1 << 62, validate::MAX_COUNT + 1] {
+        for (yaml, key) in [
+            (format!("lora:\n  rank: {value}\n"), "lora.rank"),
+            (
+                format!("meta_learning:\n  num_iterations: 1\n  meta_batch_size: {value}\n"),
+                "meta_learning.meta_batch_size",
+            ),
+            (
+                format!("meta_learning:\n  inner:\n    steps: {value}\n"),
+                "meta_learning.inner.steps",
+            ),
+            (
+                format!("memory_optimization:\n  hessian_approximation:\n    probes: {value}\n"),
+                "memory_optimization.hessian_approximation.probes",
+            ),
+            (
+                format!("evaluation:\n  episodes: {value}\n"),
+                "evaluation.episodes",
+            ),
+            (
+                format!("evaluation:\n  val_episodes: {value}\n"),
+                "evaluation.val_episodes",
+            ),
+            (
+                format!("comparison:\n  ablation:\n    lora_ranks: [2, {value}]\n"),
+                "comparison.ablation.lora_ranks",
+            ),
+            (
+                format!("comparison:\n  ablation:\n    inner_steps: [{value}]\n"),
+                "comparison.ablation.inner_steps",
+            ),
+            (
+                format!("comparison:\n  memory_inner_steps: [1, {value}]\n"),
+                "comparison.memory_inner_steps",
+            ),
+        ] {
+            let (found, message) = config_error(Config::from_yaml_str(&yaml));
+            assert_eq!(found, key, "{yaml}: {message}");
+            assert!(message.contains("at most"), "{message}");
+        }
+    }
+    let at_limit = format!("lora:\n  rank: {}\n", validate::MAX_COUNT);
+    Config::from_yaml_str(&at_limit).unwrap();
+}
