@@ -641,6 +641,32 @@ mod tests {
         }
     }
 
+    /// A count near usize::MAX (`evaluate --episodes`) used to be a 'capacity
+    /// overflow' panic before the first episode was drawn.
+    #[test]
+    fn a_huge_episode_count_is_no_capacity_overflow() {
+        struct Failing;
+        impl EpisodeSource for Failing {
+            fn episode(&self, index: u64) -> Result<crate::data::Episode> {
+                Err(crate::Error::InvalidArgument(format!("no episode {index}")))
+            }
+        }
+        let config = tiny_config(Path::new("unused"));
+        let model = build_model(&config).unwrap();
+        let learner = build_learner(&config).unwrap();
+        let params = model.init_params(1).unwrap();
+        let err = validation_score(
+            learner.as_ref(),
+            model.as_ref(),
+            &params,
+            &Failing,
+            usize::MAX,
+            None,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("no episode 0"), "{err}");
+    }
+
     #[test]
     fn an_unwritable_output_directory_is_a_clear_error() {
         let dir = tempfile::tempdir().unwrap();
