@@ -176,6 +176,16 @@ impl ComparisonConfig {
                 format!("inner steps must be at least 1, got {k}"),
             ));
         }
+        // As lora.rank and meta_learning.inner.steps, which these values replace.
+        for (key, values) in [
+            ("comparison.ablation.lora_ranks", &ablation.lora_ranks),
+            ("comparison.ablation.inner_steps", &ablation.inner_steps),
+            ("comparison.memory_inner_steps", &self.memory_inner_steps),
+        ] {
+            for &value in values {
+                super::validate::at_most_count(key, value)?;
+            }
+        }
         Ok(())
     }
 }

@@ -155,6 +155,53 @@ impl DataConfig {
                 ),
             ));
         }
+        // Sizes near usize::MAX would overflow (or allocate absurdly) in sampling,
+        // batching and image decoding: bound them here, with checked arithmetic.
+        let per_class = self
+            .k_shot
+            .checked_add(self.n_query)
+            .filter(|&n| n <= MAX_EPISODE_EXAMPLES)
+            .ok_or_else(|| {
+                invalid(
+                    "data.k_shot",
+                    format!(
+                        "k_shot + n_query = {} + {} is too large: an episode holds at most \
+                         {MAX_EPISODE_EXAMPLES} examples",
+                        self.k_shot, self.n_query
+                    ),
+                )
+            })?;
+        if self
+            .n_way
+            .checked_mul(per_class)
+            .is_none_or(|n| n > MAX_EPISODE_EXAMPLES)
+        {
+            return Err(invalid(
+                "data.n_way",
+                format!(
+                    "n_way × (k_shot + n_query) = {} × {per_class} is too large: an episode \
+                     holds at most {MAX_EPISODE_EXAMPLES} examples; lower n_way, k_shot or \
+                     n_query",
+                    self.n_way
+                ),
+            ));
+        }
+        if self.image_size > MAX_IMAGE_SIZE {
+            return Err(invalid(
+                "data.image_size",
+                format!(
+                    "must be at most {MAX_IMAGE_SIZE} (pixels per side), got {}",
+                    self.image_size
+                ),
+            ));
+        }
         Ok(())
     }
 }
+
+/// The most examples (`n_way × (k_shot + n_query)`) one episode may hold: far beyond
+/// any few-shot task, low enough that sizes cannot overflow in sampling and batching.
+pub const MAX_EPISODE_EXAMPLES: usize = 1 << 20;
+
+/// The largest side of the square images (`data.image_size`), in pixels.
+pub const MAX_IMAGE_SIZE: usize = 4096;

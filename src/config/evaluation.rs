@@ -54,6 +54,9 @@ impl EvaluationConfig {
         if let Some(patience) = self.early_stopping_patience {
             at_least("evaluation.early_stopping_patience", patience, 1)?;
         }
+        // Per-episode scores are kept for the statistics.
+        super::validate::at_most_count("evaluation.episodes", self.episodes)?;
+        super::validate::at_most_count("evaluation.val_episodes", self.val_episodes)?;
         Ok(())
     }
 }

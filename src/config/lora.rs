@@ -50,6 +50,8 @@ impl LoraConfig {
                 non_empty(&format!("lora.target_modules[{i}]"), module)?;
             }
         }
+        // A rank near usize::MAX overflowed rank × features when the adapters are built.
+        super::validate::at_most_count("lora.rank", self.rank)?;
         Ok(())
     }
 }

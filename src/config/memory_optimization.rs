@@ -283,6 +283,11 @@ impl MemoryOptimizationConfig {
         non_negative(
             "memory_optimization.hessian_approximation.damping",
             hessian.damping,
+        )?;
+        // The probes are drawn and held together.
+        super::validate::at_most_count(
+            "memory_optimization.hessian_approximation.probes",
+            hessian.probes,
         )
     }
 }

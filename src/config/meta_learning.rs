@@ -166,6 +166,24 @@ impl MetaLearningConfig {
                 ),
             ));
         }
+        // Episode `iteration × meta_batch_size + task` is drawn by a u64 index.
+        let episodes = self
+            .num_iterations
+            .checked_mul(self.meta_batch_size)
+            .and_then(|n| u64::try_from(n).ok());
+        if episodes.is_none() {
+            return Err(invalid(
+                "meta_learning.num_iterations",
+                format!(
+                    "{} iterations of meta_batch_size {} episodes overflow the episode \
+                     index; lower num_iterations or meta_batch_size",
+                    self.num_iterations, self.meta_batch_size
+                ),
+            ));
+        }
+        // Both size per-step vectors (tasks of a meta-batch, the inner trajectory).
+        super::validate::at_most_count("meta_learning.meta_batch_size", self.meta_batch_size)?;
+        super::validate::at_most_count("meta_learning.inner.steps", self.inner.steps)?;
         Ok(())
     }
 }

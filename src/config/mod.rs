@@ -57,6 +57,7 @@ use serde::{Deserialize, Serialize};
 pub use choice::UnknownValue;
 pub use comparison::{AblationConfig, ComparisonConfig, Variant};
 pub use data::{DataConfig, DataSource, SmallClasses, SyntheticTask};
+pub use data::{MAX_EPISODE_EXAMPLES, MAX_IMAGE_SIZE};
 pub use evaluation::EvaluationConfig;
 pub use lora::LoraConfig;
 pub use memory_optimization::{

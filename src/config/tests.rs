@@ -627,3 +627,108 @@ fn models_and_data_sources_that_do_not_fit_are_refused() {
         Config::from_yaml_str(yaml).unwrap_or_else(|e| panic!("{yaml}: {e}"));
     }
 }
+
+/// Sizes near `usize::MAX` used to pass validation and then overflow in the sampler
+/// (`k_shot + n_query`) or in batching (`n_way × (k_shot + n_query)`).
+#[test]
+fn episode_sizes_that_overflow_are_config_errors() {
+    let max = usize::MAX;
+    for (yaml, expected_key) in [
+        (format!("data:\n  k_shot: {max}\n"), "data.k_shot"),
+        (format!("data:\n  n_query: {max}\n"), "data.k_shot"),
+        (
+            format!("data:\n  k_shot: {}\n  n_query: 2\n", max / 2 + 1),
+            "data.k_shot",
+        ),
+        (format!("data:\n  n_way: {max}\n"), "data.n_way"),
+        (format!("data:\n  n_way: {}\n", 1usize << 62), "data.n_way"),
+        // Not overflowing, but beyond any episode that fits in memory.
+        (
+            format!("data:\n  n_way: 1000\n  k_shot: {}\n", 1 << 20),
+            "data.k_shot",
+        ),
+        (
+            "data:\n  n_way: 100000\n  k_shot: 100\n".to_string(),
+            "data.n_way",
+        ),
+        (format!("data:\n  image_size: {max}\n"), "data.image_size"),
+    ] {
+        let (key, message) = config_error(Config::from_yaml_str(&yaml));
+        assert_eq!(key, expected_key, "{yaml}: {message}");
+        assert!(
+            message.contains("too large") || message.contains("at most"),
+            "{message}"
+        );
+    }
+    // The largest allowed episode is still valid.
+    let yaml = format!(
+        "data:\n  n_way: 2\n  k_shot: {}\n  n_query: {}\n",
+        MAX_EPISODE_EXAMPLES / 4,
+        MAX_EPISODE_EXAMPLES / 4
+    );
+    Config::from_yaml_str(&yaml).unwrap();
+}
+
+/// Episode indices are `iteration × meta_batch_size + task` (u64): a run whose
+/// indices overflow is refused before it starts.
+#[test]
+fn meta_batches_whose_episode_indices_overflow_are_config_errors() {
+    let yaml = format!(
+        "meta_learning:\n  num_iterations: {}\n  meta_batch_size: 4\n",
+        usize::MAX / 2
+    );
+    let (key, message) = config_error(Config::from_yaml_str(&yaml));
+    assert_eq!(key, "meta_learning.num_iterations", "{message}");
+    assert!(message.contains("meta_batch_size"), "{message}");
+}
+
+/// Counts near `usize::MAX` that validated and then panicked: `lora.rank` (rank ×
+/// features overflowed building the adapters), `meta_learning.inner.steps`,
+/// `meta_batch_size`, `evaluation.val_episodes` and the Hessian probes ('capacity
+/// overflow' allocating per-step vectors), and the comparison lists replacing them.
+#[test]
+fn counts_near_usize_max_are_config_errors() {
+    for value in [usize::MAX, 1 << 62, validate::MAX_COUNT + 1] {
+        for (yaml, key) in [
+            (format!("lora:\n  rank: {value}\n"), "lora.rank"),
+            (
+                format!("meta_learning:\n  num_iterations: 1\n  meta_batch_size: {value}\n"),
+                "meta_learning.meta_batch_size",
+            ),
+            (
+                format!("meta_learning:\n  inner:\n    steps: {value}\n"),
+                "meta_learning.inner.steps",
+            ),
+            (
+                format!("memory_optimization:\n  hessian_approximation:\n    probes: {value}\n"),
+                "memory_optimization.hessian_approximation.probes",
+            ),
+            (
+                format!("evaluation:\n  episodes: {value}\n"),
+                "evaluation.episodes",
+            ),
+            (
+                format!("evaluation:\n  val_episodes: {value}\n"),
+                "evaluation.val_episodes",
+            ),
+            (
+                format!("comparison:\n  ablation:\n    lora_ranks: [2, {value}]\n"),
+                "comparison.ablation.lora_ranks",
+            ),
+            (
+                format!("comparison:\n  ablation:\n    inner_steps: [{value}]\n"),
+                "comparison.ablation.inner_steps",
+            ),
+            (
+                format!("comparison:\n  memory_inner_steps: [1, {value}]\n"),
+                "comparison.memory_inner_steps",
+            ),
+        ] {
+            let (found, message) = config_error(Config::from_yaml_str(&yaml));
+            assert_eq!(found, key, "{yaml}: {message}");
+            assert!(message.contains("at most"), "{message}");
+        }
+    }
+    let at_limit = format!("lora:\n  rank: {}\n", validate::MAX_COUNT);
+    Config::from_yaml_str(&at_limit).unwrap();
+}

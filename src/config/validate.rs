@@ -13,6 +13,24 @@ pub(crate) fn invalid(key: impl Into<String>, message: impl Into<String>) -> Err
     }
 }
 
+/// The largest value of a count that sizes an allocation or a loop over stored
+/// values (LoRA rank, inner steps, tasks per meta-batch, probes, evaluation
+/// episodes): far above any real setting, low enough that nothing derived from it
+/// overflows or asks for an impossible allocation.
+pub(crate) const MAX_COUNT: usize = 1 << 20;
+
+/// `value <= MAX_COUNT`.
+pub(crate) fn at_most_count(key: &str, value: usize) -> Result<()> {
+    if value <= MAX_COUNT {
+        Ok(())
+    } else {
+        Err(invalid(
+            key,
+            format!("must be at most {MAX_COUNT}, got {value}"),
+        ))
+    }
+}
+
 pub(crate) fn at_least<T: PartialOrd + Display>(key: &str, value: T, min: T) -> Result<()> {
     if value >= min {
         Ok(())

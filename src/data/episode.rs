@@ -65,3 +65,26 @@ impl Episode {
         })
     }
 }
+
+/// The examples of an episode of `n_way` classes with `k_shot + n_query` examples
+/// each, computed with checked arithmetic: an [`Error::InvalidArgument`] naming `what`
+/// (the sampler, a synthetic family) when the sizes overflow or exceed
+/// [`crate::config::MAX_EPISODE_EXAMPLES`].
+pub(crate) fn episode_examples(
+    what: &str,
+    n_way: usize,
+    k_shot: usize,
+    n_query: usize,
+) -> Result<usize> {
+    let max = crate::config::MAX_EPISODE_EXAMPLES;
+    k_shot
+        .checked_add(n_query)
+        .and_then(|per_class| per_class.checked_mul(n_way))
+        .filter(|&n| n <= max)
+        .ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "{what}: n_way × (k_shot + n_query) = {n_way} × ({k_shot} + {n_query}) is too \
+                 large: an episode holds at most {max} examples"
+            ))
+        })
+}

@@ -46,10 +46,20 @@ impl Prefetcher {
             .spawn(move || {
                 let mut next = first;
                 while !stopping.load(Ordering::Relaxed) {
-                    let batch = (next..next + meta_batch_size as u64)
-                        .map(|i| source.episode(i))
-                        .collect::<Result<Vec<_>>>();
-                    next += meta_batch_size as u64;
+                    let end = u64::try_from(meta_batch_size)
+                        .ok()
+                        .and_then(|size| next.checked_add(size));
+                    let batch = match end {
+                        Some(end) => (next..end)
+                            .map(|i| source.episode(i))
+                            .collect::<Result<Vec<_>>>(),
+                        None => Err(Error::InvalidArgument(format!(
+                            "the episode index overflows: a meta-batch of {meta_batch_size} \
+                             episodes from episode {next} on goes past {}",
+                            u64::MAX
+                        ))),
+                    };
+                    next = end.unwrap_or(u64::MAX);
                     let failed = batch.is_err();
                     // A send fails once the receiver is gone: the prefetcher was dropped.
                     if sender.send(batch).is_err() || failed {

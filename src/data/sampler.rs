@@ -70,6 +70,8 @@ impl EpisodeSampler {
                  {n_query}"
             )));
         }
+        super::episode::episode_examples("episode sampler", n_way, k_shot, n_query)?;
+        // Cannot overflow: n_way × (k_shot + n_query) was checked above.
         let need = k_shot + n_query;
         let name = |c: usize| {
             class_names

@@ -138,7 +138,12 @@ impl SyntheticText {
         unit("similarity", self.similarity)?;
         unit("separability", self.separability)?;
         unit("noise", self.noise)?;
-        if self.vocab < first + self.topic_size.max(1) * 2
+        let needed_vocab = self
+            .topic_size
+            .max(1)
+            .checked_mul(2)
+            .and_then(|ids| ids.checked_add(first));
+        if needed_vocab.is_none_or(|needed| self.vocab < needed)
             || self.min_len <= first
             || self.min_len > self.max_len
             || self.topic_size == 0
@@ -252,6 +257,7 @@ impl EpisodeSource for SyntheticText {
         self.check()?;
         let mut rng = episode_rng(self.seed, index);
         let (background, cumulative, topics) = self.draw_task(&mut rng);
+        super::episode::episode_examples("synthetic text", self.n_way, self.k_shot, self.n_query)?;
         let per_class = self.k_shot + self.n_query;
         let classes = topics
             .iter()
@@ -327,6 +333,7 @@ impl EpisodeSource for SinusoidTasks {
                 "sinusoid tasks need k_shot and n_query of at least 1".into(),
             ));
         }
+        super::episode::episode_examples("sinusoid tasks", 1, self.k_shot, self.n_query)?;
         let mut rng = episode_rng(self.seed, index);
         let (amplitude, phase) = draw_sinusoid(&mut rng);
         let mut points = |n: usize| -> Result<Batch> {
@@ -457,6 +464,20 @@ impl EpisodeSource for SyntheticImages {
         if self.size == 0 || self.n_way == 0 || self.k_shot == 0 || self.n_query == 0 {
             return Err(Error::InvalidArgument(format!(
                 "synthetic images: inconsistent settings {self:?}"
+            )));
+        }
+        super::episode::episode_examples(
+            "synthetic images",
+            self.n_way,
+            self.k_shot,
+            self.n_query,
+        )?;
+        if self.size > crate::config::MAX_IMAGE_SIZE {
+            return Err(Error::InvalidArgument(format!(
+                "synthetic images: size {} is too large: at most {} pixels per side \
+                 (data.image_size)",
+                self.size,
+                crate::config::MAX_IMAGE_SIZE
             )));
         }
         let mut rng = episode_rng(self.seed, index);

@@ -756,3 +756,150 @@ fn idx_images_are_resized_to_the_configured_size() {
         }
     }
 }
+
+// Crafted input (issue 17): sizes and headers that used to overflow, index out of
+// bounds or allocate from a header are errors naming the problem.
+
+#[test]
+fn idx_dimensions_whose_product_overflows_are_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    for gzip in [false, true] {
+        let path = dir
+            .path()
+            .join(format!("huge{}.idx", if gzip { ".gz" } else { "" }));
+        write_idx(&path, &[u32::MAX, u32::MAX, u32::MAX], &[1, 2, 3], gzip);
+        let err = read_idx(&path).unwrap_err();
+        assert!(matches!(err, Error::Format { .. }), "{err:?}");
+        let text = err.to_string();
+        assert!(
+            text.contains("huge") && text.contains("too large"),
+            "{text}"
+        );
+    }
+}
+
+#[test]
+fn idx_header_claiming_more_data_than_the_file_has_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    for gzip in [false, true] {
+        // 2^31 × 2 × 2 bytes claimed (8 GiB), 3 present: refused without allocating.
+        let path = dir
+            .path()
+            .join(format!("claims{}.idx", if gzip { ".gz" } else { "" }));
+        write_idx(&path, &[1 << 31, 2, 2], &[1, 2, 3], gzip);
+        let text = read_idx(&path).unwrap_err().to_string();
+        assert!(
+            text.contains("claims") && text.contains("truncated"),
+            "{text}"
+        );
+        // More data than claimed.
+        write_idx(&path, &[1, 2, 2], &[0; 5], gzip);
+        let text = read_idx(&path).unwrap_err().to_string();
+        assert!(text.contains("found more"), "{text}");
+    }
+}
+
+#[test]
+fn idx_label_count_mismatch_and_empty_images_are_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let (im, lb) = (dir.path().join("im.idx"), dir.path().join("lb.idx"));
+    write_idx(&im, &[2, 2, 2], &[0; 8], false);
+    write_idx(&lb, &[3], &[0, 1, 2], false);
+    let text = read_idx_dataset(&im, &lb).unwrap_err().to_string();
+    assert!(
+        text.contains("lb.idx") && text.contains("expected 2 labels"),
+        "{text}"
+    );
+    write_idx(&im, &[2, 0, 2], &[], false);
+    write_idx(&lb, &[2], &[0, 1], false);
+    let text = read_idx_dataset(&im, &lb).unwrap_err().to_string();
+    assert!(
+        text.contains("im.idx") && text.contains("no pixels"),
+        "{text}"
+    );
+}
+
+#[test]
+fn sampler_sizes_that_overflow_are_an_error() {
+    for (n, k, q) in [
+        (2, usize::MAX, 1),
+        (2, 1, usize::MAX),
+        (usize::MAX, 1, 1),
+        (1 << 62, 2, 2),
+    ] {
+        let err =
+            EpisodeSampler::new(vec![10; 4], &[], n, k, q, SmallClassPolicy::Skip).unwrap_err();
+        assert!(matches!(err, Error::InvalidArgument(_)), "{err:?}");
+        assert!(err.to_string().contains("too large"), "{err}");
+    }
+}
+
+#[test]
+fn synthetic_sizes_that_overflow_are_an_error() {
+    let text = SyntheticText {
+        k_shot: usize::MAX,
+        n_query: 1,
+        ..SyntheticText::default()
+    };
+    assert!(text
+        .episode(0)
+        .unwrap_err()
+        .to_string()
+        .contains("too large"));
+    let images = SyntheticImages {
+        n_way: usize::MAX,
+        ..SyntheticImages::default()
+    };
+    assert!(images
+        .episode(0)
+        .unwrap_err()
+        .to_string()
+        .contains("too large"));
+    let images = SyntheticImages {
+        size: 1 << 33,
+        ..SyntheticImages::default()
+    };
+    assert!(images
+        .episode(0)
+        .unwrap_err()
+        .to_string()
+        .contains("too large"));
+    let sinusoids = SinusoidTasks {
+        k_shot: usize::MAX,
+        n_query: 1,
+        seed: 0,
+    };
+    assert!(sinusoids
+        .episode(0)
+        .unwrap_err()
+        .to_string()
+        .contains("too large"));
+}
+
+#[test]
+fn prefetcher_episode_indices_that_overflow_are_an_error() {
+    let source = Arc::new(SinusoidTasks {
+        k_shot: 1,
+        n_query: 1,
+        seed: 0,
+    });
+    let mut p = Prefetcher::new(source, u64::MAX - 2, 2, 1).unwrap();
+    assert_eq!(p.next_batch().unwrap().len(), 2);
+    let err = p.next_batch().unwrap_err().to_string();
+    assert!(err.contains("episode index"), "{err}");
+}
+
+#[test]
+fn omniglot_image_size_that_overflows_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let class = dir.path().join("Alpha/character01");
+    std::fs::create_dir_all(&class).unwrap();
+    std::fs::write(class.join("0.png"), png_bytes(2, 2, &[0, 255, 255, 0])).unwrap();
+    let options = OmniglotOptions {
+        image_size: 1 << 33,
+        rotations: false,
+    };
+    let err = read_omniglot(dir.path(), &options).unwrap_err();
+    assert!(matches!(err, Error::InvalidArgument(_)), "{err:?}");
+    assert!(err.to_string().contains("image_size"), "{err}");
+}

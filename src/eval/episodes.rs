@@ -128,7 +128,9 @@ pub fn evaluate_episodes(
         ));
     }
     let meter = MemoryMeter::start();
-    let mut episodes = Vec::with_capacity(count);
+    // Not `with_capacity(count)`: a count near usize::MAX (`--episodes`) is a capacity
+    // overflow before the first episode.
+    let mut episodes = Vec::with_capacity(count.min(4096));
     let mut regression = false;
     for index in 0..count {
         let task = source.episode(index as u64)?;

@@ -28,12 +28,53 @@ pub const MAX_LOSS_SCALE: f64 = 16_777_216.0;
 pub const MIN_LOSS_SCALE: f64 = 1.0;
 
 /// The state of dynamic loss scaling.
+///
+/// Deserialising (a checkpoint's `state.json`) validates like [`LossScaler::new`]: a
+/// scale that is not a finite number of at least [`MIN_LOSS_SCALE`], a growth interval
+/// of 0 or a run of good steps not below it is an error, never a scaler that would
+/// later divide by zero or overflow.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "SavedLossScaler")]
 pub struct LossScaler {
     scale: f64,
     growth_interval: usize,
     good_steps: usize,
     skipped_steps: usize,
+}
+
+/// A [`LossScaler`] as written, before validation.
+#[derive(Deserialize)]
+struct SavedLossScaler {
+    scale: f64,
+    growth_interval: usize,
+    good_steps: usize,
+    skipped_steps: usize,
+}
+
+impl TryFrom<SavedLossScaler> for LossScaler {
+    type Error = Error;
+
+    fn try_from(saved: SavedLossScaler) -> Result<Self> {
+        let mut scaler = Self::new(saved.scale, saved.growth_interval).map_err(|_| {
+            Error::InvalidArgument(format!(
+                "loss scaler: scale {} with growth interval {}: the scale must be a finite \
+                 number of at least {MIN_LOSS_SCALE} and the interval at least 1",
+                saved.scale, saved.growth_interval
+            ))
+        })?;
+        if saved.good_steps >= saved.growth_interval {
+            return Err(Error::InvalidArgument(format!(
+                "loss scaler: {} good steps in a row, but the scale doubles after {}: at most \
+                 {} are recorded",
+                saved.good_steps,
+                saved.growth_interval,
+                saved.growth_interval - 1
+            )));
+        }
+        scaler.good_steps = saved.good_steps;
+        scaler.skipped_steps = saved.skipped_steps;
+        Ok(scaler)
+    }
 }
 
 impl LossScaler {
@@ -85,7 +126,7 @@ impl LossScaler {
     /// non-finite values do not come from scaling.
     pub fn record_overflow(&mut self, what: &str) -> Result<()> {
         self.good_steps = 0;
-        self.skipped_steps += 1;
+        self.skipped_steps = self.skipped_steps.saturating_add(1);
         let next = self.scale / 2.0;
         if next < MIN_LOSS_SCALE {
             return Err(Error::NonFinite(format!(
@@ -138,5 +179,54 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("growth_interval"));
+    }
+
+    fn saved(scale: &str, growth_interval: usize, good: usize, skipped: usize) -> String {
+        format!(
+            "{{\"scale\": {scale}, \"growth_interval\": {growth_interval}, \
+             \"good_steps\": {good}, \"skipped_steps\": {skipped}}}"
+        )
+    }
+
+    /// A scaler read from a checkpoint is validated like a new one: a scale ≤ 0 used
+    /// to reach `tensor::loss_scale::scoped` (a debug assertion) and divide gradients
+    /// by zero.
+    #[test]
+    fn deserialising_validates_the_scale_and_the_counts() {
+        let ok: LossScaler = serde_json::from_str(&saved("1024.0", 4, 3, 7)).unwrap();
+        assert_eq!((ok.scale(), ok.skipped_steps()), (1024.0, 7));
+        let json = serde_json::to_string(&ok).unwrap();
+        assert_eq!(serde_json::from_str::<LossScaler>(&json).unwrap(), ok);
+        for (scale, interval, good) in [
+            ("0.0", 4, 0),
+            ("-2.0", 4, 0),
+            ("0.5", 4, 0),
+            ("1024.0", 0, 0),
+            ("1024.0", 4, 4),
+            ("1024.0", 4, usize::MAX),
+        ] {
+            let err = serde_json::from_str::<LossScaler>(&saved(scale, interval, good, 0))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("loss scaler"),
+                "{scale} {interval} {good}: {err}"
+            );
+        }
+        // JSON has no NaN or infinity; a number out of f64's range is an error too.
+        assert!(serde_json::from_str::<LossScaler>(&saved("1e999", 4, 0, 0)).is_err());
+        assert!(serde_json::from_str::<LossScaler>(&saved("null", 4, 0, 0)).is_err());
+    }
+
+    /// Counts restored at their limit saturate instead of overflowing.
+    #[test]
+    fn restored_counts_at_their_limit_do_not_overflow() {
+        let mut s: LossScaler = serde_json::from_str(&saved("4.0", 1, 0, usize::MAX)).unwrap();
+        s.record_overflow("x").unwrap();
+        assert_eq!(s.skipped_steps(), usize::MAX);
+        let mut s: LossScaler =
+            serde_json::from_str(&saved("4.0", usize::MAX, usize::MAX - 1, 0)).unwrap();
+        s.record_good_step();
+        assert_eq!(s.scale(), 8.0);
     }
 }

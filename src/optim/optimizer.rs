@@ -87,7 +87,7 @@ impl Optimizer {
         }
         params.check_compatible(grads)?;
         let (params, grads) = (params.detach(), grads.detach());
-        self.step += 1;
+        self.step = self.step.saturating_add(1);
         match self.kind {
             OptimizerKind::Sgd { weight_decay } => {
                 let direction = if weight_decay > 0.0 {
@@ -112,7 +112,8 @@ impl Optimizer {
                     Some(v) => v.scale(beta2)?.axpy(1.0 - beta2, &squared)?,
                     None => squared.scale(1.0 - beta2)?,
                 };
-                let t = self.step as i32;
+                // β^t is 0 in f64 long before t leaves i32: clamp rather than wrap.
+                let t = i32::try_from(self.step).unwrap_or(i32::MAX);
                 let (c1, c2) = (1.0 - beta1.powi(t), 1.0 - beta2.powi(t));
                 let update = m.map(|name, m_i| {
                     let v_i = v.get(name).expect("same names");
@@ -149,6 +150,22 @@ mod tests {
         let mut opt = Optimizer::new(OptimizerKind::Sgd { weight_decay: 0.1 });
         let next = opt.step(&one(2.0), &one(0.5), 0.1).unwrap();
         assert!((value(&next) - (2.0 - 0.1 * (0.5 + 0.1 * 2.0))).abs() < 1e-15);
+    }
+
+    /// A step count restored near u64::MAX (a crafted checkpoint) used to overflow
+    /// `step += 1` and wrap `step as i32` into a negative exponent.
+    #[test]
+    fn a_huge_restored_step_count_neither_overflows_nor_wraps() {
+        for step in [u64::MAX, u64::from(u32::MAX) + 7] {
+            let mut opt = Optimizer::new(OptimizerKind::adamw(0.0));
+            opt.restore(step, None);
+            let next = opt.step(&one(1.0), &one(0.5), 0.1).unwrap();
+            // Bias corrections are 1 this late: m = 0.1·g, v = 0.001·g².
+            let (m, v) = (0.1 * 0.5, 0.001 * 0.25f64);
+            let expected = 1.0 - 0.1 * m / (v.sqrt() + 1e-8);
+            assert!((value(&next) - expected).abs() < 1e-12, "{}", value(&next));
+            assert!(opt.steps() >= step);
+        }
     }
 
     /// Two AdamW steps against the formulas written out by hand.

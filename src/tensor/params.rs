@@ -390,12 +390,22 @@ impl ParamSet {
     /// `template` (e.g. an adapter for a given model), returned in the template's order
     /// and dtype.
     pub fn load_like(path: &Path, template: &ParamSet) -> Result<Self> {
-        let device = template
-            .entries
+        Self::load(path, &template.device())?.conformed_to(template, path)
+    }
+
+    /// The device of the first tensor (the CPU for an empty set).
+    pub(crate) fn device(&self) -> Device {
+        self.entries
             .first()
             .map(|(_, t)| t.device().clone())
-            .unwrap_or(Device::Cpu);
-        let loaded = Self::load(path, &device)?;
+            .unwrap_or(Device::Cpu)
+    }
+
+    /// The tensors of `self` in `template`'s order and dtypes; a tensor missing, of
+    /// another shape or not in `template` is an [`Error::Format`] naming `path` (the
+    /// file `self` was read from).
+    pub(crate) fn conformed_to(&self, template: &ParamSet, path: &Path) -> Result<Self> {
+        let loaded = self;
         let mismatch = |message: String| Error::Format {
             path: path.into(),
             message,

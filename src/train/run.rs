@@ -185,6 +185,17 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainSummary> {
         if checkpoint.state.loss_scaler.is_some() && outer.loss_scale.is_some() {
             outer.loss_scale = checkpoint.state.loss_scaler;
         }
+        if start > config.meta_learning.num_iterations {
+            return Err(crate::Error::Config {
+                key: "meta_learning.num_iterations".into(),
+                message: format!(
+                    "the checkpoint {} has completed {start} iterations, more than the {} of \
+                     this run; raise num_iterations (--num-iterations) to continue it",
+                    dir.display(),
+                    config.meta_learning.num_iterations
+                ),
+            });
+        }
         // The records continue from the checkpoint: what a crashed run logged after
         // it is dropped, and its MLflow run goes on.
         resume = Some(Resume {
@@ -207,7 +218,16 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainSummary> {
     let train_classes = train_source.class_names();
     let meta_batch = config.meta_learning.meta_batch_size;
     let total = config.meta_learning.num_iterations;
-    let mut prefetcher = Prefetcher::new(train_source, (start * meta_batch) as u64, meta_batch, 2)?;
+    // Validation bounds num_iterations × meta_batch_size, and start ≤ num_iterations.
+    let first_episode = start
+        .checked_mul(meta_batch)
+        .and_then(|n| u64::try_from(n).ok())
+        .ok_or_else(|| {
+            crate::Error::InvalidArgument(format!(
+                "iteration {start} × meta_batch_size {meta_batch} overflows the episode index"
+            ))
+        })?;
+    let mut prefetcher = Prefetcher::new(train_source, first_episode, meta_batch, 2)?;
     // The budget holds for the run from building the model on (model, data and
     // steps), which is what the planner predicts.
     let guard = config
@@ -740,6 +760,72 @@ mod tests {
         .unwrap();
         assert_eq!(resumed.iterations, 6);
         assert_eq!(steps(&run), [1, 2, 3, 4, 5, 6]);
+    }
+
+    /// A checkpoint's iteration beyond num_iterations (7 of 6), or at usize::MAX, used
+    /// to end the run at once with 7 "completed" iterations, or to overflow
+    /// `start × meta_batch`.
+    #[test]
+    fn resuming_a_checkpoint_beyond_num_iterations_is_a_config_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = tiny_config(&dir.path().join("a"));
+        let first = train(
+            &config,
+            &TrainOptions {
+                max_iterations: Some(1),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let last = first.run_dir.join("last");
+        let state_path = last.join("state.json");
+        let state: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&state_path).unwrap()).unwrap();
+        for iteration in [7, usize::MAX] {
+            let mut crafted = state.clone();
+            crafted["iteration"] = serde_json::json!(iteration);
+            std::fs::write(&state_path, serde_json::to_vec(&crafted).unwrap()).unwrap();
+            let resume = TrainOptions {
+                resume: Some(last.clone()),
+                ..Default::default()
+            };
+            match train(&config, &resume) {
+                Err(crate::Error::Config { key, message }) => {
+                    assert_eq!(key, "meta_learning.num_iterations");
+                    assert!(
+                        message.contains("last") && message.contains(&iteration.to_string()),
+                        "{message}"
+                    );
+                }
+                other => panic!("iteration {iteration}: expected a config error, got {other:?}"),
+            }
+        }
+    }
+
+    /// A count near usize::MAX (`evaluate --episodes`) used to be a 'capacity
+    /// overflow' panic before the first episode was drawn.
+    #[test]
+    fn a_huge_episode_count_is_no_capacity_overflow() {
+        struct Failing;
+        impl EpisodeSource for Failing {
+            fn episode(&self, index: u64) -> Result<crate::data::Episode> {
+                Err(crate::Error::InvalidArgument(format!("no episode {index}")))
+            }
+        }
+        let config = tiny_config(Path::new("unused"));
+        let model = build_model(&config).unwrap();
+        let learner = build_learner(&config).unwrap();
+        let params = model.init_params(1).unwrap();
+        let err = validation_score(
+            learner.as_ref(),
+            model.as_ref(),
+            &params,
+            &Failing,
+            usize::MAX,
+            None,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("no episode 0"), "{err}");
     }
 
     #[test]

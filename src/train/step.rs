@@ -44,7 +44,13 @@ pub fn training_mode(
     meta_batch: usize,
 ) -> impl Fn(usize) -> Mode + Copy {
     move |task: usize| Mode::Train {
-        seed: crate::tensor::ops::mix_seed(seed, (iteration * meta_batch + task) as u64),
+        // Wrapping: a seed, not a count (validation keeps real runs far from overflow).
+        seed: crate::tensor::ops::mix_seed(
+            seed,
+            (iteration as u64)
+                .wrapping_mul(meta_batch as u64)
+                .wrapping_add(task as u64),
+        ),
     }
 }
 

@@ -18,8 +18,13 @@ pub struct IdxArray {
 
 /// Reads an IDX file of unsigned bytes (type 0x08), gunzipping it if it starts with
 /// the gzip magic number.
+///
+/// The data is read as the header describes it and no further: a header whose
+/// dimensions overflow, or that claims more (or less) data than the file holds, is an
+/// [`Error::Format`] naming the file, and nothing is allocated from the header's claim
+/// alone (a gzip stream is decompressed only up to the claimed size).
 pub fn read_idx(path: &Path) -> Result<IdxArray> {
-    let raw = std::fs::read(path).map_err(|e| {
+    let file = std::fs::File::open(path).map_err(|e| {
         Error::io(
             path,
             std::io::Error::new(
@@ -28,53 +33,85 @@ pub fn read_idx(path: &Path) -> Result<IdxArray> {
             ),
         )
     })?;
-    let bytes = if raw.starts_with(&[0x1f, 0x8b]) {
-        let mut out = Vec::new();
-        flate2::read::GzDecoder::new(raw.as_slice())
-            .read_to_end(&mut out)
-            .map_err(|e| malformed(path, format!("corrupt or truncated gzip data: {e}")))?;
-        out
-    } else {
-        raw
+    let mut file = std::io::BufReader::new(file);
+    let gzip = {
+        let start = std::io::BufRead::fill_buf(&mut file).map_err(|e| Error::io(path, e))?;
+        start.starts_with(&[0x1f, 0x8b])
     };
-    if bytes.len() < 4 || bytes[0] != 0 || bytes[1] != 0 {
+    let mut reader: Box<dyn Read> = if gzip {
+        Box::new(flate2::read::GzDecoder::new(file))
+    } else {
+        Box::new(file)
+    };
+    let read_error = |e: std::io::Error| {
+        if gzip {
+            malformed(path, format!("corrupt or truncated gzip data: {e}"))
+        } else {
+            Error::io(path, e)
+        }
+    };
+    let mut magic = Vec::with_capacity(4);
+    (&mut reader)
+        .take(4)
+        .read_to_end(&mut magic)
+        .map_err(read_error)?;
+    if magic.len() < 4 || magic[0] != 0 || magic[1] != 0 {
         return Err(malformed(path, "not an IDX file (bad magic number)"));
     }
-    if bytes[2] != 0x08 {
+    if magic[2] != 0x08 {
         return Err(malformed(
             path,
             format!(
                 "IDX type 0x{:02x} is not supported (only unsigned bytes, 0x08)",
-                bytes[2]
+                magic[2]
             ),
         ));
     }
-    let rank = usize::from(bytes[3]);
-    let header = 4 + 4 * rank;
-    if bytes.len() < header {
-        return Err(malformed(path, "truncated IDX header"));
-    }
-    let dims: Vec<usize> = (0..rank)
-        .map(|i| {
-            let b = &bytes[4 + 4 * i..8 + 4 * i];
-            u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize
-        })
-        .collect();
-    let expected = dims.iter().product::<usize>();
-    let found = bytes.len() - header;
-    if found != expected {
+    let rank = usize::from(magic[3]);
+    let mut header = Vec::with_capacity(4 * rank);
+    (&mut reader)
+        .take(4 * rank as u64)
+        .read_to_end(&mut header)
+        .map_err(read_error)?;
+    if header.len() < 4 * rank {
         return Err(malformed(
             path,
-            format!(
-                "dimensions {dims:?} need {expected} bytes of data, found {found}{}",
-                if found < expected { " (truncated)" } else { "" }
-            ),
+            format!("truncated IDX header ({rank} dimensions announced)"),
         ));
     }
-    Ok(IdxArray {
-        dims,
-        data: bytes[header..].to_vec(),
-    })
+    let dims: Vec<usize> = header
+        .chunks_exact(4)
+        .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
+        .collect();
+    let expected = dims
+        .iter()
+        .try_fold(1usize, |total, &d| total.checked_mul(d))
+        .filter(|&n| u64::try_from(n).is_ok_and(|n| n < u64::MAX))
+        .ok_or_else(|| {
+            malformed(
+                path,
+                format!("dimensions {dims:?} are too large (their product overflows)"),
+            )
+        })?;
+    // One byte more than claimed tells a file with extra data from an exact one; the
+    // buffer grows with the data read, never to the claim up front.
+    let mut data = Vec::new();
+    reader
+        .take(expected as u64 + 1)
+        .read_to_end(&mut data)
+        .map_err(read_error)?;
+    if data.len() != expected {
+        let found = if data.len() > expected {
+            "found more (trailing bytes)".to_string()
+        } else {
+            format!("found {} (truncated)", data.len())
+        };
+        return Err(malformed(
+            path,
+            format!("dimensions {dims:?} need {expected} bytes of data, {found}"),
+        ));
+    }
+    Ok(IdxArray { dims, data })
 }
 
 /// Images `[n, rows, cols]` and their labels `[n]` as a data set: pixels scaled to
@@ -98,7 +135,14 @@ pub fn read_idx_dataset(images: &Path, labels: &Path) -> Result<(Dataset<Vec<f32
             ),
         ));
     }
+    if rows == 0 || cols == 0 {
+        return Err(malformed(
+            images,
+            format!("images of {rows}×{cols} have no pixels"),
+        ));
+    }
     let mut by_label: Vec<Vec<Vec<f32>>> = vec![Vec::new(); 256];
+    // read_idx checked that n·rows·cols bytes were read, so this cannot overflow.
     let pixels = rows * cols;
     for (i, &label) in lb.data.iter().enumerate() {
         by_label[usize::from(label)].push(

@@ -11,6 +11,10 @@ use super::malformed;
 use crate::data::{Class, Dataset};
 use crate::{Error, Result};
 
+/// The largest PNG read from a zip archive (an Omniglot drawing is a few KiB): a
+/// crafted entry cannot make the reader inflate gigabytes.
+const MAX_PNG_BYTES: u64 = 64 << 20;
+
 /// How Omniglot images are prepared.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OmniglotOptions {
@@ -35,10 +39,12 @@ impl Default for OmniglotOptions {
 /// character found in several archives (the small background sets share Greek and
 /// Latin: same characters, other drawers) is one class with all its drawings.
 pub fn read_omniglot(path: &Path, options: &OmniglotOptions) -> Result<Dataset<Vec<f32>>> {
-    if options.image_size == 0 {
-        return Err(Error::InvalidArgument(
-            "image_size must be at least 1".into(),
-        ));
+    if options.image_size == 0 || options.image_size > crate::config::MAX_IMAGE_SIZE {
+        return Err(Error::InvalidArgument(format!(
+            "image_size must be in 1..={} (data.image_size), got {}",
+            crate::config::MAX_IMAGE_SIZE,
+            options.image_size
+        )));
     }
     let mut classes: BTreeMap<String, Vec<Vec<f32>>> = BTreeMap::new();
     let meta = std::fs::metadata(path).map_err(|e| {
@@ -128,9 +134,17 @@ fn read_zip(
             continue;
         };
         bytes.clear();
-        entry
+        // The entry's recorded size may lie: read at most one byte past the limit.
+        (&mut entry)
+            .take(MAX_PNG_BYTES + 1)
             .read_to_end(&mut bytes)
             .map_err(|e| malformed(path, format!("{name}: {e}")))?;
+        if bytes.len() as u64 > MAX_PNG_BYTES {
+            return Err(malformed(
+                path,
+                format!("{name}: larger than {MAX_PNG_BYTES} bytes, not an Omniglot drawing"),
+            ));
+        }
         let label = format!("{}: {name}", path.display());
         classes
             .entry(class)
