@@ -33,8 +33,13 @@ choice_enum! {
 choice_enum! {
     /// Which built-in synthetic task family `source: synthetic` generates.
     pub enum SyntheticTask {
-        /// Text classification over the tiny models' vocabulary.
+        /// Text classification over the tiny models' vocabulary, new classes in every
+        /// task.
         Text = "text",
+        /// Text classification with the same classes in every task, each task a new
+        /// domain: universal cues per class plus the domain's own words (see
+        /// `data::SyntheticDomains`).
+        Domains = "domains",
         /// Sinusoid regression (the classic MAML benchmark).
         Sinusoid = "sinusoid",
         /// 28×28 grey prototype images with jitter, for Conv4.

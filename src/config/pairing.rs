@@ -32,7 +32,7 @@ impl TaskInputs {
         let data = &config.data;
         if data.synthetic_only || data.source == DataSource::Synthetic {
             return match data.synthetic_task {
-                SyntheticTask::Text => Self::Tokens,
+                SyntheticTask::Text | SyntheticTask::Domains => Self::Tokens,
                 SyntheticTask::Sinusoid => Self::Regression,
                 SyntheticTask::Images => Self::Images,
             };

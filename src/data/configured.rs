@@ -12,7 +12,7 @@ use super::readers::{
 };
 use super::{
     ClassSplits, DatasetEpisodes, EncodeText, EncodedDataset, EpisodeSampler, EpisodeSource,
-    SinusoidTasks, SmallClassPolicy, SyntheticImages, SyntheticText,
+    SinusoidTasks, SmallClassPolicy, SyntheticDomains, SyntheticImages, SyntheticText,
 };
 use crate::config::{DataConfig, DataSource, SmallClasses, SyntheticTask};
 use crate::{Error, Result};
@@ -173,7 +173,9 @@ pub fn episode_sources(
     if config.synthetic_only || config.source == DataSource::Synthetic {
         return splits
             .iter()
-            .map(|&split| synthetic_source(config, seed.wrapping_add(split.salt()), text_encoder))
+            .map(|&split| {
+                synthetic_source(config, seed, seed.wrapping_add(split.salt()), text_encoder)
+            })
             .collect();
     }
     let data = load_dataset(config, text_encoder)?;
@@ -215,13 +217,17 @@ pub fn episode_sources(
         .collect()
 }
 
-/// The synthetic family of `config` with episode seed `episode_seed`.
+/// The synthetic family of `config` with episode seed `episode_seed`; what a family's
+/// splits share (the classes of `domains`) is drawn from `data.split_seed`, or
+/// `seed`.
 fn synthetic_source(
     config: &DataConfig,
+    seed: u64,
     episode_seed: u64,
     text_encoder: &dyn EncodeText,
 ) -> Result<Arc<dyn EpisodeSource>> {
     let (n_way, k_shot, n_query) = (config.n_way, config.k_shot, config.n_query);
+    let world_seed = config.split_seed.unwrap_or(seed);
     Ok(match config.synthetic_task {
         SyntheticTask::Text => Arc::new(SyntheticText {
             n_way,
@@ -229,6 +235,14 @@ fn synthetic_source(
             n_query,
             seed: episode_seed,
             ..SyntheticText::with_max_length(text_encoder.max_length())?
+        }),
+        SyntheticTask::Domains => Arc::new(SyntheticDomains {
+            n_way,
+            k_shot,
+            n_query,
+            world_seed,
+            seed: episode_seed,
+            ..SyntheticDomains::with_max_length(text_encoder.max_length())?
         }),
         SyntheticTask::Sinusoid => Arc::new(SinusoidTasks {
             k_shot,

@@ -28,5 +28,5 @@ pub use episode::Episode;
 pub use prefetch::Prefetcher;
 pub use sampler::{episode_rng, EpisodeSampler, EpisodeSpec, SmallClassPolicy};
 pub use source::{DatasetEpisodes, EncodedDataset, EpisodeSource};
-pub use synthetic::{SinusoidTasks, SyntheticImages, SyntheticText, TextTask};
+pub use synthetic::{SinusoidTasks, SyntheticDomains, SyntheticImages, SyntheticText, TextTask};
 pub use tokenize::{EncodeText, TextTokenizer, WordHashTokenizer};

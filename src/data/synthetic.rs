@@ -21,6 +21,30 @@
 //! (1−sep)·background)`; they differ on the topic ids, by `(1−noise)·sep/topic_size`
 //! per own topic id.
 //!
+//! # Domains ([`SyntheticDomains`])
+//!
+//! Text classification with the same `n_way` classes (intents) in every task, each
+//! task a new *domain*: think of one classifier of support-ticket intents adapted to
+//! each new customer from a few labelled tickets. The generative process:
+//!
+//! 1. once for the whole family (the *world*, seeded by `world_seed`): each class gets
+//!    `universal_size` content ids that signal it in every domain, and the background
+//!    is a Zipf law over the ids left after every class's universal ids;
+//! 2. per task (domain): each class gets `domain_size` ids of its own, drawn afresh
+//!    from the background ids (a domain's own words for the class);
+//! 3. a text of class `c`: `[CLS]`, then `len − 1` ids, each with probability
+//!    `universal` one of the class's universal ids, else with probability `domain`
+//!    one of its domain ids, else a background id; `len` uniform in
+//!    `[min_len, max_len]`.
+//!
+//! Class `c` is label `c` in every task (no per-task permutation): that is the
+//! structure the tasks share. What meta-learning can learn from meta-training domains
+//! is an initialisation that already reads the universal cues of each class — it
+//! starts every new domain knowing something, and its support set adds the domain's
+//! own words. A learner that starts afresh on each task (nearest prototype of frozen
+//! features, an adapter trained from scratch) has only its few support texts, in
+//! which the universal cues are as rare as anything else.
+//!
 //! # Sinusoid regression ([`SinusoidTasks`])
 //!
 //! The classic MAML benchmark: `y = A·sin(x − φ)` with amplitude `A` uniform in
@@ -293,6 +317,167 @@ fn whole_episode(data: EncodedDataset, k_shot: usize, n_query: usize) -> Result<
     };
     let (support, query) = data.batches(&spec, &Device::Cpu)?;
     Episode::with_classes(support, query, n_way, k_shot, n_query, Vec::new())
+}
+
+/// The domains family (see the module documentation).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SyntheticDomains {
+    /// Vocabulary size; ids are below it (1000 for the built-in tiny models).
+    pub vocab: usize,
+    /// Shortest text, `[CLS]` included.
+    pub min_len: usize,
+    /// Longest text, `[CLS]` included (at most the model's `max_length`).
+    pub max_len: usize,
+    /// Universal ids per class (the same in every domain).
+    pub universal_size: usize,
+    /// Domain ids per class (new in every task).
+    pub domain_size: usize,
+    /// Probability that a token is one of its class's universal ids, in [0, 1].
+    pub universal: f64,
+    /// Probability that a token is one of its class's domain ids, in [0, 1].
+    pub domain: f64,
+    /// Classes (intents) of every task.
+    pub n_way: usize,
+    /// Support texts per class.
+    pub k_shot: usize,
+    /// Query texts per class.
+    pub n_query: usize,
+    /// Seed of the world: the classes' universal ids and the background, shared by
+    /// the meta-training, meta-validation and meta-test tasks.
+    pub world_seed: u64,
+    /// Seed of the tasks.
+    pub seed: u64,
+}
+
+impl Default for SyntheticDomains {
+    fn default() -> Self {
+        Self {
+            vocab: 1000,
+            min_len: 8,
+            max_len: 16,
+            universal_size: 3,
+            domain_size: 6,
+            universal: 0.1,
+            domain: 0.3,
+            n_way: 5,
+            k_shot: 2,
+            n_query: 3,
+            world_seed: 0,
+            seed: 0,
+        }
+    }
+}
+
+impl SyntheticDomains {
+    /// The default family with texts of at most `max_length` tokens (see
+    /// [`SyntheticText::with_max_length`]).
+    pub fn with_max_length(max_length: usize) -> Result<Self> {
+        let text = SyntheticText::with_max_length(max_length)?;
+        let default = Self::default();
+        let max_len = default.max_len.min(text.max_len);
+        Ok(Self {
+            min_len: default.min_len.min(max_len),
+            max_len,
+            ..default
+        })
+    }
+
+    fn check(&self) -> Result<()> {
+        let unit = |v: f64| (0.0..=1.0).contains(&v);
+        let universal_ids = self.n_way.checked_mul(self.universal_size);
+        let enough = universal_ids
+            .and_then(|u| u.checked_add(self.n_way.checked_mul(self.domain_size)?))
+            .is_some_and(|needed| needed < self.vocab.saturating_sub(2));
+        if !unit(self.universal)
+            || !unit(self.domain)
+            || self.universal + self.domain > 1.0
+            || !enough
+            || self.universal_size == 0
+            || self.domain_size == 0
+            || self.min_len < 2
+            || self.min_len > self.max_len
+            || self.n_way == 0
+            || self.k_shot == 0
+            || self.n_query == 0
+        {
+            return Err(Error::InvalidArgument(format!(
+                "synthetic domains: inconsistent settings {self:?}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Universal ids of each class, and the background ids (in Zipf rank order).
+    fn world(&self) -> (Vec<Vec<u32>>, Vec<u32>) {
+        let mut rng = episode_rng(self.world_seed, u64::MAX);
+        let mut ids: Vec<u32> = (2..self.vocab as u32).collect();
+        ids.shuffle(&mut rng);
+        let background = ids.split_off(self.n_way * self.universal_size);
+        let universal = ids
+            .chunks(self.universal_size)
+            .map(<[u32]>::to_vec)
+            .collect();
+        (universal, background)
+    }
+}
+
+impl EpisodeSource for SyntheticDomains {
+    fn episode(&self, index: u64) -> Result<Episode> {
+        self.check()?;
+        let (universal, background) = self.world();
+        let mut cumulative = Vec::with_capacity(background.len());
+        let mut total = 0.0;
+        for rank in 0..background.len() {
+            total += 1.0 / (rank + 1) as f64;
+            cumulative.push(total);
+        }
+        let mut rng = episode_rng(self.seed, index);
+        // The domain's own words: distinct background ids, a set per class.
+        let mut pool = background.clone();
+        pool.shuffle(&mut rng);
+        let domains: Vec<&[u32]> = pool.chunks(self.domain_size).take(self.n_way).collect();
+        let per_class = super::episode::episode_examples(
+            "synthetic domains",
+            self.n_way,
+            self.k_shot,
+            self.n_query,
+        )? / self.n_way;
+        let classes = (0..self.n_way)
+            .map(|c| Class {
+                name: format!("intent {c}"),
+                examples: (0..per_class)
+                    .map(|_| {
+                        let len = rng.random_range(self.min_len..=self.max_len);
+                        let mut text = Vec::with_capacity(len);
+                        text.push(1);
+                        while text.len() < len {
+                            let u: f64 = rng.random();
+                            let id = if u < self.universal {
+                                universal[c][rng.random_range(0..universal[c].len())]
+                            } else if u < self.universal + self.domain {
+                                domains[c][rng.random_range(0..domains[c].len())]
+                            } else {
+                                let x = rng.random::<f64>() * total;
+                                background[cumulative
+                                    .partition_point(|&v| v < x)
+                                    .min(background.len() - 1)]
+                            };
+                            text.push(id);
+                        }
+                        text
+                    })
+                    .collect(),
+            })
+            .collect();
+        whole_episode(
+            EncodedDataset::Tokens {
+                dataset: Dataset::new(classes),
+                pad_id: 0,
+            },
+            self.k_shot,
+            self.n_query,
+        )
+    }
 }
 
 /// Sinusoid regression tasks (see the module documentation).

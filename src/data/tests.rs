@@ -903,3 +903,73 @@ fn omniglot_image_size_that_overflows_is_an_error() {
     assert!(matches!(err, Error::InvalidArgument(_)), "{err:?}");
     assert!(err.to_string().contains("image_size"), "{err}");
 }
+
+/// The domains family: the same classes in every task (label c is intent c), whose
+/// universal ids recur across tasks while each task's domain ids are new; the world is
+/// shared by every split of one seed.
+#[test]
+fn synthetic_domains_share_classes_across_tasks() {
+    let family = SyntheticDomains {
+        world_seed: 7,
+        seed: 3,
+        universal: 0.5,
+        domain: 0.5,
+        ..SyntheticDomains::default()
+    };
+    let ids_of = |e: &Episode, class: u32| -> HashSet<u32> {
+        let ids = e
+            .support
+            .tokens()
+            .unwrap()
+            .input_ids
+            .to_vec2::<u32>()
+            .unwrap();
+        let labels = e.support.labels.to_vec1::<u32>().unwrap();
+        ids.iter()
+            .zip(&labels)
+            .filter(|(_, &l)| l == class)
+            .flat_map(|(row, _)| row[1..].iter().copied().filter(|&t| t != 0))
+            .collect()
+    };
+    let (a, b) = (family.episode(0).unwrap(), family.episode(1).unwrap());
+    assert_eq!(
+        a.support
+            .tokens()
+            .unwrap()
+            .input_ids
+            .to_vec2::<u32>()
+            .unwrap(),
+        family
+            .episode(0)
+            .unwrap()
+            .support
+            .tokens()
+            .unwrap()
+            .input_ids
+            .to_vec2::<u32>()
+            .unwrap()
+    );
+    for class in 0..5 {
+        let (in_a, in_b) = (ids_of(&a, class), ids_of(&b, class));
+        // Universal ids recur (3 of them); domain ids (6 per task) mostly do not.
+        let shared = in_a.intersection(&in_b).count();
+        assert!(
+            (1..=4).contains(&shared),
+            "class {class}: {shared} shared ids"
+        );
+    }
+    // Another task seed, the same world: the universal ids are the same.
+    let other_split = SyntheticDomains {
+        seed: 99,
+        ..family.clone()
+    };
+    let c = other_split.episode(0).unwrap();
+    assert!(ids_of(&a, 0).intersection(&ids_of(&c, 0)).count() >= 1);
+    assert!(SyntheticDomains {
+        universal: 0.7,
+        domain: 0.5,
+        ..SyntheticDomains::default()
+    }
+    .episode(0)
+    .is_err());
+}
