@@ -15,12 +15,17 @@ use std::sync::Mutex;
 use candle_core::{DType, Device, Tensor, Var};
 use melora::config::{
     Config, DataSource, HessianKind, InnerMode, Method, Precision, Quantization, SyntheticTask,
+    Variant,
 };
 use melora::data::{Batch, Episode, EpisodeSource, SinusoidTasks};
 use melora::memory::planner::{plan_with, PlanOptions, CANDLE_OVERHEADS};
 use melora::memory::{current_bytes, format_bytes, CountingAllocator, MemoryMeter};
 use melora::nn::Mode;
-use melora::train::build::{build_learner, build_model, build_outer};
+use melora::optim::{Optimizer, OptimizerKind};
+use melora::tensor::GradGraph;
+use melora::train::build::{
+    build_adapter, build_learner, build_model, build_outer, initial_params,
+};
 use melora::train::meta_step;
 
 #[global_allocator]
@@ -112,7 +117,52 @@ fn methods() -> Vec<(&'static str, Method, InnerMode, HessianKind)> {
             InnerMode::Recompute,
             HessianKind::BlockDiagonal,
         ),
+        (
+            "metasgd-full",
+            Method::Metasgd,
+            InnerMode::FullGraph,
+            HessianKind::None,
+        ),
+        (
+            "metasgd-recompute",
+            Method::Metasgd,
+            InnerMode::Recompute,
+            HessianKind::None,
+        ),
     ]
+}
+
+/// The baselines, which are not meta-trained: the planner predicts one test task's
+/// adaptation (and, for pretrain-finetune, its pre-training steps), on every model
+/// they apply to.
+fn baseline_rows() -> Vec<(String, Config)> {
+    let mut rows = Vec::new();
+    for model in TEXT_MODELS.iter().chain(&["conv4", "mlp"]) {
+        for method in [
+            Method::NoAdaptation,
+            Method::Prototype,
+            Method::LoraFinetune,
+            Method::Finetune,
+            Method::PretrainFinetune,
+        ] {
+            let mut c = base_config(model);
+            c.meta_learning.method = method;
+            c.evaluation.finetune_steps = 2;
+            c.comparison.pretrain.batch_size = Some(6);
+            if *model == "mlp" {
+                // Tasks of 100 points: a baseline's work on 10 is a few KiB, less than
+                // the bookkeeping (names, maps) the planner leaves out.
+                c.data.k_shot = 100;
+                c.data.n_query = 100;
+                c.comparison.pretrain.batch_size = Some(200);
+            }
+            if melora::config::Config::validate(&c).is_err() {
+                continue;
+            }
+            rows.push((format!("{model} {method}"), c));
+        }
+    }
+    rows
 }
 
 /// One row of the grid.
@@ -567,6 +617,7 @@ fn grid() -> Vec<(String, Config)> {
     rows.extend(precision_rows());
     rows.extend(folder_rows());
     rows.extend(selective_rows());
+    rows.extend(baseline_rows());
     rows
 }
 
@@ -661,10 +712,58 @@ fn episode(c: &Config, seed: u32) -> Episode {
     }
 }
 
-/// Everything of one meta-step, allocated and freed inside the caller's meter.
-fn one_meta_step(c: &Config) {
+/// A baseline's work on one test task, as evaluation does it: adapting to the
+/// support set and predicting the query; for pretrain-finetune, its pre-training's
+/// two first steps before (as the planner sees it: a batch of
+/// `comparison.pretrain.batch_size` examples of the tasks' inputs).
+fn one_adaptation(c: &Config) {
     let model = build_model(c).unwrap();
-    let params = model.init_params(c.seed).unwrap();
+    let mut params = initial_params(model.as_ref(), c).unwrap();
+    let task = episode(c, 0);
+    if c.meta_learning.method == Method::PretrainFinetune {
+        let n = c.comparison.pretrain.batch_size.unwrap();
+        let batch = if c.model.name == "mlp" {
+            SinusoidTasks {
+                k_shot: n,
+                n_query: 1,
+                seed: 3,
+            }
+            .episode(0)
+            .unwrap()
+            .support
+        } else {
+            text_batch(n, c.model.max_length, 11)
+        };
+        let mut optimizer = Optimizer::new(OptimizerKind::adamw(0.0));
+        for _ in 0..2 {
+            let leaves = params.to_leaves().unwrap();
+            let logits = model.logits(&leaves, &batch, Mode::Eval).unwrap();
+            let loss = if batch.is_regression() {
+                melora::data::regression_loss(&logits, &batch).unwrap()
+            } else {
+                melora::tensor::ops::cross_entropy(&logits, &batch.labels, 0.0).unwrap()
+            };
+            let grads = leaves.gradients(&loss, GradGraph::Detach).unwrap();
+            params = optimizer.step(&params, &grads, 1e-3).unwrap();
+        }
+    }
+    let adapter = build_adapter(c).unwrap();
+    let adapted = adapter
+        .adapt(model.as_ref(), &params, &task.support, Mode::Eval)
+        .unwrap();
+    let _ = adapter
+        .predict(model.as_ref(), &adapted, &task.query, Mode::Eval)
+        .unwrap();
+}
+
+/// Everything of one meta-step, allocated and freed inside the caller's meter (for a
+/// baseline, one test task's adaptation).
+fn one_meta_step(c: &Config) {
+    if Variant::of(c).is_baseline() {
+        return one_adaptation(c);
+    }
+    let model = build_model(c).unwrap();
+    let params = initial_params(model.as_ref(), c).unwrap();
     let tasks: Vec<Episode> = (0..c.meta_learning.meta_batch_size)
         .map(|i| episode(c, i as u32))
         .collect();

@@ -145,6 +145,7 @@ pub(crate) fn run_evaluate(global: &GlobalArgs, args: &EvaluateArgs) -> anyhow::
             checkpoint: args.checkpoint.clone(),
             episodes: Some(episodes),
             episode_seed: None,
+            ..Default::default()
         },
         &mut |i| progress.set_position(i as u64 + 1),
     );

@@ -28,10 +28,23 @@ choice_enum! {
         MeloraGaussNewton = "melora-gauss_newton",
         /// MELoRA with per-tensor Hessian blocks.
         MeloraBlockDiagonal = "melora-block_diagonal",
-        /// Fine-tuning the head on each test task, no meta-training.
+        /// MetaSGD (learned per-entry step sizes), recompute mode.
+        Metasgd = "metasgd",
+        /// Full fine-tuning (every base weight and the head) on each test task.
         Finetune = "finetune",
-        /// Fine-tuning LoRA and head on each test task, no meta-training.
+        /// A fresh LoRA adapter and head fine-tuned on each test task.
         LoraFinetune = "lora-finetune",
+        /// The initial model without adaptation.
+        NoAdaptation = "no-adaptation",
+        /// Nearest class mean of the frozen base's features.
+        Prototype = "prototype",
+        /// Supervised pre-training on the meta-training classes, then a new head
+        /// fine-tuned on each test task.
+        PretrainFinetune = "pretrain-finetune",
+        /// The configured method's meta-trained initialisation, adapted to each test
+        /// task by the fine-tuning baselines' optimiser instead of its inner loop:
+        /// what the learned start brings apart from the inner optimiser.
+        MetaInitFinetune = "meta-init-finetune",
     }
     default = Maml;
 }
@@ -53,15 +66,26 @@ impl Variant {
                 HessianKind::GaussNewton => Self::MeloraGaussNewton,
                 HessianKind::BlockDiagonal => Self::MeloraBlockDiagonal,
             },
+            Method::Metasgd => Self::Metasgd,
             Method::Finetune => Self::Finetune,
             Method::LoraFinetune => Self::LoraFinetune,
+            Method::NoAdaptation => Self::NoAdaptation,
+            Method::Prototype => Self::Prototype,
+            Method::PretrainFinetune => Self::PretrainFinetune,
         }
     }
 
-    /// `config` changed to run this variant (everything else kept).
+    /// `config` changed to run this variant (everything else kept). The
+    /// meta-initialisation baseline keeps the configured method, whose checkpoint it
+    /// adapts differently.
     pub fn apply(self, config: &Config) -> Config {
         let mut c = config.clone();
         let (method, mode, hessian) = match self {
+            Self::MetaInitFinetune => return c,
+            Self::Metasgd => (Method::Metasgd, Some(InnerMode::Recompute), None),
+            Self::NoAdaptation => (Method::NoAdaptation, None, None),
+            Self::Prototype => (Method::Prototype, None, None),
+            Self::PretrainFinetune => (Method::PretrainFinetune, None, None),
             Self::Maml => (Method::Maml, Some(InnerMode::Recompute), None),
             Self::MamlFullGraph => (Method::Maml, Some(InnerMode::FullGraph), None),
             Self::Fomaml => (Method::Fomaml, None, None),
@@ -83,9 +107,92 @@ impl Variant {
         c
     }
 
-    /// Whether the variant meta-trains (the fine-tuning baselines only adapt).
+    /// Whether the variant meta-trains (the baselines only adapt; pre-training is
+    /// supervised, not meta-training).
     pub fn meta_trains(self) -> bool {
-        !matches!(self, Self::Finetune | Self::LoraFinetune)
+        !self.is_baseline()
+    }
+
+    /// Whether the variant is a baseline without meta-learning of its own.
+    pub fn is_baseline(self) -> bool {
+        matches!(
+            self,
+            Self::Finetune
+                | Self::LoraFinetune
+                | Self::NoAdaptation
+                | Self::Prototype
+                | Self::PretrainFinetune
+                | Self::MetaInitFinetune
+        )
+    }
+
+    /// Whether the variant adapts by the fine-tuning optimiser (AdamW steps), whose
+    /// learning rate `melora full` chooses by a sweep on meta-validation tasks.
+    pub fn fine_tunes(self) -> bool {
+        matches!(
+            self,
+            Self::Finetune | Self::LoraFinetune | Self::PretrainFinetune | Self::MetaInitFinetune
+        )
+    }
+}
+
+/// The `comparison.pretrain` section: the supervised pre-training of the
+/// `pretrain-finetune` baseline.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PretrainConfig {
+    /// AdamW steps of supervised training on the meta-training classes (at least 1);
+    /// `None`: `meta_learning.num_iterations`, as many steps as meta-training takes.
+    pub steps: Option<usize>,
+    /// Examples per step (at least 1); `None`: as many as a meta-batch holds
+    /// (`meta_batch_size × n_way × (k_shot + n_query)`), so that pre-training sees as
+    /// many examples as meta-training.
+    pub batch_size: Option<usize>,
+    /// AdamW learning rate (> 0); `None`: `meta_learning.outer.lr`.
+    pub lr: Option<f64>,
+    /// What is fine-tuned on each test task afterwards: `head` (a new head on the
+    /// pre-trained features, Chen et al.'s Baseline) or `all` (the adapters too).
+    pub tune: PretrainTune,
+}
+
+choice_enum! {
+    /// What the `pretrain-finetune` baseline fine-tunes per task.
+    pub enum PretrainTune {
+        /// The head only (new for data sets whose test classes are new).
+        Head = "head",
+        /// Every trainable tensor: the adapters (or a dense model's weights) and the
+        /// head.
+        All = "all",
+    }
+    default = Head;
+}
+
+impl PretrainConfig {
+    /// Steps, batch size and learning rate, with the defaults resolved against
+    /// `config` (see the fields).
+    pub fn resolved(&self, config: &Config) -> (usize, usize, f64) {
+        let ml = &config.meta_learning;
+        let data = &config.data;
+        (
+            self.steps.unwrap_or(ml.num_iterations),
+            self.batch_size.unwrap_or_else(|| {
+                ml.meta_batch_size
+                    .saturating_mul(data.n_way)
+                    .saturating_mul(data.k_shot.saturating_add(data.n_query))
+            }),
+            self.lr.unwrap_or(ml.outer.lr),
+        )
+    }
+}
+
+impl Default for PretrainConfig {
+    fn default() -> Self {
+        Self {
+            steps: None,
+            batch_size: None,
+            lr: None,
+            tune: PretrainTune::Head,
+        }
     }
 }
 
@@ -124,6 +231,12 @@ pub struct ComparisonConfig {
     /// Inner-step counts K at which each meta-learning method's peak memory for one
     /// task is measured (the report's memory-vs-K plot); empty skips it.
     pub memory_inner_steps: Vec<usize>,
+    /// Learning rates tried for each fine-tuning baseline on the meta-validation
+    /// tasks (`evaluation.val_episodes` of them) before it is tested with the best
+    /// one; empty uses `evaluation.finetune_lr` untried.
+    pub finetune_lr_sweep: Vec<f64>,
+    /// Pre-training of the `pretrain-finetune` baseline.
+    pub pretrain: PretrainConfig,
 }
 
 impl Default for ComparisonConfig {
@@ -136,12 +249,18 @@ impl Default for ComparisonConfig {
                 Variant::MeloraDiagonal,
                 Variant::MeloraGaussNewton,
                 Variant::MeloraBlockDiagonal,
-                Variant::Finetune,
+                Variant::NoAdaptation,
+                Variant::Prototype,
                 Variant::LoraFinetune,
+                Variant::Finetune,
+                Variant::PretrainFinetune,
+                Variant::MetaInitFinetune,
             ],
             seeds: 1,
             ablation: AblationConfig::default(),
             memory_inner_steps: vec![1, 2, 4, 8],
+            finetune_lr_sweep: vec![1e-3, 3e-3, 1e-2, 3e-2, 1e-1],
+            pretrain: PretrainConfig::default(),
         }
     }
 }
@@ -169,6 +288,21 @@ impl ComparisonConfig {
                 "comparison.ablation.inner_steps",
                 format!("inner steps must be at least 1, got {k}"),
             ));
+        }
+        for (i, &lr) in self.finetune_lr_sweep.iter().enumerate() {
+            super::validate::positive(&format!("comparison.finetune_lr_sweep[{i}]"), lr)?;
+        }
+        for (key, value) in [
+            ("comparison.pretrain.steps", self.pretrain.steps),
+            ("comparison.pretrain.batch_size", self.pretrain.batch_size),
+        ] {
+            if let Some(value) = value {
+                at_least(key, value, 1)?;
+                super::validate::at_most_count(key, value)?;
+            }
+        }
+        if let Some(lr) = self.pretrain.lr {
+            super::validate::positive("comparison.pretrain.lr", lr)?;
         }
         if let Some(k) = self.memory_inner_steps.iter().find(|&&k| k == 0) {
             return Err(invalid(

@@ -18,10 +18,22 @@ choice_enum! {
         /// MAML with the support Hessian replaced by an approximation
         /// (see `memory_optimization.hessian_approximation`).
         Melora = "melora",
-        /// Baseline without meta-learning: fine-tunes all trainable parameters per task.
+        /// MAML with a learned step size per parameter entry (Li et al., 2017), exact
+        /// second order in the configured `inner.mode`.
+        Metasgd = "metasgd",
+        /// Baseline without meta-learning: full fine-tuning per task, every weight of
+        /// the base model trainable (not frozen) plus the head.
         Finetune = "finetune",
-        /// Baseline without meta-learning: fine-tunes LoRA adapters per task.
+        /// Baseline without meta-learning: a fresh LoRA adapter and head trained per
+        /// task on the frozen base.
         LoraFinetune = "lora-finetune",
+        /// Baseline: the initial model as it is, no adaptation (chance for a zero head).
+        NoAdaptation = "no-adaptation",
+        /// Baseline: nearest class mean (cosine) of the frozen base's pooled features.
+        Prototype = "prototype",
+        /// Baseline (Chen et al., 2019): supervised training of LoRA and a head over
+        /// all meta-training classes, then a new head fine-tuned per task.
+        PretrainFinetune = "pretrain-finetune",
     }
     default = Maml;
 }

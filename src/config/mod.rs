@@ -55,7 +55,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 pub use choice::UnknownValue;
-pub use comparison::{AblationConfig, ComparisonConfig, Variant};
+pub use comparison::{AblationConfig, ComparisonConfig, PretrainConfig, PretrainTune, Variant};
 pub use data::{DataConfig, DataSource, SmallClasses, SyntheticTask};
 pub use data::{MAX_EPISODE_EXAMPLES, MAX_IMAGE_SIZE};
 pub use evaluation::EvaluationConfig;

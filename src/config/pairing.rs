@@ -10,7 +10,7 @@
 //! | `mlp` | feature rows | synthetic `sinusoid` (one input, regression), `tabular` (one input per feature, classification) |
 
 use super::validate::invalid;
-use super::{Config, DataSource, LoraConfig, SyntheticTask};
+use super::{Config, DataSource, LoraConfig, Method, Quantization, SyntheticTask};
 use crate::Result;
 
 /// What a configuration's tasks give a model to read.
@@ -158,6 +158,9 @@ pub(crate) fn validate(config: &Config) -> Result<()> {
             ));
         }
     }
+    if let Some(why) = method_does_not_apply(config) {
+        return Err(invalid("meta_learning.method", why));
+    }
     if model == ModelKind::Conv4 && config.data.image_size < CONV4_MIN_IMAGE_SIZE {
         return Err(invalid(
             "data.image_size",
@@ -169,6 +172,43 @@ pub(crate) fn validate(config: &Config) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// Why `config`'s method cannot run on its model and data, if it cannot: a baseline
+/// that does not apply (`melora full` skips such a baseline of
+/// `comparison.baselines`, saying why; as the configured method it is an error).
+pub(crate) fn method_does_not_apply(config: &Config) -> Option<String> {
+    let name = &config.model.name;
+    let data = &config.data;
+    match config.meta_learning.method {
+        Method::LoraFinetune if ModelKind::of(config).trains_everything() => Some(format!(
+            "lora-finetune trains a fresh adapter on a frozen base, which {name} does not \
+             have (every parameter is trained); use finetune or pretrain-finetune"
+        )),
+        Method::Finetune if config.model.quantization == Quantization::Int8 => Some(
+            "finetune trains every weight of the base model, which model.quantization: int8 \
+             keeps frozen; use lora-finetune, or model.quantization: none"
+                .into(),
+        ),
+        Method::PretrainFinetune
+            if (data.synthetic_only || data.source == DataSource::Synthetic)
+                && matches!(
+                    data.synthetic_task,
+                    SyntheticTask::Text | SyntheticTask::Images
+                ) =>
+        {
+            Some(format!(
+                "pretrain-finetune trains a head over fixed classes, but synthetic `{}` tasks \
+                 make new classes for every task; use a data set, or data.synthetic_task: \
+                 domains or sinusoid",
+                data.synthetic_task
+            ))
+        }
+        Method::Prototype if TaskInputs::of(config) == TaskInputs::Regression => Some(
+            "prototype classifies by class means and has no answer for regression tasks".into(),
+        ),
+        _ => None,
+    }
 }
 
 /// The first `lora` key whose value differs from its default.

@@ -196,6 +196,68 @@ impl Batch {
         Ok(parts)
     }
 
+    /// The examples of `parts` in one batch, in order (pre-training on whole tasks).
+    /// Token batches are right-padded to the longest, with id 0 under a zero mask, so
+    /// the padding changes nothing a model computes for the real tokens.
+    pub fn concat(parts: &[Batch]) -> Result<Batch> {
+        let Some(first) = parts.first() else {
+            return Err(Error::InvalidArgument("no batches to concatenate".into()));
+        };
+        let cat = |tensors: Vec<Tensor>| -> Result<Tensor> { Ok(Tensor::cat(&tensors, 0)?) };
+        let inputs = match &first.inputs {
+            Inputs::Tokens(_) => {
+                let tokens = parts
+                    .iter()
+                    .map(Batch::tokens)
+                    .collect::<Result<Vec<_>>>()?;
+                let length = tokens
+                    .iter()
+                    .map(|t| t.input_ids.dims()[1])
+                    .max()
+                    .unwrap_or(1);
+                let pad = |t: &Tensor| -> Result<Tensor> {
+                    let (b, len) = t.dims2()?;
+                    if len == length {
+                        return Ok(t.clone());
+                    }
+                    let zeros = Tensor::zeros((b, length - len), DType::U32, t.device())?;
+                    Ok(Tensor::cat(&[t, &zeros], 1)?)
+                };
+                let types = tokens
+                    .iter()
+                    .map(|t| t.token_type_ids.as_ref().map(&pad).transpose())
+                    .collect::<Result<Option<Vec<_>>>>()?;
+                Inputs::Tokens(TokenInputs {
+                    input_ids: cat(tokens
+                        .iter()
+                        .map(|t| pad(&t.input_ids))
+                        .collect::<Result<_>>()?)?,
+                    attention_mask: cat(tokens
+                        .iter()
+                        .map(|t| pad(&t.attention_mask))
+                        .collect::<Result<_>>()?)?,
+                    token_type_ids: types.map(cat).transpose()?,
+                })
+            }
+            Inputs::Dense(_) => Inputs::Dense(cat(parts
+                .iter()
+                .map(|b| b.dense().cloned())
+                .collect::<Result<_>>()?)?),
+        };
+        let targets = match first.targets {
+            Some(_) => Some(cat(parts
+                .iter()
+                .map(|b| b.regression_targets().cloned())
+                .collect::<Result<_>>()?)?),
+            None => None,
+        };
+        Ok(Batch {
+            inputs,
+            labels: cat(parts.iter().map(|b| b.labels.clone()).collect())?,
+            targets,
+        })
+    }
+
     /// Number of examples.
     pub fn len(&self) -> usize {
         self.labels.dims().first().copied().unwrap_or(0)

@@ -27,6 +27,6 @@ pub use dataset::{Class, ClassSplits, Dataset};
 pub use episode::Episode;
 pub use prefetch::Prefetcher;
 pub use sampler::{episode_rng, EpisodeSampler, EpisodeSpec, SmallClassPolicy};
-pub use source::{DatasetEpisodes, EncodedDataset, EpisodeSource};
+pub use source::{DatasetEpisodes, EncodedDataset, EpisodeSource, PretrainBatch};
 pub use synthetic::{SinusoidTasks, SyntheticDomains, SyntheticImages, SyntheticText, TextTask};
 pub use tokenize::{EncodeText, TextTokenizer, WordHashTokenizer};

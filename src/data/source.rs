@@ -20,6 +20,22 @@ pub trait EpisodeSource: Send + Sync {
     fn class_names(&self) -> Option<Vec<String>> {
         None
     }
+    /// Batch `index` of `size` examples for supervised pre-training, labelled by their
+    /// class among all of this source's classes (or regression targets), with the
+    /// number of classes; `None` for families that make new classes for every task
+    /// (there is no fixed set of classes to train a head over).
+    fn pretraining_batch(&self, _index: u64, _size: usize) -> Result<Option<PretrainBatch>> {
+        Ok(None)
+    }
+}
+
+/// A supervised batch for pre-training ([`EpisodeSource::pretraining_batch`]).
+#[derive(Debug, Clone)]
+pub struct PretrainBatch {
+    /// The examples, labelled by class (or with regression targets).
+    pub batch: Batch,
+    /// Classes of the source (outputs of a head over all of them; 1 for regression).
+    pub classes: usize,
 }
 
 /// A data set decoded into model inputs, ready to batch.
@@ -111,6 +127,52 @@ impl EncodedDataset {
         }
     }
 
+    /// The examples `picks` (class, example index) with `labels`, in one batch on
+    /// `device`; feature rows are standardised with the batch's own statistics.
+    pub fn batch_of(
+        &self,
+        picks: &[(usize, usize)],
+        labels: Vec<u32>,
+        device: &Device,
+    ) -> Result<Batch> {
+        let labels = Tensor::from_vec(labels.clone(), labels.len(), device)?;
+        match self {
+            Self::Tokens { dataset, pad_id } => {
+                token_batch(dataset, picks, labels, *pad_id, device)
+            }
+            Self::Images {
+                dataset,
+                channels,
+                height,
+                width,
+            } => {
+                let shape = (picks.len(), *channels, *height, *width);
+                Batch::from_dense(
+                    Tensor::from_vec(gather(dataset, picks), shape, device)?,
+                    labels,
+                )
+            }
+            Self::Rows {
+                dataset,
+                standardise,
+            } => {
+                let width = row_width(dataset);
+                let mut rows = gather(dataset, picks);
+                if *standardise {
+                    standardise_on_support(&mut rows, &mut [], width);
+                } else {
+                    rows.iter_mut()
+                        .filter(|v| v.is_nan())
+                        .for_each(|v| *v = 0.0);
+                }
+                Batch::from_dense(
+                    Tensor::from_vec(rows, (picks.len(), width), device)?,
+                    labels,
+                )
+            }
+        }
+    }
+
     /// The support and query batches of `spec` on `device`.
     pub fn batches(&self, spec: &EpisodeSpec, device: &Device) -> Result<(Batch, Batch)> {
         let labelled = |sets: &[Vec<usize>]| -> (Vec<(usize, usize)>, Vec<u32>) {
@@ -154,11 +216,7 @@ impl EncodedDataset {
             } => {
                 let mut s = gather(dataset, &support);
                 let mut q = gather(dataset, &query);
-                let width = dataset
-                    .classes()
-                    .iter()
-                    .find_map(|c| c.examples.first())
-                    .map_or(0, Vec::len);
+                let width = row_width(dataset);
                 if *standardise {
                     standardise_on_support(&mut s, &mut q, width);
                 } else {
@@ -176,6 +234,15 @@ impl EncodedDataset {
             }
         }
     }
+}
+
+/// Features per row of a table (0 when it is empty).
+fn row_width(dataset: &Dataset<Vec<f32>>) -> usize {
+    dataset
+        .classes()
+        .iter()
+        .find_map(|c| c.examples.first())
+        .map_or(0, Vec::len)
 }
 
 fn gather(dataset: &Dataset<Vec<f32>>, picks: &[(usize, usize)]) -> Vec<f32> {
@@ -302,6 +369,36 @@ impl DatasetEpisodes {
 impl EpisodeSource for DatasetEpisodes {
     fn episode(&self, index: u64) -> Result<Episode> {
         self.episode_of(&self.sampler.episode(self.seed, index))
+    }
+
+    /// `size` examples drawn uniformly (with replacement) from every example of the
+    /// eligible classes, labelled by their position among those classes.
+    fn pretraining_batch(&self, index: u64, size: usize) -> Result<Option<PretrainBatch>> {
+        use rand::Rng;
+        let classes = self.sampler.eligible();
+        let sizes = self.data.class_sizes();
+        let total: usize = classes.iter().map(|&c| sizes[c]).sum();
+        if total == 0 {
+            return Ok(None);
+        }
+        let mut rng = super::episode_rng(self.seed ^ 0x7072_6574_7261_696e, index);
+        let mut picks = Vec::with_capacity(size);
+        let mut labels = Vec::with_capacity(size);
+        for _ in 0..size {
+            let mut at = rng.random_range(0..total);
+            for (label, &c) in classes.iter().enumerate() {
+                if at < sizes[c] {
+                    picks.push((c, at));
+                    labels.push(label as u32);
+                    break;
+                }
+                at -= sizes[c];
+            }
+        }
+        Ok(Some(PretrainBatch {
+            batch: self.data.batch_of(&picks, labels, &self.device)?,
+            classes: classes.len(),
+        }))
     }
 
     fn class_names(&self) -> Option<Vec<String>> {

@@ -67,7 +67,9 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
 
-use super::{episode_rng, Batch, Class, Dataset, EncodedDataset, Episode, EpisodeSource};
+use super::{
+    episode_rng, Batch, Class, Dataset, EncodedDataset, Episode, EpisodeSource, PretrainBatch,
+};
 use crate::{Error, Result};
 
 /// Synthetic text-classification tasks (see the module documentation).
@@ -422,6 +424,12 @@ impl SyntheticDomains {
 }
 
 impl EpisodeSource for SyntheticDomains {
+    /// Whole tasks' texts: the classes are the same in every task.
+    fn pretraining_batch(&self, index: u64, size: usize) -> Result<Option<PretrainBatch>> {
+        let per_task = self.n_way * (self.k_shot + self.n_query);
+        whole_tasks(self, index, size, per_task, self.n_way).map(Some)
+    }
+
     fn episode(&self, index: u64) -> Result<Episode> {
         self.check()?;
         let (universal, background) = self.world();
@@ -480,6 +488,34 @@ impl EpisodeSource for SyntheticDomains {
     }
 }
 
+/// Pre-training batch `index` of a family whose tasks all have the same classes: whole
+/// tasks (support and query) until the batch holds at least `size` examples, batch `i`
+/// taking the next tasks after batch `i − 1`'s.
+fn whole_tasks(
+    source: &dyn EpisodeSource,
+    index: u64,
+    size: usize,
+    per_task: usize,
+    classes: usize,
+) -> Result<PretrainBatch> {
+    let tasks = size.div_ceil(per_task.max(1)).max(1) as u64;
+    let first = index.checked_mul(tasks).ok_or_else(|| {
+        Error::InvalidArgument(format!(
+            "pre-training batch {index} overflows the task index"
+        ))
+    })?;
+    let mut parts = Vec::with_capacity(2 * tasks as usize);
+    for i in 0..tasks {
+        let task = source.episode(first.saturating_add(i))?;
+        parts.push(task.support);
+        parts.push(task.query);
+    }
+    Ok(PretrainBatch {
+        batch: Batch::concat(&parts)?,
+        classes,
+    })
+}
+
 /// Sinusoid regression tasks (see the module documentation).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SinusoidTasks {
@@ -512,6 +548,12 @@ fn draw_sinusoid(rng: &mut ChaCha8Rng) -> (f64, f64) {
 }
 
 impl EpisodeSource for SinusoidTasks {
+    /// Whole tasks' points: pre-training regresses on points of many tasks (the
+    /// "pretrained" baseline of Finn et al., 2017).
+    fn pretraining_batch(&self, index: u64, size: usize) -> Result<Option<PretrainBatch>> {
+        whole_tasks(self, index, size, self.k_shot + self.n_query, 1).map(Some)
+    }
+
     fn episode(&self, index: u64) -> Result<Episode> {
         if self.k_shot == 0 || self.n_query == 0 {
             return Err(Error::InvalidArgument(

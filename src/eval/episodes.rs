@@ -149,7 +149,9 @@ pub fn evaluate_episodes(
             }
         };
         let adapt_seconds = started.elapsed().as_secs_f64();
-        let outputs = model.logits(&adapted, &task.query, Mode::Eval)?.detach();
+        let outputs = adapter
+            .predict(model, &adapted, &task.query, Mode::Eval)?
+            .detach();
         let loss = crate::meta::loss_value(&outputs, &task.query)
             .map_err(|e| Error::InvalidArgument(format!("test episode {index}: {e}")))?;
         let (accuracy, f1) = if regression {

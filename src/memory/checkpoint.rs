@@ -557,10 +557,12 @@ impl<'a> Checkpointer<'a> {
         mode: Mode,
         loss: Loss<'_>,
     ) -> Result<Gradient> {
-        let context = self.stack.stack_context(batch)?;
+        let leaves = theta.to_leaves()?;
+        // From the leaves: under full fine-tuning T5's position bias is trained, and
+        // each segment's backward pass reaches it through the context.
+        let context = self.stack.stack_context(batch, &leaves)?;
         let last = self.segments.len() - 1;
         let outputs = self.forward(last, theta, batch, &context, mode)?;
-        let leaves = theta.to_leaves()?;
         let mut total = Accumulator::new(&leaves);
         let input = match outputs.last() {
             Some(h) => Some(leaf(h)?),
@@ -666,8 +668,8 @@ impl<'a> Checkpointer<'a> {
         for v in vs {
             theta.check_compatible(v)?;
         }
-        let context = self.stack.stack_context(batch)?;
         let leaves = theta.to_leaves()?;
+        let context = self.stack.stack_context(batch, &leaves)?;
         let mut gradient = Accumulator::new(&leaves);
         let mut products = Vec::with_capacity(vs.len());
         for (index, group) in vs.chunks(TANGENT_GROUP).enumerate() {
@@ -710,8 +712,8 @@ impl<'a> Checkpointer<'a> {
                 )));
             }
         }
-        let context = self.stack.stack_context(batch)?;
         let leaves = theta.to_leaves()?;
+        let context = self.stack.stack_context(batch, &leaves)?;
         let count = self.segments.len();
         // One forward, a segment graph at a time: the outputs every sweep starts
         // from, and the first segment whose graph reads each tensor.
@@ -883,8 +885,8 @@ impl<'a> Checkpointer<'a> {
         curvature: OutputCurvature<'_>,
     ) -> Result<ParamSet> {
         theta.check_compatible(v)?;
-        let context = self.stack.stack_context(batch)?;
         let leaves = theta.to_leaves()?;
+        let context = self.stack.stack_context(batch, &leaves)?;
         let probe = Probe::whole(v);
         let TangentSweep { outputs, tangents } = self.tangent_sweep(
             &leaves,

@@ -10,8 +10,9 @@
 //! | [`Reptile`] | θ₀ − θ_K | constant |
 //! | [`Melora`] | the MAML recursion with an approximate Hessian | constant |
 //!
-//! The baselines [`Finetune`] and [`LoraFinetune`] only adapt (they implement
-//! [`Adapter`], not [`MetaLearner`]): there is nothing to meta-train.
+//! The baselines ([`NoAdaptation`], [`Prototype`], [`LoraFinetune`], [`FullFinetune`],
+//! [`Finetune`] and [`HeadFinetune`]) only adapt (they implement [`Adapter`], not
+//! [`MetaLearner`]): there is nothing to meta-train.
 
 mod baseline;
 mod curvature;
@@ -27,16 +28,23 @@ mod fixture_tests;
 #[cfg(test)]
 pub(crate) mod test_models;
 
-pub use baseline::{Finetune, LoraFinetune};
+pub use baseline::{
+    Finetune, FullFinetune, HeadFinetune, LoraFinetune, NoAdaptation, Prototype, PROTOTYPE_MEANS,
+};
 pub use curvature::{
     block_diagonal_product, exact_hessian_diagonal, gauss_newton_product, hutchinson_diagonal,
 };
 pub use fomaml::Fomaml;
+pub(crate) use inner::gradient as loss_gradient;
 pub use inner::{hessian_vector_product, InnerLoop};
 pub(crate) use loss::loss_value;
+#[cfg(test)]
+pub(crate) use loss::task_loss;
 pub use maml::{Maml, MamlMode, MetaSgd, STEP_SIZE_PREFIX};
 pub use melora::{HessianApproximation, Melora};
 pub use reptile::Reptile;
+
+use candle_core::Tensor;
 
 use crate::data::{Batch, Episode};
 use crate::models::FewShotModel;
@@ -69,6 +77,18 @@ pub trait Adapter {
         support: &Batch,
         mode: Mode,
     ) -> Result<ParamSet>;
+
+    /// Logits `[b, classes]` (or regression outputs) of `batch` at the `adapted`
+    /// parameters: the model's own by default; a metric learner scores by distance.
+    fn predict(
+        &self,
+        model: &dyn FewShotModel,
+        adapted: &ParamSet,
+        batch: &Batch,
+        mode: Mode,
+    ) -> Result<Tensor> {
+        model.logits(adapted, batch, mode)
+    }
 }
 
 /// A meta-learning algorithm; memory is measured by the caller around the call.

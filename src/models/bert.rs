@@ -7,7 +7,7 @@ use candle_core::Tensor;
 use serde::Deserialize;
 
 use super::attention::{multi_head_attention, padding_keep};
-use super::layers::{load_linear, FeedForward, FrozenTable, LayerNorm};
+use super::layers::{load_linear, FeedForward, Frozen, FrozenTable, LayerNorm};
 use super::{
     attach_lora, layer_at, Activation, ClassificationHead, ClassifierParts, LoraSettings, Pooling,
     StackContext, TransformerClassifier, Weights,
@@ -99,8 +99,8 @@ pub struct Bert {
     config: BertConfig,
     activation: Activation,
     word_embeddings: FrozenTable,
-    position_embeddings: Tensor,
-    token_type_embeddings: Tensor,
+    position_embeddings: Frozen,
+    token_type_embeddings: Frozen,
     embedding_norm: LayerNorm,
     layers: Vec<BertLayer>,
     head: ClassificationHead,
@@ -152,11 +152,13 @@ impl Bert {
                 "embeddings.word_embeddings.weight",
                 &[config.vocab_size, h],
             )?,
-            position_embeddings: weights.get(
+            position_embeddings: Frozen::load(
+                &weights,
                 "embeddings.position_embeddings.weight",
                 &[config.max_position_embeddings, h],
             )?,
-            token_type_embeddings: weights.get(
+            token_type_embeddings: Frozen::load(
+                &weights,
                 "embeddings.token_type_embeddings.weight",
                 &[config.type_vocab_size, h],
             )?,
@@ -217,14 +219,14 @@ impl Bert {
 }
 
 impl TransformerClassifier for Bert {
-    fn stack_context(&self, batch: &Batch) -> Result<StackContext> {
+    fn stack_context(&self, batch: &Batch, _params: &ParamSet) -> Result<StackContext> {
         Ok(StackContext {
             keep: padding_keep(&batch.tokens()?.attention_mask)?,
             bias: None,
         })
     }
 
-    fn embed(&self, _params: &ParamSet, batch: &Batch, _mode: Mode) -> Result<Tensor> {
+    fn embed(&self, params: &ParamSet, batch: &Batch, _mode: Mode) -> Result<Tensor> {
         let tokens = batch.tokens()?;
         let (_, t) = tokens.input_ids.dims2()?;
         if t > self.config.max_position_embeddings {
@@ -233,14 +235,16 @@ impl TransformerClassifier for Bert {
                 self.config.max_position_embeddings
             )));
         }
-        let words = self.word_embeddings.lookup(&tokens.input_ids)?;
-        let positions = self.position_embeddings.narrow(0, 0, t)?;
+        let words = self.word_embeddings.lookup(&tokens.input_ids, params)?;
+        let positions = self.position_embeddings.get(params)?.narrow(0, 0, t)?;
+        let type_table = self.token_type_embeddings.get(params)?;
         let types = match &tokens.token_type_ids {
-            Some(tt) => ops::embedding(tt, &self.token_type_embeddings)?,
-            None => self.token_type_embeddings.narrow(0, 0, 1)?.unsqueeze(0)?,
+            Some(tt) => ops::embedding(tt, &type_table)?,
+            None => type_table.narrow(0, 0, 1)?.unsqueeze(0)?,
         };
         let x = words.broadcast_add(&positions)?.broadcast_add(&types)?;
-        self.embedding_norm.forward(&x, self.config.layer_norm_eps)
+        self.embedding_norm
+            .forward(&x, self.config.layer_norm_eps, params)
     }
 
     fn num_layers(&self) -> usize {
@@ -273,7 +277,9 @@ impl TransformerClassifier for Bert {
             self.recompute,
         )?;
         let attended = layer.attention_output.forward(&attention, params, mode)?;
-        let x = layer.attention_norm.forward(&(attended + x)?, eps)?;
+        let x = layer
+            .attention_norm
+            .forward(&(attended + x)?, eps, params)?;
         let out = FeedForward {
             input: &layer.intermediate,
             gate: None,
@@ -281,7 +287,7 @@ impl TransformerClassifier for Bert {
             activation: self.activation,
         }
         .forward(&x, params, mode, self.recompute)?;
-        layer.output_norm.forward(&(out + &x)?, eps)
+        layer.output_norm.forward(&(out + &x)?, eps, params)
     }
 
     fn set_recompute(&mut self, on: bool) {
@@ -290,6 +296,23 @@ impl TransformerClassifier for Bert {
 
     fn lora_linears(&self) -> Vec<&LoraLinear> {
         self.linears()
+    }
+
+    fn base_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = vec![
+            self.word_embeddings.base()?,
+            self.position_embeddings.base(),
+            self.token_type_embeddings.base(),
+        ];
+        out.extend(self.embedding_norm.base());
+        for layer in &self.layers {
+            out.extend(layer.attention_norm.base());
+            out.extend(layer.output_norm.base());
+        }
+        for linear in self.linears() {
+            out.extend(linear.base_tensors()?);
+        }
+        Ok(out)
     }
 
     fn parts(&self) -> ClassifierParts<'_> {

@@ -7,7 +7,7 @@ use candle_core::Tensor;
 use serde::Deserialize;
 
 use super::attention::{multi_head_attention, padding_keep};
-use super::layers::{load_linear, FeedForward, FrozenTable, LayerNorm};
+use super::layers::{load_linear, FeedForward, Frozen, FrozenTable, LayerNorm};
 use super::{
     attach_lora, layer_at, Activation, ClassificationHead, ClassifierParts, LoraSettings, Pooling,
     StackContext, TransformerClassifier, Weights,
@@ -87,7 +87,7 @@ pub struct DistilBert {
     config: DistilBertConfig,
     activation: Activation,
     word_embeddings: FrozenTable,
-    position_embeddings: Tensor,
+    position_embeddings: Frozen,
     embedding_norm: LayerNorm,
     layers: Vec<DistilBertLayer>,
     head: ClassificationHead,
@@ -131,7 +131,8 @@ impl DistilBert {
                 "embeddings.word_embeddings.weight",
                 &[config.vocab_size, h],
             )?,
-            position_embeddings: weights.get(
+            position_embeddings: Frozen::load(
+                &weights,
                 "embeddings.position_embeddings.weight",
                 &[config.max_position_embeddings, h],
             )?,
@@ -188,14 +189,14 @@ impl DistilBert {
 }
 
 impl TransformerClassifier for DistilBert {
-    fn stack_context(&self, batch: &Batch) -> Result<StackContext> {
+    fn stack_context(&self, batch: &Batch, _params: &ParamSet) -> Result<StackContext> {
         Ok(StackContext {
             keep: padding_keep(&batch.tokens()?.attention_mask)?,
             bias: None,
         })
     }
 
-    fn embed(&self, _params: &ParamSet, batch: &Batch, _mode: Mode) -> Result<Tensor> {
+    fn embed(&self, params: &ParamSet, batch: &Batch, _mode: Mode) -> Result<Tensor> {
         let tokens = batch.tokens()?;
         let (_, t) = tokens.input_ids.dims2()?;
         if t > self.config.max_position_embeddings {
@@ -204,10 +205,10 @@ impl TransformerClassifier for DistilBert {
                 self.config.max_position_embeddings
             )));
         }
-        let words = self.word_embeddings.lookup(&tokens.input_ids)?;
-        let positions = self.position_embeddings.narrow(0, 0, t)?;
+        let words = self.word_embeddings.lookup(&tokens.input_ids, params)?;
+        let positions = self.position_embeddings.get(params)?.narrow(0, 0, t)?;
         self.embedding_norm
-            .forward(&words.broadcast_add(&positions)?, LAYER_NORM_EPS)
+            .forward(&words.broadcast_add(&positions)?, LAYER_NORM_EPS, params)
     }
 
     fn num_layers(&self) -> usize {
@@ -242,7 +243,7 @@ impl TransformerClassifier for DistilBert {
         let attended = layer.out_lin.forward(&attention, params, mode)?;
         let x = layer
             .sa_layer_norm
-            .forward(&(attended + x)?, LAYER_NORM_EPS)?;
+            .forward(&(attended + x)?, LAYER_NORM_EPS, params)?;
         let out = FeedForward {
             input: &layer.lin1,
             gate: None,
@@ -252,7 +253,7 @@ impl TransformerClassifier for DistilBert {
         .forward(&x, params, mode, self.recompute)?;
         layer
             .output_layer_norm
-            .forward(&(out + &x)?, LAYER_NORM_EPS)
+            .forward(&(out + &x)?, LAYER_NORM_EPS, params)
     }
 
     fn set_recompute(&mut self, on: bool) {
@@ -261,6 +262,22 @@ impl TransformerClassifier for DistilBert {
 
     fn lora_linears(&self) -> Vec<&LoraLinear> {
         self.linears()
+    }
+
+    fn base_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = vec![
+            self.word_embeddings.base()?,
+            self.position_embeddings.base(),
+        ];
+        out.extend(self.embedding_norm.base());
+        for layer in &self.layers {
+            out.extend(layer.sa_layer_norm.base());
+            out.extend(layer.output_layer_norm.base());
+        }
+        for linear in self.linears() {
+            out.extend(linear.base_tensors()?);
+        }
+        Ok(out)
     }
 
     fn parts(&self) -> ClassifierParts<'_> {

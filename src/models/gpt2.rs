@@ -8,7 +8,7 @@ use candle_core::Tensor;
 use serde::Deserialize;
 
 use super::attention::{causal_keep, multi_head_attention};
-use super::layers::{load_conv1d, FeedForward, FrozenTable, LayerNorm};
+use super::layers::{load_conv1d, FeedForward, Frozen, FrozenTable, LayerNorm};
 use super::{
     attach_lora, layer_at, Activation, ClassificationHead, ClassifierParts, LoraSettings, Pooling,
     StackContext, TransformerClassifier, Weights,
@@ -94,7 +94,7 @@ pub struct Gpt2 {
     config: Gpt2Config,
     activation: Activation,
     wte: FrozenTable,
-    wpe: Tensor,
+    wpe: Frozen,
     blocks: Vec<Gpt2Block>,
     ln_f: LayerNorm,
     head: ClassificationHead,
@@ -131,7 +131,7 @@ impl Gpt2 {
         }
         let mut model = Self {
             wte: FrozenTable::load(&weights, "wte.weight", &[config.vocab_size, e])?,
-            wpe: weights.get("wpe.weight", &[config.n_positions, e])?,
+            wpe: Frozen::load(&weights, "wpe.weight", &[config.n_positions, e])?,
             ln_f: LayerNorm::load(&weights, "ln_f", e)?,
             blocks,
             head: ClassificationHead::new(e, classes),
@@ -171,7 +171,7 @@ impl Gpt2 {
 }
 
 impl TransformerClassifier for Gpt2 {
-    fn stack_context(&self, batch: &Batch) -> Result<StackContext> {
+    fn stack_context(&self, batch: &Batch, _params: &ParamSet) -> Result<StackContext> {
         let mask = &batch.tokens()?.attention_mask;
         Ok(StackContext {
             keep: causal_keep(mask, mask.device())?,
@@ -179,7 +179,7 @@ impl TransformerClassifier for Gpt2 {
         })
     }
 
-    fn embed(&self, _params: &ParamSet, batch: &Batch, _mode: Mode) -> Result<Tensor> {
+    fn embed(&self, params: &ParamSet, batch: &Batch, _mode: Mode) -> Result<Tensor> {
         let tokens = batch.tokens()?;
         let (_, t) = tokens.input_ids.dims2()?;
         if t > self.config.n_positions {
@@ -190,8 +190,8 @@ impl TransformerClassifier for Gpt2 {
         }
         Ok(self
             .wte
-            .lookup(&tokens.input_ids)?
-            .broadcast_add(&self.wpe.narrow(0, 0, t)?)?)
+            .lookup(&tokens.input_ids, params)?
+            .broadcast_add(&self.wpe.get(params)?.narrow(0, 0, t)?)?)
     }
 
     fn num_layers(&self) -> usize {
@@ -215,7 +215,7 @@ impl TransformerClassifier for Gpt2 {
         let scale = 1.0 / ((e / heads) as f64).sqrt();
         let qkv = block
             .c_attn
-            .forward(&block.ln_1.forward(x, eps)?, params, mode)?;
+            .forward(&block.ln_1.forward(x, eps, params)?, params, mode)?;
         let (q, k, v) = (
             qkv.narrow(2, 0, e)?,
             qkv.narrow(2, e, e)?,
@@ -238,12 +238,17 @@ impl TransformerClassifier for Gpt2 {
             output: &block.mlp_proj,
             activation: self.activation,
         }
-        .forward(&block.ln_2.forward(&x, eps)?, params, mode, self.recompute)?;
+        .forward(
+            &block.ln_2.forward(&x, eps, params)?,
+            params,
+            mode,
+            self.recompute,
+        )?;
         Ok((&x + out)?)
     }
 
-    fn finish(&self, h: &Tensor) -> Result<Tensor> {
-        self.ln_f.forward(h, self.config.layer_norm_epsilon)
+    fn finish(&self, h: &Tensor, params: &ParamSet) -> Result<Tensor> {
+        self.ln_f.forward(h, self.config.layer_norm_epsilon, params)
     }
 
     fn set_recompute(&mut self, on: bool) {
@@ -252,6 +257,19 @@ impl TransformerClassifier for Gpt2 {
 
     fn lora_linears(&self) -> Vec<&LoraLinear> {
         self.linears()
+    }
+
+    fn base_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = vec![self.wte.base()?, self.wpe.base()];
+        out.extend(self.ln_f.base());
+        for block in &self.blocks {
+            out.extend(block.ln_1.base());
+            out.extend(block.ln_2.base());
+        }
+        for linear in self.linears() {
+            out.extend(linear.base_tensors()?);
+        }
+        Ok(out)
     }
 
     fn parts(&self) -> ClassifierParts<'_> {

@@ -12,12 +12,51 @@ use crate::tensor::ops::{self, Int8Matrix, Stored};
 use crate::tensor::ParamSet;
 use crate::Result;
 
+/// A frozen tensor of the base model under its Hugging Face name. Full fine-tuning
+/// ([`crate::models::FewShotModel::full_params`]) trains it by putting a tensor of that
+/// name in the ParamSet, which is then read instead of the frozen copy.
+#[derive(Debug, Clone)]
+pub(crate) struct Frozen {
+    name: String,
+    tensor: Tensor,
+}
+
+impl Frozen {
+    /// The tensor `name` of `weights`, which must have `shape`.
+    pub(crate) fn load(weights: &Weights, name: &str, shape: &[usize]) -> Result<Self> {
+        Ok(Self::new(name, weights.get(name, shape)?))
+    }
+
+    /// `tensor` under `name`.
+    pub(crate) fn new(name: impl Into<String>, tensor: Tensor) -> Self {
+        Self {
+            name: name.into(),
+            tensor,
+        }
+    }
+
+    /// The tensor the forward pass reads: the ParamSet's trained copy (in the frozen
+    /// dtype, through a differentiable cast), else the frozen one.
+    pub(crate) fn get(&self, params: &ParamSet) -> Result<Tensor> {
+        Ok(match params.get(&self.name) {
+            Some(trained) => trained.to_dtype(self.tensor.dtype())?,
+            None => self.tensor.clone(),
+        })
+    }
+
+    /// The name and frozen value, for full fine-tuning's ParamSet.
+    pub(crate) fn base(&self) -> (String, Tensor) {
+        (self.name.clone(), self.tensor.clone())
+    }
+}
+
 /// A frozen token-embedding table: dense, or int8 with one scale per row (token),
 /// whose looked-up rows are dequantized into the activations' dtype.
 #[derive(Debug, Clone)]
 pub(crate) enum FrozenTable {
-    Dense(Tensor),
+    Dense(Frozen),
     Int8 {
+        name: String,
         table: Arc<Int8Matrix>,
         dtype: DType,
     },
@@ -26,27 +65,45 @@ pub(crate) enum FrozenTable {
 impl FrozenTable {
     /// The table `name` `[vocab, dim]`, stored as the weights' quantization says.
     pub(crate) fn load(weights: &Weights, name: &str, shape: &[usize]) -> Result<Self> {
-        Self::new(weights, weights.get(name, shape)?)
+        Self::new(weights, name, weights.get(name, shape)?)
     }
 
-    /// `table` stored as `weights`' quantization says.
-    pub(crate) fn new(weights: &Weights, table: Tensor) -> Result<Self> {
+    /// `table` (named `name`) stored as `weights`' quantization says.
+    pub(crate) fn new(weights: &Weights, name: &str, table: Tensor) -> Result<Self> {
         Ok(match weights.quantization() {
-            Quantization::None => FrozenTable::Dense(table),
+            Quantization::None => FrozenTable::Dense(Frozen::new(name, table)),
             Quantization::Int8 => FrozenTable::Int8 {
+                name: name.to_owned(),
                 table: Arc::new(Int8Matrix::quantize(&table, Stored::OutIn)?),
                 dtype: weights.dtype(),
             },
         })
     }
 
-    /// Rows at `ids` (any shape): `ids.shape() + [dim]`.
-    pub(crate) fn lookup(&self, ids: &Tensor) -> Result<Tensor> {
+    /// Rows at `ids` (any shape): `ids.shape() + [dim]`, of the trained table when
+    /// `params` holds one.
+    pub(crate) fn lookup(&self, ids: &Tensor, params: &ParamSet) -> Result<Tensor> {
         Ok(match self {
-            FrozenTable::Dense(t) => ops::embedding(ids, t)?,
-            FrozenTable::Int8 { table, dtype } => ops::int8_embedding(ids, table, *dtype)?,
+            FrozenTable::Dense(t) => ops::embedding(ids, &t.get(params)?)?,
+            FrozenTable::Int8 { table, dtype, .. } => ops::int8_embedding(ids, table, *dtype)?,
         })
     }
+
+    /// The name and dense value; an int8 table cannot be fine-tuned.
+    pub(crate) fn base(&self) -> Result<(String, Tensor)> {
+        match self {
+            FrozenTable::Dense(t) => Ok(t.base()),
+            FrozenTable::Int8 { name, .. } => Err(int8_not_trainable(name)),
+        }
+    }
+}
+
+/// Full fine-tuning trains the base weights, which int8 storage keeps frozen.
+pub(crate) fn int8_not_trainable(name: &str) -> crate::Error {
+    crate::Error::InvalidArgument(format!(
+        "full fine-tuning trains every base weight, but `{name}` is stored in int8; use \
+         model.quantization: none with the finetune baseline (or lora-finetune)"
+    ))
 }
 
 /// A frozen linear layer stored as `weights` asks (int8 or dense), with its adapter
@@ -58,20 +115,31 @@ fn stored(weights: &Weights, linear: LoraLinear) -> Result<LoraLinear> {
 /// A layer norm's frozen scale and shift (`<prefix>.weight`, `<prefix>.bias`).
 #[derive(Debug, Clone)]
 pub(crate) struct LayerNorm {
-    gamma: Tensor,
-    beta: Tensor,
+    gamma: Frozen,
+    beta: Frozen,
 }
 
 impl LayerNorm {
     pub(crate) fn load(weights: &Weights, prefix: &str, width: usize) -> Result<Self> {
         Ok(Self {
-            gamma: weights.get(&format!("{prefix}.weight"), &[width])?,
-            beta: weights.get(&format!("{prefix}.bias"), &[width])?,
+            gamma: Frozen::load(weights, &format!("{prefix}.weight"), &[width])?,
+            beta: Frozen::load(weights, &format!("{prefix}.bias"), &[width])?,
         })
     }
 
-    pub(crate) fn forward(&self, x: &Tensor, eps: f64) -> Result<Tensor> {
-        Ok(layer_norm(x, &self.gamma, &self.beta, eps)?)
+    /// The norm of `x`, with the trained scale and shift when `params` holds them.
+    pub(crate) fn forward(&self, x: &Tensor, eps: f64, params: &ParamSet) -> Result<Tensor> {
+        Ok(layer_norm(
+            x,
+            &self.gamma.get(params)?,
+            &self.beta.get(params)?,
+            eps,
+        )?)
+    }
+
+    /// The scale and shift with their names.
+    pub(crate) fn base(&self) -> [(String, Tensor); 2] {
+        [self.gamma.base(), self.beta.base()]
     }
 }
 
@@ -189,7 +257,7 @@ impl FeedForward<'_> {
         let frozen = [Some(self.input), self.gate, Some(self.output)]
             .into_iter()
             .flatten()
-            .all(|l| l.lora().is_none());
+            .all(|l| l.lora().is_none() && !l.is_trained(params));
         if recompute && frozen {
             // One copy of the block, shared by the forward and the backward.
             let block = Arc::new(FrozenFeedForward {

@@ -43,6 +43,14 @@ pub trait FewShotModel {
     /// Logits `[b, classes]` at the given trainable values; the frozen base is inside
     /// the model.
     fn logits(&self, params: &ParamSet, batch: &Batch, mode: Mode) -> Result<Tensor>;
+    /// The parameters of full fine-tuning: [`init_params`](Self::init_params) plus
+    /// every weight of the frozen base under its Hugging Face name, which the model
+    /// then reads from the ParamSet instead of its frozen copy (so that it is
+    /// trained). Models that train every parameter already return their
+    /// initialisation.
+    fn full_params(&self, seed: u64) -> Result<ParamSet> {
+        self.init_params(seed)
+    }
     /// PEFT's description of the model's LoRA adapter (`None` without LoRA), for
     /// saving adapters that other tools load.
     fn adapter_config(&self) -> Option<AdapterConfig> {
@@ -125,8 +133,9 @@ pub struct StackContext {
 /// (`crate::memory::checkpoint`) runs the same functions one segment graph at a
 /// time, so there is one copy of each family's layer code.
 pub trait TransformerClassifier {
-    /// The batch's constants for [`layer`](Self::layer).
-    fn stack_context(&self, batch: &Batch) -> Result<StackContext>;
+    /// The batch's constants for [`layer`](Self::layer) (T5's relative-position bias
+    /// is read from `params` when full fine-tuning trains it).
+    fn stack_context(&self, batch: &Batch, params: &ParamSet) -> Result<StackContext>;
     /// The embedding segment: hidden states `[b, t, width]` entering layer 0.
     fn embed(&self, params: &ParamSet, batch: &Batch, mode: Mode) -> Result<Tensor>;
     /// Number of layers.
@@ -140,20 +149,23 @@ pub trait TransformerClassifier {
         params: &ParamSet,
         mode: Mode,
     ) -> Result<Tensor>;
-    /// What follows the last layer (GPT-2's `ln_f`, T5's final norm); frozen, the
-    /// identity by default.
-    fn finish(&self, h: &Tensor) -> Result<Tensor> {
+    /// What follows the last layer (GPT-2's `ln_f`, T5's final norm; trained under
+    /// full fine-tuning), the identity by default.
+    fn finish(&self, h: &Tensor, _params: &ParamSet) -> Result<Tensor> {
         Ok(h.clone())
     }
     /// Final hidden states `[b, t, width]` at `params`: embedding, every layer, finish.
     fn encode(&self, params: &ParamSet, batch: &Batch, mode: Mode) -> Result<Tensor> {
-        let context = self.stack_context(batch)?;
+        let context = self.stack_context(batch, params)?;
         let mut h = self.embed(params, batch, mode)?;
         for index in 0..self.num_layers() {
             h = self.layer(index, &h, &context, params, mode)?;
         }
-        self.finish(&h)
+        self.finish(&h, params)
     }
+    /// Every frozen tensor of the base model (embeddings, norms, linear weights and
+    /// biases) under its Hugging Face name, dense: what full fine-tuning trains.
+    fn base_tensors(&self) -> Result<Vec<(String, Tensor)>>;
     /// Turns selective recomputation of the frozen blocks on or off
     /// ([`FewShotModel::set_selective_recompute`]).
     fn set_recompute(&mut self, on: bool);
@@ -194,7 +206,7 @@ pub(crate) fn tail_logits(
     params: &ParamSet,
     batch: &Batch,
 ) -> Result<Tensor> {
-    let features = pool(model, &model.finish(last)?, batch)?;
+    let features = pool(model, &model.finish(last, params)?, batch)?;
     model.parts().head.forward(&features, params)
 }
 
@@ -218,6 +230,17 @@ impl<T: TransformerClassifier> FewShotModel for T {
         self.parts()
             .head
             .forward(&self.features(params, batch, mode)?, params)
+    }
+
+    /// The initialisation (adapters at their zero update, zero head) and every base
+    /// weight, in the trainable dtype.
+    fn full_params(&self, seed: u64) -> Result<ParamSet> {
+        let mut params = self.init_params(seed)?;
+        let dtype = self.parts().weights.trainable_dtype();
+        for (name, tensor) in self.base_tensors()? {
+            params.insert(name, tensor.to_dtype(dtype)?.detach())?;
+        }
+        Ok(params)
     }
 
     fn adapter_config(&self) -> Option<AdapterConfig> {
@@ -384,5 +407,7 @@ pub(crate) fn init_transformer_params(
 
 #[cfg(test)]
 pub(crate) mod fixture_tests;
+#[cfg(test)]
+mod full_finetune_tests;
 #[cfg(test)]
 mod test_support;

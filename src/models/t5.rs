@@ -9,7 +9,7 @@ use candle_core::{Device, Tensor};
 use serde::Deserialize;
 
 use super::attention::{multi_head_attention, padding_keep};
-use super::layers::{load_linear_no_bias, FeedForward, FrozenTable};
+use super::layers::{load_linear_no_bias, FeedForward, Frozen, FrozenTable};
 use super::{
     attach_lora, layer_at, Activation, ClassificationHead, ClassifierParts, LoraSettings, Pooling,
     StackContext, TransformerClassifier, Weights,
@@ -152,13 +152,13 @@ struct T5Block {
     k: LoraLinear,
     v: LoraLinear,
     o: LoraLinear,
-    attention_norm: Tensor,
+    attention_norm: Frozen,
     /// `wi`, or `wi_0` (the activated branch) when gated.
     wi: LoraLinear,
     /// `wi_1`, the linear branch of a gated layer.
     wi_1: Option<LoraLinear>,
     wo: LoraLinear,
-    ffn_norm: Tensor,
+    ffn_norm: Frozen,
 }
 
 /// A T5 encoder with LoRA and a classification head on masked mean pooling.
@@ -168,9 +168,9 @@ pub struct T5Encoder {
     activation: Activation,
     embeddings: FrozenTable,
     /// `[num_buckets, num_heads]`, block 0's table, which every block uses.
-    relative_attention_bias: Tensor,
+    relative_attention_bias: Frozen,
     blocks: Vec<T5Block>,
-    final_norm: Tensor,
+    final_norm: Frozen,
     head: ClassificationHead,
     lora: Option<LoraSettings>,
     weights: Weights,
@@ -192,7 +192,7 @@ impl T5Encoder {
         config.validate()?;
         let (activation, gated) = config.feed_forward()?;
         let (d, inner, ff) = (config.d_model, config.num_heads * config.d_kv, config.d_ff);
-        let norm = |name: &str| weights.get(name, &[d]);
+        let norm = |name: &str| Frozen::load(&weights, name, &[d]);
         let mut blocks = Vec::with_capacity(config.num_layers);
         for l in 0..config.num_layers {
             let a = format!("encoder.block.{l}.layer.0");
@@ -229,14 +229,19 @@ impl T5Encoder {
         let vocab = [config.vocab_size, d];
         // `shared` is the canonical name; encoder-only exports may keep only the
         // encoder's tied copy. A missing table reports the canonical name.
-        let embeddings = weights.get("shared.weight", &vocab).or_else(|e| {
-            weights
-                .get("encoder.embed_tokens.weight", &vocab)
-                .map_err(|_| e)
-        })?;
+        let (table_name, embeddings) = match weights.get("shared.weight", &vocab) {
+            Ok(t) => ("shared.weight", t),
+            Err(e) => (
+                "encoder.embed_tokens.weight",
+                weights
+                    .get("encoder.embed_tokens.weight", &vocab)
+                    .map_err(|_| e)?,
+            ),
+        };
         let mut model = Self {
-            embeddings: FrozenTable::new(&weights, embeddings)?,
-            relative_attention_bias: weights.get(
+            embeddings: FrozenTable::new(&weights, table_name, embeddings)?,
+            relative_attention_bias: Frozen::load(
+                &weights,
                 "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
                 &[config.relative_attention_num_buckets, config.num_heads],
             )?,
@@ -281,7 +286,7 @@ impl T5Encoder {
     }
 
     /// The relative-position bias `[1, heads, t, t]` added to every block's scores.
-    fn position_bias(&self, t: usize, device: &Device) -> Result<Tensor> {
+    fn position_bias(&self, t: usize, device: &Device, params: &ParamSet) -> Result<Tensor> {
         let buckets: Vec<u32> = (0..t as i64)
             .flat_map(|query| {
                 (0..t as i64).map(move |key| {
@@ -295,7 +300,7 @@ impl T5Encoder {
             .collect();
         let buckets = Tensor::from_vec(buckets, (t, t), device)?;
         // index_select through ops::embedding keeps the lookup differentiable.
-        let bias = ops::embedding(&buckets, &self.relative_attention_bias)?;
+        let bias = ops::embedding(&buckets, &self.relative_attention_bias.get(params)?)?;
         Ok(bias.permute((2, 0, 1))?.unsqueeze(0)?.contiguous()?)
     }
 
@@ -307,18 +312,18 @@ impl T5Encoder {
 }
 
 impl TransformerClassifier for T5Encoder {
-    fn stack_context(&self, batch: &Batch) -> Result<StackContext> {
+    fn stack_context(&self, batch: &Batch, params: &ParamSet) -> Result<StackContext> {
         let mask = &batch.tokens()?.attention_mask;
         let (_, t) = mask.dims2()?;
         Ok(StackContext {
             keep: padding_keep(mask)?,
-            bias: Some(self.position_bias(t, mask.device())?),
+            bias: Some(self.position_bias(t, mask.device(), params)?),
         })
     }
 
-    fn embed(&self, _params: &ParamSet, batch: &Batch, _mode: Mode) -> Result<Tensor> {
+    fn embed(&self, params: &ParamSet, batch: &Batch, _mode: Mode) -> Result<Tensor> {
         // T5 does not scale its embeddings and has no absolute positions.
-        self.embeddings.lookup(&batch.tokens()?.input_ids)
+        self.embeddings.lookup(&batch.tokens()?.input_ids, params)
     }
 
     fn num_layers(&self) -> usize {
@@ -336,7 +341,7 @@ impl TransformerClassifier for T5Encoder {
         let block = layer_at(&self.blocks, index)?;
         let eps = self.config.layer_norm_epsilon;
         let heads = self.config.num_heads;
-        let x = rms_norm(h, &block.attention_norm, eps)?;
+        let x = rms_norm(h, &block.attention_norm.get(params)?, eps)?;
         let q = block.q.forward(&x, params, mode)?;
         let k = block.k.forward(&x, params, mode)?;
         let v = block.v.forward(&x, params, mode)?;
@@ -352,7 +357,7 @@ impl TransformerClassifier for T5Encoder {
             self.recompute,
         )?;
         let h = (h + block.o.forward(&attention, params, mode)?)?;
-        let x = rms_norm(&h, &block.ffn_norm, eps)?;
+        let x = rms_norm(&h, &block.ffn_norm.get(params)?, eps)?;
         let out = FeedForward {
             input: &block.wi,
             gate: block.wi_1.as_ref(),
@@ -363,10 +368,10 @@ impl TransformerClassifier for T5Encoder {
         Ok((&h + out)?)
     }
 
-    fn finish(&self, h: &Tensor) -> Result<Tensor> {
+    fn finish(&self, h: &Tensor, params: &ParamSet) -> Result<Tensor> {
         Ok(rms_norm(
             h,
-            &self.final_norm,
+            &self.final_norm.get(params)?,
             self.config.layer_norm_epsilon,
         )?)
     }
@@ -377,6 +382,22 @@ impl TransformerClassifier for T5Encoder {
 
     fn lora_linears(&self) -> Vec<&LoraLinear> {
         self.linears()
+    }
+
+    fn base_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = vec![
+            self.embeddings.base()?,
+            self.relative_attention_bias.base(),
+            self.final_norm.base(),
+        ];
+        for block in &self.blocks {
+            out.push(block.attention_norm.base());
+            out.push(block.ffn_norm.base());
+        }
+        for linear in self.linears() {
+            out.extend(linear.base_tensors()?);
+        }
+        Ok(out)
     }
 
     fn parts(&self) -> ClassifierParts<'_> {

@@ -229,6 +229,39 @@ impl LoraLinear {
         }
     }
 
+    /// The base weight's name in a full fine-tuning ParamSet, `<module path>.weight`
+    /// (its Hugging Face name), in the layer's own layout.
+    pub fn weight_name(&self) -> String {
+        format!("{}.weight", self.module_path)
+    }
+
+    /// The base bias's name in a full fine-tuning ParamSet, `<module path>.bias`.
+    pub fn bias_name(&self) -> String {
+        format!("{}.bias", self.module_path)
+    }
+
+    /// Whether `params` trains this layer's base weight (full fine-tuning).
+    pub(crate) fn is_trained(&self, params: &ParamSet) -> bool {
+        params.get(&self.weight_name()).is_some()
+    }
+
+    /// The base weight (and bias) with their names, for full fine-tuning; an int8
+    /// weight cannot be trained.
+    pub(crate) fn base_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        if let FrozenMatrix::Int8(_) = self.weight {
+            return Err(Error::InvalidArgument(format!(
+                "full fine-tuning trains every base weight, but `{}` is stored in int8; use \
+                 model.quantization: none with the finetune baseline (or lora-finetune)",
+                self.weight_name()
+            )));
+        }
+        let mut out = vec![(self.weight_name(), self.weight.to_dense()?)];
+        if let Some(b) = &self.bias {
+            out.push((self.bias_name(), b.clone()));
+        }
+        Ok(out)
+    }
+
     /// PEFT's name of `A`: `base_model.model.<module path>.lora_A.weight`.
     pub fn lora_a_name(&self) -> String {
         format!("{PEFT_PREFIX}{}.lora_A.weight", self.module_path)
@@ -306,8 +339,26 @@ impl LoraLinear {
     /// product): this is 18% leaner and 12% faster than running the branch in f32 on an
     /// f32 copy of `x`, at a LoRA-gradient error of 3.4e-3 against f32 (2.5e-3 for the
     /// f32 branch).
+    ///
+    /// With full fine-tuning, `params` holds the base weight (and bias) under
+    /// [`weight_name`](Self::weight_name): they are used, differentiably, in place of
+    /// the frozen ones.
     pub fn forward(&self, x: &Tensor, params: &ParamSet, mode: Mode) -> Result<Tensor> {
-        let base = self.frozen_forward(x)?;
+        let base = match params.get(&self.weight_name()) {
+            Some(weight) => {
+                let weight = weight.to_dtype(x.dtype())?;
+                let weight = match self.layout {
+                    WeightLayout::OutIn => weight,
+                    WeightLayout::InOut => weight.t()?,
+                };
+                let bias = match params.get(&self.bias_name()) {
+                    Some(b) => Some(b.to_dtype(x.dtype())?),
+                    None => self.bias.clone(),
+                };
+                ops::linear(x, &weight, bias.as_ref())?
+            }
+            None => self.frozen_forward(x)?,
+        };
         let Some(spec) = self.lora else {
             return Ok(base);
         };

@@ -64,6 +64,19 @@ impl ParamSet {
         Ok(())
     }
 
+    /// Replaces the tensor named `name` in place (keeping the order), or appends it if
+    /// absent.
+    pub fn set(&mut self, name: impl Into<String>, tensor: Tensor) {
+        let name = name.into();
+        match self.index.get(&name) {
+            Some(&i) => self.entries[i].1 = tensor,
+            None => {
+                self.index.insert(name.clone(), self.entries.len());
+                self.entries.push((name, tensor));
+            }
+        }
+    }
+
     /// The tensor named `name`, if present.
     pub fn get(&self, name: &str) -> Option<&Tensor> {
         self.index.get(name).map(|&i| &self.entries[i].1)

@@ -5,17 +5,19 @@ use candle_core::DType;
 
 use crate::config::{
     self, Config, HessianKind, InnerMode, LrSchedule, Method, OuterOptimizer, Precision,
+    PretrainTune,
 };
 use crate::data::{EncodeText, TextTokenizer, WordHashTokenizer};
 use crate::memory::Checkpointed;
 use crate::meta::{
-    Adapter, Finetune, Fomaml, HessianApproximation, InnerLoop, LoraFinetune, Maml, MamlMode,
-    Melora, MetaLearner, Reptile,
+    Adapter, Finetune, Fomaml, FullFinetune, HeadFinetune, HessianApproximation, InnerLoop,
+    LoraFinetune, Maml, MamlMode, Melora, MetaLearner, MetaSgd, NoAdaptation, Prototype, Reptile,
 };
 use crate::models::load::{builtin_with_inputs, from_directory, BuiltinInputs};
 use crate::models::{FewShotModel, LoraSettings, ModelPrecision, Quantization};
 use crate::nn::{LoraInit, LoraSpec};
 use crate::optim::{LossScaler, Optimizer, OptimizerKind, Schedule};
+use crate::tensor::ParamSet;
 use crate::{Error, Result};
 
 use super::OuterUpdate;
@@ -164,13 +166,17 @@ pub fn build_learner(config: &Config) -> Result<Box<dyn MetaLearner>> {
     let hessian = &config.memory_optimization.hessian_approximation;
     Ok(match config.meta_learning.method {
         Method::Maml => Box::new(Maml { inner, mode }),
+        Method::Metasgd => Box::new(MetaSgd { inner, mode }),
         Method::Fomaml => Box::new(Fomaml { inner }),
         Method::Reptile => Box::new(Reptile { inner }),
         Method::Melora => Box::new(Melora {
             inner,
             approximation: match hessian.kind {
                 HessianKind::None => HessianApproximation::None,
-                HessianKind::Diagonal => HessianApproximation::Diagonal { probes: hessian.probes, exact: false },
+                HessianKind::Diagonal => HessianApproximation::Diagonal {
+                    probes: hessian.probes,
+                    exact: false,
+                },
                 HessianKind::GaussNewton => HessianApproximation::GaussNewton,
                 HessianKind::BlockDiagonal => HessianApproximation::BlockDiagonal,
             },
@@ -178,30 +184,88 @@ pub fn build_learner(config: &Config) -> Result<Box<dyn MetaLearner>> {
             clamp: None,
             seed: config.seed,
         }),
-        method @ (Method::Finetune | Method::LoraFinetune) => {
+        method @ (Method::Finetune
+        | Method::LoraFinetune
+        | Method::NoAdaptation
+        | Method::Prototype
+        | Method::PretrainFinetune) => {
             return Err(Error::InvalidArgument(format!(
-                "`{method}` is a baseline without meta-training: evaluate it with `melora evaluate` \
+                "`{method}` is a baseline without meta-training: evaluate it with `melora \
+                 evaluate --method {method}` or compare it with `melora full` \
                  (meta_learning.method)"
             )))
         }
     })
 }
 
-/// What adapts to a test task: the learner's inner loop, or a baseline's fine-tuning
-/// (`evaluation.finetune_steps` AdamW steps at `evaluation.finetune_lr`).
+/// The parameters a run starts from: the model's initialisation, with MetaSGD's
+/// per-entry step sizes (all `meta_learning.inner.lr`) beside them for `metasgd`.
+pub fn initial_params(model: &dyn FewShotModel, config: &Config) -> Result<ParamSet> {
+    let params = model.init_params(config.seed)?;
+    match config.meta_learning.method {
+        Method::Metasgd => MetaSgd {
+            inner: inner_loop(config),
+            mode: MamlMode::Recompute,
+        }
+        .with_step_sizes(&params),
+        _ => Ok(params),
+    }
+}
+
+/// Whether every task of the configured source has the same classes, label for label
+/// (synthetic domains, sinusoids), so that a head trained across tasks (by
+/// pre-training) means something on a new one; data sets test new classes.
+pub(crate) fn tasks_share_classes(config: &Config) -> bool {
+    let synthetic =
+        config.data.synthetic_only || config.data.source == config::DataSource::Synthetic;
+    synthetic
+        && matches!(
+            config.data.synthetic_task,
+            config::SyntheticTask::Domains | config::SyntheticTask::Sinusoid
+        )
+}
+
+/// What adapts to a test task: the learner's inner loop, or a baseline's (fine-tuning:
+/// `evaluation.finetune_steps` AdamW steps at `evaluation.finetune_lr`).
+/// `pretrain-finetune` adapts the parameters its pre-training gave (see
+/// `train::pretrain`): a new head, or everything with `comparison.pretrain.tune: all`.
 pub fn build_adapter(config: &Config) -> Result<Box<dyn Adapter>> {
     let (steps, lr) = (
         config.evaluation.finetune_steps,
         config.evaluation.finetune_lr,
     );
     Ok(match config.meta_learning.method {
-        Method::Finetune => Box::new(Finetune { epochs: steps, lr }),
-        Method::LoraFinetune => Box::new(LoraFinetune {
-            epochs: steps,
+        Method::Finetune => Box::new(FullFinetune {
+            steps,
             lr,
             seed: config.seed,
         }),
+        Method::LoraFinetune => Box::new(LoraFinetune {
+            steps,
+            lr,
+            seed: config.seed,
+        }),
+        Method::NoAdaptation => Box::new(NoAdaptation),
+        Method::Prototype => Box::new(Prototype::default()),
+        Method::PretrainFinetune => match config.comparison.pretrain.tune {
+            PretrainTune::Head => Box::new(HeadFinetune {
+                steps,
+                lr,
+                reset_head: !tasks_share_classes(config),
+            }),
+            PretrainTune::All => Box::new(Finetune { steps, lr }),
+        },
         _ => Box::new(AdapterOf(build_learner(config)?)),
+    })
+}
+
+/// The fine-tuning baselines' optimiser (`evaluation.finetune_steps` AdamW steps at
+/// `evaluation.finetune_lr`) applied to whatever parameters it is given: the
+/// `meta-init-finetune` comparison of a meta-trained initialisation.
+pub fn build_finetune(config: &Config) -> Box<dyn Adapter> {
+    Box::new(Finetune {
+        steps: config.evaluation.finetune_steps,
+        lr: config.evaluation.finetune_lr,
     })
 }
 
@@ -211,10 +275,10 @@ impl Adapter for AdapterOf {
     fn adapt(
         &self,
         model: &dyn FewShotModel,
-        params: &crate::tensor::ParamSet,
+        params: &ParamSet,
         support: &crate::data::Batch,
         mode: crate::nn::Mode,
-    ) -> Result<crate::tensor::ParamSet> {
+    ) -> Result<ParamSet> {
         self.0.adapt(model, params, support, mode)
     }
 }
@@ -419,5 +483,51 @@ mod tests {
         .unwrap();
         assert!(evaluation.accuracy.is_some());
         assert!(crate::memory::planner::plan(&config).unwrap().peak_bytes > 0);
+    }
+
+    /// MetaSGD is a method of the configuration: it trains θ and its per-entry step
+    /// sizes (saved in the checkpoint, which evaluation reads back), and is planned.
+    #[test]
+    fn metasgd_trains_its_step_sizes_and_evaluates_its_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = config(
+            "seed: 2\nmodel:\n  name: tiny-bert\n  max_length: 8\nlora:\n  rank: 2\n\
+             meta_learning:\n  method: metasgd\n  meta_batch_size: 2\n  num_iterations: 3\n  \
+             inner:\n    lr: 0.5\ndata:\n  synthetic_task: domains\n  n_way: 3\n  k_shot: 2\n  \
+             n_query: 2\nevaluation:\n  episodes: 2\n  eval_every: 3\n  val_episodes: 1\n",
+        );
+        config.tracking.output_dir = dir.path().to_path_buf();
+        let summary = crate::train::train(&config, &crate::train::TrainOptions::default()).unwrap();
+        let steps: Vec<_> = summary
+            .params
+            .iter()
+            .filter(|(n, _)| n.starts_with(crate::meta::STEP_SIZE_PREFIX))
+            .collect();
+        assert_eq!(steps.len() * 2, summary.params.len());
+        let moved = steps.iter().any(|(_, t)| {
+            let gap = (*t - 0.5)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            gap > 0.0
+        });
+        assert!(moved, "no step size was trained");
+        let evaluation = crate::train::evaluate(
+            &config,
+            &crate::train::EvaluateOptions {
+                checkpoint: Some(summary.run_dir.join("last")),
+                ..Default::default()
+            },
+            &mut |_| {},
+        )
+        .unwrap();
+        assert_eq!(evaluation.episodes.len(), 2);
+        let plan = crate::memory::planner::plan(&config).unwrap();
+        assert_eq!(plan.variant, crate::config::Variant::Metasgd);
+        assert_eq!(plan.trainable_parameters as usize, summary.params.numel());
     }
 }

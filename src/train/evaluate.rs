@@ -5,13 +5,14 @@ use std::path::{Path, PathBuf};
 
 use candle_core::Device;
 
-use crate::config::Config;
+use crate::config::{Config, Method};
 use crate::data::{episode_source, Split};
 use crate::eval::{evaluate_episodes, Evaluation};
 use crate::memory::MemoryMeter;
+use crate::tensor::ParamSet;
 use crate::Result;
 
-use super::build::{build_adapter, build_model, build_text_encoder};
+use super::build::{build_adapter, build_finetune, build_model, build_text_encoder};
 use super::run::params_from;
 
 /// What to evaluate.
@@ -20,11 +21,21 @@ pub struct EvaluateOptions {
     /// Checkpoint folder of the parameters; `None` evaluates the initialisation
     /// (the only choice for the fine-tuning baselines).
     pub checkpoint: Option<PathBuf>,
+    /// Parameters to start every task from, instead of a checkpoint's or the
+    /// initialisation (e.g. pre-trained ones).
+    pub params: Option<ParamSet>,
+    /// Adapt with the fine-tuning baselines' optimiser (`evaluation.finetune_steps`
+    /// AdamW steps) instead of the method's own adaptation: the `meta-init-finetune`
+    /// comparison of a meta-trained checkpoint.
+    pub finetune_start: bool,
     /// Test episodes; `None` takes `evaluation.episodes`.
     pub episodes: Option<usize>,
     /// Seed of the test episodes; `None` takes the configuration's seed. Runs that are
     /// compared pass the same value, so they see the same tasks.
     pub episode_seed: Option<u64>,
+    /// The classes the episodes come from; `None` is the meta-test split (the
+    /// meta-validation split chooses learning rates).
+    pub split: Option<Split>,
 }
 
 /// Adapts and scores the configured model on the meta-test episodes; `progress(i)`
@@ -38,13 +49,24 @@ pub fn evaluate(
     crate::init();
     let meter = MemoryMeter::start();
     let model = build_model(config)?;
-    let adapter = build_adapter(config)?;
+    let adapter = if options.finetune_start {
+        build_finetune(config)
+    } else {
+        build_adapter(config)?
+    };
     let encoder = build_text_encoder(config)?;
-    let params = params_from(model.as_ref(), config, options.checkpoint.as_deref())?;
+    let params = match (&options.params, &options.checkpoint) {
+        (Some(params), _) => params.clone(),
+        // The baseline's own start: supervised pre-training on the meta-train classes.
+        (None, None) if config.meta_learning.method == Method::PretrainFinetune => {
+            super::pretrain(config, model.as_ref())?.params
+        }
+        (None, checkpoint) => params_from(model.as_ref(), config, checkpoint.as_deref())?,
+    };
     let source = episode_source(
         &config.data,
         options.episode_seed.unwrap_or(config.seed),
-        Split::Test,
+        options.split.unwrap_or(Split::Test),
         encoder.as_ref(),
         &Device::Cpu,
     )?;

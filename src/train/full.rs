@@ -19,8 +19,9 @@ use crate::memory::MemoryMeter;
 use crate::nn::Mode;
 use crate::{Error, Result};
 
-use super::build::{build_learner, build_model, build_text_encoder};
+use super::build::{build_learner, build_model, build_text_encoder, initial_params};
 use super::evaluate::{evaluate, save_evaluation, EvaluateOptions};
+use super::pretrain::pretrain;
 use super::run::{run_dir, train, TrainOptions};
 
 /// File name of a comparison's results inside the experiment folder.
@@ -48,6 +49,22 @@ pub struct RunRecord {
     /// for the baselines that do not meta-train).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub train_classes: Option<Vec<String>>,
+    /// The fine-tuning learning rate the test used (fine-tuning baselines only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finetune_lr: Option<f64>,
+    /// The learning rates tried on meta-validation tasks, with their scores.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lr_sweep: Vec<LrTrial>,
+}
+
+/// One learning rate of a fine-tuning baseline's sweep.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct LrTrial {
+    /// The learning rate.
+    pub lr: f64,
+    /// Mean validation score (accuracy, or minus the MSE) on
+    /// `evaluation.val_episodes` meta-validation tasks.
+    pub val_score: f64,
 }
 
 /// The class-disjoint split of a data set's classes that every run of an experiment
@@ -170,6 +187,19 @@ pub struct FullResults {
     pub memory_vs_k: Vec<MemoryPoint>,
     /// Whether the comparison stopped early on request.
     pub interrupted: bool,
+    /// Baselines of `comparison.baselines` that do not apply to the model or data,
+    /// with the reason.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub skipped: Vec<SkippedMethod>,
+}
+
+/// A method `melora full` did not run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SkippedMethod {
+    /// The method.
+    pub label: String,
+    /// Why it does not apply.
+    pub reason: String,
 }
 
 /// What the caller sees of a comparison's progress, and how each training is driven.
@@ -254,18 +284,44 @@ pub fn run_full(
         ablation: Vec::new(),
         memory_vs_k: Vec::new(),
         interrupted: false,
+        skipped: Vec::new(),
     };
     let mut index = 0;
     'methods: for variant in &variants {
+        if let Some(why) = crate::config::pairing::method_does_not_apply(&variant.apply(config)) {
+            observer.note(&format!("{variant} skipped: {why}"));
+            results.skipped.push(SkippedMethod {
+                label: variant.to_string(),
+                reason: why,
+            });
+            index += seeds;
+            continue;
+        }
         for s in 0..seeds {
             let mut run_config = variant.apply(config);
             run_config.seed = config.seed + s as u64;
-            run_config.tracking.run_name = None;
+            let label = variant.to_string();
+            // The meta-initialisation baseline adapts the main run's checkpoint of the
+            // same seed; it has its own folder for its evaluation.
+            let start = match variant {
+                Variant::MetaInitFinetune => {
+                    run_config.tracking.run_name = Some(format!("{label}-seed{}", run_config.seed));
+                    Some(main_checkpoint(
+                        &results,
+                        &main.to_string(),
+                        run_config.seed,
+                    )?)
+                }
+                _ => {
+                    run_config.tracking.run_name = None;
+                    None
+                }
+            };
             let run_config = fitted_to_budget(run_config, observer)?;
             index += 1;
-            let label = variant.to_string();
             observer.run_started(&label, run_config.seed, index, total);
-            let Some(record) = train_and_evaluate(&run_config, &label, config.seed, observer)?
+            let Some(record) =
+                train_and_evaluate(&run_config, *variant, &label, config.seed, start, observer)?
             else {
                 results.interrupted = true;
                 break 'methods;
@@ -293,7 +349,14 @@ pub fn run_full(
             let run_config = fitted_to_budget(run_config, observer)?;
             index += 1;
             observer.run_started(&label, run_config.seed, index, total);
-            let Some(record) = train_and_evaluate(&run_config, &label, config.seed, observer)?
+            let Some(record) = train_and_evaluate(
+                &run_config,
+                Variant::of(&run_config),
+                &label,
+                config.seed,
+                None,
+                observer,
+            )?
             else {
                 results.interrupted = true;
                 break;
@@ -358,71 +421,147 @@ fn ablation_grid(config: &Config) -> Vec<(usize, usize, Option<HessianKind>)> {
     grid
 }
 
-/// Trains (unless a fine-tuning baseline) and evaluates one configuration; `None`
-/// when the training was interrupted.
+/// The checkpoint of the main method's run with training seed `seed` (its best, else
+/// its last), which the `meta-init-finetune` baseline adapts.
+fn main_checkpoint(results: &FullResults, main: &str, seed: u64) -> Result<PathBuf> {
+    let run = results
+        .runs
+        .iter()
+        .find(|r| r.label == main && r.seed == seed)
+        .and_then(|r| r.run_dir.clone())
+        .ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "meta-init-finetune adapts the checkpoint of the configured method ({main}), \
+                 which has no run with seed {seed}; it needs a meta-learning \
+                 meta_learning.method"
+            ))
+        })?;
+    let best = run.join("best");
+    Ok(if best.exists() {
+        best
+    } else {
+        run.join("last")
+    })
+}
+
+/// Trains `variant` (meta-training, or a baseline's pre-training) as `config` says,
+/// chooses a fine-tuning baseline's learning rate by a sweep on meta-validation tasks,
+/// and evaluates it on the test episodes; `start` is the checkpoint a
+/// `meta-init-finetune` run adapts. `None` when the training was interrupted.
 fn train_and_evaluate(
     config: &Config,
+    variant: Variant,
     label: &str,
     episode_seed: u64,
+    start: Option<PathBuf>,
     observer: &mut dyn FullObserver,
 ) -> Result<Option<RunRecord>> {
-    let variant = Variant::of(config);
     let mut train_classes = None;
-    let (checkpoint, run, iterations, seconds, mut peak) = if variant.meta_trains() {
-        let options = observer.train_options(label, config.meta_learning.num_iterations);
-        let summary = train(config, &options)?;
+    let mut options = EvaluateOptions {
+        checkpoint: start,
+        finetune_start: variant == Variant::MetaInitFinetune,
+        episode_seed: Some(episode_seed),
+        ..Default::default()
+    };
+    let (mut run, mut iterations, mut seconds, mut peak) = (None, 0, None, None);
+    if variant.meta_trains() {
+        let train_options = observer.train_options(label, config.meta_learning.num_iterations);
+        let summary = train(config, &train_options)?;
         if summary.interrupted {
             return Ok(None);
         }
         train_classes = summary.train_classes.clone();
         let best = summary.run_dir.join("best");
-        let checkpoint = if best.exists() {
+        options.checkpoint = Some(if best.exists() {
             best
         } else {
             summary.run_dir.join("last")
-        };
-        (
-            Some(checkpoint),
-            Some(summary.run_dir),
-            summary.iterations,
-            summary.seconds_per_iteration,
-            summary.peak_bytes,
-        )
+        });
+        run = Some(summary.run_dir);
+        iterations = summary.iterations;
+        seconds = summary.seconds_per_iteration;
+        peak = summary.peak_bytes;
+    } else if variant == Variant::PretrainFinetune {
+        let model = build_model(config)?;
+        let outcome = pretrain(config, model.as_ref())?;
+        observer.note(&format!(
+            "pre-trained over {} classes: {} steps, final loss {:.4}",
+            outcome.classes, outcome.steps, outcome.final_loss
+        ));
+        options.params = Some(outcome.params);
+        iterations = outcome.steps;
+        seconds = outcome.seconds_per_step;
+        peak = outcome.peak_bytes;
+    }
+    let mut config = config.clone();
+    let sweep = &config.comparison.finetune_lr_sweep;
+    let mut lr_sweep = Vec::new();
+    let finetune_lr = if variant.fine_tunes() {
+        if !sweep.is_empty() {
+            for &lr in sweep {
+                let mut trial = config.clone();
+                trial.evaluation.finetune_lr = lr;
+                let score = evaluate(
+                    &trial,
+                    &EvaluateOptions {
+                        episodes: Some(config.evaluation.val_episodes),
+                        split: Some(Split::Val),
+                        ..options.clone()
+                    },
+                    &mut |_| {},
+                )?
+                .score();
+                lr_sweep.push(LrTrial {
+                    lr,
+                    val_score: score,
+                });
+            }
+            let best = lr_sweep
+                .iter()
+                .filter(|t| t.val_score.is_finite())
+                .max_by(|a, b| a.val_score.total_cmp(&b.val_score))
+                .map_or(config.evaluation.finetune_lr, |t| t.lr);
+            config.evaluation.finetune_lr = best;
+        }
+        Some(config.evaluation.finetune_lr)
     } else {
-        (None, None, 0, None, None)
+        None
     };
     let episodes = config.evaluation.episodes;
     let evaluation = evaluate(
-        config,
+        &config,
         &EvaluateOptions {
-            checkpoint,
             episodes: Some(episodes),
-            episode_seed: Some(episode_seed),
+            ..options
         },
         &mut |i| observer.evaluation_progress(i + 1, episodes),
     )?;
     if peak.is_none() {
         peak = evaluation.peak_bytes;
+    } else if let (Some(p), Some(e)) = (peak, evaluation.peak_bytes) {
+        // Pre-training's peak, or adapting to a test task's, whichever is higher.
+        if variant == Variant::PretrainFinetune {
+            peak = Some(p.max(e));
+        }
     }
-    let eval_dir = run.clone().unwrap_or_else(|| run_dir(config));
+    let eval_dir = run.clone().unwrap_or_else(|| run_dir(&config));
     save_evaluation(&evaluation, &eval_dir)?;
     Ok(Some(RunRecord {
         label: label.to_string(),
         seed: config.seed,
-        run_dir: run,
+        run_dir: run.take(),
         iterations,
         seconds_per_iteration: seconds,
         peak_bytes: peak,
         evaluation,
         train_classes,
+        finetune_lr,
+        lr_sweep,
     }))
 }
 
 /// The classes of each split of `config`'s data set (`None` for synthetic tasks).
 fn split_record(config: &Config) -> Result<Option<SplitRecord>> {
-    if config.data.synthetic_only || config.data.source == crate::config::DataSource::Synthetic {
-        return Ok(None);
-    }
     let encoder = build_text_encoder(config)?;
     let sources = episode_sources(
         &config.data,
@@ -431,12 +570,15 @@ fn split_record(config: &Config) -> Result<Option<SplitRecord>> {
         encoder.as_ref(),
         &Device::Cpu,
     )?;
-    let names = |i: usize| sources[i].class_names().unwrap_or_default();
-    Ok(Some(SplitRecord {
-        train: names(0),
-        val: names(1),
-        test: names(2),
-    }))
+    let names: Vec<Option<Vec<String>>> = sources.iter().map(|s| s.class_names()).collect();
+    Ok(match &names[..] {
+        [Some(train), Some(val), Some(test)] => Some(SplitRecord {
+            train: train.clone(),
+            val: val.clone(),
+            test: test.clone(),
+        }),
+        _ => None,
+    })
 }
 
 fn headline_interval(values: &[f64], confidence: f64) -> Result<IntervalRecord> {
@@ -533,7 +675,6 @@ fn memory_vs_k(config: &Config, variants: &[Variant]) -> Result<Vec<MemoryPoint>
         return Ok(Vec::new());
     }
     let model = build_model(config)?;
-    let params = model.init_params(config.seed)?;
     let encoder = build_text_encoder(config)?;
     let source = episode_source(
         &config.data,
@@ -549,6 +690,7 @@ fn memory_vs_k(config: &Config, variants: &[Variant]) -> Result<Vec<MemoryPoint>
             let mut c = variant.apply(config);
             c.meta_learning.inner.steps = k;
             let learner = build_learner(&c)?;
+            let params = initial_params(model.as_ref(), &c)?;
             let meter = MemoryMeter::start();
             learner.meta_gradient(
                 model.as_ref(),
@@ -597,6 +739,8 @@ pub fn load_results(dir: &Path) -> Result<FullResults> {
 
 #[cfg(test)]
 mod tests {
+    use std::str::FromStr;
+
     use super::*;
 
     struct Quiet;
@@ -676,5 +820,77 @@ mod tests {
         );
         let saved = load_results(&experiment_dir(&config)).unwrap();
         assert_eq!(saved.splits, Some(splits));
+    }
+
+    /// Every baseline runs beside the meta-learner: the fine-tuning ones with a
+    /// learning rate chosen on meta-validation tasks (the sweep recorded), and a
+    /// baseline that does not apply (pre-training on tasks of new classes) is skipped
+    /// with the reason.
+    #[test]
+    fn the_comparison_runs_every_baseline_with_a_chosen_learning_rate() {
+        let dir = tempfile::tempdir().unwrap();
+        let yaml = "seed: 4\nmodel:\n  name: tiny-bert\n  max_length: 8\nlora:\n  rank: 2\n\
+             meta_learning:\n  method: fomaml\n  meta_batch_size: 1\n  num_iterations: 2\n  \
+             inner:\n    lr: 0.5\n\
+             data:\n  synthetic_task: domains\n  n_way: 2\n  k_shot: 1\n  n_query: 1\n\
+             evaluation:\n  episodes: 3\n  eval_every: 2\n  val_episodes: 2\n  \
+             finetune_steps: 2\n\
+             comparison:\n  baselines: [maml, metasgd, no-adaptation, prototype, lora-finetune, \
+             finetune, pretrain-finetune, meta-init-finetune]\n  memory_inner_steps: []\n  \
+             finetune_lr_sweep: [0.001, 0.1]\n";
+        let mut config = Config::from_yaml_str(yaml).unwrap();
+        config.tracking.output_dir = dir.path().to_path_buf();
+        let results = run_full(&config, &FullOptions::default(), &mut Quiet).unwrap();
+        let labels: Vec<&str> = results.methods.iter().map(|m| m.label.as_str()).collect();
+        assert_eq!(
+            labels,
+            [
+                "fomaml",
+                "maml",
+                "metasgd",
+                "no-adaptation",
+                "prototype",
+                "lora-finetune",
+                "finetune",
+                "pretrain-finetune",
+                "meta-init-finetune"
+            ]
+        );
+        for run in &results.runs {
+            let tunes = Variant::from_str(&run.label).unwrap().fine_tunes();
+            assert_eq!(
+                run.lr_sweep.len(),
+                if tunes { 2 } else { 0 },
+                "{}",
+                run.label
+            );
+            assert_eq!(run.finetune_lr.is_some(), tunes, "{}", run.label);
+            if let Some(lr) = run.finetune_lr {
+                let best = run
+                    .lr_sweep
+                    .iter()
+                    .max_by(|a, b| a.val_score.total_cmp(&b.val_score))
+                    .unwrap();
+                assert_eq!(lr, best.lr, "{}", run.label);
+            }
+        }
+        // No adaptation of a zero head predicts the first class: chance.
+        let none = &results.methods[3];
+        assert!(
+            (none.headline.mean - 0.5).abs() < 1e-12,
+            "{}",
+            none.headline.mean
+        );
+        assert!(results.skipped.is_empty());
+
+        // Synthetic text makes new classes for every task: no pre-training.
+        let mut text = config.clone();
+        text.data.synthetic_task = crate::config::SyntheticTask::Text;
+        text.comparison.baselines = vec![Variant::PretrainFinetune];
+        text.tracking.experiment_name = "text".into();
+        let results = run_full(&text, &FullOptions::default(), &mut Quiet).unwrap();
+        assert_eq!(results.skipped.len(), 1);
+        assert!(results.skipped[0].reason.contains("new classes"));
+        assert_eq!(results.methods.len(), 1);
     }
 }

@@ -7,16 +7,18 @@ pub mod checkpoint;
 mod evaluate;
 mod full;
 mod outer;
+mod pretrain;
 mod run;
 mod step;
 
 pub use evaluate::{evaluate, save_evaluation, EvaluateOptions};
 pub use full::{
     experiment_dir, load_results, run_full, save_results, AblationPoint, Comparison, FullObserver,
-    FullOptions, FullResults, MemoryPoint, MethodSummary, RunRecord, SplitRecord, TestRecord,
-    RESULTS_FILE,
+    FullOptions, FullResults, LrTrial, MemoryPoint, MethodSummary, RunRecord, SkippedMethod,
+    SplitRecord, TestRecord, RESULTS_FILE,
 };
 pub use outer::{average, clip_global_norm, OuterUpdate};
+pub use pretrain::{pretrain, PretrainOutcome};
 pub use run::{
     params_from, run_dir, run_name, train, IterationReport, ProgressFn, TrainOptions, TrainSummary,
 };

@@ -170,7 +170,7 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainSummary> {
     let mut learner = build_learner(config)?;
     let encoder = build_text_encoder(config)?;
     let mut outer = build_outer(config)?;
-    let mut params = model.init_params(config.seed)?;
+    let mut params = super::build::initial_params(model.as_ref(), config)?;
     let (mut start, mut best, mut stale) = (0usize, None, 0usize);
     let mut resume = None;
     if let Some(dir) = &options.resume {
@@ -483,7 +483,7 @@ pub fn params_from(
     config: &Config,
     checkpoint: Option<&Path>,
 ) -> Result<ParamSet> {
-    let init = model.init_params(config.seed)?;
+    let init = super::build::initial_params(model, config)?;
     match checkpoint {
         Some(dir) => Ok(load_checkpoint(dir, &init)?.params),
         None => Ok(init),

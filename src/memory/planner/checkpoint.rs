@@ -233,9 +233,9 @@ impl<'a> SimCheckpointer<'a> {
     }
 
     /// The stack context of a batch.
-    fn context(&self, batch: &SimBatch) -> SimContext {
+    fn context(&self, batch: &SimBatch, leaves: &[T]) -> SimContext {
         within(self.model, Category::Activations, || {
-            self.model.stack_context(batch)
+            self.model.stack_context(batch, leaves)
         })
     }
 
@@ -282,10 +282,10 @@ impl<'a> SimCheckpointer<'a> {
     /// `Checkpointer::gradient`: the gradient of the task's loss at `theta`, one
     /// segment graph alive at a time (the last segment run once, with the tail).
     pub(crate) fn gradient(&self, theta: &[T], batch: &SimBatch) -> Vec<T> {
-        let ctx = self.context(batch);
+        let leaves = self.leaves(theta);
+        let ctx = self.context(batch, &leaves);
         let last = self.segments.len() - 1;
         let outputs = self.forward(last, theta, batch, &ctx);
-        let leaves = self.leaves(theta);
         let mut total = Accumulator::new(&leaves);
         let input = outputs
             .last()
@@ -379,8 +379,8 @@ impl<'a> SimCheckpointer<'a> {
         if vs.is_empty() {
             return (self.gradient(theta, batch), Vec::new());
         }
-        let ctx = self.context(batch);
         let leaves = self.leaves(theta);
+        let ctx = self.context(batch, &leaves);
         let mut gradient = Accumulator::new(&leaves);
         let mut products = Vec::with_capacity(vs.len());
         for (index, group) in vs.chunks(TANGENT_GROUP).enumerate() {
@@ -400,8 +400,8 @@ impl<'a> SimCheckpointer<'a> {
         batch: &SimBatch,
         blocks: &[(usize, &[T])],
     ) -> Vec<T> {
-        let ctx = self.context(batch);
         let leaves = self.leaves(theta);
+        let ctx = self.context(batch, &leaves);
         let count = self.segments.len();
         let mut first_segment = vec![count; leaves.len()];
         let mut outputs: Vec<T> = Vec::with_capacity(count);
@@ -533,8 +533,8 @@ impl<'a> SimCheckpointer<'a> {
 
     /// `Checkpointer::gauss_newton_product`: `Jᵀ·H_z·J·v` of the task loss.
     pub(crate) fn gauss_newton_product(&self, theta: &[T], batch: &SimBatch, v: &[T]) -> Vec<T> {
-        let ctx = self.context(batch);
         let leaves = self.leaves(theta);
+        let ctx = self.context(batch, &leaves);
         let probe = Probe::whole(v);
         let TangentSweep { outputs, tangents } =
             self.tangent_sweep(&leaves, std::slice::from_ref(&probe), None, batch, &ctx);

@@ -42,6 +42,8 @@ pub(crate) enum Learner {
     Fomaml,
     /// Reptile.
     Reptile,
+    /// MetaSGD (MAML with learned per-entry step sizes).
+    MetaSgd { full_graph: bool },
     /// MELoRA (`damping > 0` adds a product even without curvature).
     Melora {
         approximation: Approximation,
@@ -408,6 +410,105 @@ impl Ctx<'_> {
         let _ = self.loss(&theta, query);
     }
 
+    /// `meta::NoAdaptation` on one test task: the query's outputs at `params`.
+    pub(crate) fn no_adaptation(&self, params: &[T], query: &SimBatch) {
+        let _ = self.loss(&detach(params), query);
+    }
+
+    /// `meta::Prototype` on one test task: the support's features without a graph,
+    /// unit rows and one mean per class, then the query's features against them.
+    pub(crate) fn prototype(
+        &self,
+        params: &[T],
+        support: &SimBatch,
+        query: &SimBatch,
+        classes: usize,
+    ) {
+        let sim = self.sim;
+        let unit = |x: &T| {
+            let norms = x
+                .unary(super::sim::Un::Sqr)
+                .sum_keepdim(&[1])
+                .unary(super::sim::Un::Sqrt);
+            x.broadcast_binary(&norms, super::sim::Bin::Div)
+        };
+        let means = within(sim, Category::Activations, || {
+            let features = unit(&self.model.features(params, support, self.train).detach());
+            let per_class = features.dims()[0].div_ceil(classes.max(1));
+            let rows: Vec<T> = (0..classes)
+                .map(|_| {
+                    features
+                        .narrow(0, 0, per_class.min(features.dims()[0]))
+                        .contiguous()
+                        .mean_keepdim(&[0])
+                })
+                .collect();
+            unit(&T::cat(&rows.iter().collect::<Vec<_>>(), 0))
+        });
+        within(sim, Category::Activations, || {
+            let features = unit(&self.model.features(params, query, self.train));
+            let _ = features.matmul(&means.t()).affine(10.0);
+        });
+    }
+
+    /// `meta::HeadFinetune` on one test task: the support's features once, `steps`
+    /// AdamW steps on a head of `classes` rows, then the query's outputs.
+    pub(crate) fn head_finetune(
+        &self,
+        params: &[T],
+        support: &SimBatch,
+        query: &SimBatch,
+        classes: usize,
+        steps: usize,
+    ) {
+        let sim = self.sim;
+        let (w, b) = self.model.head_params();
+        let features = within(sim, Category::Activations, || {
+            self.model.features(params, support, self.train).detach()
+        });
+        let mut head: Params = within(sim, Category::Trainable, || {
+            vec![
+                sim.tensor(&[classes, params[w].dims()[1]], params[w].dtype()),
+                sim.tensor(&[classes], params[b].dtype()),
+            ]
+        });
+        let adamw = OptimizerSpec {
+            adamw: true,
+            weight_decay: false,
+        };
+        let mut state = None;
+        for _ in 0..steps {
+            let leaves = to_leaves(sim, &head);
+            let loss = within(sim, Category::Activations, || {
+                let logits = super::models::linear_with_bias(&features, &leaves[0], &leaves[1]);
+                task_loss(&logits, support)
+            });
+            let g = grads(sim, &loss, &leaves, false);
+            read_norm(sim, &g);
+            head = optimizer_step(sim, &head, &g, adamw, &mut state);
+        }
+        let mut adapted = detach(params);
+        adapted[w] = head[0].clone();
+        adapted[b] = head[1].clone();
+        let _ = self.loss(&adapted, query);
+    }
+
+    /// One supervised step of `pretrain-finetune`'s pre-training on `batch`: the
+    /// gradient of every trainable tensor and an AdamW step.
+    pub(crate) fn pretrain_step(
+        &self,
+        params: &[T],
+        batch: &SimBatch,
+        state: &mut Option<(Params, Params)>,
+    ) -> Params {
+        let g = self.gradient(params, batch, self.inner.micro);
+        let adamw = OptimizerSpec {
+            adamw: true,
+            weight_decay: false,
+        };
+        optimizer_step(self.sim, params, &g, adamw, state)
+    }
+
     /// One task's meta-gradient.
     pub(crate) fn meta_gradient(
         &self,
@@ -433,6 +534,20 @@ impl Ctx<'_> {
                 }
                 drop(steps);
                 v
+            }
+            // MetaSGD: MAML's passes, with θ and its step sizes α in one list (`params`
+            // is θ followed by α); the step sizes' gradient is one tensor per θ's.
+            Learner::MetaSgd { full_graph } => {
+                let half = params.len() / 2;
+                let maml = if full_graph {
+                    Learner::MamlFullGraph
+                } else {
+                    Learner::MamlRecompute
+                };
+                let mut g = self.meta_gradient(maml, &params[..half], support, query);
+                let alpha_grad = within(sim, Category::Gradients, || zeros_like(&g));
+                g.extend(alpha_grad);
+                g
             }
             Learner::MamlRecompute => {
                 let (thetas, adapted) = self.adapt_storing(params, support);

@@ -265,8 +265,17 @@ fn learner_of(config: &Config) -> (Option<Learner>, String) {
                 format!("melora ({})", hessian.kind),
             )
         }
-        Method::Finetune => (None, "finetune".into()),
-        Method::LoraFinetune => (None, "lora-finetune".into()),
+        Method::Metasgd => (
+            Some(Learner::MetaSgd {
+                full_graph: config.meta_learning.inner.mode == InnerMode::FullGraph,
+            }),
+            format!("metasgd ({})", config.meta_learning.inner.mode),
+        ),
+        method @ (Method::Finetune
+        | Method::LoraFinetune
+        | Method::NoAdaptation
+        | Method::Prototype
+        | Method::PretrainFinetune) => (None, method.to_string()),
     }
 }
 
@@ -335,7 +344,6 @@ pub fn plan_with(config: &Config, options: &PlanOptions) -> Result<Plan> {
     sim.spike(spec.load.conversion_scratch);
     sim.free_bytes(in_file, spec.load.tensor_bytes);
     let model = SimModel::build(&sim, &spec.model);
-    let load_peak = sim.peak().0;
 
     sim.set_category(Category::Trainable);
     let precision = model.precision();
@@ -356,11 +364,15 @@ pub fn plan_with(config: &Config, options: &PlanOptions) -> Result<Plan> {
             .collect()
     };
     let mut params = init_params();
-    let trainable_parameters: u64 = model
-        .param_shapes()
-        .iter()
-        .map(|s| s.iter().product::<usize>() as u64)
-        .sum();
+    if matches!(learner, Some(Learner::MetaSgd { .. })) {
+        // MetaSGD's step sizes: one tensor like each of θ's.
+        let alpha = init_params();
+        params.extend(alpha);
+    }
+    let mut trainable_parameters: u64 = params.iter().map(|t| t.elem_count() as u64).sum();
+    if config.meta_learning.method == Method::Finetune {
+        trainable_parameters += model.base_numel();
+    }
 
     sim.set_category(Category::Data);
     let episode_batches = match learner {
@@ -380,6 +392,9 @@ pub fn plan_with(config: &Config, options: &PlanOptions) -> Result<Plan> {
         })
         .collect();
     sim.set_category(Category::Temporaries);
+    // Loading, drawing the initial values (in f64) and making the first episodes:
+    // what precedes the first step, which a small model's step may not exceed.
+    let load_peak = sim.peak().0;
     sim.reset_peak();
     // f16 activations: every backward pass runs under the loss scale.
     let loss_scaled = config.memory_optimization.precision == crate::config::Precision::F16;
@@ -397,11 +412,45 @@ pub fn plan_with(config: &Config, options: &PlanOptions) -> Result<Plan> {
         let Some(learner) = learner else {
             let (support, query) = &batches[0][0];
             let steps = config.evaluation.finetune_steps;
+            let classes = spec.model.classes;
             match config.meta_learning.method {
                 // LoRA fine-tuning starts every task from fresh adapters.
                 Method::LoraFinetune => {
                     let fresh = within_category(&sim, Category::Trainable, init_params);
                     ctx.finetune(&fresh, support, query, steps);
+                }
+                // Full fine-tuning: a fresh initialisation and every base weight.
+                Method::Finetune => {
+                    let mut full = within_category(&sim, Category::Trainable, init_params);
+                    full.extend(model.base_params());
+                    ctx.finetune(&full, support, query, steps);
+                }
+                Method::NoAdaptation => ctx.no_adaptation(&params, query),
+                Method::Prototype => ctx.prototype(&params, support, query, classes),
+                Method::PretrainFinetune => {
+                    // Pre-training's steps on batches of `batch_size` examples, then
+                    // the per-task fine-tuning, whichever peaks higher.
+                    let batch = within_category(&sim, Category::Data, || {
+                        SimBatch::new(
+                            &sim,
+                            spec.support
+                                .with_len(config.comparison.pretrain.resolved(config).1),
+                            precision.frozen,
+                        )
+                    });
+                    let mut pretrain_state = None;
+                    for _ in 0..2 {
+                        params = ctx.pretrain_step(&params, &batch, &mut pretrain_state);
+                    }
+                    drop((batch, pretrain_state));
+                    match config.comparison.pretrain.tune {
+                        crate::config::PretrainTune::Head => {
+                            ctx.head_finetune(&params, support, query, classes, steps)
+                        }
+                        crate::config::PretrainTune::All => {
+                            ctx.finetune(&params, support, query, steps)
+                        }
+                    }
                 }
                 _ => ctx.finetune(&params, support, query, steps),
             }

@@ -229,6 +229,9 @@ struct Linear {
     n_out: usize,
     /// Indices of A and B in the parameter list, with the dropout probability.
     lora: Option<(usize, usize, f64)>,
+    /// Where full fine-tuning's parameter list holds the weight and bias.
+    weight_slot: usize,
+    bias_slot: Option<usize>,
 }
 
 impl Linear {
@@ -250,15 +253,31 @@ impl Linear {
         g.frozen_linear(&self.weight, self.in_out, true, n_in, None)
     }
 
+    /// Whether `params` trains the weight (full fine-tuning).
+    fn is_trained(&self, params: &[T]) -> bool {
+        self.weight_slot < params.len()
+    }
+
     fn forward(&self, x: &T, params: &[T], train: bool) -> T {
-        // ops::frozen_linear_matrix: one custom op on the contiguous input.
-        let base = x.frozen_linear(
-            &self.weight,
-            self.in_out,
-            false,
-            self.n_out,
-            self.bias.as_ref(),
-        );
+        let base = if self.is_trained(params) {
+            // LoraLinear::forward with the base in the parameters: a differentiable
+            // linear map of the trained weight (cast into the input's type).
+            let w = params[self.weight_slot].to_dtype(x.dtype());
+            let w = if self.in_out { w } else { w.t() };
+            match self.bias_slot.map(|b| params[b].to_dtype(x.dtype())) {
+                Some(b) => affine(x, &w).broadcast_binary(&b, Bin::Add),
+                None => affine(x, &w),
+            }
+        } else {
+            // ops::frozen_linear_matrix: one custom op on the contiguous input.
+            x.frozen_linear(
+                &self.weight,
+                self.in_out,
+                false,
+                self.n_out,
+                self.bias.as_ref(),
+            )
+        };
         let Some((a, b, p)) = self.lora else {
             return base;
         };
@@ -299,7 +318,7 @@ fn affine(x: &T, w_in_out: &T) -> T {
 }
 
 /// `linear::linear` with a bias (the classification head).
-fn linear_with_bias(x: &T, w: &T, b: &T) -> T {
+pub(crate) fn linear_with_bias(x: &T, w: &T, b: &T) -> T {
     let dims = x.dims();
     let n_in = dims[dims.len() - 1];
     let rows: usize = dims[..dims.len() - 1].iter().product();
@@ -490,7 +509,7 @@ fn feed_forward(
     let frozen = [Some(input), gate, Some(output)]
         .into_iter()
         .flatten()
-        .all(|l| l.lora.is_none());
+        .all(|l| l.lora.is_none() && !l.is_trained(params));
     if !(recompute && frozen) {
         let mut inner = activation(act, &input.forward(x, params, train));
         if let Some(gate) = gate {
@@ -659,9 +678,11 @@ pub(crate) struct SimContext {
 pub(crate) struct SimModel {
     sim: Sim,
     spec: ModelSpec,
-    embeddings: Vec<T>,
+    embeddings: Vec<Slot>,
     layers: Vec<Layer>,
-    final_norm: Vec<T>,
+    final_norm: Vec<Slot>,
+    /// Full fine-tuning's extra parameters, in slot order: every frozen tensor.
+    base: Vec<T>,
     /// Shapes of the trainable tensors, in ParamSet order.
     param_shapes: Vec<Vec<usize>>,
     /// Conv4 parameter indices per block (conv weight, conv bias, bn γ, bn β).
@@ -674,7 +695,25 @@ pub(crate) struct SimModel {
 #[derive(Debug)]
 struct Layer {
     linears: Vec<Linear>,
-    norms: Vec<T>,
+    norms: Vec<Slot>,
+}
+
+/// A frozen tensor (`layers::Frozen`) and where full fine-tuning's parameter list
+/// holds it: read from there when the list is that long.
+#[derive(Debug, Clone)]
+struct Slot {
+    tensor: T,
+    slot: usize,
+}
+
+impl Slot {
+    /// The trained copy (in the frozen type) or the frozen tensor.
+    fn get(&self, params: &[T]) -> T {
+        match params.get(self.slot) {
+            Some(trained) => trained.to_dtype(self.tensor.dtype()),
+            None => self.tensor.clone(),
+        }
+    }
 }
 
 /// Module paths of a family's linear layers in one layer, with their (in, out) sizes.
@@ -801,6 +840,10 @@ impl SimModel {
             t
         };
         let w = |dims: &[usize]| dense(dims, false);
+        let unslotted = |tensor: T| Slot {
+            tensor,
+            slot: usize::MAX,
+        };
         // A matrix (`channels` output channels), int8 when quantized: the values and
         // scales, made from the dense copy.
         let mut matrix = |dims: &[usize], channels: usize| -> (T, Option<T>) {
@@ -864,13 +907,15 @@ impl SimModel {
                     in_out,
                     n_out,
                     lora,
+                    weight_slot: usize::MAX,
+                    bias_slot: None,
                 });
             }
             let norms = match &spec.family {
                 Family::Bert(_) | Family::DistilBert(_) | Family::Gpt2(_) => {
-                    (0..4).map(|_| w(&[width])).collect()
+                    (0..4).map(|_| unslotted(w(&[width]))).collect()
                 }
-                Family::T5(_) => (0..2).map(|_| w(&[width])).collect(),
+                Family::T5(_) => (0..2).map(|_| unslotted(w(&[width]))).collect(),
                 Family::Conv4(_) | Family::Mlp(_) => Vec::new(),
             };
             layers.push(Layer { linears, norms });
@@ -879,7 +924,7 @@ impl SimModel {
         let mut final_norm = Vec::new();
         let mut table = |vocab: usize| {
             let (t, scales) = matrix(&[vocab, width], vocab);
-            embeddings.push(t);
+            embeddings.push(unslotted(t));
             scales
         };
         let table_scales = match &spec.family {
@@ -891,27 +936,27 @@ impl SimModel {
         };
         match &spec.family {
             Family::Bert(c) => {
-                embeddings.push(dense(&[c.max_position_embeddings, width], true));
-                embeddings.push(dense(&[c.type_vocab_size, width], true));
-                embeddings.push(w(&[width]));
-                embeddings.push(w(&[width]));
+                embeddings.push(unslotted(dense(&[c.max_position_embeddings, width], true)));
+                embeddings.push(unslotted(dense(&[c.type_vocab_size, width], true)));
+                embeddings.push(unslotted(w(&[width])));
+                embeddings.push(unslotted(w(&[width])));
             }
             Family::DistilBert(c) => {
-                embeddings.push(dense(&[c.max_position_embeddings, width], true));
-                embeddings.push(w(&[width]));
-                embeddings.push(w(&[width]));
+                embeddings.push(unslotted(dense(&[c.max_position_embeddings, width], true)));
+                embeddings.push(unslotted(w(&[width])));
+                embeddings.push(unslotted(w(&[width])));
             }
             Family::Gpt2(c) => {
-                embeddings.push(dense(&[c.n_positions, width], true));
-                final_norm.push(w(&[width]));
-                final_norm.push(w(&[width]));
+                embeddings.push(unslotted(dense(&[c.n_positions, width], true)));
+                final_norm.push(unslotted(w(&[width])));
+                final_norm.push(unslotted(w(&[width])));
             }
             Family::T5(c) => {
-                embeddings.push(dense(
+                embeddings.push(unslotted(dense(
                     &[c.relative_attention_num_buckets, c.num_heads],
                     true,
-                ));
-                final_norm.push(w(&[width]));
+                )));
+                final_norm.push(unslotted(w(&[width])));
             }
             Family::Conv4(_) | Family::Mlp(_) => {}
         }
@@ -960,6 +1005,26 @@ impl SimModel {
         let head = (param_shapes.len(), param_shapes.len() + 1);
         param_shapes.push(vec![spec.classes, width]);
         param_shapes.push(vec![spec.classes]);
+        // Full fine-tuning's list continues after the initialisation's with every
+        // frozen tensor (`TransformerClassifier::base_tensors`; the order does not
+        // change what is allocated).
+        let mut base = Vec::new();
+        let mut next_slot = |t: &T| {
+            base.push(t.clone());
+            param_shapes.len() + base.len() - 1
+        };
+        for slot in embeddings.iter_mut().chain(final_norm.iter_mut()) {
+            slot.slot = next_slot(&slot.tensor);
+        }
+        for layer in &mut layers {
+            for slot in &mut layer.norms {
+                slot.slot = next_slot(&slot.tensor);
+            }
+            for lin in &mut layer.linears {
+                lin.weight_slot = next_slot(&lin.weight);
+                lin.bias_slot = lin.bias.as_ref().map(&mut next_slot);
+            }
+        }
         // The weights' tensors are dropped once the model holds its own
         // (`Weights::without_tensors`).
         drop(file_only);
@@ -969,11 +1034,28 @@ impl SimModel {
             embeddings,
             layers,
             final_norm,
+            base,
             param_shapes,
             conv_blocks,
             head,
             _table_scales: table_scales,
         }
+    }
+
+    /// Full fine-tuning's extra parameters (`FewShotModel::full_params` beyond the
+    /// initialisation): every frozen tensor in the trainable type, the same storage
+    /// where the types agree. An int8 model has none (it cannot be fine-tuned).
+    pub(crate) fn base_params(&self) -> Vec<T> {
+        let trainable = self.spec.precision.trainable;
+        self.base
+            .iter()
+            .map(|t| t.to_dtype(trainable).detach())
+            .collect()
+    }
+
+    /// Elements of [`base_params`](Self::base_params), without making them.
+    pub(crate) fn base_numel(&self) -> u64 {
+        self.base.iter().map(|t| t.elem_count() as u64).sum()
     }
 
     /// Shapes of the trainable tensors.
@@ -993,12 +1075,22 @@ impl SimModel {
 
     /// `FewShotModel::logits` at `params` on `batch`.
     pub(crate) fn logits(&self, params: &[T], batch: &SimBatch, train: bool) -> T {
-        let features = match &self.spec.family {
+        let features = self.features(params, batch, train);
+        self.head(&features, params)
+    }
+
+    /// `FewShotModel::features`: the pooled features the head reads.
+    pub(crate) fn features(&self, params: &[T], batch: &SimBatch, train: bool) -> T {
+        match &self.spec.family {
             Family::Conv4(c) => self.conv4_features(c, params, batch),
             Family::Mlp(_) => self.mlp_features(params, batch),
             _ => self.pool(&self.encode(params, batch, train), batch),
-        };
-        self.head(&features, params)
+        }
+    }
+
+    /// The positions of the head's weight and bias in the parameter list.
+    pub(crate) fn head_params(&self) -> (usize, usize) {
+        self.head
     }
 
     /// The classification (or regression) head on pooled features.
@@ -1009,12 +1101,12 @@ impl SimModel {
     /// `TransformerClassifier::encode`: the batch's context, the embedding, every
     /// layer and the finish; the context is dropped on return, as there.
     fn encode(&self, params: &[T], batch: &SimBatch, train: bool) -> T {
-        let context = self.stack_context(batch);
+        let context = self.stack_context(batch, params);
         let mut h = self.embed(params, batch, train);
         for index in 0..self.num_layers() {
             h = self.layer(index, &h, &context, params, train);
         }
-        let out = self.finish(&h);
+        let out = self.finish(&h, params);
         drop(context);
         out
     }
@@ -1032,7 +1124,7 @@ impl SimModel {
     /// `models::tail_logits`: logits from the last layer's output (finish, pooling,
     /// head), the tail segment of gradient checkpointing.
     pub(crate) fn tail_logits(&self, last: &T, params: &[T], batch: &SimBatch) -> T {
-        let features = self.pool(&self.finish(last), batch);
+        let features = self.pool(&self.finish(last, params), batch);
         self.head(&features, params)
     }
 
@@ -1043,7 +1135,7 @@ impl SimModel {
 
     /// `TransformerClassifier::stack_context`: the keep mask every layer's softmax
     /// reads and, for T5, the relative-position bias.
-    pub(crate) fn stack_context(&self, batch: &SimBatch) -> SimContext {
+    pub(crate) fn stack_context(&self, batch: &SimBatch, params: &[T]) -> SimContext {
         let Inputs::Tokens { n, t } = batch.inputs else {
             unreachable!("transformers read tokens")
         };
@@ -1073,7 +1165,7 @@ impl SimModel {
                 // permuted to [1, heads, t, t] and copied.
                 let sim = mask.sim_handle();
                 let buckets = sim.tensor(&[t, t], DType::U32);
-                let looked = embedding(&buckets, &self.embeddings[1]);
+                let looked = embedding(&buckets, &self.embeddings[1].get(params));
                 drop(buckets);
                 SimContext {
                     _keep: padding(),
@@ -1086,43 +1178,47 @@ impl SimModel {
     }
 
     /// The token table's rows at `ids` (`layers::FrozenTable::lookup`).
-    fn words(&self, ids: &T) -> T {
+    fn words(&self, ids: &T, params: &[T]) -> T {
         if self.spec.precision.int8 {
-            int8_embedding(ids, &self.embeddings[0], self.spec.precision.frozen)
+            int8_embedding(ids, &self.embeddings[0].tensor, self.spec.precision.frozen)
         } else {
-            embedding(ids, &self.embeddings[0])
+            embedding(ids, &self.embeddings[0].get(params))
         }
     }
 
     /// `TransformerClassifier::embed`: hidden states entering layer 0.
-    pub(crate) fn embed(&self, _params: &[T], batch: &SimBatch, _train: bool) -> T {
+    pub(crate) fn embed(&self, params: &[T], batch: &SimBatch, _train: bool) -> T {
         let Inputs::Tokens { t, .. } = batch.inputs else {
             unreachable!("transformers read tokens")
         };
         let ids = batch.ids.as_ref().expect("tokens");
         match &self.spec.family {
             Family::Bert(_) => {
-                let words = self.words(ids);
-                let positions = self.embeddings[1].narrow(0, 0, t);
-                let types = self.embeddings[2].narrow(0, 0, 1).unsqueeze(0);
+                let words = self.words(ids, params);
+                let positions = self.embeddings[1].get(params).narrow(0, 0, t);
+                let types = self.embeddings[2].get(params).narrow(0, 0, 1).unsqueeze(0);
                 let x = words
                     .broadcast_binary(&positions, Bin::Add)
                     .broadcast_binary(&types, Bin::Add);
-                layer_norm(&x, &self.embeddings[3], &self.embeddings[4])
+                layer_norm(
+                    &x,
+                    &self.embeddings[3].get(params),
+                    &self.embeddings[4].get(params),
+                )
             }
             Family::DistilBert(_) => {
-                let words = self.words(ids);
-                let positions = self.embeddings[1].narrow(0, 0, t);
+                let words = self.words(ids, params);
+                let positions = self.embeddings[1].get(params).narrow(0, 0, t);
                 layer_norm(
                     &words.broadcast_binary(&positions, Bin::Add),
-                    &self.embeddings[2],
-                    &self.embeddings[3],
+                    &self.embeddings[2].get(params),
+                    &self.embeddings[3].get(params),
                 )
             }
             Family::Gpt2(_) => self
-                .words(ids)
-                .broadcast_binary(&self.embeddings[1].narrow(0, 0, t), Bin::Add),
-            Family::T5(_) => self.words(ids),
+                .words(ids, params)
+                .broadcast_binary(&self.embeddings[1].get(params).narrow(0, 0, t), Bin::Add),
+            Family::T5(_) => self.words(ids, params),
             Family::Conv4(_) | Family::Mlp(_) => unreachable!("not a transformer stack"),
         }
     }
@@ -1153,7 +1249,11 @@ impl SimModel {
                 let v = lin[2].forward(x, params, train);
                 let context = attention(&q, &k, &v, heads, true, keep_bytes, None, selective);
                 let attended = lin[3].forward(&context, params, train);
-                let x = layer_norm(&attended.add(x), &layer.norms[0], &layer.norms[1]);
+                let x = layer_norm(
+                    &attended.add(x),
+                    &layer.norms[0].get(params),
+                    &layer.norms[1].get(params),
+                );
                 let out = feed_forward(
                     &lin[4],
                     None,
@@ -1164,12 +1264,16 @@ impl SimModel {
                     train,
                     selective,
                 );
-                layer_norm(&out.add(&x), &layer.norms[2], &layer.norms[3])
+                layer_norm(
+                    &out.add(&x),
+                    &layer.norms[2].get(params),
+                    &layer.norms[3].get(params),
+                )
             }
             Family::Gpt2(c) => {
                 let e = c.n_embd;
                 let qkv = lin[0].forward(
-                    &layer_norm(x, &layer.norms[0], &layer.norms[1]),
+                    &layer_norm(x, &layer.norms[0].get(params), &layer.norms[1].get(params)),
                     params,
                     train,
                 );
@@ -1185,7 +1289,7 @@ impl SimModel {
                     None,
                     &lin[3],
                     activation_of(family),
-                    &layer_norm(&x, &layer.norms[2], &layer.norms[3]),
+                    &layer_norm(&x, &layer.norms[2].get(params), &layer.norms[3].get(params)),
                     params,
                     train,
                     selective,
@@ -1195,7 +1299,7 @@ impl SimModel {
             Family::T5(c) => {
                 let gated = c.feed_forward_proj.starts_with("gated-");
                 let h = x;
-                let x = rms_norm(h, &layer.norms[0]);
+                let x = rms_norm(h, &layer.norms[0].get(params));
                 let q = lin[0].forward(&x, params, train);
                 let k = lin[1].forward(&x, params, train);
                 let v = lin[2].forward(&x, params, train);
@@ -1210,7 +1314,7 @@ impl SimModel {
                     selective,
                 );
                 let h = h.add(&lin[3].forward(&attended, params, train));
-                let x = rms_norm(&h, &layer.norms[1]);
+                let x = rms_norm(&h, &layer.norms[1].get(params));
                 let (gate, wo) = if gated {
                     (Some(&lin[5]), &lin[6])
                 } else {
@@ -1234,10 +1338,14 @@ impl SimModel {
 
     /// `TransformerClassifier::finish`: GPT-2's final layer norm, T5's final RMS norm,
     /// the identity otherwise.
-    fn finish(&self, h: &T) -> T {
+    fn finish(&self, h: &T, params: &[T]) -> T {
         match &self.spec.family {
-            Family::Gpt2(_) => layer_norm(h, &self.final_norm[0], &self.final_norm[1]),
-            Family::T5(_) => rms_norm(h, &self.final_norm[0]),
+            Family::Gpt2(_) => layer_norm(
+                h,
+                &self.final_norm[0].get(params),
+                &self.final_norm[1].get(params),
+            ),
+            Family::T5(_) => rms_norm(h, &self.final_norm[0].get(params)),
             _ => h.clone(),
         }
     }
