@@ -72,7 +72,7 @@ fn plan_prints_the_breakdown_and_the_comparison() {
     }
     // The configured method heads the breakdown; the comparison has one row per
     // default method.
-    assert!(stdout.contains("Predicted peak of melora (gauss_newton) on tiny-bert"));
+    assert!(stdout.contains("Predicted peak of maml (recompute) on tiny-bert"));
     for method in [
         "| maml (full graph) |",
         "| fomaml |",

@@ -259,7 +259,7 @@ impl Default for ComparisonConfig {
             seeds: 1,
             ablation: AblationConfig::default(),
             memory_inner_steps: vec![1, 2, 4, 8],
-            finetune_lr_sweep: vec![1e-3, 3e-3, 1e-2, 3e-2, 1e-1],
+            finetune_lr_sweep: vec![1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2],
             pretrain: PretrainConfig::default(),
         }
     }

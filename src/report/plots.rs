@@ -248,9 +248,24 @@ impl Figure for LineChart<'_> {
             }
         }
         if text && !self.series.is_empty() {
+            // The lines' points and the midpoints of their segments, so that a corner
+            // a line only crosses counts too.
+            let along: Vec<(f64, f64)> = self
+                .series
+                .iter()
+                .flat_map(|(_, p)| {
+                    p.iter()
+                        .copied()
+                        .chain(
+                            p.windows(2)
+                                .map(|w| ((w[0].0 + w[1].0) / 2.0, (w[0].1 + w[1].1) / 2.0)),
+                        )
+                        .collect::<Vec<_>>()
+                })
+                .collect();
             chart
                 .configure_series_labels()
-                .position(SeriesLabelPosition::UpperRight)
+                .position(emptiest_corner(&along, (x0, x1), (y0, y1)))
                 .background_style(WHITE.mix(0.85))
                 .border_style(RGBColor(180, 180, 180))
                 .label_font((FAMILY, 15))
@@ -330,29 +345,87 @@ impl Pareto {
     }
 }
 
-impl Pareto {
-    /// The corner of the plot (`0..x_max` × `y0..y1`) whose quarter holds the fewest
-    /// points, for the legend: a fixed corner covers points whenever they happen to
-    /// lie there.
-    fn emptiest_corner(&self, x_max: f64, y0: f64, y1: f64) -> SeriesLabelPosition {
-        let (x_mid, y_mid) = (x_max / 2.0, (y0 + y1) / 2.0);
-        let count = |right: bool, upper: bool| {
-            self.points
+/// The corner of the plot (`x0..x1` × `y0..y1`) whose quarter holds the fewest of
+/// `points`, for the legend: a fixed corner covers points whenever they happen to lie
+/// there.
+fn emptiest_corner(
+    points: &[(f64, f64)],
+    (x0, x1): (f64, f64),
+    (y0, y1): (f64, f64),
+) -> SeriesLabelPosition {
+    let (x_mid, y_mid) = ((x0 + x1) / 2.0, (y0 + y1) / 2.0);
+    let count = |right: bool, upper: bool| {
+        points
+            .iter()
+            .filter(|(x, y)| (*x > x_mid) == right && (*y > y_mid) == upper)
+            .count()
+    };
+    [
+        (SeriesLabelPosition::UpperRight, count(true, true)),
+        (SeriesLabelPosition::LowerRight, count(true, false)),
+        (SeriesLabelPosition::UpperLeft, count(false, true)),
+        (SeriesLabelPosition::LowerLeft, count(false, false)),
+    ]
+    .into_iter()
+    .min_by_key(|(_, n)| *n)
+    .map(|(corner, _)| corner)
+    .expect("four corners")
+}
+
+/// Approximate width in pixels of a 15-pixel label (proportional font).
+fn label_width(text: &str) -> i32 {
+    (text.chars().count() as i32 * 8).max(8)
+}
+
+/// Height in pixels of a 15-pixel label.
+const LABEL_HEIGHT: i32 = 17;
+
+/// For each marker at `pixels` with a label `widths[i]` wide, the offset of its
+/// label's top-left corner: the first of a few places around the marker where the
+/// label stays inside `area` (left, top, right, bottom) and overlaps neither a label
+/// already placed nor any marker, or the first place when none is free.
+fn label_offsets(
+    pixels: &[(i32, i32)],
+    area: (i32, i32, i32, i32),
+    widths: &[i32],
+) -> Vec<(i32, i32)> {
+    const MARKER: i32 = 8;
+    let overlaps = |a: (i32, i32, i32, i32), b: (i32, i32, i32, i32)| {
+        a.0 < b.2 && b.0 < a.2 && a.1 < b.3 && b.1 < a.3
+    };
+    let markers: Vec<(i32, i32, i32, i32)> = pixels
+        .iter()
+        .map(|&(x, y)| (x - MARKER, y - MARKER, x + MARKER, y + MARKER))
+        .collect();
+    let mut placed: Vec<(i32, i32, i32, i32)> = Vec::new();
+    pixels
+        .iter()
+        .zip(widths)
+        .map(|(&(x, y), &w)| {
+            let candidates = [
+                (9, -22),
+                (9, 4),
+                (-w - 9, -22),
+                (-w - 9, 4),
+                (9, -40),
+                (-w / 2, -44),
+                (9, 22),
+                (-w / 2, 26),
+            ];
+            let rect = |(dx, dy): (i32, i32)| (x + dx, y + dy, x + dx + w, y + dy + LABEL_HEIGHT);
+            let chosen = candidates
                 .iter()
-                .filter(|(_, mem, acc, _)| (*mem > x_mid) == right && (*acc > y_mid) == upper)
-                .count()
-        };
-        [
-            (SeriesLabelPosition::UpperRight, count(true, true)),
-            (SeriesLabelPosition::LowerRight, count(true, false)),
-            (SeriesLabelPosition::UpperLeft, count(false, true)),
-            (SeriesLabelPosition::LowerLeft, count(false, false)),
-        ]
-        .into_iter()
-        .min_by_key(|(_, n)| *n)
-        .map(|(corner, _)| corner)
-        .expect("four corners")
-    }
+                .copied()
+                .find(|&c| {
+                    let r = rect(c);
+                    let inside = r.0 >= area.0 && r.1 >= area.1 && r.2 <= area.2 && r.3 <= area.3;
+                    inside && !placed.iter().chain(&markers).any(|&o| overlaps(r, o))
+                })
+                .unwrap_or(candidates[0]);
+            placed.push(rect(chosen));
+            chosen
+        })
+        .collect()
 }
 
 impl Figure for Pareto {
@@ -412,6 +485,22 @@ impl Figure for Pareto {
                 RGBColor(160, 160, 160).stroke_width(1),
             ))
             .or_msg()?;
+        // Label offsets chosen so that no label covers another or a marker.
+        let pixels: Vec<(i32, i32)> = self
+            .points
+            .iter()
+            .map(|p| chart.backend_coord(&(p.1, p.2)))
+            .collect();
+        let (x_range, y_range) = chart.plotting_area().get_pixel_range();
+        let offsets = label_offsets(
+            &pixels,
+            (x_range.start, y_range.start, x_range.end, y_range.end),
+            &self
+                .points
+                .iter()
+                .map(|p| label_width(&p.0))
+                .collect::<Vec<_>>(),
+        );
         for (i, (name, mem, acc, hw)) in self.points.iter().enumerate() {
             if !(mem.is_finite() && acc.is_finite()) {
                 continue;
@@ -437,7 +526,7 @@ impl Figure for Pareto {
                     .draw_series([EmptyElement::at((*mem, *acc))
                         + Text::new(
                             name.clone(),
-                            (9, -22),
+                            offsets[i],
                             (FAMILY, 15).into_font().color(&BLACK),
                         )])
                     .or_msg()?
@@ -448,7 +537,11 @@ impl Figure for Pareto {
         if text && !self.points.is_empty() {
             chart
                 .configure_series_labels()
-                .position(self.emptiest_corner(x1 * 1.25, y0, y1))
+                .position(emptiest_corner(
+                    &self.points.iter().map(|p| (p.1, p.2)).collect::<Vec<_>>(),
+                    (0.0, x1 * 1.25),
+                    (y0, y1),
+                ))
                 .background_style(WHITE.mix(0.85))
                 .border_style(RGBColor(180, 180, 180))
                 .label_font((FAMILY, 15))
