@@ -450,3 +450,196 @@ fn ctrl_c_ends_the_mlflow_run_killed_and_resume_continues_it() {
         all
     );
 }
+
+fn write(path: &Path, text: &str) {
+    std::fs::write(path, text).unwrap();
+}
+
+/// `adapt` on a trained tiny model: one JSON line per query item with a label from
+/// the support set and a probability per label (summing to 1), accuracy over the
+/// labelled queries, the adapted adapter and `export`'s folder in PEFT's format; a
+/// query label the support set lacks is an error naming it.
+#[test]
+fn adapt_predicts_a_users_texts_and_export_writes_a_peft_adapter() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path());
+    let out = dir.path().join("runs");
+    let train = melora(&[
+        "train",
+        "--config",
+        &config,
+        "--output",
+        &out.display().to_string(),
+    ]);
+    assert!(train.status.success(), "{}", text(&train.stderr));
+    let checkpoint = out.join("tiny/fomaml-seed3/best");
+    let support = dir.path().join("support.jsonl");
+    write(
+        &support,
+        "{\"text\": \"refund my order\", \"label\": \"billing\"}\n\
+         {\"text\": \"charged twice\", \"label\": \"billing\"}\n\
+         {\"text\": \"app crashes\", \"label\": \"bug\"}\n\
+         {\"text\": \"error on save\", \"label\": \"bug\"}\n",
+    );
+    let query = dir.path().join("query.csv");
+    write(
+        &query,
+        "text,label\ncharged again,billing\ncrashes on start,\n",
+    );
+    let predictions = dir.path().join("predictions.jsonl");
+    let adapter = dir.path().join("adapted");
+    let s = |p: &Path| p.display().to_string();
+    let run = melora(&[
+        "adapt",
+        "--checkpoint",
+        &s(&checkpoint),
+        "--support",
+        &s(&support),
+        "--query",
+        &s(&query),
+        "--output",
+        &s(&predictions),
+        "--save-adapter",
+        &s(&adapter),
+    ]);
+    let stderr = text(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("accuracy on the 1 labelled query items"),
+        "{stderr}"
+    );
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&predictions)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[0]["item"], "charged again");
+    assert_eq!(lines[0]["label"], "billing");
+    assert!(lines[1].get("label").is_none());
+    for line in &lines {
+        let p = line["probabilities"].as_object().unwrap();
+        assert_eq!(p.keys().collect::<Vec<_>>(), ["billing", "bug"]);
+        let sum: f64 = p.values().map(|v| v.as_f64().unwrap()).sum();
+        assert!((sum - 1.0).abs() < 1e-9, "{sum}");
+        assert!(p.contains_key(line["prediction"].as_str().unwrap()));
+    }
+    for file in ["adapter_config.json", "adapter_model.safetensors"] {
+        assert!(adapter.join(file).exists(), "{file}");
+    }
+    let exported = dir.path().join("exported");
+    let run = melora(&[
+        "export",
+        "--checkpoint",
+        &s(&checkpoint),
+        "--output",
+        &s(&exported),
+    ]);
+    assert!(run.status.success(), "{}", text(&run.stderr));
+    let adapter_config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(exported.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(adapter_config["peft_type"], "LORA");
+    assert_eq!(adapter_config["r"], 2);
+    assert_eq!(
+        adapter_config["modules_to_save"],
+        serde_json::json!(["classifier"])
+    );
+
+    // A query label no support example has.
+    write(&query, "text,label\ncharged again,shipping\n");
+    let run = melora(&[
+        "adapt",
+        "--checkpoint",
+        &s(&checkpoint),
+        "--support",
+        &s(&support),
+        "--query",
+        &s(&query),
+    ]);
+    let stderr = text(&run.stderr);
+    assert!(!run.status.success());
+    assert!(
+        stderr.contains("`shipping`") && stderr.contains("no support example"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+/// `adapt` reads images as the checkpoint's training did: a folder of class folders
+/// for the support set, PNG files for the queries, of any size (resized).
+#[test]
+fn adapt_reads_image_folders_for_conv4() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("conv4.yml");
+    write(
+        &config,
+        "model:\n  name: conv4\nmeta_learning:\n  method: fomaml\n  meta_batch_size: 1\n  \
+         num_iterations: 2\ndata:\n  synthetic_task: images\n  n_way: 2\n  k_shot: 1\n  \
+         n_query: 1\nevaluation:\n  episodes: 1\n  eval_every: 2\n  val_episodes: 1\n\
+         tracking:\n  experiment_name: img\n",
+    );
+    let out = dir.path().join("runs");
+    let s = |p: &Path| p.display().to_string();
+    let train = melora(&["train", "--config", &s(&config), "--output", &s(&out)]);
+    assert!(train.status.success(), "{}", text(&train.stderr));
+    // 40×40 grey PNGs: a vertical bar for one class, a horizontal bar for the other.
+    let png = |path: &Path, vertical: bool| {
+        let mut pixels = vec![255u8; 40 * 40];
+        for i in 0..40 {
+            for j in 17..23 {
+                pixels[if vertical { i * 40 + j } else { j * 40 + i }] = 0;
+            }
+        }
+        let file = std::fs::File::create(path).unwrap();
+        let mut encoder = png::Encoder::new(std::io::BufWriter::new(file), 40, 40);
+        encoder.set_color(png::ColorType::Grayscale);
+        encoder.set_depth(png::BitDepth::Eight);
+        encoder
+            .write_header()
+            .unwrap()
+            .write_image_data(&pixels)
+            .unwrap();
+    };
+    let support = dir.path().join("support");
+    for (class, vertical) in [("vertical", true), ("horizontal", false)] {
+        std::fs::create_dir_all(support.join(class)).unwrap();
+        png(&support.join(class).join("a.png"), vertical);
+        png(&support.join(class).join("b.png"), vertical);
+    }
+    let query = dir.path().join("query");
+    std::fs::create_dir_all(&query).unwrap();
+    png(&query.join("1.png"), true);
+    png(&query.join("2.png"), false);
+    let run = melora(&[
+        "adapt",
+        "--checkpoint",
+        &s(&out.join("img/fomaml-seed42/best")),
+        "--support",
+        &s(&support),
+        "--query",
+        &s(&query),
+    ]);
+    assert!(run.status.success(), "{}", text(&run.stderr));
+    let lines: Vec<serde_json::Value> = text(&run.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[0]["item"], "1.png");
+    // A folder without class folders cannot be a support set.
+    let run = melora(&[
+        "adapt",
+        "--checkpoint",
+        &s(&out.join("img/fomaml-seed42/best")),
+        "--support",
+        &s(&query),
+        "--query",
+        &s(&query),
+    ]);
+    assert!(
+        text(&run.stderr).contains("one subfolder per class"),
+        "{}",
+        text(&run.stderr)
+    );
+}

@@ -145,6 +145,12 @@ pub(crate) enum Command {
     Full(FullArgs),
     /// Redraw the plots and report of an experiment folder written by `full`
     Report(ReportArgs),
+    /// Adapt a checkpoint to your own labelled examples (--support) and predict new
+    /// ones (--query): one JSON line per query item with the predicted label and the
+    /// probability of each label
+    Adapt(AdaptArgs),
+    /// Write a checkpoint's adapter (LoRA and head) as a PEFT adapter folder
+    Export(ExportArgs),
     /// Predict the peak memory of the configuration before running it, broken down,
     /// and compared across methods
     Plan(PlanArgs),
@@ -189,6 +195,43 @@ pub(crate) struct FullArgs {
     /// Training seeds per method [comparison.seeds]
     #[arg(long, value_name = "N")]
     pub(crate) seeds: Option<usize>,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct AdaptArgs {
+    /// Checkpoint folder (e.g. runs/quickstart/maml-seed42/best); its configuration
+    /// says how items are read and adapted
+    #[arg(long, value_name = "DIR")]
+    pub(crate) checkpoint: PathBuf,
+
+    /// Labelled examples: a JSONL or CSV file of texts with a label column, or a folder
+    /// with one subfolder of PNG images per class
+    #[arg(long, value_name = "FILE_OR_DIR")]
+    pub(crate) support: PathBuf,
+
+    /// Items to predict: a JSONL or CSV file of texts (a label column is optional, and
+    /// scores the predictions), or a folder of PNG images (or of class subfolders)
+    #[arg(long, value_name = "FILE_OR_DIR")]
+    pub(crate) query: PathBuf,
+
+    /// Write the predictions (JSON lines) here instead of standard output
+    #[arg(long, value_name = "FILE")]
+    pub(crate) output: Option<PathBuf>,
+
+    /// Also write the adapted adapter as a PEFT folder
+    #[arg(long, value_name = "DIR")]
+    pub(crate) save_adapter: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ExportArgs {
+    /// Checkpoint folder whose parameters are written
+    #[arg(long, value_name = "DIR")]
+    pub(crate) checkpoint: PathBuf,
+
+    /// The adapter folder to write (adapter_config.json, adapter_model.safetensors)
+    #[arg(long, value_name = "DIR")]
+    pub(crate) output: PathBuf,
 }
 
 #[derive(Debug, Args)]

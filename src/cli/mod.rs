@@ -2,6 +2,7 @@
 //! [`Config`] and calls the library; its interface is the command line, so
 //! it is hidden from the library's documentation.
 
+mod adapt_cmd;
 mod args;
 mod bench_cmd;
 mod bench_memory_cmd;
@@ -64,6 +65,8 @@ pub fn run() -> anyhow::Result<ExitCode> {
         Command::Evaluate(args) => train_cmd::run_evaluate(&cli.global, args),
         Command::Full(args) => full_cmd::run_full_cmd(&cli.global, args),
         Command::Report(args) => full_cmd::run_report(args),
+        Command::Adapt(args) => adapt_cmd::run_adapt(&cli.global, args),
+        Command::Export(args) => adapt_cmd::run_export(&cli.global, args),
     }
 }
 

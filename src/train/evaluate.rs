@@ -88,7 +88,10 @@ pub fn evaluate(
 
 /// The loss scale adaptation runs under: none unless the activations are f16; then
 /// the scale the checkpoint's training reached, or the configured initial scale.
-fn evaluation_loss_scale(config: &Config, checkpoint: Option<&Path>) -> Result<Option<f64>> {
+pub(crate) fn evaluation_loss_scale(
+    config: &Config,
+    checkpoint: Option<&Path>,
+) -> Result<Option<f64>> {
     if config.memory_optimization.precision != crate::config::Precision::F16 {
         return Ok(None);
     }

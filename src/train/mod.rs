@@ -2,6 +2,7 @@
 //! clip by global norm, step an optimiser along a learning-rate schedule) and the
 //! meta-step that feeds it.
 
+pub(crate) mod adapt;
 pub mod build;
 pub mod checkpoint;
 mod evaluate;
@@ -11,6 +12,7 @@ mod pretrain;
 mod run;
 mod step;
 
+pub use adapt::{adapt_examples, adapter_params, AdaptOutcome, Prediction};
 pub use evaluate::{evaluate, save_evaluation, EvaluateOptions};
 pub use full::{
     experiment_dir, load_results, run_full, save_results, AblationPoint, Comparison, FullObserver,

@@ -35,6 +35,19 @@ pub fn decode_png_grey(bytes: &[u8], name: &str) -> Result<(Vec<f32>, usize, usi
     Ok((grey, width, height))
 }
 
+/// A PNG as a model of `size × size` grey images reads it: grey levels in [0, 1],
+/// `inverted` (1 − level: dark strokes on white paper become 1 on 0, as Omniglot is
+/// read), resized by area averaging. `name` is used in errors.
+pub fn prepare_grey_png(bytes: &[u8], name: &str, size: usize, inverted: bool) -> Result<Vec<f32>> {
+    let (grey, w, h) = decode_png_grey(bytes, name)?;
+    let grey: Vec<f32> = if inverted {
+        grey.iter().map(|v| 1.0 - v).collect()
+    } else {
+        grey
+    };
+    Ok(resize_area(&grey, w, h, size))
+}
+
 /// Resizes a row-major `width × height` image to `size × size` by area averaging:
 /// every output pixel is the mean of the input area it covers (partial pixels
 /// weighted by their overlap).

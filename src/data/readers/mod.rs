@@ -10,10 +10,10 @@ mod text;
 mod wordnet;
 
 pub use idx::{read_idx, read_idx_dataset, IdxArray};
-pub use image::{decode_png_grey, resize_area, rotate90};
+pub use image::{decode_png_grey, prepare_grey_png, resize_area, rotate90};
 pub use omniglot::{read_omniglot, OmniglotOptions};
 pub use tabular::{read_tabular, Tabular};
-pub use text::{read_text_csv, read_text_jsonl, TextColumns};
+pub use text::{read_text_csv, read_text_items, read_text_jsonl, TextColumns, TextItem};
 pub use wordnet::{read_wordnet, WORDNET_DIR};
 
 use std::path::Path;

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::Path;
 
-use super::image::{decode_png_grey, resize_area, rotate90};
+use super::image::{prepare_grey_png, rotate90};
 use super::malformed;
 use crate::data::{Class, Dataset};
 use crate::{Error, Result};
@@ -107,9 +107,7 @@ fn class_of(parts: &[&str]) -> Option<String> {
 }
 
 fn prepare(bytes: &[u8], name: &str, options: &OmniglotOptions) -> Result<Vec<f32>> {
-    let (grey, w, h) = decode_png_grey(bytes, name)?;
-    let inverted: Vec<f32> = grey.iter().map(|v| 1.0 - v).collect();
-    Ok(resize_area(&inverted, w, h, options.image_size))
+    prepare_grey_png(bytes, name, options.image_size, true)
 }
 
 fn read_zip(
