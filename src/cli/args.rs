@@ -304,7 +304,9 @@ pub(crate) struct BenchMemoryArgs {
     pub(crate) threads: Option<usize>,
 
     /// Only these methods: maml-full_graph, maml (recompute), fomaml, reptile,
-    /// melora-diagonal, melora-gauss_newton, melora-block_diagonal
+    /// melora-diagonal, melora-gauss_newton, melora-block_diagonal, metasgd, or a
+    /// baseline (no-adaptation, prototype, lora-finetune, finetune,
+    /// pretrain-finetune), whose point is one test task's adaptation
     #[arg(long, value_name = "LIST", value_delimiter = ',')]
     pub(crate) methods: Vec<Variant>,
 

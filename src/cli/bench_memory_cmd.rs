@@ -96,6 +96,18 @@ pub(crate) fn run(global: &GlobalArgs, args: &BenchMemoryArgs) -> anyhow::Result
     if args.iterations == 0 {
         return Err(UserError::Usage("--iterations must be at least 1".into()).into());
     }
+    if args
+        .methods
+        .contains(&crate::config::Variant::MetaInitFinetune)
+    {
+        return Err(UserError::Usage(
+            "--methods: meta-init-finetune adapts a meta-trained checkpoint (in `melora \
+             full`); bench memory measures methods from their initialisation, so measure \
+             the meta-learner and the finetune baselines instead"
+                .into(),
+        )
+        .into());
+    }
     if let Some(&k) = args.ks.iter().find(|&&k| k == 0) {
         return Err(
             UserError::Usage(format!("--k: inner steps must be at least 1, got {k}")).into(),

@@ -77,7 +77,7 @@ impl Run {
     fn build(config: &Config) -> anyhow::Result<Run> {
         let model = build_model(config).map_err(UserError::Config)?;
         let encoder = build_text_encoder(config)?;
-        let params = model.init_params(config.seed)?;
+        let params = crate::train::build::initial_params(model.as_ref(), config)?;
         let work = if Variant::of(config).meta_trains() {
             let source = episode_source(
                 &config.data,

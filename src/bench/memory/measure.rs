@@ -5,10 +5,11 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::Config;
-use crate::data::{Prefetcher, SyntheticText};
+use crate::config::{Config, Variant};
+use crate::data::{EpisodeSource, Prefetcher, SyntheticText};
 use crate::memory::{current_bytes, is_installed, MemoryMeter, ProcessMemory};
-use crate::train::build::{build_learner, build_model, build_outer};
+use crate::nn::Mode;
+use crate::train::build::{build_adapter, build_learner, build_model, build_outer, initial_params};
 use crate::train::{meta_step, training_mode};
 use crate::{Error, Result};
 
@@ -64,8 +65,11 @@ pub fn measure(config: &Config, iterations: usize) -> Result<Measurement> {
     crate::tensor::ensure_second_order()?;
     let before_model = current_bytes();
     let model = build_model(config)?;
-    let mut params = model.init_params(config.seed)?;
+    let mut params = initial_params(model.as_ref(), config)?;
     let model_bytes = current_bytes().saturating_sub(before_model) as u64;
+    if Variant::of(config).is_baseline() {
+        return measure_adaptation(config, model.as_ref(), &params, iterations, model_bytes);
+    }
     let learner = build_learner(config)?;
     let mut outer = build_outer(config)?;
     let meta_batch = config.meta_learning.meta_batch_size;
@@ -98,6 +102,46 @@ pub fn measure(config: &Config, iterations: usize) -> Result<Measurement> {
     let (peak, baseline) = (meter.peak_bytes() as u64, meter.baseline_bytes() as u64);
     drop(meter);
     drop(params);
+    let installed = is_installed();
+    Ok(Measurement {
+        peak_bytes: installed.then_some(peak),
+        baseline_bytes: installed.then_some(baseline),
+        model_bytes: installed.then_some(model_bytes),
+        rss_bytes: ProcessMemory::read().ok().map(|m| m.peak_rss_bytes),
+        seconds_per_iter: median(&seconds),
+        seconds,
+        kernel_threads: candle_core::utils::get_num_threads(),
+    })
+}
+
+/// A baseline's point: one warm-up adaptation, then `iterations` timed ones, each
+/// adapting to the support set of a new task and predicting its query (what the
+/// baseline does per test task; it is not meta-trained).
+fn measure_adaptation(
+    config: &Config,
+    model: &dyn crate::models::FewShotModel,
+    params: &crate::tensor::ParamSet,
+    iterations: usize,
+    model_bytes: u64,
+) -> Result<Measurement> {
+    let adapter = build_adapter(config)?;
+    let source = tasks(config);
+    let adapt = |index: u64| -> Result<()> {
+        let task = source.episode(index)?;
+        let adapted = adapter.adapt(model, params, &task.support, Mode::Eval)?;
+        adapter.predict(model, &adapted, &task.query, Mode::Eval)?;
+        Ok(())
+    };
+    adapt(0)?;
+    let meter = MemoryMeter::start();
+    let mut seconds = Vec::with_capacity(iterations);
+    for index in 1..=iterations {
+        let started = Instant::now();
+        adapt(index as u64)?;
+        seconds.push(started.elapsed().as_secs_f64());
+    }
+    let (peak, baseline) = (meter.peak_bytes() as u64, meter.baseline_bytes() as u64);
+    drop(meter);
     let installed = is_installed();
     Ok(Measurement {
         peak_bytes: installed.then_some(peak),

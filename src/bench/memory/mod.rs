@@ -77,7 +77,7 @@ pub fn method_of(variant: Variant) -> Method {
 pub fn mode_of(variant: Variant) -> Option<String> {
     let c = variant.apply(&Config::default());
     match c.meta_learning.method {
-        Method::Maml => Some(c.meta_learning.inner.mode.to_string()),
+        Method::Maml | Method::Metasgd => Some(c.meta_learning.inner.mode.to_string()),
         Method::Melora => Some(c.memory_optimization.hessian_approximation.kind.to_string()),
         _ => None,
     }

@@ -397,3 +397,22 @@ fn skipped_rows_name_their_grid_point() {
         assert_eq!(skipped.point(), Some(point));
     }
 }
+
+/// A baseline's point times its adaptation to test tasks (it has no meta-iteration),
+/// and MetaSGD's its meta-iterations with the step sizes.
+#[test]
+fn baselines_and_metasgd_are_measured() {
+    for method in [crate::config::Method::Finetune, crate::config::Method::Metasgd] {
+        let mut c = Config::default();
+        c.model.max_length = 8;
+        c.data.n_way = 2;
+        c.data.k_shot = 1;
+        c.data.n_query = 1;
+        c.meta_learning.meta_batch_size = 1;
+        c.meta_learning.method = method;
+        c.evaluation.finetune_steps = 2;
+        let m = measure::measure(&c, 2).unwrap();
+        assert_eq!(m.seconds.len(), 2, "{method}");
+        assert!(m.seconds_per_iter > 0.0);
+    }
+}
