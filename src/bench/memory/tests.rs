@@ -402,7 +402,10 @@ fn skipped_rows_name_their_grid_point() {
 /// and MetaSGD's its meta-iterations with the step sizes.
 #[test]
 fn baselines_and_metasgd_are_measured() {
-    for method in [crate::config::Method::Finetune, crate::config::Method::Metasgd] {
+    for method in [
+        crate::config::Method::Finetune,
+        crate::config::Method::Metasgd,
+    ] {
         let mut c = Config::default();
         c.model.max_length = 8;
         c.data.n_way = 2;
