@@ -17,6 +17,7 @@
 pub mod bench;
 pub mod config;
 pub mod data;
+pub mod engine;
 pub mod error;
 pub mod eval;
 #[cfg(test)]

@@ -18,8 +18,11 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use melora::data::{Batch, Episode};
-use melora::memory::{format_bytes, CheckpointPlan, Checkpointed, CountingAllocator, MemoryMeter};
-use melora::meta::{hessian_vector_product, Fomaml, InnerLoop, MetaLearner};
+use melora::engine::{
+    hessian_vector_product, CheckpointPlan, Checkpointed, GradEngine, WholeGraph,
+};
+use melora::memory::{format_bytes, CountingAllocator, MemoryMeter};
+use melora::meta::{Fomaml, InnerLoop, MetaLearner};
 use melora::models::bert::{Bert, BertConfig};
 use melora::models::{FewShotModel, LoraSettings, Weights};
 use melora::nn::{LoraInit, LoraSpec, Mode};
@@ -134,14 +137,10 @@ fn checkpointing_halves_activation_memory_of_a_six_layer_encoder() {
         plans.push(("every: 2", Some(CheckpointPlan::Every(2))));
         plans.push(("layers: [0, 3]", Some(CheckpointPlan::Layers(vec![0, 3]))));
     }
-    let mut models: Vec<(&str, Box<dyn FewShotModel>)> = plans
+    type Case<'a> = (&'a str, Box<dyn FewShotModel>, Option<CheckpointPlan>);
+    let mut models: Vec<Case> = plans
         .into_iter()
-        .map(|(name, plan)| -> (&str, Box<dyn FewShotModel>) {
-            match plan {
-                Some(plan) => (name, Box::new(Checkpointed::new(encoder(), plan).unwrap())),
-                None => (name, encoder()),
-            }
-        })
+        .map(|(name, plan)| (name, encoder(), plan))
         .collect();
     // Selective recomputation: attention cores and feed-forward blocks rebuilt in the
     // backward pass, alone and inside one-layer segments.
@@ -150,32 +149,42 @@ fn checkpointing_halves_activation_memory_of_a_six_layer_encoder() {
         model.set_selective_recompute(true).unwrap();
         model
     };
-    models.push(("selective", selective()));
+    models.push(("selective", selective(), None));
     models.push((
         "selective+ev. 1",
-        Box::new(Checkpointed::new(selective(), CheckpointPlan::Every(1)).unwrap()),
+        selective(),
+        Some(CheckpointPlan::Every(1)),
     ));
     let selective_at = models.len() - 2;
-    let gradient = |model: &dyn FewShotModel| {
+    let engines: Vec<Box<dyn GradEngine>> = models
+        .iter()
+        .map(|(_, model, plan)| -> Box<dyn GradEngine> {
+            match plan {
+                Some(plan) => Box::new(Checkpointed::new(model.as_ref(), plan).unwrap()),
+                None => Box::new(WholeGraph::new(model.as_ref())),
+            }
+        })
+        .collect();
+    let gradient = |engine: &dyn GradEngine| {
         drop(
             fomaml
-                .meta_gradient(model, &params, &task, Mode::Eval)
+                .meta_gradient(engine, &params, &task, Mode::Eval)
                 .unwrap(),
         )
     };
-    let hvp = |model: &dyn FewShotModel| {
-        drop(hessian_vector_product(model, &params, &task.support, &v, Mode::Eval).unwrap())
+    let hvp = |engine: &dyn GradEngine| {
+        drop(hessian_vector_product(engine, &params, &task.support, &v, Mode::Eval).unwrap())
     };
     // Warm-up: thread pools and one-off buffers are not what is measured.
-    gradient(plain.as_ref());
+    gradient(&WholeGraph::new(plain.as_ref()));
 
-    let gradient_peaks: Vec<usize> = models
+    let gradient_peaks: Vec<usize> = engines
         .iter()
-        .map(|(_, m)| peak(|| gradient(m.as_ref())))
+        .map(|e| peak(|| gradient(e.as_ref())))
         .collect();
-    let hvp_peaks: Vec<usize> = models
+    let hvp_peaks: Vec<usize> = engines
         .iter()
-        .map(|(_, m)| if release { peak(|| hvp(m.as_ref())) } else { 0 })
+        .map(|e| if release { peak(|| hvp(e.as_ref())) } else { 0 })
         .collect();
     // Times: the fastest of 3 rounds, each round timing every model in turn, so that
     // load from other processes hits all of them alike.
@@ -185,9 +194,9 @@ fn checkpointing_halves_activation_memory_of_a_six_layer_encoder() {
         *best = (best.0.min(wall), best.1.min(cpu));
     };
     for _ in 0..if release { 5 } else { 0 } {
-        for (i, (_, m)) in models.iter().enumerate() {
-            fastest(&mut gradient_times[i], seconds(|| gradient(m.as_ref())));
-            fastest(&mut hvp_times[i], seconds(|| hvp(m.as_ref())));
+        for (i, e) in engines.iter().enumerate() {
+            fastest(&mut gradient_times[i], seconds(|| gradient(e.as_ref())));
+            fastest(&mut hvp_times[i], seconds(|| hvp(e.as_ref())));
         }
     }
 
@@ -215,7 +224,7 @@ fn checkpointing_halves_activation_memory_of_a_six_layer_encoder() {
     );
     let bytes = |b: f64| format_bytes(b as u64);
     let secs = |t: f64| format!("{t:.2}s");
-    for (i, (name, _)) in models.iter().enumerate() {
+    for (i, (name, _, _)) in models.iter().enumerate() {
         let (gp, gpr) = cells(gradient_peaks[i] as f64, gradient_peaks[0] as f64, bytes);
         let (gw, gwr) = cells(gradient_times[i].0, gradient_times[0].0, secs);
         let (gc, gcr) = cells(gradient_times[i].1, gradient_times[0].1, secs);
@@ -227,7 +236,7 @@ fn checkpointing_halves_activation_memory_of_a_six_layer_encoder() {
              {hp:>10} {hpr:>5} {hw:>7} {hwr:>5} {hc:>7} {hcr:>5}"
         );
     }
-    for (i, (name, _)) in models.iter().enumerate() {
+    for (i, (name, _, _)) in models.iter().enumerate() {
         println!(
             "{name}: gradient peak {} B, H·v peak {} B",
             gradient_peaks[i], hvp_peaks[i]

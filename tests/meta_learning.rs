@@ -9,6 +9,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use melora::data::{Batch, Episode};
+use melora::engine::WholeGraph;
 use melora::meta::{
     Adapter, Fomaml, HessianApproximation, InnerLoop, Maml, MamlMode, Melora, MetaLearner, Reptile,
 };
@@ -87,7 +88,7 @@ fn held_out_loss(
         .iter()
         .map(|task| {
             let adapted = adapter
-                .adapt(model, params, &task.support, Mode::Eval)
+                .adapt(&WholeGraph::new(model), params, &task.support, Mode::Eval)
                 .unwrap();
             let logits = model.logits(&adapted, &task.query, Mode::Eval).unwrap();
             ops::cross_entropy(&logits, &task.query.labels, 0.0)
@@ -181,7 +182,7 @@ fn two_hundred_meta_iterations_of_each_learner_beat_the_untrained_init() {
             let batch: Vec<Episode> = (0..4).map(|_| family.task(&mut rng)).collect();
             params = meta_step(
                 learner.as_ref(),
-                &model,
+                &WholeGraph::new(&model),
                 &params,
                 &batch,
                 &mut outer,

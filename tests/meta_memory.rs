@@ -6,6 +6,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use melora::data::{Batch, Episode};
+use melora::engine::WholeGraph;
 use melora::memory::{format_bytes, CountingAllocator, MemoryMeter};
 use melora::meta::{Fomaml, HessianApproximation, InnerLoop, Maml, MamlMode, Melora, MetaLearner};
 use melora::models::load::builtin;
@@ -97,7 +98,7 @@ fn peak_memory_grows_with_k_only_for_full_graph_maml() {
     ];
     // Warm-up: thread pools and one-off buffers are not what is measured.
     learners[0].1(1)
-        .meta_gradient(model.as_ref(), &params, &task, Mode::Eval)
+        .meta_gradient(&WholeGraph::new(model.as_ref()), &params, &task, Mode::Eval)
         .unwrap();
     println!("peak heap above baseline of one meta-gradient (tiny-bert, LoRA r=8, 5-way, 25+25 × 32 tokens)");
     println!(
@@ -110,7 +111,7 @@ fn peak_memory_grows_with_k_only_for_full_graph_maml() {
             let learner = make(k);
             let meter = MemoryMeter::start();
             let outcome = learner
-                .meta_gradient(model.as_ref(), &params, &task, Mode::Eval)
+                .meta_gradient(&WholeGraph::new(model.as_ref()), &params, &task, Mode::Eval)
                 .unwrap();
             peaks.push(meter.peak_above_baseline() as f64);
             drop(outcome);

@@ -24,7 +24,7 @@ use melora::nn::Mode;
 use melora::optim::{Optimizer, OptimizerKind};
 use melora::tensor::GradGraph;
 use melora::train::build::{
-    build_adapter, build_learner, build_model, build_outer, initial_params,
+    build_adapter, build_engine, build_learner, build_model, build_outer, initial_params,
 };
 use melora::train::meta_step;
 
@@ -748,11 +748,12 @@ fn one_adaptation(c: &Config) {
         }
     }
     let adapter = build_adapter(c).unwrap();
+    let engine = build_engine(c, model.as_ref()).unwrap();
     let adapted = adapter
-        .adapt(model.as_ref(), &params, &task.support, Mode::Eval)
+        .adapt(engine.as_ref(), &params, &task.support, Mode::Eval)
         .unwrap();
     let _ = adapter
-        .predict(model.as_ref(), &adapted, &task.query, Mode::Eval)
+        .predict(engine.as_ref(), &adapted, &task.query, Mode::Eval)
         .unwrap();
 }
 
@@ -769,9 +770,10 @@ fn one_meta_step(c: &Config) {
         .collect();
     let learner = build_learner(c).unwrap();
     let mut outer = build_outer(c).unwrap();
+    let engine = build_engine(c, model.as_ref()).unwrap();
     let (next, stats) = meta_step(
         learner.as_ref(),
-        model.as_ref(),
+        engine.as_ref(),
         &params,
         &tasks,
         &mut outer,

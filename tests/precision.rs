@@ -13,6 +13,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use melora::config::{DataConfig, DataSource};
 use melora::data::{episode_source, Batch, Episode, Split, TextTokenizer};
+use melora::engine::WholeGraph;
 use melora::eval::stats::mean_ci;
 use melora::memory::{format_bytes, CountingAllocator, MemoryMeter};
 use melora::meta::{InnerLoop, Maml, MamlMode, MetaLearner};
@@ -189,10 +190,20 @@ fn bf16_meta_gradients_are_within_two_percent_of_f32() {
     ] {
         let learner = maml(steps, mode);
         let reference = learner
-            .meta_gradient(f32_model.as_ref(), &params, &task, Mode::Eval)
+            .meta_gradient(
+                &WholeGraph::new(f32_model.as_ref()),
+                &params,
+                &task,
+                Mode::Eval,
+            )
             .unwrap();
         let mixed = learner
-            .meta_gradient(bf16_model.as_ref(), &params, &task, Mode::Eval)
+            .meta_gradient(
+                &WholeGraph::new(bf16_model.as_ref()),
+                &params,
+                &task,
+                Mode::Eval,
+            )
             .unwrap();
         assert!(mixed
             .meta_gradient
@@ -222,7 +233,7 @@ fn bf16_meta_gradients_are_within_two_percent_of_f32() {
 /// within 2% of the unsegmented f32 ones (tiny BERT, a segment per layer).
 #[test]
 fn bf16_checkpointed_second_order_meta_gradients_track_f32() {
-    use melora::memory::{CheckpointPlan, Checkpointed};
+    use melora::engine::{CheckpointPlan, Checkpointed};
     use melora::meta::{HessianApproximation, Melora};
     melora::init();
     let f32_model = builtin("tiny-bert", 1, DType::F32, Some(lora()), 5).unwrap();
@@ -234,7 +245,7 @@ fn bf16_checkpointed_second_order_meta_gradients_track_f32() {
         5,
     )
     .unwrap();
-    let checkpointed = Checkpointed::new(bf16_model, CheckpointPlan::Every(1)).unwrap();
+    let checkpointed = Checkpointed::new(bf16_model.as_ref(), &CheckpointPlan::Every(1)).unwrap();
     let params = trained_like(&f32_model.init_params(2).unwrap());
     let task = task(16, 1000);
     let learners: Vec<(&str, Box<dyn MetaLearner>)> = vec![
@@ -252,7 +263,12 @@ fn bf16_checkpointed_second_order_meta_gradients_track_f32() {
     ];
     for (name, learner) in learners {
         let reference = learner
-            .meta_gradient(f32_model.as_ref(), &params, &task, Mode::Eval)
+            .meta_gradient(
+                &WholeGraph::new(f32_model.as_ref()),
+                &params,
+                &task,
+                Mode::Eval,
+            )
             .unwrap()
             .meta_gradient;
         let mixed = learner
@@ -284,14 +300,24 @@ fn f16_meta_gradients_with_loss_scaling_track_f32() {
     for mode in [MamlMode::Recompute, MamlMode::FullGraph] {
         let learner = maml(2, mode);
         let reference = learner
-            .meta_gradient(f32_model.as_ref(), &params, &task, Mode::Eval)
+            .meta_gradient(
+                &WholeGraph::new(f32_model.as_ref()),
+                &params,
+                &task,
+                Mode::Eval,
+            )
             .unwrap()
             .meta_gradient;
         let mut errors = Vec::new();
         for scale in [1.0, 65536.0] {
             let _scope = loss_scale::scoped(scale);
             let g = learner
-                .meta_gradient(f16_model.as_ref(), &params, &task, Mode::Eval)
+                .meta_gradient(
+                    &WholeGraph::new(f16_model.as_ref()),
+                    &params,
+                    &task,
+                    Mode::Eval,
+                )
                 .unwrap()
                 .meta_gradient;
             errors.push(relative_error(&lora_part(&g), &lora_part(&reference)));
@@ -337,7 +363,7 @@ fn f16_loss_scaling_survives_a_forced_overflow() {
     for _ in 0..40 {
         let (next, stats) = meta_step(
             &learner,
-            model.as_ref(),
+            &WholeGraph::new(model.as_ref()),
             &params,
             &tasks,
             &mut outer,
@@ -444,7 +470,7 @@ fn bf16_peak_memory_of_a_minilm_meta_gradient_is_40_percent_below_f32() {
         let params = model.init_params(2).unwrap();
         let small = Episode::new(batch(5, 32, 30522, 3), batch(5, 32, 30522, 4), 5).unwrap();
         learner
-            .meta_gradient(&model, &params, &small, Mode::Eval)
+            .meta_gradient(&WholeGraph::new(&model), &params, &small, Mode::Eval)
             .unwrap();
     }
     let mut results = Vec::new();
@@ -468,7 +494,7 @@ fn bf16_peak_memory_of_a_minilm_meta_gradient_is_40_percent_below_f32() {
         let params = model.init_params(2).unwrap();
         let started = Instant::now();
         let outcome = learner
-            .meta_gradient(&model, &params, &task, Mode::Eval)
+            .meta_gradient(&WholeGraph::new(&model), &params, &task, Mode::Eval)
             .unwrap();
         let seconds = started.elapsed().as_secs_f64();
         let peak = meter.peak_above_baseline();

@@ -135,7 +135,7 @@ pub(crate) enum Command {
     #[command(subcommand)]
     Bench(BenchCommand),
     /// Meta-train the configured method, with validation and best/last checkpoints
-    /// in <output>/<experiment>/<run>/; Ctrl-C saves a checkpoint and stops
+    /// in OUTPUT/EXPERIMENT/RUN/; Ctrl-C saves a checkpoint and stops
     Train(TrainArgs),
     /// Adapt a checkpoint (or the untrained model) on the fixed meta-test episodes and
     /// report accuracy ± confidence interval, macro-F1, loss, adaptation time, memory
@@ -236,7 +236,7 @@ pub(crate) struct ExportArgs {
 
 #[derive(Debug, Args)]
 pub(crate) struct ReportArgs {
-    /// The experiment folder (<output>/<experiment>) holding results.json
+    /// The experiment folder (OUTPUT/EXPERIMENT) holding results.json
     #[arg(value_name = "DIR")]
     pub(crate) dir: PathBuf,
 }

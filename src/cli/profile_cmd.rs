@@ -18,7 +18,7 @@ use crate::memory::{current_bytes, format_bytes, is_installed, MemoryMeter, Proc
 use crate::meta::loss_value;
 use crate::nn::Mode;
 use crate::train::build::{
-    build_adapter, build_learner, build_model, build_outer, build_text_encoder,
+    build_adapter, build_engine, build_learner, build_model, build_outer, build_text_encoder,
 };
 use crate::train::{meta_step, training_mode};
 
@@ -76,6 +76,8 @@ impl Run {
     /// and test episodes, as `evaluate` builds them.
     fn build(config: &Config) -> anyhow::Result<Run> {
         let model = build_model(config).map_err(UserError::Config)?;
+        // A checkpointing plan the model cannot follow is the user's to fix.
+        build_engine(config, model.as_ref()).map_err(UserError::Config)?;
         let encoder = build_text_encoder(config)?;
         let params = crate::train::build::initial_params(model.as_ref(), config)?;
         let work = if Variant::of(config).meta_trains() {
@@ -113,6 +115,7 @@ impl Run {
     /// One meta-iteration on the next meta-batch, with training's dropout seeds; or
     /// the adaptation to test episode `iteration` and its query's outputs.
     fn iteration(&mut self, config: &Config, iteration: usize) -> anyhow::Result<()> {
+        let engine = build_engine(config, self.model.as_ref())?;
         match &mut self.work {
             Work::Train(training) => {
                 let Training {
@@ -125,7 +128,7 @@ impl Run {
                     training_mode(config.seed, iteration, config.meta_learning.meta_batch_size);
                 let (next, _) = meta_step(
                     learner.as_ref(),
-                    self.model.as_ref(),
+                    engine.as_ref(),
                     &self.params,
                     &tasks,
                     outer,
@@ -136,7 +139,7 @@ impl Run {
             Work::Evaluate { adapter, source } => {
                 let task = source.episode(iteration as u64)?;
                 let adapted =
-                    adapter.adapt(self.model.as_ref(), &self.params, &task.support, Mode::Eval)?;
+                    adapter.adapt(engine.as_ref(), &self.params, &task.support, Mode::Eval)?;
                 let outputs = self
                     .model
                     .logits(&adapted, &task.query, Mode::Eval)?

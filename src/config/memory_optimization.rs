@@ -4,8 +4,7 @@ use serde::{Deserialize, Serialize};
 
 use super::choice::choice_enum;
 use super::validate::{at_least, invalid, non_negative, positive};
-use crate::memory::CheckpointPlan;
-use crate::Result;
+use crate::{Error, Result};
 
 choice_enum! {
     /// Floating-point type of the frozen base and the activations. With bf16 or
@@ -145,6 +144,58 @@ pub struct CheckpointingConfig {
     /// without `enabled` (then inside each recomputed segment), and in every learner,
     /// full-graph MAML included (transformer models only).
     pub selective: bool,
+}
+
+/// Which layer inputs the forward pass keeps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CheckpointPlan {
+    /// The input of every `n`-th layer (0, n, 2n, …): segments of `n` layers.
+    Every(usize),
+    /// The inputs of the listed layers (0-based; order and repeats do not matter).
+    Layers(Vec<usize>),
+}
+
+impl CheckpointPlan {
+    /// The sorted, distinct layers whose input is kept in a stack of `layers` layers;
+    /// an error names the valid range and the configuration key.
+    pub fn boundaries(&self, layers: usize) -> Result<Vec<usize>> {
+        if layers == 0 {
+            return Err(Error::InvalidArgument(
+                "gradient checkpointing needs a stack with at least one layer; set \
+                 memory_optimization.checkpointing.enabled to false"
+                    .into(),
+            ));
+        }
+        match self {
+            CheckpointPlan::Every(0) => Err(Error::InvalidArgument(
+                "checkpointing every 0 layers is meaningless; set \
+                 memory_optimization.checkpointing.every to at least 1"
+                    .into(),
+            )),
+            CheckpointPlan::Every(n) => Ok((0..layers).step_by(*n).collect()),
+            CheckpointPlan::Layers(list) => {
+                if list.is_empty() {
+                    return Err(Error::InvalidArgument(
+                        "memory_optimization.checkpointing.layers is empty: the whole stack would \
+                         be one segment recomputed at once, which saves nothing; list at least \
+                         one layer, or unset it to use `every`"
+                            .into(),
+                    ));
+                }
+                if let Some(bad) = list.iter().find(|&&l| l >= layers) {
+                    return Err(Error::InvalidArgument(format!(
+                        "memory_optimization.checkpointing.layers names layer {bad}, but the \
+                         model has layers 0..={} ({layers} layers); list indices in that range",
+                        layers - 1
+                    )));
+                }
+                let mut sorted = list.clone();
+                sorted.sort_unstable();
+                sorted.dedup();
+                Ok(sorted)
+            }
+        }
+    }
 }
 
 impl CheckpointingConfig {

@@ -61,8 +61,9 @@ pub use data::{MAX_EPISODE_EXAMPLES, MAX_IMAGE_SIZE};
 pub use evaluation::EvaluationConfig;
 pub use lora::LoraConfig;
 pub use memory_optimization::{
-    BudgetLever, CheckpointingConfig, GradientAccumulationConfig, HessianApproximationConfig,
-    HessianKind, LossScalingConfig, MemoryBudgetConfig, MemoryOptimizationConfig, Precision,
+    BudgetLever, CheckpointPlan, CheckpointingConfig, GradientAccumulationConfig,
+    HessianApproximationConfig, HessianKind, LossScalingConfig, MemoryBudgetConfig,
+    MemoryOptimizationConfig, Precision,
 };
 pub use meta_learning::{
     InnerLoopConfig, InnerMode, LrSchedule, MetaLearningConfig, Method, OuterLoopConfig,

@@ -444,7 +444,7 @@ fn temp_file(name: &str, contents: &str) -> PathBuf {
 /// engine's plan only when enabled.
 #[test]
 fn checkpointing_plans_follow_the_section() {
-    use crate::memory::CheckpointPlan;
+    use crate::config::CheckpointPlan;
     let config = Config::from_yaml_str(
         "memory_optimization:\n  checkpointing:\n    enabled: true\n    every: 2\n",
     )

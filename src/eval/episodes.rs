@@ -10,9 +10,9 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use crate::data::EpisodeSource;
+use crate::engine::GradEngine;
 use crate::memory::MemoryMeter;
 use crate::meta::Adapter;
-use crate::models::FewShotModel;
 use crate::nn::Mode;
 use crate::optim::MIN_LOSS_SCALE;
 use crate::tensor::ParamSet;
@@ -114,7 +114,7 @@ impl Evaluation {
 #[allow(clippy::too_many_arguments)]
 pub fn evaluate_episodes(
     adapter: &dyn Adapter,
-    model: &dyn FewShotModel,
+    engine: &dyn GradEngine,
     params: &ParamSet,
     source: &dyn EpisodeSource,
     count: usize,
@@ -139,7 +139,7 @@ pub fn evaluate_episodes(
         let adapted = loop {
             let _scope = loss_scale.map(crate::tensor::loss_scale::scoped);
             match (
-                adapter.adapt(model, params, &task.support, Mode::Eval),
+                adapter.adapt(engine, params, &task.support, Mode::Eval),
                 loss_scale,
             ) {
                 (Err(Error::NonFinite(_)), Some(s)) if s / 2.0 >= MIN_LOSS_SCALE => {
@@ -150,7 +150,7 @@ pub fn evaluate_episodes(
         };
         let adapt_seconds = started.elapsed().as_secs_f64();
         let outputs = adapter
-            .predict(model, &adapted, &task.query, Mode::Eval)?
+            .predict(engine, &adapted, &task.query, Mode::Eval)?
             .detach();
         let loss = crate::meta::loss_value(&outputs, &task.query)
             .map_err(|e| Error::InvalidArgument(format!("test episode {index}: {e}")))?;

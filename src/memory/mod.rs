@@ -19,13 +19,10 @@
 //! - [`budget`]: fitting a configuration to a memory budget before a run, and
 //!   holding the run to it ([`BudgetGuard`]).
 //! - [`planner`] predicts the peak of a configuration before it runs (`melora plan`).
-//! - [`checkpoint`]: gradient checkpointing of transformer stacks ([`Checkpointed`]),
-//!   exact to second order.
 
 mod allocator;
 pub mod budget;
 mod bytes;
-pub mod checkpoint;
 mod meter;
 pub mod planner;
 mod rss;
@@ -36,6 +33,5 @@ pub use budget::{
     BudgetGuard,
 };
 pub use bytes::{format_bytes, parse_bytes};
-pub use checkpoint::{CheckpointPlan, Checkpointed, Checkpointer};
 pub use meter::{HeapReport, MemoryMeter, MemoryReport};
 pub use rss::ProcessMemory;

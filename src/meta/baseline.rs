@@ -15,7 +15,8 @@
 use candle_core::Tensor;
 
 use crate::data::Batch;
-use crate::models::{FewShotModel, HEAD_BIAS, HEAD_WEIGHT};
+use crate::engine::GradEngine;
+use crate::models::{HEAD_BIAS, HEAD_WEIGHT};
 use crate::nn::Mode;
 use crate::optim::{Optimizer, OptimizerKind};
 use crate::tensor::{ops, GradGraph, ParamSet};
@@ -42,7 +43,7 @@ fn check_budget(steps: usize, lr: f64) -> Result<()> {
 
 /// `steps` AdamW steps on the support loss from `start`.
 fn train(
-    model: &dyn FewShotModel,
+    engine: &dyn GradEngine,
     start: &ParamSet,
     support: &Batch,
     steps: usize,
@@ -54,7 +55,7 @@ fn train(
     let mut theta = start.detach();
     for step in 0..steps {
         let context = || format!("fine-tuning step {}", step + 1);
-        let (grads, _, _) = gradient(model, &theta, support, mode, None, &context)?;
+        let (grads, _, _) = gradient(engine, &theta, support, mode, &context)?;
         theta = optimizer.step(&theta, &grads, lr)?;
     }
     Ok(theta)
@@ -73,12 +74,12 @@ pub struct Finetune {
 impl Adapter for Finetune {
     fn adapt(
         &self,
-        model: &dyn FewShotModel,
+        engine: &dyn GradEngine,
         params: &ParamSet,
         support: &Batch,
         mode: Mode,
     ) -> Result<ParamSet> {
-        train(model, params, support, self.steps, self.lr, mode)
+        train(engine, params, support, self.steps, self.lr, mode)
     }
 }
 
@@ -99,20 +100,20 @@ pub struct LoraFinetune {
 impl Adapter for LoraFinetune {
     fn adapt(
         &self,
-        model: &dyn FewShotModel,
+        engine: &dyn GradEngine,
         _params: &ParamSet,
         support: &Batch,
         mode: Mode,
     ) -> Result<ParamSet> {
-        let fresh = model.init_params(self.seed)?;
-        train(model, &fresh, support, self.steps, self.lr, mode)
+        let fresh = engine.model().init_params(self.seed)?;
+        train(engine, &fresh, support, self.steps, self.lr, mode)
     }
 }
 
 /// Full fine-tuning per task: every weight of the pre-trained base model is trainable
 /// (not frozen), with the head (and the adapters, which start as zero updates); the
 /// most memory-hungry alternative, and what the reference project's fine-tuning
-/// baseline does. See [`FewShotModel::full_params`].
+/// baseline does. See [`crate::models::FewShotModel::full_params`].
 #[derive(Debug, Clone, Copy)]
 pub struct FullFinetune {
     /// Full-batch steps on the support set.
@@ -126,13 +127,13 @@ pub struct FullFinetune {
 impl Adapter for FullFinetune {
     fn adapt(
         &self,
-        model: &dyn FewShotModel,
+        engine: &dyn GradEngine,
         _params: &ParamSet,
         support: &Batch,
         mode: Mode,
     ) -> Result<ParamSet> {
-        let start = model.full_params(self.seed)?;
-        train(model, &start, support, self.steps, self.lr, mode)
+        let start = engine.model().full_params(self.seed)?;
+        train(engine, &start, support, self.steps, self.lr, mode)
     }
 }
 
@@ -144,7 +145,7 @@ pub struct NoAdaptation;
 impl Adapter for NoAdaptation {
     fn adapt(
         &self,
-        _model: &dyn FewShotModel,
+        _engine: &dyn GradEngine,
         params: &ParamSet,
         _support: &Batch,
         _mode: Mode,
@@ -182,7 +183,7 @@ fn unit_rows(x: &Tensor) -> Result<Tensor> {
 impl Adapter for Prototype {
     fn adapt(
         &self,
-        model: &dyn FewShotModel,
+        engine: &dyn GradEngine,
         params: &ParamSet,
         support: &Batch,
         mode: Mode,
@@ -192,7 +193,7 @@ impl Adapter for Prototype {
                 "prototype classifies by class means; it has no answer for regression tasks".into(),
             ));
         }
-        let features = unit_rows(&model.features(params, support, mode)?.detach())?;
+        let features = unit_rows(&engine.model().features(params, support, mode)?.detach())?;
         let labels = support.labels.to_vec1::<u32>()?;
         let classes = labels.iter().max().map_or(0, |&m| m as usize + 1);
         let mut means = Vec::with_capacity(classes);
@@ -216,13 +217,13 @@ impl Adapter for Prototype {
 
     fn predict(
         &self,
-        model: &dyn FewShotModel,
+        engine: &dyn GradEngine,
         adapted: &ParamSet,
         batch: &Batch,
         mode: Mode,
     ) -> Result<Tensor> {
         let means = adapted.require(PROTOTYPE_MEANS)?;
-        let features = unit_rows(&model.features(adapted, batch, mode)?)?;
+        let features = unit_rows(&engine.model().features(adapted, batch, mode)?)?;
         Ok((features.matmul(&means.t()?)? * self.temperature)?)
     }
 }
@@ -243,13 +244,13 @@ pub struct HeadFinetune {
 impl Adapter for HeadFinetune {
     fn adapt(
         &self,
-        model: &dyn FewShotModel,
+        engine: &dyn GradEngine,
         params: &ParamSet,
         support: &Batch,
         mode: Mode,
     ) -> Result<ParamSet> {
         check_budget(self.steps, self.lr)?;
-        let features = model.features(params, support, mode)?.detach();
+        let features = engine.model().features(params, support, mode)?.detach();
         let (weight, bias) = (params.require(HEAD_WEIGHT)?, params.require(HEAD_BIAS)?);
         let mut head = if self.reset_head {
             let classes = if support.is_regression() {
@@ -281,7 +282,7 @@ impl Adapter for HeadFinetune {
                 leaves.require(HEAD_WEIGHT)?,
                 Some(leaves.require(HEAD_BIAS)?),
             )?;
-            let loss = super::loss::task_loss(&logits, support)?;
+            let loss = engine.loss().value(&logits, support)?;
             let context = || format!("head fine-tuning step {}", step + 1);
             finite_value(&loss, &context)?;
             let grads = leaves.gradients(&loss, GradGraph::Detach)?;
@@ -298,8 +299,9 @@ impl Adapter for HeadFinetune {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::meta::loss::batch_loss;
+    use crate::engine::{Loss, TaskLoss, WholeGraph};
     use crate::meta::test_models::{dense_episode, TwoLayerProbe};
+    use crate::models::FewShotModel;
 
     fn probe() -> TwoLayerProbe {
         TwoLayerProbe {
@@ -310,7 +312,8 @@ mod tests {
     }
 
     fn support_loss(model: &dyn FewShotModel, p: &ParamSet, support: &Batch) -> f64 {
-        batch_loss(model, p, support, Mode::Eval)
+        TaskLoss
+            .value(&model.logits(p, support, Mode::Eval).unwrap(), support)
             .unwrap()
             .to_scalar::<f64>()
             .unwrap()
@@ -325,7 +328,7 @@ mod tests {
             steps: 30,
             lr: 0.05,
         }
-        .adapt(&model, &params, &task.support, Mode::Eval)
+        .adapt(&WholeGraph::new(&model), &params, &task.support, Mode::Eval)
         .unwrap();
         let after = support_loss(&model, &tuned, &task.support);
         assert!(after < 0.5 * before, "{before} -> {after}");
@@ -334,7 +337,7 @@ mod tests {
             lr: 0.05,
             seed: 3,
         }
-        .adapt(&model, &params, &task.support, Mode::Eval)
+        .adapt(&WholeGraph::new(&model), &params, &task.support, Mode::Eval)
         .unwrap();
         assert!(
             support_loss(&model, &fresh, &task.support)
@@ -345,7 +348,7 @@ mod tests {
             Finetune { steps: 3, lr: -0.1 },
         ] {
             assert!(bad
-                .adapt(&model, &params, &task.support, Mode::Eval)
+                .adapt(&WholeGraph::new(&model), &params, &task.support, Mode::Eval)
                 .is_err());
         }
     }
@@ -356,7 +359,7 @@ mod tests {
         let model = probe();
         let (params, task) = (model.init_params(1).unwrap(), dense_episode(3, 4, 2, 5));
         let same = NoAdaptation
-            .adapt(&model, &params, &task.support, Mode::Eval)
+            .adapt(&WholeGraph::new(&model), &params, &task.support, Mode::Eval)
             .unwrap();
         assert_eq!(same.sub(&params).unwrap().norm().unwrap(), 0.0);
     }
@@ -369,10 +372,10 @@ mod tests {
         let (params, task) = (model.init_params(2).unwrap(), dense_episode(3, 4, 3, 7));
         let proto = Prototype { temperature: 2.0 };
         let adapted = proto
-            .adapt(&model, &params, &task.support, Mode::Eval)
+            .adapt(&WholeGraph::new(&model), &params, &task.support, Mode::Eval)
             .unwrap();
         let logits = proto
-            .predict(&model, &adapted, &task.query, Mode::Eval)
+            .predict(&WholeGraph::new(&model), &adapted, &task.query, Mode::Eval)
             .unwrap()
             .to_vec2::<f64>()
             .unwrap();
@@ -419,7 +422,7 @@ mod tests {
         )
         .unwrap();
         assert!(proto
-            .adapt(&model, &params, &regression, Mode::Eval)
+            .adapt(&WholeGraph::new(&model), &params, &regression, Mode::Eval)
             .is_err());
     }
 
@@ -442,7 +445,7 @@ mod tests {
                 lr: 0.05,
                 reset_head,
             }
-            .adapt(&model, &params, &task.support, Mode::Eval)
+            .adapt(&WholeGraph::new(&model), &params, &task.support, Mode::Eval)
             .unwrap();
             for name in ["layers.0.weight", "layers.0.bias"] {
                 let gap = (tuned.require(name).unwrap() - params.require(name).unwrap())

@@ -4,11 +4,9 @@
 //! step counts (`extra_k`, `extra_maml_k`) and learning rates come from the
 //! fixtures' JSON.
 
-use super::{
-    hessian_vector_product, Adapter, Fomaml, InnerLoop, Maml, MamlMode, MetaLearner, Reptile,
-    TaskOutcome,
-};
+use super::{Adapter, Fomaml, InnerLoop, Maml, MamlMode, MetaLearner, Reptile, TaskOutcome};
 use crate::data::Episode;
+use crate::engine::{hessian_vector_product, CheckpointPlan, Checkpointed, GradEngine, WholeGraph};
 use crate::fixtures::{assert_close, assert_close_or_zero, Fixture};
 use crate::models::fixture_tests::{copy_fixture, fixture_case, save_fixture, FixtureCase};
 use crate::nn::Mode;
@@ -51,13 +49,13 @@ fn inner(case: &FixtureCase, steps: usize) -> InnerLoop {
     )
 }
 
-fn maml(case: &FixtureCase, steps: usize, mode: MamlMode) -> TaskOutcome {
+fn maml(engine: &dyn GradEngine, case: &FixtureCase, steps: usize, mode: MamlMode) -> TaskOutcome {
     let task = episode(case);
     Maml {
         inner: inner(case, steps),
         mode,
     }
-    .meta_gradient(case.model.as_ref(), &case.theta0, &task, Mode::Eval)
+    .meta_gradient(engine, &case.theta0, &task, Mode::Eval)
     .unwrap()
 }
 
@@ -84,35 +82,33 @@ fn check_learners(name: &str) {
 
 /// The fixture checks on fixture `name`, with gradient checkpointing on when
 /// `plan` is given and selective recomputation when `selective`.
-fn check_learners_with(name: &str, plan: Option<crate::memory::CheckpointPlan>, selective: bool) {
+fn check_learners_with(name: &str, plan: Option<CheckpointPlan>, selective: bool) {
     if let Some(case) = fixture_case(name) {
         check_case(case, plan, selective);
     }
 }
 
 /// The fixture checks on `case`.
-fn check_case(mut case: FixtureCase, plan: Option<crate::memory::CheckpointPlan>, selective: bool) {
+fn check_case(mut case: FixtureCase, plan: Option<CheckpointPlan>, selective: bool) {
     if selective {
         case.model.set_selective_recompute(true).unwrap();
     }
-    let case = match plan {
-        Some(plan) => FixtureCase {
-            model: Box::new(crate::memory::Checkpointed::new(case.model, plan).unwrap()),
-            ..case
-        },
-        None => case,
-    };
     let fixture = &case.fixture;
     let k = fixture.value("/inner_loop/K").as_u64().unwrap() as usize;
     let task = episode(&case);
     let model = case.model.as_ref();
+    let engine: Box<dyn GradEngine> = match &plan {
+        Some(plan) => Box::new(Checkpointed::new(model, plan).unwrap()),
+        None => Box::new(WholeGraph::new(model)),
+    };
+    let engine = engine.as_ref();
 
     // Adaptation: θ_K, the support-loss trajectory, the query logits and loss.
     let learner = Fomaml {
         inner: inner(&case, k),
     };
     let adapted = learner
-        .adapt(model, &case.theta0, &case.support, Mode::Eval)
+        .adapt(engine, &case.theta0, &case.support, Mode::Eval)
         .unwrap();
     assert_params_close(
         "adapted",
@@ -128,7 +124,7 @@ fn check_case(mut case: FixtureCase, plan: Option<crate::memory::CheckpointPlan>
     );
 
     let fomaml = learner
-        .meta_gradient(model, &case.theta0, &task, Mode::Eval)
+        .meta_gradient(engine, &case.theta0, &task, Mode::Eval)
         .unwrap();
     let trajectory = fixture
         .tensor("inner_support_loss_trajectory")
@@ -156,7 +152,7 @@ fn check_case(mut case: FixtureCase, plan: Option<crate::memory::CheckpointPlan>
     let reptile = Reptile {
         inner: inner(&case, k),
     }
-    .meta_gradient(model, &case.theta0, &task, Mode::Eval)
+    .meta_gradient(engine, &case.theta0, &task, Mode::Eval)
     .unwrap();
     let delta = prefixed(fixture, &case.theta0, "reptile_delta.");
     assert_params_close(
@@ -174,8 +170,8 @@ fn check_case(mut case: FixtureCase, plan: Option<crate::memory::CheckpointPlan>
     );
     for (steps, prefix) in gradients {
         let expected = prefixed(fixture, &case.theta0, &prefix);
-        let full = maml(&case, steps, MamlMode::FullGraph);
-        let recompute = maml(&case, steps, MamlMode::Recompute);
+        let full = maml(engine, &case, steps, MamlMode::FullGraph);
+        let recompute = maml(engine, &case, steps, MamlMode::Recompute);
         assert_params_close(
             &format!("MAML K={steps} full graph"),
             &full.meta_gradient,
@@ -208,7 +204,7 @@ fn check_case(mut case: FixtureCase, plan: Option<crate::memory::CheckpointPlan>
         for mode in [MamlMode::FullGraph, MamlMode::Recompute] {
             assert_scalar(
                 &format!("query loss K={steps} ({mode:?})"),
-                maml(&case, steps, mode).query_loss,
+                maml(engine, &case, steps, mode).query_loss,
                 scalar(fixture, &format!("query_loss_adapted_k{steps}")),
             );
         }
@@ -217,14 +213,14 @@ fn check_case(mut case: FixtureCase, plan: Option<crate::memory::CheckpointPlan>
     // K = 1, whatever the fixture's step counts: the identity
     // maml = g − α·H(θ₀)·g with g = ∇L_q(θ₁).
     for mode in [MamlMode::FullGraph, MamlMode::Recompute] {
-        let one = maml(&case, 1, mode);
+        let one = maml(engine, &case, 1, mode);
         let fo = Fomaml {
             inner: inner(&case, 1),
         }
-        .meta_gradient(model, &case.theta0, &task, Mode::Eval)
+        .meta_gradient(engine, &case.theta0, &task, Mode::Eval)
         .unwrap();
         let hg = hessian_vector_product(
-            model,
+            engine,
             &case.theta0,
             &case.support,
             &fo.meta_gradient,
@@ -237,7 +233,7 @@ fn check_case(mut case: FixtureCase, plan: Option<crate::memory::CheckpointPlan>
 
     // The Hessian-vector product at θ₀ over all trainable tensors jointly.
     let v = prefixed(fixture, &case.theta0, "hvp_v.");
-    let hv = hessian_vector_product(model, &case.theta0, &case.support, &v, Mode::Eval).unwrap();
+    let hv = hessian_vector_product(engine, &case.theta0, &case.support, &v, Mode::Eval).unwrap();
     assert_params_close(
         "Hessian-vector product",
         &hv,
@@ -324,7 +320,6 @@ fn learners_match_gpt2_fixture() {
 /// against the same reference values.
 #[test]
 fn checkpointed_learners_match_the_transformer_fixtures() {
-    use crate::memory::CheckpointPlan;
     check_learners_with("bert_lora_maml", Some(CheckpointPlan::Every(1)), false);
     check_learners_with(
         "gpt2_lora_maml",
@@ -338,7 +333,6 @@ fn checkpointed_learners_match_the_transformer_fixtures() {
 /// reference values.
 #[test]
 fn selective_learners_match_the_transformer_fixtures() {
-    use crate::memory::CheckpointPlan;
     check_learners_with("bert_lora_maml", None, true);
     check_learners_with("gpt2_lora_maml", None, true);
     check_learners_with("bert_lora_maml", Some(CheckpointPlan::Every(1)), true);
@@ -362,6 +356,7 @@ fn micro_batches_give_whole_batch_results() {
     };
     let task = episode(&case);
     let model = case.model.as_ref();
+    let engine = &WholeGraph::new(model);
     let whole = inner(&case, 2);
     let melora = |approximation| -> LearnerWith {
         Box::new(move |inner| {
@@ -413,10 +408,10 @@ fn micro_batches_give_whole_batch_results() {
     ];
     for (name, make) in &learners {
         let a = make(whole)
-            .meta_gradient(model, &case.theta0, &task, Mode::Eval)
+            .meta_gradient(engine, &case.theta0, &task, Mode::Eval)
             .unwrap();
         let b = make(whole.with_micro_batch(4))
-            .meta_gradient(model, &case.theta0, &task, Mode::Eval)
+            .meta_gradient(engine, &case.theta0, &task, Mode::Eval)
             .unwrap();
         let gap = a
             .meta_gradient
@@ -439,13 +434,13 @@ fn micro_batches_give_whole_batch_results() {
         mode: MamlMode::Recompute,
     };
     let with = sgd.with_step_sizes(&case.theta0).unwrap();
-    let a = sgd.meta_gradient(model, &with, &task, Mode::Eval).unwrap();
+    let a = sgd.meta_gradient(engine, &with, &task, Mode::Eval).unwrap();
     let split = MetaSgd {
         inner: whole.with_micro_batch(4),
         mode: MamlMode::Recompute,
     };
     let b = split
-        .meta_gradient(model, &with, &task, Mode::Eval)
+        .meta_gradient(engine, &with, &task, Mode::Eval)
         .unwrap();
     assert!(
         a.meta_gradient
@@ -469,7 +464,12 @@ fn micro_batching_a_batch_coupled_model_is_refused() {
         inner: inner(&case, 1).with_micro_batch(2),
     };
     let err = learner
-        .meta_gradient(case.model.as_ref(), &case.theta0, &task, Mode::Eval)
+        .meta_gradient(
+            &WholeGraph::new(case.model.as_ref()),
+            &case.theta0,
+            &task,
+            Mode::Eval,
+        )
         .unwrap_err()
         .to_string();
     assert!(

@@ -2,7 +2,7 @@
 //! ignoring how θ_K depends on θ₀.
 
 use crate::data::{Batch, Episode};
-use crate::models::FewShotModel;
+use crate::engine::GradEngine;
 use crate::nn::Mode;
 use crate::tensor::ParamSet;
 use crate::Result;
@@ -20,14 +20,14 @@ pub struct Fomaml {
 impl MetaLearner for Fomaml {
     fn meta_gradient(
         &self,
-        model: &dyn FewShotModel,
+        engine: &dyn GradEngine,
         params: &ParamSet,
         task: &Episode,
         mode: Mode,
     ) -> Result<TaskOutcome> {
-        let (adapted, support_losses) = adapt(model, params, &task.support, self.inner, mode)?;
+        let (adapted, support_losses) = adapt(engine, params, &task.support, self.inner, mode)?;
         let (meta_gradient, query_loss, query_accuracy) =
-            query_outcome(model, &adapted, &task.query, mode, self.inner.micro_batch)?;
+            query_outcome(engine, &adapted, &task.query, mode, self.inner.micro_batch)?;
         Ok(TaskOutcome {
             meta_gradient,
             support_losses,
@@ -40,11 +40,11 @@ impl MetaLearner for Fomaml {
 impl Adapter for Fomaml {
     fn adapt(
         &self,
-        model: &dyn FewShotModel,
+        engine: &dyn GradEngine,
         params: &ParamSet,
         support: &Batch,
         mode: Mode,
     ) -> Result<ParamSet> {
-        Ok(adapt(model, params, support, self.inner, mode)?.0)
+        Ok(adapt(engine, params, support, self.inner, mode)?.0)
     }
 }

@@ -3,12 +3,12 @@
 //! and its MetaSGD variant with a learned step size per parameter entry.
 
 use crate::data::{Batch, Episode};
-use crate::models::FewShotModel;
+use crate::engine::GradEngine;
 use crate::nn::Mode;
 use crate::tensor::{GradGraph, ParamSet};
 use crate::{Error, Result};
 
-use super::inner::{adapt_with, gradient_and_hvp, sgd_step, InnerLoop, StepSize};
+use super::inner::{adapt_with, sgd_step, InnerLoop, StepSize};
 use super::{query_outcome, Adapter, MetaLearner, TaskOutcome};
 
 /// How the second-order terms are obtained; both give the same numbers.
@@ -98,7 +98,7 @@ impl MetaSgd {
 /// Exact second-order meta-gradient with uniform (`alpha = None`) or per-entry step
 /// sizes; returns the outcome for θ and, with per-entry sizes, their gradient.
 fn second_order(
-    model: &dyn FewShotModel,
+    engine: &dyn GradEngine,
     theta0: &ParamSet,
     alpha: Option<&ParamSet>,
     inner: InnerLoop,
@@ -115,19 +115,19 @@ fn second_order(
                 Some(a) => StepSize::PerEntry(a),
                 None => StepSize::Uniform(inner.lr),
             };
+            let batched = inner.engine(engine);
             let mut leaves = theta0.to_leaves()?;
             let mut steps = Vec::with_capacity(inner.steps);
             let mut support_losses = Vec::with_capacity(inner.steps);
             for step in 0..inner.steps {
                 let context = || format!("inner step {}", step + 1);
                 let (next, loss) = sgd_step(
-                    model,
+                    &batched,
                     &leaves,
                     &task.support,
                     step_size,
                     GradGraph::Keep,
                     mode,
-                    inner.micro_batch,
                     &context,
                 )?;
                 support_losses.push(loss);
@@ -136,7 +136,7 @@ fn second_order(
                 leaves = next_leaves;
             }
             let (mut v, query_loss, query_accuracy) =
-                query_outcome(model, &leaves, &task.query, mode, inner.micro_batch)?;
+                query_outcome(engine, &leaves, &task.query, mode, inner.micro_batch)?;
             let mut alpha_grad = alpha.map(ParamSet::zeros_like).transpose()?;
             // v ← ∂⟨θ_{k+1}(θ_k, α), v⟩/∂θ_k = v − H_k(α⊙v), through the kept graphs;
             // the step sizes collect ∂⟨θ_{k+1}, v⟩/∂α = −g_k⊙v.
@@ -162,23 +162,23 @@ fn second_order(
                 None => StepSize::Uniform(inner.lr),
             };
             let (thetas, adapted, support_losses) =
-                adapt_with(model, theta0, &task.support, inner, step_size, mode)?;
+                adapt_with(engine, theta0, &task.support, inner, step_size, mode)?;
             let (mut v, query_loss, query_accuracy) =
-                query_outcome(model, &adapted, &task.query, mode, inner.micro_batch)?;
+                query_outcome(engine, &adapted, &task.query, mode, inner.micro_batch)?;
             let mut alpha_grad = alpha.map(ParamSet::zeros_like).transpose()?;
+            let batched = inner.engine(engine);
             for theta_k in thetas.iter().rev() {
                 let scaled = match alpha {
                     Some(a) => a.mul(&v)?,
                     None => v.scale(inner.lr)?,
                 };
-                let (g, h_scaled) = gradient_and_hvp(
-                    model,
+                let (g, mut products) = batched.gradient_and_hvps(
                     theta_k,
                     &task.support,
-                    &scaled,
+                    std::slice::from_ref(&scaled),
                     mode,
-                    inner.micro_batch,
                 )?;
+                let h_scaled = products.pop().expect("one product per vector");
                 if let Some(total) = alpha_grad.as_mut() {
                     *total = total.sub(&g.mul(&v)?)?;
                 }
@@ -200,26 +200,26 @@ fn second_order(
 impl MetaLearner for Maml {
     fn meta_gradient(
         &self,
-        model: &dyn FewShotModel,
+        engine: &dyn GradEngine,
         params: &ParamSet,
         task: &Episode,
         mode: Mode,
     ) -> Result<TaskOutcome> {
-        Ok(second_order(model, params, None, self.inner, self.mode, task, mode)?.0)
+        Ok(second_order(engine, params, None, self.inner, self.mode, task, mode)?.0)
     }
 }
 
 impl Adapter for Maml {
     fn adapt(
         &self,
-        model: &dyn FewShotModel,
+        engine: &dyn GradEngine,
         params: &ParamSet,
         support: &Batch,
         mode: Mode,
     ) -> Result<ParamSet> {
         self.inner.validate()?;
         Ok(adapt_with(
-            model,
+            engine,
             params,
             support,
             self.inner,
@@ -233,14 +233,14 @@ impl Adapter for Maml {
 impl MetaLearner for MetaSgd {
     fn meta_gradient(
         &self,
-        model: &dyn FewShotModel,
+        engine: &dyn GradEngine,
         params: &ParamSet,
         task: &Episode,
         mode: Mode,
     ) -> Result<TaskOutcome> {
         let (theta, alpha) = Self::split(params)?;
         let (mut outcome, alpha_grad) = second_order(
-            model,
+            engine,
             &theta,
             Some(&alpha),
             self.inner,
@@ -270,14 +270,14 @@ impl Adapter for MetaSgd {
     /// Adapts θ with the learned step sizes; returns θ_K (without the step sizes).
     fn adapt(
         &self,
-        model: &dyn FewShotModel,
+        engine: &dyn GradEngine,
         params: &ParamSet,
         support: &Batch,
         mode: Mode,
     ) -> Result<ParamSet> {
         let (theta, alpha) = Self::split(params)?;
         Ok(adapt_with(
-            model,
+            engine,
             &theta,
             support,
             self.inner,
@@ -291,7 +291,9 @@ impl Adapter for MetaSgd {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::WholeGraph;
     use crate::meta::test_models::{dense_episode, TwoLayerProbe};
+    use crate::models::FewShotModel;
 
     const INNER: InnerLoop = InnerLoop::new(3, 0.2);
 
@@ -316,12 +318,12 @@ mod tests {
         let mut grads = Vec::new();
         for mode in [MamlMode::FullGraph, MamlMode::Recompute] {
             let maml = Maml { inner: INNER, mode }
-                .meta_gradient(&model, &params, &task, Mode::Eval)
+                .meta_gradient(&WholeGraph::new(&model), &params, &task, Mode::Eval)
                 .unwrap();
             let learner = MetaSgd { inner: INNER, mode };
             let with = learner.with_step_sizes(&params).unwrap();
             let sgd = learner
-                .meta_gradient(&model, &with, &task, Mode::Eval)
+                .meta_gradient(&WholeGraph::new(&model), &with, &task, Mode::Eval)
                 .unwrap();
             assert!(gap(&theta_part(&sgd.meta_gradient), &maml.meta_gradient) < 1e-12);
             assert_eq!(
@@ -361,12 +363,12 @@ mod tests {
             })
             .unwrap();
         let analytic = learner
-            .meta_gradient(&model, &base, &task, Mode::Eval)
+            .meta_gradient(&WholeGraph::new(&model), &base, &task, Mode::Eval)
             .unwrap()
             .meta_gradient;
         let query_loss = |p: &ParamSet| {
             learner
-                .meta_gradient(&model, p, &task, Mode::Eval)
+                .meta_gradient(&WholeGraph::new(&model), p, &task, Mode::Eval)
                 .unwrap()
                 .query_loss
         };
@@ -412,11 +414,77 @@ mod tests {
             inner: INNER,
             mode: MamlMode::FullGraph,
         }
-        .meta_gradient(&model, &params, &task, Mode::Eval)
+        .meta_gradient(&WholeGraph::new(&model), &params, &task, Mode::Eval)
         .unwrap_err()
         .to_string();
         assert!(err.contains("with_step_sizes"), "{err}");
     }
 
     use candle_core::Tensor;
+
+    /// The loss is the engine's parameter: MAML with a custom loss (label-smoothed
+    /// cross-entropy, written as a closure) has the exact meta-gradient of that loss
+    /// — finite differences of L_q(θ − α∇L_s(θ)) agree along random directions, in
+    /// both modes — and it differs from the task loss's.
+    #[test]
+    fn maml_meta_learns_with_a_custom_loss() {
+        let model = TwoLayerProbe {
+            classes: 3,
+            dim: 4,
+            hidden: 5,
+        };
+        let (params, task) = (model.init_params(2).unwrap(), dense_episode(3, 4, 2, 6));
+        let smoothed = |logits: &Tensor, batch: &crate::data::Batch| -> crate::Result<Tensor> {
+            Ok(crate::tensor::ops::cross_entropy(
+                logits,
+                &batch.labels,
+                0.2,
+            )?)
+        };
+        let engine = WholeGraph::with_loss(&model, &smoothed);
+        let inner = InnerLoop::new(2, 0.3);
+        let objective = |theta: &ParamSet| -> f64 {
+            let adapted = Maml {
+                inner,
+                mode: MamlMode::Recompute,
+            }
+            .adapt(&engine, theta, &task.support, Mode::Eval)
+            .unwrap();
+            let logits = model.logits(&adapted, &task.query, Mode::Eval).unwrap();
+            smoothed(&logits, &task.query)
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+        let plain = Maml {
+            inner,
+            mode: MamlMode::Recompute,
+        }
+        .meta_gradient(&WholeGraph::new(&model), &params, &task, Mode::Eval)
+        .unwrap()
+        .meta_gradient;
+        for mode in [MamlMode::FullGraph, MamlMode::Recompute] {
+            let g = Maml { inner, mode }
+                .meta_gradient(&engine, &params, &task, Mode::Eval)
+                .unwrap()
+                .meta_gradient;
+            assert!(gap(&g, &plain) > 1e-3, "the custom loss changed nothing");
+            for seed in 0..3 {
+                let d = params
+                    .map(|_, t| {
+                        crate::tensor::gradcheck::random_tensor(t.dims(), 40 + seed, t.device())
+                    })
+                    .unwrap();
+                let eps = 1e-5;
+                let numeric = (objective(&params.axpy(eps, &d).unwrap())
+                    - objective(&params.axpy(-eps, &d).unwrap()))
+                    / (2.0 * eps);
+                let analytic = g.dot(&d).unwrap().to_scalar::<f64>().unwrap();
+                assert!(
+                    (numeric - analytic).abs() < 1e-7 * (1.0 + analytic.abs()),
+                    "{mode:?}: {analytic} vs finite differences {numeric}"
+                );
+            }
+        }
+    }
 }

@@ -18,15 +18,14 @@
 //! every factor (I − αH̃) from amplifying g when αc ≤ 2.
 
 use crate::data::{Batch, Episode};
-use crate::models::FewShotModel;
+use crate::engine::{
+    block_diagonal_product, exact_hessian_diagonal, hutchinson_diagonal, GradEngine,
+};
 use crate::nn::Mode;
 use crate::tensor::ParamSet;
 use crate::{Error, Result};
 
-use super::curvature::{
-    block_diagonal_product, exact_hessian_diagonal, gauss_newton_product, hutchinson_diagonal,
-};
-use super::inner::{adapt_storing, weighted_sum, InnerLoop};
+use super::inner::{adapt_storing, InnerLoop};
 use super::{query_outcome, Adapter, MetaLearner, TaskOutcome};
 
 /// The stand-in for the support Hessian.
@@ -41,7 +40,7 @@ pub enum HessianApproximation {
         /// Compute the diagonal exactly (one double-backward per entry).
         exact: bool,
     },
-    /// Generalised Gauss-Newton for the softmax cross-entropy.
+    /// The generalised Gauss-Newton matrix of the engine's loss.
     GaussNewton,
     /// Exact per-tensor Hessian blocks.
     BlockDiagonal,
@@ -93,26 +92,22 @@ impl Melora {
     /// H̃(θ_k)·g, damped and clamped.
     fn curvature(
         &self,
-        model: &dyn FewShotModel,
+        engine: &dyn GradEngine,
         theta: &ParamSet,
         support: &Batch,
         g: &ParamSet,
         step: usize,
         mode: Mode,
     ) -> Result<ParamSet> {
-        let micro = self.inner.micro_batch;
+        let engine = &self.inner.engine(engine);
         let product = match self.approximation {
             HessianApproximation::None => g.zeros_like()?,
             HessianApproximation::Diagonal { probes, exact } => {
                 let diagonal = if exact {
-                    weighted_sum(model, support, micro, |b| {
-                        exact_hessian_diagonal(model, theta, b, None, mode)
-                    })?
+                    exact_hessian_diagonal(engine, theta, support, None, mode)?
                 } else {
                     let seed = crate::tensor::ops::mix_seed(self.seed, step as u64);
-                    weighted_sum(model, support, micro, |b| {
-                        hutchinson_diagonal(model, theta, b, probes, seed, mode)
-                    })?
+                    hutchinson_diagonal(engine, theta, support, probes, seed, mode)?
                 };
                 let diagonal = match self.clamp {
                     Some(c) => diagonal.map(|_, d| d.clamp(0.0, c))?,
@@ -120,18 +115,12 @@ impl Melora {
                 };
                 diagonal.mul(g)?
             }
-            HessianApproximation::GaussNewton => self.bounded(
-                weighted_sum(model, support, micro, |b| {
-                    gauss_newton_product(model, theta, b, g, mode)
-                })?,
-                g,
-            )?,
-            HessianApproximation::BlockDiagonal => self.bounded(
-                weighted_sum(model, support, micro, |b| {
-                    block_diagonal_product(model, theta, b, g, mode)
-                })?,
-                g,
-            )?,
+            HessianApproximation::GaussNewton => {
+                self.bounded(engine.gauss_newton_product(theta, support, g, mode)?, g)?
+            }
+            HessianApproximation::BlockDiagonal => {
+                self.bounded(block_diagonal_product(engine, theta, support, g, mode)?, g)?
+            }
         };
         if self.damping > 0.0 {
             product.axpy(self.damping, g)
@@ -156,19 +145,19 @@ impl Melora {
 impl MetaLearner for Melora {
     fn meta_gradient(
         &self,
-        model: &dyn FewShotModel,
+        engine: &dyn GradEngine,
         params: &ParamSet,
         task: &Episode,
         mode: Mode,
     ) -> Result<TaskOutcome> {
         self.validate()?;
         let (thetas, adapted, support_losses) =
-            adapt_storing(model, params, &task.support, self.inner, mode)?;
+            adapt_storing(engine, params, &task.support, self.inner, mode)?;
         let (mut g, query_loss, query_accuracy) =
-            query_outcome(model, &adapted, &task.query, mode, self.inner.micro_batch)?;
+            query_outcome(engine, &adapted, &task.query, mode, self.inner.micro_batch)?;
         if self.approximation != HessianApproximation::None || self.damping > 0.0 {
             for (step, theta_k) in thetas.iter().enumerate().rev() {
-                let h = self.curvature(model, theta_k, &task.support, &g, step, mode)?;
+                let h = self.curvature(engine, theta_k, &task.support, &g, step, mode)?;
                 g = g.axpy(-self.inner.lr, &h)?;
             }
         }
@@ -184,21 +173,23 @@ impl MetaLearner for Melora {
 impl Adapter for Melora {
     fn adapt(
         &self,
-        model: &dyn FewShotModel,
+        engine: &dyn GradEngine,
         params: &ParamSet,
         support: &Batch,
         mode: Mode,
     ) -> Result<ParamSet> {
-        Ok(adapt_storing(model, params, support, self.inner, mode)?.1)
+        Ok(adapt_storing(engine, params, support, self.inner, mode)?.1)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::{hessian_vector_product, WholeGraph};
     use crate::fixtures::assert_close;
     use crate::meta::test_models::{dense_episode, LinearProbe, TwoLayerProbe};
-    use crate::meta::{hessian_vector_product, Fomaml, Maml, MamlMode};
+    use crate::meta::{Fomaml, Maml, MamlMode};
+    use crate::models::FewShotModel;
     use crate::tensor::gradcheck::random_tensor;
 
     const INNER: InnerLoop = InnerLoop::new(2, 0.3);
@@ -230,10 +221,10 @@ mod tests {
             inner: INNER,
             mode: MamlMode::Recompute,
         }
-        .meta_gradient(&model, &params, &task, Mode::Eval)
+        .meta_gradient(&WholeGraph::new(&model), &params, &task, Mode::Eval)
         .unwrap();
         let block = melora(HessianApproximation::BlockDiagonal)
-            .meta_gradient(&model, &params, &task, Mode::Eval)
+            .meta_gradient(&WholeGraph::new(&model), &params, &task, Mode::Eval)
             .unwrap();
         assert!(relative_gap(&block.meta_gradient, &exact.meta_gradient) < 1e-12);
         // With two tensors the cross terms are dropped, so it differs.
@@ -247,10 +238,10 @@ mod tests {
             inner: INNER,
             mode: MamlMode::Recompute,
         }
-        .meta_gradient(&model, &params, &task, Mode::Eval)
+        .meta_gradient(&WholeGraph::new(&model), &params, &task, Mode::Eval)
         .unwrap();
         let block = melora(HessianApproximation::BlockDiagonal)
-            .meta_gradient(&model, &params, &task, Mode::Eval)
+            .meta_gradient(&WholeGraph::new(&model), &params, &task, Mode::Eval)
             .unwrap();
         assert!(relative_gap(&block.meta_gradient, &exact.meta_gradient) > 1e-6);
     }
@@ -260,8 +251,17 @@ mod tests {
         let model = LinearProbe { classes: 3, dim: 4 };
         let (params, task) = (model.init_params(3).unwrap(), dense_episode(3, 4, 3, 20));
         let v = random_like(&params, 4);
-        let ggn = gauss_newton_product(&model, &params, &task.support, &v, Mode::Eval).unwrap();
-        let hvp = hessian_vector_product(&model, &params, &task.support, &v, Mode::Eval).unwrap();
+        let ggn = WholeGraph::new(&model)
+            .gauss_newton_product(&params, &task.support, &v, Mode::Eval)
+            .unwrap();
+        let hvp = hessian_vector_product(
+            &WholeGraph::new(&model),
+            &params,
+            &task.support,
+            &v,
+            Mode::Eval,
+        )
+        .unwrap();
         assert!(relative_gap(&ggn, &hvp) < 1e-12);
         let model = TwoLayerProbe {
             classes: 3,
@@ -271,7 +271,9 @@ mod tests {
         let params = model.init_params(5).unwrap();
         for seed in 0..5 {
             let v = random_like(&params, 100 + seed);
-            let gv = gauss_newton_product(&model, &params, &task.support, &v, Mode::Eval).unwrap();
+            let gv = WholeGraph::new(&model)
+                .gauss_newton_product(&params, &task.support, &v, Mode::Eval)
+                .unwrap();
             let curvature = v.dot(&gv).unwrap().to_scalar::<f64>().unwrap();
             assert!(curvature >= -1e-14, "vᵀGv = {curvature}");
         }
@@ -295,8 +297,12 @@ mod tests {
         let linear = LinearProbe { classes: 1, dim: 4 };
         let (params, batch) = (linear.init_params(3).unwrap(), regression_batch(20, 4, 9));
         let v = random_like(&params, 4);
-        let ggn = gauss_newton_product(&linear, &params, &batch, &v, Mode::Eval).unwrap();
-        let hvp = hessian_vector_product(&linear, &params, &batch, &v, Mode::Eval).unwrap();
+        let ggn = WholeGraph::new(&linear)
+            .gauss_newton_product(&params, &batch, &v, Mode::Eval)
+            .unwrap();
+        let hvp =
+            hessian_vector_product(&WholeGraph::new(&linear), &params, &batch, &v, Mode::Eval)
+                .unwrap();
         assert!(hvp.norm().unwrap() > 1e-3);
         assert!(
             relative_gap(&ggn, &hvp) < 1e-12,
@@ -313,8 +319,11 @@ mod tests {
         )
         .unwrap();
         let (params, batch) = (mlp.init_params(5).unwrap(), regression_batch(10, 1, 11));
-        let product =
-            |v: &ParamSet| gauss_newton_product(&mlp, &params, &batch, v, Mode::Eval).unwrap();
+        let product = |v: &ParamSet| {
+            WholeGraph::new(&mlp)
+                .gauss_newton_product(&params, &batch, v, Mode::Eval)
+                .unwrap()
+        };
         for seed in 0..4 {
             let (u, v) = (
                 random_like(&params, 100 + seed),
@@ -354,8 +363,19 @@ mod tests {
             ParamSet::from_pairs([("w1", w1.clone()), ("w2", w1.clone())]).unwrap(),
         ] {
             for result in [
-                block_diagonal_product(&model, &params, &task.support, &v, Mode::Eval),
-                gauss_newton_product(&model, &params, &task.support, &v, Mode::Eval),
+                block_diagonal_product(
+                    &WholeGraph::new(&model),
+                    &params,
+                    &task.support,
+                    &v,
+                    Mode::Eval,
+                ),
+                WholeGraph::new(&model).gauss_newton_product(
+                    &params,
+                    &task.support,
+                    &v,
+                    Mode::Eval,
+                ),
             ] {
                 let err = result.expect_err("a mismatched direction is refused");
                 assert!(matches!(err, Error::Params(_)), "{err}");
@@ -380,7 +400,7 @@ mod tests {
             heads.sort_unstable();
             assert!(!heads.is_empty(), "{name} has no hess_diag tensors");
             let diagonal = exact_hessian_diagonal(
-                case.model.as_ref(),
+                &WholeGraph::new(case.model.as_ref()),
                 &case.theta0,
                 &case.support,
                 Some(&heads),
@@ -412,14 +432,34 @@ mod tests {
             exact: true,
         };
         let outcome = melora(diagonal)
-            .meta_gradient(&model, &params, &task, Mode::Eval)
+            .meta_gradient(&WholeGraph::new(&model), &params, &task, Mode::Eval)
             .unwrap();
         // The recursion written out: θ₀, θ₁ from SGD, then g ← g − α·diag(H_k)⊙g.
-        let (thetas, adapted, _) =
-            adapt_storing(&model, &params, &task.support, INNER, Mode::Eval).unwrap();
-        let (mut g, _, _) = query_outcome(&model, &adapted, &task.query, Mode::Eval, None).unwrap();
+        let (thetas, adapted, _) = adapt_storing(
+            &WholeGraph::new(&model),
+            &params,
+            &task.support,
+            INNER,
+            Mode::Eval,
+        )
+        .unwrap();
+        let (mut g, _, _) = query_outcome(
+            &WholeGraph::new(&model),
+            &adapted,
+            &task.query,
+            Mode::Eval,
+            None,
+        )
+        .unwrap();
         for theta in thetas.iter().rev() {
-            let d = exact_hessian_diagonal(&model, theta, &task.support, None, Mode::Eval).unwrap();
+            let d = exact_hessian_diagonal(
+                &WholeGraph::new(&model),
+                theta,
+                &task.support,
+                None,
+                Mode::Eval,
+            )
+            .unwrap();
             g = g.sub(&d.mul(&g).unwrap().scale(INNER.lr).unwrap()).unwrap();
         }
         assert!(relative_gap(&outcome.meta_gradient, &g) < 1e-12);
@@ -434,12 +474,24 @@ mod tests {
             hidden: 5,
         };
         let (params, task) = (model.init_params(8).unwrap(), dense_episode(3, 4, 3, 40));
-        let exact =
-            exact_hessian_diagonal(&model, &params, &task.support, None, Mode::Eval).unwrap();
+        let exact = exact_hessian_diagonal(
+            &WholeGraph::new(&model),
+            &params,
+            &task.support,
+            None,
+            Mode::Eval,
+        )
+        .unwrap();
         let error = |probes| {
-            let estimate =
-                hutchinson_diagonal(&model, &params, &task.support, probes, 99, Mode::Eval)
-                    .unwrap();
+            let estimate = hutchinson_diagonal(
+                &WholeGraph::new(&model),
+                &params,
+                &task.support,
+                probes,
+                99,
+                Mode::Eval,
+            )
+            .unwrap();
             relative_gap(&estimate, &exact)
         };
         let (few, many) = (error(2), error(2000));
@@ -459,10 +511,10 @@ mod tests {
         };
         let (params, task) = (model.init_params(9).unwrap(), dense_episode(3, 4, 2, 50));
         let none = melora(HessianApproximation::None)
-            .meta_gradient(&model, &params, &task, Mode::Eval)
+            .meta_gradient(&WholeGraph::new(&model), &params, &task, Mode::Eval)
             .unwrap();
         let fo = Fomaml { inner: INNER }
-            .meta_gradient(&model, &params, &task, Mode::Eval)
+            .meta_gradient(&WholeGraph::new(&model), &params, &task, Mode::Eval)
             .unwrap();
         assert_eq!(relative_gap(&none.meta_gradient, &fo.meta_gradient), 0.0);
         // With a tiny clamp the correction nearly vanishes: close to first order.
@@ -478,7 +530,7 @@ mod tests {
                 clamp: Some(1e-9),
                 ..melora(approximation)
             }
-            .meta_gradient(&model, &params, &task, Mode::Eval)
+            .meta_gradient(&WholeGraph::new(&model), &params, &task, Mode::Eval)
             .unwrap();
             assert!(
                 relative_gap(&clamped.meta_gradient, &fo.meta_gradient) < 1e-8,
@@ -516,7 +568,7 @@ mod tests {
         for learner in bad {
             assert!(
                 learner
-                    .meta_gradient(&model, &params, &task, Mode::Eval)
+                    .meta_gradient(&WholeGraph::new(&model), &params, &task, Mode::Eval)
                     .is_err(),
                 "{learner:?}"
             );

@@ -15,7 +15,6 @@
 //! [`MetaLearner`]): there is nothing to meta-train.
 
 mod baseline;
-mod curvature;
 mod fomaml;
 mod inner;
 mod loss;
@@ -31,15 +30,10 @@ pub(crate) mod test_models;
 pub use baseline::{
     Finetune, FullFinetune, HeadFinetune, LoraFinetune, NoAdaptation, Prototype, PROTOTYPE_MEANS,
 };
-pub use curvature::{
-    block_diagonal_product, exact_hessian_diagonal, gauss_newton_product, hutchinson_diagonal,
-};
 pub use fomaml::Fomaml;
 pub(crate) use inner::gradient as loss_gradient;
-pub use inner::{hessian_vector_product, InnerLoop};
+pub use inner::InnerLoop;
 pub(crate) use loss::loss_value;
-#[cfg(test)]
-pub(crate) use loss::task_loss;
 pub use maml::{Maml, MamlMode, MetaSgd, STEP_SIZE_PREFIX};
 pub use melora::{HessianApproximation, Melora};
 pub use reptile::Reptile;
@@ -47,7 +41,7 @@ pub use reptile::Reptile;
 use candle_core::Tensor;
 
 use crate::data::{Batch, Episode};
-use crate::models::FewShotModel;
+use crate::engine::{GradEngine, MicroBatched};
 use crate::nn::Mode;
 use crate::tensor::ParamSet;
 use crate::Result;
@@ -66,13 +60,14 @@ pub struct TaskOutcome {
 }
 
 /// Anything that adapts parameters to a task's support set: every meta-learner, and
-/// the fine-tuning baselines. `mode` carries the dropout seed of the forward passes
-/// (or [`Mode::Eval`]).
+/// the fine-tuning baselines. The [`GradEngine`] gives the model, the loss and how
+/// derivatives are taken (whole graph or checkpointed); `mode` carries the dropout
+/// seed of the forward passes (or [`Mode::Eval`]).
 pub trait Adapter {
     /// `params` adapted to a support set (no graph kept).
     fn adapt(
         &self,
-        model: &dyn FewShotModel,
+        engine: &dyn GradEngine,
         params: &ParamSet,
         support: &Batch,
         mode: Mode,
@@ -82,12 +77,12 @@ pub trait Adapter {
     /// parameters: the model's own by default; a metric learner scores by distance.
     fn predict(
         &self,
-        model: &dyn FewShotModel,
+        engine: &dyn GradEngine,
         adapted: &ParamSet,
         batch: &Batch,
         mode: Mode,
     ) -> Result<Tensor> {
-        model.logits(adapted, batch, mode)
+        engine.model().logits(adapted, batch, mode)
     }
 }
 
@@ -96,7 +91,7 @@ pub trait MetaLearner: Adapter {
     /// The meta-gradient of one task at the shared initialisation `params`.
     fn meta_gradient(
         &self,
-        model: &dyn FewShotModel,
+        engine: &dyn GradEngine,
         params: &ParamSet,
         task: &Episode,
         mode: Mode,
@@ -105,13 +100,17 @@ pub trait MetaLearner: Adapter {
 
 /// The query gradient, loss and accuracy at adapted parameters `theta`.
 pub(crate) fn query_outcome(
-    model: &dyn FewShotModel,
+    engine: &dyn GradEngine,
     theta: &ParamSet,
     query: &Batch,
     mode: Mode,
     micro: Option<usize>,
 ) -> Result<(ParamSet, f64, f64)> {
-    inner::gradient(model, theta, query, mode, micro, &|| {
-        "the query loss after adaptation".into()
-    })
+    inner::gradient(
+        &MicroBatched::new(engine, micro),
+        theta,
+        query,
+        mode,
+        &|| "the query loss after adaptation".into(),
+    )
 }

@@ -2,7 +2,7 @@
 //! step moves the initialisation toward the adapted parameters.
 
 use crate::data::{Batch, Episode};
-use crate::models::FewShotModel;
+use crate::engine::GradEngine;
 use crate::nn::Mode;
 use crate::tensor::ParamSet;
 use crate::Result;
@@ -20,19 +20,18 @@ pub struct Reptile {
 impl MetaLearner for Reptile {
     fn meta_gradient(
         &self,
-        model: &dyn FewShotModel,
+        engine: &dyn GradEngine,
         params: &ParamSet,
         task: &Episode,
         mode: Mode,
     ) -> Result<TaskOutcome> {
-        let (adapted, support_losses) = adapt(model, params, &task.support, self.inner, mode)?;
+        let (adapted, support_losses) = adapt(engine, params, &task.support, self.inner, mode)?;
         // The query set only reports how well the adapted parameters do.
         let (query_loss, query_accuracy) = evaluate(
-            model,
+            &self.inner.engine(engine),
             &adapted,
             &task.query,
             mode,
-            self.inner.micro_batch,
             &|| "the query loss after adaptation".into(),
         )?;
         Ok(TaskOutcome {
@@ -47,11 +46,11 @@ impl MetaLearner for Reptile {
 impl Adapter for Reptile {
     fn adapt(
         &self,
-        model: &dyn FewShotModel,
+        engine: &dyn GradEngine,
         params: &ParamSet,
         support: &Batch,
         mode: Mode,
     ) -> Result<ParamSet> {
-        Ok(adapt(model, params, support, self.inner, mode)?.0)
+        Ok(adapt(engine, params, support, self.inner, mode)?.0)
     }
 }

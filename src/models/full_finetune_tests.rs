@@ -7,7 +7,7 @@ use candle_core::{DType, Device};
 use super::load::builtin;
 use super::test_support::padded_batch;
 use super::{FewShotModel, LoraSettings, HEAD_WEIGHT};
-use crate::memory::{CheckpointPlan, Checkpointed};
+use crate::engine::{CheckpointPlan, Checkpointed, GradEngine};
 use crate::nn::{LoraInit, LoraSpec, Mode};
 use crate::tensor::gradcheck::random_tensor;
 use crate::tensor::{ops, GradGraph, ParamSet};
@@ -106,15 +106,10 @@ fn checkpointed_full_fine_tuning_gradients_equal_the_plain_ones() {
         let plain = model(name);
         let full = with_random_head(&plain.full_params(3).unwrap());
         let expected = gradient(plain.as_ref(), &full);
-        let segmented = Checkpointed::new(model(name), CheckpointPlan::Every(1)).unwrap();
-        let engine = segmented.checkpointing().unwrap();
+        let built = model(name);
+        let engine = Checkpointed::new(built.as_ref(), &CheckpointPlan::Every(1)).unwrap();
         let got = engine
-            .gradient(
-                &full,
-                &padded_batch([0, 0]),
-                Mode::Eval,
-                &crate::meta::task_loss,
-            )
+            .gradient(&full, &padded_batch([0, 0]), Mode::Eval)
             .unwrap()
             .grads;
         let gap = got.sub(&expected).unwrap().norm().unwrap() / expected.norm().unwrap();

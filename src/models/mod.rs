@@ -67,12 +67,6 @@ pub trait FewShotModel {
     fn transformer(&self) -> Option<&dyn TransformerClassifier> {
         None
     }
-    /// The checkpointing engine when the model was built with gradient checkpointing
-    /// on ([`crate::memory::Checkpointed`]): the learners' gradient and curvature
-    /// primitives then run segment by segment. `None` by default.
-    fn checkpointing(&self) -> Option<crate::memory::Checkpointer<'_>> {
-        None
-    }
     /// Selective recomputation (`memory_optimization.checkpointing.selective`): the
     /// frozen base's attention cores and adapter-free feed-forward blocks keep only
     /// their inputs in the graph and are rebuilt in the backward pass, while the
@@ -80,10 +74,21 @@ pub trait FewShotModel {
     /// transformer stacks refuse.
     fn set_selective_recompute(&mut self, on: bool) -> Result<()> {
         if on {
-            return Err(crate::memory::checkpoint::not_a_stack_selective());
+            return Err(not_a_stack_selective());
         }
         Ok(())
     }
+}
+
+/// The error for selective recomputation of a model that is not a transformer stack.
+pub(crate) fn not_a_stack_selective() -> Error {
+    Error::InvalidArgument(
+        "selective recomputation rebuilds the attention and feed-forward blocks of \
+         transformer layers (BERT, DistilBERT, GPT-2, T5); this model has none, so set \
+         memory_optimization.checkpointing.selective to false (micro-batches, \
+         memory_optimization.gradient_accumulation.micro_batch, lower its memory)"
+            .into(),
+    )
 }
 
 /// How a transformer's hidden states become one feature vector per sequence.
@@ -130,7 +135,7 @@ pub struct StackContext {
 /// The stack is written as a chain of segments (see `DESIGN.md`): the embedding
 /// `h₀ = E(θ)`, the layers `h_{l+1} = F_l(h_l, θ)` and the tail (`finish`, pooling,
 /// head). [`encode`](Self::encode) runs them in order; gradient checkpointing
-/// (`crate::memory::checkpoint`) runs the same functions one segment graph at a
+/// (`crate::engine::Checkpointed`) runs the same functions one segment graph at a
 /// time, so there is one copy of each family's layer code.
 pub trait TransformerClassifier {
     /// The batch's constants for [`layer`](Self::layer) (T5's relative-position bias

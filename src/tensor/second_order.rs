@@ -8,7 +8,7 @@
 //! dropped: needed for gradients that are differentiated again, pure waste (memory
 //! and allocation time) for first-order ones. So [`init`] turns it on for the process
 //! and starts one worker thread that initialised with it off; first-order backward
-//! passes ([`first_order_backward`]) run there and free intermediate gradients as
+//! passes (`first_order_backward`) run there and free intermediate gradients as
 //! they go.
 
 use std::sync::mpsc::{channel, sync_channel, Sender, SyncSender};

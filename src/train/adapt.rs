@@ -20,7 +20,7 @@ use crate::nn::Mode;
 use crate::tensor::{ops, ParamSet};
 use crate::{Error, Result};
 
-use super::build::{build_adapter, build_model, build_text_encoder};
+use super::build::{build_adapter, build_engine, build_model, build_text_encoder};
 use super::run::params_from;
 
 /// One item a user gave: its name (the text itself, or the image's file name), its
@@ -306,9 +306,10 @@ pub(crate) fn adapt_with(
     let adapter = build_adapter(config)?;
     let scale = super::evaluate::evaluation_loss_scale(config, None)?;
     let _scope = scale.map(crate::tensor::loss_scale::scoped);
-    let adapted = adapter.adapt(model, params, &support_batch, Mode::Eval)?;
+    let engine = build_engine(config, model)?;
+    let adapted = adapter.adapt(engine.as_ref(), params, &support_batch, Mode::Eval)?;
     let logits = adapter
-        .predict(model, &adapted, &query_batch, Mode::Eval)?
+        .predict(engine.as_ref(), &adapted, &query_batch, Mode::Eval)?
         .detach()
         .narrow(1, 0, classes.len())?;
     let probabilities = ops::softmax(&logits.to_dtype(DType::F64)?)?.to_vec2::<f64>()?;

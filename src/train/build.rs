@@ -8,7 +8,7 @@ use crate::config::{
     PretrainTune,
 };
 use crate::data::{EncodeText, TextTokenizer, WordHashTokenizer};
-use crate::memory::Checkpointed;
+use crate::engine::{Checkpointed, GradEngine, WholeGraph};
 use crate::meta::{
     Adapter, Finetune, Fomaml, FullFinetune, HeadFinetune, HessianApproximation, InnerLoop,
     LoraFinetune, Maml, MamlMode, Melora, MetaLearner, MetaSgd, NoAdaptation, Prototype, Reptile,
@@ -49,9 +49,8 @@ pub fn model_precision(config: &Config) -> ModelPrecision {
 
 /// The model named by `model.name` (built-in) or `model.path` (Hugging Face folder),
 /// with LoRA from the `lora` section and a head for `data.n_way` classes, in the
-/// precision of [`model_precision`], and gradient checkpointing when
-/// `memory_optimization.checkpointing.enabled` (an error for models that are not
-/// transformer stacks, or layers the model does not have).
+/// precision of [`model_precision`] (selective recomputation on when
+/// `memory_optimization.checkpointing.selective`).
 pub fn build_model(config: &Config) -> Result<Box<dyn FewShotModel>> {
     let lora = LoraSettings {
         spec: LoraSpec {
@@ -77,10 +76,21 @@ pub fn build_model(config: &Config) -> Result<Box<dyn FewShotModel>> {
     if config.memory_optimization.checkpointing.selective {
         model.set_selective_recompute(true)?;
     }
-    match config.memory_optimization.checkpointing.plan() {
-        Some(plan) => Ok(Box::new(Checkpointed::new(model, plan)?)),
-        None => Ok(model),
-    }
+    Ok(model)
+}
+
+/// The gradient engine of a run over `model`: checkpointed segment sweeps when
+/// `memory_optimization.checkpointing.enabled` (an error for models that are not
+/// transformer stacks, or layers the model does not have), the whole graph
+/// otherwise; the task's own loss.
+pub fn build_engine<'m>(
+    config: &Config,
+    model: &'m dyn FewShotModel,
+) -> Result<Box<dyn GradEngine + 'm>> {
+    Ok(match config.memory_optimization.checkpointing.plan() {
+        Some(plan) => Box::new(Checkpointed::new(model, &plan)?),
+        None => Box::new(WholeGraph::new(model)),
+    })
 }
 
 /// Outputs of the configured model's head: one per class, or one for the sinusoid
@@ -274,12 +284,12 @@ struct AdapterOf(Box<dyn MetaLearner>);
 impl Adapter for AdapterOf {
     fn adapt(
         &self,
-        model: &dyn FewShotModel,
+        engine: &dyn GradEngine,
         params: &ParamSet,
         support: &crate::data::Batch,
         mode: crate::nn::Mode,
     ) -> Result<ParamSet> {
-        self.0.adapt(model, params, support, mode)
+        self.0.adapt(engine, params, support, mode)
     }
 }
 
@@ -366,13 +376,16 @@ mod tests {
     fn checkpointing_wraps_transformers_and_refuses_what_it_cannot_do() {
         let on = "model:\n  name: tiny-bert\nmemory_optimization:\n  checkpointing:\n    \
                   enabled: true\n";
-        let model = build_model(&config(on)).unwrap();
-        assert!(model.checkpointing().is_some());
-        assert!(build_model(&config("model:\n  name: tiny-bert\n"))
-            .unwrap()
-            .checkpointing()
-            .is_none());
-        let err = build_model(&config(&format!("{on}    layers: [1, 2]\n")))
+        let engine = |yaml: &str| -> Result<bool> {
+            let config = config(yaml);
+            let model = build_model(&config)?;
+            // Checkpointed and whole-graph engines agree; only the checkpointed one
+            // refuses a plan the model cannot follow.
+            build_engine(&config, &*model).map(|_| config.memory_optimization.checkpointing.enabled)
+        };
+        assert!(engine(on).unwrap());
+        assert!(!engine("model:\n  name: tiny-bert\n").unwrap());
+        let err = engine(&format!("{on}    layers: [1, 2]\n"))
             .err()
             .unwrap()
             .to_string();
@@ -382,10 +395,10 @@ mod tests {
                 && err.contains("checkpointing.layers"),
             "{err}"
         );
-        let err = build_model(&config(
+        let err = engine(
             "model:\n  name: conv4\ndata:\n  synthetic_task: images\nmemory_optimization:\n  \
              checkpointing:\n    enabled: true\n",
-        ))
+        )
         .err()
         .unwrap()
         .to_string();

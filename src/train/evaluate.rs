@@ -12,7 +12,7 @@ use crate::memory::MemoryMeter;
 use crate::tensor::ParamSet;
 use crate::Result;
 
-use super::build::{build_adapter, build_finetune, build_model, build_text_encoder};
+use super::build::{build_adapter, build_engine, build_finetune, build_model, build_text_encoder};
 use super::run::params_from;
 
 /// What to evaluate.
@@ -70,9 +70,10 @@ pub fn evaluate(
         encoder.as_ref(),
         &Device::Cpu,
     )?;
+    let engine = build_engine(config, model.as_ref())?;
     let mut evaluation = evaluate_episodes(
         adapter.as_ref(),
-        model.as_ref(),
+        engine.as_ref(),
         &params,
         source.as_ref(),
         options.episodes.unwrap_or(config.evaluation.episodes),

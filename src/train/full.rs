@@ -19,7 +19,7 @@ use crate::memory::MemoryMeter;
 use crate::nn::Mode;
 use crate::{Error, Result};
 
-use super::build::{build_learner, build_model, build_text_encoder, initial_params};
+use super::build::{build_engine, build_learner, build_model, build_text_encoder, initial_params};
 use super::evaluate::{evaluate, save_evaluation, EvaluateOptions};
 use super::pretrain::pretrain;
 use super::run::{run_dir, train, TrainOptions};
@@ -692,8 +692,9 @@ fn memory_vs_k(config: &Config, variants: &[Variant]) -> Result<Vec<MemoryPoint>
             let learner = build_learner(&c)?;
             let params = initial_params(model.as_ref(), &c)?;
             let meter = MemoryMeter::start();
+            let engine = build_engine(&c, model.as_ref())?;
             learner.meta_gradient(
-                model.as_ref(),
+                engine.as_ref(),
                 &params,
                 &task,
                 Mode::Train { seed: config.seed },

@@ -10,6 +10,7 @@ use candle_core::{Device, Tensor};
 
 use crate::config::Config;
 use crate::data::{episode_source, Split};
+use crate::engine::MicroBatched;
 use crate::memory::MemoryMeter;
 use crate::models::{FewShotModel, HEAD_BIAS, HEAD_WEIGHT};
 use crate::nn::Mode;
@@ -17,7 +18,7 @@ use crate::optim::{Optimizer, OptimizerKind};
 use crate::tensor::ParamSet;
 use crate::{Error, Result};
 
-use super::build::{build_text_encoder, initial_params, tasks_share_classes};
+use super::build::{build_engine, build_text_encoder, initial_params, tasks_share_classes};
 
 /// What pre-training produced.
 #[derive(Debug, Clone)]
@@ -66,6 +67,8 @@ pub fn pretrain(config: &Config, model: &dyn FewShotModel) -> Result<PretrainOut
         &Device::Cpu,
     )?;
     let initial = initial_params(model, config)?;
+    let engine = build_engine(config, model)?;
+    let micro_batch = config.memory_optimization.gradient_accumulation.micro_batch;
     let task_head_rows = initial.require(HEAD_WEIGHT)?.dims()[0];
     let mut params: Option<ParamSet> = None;
     let mut optimizer = Optimizer::new(OptimizerKind::adamw(0.0));
@@ -89,13 +92,12 @@ pub fn pretrain(config: &Config, model: &dyn FewShotModel) -> Result<PretrainOut
         };
         let context = || format!("pre-training step {}", step + 1);
         let (grads, loss, _) = crate::meta::loss_gradient(
-            model,
+            &MicroBatched::new(engine.as_ref(), micro_batch),
             &theta,
             &batch.batch,
             Mode::Train {
                 seed: crate::tensor::ops::mix_seed(config.seed, step as u64),
             },
-            config.memory_optimization.gradient_accumulation.micro_batch,
             &context,
         )?;
         final_loss = loss;

@@ -15,6 +15,7 @@ use std::time::Instant;
 
 use crate::config::{Config, Variant};
 use crate::data::{episode_sources, EpisodeSource, Prefetcher, Split};
+use crate::engine::GradEngine;
 use crate::eval::evaluate_episodes;
 use crate::memory::MemoryMeter;
 use crate::memory::{format_bytes, BudgetGuard};
@@ -25,7 +26,7 @@ use crate::tensor::ParamSet;
 use crate::track::{Resume, RunEnd, RunTracker, TrackerOptions};
 use crate::Result;
 
-use super::build::{build_learner, build_model, build_outer, build_text_encoder};
+use super::build::{build_engine, build_learner, build_model, build_outer, build_text_encoder};
 use super::checkpoint::{load_checkpoint, save_checkpoint, CheckpointState};
 use super::{meta_step, training_mode, OuterUpdate, StepStats};
 
@@ -112,7 +113,7 @@ pub struct TrainSummary {
 /// adaptation runs under it.
 pub(crate) fn validation_score(
     adapter: &dyn Adapter,
-    model: &dyn FewShotModel,
+    engine: &dyn GradEngine,
     params: &ParamSet,
     source: &dyn EpisodeSource,
     count: usize,
@@ -120,7 +121,7 @@ pub(crate) fn validation_score(
 ) -> Result<f64> {
     let evaluation = evaluate_episodes(
         adapter,
-        model,
+        engine,
         params,
         source,
         count,
@@ -167,6 +168,7 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainSummary> {
     crate::init();
     let meter = MemoryMeter::start();
     let model = build_model(config)?;
+    let engine = build_engine(config, model.as_ref())?;
     let mut learner = build_learner(config)?;
     let encoder = build_text_encoder(config)?;
     let mut outer = build_outer(config)?;
@@ -311,7 +313,7 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainSummary> {
                 }
                 match meta_step(
                     learner.as_ref(),
-                    model.as_ref(),
+                    engine.as_ref(),
                     &params,
                     &tasks,
                     &mut outer,
@@ -372,7 +374,7 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainSummary> {
             if validate {
                 let score = validation_score(
                     learner.as_ref(),
-                    model.as_ref(),
+                    engine.as_ref(),
                     &params,
                     val_source.as_ref(),
                     config.evaluation.val_episodes,
@@ -818,7 +820,7 @@ mod tests {
         let params = model.init_params(1).unwrap();
         let err = validation_score(
             learner.as_ref(),
-            model.as_ref(),
+            &crate::engine::WholeGraph::new(model.as_ref()),
             &params,
             &Failing,
             usize::MAX,

@@ -7,8 +7,8 @@
 //! step (parameters and optimiser untouched) and halves the scale instead.
 
 use crate::data::Episode;
+use crate::engine::GradEngine;
 use crate::meta::MetaLearner;
-use crate::models::FewShotModel;
 use crate::nn::Mode;
 use crate::tensor::ParamSet;
 use crate::{Error, Result};
@@ -73,7 +73,7 @@ fn skipped(params: &ParamSet, scale: Option<f64>, regression: bool) -> (ParamSet
 /// task i's forward mode (its dropout seed).
 pub fn meta_step(
     learner: &dyn MetaLearner,
-    model: &dyn FewShotModel,
+    engine: &dyn GradEngine,
     params: &ParamSet,
     meta_batch: &[Episode],
     outer: &mut OuterUpdate,
@@ -90,7 +90,7 @@ pub fn meta_step(
     let scale = outer.loss_scale.as_ref().map(|s| s.scale());
     let scope = scale.map(crate::tensor::loss_scale::scoped);
     for (i, task) in meta_batch.iter().enumerate() {
-        let outcome = learner.meta_gradient(model, params, task, mode(i));
+        let outcome = learner.meta_gradient(engine, params, task, mode(i));
         if let (Err(Error::NonFinite(what)), Some(scaler)) = (&outcome, outer.loss_scale.as_mut()) {
             // An overflow of the scaled passes: skip the step, smaller scale next time.
             scaler.record_overflow(&format!("task {} of the meta-batch, {what}", i + 1))?;
@@ -143,8 +143,10 @@ pub fn meta_step(
 mod tests {
     use super::*;
     use crate::data::Batch;
+    use crate::engine::WholeGraph;
     use crate::meta::test_models::{dense_episode, LinearProbe};
     use crate::meta::{Fomaml, InnerLoop, Maml, MamlMode, Reptile};
+    use crate::models::FewShotModel;
     use crate::optim::{Optimizer, OptimizerKind, Schedule};
     use candle_core::{Device, Tensor};
 
@@ -161,9 +163,16 @@ mod tests {
 
     fn error(learner: &dyn MetaLearner, params: &ParamSet, tasks: &[Episode]) -> String {
         let model = LinearProbe { classes: 3, dim: 4 };
-        meta_step(learner, &model, params, tasks, &mut outer(), |_| Mode::Eval)
-            .unwrap_err()
-            .to_string()
+        meta_step(
+            learner,
+            &WholeGraph::new(&model),
+            params,
+            tasks,
+            &mut outer(),
+            |_| Mode::Eval,
+        )
+        .unwrap_err()
+        .to_string()
     }
 
     #[test]
@@ -189,7 +198,15 @@ mod tests {
         let learner = Reptile {
             inner: InnerLoop::new(1, 0.1),
         };
-        assert!(meta_step(&learner, &model, &params, &[], &mut outer(), |_| Mode::Eval).is_err());
+        assert!(meta_step(
+            &learner,
+            &WholeGraph::new(&model),
+            &params,
+            &[],
+            &mut outer(),
+            |_| Mode::Eval
+        )
+        .is_err());
     }
 
     #[test]
@@ -234,7 +251,7 @@ mod tests {
             let before = params.clone();
             let result = meta_step(
                 learner.as_ref(),
-                &model,
+                &WholeGraph::new(&model),
                 &params,
                 &[good.clone(), bad.clone()],
                 &mut update,

@@ -9,7 +9,9 @@ use crate::config::{Config, Variant};
 use crate::data::{EpisodeSource, Prefetcher, SyntheticText};
 use crate::memory::{current_bytes, is_installed, MemoryMeter, ProcessMemory};
 use crate::nn::Mode;
-use crate::train::build::{build_adapter, build_learner, build_model, build_outer, initial_params};
+use crate::train::build::{
+    build_adapter, build_engine, build_learner, build_model, build_outer, initial_params,
+};
 use crate::train::{meta_step, training_mode};
 use crate::{Error, Result};
 
@@ -65,10 +67,11 @@ pub fn measure(config: &Config, iterations: usize) -> Result<Measurement> {
     crate::tensor::ensure_second_order()?;
     let before_model = current_bytes();
     let model = build_model(config)?;
+    let engine = build_engine(config, model.as_ref())?;
     let mut params = initial_params(model.as_ref(), config)?;
     let model_bytes = current_bytes().saturating_sub(before_model) as u64;
     if Variant::of(config).is_baseline() {
-        return measure_adaptation(config, model.as_ref(), &params, iterations, model_bytes);
+        return measure_adaptation(config, engine.as_ref(), &params, iterations, model_bytes);
     }
     let learner = build_learner(config)?;
     let mut outer = build_outer(config)?;
@@ -80,7 +83,7 @@ pub fn measure(config: &Config, iterations: usize) -> Result<Measurement> {
         let dropout = training_mode(seed, iteration, meta_batch);
         meta_step(
             learner.as_ref(),
-            model.as_ref(),
+            engine.as_ref(),
             params,
             &tasks,
             &mut outer,
@@ -119,7 +122,7 @@ pub fn measure(config: &Config, iterations: usize) -> Result<Measurement> {
 /// baseline does per test task; it is not meta-trained).
 fn measure_adaptation(
     config: &Config,
-    model: &dyn crate::models::FewShotModel,
+    engine: &dyn crate::engine::GradEngine,
     params: &crate::tensor::ParamSet,
     iterations: usize,
     model_bytes: u64,
@@ -128,8 +131,8 @@ fn measure_adaptation(
     let source = tasks(config);
     let adapt = |index: u64| -> Result<()> {
         let task = source.episode(index)?;
-        let adapted = adapter.adapt(model, params, &task.support, Mode::Eval)?;
-        adapter.predict(model, &adapted, &task.query, Mode::Eval)?;
+        let adapted = adapter.adapt(engine, params, &task.support, Mode::Eval)?;
+        adapter.predict(engine, &adapted, &task.query, Mode::Eval)?;
         Ok(())
     };
     adapt(0)?;

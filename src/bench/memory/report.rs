@@ -473,7 +473,7 @@ impl MemoryBench {
 
     /// Draws peak memory against K, one line per method, for each precision and
     /// checkpointing combination measured (`memory.png` and `.svg` for f32 without
-    /// checkpointing; see [`plot_stem`]). Returns the main PNG's path (that of the
+    /// checkpointing; see `plot_stem`). Returns the main PNG's path (that of the
     /// first combination when f32 without checkpointing was not measured).
     pub fn plot(&self, dir: &Path) -> Result<PathBuf> {
         let mut main = dir.join("memory.png");

@@ -380,7 +380,7 @@ pub(crate) fn model_spec(config: &Config) -> Result<Spec> {
         selective: config.memory_optimization.checkpointing.selective,
     };
     if model.selective && matches!(model.family, Family::Conv4(_) | Family::Mlp(_)) {
-        return Err(crate::memory::checkpoint::not_a_stack_selective());
+        return Err(crate::models::not_a_stack_selective());
     }
     let mut load = LoadSpec::default();
     if let Some(file) = weights_file {
@@ -400,9 +400,7 @@ pub(crate) fn model_spec(config: &Config) -> Result<Spec> {
     let checkpoint = match config.memory_optimization.checkpointing.plan() {
         None => None,
         Some(plan) => match &model.family {
-            Family::Conv4(_) | Family::Mlp(_) => {
-                return Err(crate::memory::checkpoint::not_a_stack())
-            }
+            Family::Conv4(_) | Family::Mlp(_) => return Err(crate::engine::not_a_stack()),
             family => Some(plan.boundaries(layer_count(family))?),
         },
     };

@@ -5,10 +5,12 @@ use candle_core::{DType, Device, Tensor};
 
 use super::*;
 use crate::data::{Batch, Episode};
+use crate::engine::{
+    block_diagonal_product, exact_hessian_diagonal, hessian_vector_product, hutchinson_diagonal,
+    WholeGraph,
+};
 use crate::meta::{
-    block_diagonal_product, exact_hessian_diagonal, gauss_newton_product, hessian_vector_product,
-    hutchinson_diagonal, Fomaml, HessianApproximation, InnerLoop, Maml, MamlMode, Melora,
-    MetaLearner, MetaSgd, Reptile,
+    Fomaml, HessianApproximation, InnerLoop, Maml, MamlMode, Melora, MetaLearner, MetaSgd, Reptile,
 };
 use crate::models::bert::Bert;
 use crate::models::gpt2::Gpt2;
@@ -133,21 +135,23 @@ fn assert_same(what: &str, actual: &ParamSet, expected: &ParamSet) {
     assert!(expected.norm().unwrap() > 0.0, "{what}: zero reference");
 }
 
-/// The learners' classification loss.
+/// The learners' classification loss, as a closure-style custom loss: the
+/// checkpointed engine with it must agree with the whole graph's [`TaskLoss`].
 fn cross_entropy(logits: &Tensor, batch: &Batch) -> crate::Result<Tensor> {
     Ok(ops::cross_entropy(logits, &batch.labels, 0.0)?)
 }
 
-fn engine<'a>(model: &'a dyn FewShotModel, plan: &CheckpointPlan) -> Checkpointer<'a> {
-    Checkpointer::new(model.transformer().unwrap(), plan).unwrap()
+fn engine<'a>(model: &'a dyn FewShotModel, plan: &CheckpointPlan) -> Checkpointed<'a> {
+    Checkpointed::new(model, plan)
+        .unwrap()
+        .with_loss(&cross_entropy)
 }
 
 #[test]
 fn plans_cut_the_stack_into_segments() {
     let model = bert(0.0);
-    let stack = model.transformer().unwrap();
     let layers = |plan: CheckpointPlan| -> Vec<std::ops::Range<usize>> {
-        Checkpointer::new(stack, &plan)
+        Checkpointed::new(model.as_ref(), &plan)
             .unwrap()
             .segments
             .iter()
@@ -166,7 +170,7 @@ fn plans_cut_the_stack_into_segments() {
 
 #[test]
 fn unknown_layers_and_non_transformers_are_refused_naming_the_fix() {
-    let err = Checkpointed::new(bert(0.0), CheckpointPlan::Layers(vec![0, 3]))
+    let err = Checkpointed::new(bert(0.0).as_ref(), &CheckpointPlan::Layers(vec![0, 3]))
         .err()
         .unwrap()
         .to_string();
@@ -175,7 +179,7 @@ fn unknown_layers_and_non_transformers_are_refused_naming_the_fix() {
         "{err}"
     );
     let conv4 = builtin("conv4", 0, DType::F64, None, CLASSES).unwrap();
-    let err = Checkpointed::new(conv4, CheckpointPlan::Every(1))
+    let err = Checkpointed::new(conv4.as_ref(), &CheckpointPlan::Every(1))
         .err()
         .unwrap()
         .to_string();
@@ -183,7 +187,7 @@ fn unknown_layers_and_non_transformers_are_refused_naming_the_fix() {
         err.contains("not a transformer") && err.contains("checkpointing.enabled to false"),
         "{err}"
     );
-    let err = Checkpointed::new(bert(0.0), CheckpointPlan::Layers(vec![]))
+    let err = Checkpointed::new(bert(0.0).as_ref(), &CheckpointPlan::Layers(vec![]))
         .err()
         .unwrap()
         .to_string();
@@ -215,7 +219,7 @@ fn gradients_equal_the_unsegmented_ones() {
         for plan in plans {
             let what = format!("{name} {plan:?}");
             let got = engine(model.as_ref(), &plan)
-                .gradient(&theta, &b, mode, &cross_entropy)
+                .gradient(&theta, &b, mode)
                 .unwrap();
             assert_same(&what, &got.grads, &expected);
             let loss_gap =
@@ -241,7 +245,10 @@ fn hessian_vector_products_equal_the_unsegmented_ones() {
             .collect();
         let expected: Vec<ParamSet> = vs
             .iter()
-            .map(|v| hessian_vector_product(model.as_ref(), &theta, &b, v, Mode::Eval).unwrap())
+            .map(|v| {
+                hessian_vector_product(&WholeGraph::new(model.as_ref()), &theta, &b, v, Mode::Eval)
+                    .unwrap()
+            })
             .collect();
         let leaves = theta.to_leaves().unwrap();
         let loss = ops::cross_entropy(
@@ -254,7 +261,7 @@ fn hessian_vector_products_equal_the_unsegmented_ones() {
         for plan in plans {
             let what = format!("{name} {plan:?}");
             let (g, products) = engine(model.as_ref(), &plan)
-                .gradient_and_hvps(&theta, &b, &vs, Mode::Eval, &cross_entropy)
+                .gradient_and_hvps(&theta, &b, &vs, Mode::Eval)
                 .unwrap();
             assert_same(&format!("{what}: gradient"), &g, &gradient);
             assert_eq!(products.len(), vs.len());
@@ -274,10 +281,13 @@ fn curvature_products_equal_the_unsegmented_ones() {
         let plain = build();
         let theta = random_point(plain.as_ref(), 6);
         let v = random_like(&theta, 8);
+        let whole = WholeGraph::new(plain.as_ref());
         let expected = [
-            gauss_newton_product(plain.as_ref(), &theta, &b, &v, Mode::Eval).unwrap(),
-            block_diagonal_product(plain.as_ref(), &theta, &b, &v, Mode::Eval).unwrap(),
-            hutchinson_diagonal(plain.as_ref(), &theta, &b, 3, 17, Mode::Eval).unwrap(),
+            whole
+                .gauss_newton_product(&theta, &b, &v, Mode::Eval)
+                .unwrap(),
+            block_diagonal_product(&whole, &theta, &b, &v, Mode::Eval).unwrap(),
+            hutchinson_diagonal(&whole, &theta, &b, 3, 17, Mode::Eval).unwrap(),
         ];
         // The exact diagonal costs one product per entry: two tensors suffice.
         let names: Vec<String> = theta
@@ -290,12 +300,15 @@ fn curvature_products_equal_the_unsegmented_ones() {
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
         assert_eq!(names.len(), 2, "{name}: {names:?}");
         let diagonal =
-            exact_hessian_diagonal(plain.as_ref(), &theta, &b, Some(&names), Mode::Eval).unwrap();
+            exact_hessian_diagonal(&whole, &theta, &b, Some(&names), Mode::Eval).unwrap();
         for plan in plans.into_iter().take(2) {
             let what = format!("{name} {plan:?}");
-            let model = Checkpointed::new(build(), plan).unwrap();
+            let built = build();
+            let model = Checkpointed::new(built.as_ref(), &plan).unwrap();
             let got = [
-                gauss_newton_product(&model, &theta, &b, &v, Mode::Eval).unwrap(),
+                model
+                    .gauss_newton_product(&theta, &b, &v, Mode::Eval)
+                    .unwrap(),
                 block_diagonal_product(&model, &theta, &b, &v, Mode::Eval).unwrap(),
                 hutchinson_diagonal(&model, &theta, &b, 3, 17, Mode::Eval).unwrap(),
             ];
@@ -322,9 +335,11 @@ fn block_products_equal_the_unsegmented_blocks_with_every_plan() {
         let plain = build();
         let theta = random_point(plain.as_ref(), 2);
         let v = random_like(&theta, 4);
-        let expected = block_diagonal_product(plain.as_ref(), &theta, &b, &v, Mode::Eval).unwrap();
+        let whole = WholeGraph::new(plain.as_ref());
+        let expected = block_diagonal_product(&whole, &theta, &b, &v, Mode::Eval).unwrap();
         for plan in plans {
-            let model = Checkpointed::new(build(), plan.clone()).unwrap();
+            let built = build();
+            let model = Checkpointed::new(built.as_ref(), &plan).unwrap();
             let got = block_diagonal_product(&model, &theta, &b, &v, Mode::Eval).unwrap();
             // Tensor by tensor: the head's block would hide a wrong layer block.
             for tensor in expected.names() {
@@ -403,11 +418,12 @@ fn meta_gradients_equal_the_unsegmented_ones() {
         let params = plain.init_params(2).unwrap();
         for (name, learner) in &learners {
             let expected = learner
-                .meta_gradient(plain.as_ref(), &params, &task, Mode::Eval)
+                .meta_gradient(&WholeGraph::new(plain.as_ref()), &params, &task, Mode::Eval)
                 .unwrap();
             for plan in [CheckpointPlan::Every(1), CheckpointPlan::Layers(vec![1])] {
                 let what = format!("{family} {name} {plan:?}");
-                let model = Checkpointed::new(build(), plan).unwrap();
+                let built = build();
+                let model = Checkpointed::new(built.as_ref(), &plan).unwrap();
                 let got = learner
                     .meta_gradient(&model, &params, &task, Mode::Eval)
                     .unwrap();
@@ -461,13 +477,19 @@ fn exact_diagonal_melora_and_meta_sgd_equal_the_unsegmented_ones() {
     let with_sizes = meta_sgd.with_step_sizes(&params).unwrap();
     let expected = (
         exact
-            .meta_gradient(plain.as_ref(), &params, &task, Mode::Eval)
+            .meta_gradient(&WholeGraph::new(plain.as_ref()), &params, &task, Mode::Eval)
             .unwrap(),
         meta_sgd
-            .meta_gradient(plain.as_ref(), &with_sizes, &task, Mode::Eval)
+            .meta_gradient(
+                &WholeGraph::new(plain.as_ref()),
+                &with_sizes,
+                &task,
+                Mode::Eval,
+            )
             .unwrap(),
     );
-    let model = Checkpointed::new(small(), CheckpointPlan::Every(1)).unwrap();
+    let built = small();
+    let model = Checkpointed::new(built.as_ref(), &CheckpointPlan::Every(1)).unwrap();
     let got = exact
         .meta_gradient(&model, &params, &task, Mode::Eval)
         .unwrap();
@@ -535,21 +557,22 @@ fn selective_recomputation_gives_the_same_meta_gradients() {
     for (family, build) in builds {
         let plain = build();
         let params = plain.init_params(2).unwrap();
-        let variants: [(&str, Box<dyn FewShotModel>); 2] = [
-            ("selective", selective(build())),
+        let (alone, segmented) = (selective(build()), selective(build()));
+        let variants: [(&str, Box<dyn GradEngine>); 2] = [
+            ("selective", Box::new(WholeGraph::new(alone.as_ref()))),
             (
                 "selective in segments",
-                Box::new(Checkpointed::new(selective(build()), CheckpointPlan::Every(1)).unwrap()),
+                Box::new(Checkpointed::new(segmented.as_ref(), &CheckpointPlan::Every(1)).unwrap()),
             ),
         ];
         for (name, learner) in &learners {
             let expected = learner
-                .meta_gradient(plain.as_ref(), &params, &task, Mode::Eval)
+                .meta_gradient(&WholeGraph::new(plain.as_ref()), &params, &task, Mode::Eval)
                 .unwrap();
-            for (variant, model) in &variants {
+            for (variant, engine) in &variants {
                 let what = format!("{family} {name} {variant}");
                 let got = learner
-                    .meta_gradient(model.as_ref(), &params, &task, Mode::Eval)
+                    .meta_gradient(engine.as_ref(), &params, &task, Mode::Eval)
                     .unwrap();
                 assert_same(&what, &got.meta_gradient, &expected.meta_gradient);
                 assert!(

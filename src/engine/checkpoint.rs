@@ -87,68 +87,18 @@ use candle_core::{DType, Tensor, Var};
 
 use crate::data::Batch;
 use crate::models::{tail_logits, FewShotModel, StackContext, TransformerClassifier};
-use crate::nn::{AdapterConfig, Mode};
+use crate::nn::Mode;
 use crate::tensor::second_order::{ensure_second_order, first_order_backward};
 use crate::tensor::ParamSet;
 use crate::{Error, Result};
+
+use super::{CheckpointPlan, GradEngine, Gradient, Loss, TaskLoss};
 
 /// Tangent vectors carried through one sweep: more share the segment graphs
 /// (one forward and one kept backward per segment for all of them) but each keeps a
 /// tangent per boundary, so sweeps take at most this many and callers with more
 /// (exact diagonals, block products) run several sweeps.
 const TANGENT_GROUP: usize = 8;
-
-/// Which layer inputs the forward pass keeps.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CheckpointPlan {
-    /// The input of every `n`-th layer (0, n, 2n, …): segments of `n` layers.
-    Every(usize),
-    /// The inputs of the listed layers (0-based; order and repeats do not matter).
-    Layers(Vec<usize>),
-}
-
-impl CheckpointPlan {
-    /// The sorted, distinct layers whose input is kept in a stack of `layers` layers;
-    /// an error names the valid range and the configuration key.
-    pub fn boundaries(&self, layers: usize) -> Result<Vec<usize>> {
-        if layers == 0 {
-            return Err(Error::InvalidArgument(
-                "gradient checkpointing needs a stack with at least one layer; set \
-                 memory_optimization.checkpointing.enabled to false"
-                    .into(),
-            ));
-        }
-        match self {
-            CheckpointPlan::Every(0) => Err(Error::InvalidArgument(
-                "checkpointing every 0 layers is meaningless; set \
-                 memory_optimization.checkpointing.every to at least 1"
-                    .into(),
-            )),
-            CheckpointPlan::Every(n) => Ok((0..layers).step_by(*n).collect()),
-            CheckpointPlan::Layers(list) => {
-                if list.is_empty() {
-                    return Err(Error::InvalidArgument(
-                        "memory_optimization.checkpointing.layers is empty: the whole stack would \
-                         be one segment recomputed at once, which saves nothing; list at least \
-                         one layer, or unset it to use `every`"
-                            .into(),
-                    ));
-                }
-                if let Some(bad) = list.iter().find(|&&l| l >= layers) {
-                    return Err(Error::InvalidArgument(format!(
-                        "memory_optimization.checkpointing.layers names layer {bad}, but the \
-                         model has layers 0..={} ({layers} layers); list indices in that range",
-                        layers - 1
-                    )));
-                }
-                let mut sorted = list.clone();
-                sorted.sort_unstable();
-                sorted.dedup();
-                Ok(sorted)
-            }
-        }
-    }
-}
 
 /// The error for checkpointing a model that is not a transformer stack (also the
 /// memory planner's).
@@ -162,17 +112,6 @@ pub(crate) fn not_a_stack() -> Error {
     )
 }
 
-/// The error for selective recomputation of a model that is not a transformer stack.
-pub(crate) fn not_a_stack_selective() -> Error {
-    Error::InvalidArgument(
-        "selective recomputation rebuilds the attention and feed-forward blocks of \
-         transformer layers (BERT, DistilBERT, GPT-2, T5); this model has none, so set \
-         memory_optimization.checkpointing.selective to false (micro-batches, \
-         memory_optimization.gradient_accumulation.micro_batch, lower its memory)"
-            .into(),
-    )
-}
-
 /// A segment: the layers it runs. Segment 0 starts from the embedding (recomputed
 /// from the tokens), every other one from the previous segment's stored output.
 #[derive(Debug, Clone)]
@@ -180,102 +119,32 @@ struct Segment {
     layers: std::ops::Range<usize>,
 }
 
-/// A transformer model with gradient checkpointing on: the model's forward is
-/// unchanged; the learners' gradient and curvature primitives find the engine
-/// through [`FewShotModel::checkpointing`] and run segment by segment.
+/// The checkpointing engine for a transformer stack and a [`CheckpointPlan`]: the
+/// [`GradEngine`] whose gradients and products come from segment sweeps, one segment
+/// graph alive at a time, equal to [`super::WholeGraph`]'s to float rounding.
 ///
-/// Wrappers of a `Checkpointed` model must forward [`FewShotModel::checkpointing`]
-/// and [`FewShotModel::transformer`], or the learners run unsegmented.
-pub struct Checkpointed {
-    model: Box<dyn FewShotModel>,
-    plan: CheckpointPlan,
-    /// The plan's boundaries in this model's stack, checked once at construction.
-    boundaries: Vec<usize>,
-}
-
-impl Checkpointed {
-    /// Wraps `model` with `plan`. Models that are not transformer stacks (Conv4, MLP)
-    /// are refused rather than silently run unsegmented, and so are plans naming
-    /// layers the model does not have.
-    pub fn new(model: Box<dyn FewShotModel>, plan: CheckpointPlan) -> Result<Self> {
-        let Some(stack) = model.transformer() else {
-            return Err(not_a_stack());
-        };
-        let boundaries = plan.boundaries(stack.num_layers())?;
-        Ok(Self {
-            model,
-            plan,
-            boundaries,
-        })
-    }
-
-    /// The plan.
-    pub fn plan(&self) -> &CheckpointPlan {
-        &self.plan
-    }
-}
-
-impl FewShotModel for Checkpointed {
-    fn init_params(&self, seed: u64) -> Result<ParamSet> {
-        self.model.init_params(seed)
-    }
-
-    fn features(&self, params: &ParamSet, batch: &Batch, mode: Mode) -> Result<Tensor> {
-        self.model.features(params, batch, mode)
-    }
-
-    fn logits(&self, params: &ParamSet, batch: &Batch, mode: Mode) -> Result<Tensor> {
-        self.model.logits(params, batch, mode)
-    }
-
-    fn adapter_config(&self) -> Option<AdapterConfig> {
-        self.model.adapter_config()
-    }
-
-    fn couples_examples(&self) -> bool {
-        self.model.couples_examples()
-    }
-
-    fn transformer(&self) -> Option<&dyn TransformerClassifier> {
-        self.model.transformer()
-    }
-
-    fn checkpointing(&self) -> Option<Checkpointer<'_>> {
-        let stack = self.model.transformer()?;
-        Some(Checkpointer::from_boundaries(stack, &self.boundaries))
-    }
-
-    fn set_selective_recompute(&mut self, on: bool) -> Result<()> {
-        self.model.set_selective_recompute(on)
-    }
-}
-
-/// The checkpointing engine for one transformer stack and plan: what
-/// [`FewShotModel::checkpointing`] hands the learners' gradient and curvature
-/// primitives (`meta::inner`, `meta::curvature`).
-pub struct Checkpointer<'a> {
+/// ```
+/// use melora::engine::{CheckpointPlan, Checkpointed, GradEngine, WholeGraph};
+/// use melora::models::{load::builtin, FewShotModel};
+/// use melora::data::{EpisodeSource, SyntheticText};
+/// use melora::nn::Mode;
+///
+/// melora::init();
+/// let model = builtin("tiny-bert", 0, candle_core::DType::F32, None, 5)?;
+/// let params = model.init_params(0)?;
+/// let task = SyntheticText::default().episode(0)?;
+/// let segmented = Checkpointed::new(&*model, &CheckpointPlan::Every(1))?;
+/// let a = segmented.gradient(&params, &task.support, Mode::Eval)?.grads;
+/// let b = WholeGraph::new(&*model).gradient(&params, &task.support, Mode::Eval)?.grads;
+/// assert!(a.sub(&b)?.norm()? <= 1e-5 * b.norm()?);
+/// # Ok::<(), melora::Error>(())
+/// ```
+pub struct Checkpointed<'a> {
+    model: &'a dyn FewShotModel,
     stack: &'a dyn TransformerClassifier,
     segments: Vec<Segment>,
+    loss: &'a dyn Loss,
 }
-
-/// A first-order gradient with the forward's loss and logits (detached).
-pub(crate) struct Gradient {
-    /// ∇_θ of the loss.
-    pub grads: ParamSet,
-    /// The loss, a 0-d tensor.
-    pub loss: Tensor,
-    /// Logits `[b, classes]`.
-    pub logits: Tensor,
-}
-
-/// The task's loss of a batch's outputs (logits), as the learners define it: the
-/// engine differentiates whatever the caller's loss is, so it knows nothing of tasks.
-pub(crate) type Loss<'a> = &'a dyn Fn(&Tensor, &Batch) -> Result<Tensor>;
-
-/// The Hessian of the task's loss in a batch's outputs applied to an output tangent
-/// (`outputs`, `batch`, `ż` → `H_z·ż`): the middle factor of a Gauss-Newton product,
-/// given by the caller like [`Loss`].
-pub(crate) type OutputCurvature<'a> = &'a dyn Fn(&Tensor, &Batch, &Tensor) -> Result<Tensor>;
 
 /// What the forward sweep with tangents keeps: every segment's output, and per
 /// segment and vector the output's tangent (`None` where it is zero).
@@ -442,18 +311,29 @@ fn directional(
     Ok(total)
 }
 
-impl<'a> Checkpointer<'a> {
-    /// The engine for `stack` with `plan`, or an error when the plan names layers the
-    /// stack does not have (the tests' way in; models go through [`Checkpointed`]).
-    #[cfg(test)]
-    pub(crate) fn new(stack: &'a dyn TransformerClassifier, plan: &CheckpointPlan) -> Result<Self> {
-        Ok(Self::from_boundaries(
-            stack,
-            &plan.boundaries(stack.num_layers())?,
-        ))
+impl<'a> Checkpointed<'a> {
+    /// The engine of `model` with `plan` and the task's own loss ([`TaskLoss`]).
+    /// Models that are not transformer stacks (Conv4, MLP) are refused rather than
+    /// silently run unsegmented, and so are plans naming layers the model does not
+    /// have.
+    pub fn new(model: &'a dyn FewShotModel, plan: &CheckpointPlan) -> Result<Self> {
+        let Some(stack) = model.transformer() else {
+            return Err(not_a_stack());
+        };
+        let boundaries = plan.boundaries(stack.num_layers())?;
+        Ok(Self::from_boundaries(model, stack, &boundaries))
     }
 
-    fn from_boundaries(stack: &'a dyn TransformerClassifier, boundaries: &[usize]) -> Self {
+    /// The same engine with any `loss` of the model's outputs.
+    pub fn with_loss(self, loss: &'a dyn Loss) -> Self {
+        Self { loss, ..self }
+    }
+
+    fn from_boundaries(
+        model: &'a dyn FewShotModel,
+        stack: &'a dyn TransformerClassifier,
+        boundaries: &[usize],
+    ) -> Self {
         let layers = stack.num_layers();
         let mut segments = vec![Segment {
             layers: 0..boundaries.first().copied().unwrap_or(layers),
@@ -462,7 +342,12 @@ impl<'a> Checkpointer<'a> {
             let end = boundaries.get(i + 1).copied().unwrap_or(layers);
             segments.push(Segment { layers: start..end });
         }
-        Self { stack, segments }
+        Self {
+            model,
+            stack,
+            segments,
+            loss: &TaskLoss,
+        }
     }
 
     /// Runs segment `k` from `input` (its stored input; ignored for segment 0, which
@@ -550,13 +435,7 @@ impl<'a> Checkpointer<'a> {
     /// The last segment is run once, with its graph, and the tail is attached to it:
     /// its graph would be rebuilt first thing in the backward pass anyway, so this
     /// saves one segment's forward at the same peak.
-    pub(crate) fn gradient(
-        &self,
-        theta: &ParamSet,
-        batch: &Batch,
-        mode: Mode,
-        loss: Loss<'_>,
-    ) -> Result<Gradient> {
+    fn gradient_sweep(&self, theta: &ParamSet, batch: &Batch, mode: Mode) -> Result<Gradient> {
         let leaves = theta.to_leaves()?;
         // From the leaves: under full fine-tuning T5's position bias is trained, and
         // each segment's backward pass reaches it through the context.
@@ -571,7 +450,7 @@ impl<'a> Checkpointer<'a> {
         let (loss, logits, a) = {
             let h = self.run(last, input.as_ref(), &leaves, batch, &context, mode)?;
             let logits = tail_logits(self.stack, &h, &leaves, batch)?;
-            let loss = loss(&logits, batch)?;
+            let loss = self.loss.value(&logits, batch)?;
             let store = first_order_backward(&loss)?;
             total.add(&store, &leaves)?;
             let a = match &input {
@@ -654,16 +533,15 @@ impl<'a> Checkpointer<'a> {
     /// The gradient and `H·v` for every `v` of `vs` (H the Hessian of `loss` on
     /// `batch` at `theta`), by the R-operator sweeps described in the module
     /// documentation; vectors are taken [`TANGENT_GROUP`] at a time.
-    pub(crate) fn gradient_and_hvps(
+    fn hvp_sweeps(
         &self,
         theta: &ParamSet,
         batch: &Batch,
         vs: &[ParamSet],
         mode: Mode,
-        loss: Loss<'_>,
     ) -> Result<(ParamSet, Vec<ParamSet>)> {
         if vs.is_empty() {
-            return Ok((self.gradient(theta, batch, mode, loss)?.grads, Vec::new()));
+            return Ok((self.gradient_sweep(theta, batch, mode)?.grads, Vec::new()));
         }
         for v in vs {
             theta.check_compatible(v)?;
@@ -682,7 +560,6 @@ impl<'a> Checkpointer<'a> {
                 batch,
                 &context,
                 mode,
-                loss,
                 (index == 0).then_some(&mut gradient),
             )?;
             for sum in sums {
@@ -695,23 +572,14 @@ impl<'a> Checkpointer<'a> {
     /// Block products (see the module documentation): for each `(i, v)` of `blocks`,
     /// tensor `i`'s part of `H·v` for a `v` that is zero outside tensor `i`
     /// (`H_ii·v_i`), in order.
-    pub(crate) fn block_products(
+    fn block_sweeps(
         &self,
         theta: &ParamSet,
         batch: &Batch,
         blocks: &[(usize, &ParamSet)],
         mode: Mode,
-        loss: Loss<'_>,
     ) -> Result<Vec<Tensor>> {
-        for (i, v) in blocks {
-            theta.check_compatible(v)?;
-            if *i >= theta.len() {
-                return Err(Error::InvalidArgument(format!(
-                    "block product of tensor {i}, but θ has {} tensors",
-                    theta.len()
-                )));
-            }
-        }
+        super::check_blocks(theta, blocks)?;
         let leaves = theta.to_leaves()?;
         let context = self.stack.stack_context(batch, &leaves)?;
         let count = self.segments.len();
@@ -753,7 +621,6 @@ impl<'a> Checkpointer<'a> {
                 batch,
                 &context,
                 mode,
-                loss,
                 None,
             )?;
             for (&b, sum) in group.iter().zip(sums) {
@@ -778,7 +645,6 @@ impl<'a> Checkpointer<'a> {
         batch: &Batch,
         context: &StackContext,
         mode: Mode,
-        loss: Loss<'_>,
         mut gradient: Option<&mut Accumulator>,
     ) -> Result<Vec<Accumulator>> {
         let TangentSweep { outputs, tangents } =
@@ -792,7 +658,7 @@ impl<'a> Checkpointer<'a> {
         let last = leaf(outputs.last().expect("at least one segment"))?;
         let (mut a, mut a_dot) = {
             let logits = tail_logits(self.stack, &last, leaves, batch)?;
-            let store = backward_keep(&loss(&logits, batch)?)?;
+            let store = backward_keep(&self.loss.value(&logits, batch)?)?;
             if let Some(gradient) = gradient.as_deref_mut() {
                 gradient.add(&store, leaves)?;
             }
@@ -874,15 +740,13 @@ impl<'a> Checkpointer<'a> {
     }
 
     /// The generalised Gauss-Newton product `Jᵀ·H_z·J·v` (as
-    /// [`crate::meta::gauss_newton_product`]), segment by segment, with `curvature`
-    /// giving `H_z·ż` of the caller's loss.
-    pub(crate) fn gauss_newton_product(
+    /// [`GradEngine::gauss_newton_product`]), segment by segment.
+    fn gauss_newton_sweep(
         &self,
         theta: &ParamSet,
         batch: &Batch,
         v: &ParamSet,
         mode: Mode,
-        curvature: OutputCurvature<'_>,
     ) -> Result<ParamSet> {
         theta.check_compatible(v)?;
         let leaves = theta.to_leaves()?;
@@ -915,7 +779,7 @@ impl<'a> Checkpointer<'a> {
                 Some(z) => z,
                 None => logits.zeros_like()?.detach(),
             };
-            let r = curvature(&logits, batch, &z_dot)?;
+            let r = self.loss.output_hessian_product(&logits, batch, &z_dot)?;
             let store = first_order_backward(&inner(&logits, &r)?)?;
             total.add(&store, &leaves)?;
             match store.get(&last) {
@@ -928,6 +792,54 @@ impl<'a> Checkpointer<'a> {
             count, &outputs, &leaves, a, batch, &context, mode, &mut total,
         )?;
         total.finish(&leaves)
+    }
+}
+
+impl GradEngine for Checkpointed<'_> {
+    fn model(&self) -> &dyn FewShotModel {
+        self.model
+    }
+
+    fn loss(&self) -> &dyn Loss {
+        self.loss
+    }
+
+    /// The last segment is run once, with its graph, and the tail is attached to it:
+    /// its graph would be rebuilt first thing in the backward pass anyway, so this
+    /// saves one segment's forward at the same peak.
+    fn gradient(&self, theta: &ParamSet, batch: &Batch, mode: Mode) -> Result<Gradient> {
+        self.gradient_sweep(theta, batch, mode)
+    }
+
+    /// Vectors are taken `TANGENT_GROUP` (8) at a time.
+    fn gradient_and_hvps(
+        &self,
+        theta: &ParamSet,
+        batch: &Batch,
+        vs: &[ParamSet],
+        mode: Mode,
+    ) -> Result<(ParamSet, Vec<ParamSet>)> {
+        self.hvp_sweeps(theta, batch, vs, mode)
+    }
+
+    fn block_products(
+        &self,
+        theta: &ParamSet,
+        batch: &Batch,
+        blocks: &[(usize, &ParamSet)],
+        mode: Mode,
+    ) -> Result<Vec<Tensor>> {
+        self.block_sweeps(theta, batch, blocks, mode)
+    }
+
+    fn gauss_newton_product(
+        &self,
+        theta: &ParamSet,
+        batch: &Batch,
+        v: &ParamSet,
+        mode: Mode,
+    ) -> Result<ParamSet> {
+        self.gauss_newton_sweep(theta, batch, v, mode)
     }
 }
 
