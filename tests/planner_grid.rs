@@ -18,15 +18,15 @@ use melora::config::{
     Variant,
 };
 use melora::data::{Batch, Episode, EpisodeSource, SinusoidTasks};
-use melora::memory::planner::{plan_with, PlanOptions, CANDLE_OVERHEADS};
 use melora::memory::{current_bytes, format_bytes, CountingAllocator, MemoryMeter};
 use melora::nn::Mode;
 use melora::optim::{Optimizer, OptimizerKind};
-use melora::tensor::GradGraph;
-use melora::train::build::{
+use melora::plan::{plan_with, PlanOptions, CANDLE_OVERHEADS};
+use melora::run::build::{
     build_adapter, build_engine, build_learner, build_model, build_outer, initial_params,
 };
-use melora::train::meta_step;
+use melora::run::meta_step;
+use melora::tensor::GradGraph;
 
 #[global_allocator]
 static ALLOCATOR: CountingAllocator = CountingAllocator;

@@ -22,9 +22,9 @@ use melora::models::load::{builtin, from_directory};
 use melora::models::{FewShotModel, LoraSettings, ModelPrecision, Quantization, Weights};
 use melora::nn::{LoraInit, LoraSpec, Mode};
 use melora::optim::{LossScaler, Optimizer, OptimizerKind, Schedule, MAX_LOSS_SCALE};
+use melora::run::{meta_step, OuterUpdate};
 use melora::tensor::loss_scale;
 use melora::tensor::ParamSet;
-use melora::train::{meta_step, OuterUpdate};
 
 mod common;
 

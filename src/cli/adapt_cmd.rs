@@ -10,8 +10,8 @@ use super::write_stdout;
 use crate::config::{Config, Method};
 use crate::models::adapter_files::save_model_adapter;
 use crate::models::FewShotModel;
+use crate::run::build::build_model;
 use crate::tensor::ParamSet;
-use crate::train::build::build_model;
 use crate::train::{adapter_params, params_from};
 
 /// The base model an adapter belongs to: the model folder, or the built-in's name.

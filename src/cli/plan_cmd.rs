@@ -8,8 +8,9 @@ use std::str::FromStr;
 use super::args::{GlobalArgs, PlanArgs};
 use super::{load_config, write_stdout, UserError};
 use crate::config::{Config, Method, Variant};
-use crate::memory::planner::{self, Plan};
-use crate::memory::{format_bytes, search_configured};
+use crate::memory::format_bytes;
+use crate::plan::search_configured;
+use crate::plan::{self, Plan};
 
 /// Prints the plan; with a memory budget that nothing fits (not even the most frugal
 /// configuration the budget search tries), exits with status 2, as `train` does, so
@@ -24,8 +25,8 @@ pub(crate) fn run(global: &GlobalArgs, args: &PlanArgs) -> anyhow::Result<ExitCo
         .map_err(UserError::Config)?;
     // Everything the planner rejects comes from the configuration (model, targets,
     // data source, micro-batches, checkpointed layers).
-    let plan = planner::plan(&config).map_err(UserError::Config)?;
-    let comparison = planner::compare(&config, &variants).map_err(UserError::Config)?;
+    let plan = plan::plan(&config).map_err(UserError::Config)?;
+    let comparison = plan::compare(&config, &variants).map_err(UserError::Config)?;
     // What `train` would run under the budget, or how close it gets.
     let choice = search_configured(&config)?;
     let status = match &choice {
@@ -52,7 +53,7 @@ pub(crate) fn run(global: &GlobalArgs, args: &PlanArgs) -> anyhow::Result<ExitCo
         write_stdout(&format!("{}\n", serde_json::to_string_pretty(&json)?))?;
         return Ok(status);
     }
-    let mut out = planner::format_breakdown(&plan);
+    let mut out = plan::format_breakdown(&plan);
     if let Some(b) = budget {
         let verdict = if plan.peak_bytes <= b {
             "fits in"
@@ -65,7 +66,7 @@ pub(crate) fn run(global: &GlobalArgs, args: &PlanArgs) -> anyhow::Result<ExitCo
         }
     }
     writeln!(out, "\nThe same configuration under each method:\n")?;
-    out.push_str(&planner::format_comparison(&comparison, budget));
+    out.push_str(&plan::format_comparison(&comparison, budget));
     out.push('\n');
     out.push_str(&notes(&plan));
     write_stdout(&out)?;
@@ -74,7 +75,7 @@ pub(crate) fn run(global: &GlobalArgs, args: &PlanArgs) -> anyhow::Result<ExitCo
 
 /// The variants of `--methods`: the configuration's names (`comparison.baselines`),
 /// and `melora` for MELoRA with the configured Hessian approximation. Empty (the
-/// default) gives [`planner::default_comparison`].
+/// default) gives [`plan::default_comparison`].
 fn methods(config: &Config, names: &[String]) -> anyhow::Result<Vec<Variant>> {
     let names: Vec<&str> = names
         .iter()
@@ -82,7 +83,7 @@ fn methods(config: &Config, names: &[String]) -> anyhow::Result<Vec<Variant>> {
         .filter(|n| !n.is_empty())
         .collect();
     if names.is_empty() {
-        return Ok(planner::default_comparison(config));
+        return Ok(plan::default_comparison(config));
     }
     names
         .iter()

@@ -13,14 +13,14 @@ use super::args::{GlobalArgs, ProfileArgs};
 use super::{load_config, write_stdout, UserError};
 use crate::config::{Config, Variant};
 use crate::data::{episode_source, EpisodeSource, Prefetcher, Split};
-use crate::memory::planner::{self, Plan};
 use crate::memory::{current_bytes, format_bytes, is_installed, MemoryMeter, ProcessMemory};
 use crate::meta::loss_value;
 use crate::nn::Mode;
-use crate::train::build::{
+use crate::plan::{self, Plan};
+use crate::run::build::{
     build_adapter, build_engine, build_learner, build_model, build_outer, build_text_encoder,
 };
-use crate::train::{meta_step, training_mode};
+use crate::run::{meta_step, training_mode};
 
 /// What `melora profile` reports.
 #[derive(Debug, Serialize)]
@@ -66,7 +66,7 @@ enum Work {
 /// prefetcher are large beside the evaluation's handles).
 struct Training {
     learner: Box<dyn crate::meta::MetaLearner>,
-    outer: crate::train::OuterUpdate,
+    outer: crate::run::OuterUpdate,
     prefetcher: Prefetcher,
 }
 
@@ -79,7 +79,7 @@ impl Run {
         // A checkpointing plan the model cannot follow is the user's to fix.
         build_engine(config, model.as_ref()).map_err(UserError::Config)?;
         let encoder = build_text_encoder(config)?;
-        let params = crate::train::build::initial_params(model.as_ref(), config)?;
+        let params = crate::run::build::initial_params(model.as_ref(), config)?;
         let work = if Variant::of(config).meta_trains() {
             let source = episode_source(
                 &config.data,
@@ -157,12 +157,12 @@ pub(crate) fn run(global: &GlobalArgs, args: &ProfileArgs) -> anyhow::Result<()>
     }
     let mut config = load_config(global)?;
     // A memory budget profiles the configuration `train` would run (exit 2 if none fits).
-    if let Some(choice) = crate::memory::fit_configured(&config)? {
+    if let Some(choice) = crate::plan::fit_configured(&config)? {
         eprintln!("{}", choice.explain());
         config = choice.config;
     }
     // The prediction first: a configuration the planner rejects is not run either.
-    let plan = planner::plan(&config).map_err(UserError::Config)?;
+    let plan = plan::plan(&config).map_err(UserError::Config)?;
     crate::init();
 
     // A warm-up on a throwaway build sets up what a process sets up once (thread

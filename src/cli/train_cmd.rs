@@ -43,7 +43,7 @@ pub(crate) fn run_train(global: &GlobalArgs, args: &TrainArgs) -> anyhow::Result
         config.validate().map_err(UserError::Config)?;
     }
     // A memory budget picks the configuration the planner says fits (exit 2 if none).
-    if let Some(choice) = crate::memory::fit_configured(&config)? {
+    if let Some(choice) = crate::plan::fit_configured(&config)? {
         eprintln!("{}", choice.explain());
         config = choice.config;
     }

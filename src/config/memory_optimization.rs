@@ -37,7 +37,7 @@ choice_enum! {
 }
 
 choice_enum! {
-    /// A setting that [`crate::memory::budget`] may change to fit a memory budget.
+    /// A setting that [`crate::plan::budget`] may change to fit a memory budget.
     pub enum BudgetLever {
         /// Gradient checkpointing: every 2 layers, then every layer.
         Checkpointing = "checkpointing",
@@ -101,7 +101,7 @@ impl MemoryBudgetConfig {
         self.limit
             .as_deref()
             .map(|text| {
-                crate::memory::parse_bytes(text)
+                super::bytes::parse_bytes(text)
                     .map_err(|e| invalid("memory_optimization.budget.limit", e.to_string()))
             })
             .transpose()
@@ -117,7 +117,7 @@ pub struct GradientAccumulationConfig {
 }
 
 /// The `memory_optimization.checkpointing` section: gradient checkpointing of the
-/// transformer layers (see `memory::checkpoint`). The forward pass keeps only the
+/// transformer layers (see `engine::Checkpointed`). The forward pass keeps only the
 /// inputs of the chosen layers; every backward pass (gradients, and the
 /// Hessian-vector and Gauss-Newton products of `maml` recompute mode and `melora`)
 /// rebuilds one segment's graph at a time from its stored input. Results equal the
@@ -318,7 +318,7 @@ impl MemoryOptimizationConfig {
         at_least(
             "memory_optimization.loss_scaling.initial_scale",
             self.loss_scaling.initial_scale,
-            crate::optim::MIN_LOSS_SCALE,
+            crate::tensor::loss_scale::MIN_LOSS_SCALE,
         )?;
         at_least(
             "memory_optimization.loss_scaling.growth_interval",

@@ -33,6 +33,7 @@
 //! # Ok::<(), melora::Error>(())
 //! ```
 
+mod bytes;
 mod choice;
 mod comparison;
 mod data;
@@ -54,6 +55,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+pub use bytes::parse_bytes;
 pub use choice::UnknownValue;
 pub use comparison::{AblationConfig, ComparisonConfig, PretrainConfig, PretrainTune, Variant};
 pub use data::{DataConfig, DataSource, SmallClasses, SyntheticTask};

@@ -14,24 +14,21 @@
 //!   without it [`is_installed`] is `false` and every heap figure is zero.
 //! - [`MemoryMeter`] measures the peak of a scope; meters nest.
 //! - [`MemoryReport`] is a serializable snapshot for benchmarks.
-//! - [`format_bytes`] and [`parse_bytes`] convert sizes for people and flags
-//!   such as `--memory-budget 4GiB`.
-//! - [`budget`]: fitting a configuration to a memory budget before a run, and
-//!   holding the run to it ([`BudgetGuard`]).
-//! - [`planner`] predicts the peak of a configuration before it runs (`melora plan`).
+//! - [`format_bytes`] writes sizes for people.
+//! - [`BudgetGuard`] holds a run to a heap budget ([`check_budget`] fails once it is
+//!   exceeded).
+//!
+//! This layer measures and knows nothing of the layers above it: predicting and
+//! fitting budgets is `crate::plan`'s.
 
 mod allocator;
-pub mod budget;
 mod bytes;
+mod guard;
 mod meter;
-pub mod planner;
 mod rss;
 
 pub use allocator::{allocation_count, current_bytes, is_installed, peak_bytes, CountingAllocator};
-pub use budget::{
-    check_budget, fit_configured, fit_to_budget, search_budget, search_configured, BudgetChoice,
-    BudgetGuard,
-};
-pub use bytes::{format_bytes, parse_bytes};
+pub use bytes::format_bytes;
+pub use guard::{check_budget, BudgetGuard};
 pub use meter::{HeapReport, MemoryMeter, MemoryReport};
 pub use rss::ProcessMemory;

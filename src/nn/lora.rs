@@ -13,7 +13,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
 
-use crate::models::Quantization;
+use super::Quantization;
 use crate::tensor::ops::{self, FrozenMatrix, Int8Matrix, Mode, Stored};
 use crate::tensor::ParamSet;
 use crate::{Error, Result};

@@ -3,7 +3,9 @@
 
 pub mod adapter;
 pub mod lora;
+mod quantization;
 
 pub use crate::tensor::ops::Mode;
 pub use adapter::AdapterConfig;
 pub use lora::{LoraInit, LoraLinear, LoraSpec, WeightLayout};
+pub use quantization::Quantization;

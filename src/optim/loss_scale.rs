@@ -21,11 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
 
-/// The largest scale the policy grows to (2²⁴).
-pub const MAX_LOSS_SCALE: f64 = 16_777_216.0;
-/// Below this scale an overflow is not the scale's doing (the f16 forward pass
-/// itself overflows, or the data holds NaN): the scaler stops with an error.
-pub const MIN_LOSS_SCALE: f64 = 1.0;
+pub use crate::tensor::loss_scale::{MAX_LOSS_SCALE, MIN_LOSS_SCALE};
 
 /// The state of dynamic loss scaling.
 ///

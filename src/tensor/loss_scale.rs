@@ -8,9 +8,15 @@
 //! set here, so every learner's backward passes (inner steps, query gradients,
 //! Hessian-vector products) are scaled without knowing it. The dynamic policy that
 //! picks S (skip a step on overflow and halve it, double it after a run of good
-//! steps) is [`crate::optim::LossScaler`].
+//! steps) is the optimiser layer's `LossScaler`, within the bounds set here.
 
 use std::cell::Cell;
+
+/// The largest scale the dynamic policy grows to (2²⁴).
+pub const MAX_LOSS_SCALE: f64 = 16_777_216.0;
+/// Below this scale an overflow is not the scale's doing (the f16 forward pass
+/// itself overflows, or the data holds NaN): the scaler stops with an error.
+pub const MIN_LOSS_SCALE: f64 = 1.0;
 
 thread_local! {
     static SCALE: Cell<f64> = const { Cell::new(1.0) };

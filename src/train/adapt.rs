@@ -20,8 +20,8 @@ use crate::nn::Mode;
 use crate::tensor::{ops, ParamSet};
 use crate::{Error, Result};
 
-use super::build::{build_adapter, build_engine, build_model, build_text_encoder};
 use super::run::params_from;
+use crate::run::build::{build_adapter, build_engine, build_model, build_text_encoder};
 
 /// One item a user gave: its name (the text itself, or the image's file name), its
 /// label if it has one, and its model inputs.
@@ -370,7 +370,7 @@ mod tests {
         .unwrap();
         let model = build_model(&config).unwrap();
         // Non-zero B and head, so that a lost or swapped tensor shows.
-        let params = super::super::build::initial_params(model.as_ref(), &config)
+        let params = crate::run::build::initial_params(model.as_ref(), &config)
             .unwrap()
             .map(|_, t| t.ones_like()? * 0.25 + t)
             .unwrap();

@@ -12,8 +12,10 @@ use crate::memory::MemoryMeter;
 use crate::tensor::ParamSet;
 use crate::Result;
 
-use super::build::{build_adapter, build_engine, build_finetune, build_model, build_text_encoder};
 use super::run::params_from;
+use crate::run::build::{
+    build_adapter, build_engine, build_finetune, build_model, build_text_encoder,
+};
 
 /// What to evaluate.
 #[derive(Debug, Clone, Default)]

@@ -19,10 +19,12 @@ use crate::memory::MemoryMeter;
 use crate::nn::Mode;
 use crate::{Error, Result};
 
-use super::build::{build_engine, build_learner, build_model, build_text_encoder, initial_params};
 use super::evaluate::{evaluate, save_evaluation, EvaluateOptions};
 use super::pretrain::pretrain;
 use super::run::{run_dir, train, TrainOptions};
+use crate::run::build::{
+    build_engine, build_learner, build_model, build_text_encoder, initial_params,
+};
 
 /// File name of a comparison's results inside the experiment folder.
 pub const RESULTS_FILE: &str = "results.json";
@@ -219,9 +221,9 @@ pub trait FullObserver {
 }
 
 /// `config` fitted to its memory budget, if it sets one (see
-/// [`crate::memory::budget`]); the choice is told to `observer`.
+/// [`crate::plan::budget`]); the choice is told to `observer`.
 fn fitted_to_budget(config: Config, observer: &mut dyn FullObserver) -> Result<Config> {
-    match crate::memory::fit_configured(&config)? {
+    match crate::plan::fit_configured(&config)? {
         Some(choice) => {
             observer.note(&choice.explain());
             Ok(choice.config)

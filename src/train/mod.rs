@@ -1,16 +1,14 @@
-//! Meta-training machinery: the outer update (average the tasks' meta-gradients,
-//! clip by global norm, step an optimiser along a learning-rate schedule) and the
-//! meta-step that feeds it.
+//! Meta-training and what is done with its results: the training loop with
+//! validation, checkpoints and resume ([`train`]), evaluation on test episodes,
+//! `full` (training, baselines, statistics), pre-training, and adaptation to a
+//! user's own examples. Runs are built by [`crate::run`].
 
 pub(crate) mod adapt;
-pub mod build;
 pub mod checkpoint;
 mod evaluate;
 mod full;
-mod outer;
 mod pretrain;
 mod run;
-mod step;
 
 pub use adapt::{adapt_examples, adapter_params, AdaptOutcome, Prediction};
 pub use evaluate::{evaluate, save_evaluation, EvaluateOptions};
@@ -19,9 +17,7 @@ pub use full::{
     FullOptions, FullResults, LrTrial, MemoryPoint, MethodSummary, RunRecord, SkippedMethod,
     SplitRecord, TestRecord, RESULTS_FILE,
 };
-pub use outer::{average, clip_global_norm, OuterUpdate};
 pub use pretrain::{pretrain, PretrainOutcome};
 pub use run::{
     params_from, run_dir, run_name, train, IterationReport, ProgressFn, TrainOptions, TrainSummary,
 };
-pub use step::{meta_step, training_mode, StepStats};

@@ -18,7 +18,7 @@ use crate::optim::{Optimizer, OptimizerKind};
 use crate::tensor::ParamSet;
 use crate::{Error, Result};
 
-use super::build::{build_engine, build_text_encoder, initial_params, tasks_share_classes};
+use crate::run::build::{build_engine, build_text_encoder, initial_params, tasks_share_classes};
 
 /// What pre-training produced.
 #[derive(Debug, Clone)]

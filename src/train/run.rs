@@ -26,9 +26,11 @@ use crate::tensor::ParamSet;
 use crate::track::{Resume, RunEnd, RunTracker, TrackerOptions};
 use crate::Result;
 
-use super::build::{build_engine, build_learner, build_model, build_outer, build_text_encoder};
 use super::checkpoint::{load_checkpoint, save_checkpoint, CheckpointState};
-use super::{meta_step, training_mode, OuterUpdate, StepStats};
+use crate::run::build::{
+    build_engine, build_learner, build_model, build_outer, build_text_encoder,
+};
+use crate::run::{meta_step, training_mode, OuterUpdate, StepStats};
 
 /// What the progress callback sees after each iteration.
 #[derive(Debug, Clone)]
@@ -172,7 +174,7 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainSummary> {
     let mut learner = build_learner(config)?;
     let encoder = build_text_encoder(config)?;
     let mut outer = build_outer(config)?;
-    let mut params = super::build::initial_params(model.as_ref(), config)?;
+    let mut params = crate::run::build::initial_params(model.as_ref(), config)?;
     let (mut start, mut best, mut stale) = (0usize, None, 0usize);
     let mut resume = None;
     if let Some(dir) = &options.resume {
@@ -485,7 +487,7 @@ pub fn params_from(
     config: &Config,
     checkpoint: Option<&Path>,
 ) -> Result<ParamSet> {
-    let init = super::build::initial_params(model, config)?;
+    let init = crate::run::build::initial_params(model, config)?;
     match checkpoint {
         Some(dir) => Ok(load_checkpoint(dir, &init)?.params),
         None => Ok(init),

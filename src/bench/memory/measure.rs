@@ -9,10 +9,10 @@ use crate::config::{Config, Variant};
 use crate::data::{EpisodeSource, Prefetcher, SyntheticText};
 use crate::memory::{current_bytes, is_installed, MemoryMeter, ProcessMemory};
 use crate::nn::Mode;
-use crate::train::build::{
+use crate::run::build::{
     build_adapter, build_engine, build_learner, build_model, build_outer, initial_params,
 };
-use crate::train::{meta_step, training_mode};
+use crate::run::{meta_step, training_mode};
 use crate::{Error, Result};
 
 /// What [`measure`] found.

@@ -10,7 +10,7 @@
 //! - [`measure`]: one point measured in the current process. Heap peaks and the
 //!   resident high-water mark are process-wide, so the `melora` command measures every
 //!   point in a fresh child process and collects the [`Measurement`]s;
-//! - [`predicted_bytes`]: the planner's prediction ([`crate::memory::planner`]), the one
+//! - [`predicted_bytes`]: the planner's prediction ([`crate::plan`]), the one
 //!   place the planner is asked;
 //! - [`MemoryBench`]: the results (`memory.json`), with [`MemoryBench::to_markdown`]
 //!   (`memory.md`, including the comparison with full-graph MAML) and
@@ -242,17 +242,17 @@ pub fn row_config(base: &Config, point: &GridPoint) -> Config {
 
 /// The planner's prediction of the peak heap bytes of the meta-steps with `config`
 /// with candle's kernels on `threads` threads (`step_peak_bytes` of
-/// [`crate::memory::planner::plan_with`]): the one place the benchmark asks the
+/// [`crate::plan::plan_with`]): the one place the benchmark asks the
 /// planner. Loading is left out, as the measurement starts after the warm-up; where
 /// loading peaks higher (random weights are drawn in f64, a weights file is read
 /// whole), the whole run's peak would overstate what is measured. `Err` says why
 /// there is none (the planner refused the configuration).
 pub fn predicted_bytes(config: &Config, threads: usize) -> std::result::Result<u64, String> {
-    let options = crate::memory::planner::PlanOptions {
+    let options = crate::plan::PlanOptions {
         threads,
         ..Default::default()
     };
-    crate::memory::planner::plan_with(config, &options)
+    crate::plan::plan_with(config, &options)
         .map(|plan| plan.step_peak_bytes())
         .map_err(|e| format!("the planner refused the configuration: {e}"))
 }

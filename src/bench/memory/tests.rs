@@ -306,9 +306,9 @@ fn predictions_leave_out_loading_which_the_measurement_starts_after() {
             precision: Precision::Bf16,
         },
     );
-    let plan = crate::memory::planner::plan_with(
+    let plan = crate::plan::plan_with(
         &config,
-        &crate::memory::planner::PlanOptions {
+        &crate::plan::PlanOptions {
             threads: 2,
             ..Default::default()
         },

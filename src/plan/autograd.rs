@@ -537,7 +537,7 @@ pub(crate) fn gradients(sim: &Sim, loss: &T, leaves: &[T], keep: bool) -> Vec<T>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::memory::planner::sim::{Category, DType};
+    use crate::plan::sim::{Category, DType};
 
     /// y = sum((x·w)²): a first-order gradient frees its intermediates, a kept one
     /// holds them (and the forward graph) alive.

@@ -1,7 +1,7 @@
 //! The learners' meta-gradients and the meta-step, replayed on simulated tensors.
 //!
 //! Mirrors `crate::meta` (inner loop, MAML in both modes, FOMAML, Reptile, MELoRA
-//! with each Hessian approximation), `crate::train::meta_step` and the outer update,
+//! with each Hessian approximation), `crate::run::meta_step` and the outer update,
 //! including what each keeps alive: full-graph MAML holds every inner step's forward
 //! and gradient graphs until the meta-backward has crossed them; recompute-MAML and
 //! MELoRA rebuild one step's graphs at a time; FOMAML and Reptile never keep a

@@ -645,7 +645,7 @@ pub(crate) fn task_loss(outputs: &T, batch: &SimBatch) -> T {
     }
 }
 
-/// `meta::loss::output_hessian_product`: `H_z·ż` of the task loss in the outputs
+/// `engine::TaskLoss::output_hessian_product`: `H_z·ż` of the task loss in the outputs
 /// (the mean squared error's `2ż/count`, or the cross-entropy's
 /// `(diag(p) − ppᵀ)·ż/N`).
 pub(crate) fn output_hessian_product(outputs: &T, batch: &SimBatch, z_dot: &T) -> T {

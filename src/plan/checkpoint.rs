@@ -1,4 +1,4 @@
-//! Gradient checkpointing (`crate::memory::checkpoint`), replayed on simulated
+//! Gradient checkpointing (`crate::engine::Checkpointed`), replayed on simulated
 //! tensors: the forward sweep keeps only the segments' outputs, and every backward
 //! sweep rebuilds one segment's graph at a time from a leaf copy of its stored input
 //! — for first-order gradients, for Hessian-vector products by the R-operator (a
@@ -165,7 +165,7 @@ struct TangentSweep {
     tangents: Vec<Vec<Option<T>>>,
 }
 
-/// The engine for one model and checkpoint plan (`memory::checkpoint::Checkpointer`).
+/// The engine for one model and checkpoint plan (`engine::Checkpointed`).
 pub(crate) struct SimCheckpointer<'a> {
     model: &'a SimModel,
     train: bool,

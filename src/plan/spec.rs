@@ -69,7 +69,7 @@ fn safetensors_name(dtype: DType) -> &'static str {
     }
 }
 
-/// `train::build::model_precision`: `model.dtype` throughout, or with
+/// `run::build::model_precision`: `model.dtype` throughout, or with
 /// `memory_optimization.precision` bf16/f16 a frozen base and activations in that
 /// type beside f32 trainable tensors; int8 frozen matrices with `model.quantization`.
 pub(crate) fn precision_of(config: &Config) -> Precision {
@@ -243,7 +243,7 @@ pub(crate) fn model_spec(config: &Config) -> Result<Spec> {
     let precision = precision_of(config);
     // Classes of the head, or one output for regression; a model that cannot read the
     // configured tasks is refused here as `build_model` refuses it.
-    let outputs = crate::train::build::model_outputs(config)?;
+    let outputs = crate::run::build::model_outputs(config)?;
     let (name, family, weights_file) = match &config.model.path {
         Some(dir) => {
             let path = dir.join("config.json");
@@ -276,7 +276,7 @@ pub(crate) fn model_spec(config: &Config) -> Result<Spec> {
         None if config.model.name == "mlp" => (
             "mlp".to_string(),
             Family::Mlp(MlpShape {
-                inputs: crate::train::build::builtin_inputs(config)?.features,
+                inputs: crate::run::build::builtin_inputs(config)?.features,
                 hidden: crate::models::load::MLP_HIDDEN.to_vec(),
             }),
             None,
@@ -321,7 +321,7 @@ pub(crate) fn model_spec(config: &Config) -> Result<Spec> {
     let (support_n, query_n) = (data.n_way * data.k_shot, data.n_way * data.n_query);
     let (support, query) = match &family {
         Family::Mlp(m) => {
-            if crate::train::build::is_sinusoid(config) {
+            if crate::run::build::is_sinusoid(config) {
                 // Sinusoid tasks: k_shot support points and n_query query points, whatever
                 // n_way says, each with one real target.
                 let rows = |n| Inputs::Dense {

@@ -1,5 +1,6 @@
-//! The memory planner: the peak heap memory of a meta-training configuration,
-//! predicted before running it.
+//! Planning memory before a run: the planner predicts the peak heap memory of a
+//! meta-training configuration ([`plan`]), and [`budget`] fits a configuration to a
+//! memory budget with it.
 //!
 //! The prediction is analytical — no tensor is computed — but not a closed formula
 //! fitted to measurements: the planner replays, at the level of shapes, exactly what
@@ -11,7 +12,7 @@
 //! - `autograd` replays candle's backward pass rule by rule, so a gradient taken with
 //!   its graph (second order) holds what candle's does, and a detached one frees what
 //!   candle's frees;
-//! - `checkpoint` replays gradient checkpointing (`memory::checkpoint`): the forward
+//! - `checkpoint` replays gradient checkpointing (`engine::Checkpointed`): the forward
 //!   sweep keeps only segment outputs (and, for Hessian-vector and Gauss-Newton
 //!   products, their tangents), and every backward sweep has one segment's graph
 //!   alive at a time;
@@ -45,7 +46,8 @@
 //!
 //! ```no_run
 //! use melora::config::Config;
-//! use melora::memory::{format_bytes, planner};
+//! use melora::memory::format_bytes;
+//! use melora::plan as planner;
 //!
 //! let config = Config::from_yaml_str(
 //!     "meta_learning:\n  inner:\n    steps: 5\n\
@@ -57,6 +59,7 @@
 //! ```
 
 mod autograd;
+pub mod budget;
 mod checkpoint;
 mod learners;
 mod models;
@@ -75,6 +78,7 @@ use self::sim::{Category, Sim, SimDType};
 
 pub use self::sim::{Overheads, CANDLE_OVERHEADS};
 pub(crate) use self::table::{format_breakdown, format_comparison};
+pub use budget::{fit_configured, fit_to_budget, search_budget, search_configured, BudgetChoice};
 
 /// What the simulated run includes besides one meta-step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -448,7 +448,7 @@ mod tests {
             summary.params.require("classifier.weight").unwrap().dims(),
             [3, 256]
         );
-        let plan = crate::memory::planner::plan(&config).unwrap();
+        let plan = crate::plan::plan(&config).unwrap();
         assert!(plan.peak_bytes > 0);
     }
 
@@ -495,7 +495,7 @@ mod tests {
         )
         .unwrap();
         assert!(evaluation.accuracy.is_some());
-        assert!(crate::memory::planner::plan(&config).unwrap().peak_bytes > 0);
+        assert!(crate::plan::plan(&config).unwrap().peak_bytes > 0);
     }
 
     /// MetaSGD is a method of the configuration: it trains θ and its per-entry step
@@ -539,7 +539,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(evaluation.episodes.len(), 2);
-        let plan = crate::memory::planner::plan(&config).unwrap();
+        let plan = crate::plan::plan(&config).unwrap();
         assert_eq!(plan.variant, crate::config::Variant::Metasgd);
         assert_eq!(plan.trainable_parameters as usize, summary.params.numel());
     }
