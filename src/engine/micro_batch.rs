@@ -60,16 +60,16 @@ impl<'e> MicroBatched<'e> {
         }
     }
 
-    /// Σ_i w_i·f(chunk_i) over the micro-batches of `batch`, for any number of
+    /// Σ_i w_i·f(chunk_i, w_i) over the micro-batches of `batch`, for any number of
     /// ParamSets per chunk.
     fn weighted_sums(
         &self,
         batch: &Batch,
-        mut f: impl FnMut(&Batch) -> Result<Vec<ParamSet>>,
+        mut f: impl FnMut(&Batch, f64) -> Result<Vec<ParamSet>>,
     ) -> Result<Vec<ParamSet>> {
         let mut total: Option<Vec<ParamSet>> = None;
         for (chunk, w) in self.chunks(batch)? {
-            let parts = f(&chunk)?;
+            let parts = f(&chunk, w)?;
             // Under a memory budget, stop at the first chunk that went above it.
             crate::memory::check_budget()?;
             let parts = if w == 1.0 {
@@ -146,13 +146,11 @@ impl GradEngine for MicroBatched<'_> {
         mode: Mode,
     ) -> Result<(ParamSet, Tensor)> {
         let mut losses = Vec::new();
-        let mut sums = self.weighted_sums(batch, |chunk| {
+        let mut sums = self.weighted_sums(batch, |chunk, w| {
             let (grads, loss) = self.engine.differentiable_gradient(leaves, chunk, mode)?;
-            losses.push(loss.detach());
+            losses.push((loss.detach(), w));
             Ok(vec![grads])
         })?;
-        let weights: Vec<f64> = self.chunks(batch)?.into_iter().map(|(_, w)| w).collect();
-        let losses: Vec<(Tensor, f64)> = losses.into_iter().zip(weights).collect();
         Ok((sums.remove(0), weighted_loss(&losses)?))
     }
 
@@ -163,7 +161,7 @@ impl GradEngine for MicroBatched<'_> {
         vs: &[ParamSet],
         mode: Mode,
     ) -> Result<(ParamSet, Vec<ParamSet>)> {
-        let mut sums = self.weighted_sums(batch, |chunk| {
+        let mut sums = self.weighted_sums(batch, |chunk, _| {
             let (grads, mut products) = self.engine.gradient_and_hvps(theta, chunk, vs, mode)?;
             products.insert(0, grads);
             Ok(products)
@@ -210,7 +208,7 @@ impl GradEngine for MicroBatched<'_> {
         v: &ParamSet,
         mode: Mode,
     ) -> Result<ParamSet> {
-        let mut sums = self.weighted_sums(batch, |chunk| {
+        let mut sums = self.weighted_sums(batch, |chunk, _| {
             Ok(vec![self
                 .engine
                 .gauss_newton_product(theta, chunk, v, mode)?])
