@@ -12,16 +12,16 @@
 
 use std::sync::Mutex;
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor};
 use melora::config::{
     Config, DataSource, HessianKind, InnerMode, Method, Precision, Quantization, SyntheticTask,
     Variant,
 };
 use melora::data::{Batch, Episode, EpisodeSource, SinusoidTasks};
-use melora::memory::{current_bytes, format_bytes, CountingAllocator, MemoryMeter};
+use melora::memory::{format_bytes, CountingAllocator, MemoryMeter};
 use melora::nn::Mode;
 use melora::optim::{Optimizer, OptimizerKind};
-use melora::plan::{plan_with, PlanOptions, CANDLE_OVERHEADS};
+use melora::plan::{plan_with, PlanOptions};
 use melora::run::build::{
     build_adapter, build_engine, build_learner, build_model, build_outer, initial_params,
 };
@@ -187,6 +187,99 @@ fn row(
 }
 
 const TEXT_MODELS: [&str; 4] = ["tiny-bert", "tiny-distilbert", "tiny-gpt2", "tiny-t5"];
+
+/// A deeper model (all-MiniLM-L6-v2's 6 layers of width 384), where the planner
+/// measures 1- and 2-layer instances and extrapolates: second- and first-order
+/// methods at K = 1 and 2, with micro-batches, checkpointing (every layer, every
+/// other, chosen layers), meta-batches of 5 tasks, bf16 and an int8 base.
+fn deep_rows() -> Vec<(String, Config)> {
+    let model = "minilm-shaped";
+    let all = methods();
+    let named = |n: &str| *all.iter().find(|m| m.0 == n).expect("known method");
+    let mut rows = Vec::new();
+    for name in [
+        "maml-full",
+        "maml-recompute",
+        "fomaml",
+        "reptile",
+        "melora-gn",
+    ] {
+        for k in [1, 2] {
+            rows.push(row(model, named(name), k, None));
+        }
+        rows.push(row(model, named(name), 2, Some(3)));
+    }
+    for name in ["maml-full", "maml-recompute", "melora-gn", "fomaml"] {
+        rows.push(checkpointed(model, named(name), 2, None, Ckpt::Every(1)));
+        rows.push(checkpointed(model, named(name), 2, None, Ckpt::Every(2)));
+        rows.push(checkpointed(
+            model,
+            named(name),
+            2,
+            None,
+            Ckpt::Layers(vec![1, 3]),
+        ));
+    }
+    for name in ["maml-full", "fomaml"] {
+        let (label, mut c) = row(model, named(name), 2, None);
+        c.meta_learning.meta_batch_size = 5;
+        rows.push((format!("{label} tasks=5"), c));
+        let (label, mut c) = checkpointed(model, named(name), 2, None, Ckpt::Every(1));
+        c.meta_learning.meta_batch_size = 5;
+        rows.push((format!("{label} tasks=5"), c));
+    }
+    for name in ["maml-recompute", "fomaml"] {
+        rows.push(precise(
+            model,
+            named(name),
+            2,
+            None,
+            Precision::Bf16,
+            Quantization::None,
+        ));
+        rows.push(precise(
+            model,
+            named(name),
+            1,
+            None,
+            Precision::F32,
+            Quantization::Int8,
+        ));
+    }
+    // Sequences of 48 tokens and 12 support examples, where the steps' graphs rather
+    // than loading make the peak.
+    let longer = |(label, mut c): (String, Config)| {
+        c.model.max_length = 48;
+        c.data.k_shot = 4;
+        (format!("{label} t=48"), c)
+    };
+    for name in ["maml-full", "maml-recompute", "fomaml", "melora-gn"] {
+        rows.push(longer(row(model, named(name), 2, None)));
+        rows.push(longer(checkpointed(
+            model,
+            named(name),
+            2,
+            None,
+            Ckpt::Every(1),
+        )));
+        rows.push(longer(checkpointed(
+            model,
+            named(name),
+            2,
+            None,
+            Ckpt::Every(2),
+        )));
+        rows.push(longer(checkpointed(
+            model,
+            named(name),
+            2,
+            None,
+            Ckpt::Layers(vec![1, 3]),
+        )));
+    }
+    rows.push(longer(row(model, named("maml-recompute"), 2, Some(4))));
+    rows
+}
 
 /// f64 rows: one per model for a second- and a first-order method.
 fn f64_rows() -> Vec<(String, Config)> {
@@ -581,48 +674,29 @@ fn folder_rows() -> Vec<(String, Config)> {
     rows
 }
 
-/// The grid run by default (about a minute): every text model with both MAML modes
-/// at K ∈ {1, 2, 4} with and without micro-batches, every other method at K = 2 with
-/// and without micro-batches; Conv4 (whose backward passes are slow) with every
-/// method but the block-diagonal one at K = 1 and full-graph MAML at K = 2; f64 rows;
-/// the checkpointing rows.
+/// The grid run by default (a few minutes): every tenth row of [`full_grid`] (every
+/// kind of row appears: each model, method, K, micro-batch, dtype, precision,
+/// checkpointing plan, folder, baseline) and the deep model's full-graph MAML rows
+/// at 8 tokens, where the planner extrapolates from 1-, 2- and 4-layer instances
+/// (its rows at 48 tokens, gigabytes each, are in the full grid only).
 fn grid() -> Vec<(String, Config)> {
-    let mut rows = Vec::new();
-    let all = methods();
-    for model in TEXT_MODELS {
-        for &method in &all {
-            let ks: &[usize] = if method.1 == Method::Maml {
-                &[1, 2, 4]
-            } else {
-                &[2]
-            };
-            for &k in ks {
-                for micro in [None, Some(3)] {
-                    rows.push(row(model, method, k, micro));
-                }
-            }
-        }
-    }
-    for &method in &all {
-        if method.3 != HessianKind::BlockDiagonal {
-            rows.push(row("conv4", method, 1, None));
-        }
-    }
-    rows.push(row("conv4", all[0], 2, None));
-    rows.extend(f64_rows());
-    rows.extend(checkpoint_rows());
-    rows.extend(long_rows());
-    rows.extend(mlp_rows());
-    rows.extend(meta_batch_rows());
-    rows.extend(precision_rows());
-    rows.extend(folder_rows());
-    rows.extend(selective_rows());
-    rows.extend(baseline_rows());
+    let mut rows: Vec<_> = full_grid()
+        .into_iter()
+        .filter(|(label, _)| !label.contains("t=48"))
+        .step_by(10)
+        .collect();
+    rows.extend(
+        deep_rows()
+            .into_iter()
+            .filter(|(label, _)| label.contains("maml-full") && !label.contains("t=48")),
+    );
     rows
 }
 
-/// The whole cartesian grid: models × methods × K ∈ {1, 2, 4} × micro-batches
-/// (none, 3; Conv4 none), and the f64 rows. Several minutes: run with `--ignored`.
+/// The whole grid: models × methods × K ∈ {1, 2, 4} × micro-batches (none, 3;
+/// Conv4 none), and the f64, checkpointing, long-sequence, MLP, meta-batch,
+/// precision, folder, selective-recomputation, baseline and deep-model rows. About
+/// half an hour: run with `--ignored`.
 fn full_grid() -> Vec<(String, Config)> {
     let mut rows = Vec::new();
     for model in TEXT_MODELS.iter().chain(&["conv4"]) {
@@ -647,6 +721,8 @@ fn full_grid() -> Vec<(String, Config)> {
     rows.extend(precision_rows());
     rows.extend(folder_rows());
     rows.extend(selective_rows());
+    rows.extend(baseline_rows());
+    rows.extend(deep_rows());
     rows
 }
 
@@ -804,7 +880,6 @@ fn check(rows: fn() -> Vec<(String, Config)>) {
     let options = PlanOptions {
         iterations: 1,
         episode_batches: 1,
-        ..PlanOptions::default()
     };
     // Warm-up per model and dtype: thread pools, the first-order worker and the
     // kernels' per-thread buffers are set up once per process, not per step.
@@ -867,60 +942,4 @@ fn planner_predicts_measured_peaks_within_tolerance() {
 #[ignore = "the whole cartesian grid takes several minutes"]
 fn planner_full_grid_within_tolerance() {
     check(full_grid);
-}
-
-/// Bytes allocated per element of `make()`, over many.
-///
-/// The counters are process-wide and the test harness allocates and frees on its own
-/// threads (spawning the other test, collecting output), which can shift a round
-/// either way; the value most rounds agree on is taken.
-fn bytes_per(make: impl Fn() -> Tensor) -> u64 {
-    let n = 1000;
-    let mut rounds: Vec<u64> = (0..7)
-        .map(|_| {
-            let mut kept: Vec<Tensor> = Vec::with_capacity(n);
-            let before = current_bytes() as i64;
-            kept.extend((0..n).map(|_| make()));
-            let per = (current_bytes() as i64 - before) / n as i64;
-            drop(kept);
-            per.max(0) as u64
-        })
-        .collect();
-    rounds.sort_unstable();
-    let mut best = (0, rounds[0]);
-    for &value in &rounds {
-        let count = rounds.iter().filter(|&&r| r == value).count();
-        if count > best.0 {
-            best = (count, value);
-        }
-    }
-    best.1
-}
-
-/// The planner's figures for candle's per-tensor bookkeeping match the allocator's.
-#[test]
-fn planner_overheads_match_candle() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let d = Device::Cpu;
-    let o = CANDLE_OVERHEADS;
-    for (rank, dims) in [(1, vec![16]), (2, vec![4, 4]), (4, vec![2, 2, 2, 2])] {
-        // A fresh tensor of 16 f32: node, layout, storage and data.
-        let fresh = bytes_per(|| Tensor::zeros(dims.as_slice(), DType::F32, &d).unwrap());
-        assert_eq!(fresh, o.fresh + o.fresh_per_dim * rank + 64, "rank {rank}");
-        // A tracked op's result costs the same (the op lives inline).
-        let v = Var::zeros(dims.as_slice(), DType::F32, &d).unwrap();
-        assert_eq!(bytes_per(|| v.as_tensor().sqr().unwrap()), fresh);
-        // A view: node and layout only.
-        let view = bytes_per(|| v.as_tensor().detach());
-        assert_eq!(view, o.view + o.view_per_dim * rank, "rank {rank}");
-    }
-    // A custom op: its Arc<Box<dyn CustomOp>> and the op struct on top.
-    let v = Var::zeros((2, 2, 4), DType::F32, &d).unwrap();
-    let plain = bytes_per(|| v.as_tensor().sqr().unwrap());
-    let gelu = bytes_per(|| melora::tensor::ops::gelu_erf(v.as_tensor()).unwrap());
-    assert_eq!(gelu, plain + o.custom_op + 2);
-    // The frozen linear op (its weight, bias, sizes and direction: 48 bytes).
-    let w = Tensor::zeros((4, 4), DType::F32, &d).unwrap();
-    let frozen = bytes_per(|| melora::tensor::ops::frozen_linear(v.as_tensor(), &w, None).unwrap());
-    assert_eq!(frozen, plain + o.custom_op + 48);
 }

@@ -31,7 +31,7 @@ impl Machine {
             cpu: cpu_model(),
             logical_cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
             kernel_threads: candle_core::utils::get_num_threads(),
-            memory_bytes: memory_total(),
+            memory_bytes: crate::memory::physical_memory_bytes(),
             os: format!("{} {}", std::env::consts::OS, std::env::consts::ARCH),
             load_average_start: load,
             load_average_end: load,
@@ -70,19 +70,6 @@ fn cpu_model() -> Option<String> {
         .find(|l| l.starts_with("model name"))
         .and_then(|l| l.split_once(':'))
         .map(|(_, v)| v.trim().to_string())
-}
-
-fn memory_total() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
-    let kib: u64 = line
-        .trim_start_matches("MemTotal:")
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
-    kib.checked_mul(1024)
 }
 
 /// The 1-, 5- and 15-minute load averages, where `/proc/loadavg` exists.

@@ -170,7 +170,7 @@ pub(crate) fn run(global: &GlobalArgs, args: &BenchMemoryArgs) -> anyhow::Result
         let row_started = Instant::now();
         let row = MemoryRow::new(
             point,
-            predicted_bytes(&config, threads),
+            predicted_bytes(&config),
             run_child(&config, args.iterations, threads),
         );
         let elapsed = row_started.elapsed().as_secs_f64();

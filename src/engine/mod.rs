@@ -36,7 +36,6 @@ mod loss;
 mod micro_batch;
 mod whole_graph;
 
-pub(crate) use checkpoint::not_a_stack;
 pub use checkpoint::Checkpointed;
 pub use curvature::{
     block_diagonal_product, exact_hessian_diagonal, hessian_vector_product, hutchinson_diagonal,

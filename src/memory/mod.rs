@@ -31,4 +31,4 @@ pub use allocator::{allocation_count, current_bytes, is_installed, peak_bytes, C
 pub use bytes::format_bytes;
 pub use guard::{check_budget, BudgetGuard};
 pub use meter::{HeapReport, MemoryMeter, MemoryReport};
-pub use rss::ProcessMemory;
+pub use rss::{physical_memory_bytes, ProcessMemory};

@@ -96,6 +96,20 @@ fn parse_kib(key: &str, value: &str) -> Result<u64> {
         .ok_or_else(bad)
 }
 
+/// The machine's physical memory (`MemTotal` of `/proc/meminfo`), where known.
+pub fn physical_memory_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line
+        .trim_start_matches("MemTotal:")
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    kib.checked_mul(1024)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

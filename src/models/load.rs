@@ -94,7 +94,7 @@ pub(crate) fn builtin_config(name: &str) -> Option<(&'static str, serde_json::Va
     })
 }
 
-fn unsupported(family: &str, origin: &str) -> Error {
+pub(crate) fn unsupported(family: &str, origin: &str) -> Error {
     Error::Model(format!(
         "unsupported architecture `{family}` in {origin}; supported model_type values: {}",
         SUPPORTED_FAMILIES.join(", ")
@@ -102,7 +102,7 @@ fn unsupported(family: &str, origin: &str) -> Error {
 }
 
 /// A transformer of `family` from its `config.json` value and weights.
-fn build(
+pub(crate) fn build(
     family: &str,
     config: serde_json::Value,
     weights: Weights,

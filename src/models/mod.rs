@@ -8,6 +8,7 @@
 //! mode); only the LoRA branches apply their dropout in [`Mode::Train`].
 
 pub mod adapter_files;
+mod architecture;
 mod attention;
 pub mod bert;
 pub mod conv4;
@@ -24,6 +25,7 @@ mod weights;
 
 use candle_core::Tensor;
 
+pub use architecture::Architecture;
 pub use head::{ClassificationHead, HEAD_BIAS, HEAD_WEIGHT};
 pub use precision::{ModelPrecision, Quantization};
 pub use weights::Weights;

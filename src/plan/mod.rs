@@ -2,47 +2,46 @@
 //! meta-training configuration ([`plan`]), and [`budget`] fits a configuration to a
 //! memory budget with it.
 //!
-//! The prediction is analytical — no tensor is computed — but not a closed formula
-//! fitted to measurements: the planner replays, at the level of shapes, exactly what
-//! a meta-training step allocates and frees.
+//! The prediction is a measurement: the planner runs the real code of the run — the
+//! model, the learner, the engine, the outer update — on small instances of the
+//! configuration under the counting allocator, and extrapolates to the configured
+//! sizes. Nothing is mirrored, so a new model, op, engine or device is planned as
+//! soon as it runs.
 //!
-//! - `models` replays each model's forward pass op by op (frozen
-//!   projections, LoRA branches, head-split copies, attention scores and
-//!   probabilities, layer norms, FFN and activation, pooling, loss);
-//! - `autograd` replays candle's backward pass rule by rule, so a gradient taken with
-//!   its graph (second order) holds what candle's does, and a detached one frees what
-//!   candle's frees;
-//! - `checkpoint` replays gradient checkpointing (`engine::Checkpointed`): the forward
-//!   sweep keeps only segment outputs (and, for Hessian-vector and Gauss-Newton
-//!   products, their tangents), and every backward sweep has one segment's graph
-//!   alive at a time;
-//! - `learners` replays the learners and the meta-step: what each keeps alive (every
-//!   inner step's graphs for full-graph MAML, one step's for recompute-MAML and
-//!   MELoRA, one forward graph for FOMAML and Reptile, a micro-batch's with gradient
-//!   accumulation, one segment's with checkpointing), the meta-batch's tasks one
-//!   after another, the outer update; for the fine-tuning baselines, which are not
-//!   meta-trained, the adaptation to one test task;
-//! - `sim` counts every buffer like candle's reference-counted tensors, with candle's
-//!   per-tensor bookkeeping, and records the peak and what it was made of.
+//! An instance keeps the configuration's width, sequence length, task size, inner
+//! steps K, micro-batches, precision and storage, and cuts two things:
 //!
-//! Mixed precision (`memory_optimization.precision` bf16/f16) is replayed as the models
-//! run it: frozen weights and activations in two bytes; LoRA `A`/`B` and the head in
-//! f32, with the adapter's bf16/f16 copies cast in the graph of every forward; the
-//! hidden states copied to f32 for pooling, head and loss; the frozen linear maps
-//! accumulating in f32 buffers for the duration of each call; the half-precision
-//! backward of layer norm and softmax as fused ops whose second derivatives run in
-//! f32 (detached at once in first-order passes); candle's bf16 products on f32
-//! copies of both operands; and under f16, the loss scale's copies of every
-//! gradient. An int8 base (`model.quantization`) keeps one byte per entry of the
-//! linear weights and token tables plus an f32 scale per output channel, dequantizes
-//! a layer's weight into an f32 buffer for each product forward and backward, looks
-//! tokens up without a dense table, and is quantized from dense copies when loaded.
+//! - **layers**: a transformer of L > 2 layers is built with 1 and with 2 layers (the
+//!   same architecture, random frozen weights of the same dtypes and storage). What
+//!   a run holds grows affinely in L — frozen weights, LoRA tensors, their
+//!   gradients and optimiser state, and every graph the method keeps, one layer's
+//!   worth per layer — so two points give the line. With gradient checkpointing a
+//!   model of more than 4 layers is measured with 1 layer, 2 in two segments, 2 in
+//!   one and 4 in two of two, which separates what every layer costs, what a
+//!   stored segment boundary costs and what each layer of the segment being
+//!   recomputed costs; the configured segments (count, longest) are then put in;
+//! - **tasks**: a meta-batch of B > 2 tasks is measured with 1 and with 2. Its tasks
+//!   run one after another, each leaving its meta-gradient, so the peak is affine
+//!   in B.
 //!
-//! Sizes come from the configuration: the model's architecture (built-in or the
-//! `config.json` and safetensors header of a model folder), LoRA rank and targets,
-//! the task shape (ways, shots, queries, sequence length, image size, or sinusoid
-//! points), the meta-batch, the method and its inner steps, micro-batches, gradient
-//! checkpointing, the dtypes and the storage of the frozen base.
+//! Both cuts combine bilinearly (4 instances, 8 with checkpointing; a model of at
+//! most 2 layers (4 with checkpointing) and at most 2 tasks is measured as
+//! configured). The model
+//! itself is also built once at its full size (from its folder, for `model.path`),
+//! which gives the frozen weights and the loading peak exactly. A warm-up instance
+//! first sets up what a process sets up once (thread pools, kernel workspaces), as
+//! `melora profile` does before it measures.
+//!
+//! The breakdown of the peak: frozen weights, trainable parameters, episodes and the
+//! optimiser's state are the live bytes each adds, measured; the gradients are the
+//! meta-gradients the earlier tasks of the meta-batch leave (θ's size each); of
+//! the rest, the step's graphs and buffers, what one first-order backward pass adds
+//! beyond its forward graph is counted as temporaries and the remainder as
+//! activations.
+//!
+//! Planning needs the counting allocator ([`crate::memory::CountingAllocator`]) as
+//! the global allocator (the `melora` program installs it) and takes a fraction of
+//! one meta-step of the configuration: seconds for a 6-layer model.
 //!
 //! ```no_run
 //! use melora::config::Config;
@@ -58,61 +57,43 @@
 //! # Ok::<(), melora::Error>(())
 //! ```
 
-mod autograd;
 pub mod budget;
-mod checkpoint;
-mod learners;
-mod models;
-mod sim;
-mod spec;
+mod extrapolate;
+mod measure;
 mod table;
 
 use serde::Serialize;
 
-use crate::config::{Config, HessianKind, InnerMode, Method, Variant};
-use crate::Result;
+use crate::config::{Config, InnerMode, Method, Variant};
+use crate::memory::MemoryMeter;
+use crate::{Error, Result};
 
-use self::learners::{outer_update, Approximation, Ctx, InnerSpec, Learner, OptimizerSpec, Params};
-use self::models::{SimBatch, SimModel};
-use self::sim::{Category, Sim, SimDType};
+use self::extrapolate::{instances_of, Target};
+use self::measure::{measure, Inputs, Measured};
 
-pub use self::sim::{Overheads, CANDLE_OVERHEADS};
-pub(crate) use self::table::{format_breakdown, format_comparison};
+pub use self::table::{format_breakdown, format_comparison};
 pub use budget::{fit_configured, fit_to_budget, search_budget, search_configured, BudgetChoice};
 
-/// What the simulated run includes besides one meta-step.
+/// What the planned run includes besides one meta-step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct PlanOptions {
-    /// Meta-iterations replayed; from the second on, the optimiser state exists
+    /// Meta-iterations measured; from the second on, the optimiser state exists
     /// throughout, as in a long training run.
     pub iterations: usize,
     /// Meta-batches of episodes in memory at once (the one being trained on and those
     /// the prefetcher holds).
     pub episode_batches: usize,
-    /// Threads that run candle's kernels (their scratch buffers are per thread).
-    pub threads: usize,
 }
 
 impl Default for PlanOptions {
     /// Steady-state training: two iterations; four meta-batches of episodes (the one
-    /// trained on, two in the prefetcher's queue, one being made); the machine's
-    /// threads (or `RAYON_NUM_THREADS`).
+    /// trained on, two in the prefetcher's queue, one being made).
     fn default() -> Self {
         PlanOptions {
             iterations: 2,
             episode_batches: 4,
-            threads: kernel_threads(),
         }
     }
-}
-
-/// Threads of rayon's global pool, as candle's kernels will use them.
-pub(crate) fn kernel_threads() -> usize {
-    std::env::var("RAYON_NUM_THREADS")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-        .filter(|&n| n > 0)
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
 /// Bytes of each kind at the moment of the peak.
@@ -147,19 +128,6 @@ impl Plan {
 }
 
 impl PlanBreakdown {
-    fn from_array(b: &sim::Breakdown) -> Self {
-        let get = |c: Category| b[Category::ALL.iter().position(|x| *x == c).expect("listed")];
-        PlanBreakdown {
-            frozen_weights: get(Category::Weights),
-            trainable: get(Category::Trainable),
-            gradients: get(Category::Gradients),
-            optimizer_state: get(Category::Optimizer),
-            activations: get(Category::Activations),
-            data: get(Category::Data),
-            temporaries: get(Category::Temporaries),
-        }
-    }
-
     /// The sum of the parts (the peak).
     pub fn total(&self) -> u64 {
         self.frozen_weights
@@ -224,8 +192,11 @@ pub struct Plan {
     pub int8: bool,
     /// Whether backward passes run under a loss scale (`precision: f16`).
     pub loss_scaling: bool,
-    /// What the simulated run included.
+    /// What the measured run included.
     pub options: PlanOptions,
+    /// Instances of the configuration that were run to measure it (the warm-up
+    /// included).
+    pub instances: usize,
 }
 
 /// The comparison `melora plan` shows by default: full-graph MAML, FOMAML, Reptile
@@ -241,62 +212,34 @@ pub fn default_comparison(config: &Config) -> Vec<Variant> {
     ]
 }
 
-/// The method of `config` as the simulation runs it (`None` for the baselines,
-/// which only adapt), and its table label.
-fn learner_of(config: &Config) -> (Option<Learner>, String) {
+/// The method of `config` as tables show it, e.g. `maml (full graph)`.
+fn describe(config: &Config) -> String {
     let hessian = &config.memory_optimization.hessian_approximation;
-    match config.meta_learning.method {
+    let label = match config.meta_learning.method {
         Method::Maml => match config.meta_learning.inner.mode {
-            InnerMode::FullGraph => (Some(Learner::MamlFullGraph), "maml (full graph)".into()),
-            InnerMode::Recompute => (Some(Learner::MamlRecompute), "maml (recompute)".into()),
+            InnerMode::FullGraph => "maml (full graph)".into(),
+            InnerMode::Recompute => "maml (recompute)".into(),
         },
-        Method::Fomaml => (Some(Learner::Fomaml), "fomaml".into()),
-        Method::Reptile => (Some(Learner::Reptile), "reptile".into()),
-        Method::Melora => {
-            let approximation = match hessian.kind {
-                HessianKind::None => Approximation::None,
-                HessianKind::Diagonal => Approximation::Diagonal {
-                    probes: hessian.probes,
-                },
-                HessianKind::GaussNewton => Approximation::GaussNewton,
-                HessianKind::BlockDiagonal => Approximation::BlockDiagonal,
-            };
-            (
-                Some(Learner::Melora {
-                    approximation,
-                    damped: hessian.damping > 0.0,
-                }),
-                format!("melora ({})", hessian.kind),
-            )
-        }
-        Method::Metasgd => (
-            Some(Learner::MetaSgd {
-                full_graph: config.meta_learning.inner.mode == InnerMode::FullGraph,
-            }),
-            format!("metasgd ({})", config.meta_learning.inner.mode),
-        ),
-        method @ (Method::Finetune
-        | Method::LoraFinetune
-        | Method::NoAdaptation
-        | Method::Prototype
-        | Method::PretrainFinetune) => (None, method.to_string()),
-    }
+        Method::Melora => format!("melora ({})", hessian.kind),
+        Method::Metasgd => format!("metasgd ({})", config.meta_learning.inner.mode),
+        method => method.to_string(),
+    };
+    label
 }
 
 /// The predicted peak heap bytes ([`Plan::peak_bytes`]) of training with `config`
 /// (steady state: see [`PlanOptions::default`]), for every method and mode of the
-/// configuration — MAML in full-graph and recompute modes, FOMAML, Reptile, MELoRA
-/// with each Hessian approximation — with or without gradient checkpointing and
-/// micro-batches; for the `finetune` and `lora-finetune` baselines, which are not
-/// meta-trained, the peak of adapting to one test task.
+/// configuration, with or without gradient checkpointing and micro-batches; for
+/// the baselines, which are not meta-trained, the peak of adapting to one test
+/// task. See the module's documentation for how it is measured.
 ///
 /// Fails with [`crate::Error::Config`] for an invalid configuration,
 /// [`crate::Error::Model`] for a model it cannot read (unknown built-in, missing or
-/// invalid `config.json`, unsupported family, LoRA target matching no module), and
-/// [`crate::Error::InvalidArgument`] for a combination training refuses too
-/// (micro-batches with Conv4's batch statistics, a data source the model does not
-/// read, checkpointing a model that is not a transformer stack or layers it does not
-/// have, sequences longer than the model's positions) or sizes no machine holds.
+/// invalid `config.json`, unsupported family, LoRA target matching no module), with
+/// the error training would give for a combination training refuses (running the
+/// same code, it meets the same checks), with [`crate::Error::InvalidArgument`] for
+/// tasks whose episodes alone exceed the machine's memory, and when the counting
+/// allocator is not installed.
 pub fn plan(config: &Config) -> Result<Plan> {
     plan_with(config, &PlanOptions::default())
 }
@@ -305,228 +248,171 @@ pub fn plan(config: &Config) -> Result<Plan> {
 pub fn plan_with(config: &Config, options: &PlanOptions) -> Result<Plan> {
     // A configuration built in code has not been through `Config::load`.
     config.validate()?;
-    let spec = spec::model_spec(config)?;
-    let (learner, method) = learner_of(config);
-    let micro = config.memory_optimization.gradient_accumulation.micro_batch;
-    if micro.is_some_and(|m| m < spec.support.len())
-        && matches!(spec.model.family, models::Family::Conv4(_))
-    {
-        return Err(crate::Error::InvalidArgument(
-            "this model normalises with the statistics of the whole batch, so splitting \
-             it into micro-batches would change the result; unset \
-             memory_optimization.gradient_accumulation.micro_batch"
+    if !crate::memory::is_installed() {
+        return Err(Error::InvalidArgument(
+            "the memory planner measures with melora's counting allocator, which this \
+             program does not use; install it with `#[global_allocator] static ALLOC: \
+             melora::memory::CountingAllocator = melora::memory::CountingAllocator;`"
                 .into(),
         ));
     }
-    let inner = InnerSpec {
-        steps: config.meta_learning.inner.steps,
-        micro,
+    crate::init();
+    let method = describe(config);
+    let variant = Variant::of(config);
+    let meta_trains = variant.meta_trains();
+    let inputs = Inputs::of(config)?;
+    let tasks = if meta_trains {
+        config.meta_learning.meta_batch_size
+    } else {
+        1
     };
-    // The baselines are not meta-trained: their peak is evaluation's, one test task
-    // at a time.
-    let meta_batch = match learner {
-        Some(_) => config.meta_learning.meta_batch_size,
-        None => 1,
+    let episode_batches = if meta_trains {
+        options.episode_batches.max(1)
+    } else {
+        1
     };
-    let outer = &config.meta_learning.outer;
-    let optimizer = OptimizerSpec {
-        adamw: outer.optimizer == crate::config::OuterOptimizer::Adamw,
-        weight_decay: outer.weight_decay > 0.0,
-    };
-    let clip = outer.grad_clip.is_some();
-    // Dropout draws masks only in training (evaluation runs the baselines).
-    let train = config.lora.dropout > 0.0 && learner.is_some();
-
-    let sim = Sim::new(options.threads);
-    // Loading: the weights file read whole, then its tensors; the file is dropped
-    // before the model is assembled.
-    sim.set_category(Category::Temporaries);
-    let file = sim.hold_bytes(spec.load.file_bytes);
-    sim.set_category(Category::Weights);
-    let in_file = sim.hold_bytes(spec.load.tensor_bytes);
-    sim.free_bytes(file, spec.load.file_bytes);
-    sim.spike(spec.load.conversion_scratch);
-    sim.free_bytes(in_file, spec.load.tensor_bytes);
-    let model = SimModel::build(&sim, &spec.model);
-
-    sim.set_category(Category::Trainable);
-    let precision = model.precision();
-    // Trainable tensors (LoRA, head; Conv4's and the MLP's every tensor) in the
-    // trainable type, the master weights of mixed precision.
-    let dtype = precision.trainable;
-    let init_params = || -> Params {
-        model
-            .param_shapes()
-            .iter()
-            .map(|s| {
-                // Initial values are drawn in f64, then converted.
-                if dtype.bytes() != 8 {
-                    sim.spike(8 * s.iter().product::<usize>() as u64);
-                }
-                sim.tensor(s, dtype)
-            })
-            .collect()
-    };
-    let mut params = init_params();
-    if matches!(learner, Some(Learner::MetaSgd { .. })) {
-        // MetaSGD's step sizes: one tensor like each of θ's.
-        let alpha = init_params();
-        params.extend(alpha);
+    if let Some(limit) = crate::memory::physical_memory_bytes() {
+        measure::check_data_fits(config, inputs, tasks * episode_batches, limit)?;
     }
-    let mut trainable_parameters: u64 = params.iter().map(|t| t.elem_count() as u64).sum();
-    if config.meta_learning.method == Method::Finetune {
-        trainable_parameters += model.base_numel();
-    }
+    let architecture = crate::run::build::architecture(config)?;
+    let layers = architecture.as_ref().map(|a| a.layers()).transpose()?;
 
-    sim.set_category(Category::Data);
-    let episode_batches = match learner {
-        Some(_) => options.episode_batches.max(1),
-        None => 1,
+    // The model at its full size: frozen weights and the loading peak, exactly; and
+    // the checks training makes of it (checkpointed layers it does not have).
+    let (weights, load_peak) = {
+        let meter = MemoryMeter::start();
+        let model = crate::run::build::build_model(config)?;
+        crate::run::build::build_engine(config, model.as_ref())?;
+        let weights = meter.current_above_baseline().max(0) as f64;
+        (weights, meter.peak_above_baseline() as f64)
     };
-    let batches: Vec<Vec<(SimBatch, SimBatch)>> = (0..episode_batches)
-        .map(|_| {
-            (0..meta_batch)
-                .map(|_| {
-                    (
-                        SimBatch::new(&sim, spec.support, precision.frozen),
-                        SimBatch::new(&sim, spec.query, precision.frozen),
-                    )
-                })
-                .collect()
+    let target = Target::of(config, layers, tasks)?;
+    let instances = instances_of(&target);
+    // The warm-up: what a process sets up once is not the run's.
+    measure(config, &instances[0].1, inputs, 1, 1)?;
+    crate::tensor::kernel_workspace::reserve_on_kernel_threads();
+    let measured: Vec<(extrapolate::Corner, Measured)> = instances
+        .iter()
+        .map(|(corner, instance)| {
+            measure(
+                config,
+                instance,
+                inputs,
+                options.iterations,
+                episode_batches,
+            )
+            .map(|m| (*corner, m))
         })
-        .collect();
-    sim.set_category(Category::Temporaries);
-    // Loading, drawing the initial values (in f64) and making the first episodes:
-    // what precedes the first step, which a small model's step may not exceed.
-    let load_peak = sim.peak().0;
-    sim.reset_peak();
-    // f16 activations: every backward pass runs under the loss scale.
-    let loss_scaled = config.memory_optimization.precision == crate::config::Precision::F16;
-    sim.set_loss_scaled(loss_scaled);
+        .collect::<Result<_>>()?;
+    let at = target.extrapolate(&measured);
 
-    let ctx = Ctx {
-        sim: &sim,
-        model: &model,
-        train,
-        inner,
-        checkpoint: spec.checkpoint.as_deref(),
+    // Random frozen weights where the run loads them: the run's own are measured.
+    let step_peak = (at.peak - at.weights + weights).max(0.0);
+    let optimizer = if options.iterations >= 2 {
+        at.optimizer
+    } else {
+        0.0
     };
-    let mut state = None;
-    for _ in 0..options.iterations.max(1) {
-        let Some(learner) = learner else {
-            let (support, query) = &batches[0][0];
-            let steps = config.evaluation.finetune_steps;
-            let classes = spec.model.classes;
-            match config.meta_learning.method {
-                // LoRA fine-tuning starts every task from fresh adapters.
-                Method::LoraFinetune => {
-                    let fresh = within_category(&sim, Category::Trainable, init_params);
-                    ctx.finetune(&fresh, support, query, steps);
-                }
-                // Full fine-tuning: a fresh initialisation and every base weight.
-                Method::Finetune => {
-                    let mut full = within_category(&sim, Category::Trainable, init_params);
-                    full.extend(model.base_params());
-                    ctx.finetune(&full, support, query, steps);
-                }
-                Method::NoAdaptation => ctx.no_adaptation(&params, query),
-                Method::Prototype => ctx.prototype(&params, support, query, classes),
-                Method::PretrainFinetune => {
-                    // Pre-training's steps on batches of `batch_size` examples, then
-                    // the per-task fine-tuning, whichever peaks higher.
-                    let batch = within_category(&sim, Category::Data, || {
-                        SimBatch::new(
-                            &sim,
-                            spec.support
-                                .with_len(config.comparison.pretrain.resolved(config).1),
-                            precision.frozen,
-                        )
-                    });
-                    let mut pretrain_state = None;
-                    for _ in 0..2 {
-                        params = ctx.pretrain_step(&params, &batch, &mut pretrain_state);
-                    }
-                    drop((batch, pretrain_state));
-                    match config.comparison.pretrain.tune {
-                        crate::config::PretrainTune::Head => {
-                            ctx.head_finetune(&params, support, query, classes, steps)
-                        }
-                        crate::config::PretrainTune::All => {
-                            ctx.finetune(&params, support, query, steps)
-                        }
-                    }
-                }
-                _ => ctx.finetune(&params, support, query, steps),
-            }
-            continue;
-        };
-        // The tasks of a meta-batch have the same shapes and run one after another,
-        // each leaving only its meta-gradient: a later task peaks higher than an
-        // earlier one by exactly the meta-gradients in between. So the first task
-        // (for what it leaves) and the last (for the peak) are replayed, and the
-        // ones between leave a copy of the first's meta-gradient.
-        let tasks = &batches[0];
-        let mut gradients: Vec<Params> = Vec::with_capacity(tasks.len());
-        for (i, (support, query)) in tasks.iter().enumerate() {
-            let replayed = i == 0 || i + 1 == tasks.len();
-            let g = if replayed {
-                ctx.meta_gradient(learner, &params, support, query)
-            } else {
-                within_category(&sim, Category::Gradients, || {
-                    gradients[0]
-                        .iter()
-                        .map(|t| sim.tensor(&t.dims(), t.dtype()))
-                        .collect()
-                })
-            };
-            gradients.push(g);
-        }
-        params = outer_update(&sim, &params, &gradients, optimizer, clip, &mut state);
-    }
-    let (peak, parts) = sim.peak();
-    drop((params, state, batches, model));
-
-    let forward_graph_bytes = spec::forward_graph_bytes(&spec, inner.micro, options.threads);
-    let breakdown = PlanBreakdown::from_array(&parts);
+    let gradients = if meta_trains {
+        (tasks.saturating_sub(1)) as f64 * at.trainable
+    } else {
+        0.0
+    };
+    let known = weights + at.trainable + at.data + optimizer + gradients;
+    let rest = (step_peak - known).max(0.0);
+    let temporaries = rest.min(at.backward_extra);
+    let round = |x: f64| x.max(0.0).round() as u64;
+    let breakdown = PlanBreakdown {
+        frozen_weights: round(weights),
+        trainable: round(at.trainable),
+        gradients: round(gradients),
+        optimizer_state: round(optimizer),
+        activations: round(rest - temporaries),
+        data: round(at.data),
+        temporaries: round(temporaries),
+    };
+    let load_peak_bytes = round(load_peak + at.trainable + at.data).max(round(load_peak));
+    let forward_graph_bytes = round(at.forward_graph);
+    let precision = crate::run::build::model_precision(config);
     Ok(Plan {
         method,
-        variant: Variant::of(config),
-        model: spec.name.clone(),
-        peak_bytes: peak.max(load_peak),
+        variant,
+        model: config
+            .model
+            .path
+            .as_ref()
+            .map_or(config.model.name.clone(), |p| p.display().to_string()),
+        peak_bytes: breakdown.total().max(load_peak_bytes),
         breakdown,
-        load_peak_bytes: load_peak,
+        load_peak_bytes,
         forward_graph_bytes,
         graphs_kept: if forward_graph_bytes > 0 {
             breakdown.activations as f64 / forward_graph_bytes as f64
         } else {
             0.0
         },
-        trainable_parameters,
-        inner_steps: match learner {
-            Some(_) => inner.steps,
-            None => config.evaluation.finetune_steps,
+        trainable_parameters: trainable_parameters(config)?,
+        inner_steps: if meta_trains {
+            config.meta_learning.inner.steps
+        } else {
+            config.evaluation.finetune_steps
         },
-        micro_batch: micro,
-        checkpoint_layers: spec.checkpoint.clone(),
-        meta_batch_size: meta_batch,
-        support_examples: spec.support.len(),
-        query_examples: spec.query.len(),
-        sequence_length: spec.sequence_length(),
-        dtype_bytes: precision.frozen.bytes(),
-        dtype: precision.frozen.name().into(),
-        trainable_dtype: precision.trainable.name().into(),
-        int8: precision.int8,
-        loss_scaling: loss_scaled,
+        micro_batch: config.memory_optimization.gradient_accumulation.micro_batch,
+        checkpoint_layers: match (config.memory_optimization.checkpointing.plan(), layers) {
+            (Some(plan), Some(l)) => Some(plan.boundaries(l)?),
+            _ => None,
+        },
+        meta_batch_size: tasks,
+        support_examples: support_examples(config),
+        query_examples: query_examples(config),
+        sequence_length: inputs.sequence_length(),
+        dtype_bytes: precision.frozen.size_in_bytes() as u64,
+        dtype: dtype_name(precision.frozen).into(),
+        trainable_dtype: dtype_name(precision.trainable).into(),
+        int8: config.model.quantization == crate::config::Quantization::Int8,
+        loss_scaling: config.memory_optimization.precision == crate::config::Precision::F16,
         options: *options,
+        instances: measured.len() + 1,
     })
 }
 
-/// Runs `f` with new buffers counted in `category`.
-fn within_category<R>(sim: &Sim, category: Category, f: impl FnOnce() -> R) -> R {
-    let previous = sim.set_category(category);
-    let out = f();
-    sim.set_category(previous);
-    out
+fn dtype_name(dtype: candle_core::DType) -> &'static str {
+    match dtype {
+        candle_core::DType::F64 => "f64",
+        candle_core::DType::BF16 => "bf16",
+        candle_core::DType::F16 => "f16",
+        _ => "f32",
+    }
+}
+
+/// Support examples per task (the sinusoid's points, or ways × shots).
+fn support_examples(config: &Config) -> usize {
+    if crate::run::build::is_sinusoid(config) {
+        config.data.k_shot
+    } else {
+        config.data.n_way * config.data.k_shot
+    }
+}
+
+/// Query examples per task.
+fn query_examples(config: &Config) -> usize {
+    if crate::run::build::is_sinusoid(config) {
+        config.data.n_query
+    } else {
+        config.data.n_way * config.data.n_query
+    }
+}
+
+/// Elements the run trains: θ (and MetaSGD's step sizes), and for full
+/// fine-tuning every weight of the base. Counted on the model at its full size.
+fn trainable_parameters(config: &Config) -> Result<u64> {
+    let model = crate::run::build::build_model(config)?;
+    let params = if config.meta_learning.method == Method::Finetune {
+        model.full_params(config.seed)?
+    } else {
+        crate::run::build::initial_params(model.as_ref(), config)?
+    };
+    Ok(params.numel() as u64)
 }
 
 /// Plans of `config` run with each of `variants` (the comparison table), everything

@@ -43,7 +43,7 @@ fn precision(plan: &Plan) -> String {
 }
 
 /// The breakdown of one plan's peak, with the assumptions it rests on.
-pub(crate) fn format_breakdown(plan: &Plan) -> String {
+pub fn format_breakdown(plan: &Plan) -> String {
     let b = &plan.breakdown;
     let total = b.total();
     let mut out = String::new();
@@ -99,12 +99,19 @@ pub(crate) fn format_breakdown(plan: &Plan) -> String {
             format_bytes(plan.load_peak_bytes)
         );
     }
+    let _ = writeln!(
+        out,
+        "\nMeasured: the real code run on {} instances of this configuration (the same \
+         width, sequence length, tasks, K and micro-batches; 1 to 4 layers, 1 or 2 tasks), \
+         extrapolated to its layers and meta-batch.",
+        plan.instances
+    );
     out
 }
 
 /// One row per plan: peak, activations, gradients, graphs kept, the ratio to the
 /// first row and, with a budget, whether it fits.
-pub(crate) fn format_comparison(plans: &[Plan], budget: Option<u64>) -> String {
+pub fn format_comparison(plans: &[Plan], budget: Option<u64>) -> String {
     let mut out = String::new();
     out.push_str("| method | predicted peak | activations | gradients | graphs kept | vs first |");
     match budget {

@@ -1,6 +1,7 @@
-//! The public entry point over every method and mode the configuration offers, with
-//! checkpointing on and off and with micro-batches; and the relations a plan must
-//! keep (exact agreement with measurement is `tests/planner_grid.rs`'s job).
+//! What the planner refuses, as training refuses it, and the shapes it plans. The
+//! relations between plans (which measure, so they run serialised in their own
+//! process) are `tests/plan_relations.rs`'s, and agreement with measured runs is
+//! `tests/planner_grid.rs`'s.
 
 use super::*;
 use crate::config::{DataSource, SyntheticTask};
@@ -52,50 +53,6 @@ fn micro(mut c: Config, size: usize) -> Config {
     c
 }
 
-fn peak(c: &Config) -> u64 {
-    plan(c)
-        .unwrap_or_else(|e| panic!("{}: {e}", Variant::of(c)))
-        .peak_bytes
-}
-
-/// A plan that exists and adds up.
-fn check(c: &Config) -> Plan {
-    let p = plan(c).unwrap_or_else(|e| panic!("{} on {}: {e}", Variant::of(c), c.model.name));
-    assert!(p.peak_bytes > 0);
-    assert!(p.breakdown.total() <= p.peak_bytes);
-    assert_eq!(p.peak_bytes, p.breakdown.total().max(p.load_peak_bytes));
-    assert_eq!(p.variant, Variant::of(c));
-    p
-}
-
-#[test]
-fn every_method_plans_on_every_model_with_and_without_checkpointing_and_micro_batches() {
-    let mut bases = Vec::new();
-    for model in ["tiny-bert", "tiny-distilbert", "tiny-gpt2", "tiny-t5"] {
-        let c = text(model, 8);
-        bases.push(checkpointed(c.clone(), None));
-        bases.push(checkpointed(micro(c.clone(), 5), Some(vec![1])));
-        bases.push(micro(c.clone(), 5));
-        bases.push(c);
-    }
-    bases.push(sinusoid());
-    bases.push(micro(sinusoid(), 2));
-    bases.push(images());
-    for base in &bases {
-        for &variant in Variant::ALL {
-            let c = variant.apply(base);
-            if crate::config::pairing::method_does_not_apply(&c).is_some() {
-                continue;
-            }
-            let p = check(&c);
-            assert_eq!(
-                p.checkpoint_layers.is_some(),
-                c.memory_optimization.checkpointing.enabled
-            );
-        }
-    }
-}
-
 #[test]
 fn the_planner_refuses_what_training_refuses() {
     // Only transformer stacks are checkpointed; Conv4's batch statistics are not
@@ -125,54 +82,6 @@ fn the_planner_refuses_what_training_refuses() {
     assert!(plan(&c).is_err());
 }
 
-#[test]
-fn memory_follows_what_each_method_keeps() {
-    let base = text("tiny-bert", 32);
-    let with_k = |variant: Variant, k: usize| {
-        let mut c = variant.apply(&base);
-        c.meta_learning.inner.steps = k;
-        c
-    };
-    // Full-graph MAML keeps every inner step's graphs; recompute-MAML one step's.
-    let full = [1, 2, 4].map(|k| peak(&with_k(Variant::MamlFullGraph, k)));
-    assert!(full[0] < full[1] && full[1] < full[2], "{full:?}");
-    let recompute = [1, 4].map(|k| peak(&with_k(Variant::Maml, k)));
-    assert!(recompute[1] < full[2]);
-    assert!(
-        (recompute[1] as f64) < 1.05 * recompute[0] as f64,
-        "{recompute:?}"
-    );
-    // First-order methods keep no gradient graph.
-    assert!(peak(&with_k(Variant::Fomaml, 4)) < recompute[1]);
-    // Checkpointing and micro-batches lower the second-order peak.
-    let recompute_c = with_k(Variant::Maml, 2);
-    let whole = peak(&recompute_c);
-    assert!(peak(&checkpointed(recompute_c.clone(), None)) < whole);
-    assert!(peak(&micro(recompute_c.clone(), 3)) < whole);
-    // A baseline's peak is one task's adaptation: smaller than meta-training's.
-    assert!(peak(&Variant::Finetune.apply(&base)) < whole);
-}
-
-#[test]
-fn checkpointing_keeps_one_segment_of_activations() {
-    // Long sequences, so that activations dominate: with every layer a segment the
-    // recompute-MAML peak keeps far less than a whole forward graph's worth.
-    let c = Variant::Maml.apply(&text("tiny-gpt2", 64));
-    let off = check(&c);
-    let on = check(&checkpointed(c, None));
-    assert!(
-        on.breakdown.activations + on.breakdown.gradients
-            < off.breakdown.activations + off.breakdown.gradients
-    );
-    assert_eq!(on.forward_graph_bytes, off.forward_graph_bytes);
-    assert!(
-        on.graphs_kept < off.graphs_kept,
-        "{} {}",
-        on.graphs_kept,
-        off.graphs_kept
-    );
-}
-
 fn precise(
     mut c: Config,
     precision: crate::config::Precision,
@@ -181,55 +90,6 @@ fn precise(
     c.memory_optimization.precision = precision;
     c.model.quantization = quantization;
     c
-}
-
-#[test]
-fn mixed_precision_and_int8_shrink_what_they_store() {
-    use crate::config::{Precision, Quantization};
-    let base = text("tiny-bert", 32);
-    // (Full fine-tuning cannot train an int8 base: it is refused, not planned.)
-    for &variant in Variant::ALL.iter().filter(|&&v| v != Variant::Finetune) {
-        let f32_plan = check(&variant.apply(&base));
-        let bf16 = check(&precise(
-            variant.apply(&base),
-            Precision::Bf16,
-            Quantization::None,
-        ));
-        let int8 = check(&precise(
-            variant.apply(&base),
-            Precision::F32,
-            Quantization::Int8,
-        ));
-        // Half the frozen bytes and a smaller peak in bf16; the trainable tensors and
-        // the optimiser's state stay f32.
-        assert_eq!(
-            (bf16.dtype.as_str(), bf16.trainable_dtype.as_str()),
-            ("bf16", "f32")
-        );
-        // (candle's per-tensor bookkeeping does not halve).
-        let half = bf16.breakdown.frozen_weights as f64 / f32_plan.breakdown.frozen_weights as f64;
-        assert!((0.5..0.52).contains(&half), "{variant}: {half}");
-        assert_eq!(
-            bf16.breakdown.optimizer_state,
-            f32_plan.breakdown.optimizer_state
-        );
-        assert!(bf16.peak_bytes < f32_plan.peak_bytes, "{variant}");
-        // int8: a byte per matrix entry and f32 scales, dense norms and positions.
-        let ratio = int8.breakdown.frozen_weights as f64 / f32_plan.breakdown.frozen_weights as f64;
-        assert!((0.25..0.4).contains(&ratio), "{variant}: {ratio}");
-    }
-    // f16 stores what bf16 stores, plus the loss scale's copies of the gradients.
-    let c = Variant::Maml.apply(&base);
-    let bf16 = check(&precise(c.clone(), Precision::Bf16, Quantization::None));
-    let f16 = check(&precise(c.clone(), Precision::F16, Quantization::None));
-    assert!(f16.loss_scaling && !bf16.loss_scaling);
-    assert_eq!(f16.breakdown.frozen_weights, bf16.breakdown.frozen_weights);
-    assert!(f16.peak_bytes >= bf16.peak_bytes);
-    // Over an int8 base, bf16 activations still shrink the peak.
-    let int8 = check(&precise(c.clone(), Precision::F32, Quantization::Int8));
-    let both = check(&precise(c, Precision::Bf16, Quantization::Int8));
-    assert!(both.peak_bytes < int8.peak_bytes);
-    assert!(format_breakdown(&both).contains("bf16 base and activations, f32 trainable, int8"));
 }
 
 #[test]
@@ -254,11 +114,23 @@ fn synthetic_text_is_planned_at_the_model_max_length() {
     for (max_length, planned) in [(8, 8), (16, 16), (32, 32), (64, 32)] {
         let mut c = Config::default();
         c.model.max_length = max_length;
-        let spec = spec::model_spec(&c).unwrap();
         assert_eq!(
-            spec.sequence_length(),
+            Inputs::of(&c).unwrap().sequence_length(),
             Some(planned),
             "max_length {max_length}"
         );
     }
+}
+
+/// A plan adds up: its peak is the larger of loading and the breakdown's total.
+#[test]
+fn a_plan_adds_up() {
+    for c in [text("tiny-bert", 8), sinusoid(), images()] {
+        let p = plan(&c).unwrap();
+        assert!(p.peak_bytes > 0);
+        assert_eq!(p.peak_bytes, p.breakdown.total().max(p.load_peak_bytes));
+        assert_eq!(p.variant, Variant::of(&c));
+    }
+    // Two layers and two tasks: measured as configured (after the warm-up).
+    assert_eq!(plan(&text("tiny-bert", 8)).unwrap().instances, 2);
 }

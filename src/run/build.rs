@@ -14,7 +14,7 @@ use crate::meta::{
     LoraFinetune, Maml, MamlMode, Melora, MetaLearner, MetaSgd, NoAdaptation, Prototype, Reptile,
 };
 use crate::models::load::{builtin_with_inputs, from_directory, BuiltinInputs};
-use crate::models::{FewShotModel, LoraSettings, ModelPrecision, Quantization};
+use crate::models::{Architecture, FewShotModel, LoraSettings, ModelPrecision, Quantization};
 use crate::nn::{LoraInit, LoraSpec};
 use crate::optim::{LossScaler, Optimizer, OptimizerKind, Schedule};
 use crate::tensor::ParamSet;
@@ -52,17 +52,9 @@ pub fn model_precision(config: &Config) -> ModelPrecision {
 /// precision of [`model_precision`] (selective recomputation on when
 /// `memory_optimization.checkpointing.selective`).
 pub fn build_model(config: &Config) -> Result<Box<dyn FewShotModel>> {
-    let lora = LoraSettings {
-        spec: LoraSpec {
-            rank: config.lora.rank,
-            alpha: config.lora.alpha,
-            dropout: config.lora.dropout,
-        },
-        target_modules: config.lora.target_modules.clone(),
-        init: LoraInit::Peft { seed: config.seed },
-    };
+    let lora = lora_settings(config);
     let outputs = model_outputs(config)?;
-    let mut model = match &config.model.path {
+    let model = match &config.model.path {
         Some(dir) => from_directory(dir, model_precision(config), Some(lora), outputs)?,
         None => builtin_with_inputs(
             &config.model.name,
@@ -73,6 +65,50 @@ pub fn build_model(config: &Config) -> Result<Box<dyn FewShotModel>> {
             builtin_inputs(config)?,
         )?,
     };
+    with_selective_recompute(config, model)
+}
+
+/// The configured transformer's architecture (built-in or `model.path`'s
+/// `config.json`); `None` for the dense built-in models (Conv4, MLP).
+pub fn architecture(config: &Config) -> Result<Option<Architecture>> {
+    match &config.model.path {
+        Some(dir) => Architecture::from_directory(dir).map(Some),
+        None => Ok(Architecture::builtin(&config.model.name)),
+    }
+}
+
+/// [`build_model`] with the configured transformer cut to its first `layers` layers
+/// and random frozen weights (of the same dtypes and storage): what the memory
+/// planner measures. Dense models are built as configured.
+pub fn build_model_with_layers(config: &Config, layers: usize) -> Result<Box<dyn FewShotModel>> {
+    let Some(architecture) = architecture(config)? else {
+        return build_model(config);
+    };
+    let model = architecture.with_layers(layers).build_random(
+        config.seed,
+        model_precision(config),
+        Some(lora_settings(config)),
+        model_outputs(config)?,
+    )?;
+    with_selective_recompute(config, model)
+}
+
+fn lora_settings(config: &Config) -> LoraSettings {
+    LoraSettings {
+        spec: LoraSpec {
+            rank: config.lora.rank,
+            alpha: config.lora.alpha,
+            dropout: config.lora.dropout,
+        },
+        target_modules: config.lora.target_modules.clone(),
+        init: LoraInit::Peft { seed: config.seed },
+    }
+}
+
+fn with_selective_recompute(
+    config: &Config,
+    mut model: Box<dyn FewShotModel>,
+) -> Result<Box<dyn FewShotModel>> {
     if config.memory_optimization.checkpointing.selective {
         model.set_selective_recompute(true)?;
     }

@@ -241,18 +241,14 @@ pub fn row_config(base: &Config, point: &GridPoint) -> Config {
 }
 
 /// The planner's prediction of the peak heap bytes of the meta-steps with `config`
-/// with candle's kernels on `threads` threads (`step_peak_bytes` of
+/// (`step_peak_bytes` of
 /// [`crate::plan::plan_with`]): the one place the benchmark asks the
 /// planner. Loading is left out, as the measurement starts after the warm-up; where
 /// loading peaks higher (random weights are drawn in f64, a weights file is read
 /// whole), the whole run's peak would overstate what is measured. `Err` says why
 /// there is none (the planner refused the configuration).
-pub fn predicted_bytes(config: &Config, threads: usize) -> std::result::Result<u64, String> {
-    let options = crate::plan::PlanOptions {
-        threads,
-        ..Default::default()
-    };
-    crate::plan::plan_with(config, &options)
+pub fn predicted_bytes(config: &Config) -> std::result::Result<u64, String> {
+    crate::plan::plan(config)
         .map(|plan| plan.step_peak_bytes())
         .map_err(|e| format!("the planner refused the configuration: {e}"))
 }

@@ -276,8 +276,8 @@ fn predictions_come_from_the_planner_where_it_models_the_configuration() {
         checkpointing: false,
         precision: Precision::F32,
     };
-    let two = predicted_bytes(&row_config(&base, &point), 1).unwrap();
-    let one = predicted_bytes(&row_config(&base, &GridPoint { k: 1, ..point }), 1).unwrap();
+    let two = predicted_bytes(&row_config(&base, &point)).unwrap();
+    let one = predicted_bytes(&row_config(&base, &GridPoint { k: 1, ..point })).unwrap();
     assert!(two > one && one > 0, "{one} {two}");
     let bf16 = row_config(
         &base,
@@ -287,7 +287,7 @@ fn predictions_come_from_the_planner_where_it_models_the_configuration() {
         },
     );
     // A bf16 base and activations take less than f32's.
-    let half = predicted_bytes(&bf16, 1).unwrap();
+    let half = predicted_bytes(&bf16).unwrap();
     assert!(half < two, "bf16 {half} vs f32 {two}");
 }
 
@@ -306,14 +306,7 @@ fn predictions_leave_out_loading_which_the_measurement_starts_after() {
             precision: Precision::Bf16,
         },
     );
-    let plan = crate::plan::plan_with(
-        &config,
-        &crate::plan::PlanOptions {
-            threads: 2,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let plan = crate::plan::plan(&config).unwrap();
     assert!(
         plan.load_peak_bytes > plan.step_peak_bytes(),
         "loading {} vs steps {}",
@@ -321,7 +314,7 @@ fn predictions_leave_out_loading_which_the_measurement_starts_after() {
         plan.step_peak_bytes()
     );
     assert_eq!(plan.peak_bytes, plan.load_peak_bytes);
-    assert_eq!(predicted_bytes(&config, 2).unwrap(), plan.step_peak_bytes());
+    assert_eq!(predicted_bytes(&config).unwrap(), plan.step_peak_bytes());
 }
 
 #[test]

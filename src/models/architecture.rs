@@ -1,0 +1,141 @@
+//! A transformer's architecture apart from its weights: the family and the
+//! `config.json`-style value that sizes it, for a built-in model or a model folder.
+//! The memory planner builds the same architecture with fewer layers and random
+//! weights to measure it (`plan`).
+
+use std::path::Path;
+
+use candle_core::Device;
+
+use super::load::{build, builtin_config, unsupported, SUPPORTED_FAMILIES};
+use super::{FewShotModel, LoraSettings, ModelPrecision, Weights};
+use crate::{Error, Result};
+
+/// A transformer family's configuration value, where it came from, and the key
+/// that counts its layers.
+#[derive(Debug, Clone)]
+pub struct Architecture {
+    family: &'static str,
+    config: serde_json::Value,
+    origin: String,
+}
+
+/// The `config.json` key that holds each family's number of layers.
+fn layer_key(family: &str) -> &'static str {
+    match family {
+        "bert" => "num_hidden_layers",
+        "distilbert" => "n_layers",
+        "gpt2" => "n_layer",
+        _ => "num_layers",
+    }
+}
+
+impl Architecture {
+    /// The architecture of a built-in transformer; `None` for the built-in dense
+    /// models (`conv4`, `mlp`) and for names that are not built in.
+    pub fn builtin(name: &str) -> Option<Self> {
+        let (family, config) = builtin_config(name)?;
+        Some(Architecture {
+            family,
+            config,
+            origin: name.to_owned(),
+        })
+    }
+
+    /// The architecture a model folder's `config.json` describes.
+    pub fn from_directory(dir: &Path) -> Result<Self> {
+        let path = dir.join("config.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        let config: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Format {
+            path: path.clone(),
+            message: format!("not JSON: {e}"),
+        })?;
+        let origin = path.display().to_string();
+        let kind = config
+            .get("model_type")
+            .and_then(|v| v.as_str())
+            .unwrap_or("");
+        let family = SUPPORTED_FAMILIES
+            .iter()
+            .copied()
+            .find(|f| *f == kind)
+            .ok_or_else(|| unsupported(kind, &origin))?;
+        Ok(Architecture {
+            family,
+            config,
+            origin,
+        })
+    }
+
+    /// The model family (`model_type`): bert, distilbert, gpt2 or t5.
+    pub fn family(&self) -> &'static str {
+        self.family
+    }
+
+    /// The number of layers of the stack.
+    pub fn layers(&self) -> Result<usize> {
+        let key = layer_key(self.family);
+        self.config
+            .get(key)
+            .and_then(serde_json::Value::as_u64)
+            .and_then(|n| usize::try_from(n).ok())
+            .ok_or_else(|| {
+                Error::Model(format!(
+                    "{} has no layer count `{key}` (a non-negative integer)",
+                    self.origin
+                ))
+            })
+    }
+
+    /// The same architecture with `layers` layers.
+    pub fn with_layers(&self, layers: usize) -> Self {
+        let mut reduced = self.clone();
+        if let Some(fields) = reduced.config.as_object_mut() {
+            fields.insert(layer_key(self.family).into(), layers.into());
+        }
+        reduced
+    }
+
+    /// The model of this architecture with seeded random frozen weights in
+    /// `precision`, LoRA and a head for `classes` classes: the shapes, dtypes and
+    /// storage of a loaded model, without its values.
+    pub fn build_random(
+        &self,
+        seed: u64,
+        precision: ModelPrecision,
+        lora: Option<LoraSettings>,
+        classes: usize,
+    ) -> Result<Box<dyn FewShotModel>> {
+        precision.validate()?;
+        let weights =
+            Weights::random(seed, precision.frozen, &Device::Cpu).with_precision(precision)?;
+        build(
+            self.family,
+            self.config.clone(),
+            weights,
+            lora,
+            classes,
+            &self.origin,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_architecture_is_rebuilt_with_fewer_layers() {
+        for name in ["tiny-bert", "tiny-distilbert", "tiny-gpt2", "tiny-t5"] {
+            let architecture = Architecture::builtin(name).unwrap();
+            assert_eq!(architecture.layers().unwrap(), 2, "{name}");
+            let one = architecture.with_layers(1);
+            assert_eq!(one.layers().unwrap(), 1);
+            let model = one
+                .build_random(1, ModelPrecision::from(candle_core::DType::F32), None, 3)
+                .unwrap();
+            assert_eq!(model.transformer().unwrap().num_layers(), 1, "{name}");
+        }
+        assert!(Architecture::builtin("conv4").is_none());
+    }
+}

@@ -1,0 +1,256 @@
+//! From the instances the planner measures to the configured sizes: which instances
+//! to run, and the lines (in layers, in tasks) and the segment model (with
+//! gradient checkpointing) through their measurements.
+
+use crate::config::Config;
+use crate::Result;
+
+use super::measure::{Instance, Measured};
+
+/// An instance's place on the layer axis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LayerPoint {
+    /// The configured model (at most 2 layers, or not a transformer).
+    Configured,
+    /// One layer (one segment, with checkpointing).
+    One,
+    /// Two layers (a segment each, with checkpointing).
+    Two,
+    /// Two layers in one segment (with checkpointing).
+    TwoInOneSegment,
+    /// Four layers in two segments of two (with checkpointing).
+    FourInTwoSegments,
+}
+
+/// An instance's place on both axes: its layers, and its tasks (the index into
+/// [`Target::task_points`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Corner {
+    layer: LayerPoint,
+    task: usize,
+}
+
+/// The configured sizes the measurements are extrapolated to.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Target {
+    /// Layers of the model, when extrapolated: more than two, more than four with
+    /// checkpointing.
+    layers: Option<usize>,
+    /// With checkpointing of more than two layers: the number of stored segment
+    /// boundaries and the most layers one segment recomputes.
+    segments: Option<(usize, usize)>,
+    /// Tasks per meta-batch.
+    tasks: usize,
+}
+
+/// Segment boundaries and longest segment of a checkpointing plan over `layers`
+/// layers: segment 0 is the embedding and layers `0..B₀`, segment k layers
+/// `B_{k−1}..B_k`, the last `B_{n−1}..L` (see `engine::Checkpointed`).
+fn segment_shape(boundaries: &[usize], layers: usize) -> (usize, usize) {
+    let mut longest = boundaries.first().copied().unwrap_or(layers);
+    for pair in boundaries.windows(2) {
+        longest = longest.max(pair[1] - pair[0]);
+    }
+    if let Some(last) = boundaries.last() {
+        longest = longest.max(layers - last);
+    }
+    (boundaries.len(), longest)
+}
+
+impl Target {
+    /// The sizes of `config` with a transformer of `layers` layers (`None`: a dense
+    /// model) and `tasks` tasks per meta-batch.
+    pub(crate) fn of(config: &Config, layers: Option<usize>, tasks: usize) -> Result<Self> {
+        let plan = config.memory_optimization.checkpointing.plan();
+        let measured_up_to = if plan.is_some() { 4 } else { 2 };
+        let layers = layers.filter(|&l| l > measured_up_to);
+        let segments = match (layers, plan) {
+            (Some(l), Some(plan)) => Some(segment_shape(&plan.boundaries(l)?, l)),
+            _ => None,
+        };
+        Ok(Target {
+            layers,
+            segments,
+            tasks,
+        })
+    }
+
+    /// Tasks of the instances: 1 and 2 for a larger meta-batch (extrapolated), the
+    /// configured number otherwise.
+    fn task_points(&self) -> Vec<usize> {
+        if self.tasks > 2 {
+            vec![1, 2]
+        } else {
+            vec![self.tasks]
+        }
+    }
+
+    fn layer_points(&self) -> Vec<LayerPoint> {
+        match (self.layers, self.segments) {
+            (None, _) => vec![LayerPoint::Configured],
+            (Some(_), None) => vec![LayerPoint::One, LayerPoint::Two],
+            (Some(_), Some(_)) => vec![
+                LayerPoint::One,
+                LayerPoint::Two,
+                LayerPoint::TwoInOneSegment,
+                LayerPoint::FourInTwoSegments,
+            ],
+        }
+    }
+
+    /// The measurements carried to the configured sizes.
+    pub(crate) fn extrapolate(&self, measured: &[(Corner, Measured)]) -> Measured {
+        let at = |layer: LayerPoint, task: usize| -> Measured {
+            measured
+                .iter()
+                .find(|(c, _)| *c == Corner { layer, task })
+                .map(|(_, m)| *m)
+                .expect("every corner is measured")
+        };
+        let per_task: Vec<Measured> = (0..self.task_points().len())
+            .map(|task| match self.layers {
+                None => at(LayerPoint::Configured, task),
+                Some(layers) => {
+                    let (one, two) = (at(LayerPoint::One, task), at(LayerPoint::Two, task));
+                    let mut line = along(&one, &two, layers);
+                    if let Some((boundaries, longest)) = self.segments {
+                        let points = [
+                            one.peak,
+                            two.peak,
+                            at(LayerPoint::TwoInOneSegment, task).peak,
+                            at(LayerPoint::FourInTwoSegments, task).peak,
+                        ];
+                        line.peak = segment_peak(points, layers, boundaries, longest);
+                    }
+                    line
+                }
+            })
+            .collect();
+        match per_task.as_slice() {
+            [one, two] => along(one, two, self.tasks),
+            [only] => *only,
+            _ => unreachable!("one or two task points"),
+        }
+    }
+}
+
+/// The instances to measure, the smallest first.
+pub(crate) fn instances_of(target: &Target) -> Vec<(Corner, Instance)> {
+    let mut instances = Vec::new();
+    for (task, &tasks) in target.task_points().iter().enumerate() {
+        for layer in target.layer_points() {
+            let (layers, checkpoint) = match layer {
+                LayerPoint::Configured => (None, None),
+                LayerPoint::One => (Some(1), Some(vec![0])),
+                LayerPoint::Two => (Some(2), Some(vec![0, 1])),
+                LayerPoint::TwoInOneSegment => (Some(2), Some(vec![0])),
+                LayerPoint::FourInTwoSegments => (Some(4), Some(vec![0, 2])),
+            };
+            instances.push((
+                Corner { layer, task },
+                Instance {
+                    layers,
+                    tasks,
+                    checkpoint: checkpoint.filter(|_| target.segments.is_some()),
+                },
+            ));
+        }
+    }
+    instances
+}
+
+/// The line through `one` (at 1) and `two` (at 2), at `x`, for every figure.
+fn along(one: &Measured, two: &Measured, x: usize) -> Measured {
+    let x = x as f64 - 1.0;
+    let line = |a: f64, b: f64| a + x * (b - a);
+    Measured {
+        weights: line(one.weights, two.weights),
+        build_peak: line(one.build_peak, two.build_peak),
+        trainable: line(one.trainable, two.trainable),
+        data: line(one.data, two.data),
+        optimizer: line(one.optimizer, two.optimizer),
+        peak: line(one.peak, two.peak),
+        forward_graph: line(one.forward_graph, two.forward_graph),
+        backward_extra: line(one.backward_extra, two.backward_extra),
+    }
+}
+
+/// The checkpointed peak `c + u·L + b·S + g·M` of `layers` layers in segments
+/// with `boundaries` stored boundaries and at most `longest` layers each, from the
+/// peaks of one layer (L = S = M = 1), two layers in two segments (S = 2, M = 1),
+/// two in one (S = 1, M = 2) and four in two of two (S = 2, M = 2). `u` is what
+/// every layer costs whatever the segments (its weights, parameters and their
+/// state; with full-graph MAML, whose inner steps are not segmented, its share of
+/// every inner graph), `b` a stored boundary, `g` a layer of the segment being
+/// recomputed.
+fn segment_peak(points: [f64; 4], layers: usize, boundaries: usize, longest: usize) -> f64 {
+    let [one, two, joined, four] = points;
+    let per_layer = (four - joined) - (two - one);
+    let per_boundary = (two - one) - per_layer;
+    let per_segment_layer = (joined - one) - per_layer;
+    let constant = one - per_layer - per_boundary - per_segment_layer;
+    constant
+        + per_layer * layers as f64
+        + per_boundary * boundaries as f64
+        + per_segment_layer * longest as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn measured(peak: f64, weights: f64) -> Measured {
+        Measured {
+            peak,
+            weights,
+            ..Measured::default()
+        }
+    }
+
+    #[test]
+    fn segments_are_counted_as_the_engine_cuts_them() {
+        assert_eq!(segment_shape(&[0, 1, 2, 3, 4, 5], 6), (6, 1));
+        assert_eq!(segment_shape(&[0, 2, 4], 6), (3, 2));
+        assert_eq!(segment_shape(&[1, 3], 6), (2, 3));
+        assert_eq!(segment_shape(&[0], 6), (1, 6));
+    }
+
+    /// A peak that really is `c + u·L + b·S + g·M` is recovered exactly from the
+    /// four instances, for any plan; lines in layers and tasks likewise.
+    #[test]
+    fn the_segment_model_and_the_lines_recover_what_they_assume() {
+        for (c, u, b, g) in [(1000.0, 300.0, 20.0, 50.0), (500.0, 80.0, 0.0, 0.0)] {
+            let truth = |l: f64, s: f64, m: f64| c + u * l + b * s + g * m;
+            let points = [
+                truth(1.0, 1.0, 1.0),
+                truth(2.0, 2.0, 1.0),
+                truth(2.0, 1.0, 2.0),
+                truth(4.0, 2.0, 2.0),
+            ];
+            for (boundaries, layers) in [(vec![0, 2, 4], 6), (vec![1, 3], 12), (vec![0], 5)] {
+                let (s, m) = segment_shape(&boundaries, layers);
+                let predicted = segment_peak(points, layers, s, m);
+                assert!((predicted - truth(layers as f64, s as f64, m as f64)).abs() < 1e-6);
+            }
+        }
+        let line = along(&measured(10.0, 1.0), &measured(13.0, 2.0), 6);
+        assert_eq!((line.peak, line.weights), (25.0, 6.0));
+    }
+
+    #[test]
+    fn small_configurations_are_measured_as_they_are() {
+        let config = Config::default();
+        let target = Target::of(&config, Some(2), 2).unwrap();
+        let instances = instances_of(&target);
+        assert_eq!(instances.len(), 1);
+        assert_eq!(instances[0].1.layers, None);
+        let mut checkpointed = Config::default();
+        checkpointed.memory_optimization.checkpointing.enabled = true;
+        let target = Target::of(&checkpointed, Some(6), 4).unwrap();
+        let instances = instances_of(&target);
+        assert_eq!(instances.len(), 8);
+        assert_eq!(instances[0].1.layers, Some(1));
+        assert_eq!(instances[0].1.tasks, 1);
+        assert!(instances.iter().all(|(_, i)| i.checkpoint.is_some()));
+    }
+}

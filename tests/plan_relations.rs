@@ -1,0 +1,221 @@
+//! Relations every plan must keep between methods, modes, checkpointing,
+//! micro-batches and precisions (the planner measures, so these run serialised in
+//! a process of their own, under the counting allocator; agreement with measured
+//! runs is `tests/planner_grid.rs`'s).
+
+use std::sync::{Mutex, MutexGuard};
+
+use melora::config::{Config, DataSource, SyntheticTask, Variant};
+use melora::plan::{format_breakdown, plan, Plan};
+
+#[global_allocator]
+static ALLOCATOR: melora::memory::CountingAllocator = melora::memory::CountingAllocator;
+
+/// Plans measure process-wide counters: one at a time.
+fn serial() -> MutexGuard<'static, ()> {
+    static SERIAL: Mutex<()> = Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A small text configuration read from a file (sequences of `max_length` tokens).
+fn text(model: &str, tokens: usize) -> Config {
+    let mut c = Config::default();
+    c.model.name = model.into();
+    c.model.max_length = tokens;
+    c.data.source = DataSource::Jsonl;
+    c.data.path = Some("texts.jsonl".into());
+    c.data.n_way = 3;
+    c.data.k_shot = 4;
+    c.data.n_query = 2;
+    c.meta_learning.meta_batch_size = 2;
+    c
+}
+
+fn sinusoid() -> Config {
+    let mut c = Config::default();
+    c.model.name = "mlp".into();
+    c.data.source = DataSource::Synthetic;
+    c.data.synthetic_task = SyntheticTask::Sinusoid;
+    c.data.k_shot = 5;
+    c.data.n_query = 5;
+    c
+}
+
+fn images() -> Config {
+    let mut c = Config::default();
+    c.model.name = "conv4".into();
+    c.data.source = DataSource::Synthetic;
+    c.data.synthetic_task = SyntheticTask::Images;
+    c.data.n_way = 2;
+    c.data.k_shot = 1;
+    c.data.n_query = 1;
+    c.meta_learning.meta_batch_size = 1;
+    c
+}
+
+fn checkpointed(mut c: Config, layers: Option<Vec<usize>>) -> Config {
+    c.memory_optimization.checkpointing.enabled = true;
+    c.memory_optimization.checkpointing.layers = layers;
+    c
+}
+
+fn micro(mut c: Config, size: usize) -> Config {
+    c.memory_optimization.gradient_accumulation.micro_batch = Some(size);
+    c
+}
+
+fn peak(c: &Config) -> u64 {
+    plan(c)
+        .unwrap_or_else(|e| panic!("{}: {e}", Variant::of(c)))
+        .peak_bytes
+}
+
+/// A plan that exists and adds up.
+fn check(c: &Config) -> Plan {
+    let p = plan(c).unwrap_or_else(|e| panic!("{} on {}: {e}", Variant::of(c), c.model.name));
+    assert!(p.peak_bytes > 0);
+    assert!(p.breakdown.total() <= p.peak_bytes);
+    assert_eq!(p.peak_bytes, p.breakdown.total().max(p.load_peak_bytes));
+    assert_eq!(p.variant, Variant::of(c));
+    p
+}
+
+#[test]
+fn every_method_plans_on_every_model_with_and_without_checkpointing_and_micro_batches() {
+    let _serial = serial();
+    let mut bases = Vec::new();
+    for model in ["tiny-bert", "tiny-distilbert", "tiny-gpt2", "tiny-t5"] {
+        let c = text(model, 8);
+        bases.push(checkpointed(c.clone(), None));
+        bases.push(checkpointed(micro(c.clone(), 5), Some(vec![1])));
+        bases.push(micro(c.clone(), 5));
+        bases.push(c);
+    }
+    bases.push(sinusoid());
+    bases.push(micro(sinusoid(), 2));
+    bases.push(images());
+    for base in &bases {
+        for &variant in Variant::ALL {
+            let c = variant.apply(base);
+            // A baseline that does not apply to the model is refused, not planned.
+            if c.validate().is_err() {
+                continue;
+            }
+            let p = check(&c);
+            assert_eq!(
+                p.checkpoint_layers.is_some(),
+                c.memory_optimization.checkpointing.enabled
+            );
+        }
+    }
+}
+
+#[test]
+fn memory_follows_what_each_method_keeps() {
+    let _serial = serial();
+    let base = text("tiny-bert", 32);
+    let with_k = |variant: Variant, k: usize| {
+        let mut c = variant.apply(&base);
+        c.meta_learning.inner.steps = k;
+        c
+    };
+    // Full-graph MAML keeps every inner step's graphs; recompute-MAML one step's.
+    let full = [1, 2, 4].map(|k| peak(&with_k(Variant::MamlFullGraph, k)));
+    assert!(full[0] < full[1] && full[1] < full[2], "{full:?}");
+    let recompute = [1, 4].map(|k| peak(&with_k(Variant::Maml, k)));
+    assert!(recompute[1] < full[2]);
+    assert!(
+        (recompute[1] as f64) < 1.05 * recompute[0] as f64,
+        "{recompute:?}"
+    );
+    // First-order methods keep no gradient graph.
+    assert!(peak(&with_k(Variant::Fomaml, 4)) < recompute[1]);
+    // Checkpointing and micro-batches lower the second-order peak.
+    let recompute_c = with_k(Variant::Maml, 2);
+    let whole = peak(&recompute_c);
+    assert!(peak(&checkpointed(recompute_c.clone(), None)) < whole);
+    assert!(peak(&micro(recompute_c.clone(), 3)) < whole);
+    // A baseline's peak is one task's adaptation: smaller than meta-training's.
+    assert!(peak(&Variant::Finetune.apply(&base)) < whole);
+}
+
+#[test]
+fn checkpointing_keeps_one_segment_of_activations() {
+    let _serial = serial();
+    // Long sequences, so that activations dominate: with every layer a segment the
+    // recompute-MAML peak keeps far less than a whole forward graph's worth.
+    let c = Variant::Maml.apply(&text("tiny-gpt2", 64));
+    let off = check(&c);
+    let on = check(&checkpointed(c, None));
+    assert!(
+        on.breakdown.activations + on.breakdown.gradients
+            < off.breakdown.activations + off.breakdown.gradients
+    );
+    assert_eq!(on.forward_graph_bytes, off.forward_graph_bytes);
+    assert!(
+        on.graphs_kept < off.graphs_kept,
+        "{} {}",
+        on.graphs_kept,
+        off.graphs_kept
+    );
+}
+
+fn precise(
+    mut c: Config,
+    precision: melora::config::Precision,
+    quantization: melora::config::Quantization,
+) -> Config {
+    c.memory_optimization.precision = precision;
+    c.model.quantization = quantization;
+    c
+}
+
+#[test]
+fn mixed_precision_and_int8_shrink_what_they_store() {
+    let _serial = serial();
+    use melora::config::{Precision, Quantization};
+    let base = text("tiny-bert", 32);
+    // (Full fine-tuning cannot train an int8 base: it is refused, not planned.)
+    for &variant in Variant::ALL.iter().filter(|&&v| v != Variant::Finetune) {
+        let f32_plan = check(&variant.apply(&base));
+        let bf16 = check(&precise(
+            variant.apply(&base),
+            Precision::Bf16,
+            Quantization::None,
+        ));
+        let int8 = check(&precise(
+            variant.apply(&base),
+            Precision::F32,
+            Quantization::Int8,
+        ));
+        // Half the frozen bytes and a smaller peak in bf16; the trainable tensors and
+        // the optimiser's state stay f32.
+        assert_eq!(
+            (bf16.dtype.as_str(), bf16.trainable_dtype.as_str()),
+            ("bf16", "f32")
+        );
+        // (candle's per-tensor bookkeeping does not halve).
+        let half = bf16.breakdown.frozen_weights as f64 / f32_plan.breakdown.frozen_weights as f64;
+        assert!((0.5..0.52).contains(&half), "{variant}: {half}");
+        assert_eq!(
+            bf16.breakdown.optimizer_state,
+            f32_plan.breakdown.optimizer_state
+        );
+        assert!(bf16.peak_bytes < f32_plan.peak_bytes, "{variant}");
+        // int8: a byte per matrix entry and f32 scales, dense norms and positions.
+        let ratio = int8.breakdown.frozen_weights as f64 / f32_plan.breakdown.frozen_weights as f64;
+        assert!((0.25..0.4).contains(&ratio), "{variant}: {ratio}");
+    }
+    // f16 stores what bf16 stores, plus the loss scale's copies of the gradients.
+    let c = Variant::Maml.apply(&base);
+    let bf16 = check(&precise(c.clone(), Precision::Bf16, Quantization::None));
+    let f16 = check(&precise(c.clone(), Precision::F16, Quantization::None));
+    assert!(f16.loss_scaling && !bf16.loss_scaling);
+    assert_eq!(f16.breakdown.frozen_weights, bf16.breakdown.frozen_weights);
+    assert!(f16.peak_bytes >= bf16.peak_bytes);
+    // Over an int8 base, bf16 activations still shrink the peak.
+    let int8 = check(&precise(c.clone(), Precision::F32, Quantization::Int8));
+    let both = check(&precise(c, Precision::Bf16, Quantization::Int8));
+    assert!(both.peak_bytes < int8.peak_bytes);
+    assert!(format_breakdown(&both).contains("bf16 base and activations, f32 trainable, int8"));
+}
