@@ -34,6 +34,41 @@ use crate::tensor::{ops, ParamSet};
 use crate::{Error, Result};
 
 /// A model that adapts to a few-shot task through its trainable parameters.
+///
+/// The model holds only what is frozen; the trainable tensors come in a [`ParamSet`]
+/// on every call, so a learner evaluates one model at θ₀, θ₁, …, θ_K. A model of
+/// one's own is a few lines:
+///
+/// ```
+/// use melora::prelude::*;
+///
+/// /// y = w·x + b, on one input feature.
+/// struct Line;
+///
+/// impl FewShotModel for Line {
+///     fn init_params(&self, _seed: u64) -> melora::Result<ParamSet> {
+///         let zero = Tensor::zeros(1, DType::F64, &Device::Cpu)?;
+///         ParamSet::from_pairs([("w", zero.clone()), ("b", zero)])
+///     }
+///     fn features(&self, _: &ParamSet, batch: &Batch, _: Mode) -> melora::Result<Tensor> {
+///         Ok(batch.dense()?.clone())
+///     }
+///     fn logits(&self, params: &ParamSet, batch: &Batch, mode: Mode) -> melora::Result<Tensor> {
+///         let x = self.features(params, batch, mode)?;
+///         Ok(x.broadcast_mul(params.require("w")?)?.broadcast_add(params.require("b")?)?)
+///     }
+/// }
+///
+/// melora::init();
+/// // Four points of y = 2x + 1; 200 inner steps fit the line.
+/// let x = Tensor::new(&[[0f64], [1.], [2.], [3.]], &Device::Cpu)?;
+/// let support = Batch::regression(x.clone(), ((x * 2.0)? + 1.0)?)?;
+/// let fit = Maml { inner: InnerLoop::new(200, 0.1), mode: MamlMode::Recompute };
+/// let fitted = fit.adapt(&WholeGraph::new(&Line), &Line.init_params(0)?, &support, Mode::Eval)?;
+/// let w = fitted.require("w")?.to_vec1::<f64>()?[0];
+/// assert!((w - 2.0).abs() < 1e-3, "w = {w}");
+/// # Ok::<(), melora::Error>(())
+/// ```
 pub trait FewShotModel {
     /// Trainable tensors (LoRA `A`/`B`, head) with their names and initial values.
     fn init_params(&self, seed: u64) -> Result<ParamSet>;
