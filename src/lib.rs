@@ -124,16 +124,19 @@ static TEST_ALLOCATOR: memory::CountingAllocator = memory::CountingAllocator;
 pub use error::{Error, Result};
 pub use tensor::second_order::init;
 
-/// What a program that meta-learns with melora needs, in one import:
-/// `use melora::prelude::*;`.
-///
-/// Parameters and models ([`ParamSet`], [`FewShotModel`], the built-in [`Mlp`] and
-/// [`builtin`] tiny transformers with [`LoraSettings`]), data ([`Batch`], [`Episode`],
-/// [`EpisodeSource`] and the synthetic task families), the gradient engines and
-/// losses, the learners with their settings, the outer optimiser, evaluation, the
-/// configuration, candle's [`Tensor`], [`DType`] and [`Device`], and the crate's
-/// [`Error`], [`Result`] and [`init`](crate::init).
 pub mod prelude {
+    //! What a program that meta-learns with melora needs, in one import:
+    //! `use melora::prelude::*;`.
+    //!
+    //! Parameters and models ([`ParamSet`], [`FewShotModel`], the built-in [`Mlp`]
+    //! and [`builtin`] tiny transformers with [`LoraSettings`]), data ([`Batch`],
+    //! [`Episode`], [`EpisodeSource`] and the synthetic task families), the gradient
+    //! engines and losses, the learners with their settings, the outer optimiser and
+    //! [`average`] of a meta-batch's gradients, evaluation, the configuration,
+    //! candle's [`Tensor`], [`DType`] and [`Device`] (re-exported so that their
+    //! version is the one melora was built with), and the crate's [`Error`],
+    //! [`Result`] and [`init`].
+
     pub use crate::config::Config;
     pub use crate::data::{
         Batch, Episode, EpisodeSource, SinusoidTasks, SyntheticDomains, SyntheticImages,
