@@ -8,6 +8,7 @@ use serde::Deserialize;
 
 use super::attention::{multi_head_attention, padding_keep};
 use super::layers::{load_linear, FeedForward, Frozen, FrozenTable, LayerNorm};
+use super::load::ConfigJson;
 use super::{
     attach_lora, layer_at, Activation, ClassificationHead, ClassifierParts, LoraSettings, Pooling,
     StackContext, TransformerClassifier, Weights,
@@ -50,11 +51,7 @@ fn default_act() -> String {
 impl DistilBertConfig {
     /// Reads a Hugging Face `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        serde_json::from_str(&text).map_err(|e| Error::Format {
-            path: path.into(),
-            message: format!("not a DistilBERT config: {e}"),
-        })
+        ConfigJson::typed(path, "DistilBERT")
     }
 
     /// Refuses a width that the heads do not divide.

@@ -9,6 +9,7 @@ use serde::Deserialize;
 
 use super::attention::{causal_keep, multi_head_attention};
 use super::layers::{load_conv1d, FeedForward, Frozen, FrozenTable, LayerNorm};
+use super::load::ConfigJson;
 use super::{
     attach_lora, layer_at, Activation, ClassificationHead, ClassifierParts, LoraSettings, Pooling,
     StackContext, TransformerClassifier, Weights,
@@ -55,11 +56,7 @@ fn default_act() -> String {
 impl Gpt2Config {
     /// Reads a Hugging Face `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        serde_json::from_str(&text).map_err(|e| Error::Format {
-            path: path.into(),
-            message: format!("not a GPT-2 config: {e}"),
-        })
+        ConfigJson::typed(path, "GPT-2")
     }
 
     fn inner(&self) -> usize {

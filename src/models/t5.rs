@@ -10,6 +10,7 @@ use serde::Deserialize;
 
 use super::attention::{multi_head_attention, padding_keep};
 use super::layers::{load_linear_no_bias, FeedForward, Frozen, FrozenTable};
+use super::load::ConfigJson;
 use super::{
     attach_lora, layer_at, Activation, ClassificationHead, ClassifierParts, LoraSettings, Pooling,
     StackContext, TransformerClassifier, Weights,
@@ -69,11 +70,7 @@ fn default_ff_proj() -> String {
 impl T5Config {
     /// Reads a Hugging Face `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        serde_json::from_str(&text).map_err(|e| Error::Format {
-            path: path.into(),
-            message: format!("not a T5 config: {e}"),
-        })
+        ConfigJson::typed(path, "T5")
     }
 
     /// The feed-forward activation and whether the layer is gated, parsed as
