@@ -434,21 +434,10 @@ mod tests {
                     dtype
                 );
                 let features = model.features(&params, &batch(), Mode::Eval).unwrap();
-                let diff = (features.to_dtype(DType::F32).unwrap() - &expected)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
-                let scale = expected
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
+                let max_abs =
+                    |t: Tensor| -> f32 { t.abs().unwrap().max_all().unwrap().to_scalar().unwrap() };
+                let diff = max_abs((features.to_dtype(DType::F32).unwrap() - &expected).unwrap());
+                let scale = max_abs(expected.clone());
                 assert!(
                     scale > 0.5,
                     "{name}: features of order 1 expected, max {scale}"
