@@ -96,10 +96,9 @@ pub type DistilBert = PostLnEncoder<DistilBertConfig>;
 mod tests {
     use super::*;
     use crate::models::test_support::{
-        check_logits_ignore_padding, check_loss_derivatives, RandomWeights,
+        check_logits_ignore_padding, check_loss_derivatives, lora, RandomWeights,
     };
-    use crate::models::{FewShotModel, LoraSettings};
-    use crate::nn::{LoraInit, LoraSpec};
+    use crate::models::FewShotModel;
 
     const CLASSES: usize = 3;
 
@@ -137,19 +136,6 @@ mod tests {
             }
         }
         w
-    }
-
-    fn lora(targets: Option<Vec<String>>) -> LoraSettings {
-        LoraSettings {
-            spec: LoraSpec {
-                rank: 2,
-                alpha: 4.0,
-                dropout: 0.0,
-            },
-            target_modules: targets,
-            // Non-zero B, so that A's gradient is non-zero too.
-            init: LoraInit::Normal { seed: 0, std: 0.3 },
-        }
     }
 
     fn model() -> DistilBert {

@@ -376,11 +376,10 @@ impl TransformerClassifier for T5Encoder {
 mod tests {
     use super::*;
     use crate::models::test_support::{
-        check_logits_ignore_padding, check_loss_derivatives, max_abs_diff, padded_batch,
+        check_logits_ignore_padding, check_loss_derivatives, lora, max_abs_diff, padded_batch,
         RandomWeights,
     };
     use crate::models::FewShotModel;
-    use crate::nn::{LoraInit, LoraSpec};
 
     const CLASSES: usize = 3;
 
@@ -422,19 +421,6 @@ mod tests {
         }
         w.add_gain("encoder.final_layer_norm.weight", d);
         w
-    }
-
-    fn lora(targets: Option<Vec<String>>) -> LoraSettings {
-        LoraSettings {
-            spec: LoraSpec {
-                rank: 2,
-                alpha: 4.0,
-                dropout: 0.0,
-            },
-            target_modules: targets,
-            // Non-zero B, so that A's gradient is non-zero too.
-            init: LoraInit::Normal { seed: 0, std: 0.3 },
-        }
     }
 
     fn model(feed_forward_proj: &str) -> T5Encoder {

@@ -6,9 +6,9 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
 
-use super::{FewShotModel, Weights};
+use super::{FewShotModel, LoraSettings, Weights};
 use crate::data::Batch;
-use crate::nn::Mode;
+use crate::nn::{LoraInit, LoraSpec, Mode};
 use crate::tensor::gradcheck::{check_derivatives, random_tensor};
 pub(crate) use crate::tensor::test_support::max_abs_diff;
 use crate::tensor::{ops, ParamSet};
@@ -124,4 +124,19 @@ pub(crate) fn check_logits_ignore_padding(model: &dyn FewShotModel, classes: usi
         .logits(&params, &padded_batch([10, 6]), Mode::Eval)
         .unwrap();
     assert!(max_abs_diff(&a, &b) <= 1e-12, "{what}: {a} {b}");
+}
+
+/// Rank-2 LoRA on `targets` (the family's defaults for `None`), without dropout, for
+/// the family tests.
+pub(crate) fn lora(targets: Option<Vec<String>>) -> LoraSettings {
+    LoraSettings {
+        spec: LoraSpec {
+            rank: 2,
+            alpha: 4.0,
+            dropout: 0.0,
+        },
+        target_modules: targets,
+        // Non-zero B, so that A's gradient is non-zero too.
+        init: LoraInit::Normal { seed: 0, std: 0.3 },
+    }
 }
