@@ -1,6 +1,6 @@
-//! The `melora` program. Everything but process set-up lives in `melora::cli`.
+//! The `melora` program. Everything but process set-up lives in the library's
+//! command line, reached through `melora::main_entry`.
 
-use std::io::Write;
 use std::process::ExitCode;
 
 /// Every allocation of the process is counted, so memory figures are exact.
@@ -10,12 +10,5 @@ static ALLOC: melora::memory::CountingAllocator = melora::memory::CountingAlloca
 fn main() -> ExitCode {
     // First, before any thread starts: second-order gradients depend on it.
     melora::init();
-    match melora::cli::run() {
-        Ok(code) => code,
-        Err(err) => {
-            // eprintln! would panic if stderr is closed.
-            let _ = writeln!(std::io::stderr(), "error: {}", melora::cli::one_line(&err));
-            melora::cli::exit_code(&err)
-        }
-    }
+    melora::main_entry()
 }

@@ -1,6 +1,7 @@
 //! The `melora` command line. It only parses arguments, builds a
 //! [`Config`] and calls the library; its interface is the command line, so
-//! it is hidden from the library's documentation.
+//! it is private to the crate (the binary reaches it through
+//! [`crate::main_entry`]).
 
 mod adapt_cmd;
 mod args;
@@ -38,11 +39,25 @@ enum UserError {
     Config(crate::Error),
 }
 
+/// The program after process set-up: runs it on its command-line arguments and, on
+/// failure, prints the error as one `error: …` line on stderr and returns its status
+/// (see [`exit_code`]).
+pub(crate) fn main() -> ExitCode {
+    match run() {
+        Ok(code) => code,
+        Err(err) => {
+            // eprintln! would panic if stderr is closed.
+            let _ = writeln!(std::io::stderr(), "error: {}", one_line(&err));
+            exit_code(&err)
+        }
+    }
+}
+
 /// Runs the program on its command-line arguments.
 ///
 /// Help and version are printed here; an error is returned for the caller to
 /// print (see [`one_line`]) and turn into a status (see [`exit_code`]).
-pub fn run() -> anyhow::Result<ExitCode> {
+pub(crate) fn run() -> anyhow::Result<ExitCode> {
     let cli = match Cli::try_parse_from(mode_as_subcommand(std::env::args_os().collect())) {
         Ok(cli) => cli,
         Err(err) => return parse_failure(err),
@@ -92,7 +107,7 @@ fn mode_as_subcommand(mut args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsStri
 }
 
 /// The message of `err` and its causes on one line, each cause once.
-pub fn one_line(err: &anyhow::Error) -> String {
+pub(crate) fn one_line(err: &anyhow::Error) -> String {
     let mut text = String::new();
     for cause in err.chain() {
         let part = cause.to_string();
@@ -114,7 +129,7 @@ pub fn one_line(err: &anyhow::Error) -> String {
 
 /// 2 for bad arguments or configuration (or a memory budget nothing fits), 1 for any
 /// other failure.
-pub fn exit_code(err: &anyhow::Error) -> ExitCode {
+pub(crate) fn exit_code(err: &anyhow::Error) -> ExitCode {
     let user_error = err.chain().any(|cause| {
         cause.is::<UserError>()
             || matches!(

@@ -21,6 +21,34 @@ use crate::{Error, Result};
 use super::loss::{accuracy, check_finite, finite_value};
 
 /// K steps of SGD with learning rate `lr` on the support loss.
+///
+/// Every learner adapts with it; micro-batches change the memory, not the result:
+///
+/// ```
+/// use melora::prelude::*;
+///
+/// melora::init();
+/// let model = Mlp::new(1, &[16], 1, DType::F32, &Device::Cpu)?;
+/// let engine = WholeGraph::new(&model);
+/// let task = SinusoidTasks { k_shot: 10, n_query: 10, seed: 0 }.episode(0)?;
+/// let params = model.init_params(0)?;
+/// let inner = InnerLoop::new(5, 0.01);
+/// let adapted = Maml { inner, mode: MamlMode::Recompute }
+///     .adapt(&engine, &params, &task.support, Mode::Eval)?;
+/// // Gradient accumulation over micro-batches of 3 support points: the same steps.
+/// let batched = Maml { inner: inner.with_micro_batch(3), mode: MamlMode::Recompute }
+///     .adapt(&engine, &params, &task.support, Mode::Eval)?;
+/// assert!(adapted.sub(&batched)?.norm()? <= 1e-5 * adapted.norm()?);
+/// // Five steps lower the support loss.
+/// let loss = |p: &ParamSet| -> melora::Result<f64> {
+///     let outputs = model.logits(p, &task.support, Mode::Eval)?;
+///     Ok(TaskLoss.value(&outputs, &task.support)?.to_scalar::<f32>()? as f64)
+/// };
+/// assert!(loss(&adapted)? < loss(&params)?);
+/// // Zero steps or a non-positive rate are refused with a clear error.
+/// assert!(InnerLoop::new(0, 0.01).validate().is_err());
+/// # Ok::<(), melora::Error>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct InnerLoop {
     /// Number of steps K (≥ 1).

@@ -24,6 +24,30 @@ pub enum MamlMode {
 }
 
 /// Second-order MAML.
+///
+/// Both [`MamlMode`]s give the same meta-gradient; `Recompute` keeps memory constant in
+/// the number of inner steps:
+///
+/// ```
+/// use melora::prelude::*;
+///
+/// melora::init(); // second order needs it, before any backward pass
+/// let model = Mlp::new(1, &[16], 1, DType::F32, &Device::Cpu)?;
+/// let engine = WholeGraph::new(&model);
+/// let task = SinusoidTasks { k_shot: 5, n_query: 5, seed: 0 }.episode(0)?;
+/// let params = model.init_params(0)?;
+/// let inner = InnerLoop::new(3, 0.01);
+/// let full = Maml { inner, mode: MamlMode::FullGraph }
+///     .meta_gradient(&engine, &params, &task, Mode::Eval)?;
+/// let recomputed = Maml { inner, mode: MamlMode::Recompute }
+///     .meta_gradient(&engine, &params, &task, Mode::Eval)?;
+/// let gap = full.meta_gradient.sub(&recomputed.meta_gradient)?.norm()?;
+/// assert!(gap <= 1e-4 * full.meta_gradient.norm()?, "modes differ by {gap}");
+/// // The second-order terms matter: FOMAML's gradient is another one.
+/// let first_order = Fomaml { inner }.meta_gradient(&engine, &params, &task, Mode::Eval)?;
+/// assert!(first_order.meta_gradient.sub(&full.meta_gradient)?.norm()? > gap);
+/// # Ok::<(), melora::Error>(())
+/// ```
 #[derive(Debug, Clone, Copy)]
 pub struct Maml {
     /// The inner loop.

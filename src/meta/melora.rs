@@ -47,6 +47,27 @@ pub enum HessianApproximation {
 }
 
 /// MAML with an approximate Hessian.
+///
+/// ```
+/// use melora::prelude::*;
+///
+/// melora::init(); // the curvature products are second order
+/// let model = Mlp::new(1, &[16], 1, DType::F32, &Device::Cpu)?;
+/// let engine = WholeGraph::new(&model);
+/// let task = SinusoidTasks { k_shot: 5, n_query: 5, seed: 0 }.episode(0)?;
+/// let params = model.init_params(0)?;
+/// let inner = InnerLoop::new(2, 0.01);
+/// let melora = |approximation| Melora { inner, approximation, damping: 0.0, clamp: None, seed: 0 };
+/// // Gauss-Newton curvature: positive semi-definite, two extra passes per inner step.
+/// let gauss_newton = melora(HessianApproximation::GaussNewton)
+///     .meta_gradient(&engine, &params, &task, Mode::Eval)?;
+/// assert!(gauss_newton.query_loss.is_finite());
+/// // With no curvature at all the recursion is first-order MAML.
+/// let none = melora(HessianApproximation::None).meta_gradient(&engine, &params, &task, Mode::Eval)?;
+/// let fomaml = Fomaml { inner }.meta_gradient(&engine, &params, &task, Mode::Eval)?;
+/// assert!(none.meta_gradient.sub(&fomaml.meta_gradient)?.norm()? <= 1e-6 * fomaml.meta_gradient.norm()?);
+/// # Ok::<(), melora::Error>(())
+/// ```
 #[derive(Debug, Clone, Copy)]
 pub struct Melora {
     /// The inner loop.

@@ -87,6 +87,45 @@ pub trait Adapter {
 }
 
 /// A meta-learning algorithm; memory is measured by the caller around the call.
+///
+/// A meta-step averages the meta-gradients of a meta-batch of tasks and lets an outer
+/// optimiser descend along them; code written against `&dyn MetaLearner` runs every
+/// algorithm:
+///
+/// ```
+/// use melora::prelude::*;
+///
+/// /// One meta-step of any learner on tasks `first..first + 4`; returns θ and the
+/// /// mean query loss after adaptation.
+/// fn meta_step(learner: &dyn MetaLearner, engine: &dyn GradEngine, params: &ParamSet,
+///              tasks: &dyn EpisodeSource, first: u64) -> melora::Result<(ParamSet, f64)> {
+///     let mut gradients = Vec::new();
+///     let mut loss = 0.0;
+///     for index in first..first + 4 {
+///         let outcome = learner.meta_gradient(engine, params, &tasks.episode(index)?, Mode::Eval)?;
+///         loss += outcome.query_loss / 4.0;
+///         gradients.push(outcome.meta_gradient);
+///     }
+///     Ok((params.axpy(-1e-3, &average(&gradients)?)?, loss))
+/// }
+///
+/// melora::init();
+/// let model = Mlp::new(1, &[16], 1, DType::F32, &Device::Cpu)?;
+/// let engine = WholeGraph::new(&model);
+/// let tasks = SinusoidTasks { k_shot: 5, n_query: 5, seed: 0 };
+/// let inner = InnerLoop::new(2, 0.01);
+/// let learners: [Box<dyn MetaLearner>; 3] = [
+///     Box::new(Maml { inner, mode: MamlMode::Recompute }),
+///     Box::new(Fomaml { inner }),
+///     Box::new(Reptile { inner }),
+/// ];
+/// let params = model.init_params(0)?;
+/// for learner in &learners {
+///     let (next, loss) = meta_step(learner.as_ref(), &engine, &params, &tasks, 0)?;
+///     assert!(loss.is_finite() && next.sub(&params)?.norm()? > 0.0);
+/// }
+/// # Ok::<(), melora::Error>(())
+/// ```
 pub trait MetaLearner: Adapter {
     /// The meta-gradient of one task at the shared initialisation `params`.
     fn meta_gradient(

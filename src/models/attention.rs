@@ -1,11 +1,15 @@
-//! Multi-head scaled dot-product attention on projected queries, keys and values.
+//! Self-attention blocks of the transformer families: projections to queries, keys
+//! and values, multi-head scaled dot-product attention, output projection.
 
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::tensor::ops;
-use crate::Result;
+use super::StackContext;
+use crate::data::Batch;
+use crate::nn::{LoraLinear, Mode};
+use crate::tensor::{ops, ParamSet};
+use crate::{Error, Result};
 
 /// `[b, t, h·d]` → `[b, h, t, d]`.
 fn split_heads(x: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
@@ -82,42 +86,151 @@ impl Core {
     }
 }
 
-/// Attention of `q`, `k`, `v` `[b, t, h·d]` over `heads` heads: `softmax(q·kᵀ·scale +
-/// bias)·v` where `keep` (broadcastable to `[b, h, t, t]`, non-zero = attend) masks
-/// keys; `bias` `[1 or b, h, t, t]` is added to the scores (T5's relative positions).
-/// Returns `[b, t, h·d]`.
-///
-/// With `recompute` (selective recomputation) the core is one op whose graph keeps
-/// `q`, `k`, `v` and the result: the head-split copies, scores and probabilities are
-/// freed at once and rebuilt in the backward pass.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn multi_head_attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
+/// How a self-attention block projects its input to queries, keys and values.
+#[derive(Debug, Clone)]
+pub(crate) enum Projections {
+    /// One linear each (BERT, DistilBERT, T5).
+    Separate {
+        query: LoraLinear,
+        key: LoraLinear,
+        value: LoraLinear,
+    },
+    /// One linear whose output is `[q | k | v]` (GPT-2's `c_attn`).
+    Fused(LoraLinear),
+}
+
+/// A self-attention block: `output(attention(q(x), k(x), v(x)))` over `heads` heads,
+/// scores scaled by `scale` and masked (and biased, for T5) by the stack's context.
+#[derive(Debug, Clone)]
+pub(crate) struct SelfAttention {
+    projections: Projections,
+    output: LoraLinear,
     heads: usize,
     scale: f64,
-    keep: &Tensor,
-    bias: Option<&Tensor>,
-    recompute: bool,
-) -> Result<Tensor> {
-    let core = Core {
-        heads,
-        scale,
-        keep: keep.clone(),
-        bias: bias.cloned(),
-    };
-    if !recompute {
-        return Ok(core.forward(q, k, v)?);
+}
+
+impl SelfAttention {
+    /// A block scaling its scores by `1/√(head width)`, as BERT, DistilBERT and GPT-2
+    /// do (HF DistilBERT divides q by √dh before the product; scaling the scores is
+    /// the same).
+    pub(crate) fn scaled(
+        projections: Projections,
+        output: LoraLinear,
+        width: usize,
+        heads: usize,
+    ) -> Self {
+        let scale = 1.0 / ((width / heads) as f64).sqrt();
+        Self::new(projections, output, heads, scale)
     }
-    let core = Arc::new(core);
-    let backward = Arc::clone(&core);
-    let block = ops::Recomputed::new(
-        "attention-core",
-        Arc::new(move |x: &[Tensor]| core.forward(&x[0], &x[1], &x[2])),
-        Arc::new(move |x: &[Tensor], g: &Tensor| backward.vjp(&x[0], &x[1], &x[2], g)),
-    );
-    Ok(block.apply3(q, k, v)?)
+
+    /// A block scaling its scores by `scale` (T5: 1, its q initialisation folds the
+    /// 1/√d_kv in).
+    pub(crate) fn new(
+        projections: Projections,
+        output: LoraLinear,
+        heads: usize,
+        scale: f64,
+    ) -> Self {
+        Self {
+            projections,
+            output,
+            heads,
+            scale,
+        }
+    }
+
+    /// The block's linears in order (projections, then output), for LoRA and full
+    /// fine-tuning.
+    pub(crate) fn linears(&self) -> Vec<&LoraLinear> {
+        match &self.projections {
+            Projections::Separate { query, key, value } => vec![query, key, value, &self.output],
+            Projections::Fused(qkv) => vec![qkv, &self.output],
+        }
+    }
+
+    /// [`linears`](Self::linears), mutable (to attach adapters).
+    pub(crate) fn linears_mut(&mut self) -> Vec<&mut LoraLinear> {
+        match &mut self.projections {
+            Projections::Separate { query, key, value } => {
+                vec![query, key, value, &mut self.output]
+            }
+            Projections::Fused(qkv) => vec![qkv, &mut self.output],
+        }
+    }
+
+    /// The block on hidden states `x` `[b, t, width]`, with the stack's key mask and
+    /// score bias. Returns `[b, t, width]`.
+    ///
+    /// With `recompute` (selective recomputation) the attention core is one op whose
+    /// graph keeps `q`, `k`, `v` and the result: the head-split copies, scores and
+    /// probabilities are freed at once and rebuilt in the backward pass.
+    pub(crate) fn forward(
+        &self,
+        x: &Tensor,
+        context: &StackContext,
+        params: &ParamSet,
+        mode: Mode,
+        recompute: bool,
+    ) -> Result<Tensor> {
+        let (q, k, v) = match &self.projections {
+            Projections::Separate { query, key, value } => (
+                query.forward(x, params, mode)?,
+                key.forward(x, params, mode)?,
+                value.forward(x, params, mode)?,
+            ),
+            Projections::Fused(qkv) => {
+                let qkv = qkv.forward(x, params, mode)?;
+                let width = qkv.dim(2)? / 3;
+                (
+                    qkv.narrow(2, 0, width)?,
+                    qkv.narrow(2, width, width)?,
+                    qkv.narrow(2, 2 * width, width)?,
+                )
+            }
+        };
+        let core = Core {
+            heads: self.heads,
+            scale: self.scale,
+            keep: context.keep.clone(),
+            bias: context.bias.clone(),
+        };
+        let attention = if recompute {
+            let core = Arc::new(core);
+            let backward = Arc::clone(&core);
+            let block = ops::Recomputed::new(
+                "attention-core",
+                Arc::new(move |x: &[Tensor]| core.forward(&x[0], &x[1], &x[2])),
+                Arc::new(move |x: &[Tensor], g: &Tensor| backward.vjp(&x[0], &x[1], &x[2], g)),
+            );
+            block.apply3(&q, &k, &v)?
+        } else {
+            core.forward(&q, &k, &v)?
+        };
+        self.output.forward(&attention, params, mode)
+    }
+}
+
+/// The context of an encoder's stack: padded keys masked, no score bias.
+pub(crate) fn padding_context(batch: &Batch) -> Result<StackContext> {
+    Ok(StackContext {
+        keep: padding_keep(&batch.tokens()?.attention_mask)?,
+        bias: None,
+    })
+}
+
+/// Refuses a config whose heads (`heads`, a key and its value) do not divide the
+/// hidden width (`width`, likewise), or that has no heads: the keys name them in the
+/// error as the family's `config.json` does.
+pub(crate) fn check_heads_divide(
+    (width_key, width): (&str, usize),
+    (heads_key, heads): (&str, usize),
+) -> Result<()> {
+    if heads == 0 || !width.is_multiple_of(heads) {
+        return Err(Error::Model(format!(
+            "{width_key} {width} is not a multiple of {heads_key} {heads}"
+        )));
+    }
+    Ok(())
 }
 
 /// Key-padding mask `[b, 1, 1, t]` from an attention mask `[b, t]`.

@@ -7,16 +7,18 @@ use std::path::Path;
 use candle_core::Tensor;
 use serde::Deserialize;
 
-use super::attention::{causal_keep, multi_head_attention};
-use super::layers::{load_conv1d, FeedForward, Frozen, FrozenTable, LayerNorm};
+use super::attention::{causal_keep, check_heads_divide, Projections, SelfAttention};
+use super::embeddings::PositionalEmbeddings;
+use super::layers::{load_dense, Dense, FeedForward, LayerNorm, Sublayers};
+use super::load::ConfigJson;
 use super::{
-    attach_lora, layer_at, Activation, ClassificationHead, ClassifierParts, LoraSettings, Pooling,
+    attach_lora, layer_at, Activation, ClassifierParts, FamilyConventions, LoraSettings, Pooling,
     StackContext, TransformerClassifier, Weights,
 };
 use crate::data::Batch;
 use crate::nn::{LoraLinear, Mode};
 use crate::tensor::ParamSet;
-use crate::{Error, Result};
+use crate::Result;
 
 /// LoRA targets when the configuration names none (PEFT's default for GPT-2).
 pub const DEFAULT_TARGETS: &[&str] = &["c_attn"];
@@ -55,11 +57,7 @@ fn default_act() -> String {
 impl Gpt2Config {
     /// Reads a Hugging Face `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        serde_json::from_str(&text).map_err(|e| Error::Format {
-            path: path.into(),
-            message: format!("not a GPT-2 config: {e}"),
-        })
+        ConfigJson::typed(path, "GPT-2")
     }
 
     fn inner(&self) -> usize {
@@ -68,41 +66,36 @@ impl Gpt2Config {
 
     /// Refuses a width that the heads do not divide.
     pub(crate) fn validate(&self) -> Result<()> {
-        if self.n_head == 0 || !self.n_embd.is_multiple_of(self.n_head) {
-            return Err(Error::Model(format!(
-                "n_embd {} is not a multiple of n_head {}",
-                self.n_embd, self.n_head
-            )));
-        }
-        Ok(())
+        check_heads_divide(("n_embd", self.n_embd), ("n_head", self.n_head))
     }
 }
 
+/// The conventions of the GPT-2 family.
+const FAMILY: FamilyConventions = FamilyConventions {
+    name: "gpt2",
+    pooling: Pooling::LastToken,
+    default_targets: DEFAULT_TARGETS,
+    fan_in_fan_out: true,
+};
+
+/// One pre-LN GPT-2 block: `x + attn(ln_1(x))`, then `x + mlp(ln_2(x))`.
 #[derive(Debug, Clone)]
 struct Gpt2Block {
     ln_1: LayerNorm,
-    c_attn: LoraLinear,
-    c_proj: LoraLinear,
     ln_2: LayerNorm,
-    c_fc: LoraLinear,
-    mlp_proj: LoraLinear,
+    /// `attn` (`c_attn`, fused q, k, v, and `c_proj`) and `mlp` (`c_fc`, `c_proj`).
+    sublayers: Sublayers,
 }
 
 /// A GPT-2 decoder with LoRA and a classification head on the last real token.
 #[derive(Debug, Clone)]
 pub struct Gpt2 {
     config: Gpt2Config,
-    activation: Activation,
-    wte: FrozenTable,
-    wpe: Frozen,
+    /// `wte` and `wpe`.
+    embeddings: PositionalEmbeddings,
     blocks: Vec<Gpt2Block>,
     ln_f: LayerNorm,
-    head: ClassificationHead,
-    lora: Option<LoraSettings>,
-    weights: Weights,
-    /// Selective recomputation of the frozen base's attention cores and adapter-free
-    /// feed-forward blocks ([`FewShotModel::set_selective_recompute`]).
-    recompute: bool,
+    parts: ClassifierParts,
 }
 
 impl Gpt2 {
@@ -120,29 +113,44 @@ impl Gpt2 {
         let mut blocks = Vec::with_capacity(config.n_layer);
         for l in 0..config.n_layer {
             let p = format!("h.{l}");
+            let conv1d = |name: &str, n_in, n_out| {
+                load_dense(&weights, Dense::Conv1d, &format!("{p}.{name}"), n_in, n_out)
+            };
+            let ln_1 = LayerNorm::load(&weights, &format!("{p}.ln_1"), e)?;
+            let c_attn = conv1d("attn.c_attn", e, 3 * e)?;
+            let c_proj = conv1d("attn.c_proj", e, e)?;
+            let attention =
+                SelfAttention::scaled(Projections::Fused(c_attn), c_proj, e, config.n_head);
+            let ln_2 = LayerNorm::load(&weights, &format!("{p}.ln_2"), e)?;
+            let feed_forward = FeedForward {
+                input: conv1d("mlp.c_fc", e, inner)?,
+                gate: None,
+                output: conv1d("mlp.c_proj", inner, e)?,
+                activation,
+            };
             blocks.push(Gpt2Block {
-                ln_1: LayerNorm::load(&weights, &format!("{p}.ln_1"), e)?,
-                c_attn: load_conv1d(&weights, &format!("{p}.attn.c_attn"), e, 3 * e)?,
-                c_proj: load_conv1d(&weights, &format!("{p}.attn.c_proj"), e, e)?,
-                ln_2: LayerNorm::load(&weights, &format!("{p}.ln_2"), e)?,
-                c_fc: load_conv1d(&weights, &format!("{p}.mlp.c_fc"), e, inner)?,
-                mlp_proj: load_conv1d(&weights, &format!("{p}.mlp.c_proj"), inner, e)?,
+                ln_1,
+                ln_2,
+                sublayers: Sublayers {
+                    attention,
+                    feed_forward,
+                },
             });
         }
-        let mut model = Self {
-            wte: FrozenTable::load(&weights, "wte.weight", &[config.vocab_size, e])?,
-            wpe: Frozen::load(&weights, "wpe.weight", &[config.n_positions, e])?,
+        let model = Self {
+            embeddings: PositionalEmbeddings::load(
+                &weights,
+                ("wte.weight", "wpe.weight"),
+                config.vocab_size,
+                config.n_positions,
+                e,
+            )?,
             ln_f: LayerNorm::load(&weights, "ln_f", e)?,
             blocks,
-            head: ClassificationHead::new(e, classes),
-            activation,
+            parts: ClassifierParts::new(FAMILY, &weights, e, classes, lora),
             config,
-            lora: lora.clone(),
-            weights: weights.without_tensors(),
-            recompute: false,
         };
-        attach_lora("gpt2", model.linears_mut(), lora.as_ref(), DEFAULT_TARGETS)?;
-        Ok(model)
+        attach_lora(model, Self::linears_mut)
     }
 
     /// The configuration the model was built from.
@@ -153,14 +161,7 @@ impl Gpt2 {
     fn linears_mut(&mut self) -> Vec<&mut LoraLinear> {
         self.blocks
             .iter_mut()
-            .flat_map(|b| [&mut b.c_attn, &mut b.c_proj, &mut b.c_fc, &mut b.mlp_proj])
-            .collect()
-    }
-
-    fn linears(&self) -> Vec<&LoraLinear> {
-        self.blocks
-            .iter()
-            .flat_map(|b| [&b.c_attn, &b.c_proj, &b.c_fc, &b.mlp_proj])
+            .flat_map(|b| b.sublayers.linears_mut())
             .collect()
     }
 
@@ -180,18 +181,7 @@ impl TransformerClassifier for Gpt2 {
     }
 
     fn embed(&self, params: &ParamSet, batch: &Batch, _mode: Mode) -> Result<Tensor> {
-        let tokens = batch.tokens()?;
-        let (_, t) = tokens.input_ids.dims2()?;
-        if t > self.config.n_positions {
-            return Err(Error::Shape(format!(
-                "sequences of {t} tokens exceed the model's {} positions; truncate them",
-                self.config.n_positions
-            )));
-        }
-        Ok(self
-            .wte
-            .lookup(&tokens.input_ids, params)?
-            .broadcast_add(&self.wpe.get(params)?.narrow(0, 0, t)?)?)
+        self.embeddings.forward(&batch.tokens()?.input_ids, params)
     }
 
     fn num_layers(&self) -> usize {
@@ -207,79 +197,45 @@ impl TransformerClassifier for Gpt2 {
         mode: Mode,
     ) -> Result<Tensor> {
         let block = layer_at(&self.blocks, index)?;
-        let (e, heads, eps) = (
-            self.config.n_embd,
-            self.config.n_head,
-            self.config.layer_norm_epsilon,
-        );
-        let scale = 1.0 / ((e / heads) as f64).sqrt();
-        let qkv = block
-            .c_attn
-            .forward(&block.ln_1.forward(x, eps, params)?, params, mode)?;
-        let (q, k, v) = (
-            qkv.narrow(2, 0, e)?,
-            qkv.narrow(2, e, e)?,
-            qkv.narrow(2, 2 * e, e)?,
-        );
-        let attention = multi_head_attention(
-            &q,
-            &k,
-            &v,
-            heads,
-            scale,
-            &context.keep,
-            None,
-            self.recompute,
-        )?;
-        let x = (x + block.c_proj.forward(&attention, params, mode)?)?;
-        let out = FeedForward {
-            input: &block.c_fc,
-            gate: None,
-            output: &block.mlp_proj,
-            activation: self.activation,
-        }
-        .forward(
-            &block.ln_2.forward(&x, eps, params)?,
+        let eps = self.config.layer_norm_epsilon;
+        block.sublayers.pre_norm(
+            x,
+            [&|x| block.ln_1.forward(x, eps, params), &|x| {
+                block.ln_2.forward(x, eps, params)
+            }],
+            context,
             params,
             mode,
-            self.recompute,
-        )?;
-        Ok((&x + out)?)
+            self.parts.recompute,
+        )
     }
 
     fn finish(&self, h: &Tensor, params: &ParamSet) -> Result<Tensor> {
         self.ln_f.forward(h, self.config.layer_norm_epsilon, params)
     }
 
-    fn set_recompute(&mut self, on: bool) {
-        self.recompute = on;
-    }
-
     fn lora_linears(&self) -> Vec<&LoraLinear> {
-        self.linears()
+        self.blocks
+            .iter()
+            .flat_map(|b| b.sublayers.linears())
+            .collect()
     }
 
-    fn base_tensors(&self) -> Result<Vec<(String, Tensor)>> {
-        let mut out = vec![self.wte.base()?, self.wpe.base()];
+    fn embedding_and_norm_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = Vec::from(self.embeddings.base()?);
         out.extend(self.ln_f.base());
         for block in &self.blocks {
             out.extend(block.ln_1.base());
             out.extend(block.ln_2.base());
         }
-        for linear in self.linears() {
-            out.extend(linear.base_tensors()?);
-        }
         Ok(out)
     }
 
-    fn parts(&self) -> ClassifierParts<'_> {
-        ClassifierParts {
-            head: &self.head,
-            lora: self.lora.as_ref(),
-            weights: &self.weights,
-            pooling: Pooling::LastToken,
-            default_targets: DEFAULT_TARGETS,
-            fan_in_fan_out: true,
-        }
+    fn parts(&self) -> &ClassifierParts {
+        &self.parts
+    }
+
+    fn parts_mut(&mut self) -> &mut ClassifierParts {
+        &mut self.parts
     }
 }

@@ -5,7 +5,8 @@ use std::sync::Arc;
 
 use candle_core::{DType, Tensor};
 
-use super::{Activation, Quantization, Weights};
+use super::attention::SelfAttention;
+use super::{Activation, Quantization, StackContext, Weights};
 use crate::nn::{LoraLinear, Mode, WeightLayout};
 use crate::tensor::ops::norm::layer_norm;
 use crate::tensor::ops::{self, Int8Matrix, Stored};
@@ -143,79 +144,142 @@ impl LayerNorm {
     }
 }
 
-/// `nn.Linear` at `path`: weight `[out, in]` and bias.
-pub(crate) fn load_linear(
-    weights: &Weights,
-    path: &str,
-    n_in: usize,
-    n_out: usize,
-) -> Result<LoraLinear> {
-    stored(
-        weights,
-        LoraLinear::new(
-            path,
-            weights.get(&format!("{path}.weight"), &[n_out, n_in])?,
-            Some(weights.get(&format!("{path}.bias"), &[n_out])?),
-            WeightLayout::OutIn,
-        )?,
-    )
+/// The kinds of frozen linear layer in Hugging Face checkpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Dense {
+    /// `nn.Linear`: weight `[out, in]` and bias.
+    Linear,
+    /// `nn.Linear` without bias (T5).
+    LinearNoBias,
+    /// GPT-2's `Conv1D`: weight `[in, out]` and bias.
+    Conv1d,
 }
 
-/// `nn.Linear` without bias (T5).
-pub(crate) fn load_linear_no_bias(
+/// The frozen linear layer of `kind` at `path` (`<path>.weight`, and `<path>.bias`
+/// where the kind has one) from `n_in` to `n_out` features, stored as `weights` asks.
+pub(crate) fn load_dense(
     weights: &Weights,
+    kind: Dense,
     path: &str,
     n_in: usize,
     n_out: usize,
 ) -> Result<LoraLinear> {
-    stored(
-        weights,
-        LoraLinear::new(
-            path,
-            weights.get(&format!("{path}.weight"), &[n_out, n_in])?,
-            None,
-            WeightLayout::OutIn,
-        )?,
-    )
+    let (shape, layout) = match kind {
+        Dense::Linear | Dense::LinearNoBias => ([n_out, n_in], WeightLayout::OutIn),
+        Dense::Conv1d => ([n_in, n_out], WeightLayout::InOut),
+    };
+    let weight = weights.get(&format!("{path}.weight"), &shape)?;
+    let bias = match kind {
+        Dense::Linear | Dense::Conv1d => Some(weights.get(&format!("{path}.bias"), &[n_out])?),
+        Dense::LinearNoBias => None,
+    };
+    stored(weights, LoraLinear::new(path, weight, bias, layout)?)
 }
 
-/// GPT-2's `Conv1D` at `path`: weight `[in, out]` and bias.
-pub(crate) fn load_conv1d(
-    weights: &Weights,
-    path: &str,
-    n_in: usize,
-    n_out: usize,
-) -> Result<LoraLinear> {
-    stored(
-        weights,
-        LoraLinear::new(
-            path,
-            weights.get(&format!("{path}.weight"), &[n_in, n_out])?,
-            Some(weights.get(&format!("{path}.bias"), &[n_out])?),
-            WeightLayout::InOut,
-        )?,
-    )
+/// The two sublayers of every transformer layer, self-attention and feed-forward;
+/// the families differ in where they put the norms and residuals around them.
+#[derive(Debug, Clone)]
+pub(crate) struct Sublayers {
+    pub(crate) attention: SelfAttention,
+    pub(crate) feed_forward: FeedForward,
+}
+
+/// A layer's two norms, each applied to hidden states `[b, t, width]` with the
+/// family's weights and epsilon: the one around the attention, then the one around
+/// the feed-forward block.
+pub(crate) type Norms<'a> = [&'a dyn Fn(&Tensor) -> Result<Tensor>; 2];
+
+impl Sublayers {
+    /// The post-norm layer (BERT, DistilBERT): `x ← norm₀(attention(x) + x)`, then
+    /// `x ← norm₁(ffn(x) + x)`; `recompute` selects selective recomputation of the
+    /// frozen attention core and feed-forward block.
+    pub(crate) fn post_norm(
+        &self,
+        x: &Tensor,
+        [attention_norm, output_norm]: Norms<'_>,
+        context: &StackContext,
+        params: &ParamSet,
+        mode: Mode,
+        recompute: bool,
+    ) -> Result<Tensor> {
+        let attended = self
+            .attention
+            .forward(x, context, params, mode, recompute)?;
+        let x = attention_norm(&(attended + x)?)?;
+        let out = self.feed_forward.forward(&x, params, mode, recompute)?;
+        output_norm(&(out + &x)?)
+    }
+
+    /// The pre-norm layer (GPT-2, T5): `h ← h + attention(norm₀(h))`, then
+    /// `h ← h + ffn(norm₁(h))`; `recompute` as in [`post_norm`](Self::post_norm).
+    pub(crate) fn pre_norm(
+        &self,
+        h: &Tensor,
+        [attention_norm, ffn_norm]: Norms<'_>,
+        context: &StackContext,
+        params: &ParamSet,
+        mode: Mode,
+        recompute: bool,
+    ) -> Result<Tensor> {
+        let attended =
+            self.attention
+                .forward(&attention_norm(h)?, context, params, mode, recompute)?;
+        let h = (h + attended)?;
+        let out = self
+            .feed_forward
+            .forward(&ffn_norm(&h)?, params, mode, recompute)?;
+        Ok((&h + out)?)
+    }
+
+    /// The layer's linears in order (the attention's, then the feed-forward's), for
+    /// LoRA and full fine-tuning.
+    pub(crate) fn linears(&self) -> Vec<&LoraLinear> {
+        let mut out = self.attention.linears();
+        out.extend(self.feed_forward.linears());
+        out
+    }
+
+    /// [`linears`](Self::linears), mutable (to attach adapters).
+    pub(crate) fn linears_mut(&mut self) -> Vec<&mut LoraLinear> {
+        let mut out = self.attention.linears_mut();
+        out.extend(self.feed_forward.linears_mut());
+        out
+    }
 }
 
 /// A transformer's feed-forward block, `output(act(input(x)) ⊙ gate(x))` (the gate
-/// only in gated T5 variants), borrowed from a layer.
-pub(crate) struct FeedForward<'a> {
-    pub(crate) input: &'a LoraLinear,
-    pub(crate) gate: Option<&'a LoraLinear>,
-    pub(crate) output: &'a LoraLinear,
+/// only in gated T5 variants).
+#[derive(Debug, Clone)]
+pub(crate) struct FeedForward {
+    pub(crate) input: LoraLinear,
+    pub(crate) gate: Option<LoraLinear>,
+    pub(crate) output: LoraLinear,
     pub(crate) activation: Activation,
 }
 
-/// The block's frozen linears and activation, owned by its recomputed op.
-struct FrozenFeedForward {
-    input: LoraLinear,
-    gate: Option<LoraLinear>,
-    output: LoraLinear,
-    activation: Activation,
-}
+impl FeedForward {
+    /// The block's linears in order (input, gate, output), for LoRA and full
+    /// fine-tuning.
+    pub(crate) fn linears(&self) -> impl Iterator<Item = &LoraLinear> {
+        [Some(&self.input), self.gate.as_ref(), Some(&self.output)]
+            .into_iter()
+            .flatten()
+    }
 
-impl FrozenFeedForward {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    /// [`linears`](Self::linears), mutable (to attach adapters).
+    pub(crate) fn linears_mut(&mut self) -> impl Iterator<Item = &mut LoraLinear> {
+        [
+            Some(&mut self.input),
+            self.gate.as_mut(),
+            Some(&mut self.output),
+        ]
+        .into_iter()
+        .flatten()
+    }
+
+    /// The block on the frozen weights alone (no adapters): what a recomputed block
+    /// runs.
+    fn frozen_forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let mut inner = self.activation.apply(&self.input.frozen_forward(x)?)?;
         if let Some(gate) = &self.gate {
             inner = (inner * gate.frozen_forward(x)?)?;
@@ -223,8 +287,8 @@ impl FrozenFeedForward {
         self.output.frozen_forward(&inner)
     }
 
-    /// The gradient of `⟨forward(x), g⟩` in `x`, with differentiable ops.
-    fn vjp(&self, x: &Tensor, g: &Tensor) -> candle_core::Result<Tensor> {
+    /// The gradient of `⟨frozen_forward(x), g⟩` in `x`, with differentiable ops.
+    fn frozen_vjp(&self, x: &Tensor, g: &Tensor) -> candle_core::Result<Tensor> {
         let d_inner = self.output.frozen_input_gradient(g)?;
         let pre = self.input.frozen_forward(x)?;
         let slope = self.activation.derivative(&pre)?;
@@ -238,9 +302,7 @@ impl FrozenFeedForward {
             }
         }
     }
-}
 
-impl FeedForward<'_> {
     /// The block on hidden states `x` `[b, t, width]`.
     ///
     /// With `recompute` (selective recomputation), a block without adapters is one op
@@ -254,30 +316,24 @@ impl FeedForward<'_> {
         mode: Mode,
         recompute: bool,
     ) -> Result<Tensor> {
-        let frozen = [Some(self.input), self.gate, Some(self.output)]
-            .into_iter()
-            .flatten()
+        let frozen = self
+            .linears()
             .all(|l| l.lora().is_none() && !l.is_trained(params));
         if recompute && frozen {
             // One copy of the block, shared by the forward and the backward.
-            let block = Arc::new(FrozenFeedForward {
-                input: self.input.clone(),
-                gate: self.gate.cloned(),
-                output: self.output.clone(),
-                activation: self.activation,
-            });
+            let block = Arc::new(self.clone());
             let backward = Arc::clone(&block);
             let op = ops::Recomputed::new(
                 "feed-forward",
-                Arc::new(move |x: &[Tensor]| block.forward(&x[0])),
-                Arc::new(move |x: &[Tensor], g: &Tensor| Ok(vec![backward.vjp(&x[0], g)?])),
+                Arc::new(move |x: &[Tensor]| block.frozen_forward(&x[0])),
+                Arc::new(move |x: &[Tensor], g: &Tensor| Ok(vec![backward.frozen_vjp(&x[0], g)?])),
             );
             return Ok(op.apply1(x)?);
         }
         let mut inner = self
             .activation
             .apply(&self.input.forward(x, params, mode)?)?;
-        if let Some(gate) = self.gate {
+        if let Some(gate) = &self.gate {
             inner = (inner * gate.forward(x, params, mode)?)?;
         }
         self.output.forward(&inner, params, mode)

@@ -2,7 +2,7 @@
 //! Hugging Face model directory (`config.json` + `model.safetensors`). Both go
 //! through one path: a family name, a `config.json`-style value and the weights.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::Device;
 use serde::de::DeserializeOwned;
@@ -101,6 +101,78 @@ pub(crate) fn unsupported(family: &str, origin: &str) -> Error {
     ))
 }
 
+/// The name of the file in a Hugging Face model folder that describes the model.
+pub const CONFIG_FILE: &str = "config.json";
+
+/// A model folder's `config.json`, read as JSON. It is the one reader of that file
+/// (the families' typed configs read through [`ConfigJson::typed`]), so that a
+/// missing file or one that does not parse is reported the same way everywhere,
+/// naming the file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfigJson {
+    path: PathBuf,
+    value: serde_json::Value,
+}
+
+impl ConfigJson {
+    /// The `config.json` of the model folder `dir`.
+    pub fn in_dir(dir: &Path) -> Result<Self> {
+        Self::read(&dir.join(CONFIG_FILE))
+    }
+
+    /// The `config.json`-style file at `path`: an I/O error naming it when it cannot
+    /// be read, a format error naming it when it is not JSON.
+    pub fn read(path: &Path) -> Result<Self> {
+        Ok(Self {
+            path: path.to_path_buf(),
+            value: read_json(path, |e| format!("not JSON: {e}"))?,
+        })
+    }
+
+    /// The file at `path` as one family's typed config `T` (`family` names it in the
+    /// error: "not a BERT config: …").
+    pub fn typed<T: DeserializeOwned>(path: &Path, family: &str) -> Result<T> {
+        read_json(path, |e| format!("not a {family} config: {e}"))
+    }
+
+    /// Where the file was read from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The `model_type` key (the family), empty when absent or not a string, which no
+    /// family matches.
+    pub fn model_type(&self) -> &str {
+        self.value
+            .get("model_type")
+            .and_then(|v| v.as_str())
+            .unwrap_or("")
+    }
+
+    /// The whole file's value.
+    pub fn value(&self) -> &serde_json::Value {
+        &self.value
+    }
+
+    /// The whole file's value, owned.
+    pub fn into_value(self) -> serde_json::Value {
+        self.value
+    }
+}
+
+/// The JSON file at `path` as a `T`; `describe` words the format error of a file that
+/// does not parse as one.
+fn read_json<T: DeserializeOwned>(
+    path: &Path,
+    describe: impl FnOnce(serde_json::Error) -> String,
+) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::Format {
+        path: path.into(),
+        message: describe(e),
+    })
+}
+
 /// A transformer of `family` from its `config.json` value and weights.
 pub(crate) fn build(
     family: &str,
@@ -110,41 +182,26 @@ pub(crate) fn build(
     classes: usize,
     origin: &str,
 ) -> Result<Box<dyn FewShotModel>> {
-    fn parse<T: DeserializeOwned>(
-        family: &str,
-        value: serde_json::Value,
-        origin: &str,
-    ) -> Result<T> {
-        serde_json::from_value(value)
-            .map_err(|e| Error::Model(format!("{origin} is not a valid {family} config: {e}")))
+    /// The model `new` makes of `config` parsed as the family's typed config `C`.
+    fn boxed<C: DeserializeOwned, M: FewShotModel + 'static>(
+        (family, origin): (&str, &str),
+        config: serde_json::Value,
+        new: impl FnOnce(C) -> Result<M>,
+    ) -> Result<Box<dyn FewShotModel>> {
+        let config = serde_json::from_value(config)
+            .map_err(|e| Error::Model(format!("{origin} is not a valid {family} config: {e}")))?;
+        Ok(Box::new(new(config)?))
     }
-    Ok(match family {
-        "bert" => Box::new(Bert::new(
-            parse(family, config, origin)?,
-            weights,
-            lora,
-            classes,
-        )?),
-        "distilbert" => Box::new(DistilBert::new(
-            parse(family, config, origin)?,
-            weights,
-            lora,
-            classes,
-        )?),
-        "gpt2" => Box::new(Gpt2::new(
-            parse(family, config, origin)?,
-            weights,
-            lora,
-            classes,
-        )?),
-        "t5" => Box::new(T5Encoder::new(
-            parse(family, config, origin)?,
-            weights,
-            lora,
-            classes,
-        )?),
-        other => return Err(unsupported(other, origin)),
-    })
+    let names = (family, origin);
+    match family {
+        "bert" => boxed(names, config, |c| Bert::new(c, weights, lora, classes)),
+        "distilbert" => boxed(names, config, |c| {
+            DistilBert::new(c, weights, lora, classes)
+        }),
+        "gpt2" => boxed(names, config, |c| Gpt2::new(c, weights, lora, classes)),
+        "t5" => boxed(names, config, |c| T5Encoder::new(c, weights, lora, classes)),
+        other => Err(unsupported(other, origin)),
+    }
 }
 
 /// Input sizes of the built-in models that read dense inputs; transformers ignore
@@ -258,18 +315,9 @@ pub fn from_directory(
             dir.display()
         )));
     }
-    let config_path = dir.join("config.json");
-    let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
-    let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Format {
-        path: config_path.clone(),
-        message: format!("not JSON: {e}"),
-    })?;
-    let family = value
-        .get("model_type")
-        .and_then(|v| v.as_str())
-        .unwrap_or("")
-        .to_string();
-    let origin = config_path.display().to_string();
+    let config = ConfigJson::in_dir(dir)?;
+    let family = config.model_type().to_string();
+    let origin = config.path().display().to_string();
     if !SUPPORTED_FAMILIES.contains(&family.as_str()) {
         return Err(unsupported(&family, &origin));
     }
@@ -283,7 +331,14 @@ pub fn from_directory(
     }
     let weights = Weights::from_safetensors(&weights_path, precision.frozen, &Device::Cpu)?
         .with_precision(precision)?;
-    build(&family, value, weights, lora, classes, &origin)
+    build(
+        &family,
+        config.into_value(),
+        weights,
+        lora,
+        classes,
+        &origin,
+    )
 }
 
 #[cfg(test)]
@@ -379,21 +434,10 @@ mod tests {
                     dtype
                 );
                 let features = model.features(&params, &batch(), Mode::Eval).unwrap();
-                let diff = (features.to_dtype(DType::F32).unwrap() - &expected)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
-                let scale = expected
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
+                let max_abs =
+                    |t: Tensor| -> f32 { t.abs().unwrap().max_all().unwrap().to_scalar().unwrap() };
+                let diff = max_abs((features.to_dtype(DType::F32).unwrap() - &expected).unwrap());
+                let scale = max_abs(expected.clone());
                 assert!(
                     scale > 0.5,
                     "{name}: features of order 1 expected, max {scale}"

@@ -13,11 +13,13 @@ mod attention;
 pub mod bert;
 pub mod conv4;
 pub mod distilbert;
+mod embeddings;
 pub mod gpt2;
 mod head;
 mod layers;
 pub mod load;
 pub mod mlp;
+pub mod post_ln;
 mod precision;
 pub mod t5;
 pub(crate) mod targets;
@@ -36,6 +38,41 @@ use crate::tensor::{ops, ParamSet};
 use crate::{Error, Result};
 
 /// A model that adapts to a few-shot task through its trainable parameters.
+///
+/// The model holds only what is frozen; the trainable tensors come in a [`ParamSet`]
+/// on every call, so a learner evaluates one model at θ₀, θ₁, …, θ_K. A model of
+/// one's own is a few lines:
+///
+/// ```
+/// use melora::prelude::*;
+///
+/// /// y = w·x + b, on one input feature.
+/// struct Line;
+///
+/// impl FewShotModel for Line {
+///     fn init_params(&self, _seed: u64) -> melora::Result<ParamSet> {
+///         let zero = Tensor::zeros(1, DType::F64, &Device::Cpu)?;
+///         ParamSet::from_pairs([("w", zero.clone()), ("b", zero)])
+///     }
+///     fn features(&self, _: &ParamSet, batch: &Batch, _: Mode) -> melora::Result<Tensor> {
+///         Ok(batch.dense()?.clone())
+///     }
+///     fn logits(&self, params: &ParamSet, batch: &Batch, mode: Mode) -> melora::Result<Tensor> {
+///         let x = self.features(params, batch, mode)?;
+///         Ok(x.broadcast_mul(params.require("w")?)?.broadcast_add(params.require("b")?)?)
+///     }
+/// }
+///
+/// melora::init();
+/// // Four points of y = 2x + 1; 200 inner steps fit the line.
+/// let x = Tensor::new(&[[0f64], [1.], [2.], [3.]], &Device::Cpu)?;
+/// let support = Batch::regression(x.clone(), ((x * 2.0)? + 1.0)?)?;
+/// let fit = Maml { inner: InnerLoop::new(200, 0.1), mode: MamlMode::Recompute };
+/// let fitted = fit.adapt(&WholeGraph::new(&Line), &Line.init_params(0)?, &support, Mode::Eval)?;
+/// let w = fitted.require("w")?.to_vec1::<f64>()?[0];
+/// assert!((w - 2.0).abs() < 1e-3, "w = {w}");
+/// # Ok::<(), melora::Error>(())
+/// ```
 pub trait FewShotModel {
     /// Trainable tensors (LoRA `A`/`B`, head) with their names and initial values.
     fn init_params(&self, seed: u64) -> Result<ParamSet>;
@@ -102,21 +139,56 @@ pub enum Pooling {
     LastToken,
 }
 
-/// What every transformer classifier has besides its layers.
-#[derive(Debug, Clone, Copy)]
-pub struct ClassifierParts<'a> {
-    /// The trainable head.
-    pub head: &'a ClassificationHead,
-    /// LoRA settings, if adapters are attached.
-    pub lora: Option<&'a LoraSettings>,
-    /// The frozen weights (for dtype and device).
-    pub weights: &'a Weights,
+/// A transformer family's conventions: fixed per family, the same for every model
+/// of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FamilyConventions {
+    /// The family's name in error messages and `model_type` (`bert`, `gpt2`, …).
+    pub name: &'static str,
     /// How sequences are pooled.
     pub pooling: Pooling,
     /// LoRA targets used when the settings name none.
     pub default_targets: &'static [&'static str],
     /// Whether frozen weights are stored `[in, out]` (PEFT's `fan_in_fan_out`).
     pub fan_in_fan_out: bool,
+}
+
+/// What every transformer classifier has besides its embeddings and layers, held by
+/// the model.
+#[derive(Debug, Clone)]
+pub struct ClassifierParts {
+    /// The family's conventions.
+    pub family: FamilyConventions,
+    /// The trainable head.
+    pub head: ClassificationHead,
+    /// LoRA settings, if adapters are attached.
+    pub lora: Option<LoraSettings>,
+    /// The frozen weights' settings, without their tensors (for dtype and device).
+    pub weights: Weights,
+    /// Selective recomputation of the frozen base's attention cores and adapter-free
+    /// feed-forward blocks ([`FewShotModel::set_selective_recompute`]).
+    pub recompute: bool,
+}
+
+impl ClassifierParts {
+    /// The parts of a `family` model of hidden width `width` read from `weights`, with
+    /// a head for `classes` classes and adapters as `lora` says (attached by
+    /// [`attach_lora`] once the layers exist).
+    pub(crate) fn new(
+        family: FamilyConventions,
+        weights: &Weights,
+        width: usize,
+        classes: usize,
+        lora: Option<LoraSettings>,
+    ) -> Self {
+        Self {
+            family,
+            head: ClassificationHead::new(width, classes),
+            lora,
+            weights: weights.without_tensors(),
+            recompute: false,
+        }
+    }
 }
 
 /// Per-batch constants that every layer of a transformer stack reads: the attention
@@ -170,16 +242,29 @@ pub trait TransformerClassifier {
         }
         self.finish(&h, params)
     }
+    /// The frozen tensors of the base model that are not linear layers' (embeddings,
+    /// position bias, norms) under their Hugging Face names, dense.
+    fn embedding_and_norm_tensors(&self) -> Result<Vec<(String, Tensor)>>;
     /// Every frozen tensor of the base model (embeddings, norms, linear weights and
     /// biases) under its Hugging Face name, dense: what full fine-tuning trains.
-    fn base_tensors(&self) -> Result<Vec<(String, Tensor)>>;
+    fn base_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = self.embedding_and_norm_tensors()?;
+        for linear in self.lora_linears() {
+            out.extend(linear.base_tensors()?);
+        }
+        Ok(out)
+    }
     /// Turns selective recomputation of the frozen blocks on or off
     /// ([`FewShotModel::set_selective_recompute`]).
-    fn set_recompute(&mut self, on: bool);
+    fn set_recompute(&mut self, on: bool) {
+        self.parts_mut().recompute = on;
+    }
     /// Every linear layer that may carry LoRA.
     fn lora_linears(&self) -> Vec<&LoraLinear>;
     /// Head, LoRA settings, weights and conventions.
-    fn parts(&self) -> ClassifierParts<'_>;
+    fn parts(&self) -> &ClassifierParts;
+    /// [`parts`](Self::parts), mutable.
+    fn parts_mut(&mut self) -> &mut ClassifierParts;
 }
 
 /// Layer `index` of a family's stack, or an error naming the valid range.
@@ -198,7 +283,7 @@ fn pool(model: &dyn TransformerClassifier, hidden: &Tensor, batch: &Batch) -> Re
     // token sum is accurate and the loss's statistics are f32.
     let hidden = &hidden.to_dtype(model.parts().weights.trainable_dtype())?;
     let mask = &batch.tokens()?.attention_mask;
-    Ok(match model.parts().pooling {
+    Ok(match model.parts().family.pooling {
         Pooling::MaskedMean => ops::masked_mean_pool(hidden, mask)?,
         Pooling::LastToken => ops::last_token(hidden, mask)?,
     })
@@ -222,10 +307,10 @@ impl<T: TransformerClassifier> FewShotModel for T {
         let parts = self.parts();
         init_transformer_params(
             &self.lora_linears(),
-            parts.lora.map(|l| l.init),
-            parts.head,
+            parts.lora.as_ref().map(|l| l.init),
+            &parts.head,
             seed,
-            parts.weights,
+            &parts.weights,
         )
     }
 
@@ -252,9 +337,11 @@ impl<T: TransformerClassifier> FewShotModel for T {
 
     fn adapter_config(&self) -> Option<AdapterConfig> {
         let parts = self.parts();
+        let family = parts.family;
         parts
             .lora
-            .map(|l| l.adapter_config(parts.default_targets, parts.fan_in_fan_out))
+            .as_ref()
+            .map(|l| l.adapter_config(family.default_targets, family.fan_in_fan_out))
     }
 
     fn transformer(&self) -> Option<&dyn TransformerClassifier> {
@@ -355,32 +442,38 @@ impl LoraSettings {
     }
 }
 
-/// Attaches LoRA to the `linears` selected by `settings` (or the family's
-/// `default_targets`); an unknown target is an error.
-pub(crate) fn attach_lora(
-    family: &str,
-    linears: Vec<&mut LoraLinear>,
-    settings: Option<&LoraSettings>,
-    default_targets: &[&str],
-) -> Result<()> {
-    let Some(settings) = settings else {
-        return Ok(());
+/// Attaches LoRA to the linears (`linears` of `model`) that its parts' settings select
+/// (or the family's default targets), and returns the model; an unknown target is an
+/// error.
+pub(crate) fn attach_lora<M: TransformerClassifier>(
+    mut model: M,
+    linears: impl FnOnce(&mut M) -> Vec<&mut LoraLinear>,
+) -> Result<M> {
+    let parts = model.parts();
+    let family = parts.family;
+    let Some(settings) = parts.lora.clone() else {
+        return Ok(model);
     };
     let targets: Vec<String> = match &settings.target_modules {
         Some(t) => t.clone(),
-        None => default_targets.iter().map(|t| t.to_string()).collect(),
+        None => family
+            .default_targets
+            .iter()
+            .map(|t| t.to_string())
+            .collect(),
     };
+    let linears = linears(&mut model);
     let paths: Vec<String> = linears
         .iter()
         .map(|l| l.module_path().to_string())
         .collect();
-    let selected = targets::resolve(family, &targets, &paths)?;
+    let selected = targets::resolve(family.name, &targets, &paths)?;
     for (linear, on) in linears.into_iter().zip(selected) {
         if on {
             *linear = linear.clone().with_lora(settings.spec)?;
         }
     }
-    Ok(())
+    Ok(model)
 }
 
 /// The trainable ParamSet of a transformer: LoRA tensors in name order (PEFT's saved

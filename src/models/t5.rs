@@ -8,10 +8,11 @@ use std::path::Path;
 use candle_core::{Device, Tensor};
 use serde::Deserialize;
 
-use super::attention::{multi_head_attention, padding_keep};
-use super::layers::{load_linear_no_bias, FeedForward, Frozen, FrozenTable};
+use super::attention::{padding_keep, Projections, SelfAttention};
+use super::layers::{load_dense, Dense, FeedForward, Frozen, FrozenTable, Sublayers};
+use super::load::ConfigJson;
 use super::{
-    attach_lora, layer_at, Activation, ClassificationHead, ClassifierParts, LoraSettings, Pooling,
+    attach_lora, layer_at, Activation, ClassifierParts, FamilyConventions, LoraSettings, Pooling,
     StackContext, TransformerClassifier, Weights,
 };
 use crate::data::Batch;
@@ -69,11 +70,7 @@ fn default_ff_proj() -> String {
 impl T5Config {
     /// Reads a Hugging Face `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        serde_json::from_str(&text).map_err(|e| Error::Format {
-            path: path.into(),
-            message: format!("not a T5 config: {e}"),
-        })
+        ConfigJson::typed(path, "T5")
     }
 
     /// The feed-forward activation and whether the layer is gated, parsed as
@@ -146,18 +143,21 @@ fn relative_position_bucket(
     bucket
 }
 
+/// The conventions of the T5 family.
+const FAMILY: FamilyConventions = FamilyConventions {
+    name: "t5",
+    pooling: Pooling::MaskedMean,
+    default_targets: DEFAULT_TARGETS,
+    fan_in_fan_out: false,
+};
+
+/// One pre-norm T5 encoder block: `h + attention(rms(h))`, then `h + ffn(rms(h))`.
 #[derive(Debug, Clone)]
 struct T5Block {
-    q: LoraLinear,
-    k: LoraLinear,
-    v: LoraLinear,
-    o: LoraLinear,
+    /// `SelfAttention.{q, k, v, o}`, unscaled, and `DenseReluDense`: `wi` (or `wi_0`,
+    /// the activated branch, and `wi_1`, the linear branch, when gated) and `wo`.
+    sublayers: Sublayers,
     attention_norm: Frozen,
-    /// `wi`, or `wi_0` (the activated branch) when gated.
-    wi: LoraLinear,
-    /// `wi_1`, the linear branch of a gated layer.
-    wi_1: Option<LoraLinear>,
-    wo: LoraLinear,
     ffn_norm: Frozen,
 }
 
@@ -165,18 +165,12 @@ struct T5Block {
 #[derive(Debug, Clone)]
 pub struct T5Encoder {
     config: T5Config,
-    activation: Activation,
     embeddings: FrozenTable,
     /// `[num_buckets, num_heads]`, block 0's table, which every block uses.
     relative_attention_bias: Frozen,
     blocks: Vec<T5Block>,
     final_norm: Frozen,
-    head: ClassificationHead,
-    lora: Option<LoraSettings>,
-    weights: Weights,
-    /// Selective recomputation of the frozen base's attention cores and adapter-free
-    /// feed-forward blocks ([`FewShotModel::set_selective_recompute`]).
-    recompute: bool,
+    parts: ClassifierParts,
 }
 
 impl T5Encoder {
@@ -197,32 +191,39 @@ impl T5Encoder {
         for l in 0..config.num_layers {
             let a = format!("encoder.block.{l}.layer.0");
             let f = format!("encoder.block.{l}.layer.1");
-            let dense = format!("{f}.DenseReluDense");
-            let (wi, wi_1) = if gated {
-                (
-                    load_linear_no_bias(&weights, &format!("{dense}.wi_0"), d, ff)?,
-                    Some(load_linear_no_bias(
-                        &weights,
-                        &format!("{dense}.wi_1"),
-                        d,
-                        ff,
-                    )?),
-                )
+            let linear = |name: String, n_in, n_out| {
+                load_dense(&weights, Dense::LinearNoBias, &name, n_in, n_out)
+            };
+            let attention =
+                |name: &str, n_in, n_out| linear(format!("{a}.SelfAttention.{name}"), n_in, n_out);
+            let dense =
+                |name: &str, n_in, n_out| linear(format!("{f}.DenseReluDense.{name}"), n_in, n_out);
+            let (input, gate) = if gated {
+                (dense("wi_0", d, ff)?, Some(dense("wi_1", d, ff)?))
             } else {
-                (
-                    load_linear_no_bias(&weights, &format!("{dense}.wi"), d, ff)?,
-                    None,
-                )
+                (dense("wi", d, ff)?, None)
+            };
+            let projections = Projections::Separate {
+                query: attention("q", d, inner)?,
+                key: attention("k", d, inner)?,
+                value: attention("v", d, inner)?,
+            };
+            let output = attention("o", inner, d)?;
+            let attention_norm = norm(&format!("{a}.layer_norm.weight"))?;
+            // T5 folds the 1/√d_kv scale into its q initialisation: no scaling here.
+            let attention = SelfAttention::new(projections, output, config.num_heads, 1.0);
+            let feed_forward = FeedForward {
+                input,
+                gate,
+                output: dense("wo", ff, d)?,
+                activation,
             };
             blocks.push(T5Block {
-                q: load_linear_no_bias(&weights, &format!("{a}.SelfAttention.q"), d, inner)?,
-                k: load_linear_no_bias(&weights, &format!("{a}.SelfAttention.k"), d, inner)?,
-                v: load_linear_no_bias(&weights, &format!("{a}.SelfAttention.v"), d, inner)?,
-                o: load_linear_no_bias(&weights, &format!("{a}.SelfAttention.o"), inner, d)?,
-                attention_norm: norm(&format!("{a}.layer_norm.weight"))?,
-                wi,
-                wi_1,
-                wo: load_linear_no_bias(&weights, &format!("{dense}.wo"), ff, d)?,
+                sublayers: Sublayers {
+                    attention,
+                    feed_forward,
+                },
+                attention_norm,
                 ffn_norm: norm(&format!("{f}.layer_norm.weight"))?,
             });
         }
@@ -238,7 +239,7 @@ impl T5Encoder {
                     .map_err(|_| e)?,
             ),
         };
-        let mut model = Self {
+        let model = Self {
             embeddings: FrozenTable::new(&weights, table_name, embeddings)?,
             relative_attention_bias: Frozen::load(
                 &weights,
@@ -247,15 +248,10 @@ impl T5Encoder {
             )?,
             blocks,
             final_norm: norm("encoder.final_layer_norm.weight")?,
-            head: ClassificationHead::new(d, classes),
-            activation,
+            parts: ClassifierParts::new(FAMILY, &weights, d, classes, lora),
             config,
-            lora: lora.clone(),
-            weights: weights.without_tensors(),
-            recompute: false,
         };
-        attach_lora("t5", model.linears_mut(), lora.as_ref(), DEFAULT_TARGETS)?;
-        Ok(model)
+        attach_lora(model, Self::linears_mut)
     }
 
     /// The configuration the model was built from.
@@ -264,27 +260,11 @@ impl T5Encoder {
     }
 
     fn linears_mut(&mut self) -> Vec<&mut LoraLinear> {
-        let mut out = Vec::new();
-        for b in &mut self.blocks {
-            out.extend([&mut b.q, &mut b.k, &mut b.v, &mut b.o, &mut b.wi]);
-            if let Some(wi_1) = &mut b.wi_1 {
-                out.push(wi_1);
-            }
-            out.push(&mut b.wo);
-        }
-        out
+        self.blocks
+            .iter_mut()
+            .flat_map(|b| b.sublayers.linears_mut())
+            .collect()
     }
-
-    fn linears(&self) -> Vec<&LoraLinear> {
-        let mut out = Vec::new();
-        for b in &self.blocks {
-            out.extend([&b.q, &b.k, &b.v, &b.o, &b.wi]);
-            out.extend(b.wi_1.as_ref());
-            out.push(&b.wo);
-        }
-        out
-    }
-
     /// The relative-position bias `[1, heads, t, t]` added to every block's scores.
     fn position_bias(&self, t: usize, device: &Device, params: &ParamSet) -> Result<Tensor> {
         let buckets: Vec<u32> = (0..t as i64)
@@ -340,32 +320,19 @@ impl TransformerClassifier for T5Encoder {
     ) -> Result<Tensor> {
         let block = layer_at(&self.blocks, index)?;
         let eps = self.config.layer_norm_epsilon;
-        let heads = self.config.num_heads;
-        let x = rms_norm(h, &block.attention_norm.get(params)?, eps)?;
-        let q = block.q.forward(&x, params, mode)?;
-        let k = block.k.forward(&x, params, mode)?;
-        let v = block.v.forward(&x, params, mode)?;
-        // T5 folds the 1/√d_kv scale into its q initialisation: no scaling here.
-        let attention = multi_head_attention(
-            &q,
-            &k,
-            &v,
-            heads,
-            1.0,
-            &context.keep,
-            context.bias.as_ref(),
-            self.recompute,
-        )?;
-        let h = (h + block.o.forward(&attention, params, mode)?)?;
-        let x = rms_norm(&h, &block.ffn_norm.get(params)?, eps)?;
-        let out = FeedForward {
-            input: &block.wi,
-            gate: block.wi_1.as_ref(),
-            output: &block.wo,
-            activation: self.activation,
-        }
-        .forward(&x, params, mode, self.recompute)?;
-        Ok((&h + out)?)
+        let rms = |norm: &Frozen, x: &Tensor| -> Result<Tensor> {
+            Ok(rms_norm(x, &norm.get(params)?, eps)?)
+        };
+        block.sublayers.pre_norm(
+            h,
+            [&|x| rms(&block.attention_norm, x), &|x| {
+                rms(&block.ffn_norm, x)
+            }],
+            context,
+            params,
+            mode,
+            self.parts.recompute,
+        )
     }
 
     fn finish(&self, h: &Tensor, params: &ParamSet) -> Result<Tensor> {
@@ -376,15 +343,14 @@ impl TransformerClassifier for T5Encoder {
         )?)
     }
 
-    fn set_recompute(&mut self, on: bool) {
-        self.recompute = on;
-    }
-
     fn lora_linears(&self) -> Vec<&LoraLinear> {
-        self.linears()
+        self.blocks
+            .iter()
+            .flat_map(|b| b.sublayers.linears())
+            .collect()
     }
 
-    fn base_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+    fn embedding_and_norm_tensors(&self) -> Result<Vec<(String, Tensor)>> {
         let mut out = vec![
             self.embeddings.base()?,
             self.relative_attention_bias.base(),
@@ -394,21 +360,15 @@ impl TransformerClassifier for T5Encoder {
             out.push(block.attention_norm.base());
             out.push(block.ffn_norm.base());
         }
-        for linear in self.linears() {
-            out.extend(linear.base_tensors()?);
-        }
         Ok(out)
     }
 
-    fn parts(&self) -> ClassifierParts<'_> {
-        ClassifierParts {
-            head: &self.head,
-            lora: self.lora.as_ref(),
-            weights: &self.weights,
-            pooling: Pooling::MaskedMean,
-            default_targets: DEFAULT_TARGETS,
-            fan_in_fan_out: false,
-        }
+    fn parts(&self) -> &ClassifierParts {
+        &self.parts
+    }
+
+    fn parts_mut(&mut self) -> &mut ClassifierParts {
+        &mut self.parts
     }
 }
 
@@ -416,10 +376,10 @@ impl TransformerClassifier for T5Encoder {
 mod tests {
     use super::*;
     use crate::models::test_support::{
-        check_loss_derivatives, max_abs_diff, padded_batch, RandomWeights,
+        check_logits_ignore_padding, check_loss_derivatives, lora, max_abs_diff, padded_batch,
+        RandomWeights,
     };
     use crate::models::FewShotModel;
-    use crate::nn::{LoraInit, LoraSpec};
 
     const CLASSES: usize = 3;
 
@@ -461,19 +421,6 @@ mod tests {
         }
         w.add_gain("encoder.final_layer_norm.weight", d);
         w
-    }
-
-    fn lora(targets: Option<Vec<String>>) -> LoraSettings {
-        LoraSettings {
-            spec: LoraSpec {
-                rank: 2,
-                alpha: 4.0,
-                dropout: 0.0,
-            },
-            target_modules: targets,
-            // Non-zero B, so that A's gradient is non-zero too.
-            init: LoraInit::Normal { seed: 0, std: 0.3 },
-        }
     }
 
     fn model(feed_forward_proj: &str) -> T5Encoder {
@@ -633,16 +580,7 @@ mod tests {
     #[test]
     fn logits_have_batch_by_classes_shape_and_ignore_padding() {
         for proj in ["relu", "gated-gelu", "gated-silu"] {
-            let model = model(proj);
-            let params = model.init_params(1).unwrap();
-            let a = model
-                .logits(&params, &padded_batch([0, 0]), Mode::Eval)
-                .unwrap();
-            assert_eq!(a.dims(), &[2, CLASSES]);
-            let b = model
-                .logits(&params, &padded_batch([10, 6]), Mode::Eval)
-                .unwrap();
-            assert!(max_abs_diff(&a, &b) <= 1e-12, "{proj}: {a} {b}");
+            check_logits_ignore_padding(&model(proj), CLASSES, proj);
         }
     }
 
@@ -698,14 +636,13 @@ mod tests {
 
     #[test]
     fn loss_derivatives_match_finite_differences() {
-        let model = model("gated-gelu");
-        let names = [
-            "base_model.model.encoder.block.0.layer.0.SelfAttention.q.lora_A.weight",
-            "base_model.model.encoder.block.1.layer.0.SelfAttention.v.lora_B.weight",
-            crate::models::HEAD_WEIGHT,
-        ]
-        .map(String::from);
-        check_loss_derivatives(&model, &padded_batch([0, 0]), &names);
+        check_loss_derivatives(
+            &model("gated-gelu"),
+            &[
+                "base_model.model.encoder.block.0.layer.0.SelfAttention.q.lora_A.weight",
+                "base_model.model.encoder.block.1.layer.0.SelfAttention.v.lora_B.weight",
+            ],
+        );
     }
 
     #[test]

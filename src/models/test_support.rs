@@ -6,9 +6,9 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
 
-use super::{FewShotModel, Weights};
+use super::{FewShotModel, LoraSettings, Weights};
 use crate::data::Batch;
-use crate::nn::Mode;
+use crate::nn::{LoraInit, LoraSpec, Mode};
 use crate::tensor::gradcheck::{check_derivatives, random_tensor};
 pub(crate) use crate::tensor::test_support::max_abs_diff;
 use crate::tensor::{ops, ParamSet};
@@ -76,8 +76,15 @@ pub(crate) fn padded_batch(pad_ids: [u32; 2]) -> Batch {
 }
 
 /// Checks the first and second derivatives of the cross-entropy of `model` on
-/// `batch` in the trainable tensors `names` against finite differences.
-pub(crate) fn check_loss_derivatives(model: &dyn FewShotModel, batch: &Batch, names: &[String]) {
+/// [`padded_batch`] in the LoRA tensors `adapters` and the head's weight against
+/// finite differences.
+pub(crate) fn check_loss_derivatives(model: &dyn FewShotModel, adapters: &[&str]) {
+    let batch = &padded_batch([0, 0]);
+    let names: Vec<&str> = adapters
+        .iter()
+        .copied()
+        .chain([super::HEAD_WEIGHT])
+        .collect();
     let init = model.init_params(3).unwrap();
     let inputs: Vec<Tensor> = names
         .iter()
@@ -86,7 +93,7 @@ pub(crate) fn check_loss_derivatives(model: &dyn FewShotModel, batch: &Batch, na
     let errors = check_derivatives(&inputs, |xs| {
         // The other trainable tensors stay at their initial values.
         let params = ParamSet::from_pairs(init.iter().map(|(n, t)| {
-            let t = match names.iter().position(|m| m == n) {
+            let t = match names.iter().position(|m| *m == n) {
                 Some(i) => xs[i].clone(),
                 None => t.clone(),
             };
@@ -103,4 +110,33 @@ pub(crate) fn check_loss_derivatives(model: &dyn FewShotModel, batch: &Batch, na
         errors.first_order <= 1e-6 && errors.second_order <= 1e-4,
         "{errors:?}"
     );
+}
+
+/// Checks that `model`'s logits have shape `[batch, classes]` and do not change with
+/// the ids at padded positions ([`padded_batch`]); `what` names the model in failures.
+pub(crate) fn check_logits_ignore_padding(model: &dyn FewShotModel, classes: usize, what: &str) {
+    let params = model.init_params(1).unwrap();
+    let a = model
+        .logits(&params, &padded_batch([0, 0]), Mode::Eval)
+        .unwrap();
+    assert_eq!(a.dims(), &[2, classes]);
+    let b = model
+        .logits(&params, &padded_batch([10, 6]), Mode::Eval)
+        .unwrap();
+    assert!(max_abs_diff(&a, &b) <= 1e-12, "{what}: {a} {b}");
+}
+
+/// Rank-2 LoRA on `targets` (the family's defaults for `None`), without dropout, for
+/// the family tests.
+pub(crate) fn lora(targets: Option<Vec<String>>) -> LoraSettings {
+    LoraSettings {
+        spec: LoraSpec {
+            rank: 2,
+            alpha: 4.0,
+            dropout: 0.0,
+        },
+        target_modules: targets,
+        // Non-zero B, so that A's gradient is non-zero too.
+        init: LoraInit::Normal { seed: 0, std: 0.3 },
+    }
 }

@@ -241,34 +241,16 @@ mod tests {
     fn random_weights_are_deterministic_per_name() {
         let a = Weights::random(5, DType::F32, &Device::Cpu);
         let b = Weights::random(5, DType::F32, &Device::Cpu);
-        let x = a
-            .get("h.0.attn.c_attn.weight", &[4, 12])
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        let y = b
-            .get("h.0.attn.c_attn.weight", &[4, 12])
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
+        let values = |w: &Weights, name: &str, shape: &[usize]| -> Vec<f32> {
+            let t = w.get(name, shape).unwrap();
+            t.flatten_all().unwrap().to_vec1().unwrap()
+        };
+        let x = values(&a, "h.0.attn.c_attn.weight", &[4, 12]);
+        let y = values(&b, "h.0.attn.c_attn.weight", &[4, 12]);
         assert_eq!(x, y);
-        let z = a
-            .get("h.0.attn.c_proj.weight", &[4, 12])
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
+        let z = values(&a, "h.0.attn.c_proj.weight", &[4, 12]);
         assert_ne!(x, z);
-        let ln = a
-            .get("h.0.ln_1.weight", &[4])
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
+        let ln = values(&a, "h.0.ln_1.weight", &[4]);
         assert_eq!(ln, vec![1.0; 4]);
     }
 }

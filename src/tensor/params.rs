@@ -30,6 +30,35 @@ const ORDER_KEY: &str = "melora.order";
 
 /// An ordered set of named tensors: the trainable parameters of a model, or a
 /// gradient, direction or update of the same shape.
+///
+/// Learners move ParamSets around as vectors (`axpy`, `dot`, `norm`, …) and take
+/// gradients at fresh leaves; a gradient taken with [`GradGraph::Keep`] can be
+/// differentiated again, which gives Hessian-vector products:
+///
+/// ```
+/// use melora::tensor::{GradGraph, ParamSet};
+/// use candle_core::{Device, Tensor};
+///
+/// melora::init(); // second order needs it, before any backward pass
+/// let theta = ParamSet::from_pairs([
+///     ("w", Tensor::new(&[1.0f64, 2.0], &Device::Cpu)?),
+///     ("b", Tensor::new(&[0.5f64], &Device::Cpu)?),
+/// ])?;
+/// // One SGD step along a direction: θ − 0.1·d.
+/// let d = theta.map(|_, t| t.ones_like())?;
+/// let stepped = theta.axpy(-0.1, &d)?;
+/// assert!((stepped.sub(&theta)?.norm()? - 0.1 * 3f64.sqrt()).abs() < 1e-12);
+///
+/// // L(θ) = Σ w³ + b²: the gradient, then H·v as the gradient of ⟨∇L, v⟩.
+/// let leaves = theta.to_leaves()?;
+/// let (w, b) = (leaves.require("w")?, leaves.require("b")?);
+/// let loss = ((w.sqr()? * w)?.sum_all()? + b.sqr()?.sum_all()?)?;
+/// let grad = leaves.gradients(&loss, GradGraph::Keep)?; // [3w², 2b]
+/// let hv = leaves.vjp(&grad, &d, GradGraph::Detach)?; // diag(6w, 2)·1
+/// assert_eq!(hv.require("w")?.to_vec1::<f64>()?, [6.0, 12.0]);
+/// assert_eq!(hv.require("b")?.to_vec1::<f64>()?, [2.0]);
+/// # Ok::<(), melora::Error>(())
+/// ```
 #[derive(Debug, Clone, Default)]
 pub struct ParamSet {
     entries: Vec<(String, Tensor)>,
