@@ -7,7 +7,7 @@ use std::path::Path;
 
 use candle_core::Device;
 
-use super::load::{build, builtin_config, unsupported, SUPPORTED_FAMILIES};
+use super::load::{build, builtin_config, unsupported, ConfigJson, SUPPORTED_FAMILIES};
 use super::{FewShotModel, LoraSettings, ModelPrecision, Weights};
 use crate::{Error, Result};
 
@@ -44,22 +44,15 @@ impl Architecture {
 
     /// The architecture a model folder's `config.json` describes.
     pub fn from_directory(dir: &Path) -> Result<Self> {
-        let path = dir.join("config.json");
-        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-        let config: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Format {
-            path: path.clone(),
-            message: format!("not JSON: {e}"),
-        })?;
-        let origin = path.display().to_string();
-        let kind = config
-            .get("model_type")
-            .and_then(|v| v.as_str())
-            .unwrap_or("");
+        let file = ConfigJson::in_dir(dir)?;
+        let origin = file.path().display().to_string();
+        let kind = file.model_type().to_owned();
         let family = SUPPORTED_FAMILIES
             .iter()
             .copied()
             .find(|f| *f == kind)
-            .ok_or_else(|| unsupported(kind, &origin))?;
+            .ok_or_else(|| unsupported(&kind, &origin))?;
+        let config = file.into_value();
         Ok(Architecture {
             family,
             config,

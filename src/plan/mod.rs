@@ -194,8 +194,8 @@ pub struct Plan {
     pub loss_scaling: bool,
     /// What the measured run included.
     pub options: PlanOptions,
-    /// Instances of the configuration that were run to measure it (the warm-up
-    /// included).
+    /// Instances of the configuration that were measured (besides a warm-up, the
+    /// first time a process plans a model in a dtype).
     pub instances: usize,
 }
 
@@ -279,18 +279,27 @@ pub fn plan_with(config: &Config, options: &PlanOptions) -> Result<Plan> {
 
     // The model at its full size: frozen weights and the loading peak, exactly; and
     // the checks training makes of it (checkpointed layers it does not have).
-    let (weights, load_peak) = {
+    let (weights, load_peak, trainable_parameters) = {
         let meter = MemoryMeter::start();
         let model = crate::run::build::build_model(config)?;
         crate::run::build::build_engine(config, model.as_ref())?;
         let weights = meter.current_above_baseline().max(0) as f64;
-        (weights, meter.peak_above_baseline() as f64)
+        let load_peak = meter.peak_above_baseline() as f64;
+        drop(meter);
+        let params = if config.meta_learning.method == Method::Finetune {
+            model.full_params(config.seed)?
+        } else {
+            crate::run::build::initial_params(model.as_ref(), config)?
+        };
+        (weights, load_peak, params.numel() as u64)
     };
     let target = Target::of(config, layers, tasks)?;
     let instances = instances_of(&target);
-    // The warm-up: what a process sets up once is not the run's.
-    measure(config, &instances[0].1, inputs, 1, 1)?;
-    crate::tensor::kernel_workspace::reserve_on_kernel_threads();
+    // The warm-up: what a process sets up once (per model and dtype) is not the run's.
+    if first_plan_of_its_kind(config) {
+        measure(config, &instances[0].1, inputs, 1, 1)?;
+        crate::tensor::kernel_workspace::reserve_on_kernel_threads();
+    }
     let measured: Vec<(extrapolate::Corner, Measured)> = instances
         .iter()
         .map(|(corner, instance)| {
@@ -351,7 +360,7 @@ pub fn plan_with(config: &Config, options: &PlanOptions) -> Result<Plan> {
         } else {
             0.0
         },
-        trainable_parameters: trainable_parameters(config)?,
+        trainable_parameters,
         inner_steps: if meta_trains {
             config.meta_learning.inner.steps
         } else {
@@ -372,7 +381,7 @@ pub fn plan_with(config: &Config, options: &PlanOptions) -> Result<Plan> {
         int8: config.model.quantization == crate::config::Quantization::Int8,
         loss_scaling: config.memory_optimization.precision == crate::config::Precision::F16,
         options: *options,
-        instances: measured.len() + 1,
+        instances: measured.len(),
     })
 }
 
@@ -403,16 +412,24 @@ fn query_examples(config: &Config) -> usize {
     }
 }
 
-/// Elements the run trains: θ (and MetaSGD's step sizes), and for full
-/// fine-tuning every weight of the base. Counted on the model at its full size.
-fn trainable_parameters(config: &Config) -> Result<u64> {
-    let model = crate::run::build::build_model(config)?;
-    let params = if config.meta_learning.method == Method::Finetune {
-        model.full_params(config.seed)?
-    } else {
-        crate::run::build::initial_params(model.as_ref(), config)?
-    };
-    Ok(params.numel() as u64)
+/// Whether this process has not yet planned a configuration of `config`'s model,
+/// dtypes and storage (and so has not yet set up what runs of it set up once).
+fn first_plan_of_its_kind(config: &Config) -> bool {
+    static WARMED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let key = format!(
+        "{:?} {} {:?} {:?} {:?}",
+        config.model.path,
+        config.model.name,
+        config.model.dtype,
+        config.memory_optimization.precision,
+        config.model.quantization
+    );
+    let mut warmed = WARMED.lock().unwrap_or_else(|e| e.into_inner());
+    if warmed.contains(&key) {
+        return false;
+    }
+    warmed.push(key);
+    true
 }
 
 /// Plans of `config` run with each of `variants` (the comparison table), everything

@@ -304,18 +304,9 @@ impl ModelInfo {
                 None => (None, None),
             },
             Some(dir) => {
-                let path = dir.join("config.json");
-                let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-                let value: serde_json::Value =
-                    serde_json::from_str(&text).map_err(|e| Error::Format {
-                        path: path.clone(),
-                        message: e.to_string(),
-                    })?;
-                let family = value
-                    .get("model_type")
-                    .and_then(|v| v.as_str())
-                    .map(str::to_string);
-                (family, Some(value))
+                let file = crate::models::load::ConfigJson::in_dir(dir)?;
+                let family = Some(file.model_type().to_owned()).filter(|f| !f.is_empty());
+                (family, Some(file.into_value()))
             }
         };
         let lora_targets = config.lora.target_modules.clone().or_else(|| {
