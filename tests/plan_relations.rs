@@ -198,7 +198,8 @@ fn mixed_precision_and_int8_shrink_what_they_store() {
         let half = bf16.breakdown.frozen_weights as f64 / f32_plan.breakdown.frozen_weights as f64;
         assert!((0.5..0.52).contains(&half), "{variant}: {half}");
         // (measured: the same moments, to a few bytes of bookkeeping).
-        let state = bf16.breakdown.optimizer_state as f64 / f32_plan.breakdown.optimizer_state as f64;
+        let state =
+            bf16.breakdown.optimizer_state as f64 / f32_plan.breakdown.optimizer_state as f64;
         assert!((0.99..1.01).contains(&state), "{variant}: {state}");
         assert!(bf16.peak_bytes < f32_plan.peak_bytes, "{variant}");
         // int8: a byte per matrix entry and f32 scales, dense norms and positions.
