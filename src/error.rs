@@ -75,6 +75,16 @@ pub enum Error {
         budget: u64,
     },
 
+    /// An error with where it happened (an iteration, a test episode): its kind is
+    /// the source's, which [`Error::kind`] gives.
+    #[error("{context}: {source}")]
+    Context {
+        /// Where, e.g. `iteration 12`.
+        context: String,
+        /// What went wrong there.
+        #[source]
+        source: Box<Error>,
+    },
     /// Second-order differentiation is not available on this thread.
     #[error("second-order gradients are disabled: {0}")]
     SecondOrder(String),
@@ -84,6 +94,23 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
+    /// This error with where it happened, e.g. `err.context("iteration 3")`; its kind
+    /// stays the same ([`Error::kind`]).
+    pub fn context(self, context: impl Into<String>) -> Self {
+        Error::Context {
+            context: context.into(),
+            source: Box::new(self),
+        }
+    }
+
+    /// The error itself, below any [`Error::Context`]: what kind of failure it is.
+    pub fn kind(&self) -> &Error {
+        match self {
+            Error::Context { source, .. } => source.kind(),
+            other => other,
+        }
+    }
+
     /// An [`Error::Io`] for `path`.
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {

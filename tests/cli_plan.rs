@@ -77,7 +77,7 @@ fn plan_prints_the_breakdown_and_the_comparison() {
         "| maml (full graph) |",
         "| fomaml |",
         "| reptile |",
-        "| melora (gauss_newton) |",
+        "| melora (gauss newton) |",
     ] {
         assert!(stdout.contains(method), "no row `{method}` in:\n{stdout}");
     }

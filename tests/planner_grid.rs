@@ -22,10 +22,8 @@ use melora::memory::{format_bytes, CountingAllocator, MemoryMeter};
 use melora::nn::Mode;
 use melora::optim::{Optimizer, OptimizerKind};
 use melora::plan::{plan_with, PlanOptions};
-use melora::run::build::{
-    build_adapter, build_engine, build_learner, build_model, build_outer, initial_params,
-};
-use melora::run::meta_step;
+use melora::run::build::{build_adapter, build_engine, build_model, initial_params};
+use melora::run::{meta_step, Run};
 use melora::tensor::GradGraph;
 
 #[global_allocator]
@@ -839,20 +837,17 @@ fn one_meta_step(c: &Config) {
     if Variant::of(c).is_baseline() {
         return one_adaptation(c);
     }
-    let model = build_model(c).unwrap();
-    let params = initial_params(model.as_ref(), c).unwrap();
+    let mut run = Run::build(c).unwrap();
     let tasks: Vec<Episode> = (0..c.meta_learning.meta_batch_size)
         .map(|i| episode(c, i as u32))
         .collect();
-    let learner = build_learner(c).unwrap();
-    let mut outer = build_outer(c).unwrap();
-    let engine = build_engine(c, model.as_ref()).unwrap();
+    let engine = build_engine(c, run.model.as_ref()).unwrap();
     let (next, stats) = meta_step(
-        learner.as_ref(),
+        run.learner.as_deref().expect("a meta-trained method"),
         engine.as_ref(),
-        &params,
+        &run.params,
         &tasks,
-        &mut outer,
+        &mut run.outer,
         |i| Mode::Train { seed: i as u64 },
     )
     .unwrap();

@@ -6,21 +6,18 @@
 use std::fmt::Write as _;
 use std::time::Instant;
 
-use candle_core::Device;
 use serde::Serialize;
 
 use super::args::{GlobalArgs, ProfileArgs};
 use super::{load_config, write_stdout, UserError};
-use crate::config::{Config, Variant};
-use crate::data::{episode_source, EpisodeSource, Prefetcher, Split};
+use crate::config::Config;
+use crate::data::{EpisodeSource, Prefetcher, Split};
 use crate::memory::{current_bytes, format_bytes, is_installed, MemoryMeter, ProcessMemory};
 use crate::meta::loss_value;
 use crate::nn::Mode;
 use crate::plan::{self, Plan};
-use crate::run::build::{
-    build_adapter, build_engine, build_learner, build_model, build_outer, build_text_encoder,
-};
-use crate::run::{meta_step, training_mode};
+use crate::run::build::build_sources;
+use crate::run::{meta_step, training_mode, Run};
 
 /// What `melora profile` reports.
 #[derive(Debug, Serialize)]
@@ -45,102 +42,67 @@ struct Profile {
     runtime_setup_bytes: Option<u64>,
 }
 
-/// What a run builds from the configuration.
-struct Run {
-    model: Box<dyn crate::models::FewShotModel>,
-    params: crate::tensor::ParamSet,
-    work: Work,
+/// What is profiled: the run's objects, and the episodes it works on (the
+/// training loop's prefetcher, or the test episodes a baseline adapts to).
+struct Profiled {
+    run: Run,
+    episodes: Episodes,
 }
 
-/// Meta-training, or for the fine-tuning baselines (not meta-trained) the
-/// adaptation to test episodes that evaluation runs.
-enum Work {
-    Train(Box<Training>),
-    Evaluate {
-        adapter: Box<dyn crate::meta::Adapter>,
-        source: std::sync::Arc<dyn EpisodeSource>,
-    },
+enum Episodes {
+    Train(Prefetcher),
+    Test(std::sync::Arc<dyn EpisodeSource>),
 }
 
-/// What meta-training steps with (boxed in [`Work`]: the optimiser state and the
-/// prefetcher are large beside the evaluation's handles).
-struct Training {
-    learner: Box<dyn crate::meta::MetaLearner>,
-    outer: crate::run::OuterUpdate,
-    prefetcher: Prefetcher,
-}
-
-impl Run {
-    /// Model, parameters and either the learner, outer update and training episodes
-    /// (with the training loop's prefetcher), as `train` builds them, or the adapter
-    /// and test episodes, as `evaluate` builds them.
-    fn build(config: &Config) -> anyhow::Result<Run> {
-        let model = build_model(config).map_err(UserError::Config)?;
-        // A checkpointing plan the model cannot follow is the user's to fix.
-        build_engine(config, model.as_ref()).map_err(UserError::Config)?;
-        let encoder = build_text_encoder(config)?;
-        let params = crate::run::build::initial_params(model.as_ref(), config)?;
-        let work = if Variant::of(config).meta_trains() {
-            let source = episode_source(
-                &config.data,
-                config.seed,
-                Split::Train,
-                encoder.as_ref(),
-                &Device::Cpu,
-            )?;
-            Work::Train(Box::new(Training {
-                learner: build_learner(config).map_err(UserError::Config)?,
-                outer: build_outer(config)?,
-                prefetcher: Prefetcher::new(source, 0, config.meta_learning.meta_batch_size, 2)?,
-            }))
+impl Profiled {
+    /// The run as `train` builds it, or for a baseline as `evaluate` does.
+    fn build(config: &Config) -> anyhow::Result<Self> {
+        let run = Run::build(config).map_err(UserError::Config)?;
+        let episodes = if run.learner.is_some() {
+            let source = build_sources(config, &[Split::Train])?.remove(0);
+            Episodes::Train(Prefetcher::new(
+                source,
+                0,
+                config.meta_learning.meta_batch_size,
+                2,
+            )?)
         } else {
-            Work::Evaluate {
-                adapter: build_adapter(config).map_err(UserError::Config)?,
-                source: episode_source(
-                    &config.data,
-                    config.seed,
-                    Split::Test,
-                    encoder.as_ref(),
-                    &Device::Cpu,
-                )?,
-            }
+            Episodes::Test(build_sources(config, &[Split::Test])?.remove(0))
         };
-        Ok(Run {
-            model,
-            params,
-            work,
-        })
+        Ok(Profiled { run, episodes })
     }
 
     /// One meta-iteration on the next meta-batch, with training's dropout seeds; or
     /// the adaptation to test episode `iteration` and its query's outputs.
     fn iteration(&mut self, config: &Config, iteration: usize) -> anyhow::Result<()> {
-        let engine = build_engine(config, self.model.as_ref())?;
-        match &mut self.work {
-            Work::Train(training) => {
-                let Training {
-                    learner,
-                    outer,
-                    prefetcher,
-                } = training.as_mut();
+        let run = &mut self.run;
+        // Over the model alone, so that the outer update stays free to change.
+        let engine = crate::run::build::build_engine(config, run.model.as_ref())?;
+        match (&mut self.episodes, &run.learner) {
+            (Episodes::Train(prefetcher), Some(learner)) => {
                 let tasks = prefetcher.next_batch()?;
                 let dropout =
                     training_mode(config.seed, iteration, config.meta_learning.meta_batch_size);
                 let (next, _) = meta_step(
                     learner.as_ref(),
                     engine.as_ref(),
-                    &self.params,
+                    &run.params,
                     &tasks,
-                    outer,
+                    &mut run.outer,
                     dropout,
                 )?;
-                self.params = next;
+                drop(engine);
+                run.params = next;
             }
-            Work::Evaluate { adapter, source } => {
+            (_, _) => {
+                let Episodes::Test(source) = &self.episodes else {
+                    unreachable!("a run without a learner profiles test episodes");
+                };
                 let task = source.episode(iteration as u64)?;
                 let adapted =
-                    adapter.adapt(engine.as_ref(), &self.params, &task.support, Mode::Eval)?;
-                let outputs = self
+                    run.adapter
+                        .adapt(engine.as_ref(), &run.params, &task.support, Mode::Eval)?;
+                let outputs = run
                     .model
                     .logits(&adapted, &task.query, Mode::Eval)?
                     .detach();
@@ -170,7 +132,7 @@ pub(crate) fn run(global: &GlobalArgs, args: &ProfileArgs) -> anyhow::Result<()>
     // prediction leaves these out, so they are reported apart and not measured.
     let before_warm_up = current_bytes();
     {
-        let mut run = Run::build(&config)?;
+        let mut run = Profiled::build(&config)?;
         run.iteration(&config, 0)?;
     }
     crate::tensor::kernel_workspace::reserve_on_kernel_threads();
@@ -178,7 +140,7 @@ pub(crate) fn run(global: &GlobalArgs, args: &ProfileArgs) -> anyhow::Result<()>
 
     // Everything of the run itself is measured, from building the model on.
     let meter = MemoryMeter::start();
-    let mut run = Run::build(&config)?;
+    let mut run = Profiled::build(&config)?;
     let mut seconds = Vec::with_capacity(args.iterations);
     for iteration in 0..args.iterations {
         let started = Instant::now();

@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use super::choice::choice_enum;
 use super::validate::{at_least, invalid};
-use super::{Config, HessianKind, InnerMode, Method};
+use super::{Baseline, Config, HessianKind, InnerMode, LearnerSpec, Method};
 use crate::Result;
 
 choice_enum! {
@@ -52,26 +52,29 @@ choice_enum! {
 impl Variant {
     /// The variant a configuration runs.
     pub fn of(config: &Config) -> Self {
-        let ml = &config.meta_learning;
-        match ml.method {
-            Method::Maml => match ml.inner.mode {
-                InnerMode::Recompute => Self::Maml,
-                InnerMode::FullGraph => Self::MamlFullGraph,
-            },
-            Method::Fomaml => Self::Fomaml,
-            Method::Reptile => Self::Reptile,
-            Method::Melora => match config.memory_optimization.hessian_approximation.kind {
+        match LearnerSpec::of(config) {
+            LearnerSpec::Maml {
+                mode: InnerMode::Recompute,
+            } => Self::Maml,
+            LearnerSpec::Maml {
+                mode: InnerMode::FullGraph,
+            } => Self::MamlFullGraph,
+            LearnerSpec::Fomaml => Self::Fomaml,
+            LearnerSpec::Reptile => Self::Reptile,
+            LearnerSpec::Melora { hessian, .. } => match hessian {
                 HessianKind::None => Self::MeloraNone,
                 HessianKind::Diagonal => Self::MeloraDiagonal,
                 HessianKind::GaussNewton => Self::MeloraGaussNewton,
                 HessianKind::BlockDiagonal => Self::MeloraBlockDiagonal,
             },
-            Method::Metasgd => Self::Metasgd,
-            Method::Finetune => Self::Finetune,
-            Method::LoraFinetune => Self::LoraFinetune,
-            Method::NoAdaptation => Self::NoAdaptation,
-            Method::Prototype => Self::Prototype,
-            Method::PretrainFinetune => Self::PretrainFinetune,
+            LearnerSpec::MetaSgd { .. } => Self::Metasgd,
+            LearnerSpec::Baseline(baseline) => match baseline {
+                Baseline::Finetune => Self::Finetune,
+                Baseline::LoraFinetune => Self::LoraFinetune,
+                Baseline::NoAdaptation => Self::NoAdaptation,
+                Baseline::Prototype => Self::Prototype,
+                Baseline::PretrainFinetune => Self::PretrainFinetune,
+            },
         }
     }
 

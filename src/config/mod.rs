@@ -38,6 +38,7 @@ mod choice;
 mod comparison;
 mod data;
 mod evaluation;
+mod learner;
 mod load;
 mod lora;
 mod memory_optimization;
@@ -61,6 +62,7 @@ pub use comparison::{AblationConfig, ComparisonConfig, PretrainConfig, PretrainT
 pub use data::{DataConfig, DataSource, SmallClasses, SyntheticTask};
 pub use data::{MAX_EPISODE_EXAMPLES, MAX_IMAGE_SIZE};
 pub use evaluation::EvaluationConfig;
+pub use learner::{Baseline, LearnerSpec};
 pub use lora::LoraConfig;
 pub use memory_optimization::{
     BudgetLever, CheckpointPlan, CheckpointingConfig, GradientAccumulationConfig,

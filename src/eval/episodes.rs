@@ -153,7 +153,7 @@ pub fn evaluate_episodes(
             .predict(engine, &adapted, &task.query, Mode::Eval)?
             .detach();
         let loss = crate::meta::loss_value(&outputs, &task.query)
-            .map_err(|e| Error::InvalidArgument(format!("test episode {index}: {e}")))?;
+            .map_err(|e| e.context(format!("test episode {index}")))?;
         let (accuracy, f1) = if regression {
             (None, None)
         } else {

@@ -18,6 +18,11 @@ pub struct Fomaml {
 }
 
 impl MetaLearner for Fomaml {
+    fn set_micro_batch(&mut self, size: Option<usize>) -> bool {
+        self.inner.micro_batch = size;
+        true
+    }
+
     fn meta_gradient(
         &self,
         engine: &dyn GradEngine,

@@ -222,6 +222,11 @@ fn second_order(
 }
 
 impl MetaLearner for Maml {
+    fn set_micro_batch(&mut self, size: Option<usize>) -> bool {
+        self.inner.micro_batch = size;
+        true
+    }
+
     fn meta_gradient(
         &self,
         engine: &dyn GradEngine,
@@ -255,6 +260,11 @@ impl Adapter for Maml {
 }
 
 impl MetaLearner for MetaSgd {
+    fn set_micro_batch(&mut self, size: Option<usize>) -> bool {
+        self.inner.micro_batch = size;
+        true
+    }
+
     fn meta_gradient(
         &self,
         engine: &dyn GradEngine,

@@ -164,6 +164,11 @@ impl Melora {
 }
 
 impl MetaLearner for Melora {
+    fn set_micro_batch(&mut self, size: Option<usize>) -> bool {
+        self.inner.micro_batch = size;
+        true
+    }
+
     fn meta_gradient(
         &self,
         engine: &dyn GradEngine,

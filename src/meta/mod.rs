@@ -135,6 +135,15 @@ pub trait MetaLearner: Adapter {
         task: &Episode,
         mode: Mode,
     ) -> Result<TaskOutcome>;
+
+    /// Processes support and query sets `size` examples at a time from now on
+    /// (`None`: whole sets), which gives the same meta-gradient with less memory:
+    /// what a run does when a step goes above its memory budget. Returns `false` for
+    /// a learner that cannot split its batches (the default).
+    fn set_micro_batch(&mut self, size: Option<usize>) -> bool {
+        let _ = size;
+        false
+    }
 }
 
 /// The query gradient, loss and accuracy at adapted parameters `theta`.

@@ -18,6 +18,11 @@ pub struct Reptile {
 }
 
 impl MetaLearner for Reptile {
+    fn set_micro_batch(&mut self, size: Option<usize>) -> bool {
+        self.inner.micro_batch = size;
+        true
+    }
+
     fn meta_gradient(
         &self,
         engine: &dyn GradEngine,

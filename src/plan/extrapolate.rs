@@ -172,6 +172,7 @@ fn along(one: &Measured, two: &Measured, x: usize) -> Measured {
         peak: line(one.peak, two.peak),
         forward_graph: line(one.forward_graph, two.forward_graph),
         backward_extra: line(one.backward_extra, two.backward_extra),
+        gradient_graph: line(one.gradient_graph, two.gradient_graph),
     }
 }
 

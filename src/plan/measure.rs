@@ -11,10 +11,9 @@ use crate::models::FewShotModel;
 use crate::nn::Mode;
 use crate::optim::{Optimizer, OptimizerKind};
 use crate::run::build::{
-    build_adapter, build_engine, build_learner, build_model, build_model_with_layers, build_outer,
-    builtin_inputs, initial_params, is_sinusoid,
+    build_engine, build_model, build_model_with_layers, builtin_inputs, is_sinusoid,
 };
-use crate::run::{meta_step, training_mode};
+use crate::run::{meta_step, training_mode, Run};
 use crate::tensor::GradGraph;
 use crate::{Error, Result};
 
@@ -205,6 +204,9 @@ pub(crate) struct Measured {
     pub(crate) forward_graph: f64,
     /// What one first-order backward pass of it adds at its peak beyond the graph.
     pub(crate) backward_extra: f64,
+    /// Live bytes of the gradient of that graph taken with its own graph (second
+    /// order), beyond the forward graph.
+    pub(crate) gradient_graph: f64,
 }
 
 /// Which instance of a configuration to run.
@@ -231,7 +233,7 @@ pub(crate) fn measure(
     episode_batches: usize,
 ) -> Result<Measured> {
     let mut config = config.clone();
-    let meta_trains = config::Variant::of(&config).meta_trains();
+    let meta_trains = config::LearnerSpec::of(&config).meta_trains();
     config.meta_learning.meta_batch_size = instance.tasks;
     if let Some(layers) = &instance.checkpoint {
         config.memory_optimization.checkpointing.layers = Some(layers.clone());
@@ -248,8 +250,12 @@ pub(crate) fn measure(
         build_peak: meter.peak_above_baseline() as f64,
         ..Measured::default()
     };
-    let mut params = initial_params(model.as_ref(), config)?;
-    measured.trainable = level(&meter) - measured.weights;
+    let trainable_before = level(&meter);
+    let run = Run::with_model(config, model)?;
+    let (model, mut params, mut outer) = (run.model, run.params, run.outer);
+    // The learner, adapter, outer update and encoder are a few hundred bytes of
+    // structure; the parameters are what the run adds here.
+    measured.trainable = level(&meter) - trainable_before;
     let batches = if meta_trains {
         episode_batches.max(1)
     } else {
@@ -262,9 +268,7 @@ pub(crate) fn measure(
     let engine = build_engine(config, model.as_ref())?;
     let before_steps = level(&meter);
     let steps = MemoryMeter::start();
-    if meta_trains {
-        let learner = build_learner(config)?;
-        let mut outer = build_outer(config)?;
+    if let Some(learner) = &run.learner {
         let meta_batch = &tasks[..instance.tasks];
         for iteration in 0..iterations.max(1) {
             let mode = training_mode(config.seed, iteration, instance.tasks);
@@ -283,10 +287,12 @@ pub(crate) fn measure(
         }
     } else {
         params = pretrain_steps(config, inputs, model.as_ref(), params)?;
-        let adapter = build_adapter(config)?;
         let task = &tasks[0];
-        let adapted = adapter.adapt(engine.as_ref(), &params, &task.support, Mode::Eval)?;
-        adapter.predict(engine.as_ref(), &adapted, &task.query, Mode::Eval)?;
+        let adapted = run
+            .adapter
+            .adapt(engine.as_ref(), &params, &task.support, Mode::Eval)?;
+        run.adapter
+            .predict(engine.as_ref(), &adapted, &task.query, Mode::Eval)?;
     }
     measured.peak = before_steps + steps.peak_above_baseline() as f64;
     drop(steps);
@@ -308,7 +314,11 @@ pub(crate) fn measure(
     let grads = leaves.gradients(&loss, GradGraph::Detach)?;
     measured.backward_extra =
         (graph.peak_above_baseline() as f64 - measured.forward_graph).max(0.0);
-    drop((grads, loss, outputs, leaves));
+    drop(grads);
+    let before = level(&graph);
+    let kept = leaves.gradients(&loss, GradGraph::Keep)?;
+    measured.gradient_graph = (level(&graph) - before).max(0.0);
+    drop((kept, loss, outputs, leaves));
     Ok(measured)
 }
 

@@ -33,11 +33,13 @@
 //! `melora profile` does before it measures.
 //!
 //! The breakdown of the peak: frozen weights, trainable parameters, episodes and the
-//! optimiser's state are the live bytes each adds, measured; the gradients are the
-//! meta-gradients the earlier tasks of the meta-batch leave (θ's size each); of
-//! the rest, the step's graphs and buffers, what one first-order backward pass adds
-//! beyond its forward graph is counted as temporaries and the remainder as
-//! activations.
+//! optimiser's state are the live bytes each adds, measured. Of the rest, the
+//! step's graphs and buffers, what one first-order backward pass adds beyond its
+//! forward graph is counted as temporaries; what remains is split between
+//! activations (forward graphs) and gradients (the gradient graphs second-order
+//! methods keep) in the ratio of one forward graph to its gradient graph, both
+//! measured; the gradients also hold the meta-gradients the earlier tasks of the
+//! meta-batch leave (θ's size each).
 //!
 //! Planning needs the counting allocator ([`crate::memory::CountingAllocator`]) as
 //! the global allocator (the `melora` program installs it) and takes a fraction of
@@ -64,7 +66,7 @@ mod table;
 
 use serde::Serialize;
 
-use crate::config::{Config, InnerMode, Method, Variant};
+use crate::config::{Config, Method, Variant};
 use crate::memory::MemoryMeter;
 use crate::{Error, Result};
 
@@ -212,21 +214,6 @@ pub fn default_comparison(config: &Config) -> Vec<Variant> {
     ]
 }
 
-/// The method of `config` as tables show it, e.g. `maml (full graph)`.
-fn describe(config: &Config) -> String {
-    let hessian = &config.memory_optimization.hessian_approximation;
-    let label = match config.meta_learning.method {
-        Method::Maml => match config.meta_learning.inner.mode {
-            InnerMode::FullGraph => "maml (full graph)".into(),
-            InnerMode::Recompute => "maml (recompute)".into(),
-        },
-        Method::Melora => format!("melora ({})", hessian.kind),
-        Method::Metasgd => format!("metasgd ({})", config.meta_learning.inner.mode),
-        method => method.to_string(),
-    };
-    label
-}
-
 /// The predicted peak heap bytes ([`Plan::peak_bytes`]) of training with `config`
 /// (steady state: see [`PlanOptions::default`]), for every method and mode of the
 /// configuration, with or without gradient checkpointing and micro-batches; for
@@ -257,7 +244,7 @@ pub fn plan_with(config: &Config, options: &PlanOptions) -> Result<Plan> {
         ));
     }
     crate::init();
-    let method = describe(config);
+    let method = crate::config::LearnerSpec::of(config).label();
     let variant = Variant::of(config);
     let meta_trains = variant.meta_trains();
     let inputs = Inputs::of(config)?;
@@ -322,21 +309,32 @@ pub fn plan_with(config: &Config, options: &PlanOptions) -> Result<Plan> {
     } else {
         0.0
     };
-    let gradients = if meta_trains {
+    // Each earlier task of the meta-batch leaves its meta-gradient, θ's size.
+    let meta_gradients = if meta_trains {
         (tasks.saturating_sub(1)) as f64 * at.trainable
     } else {
         0.0
     };
-    let known = weights + at.trainable + at.data + optimizer + gradients;
+    let known = weights + at.trainable + at.data + optimizer + meta_gradients;
     let rest = (step_peak - known).max(0.0);
     let temporaries = rest.min(at.backward_extra);
+    // What the step's graphs hold: forward graphs and, for second-order methods,
+    // the gradient graphs taken through them, alive together in the measured ratio.
+    let graphs = rest - temporaries;
+    let gradient_share =
+        if keeps_gradient_graphs(config) && at.forward_graph + at.gradient_graph > 0.0 {
+            at.gradient_graph / (at.forward_graph + at.gradient_graph)
+        } else {
+            0.0
+        };
+    let gradients = meta_gradients + graphs * gradient_share;
     let round = |x: f64| x.max(0.0).round() as u64;
     let breakdown = PlanBreakdown {
         frozen_weights: round(weights),
         trainable: round(at.trainable),
         gradients: round(gradients),
         optimizer_state: round(optimizer),
-        activations: round(rest - temporaries),
+        activations: round(graphs * (1.0 - gradient_share)),
         data: round(at.data),
         temporaries: round(temporaries),
     };
@@ -409,6 +407,17 @@ fn query_examples(config: &Config) -> usize {
         config.data.n_query
     } else {
         config.data.n_way * config.data.n_query
+    }
+}
+
+/// Whether the method differentiates through its gradients (exact second order, or
+/// MELoRA's curvature products), so that gradient graphs are alive at its peak.
+fn keeps_gradient_graphs(config: &Config) -> bool {
+    use crate::config::{HessianKind, LearnerSpec};
+    match LearnerSpec::of(config) {
+        LearnerSpec::Maml { .. } | LearnerSpec::MetaSgd { .. } => true,
+        LearnerSpec::Melora { hessian, .. } => hessian != HessianKind::None,
+        _ => false,
     }
 }
 

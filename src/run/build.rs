@@ -4,8 +4,8 @@
 use candle_core::DType;
 
 use crate::config::{
-    self, Config, HessianKind, InnerMode, LrSchedule, Method, OuterOptimizer, Precision,
-    PretrainTune,
+    self, CheckpointPlan, Config, HessianKind, InnerMode, LearnerSpec, LrSchedule, Method,
+    OuterOptimizer, Precision, PretrainTune,
 };
 use crate::data::{EncodeText, TextTokenizer, WordHashTokenizer};
 use crate::engine::{Checkpointed, GradEngine, WholeGraph};
@@ -123,8 +123,19 @@ pub fn build_engine<'m>(
     config: &Config,
     model: &'m dyn FewShotModel,
 ) -> Result<Box<dyn GradEngine + 'm>> {
-    Ok(match config.memory_optimization.checkpointing.plan() {
-        Some(plan) => Box::new(Checkpointed::new(model, &plan)?),
+    engine_over(
+        model,
+        config.memory_optimization.checkpointing.plan().as_ref(),
+    )
+}
+
+/// Checkpointed segment sweeps over `model` with `plan`, the whole graph without.
+fn engine_over<'m>(
+    model: &'m dyn FewShotModel,
+    plan: Option<&CheckpointPlan>,
+) -> Result<Box<dyn GradEngine + 'm>> {
+    Ok(match plan {
+        Some(plan) => Box::new(Checkpointed::new(model, plan)?),
         None => Box::new(WholeGraph::new(model)),
     })
 }
@@ -205,41 +216,47 @@ fn inner_loop(config: &Config) -> InnerLoop {
 /// adapt), which is an error naming the fix.
 pub fn build_learner(config: &Config) -> Result<Box<dyn MetaLearner>> {
     let inner = inner_loop(config);
-    let mode = match config.meta_learning.inner.mode {
+    let mode = |mode: InnerMode| match mode {
         InnerMode::FullGraph => MamlMode::FullGraph,
         InnerMode::Recompute => MamlMode::Recompute,
     };
-    let hessian = &config.memory_optimization.hessian_approximation;
-    Ok(match config.meta_learning.method {
-        Method::Maml => Box::new(Maml { inner, mode }),
-        Method::Metasgd => Box::new(MetaSgd { inner, mode }),
-        Method::Fomaml => Box::new(Fomaml { inner }),
-        Method::Reptile => Box::new(Reptile { inner }),
-        Method::Melora => Box::new(Melora {
+    Ok(match LearnerSpec::of(config) {
+        LearnerSpec::Maml { mode: m } => Box::new(Maml {
             inner,
-            approximation: match hessian.kind {
+            mode: mode(m),
+        }),
+        LearnerSpec::MetaSgd { mode: m } => Box::new(MetaSgd {
+            inner,
+            mode: mode(m),
+        }),
+        LearnerSpec::Fomaml => Box::new(Fomaml { inner }),
+        LearnerSpec::Reptile => Box::new(Reptile { inner }),
+        LearnerSpec::Melora {
+            hessian,
+            probes,
+            damping,
+        } => Box::new(Melora {
+            inner,
+            approximation: match hessian {
                 HessianKind::None => HessianApproximation::None,
                 HessianKind::Diagonal => HessianApproximation::Diagonal {
-                    probes: hessian.probes,
+                    probes,
                     exact: false,
                 },
                 HessianKind::GaussNewton => HessianApproximation::GaussNewton,
                 HessianKind::BlockDiagonal => HessianApproximation::BlockDiagonal,
             },
-            damping: hessian.damping,
+            damping,
             clamp: None,
             seed: config.seed,
         }),
-        method @ (Method::Finetune
-        | Method::LoraFinetune
-        | Method::NoAdaptation
-        | Method::Prototype
-        | Method::PretrainFinetune) => {
+        LearnerSpec::Baseline(baseline) => {
+            let method = baseline.method();
             return Err(Error::InvalidArgument(format!(
                 "`{method}` is a baseline without meta-training: evaluate it with `melora \
                  evaluate --method {method}` or compare it with `melora full` \
                  (meta_learning.method)"
-            )))
+            )));
         }
     })
 }
@@ -365,6 +382,86 @@ fn loss_scaler(config: &Config) -> Result<Option<LossScaler>> {
         scaling.initial_scale,
         scaling.growth_interval,
     )?))
+}
+
+/// The objects of a run, built once from its configuration: what `train`,
+/// `evaluate`, `profile`, the memory benchmark and the planner work with.
+///
+/// ```
+/// # melora::init();
+/// use melora::config::Config;
+/// use melora::run::Run;
+///
+/// let config = Config::from_yaml_str("model:\n  name: tiny-bert\n")?;
+/// let mut run = Run::build(&config)?;
+/// let source = melora::run::build::build_sources(&config, &[melora::data::Split::Train])?.remove(0);
+/// let tasks: Vec<_> = (0..2).map(|i| source.episode(i)).collect::<Result<_, _>>()?;
+/// let engine = run.engine()?;
+/// let learner = run.learner.as_deref().expect("MAML meta-trains");
+/// let mode = melora::run::training_mode(config.seed, 0, tasks.len());
+/// let (next, stats) =
+///     melora::run::meta_step(learner, engine.as_ref(), &run.params, &tasks, &mut run.outer, mode)?;
+/// assert!(stats.query_loss.is_finite() && next.len() == run.params.len());
+/// # Ok::<(), melora::Error>(())
+/// ```
+pub struct Run {
+    /// The model (its frozen base inside).
+    pub model: Box<dyn FewShotModel>,
+    /// The parameters the run starts from.
+    pub params: ParamSet,
+    /// The meta-learner; `None` for the baselines, which only adapt.
+    pub learner: Option<Box<dyn MetaLearner>>,
+    /// What adapts to a test task: the learner's inner loop, or a baseline's.
+    pub adapter: Box<dyn Adapter>,
+    /// The outer optimiser, schedule, clipping and loss scale.
+    pub outer: OuterUpdate,
+    /// The checkpointed layers, when gradient checkpointing is on.
+    checkpoint: Option<CheckpointPlan>,
+}
+
+impl Run {
+    /// Everything `config` configures but the episodes ([`build_sources`]): the
+    /// model, its initial parameters, the learner (or the baseline's adapter) and the
+    /// outer update; the engine is checked against the model.
+    pub fn build(config: &Config) -> Result<Run> {
+        Self::with_model(config, build_model(config)?)
+    }
+
+    /// [`Run::build`] over a model built apart (the planner's smaller instances).
+    pub fn with_model(config: &Config, model: Box<dyn FewShotModel>) -> Result<Run> {
+        // A checkpointing plan the model cannot follow fails here, before any work.
+        build_engine(config, model.as_ref())?;
+        let meta_trains = LearnerSpec::of(config).meta_trains();
+        Ok(Run {
+            params: initial_params(model.as_ref(), config)?,
+            learner: meta_trains.then(|| build_learner(config)).transpose()?,
+            adapter: build_adapter(config)?,
+            outer: build_outer(config)?,
+            checkpoint: config.memory_optimization.checkpointing.plan(),
+            model,
+        })
+    }
+
+    /// The gradient engine over the model: checkpointed segments or the whole graph.
+    pub fn engine(&self) -> Result<Box<dyn GradEngine + '_>> {
+        engine_over(self.model.as_ref(), self.checkpoint.as_ref())
+    }
+}
+
+/// The episodes of each of `splits` as a run draws them, texts tokenised by the
+/// model's encoder ([`build_text_encoder`]).
+pub fn build_sources(
+    config: &Config,
+    splits: &[crate::data::Split],
+) -> Result<Vec<std::sync::Arc<dyn crate::data::EpisodeSource>>> {
+    let encoder = build_text_encoder(config)?;
+    crate::data::episode_sources(
+        &config.data,
+        config.seed,
+        splits,
+        encoder.as_ref(),
+        &candle_core::Device::Cpu,
+    )
 }
 
 #[cfg(test)]

@@ -11,5 +11,6 @@ pub mod build;
 mod outer;
 mod step;
 
+pub use build::Run;
 pub use outer::{average, clip_global_norm, OuterUpdate};
 pub use step::{meta_step, training_mode, StepStats};

@@ -9,17 +9,15 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use candle_core::Device;
-
 use std::time::Instant;
 
 use crate::config::{Config, Variant};
-use crate::data::{episode_sources, EpisodeSource, Prefetcher, Split};
+use crate::data::{Episode, EpisodeSource, Prefetcher, Split};
 use crate::engine::GradEngine;
 use crate::eval::evaluate_episodes;
 use crate::memory::MemoryMeter;
 use crate::memory::{format_bytes, BudgetGuard};
-use crate::meta::Adapter;
+use crate::meta::{Adapter, MetaLearner};
 use crate::models::FewShotModel;
 use crate::optim::LossScaler;
 use crate::tensor::ParamSet;
@@ -27,10 +25,8 @@ use crate::track::{Resume, RunEnd, RunTracker, TrackerOptions};
 use crate::Result;
 
 use super::checkpoint::{load_checkpoint, save_checkpoint, CheckpointState};
-use crate::run::build::{
-    build_engine, build_learner, build_model, build_outer, build_text_encoder,
-};
-use crate::run::{meta_step, training_mode, OuterUpdate, StepStats};
+use crate::run::build::{build_engine, build_learner, build_sources};
+use crate::run::{meta_step, training_mode, OuterUpdate, Run, StepStats};
 
 /// What the progress callback sees after each iteration.
 #[derive(Debug, Clone)]
@@ -165,59 +161,41 @@ pub fn run_name(config: &Config) -> String {
         .unwrap_or_else(|| format!("{}-seed{}", Variant::of(config), config.seed))
 }
 
-/// Meta-trains the configured learner.
+/// Meta-trains the configured learner: for each iteration a [`Trainer::step`] on
+/// the next meta-batch, a [`Trainer::validate`] every `evaluation.eval_every`
+/// iterations, and [`Trainer::save`] of the best and last checkpoints.
 pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainSummary> {
     crate::init();
     let meter = MemoryMeter::start();
-    let model = build_model(config)?;
-    let engine = build_engine(config, model.as_ref())?;
-    let mut learner = build_learner(config)?;
-    let encoder = build_text_encoder(config)?;
-    let mut outer = build_outer(config)?;
-    let mut params = crate::run::build::initial_params(model.as_ref(), config)?;
-    let (mut start, mut best, mut stale) = (0usize, None, 0usize);
-    let mut resume = None;
-    if let Some(dir) = &options.resume {
-        let checkpoint = load_checkpoint(dir, &params)?;
-        params = checkpoint.params;
-        outer
-            .optimizer
-            .restore(checkpoint.state.optimizer_steps, checkpoint.moments);
-        start = checkpoint.state.iteration;
-        best = checkpoint.state.best_val_score;
-        stale = checkpoint.state.validations_since_best;
-        if checkpoint.state.loss_scaler.is_some() && outer.loss_scale.is_some() {
-            outer.loss_scale = checkpoint.state.loss_scaler;
-        }
-        if start > config.meta_learning.num_iterations {
-            return Err(crate::Error::Config {
-                key: "meta_learning.num_iterations".into(),
-                message: format!(
-                    "the checkpoint {} has completed {start} iterations, more than the {} of \
-                     this run; raise num_iterations (--num-iterations) to continue it",
-                    dir.display(),
-                    config.meta_learning.num_iterations
-                ),
-            });
-        }
-        // The records continue from the checkpoint: what a crashed run logged after
-        // it is dropped, and its MLflow run goes on.
-        resume = Some(Resume {
-            step: start as u64,
-            mlflow_run_id: checkpoint.state.mlflow_run_id,
-        });
-    }
-    let run_dir = run_dir(config);
+    let run = Run::build(config)?;
+    let Some(learner) = run.learner else {
+        // Run::build gives baselines no learner; build_learner says why.
+        return Err(build_learner(config)
+            .err()
+            .expect("a baseline has no learner"));
+    };
+    let engine = build_engine(config, run.model.as_ref())?;
+    let mut trainer = Trainer {
+        config,
+        engine,
+        learner,
+        outer: run.outer,
+        params: run.params,
+        best: None,
+        stale: 0,
+        micro_batch: config.memory_optimization.gradient_accumulation.micro_batch,
+        guard: None,
+        run_dir: run_dir(config),
+        config_yaml: config.to_yaml_string()?,
+        mlflow_run_id: None,
+    };
+    let (start, resume) = match &options.resume {
+        Some(dir) => trainer.resume_from(dir)?,
+        None => (0, None),
+    };
+    let run_dir = trainer.run_dir.clone();
     std::fs::create_dir_all(&run_dir).map_err(|e| crate::Error::io(&run_dir, e))?;
-    let config_yaml = config.to_yaml_string()?;
-    let device = Device::Cpu;
-    let mut sources = episode_sources(
-        &config.data,
-        config.seed,
-        &[Split::Train, Split::Val],
-        encoder.as_ref(),
-        &device,
-    )?;
+    let mut sources = build_sources(config, &[Split::Train, Split::Val])?;
     let (train_source, val_source) = (sources.remove(0), sources.remove(0));
     let train_classes = train_source.class_names();
     let meta_batch = config.meta_learning.meta_batch_size;
@@ -234,7 +212,7 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainSummary> {
     let mut prefetcher = Prefetcher::new(train_source, first_episode, meta_batch, 2)?;
     // The budget holds for the run from building the model on (model, data and
     // steps), which is what the planner predicts.
-    let guard = config
+    trainer.guard = config
         .memory_optimization
         .budget
         .limit_bytes()?
@@ -245,7 +223,7 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainSummary> {
         &config.tracking.output_dir,
         &config.tracking.experiment_name,
         &run_name(config),
-        &config_yaml,
+        &trainer.config_yaml,
         &tracked_params(config),
         TrackerOptions {
             tensorboard: config.tracking.tensorboard,
@@ -253,29 +231,12 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainSummary> {
             resume,
         },
     )?;
-    let mlflow_run_id = tracker.mlflow_run_id().map(str::to_owned);
-    let state =
-        |iteration: usize, outer: &OuterUpdate, best: Option<f64>, stale: usize| CheckpointState {
-            iteration,
-            optimizer_steps: outer.optimizer.steps(),
-            best_val_score: best,
-            validations_since_best: stale,
-            model: config
-                .model
-                .path
-                .as_ref()
-                .map_or(config.model.name.clone(), |p| p.display().to_string()),
-            lora_rank: config.lora.rank,
-            n_way: config.data.n_way,
-            config: config_yaml.clone(),
-            loss_scaler: outer.loss_scale.clone(),
-            mlflow_run_id: mlflow_run_id.clone(),
-        };
+    trainer.mlflow_run_id = tracker.mlflow_run_id().map(str::to_owned);
     let mut summary = TrainSummary {
         run_dir: run_dir.clone(),
         iterations: start,
-        params: params.clone(),
-        best_val_score: best,
+        params: trainer.params.clone(),
+        best_val_score: trainer.best,
         history: Vec::new(),
         validations: Vec::new(),
         interrupted: false,
@@ -285,7 +246,6 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainSummary> {
         train_classes,
     };
     let mut times = Vec::new();
-    let mut micro_batch = config.memory_optimization.gradient_accumulation.micro_batch;
     let outcome = (|| -> Result<()> {
         for iteration in start..total {
             let stop_requested = options
@@ -297,102 +257,27 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainSummary> {
                     .is_some_and(|m| iteration - start >= m);
             if stop_requested {
                 summary.interrupted = true;
-                save_checkpoint(
-                    &run_dir.join("last"),
-                    &params,
-                    &outer.optimizer,
-                    &state(iteration, &outer, best, stale),
-                )?;
+                trainer.save("last", iteration)?;
                 break;
             }
             let started = Instant::now();
             let tasks = prefetcher.next_batch()?;
-            let dropout = training_mode(config.seed, iteration, meta_batch);
-            let mut reduced_micro_batch = None;
-            let (next, stats) = loop {
-                if let Some(guard) = &guard {
-                    guard.clear();
-                }
-                match meta_step(
-                    learner.as_ref(),
-                    engine.as_ref(),
-                    &params,
-                    &tasks,
-                    &mut outer,
-                    dropout,
-                ) {
-                    Err(crate::Error::OverBudget { budget }) => {
-                        // Nothing changed yet: redo the step with half the micro-batch, which
-                        // accumulates to the same gradient.
-                        let half = halved_micro_batch(micro_batch, &tasks).ok_or_else(|| {
-                            crate::Error::MemoryBudget(format!(
-                                "iteration {}: a meta-step needs more than the budget of {} even \
-                             with micro-batches of 1 example; raise --memory-budget, or enable \
-                             memory_optimization.checkpointing or precision: bf16",
-                                iteration + 1,
-                                format_bytes(budget)
-                            ))
-                        })?;
-                        micro_batch = Some(half);
-                        let mut smaller = config.clone();
-                        smaller
-                            .memory_optimization
-                            .gradient_accumulation
-                            .micro_batch = Some(half);
-                        learner = build_learner(&smaller)?;
-                        reduced_micro_batch = Some(half);
-                    }
-                    outcome => {
-                        break outcome.map_err(|e| {
-                            crate::Error::InvalidArgument(format!(
-                                "iteration {}: {e}",
-                                iteration + 1
-                            ))
-                        })?
-                    }
-                }
-            };
+            let (stats, reduced_micro_batch) = trainer
+                .step(iteration, &tasks)
+                .map_err(|e| e.context(format!("iteration {}", iteration + 1)))?;
             let seconds = started.elapsed().as_secs_f64();
             times.push(seconds);
-            params = next;
             summary.iterations = iteration + 1;
-            let mut metrics = vec![
-                ("train/query_loss", stats.query_loss),
-                ("train/support_loss", stats.support_loss),
-                ("train/grad_norm", stats.grad_norm),
-                ("train/seconds", seconds),
-            ];
-            if !stats.regression {
-                metrics.push(("train/query_accuracy", stats.query_accuracy));
-            }
-            if let Some(scale) = stats.loss_scale {
-                // f16: the scale this step ran under, and whether it overflowed (skipped).
-                metrics.push(("train/loss_scale", scale));
-                metrics.push(("train/skipped", f64::from(u8::from(stats.skipped))));
-            }
+            let mut metrics = step_metrics(&stats, seconds);
             let validate =
                 (iteration + 1) % config.evaluation.eval_every == 0 || iteration + 1 == total;
             let (mut validation, mut new_best) = (None, false);
             if validate {
-                let score = validation_score(
-                    learner.as_ref(),
-                    engine.as_ref(),
-                    &params,
-                    val_source.as_ref(),
-                    config.evaluation.val_episodes,
-                    // f16: adaptation's backward passes need the loss scale too.
-                    outer.loss_scale.as_ref().map(LossScaler::scale),
-                )?;
+                let (score, best) = trainer.validate(val_source.as_ref())?;
                 validation = Some(score);
                 metrics.push(("val/score", score));
                 summary.validations.push((iteration + 1, score));
-                new_best = best.is_none_or(|b| score > b);
-                if new_best {
-                    best = Some(score);
-                    stale = 0;
-                } else {
-                    stale += 1;
-                }
+                new_best = best;
             }
             if crate::memory::is_installed() {
                 metrics.push(("memory/peak_bytes", meter.peak_above_baseline() as f64));
@@ -405,20 +290,10 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainSummary> {
             // and logs again, rather than checkpointed but never logged.
             tracker.log((iteration + 1) as u64, &metrics)?;
             if new_best {
-                save_checkpoint(
-                    &run_dir.join("best"),
-                    &params,
-                    &outer.optimizer,
-                    &state(iteration + 1, &outer, best, stale),
-                )?;
+                trainer.save("best", iteration + 1)?;
             }
             if validate {
-                save_checkpoint(
-                    &run_dir.join("last"),
-                    &params,
-                    &outer.optimizer,
-                    &state(iteration + 1, &outer, best, stale),
-                )?;
+                trainer.save("last", iteration + 1)?;
             }
             if let Some(report) = &options.on_iteration {
                 report(&IterationReport {
@@ -426,7 +301,7 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainSummary> {
                     total,
                     stats: &stats,
                     validation,
-                    best,
+                    best: trainer.best,
                     seconds,
                     reduced_micro_batch,
                 });
@@ -435,7 +310,7 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainSummary> {
             if config
                 .evaluation
                 .early_stopping_patience
-                .is_some_and(|patience| stale >= patience)
+                .is_some_and(|patience| trainer.stale >= patience)
             {
                 summary.stopped_early = true;
                 break;
@@ -456,11 +331,180 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainSummary> {
     }
     outcome?;
     finished?;
-    summary.params = params;
-    summary.best_val_score = best;
+    summary.params = trainer.params;
+    summary.best_val_score = trainer.best;
     summary.seconds_per_iteration = crate::eval::stats::median(&times);
     summary.peak_bytes = crate::memory::is_installed().then(|| meter.peak_above_baseline() as u64);
     Ok(summary)
+}
+
+/// What an iteration logs of its step.
+fn step_metrics(stats: &StepStats, seconds: f64) -> Vec<(&'static str, f64)> {
+    let mut metrics = vec![
+        ("train/query_loss", stats.query_loss),
+        ("train/support_loss", stats.support_loss),
+        ("train/grad_norm", stats.grad_norm),
+        ("train/seconds", seconds),
+    ];
+    if !stats.regression {
+        metrics.push(("train/query_accuracy", stats.query_accuracy));
+    }
+    if let Some(scale) = stats.loss_scale {
+        // f16: the scale this step ran under, and whether it overflowed (skipped).
+        metrics.push(("train/loss_scale", scale));
+        metrics.push(("train/skipped", f64::from(u8::from(stats.skipped))));
+    }
+    metrics
+}
+
+/// The state of a training run between iterations, and what it does each one.
+struct Trainer<'a> {
+    config: &'a Config,
+    engine: Box<dyn GradEngine + 'a>,
+    learner: Box<dyn MetaLearner>,
+    outer: OuterUpdate,
+    params: ParamSet,
+    /// The best validation score so far, and validations since it.
+    best: Option<f64>,
+    stale: usize,
+    /// The micro-batch in use (halved when a step goes above the budget).
+    micro_batch: Option<usize>,
+    guard: Option<BudgetGuard>,
+    run_dir: PathBuf,
+    config_yaml: String,
+    mlflow_run_id: Option<String>,
+}
+
+impl Trainer<'_> {
+    /// Restores parameters, optimiser and progress from the checkpoint `dir`: the
+    /// iteration to continue from, and where the records continue.
+    fn resume_from(&mut self, dir: &Path) -> Result<(usize, Option<Resume>)> {
+        let checkpoint = load_checkpoint(dir, &self.params)?;
+        self.params = checkpoint.params;
+        self.outer
+            .optimizer
+            .restore(checkpoint.state.optimizer_steps, checkpoint.moments);
+        let start = checkpoint.state.iteration;
+        self.best = checkpoint.state.best_val_score;
+        self.stale = checkpoint.state.validations_since_best;
+        if checkpoint.state.loss_scaler.is_some() && self.outer.loss_scale.is_some() {
+            self.outer.loss_scale = checkpoint.state.loss_scaler;
+        }
+        let total = self.config.meta_learning.num_iterations;
+        if start > total {
+            return Err(crate::Error::Config {
+                key: "meta_learning.num_iterations".into(),
+                message: format!(
+                    "the checkpoint {} has completed {start} iterations, more than the {total} \
+                     of this run; raise num_iterations (--num-iterations) to continue it",
+                    dir.display(),
+                ),
+            });
+        }
+        // The records continue from the checkpoint: what a crashed run logged after
+        // it is dropped, and its MLflow run goes on.
+        let resume = Resume {
+            step: start as u64,
+            mlflow_run_id: checkpoint.state.mlflow_run_id,
+        };
+        Ok((start, Some(resume)))
+    }
+
+    /// One meta-step on `tasks`, moving the parameters. A step that goes above the
+    /// memory budget is redone with half the micro-batch (nothing changed before it
+    /// was abandoned), which stays in use; that micro-batch is returned.
+    fn step(&mut self, iteration: usize, tasks: &[Episode]) -> Result<(StepStats, Option<usize>)> {
+        let dropout = training_mode(
+            self.config.seed,
+            iteration,
+            self.config.meta_learning.meta_batch_size,
+        );
+        let mut reduced = None;
+        loop {
+            if let Some(guard) = &self.guard {
+                guard.clear();
+            }
+            let outcome = meta_step(
+                self.learner.as_ref(),
+                self.engine.as_ref(),
+                &self.params,
+                tasks,
+                &mut self.outer,
+                dropout,
+            );
+            match outcome {
+                Err(crate::Error::OverBudget { budget }) => {
+                    let half = halved_micro_batch(self.micro_batch, tasks)
+                        .filter(|&half| self.learner.set_micro_batch(Some(half)))
+                        .ok_or_else(|| {
+                            crate::Error::MemoryBudget(format!(
+                                "a meta-step needs more than the budget of {} even with \
+                                 micro-batches of 1 example; raise --memory-budget, or enable \
+                                 memory_optimization.checkpointing or precision: bf16",
+                                format_bytes(budget)
+                            ))
+                        })?;
+                    self.micro_batch = Some(half);
+                    reduced = Some(half);
+                }
+                outcome => {
+                    let (next, stats) = outcome?;
+                    self.params = next;
+                    return Ok((stats, reduced));
+                }
+            }
+        }
+    }
+
+    /// The validation score of the current parameters, and whether it is the best
+    /// so far.
+    fn validate(&mut self, source: &dyn EpisodeSource) -> Result<(f64, bool)> {
+        let score = validation_score(
+            self.learner.as_ref(),
+            self.engine.as_ref(),
+            &self.params,
+            source,
+            self.config.evaluation.val_episodes,
+            // f16: adaptation's backward passes need the loss scale too.
+            self.outer.loss_scale.as_ref().map(LossScaler::scale),
+        )?;
+        let best = self.best.is_none_or(|b| score > b);
+        if best {
+            self.best = Some(score);
+            self.stale = 0;
+        } else {
+            self.stale += 1;
+        }
+        Ok((score, best))
+    }
+
+    /// Writes the checkpoint `name` (`best` or `last`) of the run after `iteration`
+    /// iterations.
+    fn save(&self, name: &str, iteration: usize) -> Result<()> {
+        let config = self.config;
+        let state = CheckpointState {
+            iteration,
+            optimizer_steps: self.outer.optimizer.steps(),
+            best_val_score: self.best,
+            validations_since_best: self.stale,
+            model: config
+                .model
+                .path
+                .as_ref()
+                .map_or(config.model.name.clone(), |p| p.display().to_string()),
+            lora_rank: config.lora.rank,
+            n_way: config.data.n_way,
+            config: self.config_yaml.clone(),
+            loss_scaler: self.outer.loss_scale.clone(),
+            mlflow_run_id: self.mlflow_run_id.clone(),
+        };
+        save_checkpoint(
+            &self.run_dir.join(name),
+            &self.params,
+            &self.outer.optimizer,
+            &state,
+        )
+    }
 }
 
 /// The settings a tracker records as a run's parameters (MLflow `params`).
@@ -497,6 +541,7 @@ pub fn params_from(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::run::build::build_model;
 
     fn tiny_config(output: &Path) -> Config {
         let yaml = "seed: 3\nmodel:\n  name: tiny-bert\n  max_length: 16\nlora:\n  rank: 2\n\

@@ -5,14 +5,12 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Config, Variant};
+use crate::config::Config;
 use crate::data::{EpisodeSource, Prefetcher, SyntheticText};
 use crate::memory::{current_bytes, is_installed, MemoryMeter, ProcessMemory};
 use crate::nn::Mode;
-use crate::run::build::{
-    build_adapter, build_engine, build_learner, build_model, build_outer, initial_params,
-};
-use crate::run::{meta_step, training_mode};
+use crate::run::build::build_engine;
+use crate::run::{meta_step, training_mode, Run};
 use crate::{Error, Result};
 
 /// What [`measure`] found.
@@ -66,81 +64,57 @@ pub fn measure(config: &Config, iterations: usize) -> Result<Measurement> {
     crate::init();
     crate::tensor::ensure_second_order()?;
     let before_model = current_bytes();
-    let model = build_model(config)?;
-    let engine = build_engine(config, model.as_ref())?;
-    let mut params = initial_params(model.as_ref(), config)?;
+    let run = Run::build(config)?;
     let model_bytes = current_bytes().saturating_sub(before_model) as u64;
-    if Variant::of(config).is_baseline() {
-        return measure_adaptation(config, engine.as_ref(), &params, iterations, model_bytes);
-    }
-    let learner = build_learner(config)?;
-    let mut outer = build_outer(config)?;
+    let engine = build_engine(config, run.model.as_ref())?;
+    let (mut params, mut outer) = (run.params, run.outer);
+    let Some(learner) = run.learner else {
+        // A baseline is not meta-trained: its iterations adapt to test tasks.
+        let source = tasks(config);
+        return timed(iterations, model_bytes, |index| {
+            let task = source.episode(index as u64)?;
+            let adapted = run
+                .adapter
+                .adapt(engine.as_ref(), &params, &task.support, Mode::Eval)?;
+            run.adapter
+                .predict(engine.as_ref(), &adapted, &task.query, Mode::Eval)?;
+            Ok(())
+        });
+    };
     let meta_batch = config.meta_learning.meta_batch_size;
     let mut prefetcher = Prefetcher::new(Arc::new(tasks(config)), 0, meta_batch, 2)?;
     let seed = config.seed;
-    let mut step = |iteration: usize, params: &crate::tensor::ParamSet| {
+    timed(iterations, model_bytes, |iteration| {
         let tasks = prefetcher.next_batch()?;
         let dropout = training_mode(seed, iteration, meta_batch);
-        meta_step(
+        params = meta_step(
             learner.as_ref(),
             engine.as_ref(),
-            params,
+            &params,
             &tasks,
             &mut outer,
             dropout,
         )
-        .map(|(next, _)| next)
-        .map_err(|e| Error::InvalidArgument(format!("meta-iteration {}: {e}", iteration + 1)))
-    };
-    // The warm-up sets up what a process sets up once (thread pools, kernel
-    // workspaces) and the optimiser state.
-    params = step(0, &params)?;
-    let meter = MemoryMeter::start();
-    let mut seconds = Vec::with_capacity(iterations);
-    for iteration in 1..=iterations {
-        let started = Instant::now();
-        params = step(iteration, &params)?;
-        seconds.push(started.elapsed().as_secs_f64());
-    }
-    let (peak, baseline) = (meter.peak_bytes() as u64, meter.baseline_bytes() as u64);
-    drop(meter);
-    drop(params);
-    let installed = is_installed();
-    Ok(Measurement {
-        peak_bytes: installed.then_some(peak),
-        baseline_bytes: installed.then_some(baseline),
-        model_bytes: installed.then_some(model_bytes),
-        rss_bytes: ProcessMemory::read().ok().map(|m| m.peak_rss_bytes),
-        seconds_per_iter: median(&seconds),
-        seconds,
-        kernel_threads: candle_core::utils::get_num_threads(),
+        .map_err(|e| e.context(format!("meta-iteration {}", iteration + 1)))?
+        .0;
+        Ok(())
     })
 }
 
-/// A baseline's point: one warm-up adaptation, then `iterations` timed ones, each
-/// adapting to the support set of a new task and predicting its query (what the
-/// baseline does per test task; it is not meta-trained).
-fn measure_adaptation(
-    config: &Config,
-    engine: &dyn crate::engine::GradEngine,
-    params: &crate::tensor::ParamSet,
+/// Runs `iteration(0)` as a warm-up — it sets up what a process sets up once
+/// (thread pools, kernel workspaces) and the optimiser state — then times
+/// `iteration(1..=iterations)` under a [`MemoryMeter`].
+fn timed(
     iterations: usize,
     model_bytes: u64,
+    mut iteration: impl FnMut(usize) -> Result<()>,
 ) -> Result<Measurement> {
-    let adapter = build_adapter(config)?;
-    let source = tasks(config);
-    let adapt = |index: u64| -> Result<()> {
-        let task = source.episode(index)?;
-        let adapted = adapter.adapt(engine, params, &task.support, Mode::Eval)?;
-        adapter.predict(engine, &adapted, &task.query, Mode::Eval)?;
-        Ok(())
-    };
-    adapt(0)?;
+    iteration(0)?;
     let meter = MemoryMeter::start();
     let mut seconds = Vec::with_capacity(iterations);
     for index in 1..=iterations {
         let started = Instant::now();
-        adapt(index as u64)?;
+        iteration(index)?;
         seconds.push(started.elapsed().as_secs_f64());
     }
     let (peak, baseline) = (meter.peak_bytes() as u64, meter.baseline_bytes() as u64);

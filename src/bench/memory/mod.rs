@@ -89,11 +89,7 @@ pub fn mode_of(variant: Variant) -> Option<String> {
 
 /// A variant as tables and plots show it: `maml (full graph)`, `melora (diagonal)`.
 pub fn label(variant: Variant) -> String {
-    let method = method_of(variant);
-    match mode_of(variant) {
-        Some(mode) => format!("{method} ({})", mode.replace('_', " ")),
-        None => method.to_string(),
-    }
+    crate::config::LearnerSpec::of(&variant.apply(&Config::default())).label()
 }
 
 /// One configuration of the grid.
