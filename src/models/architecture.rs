@@ -42,6 +42,16 @@ impl Architecture {
         })
     }
 
+    /// The architecture of the configured transformer: `model.path`'s
+    /// `config.json`, or the built-in `model.name`; `None` for the dense built-in
+    /// models (Conv4, MLP).
+    pub fn from_config(config: &crate::config::Config) -> Result<Option<Self>> {
+        match &config.model.path {
+            Some(dir) => Self::from_directory(dir).map(Some),
+            None => Ok(Self::builtin(&config.model.name)),
+        }
+    }
+
     /// The architecture a model folder's `config.json` describes.
     pub fn from_directory(dir: &Path) -> Result<Self> {
         let file = ConfigJson::in_dir(dir)?;

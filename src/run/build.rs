@@ -68,20 +68,11 @@ pub fn build_model(config: &Config) -> Result<Box<dyn FewShotModel>> {
     with_selective_recompute(config, model)
 }
 
-/// The configured transformer's architecture (built-in or `model.path`'s
-/// `config.json`); `None` for the dense built-in models (Conv4, MLP).
-pub fn architecture(config: &Config) -> Result<Option<Architecture>> {
-    match &config.model.path {
-        Some(dir) => Architecture::from_directory(dir).map(Some),
-        None => Ok(Architecture::builtin(&config.model.name)),
-    }
-}
-
 /// [`build_model`] with the configured transformer cut to its first `layers` layers
 /// and random frozen weights (of the same dtypes and storage): what the memory
 /// planner measures. Dense models are built as configured.
 pub fn build_model_with_layers(config: &Config, layers: usize) -> Result<Box<dyn FewShotModel>> {
-    let Some(architecture) = architecture(config)? else {
+    let Some(architecture) = Architecture::from_config(config)? else {
         return build_model(config);
     };
     let model = architecture.with_layers(layers).build_random(

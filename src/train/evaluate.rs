@@ -13,9 +13,8 @@ use crate::tensor::ParamSet;
 use crate::Result;
 
 use super::run::params_from;
-use crate::run::build::{
-    build_adapter, build_engine, build_finetune, build_model, build_text_encoder,
-};
+use crate::run::build::{build_finetune, build_text_encoder};
+use crate::run::Run;
 
 /// What to evaluate.
 #[derive(Debug, Clone, Default)]
@@ -50,20 +49,19 @@ pub fn evaluate(
 ) -> Result<Evaluation> {
     crate::init();
     let meter = MemoryMeter::start();
-    let model = build_model(config)?;
-    let adapter = if options.finetune_start {
-        build_finetune(config)
-    } else {
-        build_adapter(config)?
-    };
+    let mut run = Run::build(config)?;
+    if options.finetune_start {
+        run.adapter = build_finetune(config);
+    }
+    let model = run.model.as_ref();
     let encoder = build_text_encoder(config)?;
     let params = match (&options.params, &options.checkpoint) {
         (Some(params), _) => params.clone(),
         // The baseline's own start: supervised pre-training on the meta-train classes.
         (None, None) if config.meta_learning.method == Method::PretrainFinetune => {
-            super::pretrain(config, model.as_ref())?.params
+            super::pretrain(config, model)?.params
         }
-        (None, checkpoint) => params_from(model.as_ref(), config, checkpoint.as_deref())?,
+        (None, checkpoint) => params_from(model, config, checkpoint.as_deref())?,
     };
     let source = episode_source(
         &config.data,
@@ -72,9 +70,9 @@ pub fn evaluate(
         encoder.as_ref(),
         &Device::Cpu,
     )?;
-    let engine = build_engine(config, model.as_ref())?;
+    let engine = run.engine()?;
     let mut evaluation = evaluate_episodes(
-        adapter.as_ref(),
+        run.adapter.as_ref(),
         engine.as_ref(),
         &params,
         source.as_ref(),

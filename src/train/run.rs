@@ -161,9 +161,9 @@ pub fn run_name(config: &Config) -> String {
         .unwrap_or_else(|| format!("{}-seed{}", Variant::of(config), config.seed))
 }
 
-/// Meta-trains the configured learner: for each iteration a [`Trainer::step`] on
-/// the next meta-batch, a [`Trainer::validate`] every `evaluation.eval_every`
-/// iterations, and [`Trainer::save`] of the best and last checkpoints.
+/// Meta-trains the configured learner: for each iteration a meta-step on the next
+/// meta-batch, a validation every `evaluation.eval_every` iterations, and the best
+/// and last checkpoints saved.
 pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainSummary> {
     crate::init();
     let meter = MemoryMeter::start();
