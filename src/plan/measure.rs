@@ -194,8 +194,7 @@ pub(crate) struct Measured {
     pub(crate) trainable: f64,
     /// The episodes held (every meta-batch the prefetcher would hold).
     pub(crate) data: f64,
-    /// What the meta-steps leave alive besides the new parameters: the outer
-    /// optimiser's state.
+    /// The outer optimiser's state after the first step (its moments' bytes).
     pub(crate) optimizer: f64,
     /// The peak of the meta-steps (or of a baseline's adaptation), everything above
     /// included.
@@ -282,7 +281,10 @@ pub(crate) fn measure(
             )?
             .0;
             if iteration == 0 {
-                measured.optimizer = level(&steps).max(0.0);
+                measured.optimizer = outer
+                    .optimizer
+                    .moments()
+                    .map_or(0.0, |(m, v)| (m.size_in_bytes() + v.size_in_bytes()) as f64);
             }
         }
     } else {
@@ -353,4 +355,24 @@ fn pretrain_steps(
         params = optimizer.step(&params, &grads, 1e-3)?;
     }
     Ok(params)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Synthetic text is planned at the sequence length it is generated with: at most
+    /// `model.max_length`, at most the generator's 32.
+    #[test]
+    fn synthetic_text_is_planned_at_the_model_max_length() {
+        for (max_length, planned) in [(8, 8), (16, 16), (32, 32), (64, 32)] {
+            let mut c = Config::default();
+            c.model.max_length = max_length;
+            assert_eq!(
+                Inputs::of(&c).unwrap().sequence_length(),
+                Some(planned),
+                "max_length {max_length}"
+            );
+        }
+    }
 }

@@ -458,6 +458,3 @@ pub fn compare_with(
         .map(|v| plan_with(&v.apply(config), options))
         .collect()
 }
-
-#[cfg(test)]
-mod tests;
