@@ -293,11 +293,11 @@ fn predictions_come_from_the_planner_where_it_models_the_configuration() {
 
 #[test]
 fn predictions_leave_out_loading_which_the_measurement_starts_after() {
-    // The default MiniLM-shaped model in bf16 with checkpointing under FOMAML: drawing
-    // its random weights in f64 peaks above the meta-steps, which the benchmark
-    // measures only after a warm-up.
+    // The default MiniLM-shaped model in bf16 with checkpointing under FOMAML, on
+    // one-example tasks of 8 tokens: drawing its random weights in f64 peaks far
+    // above the meta-steps, which the benchmark measures only after a warm-up.
     let base = bench_config(&BenchModel::Builtin(DEFAULT_MODEL.into()));
-    let config = row_config(
+    let mut config = row_config(
         &base,
         &GridPoint {
             variant: Variant::Fomaml,
@@ -306,6 +306,10 @@ fn predictions_leave_out_loading_which_the_measurement_starts_after() {
             precision: Precision::Bf16,
         },
     );
+    config.data.k_shot = 1;
+    config.data.n_query = 1;
+    config.model.max_length = 8;
+    config.meta_learning.meta_batch_size = 1;
     let plan = crate::plan::plan(&config).unwrap();
     assert!(
         plan.load_peak_bytes > plan.step_peak_bytes(),
@@ -314,7 +318,11 @@ fn predictions_leave_out_loading_which_the_measurement_starts_after() {
         plan.step_peak_bytes()
     );
     assert_eq!(plan.peak_bytes, plan.load_peak_bytes);
-    assert_eq!(predicted_bytes(&config).unwrap(), plan.step_peak_bytes());
+    // A second plan measures again: the same to the bookkeeping of other tests'
+    // threads, which allocate beside it in this process.
+    let again = predicted_bytes(&config).unwrap() as f64;
+    let gap = (again - plan.step_peak_bytes() as f64).abs() / again;
+    assert!(gap < 0.05, "{again} vs {}", plan.step_peak_bytes());
 }
 
 #[test]
