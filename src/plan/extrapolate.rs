@@ -2,7 +2,7 @@
 //! to run, and the lines (in layers, in tasks) and the segment model (with
 //! gradient checkpointing) through their measurements.
 
-use crate::config::Config;
+use crate::config::{CheckpointPlan, Config};
 use crate::Result;
 
 use super::measure::{Instance, Measured};
@@ -33,10 +33,14 @@ pub(crate) struct Corner {
 /// The configured sizes the measurements are extrapolated to.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Target {
-    /// Layers of the model, when extrapolated: more than two, more than four with
-    /// checkpointing.
+    /// Layers of the model, when extrapolated: more than two (without
+    /// checkpointing), more than two segments (checkpointing every n layers), more
+    /// than four (checkpointing chosen layers).
     layers: Option<usize>,
-    /// With checkpointing of more than two layers: the number of stored segment
+    /// Layers per step of the layer axis: n when checkpointing every n layers (the
+    /// instances have one and two whole segments), 1 otherwise.
+    stride: usize,
+    /// With checkpointing of chosen layers: the number of stored segment
     /// boundaries and the most layers one segment recomputes.
     segments: Option<(usize, usize)>,
     /// Tasks per meta-batch.
@@ -62,14 +66,23 @@ impl Target {
     /// model) and `tasks` tasks per meta-batch.
     pub(crate) fn of(config: &Config, layers: Option<usize>, tasks: usize) -> Result<Self> {
         let plan = config.memory_optimization.checkpointing.plan();
-        let measured_up_to = if plan.is_some() { 4 } else { 2 };
+        // Every n layers, the stack is whole segments of n: the peak is affine in
+        // their number, measured with one and two. Chosen layers cut it unevenly.
+        let (stride, measured_up_to) = match &plan {
+            Some(CheckpointPlan::Every(n)) => ((*n).max(1), 2 * (*n).max(1)),
+            Some(CheckpointPlan::Layers(_)) => (1, 4),
+            None => (1, 2),
+        };
         let layers = layers.filter(|&l| l > measured_up_to);
-        let segments = match (layers, plan) {
-            (Some(l), Some(plan)) => Some(segment_shape(&plan.boundaries(l)?, l)),
+        let segments = match (layers, &plan) {
+            (Some(l), Some(plan @ CheckpointPlan::Layers(_))) => {
+                Some(segment_shape(&plan.boundaries(l)?, l))
+            }
             _ => None,
         };
         Ok(Target {
             layers,
+            stride,
             segments,
             tasks,
         })
@@ -112,7 +125,7 @@ impl Target {
                 None => at(LayerPoint::Configured, task),
                 Some(layers) => {
                     let (one, two) = (at(LayerPoint::One, task), at(LayerPoint::Two, task));
-                    let mut line = along(&one, &two, layers);
+                    let mut line = along(&one, &two, layers as f64 / self.stride as f64);
                     if let Some((boundaries, longest)) = self.segments {
                         let points = [
                             one.peak,
@@ -127,7 +140,7 @@ impl Target {
             })
             .collect();
         match per_task.as_slice() {
-            [one, two] => along(one, two, self.tasks),
+            [one, two] => along(one, two, self.tasks as f64),
             [only] => *only,
             _ => unreachable!("one or two task points"),
         }
@@ -139,10 +152,11 @@ pub(crate) fn instances_of(target: &Target) -> Vec<(Corner, Instance)> {
     let mut instances = Vec::new();
     for (task, &tasks) in target.task_points().iter().enumerate() {
         for layer in target.layer_points() {
+            let stride = target.stride;
             let (layers, checkpoint) = match layer {
                 LayerPoint::Configured => (None, None),
-                LayerPoint::One => (Some(1), Some(vec![0])),
-                LayerPoint::Two => (Some(2), Some(vec![0, 1])),
+                LayerPoint::One => (Some(stride), Some(vec![0])),
+                LayerPoint::Two => (Some(2 * stride), Some(vec![0, 1])),
                 LayerPoint::TwoInOneSegment => (Some(2), Some(vec![0])),
                 LayerPoint::FourInTwoSegments => (Some(4), Some(vec![0, 2])),
             };
@@ -160,8 +174,8 @@ pub(crate) fn instances_of(target: &Target) -> Vec<(Corner, Instance)> {
 }
 
 /// The line through `one` (at 1) and `two` (at 2), at `x`, for every figure.
-fn along(one: &Measured, two: &Measured, x: usize) -> Measured {
-    let x = x as f64 - 1.0;
+fn along(one: &Measured, two: &Measured, x: f64) -> Measured {
+    let x = x - 1.0;
     let line = |a: f64, b: f64| a + x * (b - a);
     Measured {
         weights: line(one.weights, two.weights),
@@ -234,7 +248,7 @@ mod tests {
                 assert!((predicted - truth(layers as f64, s as f64, m as f64)).abs() < 1e-6);
             }
         }
-        let line = along(&measured(10.0, 1.0), &measured(13.0, 2.0), 6);
+        let line = along(&measured(10.0, 1.0), &measured(13.0, 2.0), 6.0);
         assert_eq!((line.peak, line.weights), (25.0, 6.0));
     }
 
@@ -247,11 +261,31 @@ mod tests {
         assert_eq!(instances[0].1.layers, None);
         let mut checkpointed = Config::default();
         checkpointed.memory_optimization.checkpointing.enabled = true;
+        // Every layer: one and two segments of one layer, the configured plan kept.
+        let target = Target::of(&checkpointed, Some(6), 4).unwrap();
+        let instances = instances_of(&target);
+        assert_eq!(instances.len(), 4);
+        assert_eq!(instances[0].1.layers, Some(1));
+        assert_eq!(instances[0].1.tasks, 1);
+        assert!(instances.iter().all(|(_, i)| i.checkpoint.is_none()));
+        // Every 2 layers: 2 and 4 layers; every 3 of 6: as configured.
+        checkpointed.memory_optimization.checkpointing.every = 2;
+        let target = Target::of(&checkpointed, Some(6), 2).unwrap();
+        let layers: Vec<_> = instances_of(&target)
+            .iter()
+            .map(|(_, i)| i.layers)
+            .collect();
+        assert_eq!(layers, [Some(2), Some(4)]);
+        checkpointed.memory_optimization.checkpointing.every = 3;
+        assert_eq!(
+            instances_of(&Target::of(&checkpointed, Some(6), 2).unwrap()).len(),
+            1
+        );
+        // Chosen layers: the four instances of the segment model.
+        checkpointed.memory_optimization.checkpointing.layers = Some(vec![1, 3]);
         let target = Target::of(&checkpointed, Some(6), 4).unwrap();
         let instances = instances_of(&target);
         assert_eq!(instances.len(), 8);
-        assert_eq!(instances[0].1.layers, Some(1));
-        assert_eq!(instances[0].1.tasks, 1);
         assert!(instances.iter().all(|(_, i)| i.checkpoint.is_some()));
     }
 }
