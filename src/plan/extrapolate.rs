@@ -37,9 +37,13 @@ pub(crate) struct Target {
     /// checkpointing), more than two segments (checkpointing every n layers), more
     /// than four (checkpointing chosen layers).
     layers: Option<usize>,
-    /// Layers per step of the layer axis: n when checkpointing every n layers (the
-    /// instances have one and two whole segments), 1 otherwise.
+    /// Layers per step of the layer axis: n when checkpointing every n layers, 1
+    /// otherwise.
     stride: usize,
+    /// Steps of the layer axis in the smaller instance (the larger has one more):
+    /// 2 when checkpointing every n layers (a stack of one segment is also its last,
+    /// which runs with the head's graph), 1 otherwise.
+    first: usize,
     /// With checkpointing of chosen layers: the number of stored segment
     /// boundaries and the most layers one segment recomputes.
     segments: Option<(usize, usize)>,
@@ -68,10 +72,10 @@ impl Target {
         let plan = config.memory_optimization.checkpointing.plan();
         // Every n layers, the stack is whole segments of n: the peak is affine in
         // their number, measured with one and two. Chosen layers cut it unevenly.
-        let (stride, measured_up_to) = match &plan {
-            Some(CheckpointPlan::Every(n)) => ((*n).max(1), 2 * (*n).max(1)),
-            Some(CheckpointPlan::Layers(_)) => (1, 4),
-            None => (1, 2),
+        let (stride, first, measured_up_to) = match &plan {
+            Some(CheckpointPlan::Every(n)) => ((*n).max(1), 2, 3 * (*n).max(1)),
+            Some(CheckpointPlan::Layers(_)) => (1, 1, 4),
+            None => (1, 1, 2),
         };
         let layers = layers.filter(|&l| l > measured_up_to);
         let segments = match (layers, &plan) {
@@ -83,6 +87,7 @@ impl Target {
         Ok(Target {
             layers,
             stride,
+            first,
             segments,
             tasks,
         })
@@ -125,7 +130,9 @@ impl Target {
                 None => at(LayerPoint::Configured, task),
                 Some(layers) => {
                     let (one, two) = (at(LayerPoint::One, task), at(LayerPoint::Two, task));
-                    let mut line = along(&one, &two, layers as f64 / self.stride as f64);
+                    // Steps of the axis past the smaller instance's, plus one.
+                    let x = layers as f64 / self.stride as f64 - self.first as f64 + 1.0;
+                    let mut line = along(&one, &two, x);
                     if let Some((boundaries, longest)) = self.segments {
                         let points = [
                             one.peak,
@@ -152,11 +159,11 @@ pub(crate) fn instances_of(target: &Target) -> Vec<(Corner, Instance)> {
     let mut instances = Vec::new();
     for (task, &tasks) in target.task_points().iter().enumerate() {
         for layer in target.layer_points() {
-            let stride = target.stride;
+            let (stride, first) = (target.stride, target.first);
             let (layers, checkpoint) = match layer {
                 LayerPoint::Configured => (None, None),
-                LayerPoint::One => (Some(stride), Some(vec![0])),
-                LayerPoint::Two => (Some(2 * stride), Some(vec![0, 1])),
+                LayerPoint::One => (Some(first * stride), Some(vec![0])),
+                LayerPoint::Two => (Some((first + 1) * stride), Some(vec![0, 1])),
                 LayerPoint::TwoInOneSegment => (Some(2), Some(vec![0])),
                 LayerPoint::FourInTwoSegments => (Some(4), Some(vec![0, 2])),
             };
@@ -261,22 +268,21 @@ mod tests {
         assert_eq!(instances[0].1.layers, None);
         let mut checkpointed = Config::default();
         checkpointed.memory_optimization.checkpointing.enabled = true;
-        // Every layer: one and two segments of one layer, the configured plan kept.
+        // Every layer: two and three segments of one layer, the configured plan kept.
         let target = Target::of(&checkpointed, Some(6), 4).unwrap();
         let instances = instances_of(&target);
         assert_eq!(instances.len(), 4);
-        assert_eq!(instances[0].1.layers, Some(1));
+        assert_eq!(instances[0].1.layers, Some(2));
         assert_eq!(instances[0].1.tasks, 1);
         assert!(instances.iter().all(|(_, i)| i.checkpoint.is_none()));
-        // Every 2 layers: 2 and 4 layers; every 3 of 6: as configured.
+        // Every 2 layers of 8: 4 and 6 layers; every 2 of 6: as configured.
         checkpointed.memory_optimization.checkpointing.every = 2;
-        let target = Target::of(&checkpointed, Some(6), 2).unwrap();
+        let target = Target::of(&checkpointed, Some(8), 2).unwrap();
         let layers: Vec<_> = instances_of(&target)
             .iter()
             .map(|(_, i)| i.layers)
             .collect();
-        assert_eq!(layers, [Some(2), Some(4)]);
-        checkpointed.memory_optimization.checkpointing.every = 3;
+        assert_eq!(layers, [Some(4), Some(6)]);
         assert_eq!(
             instances_of(&Target::of(&checkpointed, Some(6), 2).unwrap()).len(),
             1

@@ -16,8 +16,9 @@
 //!   a run holds grows affinely in L — frozen weights, LoRA tensors, their
 //!   gradients and optimiser state, and every graph the method keeps, one layer's
 //!   worth per layer — so two points give the line. With gradient checkpointing
-//!   every n layers the instances are one and two whole segments (n and 2n
-//!   layers), and the line is in the number of segments. With checkpointing of
+//!   every n layers the instances are two and three whole segments (2n and 3n
+//!   layers: a stack of one segment is also its last, which runs with the head's
+//!   graph), and the line is in the number of segments. With checkpointing of
 //!   chosen layers, which cut the stack unevenly, a model of more than 4 layers is
 //!   measured with 1 layer, 2 in two segments, 2 in one and 4 in two of two, which
 //!   separates what every layer costs, what a stored segment boundary costs and
@@ -28,7 +29,7 @@
 //!   in B.
 //!
 //! Both cuts combine bilinearly (at most 4 instances, 8 with chosen checkpointed
-//! layers; a model of at most 2 layers, or 2 segments, or 4 layers with chosen
+//! layers; a model of at most 2 layers, or 3 segments, or 4 layers with chosen
 //! ones, and at most 2 tasks is measured as configured). The model
 //! itself is also built once at its full size (from its folder, for `model.path`),
 //! which gives the frozen weights and the loading peak exactly. A warm-up instance
