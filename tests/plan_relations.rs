@@ -280,3 +280,27 @@ fn a_plan_adds_up() {
     // Two layers and two tasks: measured as configured.
     assert_eq!(plan(&text("tiny-bert", 8)).unwrap().instances, 1);
 }
+
+/// MiniLM-shaped weights drawn in f64 peak above the meta-steps of one-example
+/// tasks in bf16 with checkpointing: the plan's peak is then loading's, and its
+/// step peak (what `bench memory`, measuring after a warm-up, is compared with)
+/// leaves it out.
+#[test]
+fn loading_can_peak_above_the_meta_steps() {
+    let _serial = serial();
+    let mut c = text("minilm-shaped", 8);
+    c.meta_learning.method = melora::config::Method::Fomaml;
+    c.memory_optimization.precision = melora::config::Precision::Bf16;
+    c.memory_optimization.checkpointing.enabled = true;
+    c.data.k_shot = 1;
+    c.data.n_query = 1;
+    c.meta_learning.meta_batch_size = 1;
+    let p = plan(&c).unwrap();
+    assert!(
+        p.load_peak_bytes > p.step_peak_bytes(),
+        "loading {} vs steps {}",
+        p.load_peak_bytes,
+        p.step_peak_bytes()
+    );
+    assert_eq!(p.peak_bytes, p.load_peak_bytes);
+}

@@ -294,11 +294,11 @@ fn predictions_come_from_the_planner_where_it_models_the_configuration() {
 
 #[test]
 fn predictions_leave_out_loading_which_the_measurement_starts_after() {
-    // The default MiniLM-shaped model in bf16 with checkpointing under FOMAML, on
-    // one-example tasks of 8 tokens: drawing its random weights in f64 peaks far
-    // above the meta-steps, which the benchmark measures only after a warm-up.
-    let base = bench_config(&BenchModel::Builtin(DEFAULT_MODEL.into()));
-    let mut config = row_config(
+    // The benchmark measures after a warm-up, so its prediction is the meta-steps'
+    // peak without loading (which `tests/plan_relations.rs` shows peaking above
+    // them, one plan at a time: here other tests allocate beside the planner).
+    let base = bench_config(&BenchModel::Builtin("tiny-bert".into()));
+    let config = row_config(
         &base,
         &GridPoint {
             variant: Variant::Fomaml,
@@ -307,21 +307,12 @@ fn predictions_leave_out_loading_which_the_measurement_starts_after() {
             precision: Precision::Bf16,
         },
     );
-    config.data.k_shot = 1;
-    config.data.n_query = 1;
-    config.model.max_length = 8;
-    config.meta_learning.meta_batch_size = 1;
     let plan = crate::plan::plan(&config).unwrap();
-    assert!(
-        plan.load_peak_bytes > plan.step_peak_bytes(),
-        "loading {} vs steps {}",
-        plan.load_peak_bytes,
-        plan.step_peak_bytes()
+    assert_eq!(
+        plan.peak_bytes,
+        plan.load_peak_bytes.max(plan.step_peak_bytes())
     );
-    assert_eq!(plan.peak_bytes, plan.load_peak_bytes);
-    // The benchmark's prediction is the plan's without loading (measured again, so
-    // only its presence is checked: other tests allocate beside it).
-    assert!(predicted_bytes(&config).is_ok());
+    assert!(predicted_bytes(&config).unwrap() > 0);
 }
 
 #[test]
