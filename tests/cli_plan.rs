@@ -109,7 +109,7 @@ fn plan_takes_methods_a_budget_and_json() {
     for row in [
         "| maml (recompute) |",
         "| finetune |",
-        "| melora (block_diagonal) |",
+        "| melora (block diagonal) |",
     ] {
         assert!(stdout.contains(row), "no row `{row}` in:\n{stdout}");
     }
@@ -221,7 +221,7 @@ fn plan_refuses_bad_input_with_one_line() {
             "too-large.yml",
             "model:\n  name: tiny-t5\n  max_length: 100000000000\ndata:\n  source: jsonl\n  \
              path: texts.jsonl\n",
-            "no machine holds them",
+            "more memory than this machine has",
         ),
         (
             "no-model.yml",
