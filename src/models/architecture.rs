@@ -90,6 +90,21 @@ impl Architecture {
             })
     }
 
+    /// The longest sequence its position table covers; `None` for T5, whose
+    /// relative positions take any length (or a `config.json` without the key,
+    /// which loading the model reports).
+    pub fn max_positions(&self) -> Option<usize> {
+        let key = match self.family {
+            "bert" | "distilbert" => "max_position_embeddings",
+            "gpt2" => "n_positions",
+            _ => return None,
+        };
+        self.config
+            .get(key)
+            .and_then(serde_json::Value::as_u64)
+            .and_then(|n| usize::try_from(n).ok())
+    }
+
     /// The same architecture with `layers` layers.
     pub fn with_layers(&self, layers: usize) -> Self {
         let mut reduced = self.clone();

@@ -151,6 +151,35 @@ pub(crate) fn episode(config: &Config, inputs: Inputs, index: u64) -> Result<Epi
     )
 }
 
+/// Refuses sequences longer than the model's position table, before anything is
+/// built: the planner sizes batches at their longest, which its embedding refuses.
+pub(crate) fn check_positions(
+    config: &Config,
+    inputs: Inputs,
+    architecture: &crate::models::Architecture,
+) -> Result<()> {
+    let (Some(t), Some(positions)) = (inputs.sequence_length(), architecture.max_positions())
+    else {
+        return Ok(());
+    };
+    if t <= positions {
+        return Ok(());
+    }
+    let synthetic =
+        config.data.synthetic_only || config.data.source == crate::config::DataSource::Synthetic;
+    Err(Error::InvalidArgument(if synthetic {
+        format!(
+            "synthetic texts have up to {t} tokens, more than the model's {positions} \
+             positions; use a model with at least {t} positions"
+        )
+    } else {
+        format!(
+            "model.max_length is {t}, more than the model's {positions} positions; set it \
+             to at most {positions}"
+        )
+    }))
+}
+
 /// Refuses tasks whose episodes alone would not fit in `limit` bytes (a typo in
 /// `k_shot` must not make the planner try to allocate them).
 pub(crate) fn check_data_fits(

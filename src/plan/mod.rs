@@ -262,10 +262,13 @@ pub fn plan_with(config: &Config, options: &PlanOptions) -> Result<Plan> {
     } else {
         1
     };
+    let architecture = crate::models::Architecture::from_config(config)?;
+    if let Some(architecture) = &architecture {
+        measure::check_positions(config, inputs, architecture)?;
+    }
     if let Some(limit) = crate::memory::physical_memory_bytes() {
         measure::check_data_fits(config, inputs, tasks * episode_batches, limit)?;
     }
-    let architecture = crate::models::Architecture::from_config(config)?;
     let layers = architecture.as_ref().map(|a| a.layers()).transpose()?;
 
     // The model at its full size: frozen weights and the loading peak, exactly; and
