@@ -106,25 +106,8 @@ fn bench_data_tokenises_wordnet_with_a_given_tokenizer() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    // A tiny WordPiece tokenizer.json in BERT's layout.
-    let words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "a", "the", "of", "or"];
-    let vocab: serde_json::Map<String, serde_json::Value> = words
-        .iter()
-        .enumerate()
-        .map(|(i, w)| (w.to_string(), i.into()))
-        .collect();
-    let json = serde_json::json!({
-        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
-        "normalizer": {"type": "BertNormalizer", "clean_text": true,
-            "handle_chinese_chars": true, "strip_accents": null, "lowercase": true},
-        "pre_tokenizer": {"type": "BertPreTokenizer"},
-        "post_processor": {"type": "BertProcessing", "sep": ["[SEP]", 3], "cls": ["[CLS]", 2]},
-        "decoder": null,
-        "model": {"type": "WordPiece", "unk_token": "[UNK]", "continuing_subword_prefix": "##",
-            "max_input_chars_per_word": 100, "vocab": vocab}
-    });
     let tokenizer = dir.path().join("tokenizer.json");
-    std::fs::write(&tokenizer, json.to_string()).unwrap();
+    common::write_wordpiece_tokenizer(&tokenizer);
     let out = dir.path().join("results");
     let output = melora(&[
         "bench",
@@ -144,5 +127,123 @@ fn bench_data_tokenises_wordnet_with_a_given_tokenizer() {
     assert_eq!(
         json["data"][1]["tokenizer"],
         tokenizer.display().to_string()
+    );
+}
+
+/// `bench speed --melora-only` on a tiny BERT folder and WordNet: the episodes file
+/// is written once and read back by a second run, every row is measured, and the
+/// table names each point.
+#[test]
+fn bench_speed_measures_melora_on_written_episodes() {
+    if !Path::new("/usr/share/wordnet/data.noun").exists() {
+        assert!(
+            std::env::var("MELORA_REQUIRE_SHARED").map_or(true, |v| v != "1"),
+            "WordNet missing (MELORA_REQUIRE_SHARED=1)"
+        );
+        eprintln!("skipped: WordNet not installed");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny-bert");
+    common::write_tiny_bert_folder(&model);
+    common::write_wordpiece_tokenizer(&model.join("tokenizer.json"));
+    let out = dir.path().join("results");
+    let args = [
+        "--output",
+        out.to_str().unwrap(),
+        "bench",
+        "speed",
+        "--model-dir",
+        model.to_str().unwrap(),
+        "--methods",
+        "fomaml,maml",
+        "--k",
+        "1",
+        "--iterations",
+        "1",
+        "--threads",
+        "1",
+        "--melora-only",
+    ];
+    let output = melora(&args);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let episodes = std::fs::read_to_string(out.join("episodes.json")).unwrap();
+    let episodes: serde_json::Value = serde_json::from_str(&episodes).unwrap();
+    assert_eq!(episodes["format"], "melora-episodes");
+    assert_eq!(episodes["meta_batches"].as_array().unwrap().len(), 2);
+    assert_eq!(episodes["meta_batches"][0].as_array().unwrap().len(), 4);
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("speed.json")).unwrap()).unwrap();
+    let rows = json["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    for row in rows {
+        let seconds = row["melora"]["Ok"]["seconds_per_iter"].as_f64().unwrap();
+        assert!(seconds > 0.0, "{row}");
+        assert!(row["melora_tokens_per_second"].as_f64().unwrap() > 0.0);
+        assert!(row["pytorch"]["Err"]
+            .as_str()
+            .unwrap()
+            .contains("--melora-only"));
+    }
+    let md = std::fs::read_to_string(out.join("speed.md")).unwrap();
+    assert!(md.contains("| maml (recompute) | 1 |"), "{md}");
+    // A second run reads the file it wrote instead of sampling again.
+    let before = std::fs::metadata(out.join("episodes.json"))
+        .unwrap()
+        .modified()
+        .unwrap();
+    let output = melora(&args);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(!stderr(&output).contains("sampling"), "{}", stderr(&output));
+    let after = std::fs::metadata(out.join("episodes.json"))
+        .unwrap()
+        .modified()
+        .unwrap();
+    assert_eq!(before, after);
+}
+
+#[test]
+fn bench_speed_refuses_bad_input_with_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny-bert");
+    common::write_tiny_bert_folder(&model);
+    let run = |extra: &[&str]| {
+        let mut args = vec!["bench", "speed"];
+        args.extend_from_slice(extra);
+        melora(&args)
+    };
+    let model = model.to_str().unwrap();
+    for (extra, needle) in [
+        (vec!["--model-dir", "/nonexistent"], "no config.json"),
+        (
+            vec!["--model-dir", model, "--methods", "metasgd"],
+            "no PyTorch counterpart",
+        ),
+        (vec!["--model-dir", model, "--k", "0"], "at least 1"),
+        (
+            vec!["--model-dir", model, "--python", "/nonexistent/python"],
+            "requirements.txt",
+        ),
+    ] {
+        let output = run(&extra);
+        let err = stderr(&output);
+        assert_eq!(output.status.code(), Some(2), "{extra:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        assert!(err.contains(needle) && !err.contains("panicked"), "{err}");
+    }
+    let bad = dir.path().join("episodes.json");
+    std::fs::write(&bad, "{}").unwrap();
+    let output = run(&[
+        "--model-dir",
+        model,
+        "--episodes",
+        bad.to_str().unwrap(),
+        "--melora-only",
+    ]);
+    let err = stderr(&output);
+    assert_eq!(output.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("episodes.json") && err.contains("not an episodes file"),
+        "{err}"
     );
 }

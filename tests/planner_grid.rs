@@ -13,6 +13,8 @@
 use std::sync::Mutex;
 
 use candle_core::{DType, Device, Tensor};
+
+mod common;
 use melora::config::{
     Config, DataSource, HessianKind, InnerMode, Method, Precision, Quantization, SyntheticTask,
     Variant,
@@ -590,60 +592,12 @@ fn folder_dir() -> std::path::PathBuf {
         .join(format!("planner-grid-bert-{}", std::process::id()))
 }
 
-/// A BERT folder (`config.json`, `model.safetensors` in f32) with tiny-bert's sizes
-/// and one tensor the model does not use (the pooler), written if missing.
+/// A BERT folder with tiny-bert's sizes (see [`common::write_tiny_bert_folder`]),
+/// written if missing.
 fn bert_folder() -> std::path::PathBuf {
     let dir = folder_dir();
     if !dir.join("model.safetensors").exists() {
-        std::fs::create_dir_all(&dir).unwrap();
-        let (h, ff, vocab, layers) = (64, 128, 1000, 2);
-        std::fs::write(
-            dir.join("config.json"),
-            format!(
-                "{{\"model_type\": \"bert\", \"vocab_size\": {vocab}, \"hidden_size\": {h}, \
-                     \"num_hidden_layers\": {layers}, \"num_attention_heads\": 4, \
-                     \"intermediate_size\": {ff}, \"max_position_embeddings\": 128}}"
-            ),
-        )
-        .unwrap();
-        let mut shapes: Vec<(String, Vec<usize>)> = vec![
-            ("embeddings.word_embeddings.weight".into(), vec![vocab, h]),
-            ("embeddings.position_embeddings.weight".into(), vec![128, h]),
-            ("embeddings.token_type_embeddings.weight".into(), vec![2, h]),
-            ("embeddings.LayerNorm.weight".into(), vec![h]),
-            ("embeddings.LayerNorm.bias".into(), vec![h]),
-            ("pooler.dense.weight".into(), vec![h, h]),
-            ("pooler.dense.bias".into(), vec![h]),
-        ];
-        for l in 0..layers {
-            let p = format!("encoder.layer.{l}");
-            for (name, n_out, n_in) in [
-                ("attention.self.query", h, h),
-                ("attention.self.key", h, h),
-                ("attention.self.value", h, h),
-                ("attention.output.dense", h, h),
-                ("intermediate.dense", ff, h),
-                ("output.dense", h, ff),
-            ] {
-                shapes.push((format!("{p}.{name}.weight"), vec![n_out, n_in]));
-                shapes.push((format!("{p}.{name}.bias"), vec![n_out]));
-            }
-            for norm in ["attention.output.LayerNorm", "output.LayerNorm"] {
-                shapes.push((format!("{p}.{norm}.weight"), vec![h]));
-                shapes.push((format!("{p}.{norm}.bias"), vec![h]));
-            }
-        }
-        let tensors: std::collections::HashMap<String, Tensor> = shapes
-            .into_iter()
-            .enumerate()
-            .map(|(k, (name, shape))| {
-                let n: usize = shape.iter().product();
-                let values: Vec<f32> = (0..n).map(|i| 0.02 * ((i * 7 + k) as f32).sin()).collect();
-                let t = Tensor::from_vec(values, shape.as_slice(), &Device::Cpu).unwrap();
-                (name, t)
-            })
-            .collect();
-        candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
+        common::write_tiny_bert_folder(&dir);
     }
     dir
 }

@@ -2,7 +2,10 @@
 //!
 //! - [`memory`]: peak memory and time of a meta-iteration for every method against the
 //!   inner steps K, gradient checkpointing and precision (`melora bench memory`).
+//! - [`speed`]: seconds per meta-iteration of melora and of PyTorch + peft on the same
+//!   episodes (`melora bench speed`).
 //! - [`machine`]: what a benchmark records about the machine it ran on, and when.
 
 pub mod machine;
 pub mod memory;
+pub mod speed;

@@ -279,6 +279,83 @@ pub(crate) enum BenchCommand {
     /// (YAML) from standard input and prints the measurement as JSON
     #[command(hide = true)]
     MemoryRow(BenchMemoryRowArgs),
+    /// Seconds per meta-iteration and peak memory of melora and of PyTorch + peft
+    /// (bench/pytorch/meta_bench.py) on the same real episodes, for each method × K,
+    /// one fresh process per point, alternating; writes speed.json and speed.md
+    Speed(BenchSpeedArgs),
+    /// One melora point of `bench speed`, measured in this process: the configuration
+    /// (YAML) on standard input, the measurement as JSON
+    #[command(hide = true)]
+    SpeedRow(BenchSpeedRowArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct BenchSpeedArgs {
+    /// The Hugging Face model folder both programs load (all-MiniLM-L6-v2:
+    /// scripts/fetch-minilm.sh)
+    #[arg(long, value_name = "DIR")]
+    pub(crate) model_dir: PathBuf,
+
+    /// The episodes both programs read; sampled from WordNet (5-way 5-shot 5-query,
+    /// 32 tokens at most, meta-batches of 4) and written there if the file does not
+    /// exist (default: episodes.json in the output folder)
+    #[arg(long, value_name = "FILE")]
+    pub(crate) episodes: Option<PathBuf>,
+
+    /// Methods: maml-full_graph, maml (recompute), fomaml, reptile, melora-diagonal,
+    /// melora-gauss_newton (both MAML modes are compared with PyTorch's MAML)
+    #[arg(
+        long,
+        value_name = "LIST",
+        value_delimiter = ',',
+        default_value = "fomaml,reptile,maml-full_graph,maml,melora-diagonal,melora-gauss_newton"
+    )]
+    pub(crate) methods: Vec<Variant>,
+
+    /// Inner-step counts K
+    #[arg(
+        long = "k",
+        value_name = "LIST",
+        value_delimiter = ',',
+        default_value = "1,2,4,8"
+    )]
+    pub(crate) ks: Vec<usize>,
+
+    /// Timed meta-iterations per point, after one warm-up (the median is reported)
+    #[arg(long, value_name = "N", default_value_t = 5)]
+    pub(crate) iterations: usize,
+
+    /// Threads of each program's kernels (default: every processor)
+    #[arg(long, value_name = "N")]
+    pub(crate) threads: Option<usize>,
+
+    /// The Python interpreter with torch, transformers and peft
+    /// (pip install -r bench/pytorch/requirements.txt)
+    #[arg(long, value_name = "PYTHON", default_value = "python3")]
+    pub(crate) python: PathBuf,
+
+    /// The PyTorch script
+    #[arg(
+        long,
+        value_name = "FILE",
+        default_value = "bench/pytorch/meta_bench.py"
+    )]
+    pub(crate) script: PathBuf,
+
+    /// Measure melora only (no PyTorch column)
+    #[arg(long)]
+    pub(crate) melora_only: bool,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct BenchSpeedRowArgs {
+    /// The episodes file
+    #[arg(long, value_name = "FILE")]
+    pub(crate) episodes: PathBuf,
+
+    /// Timed meta-iterations, after one warm-up
+    #[arg(long, value_name = "N")]
+    pub(crate) iterations: usize,
 }
 
 #[derive(Debug, Args)]

@@ -219,18 +219,31 @@ fn run_child(config: &Config, iterations: usize, threads: usize) -> Result<Measu
     let exe =
         std::env::current_exe().map_err(|e| format!("cannot find the melora executable: {e}"))?;
     let yaml = config.to_yaml_string().map_err(|e| e.to_string())?;
-    let mut child = Command::new(&exe)
+    let mut command = Command::new(&exe);
+    command
         .args(["bench", "memory-row", "--iterations"])
         .arg(iterations.to_string())
-        .env("RAYON_NUM_THREADS", threads.to_string())
+        .env("RAYON_NUM_THREADS", threads.to_string());
+    measuring_process(command, Some(&yaml))
+}
+
+/// Runs `command` in a fresh process (with `input` on its standard input) and reads
+/// the JSON value on the last line of its standard output; `Err` says why there is
+/// none: the child's last line of standard error, or how it ended.
+pub(super) fn measuring_process<T: serde::de::DeserializeOwned>(
+    mut command: Command,
+    input: Option<&str>,
+) -> Result<T, String> {
+    let program = command.get_program().to_string_lossy().to_string();
+    let mut child = command
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| format!("cannot start {}: {e}", exe.display()))?;
-    if let Some(mut stdin) = child.stdin.take() {
+        .map_err(|e| format!("cannot start {program}: {e}"))?;
+    if let (Some(mut stdin), Some(input)) = (child.stdin.take(), input) {
         // A child that fails before reading closes the pipe; its status says why.
-        let _ = stdin.write_all(yaml.as_bytes());
+        let _ = stdin.write_all(input.as_bytes());
     }
     let output = child
         .wait_with_output()

@@ -7,6 +7,7 @@ mod adapt_cmd;
 mod args;
 mod bench_cmd;
 mod bench_memory_cmd;
+mod bench_speed_cmd;
 mod check_cmd;
 mod config_cmd;
 mod full_cmd;
@@ -73,6 +74,10 @@ pub(crate) fn run() -> anyhow::Result<ExitCode> {
         }
         Command::Bench(args::BenchCommand::MemoryRow(args)) => {
             bench_memory_cmd::run_row(args).map(|()| ExitCode::SUCCESS)
+        }
+        Command::Bench(args::BenchCommand::Speed(args)) => bench_speed_cmd::run(&cli.global, args),
+        Command::Bench(args::BenchCommand::SpeedRow(args)) => {
+            bench_speed_cmd::run_row(args).map(|()| ExitCode::SUCCESS)
         }
         Command::Plan(args) => plan_cmd::run(&cli.global, args),
         Command::Profile(args) => profile_cmd::run(&cli.global, args).map(|()| ExitCode::SUCCESS),

@@ -387,7 +387,9 @@ fn loss_scaler(config: &Config) -> Result<Option<LossScaler>> {
 /// let mut run = Run::build(&config)?;
 /// let source = melora::run::build::build_sources(&config, &[melora::data::Split::Train])?.remove(0);
 /// let tasks: Vec<_> = (0..2).map(|i| source.episode(i)).collect::<Result<_, _>>()?;
-/// let engine = run.engine()?;
+/// // The engine borrows only the model, so the outer update stays free to change
+/// // (`run.engine()` is the same engine, borrowing the whole run).
+/// let engine = melora::run::build::build_engine(&config, run.model.as_ref())?;
 /// let learner = run.learner.as_deref().expect("MAML meta-trains");
 /// let mode = melora::run::training_mode(config.seed, 0, tasks.len());
 /// let (next, stats) =

@@ -181,3 +181,83 @@ pub fn mlflow_steps(path: &std::path::Path) -> Vec<u64> {
         .map(|line| line.rsplit(' ').next().unwrap().parse().unwrap())
         .collect()
 }
+
+/// Writes a BERT folder into `dir`: `config.json` and `model.safetensors` (f32,
+/// deterministic values) with tiny-bert's sizes (width 64, 2 layers, FFN 128,
+/// vocabulary 1000, 128 positions) and one tensor the model does not use (the
+/// pooler).
+pub fn write_tiny_bert_folder(dir: &std::path::Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let (h, ff, vocab, layers) = (64, 128, 1000, 2);
+    std::fs::write(
+        dir.join("config.json"),
+        format!(
+            "{{\"model_type\": \"bert\", \"vocab_size\": {vocab}, \"hidden_size\": {h}, \
+                 \"num_hidden_layers\": {layers}, \"num_attention_heads\": 4, \
+                 \"intermediate_size\": {ff}, \"max_position_embeddings\": 128}}"
+        ),
+    )
+    .unwrap();
+    let mut shapes: Vec<(String, Vec<usize>)> = vec![
+        ("embeddings.word_embeddings.weight".into(), vec![vocab, h]),
+        ("embeddings.position_embeddings.weight".into(), vec![128, h]),
+        ("embeddings.token_type_embeddings.weight".into(), vec![2, h]),
+        ("embeddings.LayerNorm.weight".into(), vec![h]),
+        ("embeddings.LayerNorm.bias".into(), vec![h]),
+        ("pooler.dense.weight".into(), vec![h, h]),
+        ("pooler.dense.bias".into(), vec![h]),
+    ];
+    for l in 0..layers {
+        let p = format!("encoder.layer.{l}");
+        for (name, n_out, n_in) in [
+            ("attention.self.query", h, h),
+            ("attention.self.key", h, h),
+            ("attention.self.value", h, h),
+            ("attention.output.dense", h, h),
+            ("intermediate.dense", ff, h),
+            ("output.dense", h, ff),
+        ] {
+            shapes.push((format!("{p}.{name}.weight"), vec![n_out, n_in]));
+            shapes.push((format!("{p}.{name}.bias"), vec![n_out]));
+        }
+        for norm in ["attention.output.LayerNorm", "output.LayerNorm"] {
+            shapes.push((format!("{p}.{norm}.weight"), vec![h]));
+            shapes.push((format!("{p}.{norm}.bias"), vec![h]));
+        }
+    }
+    let tensors: std::collections::HashMap<String, candle_core::Tensor> = shapes
+        .into_iter()
+        .enumerate()
+        .map(|(k, (name, shape))| {
+            let n: usize = shape.iter().product();
+            let values: Vec<f32> = (0..n).map(|i| 0.02 * ((i * 7 + k) as f32).sin()).collect();
+            let t =
+                candle_core::Tensor::from_vec(values, shape.as_slice(), &candle_core::Device::Cpu)
+                    .unwrap();
+            (name, t)
+        })
+        .collect();
+    candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
+}
+
+/// Writes a tiny WordPiece `tokenizer.json` in BERT's layout to `path`: `[PAD]` 0,
+/// `[UNK]` 1, `[CLS]` 2, `[SEP]` 3 and four words.
+pub fn write_wordpiece_tokenizer(path: &std::path::Path) {
+    let words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "a", "the", "of", "or"];
+    let vocab: serde_json::Map<String, serde_json::Value> = words
+        .iter()
+        .enumerate()
+        .map(|(i, w)| (w.to_string(), i.into()))
+        .collect();
+    let json = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": {"type": "BertNormalizer", "clean_text": true,
+            "handle_chinese_chars": true, "strip_accents": null, "lowercase": true},
+        "pre_tokenizer": {"type": "BertPreTokenizer"},
+        "post_processor": {"type": "BertProcessing", "sep": ["[SEP]", 3], "cls": ["[CLS]", 2]},
+        "decoder": null,
+        "model": {"type": "WordPiece", "unk_token": "[UNK]", "continuing_subword_prefix": "##",
+            "max_input_chars_per_word": 100, "vocab": vocab}
+    });
+    std::fs::write(path, json.to_string()).unwrap();
+}

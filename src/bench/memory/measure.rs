@@ -56,6 +56,16 @@ pub fn tasks(config: &Config) -> SyntheticText {
 /// Heap and resident figures are process-wide: run one point per process for figures
 /// that do not include an earlier point's.
 pub fn measure(config: &Config, iterations: usize) -> Result<Measurement> {
+    measure_on(config, iterations, Arc::new(tasks(config)))
+}
+
+/// [`measure`] on the episodes of `source`: meta-iteration i (0 the warm-up) reads
+/// its episodes i·B … i·B + B − 1.
+pub fn measure_on(
+    config: &Config,
+    iterations: usize,
+    source: Arc<dyn EpisodeSource>,
+) -> Result<Measurement> {
     if iterations == 0 {
         return Err(Error::InvalidArgument(
             "at least one timed meta-iteration is needed".into(),
@@ -70,7 +80,6 @@ pub fn measure(config: &Config, iterations: usize) -> Result<Measurement> {
     let (mut params, mut outer) = (run.params, run.outer);
     let Some(learner) = run.learner else {
         // A baseline is not meta-trained: its iterations adapt to test tasks.
-        let source = tasks(config);
         return timed(iterations, model_bytes, |index| {
             let task = source.episode(index as u64)?;
             let adapted = run
@@ -82,7 +91,7 @@ pub fn measure(config: &Config, iterations: usize) -> Result<Measurement> {
         });
     };
     let meta_batch = config.meta_learning.meta_batch_size;
-    let mut prefetcher = Prefetcher::new(Arc::new(tasks(config)), 0, meta_batch, 2)?;
+    let mut prefetcher = Prefetcher::new(source, 0, meta_batch, 2)?;
     let seed = config.seed;
     timed(iterations, model_bytes, |iteration| {
         let tasks = prefetcher.next_batch()?;
