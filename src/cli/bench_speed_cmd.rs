@@ -217,6 +217,7 @@ pub(crate) fn run(global: &GlobalArgs, args: &BenchSpeedArgs) -> anyhow::Result<
                     .map_or(String::new(), |r| format!(" ({r:.2}×)")),
             );
             bench.rows.push(row);
+            bench.machine.load_average_end = crate::bench::machine::load_average();
             bench.write(&output)?;
         }
     }

@@ -5,6 +5,7 @@ pub mod loss_scale;
 pub mod ops;
 pub mod params;
 pub mod second_order;
+pub mod subnormals;
 
 pub(crate) mod gradcheck;
 pub(crate) mod kernel_workspace;

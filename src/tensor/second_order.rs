@@ -48,6 +48,8 @@ pub fn init() {
         let worker = start_worker();
         std::env::set_var(GRAD_GRAPH_ENV, "1");
         let _ = WORKER.set(worker);
+        // After the environment is set: this starts rayon's pool.
+        super::subnormals::flush_on_compute_threads();
     });
 }
 
@@ -61,6 +63,7 @@ fn start_worker() -> Option<FirstOrderWorker> {
         .name("melora-first-order".into())
         .spawn(move || {
             super::kernel_workspace::reserve_on_this_thread();
+            super::subnormals::flush_on_this_thread();
             let detaches = probe_detaches().unwrap_or(false);
             ON_FIRST_ORDER_WORKER.with(|w| w.set(detaches));
             let _ = ready.send(detaches);
