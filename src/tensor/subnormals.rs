@@ -95,6 +95,8 @@ mod tests {
         // `init` ran on whichever test thread came first; this one is set here.
         flush_on_this_thread();
         assert!(thread_flushes());
-        assert!(rayon::broadcast(|_| thread_flushes()).into_iter().all(|f| f));
+        assert!(rayon::broadcast(|_| thread_flushes())
+            .into_iter()
+            .all(|f| f));
     }
 }
