@@ -293,12 +293,19 @@ fn signal(_status: &std::process::ExitStatus) -> String {
 /// `melora bench memory-row`: the configuration (YAML) from standard input, measured
 /// in this process; the measurement as one line of JSON.
 pub(crate) fn run_row(args: &BenchMemoryRowArgs) -> anyhow::Result<()> {
+    let config = config_from_stdin()?;
+    let measurement = measure(&config, args.iterations)?;
+    write_stdout(&format!("{}\n", serde_json::to_string(&measurement)?))
+}
+
+/// The validated configuration (YAML) a measuring child reads from its standard
+/// input (see [`measuring_process`]).
+pub(super) fn config_from_stdin() -> anyhow::Result<Config> {
     let mut yaml = String::new();
     std::io::stdin()
         .read_to_string(&mut yaml)
         .map_err(|e| anyhow::anyhow!("cannot read the configuration from standard input: {e}"))?;
     let config = Config::from_yaml_str(&yaml).map_err(UserError::Config)?;
     config.validate().map_err(UserError::Config)?;
-    let measurement = measure(&config, args.iterations)?;
-    write_stdout(&format!("{}\n", serde_json::to_string(&measurement)?))
+    Ok(config)
 }

@@ -3,12 +3,11 @@
 //! [`crate::bench::speed`]). Results are rewritten after every point, so an
 //! interrupted benchmark keeps what it measured.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
 use super::args::{BenchSpeedArgs, BenchSpeedRowArgs, GlobalArgs};
-use super::bench_memory_cmd::measuring_process;
+use super::bench_memory_cmd::{config_from_stdin, measuring_process};
 use super::{write_stdout, UserError};
 use crate::bench::memory::{bench_config, label, row_config, BenchModel, GridPoint, Measurement};
 use crate::bench::speed::{pytorch_method, EpisodeFile, PytorchPoint, SpeedBench, SpeedRow};
@@ -294,12 +293,7 @@ fn run_pytorch(
 /// `melora bench speed-row`: the configuration (YAML) from standard input, measured
 /// in this process on the episodes file; the measurement as one line of JSON.
 pub(crate) fn run_row(args: &BenchSpeedRowArgs) -> anyhow::Result<()> {
-    let mut yaml = String::new();
-    std::io::stdin()
-        .read_to_string(&mut yaml)
-        .map_err(|e| anyhow::anyhow!("cannot read the configuration from standard input: {e}"))?;
-    let config = Config::from_yaml_str(&yaml).map_err(UserError::Config)?;
-    config.validate().map_err(UserError::Config)?;
+    let config = config_from_stdin()?;
     let file = EpisodeFile::read(&args.episodes)?;
     let measurement = crate::bench::memory::measure_on(&config, args.iterations, file.source()?)?;
     write_stdout(&format!("{}\n", serde_json::to_string(&measurement)?))
