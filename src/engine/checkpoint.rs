@@ -363,7 +363,7 @@ impl<'a> Checkpointed<'a> {
     ) -> Result<Tensor> {
         let mut h = match input {
             Some(h) if k > 0 => h.clone(),
-            _ => self.stack.embed(params, batch, mode)?,
+            _ => context.pack(&self.stack.embed(params, batch, mode)?)?,
         };
         for l in self.segments[k].layers.clone() {
             h = self.stack.layer(l, &h, context, params, mode)?;
@@ -449,7 +449,7 @@ impl<'a> Checkpointed<'a> {
         };
         let (loss, logits, a) = {
             let h = self.run(last, input.as_ref(), &leaves, batch, &context, mode)?;
-            let logits = tail_logits(self.stack, &h, &leaves, batch)?;
+            let logits = tail_logits(self.stack, &h, &context, &leaves, batch)?;
             let loss = self.loss.value(&logits, batch)?;
             let store = first_order_backward(&loss)?;
             total.add(&store, &leaves)?;
@@ -657,7 +657,7 @@ impl<'a> Checkpointed<'a> {
         // The tail: a = ∂L/∂h_L and ȧ = R{a}, with the head's shares.
         let last = leaf(outputs.last().expect("at least one segment"))?;
         let (mut a, mut a_dot) = {
-            let logits = tail_logits(self.stack, &last, leaves, batch)?;
+            let logits = tail_logits(self.stack, &last, context, leaves, batch)?;
             let store = backward_keep(&self.loss.value(&logits, batch)?)?;
             if let Some(gradient) = gradient.as_deref_mut() {
                 gradient.add(&store, leaves)?;
@@ -763,7 +763,7 @@ impl<'a> Checkpointed<'a> {
         let mut total = Accumulator::new(&leaves);
         let last = leaf(outputs.last().expect("at least one segment"))?;
         let a = {
-            let logits = tail_logits(self.stack, &last, &leaves, batch)?;
+            let logits = tail_logits(self.stack, &last, &context, &leaves, batch)?;
             // ż = J·(ḣ_L, v) by the double-backward trick at the tail.
             let u = Var::zeros(logits.shape(), logits.dtype(), logits.device())?.into_inner();
             let store = backward_keep(&inner(&logits, &u)?)?;

@@ -158,8 +158,8 @@ impl SelfAttention {
         }
     }
 
-    /// The block on hidden states `x` `[b, t, width]`, with the stack's key mask and
-    /// score bias. Returns `[b, t, width]`.
+    /// The block on hidden states `x` `[b, t, width]` (or the packed `[1, n, width]`),
+    /// with the stack's key mask and score bias. Returns `x`'s layout.
     ///
     /// With `recompute` (selective recomputation) the attention core is one op whose
     /// graph keeps `q`, `k`, `v` and the result: the head-split copies, scores and
@@ -172,14 +172,15 @@ impl SelfAttention {
         mode: Mode,
         recompute: bool,
     ) -> Result<Tensor> {
+        // Projections on the (possibly packed) rows; the core on the padded layout.
         let (q, k, v) = match &self.projections {
             Projections::Separate { query, key, value } => (
-                query.forward(x, params, mode)?,
-                key.forward(x, params, mode)?,
-                value.forward(x, params, mode)?,
+                context.unpack(&query.forward(x, params, mode)?)?,
+                context.unpack(&key.forward(x, params, mode)?)?,
+                context.unpack(&value.forward(x, params, mode)?)?,
             ),
             Projections::Fused(qkv) => {
-                let qkv = qkv.forward(x, params, mode)?;
+                let qkv = context.unpack(&qkv.forward(x, params, mode)?)?;
                 let width = qkv.dim(2)? / 3;
                 (
                     qkv.narrow(2, 0, width)?,
@@ -206,16 +207,14 @@ impl SelfAttention {
         } else {
             core.forward(&q, &k, &v)?
         };
-        self.output.forward(&attention, params, mode)
+        self.output
+            .forward(&context.pack(&attention)?, params, mode)
     }
 }
 
 /// The context of an encoder's stack: padded keys masked, no score bias.
 pub(crate) fn padding_context(batch: &Batch) -> Result<StackContext> {
-    Ok(StackContext {
-        keep: padding_keep(&batch.tokens()?.attention_mask)?,
-        bias: None,
-    })
+    StackContext::new(batch, padding_keep(&batch.tokens()?.attention_mask)?, None)
 }
 
 /// Refuses a config whose heads (`heads`, a key and its value) do not divide the

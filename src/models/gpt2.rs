@@ -174,10 +174,7 @@ impl Gpt2 {
 impl TransformerClassifier for Gpt2 {
     fn stack_context(&self, batch: &Batch, _params: &ParamSet) -> Result<StackContext> {
         let mask = &batch.tokens()?.attention_mask;
-        Ok(StackContext {
-            keep: causal_keep(mask, mask.device())?,
-            bias: None,
-        })
+        StackContext::new(batch, causal_keep(mask, mask.device())?, None)
     }
 
     fn embed(&self, params: &ParamSet, batch: &Batch, _mode: Mode) -> Result<Tensor> {

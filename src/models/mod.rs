@@ -19,6 +19,7 @@ mod head;
 mod layers;
 pub mod load;
 pub mod mlp;
+mod packing;
 pub mod post_ln;
 mod precision;
 pub mod t5;
@@ -36,6 +37,7 @@ use crate::data::Batch;
 use crate::nn::{AdapterConfig, LoraInit, LoraLinear, LoraSpec, Mode};
 use crate::tensor::{ops, ParamSet};
 use crate::{Error, Result};
+use packing::TokenPacking;
 
 /// A model that adapts to a few-shot task through its trainable parameters.
 ///
@@ -201,6 +203,47 @@ pub struct StackContext {
     pub(crate) keep: Tensor,
     /// Added to the attention scores of every layer (`[1, h, t, t]`), if any.
     pub(crate) bias: Option<Tensor>,
+    /// Where the real tokens are, when the batch has padding: the layers then see
+    /// hidden states `[1, n, width]` of the `n` real tokens (see `packing`).
+    packing: Option<TokenPacking>,
+}
+
+impl StackContext {
+    /// The context of `batch` with attention mask `keep` and score bias `bias`; its
+    /// padding, if any, is packed away.
+    pub(crate) fn new(batch: &Batch, keep: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        Ok(Self {
+            keep,
+            bias,
+            packing: TokenPacking::of_mask(&batch.tokens()?.attention_mask)?,
+        })
+    }
+
+    /// The embedding's output `[b, t, width]` as the layers take it (packed when the
+    /// batch has padding).
+    pub(crate) fn pack(&self, h: &Tensor) -> Result<Tensor> {
+        match &self.packing {
+            Some(packing) => packing.pack(h),
+            None => Ok(h.clone()),
+        }
+    }
+
+    /// This context computing every position, padding included (no packing).
+    pub(crate) fn padded(self) -> Self {
+        Self {
+            packing: None,
+            ..self
+        }
+    }
+
+    /// Hidden states as the layers hold them, in the padded layout `[b, t, width]`
+    /// (for attention and pooling).
+    pub(crate) fn unpack(&self, h: &Tensor) -> Result<Tensor> {
+        match &self.packing {
+            Some(packing) => packing.unpack(h),
+            None => Ok(h.clone()),
+        }
+    }
 }
 
 /// A transformer family: its hidden states and LoRA layers. Every implementor is a
@@ -215,11 +258,14 @@ pub trait TransformerClassifier {
     /// The batch's constants for [`layer`](Self::layer) (T5's relative-position bias
     /// is read from `params` when full fine-tuning trains it).
     fn stack_context(&self, batch: &Batch, params: &ParamSet) -> Result<StackContext>;
-    /// The embedding segment: hidden states `[b, t, width]` entering layer 0.
+    /// The embedding: hidden states `[b, t, width]`, padding included. The
+    /// embedding segment is this packed by the context ([`StackContext::pack`]).
     fn embed(&self, params: &ParamSet, batch: &Batch, mode: Mode) -> Result<Tensor>;
     /// Number of layers.
     fn num_layers(&self) -> usize;
-    /// Layer `index` (0-based) applied to hidden states `h` `[b, t, width]`.
+    /// Layer `index` (0-based) applied to hidden states `h`, `[b, t, width]` or, when
+    /// the context packs the batch, `[1, n, width]` (everything but attention is
+    /// row-wise; attention unpacks through the context).
     fn layer(
         &self,
         index: usize,
@@ -233,14 +279,12 @@ pub trait TransformerClassifier {
     fn finish(&self, h: &Tensor, _params: &ParamSet) -> Result<Tensor> {
         Ok(h.clone())
     }
-    /// Final hidden states `[b, t, width]` at `params`: embedding, every layer, finish.
+    /// Final hidden states `[b, t, width]` at `params`: embedding, every layer,
+    /// finish, computed at every position, padding included (as Hugging Face does;
+    /// pooling and training skip the padding instead).
     fn encode(&self, params: &ParamSet, batch: &Batch, mode: Mode) -> Result<Tensor> {
-        let context = self.stack_context(batch, params)?;
-        let mut h = self.embed(params, batch, mode)?;
-        for index in 0..self.num_layers() {
-            h = self.layer(index, &h, &context, params, mode)?;
-        }
-        self.finish(&h, params)
+        let context = self.stack_context(batch, params)?.padded();
+        run_stack(self, &context, params, batch, mode)
     }
     /// The frozen tensors of the base model that are not linear layers' (embeddings,
     /// position bias, norms) under their Hugging Face names, dense.
@@ -277,6 +321,22 @@ pub(crate) fn layer_at<L>(layers: &[L], index: usize) -> Result<&L> {
     })
 }
 
+/// Final hidden states `[b, t, width]` through embedding, layers and finish, packed
+/// in between as `context` says (padding positions then hold no meaningful state).
+fn run_stack<M: TransformerClassifier + ?Sized>(
+    model: &M,
+    context: &StackContext,
+    params: &ParamSet,
+    batch: &Batch,
+    mode: Mode,
+) -> Result<Tensor> {
+    let mut h = context.pack(&model.embed(params, batch, mode)?)?;
+    for index in 0..model.num_layers() {
+        h = model.layer(index, &h, context, params, mode)?;
+    }
+    context.unpack(&model.finish(&h, params)?)
+}
+
 /// Pooled features `[b, width]` of final hidden states, by the family's pooling.
 fn pool(model: &dyn TransformerClassifier, hidden: &Tensor, batch: &Batch) -> Result<Tensor> {
     // Mixed precision: pooling, head and loss in the trainable dtype (f32), so the
@@ -295,10 +355,12 @@ fn pool(model: &dyn TransformerClassifier, hidden: &Tensor, batch: &Batch) -> Re
 pub(crate) fn tail_logits(
     model: &dyn TransformerClassifier,
     last: &Tensor,
+    context: &StackContext,
     params: &ParamSet,
     batch: &Batch,
 ) -> Result<Tensor> {
-    let features = pool(model, &model.finish(last, params)?, batch)?;
+    let hidden = context.unpack(&model.finish(last, params)?)?;
+    let features = pool(model, &hidden, batch)?;
     model.parts().head.forward(&features, params)
 }
 
@@ -315,7 +377,12 @@ impl<T: TransformerClassifier> FewShotModel for T {
     }
 
     fn features(&self, params: &ParamSet, batch: &Batch, mode: Mode) -> Result<Tensor> {
-        pool(self, &self.encode(params, batch, mode)?, batch)
+        let context = self.stack_context(batch, params)?;
+        pool(
+            self,
+            &run_stack(self, &context, params, batch, mode)?,
+            batch,
+        )
     }
 
     fn logits(&self, params: &ParamSet, batch: &Batch, mode: Mode) -> Result<Tensor> {

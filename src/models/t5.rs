@@ -295,10 +295,8 @@ impl TransformerClassifier for T5Encoder {
     fn stack_context(&self, batch: &Batch, params: &ParamSet) -> Result<StackContext> {
         let mask = &batch.tokens()?.attention_mask;
         let (_, t) = mask.dims2()?;
-        Ok(StackContext {
-            keep: padding_keep(mask)?,
-            bias: Some(self.position_bias(t, mask.device(), params)?),
-        })
+        let bias = self.position_bias(t, mask.device(), params)?;
+        StackContext::new(batch, padding_keep(mask)?, Some(bias))
     }
 
     fn embed(&self, params: &ParamSet, batch: &Batch, _mode: Mode) -> Result<Tensor> {
