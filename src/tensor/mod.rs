@@ -1,6 +1,7 @@
 //! Tensors: second-order-safe operations ([`ops`]), named parameter sets
 //! ([`ParamSet`]) and the switch that keeps gradients differentiable.
 
+pub(crate) mod freed_buffers;
 pub mod loss_scale;
 pub mod ops;
 pub mod params;

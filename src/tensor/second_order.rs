@@ -50,6 +50,7 @@ pub fn init() {
         let _ = WORKER.set(worker);
         // After the environment is set: this starts rayon's pool.
         super::subnormals::flush_on_compute_threads();
+        super::freed_buffers::keep_freed_buffers();
     });
 }
 
