@@ -19,6 +19,7 @@ mod activation;
 mod conv;
 mod dropout;
 mod embedding;
+mod fast_math;
 mod frozen_linear;
 mod fused_norm;
 mod fused_softmax;

@@ -83,6 +83,62 @@ impl Pointwise {
     }
 }
 
+impl Pointwise {
+    /// [`derivative`](Self::derivative) in f32 arithmetic, from `fast_math`'s `exp`,
+    /// `erf` and `tanh`: what f32, bf16 and f16 tensors use (f64 tensors keep the f64
+    /// formulas).
+    #[inline(always)]
+    pub(crate) fn derivative_f32(self, order: u8, x: f32) -> f32 {
+        use super::fast_math::{erf, exp};
+        match self {
+            Pointwise::GeluErf => {
+                let phi = exp(-0.5 * x * x) * 0.398_942_3;
+                match order {
+                    0 => 0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2)),
+                    1 => 0.5 * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2)) + x * phi,
+                    2 => phi * (2.0 - x * x),
+                    _ => phi * (x * x * x - 4.0 * x),
+                }
+            }
+            Pointwise::GeluTanh => {
+                let (c, a) = (GELU_TANH_C as f32, GELU_TANH_A as f32);
+                let u = c * (x + a * x * x * x);
+                let (u1, u2, u3) = (c * (1.0 + 3.0 * a * x * x), 6.0 * a * c * x, 6.0 * a * c);
+                // 1 ± tanh(u) = 2σ(±2u): f32 would cancel 1 + tanh(u) to zero for
+                // very negative u, where GELU and its slope are small but not zero.
+                let plus = 2.0 / (1.0 + exp(-2.0 * u));
+                let minus = 2.0 / (1.0 + exp(2.0 * u));
+                let (t, sech2) = (plus - 1.0, plus * minus);
+                let t1 = sech2 * u1;
+                let t2 = -2.0 * t * t1 * u1 + sech2 * u2;
+                let t3 = -2.0 * t1 * t1 * u1 - 2.0 * t * t2 * u1 - 4.0 * t * t1 * u2 + sech2 * u3;
+                match order {
+                    0 => 0.5 * x * plus,
+                    1 => 0.5 * plus + 0.5 * x * t1,
+                    2 => t1 + 0.5 * x * t2,
+                    _ => 1.5 * t2 + 0.5 * x * t3,
+                }
+            }
+            Pointwise::Sigmoid | Pointwise::Silu => {
+                let s = 1.0 / (1.0 + exp(-x));
+                let d1 = s * (1.0 - s);
+                let d2 = d1 * (1.0 - 2.0 * s);
+                let d3 = d2 * (1.0 - 2.0 * s) - 2.0 * d1 * d1;
+                match (self, order) {
+                    (Pointwise::Sigmoid, 0) => s,
+                    (Pointwise::Sigmoid, 1) => d1,
+                    (Pointwise::Sigmoid, 2) => d2,
+                    (Pointwise::Sigmoid, _) => d3,
+                    (_, 0) => x * s,
+                    (_, 1) => s + x * d1,
+                    (_, 2) => 2.0 * d1 + x * d2,
+                    _ => 3.0 * d2 + x * d3,
+                }
+            }
+        }
+    }
+}
+
 /// One derivative order of one function, as a candle op.
 struct PointwiseOp {
     function: Pointwise,
@@ -105,7 +161,12 @@ impl CustomOp1 for PointwiseOp {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let (f, k) = (self.function, self.order);
-        let out = super::rows::map_elements(storage, layout, |x| f.derivative(k, x))?;
+        let out = super::rows::map_elements(
+            storage,
+            layout,
+            |x| f.derivative(k, x),
+            |x| f.derivative_f32(k, x),
+        )?;
         Ok((out, layout.shape().clone()))
     }
 
@@ -162,6 +223,34 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    /// The f32 formulas (what f32, bf16 and f16 tensors get) track the f64 ones to
+    /// f32 precision at every order.
+    #[test]
+    fn f32_formulas_track_f64() {
+        for f in [
+            Pointwise::GeluErf,
+            Pointwise::GeluTanh,
+            Pointwise::Sigmoid,
+            Pointwise::Silu,
+        ] {
+            for order in 0..=MAX_ORDER {
+                let scale = (0..=2000)
+                    .map(|i| f.derivative(order, -10.0 + i as f64 / 100.0).abs())
+                    .fold(1.0f64, f64::max);
+                for i in 0..=2000 {
+                    let x = -10.0 + i as f32 / 100.0;
+                    let exact = f.derivative(order, x as f64);
+                    let got = f.derivative_f32(order, x) as f64;
+                    assert!(
+                        (got - exact).abs() <= 1e-6 * scale.max(exact.abs() * 10.0),
+                        "{f:?} order {order} at {x}: f32 {got}, f64 {exact}"
+                    );
+                }
+            }
+            assert!(f.derivative_f32(0, f32::NAN).is_nan(), "{f:?}");
         }
     }
 

@@ -80,43 +80,59 @@ pub(crate) fn map_rows(
     })
 }
 
-/// Applies `f` to every element of a contiguous float tensor, in parallel, in f64.
+/// Elements per parallel chunk of [`map_elements`]: long enough for SIMD loops and
+/// to amortise a task, short enough to share between threads.
+const ELEMENT_CHUNK: usize = 1 << 13;
+
+/// `out[i] = f(to(input[i]))` converted back by `from`, in parallel chunks.
+fn map_chunks<T: Copy + Send + Sync, U: Copy + Send + Sync>(
+    input: &[T],
+    to: impl Fn(T) -> U + Sync,
+    from: impl Fn(U) -> T + Sync,
+    f: &(impl Fn(U) -> U + Sync),
+) -> Vec<T> {
+    let run = |(dst, src): (&mut [T], &[T])| {
+        for (d, &v) in dst.iter_mut().zip(src) {
+            *d = from(f(to(v)));
+        }
+    };
+    let mut out = input.to_vec();
+    if input.len() < PARALLEL_THRESHOLD {
+        run((&mut out, input));
+    } else {
+        out.par_chunks_mut(ELEMENT_CHUNK)
+            .zip(input.par_chunks(ELEMENT_CHUNK))
+            .for_each(run);
+    }
+    out
+}
+
+/// Applies a function to every element of a contiguous float tensor, in parallel:
+/// `f64` to f64 tensors, `f32` to f32, bf16 and f16 ones (computed in f32, so that it
+/// can be straight-line SIMD arithmetic; see `fast_math`).
 pub(crate) fn map_elements(
     storage: &CpuStorage,
     layout: &Layout,
-    f: impl Fn(f64) -> f64 + Sync,
+    f64: impl Fn(f64) -> f64 + Sync,
+    f32: impl Fn(f32) -> f32 + Sync,
 ) -> Result<CpuStorage> {
-    fn typed<T: Copy + Send + Sync>(
-        input: &[T],
-        to: fn(T) -> f64,
-        from: fn(f64) -> T,
-        f: &(impl Fn(f64) -> f64 + Sync),
-    ) -> Vec<T> {
-        if input.len() < PARALLEL_THRESHOLD {
-            input.iter().map(|&v| from(f(to(v)))).collect()
-        } else {
-            input.par_iter().map(|&v| from(f(to(v)))).collect()
-        }
-    }
     let Some((start, end)) = layout.contiguous_offsets() else {
         candle_core::bail!("fused op: expects a contiguous input");
     };
     Ok(match storage {
-        CpuStorage::F64(v) => CpuStorage::F64(typed(&v[start..end], |x| x, |x| x, &f)),
-        CpuStorage::F32(v) => {
-            CpuStorage::F32(typed(&v[start..end], |x| x as f64, |x| x as f32, &f))
-        }
-        CpuStorage::BF16(v) => CpuStorage::BF16(typed(
+        CpuStorage::F64(v) => CpuStorage::F64(map_chunks(&v[start..end], |x| x, |x| x, &f64)),
+        CpuStorage::F32(v) => CpuStorage::F32(map_chunks(&v[start..end], |x| x, |x| x, &f32)),
+        CpuStorage::BF16(v) => CpuStorage::BF16(map_chunks(
             &v[start..end],
-            |x| x.to_f64(),
-            half::bf16::from_f64,
-            &f,
+            half::bf16::to_f32,
+            half::bf16::from_f32,
+            &f32,
         )),
-        CpuStorage::F16(v) => CpuStorage::F16(typed(
+        CpuStorage::F16(v) => CpuStorage::F16(map_chunks(
             &v[start..end],
-            |x| x.to_f64(),
-            half::f16::from_f64,
-            &f,
+            half::f16::to_f32,
+            half::f16::from_f32,
+            &f32,
         )),
         _ => candle_core::bail!("fused op: floating-point input expected"),
     })
