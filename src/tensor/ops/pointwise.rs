@@ -160,13 +160,31 @@ impl CustomOp1 for PointwiseOp {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        // One loop per (function, order), each with constants the compiler folds, so
+        // that the f32 loop is branch-free and vectorises.
         let (f, k) = (self.function, self.order);
-        let out = super::rows::map_elements(
-            storage,
-            layout,
-            |x| f.derivative(k, x),
-            |x| f.derivative_f32(k, x),
-        )?;
+        let exact = |x: f64| f.derivative(k, x);
+        macro_rules! apply {
+            ($($f:ident),*) => {
+                match (f, k) {
+                    $(
+                        (Pointwise::$f, 0) => super::rows::map_elements(storage, layout, exact, |x| {
+                            Pointwise::$f.derivative_f32(0, x)
+                        }),
+                        (Pointwise::$f, 1) => super::rows::map_elements(storage, layout, exact, |x| {
+                            Pointwise::$f.derivative_f32(1, x)
+                        }),
+                        (Pointwise::$f, 2) => super::rows::map_elements(storage, layout, exact, |x| {
+                            Pointwise::$f.derivative_f32(2, x)
+                        }),
+                        (Pointwise::$f, _) => super::rows::map_elements(storage, layout, exact, |x| {
+                            Pointwise::$f.derivative_f32(3, x)
+                        }),
+                    )*
+                }
+            };
+        }
+        let out = apply!(GeluErf, GeluTanh, Sigmoid, Silu)?;
         Ok((out, layout.shape().clone()))
     }
 
