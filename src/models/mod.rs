@@ -259,7 +259,7 @@ pub trait TransformerClassifier {
     /// is read from `params` when full fine-tuning trains it).
     fn stack_context(&self, batch: &Batch, params: &ParamSet) -> Result<StackContext>;
     /// The embedding: hidden states `[b, t, width]`, padding included. The
-    /// embedding segment is this packed by the context ([`StackContext::pack`]).
+    /// embedding segment is this packed to the real tokens by the stack context.
     fn embed(&self, params: &ParamSet, batch: &Batch, mode: Mode) -> Result<Tensor>;
     /// Number of layers.
     fn num_layers(&self) -> usize;
