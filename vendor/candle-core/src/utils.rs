@@ -380,6 +380,13 @@ pub fn init_global_threadpool() {
 }
 
 fn default_num_threads() -> usize {
+    // melora patch: every matrix product asks for the thread count, and on Linux
+    // without a CPU mask the fallback reads and parses /proc/cpuinfo; decide once.
+    static THREADS: OnceLock<usize> = OnceLock::new();
+    *THREADS.get_or_init(detect_default_num_threads)
+}
+
+fn detect_default_num_threads() -> usize {
     let physical = {
         #[cfg(target_os = "macos")]
         {
