@@ -167,7 +167,10 @@ impl Batch {
         }
     }
 
-    /// Consecutive sub-batches of at most `size` examples (gradient accumulation).
+    /// Consecutive sub-batches of at most `size` examples (gradient accumulation),
+    /// as few as that allows and balanced (sizes differ by at most one, the larger
+    /// first): 25 examples in at most 8 are 7, 6, 6, 6, not 8, 8, 8, 1, whose last
+    /// product would cost nearly a full one's fixed overhead for one example.
     pub fn split(&self, size: usize) -> Result<Vec<Batch>> {
         if size == 0 {
             return Err(Error::InvalidArgument(
@@ -175,9 +178,15 @@ impl Batch {
             ));
         }
         let n = self.len();
-        let mut parts = Vec::with_capacity(n.div_ceil(size));
-        for start in (0..n).step_by(size) {
-            let len = size.min(n - start);
+        let count = n.div_ceil(size).max(1);
+        let (base, larger) = (n / count, n % count);
+        let mut parts = Vec::with_capacity(count);
+        let mut start = 0;
+        for part in 0..count {
+            let len = base + usize::from(part < larger);
+            if len == 0 {
+                break;
+            }
             let rows = |t: &Tensor| t.narrow(0, start, len);
             let inputs = match &self.inputs {
                 Inputs::Tokens(t) => Inputs::Tokens(TokenInputs {
@@ -192,6 +201,7 @@ impl Batch {
                 labels: rows(&self.labels)?,
                 targets: self.targets.as_ref().map(rows).transpose()?,
             });
+            start += len;
         }
         Ok(parts)
     }

@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use candle_core::Device;
+use candle_core::{DType, Device, Tensor};
 
 use super::readers::*;
 use super::*;
@@ -972,4 +972,34 @@ fn synthetic_domains_share_classes_across_tasks() {
     }
     .episode(0)
     .is_err());
+}
+
+#[test]
+fn micro_batches_are_balanced_cover_the_batch_in_order_and_respect_the_size() {
+    let n = 25;
+    let inputs = Tensor::arange(0f32, n as f32, &Device::Cpu)
+        .unwrap()
+        .reshape((n, 1))
+        .unwrap();
+    let labels = Tensor::zeros(n, DType::U32, &Device::Cpu).unwrap();
+    let batch = Batch::from_dense(inputs, labels).unwrap();
+    for (size, expected) in [
+        (8, vec![7, 6, 6, 6]),
+        (5, vec![5; 5]),
+        (13, vec![13, 12]),
+        (25, vec![25]),
+        (40, vec![25]),
+        (1, vec![1; 25]),
+    ] {
+        let parts = batch.split(size).unwrap();
+        let sizes: Vec<usize> = parts.iter().map(Batch::len).collect();
+        assert_eq!(sizes, expected, "micro-batches of at most {size}");
+        let joined = Batch::concat(&parts).unwrap();
+        let values = joined.dense().unwrap().flatten_all().unwrap();
+        assert_eq!(
+            values.to_vec1::<f32>().unwrap(),
+            (0..n).map(|i| i as f32).collect::<Vec<_>>()
+        );
+    }
+    assert!(batch.split(0).is_err());
 }
