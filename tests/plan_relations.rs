@@ -131,9 +131,16 @@ fn memory_follows_what_each_method_keeps() {
     );
     // First-order methods keep no gradient graph.
     assert!(peak(&with_k(Variant::Fomaml, 4)) < recompute[1]);
-    // Checkpointing and micro-batches lower the second-order peak.
-    let recompute_c = with_k(Variant::Maml, 2);
+    // Checkpointing, micro-batches and the default second-order micro-batches (12
+    // support examples as 6 + 6) lower the whole-set second-order peak.
+    let default_c = with_k(Variant::Maml, 2);
+    let mut recompute_c = default_c.clone();
+    recompute_c
+        .memory_optimization
+        .gradient_accumulation
+        .second_order_micro_batch = None;
     let whole = peak(&recompute_c);
+    assert!(peak(&default_c) < whole);
     assert!(peak(&checkpointed(recompute_c.clone(), None)) < whole);
     assert!(peak(&micro(recompute_c.clone(), 3)) < whole);
     // A baseline's peak is one task's adaptation: smaller than meta-training's.

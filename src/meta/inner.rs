@@ -60,6 +60,14 @@ pub struct InnerLoop {
     /// weighted by size, which equals the whole-batch result for mean losses while
     /// only one micro-batch's graph is alive. `None`: whole batches.
     pub micro_batch: Option<usize>,
+    /// Micro-batches of the second-order products only (the exact Hessian-vector
+    /// products of recompute-mode MAML and MetaSGD, MELoRA's curvature products): a
+    /// double-backward graph holds several forward graphs' worth of activations, so
+    /// bounding it bounds the peak while the first-order passes keep their whole,
+    /// faster batches. The smaller of this and `micro_batch` applies; ignored for a
+    /// model that normalises with batch statistics (it cannot be split). `None`:
+    /// `micro_batch`.
+    pub second_order_micro_batch: Option<usize>,
 }
 
 impl InnerLoop {
@@ -69,6 +77,7 @@ impl InnerLoop {
             steps,
             lr,
             micro_batch: None,
+            second_order_micro_batch: None,
         }
     }
 
@@ -78,9 +87,27 @@ impl InnerLoop {
         self
     }
 
+    /// The same loop with the second-order products in micro-batches of `size`.
+    pub const fn with_second_order_micro_batch(mut self, size: usize) -> Self {
+        self.second_order_micro_batch = Some(size);
+        self
+    }
+
     /// `engine` in this loop's micro-batches (the whole batch without them).
     pub fn engine<'e>(&self, engine: &'e dyn GradEngine) -> MicroBatched<'e> {
         MicroBatched::new(engine, self.micro_batch)
+    }
+
+    /// `engine` in the micro-batches of the second-order products: the smaller of
+    /// `second_order_micro_batch` and `micro_batch`, the latter alone for a model
+    /// whose examples are coupled.
+    pub fn second_order_engine<'e>(&self, engine: &'e dyn GradEngine) -> MicroBatched<'e> {
+        let size = match (self.micro_batch, self.second_order_micro_batch) {
+            (micro, Some(_)) if engine.model().couples_examples() => micro,
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        MicroBatched::new(engine, size)
     }
 
     /// Rejects K = 0 and non-positive or non-finite learning rates.
@@ -100,6 +127,13 @@ impl InnerLoop {
             return Err(Error::InvalidArgument(
                 "micro-batches need at least 1 example \
                  (memory_optimization.gradient_accumulation.micro_batch)"
+                    .into(),
+            ));
+        }
+        if self.second_order_micro_batch == Some(0) {
+            return Err(Error::InvalidArgument(
+                "second-order micro-batches need at least 1 example \
+                 (memory_optimization.gradient_accumulation.second_order_micro_batch)"
                     .into(),
             ));
         }

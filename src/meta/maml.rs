@@ -190,7 +190,7 @@ fn second_order(
             let (mut v, query_loss, query_accuracy) =
                 query_outcome(engine, &adapted, &task.query, mode, inner.micro_batch)?;
             let mut alpha_grad = alpha.map(ParamSet::zeros_like).transpose()?;
-            let batched = inner.engine(engine);
+            let batched = inner.second_order_engine(engine);
             for theta_k in thetas.iter().rev() {
                 let scaled = match alpha {
                     Some(a) => a.mul(&v)?,
@@ -520,5 +520,134 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// TwoLayerProbe whose examples count as coupled (as batch statistics couple them).
+    struct Coupled(TwoLayerProbe);
+
+    impl FewShotModel for Coupled {
+        fn init_params(&self, seed: u64) -> crate::Result<ParamSet> {
+            self.0.init_params(seed)
+        }
+        fn features(&self, p: &ParamSet, b: &crate::data::Batch, m: Mode) -> crate::Result<Tensor> {
+            self.0.features(p, b, m)
+        }
+        fn logits(&self, p: &ParamSet, b: &crate::data::Batch, m: Mode) -> crate::Result<Tensor> {
+            self.0.logits(p, b, m)
+        }
+        fn couples_examples(&self) -> bool {
+            true
+        }
+    }
+
+    /// Second-order products in micro-batches (of 2 of 6 support examples, so 3
+    /// chunks) give every second-order learner the whole-set meta-gradient; a model
+    /// with coupled examples ignores the setting instead of refusing the run.
+    #[test]
+    fn second_order_micro_batches_change_nothing_but_memory() {
+        use crate::meta::{HessianApproximation, Melora};
+        let probe = || TwoLayerProbe {
+            classes: 3,
+            dim: 4,
+            hidden: 5,
+        };
+        let model = probe();
+        let (params, task) = (model.init_params(3).unwrap(), dense_episode(3, 4, 2, 3));
+        let split = INNER.with_second_order_micro_batch(2);
+        let learners = |inner: InnerLoop| -> Vec<(String, Box<dyn MetaLearner>)> {
+            let mut all: Vec<(String, Box<dyn MetaLearner>)> = vec![
+                (
+                    "maml".into(),
+                    Box::new(Maml {
+                        inner,
+                        mode: MamlMode::Recompute,
+                    }),
+                ),
+                (
+                    "metasgd".into(),
+                    Box::new(MetaSgd {
+                        inner,
+                        mode: MamlMode::Recompute,
+                    }),
+                ),
+            ];
+            for approximation in [
+                HessianApproximation::GaussNewton,
+                HessianApproximation::BlockDiagonal,
+                HessianApproximation::Diagonal {
+                    probes: 2,
+                    exact: false,
+                },
+            ] {
+                all.push((
+                    format!("melora {approximation:?}"),
+                    Box::new(Melora {
+                        inner,
+                        approximation,
+                        damping: 0.0,
+                        clamp: None,
+                        seed: 5,
+                    }),
+                ));
+            }
+            all
+        };
+        let engine = WholeGraph::new(&model);
+        let chunks = |inner: InnerLoop, engine: &dyn GradEngine| {
+            inner
+                .second_order_engine(engine)
+                .chunks(&task.support)
+                .unwrap()
+                .len()
+        };
+        assert_eq!(chunks(split, &engine), 3);
+        assert_eq!(chunks(INNER, &engine), 1);
+        assert_eq!(chunks(split.with_micro_batch(1), &engine), 6);
+        assert_eq!(
+            split.engine(&engine).chunks(&task.support).unwrap().len(),
+            1
+        );
+        let with_sizes = MetaSgd {
+            inner: INNER,
+            mode: MamlMode::Recompute,
+        }
+        .with_step_sizes(&params)
+        .unwrap();
+        for ((name, whole), (_, chunked)) in learners(INNER).iter().zip(learners(split)) {
+            let p = if name == "metasgd" {
+                &with_sizes
+            } else {
+                &params
+            };
+            let a = whole.meta_gradient(&engine, p, &task, Mode::Eval).unwrap();
+            let b = chunked
+                .meta_gradient(&engine, p, &task, Mode::Eval)
+                .unwrap();
+            let g = gap(&b.meta_gradient, &a.meta_gradient);
+            assert!(g < 1e-12, "{name}: micro-batched products moved it by {g}");
+        }
+        let coupled = Coupled(probe());
+        let engine = WholeGraph::new(&coupled);
+        assert_eq!(chunks(split, &engine), 1);
+        let learner = Maml {
+            inner: split,
+            mode: MamlMode::Recompute,
+        };
+        let a = learner
+            .meta_gradient(&engine, &params, &task, Mode::Eval)
+            .unwrap();
+        let b = Maml {
+            inner: INNER,
+            mode: MamlMode::Recompute,
+        }
+        .meta_gradient(&engine, &params, &task, Mode::Eval)
+        .unwrap();
+        assert!(gap(&a.meta_gradient, &b.meta_gradient) < 1e-12);
+        assert!(InnerLoop {
+            second_order_micro_batch: Some(0),
+            ..INNER
+        }
+        .validate()
+        .is_err());
     }
 }

@@ -120,7 +120,7 @@ impl Melora {
         step: usize,
         mode: Mode,
     ) -> Result<ParamSet> {
-        let engine = &self.inner.engine(engine);
+        let engine = &self.inner.second_order_engine(engine);
         let product = match self.approximation {
             HessianApproximation::None => g.zeros_like()?,
             HessianApproximation::Diagonal { probes, exact } => {

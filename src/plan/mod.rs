@@ -175,6 +175,10 @@ pub struct Plan {
     pub inner_steps: usize,
     /// Examples per micro-batch, if any.
     pub micro_batch: Option<usize>,
+    /// Examples per micro-batch of the second-order products, where the method has
+    /// them (recompute-mode MAML and MetaSGD, MELoRA with curvature) and they split
+    /// the support set more finely than `micro_batch`.
+    pub second_order_micro_batch: Option<usize>,
     /// With gradient checkpointing, the layers whose input the forward pass keeps.
     pub checkpoint_layers: Option<Vec<usize>>,
     /// Tasks per meta-batch.
@@ -372,6 +376,7 @@ pub fn plan_with(config: &Config, options: &PlanOptions) -> Result<Plan> {
             config.evaluation.finetune_steps
         },
         micro_batch: config.memory_optimization.gradient_accumulation.micro_batch,
+        second_order_micro_batch: second_order_micro_batch(config),
         checkpoint_layers: match (config.memory_optimization.checkpointing.plan(), layers) {
             (Some(plan), Some(l)) => Some(plan.boundaries(l)?),
             _ => None,
@@ -426,6 +431,26 @@ fn keeps_gradient_graphs(config: &Config) -> bool {
         LearnerSpec::Melora { hessian, .. } => hessian != HessianKind::None,
         _ => false,
     }
+}
+
+/// The second-order products' micro-batch where it applies: a method with such
+/// products outside a kept full graph, a model that can split its examples, and
+/// smaller than both the support set and `micro_batch`.
+fn second_order_micro_batch(config: &Config) -> Option<usize> {
+    use crate::config::{InnerMode, LearnerSpec};
+    let accumulation = &config.memory_optimization.gradient_accumulation;
+    let size = accumulation.second_order_micro_batch?;
+    let recomputes = match LearnerSpec::of(config) {
+        LearnerSpec::Maml { mode } | LearnerSpec::MetaSgd { mode } => mode == InnerMode::Recompute,
+        LearnerSpec::Melora { .. } => keeps_gradient_graphs(config),
+        _ => false,
+    };
+    // Conv4 normalises with batch statistics (FewShotModel::couples_examples).
+    let coupled =
+        crate::config::pairing::ModelKind::of(config) == crate::config::pairing::ModelKind::Conv4;
+    let finer =
+        size < support_examples(config) && accumulation.micro_batch.is_none_or(|m| size < m);
+    (recomputes && !coupled && finer).then_some(size)
 }
 
 /// Whether this process has not yet planned a configuration of `config`'s model,

@@ -49,7 +49,7 @@ pub fn format_breakdown(plan: &Plan) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "Predicted peak of {} on {} ({}; K = {}, meta-batch {}, {} support + {} query{}{}{})",
+        "Predicted peak of {} on {} ({}; K = {}, meta-batch {}, {} support + {} query{}{}{}{})",
         plan.method,
         plan.model,
         precision(plan),
@@ -61,6 +61,10 @@ pub fn format_breakdown(plan: &Plan) -> String {
             .map_or(String::new(), |t| format!(" × {t} tokens")),
         plan.micro_batch
             .map_or(String::new(), |m| format!(", micro-batches of {m}")),
+        plan.second_order_micro_batch
+            .map_or(String::new(), |m| format!(
+                ", second-order products in micro-batches of {m}"
+            )),
         checkpointing(plan),
     );
     out.push('\n');

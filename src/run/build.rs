@@ -197,9 +197,11 @@ fn inner_loop(config: &Config) -> InnerLoop {
         config.meta_learning.inner.steps,
         config.meta_learning.inner.lr,
     );
-    match config.memory_optimization.gradient_accumulation.micro_batch {
-        Some(size) => inner.with_micro_batch(size),
-        None => inner,
+    let accumulation = &config.memory_optimization.gradient_accumulation;
+    InnerLoop {
+        micro_batch: accumulation.micro_batch,
+        second_order_micro_batch: accumulation.second_order_micro_batch,
+        ..inner
     }
 }
 
