@@ -311,6 +311,21 @@ impl SpeedRow {
     }
 }
 
+/// What one inner step costs a method, from its rows at two K.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct InnerStepCost {
+    /// melora's method.
+    pub method: Variant,
+    /// The smaller K.
+    pub from_k: usize,
+    /// The larger K.
+    pub to_k: usize,
+    /// melora's seconds per inner step, where both of its points were measured.
+    pub melora: Option<f64>,
+    /// PyTorch's seconds per inner step, where both of its points were measured.
+    pub pytorch: Option<f64>,
+}
+
 /// The benchmark's results: what was run and every row.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SpeedBench {
@@ -372,7 +387,70 @@ impl SpeedBench {
                 row.k,
             ));
         }
+        let steps = self.per_inner_step();
+        if !steps.is_empty() {
+            out.push_str(
+                "\n## Per inner step\n\nSeconds each extra inner step adds to a meta-iteration: \
+                 the slope between a method's smallest and largest K (the rest is the \
+                 query pass and the meta-update).\n\n\
+                 | method | K | PyTorch s / inner step | melora s / inner step | melora ÷ PyTorch |\n\
+                 |---|---|---:|---:|---:|\n",
+            );
+            for step in steps {
+                let seconds = |s: Option<f64>| s.map_or("–".into(), |s| format!("{s:.3}"));
+                let ratio = match (step.melora, step.pytorch) {
+                    (Some(m), Some(p)) if p > 0.0 => format!("{:.2}×", m / p),
+                    _ => "–".into(),
+                };
+                out.push_str(&format!(
+                    "| {} | {} → {} | {} | {} | {ratio} |\n",
+                    super::memory::label(step.method),
+                    step.from_k,
+                    step.to_k,
+                    seconds(step.pytorch),
+                    seconds(step.melora),
+                ));
+            }
+        }
         out
+    }
+
+    /// For every method measured at two or more K, the seconds one inner step adds:
+    /// the slope of seconds per meta-iteration between its smallest and largest K.
+    pub fn per_inner_step(&self) -> Vec<InnerStepCost> {
+        let mut methods: Vec<Variant> = Vec::new();
+        for row in &self.rows {
+            if !methods.contains(&row.method) {
+                methods.push(row.method);
+            }
+        }
+        methods
+            .into_iter()
+            .filter_map(|method| {
+                let rows: Vec<&SpeedRow> =
+                    self.rows.iter().filter(|r| r.method == method).collect();
+                let first = *rows.iter().min_by_key(|r| r.k)?;
+                let last = *rows.iter().max_by_key(|r| r.k)?;
+                if first.k == last.k {
+                    return None;
+                }
+                let steps = (last.k - first.k) as f64;
+                let slope = |a: Option<f64>, b: Option<f64>| Some((b? - a?) / steps);
+                Some(InnerStepCost {
+                    method,
+                    from_k: first.k,
+                    to_k: last.k,
+                    melora: slope(
+                        first.melora.as_ref().ok().map(|m| m.seconds_per_iter),
+                        last.melora.as_ref().ok().map(|m| m.seconds_per_iter),
+                    ),
+                    pytorch: slope(
+                        first.pytorch.as_ref().ok().map(|p| p.seconds_per_iteration),
+                        last.pytorch.as_ref().ok().map(|p| p.seconds_per_iteration),
+                    ),
+                })
+            })
+            .collect()
     }
 
     /// Writes `speed.json` and `speed.md` into `dir`, each atomically; returns their
@@ -457,5 +535,63 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("missing.json"));
+    }
+
+    #[test]
+    fn per_inner_step_is_the_slope_between_the_smallest_and_largest_k() {
+        let melora = |seconds: f64| Measurement {
+            peak_bytes: Some(1 << 20),
+            baseline_bytes: None,
+            model_bytes: None,
+            rss_bytes: None,
+            seconds: vec![seconds],
+            seconds_per_iter: seconds,
+            kernel_threads: 2,
+        };
+        let pytorch = |seconds: f64| PytorchPoint {
+            seconds: vec![seconds],
+            seconds_per_iteration: seconds,
+            tokens_per_second: 1.0,
+            rss_after_load_bytes: 0,
+            peak_rss_bytes: 0,
+            peak_increment_bytes: 0,
+            versions: serde_json::Value::Null,
+        };
+        let row = |method, k, m: f64, p: Option<f64>| SpeedRow {
+            method,
+            k,
+            melora: Ok(melora(m)),
+            melora_tokens_per_second: None,
+            pytorch: p.map(pytorch).ok_or_else(|| "not run".to_string()),
+        };
+        let bench = SpeedBench {
+            episodes: "e.json".into(),
+            model: "m".into(),
+            threads: 2,
+            iterations: 1,
+            machine: crate::bench::machine::Machine::current(),
+            rows: vec![
+                row(Variant::Fomaml, 1, 1.0, Some(2.0)),
+                row(Variant::Maml, 1, 3.0, Some(1.0)),
+                row(Variant::Fomaml, 8, 4.5, Some(9.0)),
+                row(Variant::Fomaml, 4, 100.0, Some(100.0)),
+                row(Variant::Maml, 8, 10.0, None),
+                row(Variant::Reptile, 1, 1.0, Some(1.0)),
+            ],
+        };
+        let steps = bench.per_inner_step();
+        assert_eq!(steps.len(), 2, "Reptile has one K only");
+        assert_eq!(
+            (steps[0].method, steps[0].from_k, steps[0].to_k),
+            (Variant::Fomaml, 1, 8)
+        );
+        assert!((steps[0].melora.unwrap() - 0.5).abs() < 1e-12);
+        assert!((steps[0].pytorch.unwrap() - 1.0).abs() < 1e-12);
+        assert_eq!(steps[1].method, Variant::Maml);
+        assert!((steps[1].melora.unwrap() - 1.0).abs() < 1e-12);
+        assert_eq!(steps[1].pytorch, None);
+        let md = bench.to_markdown();
+        assert!(md.contains("| 1 → 8 | 1.000 | 0.500 | 0.50× |"), "{md}");
+        assert!(md.contains("| 1 → 8 | – | 1.000 | – |"), "{md}");
     }
 }
