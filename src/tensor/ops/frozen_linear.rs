@@ -160,8 +160,16 @@ fn store<T: Accumulator>(values: Vec<T>, dtype: DType) -> Result<CpuStorage> {
     // through f64 (widening f32 is exact), without the slower f64 conversions.
     if let CpuStorage::F32(v) = &values {
         match dtype {
-            DType::BF16 => return Ok(CpuStorage::BF16(v.iter().map(|&x| bf16::from_f32(x)).collect())),
-            DType::F16 => return Ok(CpuStorage::F16(v.iter().map(|&x| f16::from_f32(x)).collect())),
+            DType::BF16 => {
+                return Ok(CpuStorage::BF16(
+                    v.iter().map(|&x| bf16::from_f32(x)).collect(),
+                ))
+            }
+            DType::F16 => {
+                return Ok(CpuStorage::F16(
+                    v.iter().map(|&x| f16::from_f32(x)).collect(),
+                ))
+            }
             _ => {}
         }
     }
