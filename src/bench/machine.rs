@@ -66,10 +66,36 @@ impl Machine {
 
 fn cpu_model() -> Option<String> {
     let text = std::fs::read_to_string("/proc/cpuinfo").ok()?;
-    text.lines()
-        .find(|l| l.starts_with("model name"))
-        .and_then(|l| l.split_once(':'))
-        .map(|(_, v)| v.trim().to_string())
+    describe_cpu(&text)
+}
+
+/// The first processor's `model name` in a `/proc/cpuinfo` text, with its family,
+/// model and stepping where given: a virtual machine's name can be as vague as `AMD
+/// EPYC`, while the numbers tell processor generations apart (and, with them, which
+/// kernels a BLAS library picks).
+fn describe_cpu(cpuinfo: &str) -> Option<String> {
+    let first = cpuinfo.split("\n\n").next().unwrap_or(cpuinfo);
+    let field = |key: &str| {
+        first
+            .lines()
+            .filter_map(|l| l.split_once(':'))
+            .find(|(k, _)| k.trim() == key)
+            .map(|(_, v)| v.trim().to_string())
+    };
+    let name = field("model name")?;
+    let numbers: Vec<String> = [
+        ("family", "cpu family"),
+        ("model", "model"),
+        ("stepping", "stepping"),
+    ]
+    .iter()
+    .filter_map(|(label, key)| field(key).map(|v| format!("{label} {v}")))
+    .collect();
+    Some(if numbers.is_empty() {
+        name
+    } else {
+        format!("{name} ({})", numbers.join(", "))
+    })
 }
 
 /// The 1-, 5- and 15-minute load averages, where `/proc/loadavg` exists.
@@ -137,5 +163,20 @@ mod tests {
             assert!(m.load_average_start.is_some(), "{m:?}");
         }
         assert!(m.describe().contains("logical CPUs"), "{}", m.describe());
+    }
+
+    #[test]
+    fn the_processor_is_named_with_family_model_and_stepping() {
+        let text = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\n\
+                    model name\t: AMD EPYC\nstepping\t: 1\n\nprocessor\t: 1\nmodel name\t: other\n";
+        assert_eq!(
+            describe_cpu(text).as_deref(),
+            Some("AMD EPYC (family 26, model 2, stepping 1)")
+        );
+        assert_eq!(
+            describe_cpu("model name : Some CPU\n").as_deref(),
+            Some("Some CPU")
+        );
+        assert_eq!(describe_cpu("processor : 0\n"), None);
     }
 }
