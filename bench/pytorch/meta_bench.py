@@ -26,8 +26,16 @@ of the timed iterations after the warm-ups; memory is the peak resident set of t
 warm-up and timed iterations above the resident set after loading the model
 (/proc/self/clear_refs resets the peak there).
 
+With --initial-adapter (a PEFT adapter folder melora wrote: LoRA tensors and the
+head as `base_model.model.classifier.*`) θ starts from melora's parameters, so that
+the first meta-iteration's mean query loss and meta-gradient norm (reported as
+`first_step`) can be compared with melora's. After the timed iterations one more
+runs under torch.profiler: `matmul_share` is the own CPU time of the matrix-product
+ops over that iteration's wall time.
+
 Usage: python meta_bench.py --model-dir DIR --episodes FILE --method fomaml --k 1
-       [--threads 2] [--iterations 5] [--warmup 2] [--json OUT]
+       [--initial-adapter DIR] [--threads 2] [--iterations 5] [--warmup 1]
+       [--json OUT]
 """
 
 import argparse
@@ -111,6 +119,32 @@ class Learner:
         for t in self.theta0.values():
             t.requires_grad_(True)
 
+    def start_from(self, adapter_dir):
+        """θ₀ from a PEFT adapter folder: every tensor of θ must be there, by name and
+        shape (PEFT's saved names lack the adapter's name, `default`)."""
+        from safetensors.torch import load_file
+
+        path = os.path.join(adapter_dir, "adapter_model.safetensors")
+        if not os.path.isfile(path):
+            sys.exit(f"--initial-adapter {adapter_dir}: no adapter_model.safetensors there")
+        saved = load_file(path)
+        used = set()
+        for name, tensor in self.theta0.items():
+            if name.startswith("head."):
+                key = "base_model.model.classifier." + name[len("head."):]
+            else:
+                key = name.replace(".default.", ".")
+            if key not in saved or saved[key].shape != tensor.shape:
+                sys.exit(f"--initial-adapter {adapter_dir}: no tensor `{key}` of shape "
+                         f"{tuple(tensor.shape)} for {name}")
+            with torch.no_grad():
+                tensor.copy_(saved[key].to(tensor.dtype))
+            used.add(key)
+        unused = sorted(set(saved) - used)
+        if unused:
+            sys.exit(f"--initial-adapter {adapter_dir}: tensors the model does not have: "
+                     f"{', '.join(unused[:3])}")
+
     def logits(self, theta, batch):
         lora = {k: v for k, v in theta.items() if not k.startswith("head.")}
         out = functional_call(
@@ -168,6 +202,7 @@ def gauss_newton_product(learner, theta, support, vector):
 
 
 def meta_gradient(learner, method, support, query, k, lr, generator):
+    """The task's meta-gradient and its query loss after adaptation."""
     theta0 = learner.theta0
     params0 = list(theta0.values())
     if method == "maml":
@@ -176,16 +211,19 @@ def meta_gradient(learner, method, support, query, k, lr, generator):
             loss = learner.loss(theta, support)
             grads = torch.autograd.grad(loss, list(theta.values()), create_graph=True)
             theta = sgd_step(theta, grads, lr)
-        return list(torch.autograd.grad(learner.loss(theta, query), params0))
+        query_loss = learner.loss(theta, query)
+        return list(torch.autograd.grad(query_loss, params0)), query_loss.item()
     thetas = first_order_steps(learner, theta0, support, k, lr)
     adapted = thetas[-1]
     if method == "reptile":
         with torch.no_grad():
-            learner.loss(adapted, query)
-        return [(a - b).detach() for a, b in zip(params0, adapted.values())]
-    g = list(torch.autograd.grad(learner.loss(adapted, query), list(adapted.values())))
+            query_loss = learner.loss(adapted, query)
+        return ([(a - b).detach() for a, b in zip(params0, adapted.values())],
+                query_loss.item())
+    query_loss = learner.loss(adapted, query)
+    g = list(torch.autograd.grad(query_loss, list(adapted.values())))
     if method == "fomaml":
-        return g
+        return g, query_loss.item()
     for theta_k in reversed(thetas[:-1]):
         if method == "melora-diagonal":
             diagonal = hutchinson_diagonal(learner, theta_k, support, generator)
@@ -193,7 +231,26 @@ def meta_gradient(learner, method, support, query, k, lr, generator):
         else:
             h = gauss_newton_product(learner, theta_k, support, g)
         g = [gi - lr * hi for gi, hi in zip(g, h)]
-    return g
+    return g, query_loss.item()
+
+
+MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm",
+              "aten::mv", "aten::addmv", "aten::dot", "aten::vdot",
+              "aten::_addmm_activation"}
+
+
+def matmul_share(run):
+    """Own CPU time of the matrix-product ops over the wall time of `run()`, under
+    torch.profiler (its overhead counts as other time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        started = time.perf_counter()
+        run()
+        wall = time.perf_counter() - started
+    own_us = sum(e.self_cpu_time_total for e in profiler.key_averages()
+                 if e.key in MATMUL_OPS)
+    return own_us * 1e-6 / wall
 
 
 def main():
@@ -206,6 +263,7 @@ def main():
     parser.add_argument("--iterations", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--inner-lr", type=float, default=0.01)
+    parser.add_argument("--initial-adapter")
     parser.add_argument("--json")
     args = parser.parse_args()
     if args.k < 1 or args.iterations < 1 or args.warmup < 0:
@@ -220,34 +278,44 @@ def main():
                  f"{needed} are needed (write more with `melora bench episodes`)")
     learner = Learner(args.model_dir, data["n_way"], data["lora_rank"],
                       data["lora_alpha"], data["lora_targets"])
+    if args.initial_adapter:
+        learner.start_from(args.initial_adapter)
     optimiser = torch.optim.AdamW(list(learner.theta0.values()), lr=1e-3,
                                   weight_decay=0.0)
     generator = torch.Generator().manual_seed(0)
 
     def iteration(meta_batch):
-        total = None
+        """One meta-step; returns its mean query loss and meta-gradient norm."""
+        total, query_loss = None, 0.0
         for support, query in meta_batch:
-            g = meta_gradient(learner, args.method, support, query, args.k,
-                              args.inner_lr, generator)
+            g, loss = meta_gradient(learner, args.method, support, query, args.k,
+                                    args.inner_lr, generator)
             total = g if total is None else [a + b for a, b in zip(total, g)]
+            query_loss += loss
         params = list(learner.theta0.values())
         for p, g in zip(params, total):
             p.grad = g / len(meta_batch)
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimiser.step()
         optimiser.zero_grad(set_to_none=True)
+        return {"query_loss": query_loss / len(meta_batch),
+                "meta_gradient_norm": float(norm)}
 
     rss_after_load = resident_bytes("VmRSS")
     reset_peak_resident()
+    first_step = None
     for index in range(args.warmup):
-        iteration(meta_batches[index])
+        stats = iteration(meta_batches[index])
+        first_step = first_step or stats
     seconds, tokens = [], []
     for index in range(args.warmup, needed):
         started = time.perf_counter()
-        iteration(meta_batches[index])
+        stats = iteration(meta_batches[index])
         seconds.append(time.perf_counter() - started)
+        first_step = first_step or stats
         tokens.append(sum(s["tokens"] + q["tokens"] for s, q in meta_batches[index]))
     peak = resident_bytes("VmHWM")
+    share = matmul_share(lambda: iteration(meta_batches[args.warmup]))
     per_iteration = statistics.median(seconds)
     result = {
         "tool": "pytorch",
@@ -263,6 +331,8 @@ def main():
         "rss_after_load_bytes": rss_after_load,
         "peak_rss_bytes": peak,
         "peak_increment_bytes": max(0, peak - rss_after_load),
+        "matmul_share": share,
+        "first_step": first_step,
     }
     if args.json:
         with open(args.json + ".tmp", "w") as f:

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::memory::Measurement;
+use super::memory::{FirstStep, Measurement};
 use crate::config::{Config, Variant};
 use crate::data::{Batch, EpisodeSource, Split};
 use crate::{Error, Result};
@@ -284,6 +284,14 @@ pub struct PytorchPoint {
     pub peak_increment_bytes: u64,
     /// Versions of torch, transformers and peft.
     pub versions: serde_json::Value,
+    /// The share of a profiled meta-iteration's wall time (after the timed ones, the
+    /// profiler's overhead included) spent in matrix-product ops (`aten::mm`,
+    /// `addmm`, `bmm`, …, their own time).
+    #[serde(default)]
+    pub matmul_share: Option<f64>,
+    /// What the warm-up meta-iteration computed.
+    #[serde(default)]
+    pub first_step: Option<FirstStep>,
 }
 
 /// One method and K, measured by both programs.
@@ -309,6 +317,29 @@ impl SpeedRow {
             _ => None,
         }
     }
+
+    /// Both programs' first meta-iterations, where both reported one: (melora's,
+    /// PyTorch's).
+    pub fn first_steps(&self) -> Option<(FirstStep, FirstStep)> {
+        match (&self.melora, &self.pytorch) {
+            (Ok(m), Ok(p)) => Some((m.first_step?, p.first_step?)),
+            _ => None,
+        }
+    }
+}
+
+/// |a − b| / |b| (0 when both are 0).
+fn relative_difference(a: f64, b: f64) -> f64 {
+    if a == b {
+        0.0
+    } else {
+        (a - b).abs() / b.abs()
+    }
+}
+
+/// A share as a percentage, or a dash.
+fn percent(share: Option<f64>) -> String {
+    share.map_or("–".into(), |s| format!("{:.0}%", 100.0 * s))
 }
 
 /// What one inner step costs a method, from its rows at two K.
@@ -387,6 +418,7 @@ impl SpeedBench {
                 row.k,
             ));
         }
+        out.push_str(&self.computation_markdown());
         let steps = self.per_inner_step();
         if !steps.is_empty() {
             out.push_str(
@@ -411,6 +443,60 @@ impl SpeedBench {
                     seconds(step.melora),
                 ));
             }
+        }
+        out
+    }
+
+    /// The table of where each program's time goes (the share in matrix products)
+    /// and of whether both computed the same first meta-iteration.
+    fn computation_markdown(&self) -> String {
+        let mut out = String::from(
+            "\n## Matrix products and the same computation\n\nShare of time in matrix \
+             products: melora's over the timed iterations (the calling thread inside a \
+             GEMM kernel), PyTorch's from `torch.profiler` over one more iteration (the \
+             own time of `aten::mm`, `addmm`, `bmm` and the like; the profiler's overhead \
+             counts as other time). Both programs start from the same parameters (melora \
+             writes them as a PEFT adapter, `initial-adapter/`); their first \
+             meta-iteration's mean query loss after adaptation and meta-gradient norm \
+             (before clipping) should agree to float32 rounding, except where a method \
+             draws random probes (MELoRA diagonal: Hutchinson's), whose norms differ by \
+             the draw.\n\n\
+             | method | K | PyTorch GEMM share | melora GEMM share | PyTorch query loss | \
+             melora query loss | relative difference | PyTorch meta-gradient norm | \
+             melora meta-gradient norm | relative difference |\n\
+             |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        );
+        for row in &self.rows {
+            let pytorch_share = row.pytorch.as_ref().ok().and_then(|p| p.matmul_share);
+            let melora_share = row.melora.as_ref().ok().and_then(|m| m.matmul_share);
+            let side = |step: Option<FirstStep>, field: fn(&FirstStep) -> f64| {
+                step.map_or("–".into(), |s| format!("{:.6}", field(&s)))
+            };
+            let pytorch_step = row.pytorch.as_ref().ok().and_then(|p| p.first_step);
+            let melora_step = row.melora.as_ref().ok().and_then(|m| m.first_step);
+            let (loss_diff, norm_diff) = match row.first_steps() {
+                Some((m, p)) => (
+                    format!("{:.1e}", relative_difference(m.query_loss, p.query_loss)),
+                    format!(
+                        "{:.1e}",
+                        relative_difference(m.meta_gradient_norm, p.meta_gradient_norm)
+                    ),
+                ),
+                None => ("–".into(), "–".into()),
+            };
+            let loss = |s: &FirstStep| s.query_loss;
+            let norm = |s: &FirstStep| s.meta_gradient_norm;
+            out.push_str(&format!(
+                "| {} | {} | {} | {} | {} | {} | {loss_diff} | {} | {} | {norm_diff} |\n",
+                super::memory::label(row.method),
+                row.k,
+                percent(pytorch_share),
+                percent(melora_share),
+                side(pytorch_step, loss),
+                side(melora_step, loss),
+                side(pytorch_step, norm),
+                side(melora_step, norm),
+            ));
         }
         out
     }
@@ -547,6 +633,11 @@ mod tests {
             seconds: vec![seconds],
             seconds_per_iter: seconds,
             kernel_threads: 2,
+            matmul_share: Some(0.25),
+            first_step: Some(FirstStep {
+                query_loss: 1.0,
+                meta_gradient_norm: 2.2,
+            }),
         };
         let pytorch = |seconds: f64| PytorchPoint {
             seconds: vec![seconds],
@@ -556,6 +647,11 @@ mod tests {
             peak_rss_bytes: 0,
             peak_increment_bytes: 0,
             versions: serde_json::Value::Null,
+            matmul_share: Some(0.5),
+            first_step: Some(FirstStep {
+                query_loss: 1.0,
+                meta_gradient_norm: 2.0,
+            }),
         };
         let row = |method, k, m: f64, p: Option<f64>| SpeedRow {
             method,
@@ -593,5 +689,18 @@ mod tests {
         let md = bench.to_markdown();
         assert!(md.contains("| 1 → 8 | 1.000 | 0.500 | 0.50× |"), "{md}");
         assert!(md.contains("| 1 → 8 | – | 1.000 | – |"), "{md}");
+        // Shares as percentages, first steps side by side with relative differences;
+        // a row PyTorch did not run has melora's side only.
+        assert!(
+            md.contains(
+                "| FOMAML | 1 | 50% | 25% | 1.000000 | 1.000000 | 0.0e0 | 2.000000 | \
+                 2.200000 | 1.0e-1 |"
+            ),
+            "{md}"
+        );
+        assert!(
+            md.contains("| 8 | – | 25% | – | 1.000000 | – | – | 2.200000 | – |"),
+            "{md}"
+        );
     }
 }

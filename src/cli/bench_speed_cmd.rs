@@ -12,6 +12,7 @@ use super::{write_stdout, UserError};
 use crate::bench::memory::{bench_config, label, row_config, BenchModel, GridPoint, Measurement};
 use crate::bench::speed::{pytorch_method, EpisodeFile, PytorchPoint, SpeedBench, SpeedRow};
 use crate::config::{Config, DataSource, Precision};
+use crate::models::adapter_files::save_model_adapter;
 
 /// The workload's configuration: the benchmark's (5-way 5-shot 5-query, 32 tokens,
 /// LoRA r=8 on query/value, meta-batch 4) on `model_dir`, WordNet tasks.
@@ -139,6 +140,8 @@ pub(crate) fn run(global: &GlobalArgs, args: &BenchSpeedArgs) -> anyhow::Result<
         args.iterations + 1,
     )?;
     let base = with_file_settings(workload(&args.model_dir), &file);
+    let initial_adapter = output.join("initial-adapter");
+    write_initial_adapter(&base, &initial_adapter)?;
     let mut bench = SpeedBench {
         episodes: episodes_path.clone(),
         model: args.model_dir.clone(),
@@ -166,7 +169,13 @@ pub(crate) fn run(global: &GlobalArgs, args: &BenchSpeedArgs) -> anyhow::Result<
             let (mut melora, mut pytorch) = (None, None);
             for turn in 0..2 {
                 if (turn == 0) == (index % 2 == 1) && !args.melora_only {
-                    pytorch = Some(run_pytorch(args, &episodes_path, method, k, threads));
+                    pytorch = Some(run_pytorch(
+                        args,
+                        &episodes_path,
+                        &initial_adapter,
+                        (method, k),
+                        threads,
+                    ));
                 } else {
                     melora = Some(run_melora(
                         &config,
@@ -262,11 +271,22 @@ fn run_melora(
     measuring_process(command, Some(&yaml))
 }
 
+/// Writes the trainable parameters every point of `config` starts from (LoRA's A as
+/// the seed draws it, zero B and head) into `dir` as a PEFT adapter, so that the
+/// PyTorch script starts from the same and both first meta-iterations compare.
+fn write_initial_adapter(config: &Config, dir: &Path) -> anyhow::Result<()> {
+    let model = crate::run::build::build_model(config)?;
+    let params = crate::run::build::initial_params(model.as_ref(), config)?;
+    let base = config.model.path.as_ref().map(|p| p.display().to_string());
+    save_model_adapter(dir, model.as_ref(), &params, base.as_deref())?;
+    Ok(())
+}
+
 fn run_pytorch(
     args: &BenchSpeedArgs,
     episodes: &Path,
-    method: crate::config::Variant,
-    k: usize,
+    initial_adapter: &Path,
+    (method, k): (crate::config::Variant, usize),
     threads: usize,
 ) -> Result<PytorchPoint, String> {
     let method = pytorch_method(method).ok_or("no PyTorch counterpart")?;
@@ -277,6 +297,8 @@ fn run_pytorch(
         .arg(&args.model_dir)
         .arg("--episodes")
         .arg(episodes)
+        .arg("--initial-adapter")
+        .arg(initial_adapter)
         .args(["--method", method, "--k", &k.to_string()])
         .args(["--threads", &threads.to_string()])
         .args([

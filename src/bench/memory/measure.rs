@@ -31,6 +31,24 @@ pub struct Measurement {
     pub seconds_per_iter: f64,
     /// Threads candle's kernels ran on.
     pub kernel_threads: usize,
+    /// The share of the timed iterations' wall time spent in matrix products (the
+    /// calling thread waiting on a GEMM kernel, which runs on every kernel thread).
+    #[serde(default)]
+    pub matmul_share: Option<f64>,
+    /// What the warm-up meta-iteration (the first, from the initial parameters)
+    /// computed; `None` for a baseline, which does not meta-train.
+    #[serde(default)]
+    pub first_step: Option<FirstStep>,
+}
+
+/// The first meta-iteration's figures, which another implementation started from
+/// the same parameters on the same tasks must reproduce.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct FirstStep {
+    /// Mean query loss after adaptation over the meta-batch.
+    pub query_loss: f64,
+    /// Norm of the meta-batch's mean meta-gradient, before clipping.
+    pub meta_gradient_norm: f64,
 }
 
 /// The benchmark's tasks: synthetic text episodes of `config.data`'s shape whose
@@ -87,7 +105,7 @@ pub fn measure_on(
                 .adapt(engine.as_ref(), &params, &task.support, Mode::Eval)?;
             run.adapter
                 .predict(engine.as_ref(), &adapted, &task.query, Mode::Eval)?;
-            Ok(())
+            Ok(None)
         });
     };
     let meta_batch = config.meta_learning.meta_batch_size;
@@ -96,7 +114,7 @@ pub fn measure_on(
     timed(iterations, model_bytes, |iteration| {
         let tasks = prefetcher.next_batch()?;
         let dropout = training_mode(seed, iteration, meta_batch);
-        params = meta_step(
+        let (next, stats) = meta_step(
             learner.as_ref(),
             engine.as_ref(),
             &params,
@@ -104,28 +122,35 @@ pub fn measure_on(
             &mut outer,
             dropout,
         )
-        .map_err(|e| e.context(format!("meta-iteration {}", iteration + 1)))?
-        .0;
-        Ok(())
+        .map_err(|e| e.context(format!("meta-iteration {}", iteration + 1)))?;
+        params = next;
+        Ok(Some(FirstStep {
+            query_loss: stats.query_loss,
+            meta_gradient_norm: stats.grad_norm,
+        }))
     })
 }
 
 /// Runs `iteration(0)` as a warm-up — it sets up what a process sets up once
-/// (thread pools, kernel workspaces) and the optimiser state — then times
-/// `iteration(1..=iterations)` under a [`MemoryMeter`].
+/// (thread pools, kernel workspaces) and the optimiser state, and its figures are
+/// the [`FirstStep`] — then times `iteration(1..=iterations)` under a
+/// [`MemoryMeter`].
 fn timed(
     iterations: usize,
     model_bytes: u64,
-    mut iteration: impl FnMut(usize) -> Result<()>,
+    mut iteration: impl FnMut(usize) -> Result<Option<FirstStep>>,
 ) -> Result<Measurement> {
-    iteration(0)?;
+    let first_step = iteration(0)?;
     let meter = MemoryMeter::start();
     let mut seconds = Vec::with_capacity(iterations);
+    let matmul_before = candle_core::utils::matmul_nanos();
     for index in 1..=iterations {
         let started = Instant::now();
         iteration(index)?;
         seconds.push(started.elapsed().as_secs_f64());
     }
+    let matmul_seconds = (candle_core::utils::matmul_nanos() - matmul_before) as f64 * 1e-9;
+    let total_seconds: f64 = seconds.iter().sum();
     let (peak, baseline) = (meter.peak_bytes() as u64, meter.baseline_bytes() as u64);
     drop(meter);
     let installed = is_installed();
@@ -137,6 +162,8 @@ fn timed(
         seconds_per_iter: median(&seconds),
         seconds,
         kernel_threads: candle_core::utils::get_num_threads(),
+        matmul_share: (total_seconds > 0.0).then(|| matmul_seconds / total_seconds),
+        first_step,
     })
 }
 

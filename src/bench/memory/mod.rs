@@ -45,7 +45,7 @@ use crate::{Error, Result};
 // so anything more would be dead code.
 #[cfg(test)]
 use measure::tasks;
-pub use measure::{measure, measure_on, Measurement};
+pub use measure::{measure, measure_on, FirstStep, Measurement};
 pub use report::Summary;
 
 pub use super::machine::Machine;

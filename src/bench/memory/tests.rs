@@ -19,6 +19,8 @@ fn row(variant: Variant, k: usize, checkpointing: bool, peak: u64) -> MemoryRow 
             seconds: vec![0.3, 0.1, 0.2],
             seconds_per_iter: 0.2,
             kernel_threads: 1,
+            matmul_share: None,
+            first_step: None,
         }),
     )
 }

@@ -214,9 +214,10 @@ fn gemm_into<T: Accumulator>(
     } else {
         gemm::Parallelism::None
     };
+    // Timed as candle times its own products, for the benchmarks' share in GEMM.
     // SAFETY: dst is rows×k_out, x is rows×k_in contiguous, w holds k_in·k_out entries;
     // the strides address exactly those ranges.
-    unsafe {
+    candle_core::utils::time_matmul(|| unsafe {
         gemm::gemm(
             rows,
             k_out,
@@ -238,7 +239,7 @@ fn gemm_into<T: Accumulator>(
             false,
             parallelism,
         );
-    }
+    });
     dst
 }
 

@@ -3,7 +3,7 @@ use std::any::Any;
 use std::cell::UnsafeCell;
 use std::hint::spin_loop;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::thread::Thread;
 
@@ -421,6 +421,41 @@ fn candle_num_threads() -> usize {
         .and_then(|s| usize::from_str(&s).ok())
         .filter(|nt| nt > &0)
         .unwrap_or_else(rayon_num_threads)
+}
+
+// melora patch: the wall time of CPU matrix products, for benchmarks that report the
+// share of a run spent in them.
+static MATMUL_NANOS: AtomicU64 = AtomicU64::new(0);
+
+/// Nanoseconds spent in CPU matrix products since the process started, summed over
+/// the threads that called them (a product's own worker threads are not counted
+/// again): candle's, and those timed through [`time_matmul`].
+pub fn matmul_nanos() -> u64 {
+    MATMUL_NANOS.load(Ordering::Relaxed)
+}
+
+/// Runs `product` and adds its wall time to [`matmul_nanos`]: for matrix products
+/// computed outside candle's own op.
+pub fn time_matmul<R>(product: impl FnOnce() -> R) -> R {
+    let _timed = MatmulTimer::start();
+    product()
+}
+
+/// Adds the time from its start to its drop to [`matmul_nanos`].
+pub struct MatmulTimer(std::time::Instant);
+
+impl MatmulTimer {
+    /// Starts timing a matrix product.
+    pub fn start() -> Self {
+        Self(std::time::Instant::now())
+    }
+}
+
+impl Drop for MatmulTimer {
+    fn drop(&mut self) {
+        let nanos = u64::try_from(self.0.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        MATMUL_NANOS.fetch_add(nanos, Ordering::Relaxed);
+    }
 }
 
 pub fn get_num_threads() -> usize {

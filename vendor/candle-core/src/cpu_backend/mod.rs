@@ -1451,6 +1451,8 @@ impl Map2 for MatMul {
         rhs_l: &Layout,
     ) -> Result<Vec<T>> {
         use gemm::{gemm, Parallelism};
+        // melora patch: counted in utils::matmul_nanos.
+        let _timed = crate::utils::MatmulTimer::start();
 
         match T::DTYPE {
             DType::F16 | DType::F32 | DType::F64 => {}
