@@ -693,7 +693,7 @@ mod tests {
         // a row PyTorch did not run has melora's side only.
         assert!(
             md.contains(
-                "| FOMAML | 1 | 50% | 25% | 1.000000 | 1.000000 | 0.0e0 | 2.000000 | \
+                "| fomaml | 1 | 50% | 25% | 1.000000 | 1.000000 | 0.0e0 | 2.000000 | \
                  2.200000 | 1.0e-1 |"
             ),
             "{md}"
