@@ -8,6 +8,9 @@ use std::sync::{Mutex, OnceLock};
 use std::thread::Thread;
 
 const DEFAULT_BARRIER_POOL_SPIN_LIMIT: u32 = 25_000;
+/// melora patch: spins of an idle barrier-pool worker before it yields its core on
+/// each further spin (see PATCH.md).
+const YIELD_AFTER_SPINS: u32 = 256;
 
 /// Per-worker control on its own 64-byte cache line to prevent false sharing.
 #[repr(C, align(64))]
@@ -161,7 +164,13 @@ impl BarrierPool {
                                 }
                                 spins += 1;
                                 if spins < spin_limit {
-                                    spin_loop();
+                                    // melora patch: after a short spin, yield the core
+                                    // while waiting (see PATCH.md).
+                                    if spins < YIELD_AFTER_SPINS {
+                                        spin_loop();
+                                    } else {
+                                        std::thread::yield_now();
+                                    }
                                 } else {
                                     // Park deposits a token; unpark() before park() returns immediately — no race.
                                     std::thread::park();
