@@ -17,7 +17,7 @@ static ALLOCATOR: melora::memory::CountingAllocator = melora::memory::CountingAl
 /// model's frozen weights then read as zero, now and then.
 #[test]
 fn plans_keep_their_relations() {
-    let cases: [(&str, fn()); 8] = [
+    let cases: [(&str, fn()); 9] = [
         (
             "every_method_plans_on_every_model_with_and_without_checkpointing_and_micro_batches",
             every_method_plans_on_every_model_with_and_without_checkpointing_and_micro_batches,
@@ -43,6 +43,10 @@ fn plans_keep_their_relations() {
             precision_combinations_training_refuses_are_refused,
         ),
         ("a_plan_adds_up", a_plan_adds_up),
+        (
+            "second_order_micro_batches_apply_where_examples_split",
+            second_order_micro_batches_apply_where_examples_split,
+        ),
         (
             "loading_can_peak_above_the_meta_steps",
             loading_can_peak_above_the_meta_steps,
@@ -330,4 +334,17 @@ fn loading_can_peak_above_the_meta_steps() {
         p.step_peak_bytes()
     );
     assert_eq!(p.peak_bytes, p.load_peak_bytes);
+}
+
+/// The default second-order micro-batch (9) splits recompute-MAML's support set of
+/// 12 on a transformer, not a first-order method's, and not a model that couples
+/// its examples (Conv4's batch statistics), whatever the support set's size.
+fn second_order_micro_batches_apply_where_examples_split() {
+    let micro = |c: Config| check(&c).second_order_micro_batch;
+    let bert = text("tiny-bert", 8);
+    assert_eq!(micro(Variant::Maml.apply(&bert)), Some(9));
+    assert_eq!(micro(Variant::Fomaml.apply(&bert)), None);
+    let mut conv = images();
+    conv.data.k_shot = 6;
+    assert_eq!(micro(Variant::Maml.apply(&conv)), None);
 }

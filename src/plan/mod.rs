@@ -277,7 +277,7 @@ pub fn plan_with(config: &Config, options: &PlanOptions) -> Result<Plan> {
 
     // The model at its full size: frozen weights and the loading peak, exactly; and
     // the checks training makes of it (checkpointed layers it does not have).
-    let (weights, load_peak, trainable_parameters) = {
+    let (weights, load_peak, trainable_parameters, couples_examples) = {
         let meter = MemoryMeter::start();
         let model = crate::run::build::build_model(config)?;
         crate::run::build::build_engine(config, model.as_ref())?;
@@ -289,7 +289,12 @@ pub fn plan_with(config: &Config, options: &PlanOptions) -> Result<Plan> {
         } else {
             crate::run::build::initial_params(model.as_ref(), config)?
         };
-        (weights, load_peak, params.numel() as u64)
+        (
+            weights,
+            load_peak,
+            params.numel() as u64,
+            model.couples_examples(),
+        )
     };
     let target = Target::of(config, layers, tasks)?;
     let instances = instances_of(&target);
@@ -376,7 +381,7 @@ pub fn plan_with(config: &Config, options: &PlanOptions) -> Result<Plan> {
             config.evaluation.finetune_steps
         },
         micro_batch: config.memory_optimization.gradient_accumulation.micro_batch,
-        second_order_micro_batch: second_order_micro_batch(config),
+        second_order_micro_batch: second_order_micro_batch(config, couples_examples),
         checkpoint_layers: match (config.memory_optimization.checkpointing.plan(), layers) {
             (Some(plan), Some(l)) => Some(plan.boundaries(l)?),
             _ => None,
@@ -434,9 +439,12 @@ fn keeps_gradient_graphs(config: &Config) -> bool {
 }
 
 /// The second-order products' micro-batch where it applies: a method with such
-/// products outside a kept full graph, a model that can split its examples, and
-/// smaller than both the support set and `micro_batch`.
-fn second_order_micro_batch(config: &Config) -> Option<usize> {
+/// products outside a kept full graph, a model that can split its examples (it does
+/// not couple them, [`FewShotModel::couples_examples`]), and smaller than both the
+/// support set and `micro_batch`.
+///
+/// [`FewShotModel::couples_examples`]: crate::models::FewShotModel::couples_examples
+fn second_order_micro_batch(config: &Config, couples_examples: bool) -> Option<usize> {
     use crate::config::{InnerMode, LearnerSpec};
     let accumulation = &config.memory_optimization.gradient_accumulation;
     let size = accumulation.second_order_micro_batch?;
@@ -445,12 +453,9 @@ fn second_order_micro_batch(config: &Config) -> Option<usize> {
         LearnerSpec::Melora { .. } => keeps_gradient_graphs(config),
         _ => false,
     };
-    // Conv4 normalises with batch statistics (FewShotModel::couples_examples).
-    let coupled =
-        crate::config::pairing::ModelKind::of(config) == crate::config::pairing::ModelKind::Conv4;
     let finer =
         size < support_examples(config) && accumulation.micro_batch.is_none_or(|m| size < m);
-    (recomputes && !coupled && finer).then_some(size)
+    (recomputes && !couples_examples && finer).then_some(size)
 }
 
 /// Whether this process has not yet planned a configuration of `config`'s model,
