@@ -130,6 +130,17 @@ fn bench_data_tokenises_wordnet_with_a_given_tokenizer() {
     );
 }
 
+/// A temporary folder with a tiny BERT model folder (a tokenizer included) and the
+/// path for results; the folder lives as long as the returned guard.
+fn tiny_bert_workspace() -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny-bert");
+    common::write_tiny_bert_folder(&model);
+    common::write_wordpiece_tokenizer(&model.join("tokenizer.json"));
+    let out = dir.path().join("results");
+    (dir, model, out)
+}
+
 /// `bench speed --melora-only` on a tiny BERT folder and WordNet: the episodes file
 /// is written once and read back by a second run, every row is measured, and the
 /// table names each point.
@@ -143,11 +154,7 @@ fn bench_speed_measures_melora_on_written_episodes() {
         eprintln!("skipped: WordNet not installed");
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("tiny-bert");
-    common::write_tiny_bert_folder(&model);
-    common::write_wordpiece_tokenizer(&model.join("tokenizer.json"));
-    let out = dir.path().join("results");
+    let (_dir, model, out) = tiny_bert_workspace();
     let args = [
         "--output",
         out.to_str().unwrap(),
@@ -280,11 +287,7 @@ fn bench_speed_computes_what_pytorch_computes() {
         "WordNet missing: scripts/fetch-data.sh"
     );
     let python = std::env::var("MELORA_PYTHON").unwrap_or_else(|_| "python3".into());
-    let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("tiny-bert");
-    common::write_tiny_bert_folder(&model);
-    common::write_wordpiece_tokenizer(&model.join("tokenizer.json"));
-    let out = dir.path().join("results");
+    let (_dir, model, out) = tiny_bert_workspace();
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("bench/pytorch/meta_bench.py");
     let output = melora(&[
         "--output",
