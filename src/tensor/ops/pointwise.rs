@@ -2,12 +2,12 @@
 //!
 //! A composite like `0.5·x·(1 + erf(x/√2))` keeps four intermediate tensors alive
 //! for the backward pass; the fused op keeps only its input. Its backward is
-//! `grad · f′(x)`, where `f′` is the same op at derivative order 1, whose backward is
-//! `grad · f″(x)`, and so on: gradients stay differentiable (second order for MAML and
-//! Hessian-vector products, third for differentiating those), with each level
-//! computed from closed-form scalar formulas.
+//! `grad · f′(x)`, one op again (no separate `f′(x)` tensor), whose backward is
+//! `grad · f″(x)` and `c · f′(x)`, and so on: gradients stay differentiable (second
+//! order for MAML and Hessian-vector products, third for differentiating those),
+//! with each level computed from closed-form scalar formulas.
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 
 /// The fused functions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -195,12 +195,95 @@ impl CustomOp1 for PointwiseOp {
                 self.name()
             );
         }
-        let next = arg.apply_op1(PointwiseOp {
-            function: self.function,
-            order: self.order + 1,
-        })?;
-        Ok(Some((grad * next)?))
+        scaled_derivative(arg, grad, self.function, self.order + 1).map(Some)
     }
+}
+
+/// `g · f⁽ᵏ⁾(x)` as one op (`k = order ≥ 1`): the backward of [`PointwiseOp`] at order
+/// `k − 1`. A kept graph holds `x` and `g` (alive anyway) and the product, not the
+/// derivative `f⁽ᵏ⁾(x)` as well, an input-sized tensor per activation per inner step
+/// of full-graph MAML.
+struct ScaledDerivativeOp {
+    function: Pointwise,
+    order: u8,
+}
+
+impl CustomOp2 for ScaledDerivativeOp {
+    fn name(&self) -> &'static str {
+        match self.function {
+            Pointwise::GeluErf => "gelu-erf-backward",
+            Pointwise::GeluTanh => "gelu-tanh-backward",
+            Pointwise::Sigmoid => "sigmoid-backward",
+            Pointwise::Silu => "silu-backward",
+        }
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_layout: &Layout,
+        g: &CpuStorage,
+        g_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        if x_layout.shape() != g_layout.shape() {
+            candle_core::bail!(
+                "{}: input {:?} and gradient {:?} differ in shape",
+                self.name(),
+                x_layout.dims(),
+                g_layout.dims()
+            );
+        }
+        let (f, k) = (self.function, self.order);
+        let exact = |x: f64, g: f64| g * f.derivative(k, x);
+        macro_rules! apply {
+            ($($f:ident),*) => {
+                match (f, k) {
+                    $(
+                        (Pointwise::$f, 0) => super::rows::map_elements2((x, x_layout), (g, g_layout), exact, |x, g| {
+                            g * Pointwise::$f.derivative_f32(0, x)
+                        }),
+                        (Pointwise::$f, 1) => super::rows::map_elements2((x, x_layout), (g, g_layout), exact, |x, g| {
+                            g * Pointwise::$f.derivative_f32(1, x)
+                        }),
+                        (Pointwise::$f, 2) => super::rows::map_elements2((x, x_layout), (g, g_layout), exact, |x, g| {
+                            g * Pointwise::$f.derivative_f32(2, x)
+                        }),
+                        (Pointwise::$f, _) => super::rows::map_elements2((x, x_layout), (g, g_layout), exact, |x, g| {
+                            g * Pointwise::$f.derivative_f32(3, x)
+                        }),
+                    )*
+                }
+            };
+        }
+        let out = apply!(GeluErf, GeluTanh, Sigmoid, Silu)?;
+        Ok((out, x_layout.shape().clone()))
+    }
+
+    /// For a cotangent `c` of `g·f⁽ᵏ⁾(x)`: `d x = (c·g)·f⁽ᵏ⁺¹⁾(x)`, `d g = c·f⁽ᵏ⁾(x)`,
+    /// both this op again.
+    fn bwd(
+        &self,
+        x: &Tensor,
+        g: &Tensor,
+        _res: &Tensor,
+        c: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        if self.order >= MAX_ORDER {
+            candle_core::bail!(
+                "{}: derivatives beyond order {MAX_ORDER} are not provided (MAML needs at most the third)",
+                self.name()
+            );
+        }
+        let d_x = scaled_derivative(x, &(c * g)?, self.function, self.order + 1)?;
+        let d_g = scaled_derivative(x, c, self.function, self.order)?;
+        Ok((Some(d_x), Some(d_g)))
+    }
+}
+
+/// `g · f⁽ᵒʳᵈᵉʳ⁾(x)`, differentiable in both.
+fn scaled_derivative(x: &Tensor, g: &Tensor, function: Pointwise, order: u8) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op2(&g.contiguous()?, ScaledDerivativeOp { function, order })
 }
 
 /// `function` applied element-wise to `x`.
@@ -272,6 +355,36 @@ mod tests {
         }
     }
 
+    /// `g·f′(x)`, the activation's backward, has exact first and second derivatives
+    /// in both `x` and `g` (finite differences), so MAML differentiates through it.
+    #[test]
+    fn the_backward_op_has_exact_derivatives() {
+        use crate::tensor::gradcheck::{
+            check_derivatives, random_tensor, FIRST_ORDER_TOLERANCE, SECOND_ORDER_TOLERANCE,
+        };
+        let dev = candle_core::Device::Cpu;
+        for f in [
+            Pointwise::GeluErf,
+            Pointwise::GeluTanh,
+            Pointwise::Sigmoid,
+            Pointwise::Silu,
+        ] {
+            let x = random_tensor(&[3, 5], 41, &dev).unwrap();
+            let g = random_tensor(&[3, 5], 42, &dev).unwrap();
+            let product = scaled_derivative(&x, &g, f, 1).unwrap();
+            let reference = pointwise_derivative(&x, f).unwrap().mul(&g).unwrap();
+            let diff = crate::tensor::test_support::max_abs_diff(&product, &reference);
+            assert!(diff < 1e-15, "{f:?}: {diff}");
+            let errors =
+                check_derivatives(&[x, g], |t| scaled_derivative(&t[0], &t[1], f, 1)).unwrap();
+            assert!(
+                errors.first_order < FIRST_ORDER_TOLERANCE
+                    && errors.second_order < SECOND_ORDER_TOLERANCE,
+                "{f:?}: {errors:?}"
+            );
+        }
+    }
+
     #[test]
     fn beyond_the_highest_order_is_a_clear_error() {
         let op = PointwiseOp {
@@ -280,6 +393,12 @@ mod tests {
         };
         let x = Tensor::new(&[1.0f64], &candle_core::Device::Cpu).unwrap();
         let err = op.bwd(&x, &x, &x).unwrap_err().to_string();
+        assert!(err.contains("not provided"), "{err}");
+        let op = ScaledDerivativeOp {
+            function: Pointwise::Silu,
+            order: MAX_ORDER,
+        };
+        let err = op.bwd(&x, &x, &x, &x).unwrap_err().to_string();
         assert!(err.contains("not provided"), "{err}");
     }
 }

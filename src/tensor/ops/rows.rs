@@ -138,6 +138,71 @@ pub(crate) fn map_elements(
     })
 }
 
+/// `out[i] = f(to(a[i]), to(b[i]))` converted back by `from`, in parallel chunks.
+fn map_chunks2<T: Copy + Send + Sync, U: Copy + Send + Sync>(
+    a: &[T],
+    b: &[T],
+    to: impl Fn(T) -> U + Sync,
+    from: impl Fn(U) -> T + Sync,
+    f: &(impl Fn(U, U) -> U + Sync),
+) -> Vec<T> {
+    let run = |(dst, (x, y)): (&mut [T], (&[T], &[T]))| {
+        for ((d, &u), &v) in dst.iter_mut().zip(x).zip(y) {
+            *d = from(f(to(u), to(v)));
+        }
+    };
+    let mut out = a.to_vec();
+    if a.len() < PARALLEL_THRESHOLD {
+        run((&mut out, (a, b)));
+    } else {
+        out.par_chunks_mut(ELEMENT_CHUNK)
+            .zip(a.par_chunks(ELEMENT_CHUNK).zip(b.par_chunks(ELEMENT_CHUNK)))
+            .for_each(run);
+    }
+    out
+}
+
+/// [`map_elements`] of two contiguous tensors of the same dtype and size:
+/// `out[i] = f(a[i], b[i])`.
+pub(crate) fn map_elements2(
+    (a, a_layout): (&CpuStorage, &Layout),
+    (b, b_layout): (&CpuStorage, &Layout),
+    f64: impl Fn(f64, f64) -> f64 + Sync,
+    f32: impl Fn(f32, f32) -> f32 + Sync,
+) -> Result<CpuStorage> {
+    let (Some((a0, a1)), Some((b0, b1))) =
+        (a_layout.contiguous_offsets(), b_layout.contiguous_offsets())
+    else {
+        candle_core::bail!("fused op: expects contiguous inputs");
+    };
+    if a1 - a0 != b1 - b0 {
+        candle_core::bail!("fused op: inputs of {} and {} elements", a1 - a0, b1 - b0);
+    }
+    Ok(match (a, b) {
+        (CpuStorage::F64(a), CpuStorage::F64(b)) => {
+            CpuStorage::F64(map_chunks2(&a[a0..a1], &b[b0..b1], |x| x, |x| x, &f64))
+        }
+        (CpuStorage::F32(a), CpuStorage::F32(b)) => {
+            CpuStorage::F32(map_chunks2(&a[a0..a1], &b[b0..b1], |x| x, |x| x, &f32))
+        }
+        (CpuStorage::BF16(a), CpuStorage::BF16(b)) => CpuStorage::BF16(map_chunks2(
+            &a[a0..a1],
+            &b[b0..b1],
+            half::bf16::to_f32,
+            half::bf16::from_f32,
+            &f32,
+        )),
+        (CpuStorage::F16(a), CpuStorage::F16(b)) => CpuStorage::F16(map_chunks2(
+            &a[a0..a1],
+            &b[b0..b1],
+            half::f16::to_f32,
+            half::f16::from_f32,
+            &f32,
+        )),
+        _ => candle_core::bail!("fused op: floating-point inputs of one dtype expected"),
+    })
+}
+
 /// Contiguous float elements of any dtype, read as f64.
 #[derive(Clone, Copy)]
 enum Floats<'a> {
