@@ -1,14 +1,14 @@
 //! Layer normalisation as one op: the forward pass makes one tensor and keeps only
-//! its input for the backward, whose formula is written with differentiable tensor
-//! ops (so second derivatives are exact) instead of a chain of seven retained
-//! intermediates.
+//! its input for the backward (instead of a chain of seven retained intermediates),
+//! whose formula has exact derivatives to second order and beyond.
 //!
-//! In half precision (bf16/f16 activations) the backward is itself one op
-//! ([`LayerNormGradOp`]) computing each row in f64: candle sums bf16/f16 tensors in
-//! their own type, which loses the row means the formula needs (a 384-wide bf16 sum
-//! keeps about two significant digits). Its own backward, the second derivative MAML
-//! differentiates through, is written with tensor ops in f32 on upcast copies that
-//! live only during the backward pass.
+//! The input gradient is itself one op ([`LayerNormGradOp`]) computing each row in
+//! f64: it keeps only its inputs in a graph that is differentiated again (the
+//! composite formula would keep seven intermediates), and in half precision it keeps
+//! the row means that candle's bf16/f16 sums lose (a 384-wide bf16 sum keeps about
+//! two significant digits). Its own backward, the second derivative MAML
+//! differentiates through, is written with tensor ops in the working dtype (f32 for
+//! half precision) on copies that live only during the backward pass.
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 
@@ -69,7 +69,14 @@ impl CustomOp3 for LayerNormOp {
     }
 
     /// With x̂ = (x − μ)/σ and ĝ = grad·γ (means over the last dimension):
-    /// dx = (ĝ − mean(ĝ) − x̂·mean(ĝ·x̂)) / σ, dγ = Σ grad·x̂, dβ = Σ grad.
+    /// dx = (ĝ − mean(ĝ) − x̂·mean(ĝ·x̂)) / σ (one op, [`LayerNormGradOp`]),
+    /// dγ = Σ grad·x̂, dβ = Σ grad.
+    ///
+    /// `dx` is one op in every dtype: written with tensor ops it would keep about
+    /// seven input-sized intermediates per layer norm for as long as a kept graph
+    /// lives (full-graph MAML keeps K of them), and in half precision candle's row
+    /// sums would lose the means. The scale's and shift's gradients (only when they
+    /// are trained) are tensor ops in the working dtype.
     fn bwd(
         &self,
         x: &Tensor,
@@ -78,37 +85,30 @@ impl CustomOp3 for LayerNormOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        if is_half(x.dtype()) {
-            return self.half_bwd(x, gamma, beta, grad);
-        }
-        let centered = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
-        let rstd = (centered.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?
-            .sqrt()?
-            .recip()?;
-        let normed = centered.broadcast_mul(&rstd)?;
-        let g_hat = grad.broadcast_mul(gamma)?;
-        let dx = g_hat
-            .broadcast_sub(&g_hat.mean_keepdim(D::Minus1)?)?
-            .sub(&normed.broadcast_mul(&(&g_hat * &normed)?.mean_keepdim(D::Minus1)?)?)?
-            .broadcast_mul(&rstd)?;
+        let dx = x.apply_op3(
+            gamma,
+            &grad.contiguous()?,
+            LayerNormGradOp { eps: self.eps },
+        )?;
         let width = x.dim(D::Minus1)?;
         let rows = x.elem_count() / width;
+        let work = work_dtype(x.dtype());
+        let grad_w = || grad.to_dtype(work)?.reshape((rows, width));
         // A frozen scale or shift (every transformer's) needs no gradient: skipping it
         // saves two row reductions and their graph.
-        let d_gamma = gamma
-            .track_op()
-            .then(|| (grad * &normed)?.reshape((rows, width))?.sum(0))
-            .transpose()?;
+        let d_gamma = if gamma.track_op() {
+            let (normed, _) = normalised(&x.to_dtype(work)?, self.eps)?;
+            let sum = (grad_w()? * normed.reshape((rows, width))?)?.sum(0)?;
+            Some(light(sum.to_dtype(gamma.dtype())?))
+        } else {
+            None
+        };
         let d_beta = beta
             .track_op()
-            .then(|| grad.reshape((rows, width))?.sum(0))
+            .then(|| Ok::<_, candle_core::Error>(light(grad_w()?.sum(0)?.to_dtype(beta.dtype())?)))
             .transpose()?;
         Ok((Some(dx), d_gamma, d_beta))
     }
-}
-
-fn is_half(dtype: DType) -> bool {
-    matches!(dtype, DType::BF16 | DType::F16)
 }
 
 /// A backward result as the pass needs it: with its graph where it may be
@@ -139,40 +139,6 @@ fn normalised(x: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
         .sqrt()?
         .recip()?;
     Ok((centered.broadcast_mul(&rstd)?, rstd))
-}
-
-impl LayerNormOp {
-    /// The backward in half precision: `dx` from the fused op; the scale's and
-    /// shift's gradients (only when they are trained) in the working dtype.
-    fn half_bwd(
-        &self,
-        x: &Tensor,
-        gamma: &Tensor,
-        beta: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let dx = x.apply_op3(
-            gamma,
-            &grad.contiguous()?,
-            LayerNormGradOp { eps: self.eps },
-        )?;
-        let width = x.dim(D::Minus1)?;
-        let rows = x.elem_count() / width;
-        let work = work_dtype(x.dtype());
-        let grad_w = || grad.to_dtype(work)?.reshape((rows, width));
-        let d_gamma = if gamma.track_op() {
-            let (normed, _) = normalised(&x.to_dtype(work)?, self.eps)?;
-            let sum = (grad_w()? * normed.reshape((rows, width))?)?.sum(0)?;
-            Some(light(sum.to_dtype(gamma.dtype())?))
-        } else {
-            None
-        };
-        let d_beta = beta
-            .track_op()
-            .then(|| Ok::<_, candle_core::Error>(light(grad_w()?.sum(0)?.to_dtype(beta.dtype())?)))
-            .transpose()?;
-        Ok((Some(dx), d_gamma, d_beta))
-    }
 }
 
 /// The input gradient of layer normalisation as one op, inputs `(x, gamma, grad)`:
@@ -282,8 +248,8 @@ impl CustomOp3 for LayerNormGradOp {
     }
 }
 
-/// The input gradient of layer normalisation as one fused op (used by its backward in
-/// half precision; exposed for tests of its derivatives in f64).
+/// The input gradient of layer normalisation as one fused op (what its backward
+/// uses; exposed for tests of its derivatives in f64).
 #[cfg(test)]
 pub(crate) fn layer_norm_grad(
     x: &Tensor,
@@ -314,8 +280,9 @@ mod tests {
     use crate::tensor::test_support::max_abs_diff;
     use candle_core::{Device, Var};
 
-    /// The fused input gradient equals the tensor-op formula, and its own derivatives
-    /// (in x, gamma and grad) match finite differences at first and second order.
+    /// The fused input gradient equals candle's gradient of the layer norm written
+    /// with tensor ops, and its own derivatives (in x, gamma and grad) match finite
+    /// differences at first and second order.
     #[test]
     fn fused_layer_norm_gradient_and_its_derivatives_are_exact() {
         let dev = Device::Cpu;
@@ -324,12 +291,21 @@ mod tests {
         let beta = random_tensor(&[6], 3, &dev).unwrap();
         let grad = random_tensor(&[3, 6], 4, &dev).unwrap();
         let xv = Var::from_tensor(&x).unwrap();
-        let y = layer_norm(&xv, &gamma, &beta, 1e-3).unwrap();
+        let (normed, _) = normalised(&xv, 1e-3).unwrap();
+        let y = normed
+            .broadcast_mul(&gamma)
+            .unwrap()
+            .broadcast_add(&beta)
+            .unwrap();
         let store = (y * &grad).unwrap().sum_all().unwrap().backward().unwrap();
         let reference = store.get(&xv).unwrap();
         let fused = layer_norm_grad(&x, &gamma, &grad, 1e-3).unwrap();
         let diff = max_abs_diff(reference, &fused);
         assert!(diff < 1e-13, "{diff}");
+        // The op's own backward uses the fused gradient: the same values.
+        let y = layer_norm(&xv, &gamma, &beta, 1e-3).unwrap();
+        let store = (y * &grad).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(max_abs_diff(store.get(&xv).unwrap(), &fused) < 1e-15);
         let errors = check_derivatives(&[x, gamma, grad], |t| {
             layer_norm_grad(&t[0], &t[1], &t[2], 1e-3)
         })
