@@ -1,10 +1,9 @@
 //! Softmax over the last dimension as one op, optionally masked. The forward keeps
-//! only its output; the backward `p ⊙ (g − Σ g⊙p)` is written with tensor ops on that
-//! output, whose own backward is this op again, so second derivatives are exact.
-//!
-//! In half precision the backward is one op ([`SoftmaxGradOp`]) that sums each row in
-//! f64 (candle sums bf16/f16 in their own type); its derivative in `g` is the same op,
-//! its derivative in `p` tensor ops in f32 on copies alive only during the backward.
+//! only its output; the backward `p ⊙ (g − Σ g⊙p)` is one op too ([`SoftmaxGradOp`],
+//! each row summed in f64, which half precision needs: candle sums bf16/f16 in their
+//! own type). Its derivative in `g` is the same op, its derivative in `p` tensor ops
+//! in the working dtype on copies alive only during the backward, so second
+//! derivatives are exact.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
 
@@ -61,6 +60,8 @@ impl KeepMask {
 
 struct SoftmaxOp {
     keep: Option<KeepMask>,
+    /// The inputs are multiplied by this first (attention's 1/√d).
+    scale: f64,
 }
 
 impl CustomOp1 for SoftmaxOp {
@@ -78,9 +79,10 @@ impl CustomOp1 for SoftmaxOp {
         let out = map_rows(storage, layout, width, |row, x, p| {
             let keep = self.keep.as_ref().map(|k| k.row(&dims, row));
             let kept = |j: usize| keep.is_none_or(|k| k[j] != 0);
+            let scale = self.scale;
             let max = (0..width)
                 .filter(|&j| kept(j))
-                .map(|j| x[j])
+                .map(|j| scale * x[j])
                 .fold(f64::NEG_INFINITY, f64::max);
             if max == f64::NEG_INFINITY {
                 p.fill(0.0); // nothing to attend to
@@ -88,7 +90,11 @@ impl CustomOp1 for SoftmaxOp {
             }
             let mut sum = 0.0;
             for j in 0..width {
-                p[j] = if kept(j) { (x[j] - max).exp() } else { 0.0 };
+                p[j] = if kept(j) {
+                    (scale * x[j] - max).exp()
+                } else {
+                    0.0
+                };
                 sum += p[j];
             }
             p.iter_mut().for_each(|v| *v /= sum);
@@ -97,25 +103,26 @@ impl CustomOp1 for SoftmaxOp {
     }
 
     fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(softmax_backward(res, grad)?))
+        Ok(Some(scaled_softmax_backward(res, grad, self.scale)?))
     }
 }
 
-/// The input gradient of a (masked) softmax with output `p` for the output gradient
-/// `g`, differentiable in both: tensor ops in f32/f64, [`softmax_grad`] in half
-/// precision (which sums rows in f64).
-pub(crate) fn softmax_backward(p: &Tensor, g: &Tensor) -> Result<Tensor> {
-    if matches!(p.dtype(), DType::BF16 | DType::F16) {
-        return softmax_grad(p, g);
-    }
-    let weighted = (g * p)?.sum_keepdim(candle_core::D::Minus1)?;
-    p * g.broadcast_sub(&weighted)?
+/// The input gradient of a (masked) softmax of `scale·x` with output `p` for the
+/// output gradient `g`, `scale·p ⊙ (g − Σ g⊙p)`, differentiable in both: one op
+/// ([`SoftmaxGradOp`], rows summed in f64) that a kept graph holds with its inputs
+/// only (as tensor ops it would also keep `g ⊙ p` and `g − Σ g⊙p`, two score-sized
+/// tensors per softmax).
+pub(crate) fn scaled_softmax_backward(p: &Tensor, g: &Tensor, scale: f64) -> Result<Tensor> {
+    p.contiguous()?
+        .apply_op2(&g.contiguous()?, SoftmaxGradOp { scale })
 }
 
-/// The input gradient of a softmax with output `p` for an output gradient `g`,
-/// `p ⊙ (g − Σ g⊙p)` per row, computed in f64 and returned in `p`'s dtype. Masked
-/// entries have p = 0 and get 0.
-struct SoftmaxGradOp;
+/// The input gradient of a softmax of `scale·x` with output `p` for an output
+/// gradient `g`, `scale·p ⊙ (g − Σ g⊙p)` per row, computed in f64 and returned in
+/// `p`'s dtype. Masked entries have p = 0 and get 0.
+struct SoftmaxGradOp {
+    scale: f64,
+}
 
 impl CustomOp2 for SoftmaxGradOp {
     fn name(&self) -> &'static str {
@@ -133,14 +140,15 @@ impl CustomOp2 for SoftmaxGradOp {
         let out = map_rows2((p, p_layout), (g, g_layout), width, |_, p, g, d| {
             let s: f64 = p.iter().zip(g).map(|(p, g)| p * g).sum();
             for j in 0..width {
-                d[j] = p[j] * (g[j] - s);
+                d[j] = self.scale * p[j] * (g[j] - s);
             }
         })?;
         Ok((out, p_layout.shape().clone()))
     }
 
-    /// For a cotangent `c` of `d = p ⊙ (g − ⟨g, p⟩)`: `d g = p ⊙ (c − ⟨c, p⟩)` (this op
-    /// again) and `d p = c ⊙ (g − ⟨g, p⟩) − g·⟨c, p⟩` (tensor ops, working dtype).
+    /// For a cotangent `c` of `d = s·p ⊙ (g − ⟨g, p⟩)`: `d g = s·p ⊙ (c − ⟨c, p⟩)`
+    /// (this op again) and `d p = s·(c ⊙ (g − ⟨g, p⟩) − g·⟨c, p⟩)` (tensor ops, working
+    /// dtype).
     fn bwd(
         &self,
         p: &Tensor,
@@ -148,46 +156,62 @@ impl CustomOp2 for SoftmaxGradOp {
         _res: &Tensor,
         c: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let d_g = softmax_grad(p, c)?.to_dtype(g.dtype())?;
+        let d_g = scaled_softmax_backward(p, c, self.scale)?.to_dtype(g.dtype())?;
         let work = work_dtype(p.dtype());
         let (pw, gw, cw) = (p.to_dtype(work)?, g.to_dtype(work)?, c.to_dtype(work)?);
         let s_g = (&gw * &pw)?.sum_keepdim(D::Minus1)?;
         let s_c = (&cw * &pw)?.sum_keepdim(D::Minus1)?;
-        let d_p = (cw * gw.broadcast_sub(&s_g)?)?.sub(&gw.broadcast_mul(&s_c)?)?;
+        let mut d_p = (cw * gw.broadcast_sub(&s_g)?)?.sub(&gw.broadcast_mul(&s_c)?)?;
+        if self.scale != 1.0 {
+            d_p = (d_p * self.scale)?;
+        }
         Ok((Some(light(d_p.to_dtype(p.dtype())?)), Some(d_g)))
     }
 }
 
-/// `p ⊙ (g − Σ g⊙p)` over the last dimension as one op.
-pub(crate) fn softmax_grad(p: &Tensor, g: &Tensor) -> Result<Tensor> {
-    p.contiguous()?.apply_op2(&g.contiguous()?, SoftmaxGradOp)
-}
-
-/// Softmax over the last dimension, entries with a zero in `keep` (broadcastable over
-/// whole rows) excluded.
-pub(crate) fn softmax(x: &Tensor, keep: Option<&Tensor>) -> Result<Tensor> {
+/// Softmax of `scale·x` over the last dimension, entries with a zero in `keep`
+/// (broadcastable over whole rows) excluded.
+pub(crate) fn softmax(x: &Tensor, keep: Option<&Tensor>, scale: f64) -> Result<Tensor> {
     let keep = keep.map(|k| KeepMask::new(k, x.dims())).transpose()?;
-    x.contiguous()?.apply_op1(SoftmaxOp { keep })
+    x.contiguous()?.apply_op1(SoftmaxOp { keep, scale })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::tensor::gradcheck::{check_derivatives, random_tensor};
+    use crate::tensor::test_support::max_abs_diff;
     use candle_core::Device;
 
     /// The fused softmax gradient, with the softmax's output as `p`, has exact first
-    /// and second derivatives in both `p` and `g`.
+    /// and second derivatives in both `p` and `g`, scaled or not; the scaled softmax
+    /// equals the softmax of scaled inputs, and so do their gradients.
     #[test]
     fn fused_softmax_gradient_derivatives_are_exact() {
         let dev = Device::Cpu;
-        let p = softmax(&random_tensor(&[3, 5], 1, &dev).unwrap(), None).unwrap();
+        let x = random_tensor(&[3, 5], 1, &dev).unwrap();
         let g = random_tensor(&[3, 5], 2, &dev).unwrap();
-        let errors = check_derivatives(&[p, g], |t| softmax_grad(&t[0], &t[1])).unwrap();
-        assert!(
-            errors.first_order < 1e-6 && errors.second_order < 1e-4,
-            "{errors:?}"
-        );
+        for scale in [1.0, 0.35] {
+            let p = softmax(&x, None, scale).unwrap();
+            let reference = softmax(&(&x * scale).unwrap(), None, 1.0).unwrap();
+            assert!(max_abs_diff(&p, &reference) < 1e-15);
+            let errors = check_derivatives(&[p, g.clone()], |t| {
+                scaled_softmax_backward(&t[0], &t[1], scale)
+            })
+            .unwrap();
+            assert!(
+                errors.first_order < 1e-6 && errors.second_order < 1e-4,
+                "{scale}: {errors:?}"
+            );
+            let errors = check_derivatives(std::slice::from_ref(&x), |t| {
+                softmax(&t[0], None, scale)?.sqr()
+            })
+            .unwrap();
+            assert!(
+                errors.first_order < 1e-6 && errors.second_order < 1e-4,
+                "{scale}: {errors:?}"
+            );
+        }
     }
 
     /// bf16 attention-shaped softmax: gradient and Hessian-vector product close to f64.
@@ -200,7 +224,10 @@ mod tests {
         let derivatives = |dtype: DType| -> (Tensor, Tensor) {
             crate::tensor::second_order::ensure_second_order().unwrap();
             let xv = candle_core::Var::from_tensor(&x.to_dtype(dtype).unwrap()).unwrap();
-            let y = softmax(&xv, None).unwrap().to_dtype(DType::F64).unwrap();
+            let y = softmax(&xv, None, 1.0)
+                .unwrap()
+                .to_dtype(DType::F64)
+                .unwrap();
             let s = ((&y * &r).unwrap().sum_all().unwrap()
                 + (y.sqr().unwrap().sum_all().unwrap() * 10.0).unwrap())
             .unwrap();

@@ -4,7 +4,7 @@ use candle_core::{Result, Tensor, D};
 
 /// Softmax over the last dimension (one fused op).
 pub fn softmax(x: &Tensor) -> Result<Tensor> {
-    super::fused_softmax::softmax(x, None)
+    super::fused_softmax::softmax(x, None, 1.0)
 }
 
 /// Softmax over the last dimension where `keep` (any numeric dtype, broadcastable to
@@ -12,7 +12,13 @@ pub fn softmax(x: &Tensor) -> Result<Tensor> {
 /// others get probability exactly 0 and no gradient. A row with nothing kept comes out
 /// all zeros (it attends to nothing), never NaN.
 pub fn masked_softmax(x: &Tensor, keep: &Tensor) -> Result<Tensor> {
-    super::fused_softmax::softmax(x, Some(keep))
+    super::fused_softmax::softmax(x, Some(keep), 1.0)
+}
+
+/// [`masked_softmax`] of `scale·x` as one op (attention's scaled scores, without a
+/// scaled copy of them in the graph).
+pub(crate) fn scaled_masked_softmax(x: &Tensor, scale: f64, keep: &Tensor) -> Result<Tensor> {
+    super::fused_softmax::softmax(x, Some(keep), scale)
 }
 
 /// Log-softmax over the last dimension: `x − max − log Σ exp(x − max)`.
