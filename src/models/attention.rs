@@ -8,49 +8,44 @@ use candle_core::{DType, Device, Tensor};
 use super::StackContext;
 use crate::data::Batch;
 use crate::nn::{LoraLinear, Mode};
+use crate::tensor::ops::HeadLayout;
 use crate::tensor::{ops, ParamSet};
 use crate::{Error, Result};
 
-/// `[b, t, h·d]` → `[b, h, t, d]`.
-fn split_heads(x: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
-    let (b, t, width) = x.dims3()?;
-    x.reshape((b, t, heads, width / heads))?
-        .transpose(1, 2)?
-        .contiguous()
-}
-
-/// `[b, h, t, d]` → `[b, t, h·d]`.
-fn merge_heads(x: &Tensor) -> candle_core::Result<Tensor> {
-    let (b, h, t, d) = x.dims4()?;
-    x.transpose(1, 2)?.contiguous()?.reshape((b, t, h * d))
-}
-
-/// The constants of an attention core: heads, score scale, key mask and score bias.
+/// The constants of an attention core: the move between rows and heads, the score
+/// scale, key mask and score bias.
 struct Core {
-    heads: usize,
+    heads: HeadLayout,
     scale: f64,
     keep: Tensor,
     bias: Option<Tensor>,
 }
 
 impl Core {
-    /// Attention probabilities `[b, h, t, t]` of head-split queries and keys.
-    fn probabilities(&self, q: &Tensor, k: &Tensor) -> candle_core::Result<Tensor> {
-        let mut scores = q.matmul(&k.transpose(2, 3)?.contiguous()?)?;
-        if self.scale != 1.0 {
-            scores = (scores * self.scale)?;
+    /// Attention probabilities `[b, h, t, t]` of head-split queries `[b, h, t, d]` and
+    /// transposed keys `[b, h, d, t]`. Without a bias the scale is part of the softmax
+    /// op (no scaled copy of the scores in the graph).
+    fn probabilities(&self, q: &Tensor, k_t: &Tensor) -> candle_core::Result<Tensor> {
+        let scores = q.matmul(k_t)?;
+        match &self.bias {
+            None => ops::scaled_masked_softmax(&scores, self.scale, &self.keep),
+            Some(bias) => {
+                let scores = if self.scale != 1.0 {
+                    (scores * self.scale)?
+                } else {
+                    scores
+                };
+                ops::masked_softmax(&scores.broadcast_add(bias)?, &self.keep)
+            }
         }
-        if let Some(bias) = &self.bias {
-            scores = scores.broadcast_add(bias)?;
-        }
-        ops::masked_softmax(&scores, &self.keep)
     }
 
-    /// `softmax(q·kᵀ·scale + bias)·v` per head, `[b, t, h·d]` in and out.
+    /// `softmax(q·kᵀ·scale + bias)·v` per head, on rows (`[.., n, h·d]`) in and out.
     fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tensor> {
         let probs =
-            self.probabilities(&split_heads(q, self.heads)?, &split_heads(k, self.heads)?)?;
-        merge_heads(&probs.matmul(&split_heads(v, self.heads)?)?)
+            self.probabilities(&self.heads.split(q, false)?, &self.heads.split(k, true)?)?;
+        self.heads
+            .merge(&probs.matmul(&self.heads.split(v, false)?)?, false)
     }
 
     /// The gradients of `⟨forward(q, k, v), g⟩` in `q`, `k` and `v`, written with
@@ -62,26 +57,23 @@ impl Core {
         v: &Tensor,
         g: &Tensor,
     ) -> candle_core::Result<Vec<Tensor>> {
-        let heads = self.heads;
-        let (q, k, v, g) = (
-            split_heads(q, heads)?,
-            split_heads(k, heads)?,
-            split_heads(v, heads)?,
-            split_heads(g, heads)?,
+        let split = |x: &Tensor, transposed| self.heads.split(x, transposed);
+        let (q, k_t, v, g) = (
+            split(q, false)?,
+            split(k, true)?,
+            split(v, false)?,
+            split(g, false)?,
         );
-        let probs = self.probabilities(&q, &k)?;
-        let d_v = probs.transpose(2, 3)?.contiguous()?.matmul(&g)?;
-        let d_probs = g.matmul(&v.transpose(2, 3)?.contiguous()?)?;
-        let mut d_scores = ops::softmax_backward(&probs, &d_probs)?;
-        if self.scale != 1.0 {
-            d_scores = (d_scores * self.scale)?;
-        }
-        let d_q = d_scores.matmul(&k)?;
-        let d_k = d_scores.transpose(2, 3)?.contiguous()?.matmul(&q)?;
+        let probs = self.probabilities(&q, &k_t)?;
+        let d_v = probs.transpose(2, 3)?.matmul(&g)?;
+        let d_probs = g.matmul(&v.transpose(2, 3)?)?;
+        let d_scores = ops::scaled_softmax_backward(&probs, &d_probs, self.scale)?;
+        let d_q = d_scores.matmul(&k_t.transpose(2, 3)?)?;
+        let d_k_t = q.transpose(2, 3)?.matmul(&d_scores)?;
         Ok(vec![
-            merge_heads(&d_q)?,
-            merge_heads(&d_k)?,
-            merge_heads(&d_v)?,
+            self.heads.merge(&d_q, false)?,
+            self.heads.merge(&d_k_t, true)?,
+            self.heads.merge(&d_v, false)?,
         ])
     }
 }
@@ -172,15 +164,16 @@ impl SelfAttention {
         mode: Mode,
         recompute: bool,
     ) -> Result<Tensor> {
-        // Projections on the (possibly packed) rows; the core on the padded layout.
+        // Projections on the (possibly packed) rows; the core moves them into the
+        // padded head layout and its result back.
         let (q, k, v) = match &self.projections {
             Projections::Separate { query, key, value } => (
-                context.unpack(&query.forward(x, params, mode)?)?,
-                context.unpack(&key.forward(x, params, mode)?)?,
-                context.unpack(&value.forward(x, params, mode)?)?,
+                query.forward(x, params, mode)?,
+                key.forward(x, params, mode)?,
+                value.forward(x, params, mode)?,
             ),
             Projections::Fused(qkv) => {
-                let qkv = context.unpack(&qkv.forward(x, params, mode)?)?;
+                let qkv = qkv.forward(x, params, mode)?;
                 let width = qkv.dim(2)? / 3;
                 (
                     qkv.narrow(2, 0, width)?,
@@ -190,7 +183,7 @@ impl SelfAttention {
             }
         };
         let core = Core {
-            heads: self.heads,
+            heads: context.head_layout(x, self.heads)?,
             scale: self.scale,
             keep: context.keep.clone(),
             bias: context.bias.clone(),
@@ -207,8 +200,7 @@ impl SelfAttention {
         } else {
             core.forward(&q, &k, &v)?
         };
-        self.output
-            .forward(&context.pack(&attention)?, params, mode)
+        self.output.forward(&attention, params, mode)
     }
 }
 

@@ -35,6 +35,7 @@ pub use weights::Weights;
 
 use crate::data::Batch;
 use crate::nn::{AdapterConfig, LoraInit, LoraLinear, LoraSpec, Mode};
+use crate::tensor::ops::HeadLayout;
 use crate::tensor::{ops, ParamSet};
 use crate::{Error, Result};
 use packing::TokenPacking;
@@ -236,8 +237,20 @@ impl StackContext {
         }
     }
 
+    /// Attention's move between hidden-state rows as the layers hold them (`h`'s
+    /// layout: packed `[1, n, width]` or `[b, t, width]`) and `heads` heads.
+    pub(crate) fn head_layout(&self, h: &Tensor, heads: usize) -> Result<HeadLayout> {
+        Ok(match &self.packing {
+            Some(packing) => packing.head_layout(heads),
+            None => {
+                let (batch, length, _) = h.dims3()?;
+                HeadLayout::dense(batch, length, heads)
+            }
+        })
+    }
+
     /// Hidden states as the layers hold them, in the padded layout `[b, t, width]`
-    /// (for attention and pooling).
+    /// (for pooling).
     pub(crate) fn unpack(&self, h: &Tensor) -> Result<Tensor> {
         match &self.packing {
             Some(packing) => packing.unpack(h),

@@ -2,9 +2,10 @@
 //! real tokens only, `[1, n, width]`, so that every row-wise part of a transformer
 //! layer (linears and their adapters, norms, activations, residuals) runs on the `n`
 //! real tokens and none of the `b·t − n` padding positions. Attention, the one part
-//! that mixes positions, unpacks its queries, keys and values to the padded layout
-//! (where the key mask keeps sequences apart and away from padding) and packs its
-//! result again; pooling unpacks the last layer's output.
+//! that mixes positions, moves its queries, keys and values into the padded head
+//! layout (where the key mask keeps sequences apart and away from padding; padding
+//! positions hold zeros there) and its result back, one op each way
+//! ([`TokenPacking::head_layout`]); pooling unpacks the last layer's output.
 //!
 //! Both directions are row selections (`index_select`), whose backward is an
 //! `index_add` and whose second derivative is a selection again: packing is exact at
@@ -13,8 +14,11 @@
 //! dropped by the next pack, and pooling skips them, so that copy receives a zero
 //! gradient and changes no result.
 
+use std::sync::Arc;
+
 use candle_core::Tensor;
 
+use crate::tensor::ops::HeadLayout;
 use crate::{Error, Result};
 
 /// Where a batch's real tokens sit in its padded layout.
@@ -26,6 +30,8 @@ pub(crate) struct TokenPacking {
     /// For each position of the padded layout, its row of the packed layout `[n]`
     /// (padding: row 0): `[b·t]`.
     padded_rows: Tensor,
+    /// `padded_rows` on the host, padding marked as attention's head layout wants it.
+    rows_of_positions: Arc<[u32]>,
     batch: usize,
     length: usize,
 }
@@ -59,9 +65,21 @@ impl TokenPacking {
             .collect();
         let device = mask.device();
         let n = real.len();
+        let rows_of_positions = flags
+            .iter()
+            .zip(&padded)
+            .map(|(&flag, &row)| {
+                if flag == 0 {
+                    HeadLayout::padding()
+                } else {
+                    row
+                }
+            })
+            .collect();
         Ok(Some(Self {
             real_rows: Tensor::from_vec(real, n, device)?,
             padded_rows: Tensor::from_vec(padded, batch * length, device)?,
+            rows_of_positions,
             batch,
             length,
         }))
@@ -70,6 +88,18 @@ impl TokenPacking {
     /// Number of real tokens.
     pub(crate) fn tokens(&self) -> usize {
         self.real_rows.dim(0).unwrap_or(0)
+    }
+
+    /// Attention's move between the packed rows and `heads` heads of the padded
+    /// layout (see [`HeadLayout`]).
+    pub(crate) fn head_layout(&self, heads: usize) -> HeadLayout {
+        HeadLayout::packed(
+            self.batch,
+            self.length,
+            heads,
+            Arc::clone(&self.rows_of_positions),
+            self.tokens(),
+        )
     }
 
     /// `[b, t, width]` → `[1, n, width]`: the rows of the real tokens.

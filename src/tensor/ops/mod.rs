@@ -23,6 +23,7 @@ mod fast_math;
 mod frozen_linear;
 mod fused_norm;
 mod fused_softmax;
+mod heads;
 mod linear;
 mod loss;
 pub mod norm;
@@ -41,11 +42,13 @@ pub use embedding::embedding;
 pub(crate) use frozen_linear::{
     frozen_linear_matrix, frozen_linear_matrix_transposed, FrozenMatrix, Stored,
 };
-pub(crate) use fused_softmax::softmax_backward;
+pub(crate) use fused_softmax::scaled_softmax_backward;
+pub(crate) use heads::HeadLayout;
 pub use linear::{frozen_linear, frozen_linear_in_out, linear, linear_in_out, matmul};
 pub use loss::{cross_entropy, cross_entropy_one_hot, mse, one_hot};
 pub(crate) use pointwise::{pointwise_derivative, Pointwise};
 pub use pooling::{last_token, masked_mean_pool};
 pub(crate) use quantized::{int8_embedding, Int8Matrix};
 pub(crate) use recompute::Recomputed;
+pub(crate) use softmax::scaled_masked_softmax;
 pub use softmax::{log_softmax, masked_softmax, softmax};
