@@ -375,8 +375,12 @@ impl LoraLinear {
         let (a, b) = self.lora_tensors(params)?;
         let (a, b) = (a.to_dtype(x.dtype())?, b.to_dtype(x.dtype())?);
         let x = ops::dropout(x, spec.dropout, mode, stable_hash(&self.module_path))?;
+        // The scale goes on the small `B` ([out, r]), not on the token-sized update: a
+        // graph kept for second order then holds no scaled copy of the update (nor of
+        // its gradient).
+        let b = (b * spec.scale())?;
         let update = ops::linear(&ops::linear(&x, &a, None)?, &b, None)?;
-        Ok((base + (update * spec.scale())?)?)
+        Ok((base + update)?)
     }
 
     /// The frozen map alone, `x·Wᵀ + b`, whatever the adapter (for blocks without
