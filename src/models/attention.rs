@@ -154,7 +154,7 @@ impl SelfAttention {
     /// with the stack's key mask and score bias. Returns `x`'s layout.
     ///
     /// With `recompute` (selective recomputation) the attention core is one op whose
-    /// graph keeps `q`, `k`, `v` and the result: the head-split copies, scores and
+    /// graph keeps `q`, `k`, `v` and the result: the head-layout tensors, scores and
     /// probabilities are freed at once and rebuilt in the backward pass.
     pub(crate) fn forward(
         &self,
