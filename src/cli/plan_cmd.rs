@@ -131,8 +131,9 @@ fn notes(plan: &Plan) -> String {
     if let Some(t) = plan.sequence_length {
         let _ = write!(
             out,
-            "; sequences of {t} tokens (the longest a batch can hold; batches are padded \
-             to their longest sequence)"
+            "; every sequence at {t} tokens, the longest a batch can hold (melora computes \
+             only the real tokens, so on shorter texts the run peaks below this: an upper \
+             bound there)"
         );
     }
     let _ = write!(
