@@ -85,11 +85,7 @@ impl CustomOp3 for LayerNormOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let dx = x.apply_op3(
-            gamma,
-            &grad.contiguous()?,
-            LayerNormGradOp { eps: self.eps },
-        )?;
+        let dx = layer_norm_grad(x, gamma, grad, self.eps)?;
         let width = x.dim(D::Minus1)?;
         let rows = x.elem_count() / width;
         let work = work_dtype(x.dtype());
@@ -249,14 +245,8 @@ impl CustomOp3 for LayerNormGradOp {
 }
 
 /// The input gradient of layer normalisation as one fused op (what its backward
-/// uses; exposed for tests of its derivatives in f64).
-#[cfg(test)]
-pub(crate) fn layer_norm_grad(
-    x: &Tensor,
-    gamma: &Tensor,
-    grad: &Tensor,
-    eps: f64,
-) -> Result<Tensor> {
+/// uses).
+fn layer_norm_grad(x: &Tensor, gamma: &Tensor, grad: &Tensor, eps: f64) -> Result<Tensor> {
     x.contiguous()?.apply_op3(
         &gamma.contiguous()?,
         &grad.contiguous()?,
