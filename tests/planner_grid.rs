@@ -23,7 +23,7 @@ use melora::data::{Batch, Episode, EpisodeSource, SinusoidTasks};
 use melora::memory::{format_bytes, CountingAllocator, MemoryMeter};
 use melora::nn::Mode;
 use melora::optim::{Optimizer, OptimizerKind};
-use melora::plan::{plan_with, PlanOptions};
+use melora::plan::{plan_with, PlanOptions, PlannedTasks};
 use melora::run::build::{build_adapter, build_engine, build_model, initial_params};
 use melora::run::{meta_step, Run};
 use melora::tensor::GradGraph;
@@ -829,6 +829,7 @@ fn check(rows: fn() -> Vec<(String, Config)>) {
     let options = PlanOptions {
         iterations: 1,
         episode_batches: 1,
+        tasks: PlannedTasks::Longest,
     };
     // Warm-up per model and dtype: thread pools, the first-order worker and the
     // kernels' per-thread buffers are set up once per process, not per step.

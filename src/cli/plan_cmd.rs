@@ -128,20 +128,45 @@ fn notes(plan: &Plan) -> String {
              (evaluation.finetune_steps AdamW steps) and the query's outputs",
         );
     }
-    if let Some(t) = plan.sequence_length {
-        let _ = write!(
-            out,
-            "; every sequence at {t} tokens, the longest a batch can hold (melora computes \
-             only the real tokens, so on shorter texts the run peaks below this: an upper \
-             bound there)"
-        );
+    match (&plan.heaviest_task, plan.sequence_length) {
+        (Some(task), _) => {
+            let _ = write!(
+                out,
+                "; measured on the heaviest of the {} {} tasks the run reads (episode {}: \
+                 {} support and {} query tokens, the longest sequence {}), since melora \
+                 computes only the real tokens",
+                task.tasks_read,
+                task.split,
+                task.episode,
+                task.support_tokens,
+                task.query_tokens,
+                task.longest_sequence
+            );
+        }
+        (None, Some(t)) => {
+            let _ = write!(
+                out,
+                "; every sequence at {t} tokens, the longest a batch can hold (melora \
+                 computes only the real tokens, so on shorter texts the run peaks below \
+                 this: an upper bound there){}",
+                plan.data_note
+                    .as_ref()
+                    .map_or(String::new(), |note| format!(": {note}"))
+            );
+        }
+        (None, None) => {}
     }
     let _ = write!(
         out,
         ". \"graphs kept\" is the activations at the peak over one forward graph of the \
-         support set ({}). Not included: a data set read from files, the tokenizer, \
-         validation passes. Loading the model peaks at {}.",
+         support set ({}). Not included: {}validation passes. Loading the model peaks at \
+         {}.",
         format_bytes(plan.forward_graph_bytes),
+        if plan.heaviest_task.is_some() {
+            ""
+        } else {
+            "a data set read from files, the tokenizer, "
+        },
         format_bytes(plan.load_peak_bytes)
     );
     out.push('\n');

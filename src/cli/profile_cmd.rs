@@ -50,7 +50,12 @@ struct Profiled {
 }
 
 enum Episodes {
-    Train(Prefetcher),
+    /// Training's prefetcher, and the validation episodes a run holds beside it
+    /// (held, not read: they count in its memory).
+    Train {
+        prefetcher: Prefetcher,
+        _validation: std::sync::Arc<dyn EpisodeSource>,
+    },
     Test(std::sync::Arc<dyn EpisodeSource>),
 }
 
@@ -59,13 +64,13 @@ impl Profiled {
     fn build(config: &Config) -> anyhow::Result<Self> {
         let run = Run::build(config).map_err(UserError::Config)?;
         let episodes = if run.learner.is_some() {
-            let source = build_sources(config, &[Split::Train])?.remove(0);
-            Episodes::Train(Prefetcher::new(
-                source,
-                0,
-                config.meta_learning.meta_batch_size,
-                2,
-            )?)
+            // Training holds validation's episodes beside its own.
+            let mut sources = build_sources(config, &[Split::Train, Split::Val])?;
+            let train = sources.remove(0);
+            Episodes::Train {
+                prefetcher: Prefetcher::new(train, 0, config.meta_learning.meta_batch_size, 2)?,
+                _validation: sources.remove(0),
+            }
         } else {
             Episodes::Test(build_sources(config, &[Split::Test])?.remove(0))
         };
@@ -79,7 +84,7 @@ impl Profiled {
         // Over the model alone, so that the outer update stays free to change.
         let engine = crate::run::build::build_engine(config, run.model.as_ref())?;
         match (&mut self.episodes, &run.learner) {
-            (Episodes::Train(prefetcher), Some(learner)) => {
+            (Episodes::Train { prefetcher, .. }, Some(learner)) => {
                 let tasks = prefetcher.next_batch()?;
                 let dropout =
                     training_mode(config.seed, iteration, config.meta_learning.meta_batch_size);
@@ -123,8 +128,13 @@ pub(crate) fn run(global: &GlobalArgs, args: &ProfileArgs) -> anyhow::Result<()>
         eprintln!("{}", choice.explain());
         config = choice.config;
     }
-    // The prediction first: a configuration the planner rejects is not run either.
-    let plan = plan::plan(&config).map_err(UserError::Config)?;
+    // The prediction first: a configuration the planner rejects is not run either. On
+    // text it is measured on the heaviest of the tasks profiled, as the run peaks there.
+    let options = plan::PlanOptions {
+        tasks: plan::PlannedTasks::FirstIterations(args.iterations),
+        ..plan::PlanOptions::default()
+    };
+    let plan = plan::plan_with(&config, &options).map_err(UserError::Config)?;
     crate::init();
 
     // A warm-up on a throwaway build sets up what a process sets up once (thread

@@ -17,6 +17,8 @@ use crate::run::{meta_step, training_mode, Run};
 use crate::tensor::GradGraph;
 use crate::{Error, Result};
 
+use super::tasks::ObservedTask;
+
 /// The inputs of the configured tasks, as the planner assumes them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Inputs {
@@ -132,8 +134,22 @@ impl Inputs {
     }
 }
 
-/// One task of the configured shape.
-pub(crate) fn episode(config: &Config, inputs: Inputs, index: u64) -> Result<Episode> {
+/// The tasks the instances of a plan run on.
+#[derive(Debug, Clone)]
+pub(crate) struct PlannedInputs {
+    /// Their shape, as configured.
+    pub(crate) inputs: Inputs,
+    /// For text, the heaviest task the run reads; `None`: tasks of the configured
+    /// shape, every sequence at its longest.
+    pub(crate) observed: Option<ObservedTask>,
+}
+
+/// One task of an instance: the observed one, or one of the configured shape.
+pub(crate) fn episode(config: &Config, planned: &PlannedInputs, index: u64) -> Result<Episode> {
+    if let Some(task) = &planned.observed {
+        return task.episode();
+    }
+    let inputs = planned.inputs;
     let data = &config.data;
     if inputs == Inputs::Sinusoid {
         let tasks = SinusoidTasks {
@@ -256,7 +272,7 @@ pub(crate) struct Instance {
 pub(crate) fn measure(
     config: &Config,
     instance: &Instance,
-    inputs: Inputs,
+    planned: &PlannedInputs,
     iterations: usize,
     episode_batches: usize,
 ) -> Result<Measured> {
@@ -290,7 +306,7 @@ pub(crate) fn measure(
         1
     };
     let tasks: Vec<Episode> = (0..batches * instance.tasks)
-        .map(|i| episode(config, inputs, i as u64))
+        .map(|i| episode(config, planned, i as u64))
         .collect::<Result<_>>()?;
     measured.data = level(&meter) - measured.weights - measured.trainable;
     let engine = build_engine(config, model.as_ref())?;
@@ -317,7 +333,7 @@ pub(crate) fn measure(
             }
         }
     } else {
-        params = pretrain_steps(config, inputs, model.as_ref(), params)?;
+        params = pretrain_steps(config, planned.inputs, model.as_ref(), params)?;
         let task = &tasks[0];
         let adapted = run
             .adapter

@@ -28,6 +28,15 @@
 //!   run one after another, each leaving its meta-gradient, so the peak is affine
 //!   in B.
 //!
+//! On text an instance's tasks are the heaviest the run reads: melora computes only
+//! a batch's real tokens, so a run peaks on its task with the most tokens, not at
+//! `model.max_length`. The planner reads the run's episodes (same data, tokenizer,
+//! seed and order; [`PlanOptions::tasks`] says how many), keeps the one with the
+//! most real tokens in support and query, and measures every instance on copies of
+//! it; it also measures what the run's data set and tokenizer hold. Where the data
+//! cannot be read, or with [`PlannedTasks::Longest`], it assumes every sequence at
+//! `max_length`, an upper bound on any data ([`Plan::data_note`] says why).
+//!
 //! Both cuts combine bilinearly (at most 4 instances, 8 with chosen checkpointed
 //! layers; a model of at most 2 layers, or 3 segments, or 4 layers with chosen
 //! ones, and at most 2 tasks is measured as configured). The model
@@ -67,6 +76,7 @@ pub mod budget;
 mod extrapolate;
 mod measure;
 mod table;
+mod tasks;
 
 use serde::Serialize;
 
@@ -75,7 +85,9 @@ use crate::memory::MemoryMeter;
 use crate::{Error, Result};
 
 use self::extrapolate::{instances_of, Target};
-use self::measure::{measure, Inputs, Measured};
+use self::measure::{measure, Inputs, Measured, PlannedInputs};
+
+pub use self::tasks::{HeaviestTask, PlannedTasks};
 
 pub use self::table::{format_breakdown, format_comparison};
 pub use budget::{fit_configured, fit_to_budget, search_budget, search_configured, BudgetChoice};
@@ -89,15 +101,19 @@ pub struct PlanOptions {
     /// Meta-batches of episodes in memory at once (the one being trained on and those
     /// the prefetcher holds).
     pub episode_batches: usize,
+    /// For text, the tasks whose heaviest the plan is measured on.
+    pub tasks: PlannedTasks,
 }
 
 impl Default for PlanOptions {
     /// Steady-state training: two iterations; four meta-batches of episodes (the one
-    /// trained on, two in the prefetcher's queue, one being made).
+    /// trained on, two in the prefetcher's queue, one being made); for text, the
+    /// heaviest task of the whole run.
     fn default() -> Self {
         PlanOptions {
             iterations: 2,
             episode_batches: 4,
+            tasks: PlannedTasks::Run,
         }
     }
 }
@@ -119,6 +135,10 @@ pub struct PlanBreakdown {
     pub activations: u64,
     /// The tasks' examples.
     pub data: u64,
+    /// The data set the run draws its episodes from, as read and tokenized, with the
+    /// tokenizer; 0 where the plan did not read the data (tasks of the configured
+    /// shape, [`PlannedTasks::Longest`]).
+    pub dataset: u64,
     /// Kernel scratch, copies and other short-lived buffers.
     pub temporaries: u64,
 }
@@ -142,6 +162,7 @@ impl PlanBreakdown {
             + self.optimizer_state
             + self.activations
             + self.data
+            + self.dataset
             + self.temporaries
     }
 }
@@ -187,8 +208,15 @@ pub struct Plan {
     pub support_examples: usize,
     /// Query examples per task.
     pub query_examples: usize,
-    /// Tokens per sequence assumed (the longest a batch can be), for text models.
+    /// Tokens per sequence a batch can hold (`model.max_length`), for text models.
     pub sequence_length: Option<usize>,
+    /// For text, the task the plan was measured on: the heaviest the run reads.
+    /// `None` with text: every sequence was assumed at `sequence_length` (see
+    /// [`Plan::data_note`]).
+    pub heaviest_task: Option<HeaviestTask>,
+    /// Why text was planned at `sequence_length` instead of on the run's tasks
+    /// (the data could not be read), if it was.
+    pub data_note: Option<String>,
     /// Element size of the frozen weights and the activations, in bytes (2 with
     /// `memory_optimization.precision` bf16 or f16).
     pub dtype_bytes: u64,
@@ -274,6 +302,21 @@ pub fn plan_with(config: &Config, options: &PlanOptions) -> Result<Plan> {
         measure::check_data_fits(config, inputs, tasks * episode_batches, limit)?;
     }
     let layers = architecture.as_ref().map(|a| a.layers()).transpose()?;
+    // After the checks: the data is tokenized at the configured lengths.
+    let (observed, data_note) = match inputs {
+        Inputs::Tokens { .. } => match tasks::heaviest_task(config, options.tasks) {
+            Ok(task) => (task, None),
+            Err(e) => (
+                None,
+                Some(format!(
+                    "the run's episodes could not be read ({e}), so every sequence is \
+                     assumed at model.max_length"
+                )),
+            ),
+        },
+        _ => (None, None),
+    };
+    let planned = PlannedInputs { inputs, observed };
 
     // The model at its full size: frozen weights and the loading peak, exactly; and
     // the checks training makes of it (checkpointed layers it does not have).
@@ -300,7 +343,7 @@ pub fn plan_with(config: &Config, options: &PlanOptions) -> Result<Plan> {
     let instances = instances_of(&target);
     // The warm-up: what a process sets up once (per model and dtype) is not the run's.
     if first_plan_of_its_kind(config) {
-        measure(config, &instances[0].1, inputs, 1, 1)?;
+        measure(config, &instances[0].1, &planned, 1, 1)?;
         crate::tensor::kernel_workspace::reserve_on_kernel_threads();
     }
     let measured: Vec<(extrapolate::Corner, Measured)> = instances
@@ -309,7 +352,7 @@ pub fn plan_with(config: &Config, options: &PlanOptions) -> Result<Plan> {
             measure(
                 config,
                 instance,
-                inputs,
+                &planned,
                 options.iterations,
                 episode_batches,
             )
@@ -352,6 +395,7 @@ pub fn plan_with(config: &Config, options: &PlanOptions) -> Result<Plan> {
         optimizer_state: round(optimizer),
         activations: round(graphs * (1.0 - gradient_share)),
         data: round(at.data),
+        dataset: planned.observed.as_ref().map_or(0, |t| t.dataset_bytes),
         temporaries: round(temporaries),
     };
     let load_peak_bytes = round(load_peak + at.trainable + at.data).max(round(load_peak));
@@ -390,6 +434,8 @@ pub fn plan_with(config: &Config, options: &PlanOptions) -> Result<Plan> {
         support_examples: support_examples(config),
         query_examples: query_examples(config),
         sequence_length: inputs.sequence_length(),
+        heaviest_task: planned.observed.map(|task| task.heaviest),
+        data_note,
         dtype_bytes: precision.frozen.size_in_bytes() as u64,
         dtype: dtype_name(precision.frozen).into(),
         trainable_dtype: dtype_name(precision.trainable).into(),

@@ -57,8 +57,14 @@ pub fn format_breakdown(plan: &Plan) -> String {
         plan.meta_batch_size,
         plan.support_examples,
         plan.query_examples,
-        plan.sequence_length
-            .map_or(String::new(), |t| format!(" × {t} tokens")),
+        match (&plan.heaviest_task, plan.sequence_length) {
+            (Some(task), _) => format!(
+                " of the heaviest {} task: {} + {} tokens",
+                task.split, task.support_tokens, task.query_tokens
+            ),
+            (None, Some(t)) => format!(" × {t} tokens"),
+            (None, None) => String::new(),
+        },
         plan.micro_batch
             .map_or(String::new(), |m| format!(", micro-batches of {m}")),
         plan.second_order_micro_batch
@@ -74,13 +80,14 @@ pub fn format_breakdown(plan: &Plan) -> String {
         plan.graphs_kept,
         format_bytes(plan.forward_graph_bytes)
     );
-    let rows: [(&str, u64); 7] = [
+    let rows: [(&str, u64); 8] = [
         ("frozen weights", b.frozen_weights),
         ("trainable parameters", b.trainable),
         ("gradients", b.gradients),
         ("optimizer state", b.optimizer_state),
         (activations.as_str(), b.activations),
         ("data (episodes)", b.data),
+        ("data set and tokenizer", b.dataset),
         ("temporary buffers", b.temporaries),
     ];
     for (name, bytes) in rows {

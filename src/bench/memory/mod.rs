@@ -248,7 +248,13 @@ pub fn row_config(base: &Config, point: &GridPoint) -> Config {
 /// whole), the whole run's peak would overstate what is measured. `Err` says why
 /// there is none (the planner refused the configuration).
 pub fn predicted_bytes(config: &Config) -> std::result::Result<u64, String> {
-    crate::plan::plan(config)
+    // The benchmark's tasks have every sequence at max_length (`measure::tasks`),
+    // whatever data the configuration names.
+    let options = crate::plan::PlanOptions {
+        tasks: crate::plan::PlannedTasks::Longest,
+        ..crate::plan::PlanOptions::default()
+    };
+    crate::plan::plan_with(config, &options)
         .map(|plan| plan.step_peak_bytes())
         .map_err(|e| format!("the planner refused the configuration: {e}"))
 }
