@@ -1,5 +1,5 @@
-//! The installation self-check behind `melora check`: every second-order-safe op and
-//! the LoRA layer, differentiated on this machine and compared with central finite
+//! The installation self-check behind `melora check`: every second-order-safe op, the
+//! LoRA layer and the FS-CT head, differentiated on this machine and compared with central finite
 //! differences in f64, at first order and for a Hessian-vector product.
 //!
 //! It proves what meta-learning relies on: that gradients keep their graph
@@ -7,8 +7,9 @@
 //! and the derivatives of those derivatives, are exact. The unit tests run the same
 //! cases, so the command and the test suite cannot drift apart.
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
+use crate::models::fsct::{Fsct, FsctAttention, FsctConfig};
 use crate::nn::{LoraInit, LoraLinear, LoraSpec, Mode, WeightLayout};
 use crate::tensor::gradcheck::{
     check_derivatives, random_tensor, FIRST_ORDER_TOLERANCE, SECOND_ORDER_TOLERANCE,
@@ -209,7 +210,53 @@ fn cases() -> Result<Vec<Case>> {
         }),
         lora_case("lora (nn.Linear layout)", WeightLayout::OutIn, dev)?,
         lora_case("lora (Conv1D layout)", WeightLayout::InOut, dev)?,
+        // Spreads well below VIC's hinge at 1, so that every term is active.
+        case("vic_std", vec![(r(&[3, 4, 5], 60)? * 0.3)?], |t| {
+            ops::vic_std(&t[0])
+        }),
+        case("vic_variance", vec![(r(&[3, 4, 5], 61)? * 0.3)?], |t| {
+            ops::vic_variance(&t[0], 1.0)
+        }),
+        case("vic_covariance_matrix", vec![r(&[6, 4], 62)?], |t| {
+            ops::vic_covariance_matrix(&t[0], 1e-4)
+        }),
+        case("vic_covariance", vec![r(&[6, 4], 63)?], |t| {
+            ops::vic_covariance(&t[0], 1e-4)
+        }),
+        case("vic_regulariser", vec![(r(&[3, 2, 4], 64)? * 0.3)?], |t| {
+            ops::vic_regulariser(&t[0], 1.0, 0.04, 1.0, 1e-4)
+        }),
+        fsct_case("fsct head (cosine attention)", FsctAttention::Cosine, dev)?,
+        fsct_case("fsct head (softmax attention)", FsctAttention::Softmax, dev)?,
     ])
+}
+
+/// The FS-CT head on random support and query embeddings (3-way 2-shot, 4 queries,
+/// two rounds), with random parameters: its logits as a function of the embeddings
+/// and the prototype weights.
+fn fsct_case(name: &'static str, attention: FsctAttention, dev: &Device) -> Result<Case> {
+    let config = FsctConfig {
+        heads: 2,
+        dim_head: 3,
+        mlp_dim: 5,
+        depth: 2,
+        attention,
+        ..FsctConfig::new(4, 3, 2)
+    };
+    let head = Fsct::new(config)?;
+    let mut params = ParamSet::new();
+    head.init_params(70, DType::F64, dev, &mut params)?;
+    let inputs = vec![
+        random_tensor(&[3, 2, 4], 71, dev)?,
+        random_tensor(&[4, 4], 72, dev)?,
+        random_tensor(&[3, 2, 1], 73, dev)?,
+    ];
+    Ok(case(name, inputs, move |t| {
+        let mut p = params.clone();
+        p.set("proto_weight", t[2].clone());
+        head.logits(&p, &t[0], &t[1])
+            .map_err(candle_core::Error::wrap)
+    }))
 }
 
 /// A fixed random tensor built inside an op closure.

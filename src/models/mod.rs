@@ -14,6 +14,7 @@ pub mod bert;
 pub mod conv4;
 pub mod distilbert;
 mod embeddings;
+pub mod fsct;
 pub mod gpt2;
 mod head;
 mod layers;

@@ -33,6 +33,7 @@ mod quantized;
 mod recompute;
 mod rows;
 mod softmax;
+mod vic;
 
 pub use activation::{gelu_erf, gelu_tanh, relu, sigmoid, silu};
 pub use conv::{conv2d, max_pool};
@@ -52,3 +53,4 @@ pub(crate) use quantized::{int8_embedding, Int8Matrix};
 pub(crate) use recompute::Recomputed;
 pub(crate) use softmax::scaled_masked_softmax;
 pub use softmax::{log_softmax, masked_softmax, softmax};
+pub use vic::{vic_covariance, vic_covariance_matrix, vic_regulariser, vic_std, vic_variance};
