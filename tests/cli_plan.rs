@@ -232,8 +232,8 @@ fn plan_refuses_bad_input_with_one_line() {
     assert_user_error(&melora(&["plan", "--config", &missing]), "missing.yml");
     let quick = quickstart();
     assert_user_error(
-        &melora(&["plan", "--config", &quick, "--methods", "protonet"]),
-        "unknown method `protonet`",
+        &melora(&["plan", "--config", &quick, "--methods", "matchingnet"]),
+        "unknown method `matchingnet`",
     );
     assert_user_error(
         &melora(&["plan", "--config", &quick, "--memory-budget", "lots"]),

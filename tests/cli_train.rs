@@ -570,14 +570,27 @@ fn adapt_predicts_a_users_texts_and_export_writes_a_peft_adapter() {
 /// for the support set, PNG files for the queries, of any size (resized).
 #[test]
 fn adapt_reads_image_folders_for_conv4() {
+    adapt_on_image_folders("fomaml");
+}
+
+/// Prototypical networks train on generated images, and their checkpoint scores
+/// queries by distance to the support folder's class means.
+#[test]
+fn protonet_trains_on_images_and_adapts_to_image_folders() {
+    adapt_on_image_folders("protonet");
+}
+
+fn adapt_on_image_folders(method: &str) {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("conv4.yml");
     write(
         &config,
-        "model:\n  name: conv4\nmeta_learning:\n  method: fomaml\n  meta_batch_size: 1\n  \
-         num_iterations: 2\ndata:\n  synthetic_task: images\n  n_way: 2\n  k_shot: 1\n  \
-         n_query: 1\nevaluation:\n  episodes: 1\n  eval_every: 2\n  val_episodes: 1\n\
-         tracking:\n  experiment_name: img\n",
+        &format!(
+            "model:\n  name: conv4\nmeta_learning:\n  method: {method}\n  \
+             meta_batch_size: 1\n  num_iterations: 2\ndata:\n  synthetic_task: images\n  \
+             n_way: 2\n  k_shot: 1\n  n_query: 1\nevaluation:\n  episodes: 1\n  \
+             eval_every: 2\n  val_episodes: 1\ntracking:\n  experiment_name: img\n"
+        ),
     );
     let out = dir.path().join("runs");
     let s = |p: &Path| p.display().to_string();
@@ -614,7 +627,7 @@ fn adapt_reads_image_folders_for_conv4() {
     let run = melora(&[
         "adapt",
         "--checkpoint",
-        &s(&out.join("img/fomaml-seed42/best")),
+        &s(&out.join(format!("img/{method}-seed42/best"))),
         "--support",
         &s(&support),
         "--query",
@@ -631,7 +644,7 @@ fn adapt_reads_image_folders_for_conv4() {
     let run = melora(&[
         "adapt",
         "--checkpoint",
-        &s(&out.join("img/fomaml-seed42/best")),
+        &s(&out.join(format!("img/{method}-seed42/best"))),
         "--support",
         &s(&query),
         "--query",

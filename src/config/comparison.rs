@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use super::choice::choice_enum;
 use super::validate::{at_least, invalid};
-use super::{Baseline, Config, HessianKind, InnerMode, LearnerSpec, Method};
+use super::{Baseline, Config, HessianKind, InnerMode, LearnerSpec, Method, PrototypeDistance};
 use crate::Result;
 
 choice_enum! {
@@ -30,6 +30,10 @@ choice_enum! {
         MeloraBlockDiagonal = "melora-block_diagonal",
         /// MetaSGD (learned per-entry step sizes), recompute mode.
         Metasgd = "metasgd",
+        /// Prototypical networks, squared Euclidean distance.
+        Protonet = "protonet",
+        /// Prototypical networks, scaled cosine similarity.
+        ProtonetCosine = "protonet-cosine",
         /// Full fine-tuning (every base weight and the head) on each test task.
         Finetune = "finetune",
         /// A fresh LoRA adapter and head fine-tuned on each test task.
@@ -68,6 +72,10 @@ impl Variant {
                 HessianKind::BlockDiagonal => Self::MeloraBlockDiagonal,
             },
             LearnerSpec::MetaSgd { .. } => Self::Metasgd,
+            LearnerSpec::ProtoNet { distance, .. } => match distance {
+                PrototypeDistance::Euclidean => Self::Protonet,
+                PrototypeDistance::Cosine => Self::ProtonetCosine,
+            },
             LearnerSpec::Baseline(baseline) => match baseline {
                 Baseline::Finetune => Self::Finetune,
                 Baseline::LoraFinetune => Self::LoraFinetune,
@@ -85,6 +93,15 @@ impl Variant {
         let mut c = config.clone();
         let (method, mode, hessian) = match self {
             Self::MetaInitFinetune => return c,
+            Self::Protonet | Self::ProtonetCosine => {
+                c.meta_learning.method = Method::Protonet;
+                c.meta_learning.protonet.distance = if self == Self::Protonet {
+                    PrototypeDistance::Euclidean
+                } else {
+                    PrototypeDistance::Cosine
+                };
+                return c;
+            }
             Self::Metasgd => (Method::Metasgd, Some(InnerMode::Recompute), None),
             Self::NoAdaptation => (Method::NoAdaptation, None, None),
             Self::Prototype => (Method::Prototype, None, None),

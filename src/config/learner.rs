@@ -3,7 +3,7 @@
 //! planner's and the benchmark's labels, the comparison's variants) reads it from
 //! here.
 
-use super::{Config, HessianKind, InnerMode, Method};
+use super::{Config, HessianKind, InnerMode, Method, PrototypeDistance};
 
 /// What `meta_learning.method` names, with the settings that qualify it: each
 /// variant carries only what its learner reads, so no meaningless combination (a
@@ -32,6 +32,13 @@ pub enum LearnerSpec {
         probes: usize,
         /// Damping added to the approximation.
         damping: f64,
+    },
+    /// Prototypical networks.
+    ProtoNet {
+        /// Query-to-prototype comparison.
+        distance: PrototypeDistance,
+        /// Factor of the cosines (`distance: cosine`).
+        cosine_scale: f64,
     },
     /// A baseline without meta-training: it only adapts to test tasks.
     Baseline(Baseline),
@@ -84,6 +91,10 @@ impl LearnerSpec {
                 probes: hessian.probes,
                 damping: hessian.damping,
             },
+            Method::Protonet => Self::ProtoNet {
+                distance: ml.protonet.distance,
+                cosine_scale: ml.protonet.cosine_scale,
+            },
             Method::Finetune => Self::Baseline(Baseline::Finetune),
             Method::LoraFinetune => Self::Baseline(Baseline::LoraFinetune),
             Method::NoAdaptation => Self::Baseline(Baseline::NoAdaptation),
@@ -108,6 +119,7 @@ impl LearnerSpec {
             Self::Melora { hessian, .. } => qualified("melora", hessian.to_string()),
             Self::Fomaml => Method::Fomaml.to_string(),
             Self::Reptile => Method::Reptile.to_string(),
+            Self::ProtoNet { distance, .. } => qualified("protonet", distance.to_string()),
             Self::Baseline(baseline) => baseline.method().to_string(),
         }
     }

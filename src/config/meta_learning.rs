@@ -21,6 +21,10 @@ choice_enum! {
         /// MAML with a learned step size per parameter entry (Li et al., 2017), exact
         /// second order in the configured `inner.mode`.
         Metasgd = "metasgd",
+        /// Prototypical networks (Snell et al., 2017): queries scored by their
+        /// distance to the class means of the support embeddings
+        /// (`meta_learning.protonet`); no inner loop.
+        Protonet = "protonet",
         /// Baseline without meta-learning: full fine-tuning per task, every weight of
         /// the base model trainable (not frozen) plus the head.
         Finetune = "finetune",
@@ -36,6 +40,17 @@ choice_enum! {
         PretrainFinetune = "pretrain-finetune",
     }
     default = Maml;
+}
+
+choice_enum! {
+    /// How a prototypical network compares a query with the prototypes.
+    pub enum PrototypeDistance {
+        /// The negative squared Euclidean distance (Snell et al.).
+        Euclidean = "euclidean",
+        /// The cosine similarity times `meta_learning.protonet.cosine_scale`.
+        Cosine = "cosine",
+    }
+    default = Euclidean;
 }
 
 choice_enum! {
@@ -89,6 +104,28 @@ pub struct MetaLearningConfig {
     pub inner: InnerLoopConfig,
     /// The meta-update.
     pub outer: OuterLoopConfig,
+    /// Prototypical networks' settings (`method: protonet`).
+    pub protonet: ProtoNetConfig,
+}
+
+/// The `meta_learning.protonet` section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProtoNetConfig {
+    /// Query-to-prototype comparison.
+    pub distance: PrototypeDistance,
+    /// Factor of the cosine similarities (> 0), so that their softmax can be
+    /// confident; `distance: cosine` only.
+    pub cosine_scale: f64,
+}
+
+impl Default for ProtoNetConfig {
+    fn default() -> Self {
+        Self {
+            distance: PrototypeDistance::Euclidean,
+            cosine_scale: 10.0,
+        }
+    }
 }
 
 impl Default for MetaLearningConfig {
@@ -99,6 +136,7 @@ impl Default for MetaLearningConfig {
             num_iterations: 1000,
             inner: InnerLoopConfig::default(),
             outer: OuterLoopConfig::default(),
+            protonet: ProtoNetConfig::default(),
         }
     }
 }
@@ -163,6 +201,10 @@ impl MetaLearningConfig {
         at_least("meta_learning.num_iterations", self.num_iterations, 1)?;
         at_least("meta_learning.inner.steps", self.inner.steps, 1)?;
         positive("meta_learning.inner.lr", self.inner.lr)?;
+        positive(
+            "meta_learning.protonet.cosine_scale",
+            self.protonet.cosine_scale,
+        )?;
         let outer = &self.outer;
         positive("meta_learning.outer.lr", outer.lr)?;
         non_negative("meta_learning.outer.weight_decay", outer.weight_decay)?;

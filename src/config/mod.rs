@@ -71,7 +71,7 @@ pub use memory_optimization::{
 };
 pub use meta_learning::{
     InnerLoopConfig, InnerMode, LrSchedule, MetaLearningConfig, Method, OuterLoopConfig,
-    OuterOptimizer,
+    OuterOptimizer, ProtoNetConfig, PrototypeDistance,
 };
 pub use model::{DType, ModelConfig, Quantization};
 pub use overrides::ConfigOverrides;

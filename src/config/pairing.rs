@@ -204,9 +204,14 @@ pub(crate) fn method_does_not_apply(config: &Config) -> Option<String> {
                 data.synthetic_task
             ))
         }
-        Method::Prototype if TaskInputs::of(config) == TaskInputs::Regression => Some(
-            "prototype classifies by class means and has no answer for regression tasks".into(),
-        ),
+        Method::Prototype | Method::Protonet
+            if TaskInputs::of(config) == TaskInputs::Regression =>
+        {
+            Some(format!(
+                "{} classifies by class means and has no answer for regression tasks",
+                config.meta_learning.method
+            ))
+        }
         _ => None,
     }
 }

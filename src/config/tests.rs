@@ -252,8 +252,8 @@ fn unknown_enum_value_lists_the_allowed_ones() {
     assert_eq!(
         err.to_string(),
         "config: `meta_learning.method`: unknown value `mamll`; allowed: maml, fomaml, \
-         reptile, melora, metasgd, finetune, lora-finetune, no-adaptation, prototype, \
-         pretrain-finetune (line 2, column 11)"
+         reptile, melora, metasgd, protonet, finetune, lora-finetune, no-adaptation, \
+         prototype, pretrain-finetune (line 2, column 11)"
     );
     let (key, message) = config_error(Config::from_yaml_str("model:\n  dtype: 16\n"));
     assert_eq!(key, "model.dtype");
@@ -270,8 +270,8 @@ fn enum_names_parse_and_print() {
     }
     assert_eq!(
         "MAML".parse::<Method>().unwrap_err().to_string(),
-        "unknown value `MAML`; allowed: maml, fomaml, reptile, melora, metasgd, finetune, \
-         lora-finetune, no-adaptation, prototype, pretrain-finetune"
+        "unknown value `MAML`; allowed: maml, fomaml, reptile, melora, metasgd, protonet, \
+         finetune, lora-finetune, no-adaptation, prototype, pretrain-finetune"
     );
 }
 
@@ -732,4 +732,36 @@ fn counts_near_usize_max_are_config_errors() {
     }
     let at_limit = format!("lora:\n  rank: {}\n", validate::MAX_COUNT);
     Config::from_yaml_str(&at_limit).unwrap();
+}
+
+/// `meta_learning.protonet` resolves to the learner and its comparison variant, and
+/// refuses a scale that is not positive.
+#[test]
+fn protonet_settings_resolve_and_are_checked() {
+    let config = Config::from_yaml_str(
+        "meta_learning:\n  method: protonet\n  protonet:\n    distance: cosine\n    \
+         cosine_scale: 5\n",
+    )
+    .unwrap();
+    assert_eq!(
+        LearnerSpec::of(&config),
+        LearnerSpec::ProtoNet {
+            distance: PrototypeDistance::Cosine,
+            cosine_scale: 5.0
+        }
+    );
+    assert_eq!(Variant::of(&config), Variant::ProtonetCosine);
+    assert_eq!(LearnerSpec::of(&config).label(), "protonet (cosine)");
+    let euclidean = Variant::Protonet.apply(&config);
+    assert_eq!(Variant::of(&euclidean), Variant::Protonet);
+    assert!(LearnerSpec::of(&euclidean).meta_trains());
+    let (key, message) = config_error(Config::from_yaml_str(
+        "meta_learning:\n  protonet:\n    cosine_scale: 0\n",
+    ));
+    assert_eq!(key, "meta_learning.protonet.cosine_scale");
+    assert!(message.contains("greater than 0"), "{message}");
+    let (key, _) = config_error(Config::from_yaml_str(
+        "meta_learning:\n  protonet:\n    distance: manhattan\n",
+    ));
+    assert_eq!(key, "meta_learning.protonet.distance");
 }

@@ -24,6 +24,7 @@ use crate::{Error, Result};
 
 use super::inner::gradient;
 use super::loss::{check_finite, finite_value};
+use super::protonet::{class_means, classification_only, unit_rows};
 use super::Adapter;
 
 /// Checks the AdamW budget of a fine-tuning baseline.
@@ -174,12 +175,6 @@ impl Default for Prototype {
     }
 }
 
-/// Rows of `x` scaled to unit length (zero rows stay zero).
-fn unit_rows(x: &Tensor) -> Result<Tensor> {
-    let norms = x.sqr()?.sum_keepdim(1)?.sqrt()?.clamp(1e-12, f64::MAX)?;
-    Ok(x.broadcast_div(&norms)?)
-}
-
 impl Adapter for Prototype {
     fn adapt(
         &self,
@@ -188,28 +183,9 @@ impl Adapter for Prototype {
         support: &Batch,
         mode: Mode,
     ) -> Result<ParamSet> {
-        if support.is_regression() {
-            return Err(Error::InvalidArgument(
-                "prototype classifies by class means; it has no answer for regression tasks".into(),
-            ));
-        }
+        classification_only(support, "prototype")?;
         let features = unit_rows(&engine.model().features(params, support, mode)?.detach())?;
-        let labels = support.labels.to_vec1::<u32>()?;
-        let classes = labels.iter().max().map_or(0, |&m| m as usize + 1);
-        let mut means = Vec::with_capacity(classes);
-        for class in 0..classes {
-            let rows: Vec<u32> = (0..labels.len() as u32)
-                .filter(|&i| labels[i as usize] as usize == class)
-                .collect();
-            if rows.is_empty() {
-                return Err(Error::InvalidArgument(format!(
-                    "class {class} has no support example; prototype needs one per class"
-                )));
-            }
-            let rows = Tensor::from_vec(rows.clone(), rows.len(), features.device())?;
-            means.push(features.index_select(&rows, 0)?.mean_keepdim(0)?);
-        }
-        let means = unit_rows(&Tensor::cat(&means, 0)?)?;
+        let means = unit_rows(&class_means(&features, &support.labels)?)?;
         let mut adapted = params.detach();
         adapted.set(PROTOTYPE_MEANS, means);
         Ok(adapted)

@@ -20,6 +20,7 @@ mod inner;
 mod loss;
 mod maml;
 mod melora;
+mod protonet;
 mod reptile;
 
 #[cfg(test)]
@@ -36,6 +37,7 @@ pub use inner::InnerLoop;
 pub(crate) use loss::loss_value;
 pub use maml::{Maml, MamlMode, MetaSgd, STEP_SIZE_PREFIX};
 pub use melora::{HessianApproximation, Melora};
+pub use protonet::{Distance, ProtoNet, PROTONET_PROTOTYPES};
 pub use reptile::Reptile;
 
 use candle_core::Tensor;

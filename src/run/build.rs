@@ -5,13 +5,14 @@ use candle_core::DType;
 
 use crate::config::{
     self, CheckpointPlan, Config, HessianKind, InnerMode, LearnerSpec, LrSchedule, Method,
-    OuterOptimizer, Precision, PretrainTune,
+    OuterOptimizer, Precision, PretrainTune, PrototypeDistance,
 };
 use crate::data::{EncodeText, TextTokenizer, WordHashTokenizer};
 use crate::engine::{Checkpointed, GradEngine, WholeGraph};
 use crate::meta::{
-    Adapter, Finetune, Fomaml, FullFinetune, HeadFinetune, HessianApproximation, InnerLoop,
-    LoraFinetune, Maml, MamlMode, Melora, MetaLearner, MetaSgd, NoAdaptation, Prototype, Reptile,
+    Adapter, Distance, Finetune, Fomaml, FullFinetune, HeadFinetune, HessianApproximation,
+    InnerLoop, LoraFinetune, Maml, MamlMode, Melora, MetaLearner, MetaSgd, NoAdaptation, ProtoNet,
+    Prototype, Reptile,
 };
 use crate::models::load::{builtin_with_inputs, from_directory, BuiltinInputs};
 use crate::models::{Architecture, FewShotModel, LoraSettings, ModelPrecision, Quantization};
@@ -223,6 +224,17 @@ pub fn build_learner(config: &Config) -> Result<Box<dyn MetaLearner>> {
             mode: mode(m),
         }),
         LearnerSpec::Fomaml => Box::new(Fomaml { inner }),
+        LearnerSpec::ProtoNet {
+            distance,
+            cosine_scale,
+        } => Box::new(ProtoNet {
+            distance: match distance {
+                PrototypeDistance::Euclidean => Distance::SquaredEuclidean,
+                PrototypeDistance::Cosine => Distance::Cosine {
+                    scale: cosine_scale,
+                },
+            },
+        }),
         LearnerSpec::Reptile => Box::new(Reptile { inner }),
         LearnerSpec::Melora {
             hessian,
@@ -336,6 +348,16 @@ impl Adapter for AdapterOf {
         mode: crate::nn::Mode,
     ) -> Result<ParamSet> {
         self.0.adapt(engine, params, support, mode)
+    }
+
+    fn predict(
+        &self,
+        engine: &dyn GradEngine,
+        adapted: &ParamSet,
+        batch: &crate::data::Batch,
+        mode: crate::nn::Mode,
+    ) -> Result<candle_core::Tensor> {
+        self.0.predict(engine, adapted, batch, mode)
     }
 }
 
