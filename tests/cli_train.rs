@@ -580,6 +580,13 @@ fn protonet_trains_on_images_and_adapts_to_image_folders() {
     adapt_on_image_folders("protonet");
 }
 
+/// The Few-Shot Cosine Transformer (both attentions, with VIC) likewise.
+#[test]
+fn fsct_trains_on_images_and_adapts_to_image_folders() {
+    adapt_on_image_folders("fsct_cosine");
+    adapt_on_image_folders("fsct_softmax");
+}
+
 fn adapt_on_image_folders(method: &str) {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("conv4.yml");
@@ -588,7 +595,7 @@ fn adapt_on_image_folders(method: &str) {
         &format!(
             "model:\n  name: conv4\nmeta_learning:\n  method: {method}\n  \
              meta_batch_size: 1\n  num_iterations: 2\ndata:\n  synthetic_task: images\n  \
-             n_way: 2\n  k_shot: 1\n  n_query: 1\nevaluation:\n  episodes: 1\n  \
+             n_way: 2\n  k_shot: 2\n  n_query: 1\nevaluation:\n  episodes: 1\n  \
              eval_every: 2\n  val_episodes: 1\ntracking:\n  experiment_name: img\n"
         ),
     );

@@ -34,6 +34,10 @@ choice_enum! {
         Protonet = "protonet",
         /// Prototypical networks, scaled cosine similarity.
         ProtonetCosine = "protonet-cosine",
+        /// The Few-Shot Cosine Transformer, cosine attention.
+        FsctCosine = "fsct_cosine",
+        /// The Few-Shot Cosine Transformer, softmax attention.
+        FsctSoftmax = "fsct_softmax",
         /// Full fine-tuning (every base weight and the head) on each test task.
         Finetune = "finetune",
         /// A fresh LoRA adapter and head fine-tuned on each test task.
@@ -72,6 +76,8 @@ impl Variant {
                 HessianKind::BlockDiagonal => Self::MeloraBlockDiagonal,
             },
             LearnerSpec::MetaSgd { .. } => Self::Metasgd,
+            LearnerSpec::Fsct { cosine: true } => Self::FsctCosine,
+            LearnerSpec::Fsct { cosine: false } => Self::FsctSoftmax,
             LearnerSpec::ProtoNet { distance, .. } => match distance {
                 PrototypeDistance::Euclidean => Self::Protonet,
                 PrototypeDistance::Cosine => Self::ProtonetCosine,
@@ -93,6 +99,8 @@ impl Variant {
         let mut c = config.clone();
         let (method, mode, hessian) = match self {
             Self::MetaInitFinetune => return c,
+            Self::FsctCosine => (Method::FsctCosine, None, None),
+            Self::FsctSoftmax => (Method::FsctSoftmax, None, None),
             Self::Protonet | Self::ProtonetCosine => {
                 c.meta_learning.method = Method::Protonet;
                 c.meta_learning.protonet.distance = if self == Self::Protonet {

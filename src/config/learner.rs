@@ -40,6 +40,11 @@ pub enum LearnerSpec {
         /// Factor of the cosines (`distance: cosine`).
         cosine_scale: f64,
     },
+    /// The Few-Shot Cosine Transformer (`meta_learning.fsct`).
+    Fsct {
+        /// Cosine attention (`fsct_cosine`), or softmax (`fsct_softmax`).
+        cosine: bool,
+    },
     /// A baseline without meta-training: it only adapts to test tasks.
     Baseline(Baseline),
 }
@@ -95,6 +100,8 @@ impl LearnerSpec {
                 distance: ml.protonet.distance,
                 cosine_scale: ml.protonet.cosine_scale,
             },
+            Method::FsctCosine => Self::Fsct { cosine: true },
+            Method::FsctSoftmax => Self::Fsct { cosine: false },
             Method::Finetune => Self::Baseline(Baseline::Finetune),
             Method::LoraFinetune => Self::Baseline(Baseline::LoraFinetune),
             Method::NoAdaptation => Self::Baseline(Baseline::NoAdaptation),
@@ -120,6 +127,8 @@ impl LearnerSpec {
             Self::Fomaml => Method::Fomaml.to_string(),
             Self::Reptile => Method::Reptile.to_string(),
             Self::ProtoNet { distance, .. } => qualified("protonet", distance.to_string()),
+            Self::Fsct { cosine: true } => Method::FsctCosine.to_string(),
+            Self::Fsct { cosine: false } => Method::FsctSoftmax.to_string(),
             Self::Baseline(baseline) => baseline.method().to_string(),
         }
     }

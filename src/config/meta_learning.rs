@@ -25,6 +25,12 @@ choice_enum! {
         /// distance to the class means of the support embeddings
         /// (`meta_learning.protonet`); no inner loop.
         Protonet = "protonet",
+        /// The Few-Shot Cosine Transformer (Nguyen et al., 2023): a transformer head
+        /// with cosine attention from prototypes to queries, trained with VIC
+        /// regularisation (`meta_learning.fsct`); no inner loop.
+        FsctCosine = "fsct_cosine",
+        /// FS-CT with the softmax attention of the reference project's comparison.
+        FsctSoftmax = "fsct_softmax",
         /// Baseline without meta-learning: full fine-tuning per task, every weight of
         /// the base model trainable (not frozen) plus the head.
         Finetune = "finetune",
@@ -40,6 +46,17 @@ choice_enum! {
         PretrainFinetune = "pretrain-finetune",
     }
     default = Maml;
+}
+
+choice_enum! {
+    /// Which axis FS-CT's cosine classifier normalises over.
+    pub enum FsctFeatureNorm {
+        /// The classes of each query and feature, as the reference project does.
+        Classes = "classes",
+        /// The features of each (query, class) pair.
+        Features = "features",
+    }
+    default = Classes;
 }
 
 choice_enum! {
@@ -106,6 +123,47 @@ pub struct MetaLearningConfig {
     pub outer: OuterLoopConfig,
     /// Prototypical networks' settings (`method: protonet`).
     pub protonet: ProtoNetConfig,
+    /// The Few-Shot Cosine Transformer's settings (`method: fsct_cosine`,
+    /// `fsct_softmax`).
+    pub fsct: FsctSettings,
+}
+
+/// The `meta_learning.fsct` section: the head's sizes (the reference project's
+/// defaults) and the loss's weights (its VIC fork's: `λ_V = λ_C = 0` is plain FS-CT).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FsctSettings {
+    /// Attention heads (at least 1).
+    pub heads: usize,
+    /// Width of each head (at least 1).
+    pub dim_head: usize,
+    /// Hidden width of the feed-forward block (at least 1).
+    pub mlp_dim: usize,
+    /// Attention + feed-forward rounds, sharing their weights (at least 1).
+    pub depth: usize,
+    /// The cosine classifier's normalisation axis.
+    pub feature_norm: FsctFeatureNorm,
+    /// Weight of the query cross-entropy (λ_I, at least 0).
+    pub lambda_i: f64,
+    /// Weight of VIC's variance hinge on the support embeddings (λ_V, at least 0).
+    pub lambda_v: f64,
+    /// Weight of VIC's covariance term (λ_C, at least 0).
+    pub lambda_c: f64,
+}
+
+impl Default for FsctSettings {
+    fn default() -> Self {
+        Self {
+            heads: 8,
+            dim_head: 64,
+            mlp_dim: 512,
+            depth: 1,
+            feature_norm: FsctFeatureNorm::Classes,
+            lambda_i: 1.0,
+            lambda_v: 1.0,
+            lambda_c: 0.04,
+        }
+    }
 }
 
 /// The `meta_learning.protonet` section.
@@ -137,6 +195,7 @@ impl Default for MetaLearningConfig {
             inner: InnerLoopConfig::default(),
             outer: OuterLoopConfig::default(),
             protonet: ProtoNetConfig::default(),
+            fsct: FsctSettings::default(),
         }
     }
 }
@@ -205,6 +264,14 @@ impl MetaLearningConfig {
             "meta_learning.protonet.cosine_scale",
             self.protonet.cosine_scale,
         )?;
+        let fsct = &self.fsct;
+        at_least("meta_learning.fsct.heads", fsct.heads, 1)?;
+        at_least("meta_learning.fsct.dim_head", fsct.dim_head, 1)?;
+        at_least("meta_learning.fsct.mlp_dim", fsct.mlp_dim, 1)?;
+        at_least("meta_learning.fsct.depth", fsct.depth, 1)?;
+        non_negative("meta_learning.fsct.lambda_i", fsct.lambda_i)?;
+        non_negative("meta_learning.fsct.lambda_v", fsct.lambda_v)?;
+        non_negative("meta_learning.fsct.lambda_c", fsct.lambda_c)?;
         let outer = &self.outer;
         positive("meta_learning.outer.lr", outer.lr)?;
         non_negative("meta_learning.outer.weight_decay", outer.weight_decay)?;

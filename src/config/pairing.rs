@@ -204,7 +204,7 @@ pub(crate) fn method_does_not_apply(config: &Config) -> Option<String> {
                 data.synthetic_task
             ))
         }
-        Method::Prototype | Method::Protonet
+        Method::Prototype | Method::Protonet | Method::FsctCosine | Method::FsctSoftmax
             if TaskInputs::of(config) == TaskInputs::Regression =>
         {
             Some(format!(

@@ -16,6 +16,7 @@
 
 mod baseline;
 mod fomaml;
+mod fsct;
 mod inner;
 mod loss;
 mod maml;
@@ -32,6 +33,7 @@ pub use baseline::{
     Finetune, FullFinetune, HeadFinetune, LoraFinetune, NoAdaptation, Prototype, PROTOTYPE_MEANS,
 };
 pub use fomaml::Fomaml;
+pub use fsct::{FsctLearner, VicWeights, FSCT_PREFIX, FSCT_SUPPORT};
 pub(crate) use inner::gradient as loss_gradient;
 pub use inner::InnerLoop;
 pub(crate) use loss::loss_value;

@@ -134,6 +134,7 @@ pub struct FsctOutputs {
 #[derive(Debug, Clone)]
 pub struct Fsct {
     config: FsctConfig,
+    prefix: String,
 }
 
 const EPS_LN: f64 = 1e-5;
@@ -145,7 +146,22 @@ impl Fsct {
     /// A head of `config`'s sizes.
     pub fn new(config: FsctConfig) -> Result<Self> {
         config.validate()?;
-        Ok(Self { config })
+        Ok(Self {
+            config,
+            prefix: String::new(),
+        })
+    }
+
+    /// The same head with its parameters named `prefix` + the repository's names
+    /// (beside a backbone's, e.g. `fsct.proto_weight`).
+    pub fn with_prefix(mut self, prefix: &str) -> Self {
+        self.prefix = prefix.to_string();
+        self
+    }
+
+    /// The ParamSet name of the repository's parameter `name`.
+    fn name(&self, name: &str) -> String {
+        format!("{}{name}", self.prefix)
     }
 
     /// Its sizes.
@@ -175,7 +191,7 @@ impl Fsct {
         };
         let ones = |n: usize| Tensor::ones(n, dtype, device);
         let zeros = |n: usize| Tensor::zeros(n, dtype, device);
-        let mut put = |name: &str, t: Tensor| params.insert(name, t);
+        let mut put = |name: &str, t: Tensor| params.insert(self.name(name), t);
         put(
             "proto_weight",
             Tensor::ones((c.n_way, c.k_shot, 1), dtype, device)?,
@@ -244,7 +260,7 @@ impl Fsct {
                 query.dims()
             )));
         }
-        let p = |name: &str| params.require(name);
+        let p = |name: &str| params.require(&self.name(name));
         // Prototypes: a softmax over each class's shots weighs them.
         let weights = ops::softmax(&p("proto_weight")?.reshape((ways, shots))?)?;
         let prototypes = support.broadcast_mul(&weights.unsqueeze(2)?)?.sum(1)?;
@@ -327,11 +343,15 @@ impl Fsct {
         let (rows, cols, _) = t.dims3()?;
         let normed = ops::norm::layer_norm(
             &t,
-            params.require("ATTN.input_linear.0.weight")?,
-            params.require("ATTN.input_linear.0.bias")?,
+            params.require(&self.name("ATTN.input_linear.0.weight"))?,
+            params.require(&self.name("ATTN.input_linear.0.bias"))?,
             EPS_LN,
         )?;
-        let projected = ops::linear(&normed, params.require("ATTN.input_linear.1.weight")?, None)?;
+        let projected = ops::linear(
+            &normed,
+            params.require(&self.name("ATTN.input_linear.1.weight"))?,
+            None,
+        )?;
         Ok(projected
             .reshape((rows, cols, c.heads, c.dim_head))?
             .permute((2, 0, 1, 3))?)

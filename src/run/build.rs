@@ -10,10 +10,11 @@ use crate::config::{
 use crate::data::{EncodeText, TextTokenizer, WordHashTokenizer};
 use crate::engine::{Checkpointed, GradEngine, WholeGraph};
 use crate::meta::{
-    Adapter, Distance, Finetune, Fomaml, FullFinetune, HeadFinetune, HessianApproximation,
-    InnerLoop, LoraFinetune, Maml, MamlMode, Melora, MetaLearner, MetaSgd, NoAdaptation, ProtoNet,
-    Prototype, Reptile,
+    Adapter, Distance, Finetune, Fomaml, FsctLearner, FullFinetune, HeadFinetune,
+    HessianApproximation, InnerLoop, LoraFinetune, Maml, MamlMode, Melora, MetaLearner, MetaSgd,
+    NoAdaptation, ProtoNet, Prototype, Reptile, VicWeights,
 };
+use crate::models::fsct::{FeatureNorm, FsctAttention, FsctConfig};
 use crate::models::load::{builtin_with_inputs, from_directory, BuiltinInputs};
 use crate::models::{Architecture, FewShotModel, LoraSettings, ModelPrecision, Quantization};
 use crate::nn::{LoraInit, LoraSpec};
@@ -224,6 +225,7 @@ pub fn build_learner(config: &Config) -> Result<Box<dyn MetaLearner>> {
             mode: mode(m),
         }),
         LearnerSpec::Fomaml => Box::new(Fomaml { inner }),
+        LearnerSpec::Fsct { .. } => Box::new(fsct_learner(config)),
         LearnerSpec::ProtoNet {
             distance,
             cosine_scale,
@@ -266,11 +268,46 @@ pub fn build_learner(config: &Config) -> Result<Box<dyn MetaLearner>> {
     })
 }
 
+/// The FS-CT learner of `meta_learning.fsct` for the configured task shape.
+fn fsct_learner(config: &Config) -> FsctLearner {
+    let f = &config.meta_learning.fsct;
+    FsctLearner {
+        head: FsctConfig {
+            // The backbone's width, read from the parameters when they exist.
+            dim: 1,
+            heads: f.heads,
+            dim_head: f.dim_head,
+            mlp_dim: f.mlp_dim,
+            depth: f.depth,
+            n_way: config.data.n_way,
+            k_shot: config.data.k_shot,
+            attention: if config.meta_learning.method == Method::FsctSoftmax {
+                FsctAttention::Softmax
+            } else {
+                FsctAttention::Cosine
+            },
+            feature_norm: match f.feature_norm {
+                config::FsctFeatureNorm::Classes => FeatureNorm::Classes,
+                config::FsctFeatureNorm::Features => FeatureNorm::Features,
+            },
+        },
+        weights: VicWeights {
+            cross_entropy: f.lambda_i,
+            variance: f.lambda_v,
+            covariance: f.lambda_c,
+        },
+    }
+}
+
 /// The parameters a run starts from: the model's initialisation, with MetaSGD's
 /// per-entry step sizes (all `meta_learning.inner.lr`) beside them for `metasgd`.
 pub fn initial_params(model: &dyn FewShotModel, config: &Config) -> Result<ParamSet> {
-    let params = model.init_params(config.seed)?;
+    let mut params = model.init_params(config.seed)?;
     match config.meta_learning.method {
+        Method::FsctCosine | Method::FsctSoftmax => {
+            fsct_learner(config).init_head(&mut params, config.seed)?;
+            Ok(params)
+        }
         Method::Metasgd => MetaSgd {
             inner: inner_loop(config),
             mode: MamlMode::Recompute,
