@@ -154,7 +154,11 @@ fn notes(plan: &Plan) -> String {
                     .map_or(String::new(), |note| format!(": {note}"))
             );
         }
-        (None, None) => {}
+        (None, None) => {
+            if let Some(note) = &plan.data_note {
+                let _ = write!(out, "; {note}");
+            }
+        }
     }
     let _ = write!(
         out,
@@ -162,7 +166,7 @@ fn notes(plan: &Plan) -> String {
          support set ({}). Not included: {}validation passes. Loading the model peaks at \
          {}.",
         format_bytes(plan.forward_graph_bytes),
-        if plan.heaviest_task.is_some() {
+        if plan.breakdown.dataset > 0 {
             ""
         } else {
             "a data set read from files, the tokenizer, "

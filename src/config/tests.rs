@@ -252,8 +252,8 @@ fn unknown_enum_value_lists_the_allowed_ones() {
     assert_eq!(
         err.to_string(),
         "config: `meta_learning.method`: unknown value `mamll`; allowed: maml, fomaml, \
-         reptile, melora, metasgd, protonet, finetune, lora-finetune, no-adaptation, \
-         prototype, pretrain-finetune (line 2, column 11)"
+         reptile, melora, metasgd, protonet, fsct_cosine, fsct_softmax, finetune, \
+         lora-finetune, no-adaptation, prototype, pretrain-finetune (line 2, column 11)"
     );
     let (key, message) = config_error(Config::from_yaml_str("model:\n  dtype: 16\n"));
     assert_eq!(key, "model.dtype");
@@ -271,7 +271,8 @@ fn enum_names_parse_and_print() {
     assert_eq!(
         "MAML".parse::<Method>().unwrap_err().to_string(),
         "unknown value `MAML`; allowed: maml, fomaml, reptile, melora, metasgd, protonet, \
-         finetune, lora-finetune, no-adaptation, prototype, pretrain-finetune"
+         fsct_cosine, fsct_softmax, finetune, lora-finetune, no-adaptation, prototype, \
+         pretrain-finetune"
     );
 }
 

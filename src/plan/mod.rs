@@ -33,9 +33,10 @@
 //! `model.max_length`. The planner reads the run's episodes (same data, tokenizer,
 //! seed and order; [`PlanOptions::tasks`] says how many), keeps the one with the
 //! most real tokens in support and query, and measures every instance on copies of
-//! it; it also measures what the run's data set and tokenizer hold. Where the data
-//! cannot be read, or with [`PlannedTasks::Longest`], it assumes every sequence at
-//! `max_length`, an upper bound on any data ([`Plan::data_note`] says why).
+//! it. For every data source it measures what the run's data set holds (decoded
+//! images, tokenized texts, the tokenizer). Where the data cannot be read, or with
+//! [`PlannedTasks::Longest`], it assumes every sequence at `max_length`, an upper
+//! bound on any data, and counts no data set ([`Plan::data_note`] says why).
 //!
 //! Both cuts combine bilinearly (at most 4 instances, 8 with chosen checkpointed
 //! layers; a model of at most 2 layers, or 3 segments, or 4 layers with chosen
@@ -135,9 +136,9 @@ pub struct PlanBreakdown {
     pub activations: u64,
     /// The tasks' examples.
     pub data: u64,
-    /// The data set the run draws its episodes from, as read and tokenized, with the
-    /// tokenizer; 0 where the plan did not read the data (tasks of the configured
-    /// shape, [`PlannedTasks::Longest`]).
+    /// The data set the run draws its episodes from, as read (decoded, tokenized),
+    /// with the tokenizer; 0 where the plan did not read the data
+    /// ([`PlannedTasks::Longest`], or data that could not be read).
     pub dataset: u64,
     /// Kernel scratch, copies and other short-lived buffers.
     pub temporaries: u64,
@@ -214,8 +215,8 @@ pub struct Plan {
     /// `None` with text: every sequence was assumed at `sequence_length` (see
     /// [`Plan::data_note`]).
     pub heaviest_task: Option<HeaviestTask>,
-    /// Why text was planned at `sequence_length` instead of on the run's tasks
-    /// (the data could not be read), if it was.
+    /// Why the plan did not read the run's data (it could not), and what it assumed
+    /// instead (text at `sequence_length`, no data set counted), if so.
     pub data_note: Option<String>,
     /// Element size of the frozen weights and the activations, in bytes (2 with
     /// `memory_optimization.precision` bf16 or f16).
@@ -303,19 +304,23 @@ pub fn plan_with(config: &Config, options: &PlanOptions) -> Result<Plan> {
     }
     let layers = architecture.as_ref().map(|a| a.layers()).transpose()?;
     // After the checks: the data is tokenized at the configured lengths.
-    let (observed, data_note) = match inputs {
-        Inputs::Tokens { .. } => match tasks::heaviest_task(config, options.tasks) {
-            Ok(task) => (task, None),
-            Err(e) => (
-                None,
-                Some(format!(
+    let text = matches!(inputs, Inputs::Tokens { .. });
+    let (observed, data_note) = match tasks::observe(config, options.tasks, text) {
+        Ok(observed) => (observed, None),
+        Err(e) => (
+            None,
+            Some(if text {
+                format!(
                     "the run's episodes could not be read ({e}), so every sequence is \
-                     assumed at model.max_length"
-                )),
-            ),
-        },
-        _ => (None, None),
+                     assumed at model.max_length and the data set is not counted"
+                )
+            } else {
+                format!("the run's data could not be read ({e}), so the data set is not counted")
+            }),
+        ),
     };
+    let dataset_bytes = observed.as_ref().map_or(0, |o| o.dataset_bytes);
+    let observed = observed.and_then(|o| o.task);
     let planned = PlannedInputs { inputs, observed };
 
     // The model at its full size: frozen weights and the loading peak, exactly; and
@@ -395,7 +400,7 @@ pub fn plan_with(config: &Config, options: &PlanOptions) -> Result<Plan> {
         optimizer_state: round(optimizer),
         activations: round(graphs * (1.0 - gradient_share)),
         data: round(at.data),
-        dataset: planned.observed.as_ref().map_or(0, |t| t.dataset_bytes),
+        dataset: dataset_bytes,
         temporaries: round(temporaries),
     };
     let load_peak_bytes = round(load_peak + at.trainable + at.data).max(round(load_peak));

@@ -53,8 +53,15 @@ pub struct HeaviestTask {
 pub(crate) struct ObservedTask {
     task: Episode,
     pub(crate) heaviest: HeaviestTask,
-    /// Live bytes of the episode sources the run holds (the data set read and
-    /// tokenized, the tokenizer), measured as the planner built them.
+}
+
+/// What the planner read of the run's data.
+#[derive(Debug, Clone)]
+pub(crate) struct Observed {
+    /// For text, the heaviest task the run reads.
+    pub(crate) task: Option<ObservedTask>,
+    /// Live bytes of the episode sources the run holds (the data set as read,
+    /// decoded or tokenized, and the tokenizer), measured as the planner built them.
     pub(crate) dataset_bytes: u64,
 }
 
@@ -100,14 +107,19 @@ fn sequence_lengths(batch: &Batch) -> Result<Option<Vec<u64>>> {
     Ok(Some(lengths.into_iter().map(u64::from).collect()))
 }
 
-/// The heaviest of the episodes `config`'s run reads under `tasks` (most real tokens
-/// in support and query together, the first of equals), or why there is none:
-/// `Ok(None)` when the tasks are not text or `tasks` is [`PlannedTasks::Longest`].
+/// What `config`'s run holds of its data, and for text (`text`) the heaviest of the
+/// episodes it reads under `tasks` (most real tokens in support and query together,
+/// the first of equals); `Ok(None)` with [`PlannedTasks::Longest`], which reads
+/// nothing.
 ///
-/// Reading the data set costs what the run's own start does (reading and tokenizing
-/// it); the result is kept for the process, so that a budget search, which plans one
-/// configuration many times, reads it once.
-pub(crate) fn heaviest_task(config: &Config, tasks: PlannedTasks) -> Result<Option<ObservedTask>> {
+/// Reading the data set costs what the run's own start does (reading, decoding or
+/// tokenizing it); the result is kept for the process, so that a budget search,
+/// which plans one configuration many times, reads it once.
+pub(crate) fn observe(
+    config: &Config,
+    tasks: PlannedTasks,
+    text: bool,
+) -> Result<Option<Observed>> {
     let meta_trains = crate::config::LearnerSpec::of(config).meta_trains();
     let per_batch = if meta_trains {
         config.meta_learning.meta_batch_size
@@ -120,7 +132,12 @@ pub(crate) fn heaviest_task(config: &Config, tasks: PlannedTasks) -> Result<Opti
         PlannedTasks::Run if meta_trains => config.meta_learning.num_iterations,
         PlannedTasks::Run => config.evaluation.episodes,
     };
-    let count = (batches.max(1) as u64).saturating_mul(per_batch as u64);
+    // Fixed-size inputs need no scan: every task has the configured shape.
+    let count = if text {
+        (batches.max(1) as u64).saturating_mul(per_batch as u64)
+    } else {
+        0
+    };
     // The sources the run holds: training's and validation's, or for a baseline the
     // test episodes evaluation adapts to; the first is the one planned on.
     let splits: &[Split] = if meta_trains {
@@ -140,34 +157,37 @@ pub(crate) fn heaviest_task(config: &Config, tasks: PlannedTasks) -> Result<Opti
         count,
     ))
     .map_err(|e| crate::Error::InvalidArgument(format!("planner cache key: {e}")))?;
-    static READ: Mutex<Vec<(String, Option<ObservedTask>)>> = Mutex::new(Vec::new());
-    if let Some((_, task)) = READ
+    static READ: Mutex<Vec<(String, Observed)>> = Mutex::new(Vec::new());
+    if let Some((_, observed)) = READ
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .iter()
         .find(|(k, _)| *k == key)
     {
-        return Ok(task.clone());
+        return Ok(Some(observed.clone()));
     }
     let meter = crate::memory::MemoryMeter::start();
     let mut sources = crate::run::build::build_sources(config, splits)?;
     let dataset_bytes = meter.current_above_baseline().max(0) as u64;
     drop(meter);
-    let found = scan(sources.swap_remove(0), count, split, dataset_bytes)?;
+    let task = if count > 0 {
+        scan(sources.swap_remove(0), count, split)?
+    } else {
+        None
+    };
     drop(sources);
+    let observed = Observed {
+        task,
+        dataset_bytes,
+    };
     READ.lock()
         .unwrap_or_else(|e| e.into_inner())
-        .push((key, found.clone()));
-    Ok(found)
+        .push((key, observed.clone()));
+    Ok(Some(observed))
 }
 
 /// Reads episodes `0..count` of `source` and keeps the one with the most real tokens.
-fn scan(
-    source: Arc<dyn EpisodeSource>,
-    count: u64,
-    split: Split,
-    dataset_bytes: u64,
-) -> Result<Option<ObservedTask>> {
+fn scan(source: Arc<dyn EpisodeSource>, count: u64, split: Split) -> Result<Option<ObservedTask>> {
     use rayon::prelude::*;
     let name = format!("{split:?}").to_lowercase();
     let candidates: Vec<Option<HeaviestTask>> = (0..count)
@@ -202,7 +222,6 @@ fn scan(
             Ok(ObservedTask {
                 task: source.episode(heaviest.episode)?,
                 heaviest,
-                dataset_bytes,
             })
         })
         .transpose()
@@ -238,7 +257,9 @@ mod tests {
         // Synthetic texts of 8 to 32 tokens differ from task to task.
         assert!(totals.iter().any(|&t| t != most), "{totals:?}");
 
-        let task = heaviest_task(&config, PlannedTasks::Run).unwrap().unwrap();
+        let observed = observe(&config, PlannedTasks::Run, true).unwrap().unwrap();
+        assert!(observed.dataset_bytes > 0);
+        let task = observed.task.unwrap();
         let h = &task.heaviest;
         assert_eq!((h.tasks_read, h.episode), (12, first), "{totals:?}");
         assert_eq!(h.support_tokens + h.query_tokens, most);
@@ -254,11 +275,12 @@ mod tests {
                 .unwrap()
         };
         assert_eq!(ids(&copy), ids(&original));
-        assert!(task.dataset_bytes > 0);
 
         // The first two meta-batches only.
-        let early = heaviest_task(&config, PlannedTasks::FirstIterations(2))
+        let early = observe(&config, PlannedTasks::FirstIterations(2), true)
             .unwrap()
+            .unwrap()
+            .task
             .unwrap();
         let most_early = *totals[..6].iter().max().unwrap();
         assert_eq!(early.heaviest.tasks_read, 6);
@@ -266,12 +288,13 @@ mod tests {
             early.heaviest.support_tokens + early.heaviest.query_tokens,
             most_early
         );
-        assert!(heaviest_task(&config, PlannedTasks::Longest)
+        assert!(observe(&config, PlannedTasks::Longest, true)
             .unwrap()
             .is_none());
     }
 
-    /// Tasks that are not text have no token counts to plan on.
+    /// Tasks that are not text have no token counts to plan on; their data set is
+    /// still measured.
     #[test]
     fn tasks_of_other_inputs_are_not_observed() {
         let config = Config::from_yaml_str(
@@ -279,6 +302,7 @@ mod tests {
              num_iterations: 2\n",
         )
         .unwrap();
-        assert!(heaviest_task(&config, PlannedTasks::Run).unwrap().is_none());
+        let observed = observe(&config, PlannedTasks::Run, false).unwrap().unwrap();
+        assert!(observed.task.is_none());
     }
 }
