@@ -53,7 +53,10 @@ impl Default for VicWeights {
 const VARIANCE_THRESHOLD: f64 = 1.0;
 const COVARIANCE_EPS: f64 = 1e-4;
 
-/// The FS-CT learner (see the [module documentation](self)).
+/// The Few-Shot Cosine Transformer as a meta-learner: the backbone embeds support
+/// and query, the FS-CT head scores the queries, and episodic training descends
+/// `λ_I·CE + λ_V·L_V + λ_C·L_C` (VIC on the support embeddings) through head and
+/// backbone; no inner loop. Tasks need `k_shot` support examples of each class.
 #[derive(Debug, Clone)]
 pub struct FsctLearner {
     /// The head's sizes and variant; its width `dim` is the backbone's embedding

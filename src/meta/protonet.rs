@@ -34,7 +34,9 @@ pub enum Distance {
     },
 }
 
-/// The prototypical-network learner (see the [module documentation](self)).
+/// Prototypical networks: a query's logits are its distances to the class means of
+/// the support embeddings ([`Distance`]); episodic training through the embedding
+/// network, no inner loop.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ProtoNet {
     /// Query-to-prototype comparison.
