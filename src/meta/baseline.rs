@@ -24,7 +24,7 @@ use crate::{Error, Result};
 
 use super::inner::gradient;
 use super::loss::{check_finite, finite_value};
-use super::protonet::{class_means, classification_only, unit_rows};
+use super::metric::{adapt_by_support, class_means, unit_rows};
 use super::Adapter;
 
 /// Checks the AdamW budget of a fine-tuning baseline.
@@ -183,12 +183,14 @@ impl Adapter for Prototype {
         support: &Batch,
         mode: Mode,
     ) -> Result<ParamSet> {
-        classification_only(support, "prototype")?;
-        let features = unit_rows(&engine.model().features(params, support, mode)?.detach())?;
-        let means = unit_rows(&class_means(&features, &support.labels)?)?;
-        let mut adapted = params.detach();
-        adapted.set(PROTOTYPE_MEANS, means);
-        Ok(adapted)
+        adapt_by_support(
+            engine,
+            params,
+            support,
+            mode,
+            ("prototype", PROTOTYPE_MEANS),
+            |features, labels| unit_rows(&class_means(&unit_rows(features)?, labels)?),
+        )
     }
 
     fn predict(

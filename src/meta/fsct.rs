@@ -10,14 +10,13 @@
 
 use candle_core::Tensor;
 
-use super::loss::{accuracy, check_finite, finite_value};
-use super::protonet::classification_only;
+use super::metric::{adapt_by_support, episodic_outcome, Scored};
 use super::{Adapter, MetaLearner, TaskOutcome};
 use crate::data::{Batch, Episode};
 use crate::engine::GradEngine;
 use crate::models::fsct::{Fsct, FsctConfig};
 use crate::nn::Mode;
-use crate::tensor::{ops, GradGraph, ParamSet};
+use crate::tensor::{ops, ParamSet};
 use crate::{Error, Result};
 
 /// Name under which [`FsctLearner`] keeps a task's support embeddings
@@ -137,12 +136,14 @@ impl Adapter for FsctLearner {
         support: &Batch,
         mode: Mode,
     ) -> Result<ParamSet> {
-        classification_only(support, "fsct")?;
-        let features = engine.model().features(params, support, mode)?.detach();
-        let embeddings = self.class_major(&features, &support.labels)?;
-        let mut adapted = params.detach();
-        adapted.set(FSCT_SUPPORT, embeddings);
-        Ok(adapted)
+        adapt_by_support(
+            engine,
+            params,
+            support,
+            mode,
+            ("fsct", FSCT_SUPPORT),
+            |features, labels| self.class_major(features, labels),
+        )
     }
 
     fn predict(
@@ -166,35 +167,27 @@ impl MetaLearner for FsctLearner {
         task: &Episode,
         mode: Mode,
     ) -> Result<TaskOutcome> {
-        classification_only(&task.support, "fsct")?;
-        let model = engine.model();
-        let leaves = params.to_leaves()?;
-        let support = model.features(&leaves, &task.support, mode)?;
-        let support = self.class_major(&support, &task.support.labels)?;
-        let query = model.features(&leaves, &task.query, mode)?;
-        let logits = self.head_at(&leaves)?.logits(&leaves, &support, &query)?;
-        let cross_entropy = ops::cross_entropy(&logits, &task.query.labels, 0.0)?;
         let w = self.weights;
-        let regulariser = ops::vic_regulariser(
-            &support,
-            w.variance,
-            w.covariance,
-            VARIANCE_THRESHOLD,
-            COVARIANCE_EPS,
-        )?;
-        let loss =
-            ((&cross_entropy * w.cross_entropy)? + regulariser.to_dtype(cross_entropy.dtype())?)?;
-        let context = || "the fsct query loss".to_string();
-        finite_value(&loss, &context)?;
-        let meta_gradient = leaves.gradients(&loss, GradGraph::Detach)?;
-        check_finite(&meta_gradient, &context)?;
-        Ok(TaskOutcome {
-            meta_gradient,
-            support_losses: Vec::new(),
-            // The query's cross-entropy, comparable with the other learners'.
-            query_loss: finite_value(&cross_entropy, &context)?,
-            query_accuracy: accuracy(&logits, &task.query.labels)?,
-        })
+        episodic_outcome(
+            engine,
+            params,
+            task,
+            mode,
+            ("fsct", w.cross_entropy),
+            |leaves, support, query| {
+                let support = self.class_major(support, &task.support.labels)?;
+                Ok(Scored {
+                    logits: self.head_at(leaves)?.logits(leaves, &support, query)?,
+                    regulariser: Some(ops::vic_regulariser(
+                        &support,
+                        w.variance,
+                        w.covariance,
+                        VARIANCE_THRESHOLD,
+                        COVARIANCE_EPS,
+                    )?),
+                })
+            },
+        )
     }
 }
 
@@ -205,6 +198,7 @@ mod tests {
     use crate::meta::test_models::{dense_episode, TwoLayerProbe};
     use crate::models::fsct::FsctAttention;
     use crate::models::FewShotModel;
+    use crate::tensor::GradGraph;
     use candle_core::{DType, Device};
 
     fn learner(attention: FsctAttention, weights: VicWeights) -> FsctLearner {

@@ -21,6 +21,7 @@ mod inner;
 mod loss;
 mod maml;
 mod melora;
+mod metric;
 mod protonet;
 mod reptile;
 

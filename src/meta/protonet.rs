@@ -3,20 +3,17 @@
 //! the negative squared Euclidean distance, or a scaled cosine similarity. Episodic
 //! training descends the query cross-entropy through the embedding network; there
 //! is no inner loop.
-//!
-//! Support and query are embedded in separate forward passes, as the MAML learners
-//! do (and as evaluation must, which sees the support set before the queries): a
-//! model that normalises with batch statistics (Conv4) takes them per set.
+//! Support and query are embedded separately ([`super::metric`]).
 
 use candle_core::Tensor;
 
-use super::loss::{accuracy, check_finite, finite_value};
+use super::metric::{adapt_by_support, class_means, episodic_outcome, unit_rows, Scored};
 use super::{Adapter, MetaLearner, TaskOutcome};
 use crate::data::{Batch, Episode};
 use crate::engine::GradEngine;
 use crate::nn::Mode;
-use crate::tensor::{ops, GradGraph, ParamSet};
-use crate::{Error, Result};
+use crate::tensor::ParamSet;
+use crate::Result;
 
 /// Name under which [`ProtoNet`] keeps a task's prototypes in the adapted ParamSet.
 pub const PROTONET_PROTOTYPES: &str = "protonet.prototypes";
@@ -43,28 +40,6 @@ pub struct ProtoNet {
     pub distance: Distance,
 }
 
-/// Means of the rows of `features` `[n, d]` of each class of `labels` (`0..classes`,
-/// every class present): `[classes, d]`, differentiable (a product with the labels'
-/// one-hot matrix, so exact at every order).
-pub(crate) fn class_means(features: &Tensor, labels: &Tensor) -> Result<Tensor> {
-    let values = labels.to_vec1::<u32>()?;
-    let classes = values.iter().max().map_or(0, |&m| m as usize + 1);
-    let mut counts = vec![0f64; classes];
-    for &label in &values {
-        counts[label as usize] += 1.0;
-    }
-    if let Some(class) = counts.iter().position(|&c| c == 0.0) {
-        return Err(Error::InvalidArgument(format!(
-            "class {class} has no support example; a prototype needs at least one"
-        )));
-    }
-    let one_hot = ops::one_hot(labels, classes, features.dtype())?; // [n, classes]
-    let sums = one_hot.t()?.matmul(features)?;
-    let counts =
-        Tensor::from_vec(counts, (classes, 1), features.device())?.to_dtype(features.dtype())?;
-    Ok(sums.broadcast_div(&counts)?)
-}
-
 impl Distance {
     /// Logits `[queries, classes]` of `queries` `[q, d]` against `prototypes` `[c, d]`.
     pub(crate) fn logits(self, queries: &Tensor, prototypes: &Tensor) -> Result<Tensor> {
@@ -83,22 +58,6 @@ impl Distance {
     }
 }
 
-/// Rows of `x` scaled to unit length (zero rows stay zero).
-pub(crate) fn unit_rows(x: &Tensor) -> Result<Tensor> {
-    let norms = x.sqr()?.sum_keepdim(1)?.sqrt()?.clamp(1e-12, f64::MAX)?;
-    Ok(x.broadcast_div(&norms)?)
-}
-
-/// Refuses a regression batch for `method`, which classifies by class means.
-pub(crate) fn classification_only(batch: &Batch, method: &str) -> Result<()> {
-    if batch.is_regression() {
-        return Err(Error::InvalidArgument(format!(
-            "{method} classifies by class means; it has no answer for regression tasks"
-        )));
-    }
-    Ok(())
-}
-
 impl Adapter for ProtoNet {
     /// The task's prototypes, kept beside the (unchanged) parameters.
     fn adapt(
@@ -108,12 +67,14 @@ impl Adapter for ProtoNet {
         support: &Batch,
         mode: Mode,
     ) -> Result<ParamSet> {
-        classification_only(support, "protonet")?;
-        let features = engine.model().features(params, support, mode)?.detach();
-        let prototypes = class_means(&features, &support.labels)?;
-        let mut adapted = params.detach();
-        adapted.set(PROTONET_PROTOTYPES, prototypes);
-        Ok(adapted)
+        adapt_by_support(
+            engine,
+            params,
+            support,
+            mode,
+            ("protonet", PROTONET_PROTOTYPES),
+            class_means,
+        )
     }
 
     fn predict(
@@ -137,24 +98,20 @@ impl MetaLearner for ProtoNet {
         task: &Episode,
         mode: Mode,
     ) -> Result<TaskOutcome> {
-        classification_only(&task.support, "protonet")?;
-        let model = engine.model();
-        let leaves = params.to_leaves()?;
-        let support = model.features(&leaves, &task.support, mode)?;
-        let query = model.features(&leaves, &task.query, mode)?;
-        let prototypes = class_means(&support, &task.support.labels)?;
-        let logits = self.distance.logits(&query, &prototypes)?;
-        let loss = ops::cross_entropy(&logits, &task.query.labels, 0.0)?;
-        let context = || "the prototypical query loss".to_string();
-        let query_loss = finite_value(&loss, &context)?;
-        let meta_gradient = leaves.gradients(&loss, GradGraph::Detach)?;
-        check_finite(&meta_gradient, &context)?;
-        Ok(TaskOutcome {
-            meta_gradient,
-            support_losses: Vec::new(),
-            query_loss,
-            query_accuracy: accuracy(&logits, &task.query.labels)?,
-        })
+        episodic_outcome(
+            engine,
+            params,
+            task,
+            mode,
+            ("protonet", 1.0),
+            |_, support, query| {
+                let prototypes = class_means(support, &task.support.labels)?;
+                Ok(Scored {
+                    logits: self.distance.logits(query, &prototypes)?,
+                    regulariser: None,
+                })
+            },
+        )
     }
 }
 
@@ -163,11 +120,13 @@ mod tests {
     use super::*;
     use crate::data::EpisodeSource;
     use crate::engine::WholeGraph;
+    use crate::meta::loss::accuracy;
     use crate::meta::test_models::{dense_episode, TwoLayerProbe};
     use crate::models::FewShotModel;
     use crate::tensor::gradcheck::{
         check_derivatives, random_tensor, FIRST_ORDER_TOLERANCE, SECOND_ORDER_TOLERANCE,
     };
+    use crate::tensor::ops;
     use candle_core::{DType, Device};
 
     const DISTANCES: [Distance; 2] = [Distance::SquaredEuclidean, Distance::Cosine { scale: 3.0 }];
