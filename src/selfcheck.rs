@@ -162,6 +162,19 @@ fn cases() -> Result<Vec<Case>> {
         case("max_pool", vec![r(&[2, 2, 5, 4], 38)?], |t| {
             ops::max_pool(&t[0], 2)
         }),
+        case(
+            "conv2d_strided",
+            vec![r(&[2, 2, 7, 6], 39)?, r(&[3, 2, 3, 3], 40)?, r(&[3], 41)?],
+            |t| ops::conv2d_strided(&t[0], &t[1], Some(&t[2]), 1, 2),
+        ),
+        // Overlapping windows with padding (the ResNet stem's 3/2/1): a pixel in two
+        // windows gets both windows' gradients.
+        case("max_pool_strided", vec![r(&[2, 2, 5, 6], 42)?], |t| {
+            ops::max_pool_strided(&t[0], 3, 2, 1)
+        }),
+        case("global_avg_pool", vec![r(&[2, 3, 3, 2], 43)?], |t| {
+            ops::global_avg_pool(&t[0])
+        }),
         case("softmax", vec![r(&[3, 5], 15)?], |t| ops::softmax(&t[0])),
         case("masked_softmax", vec![r(&[2, 2, 3, 4], 16)?], move |t| {
             ops::masked_softmax(&t[0], &key_mask)
@@ -192,7 +205,10 @@ fn cases() -> Result<Vec<Case>> {
         case("gelu_tanh", vec![r(&[3, 5], 25)?], |t| {
             ops::gelu_tanh(&t[0])
         }),
-        case("relu", vec![relu_input], |t| ops::relu(&t[0])),
+        case("relu", vec![relu_input.clone()], |t| ops::relu(&t[0])),
+        case("leaky_relu", vec![relu_input], |t| {
+            ops::leaky_relu(&t[0], 0.1)
+        }),
         case("sigmoid", vec![r(&[3, 5], 26)?], |t| ops::sigmoid(&t[0])),
         case("silu", vec![r(&[3, 5], 27)?], |t| ops::silu(&t[0])),
         case("dropout", vec![r(&[3, 7], 28)?], |t| {

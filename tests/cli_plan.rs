@@ -242,10 +242,16 @@ fn plan_refuses_bad_input_with_one_line() {
     // Configurations training would refuse, refused before anything runs.
     let cases = [
         (
-            "conv4-checkpointed.yml",
-            "model:\n  name: conv4\ndata:\n  synthetic_task: images\n\
+            "mlp-checkpointed.yml",
+            "model:\n  name: mlp\ndata:\n  synthetic_task: sinusoid\n\
              memory_optimization:\n  checkpointing:\n    enabled: true\n",
-            "not a transformer stack",
+            "this model has neither",
+        ),
+        (
+            "conv4-no-such-stage.yml",
+            "model:\n  name: conv4\ndata:\n  synthetic_task: images\n\
+             memory_optimization:\n  checkpointing:\n    enabled: true\n    layers: [4]\n",
+            "layer 4",
         ),
         (
             "no-such-layer.yml",

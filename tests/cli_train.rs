@@ -570,33 +570,85 @@ fn adapt_predicts_a_users_texts_and_export_writes_a_peft_adapter() {
 /// for the support set, PNG files for the queries, of any size (resized).
 #[test]
 fn adapt_reads_image_folders_for_conv4() {
-    adapt_on_image_folders("fomaml");
+    adapt_on_image_folders("conv4", "fomaml", "");
 }
 
 /// Prototypical networks train on generated images, and their checkpoint scores
 /// queries by distance to the support folder's class means.
 #[test]
 fn protonet_trains_on_images_and_adapts_to_image_folders() {
-    adapt_on_image_folders("protonet");
+    adapt_on_image_folders("conv4", "protonet", "");
 }
 
 /// The Few-Shot Cosine Transformer (both attentions, with VIC) likewise.
 #[test]
 fn fsct_trains_on_images_and_adapts_to_image_folders() {
-    adapt_on_image_folders("fsct_cosine");
-    adapt_on_image_folders("fsct_softmax");
+    adapt_on_image_folders("conv4", "fsct_cosine", "");
+    adapt_on_image_folders("conv4", "fsct_softmax", "");
 }
 
-fn adapt_on_image_folders(method: &str) {
+/// ResNet-12 meta-trains with exact second-order MAML (recompute mode) checkpointed
+/// per stage, and Conv6 with ProtoNets; both checkpoints adapt to image folders.
+#[test]
+fn resnet12_and_conv6_train_and_adapt_to_image_folders() {
+    adapt_on_image_folders(
+        "resnet12",
+        "maml",
+        "memory_optimization:\n  checkpointing:\n    enabled: true\n    every: 2\n",
+    );
+    adapt_on_image_folders("conv6", "protonet", "");
+}
+
+/// A ProtoNet checkpoint meta-trained 2-way is evaluated 3-way (it never reads the
+/// classification head), into a file of its own beside the run's `evaluation.json`;
+/// MAML's head has one row per class, so its checkpoint refuses, naming the sizes.
+#[test]
+fn protonet_checkpoints_evaluate_at_another_way() {
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("conv4.yml");
+    let out = dir.path().join("runs");
+    let s = |p: &Path| p.display().to_string();
+    for method in ["protonet", "fomaml"] {
+        let config = dir.path().join(format!("{method}.yml"));
+        write(
+            &config,
+            &format!(
+                "model:\n  name: conv4\nmeta_learning:\n  method: {method}\n  \
+                 meta_batch_size: 1\n  num_iterations: 2\ndata:\n  synthetic_task: images\n  \
+                 n_way: 2\n  k_shot: 1\n  n_query: 1\nevaluation:\n  episodes: 2\n  \
+                 eval_every: 2\n  val_episodes: 1\ntracking:\n  experiment_name: way\n"
+            ),
+        );
+        let train = melora(&["train", "--config", &s(&config), "--output", &s(&out)]);
+        assert!(train.status.success(), "{}", text(&train.stderr));
+        let best = out.join(format!("way/{method}-seed42/best"));
+        let run = melora(&["evaluate", "--checkpoint", &s(&best), "--n-way", "3"]);
+        if method == "protonet" {
+            assert!(run.status.success(), "{}", text(&run.stderr));
+            let written = out.join("way/protonet-seed42/evaluation-3way-1shot-1query.json");
+            assert!(written.exists(), "{}", text(&run.stdout));
+        } else {
+            let err = text(&run.stderr);
+            assert!(
+                !run.status.success() && err.contains("2 classes") && err.contains("[3, "),
+                "{err}"
+            );
+            assert!(!err.contains("LoRA"), "{err}");
+        }
+    }
+}
+
+/// Trains `method` on `model` (with the `extra` YAML sections) on generated images,
+/// then adapts the checkpoint to a support folder of PNGs and scores a query folder.
+fn adapt_on_image_folders(model: &str, method: &str, extra: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("vision.yml");
     write(
         &config,
         &format!(
-            "model:\n  name: conv4\nmeta_learning:\n  method: {method}\n  \
+            "model:\n  name: {model}\nmeta_learning:\n  method: {method}\n  \
              meta_batch_size: 1\n  num_iterations: 2\ndata:\n  synthetic_task: images\n  \
              n_way: 2\n  k_shot: 2\n  n_query: 1\nevaluation:\n  episodes: 1\n  \
-             eval_every: 2\n  val_episodes: 1\ntracking:\n  experiment_name: img\n"
+             eval_every: 2\n  val_episodes: 1\ntracking:\n  experiment_name: img\n{extra}"
         ),
     );
     let out = dir.path().join("runs");

@@ -261,12 +261,16 @@ fn mixed_precision_and_int8_shrink_what_they_store() {
 }
 
 fn the_planner_refuses_what_training_refuses() {
-    // Only transformer stacks are checkpointed; Conv4's batch statistics are not
-    // split into micro-batches.
-    for c in [checkpointed(sinusoid(), None), checkpointed(images(), None)] {
-        let err = plan(&c).unwrap_err().to_string();
-        assert!(err.contains("not a transformer stack"), "{err}");
-    }
+    // Transformer stacks and vision backbones are checkpointed, the MLP is not;
+    // Conv4's batch statistics are not split into micro-batches.
+    let err = plan(&checkpointed(sinusoid(), None))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("this model has neither"), "{err}");
+    let err = plan(&checkpointed(images(), Some(vec![4])))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("layer 4"), "{err}");
     let err = plan(&micro(
         {
             let mut c = images();

@@ -74,6 +74,18 @@ pub(crate) struct GlobalArgs {
     #[arg(long, global = true, value_name = "N", allow_negative_numbers = true)]
     pub(crate) num_iterations: Option<usize>,
 
+    /// Classes per episode [data.n_way]
+    #[arg(long, global = true, value_name = "N", allow_negative_numbers = true)]
+    pub(crate) n_way: Option<usize>,
+
+    /// Support examples per class [data.k_shot]
+    #[arg(long, global = true, value_name = "K", allow_negative_numbers = true)]
+    pub(crate) k_shot: Option<usize>,
+
+    /// Query examples per class [data.n_query]
+    #[arg(long, global = true, value_name = "N", allow_negative_numbers = true)]
+    pub(crate) n_query: Option<usize>,
+
     /// Seed of every random choice [seed]
     #[arg(
         long,
@@ -113,6 +125,9 @@ impl GlobalArgs {
             inner_lr: self.inner_lr,
             outer_lr: self.outer_lr,
             num_iterations: self.num_iterations,
+            n_way: self.n_way,
+            k_shot: self.k_shot,
+            n_query: self.n_query,
             method: self.method,
             seed: self.seed,
             // A flag can only turn it on; absent, the file decides.

@@ -10,7 +10,7 @@ use crate::config::Config;
 use crate::eval::Evaluation;
 use crate::memory::format_bytes;
 use crate::train::checkpoint::read_checkpoint_state;
-use crate::train::{evaluate, run_dir, save_evaluation, train, EvaluateOptions, TrainOptions};
+use crate::train::{evaluate, run_dir, save_evaluation_as, train, EvaluateOptions, TrainOptions};
 
 /// The configuration of `--config` (with flags), or else the one recorded in the
 /// checkpoint `dir` (with flags): a checkpoint is evaluated or resumed as trained.
@@ -160,7 +160,16 @@ pub(crate) fn run_evaluate(global: &GlobalArgs, args: &EvaluateArgs) -> anyhow::
             .unwrap_or_else(|| run_dir(&config)),
         None => run_dir(&config),
     };
-    let path = save_evaluation(&evaluation, &dir)?;
+    // Episodes of another shape than the run's are another result, kept beside it.
+    let file = if global.n_way.is_some() || global.k_shot.is_some() || global.n_query.is_some() {
+        format!(
+            "evaluation-{}way-{}shot-{}query.json",
+            config.data.n_way, config.data.k_shot, config.data.n_query
+        )
+    } else {
+        "evaluation.json".to_string()
+    };
+    let path = save_evaluation_as(&evaluation, &dir, &file)?;
     if args.json {
         write_stdout(&format!("{}\n", serde_json::to_string_pretty(&evaluation)?))?;
     } else {

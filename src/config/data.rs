@@ -92,7 +92,8 @@ pub struct DataConfig {
     /// Field or column holding the class label (also of `tabular`).
     pub label_column: String,
     /// Side of the square images: Omniglot and IDX images are resized to it (area
-    /// averaging), synthetic images made at it, and `conv4` built for it (at least 16).
+    /// averaging), synthetic images made at it, and the vision backbone built for it (at least 16 for
+    /// conv4, conv6 and resnet12).
     pub image_size: usize,
     /// Add each Omniglot character rotated by 90°, 180° and 270° as new classes.
     pub rotations: bool,

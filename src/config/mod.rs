@@ -33,6 +33,7 @@
 //! # Ok::<(), melora::Error>(())
 //! ```
 
+mod backbone;
 mod bytes;
 mod choice;
 mod comparison;
@@ -56,6 +57,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+pub use backbone::Backbone;
 pub use bytes::parse_bytes;
 pub use choice::UnknownValue;
 pub use comparison::{AblationConfig, ComparisonConfig, PretrainConfig, PretrainTune, Variant};

@@ -26,6 +26,12 @@ pub struct ConfigOverrides {
     pub outer_lr: Option<f64>,
     /// `meta_learning.num_iterations` (`--num-iterations`).
     pub num_iterations: Option<usize>,
+    /// `data.n_way` (`--n-way`).
+    pub n_way: Option<usize>,
+    /// `data.k_shot` (`--k-shot`).
+    pub k_shot: Option<usize>,
+    /// `data.n_query` (`--n-query`).
+    pub n_query: Option<usize>,
     /// `meta_learning.method` (`--method`).
     pub method: Option<Method>,
     /// `seed` (`--seed`).
@@ -42,7 +48,7 @@ pub struct ConfigOverrides {
 
 impl ConfigOverrides {
     /// (is set, config key, command-line flag) for every field.
-    fn entries(&self) -> [(bool, &'static str, &'static str); 14] {
+    fn entries(&self) -> [(bool, &'static str, &'static str); 17] {
         [
             (self.model.is_some(), "model.name", "--model"),
             (self.lora_rank.is_some(), "lora.rank", "--lora-rank"),
@@ -72,6 +78,9 @@ impl ConfigOverrides {
                 "meta_learning.num_iterations",
                 "--num-iterations",
             ),
+            (self.n_way.is_some(), "data.n_way", "--n-way"),
+            (self.k_shot.is_some(), "data.k_shot", "--k-shot"),
+            (self.n_query.is_some(), "data.n_query", "--n-query"),
             (self.method.is_some(), "meta_learning.method", "--method"),
             (self.seed.is_some(), "seed", "--seed"),
             (
@@ -128,6 +137,9 @@ impl ConfigOverrides {
         set(&mut meta.outer.lr, &self.outer_lr);
         set(&mut meta.num_iterations, &self.num_iterations);
         set(&mut meta.method, &self.method);
+        set(&mut config.data.n_way, &self.n_way);
+        set(&mut config.data.k_shot, &self.k_shot);
+        set(&mut config.data.n_query, &self.n_query);
         set(&mut config.seed, &self.seed);
         set(&mut config.data.synthetic_only, &self.synthetic_only);
         set(&mut config.tracking.experiment_name, &self.experiment_name);

@@ -6,11 +6,11 @@
 //! | model | reads | from |
 //! |---|---|---|
 //! | transformers (`tiny-bert`, …, a Hugging Face folder) | token sequences | synthetic `text`, `jsonl`, `csv`, `wordnet` |
-//! | `conv4` | grey images of `data.image_size` pixels (at least 16) | synthetic `images`, `omniglot`, `idx` |
+//! | vision backbones (`conv4`, `conv6`, `resnet12`, `resnet18`, `resnet34`) | images of `data.image_size` pixels (at least 16 for the ConvNets and ResNet-12) | synthetic `images`, `omniglot`, `idx` |
 //! | `mlp` | feature rows | synthetic `sinusoid` (one input, regression), `tabular` (one input per feature, classification) |
 
 use super::validate::invalid;
-use super::{Config, DataSource, LoraConfig, Method, Quantization, SyntheticTask};
+use super::{Backbone, Config, DataSource, LoraConfig, Method, Quantization, SyntheticTask};
 use crate::Result;
 
 /// What a configuration's tasks give a model to read.
@@ -52,8 +52,9 @@ impl TaskInputs {
 pub(crate) enum ModelKind {
     /// A transformer with LoRA (built in, or a Hugging Face folder).
     Transformer,
-    /// The built-in Conv4, every parameter trained.
-    Conv4,
+    /// A built-in vision backbone (Conv4, Conv6, ResNet-12/18/34), every parameter
+    /// trained.
+    Vision(Backbone),
     /// The built-in fully connected network, every parameter trained.
     Mlp,
 }
@@ -62,23 +63,20 @@ impl ModelKind {
     /// The kind of `config`'s model.
     pub(crate) fn of(config: &Config) -> Self {
         match (&config.model.path, config.model.name.as_str()) {
-            (None, "conv4") => Self::Conv4,
             (None, "mlp") => Self::Mlp,
+            (None, name) => Backbone::from_name(name).map_or(Self::Transformer, Self::Vision),
             _ => Self::Transformer,
         }
     }
 
     /// Whether every parameter is trained (no frozen base, no LoRA).
     pub(crate) fn trains_everything(self) -> bool {
-        matches!(self, Self::Conv4 | Self::Mlp)
+        matches!(self, Self::Vision(_) | Self::Mlp)
     }
 }
 
-/// Smallest image side Conv4 reads: its four 2×2 poolings leave at least one pixel.
-pub(crate) const CONV4_MIN_IMAGE_SIZE: usize = 16;
-
 /// Refuses a model that cannot read the configured tasks, LoRA settings for a model
-/// without adapters, and an image size Conv4 cannot read.
+/// without adapters, and an image size the vision backbone cannot read.
 pub(crate) fn validate(config: &Config) -> Result<()> {
     let model = ModelKind::of(config);
     let inputs = TaskInputs::of(config);
@@ -86,7 +84,7 @@ pub(crate) fn validate(config: &Config) -> Result<()> {
     let source = describe_source(config);
     match (model, inputs) {
         (ModelKind::Transformer, TaskInputs::Tokens)
-        | (ModelKind::Conv4, TaskInputs::Images)
+        | (ModelKind::Vision(_), TaskInputs::Images)
         | (ModelKind::Mlp, TaskInputs::Regression | TaskInputs::Rows) => {}
         (ModelKind::Transformer, TaskInputs::Regression) => {
             return Err(invalid(
@@ -110,17 +108,18 @@ pub(crate) fn validate(config: &Config) -> Result<()> {
             return Err(invalid(
                 "model.name",
                 format!(
-                    "`{name}` reads token sequences, but {source} gives images; use model.name: \
-                     conv4, or a text source (data.source jsonl, csv, wordnet or synthetic \
+                    "`{name}` reads token sequences, but {source} gives images; use a vision \
+                     backbone (model.name: conv4, conv6, resnet12, resnet18 or resnet34), or a \
+                     text source (data.source jsonl, csv, wordnet or synthetic \
                      text)"
                 ),
             ))
         }
-        (ModelKind::Conv4, _) => {
+        (ModelKind::Vision(_), _) => {
             return Err(invalid(
                 "model.name",
                 format!(
-                    "conv4 reads images, but {source} does not give images; use data.source \
+                    "{name} reads images, but {source} does not give images; use data.source \
                      omniglot or idx, or data.synthetic_task: images"
                 ),
             ))
@@ -161,15 +160,18 @@ pub(crate) fn validate(config: &Config) -> Result<()> {
     if let Some(why) = method_does_not_apply(config) {
         return Err(invalid("meta_learning.method", why));
     }
-    if model == ModelKind::Conv4 && config.data.image_size < CONV4_MIN_IMAGE_SIZE {
-        return Err(invalid(
-            "data.image_size",
-            format!(
-                "conv4 halves the image four times, so it needs at least \
-                 {CONV4_MIN_IMAGE_SIZE} pixels, got {}",
-                config.data.image_size
-            ),
-        ));
+    if let ModelKind::Vision(backbone) = model {
+        let min = backbone.min_image_size();
+        if config.data.image_size < min {
+            return Err(invalid(
+                "data.image_size",
+                format!(
+                    "{name} halves the image four times with 2×2 pooling, so it needs at \
+                     least {min} pixels, got {}",
+                    config.data.image_size
+                ),
+            ));
+        }
     }
     Ok(())
 }

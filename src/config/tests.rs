@@ -288,6 +288,9 @@ fn overrides_are_applied() {
         inner_lr: Some(0.5),
         outer_lr: Some(0.01),
         num_iterations: Some(20),
+        n_way: Some(4),
+        k_shot: Some(2),
+        n_query: Some(6),
         method: Some(Method::Reptile),
         seed: Some(3),
         synthetic_only: Some(true),
@@ -305,6 +308,10 @@ fn overrides_are_applied() {
     assert_eq!(config.meta_learning.outer.lr, 0.01);
     assert_eq!(config.meta_learning.num_iterations, 20);
     assert_eq!(config.meta_learning.method, Method::Reptile);
+    assert_eq!(
+        (config.data.n_way, config.data.k_shot, config.data.n_query),
+        (4, 2, 6)
+    );
     assert_eq!(config.seed, 3);
     assert!(config.data.synthetic_only);
     assert_eq!(config.tracking.experiment_name, "quick");
@@ -556,7 +563,7 @@ fn precision_and_quantization_combinations() {
 }
 
 /// A model that cannot read the configured tasks, LoRA settings for a model without
-/// adapters and an image size Conv4 cannot read are refused at validation, naming the
+/// adapters and an image size a vision backbone cannot read are refused at validation, naming the
 /// key and the fix; the pairings that work pass.
 #[test]
 fn models_and_data_sources_that_do_not_fit_are_refused() {
@@ -587,6 +594,21 @@ fn models_and_data_sources_that_do_not_fit_are_refused() {
             "model:\n  name: conv4\ndata:\n  synthetic_task: images\n  image_size: 12\n",
             "data.image_size",
             "at least 16",
+        ),
+        (
+            "model:\n  name: resnet12\ndata:\n  synthetic_task: images\n  image_size: 12\n",
+            "data.image_size",
+            "at least 16",
+        ),
+        (
+            "model:\n  name: resnet34\ndata:\n  synthetic_task: images\nlora:\n  rank: 4\n",
+            "lora.rank",
+            "no LoRA",
+        ),
+        (
+            "model:\n  name: conv6\n",
+            "model.name",
+            "data.synthetic_task: images",
         ),
         (
             "data:\n  source: tabular\n  path: t.csv\n",
@@ -622,6 +644,9 @@ fn models_and_data_sources_that_do_not_fit_are_refused() {
     for yaml in [
         "model:\n  name: conv4\ndata:\n  synthetic_task: images\n  image_size: 32\n",
         "model:\n  name: conv4\ndata:\n  source: idx\n  path: x\n",
+        // ResNet-18/34 round sizes up and read any image.
+        "model:\n  name: resnet18\ndata:\n  synthetic_task: images\n  image_size: 12\n",
+        "model:\n  name: resnet12\ndata:\n  source: omniglot\n  path: o\n",
         "model:\n  name: mlp\ndata:\n  source: tabular\n  path: t.csv\n",
         "model:\n  name: mlp\ndata:\n  synthetic_task: sinusoid\nlora:\n  rank: 8\n",
         "data:\n  source: wordnet\nlora:\n  rank: 2\n",

@@ -179,8 +179,8 @@ pub fn episode_sources(
             .collect();
     }
     let data = load_dataset(config, text_encoder)?;
-    let splits_of_classes = ClassSplits::by_fraction(
-        data.class_sizes().len(),
+    let splits_of_classes = ClassSplits::by_fraction_of_groups(
+        &data.class_groups(),
         config.train_fraction,
         config.val_fraction,
         config.split_seed.unwrap_or(seed),

@@ -20,12 +20,44 @@ pub struct Class<T> {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Dataset<T> {
     classes: Vec<Class<T>>,
+    /// Per class, the source class it was derived from (Omniglot's rotations share
+    /// their character's); `None` when every class is its own.
+    groups: Option<Vec<usize>>,
 }
 
 impl<T> Dataset<T> {
     /// A data set of these classes, in this order.
     pub fn new(classes: Vec<Class<T>>) -> Self {
-        Self { classes }
+        Self {
+            classes,
+            groups: None,
+        }
+    }
+
+    /// A data set of these classes where `groups[i]` names the source class that
+    /// class `i` was derived from (e.g. a rotation of a character): a split keeps a
+    /// group's classes together, so no rotation of a test character is trained on.
+    pub fn with_groups(classes: Vec<Class<T>>, groups: Vec<usize>) -> Result<Self> {
+        if groups.len() != classes.len() {
+            return Err(Error::InvalidArgument(format!(
+                "{} class groups for {} classes",
+                groups.len(),
+                classes.len()
+            )));
+        }
+        Ok(Self {
+            classes,
+            groups: Some(groups),
+        })
+    }
+
+    /// Per class, its group ([`with_groups`](Self::with_groups)); every class its
+    /// own group (its index) otherwise.
+    pub fn class_groups(&self) -> Vec<usize> {
+        match &self.groups {
+            Some(groups) => groups.clone(),
+            None => (0..self.classes.len()).collect(),
+        }
     }
 
     /// Groups `(label, example)` pairs by label, classes in order of first appearance.
@@ -42,7 +74,7 @@ impl<T> Dataset<T> {
             });
             classes[i].examples.push(example);
         }
-        Self { classes }
+        Self::new(classes)
     }
 
     /// The classes.
@@ -77,7 +109,10 @@ impl<T> Dataset<T> {
                 })
             })
             .collect::<Result<_>>()?;
-        Ok(Dataset { classes })
+        Ok(Dataset {
+            classes,
+            groups: self.groups,
+        })
     }
 
     /// The data set restricted to classes `ids` (indices into [`Dataset::classes`]), in
@@ -97,7 +132,7 @@ impl<T> Dataset<T> {
                 })
             })
             .collect::<Result<_>>()?;
-        Ok(Self { classes })
+        Ok(Self::new(classes))
     }
 
     /// The data set split into class-disjoint meta-train, meta-val and meta-test sets.
@@ -164,6 +199,36 @@ impl ClassSplits {
             train: order,
             val,
             test,
+        })
+    }
+
+    /// [`by_fraction`](Self::by_fraction) of the groups of `groups` (per class, its
+    /// group: see [`Dataset::with_groups`]): every class of a group lands in the
+    /// group's set, classes in the order of their groups. With every class its own
+    /// group it is `by_fraction` of the classes.
+    pub fn by_fraction_of_groups(
+        groups: &[usize],
+        train: f64,
+        val: f64,
+        seed: u64,
+    ) -> Result<Self> {
+        let mut distinct: Vec<usize> = groups.to_vec();
+        distinct.sort_unstable();
+        distinct.dedup();
+        let of_groups = Self::by_fraction(distinct.len(), train, val, seed)?;
+        let members = |picked: &[usize]| -> Vec<usize> {
+            picked
+                .iter()
+                .flat_map(|&g| {
+                    let group = distinct[g];
+                    (0..groups.len()).filter(move |&c| groups[c] == group)
+                })
+                .collect()
+        };
+        Ok(Self {
+            train: members(&of_groups.train),
+            val: members(&of_groups.val),
+            test: members(&of_groups.test),
         })
     }
 

@@ -116,6 +116,15 @@ impl EncodedDataset {
         }
     }
 
+    /// Per class, its group (the source class of derived classes such as
+    /// rotations; see [`Dataset::with_groups`](super::Dataset::with_groups)).
+    pub fn class_groups(&self) -> Vec<usize> {
+        match self {
+            Self::Tokens { dataset, .. } => dataset.class_groups(),
+            Self::Images { dataset, .. } | Self::Rows { dataset, .. } => dataset.class_groups(),
+        }
+    }
+
     /// Class names, in class order.
     pub fn class_names(&self) -> Vec<String> {
         fn names<T>(classes: &[super::Class<T>]) -> Vec<String> {

@@ -130,6 +130,25 @@ fn splits_are_class_disjoint_and_cover_every_class() {
     assert_eq!(splits, ClassSplits::by_fraction(41, 0.6, 0.2, 5).unwrap());
     assert!(ClassSplits::by_fraction(3, 0.7, 0.3, 0).is_err());
 
+    // Groups of one class split as the classes do; larger groups stay together.
+    let singles: Vec<usize> = (0..41).collect();
+    assert_eq!(
+        ClassSplits::by_fraction_of_groups(&singles, 0.6, 0.2, 5).unwrap(),
+        splits
+    );
+    let fours: Vec<usize> = (0..40).map(|c| c / 4).collect();
+    let grouped = ClassSplits::by_fraction_of_groups(&fours, 0.6, 0.2, 5).unwrap();
+    assert_eq!(
+        (grouped.train.len(), grouped.val.len(), grouped.test.len()),
+        (24, 8, 8)
+    );
+    grouped.check_disjoint().unwrap();
+    for set in [&grouped.train, &grouped.val, &grouped.test] {
+        for &c in set.iter() {
+            assert!(set.iter().filter(|&&d| fours[d] == fours[c]).count() == 4);
+        }
+    }
+
     let data = Dataset::from_labelled(["a", "b", "c", "d"].map(|l| (l.to_string(), 0u8)));
     let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
     let explicit =
@@ -541,6 +560,15 @@ fn omniglot_reader_reads_folders_inverts_resizes_rotates_and_names_corrupt_pngs(
     assert_eq!(original.examples[0], vec![1.0, 0.0, 1.0, 0.0]);
     let turned = &data.classes()[data.class_index("Alpha/character01/rot90").unwrap()];
     assert_eq!(turned.examples[0], vec![1.0, 1.0, 0.0, 0.0]);
+    // A character's rotations are one group, so a split keeps them together.
+    let groups = data.class_groups();
+    let group_of = |name: &str| groups[data.class_index(name).unwrap()];
+    assert_eq!(
+        group_of("Alpha/character01"),
+        group_of("Alpha/character01/rot270")
+    );
+    assert_ne!(group_of("Alpha/character01"), group_of("Alpha/character02"));
+    assert_eq!(groups.iter().collect::<HashSet<_>>().len(), 2);
 
     std::fs::write(dir.path().join("Alpha/character02/bad.png"), b"not a png").unwrap();
     let err = read_omniglot(dir.path(), &options).unwrap_err();

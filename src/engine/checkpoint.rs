@@ -1,15 +1,15 @@
-//! Gradient checkpointing for transformer stacks: the forward pass keeps only the
-//! inputs of chosen layers, and the backward pass rebuilds one segment's graph at a
-//! time from its stored input — for gradients, Hessian-vector products and
+//! Gradient checkpointing for transformer stacks and vision backbones: the forward
+//! pass keeps only the inputs of chosen layers (a backbone's stages), and the
+//! backward pass rebuilds one segment's graph at a time from its stored input — for gradients, Hessian-vector products and
 //! Gauss-Newton products alike, so that every learner (including the second-order
 //! recursions of `maml` recompute mode and `melora`) runs with one segment's
 //! activations alive instead of the whole stack's.
 //!
 //! # The chain
 //!
-//! A transformer is a chain (see [`TransformerClassifier`]): the embedding
-//! `h₀ = E(θ)`, layers `h_{l+1} = F_l(h_l, θ)`, and the tail `Φ(h_L, θ)` (final norm,
-//! pooling, head, and the task's loss). A [`CheckpointPlan`] names the layers whose
+//! A model is a chain (see [`LayerChain`]): the embedding `h₀ = E(θ)` (a vision
+//! backbone's stem), layers `h_{l+1} = F_l(h_l, θ)` (its stages), and the tail
+//! `Φ(h_L, θ)` (final norm, pooling, head, and the task's loss). A [`CheckpointPlan`] names the layers whose
 //! input is kept, `B₀ < B₁ < … < B_{n−1}`; they cut the chain into segments:
 //! segment 0 is the embedding followed by layers `0..B₀` (just the embedding when
 //! `B₀ = 0`), segment k ≥ 1 is layers `B_{k−1}..B_k` (with `B_n = L`). The output of
@@ -86,7 +86,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
 
 use crate::data::Batch;
-use crate::models::{tail_logits, FewShotModel, StackContext, TransformerClassifier};
+use crate::models::{FewShotModel, LayerChain, StackContext};
 use crate::nn::Mode;
 use crate::tensor::second_order::{ensure_second_order, first_order_backward};
 use crate::tensor::ParamSet;
@@ -100,12 +100,13 @@ use super::{CheckpointPlan, GradEngine, Gradient, Loss, TaskLoss};
 /// (exact diagonals, block products) run several sweeps.
 const TANGENT_GROUP: usize = 8;
 
-/// The error for checkpointing a model that is not a transformer stack (also the
+/// The error for checkpointing a model that is not a chain of layers (also the
 /// memory planner's).
 pub(crate) fn not_a_stack() -> Error {
     Error::InvalidArgument(
-        "gradient checkpointing recomputes transformer layers (BERT, DistilBERT, GPT-2, T5); \
-         this model is not a transformer stack, so set \
+        "gradient checkpointing recomputes transformer layers (BERT, DistilBERT, GPT-2, T5) \
+         or the stages of a vision backbone (conv4, conv6, resnet12, resnet18, resnet34); \
+         this model has neither, so set \
          memory_optimization.checkpointing.enabled to false (micro-batches, \
          memory_optimization.gradient_accumulation.micro_batch, lower its memory)"
             .into(),
@@ -119,7 +120,8 @@ struct Segment {
     layers: std::ops::Range<usize>,
 }
 
-/// The checkpointing engine for a transformer stack and a [`CheckpointPlan`]: the
+/// The checkpointing engine for a model's [`LayerChain`] (a transformer's layers, a
+/// vision backbone's stages) and a [`CheckpointPlan`]: the
 /// [`GradEngine`] whose gradients and products come from segment sweeps, one segment
 /// graph alive at a time, equal to [`super::WholeGraph`]'s to float rounding.
 ///
@@ -141,7 +143,7 @@ struct Segment {
 /// ```
 pub struct Checkpointed<'a> {
     model: &'a dyn FewShotModel,
-    stack: &'a dyn TransformerClassifier,
+    chain: &'a dyn LayerChain,
     segments: Vec<Segment>,
     loss: &'a dyn Loss,
 }
@@ -313,15 +315,15 @@ fn directional(
 
 impl<'a> Checkpointed<'a> {
     /// The engine of `model` with `plan` and the task's own loss ([`TaskLoss`]).
-    /// Models that are not transformer stacks (Conv4, MLP) are refused rather than
+    /// Models that are not chains of layers (the MLP) are refused rather than
     /// silently run unsegmented, and so are plans naming layers the model does not
     /// have.
     pub fn new(model: &'a dyn FewShotModel, plan: &CheckpointPlan) -> Result<Self> {
-        let Some(stack) = model.transformer() else {
+        let Some(chain) = model.layer_chain() else {
             return Err(not_a_stack());
         };
-        let boundaries = plan.boundaries(stack.num_layers())?;
-        Ok(Self::from_boundaries(model, stack, &boundaries))
+        let boundaries = plan.boundaries(chain.chain_length())?;
+        Ok(Self::from_boundaries(model, chain, &boundaries))
     }
 
     /// The same engine with any `loss` of the model's outputs.
@@ -331,10 +333,10 @@ impl<'a> Checkpointed<'a> {
 
     fn from_boundaries(
         model: &'a dyn FewShotModel,
-        stack: &'a dyn TransformerClassifier,
+        chain: &'a dyn LayerChain,
         boundaries: &[usize],
     ) -> Self {
-        let layers = stack.num_layers();
+        let layers = chain.chain_length();
         let mut segments = vec![Segment {
             layers: 0..boundaries.first().copied().unwrap_or(layers),
         }];
@@ -344,7 +346,7 @@ impl<'a> Checkpointed<'a> {
         }
         Self {
             model,
-            stack,
+            chain,
             segments,
             loss: &TaskLoss,
         }
@@ -363,10 +365,10 @@ impl<'a> Checkpointed<'a> {
     ) -> Result<Tensor> {
         let mut h = match input {
             Some(h) if k > 0 => h.clone(),
-            _ => context.pack(&self.stack.embed(params, batch, mode)?)?,
+            _ => self.chain.chain_input(params, batch, context, mode)?,
         };
         for l in self.segments[k].layers.clone() {
-            h = self.stack.layer(l, &h, context, params, mode)?;
+            h = self.chain.chain_link(l, &h, context, params, mode)?;
         }
         Ok(h)
     }
@@ -439,7 +441,7 @@ impl<'a> Checkpointed<'a> {
         let leaves = theta.to_leaves()?;
         // From the leaves: under full fine-tuning T5's position bias is trained, and
         // each segment's backward pass reaches it through the context.
-        let context = self.stack.stack_context(batch, &leaves)?;
+        let context = self.chain.chain_context(batch, &leaves)?;
         let last = self.segments.len() - 1;
         let outputs = self.forward(last, theta, batch, &context, mode)?;
         let mut total = Accumulator::new(&leaves);
@@ -449,7 +451,7 @@ impl<'a> Checkpointed<'a> {
         };
         let (loss, logits, a) = {
             let h = self.run(last, input.as_ref(), &leaves, batch, &context, mode)?;
-            let logits = tail_logits(self.stack, &h, &context, &leaves, batch)?;
+            let logits = self.chain.chain_logits(&h, &context, &leaves, batch)?;
             let loss = self.loss.value(&logits, batch)?;
             let store = first_order_backward(&loss)?;
             total.add(&store, &leaves)?;
@@ -547,7 +549,7 @@ impl<'a> Checkpointed<'a> {
             theta.check_compatible(v)?;
         }
         let leaves = theta.to_leaves()?;
-        let context = self.stack.stack_context(batch, &leaves)?;
+        let context = self.chain.chain_context(batch, &leaves)?;
         let mut gradient = Accumulator::new(&leaves);
         let mut products = Vec::with_capacity(vs.len());
         for (index, group) in vs.chunks(TANGENT_GROUP).enumerate() {
@@ -581,7 +583,7 @@ impl<'a> Checkpointed<'a> {
     ) -> Result<Vec<Tensor>> {
         super::check_blocks(theta, blocks)?;
         let leaves = theta.to_leaves()?;
-        let context = self.stack.stack_context(batch, &leaves)?;
+        let context = self.chain.chain_context(batch, &leaves)?;
         let count = self.segments.len();
         // One forward, a segment graph at a time: the outputs every sweep starts
         // from, and the first segment whose graph reads each tensor.
@@ -657,7 +659,7 @@ impl<'a> Checkpointed<'a> {
         // The tail: a = ∂L/∂h_L and ȧ = R{a}, with the head's shares.
         let last = leaf(outputs.last().expect("at least one segment"))?;
         let (mut a, mut a_dot) = {
-            let logits = tail_logits(self.stack, &last, context, leaves, batch)?;
+            let logits = self.chain.chain_logits(&last, context, leaves, batch)?;
             let store = backward_keep(&self.loss.value(&logits, batch)?)?;
             if let Some(gradient) = gradient.as_deref_mut() {
                 gradient.add(&store, leaves)?;
@@ -750,7 +752,7 @@ impl<'a> Checkpointed<'a> {
     ) -> Result<ParamSet> {
         theta.check_compatible(v)?;
         let leaves = theta.to_leaves()?;
-        let context = self.stack.stack_context(batch, &leaves)?;
+        let context = self.chain.chain_context(batch, &leaves)?;
         let probe = Probe::whole(v);
         let TangentSweep { outputs, tangents } = self.tangent_sweep(
             &leaves,
@@ -763,7 +765,7 @@ impl<'a> Checkpointed<'a> {
         let mut total = Accumulator::new(&leaves);
         let last = leaf(outputs.last().expect("at least one segment"))?;
         let a = {
-            let logits = tail_logits(self.stack, &last, &context, &leaves, batch)?;
+            let logits = self.chain.chain_logits(&last, &context, &leaves, batch)?;
             // ż = J·(ḣ_L, v) by the double-backward trick at the tail.
             let u = Var::zeros(logits.shape(), logits.dtype(), logits.device())?.into_inner();
             let store = backward_keep(&inner(&logits, &u)?)?;

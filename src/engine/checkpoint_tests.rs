@@ -178,15 +178,21 @@ fn unknown_layers_and_non_transformers_are_refused_naming_the_fix() {
         err.contains("layer 3") && err.contains("0..=2") && err.contains("checkpointing.layers"),
         "{err}"
     );
-    let conv4 = builtin("conv4", 0, DType::F64, None, CLASSES).unwrap();
-    let err = Checkpointed::new(conv4.as_ref(), &CheckpointPlan::Every(1))
+    let mlp = builtin("mlp", 0, DType::F64, None, CLASSES).unwrap();
+    let err = Checkpointed::new(mlp.as_ref(), &CheckpointPlan::Every(1))
         .err()
         .unwrap()
         .to_string();
     assert!(
-        err.contains("not a transformer") && err.contains("checkpointing.enabled to false"),
+        err.contains("this model has neither") && err.contains("checkpointing.enabled to false"),
         "{err}"
     );
+    let conv4 = builtin("conv4", 0, DType::F64, None, CLASSES).unwrap();
+    let err = Checkpointed::new(conv4.as_ref(), &CheckpointPlan::Layers(vec![4]))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("layer 4") && err.contains("0..=3"), "{err}");
     let err = Checkpointed::new(bert(0.0).as_ref(), &CheckpointPlan::Layers(vec![]))
         .err()
         .unwrap()
@@ -616,4 +622,98 @@ fn selective_recomputation_of_a_non_transformer_is_refused() {
     let mut conv4 = builtin("conv4", 0, DType::F64, None, CLASSES).unwrap();
     let err = conv4.set_selective_recompute(true).unwrap_err().to_string();
     assert!(err.contains("checkpointing.selective to false"), "{err}");
+}
+
+/// `n` random grey 16×16 images, labels cycling.
+fn image_batch(n: usize, seed: u64) -> Batch {
+    let x = random_tensor(&[n, 1, 16, 16], seed, &Device::Cpu).unwrap();
+    let labels = (0..n as u32).map(|i| i % CLASSES as u32).collect();
+    Batch::from_dense(x, Tensor::from_vec(labels, n, &Device::Cpu).unwrap()).unwrap()
+}
+
+/// Vision backbones are checkpointed per stage (Conv4's blocks, ResNet-18's four
+/// stages after the stem): gradients, Hessian-vector products and the second-order
+/// meta-gradients of MAML's recompute mode and MELoRA equal the unsegmented ones.
+/// BatchNorm's batch statistics are recomputed on the same batch, so they agree too.
+#[test]
+fn vision_backbones_are_checkpointed_per_stage() {
+    let b = image_batch(6, 1);
+    let task = Episode::new(image_batch(6, 2), image_batch(6, 3), CLASSES).unwrap();
+    let inner = InnerLoop::new(1, 0.1);
+    let meta: [(&str, Box<dyn MetaLearner>); 2] = [
+        (
+            "maml recompute",
+            Box::new(Maml {
+                inner,
+                mode: MamlMode::Recompute,
+            }),
+        ),
+        (
+            "melora gauss-newton",
+            Box::new(Melora {
+                inner,
+                approximation: HessianApproximation::GaussNewton,
+                damping: 0.0,
+                clamp: None,
+                seed: 3,
+            }),
+        ),
+    ];
+    for (name, plans) in [
+        (
+            "conv4",
+            vec![CheckpointPlan::Every(1), CheckpointPlan::Layers(vec![2])],
+        ),
+        ("resnet18", vec![CheckpointPlan::Every(2)]),
+    ] {
+        let model = crate::models::Backbone::from_name(name)
+            .unwrap()
+            .build(
+                crate::models::ImageShape {
+                    channels: 1,
+                    side: 16,
+                },
+                CLASSES,
+                DType::F64,
+                &Device::Cpu,
+            )
+            .unwrap();
+        let theta = model.init_params(4).unwrap();
+        let leaves = theta.to_leaves().unwrap();
+        let loss = ops::cross_entropy(
+            &model.logits(&leaves, &b, Mode::Eval).unwrap(),
+            &b.labels,
+            0.0,
+        )
+        .unwrap();
+        let gradient = leaves.gradients(&loss, GradGraph::Detach).unwrap();
+        let v = random_like(&theta, 7);
+        let hv =
+            hessian_vector_product(&WholeGraph::new(model.as_ref()), &theta, &b, &v, Mode::Eval)
+                .unwrap();
+        let expected: Vec<ParamSet> = meta
+            .iter()
+            .map(|(_, learner)| {
+                learner
+                    .meta_gradient(&WholeGraph::new(model.as_ref()), &theta, &task, Mode::Eval)
+                    .unwrap()
+                    .meta_gradient
+            })
+            .collect();
+        for plan in plans {
+            let what = format!("{name} {plan:?}");
+            let (g, products) = engine(model.as_ref(), &plan)
+                .gradient_and_hvps(&theta, &b, std::slice::from_ref(&v), Mode::Eval)
+                .unwrap();
+            assert_same(&format!("{what}: gradient"), &g, &gradient);
+            assert_same(&format!("{what}: H·v"), &products[0], &hv);
+            let checkpointed = Checkpointed::new(model.as_ref(), &plan).unwrap();
+            for ((learner_name, learner), e) in meta.iter().zip(&expected) {
+                let got = learner
+                    .meta_gradient(&checkpointed, &theta, &task, Mode::Eval)
+                    .unwrap();
+                assert_same(&format!("{what}: {learner_name}"), &got.meta_gradient, e);
+            }
+        }
+    }
 }

@@ -185,7 +185,7 @@ impl SelfAttention {
         let core = Core {
             heads: context.head_layout(x, self.heads)?,
             scale: self.scale,
-            keep: context.keep.clone(),
+            keep: context.keep()?,
             bias: context.bias.clone(),
         };
         let attention = if recompute {

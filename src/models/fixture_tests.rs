@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Tensor};
 
 use super::bert::{Bert, BertConfig};
-use super::conv4::{Conv4, Conv4Config};
+use super::convnet::{ConvNet, ConvNetConfig};
 use super::gpt2::{Gpt2, Gpt2Config};
 use super::{FewShotModel, LoraSettings, Weights};
 use crate::data::Batch;
@@ -91,13 +91,16 @@ impl FixtureCase {
                 let (_, in_channels, height, width) =
                     fixture.tensor("support_images").dims4().unwrap();
                 assert_eq!(height, width, "Conv4 takes square images");
-                let config = Conv4Config {
+                let config = ConvNetConfig {
+                    blocks: 4,
                     in_channels,
                     channels: fixture.value("/model_config/channels").as_u64().unwrap() as usize,
                     image_size: height,
                     bn_eps: fixture.value("/model_config/bn_eps").as_f64().unwrap(),
                 };
-                Box::new(Conv4::new(config, n_way, DType::F64, &candle_core::Device::Cpu).unwrap())
+                Box::new(
+                    ConvNet::new(config, n_way, DType::F64, &candle_core::Device::Cpu).unwrap(),
+                )
             }
         };
         let (support, query) = (

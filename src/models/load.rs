@@ -9,12 +9,14 @@ use serde::de::DeserializeOwned;
 use serde_json::json;
 
 use super::bert::Bert;
-use super::conv4::{Conv4, Conv4Config};
+use super::convnet::ConvNetConfig;
 use super::distilbert::DistilBert;
 use super::gpt2::Gpt2;
 use super::mlp::Mlp;
 use super::t5::T5Encoder;
+use super::vision::ImageShape;
 use super::{FewShotModel, LoraSettings, ModelPrecision, Weights};
+use crate::config::Backbone;
 use crate::{Error, Result};
 
 /// Built-in models: name, description.
@@ -42,8 +44,28 @@ pub const BUILTIN_MODELS: &[(&str, &str)] = &[
     ),
     (
         "conv4",
-        "Conv4 for grey images of data.image_size pixels (28 by default, at least 16): 4 \
-         blocks of 64 channels (all parameters trainable)",
+        "Conv4 for images of data.image_size pixels (28 by default, at least 16): 4 blocks \
+         of 3×3 convolution, BatchNorm, ReLU and 2×2 max-pooling, 64 channels (all \
+         parameters trainable)",
+    ),
+    (
+        "conv6",
+        "Conv6: Conv4 with two more blocks that keep the size (at least 16 pixels)",
+    ),
+    (
+        "resnet12",
+        "ResNet-12, the few-shot standard: 4 residual blocks of 64, 160, 320, 640 channels \
+         with leaky ReLU and 2×2 max-pooling, global average pooling (at least 16 pixels)",
+    ),
+    (
+        "resnet18",
+        "ResNet-18: 7×7/2 stem, 4 stages of 2 basic blocks of 64-128-256-512 channels, \
+         global average pooling (torchvision's parameter names)",
+    ),
+    (
+        "resnet34",
+        "ResNet-34: ResNet-18 with stages of 3, 4, 6, 3 blocks (the FS-CT reference \
+         project's backbone)",
     ),
     (
         "mlp",
@@ -208,8 +230,10 @@ pub(crate) fn build(
 /// them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BuiltinInputs {
-    /// Side of `conv4`'s square grey images (28 for Omniglot and MNIST).
+    /// Side of the vision backbones' square images (28 for Omniglot and MNIST).
     pub image_size: usize,
+    /// Colour channels of their images (1 grey, 3 RGB).
+    pub image_channels: usize,
     /// Features of each row the `mlp` reads (1: the sinusoid's x).
     pub features: usize,
 }
@@ -217,7 +241,8 @@ pub struct BuiltinInputs {
 impl Default for BuiltinInputs {
     fn default() -> Self {
         Self {
-            image_size: Conv4Config::default().image_size,
+            image_size: ConvNetConfig::default().image_size,
+            image_channels: ConvNetConfig::default().in_channels,
             features: MLP_INPUTS,
         }
     }
@@ -256,23 +281,20 @@ pub fn builtin_with_inputs(
 ) -> Result<Box<dyn FewShotModel>> {
     let precision = precision.into();
     precision.validate()?;
-    if (name == "conv4" || name == "mlp") && precision.is_mixed() {
+    let backbone = Backbone::from_name(name);
+    if (backbone.is_some() || name == "mlp") && precision.is_mixed() {
         return Err(Error::Model(format!(
             "{name} has no frozen base (every parameter is trained): mixed precision and \
              int8 storage apply to transformers; use memory_optimization.precision: f32 and \
              model.quantization: none with {name}"
         )));
     }
-    if name == "conv4" {
-        return Ok(Box::new(Conv4::new(
-            Conv4Config {
-                image_size: inputs.image_size,
-                ..Conv4Config::default()
-            },
-            classes,
-            precision.frozen,
-            &Device::Cpu,
-        )?));
+    if let Some(backbone) = backbone {
+        let shape = ImageShape {
+            channels: inputs.image_channels,
+            side: inputs.image_size,
+        };
+        return backbone.build(shape, classes, precision.frozen, &Device::Cpu);
     }
     if name == "mlp" {
         return Ok(Box::new(Mlp::new(
@@ -376,7 +398,9 @@ mod tests {
         for (name, _) in BUILTIN_MODELS
             .iter()
             // minilm-shaped is the same family as tiny-bert at full size: too slow here.
-            .filter(|(n, _)| !matches!(*n, "conv4" | "mlp" | "minilm-shaped"))
+            .filter(|(n, _)| {
+                Backbone::from_name(n).is_none() && !matches!(*n, "mlp" | "minilm-shaped")
+            })
         {
             let model = builtin(name, 7, DType::F32, Some(lora()), 3).unwrap();
             let params = model.init_params(1).unwrap();

@@ -11,7 +11,7 @@ pub mod adapter_files;
 mod architecture;
 mod attention;
 pub mod bert;
-pub mod conv4;
+pub mod convnet;
 pub mod distilbert;
 mod embeddings;
 pub mod fsct;
@@ -23,15 +23,20 @@ pub mod mlp;
 mod packing;
 pub mod post_ln;
 mod precision;
+pub mod resnet;
 pub mod t5;
 pub(crate) mod targets;
+pub mod vision;
 mod weights;
 
 use candle_core::Tensor;
 
+pub use crate::config::Backbone;
 pub use architecture::Architecture;
 pub use head::{ClassificationHead, HEAD_BIAS, HEAD_WEIGHT};
 pub use precision::{ModelPrecision, Quantization};
+pub use vision::ImageShape;
+
 pub use weights::Weights;
 
 use crate::data::Batch;
@@ -105,9 +110,14 @@ pub trait FewShotModel {
     fn couples_examples(&self) -> bool {
         false
     }
-    /// The model as a chain of transformer segments, for gradient checkpointing;
-    /// `None` for models that are not transformer stacks (Conv4, MLP).
+    /// The model as a transformer stack; `None` for models that are not (vision
+    /// backbones, MLP).
     fn transformer(&self) -> Option<&dyn TransformerClassifier> {
+        None
+    }
+    /// The model as a chain of segments, for gradient checkpointing: a transformer's
+    /// layers, a vision backbone's stages; `None` for the MLP.
+    fn layer_chain(&self) -> Option<&dyn LayerChain> {
         None
     }
     /// Selective recomputation (`memory_optimization.checkpointing.selective`): the
@@ -201,8 +211,9 @@ impl ClassifierParts {
 /// (gradient checkpointing) reads the same values as the first pass.
 #[derive(Debug, Clone)]
 pub struct StackContext {
-    /// Non-zero where a query may attend to a key, broadcastable to `[b, h, t, t]`.
-    pub(crate) keep: Tensor,
+    /// Non-zero where a query may attend to a key, broadcastable to `[b, h, t, t]`;
+    /// `None` for chains without attention (vision backbones).
+    keep: Option<Tensor>,
     /// Added to the attention scores of every layer (`[1, h, t, t]`), if any.
     pub(crate) bias: Option<Tensor>,
     /// Where the real tokens are, when the batch has padding: the layers then see
@@ -215,9 +226,26 @@ impl StackContext {
     /// padding, if any, is packed away.
     pub(crate) fn new(batch: &Batch, keep: Tensor, bias: Option<Tensor>) -> Result<Self> {
         Ok(Self {
-            keep,
+            keep: Some(keep),
             bias,
             packing: TokenPacking::of_mask(&batch.tokens()?.attention_mask)?,
+        })
+    }
+
+    /// The context of a chain that reads no tokens (a vision backbone's stages): no
+    /// mask, no bias, no packing.
+    pub(crate) fn dense() -> Self {
+        Self {
+            keep: None,
+            bias: None,
+            packing: None,
+        }
+    }
+
+    /// The attention mask, or an error for a context of dense inputs.
+    pub(crate) fn keep(&self) -> Result<Tensor> {
+        self.keep.clone().ok_or_else(|| {
+            Error::InvalidArgument("attention needs the token mask of a text batch".into())
         })
     }
 
@@ -325,6 +353,84 @@ pub trait TransformerClassifier {
     fn parts_mut(&mut self) -> &mut ClassifierParts;
 }
 
+/// A model as a chain of segments, which gradient checkpointing
+/// (`crate::engine::Checkpointed`) cuts at chosen links: an input
+/// `h₀ = E(θ)`, links `h_{l+1} = F_l(h_l, θ)`, and logits `Φ(h_L, θ)`. A
+/// transformer's links are its layers; a vision backbone's are its stages (the stem
+/// is part of the input).
+pub trait LayerChain {
+    /// The batch's constants every link reads (attention masks; nothing for images).
+    fn chain_context(&self, batch: &Batch, params: &ParamSet) -> Result<StackContext>;
+    /// `h₀`, as the links take it (packed to the real tokens for text).
+    fn chain_input(
+        &self,
+        params: &ParamSet,
+        batch: &Batch,
+        context: &StackContext,
+        mode: Mode,
+    ) -> Result<Tensor>;
+    /// Number of links.
+    fn chain_length(&self) -> usize;
+    /// Link `index` (0-based) applied to `h`.
+    fn chain_link(
+        &self,
+        index: usize,
+        h: &Tensor,
+        context: &StackContext,
+        params: &ParamSet,
+        mode: Mode,
+    ) -> Result<Tensor>;
+    /// Logits `[b, classes]` from the last link's output.
+    fn chain_logits(
+        &self,
+        last: &Tensor,
+        context: &StackContext,
+        params: &ParamSet,
+        batch: &Batch,
+    ) -> Result<Tensor>;
+}
+
+impl<T: TransformerClassifier> LayerChain for T {
+    fn chain_context(&self, batch: &Batch, params: &ParamSet) -> Result<StackContext> {
+        self.stack_context(batch, params)
+    }
+
+    fn chain_input(
+        &self,
+        params: &ParamSet,
+        batch: &Batch,
+        context: &StackContext,
+        mode: Mode,
+    ) -> Result<Tensor> {
+        context.pack(&self.embed(params, batch, mode)?)
+    }
+
+    fn chain_length(&self) -> usize {
+        self.num_layers()
+    }
+
+    fn chain_link(
+        &self,
+        index: usize,
+        h: &Tensor,
+        context: &StackContext,
+        params: &ParamSet,
+        mode: Mode,
+    ) -> Result<Tensor> {
+        self.layer(index, h, context, params, mode)
+    }
+
+    fn chain_logits(
+        &self,
+        last: &Tensor,
+        context: &StackContext,
+        params: &ParamSet,
+        batch: &Batch,
+    ) -> Result<Tensor> {
+        tail_logits(self, last, context, params, batch)
+    }
+}
+
 /// Layer `index` of a family's stack, or an error naming the valid range.
 pub(crate) fn layer_at<L>(layers: &[L], index: usize) -> Result<&L> {
     layers.get(index).ok_or_else(|| {
@@ -426,6 +532,10 @@ impl<T: TransformerClassifier> FewShotModel for T {
     }
 
     fn transformer(&self) -> Option<&dyn TransformerClassifier> {
+        Some(self)
+    }
+
+    fn layer_chain(&self) -> Option<&dyn LayerChain> {
         Some(self)
     }
 

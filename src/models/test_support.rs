@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use super::{FewShotModel, LoraSettings, Weights};
 use crate::data::Batch;
 use crate::nn::{LoraInit, LoraSpec, Mode};
-use crate::tensor::gradcheck::{check_derivatives, random_tensor};
+use crate::tensor::gradcheck::{check_derivatives_with_step, random_tensor};
 pub(crate) use crate::tensor::test_support::max_abs_diff;
 use crate::tensor::{ops, ParamSet};
 
@@ -79,19 +79,30 @@ pub(crate) fn padded_batch(pad_ids: [u32; 2]) -> Batch {
 /// [`padded_batch`] in the LoRA tensors `adapters` and the head's weight against
 /// finite differences.
 pub(crate) fn check_loss_derivatives(model: &dyn FewShotModel, adapters: &[&str]) {
-    let batch = &padded_batch([0, 0]);
     let names: Vec<&str> = adapters
         .iter()
         .copied()
         .chain([super::HEAD_WEIGHT])
         .collect();
+    check_loss_derivatives_on(model, &names, &padded_batch([0, 0]), 1e-5, "");
+}
+
+/// Checks the first and second derivatives of the cross-entropy of `model` on
+/// `batch` in the trainable tensors `names` (the others at their initial values)
+/// against central differences of `step`; `what` names the model in failures.
+pub(crate) fn check_loss_derivatives_on(
+    model: &dyn FewShotModel,
+    names: &[&str],
+    batch: &Batch,
+    step: f64,
+    what: &str,
+) {
     let init = model.init_params(3).unwrap();
     let inputs: Vec<Tensor> = names
         .iter()
         .map(|n| init.require(n).unwrap().clone())
         .collect();
-    let errors = check_derivatives(&inputs, |xs| {
-        // The other trainable tensors stay at their initial values.
+    let errors = check_derivatives_with_step(&inputs, step, |xs| {
         let params = ParamSet::from_pairs(init.iter().map(|(n, t)| {
             let t = match names.iter().position(|m| *m == n) {
                 Some(i) => xs[i].clone(),
@@ -108,7 +119,7 @@ pub(crate) fn check_loss_derivatives(model: &dyn FewShotModel, adapters: &[&str]
     .unwrap();
     assert!(
         errors.first_order <= 1e-6 && errors.second_order <= 1e-4,
-        "{errors:?}"
+        "{what}: {errors:?}"
     );
 }
 

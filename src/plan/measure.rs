@@ -25,8 +25,12 @@ pub(crate) enum Inputs {
     /// Token sequences of `t` tokens: `model.max_length` for data read from files
     /// (the longest a batch can be), the generator's longest for synthetic text.
     Tokens { t: usize },
-    /// Square grey images.
-    Images { side: usize, dtype: DType },
+    /// Square images of `channels` colour channels.
+    Images {
+        channels: usize,
+        side: usize,
+        dtype: DType,
+    },
     /// Table rows of `features` values.
     Rows { features: usize },
     /// The sinusoid regression's x.
@@ -43,7 +47,8 @@ impl Inputs {
             TaskInputs::Rows if ModelKind::of(config) == ModelKind::Mlp => Inputs::Rows {
                 features: builtin_inputs(config)?.features,
             },
-            _ if config.model.path.is_none() && config.model.name == "conv4" => Inputs::Images {
+            _ if matches!(ModelKind::of(config), ModelKind::Vision(_)) => Inputs::Images {
+                channels: builtin_inputs(config)?.image_channels,
                 side: data.image_size,
                 dtype: match config.model.dtype {
                     config::DType::F64 => DType::F64,
@@ -75,9 +80,14 @@ impl Inputs {
     fn batch_bytes(self, n: usize) -> Option<usize> {
         let per_example = match self {
             Inputs::Tokens { t } => t.checked_mul(8)?,
-            Inputs::Images { side, dtype } => {
-                side.checked_mul(side)?.checked_mul(dtype.size_in_bytes())?
-            }
+            Inputs::Images {
+                channels,
+                side,
+                dtype,
+            } => side
+                .checked_mul(side)?
+                .checked_mul(channels)?
+                .checked_mul(dtype.size_in_bytes())?,
             Inputs::Rows { features } => features.checked_mul(4)?,
             Inputs::Sinusoid => 8,
         };
@@ -107,12 +117,17 @@ impl Inputs {
                     labels,
                 )?
             }
-            Inputs::Images { side, dtype } => {
-                let pixels: Vec<f32> = (0..n * side * side)
+            Inputs::Images {
+                channels,
+                side,
+                dtype,
+            } => {
+                let pixels: Vec<f32> = (0..n * channels * side * side)
                     .map(|i| ((i as u64 * 2_654_435_761 + seed) % 1000) as f32 / 1000.0)
                     .collect();
                 Batch::from_dense(
-                    Tensor::from_vec(pixels, (n, 1, side, side), &device)?.to_dtype(dtype)?,
+                    Tensor::from_vec(pixels, (n, channels, side, side), &device)?
+                        .to_dtype(dtype)?,
                     labels,
                 )?
             }

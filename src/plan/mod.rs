@@ -325,7 +325,7 @@ pub fn plan_with(config: &Config, options: &PlanOptions) -> Result<Plan> {
 
     // The model at its full size: frozen weights and the loading peak, exactly; and
     // the checks training makes of it (checkpointed layers it does not have).
-    let (weights, load_peak, trainable_parameters, couples_examples) = {
+    let (weights, load_peak, trainable_parameters, couples_examples, chain_length) = {
         let meter = MemoryMeter::start();
         let model = crate::run::build::build_model(config)?;
         crate::run::build::build_engine(config, model.as_ref())?;
@@ -342,6 +342,7 @@ pub fn plan_with(config: &Config, options: &PlanOptions) -> Result<Plan> {
             load_peak,
             params.numel() as u64,
             model.couples_examples(),
+            model.layer_chain().map(|chain| chain.chain_length()),
         )
     };
     let target = Target::of(config, layers, tasks)?;
@@ -431,7 +432,11 @@ pub fn plan_with(config: &Config, options: &PlanOptions) -> Result<Plan> {
         },
         micro_batch: config.memory_optimization.gradient_accumulation.micro_batch,
         second_order_micro_batch: second_order_micro_batch(config, couples_examples),
-        checkpoint_layers: match (config.memory_optimization.checkpointing.plan(), layers) {
+        // A transformer's layers, a vision backbone's stages.
+        checkpoint_layers: match (
+            config.memory_optimization.checkpointing.plan(),
+            layers.or(chain_length),
+        ) {
             (Some(plan), Some(l)) => Some(plan.boundaries(l)?),
             _ => None,
         },

@@ -152,7 +152,8 @@ pub(crate) fn is_sinusoid(config: &Config) -> bool {
     config::pairing::TaskInputs::of(config) == config::pairing::TaskInputs::Regression
 }
 
-/// The input sizes of the built-in dense models: Conv4 reads `data.image_size` images;
+/// The input sizes of the built-in dense models: the vision backbones read grey
+/// `data.image_size` images (every image source gives grey images);
 /// the MLP one input for the sinusoid, or one per feature of a table (read from the
 /// file: categorical columns are one-hot encoded over the values they take).
 pub(crate) fn builtin_inputs(config: &Config) -> Result<BuiltinInputs> {
@@ -582,8 +583,14 @@ mod tests {
                 && err.contains("checkpointing.layers"),
             "{err}"
         );
+        // Vision backbones are checkpointed per stage; the MLP has no chain to cut.
+        assert!(engine(
+            "model:\n  name: resnet12\ndata:\n  synthetic_task: images\nmemory_optimization:\n  \
+             checkpointing:\n    enabled: true\n",
+        )
+        .unwrap());
         let err = engine(
-            "model:\n  name: conv4\ndata:\n  synthetic_task: images\nmemory_optimization:\n  \
+            "model:\n  name: mlp\ndata:\n  synthetic_task: sinusoid\nmemory_optimization:\n  \
              checkpointing:\n    enabled: true\n",
         )
         .err()

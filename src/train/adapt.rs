@@ -180,9 +180,9 @@ fn read_items(config: &Config, path: &Path, labelled: bool) -> Result<Vec<Item>>
                 })
                 .collect()
         }
-        (ModelKind::Conv4, _) => read_images(config, path, labelled),
+        (ModelKind::Vision(_), _) => read_images(config, path, labelled),
         (ModelKind::Mlp, _) => Err(Error::InvalidArgument(
-            "adapt reads texts (transformers) and images (conv4); the mlp's feature rows \
+            "adapt reads texts (transformers) and images (vision backbones); the mlp's feature rows \
              and regression targets are not supported"
                 .into(),
         )),

@@ -196,22 +196,8 @@ impl CheckpointState {
 /// a checkpoint of another model, rank or number of classes is a clear error.
 pub fn load_checkpoint(dir: &Path, template: &ParamSet) -> Result<Checkpoint> {
     let state = read_checkpoint_state(dir)?;
+    let params = read_params(dir, &state, template, &[])?;
     let dir = readable(dir);
-    // A missing or unreadable file keeps its kind (Io, Format naming the file); only
-    // tensors of other names or shapes mean another model.
-    let params_path = dir.join(PARAMS);
-    let params = ParamSet::load(&params_path, &template.device())?
-        .conformed_to(template, &params_path)
-        .map_err(|e| {
-            Error::Params(format!(
-                "the checkpoint in {} does not fit this model (it was written for {}, LoRA \
-                 rank {}, {} classes): {e}",
-                dir.display(),
-                state.model,
-                state.lora_rank,
-                state.n_way
-            ))
-        })?;
     let optimizer_path = dir.join(OPTIMIZER);
     let moments = if optimizer_path.exists() {
         let all = ParamSet::load(&optimizer_path, &template.device())?;
@@ -247,6 +233,62 @@ pub fn load_checkpoint(dir: &Path, template: &ParamSet) -> Result<Checkpoint> {
         moments,
         state,
     })
+}
+
+/// A checkpoint's parameters, checked against `template` except the tensors named
+/// in `replaced`, which are `template`'s own: a learner that never reads the
+/// classification head (ProtoNets) evaluates a checkpoint meta-trained at another
+/// number of classes with the head of this one.
+pub(crate) fn load_checkpoint_params(
+    dir: &Path,
+    template: &ParamSet,
+    replaced: &[&str],
+) -> Result<ParamSet> {
+    let state = read_checkpoint_state(dir)?;
+    read_params(dir, &state, template, replaced)
+}
+
+fn read_params(
+    dir: &Path,
+    state: &CheckpointState,
+    template: &ParamSet,
+    replaced: &[&str],
+) -> Result<ParamSet> {
+    let dir = readable(dir);
+    let kept = |set: &ParamSet| {
+        ParamSet::from_pairs(
+            set.iter()
+                .filter(|(name, _)| !replaced.contains(name))
+                .map(|(name, t)| (name.to_string(), t.clone())),
+        )
+    };
+    // A missing or unreadable file keeps its kind (Io, Format naming the file); only
+    // tensors of other names or shapes mean another model.
+    let params_path = dir.join(PARAMS);
+    let loaded = kept(&ParamSet::load(&params_path, &template.device())?)?
+        .conformed_to(&kept(template)?, &params_path)
+        .map_err(|e| {
+            // The vision backbones and the MLP train every parameter, without LoRA.
+            let adapted =
+                crate::models::Backbone::from_name(&state.model).is_none() && state.model != "mlp";
+            let lora = if adapted {
+                format!(", LoRA rank {}", state.lora_rank)
+            } else {
+                String::new()
+            };
+            Error::Params(format!(
+                "the checkpoint in {} does not fit this model (it was written for {}{lora}, \
+                 {} classes): {e}",
+                dir.display(),
+                state.model,
+                state.n_way
+            ))
+        })?;
+    // In the template's order, with the replaced tensors from the template.
+    ParamSet::from_pairs(template.iter().map(|(name, t)| {
+        let t = loaded.get(name).unwrap_or(t);
+        (name.to_string(), t.clone())
+    }))
 }
 
 #[cfg(test)]

@@ -108,8 +108,13 @@ pub(crate) fn evaluation_loss_scale(
 
 /// Writes `evaluation` as `evaluation.json` in `dir` (atomically) and returns the path.
 pub fn save_evaluation(evaluation: &Evaluation, dir: &Path) -> Result<PathBuf> {
+    save_evaluation_as(evaluation, dir, "evaluation.json")
+}
+
+/// Writes `evaluation` as `file` in `dir` (atomically) and returns the path.
+pub fn save_evaluation_as(evaluation: &Evaluation, dir: &Path, file: &str) -> Result<PathBuf> {
     std::fs::create_dir_all(dir).map_err(|e| crate::Error::io(dir, e))?;
-    let path = dir.join("evaluation.json");
+    let path = dir.join(file);
     let json = serde_json::to_vec_pretty(evaluation).map_err(|e| crate::Error::Format {
         path: path.clone(),
         message: e.to_string(),

@@ -11,7 +11,7 @@ mod pretrain;
 mod run;
 
 pub use adapt::{adapt_examples, adapter_params, AdaptOutcome, Prediction};
-pub use evaluate::{evaluate, save_evaluation, EvaluateOptions};
+pub use evaluate::{evaluate, save_evaluation, save_evaluation_as, EvaluateOptions};
 pub use full::{
     experiment_dir, load_results, run_full, save_results, AblationPoint, Comparison, FullObserver,
     FullOptions, FullResults, LrTrial, MemoryPoint, MethodSummary, RunRecord, SkippedMethod,

@@ -532,8 +532,15 @@ pub fn params_from(
     checkpoint: Option<&Path>,
 ) -> Result<ParamSet> {
     let init = crate::run::build::initial_params(model, config)?;
+    // ProtoNets never read the classification head, so a checkpoint meta-trained with
+    // another data.n_way is evaluated (or adapted) at this one.
+    let replaced: &[&str] = if config.meta_learning.method == crate::config::Method::Protonet {
+        &[crate::models::HEAD_WEIGHT, crate::models::HEAD_BIAS]
+    } else {
+        &[]
+    };
     match checkpoint {
-        Some(dir) => Ok(load_checkpoint(dir, &init)?.params),
+        Some(dir) => super::checkpoint::load_checkpoint_params(dir, &init, replaced),
         None => Ok(init),
     }
 }

@@ -79,7 +79,9 @@ pub fn read_omniglot(path: &Path, options: &OmniglotOptions) -> Result<Dataset<V
         ));
     }
     let mut out = Vec::new();
-    for (name, images) in classes {
+    let mut groups = Vec::new();
+    for (character, (name, images)) in classes.into_iter().enumerate() {
+        let first = out.len();
         if options.rotations {
             for turns in 1..4 {
                 out.push(Class {
@@ -95,8 +97,11 @@ pub fn read_omniglot(path: &Path, options: &OmniglotOptions) -> Result<Dataset<V
             name,
             examples: images,
         });
+        groups.extend(std::iter::repeat_n(character, out.len() - first));
     }
-    Ok(Dataset::new(out))
+    // A character's rotations are new classes of its split: none of a test
+    // character's rotations is trained on (as Vinyals et al. and MAML split).
+    Dataset::with_groups(out, groups)
 }
 
 /// The class (`alphabet/character`) of a PNG at `parts` (path components), if any.

@@ -21,6 +21,12 @@ pub fn relu(x: &Tensor) -> Result<Tensor> {
     x.relu()
 }
 
+/// Leaky ReLU, `x` for `x > 0` and `slope·x` otherwise (ResNet-12 uses slope 0.1):
+/// `relu(x) − slope·relu(−x)`, so its derivatives are ReLU's.
+pub fn leaky_relu(x: &Tensor, slope: f64) -> Result<Tensor> {
+    x.relu()? - (x.neg()?.relu()? * slope)?
+}
+
 /// The logistic function `1 / (1 + e^(−x))`. Fused.
 pub fn sigmoid(x: &Tensor) -> Result<Tensor> {
     pointwise(x, Pointwise::Sigmoid)

@@ -35,8 +35,8 @@ mod rows;
 mod softmax;
 mod vic;
 
-pub use activation::{gelu_erf, gelu_tanh, relu, sigmoid, silu};
-pub use conv::{conv2d, max_pool};
+pub use activation::{gelu_erf, gelu_tanh, leaky_relu, relu, sigmoid, silu};
+pub use conv::{conv2d, conv2d_strided, global_avg_pool, max_pool, max_pool_strided};
 pub(crate) use dropout::mix_seed;
 pub use dropout::{dropout, Mode};
 pub use embedding::embedding;
