@@ -57,7 +57,7 @@ pub struct ConvNet {
 
 impl ConvNet {
     /// A network for `classes` classes; parameters are created by
-    /// [`FewShotModel::init_params`] in `dtype`.
+    /// [`FewShotModel::init_params`](super::FewShotModel::init_params) in `dtype`.
     pub fn new(
         config: ConvNetConfig,
         classes: usize,

@@ -93,7 +93,7 @@ fn stage_stride(stage: usize) -> usize {
 
 impl ResNet {
     /// A network for `classes` classes; parameters are created by
-    /// [`FewShotModel::init_params`] in `dtype`.
+    /// [`FewShotModel::init_params`](super::FewShotModel::init_params) in `dtype`.
     pub fn new(
         config: ResNetConfig,
         classes: usize,
