@@ -31,40 +31,31 @@ impl Backbone {
         dtype: DType,
         device: &Device,
     ) -> Result<Box<dyn FewShotModel>> {
-        let convnet = |blocks| ConvNetConfig {
-            blocks,
-            in_channels: input.channels,
-            image_size: input.side,
-            ..ConvNetConfig::default()
+        let convnet = |blocks| -> Result<Box<dyn FewShotModel>> {
+            let config = ConvNetConfig {
+                blocks,
+                in_channels: input.channels,
+                image_size: input.side,
+                ..ConvNetConfig::default()
+            };
+            Ok(Box::new(ConvNet::new(config, classes, dtype, device)?))
         };
-        let resnet = |depth| ResNetConfig {
-            depth,
-            in_channels: input.channels,
-            image_size: input.side,
-            bn_eps: 1e-5,
+        let resnet = |depth| -> Result<Box<dyn FewShotModel>> {
+            let config = ResNetConfig {
+                depth,
+                in_channels: input.channels,
+                image_size: input.side,
+                bn_eps: 1e-5,
+            };
+            Ok(Box::new(ResNet::new(config, classes, dtype, device)?))
         };
-        Ok(match self {
-            Backbone::Conv4 => Box::new(ConvNet::new(convnet(4), classes, dtype, device)?),
-            Backbone::Conv6 => Box::new(ConvNet::new(convnet(6), classes, dtype, device)?),
-            Backbone::ResNet12 => Box::new(ResNet::new(
-                resnet(ResNetDepth::R12),
-                classes,
-                dtype,
-                device,
-            )?),
-            Backbone::ResNet18 => Box::new(ResNet::new(
-                resnet(ResNetDepth::R18),
-                classes,
-                dtype,
-                device,
-            )?),
-            Backbone::ResNet34 => Box::new(ResNet::new(
-                resnet(ResNetDepth::R34),
-                classes,
-                dtype,
-                device,
-            )?),
-        })
+        match self {
+            Backbone::Conv4 => convnet(4),
+            Backbone::Conv6 => convnet(6),
+            Backbone::ResNet12 => resnet(ResNetDepth::R12),
+            Backbone::ResNet18 => resnet(ResNetDepth::R18),
+            Backbone::ResNet34 => resnet(ResNetDepth::R34),
+        }
     }
 }
 
