@@ -715,3 +715,148 @@ fn adapt_on_image_folders(model: &str, method: &str, extra: &str) {
         text(&run.stderr)
     );
 }
+
+/// A colour photograph for the image-folder tests: class `class`'s hue, a bright
+/// bar whose orientation alternates by class, and noise from `example`; `width ×
+/// height` (not square) so that the reader's resize is exercised. JPEG or PNG by
+/// the file's extension.
+fn write_photo(path: &Path, class: usize, example: usize, width: u32, height: u32) {
+    let hue = [
+        [200u8, 40, 40],
+        [40, 200, 40],
+        [40, 40, 200],
+        [200, 200, 40],
+    ][class % 4];
+    let image = image::RgbImage::from_fn(width, height, |x, y| {
+        let noise = ((x * 31 + y * 17 + example as u32 * 7) % 23) as u8;
+        let on_bar = if class.is_multiple_of(2) {
+            (x * 3 / width) == 1
+        } else {
+            (y * 3 / height) == 1
+        };
+        let base = if on_bar { [250, 250, 250] } else { hue };
+        image::Rgb(base.map(|v| v.saturating_sub(noise)))
+    });
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    image.save(path).unwrap();
+}
+
+/// Image-folder data sets in colour, as users have them: one folder per class with a
+/// split file (JPEG and PNG mixed, augmented in meta-training), and the
+/// miniImagenet layout (`images/` and three CSVs). A metric learner and MAML train on
+/// them at 32 px RGB, evaluate, and adapt to a support folder of JPEGs.
+#[test]
+fn image_folder_data_sets_train_evaluate_and_adapt_in_colour() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = |p: &Path| p.display().to_string();
+    // Class folders, six classes of four images, with a split file.
+    let folders = dir.path().join("classes");
+    let mut split = String::from("class,split\n");
+    for class in 0..6 {
+        let name = format!("c{class}");
+        for example in 0..4 {
+            let ext = if example % 2 == 0 { "jpg" } else { "png" };
+            write_photo(
+                &folders.join(&name).join(format!("{example}.{ext}")),
+                class,
+                example,
+                44,
+                38,
+            );
+        }
+        let which = ["train", "train", "val", "val", "test", "test"][class];
+        split.push_str(&format!("{name},{which}\n"));
+    }
+    std::fs::write(folders.join(".DS_Store"), b"finder").unwrap();
+    let split_file = dir.path().join("split.csv");
+    std::fs::write(&split_file, split).unwrap();
+    // The miniImagenet layout: the same kind of images under images/, three CSVs.
+    let mini = dir.path().join("mini");
+    for (which, classes) in [("train", 0..2), ("val", 2..4), ("test", 4..6)] {
+        let mut csv = String::from("filename,label\n");
+        for class in classes {
+            for example in 0..4 {
+                let file = format!("n0{class}_{example}.jpg");
+                write_photo(&mini.join("images").join(&file), class, example, 40, 40);
+                csv.push_str(&format!("{file},n0{class}\n"));
+            }
+        }
+        std::fs::write(mini.join(format!("{which}.csv")), csv).unwrap();
+    }
+    let out = dir.path().join("runs");
+    for (method, data) in [
+        (
+            "protonet",
+            format!(
+                "  path: {}\n  split_file: {}\n  train_aug: true\n",
+                s(&folders),
+                s(&split_file)
+            ),
+        ),
+        ("fsct_cosine", format!("  path: {}\n", s(&mini))),
+        ("maml", format!("  path: {}\n  train_aug: true\n", s(&mini))),
+    ] {
+        let config = dir.path().join(format!("{method}.yml"));
+        write(
+            &config,
+            &format!(
+                "model:\n  name: conv4\nmeta_learning:\n  method: {method}\n  \
+                 meta_batch_size: 1\n  num_iterations: 2\n  inner:\n    lr: 0.1\n\
+                 data:\n  source: image_folder\n  image_size: 32\n  n_way: 2\n  k_shot: 2\n  \
+                 n_query: 1\n{data}evaluation:\n  episodes: 3\n  eval_every: 2\n  \
+                 val_episodes: 1\ntracking:\n  experiment_name: photos-{method}\n"
+            ),
+        );
+        let train = melora(&["train", "--config", &s(&config), "--output", &s(&out)]);
+        let stderr = text(&train.stderr);
+        assert!(train.status.success(), "{stderr}");
+        assert!(
+            stderr.contains("image cache: 24 images of 6 classes as 3×36×36 u8"),
+            "{stderr}"
+        );
+        let best = out.join(format!("photos-{method}/{method}-seed42/best"));
+        let evaluate = melora(&["evaluate", "--checkpoint", &s(&best)]);
+        assert!(evaluate.status.success(), "{}", text(&evaluate.stderr));
+        let written = out.join(format!("photos-{method}/{method}-seed42/evaluation.json"));
+        let evaluation: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(written).unwrap()).unwrap();
+        let classes = evaluation.to_string();
+        // Meta-test episodes come from the split's test classes only.
+        assert!(
+            !classes.contains("\"c0\"") && !classes.contains("\"n00\""),
+            "{classes}"
+        );
+        // Adapt to JPEGs of two new classes (any size), predict a PNG and a JPEG.
+        let support = dir.path().join(format!("support-{method}"));
+        for (class, name) in [(4, "yellow"), (1, "green")] {
+            for example in 0..2 {
+                write_photo(
+                    &support.join(name).join(format!("{example}.jpeg")),
+                    class,
+                    example + 10,
+                    60,
+                    50,
+                );
+            }
+        }
+        let query = dir.path().join(format!("query-{method}"));
+        write_photo(&query.join("a.png"), 4, 20, 30, 30);
+        write_photo(&query.join("b.jpg"), 1, 21, 30, 30);
+        let adapt = melora(&[
+            "adapt",
+            "--checkpoint",
+            &s(&best),
+            "--support",
+            &s(&support),
+            "--query",
+            &s(&query),
+        ]);
+        assert!(adapt.status.success(), "{}", text(&adapt.stderr));
+        let lines: Vec<serde_json::Value> = text(&adapt.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2, "{}", text(&adapt.stdout));
+        assert_eq!(lines[0]["item"], "a.png");
+    }
+}

@@ -26,6 +26,10 @@ choice_enum! {
         Idx = "idx",
         /// Numeric feature table (CSV) with a label column.
         Tabular = "tabular",
+        /// JPEG/PNG images from folders: the miniImagenet layout (`images/` and
+        /// `train.csv`/`val.csv`/`test.csv`), `train/`/`val/`/`test/` folders of
+        /// class folders, or one folder per class (split by `split_file` or by seed).
+        ImageFolder = "image_folder",
     }
     default = Synthetic;
 }
@@ -46,6 +50,29 @@ choice_enum! {
         Images = "images",
     }
     default = Text;
+}
+
+choice_enum! {
+    /// Colour channels of `image_folder` images.
+    pub enum ImageColor {
+        /// Three channels, red, green, blue.
+        Rgb = "rgb",
+        /// One channel (ITU-R 601 luma).
+        Grey = "grey",
+    }
+    default = Rgb;
+}
+
+choice_enum! {
+    /// Channel-wise normalisation of `image_folder` images, after scaling to [0, 1].
+    pub enum ImageNormalization {
+        /// ImageNet's channel means and standard deviations (torchvision's and the
+        /// FS-CT reference's); for grey images the means of the three channels'.
+        Imagenet = "imagenet",
+        /// None: pixel values in [0, 1].
+        None = "none",
+    }
+    default = Imagenet;
 }
 
 choice_enum! {
@@ -108,6 +135,18 @@ pub struct DataConfig {
     pub val_fraction: f64,
     /// What to do with a class with fewer than `k_shot + n_query` examples.
     pub small_classes: SmallClasses,
+    /// `image_folder` with one folder per class: a CSV file of `class,split` rows
+    /// (split `train`, `val` or `test`) fixing the split; without it the split is
+    /// drawn by `split_seed` with the fractions above. The miniImagenet and
+    /// split-folder layouts fix their own split.
+    pub split_file: Option<PathBuf>,
+    /// `image_folder`: read images as `rgb` (3 channels) or `grey` (1).
+    pub color: ImageColor,
+    /// `image_folder`: channel-wise normalisation, `imagenet` or `none`.
+    pub normalization: ImageNormalization,
+    /// `image_folder`: augment meta-training images (random resized crop, horizontal
+    /// flip, colour jitter); evaluation and validation never augment.
+    pub train_aug: bool,
 }
 
 impl Default for DataConfig {
@@ -128,6 +167,10 @@ impl Default for DataConfig {
             train_fraction: 0.6,
             val_fraction: 0.2,
             small_classes: SmallClasses::Skip,
+            split_file: None,
+            color: ImageColor::Rgb,
+            normalization: ImageNormalization::Imagenet,
+            train_aug: false,
         }
     }
 }
@@ -191,6 +234,23 @@ impl DataConfig {
                     self.n_way
                 ),
             ));
+        }
+        if self.source != DataSource::ImageFolder {
+            let only_image_folder = |key: &str| {
+                invalid(
+                    key,
+                    format!(
+                        "applies to data.source: image_folder only (the source is `{}`)",
+                        self.source
+                    ),
+                )
+            };
+            if self.split_file.is_some() {
+                return Err(only_image_folder("data.split_file"));
+            }
+            if self.train_aug {
+                return Err(only_image_folder("data.train_aug"));
+            }
         }
         if self.image_size > MAX_IMAGE_SIZE {
             return Err(invalid(

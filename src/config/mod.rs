@@ -61,7 +61,9 @@ pub use backbone::Backbone;
 pub use bytes::parse_bytes;
 pub use choice::UnknownValue;
 pub use comparison::{AblationConfig, ComparisonConfig, PretrainConfig, PretrainTune, Variant};
-pub use data::{DataConfig, DataSource, SmallClasses, SyntheticTask};
+pub use data::{
+    DataConfig, DataSource, ImageColor, ImageNormalization, SmallClasses, SyntheticTask,
+};
 pub use data::{MAX_EPISODE_EXAMPLES, MAX_IMAGE_SIZE};
 pub use evaluation::EvaluationConfig;
 pub use learner::{Baseline, LearnerSpec};

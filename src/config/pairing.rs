@@ -6,7 +6,7 @@
 //! | model | reads | from |
 //! |---|---|---|
 //! | transformers (`tiny-bert`, …, a Hugging Face folder) | token sequences | synthetic `text`, `jsonl`, `csv`, `wordnet` |
-//! | vision backbones (`conv4`, `conv6`, `resnet12`, `resnet18`, `resnet34`) | images of `data.image_size` pixels (at least 16 for the ConvNets and ResNet-12) | synthetic `images`, `omniglot`, `idx` |
+//! | vision backbones (`conv4`, `conv6`, `resnet12`, `resnet18`, `resnet34`) | images of `data.image_size` pixels (at least 16 for the ConvNets and ResNet-12) | synthetic `images`, `omniglot`, `idx`, `image_folder` |
 //! | `mlp` | feature rows | synthetic `sinusoid` (one input, regression), `tabular` (one input per feature, classification) |
 
 use super::validate::invalid;
@@ -18,7 +18,7 @@ use crate::Result;
 pub(crate) enum TaskInputs {
     /// Token sequences (text).
     Tokens,
-    /// Grey square images.
+    /// Square images (grey, or RGB from `image_folder`).
     Images,
     /// The sinusoid's one real input, with a real target.
     Regression,
@@ -41,7 +41,7 @@ impl TaskInputs {
             DataSource::Synthetic | DataSource::Jsonl | DataSource::Csv | DataSource::Wordnet => {
                 Self::Tokens
             }
-            DataSource::Omniglot | DataSource::Idx => Self::Images,
+            DataSource::Omniglot | DataSource::Idx | DataSource::ImageFolder => Self::Images,
             DataSource::Tabular => Self::Rows,
         }
     }

@@ -791,3 +791,34 @@ fn protonet_settings_resolve_and_are_checked() {
     ));
     assert_eq!(key, "meta_learning.protonet.distance");
 }
+
+#[test]
+fn image_folder_options_are_refused_with_other_sources() {
+    for (key, yaml) in [
+        (
+            "data.train_aug",
+            "data:\n  source: omniglot\n  path: o\n  train_aug: true\n",
+        ),
+        (
+            "data.split_file",
+            "data:\n  source: idx\n  path: i\n  split_file: s.csv\n",
+        ),
+    ] {
+        let (got, message) = config_error(Config::from_yaml_str(yaml));
+        assert_eq!(got, key);
+        assert!(message.contains("image_folder only"), "{message}");
+    }
+    let config = Config::from_yaml_str(
+        "model:\n  name: resnet18\ndata:\n  source: image_folder\n  path: photos\n  \
+         color: grey\n  normalization: none\n  train_aug: true\n",
+    )
+    .unwrap();
+    assert_eq!(config.data.color, super::ImageColor::Grey);
+    let (_, message) = config_error(Config::from_yaml_str(
+        "data:\n  source: image_folder\n  path: p\n  color: cmyk\n",
+    ));
+    assert!(
+        message.contains("rgb") && message.contains("grey"),
+        "{message}"
+    );
+}

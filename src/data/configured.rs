@@ -7,12 +7,13 @@ use std::sync::Arc;
 use candle_core::Device;
 
 use super::readers::{
-    read_idx_dataset, read_omniglot, read_tabular, read_text_csv, read_text_jsonl, read_wordnet,
-    resize_area, OmniglotOptions, TextColumns, WORDNET_DIR,
+    read_idx_dataset, read_image_folder, read_omniglot, read_tabular, read_text_csv,
+    read_text_jsonl, read_wordnet, resize_area, OmniglotOptions, TextColumns, WORDNET_DIR,
 };
 use super::{
     ClassSplits, DatasetEpisodes, EncodeText, EncodedDataset, EpisodeSampler, EpisodeSource,
-    SinusoidTasks, SmallClassPolicy, SyntheticDomains, SyntheticImages, SyntheticText,
+    PhotoTransform, SinusoidTasks, SmallClassPolicy, SyntheticDomains, SyntheticImages,
+    SyntheticText,
 };
 use crate::config::{DataConfig, DataSource, SmallClasses, SyntheticTask};
 use crate::{Error, Result};
@@ -43,6 +44,15 @@ impl Split {
 /// The whole data set of a non-synthetic `data` section, decoded once (texts encoded
 /// by `text_encoder`).
 pub fn load_dataset(config: &DataConfig, text_encoder: &dyn EncodeText) -> Result<EncodedDataset> {
+    Ok(load_dataset_and_split(config, text_encoder)?.0)
+}
+
+/// [`load_dataset`], with the class split the data set fixes itself (the
+/// miniImagenet CSVs, split folders or `data.split_file`), if it does.
+fn load_dataset_and_split(
+    config: &DataConfig,
+    text_encoder: &dyn EncodeText,
+) -> Result<(EncodedDataset, Option<ClassSplits>)> {
     let path = || {
         config.path.clone().ok_or_else(|| Error::Config {
             key: "data.path".into(),
@@ -53,7 +63,7 @@ pub fn load_dataset(config: &DataConfig, text_encoder: &dyn EncodeText) -> Resul
         text: config.text_column.clone(),
         label: config.label_column.clone(),
     };
-    match config.source {
+    let data = match config.source {
         DataSource::Synthetic => Err(Error::InvalidArgument(
             "synthetic tasks have no data set to load".into(),
         )),
@@ -103,7 +113,46 @@ pub fn load_dataset(config: &DataConfig, text_encoder: &dyn EncodeText) -> Resul
             dataset: read_tabular(&path()?, &config.label_column)?.dataset,
             standardise: true,
         }),
+        DataSource::ImageFolder => return load_image_folder(config, &path()?),
+    }?;
+    Ok((data, None))
+}
+
+/// An `image_folder` data set: every image decoded once into the cache, and the
+/// split its layout fixes, if any.
+fn load_image_folder(
+    config: &DataConfig,
+    path: &Path,
+) -> Result<(EncodedDataset, Option<ClassSplits>)> {
+    let transform = PhotoTransform::for_config(config);
+    let folder = read_image_folder(
+        path,
+        config.split_file.as_deref(),
+        &|bytes: &[u8], name: &str| transform.decode(bytes, name),
+    )?;
+    let data = EncodedDataset::Photos {
+        dataset: folder.dataset,
+        transform,
+        seed: 0,
+    };
+    // Said once per data set and process: a planner or budget search reads the
+    // data set again for every configuration it measures.
+    static REPORTED: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+    let mut reported = REPORTED.lock().unwrap_or_else(|e| e.into_inner());
+    if reported.iter().any(|p| p == path) {
+        return Ok((data, folder.splits));
     }
+    reported.push(path.to_path_buf());
+    let images: usize = data.class_sizes().iter().sum();
+    eprintln!(
+        "image cache: {images} images of {} classes as {}×{s}×{s} u8, {:.1} MiB in memory \
+         (decoded once; counted in the run's peak memory)",
+        data.class_sizes().len(),
+        PhotoTransform::for_config(config).channels,
+        data.held_bytes() as f64 / (1u64 << 20) as f64,
+        s = PhotoTransform::for_config(config).stored_side,
+    );
+    Ok((data, folder.splits))
 }
 
 /// The images and labels files of an IDX `path`: a folder holding
@@ -178,13 +227,16 @@ pub fn episode_sources(
             })
             .collect();
     }
-    let data = load_dataset(config, text_encoder)?;
-    let splits_of_classes = ClassSplits::by_fraction_of_groups(
-        &data.class_groups(),
-        config.train_fraction,
-        config.val_fraction,
-        config.split_seed.unwrap_or(seed),
-    )?;
+    let (data, fixed_split) = load_dataset_and_split(config, text_encoder)?;
+    let splits_of_classes = match fixed_split {
+        Some(split) => split,
+        None => ClassSplits::by_fraction_of_groups(
+            &data.class_groups(),
+            config.train_fraction,
+            config.val_fraction,
+            config.split_seed.unwrap_or(seed),
+        )?,
+    };
     let policy = match config.small_classes {
         SmallClasses::Skip => SmallClassPolicy::Skip,
         SmallClasses::Error => SmallClassPolicy::Error,
@@ -197,7 +249,11 @@ pub fn episode_sources(
                 Split::Val => &splits_of_classes.val,
                 Split::Test => &splits_of_classes.test,
             };
-            let data = data.subset(ids)?;
+            // Only meta-training episodes are augmented (`data.train_aug`).
+            let augment = split == Split::Train && config.train_aug;
+            let data = data
+                .subset(ids)?
+                .with_augmentation(augment, seed.wrapping_add(split.salt()));
             let sampler = EpisodeSampler::new(
                 data.class_sizes(),
                 &data.class_names(),

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
 
+use super::photos::{picks_rng, PhotoTransform};
 use super::{Batch, Dataset, Episode, EpisodeSampler, EpisodeSpec};
 use crate::{Error, Result};
 
@@ -60,6 +61,17 @@ pub enum EncodedDataset {
         /// Columns per image.
         width: usize,
     },
+    /// Photographs (`data.source: image_folder`) cached as `u8` images of
+    /// `transform.stored_side`, made into model inputs per batch by `transform`
+    /// (centre crop or augmentation, normalisation).
+    Photos {
+        /// The cached images, `channels × stored_side × stored_side`, by class.
+        dataset: Dataset<Vec<u8>>,
+        /// How a cached image becomes an input.
+        transform: PhotoTransform,
+        /// Seed of the augmentation (with the batch's picks).
+        seed: u64,
+    },
     /// Feature rows of one width; `NaN` marks a missing value.
     Rows {
         /// The rows, grouped by class.
@@ -98,6 +110,15 @@ impl EncodedDataset {
                 height: *height,
                 width: *width,
             },
+            Self::Photos {
+                dataset,
+                transform,
+                seed,
+            } => Self::Photos {
+                dataset: dataset.subset(ids)?,
+                transform: transform.clone(),
+                seed: *seed,
+            },
             Self::Rows {
                 dataset,
                 standardise,
@@ -108,11 +129,48 @@ impl EncodedDataset {
         })
     }
 
+    /// The data set with training augmentation `on` (photographs only; other data
+    /// sets are returned as they are), its generator seeded by `seed`.
+    pub fn with_augmentation(self, on: bool, seed: u64) -> Self {
+        match self {
+            Self::Photos {
+                dataset, transform, ..
+            } => Self::Photos {
+                dataset,
+                transform: PhotoTransform {
+                    augment: on,
+                    ..transform
+                },
+                seed,
+            },
+            other => other,
+        }
+    }
+
+    /// Bytes of the decoded examples held in memory (the image cache, token ids,
+    /// rows), for reporting.
+    pub fn held_bytes(&self) -> usize {
+        fn bytes<T>(dataset: &Dataset<Vec<T>>) -> usize {
+            dataset
+                .classes()
+                .iter()
+                .flat_map(|c| &c.examples)
+                .map(|e| e.len() * std::mem::size_of::<T>())
+                .sum()
+        }
+        match self {
+            Self::Tokens { dataset, .. } => bytes(dataset),
+            Self::Images { dataset, .. } | Self::Rows { dataset, .. } => bytes(dataset),
+            Self::Photos { dataset, .. } => bytes(dataset),
+        }
+    }
+
     /// Examples per class.
     pub fn class_sizes(&self) -> Vec<usize> {
         match self {
             Self::Tokens { dataset, .. } => dataset.class_sizes(),
             Self::Images { dataset, .. } | Self::Rows { dataset, .. } => dataset.class_sizes(),
+            Self::Photos { dataset, .. } => dataset.class_sizes(),
         }
     }
 
@@ -122,6 +180,7 @@ impl EncodedDataset {
         match self {
             Self::Tokens { dataset, .. } => dataset.class_groups(),
             Self::Images { dataset, .. } | Self::Rows { dataset, .. } => dataset.class_groups(),
+            Self::Photos { dataset, .. } => dataset.class_groups(),
         }
     }
 
@@ -133,6 +192,7 @@ impl EncodedDataset {
         match self {
             Self::Tokens { dataset, .. } => names(dataset.classes()),
             Self::Images { dataset, .. } | Self::Rows { dataset, .. } => names(dataset.classes()),
+            Self::Photos { dataset, .. } => names(dataset.classes()),
         }
     }
 
@@ -161,6 +221,14 @@ impl EncodedDataset {
                     labels,
                 )
             }
+            Self::Photos {
+                dataset,
+                transform,
+                seed,
+            } => Batch::from_dense(
+                photo_tensor(dataset, transform, *seed, picks, device)?,
+                labels,
+            ),
             Self::Rows {
                 dataset,
                 standardise,
@@ -219,6 +287,24 @@ impl EncodedDataset {
                     image(&query, query_labels)?,
                 ))
             }
+            Self::Photos {
+                dataset,
+                transform,
+                seed,
+            } => {
+                // One generator for the episode, from all its picks: support and
+                // query are augmented independently of each other.
+                let all: Vec<(usize, usize)> = support.iter().chain(&query).copied().collect();
+                let mut rng = picks_rng(*seed, &all);
+                let mut photos = |picks: &[(usize, usize)], l: Vec<u32>| -> Result<Batch> {
+                    let data = photo_pixels(dataset, transform, &mut rng, picks);
+                    let side = transform.side;
+                    let shape = (picks.len(), transform.channels, side, side);
+                    Batch::from_dense(Tensor::from_vec(data, shape, device)?, labels(l)?)
+                };
+                let support_batch = photos(&support, support_labels)?;
+                Ok((support_batch, photos(&query, query_labels)?))
+            }
             Self::Rows {
                 dataset,
                 standardise,
@@ -252,6 +338,36 @@ fn row_width(dataset: &Dataset<Vec<f32>>) -> usize {
         .iter()
         .find_map(|c| c.examples.first())
         .map_or(0, Vec::len)
+}
+
+/// The picked photographs as model inputs, row-major `[n, channels, side, side]`.
+fn photo_pixels(
+    dataset: &Dataset<Vec<u8>>,
+    transform: &PhotoTransform,
+    rng: &mut rand_chacha::ChaCha8Rng,
+    picks: &[(usize, usize)],
+) -> Vec<f32> {
+    picks
+        .iter()
+        .flat_map(|&(c, i)| transform.view(&dataset.classes()[c].examples[i], rng))
+        .collect()
+}
+
+/// [`photo_pixels`] as a tensor, augmented (if at all) from `seed` and the picks.
+fn photo_tensor(
+    dataset: &Dataset<Vec<u8>>,
+    transform: &PhotoTransform,
+    seed: u64,
+    picks: &[(usize, usize)],
+    device: &Device,
+) -> Result<Tensor> {
+    let data = photo_pixels(dataset, transform, &mut picks_rng(seed, picks), picks);
+    let side = transform.side;
+    Ok(Tensor::from_vec(
+        data,
+        (picks.len(), transform.channels, side, side),
+        device,
+    )?)
 }
 
 fn gather(dataset: &Dataset<Vec<f32>>, picks: &[(usize, usize)]) -> Vec<f32> {

@@ -1031,3 +1031,81 @@ fn micro_batches_are_balanced_cover_the_batch_in_order_and_respect_the_size() {
     }
     assert!(batch.split(0).is_err());
 }
+
+/// Image folders: meta-training episodes are augmented under `train_aug` (another
+/// crop, flip and jitter in every episode, the same for the same episode), while
+/// validation and test episodes are the centre crop that `melora adapt` also reads.
+#[test]
+fn image_folder_episodes_augment_meta_training_only() {
+    let dir = tempfile::tempdir().unwrap();
+    for class in 0..5 {
+        for example in 0..3 {
+            let image = image::RgbImage::from_fn(30, 26, |x, y| {
+                image::Rgb([
+                    (x * 8) as u8,
+                    (y * 9) as u8,
+                    (class * 50 + example * 7) as u8,
+                ])
+            });
+            let path = dir.path().join(format!("c{class}/{example}.png"));
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            image.save(&path).unwrap();
+        }
+    }
+    let mut config = crate::config::DataConfig {
+        source: crate::config::DataSource::ImageFolder,
+        path: Some(dir.path().to_path_buf()),
+        image_size: 16,
+        n_way: 2,
+        k_shot: 1,
+        n_query: 1,
+        train_fraction: 0.4,
+        val_fraction: 0.2,
+        train_aug: true,
+        ..Default::default()
+    };
+    let encoder = WordHashTokenizer::tiny(8);
+    let sources = |config: &crate::config::DataConfig| {
+        episode_sources(
+            config,
+            1,
+            &[Split::Train, Split::Test],
+            &encoder,
+            &Device::Cpu,
+        )
+        .unwrap()
+    };
+    let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let support = |source: &Arc<dyn EpisodeSource>, i: u64| {
+        let episode = source.episode(i).unwrap();
+        let images = episode.support.dense().unwrap();
+        assert_eq!(images.dims4().unwrap(), (2, 3, 16, 16));
+        values(images)
+    };
+    let augmented = sources(&config);
+    config.train_aug = false;
+    let plain = sources(&config);
+    // Same episode, same augmentation; augmented differs from the centre crop.
+    assert_eq!(support(&augmented[0], 0), support(&augmented[0], 0));
+    assert_ne!(support(&augmented[0], 0), support(&plain[0], 0));
+    // Test episodes are never augmented: equal with and without train_aug, and
+    // each image is what `prepare_for_evaluation` makes of its file.
+    assert_eq!(support(&augmented[1], 3), support(&plain[1], 3));
+    let episode = plain[1].episode(3).unwrap();
+    let transform = PhotoTransform::for_config(&config);
+    let names = plain[1].class_names().unwrap();
+    // class_ids index the split's own classes, whose names class_names lists.
+    let spec_class = |label: usize| -> String { names[episode.class_ids[label]].clone() };
+    let first = values(episode.support.dense().unwrap())[..3 * 16 * 16].to_vec();
+    let candidates: Vec<Vec<f32>> = (0..3)
+        .map(|example| {
+            let file = dir.path().join(format!("{}/{example}.png", spec_class(0)));
+            let bytes = std::fs::read(&file).unwrap();
+            transform.prepare_for_evaluation(&bytes, "x").unwrap()
+        })
+        .collect();
+    assert!(
+        candidates.contains(&first),
+        "the support image is a centre crop of its file"
+    );
+}

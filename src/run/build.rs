@@ -161,6 +161,12 @@ pub(crate) fn builtin_inputs(config: &Config) -> Result<BuiltinInputs> {
         image_size: config.data.image_size,
         ..BuiltinInputs::default()
     };
+    if config::pairing::TaskInputs::of(config) == config::pairing::TaskInputs::Images
+        && !config.data.synthetic_only
+        && config.data.source == config::DataSource::ImageFolder
+    {
+        inputs.image_channels = crate::data::PhotoTransform::for_config(&config.data).channels;
+    }
     if config::pairing::TaskInputs::of(config) == config::pairing::TaskInputs::Rows
         && config::pairing::ModelKind::of(config) == config::pairing::ModelKind::Mlp
     {

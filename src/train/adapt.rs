@@ -4,7 +4,9 @@
 //! label. Items are read and prepared as the checkpoint's training data was (its
 //! recorded configuration says how): texts tokenised by the model's tokenizer and
 //! `model.max_length`; images decoded to grey, inverted for models trained on
-//! Omniglot-style strokes (Omniglot, synthetic images), resized to `data.image_size`.
+//! Omniglot-style strokes (Omniglot, synthetic images), resized to `data.image_size`;
+//! for models trained on photographs (`image_folder`), JPEG or PNG decoded in the
+//! run's colour, resized, centre-cropped and normalised as its evaluation episodes.
 
 use std::path::{Path, PathBuf};
 
@@ -14,14 +16,16 @@ use serde::Serialize;
 use crate::config::pairing::{ModelKind, TaskInputs};
 use crate::config::{Config, DataSource, SyntheticTask};
 use crate::data::readers::{prepare_grey_png, read_text_items, TextColumns};
-use crate::data::{Batch, Class, Dataset, EncodedDataset};
+use crate::data::{Batch, Class, Dataset, EncodedDataset, PhotoTransform};
 use crate::models::FewShotModel;
 use crate::nn::Mode;
 use crate::tensor::{ops, ParamSet};
 use crate::{Error, Result};
 
 use super::run::params_from;
-use crate::run::build::{build_adapter, build_engine, build_model, build_text_encoder};
+use crate::run::build::{
+    build_adapter, build_engine, build_model, build_text_encoder, builtin_inputs,
+};
 
 /// One item a user gave: its name (the text itself, or the image's file name), its
 /// label if it has one, and its model inputs.
@@ -76,19 +80,34 @@ fn inverted_images(config: &Config) -> bool {
     }
 }
 
-/// The PNG files of a folder, sorted by name.
-fn png_files(dir: &Path) -> Result<Vec<PathBuf>> {
+/// Whether the configuration's model was trained on photographs
+/// (`data.source: image_folder`), read as JPEG or PNG in colour.
+fn photographs(config: &Config) -> bool {
+    !config.data.synthetic_only && config.data.source == DataSource::ImageFolder
+}
+
+/// The image files of a folder, sorted by name: PNG, and JPEG too for models
+/// trained on photographs; hidden files are passed over.
+fn image_files(dir: &Path, jpeg: bool) -> Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
         let path = entry.map_err(|e| Error::io(dir, e))?.path();
-        if path.is_file() {
-            let png = path
+        let hidden = path
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with('.'));
+        if path.is_file() && !hidden {
+            let ext = path
                 .extension()
-                .is_some_and(|e| e.eq_ignore_ascii_case("png"));
-            if !png {
+                .map(|e| e.to_string_lossy().to_ascii_lowercase())
+                .unwrap_or_default();
+            let readable = ext == "png" || (jpeg && (ext == "jpg" || ext == "jpeg"));
+            if !readable {
+                let kinds = if jpeg { "JPEG and PNG" } else { "PNG" };
                 return Err(Error::Format {
                     path,
-                    message: "melora reads PNG images; convert this file or remove it".into(),
+                    message: format!(
+                        "this model reads {kinds} images; convert this file or remove it"
+                    ),
                 });
             }
             files.push(path);
@@ -116,11 +135,16 @@ fn read_images(config: &Config, path: &Path, labelled: bool) -> Result<Vec<Item>
         .collect();
     folders.sort();
     let (size, inverted) = (config.data.image_size, inverted_images(config));
+    let photos = photographs(config).then(|| PhotoTransform::for_config(&config.data));
     let read = |file: &Path, label: Option<String>| -> Result<Item> {
         let bytes = std::fs::read(file).map_err(|e| Error::io(file, e))?;
         let name = file.display().to_string();
+        let pixels = match &photos {
+            Some(transform) => transform.prepare_for_evaluation(&bytes, &name)?,
+            None => prepare_grey_png(&bytes, &name, size, inverted)?,
+        };
         Ok(Item {
-            input: Input::Pixels(prepare_grey_png(&bytes, &name, size, inverted)?),
+            input: Input::Pixels(pixels),
             name: file
                 .file_name()
                 .map_or(name.clone(), |n| n.to_string_lossy().into_owned()),
@@ -137,7 +161,7 @@ fn read_images(config: &Config, path: &Path, labelled: bool) -> Result<Vec<Item>
                     .into(),
             });
         }
-        for file in png_files(path)? {
+        for file in image_files(path, photos.is_some())? {
             items.push(read(&file, None)?);
         }
     } else {
@@ -146,7 +170,7 @@ fn read_images(config: &Config, path: &Path, labelled: bool) -> Result<Vec<Item>
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
-            for file in png_files(folder)? {
+            for file in image_files(folder, photos.is_some())? {
                 items.push(read(&file, Some(label.clone()))?);
             }
         }
@@ -154,7 +178,7 @@ fn read_images(config: &Config, path: &Path, labelled: bool) -> Result<Vec<Item>
     if items.is_empty() {
         return Err(Error::Format {
             path: path.into(),
-            message: "no PNG images".into(),
+            message: "no images".into(),
         });
     }
     Ok(items)
@@ -214,7 +238,7 @@ fn batch(config: &Config, items: &[Item], labels: Vec<u32>) -> Result<Batch> {
                 name: String::new(),
                 examples: pixels,
             }]),
-            channels: 1,
+            channels: builtin_inputs(config)?.image_channels,
             height: side,
             width: side,
         }

@@ -4,13 +4,15 @@
 
 mod idx;
 mod image;
+mod image_folder;
 mod omniglot;
 mod tabular;
 mod text;
 mod wordnet;
 
+pub use self::image::{decode_png_grey, prepare_grey_png, resize_area, rotate90};
 pub use idx::{read_idx, read_idx_dataset, IdxArray};
-pub use image::{decode_png_grey, prepare_grey_png, resize_area, rotate90};
+pub use image_folder::{read_image_folder, ImageFolder};
 pub use omniglot::{read_omniglot, OmniglotOptions};
 pub use tabular::{read_tabular, Tabular};
 pub use text::{read_text_csv, read_text_items, read_text_jsonl, TextColumns, TextItem};
