@@ -860,3 +860,39 @@ fn image_folder_data_sets_train_evaluate_and_adapt_in_colour() {
         assert_eq!(lines[0]["item"], "a.png");
     }
 }
+
+/// ANIL (`meta_learning.inner.adapt: head`): MAML meta-trains Conv4 adapting only the
+/// head in its inner loop, evaluates, and records the setting; Reptile with a
+/// head-only inner loop is refused (it would never train the backbone), naming why.
+#[test]
+fn anil_meta_trains_with_a_head_only_inner_loop() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = |p: &Path| p.display().to_string();
+    let config = dir.path().join("anil.yml");
+    let yaml = |method: &str| {
+        format!(
+            "model:\n  name: conv4\nmeta_learning:\n  method: {method}\n  meta_batch_size: 2\n  \
+             num_iterations: 2\n  inner:\n    steps: 2\n    lr: 0.3\n    adapt: head\n\
+             data:\n  synthetic_task: images\n  n_way: 2\n  k_shot: 2\n  n_query: 1\n\
+             evaluation:\n  episodes: 2\n  eval_every: 2\n  val_episodes: 1\n\
+             tracking:\n  experiment_name: anil\n"
+        )
+    };
+    write(&config, &yaml("maml"));
+    let out = dir.path().join("runs");
+    let train = melora(&["train", "--config", &s(&config), "--output", &s(&out)]);
+    assert!(train.status.success(), "{}", text(&train.stderr));
+    let best = out.join("anil/maml-seed42/best");
+    let evaluate = melora(&["evaluate", "--checkpoint", &s(&best)]);
+    assert!(evaluate.status.success(), "{}", text(&evaluate.stderr));
+    let recorded = std::fs::read_to_string(out.join("anil/maml-seed42/config.yml")).unwrap();
+    assert!(recorded.contains("adapt: head"), "{recorded}");
+    write(&config, &yaml("reptile"));
+    let check = melora(&["config", "--config", &s(&config), "--check"]);
+    let stderr = text(&check.stderr);
+    assert!(!check.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("meta_learning.method") && stderr.contains("ANIL"),
+        "{stderr}"
+    );
+}

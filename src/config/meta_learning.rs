@@ -84,6 +84,18 @@ choice_enum! {
 }
 
 choice_enum! {
+    /// Which parameters the inner loop adapts.
+    pub enum InnerAdapt {
+        /// Every trainable parameter (MAML).
+        All = "all",
+        /// Only the classification head (ANIL, Raghu et al. 2020): the rest is
+        /// meta-trained by the outer loop but fixed within a task.
+        Head = "head",
+    }
+    default = All;
+}
+
+choice_enum! {
     /// Optimizer applying the averaged meta-gradient.
     pub enum OuterOptimizer {
         /// AdamW (decoupled weight decay).
@@ -210,6 +222,8 @@ pub struct InnerLoopConfig {
     pub lr: f64,
     /// How second-order meta-gradients are computed.
     pub mode: InnerMode,
+    /// Which parameters the inner loop adapts: `all`, or only the `head` (ANIL).
+    pub adapt: InnerAdapt,
 }
 
 impl Default for InnerLoopConfig {
@@ -218,6 +232,7 @@ impl Default for InnerLoopConfig {
             steps: 1,
             lr: 0.01,
             mode: InnerMode::Recompute,
+            adapt: InnerAdapt::All,
         }
     }
 }

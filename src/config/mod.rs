@@ -74,8 +74,8 @@ pub use memory_optimization::{
     MemoryOptimizationConfig, Precision,
 };
 pub use meta_learning::{
-    FsctFeatureNorm, FsctSettings, InnerLoopConfig, InnerMode, LrSchedule, MetaLearningConfig,
-    Method, OuterLoopConfig, OuterOptimizer, ProtoNetConfig, PrototypeDistance,
+    FsctFeatureNorm, FsctSettings, InnerAdapt, InnerLoopConfig, InnerMode, LrSchedule,
+    MetaLearningConfig, Method, OuterLoopConfig, OuterOptimizer, ProtoNetConfig, PrototypeDistance,
 };
 pub use model::{DType, ModelConfig, Quantization};
 pub use overrides::ConfigOverrides;

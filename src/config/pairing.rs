@@ -10,7 +10,9 @@
 //! | `mlp` | feature rows | synthetic `sinusoid` (one input, regression), `tabular` (one input per feature, classification) |
 
 use super::validate::invalid;
-use super::{Backbone, Config, DataSource, LoraConfig, Method, Quantization, SyntheticTask};
+use super::{
+    Backbone, Config, DataSource, InnerAdapt, LoraConfig, Method, Quantization, SyntheticTask,
+};
 use crate::Result;
 
 /// What a configuration's tasks give a model to read.
@@ -120,7 +122,7 @@ pub(crate) fn validate(config: &Config) -> Result<()> {
                 "model.name",
                 format!(
                     "{name} reads images, but {source} does not give images; use data.source \
-                     omniglot or idx, or data.synthetic_task: images"
+                     omniglot, idx or image_folder, or data.synthetic_task: images"
                 ),
             ))
         }
@@ -204,6 +206,19 @@ pub(crate) fn method_does_not_apply(config: &Config) -> Option<String> {
                  make new classes for every task; use a data set, or data.synthetic_task: \
                  domains or sinusoid",
                 data.synthetic_task
+            ))
+        }
+        Method::Reptile | Method::Metasgd
+            if config.meta_learning.inner.adapt == InnerAdapt::Head =>
+        {
+            Some(format!(
+                "meta_learning.inner.adapt: head (ANIL) applies to maml, fomaml and melora; {}",
+                if config.meta_learning.method == Method::Reptile {
+                    "Reptile moves towards the adapted parameters, so with only the head \
+                     adapted the rest of the network would never be trained"
+                } else {
+                    "metasgd learns a step size for every parameter entry instead"
+                }
             ))
         }
         Method::Prototype | Method::Protonet | Method::FsctCosine | Method::FsctSoftmax

@@ -14,6 +14,7 @@
 
 use crate::data::Batch;
 use crate::engine::{GradEngine, MicroBatched};
+use crate::models::{HEAD_BIAS, HEAD_WEIGHT};
 use crate::nn::Mode;
 use crate::tensor::{GradGraph, ParamSet};
 use crate::{Error, Result};
@@ -68,16 +69,39 @@ pub struct InnerLoop {
     /// model that normalises with batch statistics (it cannot be split). `None`:
     /// `micro_batch`.
     pub second_order_micro_batch: Option<usize>,
+    /// Adapt only the classification head (`classifier.weight`, `classifier.bias`):
+    /// ANIL (Raghu et al., 2020). Every other parameter stays at θ₀ within the task;
+    /// the meta-gradient still reaches it, exactly, through the head's dependence on
+    /// the features. The inner loop still differentiates the whole network (the
+    /// other parameters' gradients are computed and not applied), so ANIL here
+    /// changes what is learned, not the cost of a step.
+    pub head_only: bool,
 }
 
 impl InnerLoop {
-    /// K steps of rate `lr` on whole batches.
+    /// K steps of rate `lr` on whole batches, adapting every parameter.
     pub const fn new(steps: usize, lr: f64) -> Self {
         Self {
             steps,
             lr,
             micro_batch: None,
             second_order_micro_batch: None,
+            head_only: false,
+        }
+    }
+
+    /// The same loop adapting only the classification head (ANIL).
+    pub const fn with_head_only(mut self) -> Self {
+        self.head_only = true;
+        self
+    }
+
+    /// The uniform step of this loop: every parameter, or only the head.
+    pub(crate) fn step_size(&self) -> StepSize<'static> {
+        if self.head_only {
+            StepSize::HeadOnly(self.lr)
+        } else {
+            StepSize::Uniform(self.lr)
         }
     }
 
@@ -148,6 +172,13 @@ pub(crate) enum StepSize<'a> {
     Uniform(f64),
     /// θ ← θ − α⊙g, α with θ's names and shapes.
     PerEntry(&'a ParamSet),
+    /// θ_head ← θ_head − α·g_head, every other parameter unchanged (ANIL).
+    HeadOnly(f64),
+}
+
+/// Whether `name` is a parameter of the classification head (what ANIL adapts).
+pub(crate) fn is_head(name: &str) -> bool {
+    name == HEAD_WEIGHT || name == HEAD_BIAS
 }
 
 impl StepSize<'_> {
@@ -155,6 +186,48 @@ impl StepSize<'_> {
         match self {
             StepSize::Uniform(lr) => theta.axpy(-lr, grads),
             StepSize::PerEntry(alpha) => theta.sub(&alpha.mul(grads)?),
+            StepSize::HeadOnly(lr) => {
+                let mut next = theta.clone();
+                let mut heads = 0;
+                for (name, t) in theta.iter().filter(|(name, _)| is_head(name)) {
+                    next.set(name, (t - (grads.require(name)? * *lr)?)?);
+                    heads += 1;
+                }
+                if heads == 0 {
+                    return Err(Error::InvalidArgument(format!(
+                        "meta_learning.inner.adapt: head (ANIL) adapts the classification \
+                         head ({HEAD_WEIGHT}, {HEAD_BIAS}), which this model's parameters \
+                         lack; use inner.adapt: all"
+                    )));
+                }
+                Ok(next)
+            }
+        }
+    }
+
+    /// The step's Jacobian factor applied to an adjoint `v`: `α·v` (uniform), `α⊙v`
+    /// (per entry), or `α·P v` with P keeping the head's entries (ANIL). The
+    /// vector-Jacobian product of one step is then `v − H·(this)`.
+    pub(crate) fn scaled(&self, v: &ParamSet) -> Result<ParamSet> {
+        match self {
+            StepSize::Uniform(lr) => v.scale(*lr),
+            StepSize::PerEntry(alpha) => alpha.mul(v),
+            StepSize::HeadOnly(lr) => self.projected(v)?.scale(*lr),
+        }
+    }
+
+    /// `v` restricted to the entries this step moves: the head's for ANIL (zeros
+    /// elsewhere), all of `v` otherwise.
+    pub(crate) fn projected(&self, v: &ParamSet) -> Result<ParamSet> {
+        match self {
+            StepSize::HeadOnly(_) => {
+                let mut out = v.zeros_like()?;
+                for (name, t) in v.iter().filter(|(name, _)| is_head(name)) {
+                    out.set(name, t.clone());
+                }
+                Ok(out)
+            }
+            StepSize::Uniform(_) | StepSize::PerEntry(_) => Ok(v.clone()),
         }
     }
 }
@@ -206,14 +279,7 @@ pub(crate) fn adapt_storing(
     mode: Mode,
 ) -> Result<(Vec<ParamSet>, ParamSet, Vec<f64>)> {
     inner.validate()?;
-    adapt_with(
-        engine,
-        params,
-        support,
-        inner,
-        StepSize::Uniform(inner.lr),
-        mode,
-    )
+    adapt_with(engine, params, support, inner, inner.step_size(), mode)
 }
 
 /// [`adapt_storing`] with any step size.

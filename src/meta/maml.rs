@@ -137,7 +137,7 @@ fn second_order(
             let alpha_leaves = alpha.map(ParamSet::to_leaves).transpose()?;
             let step_size = match &alpha_leaves {
                 Some(a) => StepSize::PerEntry(a),
-                None => StepSize::Uniform(inner.lr),
+                None => inner.step_size(),
             };
             let batched = inner.engine(engine);
             let mut leaves = theta0.to_leaves()?;
@@ -183,7 +183,7 @@ fn second_order(
         MamlMode::Recompute => {
             let step_size = match alpha {
                 Some(a) => StepSize::PerEntry(a),
-                None => StepSize::Uniform(inner.lr),
+                None => inner.step_size(),
             };
             let (thetas, adapted, support_losses) =
                 adapt_with(engine, theta0, &task.support, inner, step_size, mode)?;
@@ -192,10 +192,7 @@ fn second_order(
             let mut alpha_grad = alpha.map(ParamSet::zeros_like).transpose()?;
             let batched = inner.second_order_engine(engine);
             for theta_k in thetas.iter().rev() {
-                let scaled = match alpha {
-                    Some(a) => a.mul(&v)?,
-                    None => v.scale(inner.lr)?,
-                };
+                let scaled = step_size.scaled(&v)?;
                 let (g, mut products) = batched.gradient_and_hvps(
                     theta_k,
                     &task.support,
@@ -252,7 +249,7 @@ impl Adapter for Maml {
             params,
             support,
             self.inner,
-            StepSize::Uniform(self.inner.lr),
+            self.inner.step_size(),
             mode,
         )?
         .1)
@@ -520,6 +517,145 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// ANIL (only the head adapted): the body stays at θ₀ within the task, the head
+    /// moves, and the meta-gradient of every parameter, the body's included, is
+    /// exact: central finite differences of L_q(θ_K(θ)) agree along random
+    /// directions, in both modes. MELoRA's Gauss-Newton curvature, exact on a
+    /// model whose logits are linear in θ, gives the same meta-gradient; a model
+    /// without a head is refused, naming it.
+    #[test]
+    fn anil_adapts_the_head_only_with_the_exact_meta_gradient() {
+        use crate::meta::test_models::HeadedProbe;
+        use crate::meta::{HessianApproximation, Melora};
+        use crate::models::HEAD_WEIGHT;
+        let model = HeadedProbe {
+            classes: 3,
+            dim: 4,
+            hidden: 5,
+            linear: false,
+        };
+        let (params, task) = (model.init_params(4).unwrap(), dense_episode(3, 4, 2, 8));
+        let engine = WholeGraph::new(&model);
+        let inner = InnerLoop::new(2, 0.4).with_head_only();
+        let learner = |mode| Maml { inner, mode };
+        let adapted = learner(MamlMode::Recompute)
+            .adapt(&engine, &params, &task.support, Mode::Eval)
+            .unwrap();
+        let moved = |name: &str| {
+            let (a, b) = (
+                adapted.require(name).unwrap(),
+                params.require(name).unwrap(),
+            );
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+        assert_eq!(moved("w1"), 0.0, "the body does not adapt");
+        assert!(moved(HEAD_WEIGHT) > 1e-3, "the head adapts");
+        let objective = |theta: &ParamSet| -> f64 {
+            learner(MamlMode::Recompute)
+                .meta_gradient(&engine, theta, &task, Mode::Eval)
+                .unwrap()
+                .query_loss
+        };
+        let grads: Vec<ParamSet> = [MamlMode::FullGraph, MamlMode::Recompute]
+            .into_iter()
+            .map(|mode| {
+                learner(mode)
+                    .meta_gradient(&engine, &params, &task, Mode::Eval)
+                    .unwrap()
+                    .meta_gradient
+            })
+            .collect();
+        assert!(gap(&grads[0], &grads[1]) < 1e-12, "modes differ");
+        let body = grads[1]
+            .require("w1")
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        assert!(
+            body.to_scalar::<f64>().unwrap() > 1e-8,
+            "the body is meta-trained"
+        );
+        for seed in 0..3 {
+            let d = params
+                .map(|_, t| {
+                    crate::tensor::gradcheck::random_tensor(t.dims(), 60 + seed, t.device())
+                })
+                .unwrap();
+            let eps = 1e-5;
+            let numeric = (objective(&params.axpy(eps, &d).unwrap())
+                - objective(&params.axpy(-eps, &d).unwrap()))
+                / (2.0 * eps);
+            let analytic = grads[1].dot(&d).unwrap().to_scalar::<f64>().unwrap();
+            assert!(
+                (numeric - analytic).abs() < 1e-7 * (1.0 + analytic.abs()),
+                "{analytic} vs finite differences {numeric}"
+            );
+            // Plain MAML's meta-gradient is another one.
+            let maml = Maml {
+                inner: InnerLoop::new(2, 0.4),
+                mode: MamlMode::Recompute,
+            }
+            .meta_gradient(&engine, &params, &task, Mode::Eval)
+            .unwrap()
+            .meta_gradient;
+            assert!(gap(&maml, &grads[1]) > 1e-3);
+        }
+        let linear = HeadedProbe {
+            classes: 3,
+            dim: 4,
+            hidden: 3,
+            linear: true,
+        };
+        let params = linear.init_params(5).unwrap();
+        let engine = WholeGraph::new(&linear);
+        let exact = learner(MamlMode::Recompute)
+            .meta_gradient(&engine, &params, &task, Mode::Eval)
+            .unwrap()
+            .meta_gradient;
+        let gauss_newton = Melora {
+            inner,
+            approximation: HessianApproximation::GaussNewton,
+            damping: 0.0,
+            clamp: None,
+            seed: 0,
+        }
+        .meta_gradient(&engine, &params, &task, Mode::Eval)
+        .unwrap()
+        .meta_gradient;
+        assert!(
+            gap(&gauss_newton, &exact) < 1e-10,
+            "{}",
+            gap(&gauss_newton, &exact)
+        );
+        let headless = TwoLayerProbe {
+            classes: 3,
+            dim: 4,
+            hidden: 5,
+        };
+        let err = learner(MamlMode::Recompute)
+            .meta_gradient(
+                &WholeGraph::new(&headless),
+                &headless.init_params(1).unwrap(),
+                &task,
+                Mode::Eval,
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("classifier.weight") && err.contains("inner.adapt"),
+            "{err}"
+        );
     }
 
     /// TwoLayerProbe whose examples count as coupled (as batch statistics couple them).

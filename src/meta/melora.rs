@@ -182,8 +182,11 @@ impl MetaLearner for Melora {
         let (mut g, query_loss, query_accuracy) =
             query_outcome(engine, &adapted, &task.query, mode, self.inner.micro_batch)?;
         if self.approximation != HessianApproximation::None || self.damping > 0.0 {
+            // g ← g − α·H̃_k·P g, P the identity or (ANIL) the head's entries.
+            let step_size = self.inner.step_size();
             for (step, theta_k) in thetas.iter().enumerate().rev() {
-                let h = self.curvature(engine, theta_k, &task.support, &g, step, mode)?;
+                let direction = step_size.projected(&g)?;
+                let h = self.curvature(engine, theta_k, &task.support, &direction, step, mode)?;
                 g = g.axpy(-self.inner.lr, &h)?;
             }
         }

@@ -210,6 +210,7 @@ fn inner_loop(config: &Config) -> InnerLoop {
     InnerLoop {
         micro_batch: accumulation.micro_batch,
         second_order_micro_batch: accumulation.second_order_micro_batch,
+        head_only: config.meta_learning.inner.adapt == config::InnerAdapt::Head,
         ..inner
     }
 }

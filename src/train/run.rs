@@ -516,6 +516,7 @@ fn tracked_params(config: &Config) -> Vec<(String, String)> {
         ("lora_rank".into(), config.lora.rank.to_string()),
         ("inner_steps".into(), ml.inner.steps.to_string()),
         ("inner_lr".into(), ml.inner.lr.to_string()),
+        ("inner_adapt".into(), ml.inner.adapt.to_string()),
         ("outer_lr".into(), ml.outer.lr.to_string()),
         ("meta_batch_size".into(), ml.meta_batch_size.to_string()),
         ("num_iterations".into(), ml.num_iterations.to_string()),
