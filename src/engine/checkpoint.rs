@@ -83,7 +83,7 @@
 use std::collections::HashSet;
 
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Tensor, Var};
+use candle_core::{Tensor, Var};
 
 use crate::data::Batch;
 use crate::models::{FewShotModel, LayerChain, StackContext};
@@ -91,6 +91,8 @@ use crate::nn::Mode;
 use crate::tensor::second_order::{ensure_second_order, first_order_backward};
 use crate::tensor::ParamSet;
 use crate::{Error, Result};
+
+use super::{inner, FeaturePullback};
 
 use super::{CheckpointPlan, GradEngine, Gradient, Loss, TaskLoss};
 
@@ -257,18 +259,6 @@ impl Accumulator {
 /// A fresh leaf variable holding `t`'s values.
 fn leaf(t: &Tensor) -> Result<Tensor> {
     Ok(Var::from_tensor(&t.detach())?.into_inner())
-}
-
-/// `Σ ⟨a, b⟩` as a 0-d tensor, in f32 when `a` and `b` are half precision: the
-/// sweeps add products of half-precision activations to products of the f32
-/// trainable tensors (mixed precision), and only differentiate the sum, whose own
-/// value is never read.
-fn inner(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let sum = (a * b)?.sum_all()?;
-    Ok(match sum.dtype() {
-        DType::BF16 | DType::F16 => sum.to_dtype(DType::F32)?,
-        _ => sum,
-    })
 }
 
 /// Adds an optional term to an optional sum.
@@ -842,6 +832,48 @@ impl GradEngine for Checkpointed<'_> {
         mode: Mode,
     ) -> Result<ParamSet> {
         self.gauss_newton_sweep(theta, batch, v, mode)
+    }
+
+    /// The forward keeps the segment outputs; the last segment runs with its graph
+    /// and the features on top (kept until the pullback, which would rebuild it
+    /// first), and the pullback sweeps the adjoint back one segment at a time.
+    fn feature_pullback<'s>(
+        &'s self,
+        theta: &ParamSet,
+        batch: &Batch,
+        mode: Mode,
+    ) -> Result<(Tensor, FeaturePullback<'s>)> {
+        let leaves = theta.to_leaves()?;
+        let context = self.chain.chain_context(batch, &leaves)?;
+        let last = self.segments.len() - 1;
+        let outputs = self.forward(last, theta, batch, &context, mode)?;
+        let input = match outputs.last() {
+            Some(h) => Some(leaf(h)?),
+            None => None,
+        };
+        let h = self.run(last, input.as_ref(), &leaves, batch, &context, mode)?;
+        let features = self.chain.chain_features(&h, &context, &leaves, batch)?;
+        drop(h);
+        let value = features.detach();
+        let batch = batch.clone();
+        let pullback = move |a: &Tensor| -> Result<ParamSet> {
+            let mut total = Accumulator::new(&leaves);
+            let store = first_order_backward(&inner(&features, a)?)?;
+            drop(features);
+            total.add(&store, &leaves)?;
+            if let Some(input) = &input {
+                let a = match store.get(input) {
+                    Some(g) => g.detach(),
+                    None => input.zeros_like()?,
+                };
+                drop(store);
+                self.backward_sweep(
+                    last, &outputs, &leaves, a, &batch, &context, mode, &mut total,
+                )?;
+            }
+            total.finish(&leaves)
+        };
+        Ok((value, Box::new(pullback)))
     }
 }
 

@@ -717,3 +717,83 @@ fn vision_backbones_are_checkpointed_per_stage() {
         }
     }
 }
+
+/// The metric learners (ProtoNets, FS-CT with VIC) pull their embeddings' adjoints
+/// back through a checkpointed backbone one stage at a time: their meta-gradients
+/// equal the whole graph's, on Conv4 per block and on ResNet-18 per two stages, and
+/// on a transformer stack per layer.
+#[test]
+fn metric_learners_are_checkpointed() {
+    use crate::meta::{Distance, FsctLearner, ProtoNet, VicWeights};
+    use crate::models::fsct::{FsctAttention, FsctConfig};
+    let task = Episode::new(image_batch(6, 2), image_batch(6, 3), CLASSES).unwrap();
+    let fsct = FsctLearner {
+        head: FsctConfig {
+            heads: 2,
+            dim_head: 3,
+            mlp_dim: 4,
+            attention: FsctAttention::Cosine,
+            ..FsctConfig::new(1, CLASSES, 2)
+        },
+        weights: VicWeights {
+            cross_entropy: 1.0,
+            variance: 1.0,
+            covariance: 0.04,
+        },
+    };
+    for (name, plan) in [
+        ("conv4", CheckpointPlan::Every(1)),
+        ("resnet18", CheckpointPlan::Every(2)),
+    ] {
+        let model = crate::models::Backbone::from_name(name)
+            .unwrap()
+            .build(
+                crate::models::ImageShape {
+                    channels: 1,
+                    side: 16,
+                },
+                CLASSES,
+                DType::F64,
+                &Device::Cpu,
+            )
+            .unwrap();
+        let mut theta = model.init_params(4).unwrap();
+        fsct.init_head(&mut theta, 5).unwrap();
+        let checkpointed = Checkpointed::new(model.as_ref(), &plan).unwrap();
+        let learners: [(&str, &dyn MetaLearner); 2] = [
+            (
+                "protonet",
+                &ProtoNet {
+                    distance: Distance::SquaredEuclidean,
+                },
+            ),
+            ("fsct", &fsct),
+        ];
+        for (learner_name, learner) in learners {
+            let whole = learner
+                .meta_gradient(&WholeGraph::new(model.as_ref()), &theta, &task, Mode::Eval)
+                .unwrap();
+            let got = learner
+                .meta_gradient(&checkpointed, &theta, &task, Mode::Eval)
+                .unwrap();
+            let what = format!("{name} {plan:?}: {learner_name}");
+            assert_same(&what, &got.meta_gradient, &whole.meta_gradient);
+            assert!((got.query_loss - whole.query_loss).abs() < 1e-12, "{what}");
+        }
+    }
+    // A transformer: ProtoNets on pooled text features, a segment per layer.
+    let model = bert(0.0);
+    let theta = model.init_params(6).unwrap();
+    let text = Episode::new(batch(6, 4), batch(6, 5), CLASSES).unwrap();
+    let learner = ProtoNet {
+        distance: Distance::SquaredEuclidean,
+    };
+    let whole = learner
+        .meta_gradient(&WholeGraph::new(model.as_ref()), &theta, &text, Mode::Eval)
+        .unwrap();
+    let checkpointed = Checkpointed::new(model.as_ref(), &CheckpointPlan::Every(1)).unwrap();
+    let got = learner
+        .meta_gradient(&checkpointed, &theta, &text, Mode::Eval)
+        .unwrap();
+    assert_same("bert: protonet", &got.meta_gradient, &whole.meta_gradient);
+}

@@ -215,4 +215,16 @@ impl GradEngine for MicroBatched<'_> {
         })?;
         Ok(sums.remove(0))
     }
+
+    /// Whole sets, through the wrapped engine: a metric learner's objective couples
+    /// every example of a set (class means, attention over the queries), so its
+    /// features are pulled back in one piece.
+    fn feature_pullback<'s>(
+        &'s self,
+        theta: &ParamSet,
+        batch: &Batch,
+        mode: Mode,
+    ) -> Result<(Tensor, super::FeaturePullback<'s>)> {
+        self.engine.feature_pullback(theta, batch, mode)
+    }
 }

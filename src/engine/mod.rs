@@ -126,6 +126,40 @@ pub trait GradEngine {
         v: &ParamSet,
         mode: Mode,
     ) -> Result<ParamSet>;
+
+    /// The model's features of `batch` at `theta` ([`FewShotModel::features`],
+    /// detached) and their pullback: given the adjoint `a` of the features (the
+    /// derivative of some objective in them), `∇_θ ⟨features(θ), a⟩`. Metric
+    /// learners score support and query features together, so they differentiate
+    /// their objective in the features and pull the adjoints back through the
+    /// network with this, which a checkpointed engine does one segment at a time.
+    /// The whole-graph default keeps the forward graph until the pullback runs.
+    fn feature_pullback<'s>(
+        &'s self,
+        theta: &ParamSet,
+        batch: &Batch,
+        mode: Mode,
+    ) -> Result<(Tensor, FeaturePullback<'s>)> {
+        whole_graph::feature_pullback(self.model(), theta, batch, mode)
+    }
+}
+
+/// The pullback of [`GradEngine::feature_pullback`]: the features' adjoint in, the
+/// θ-gradient out.
+pub type FeaturePullback<'s> = Box<dyn FnOnce(&Tensor) -> Result<ParamSet> + 's>;
+
+/// `Σ ⟨a, b⟩` as a 0-d tensor, in f32 when `a` and `b` are half precision: the
+/// sweeps add products of half-precision activations to products of the f32
+/// trainable tensors (mixed precision), and only differentiate the sum, whose own
+/// value is never read.
+pub(crate) fn inner(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let sum = (a * b)?.sum_all()?;
+    Ok(match sum.dtype() {
+        candle_core::DType::BF16 | candle_core::DType::F16 => {
+            sum.to_dtype(candle_core::DType::F32)?
+        }
+        _ => sum,
+    })
 }
 
 /// Checks block products' vectors against θ and their indices against its tensors.

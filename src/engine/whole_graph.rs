@@ -9,7 +9,22 @@ use crate::nn::Mode;
 use crate::tensor::{GradGraph, ParamSet};
 use crate::Result;
 
-use super::{GradEngine, Gradient, Loss, TaskLoss};
+use super::{inner, FeaturePullback, GradEngine, Gradient, Loss, TaskLoss};
+
+/// [`GradEngine::feature_pullback`] through one graph: the features at leaf copies
+/// of θ, their graph kept until the pullback differentiates `⟨features, a⟩`.
+pub(crate) fn feature_pullback<'s>(
+    model: &'s dyn FewShotModel,
+    theta: &ParamSet,
+    batch: &Batch,
+    mode: Mode,
+) -> Result<(Tensor, FeaturePullback<'s>)> {
+    let leaves = theta.to_leaves()?;
+    let features = model.features(&leaves, batch, mode)?;
+    let value = features.detach();
+    let pullback = move |a: &Tensor| leaves.gradients(&inner(&features, a)?, GradGraph::Detach);
+    Ok((value, Box::new(pullback)))
+}
 
 /// Differentiates the whole graph of a batch: the reference every other engine
 /// agrees with, and the only one for models that are not transformer stacks.

@@ -81,10 +81,16 @@ pub(crate) struct Scored {
     pub(crate) regulariser: Option<Tensor>,
 }
 
-/// One task's outcome for `method`: support and query embedded at θ (as leaves),
-/// `score(θ, support embeddings, query embeddings)`, and the gradient of
+/// One task's outcome for `method`: support and query embedded at θ, `score(θ,
+/// support embeddings, query embeddings)`, and the gradient of
 /// `cross_entropy_weight · CE + regulariser`; the reported query loss is the
 /// cross-entropy, comparable with the other learners'.
+///
+/// The objective is differentiated in the embeddings and in θ's direct uses (a
+/// head's parameters), and the embeddings' adjoints are pulled back through the
+/// network by the engine ([`GradEngine::feature_pullback`]): the chain rule, so the
+/// same gradient as one backward pass through everything, with a checkpointed
+/// engine one segment graph alive at a time.
 pub(crate) fn episodic_outcome(
     engine: &dyn GradEngine,
     params: &ParamSet,
@@ -94,14 +100,27 @@ pub(crate) fn episodic_outcome(
     score: impl FnOnce(&ParamSet, &Tensor, &Tensor) -> Result<Scored>,
 ) -> Result<TaskOutcome> {
     classification_only(&task.support, method)?;
-    let model = engine.model();
-    let leaves = params.to_leaves()?;
-    let support = model.features(&leaves, &task.support, mode)?;
-    let query = model.features(&leaves, &task.query, mode)?;
+    let (support, support_pullback) = engine.feature_pullback(params, &task.support, mode)?;
+    let (query, query_pullback) = engine.feature_pullback(params, &task.query, mode)?;
+    // θ and both embeddings as leaves of the objective's own graph.
+    let mut inputs = params.detach();
+    inputs.insert(SUPPORT_EMBEDDINGS, support)?;
+    inputs.insert(QUERY_EMBEDDINGS, query)?;
+    let leaves = inputs.to_leaves()?;
+    let theta = ParamSet::from_pairs(
+        params
+            .names()
+            .map(|n| Ok((n.to_string(), leaves.require(n)?.clone())))
+            .collect::<Result<Vec<_>>>()?,
+    )?;
     let Scored {
         logits,
         regulariser,
-    } = score(&leaves, &support, &query)?;
+    } = score(
+        &theta,
+        leaves.require(SUPPORT_EMBEDDINGS)?,
+        leaves.require(QUERY_EMBEDDINGS)?,
+    )?;
     let cross_entropy = ops::cross_entropy(&logits, &task.query.labels, 0.0)?;
     let context = || format!("the {method} query loss");
     let query_loss = finite_value(&cross_entropy, &context)?;
@@ -113,12 +132,30 @@ pub(crate) fn episodic_outcome(
         None => (cross_entropy * cross_entropy_weight)?,
     };
     finite_value(&objective, &context)?;
-    let meta_gradient = leaves.gradients(&objective, GradGraph::Detach)?;
+    let correct = accuracy(&logits, &task.query.labels)?;
+    let gradients = leaves.gradients(&objective, GradGraph::Detach)?;
+    drop((objective, logits, theta, leaves));
+    let direct = ParamSet::from_pairs(
+        params
+            .names()
+            .map(|n| Ok((n.to_string(), gradients.require(n)?.clone())))
+            .collect::<Result<Vec<_>>>()?,
+    )?;
+    let support_adjoint = gradients.require(SUPPORT_EMBEDDINGS)?.clone();
+    let query_adjoint = gradients.require(QUERY_EMBEDDINGS)?.clone();
+    drop(gradients);
+    let through_support = support_pullback(&support_adjoint)?;
+    let through_query = query_pullback(&query_adjoint)?;
+    let meta_gradient = direct.add(&through_support)?.add(&through_query)?;
     check_finite(&meta_gradient, &context)?;
     Ok(TaskOutcome {
         meta_gradient,
         support_losses: Vec::new(),
         query_loss,
-        query_accuracy: accuracy(&logits, &task.query.labels)?,
+        query_accuracy: correct,
     })
 }
+
+/// The names the embeddings take beside θ while the objective is differentiated.
+const SUPPORT_EMBEDDINGS: &str = "metric.support_embeddings";
+const QUERY_EMBEDDINGS: &str = "metric.query_embeddings";

@@ -388,6 +388,15 @@ pub trait LayerChain {
         params: &ParamSet,
         batch: &Batch,
     ) -> Result<Tensor>;
+    /// The features `[b, d]` ([`FewShotModel::features`]) from the last link's
+    /// output: the tail without the head, what metric learners score.
+    fn chain_features(
+        &self,
+        last: &Tensor,
+        context: &StackContext,
+        params: &ParamSet,
+        batch: &Batch,
+    ) -> Result<Tensor>;
 }
 
 impl<T: TransformerClassifier> LayerChain for T {
@@ -428,6 +437,16 @@ impl<T: TransformerClassifier> LayerChain for T {
         batch: &Batch,
     ) -> Result<Tensor> {
         tail_logits(self, last, context, params, batch)
+    }
+
+    fn chain_features(
+        &self,
+        last: &Tensor,
+        context: &StackContext,
+        params: &ParamSet,
+        batch: &Batch,
+    ) -> Result<Tensor> {
+        tail_features(self, last, context, params, batch)
     }
 }
 
@@ -479,9 +498,21 @@ pub(crate) fn tail_logits(
     params: &ParamSet,
     batch: &Batch,
 ) -> Result<Tensor> {
-    let hidden = context.unpack(&model.finish(last, params)?)?;
-    let features = pool(model, &hidden, batch)?;
+    let features = tail_features(model, last, context, params, batch)?;
     model.parts().head.forward(&features, params)
+}
+
+/// The pooled features from the last layer's output (final norm, unpacking,
+/// pooling): [`tail_logits`] without the head.
+pub(crate) fn tail_features(
+    model: &dyn TransformerClassifier,
+    last: &Tensor,
+    context: &StackContext,
+    params: &ParamSet,
+    batch: &Batch,
+) -> Result<Tensor> {
+    let hidden = context.unpack(&model.finish(last, params)?)?;
+    pool(model, &hidden, batch)
 }
 
 impl<T: TransformerClassifier> FewShotModel for T {

@@ -245,6 +245,16 @@ macro_rules! staged_backbone_model {
                 use $crate::models::vision::StagedBackbone;
                 self.head().forward(&self.pool(last)?, params)
             }
+
+            fn chain_features(
+                &self,
+                last: &candle_core::Tensor,
+                _context: &$crate::models::StackContext,
+                _params: &$crate::tensor::ParamSet,
+                _batch: &$crate::data::Batch,
+            ) -> $crate::Result<candle_core::Tensor> {
+                $crate::models::vision::StagedBackbone::pool(self, last)
+            }
         }
     };
 }
