@@ -162,6 +162,28 @@ pub(crate) fn validate(config: &Config) -> Result<()> {
     if let Some(why) = method_does_not_apply(config) {
         return Err(invalid("meta_learning.method", why));
     }
+    let metric = matches!(
+        config.meta_learning.method,
+        Method::Protonet | Method::FsctCosine | Method::FsctSoftmax
+    );
+    if metric
+        && config
+            .memory_optimization
+            .gradient_accumulation
+            .micro_batch
+            .is_some()
+    {
+        return Err(invalid(
+            "memory_optimization.gradient_accumulation.micro_batch",
+            format!(
+                "{} scores a task's support and query sets as wholes (class means, \
+                 attention over the queries), so it does not split them into \
+                 micro-batches; unset it (checkpointing lowers the metric learners' \
+                 memory instead)",
+                config.meta_learning.method
+            ),
+        ));
+    }
     if let ModelKind::Vision(backbone) = model {
         let min = backbone.min_image_size();
         if config.data.image_size < min {
