@@ -896,3 +896,57 @@ fn anil_meta_trains_with_a_head_only_inner_loop() {
         "{stderr}"
     );
 }
+
+/// A data set too small to spare validation classes (`data.val_fraction: 0`, as
+/// Fashion-MNIST's 6/4 split) meta-trains without validation, keeping the last
+/// iterate as `best`; `full` and early stopping, which need validation, refuse it.
+#[test]
+fn training_without_validation_classes_keeps_the_last_iterate() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = |p: &Path| p.display().to_string();
+    let data = dir.path().join("photos");
+    for class in 0..5 {
+        for example in 0..3 {
+            write_photo(
+                &data.join(format!("k{class}/{example}.png")),
+                class,
+                example,
+                20,
+                20,
+            );
+        }
+    }
+    let config = dir.path().join("noval.yml");
+    let yaml = |extra: &str| {
+        format!(
+            "model:\n  name: conv4\nmeta_learning:\n  method: protonet\n  meta_batch_size: 1\n  \
+             num_iterations: 3\ndata:\n  source: image_folder\n  path: {}\n  image_size: 16\n  \
+             n_way: 2\n  k_shot: 1\n  n_query: 1\n  train_fraction: 0.6\n  val_fraction: 0.0\n\
+             evaluation:\n  episodes: 2\n  eval_every: 2\n{extra}tracking:\n  experiment_name: noval\n",
+            s(&data)
+        )
+    };
+    write(&config, &yaml(""));
+    let out = dir.path().join("runs");
+    let train = melora(&["train", "--config", &s(&config), "--output", &s(&out)]);
+    assert!(train.status.success(), "{}", text(&train.stderr));
+    let run = out.join("noval/protonet-seed42");
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("best/state.json")).unwrap())
+            .unwrap();
+    assert_eq!(state["iteration"], 3, "{state}");
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    assert!(!metrics.contains("val/score"), "{metrics}");
+    let evaluate = melora(&["evaluate", "--checkpoint", &s(&run.join("best"))]);
+    assert!(evaluate.status.success(), "{}", text(&evaluate.stderr));
+    let full = melora(&["full", "--config", &s(&config), "--output", &s(&out)]);
+    let stderr = text(&full.stderr);
+    assert!(
+        !full.status.success() && stderr.contains("data.val_fraction"),
+        "{stderr}"
+    );
+    write(&config, &yaml("  early_stopping_patience: 2\n"));
+    let check = melora(&["config", "--config", &s(&config), "--check"]);
+    let stderr = text(&check.stderr);
+    assert!(stderr.contains("early_stopping_patience"), "{stderr}");
+}

@@ -54,7 +54,7 @@ enum Episodes {
     /// (held, not read: they count in its memory).
     Train {
         prefetcher: Prefetcher,
-        _validation: std::sync::Arc<dyn EpisodeSource>,
+        _validation: Option<std::sync::Arc<dyn EpisodeSource>>,
     },
     Test(std::sync::Arc<dyn EpisodeSource>),
 }
@@ -65,11 +65,11 @@ impl Profiled {
         let run = Run::build(config).map_err(UserError::Config)?;
         let episodes = if run.learner.is_some() {
             // Training holds validation's episodes beside its own.
-            let mut sources = build_sources(config, &[Split::Train, Split::Val])?;
+            let mut sources = build_sources(config, crate::data::training_splits(&config.data))?;
             let train = sources.remove(0);
             Episodes::Train {
                 prefetcher: Prefetcher::new(train, 0, config.meta_learning.meta_batch_size, 2)?,
-                _validation: sources.remove(0),
+                _validation: sources.pop(),
             }
         } else {
             Episodes::Test(build_sources(config, &[Split::Test])?.remove(0))

@@ -132,6 +132,9 @@ pub struct DataConfig {
     /// Fraction of the classes to meta-train on, in [0, 1).
     pub train_fraction: f64,
     /// Fraction of the classes to validate on, in [0, 1); the rest are test classes.
+    /// 0 meta-trains without validation (the last iterate is the `best`
+    /// checkpoint), for data sets too small to spare classes for it (Fashion-MNIST's
+    /// 6/4 split); `melora full` and early stopping need validation classes.
     pub val_fraction: f64,
     /// What to do with a class with fewer than `k_shot + n_query` examples.
     pub small_classes: SmallClasses,
@@ -176,6 +179,13 @@ impl Default for DataConfig {
 }
 
 impl DataConfig {
+    /// Whether meta-training validates on classes of their own: synthetic
+    /// families always do; a data set unless `val_fraction` is 0 (then `best` is
+    /// the last checkpoint and nothing is validated).
+    pub fn has_validation_classes(&self) -> bool {
+        self.synthetic_only || self.source == DataSource::Synthetic || self.val_fraction > 0.0
+    }
+
     pub(crate) fn validate(&self) -> Result<()> {
         at_least("data.n_way", self.n_way, 2)?;
         at_least("data.k_shot", self.k_shot, 1)?;

@@ -162,6 +162,14 @@ pub(crate) fn validate(config: &Config) -> Result<()> {
     if let Some(why) = method_does_not_apply(config) {
         return Err(invalid("meta_learning.method", why));
     }
+    if config.evaluation.early_stopping_patience.is_some() && !config.data.has_validation_classes()
+    {
+        return Err(invalid(
+            "evaluation.early_stopping_patience",
+            "early stopping watches the validation score, and data.val_fraction: 0 keeps no \
+             validation classes; unset one of them",
+        ));
+    }
     let metric = matches!(
         config.meta_learning.method,
         Method::Protonet | Method::FsctCosine | Method::FsctSoftmax

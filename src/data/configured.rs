@@ -41,6 +41,17 @@ impl Split {
     }
 }
 
+/// The splits meta-training reads: meta-train and meta-validation classes, or only
+/// meta-train ones when the data set keeps none for validation
+/// ([`DataConfig::has_validation_classes`]).
+pub fn training_splits(config: &DataConfig) -> &'static [Split] {
+    if config.has_validation_classes() {
+        &[Split::Train, Split::Val]
+    } else {
+        &[Split::Train]
+    }
+}
+
 /// The whole data set of a non-synthetic `data` section, decoded once (texts encoded
 /// by `text_encoder`).
 pub fn load_dataset(config: &DataConfig, text_encoder: &dyn EncodeText) -> Result<EncodedDataset> {

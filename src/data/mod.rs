@@ -23,7 +23,9 @@ mod tokenize;
 mod tests;
 
 pub use batch::{regression_loss, Batch, Inputs, TokenInputs};
-pub use configured::{episode_source, episode_sources, idx_files, load_dataset, Split};
+pub use configured::{
+    episode_source, episode_sources, idx_files, load_dataset, training_splits, Split,
+};
 pub use dataset::{Class, ClassSplits, Dataset};
 pub use episode::Episode;
 pub use photos::PhotoTransform;

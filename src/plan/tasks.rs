@@ -141,7 +141,7 @@ pub(crate) fn observe(
     // The sources the run holds: training's and validation's, or for a baseline the
     // test episodes evaluation adapts to; the first is the one planned on.
     let splits: &[Split] = if meta_trains {
-        &[Split::Train, Split::Val]
+        crate::data::training_splits(&config.data)
     } else {
         &[Split::Test]
     };

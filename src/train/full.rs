@@ -255,6 +255,15 @@ pub fn run_full(
     options: &FullOptions,
     observer: &mut dyn FullObserver,
 ) -> Result<FullResults> {
+    if !config.data.has_validation_classes() {
+        return Err(Error::Config {
+            key: "data.val_fraction".into(),
+            message: "melora full chooses checkpoints and the fine-tuning baselines' learning \
+                      rates on meta-validation classes, and 0 leaves none; set it above 0, or \
+                      run train and evaluate"
+                .into(),
+        });
+    }
     let main = Variant::of(config);
     let mut variants = vec![main];
     if !options.skip_baselines {

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::config::{Config, Variant};
-use crate::data::{Episode, EpisodeSource, Prefetcher, Split};
+use crate::data::{Episode, EpisodeSource, Prefetcher};
 use crate::engine::GradEngine;
 use crate::eval::evaluate_episodes;
 use crate::memory::MemoryMeter;
@@ -195,8 +195,10 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainSummary> {
     };
     let run_dir = trainer.run_dir.clone();
     std::fs::create_dir_all(&run_dir).map_err(|e| crate::Error::io(&run_dir, e))?;
-    let mut sources = build_sources(config, &[Split::Train, Split::Val])?;
-    let (train_source, val_source) = (sources.remove(0), sources.remove(0));
+    let mut sources = build_sources(config, crate::data::training_splits(&config.data))?;
+    let train_source = sources.remove(0);
+    // None: the data set keeps no validation classes (data.val_fraction: 0).
+    let val_source = sources.pop();
     let train_classes = train_source.class_names();
     let meta_batch = config.meta_learning.meta_batch_size;
     let total = config.meta_learning.num_iterations;
@@ -273,11 +275,17 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainSummary> {
                 (iteration + 1) % config.evaluation.eval_every == 0 || iteration + 1 == total;
             let (mut validation, mut new_best) = (None, false);
             if validate {
-                let (score, best) = trainer.validate(val_source.as_ref())?;
-                validation = Some(score);
-                metrics.push(("val/score", score));
-                summary.validations.push((iteration + 1, score));
-                new_best = best;
+                match &val_source {
+                    Some(source) => {
+                        let (score, best) = trainer.validate(source.as_ref())?;
+                        validation = Some(score);
+                        metrics.push(("val/score", score));
+                        summary.validations.push((iteration + 1, score));
+                        new_best = best;
+                    }
+                    // Nothing to choose by: the latest iterate is the best.
+                    None => new_best = true,
+                }
             }
             if crate::memory::is_installed() {
                 metrics.push(("memory/peak_bytes", meter.peak_above_baseline() as f64));
