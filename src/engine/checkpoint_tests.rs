@@ -624,6 +624,22 @@ fn selective_recomputation_of_a_non_transformer_is_refused() {
     assert!(err.contains("checkpointing.selective to false"), "{err}");
 }
 
+/// The vision backbone `name` for grey 16×16 images, in f64.
+fn backbone(name: &str) -> Box<dyn FewShotModel> {
+    crate::models::Backbone::from_name(name)
+        .unwrap()
+        .build(
+            crate::models::ImageShape {
+                channels: 1,
+                side: 16,
+            },
+            CLASSES,
+            DType::F64,
+            &Device::Cpu,
+        )
+        .unwrap()
+}
+
 /// `n` random grey 16×16 images, labels cycling.
 fn image_batch(n: usize, seed: u64) -> Batch {
     let x = random_tensor(&[n, 1, 16, 16], seed, &Device::Cpu).unwrap();
@@ -666,18 +682,7 @@ fn vision_backbones_are_checkpointed_per_stage() {
         ),
         ("resnet18", vec![CheckpointPlan::Every(2)]),
     ] {
-        let model = crate::models::Backbone::from_name(name)
-            .unwrap()
-            .build(
-                crate::models::ImageShape {
-                    channels: 1,
-                    side: 16,
-                },
-                CLASSES,
-                DType::F64,
-                &Device::Cpu,
-            )
-            .unwrap();
+        let model = backbone(name);
         let theta = model.init_params(4).unwrap();
         let leaves = theta.to_leaves().unwrap();
         let loss = ops::cross_entropy(
@@ -745,18 +750,7 @@ fn metric_learners_are_checkpointed() {
         ("conv4", CheckpointPlan::Every(1)),
         ("resnet18", CheckpointPlan::Every(2)),
     ] {
-        let model = crate::models::Backbone::from_name(name)
-            .unwrap()
-            .build(
-                crate::models::ImageShape {
-                    channels: 1,
-                    side: 16,
-                },
-                CLASSES,
-                DType::F64,
-                &Device::Cpu,
-            )
-            .unwrap();
+        let model = backbone(name);
         let mut theta = model.init_params(4).unwrap();
         fsct.init_head(&mut theta, 5).unwrap();
         let checkpointed = Checkpointed::new(model.as_ref(), &plan).unwrap();

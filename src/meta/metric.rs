@@ -107,12 +107,7 @@ pub(crate) fn episodic_outcome(
     inputs.insert(SUPPORT_EMBEDDINGS, support)?;
     inputs.insert(QUERY_EMBEDDINGS, query)?;
     let leaves = inputs.to_leaves()?;
-    let theta = ParamSet::from_pairs(
-        params
-            .names()
-            .map(|n| Ok((n.to_string(), leaves.require(n)?.clone())))
-            .collect::<Result<Vec<_>>>()?,
-    )?;
+    let theta = leaves.restricted_to(params.names())?;
     let Scored {
         logits,
         regulariser,
@@ -135,12 +130,7 @@ pub(crate) fn episodic_outcome(
     let correct = accuracy(&logits, &task.query.labels)?;
     let gradients = leaves.gradients(&objective, GradGraph::Detach)?;
     drop((objective, logits, theta, leaves));
-    let direct = ParamSet::from_pairs(
-        params
-            .names()
-            .map(|n| Ok((n.to_string(), gradients.require(n)?.clone())))
-            .collect::<Result<Vec<_>>>()?,
-    )?;
+    let direct = gradients.restricted_to(params.names())?;
     let support_adjoint = gradients.require(SUPPORT_EMBEDDINGS)?.clone();
     let query_adjoint = gradients.require(QUERY_EMBEDDINGS)?.clone();
     drop(gradients);

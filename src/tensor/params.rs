@@ -117,6 +117,20 @@ impl ParamSet {
             .ok_or_else(|| Error::Params(format!("no parameter named `{name}`")))
     }
 
+    /// The tensors of this set named `names`, in that order; an error names the
+    /// first one missing.
+    pub(crate) fn restricted_to<'n>(
+        &self,
+        names: impl IntoIterator<Item = &'n str>,
+    ) -> Result<Self> {
+        Self::from_pairs(
+            names
+                .into_iter()
+                .map(|n| Ok((n.to_string(), self.require(n)?.clone())))
+                .collect::<Result<Vec<_>>>()?,
+        )
+    }
+
     /// Number of tensors.
     pub fn len(&self) -> usize {
         self.entries.len()
