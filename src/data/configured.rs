@@ -141,6 +141,7 @@ fn load_image_folder(
         config.split_file.as_deref(),
         &|bytes: &[u8], name: &str| transform.decode(bytes, name),
     )?;
+    let (channels, side) = (transform.channels, transform.stored_side);
     let data = EncodedDataset::Photos {
         dataset: folder.dataset,
         transform,
@@ -156,12 +157,10 @@ fn load_image_folder(
     reported.push(path.to_path_buf());
     let images: usize = data.class_sizes().iter().sum();
     eprintln!(
-        "image cache: {images} images of {} classes as {}×{s}×{s} u8, {:.1} MiB in memory \
-         (decoded once; counted in the run's peak memory)",
+        "image cache: {images} images of {} classes as {channels}×{side}×{side} u8, {:.1} MiB \
+         in memory (decoded once; counted in the run's peak memory)",
         data.class_sizes().len(),
-        PhotoTransform::for_config(config).channels,
         data.held_bytes() as f64 / (1u64 << 20) as f64,
-        s = PhotoTransform::for_config(config).stored_side,
     );
     Ok((data, folder.splits))
 }
