@@ -600,31 +600,46 @@ fn resnet12_and_conv6_train_and_adapt_to_image_folders() {
 }
 
 /// A ProtoNet checkpoint meta-trained 2-way is evaluated 3-way (it never reads the
-/// classification head), into a file of its own beside the run's `evaluation.json`;
+/// classification head), into a file of its own beside the run's `evaluation.json`,
+/// and so is an FS-CT checkpoint at one shot (its prototype weights are a softmax over
+/// one shot, 1 whatever they hold) but not at two, where they are trained per class;
 /// MAML's head has one row per class, so its checkpoint refuses, naming the sizes.
 #[test]
-fn protonet_checkpoints_evaluate_at_another_way() {
+fn metric_checkpoints_evaluate_at_another_way() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("runs");
     let s = |p: &Path| p.display().to_string();
-    for method in ["protonet", "fomaml"] {
-        let config = dir.path().join(format!("{method}.yml"));
+    for (method, shots) in [
+        ("protonet", 1),
+        ("fsct_cosine", 1),
+        ("fsct_cosine", 2),
+        ("fomaml", 1),
+    ] {
+        let config = dir.path().join(format!("{method}-{shots}.yml"));
+        let name = format!("way{shots}");
         write(
             &config,
             &format!(
                 "model:\n  name: conv4\nmeta_learning:\n  method: {method}\n  \
                  meta_batch_size: 1\n  num_iterations: 2\ndata:\n  synthetic_task: images\n  \
-                 n_way: 2\n  k_shot: 1\n  n_query: 1\nevaluation:\n  episodes: 2\n  \
-                 eval_every: 2\n  val_episodes: 1\ntracking:\n  experiment_name: way\n"
+                 n_way: 2\n  k_shot: {shots}\n  n_query: 1\nevaluation:\n  episodes: 2\n  \
+                 eval_every: 2\n  val_episodes: 1\ntracking:\n  experiment_name: {name}\n"
             ),
         );
         let train = melora(&["train", "--config", &s(&config), "--output", &s(&out)]);
         assert!(train.status.success(), "{}", text(&train.stderr));
-        let best = out.join(format!("way/{method}-seed42/best"));
+        let best = out.join(format!("{name}/{method}-seed42/best"));
         let run = melora(&["evaluate", "--checkpoint", &s(&best), "--n-way", "3"]);
-        if method == "protonet" {
+        if method == "fsct_cosine" && shots == 2 {
+            let err = text(&run.stderr);
+            assert!(
+                !run.status.success() && err.contains("proto_weight") && err.contains("[3, 2, 1]"),
+                "{err}"
+            );
+        } else if method != "fomaml" {
             assert!(run.status.success(), "{}", text(&run.stderr));
-            let written = out.join("way/protonet-seed42/evaluation-3way-1shot-1query.json");
+            let written =
+                out.join(format!("{name}/{method}-seed42/evaluation-3way-1shot-1query.json"));
             assert!(written.exists(), "{}", text(&run.stdout));
         } else {
             let err = text(&run.stderr);

@@ -541,16 +541,32 @@ pub fn params_from(
     checkpoint: Option<&Path>,
 ) -> Result<ParamSet> {
     let init = crate::run::build::initial_params(model, config)?;
-    // ProtoNets never read the classification head, so a checkpoint meta-trained with
-    // another data.n_way is evaluated (or adapted) at this one.
-    let replaced: &[&str] = if config.meta_learning.method == crate::config::Method::Protonet {
-        &[crate::models::HEAD_WEIGHT, crate::models::HEAD_BIAS]
-    } else {
-        &[]
-    };
+    let replaced = replaceable_at_other_shapes(config);
+    let replaced: Vec<&str> = replaced.iter().map(String::as_str).collect();
     match checkpoint {
-        Some(dir) => super::checkpoint::load_checkpoint_params(dir, &init, replaced),
+        Some(dir) => super::checkpoint::load_checkpoint_params(dir, &init, &replaced),
         None => Ok(init),
+    }
+}
+
+/// The parameters whose values cannot change what `config`'s learner computes, so a
+/// checkpoint meta-trained at another `data.n_way` is evaluated (or adapted) with
+/// this configuration's own: the classification head, which the metric learners
+/// never read, and FS-CT's prototype weights at one shot, where the softmax over a
+/// single shot is 1 whatever the weight. FS-CT at several shots keeps its trained
+/// weights, so there the shapes must match.
+fn replaceable_at_other_shapes(config: &Config) -> Vec<String> {
+    use crate::config::Method;
+    let head = [crate::models::HEAD_WEIGHT, crate::models::HEAD_BIAS].map(String::from);
+    match config.meta_learning.method {
+        Method::Protonet => head.to_vec(),
+        Method::FsctCosine | Method::FsctSoftmax if config.data.k_shot == 1 => {
+            let mut names = head.to_vec();
+            names.push(format!("{}proto_weight", crate::meta::FSCT_PREFIX));
+            names
+        }
+        Method::FsctCosine | Method::FsctSoftmax => head.to_vec(),
+        _ => Vec::new(),
     }
 }
 
