@@ -46,7 +46,7 @@ fn base_config(model: &str) -> Config {
     c.data.k_shot = 2;
     c.data.n_query = 1;
     c.meta_learning.meta_batch_size = 2;
-    if model == "conv4" {
+    if melora::models::Backbone::from_name(model).is_some() {
         c.data.source = DataSource::Synthetic;
         c.data.synthetic_task = SyntheticTask::Images;
         c.data.n_way = 2;
@@ -356,6 +356,38 @@ fn checkpoint_rows() -> Vec<(String, Config)> {
     rows
 }
 
+/// Vision backbones with more than two queries per class, which the planner
+/// measures with one and two and extrapolates: ProtoNets, FS-CT + VIC and
+/// recompute-mode MAML on Conv4 and ResNet-12 (3-way 2-shot 6-query), ResNet-12
+/// also with every residual stage checkpointed.
+fn vision_rows() -> Vec<(String, Config)> {
+    let mut rows = Vec::new();
+    let all = methods();
+    let maml = *all.iter().find(|m| m.0 == "maml-recompute").unwrap();
+    for model in ["conv4", "resnet12"] {
+        for method in ["protonet", "fsct_cosine", "maml-recompute"] {
+            let (label, mut c) = if method == "maml-recompute" {
+                row(model, maml, 1, None)
+            } else {
+                let (label, mut c) = row(model, maml, 1, None);
+                c.meta_learning.method = method.parse().unwrap();
+                (label.replace("maml-recompute", method), c)
+            };
+            c.data.n_way = 3;
+            c.data.k_shot = 2;
+            c.data.n_query = 6;
+            let label = format!("{label} q=6");
+            if model == "resnet12" {
+                let mut ckpt = c.clone();
+                ckpt.memory_optimization.checkpointing.enabled = true;
+                rows.push((format!("{label} ckpt every 1"), ckpt));
+            }
+            rows.push((label, c));
+        }
+    }
+    rows
+}
+
 /// Meta-batches of 5 tasks (the planner replays the first and the last and lets the
 /// ones between leave the first's meta-gradient), without and with checkpointing.
 fn meta_batch_rows() -> Vec<(String, Config)> {
@@ -630,11 +662,12 @@ fn folder_rows() -> Vec<(String, Config)> {
 /// kind of row appears: each model, method, K, micro-batch, dtype, precision,
 /// checkpointing plan, folder, baseline) and the deep model's full-graph MAML rows
 /// at 8 tokens, where the planner extrapolates from 1-, 2- and 4-layer instances
-/// (its rows at 48 tokens, gigabytes each, are in the full grid only).
+/// (its rows at 48 tokens, gigabytes each, are in the full grid only), and Conv4's
+/// rows with 6 queries per class, extrapolated from 1 and 2.
 fn grid() -> Vec<(String, Config)> {
     let mut rows: Vec<_> = full_grid()
         .into_iter()
-        .filter(|(label, _)| !label.contains("t=48"))
+        .filter(|(label, _)| !label.contains("t=48") && !label.contains("q=6"))
         .step_by(10)
         .collect();
     rows.extend(
@@ -642,11 +675,17 @@ fn grid() -> Vec<(String, Config)> {
             .into_iter()
             .filter(|(label, _)| label.contains("maml-full") && !label.contains("t=48")),
     );
+    // ResNet-12's rows take minutes in a debug build: the full grid has them.
+    rows.extend(
+        vision_rows()
+            .into_iter()
+            .filter(|(label, _)| label.starts_with("conv4")),
+    );
     rows
 }
 
 /// The whole grid: models × methods × K ∈ {1, 2, 4} × micro-batches (none, 3;
-/// Conv4 none), and the f64, checkpointing, long-sequence, MLP, meta-batch,
+/// Conv4 none), and the f64, checkpointing, vision (6 queries per class), long-sequence, MLP, meta-batch,
 /// precision, folder, selective-recomputation, baseline and deep-model rows. About
 /// half an hour: run with `--ignored`.
 fn full_grid() -> Vec<(String, Config)> {
@@ -675,6 +714,7 @@ fn full_grid() -> Vec<(String, Config)> {
     rows.extend(selective_rows());
     rows.extend(baseline_rows());
     rows.extend(deep_rows());
+    rows.extend(vision_rows());
     rows
 }
 
@@ -722,7 +762,7 @@ fn episode(c: &Config, seed: u32) -> Episode {
             seed: 7,
         };
         tasks.episode(seed as u64).unwrap()
-    } else if c.model.name == "conv4" {
+    } else if melora::models::Backbone::from_name(&c.model.name).is_some() {
         let dt = candle_dtype(c);
         Episode::new(
             image_batch(ns, d.image_size, dt, seed as u64),

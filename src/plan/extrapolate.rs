@@ -1,6 +1,6 @@
 //! From the instances the planner measures to the configured sizes: which instances
-//! to run, and the lines (in layers, in tasks) and the segment model (with
-//! gradient checkpointing) through their measurements.
+//! to run, and the lines (in layers, in queries per class, in tasks) and the segment
+//! model (with gradient checkpointing) through their measurements.
 
 use crate::config::{CheckpointPlan, Config};
 use crate::Result;
@@ -22,11 +22,13 @@ pub(crate) enum LayerPoint {
     FourInTwoSegments,
 }
 
-/// An instance's place on both axes: its layers, and its tasks (the index into
+/// An instance's place on the three axes: its layers, its queries per class (the
+/// index into [`Target::query_points`]) and its tasks (the index into
 /// [`Target::task_points`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Corner {
     layer: LayerPoint,
+    query: usize,
     task: usize,
 }
 
@@ -47,6 +49,12 @@ pub(crate) struct Target {
     /// With checkpointing of chosen layers: the number of stored segment
     /// boundaries and the most layers one segment recomputes.
     segments: Option<(usize, usize)>,
+    /// Queries per class, when extrapolated: more than two, on images. An image
+    /// backbone's activations, the head's and the loss's grow affinely in the images
+    /// of a task, so one and two queries per class give the line, at a fraction of
+    /// the configured task's memory and time (ResNet-34 at 224×224 with 16 queries
+    /// per class would not fit where it is planned).
+    queries: Option<usize>,
     /// Tasks per meta-batch.
     tasks: usize,
 }
@@ -67,8 +75,14 @@ fn segment_shape(boundaries: &[usize], layers: usize) -> (usize, usize) {
 
 impl Target {
     /// The sizes of `config` with a transformer of `layers` layers (`None`: a dense
-    /// model) and `tasks` tasks per meta-batch.
-    pub(crate) fn of(config: &Config, layers: Option<usize>, tasks: usize) -> Result<Self> {
+    /// model) and `tasks` tasks per meta-batch; `images`: whether its tasks are
+    /// images (whose queries per class are extrapolated).
+    pub(crate) fn of(
+        config: &Config,
+        layers: Option<usize>,
+        tasks: usize,
+        images: bool,
+    ) -> Result<Self> {
         let plan = config.memory_optimization.checkpointing.plan();
         // Every n layers, the stack is whole segments of n: the peak is affine in
         // their number, measured with one and two. Chosen layers cut it unevenly.
@@ -84,13 +98,24 @@ impl Target {
             }
             _ => None,
         };
+        let queries = Some(config.data.n_query).filter(|&q| images && q > 2);
         Ok(Target {
             layers,
             stride,
             first,
             segments,
+            queries,
             tasks,
         })
+    }
+
+    /// Queries per class of the instances: 1 and 2 when extrapolated, the
+    /// configured number (`None`) otherwise.
+    fn query_points(&self) -> Vec<Option<usize>> {
+        match self.queries {
+            Some(_) => vec![Some(1), Some(2)],
+            None => vec![None],
+        }
     }
 
     /// Tasks of the instances: 1 and 2 for a larger meta-batch (extrapolated), the
@@ -118,31 +143,15 @@ impl Target {
 
     /// The measurements carried to the configured sizes.
     pub(crate) fn extrapolate(&self, measured: &[(Corner, Measured)]) -> Measured {
-        let at = |layer: LayerPoint, task: usize| -> Measured {
-            measured
-                .iter()
-                .find(|(c, _)| *c == Corner { layer, task })
-                .map(|(_, m)| *m)
-                .expect("every corner is measured")
-        };
         let per_task: Vec<Measured> = (0..self.task_points().len())
-            .map(|task| match self.layers {
-                None => at(LayerPoint::Configured, task),
-                Some(layers) => {
-                    let (one, two) = (at(LayerPoint::One, task), at(LayerPoint::Two, task));
-                    // Steps of the axis past the smaller instance's, plus one.
-                    let x = layers as f64 / self.stride as f64 - self.first as f64 + 1.0;
-                    let mut line = along(&one, &two, x);
-                    if let Some((boundaries, longest)) = self.segments {
-                        let points = [
-                            one.peak,
-                            two.peak,
-                            at(LayerPoint::TwoInOneSegment, task).peak,
-                            at(LayerPoint::FourInTwoSegments, task).peak,
-                        ];
-                        line.peak = segment_peak(points, layers, boundaries, longest);
-                    }
-                    line
+            .map(|task| {
+                let per_query: Vec<Measured> = (0..self.query_points().len())
+                    .map(|query| self.along_layers(measured, query, task))
+                    .collect();
+                match (per_query.as_slice(), self.queries) {
+                    ([one, two], Some(queries)) => along(one, two, queries as f64),
+                    ([only], _) => *only,
+                    _ => unreachable!("one or two query points"),
                 }
             })
             .collect();
@@ -152,29 +161,62 @@ impl Target {
             _ => unreachable!("one or two task points"),
         }
     }
+
+    /// The measurements at `query` and `task` carried to the configured layers.
+    fn along_layers(&self, measured: &[(Corner, Measured)], query: usize, task: usize) -> Measured {
+        let at = |layer: LayerPoint, task: usize| -> Measured {
+            measured
+                .iter()
+                .find(|(c, _)| *c == Corner { layer, query, task })
+                .map(|(_, m)| *m)
+                .expect("every corner is measured")
+        };
+        match self.layers {
+            None => at(LayerPoint::Configured, task),
+            Some(layers) => {
+                let (one, two) = (at(LayerPoint::One, task), at(LayerPoint::Two, task));
+                // Steps of the axis past the smaller instance's, plus one.
+                let x = layers as f64 / self.stride as f64 - self.first as f64 + 1.0;
+                let mut line = along(&one, &two, x);
+                if let Some((boundaries, longest)) = self.segments {
+                    let points = [
+                        one.peak,
+                        two.peak,
+                        at(LayerPoint::TwoInOneSegment, task).peak,
+                        at(LayerPoint::FourInTwoSegments, task).peak,
+                    ];
+                    line.peak = segment_peak(points, layers, boundaries, longest);
+                }
+                line
+            }
+        }
+    }
 }
 
 /// The instances to measure, the smallest first.
 pub(crate) fn instances_of(target: &Target) -> Vec<(Corner, Instance)> {
     let mut instances = Vec::new();
     for (task, &tasks) in target.task_points().iter().enumerate() {
-        for layer in target.layer_points() {
-            let (stride, first) = (target.stride, target.first);
-            let (layers, checkpoint) = match layer {
-                LayerPoint::Configured => (None, None),
-                LayerPoint::One => (Some(first * stride), Some(vec![0])),
-                LayerPoint::Two => (Some((first + 1) * stride), Some(vec![0, 1])),
-                LayerPoint::TwoInOneSegment => (Some(2), Some(vec![0])),
-                LayerPoint::FourInTwoSegments => (Some(4), Some(vec![0, 2])),
-            };
-            instances.push((
-                Corner { layer, task },
-                Instance {
-                    layers,
-                    tasks,
-                    checkpoint: checkpoint.filter(|_| target.segments.is_some()),
-                },
-            ));
+        for (query, &n_query) in target.query_points().iter().enumerate() {
+            for layer in target.layer_points() {
+                let (stride, first) = (target.stride, target.first);
+                let (layers, checkpoint) = match layer {
+                    LayerPoint::Configured => (None, None),
+                    LayerPoint::One => (Some(first * stride), Some(vec![0])),
+                    LayerPoint::Two => (Some((first + 1) * stride), Some(vec![0, 1])),
+                    LayerPoint::TwoInOneSegment => (Some(2), Some(vec![0])),
+                    LayerPoint::FourInTwoSegments => (Some(4), Some(vec![0, 2])),
+                };
+                instances.push((
+                    Corner { layer, query, task },
+                    Instance {
+                        layers,
+                        tasks,
+                        n_query,
+                        checkpoint: checkpoint.filter(|_| target.segments.is_some()),
+                    },
+                ));
+            }
         }
     }
     instances
@@ -259,17 +301,49 @@ mod tests {
         assert_eq!((line.peak, line.weights), (25.0, 6.0));
     }
 
+    /// Image tasks of more than two queries per class are measured with one and two
+    /// (with each task point), and a peak affine in queries and tasks is recovered.
+    #[test]
+    fn queries_per_class_are_extrapolated_on_images() {
+        let mut config = Config::default();
+        config.data.n_query = 16;
+        let text = Target::of(&config, None, 4, false).unwrap();
+        assert_eq!(instances_of(&text).len(), 2);
+        let target = Target::of(&config, None, 4, true).unwrap();
+        let instances = instances_of(&target);
+        let points: Vec<_> = instances
+            .iter()
+            .map(|(_, i)| (i.tasks, i.n_query))
+            .collect();
+        assert_eq!(
+            points,
+            [(1, Some(1)), (1, Some(2)), (2, Some(1)), (2, Some(2))]
+        );
+        let truth = |tasks: f64, queries: f64| 100.0 + 30.0 * tasks + 7.0 * queries;
+        let measured: Vec<_> = instances
+            .iter()
+            .map(|(corner, i)| {
+                let peak = truth(i.tasks as f64, i.n_query.unwrap() as f64);
+                (*corner, measured(peak, 1.0))
+            })
+            .collect();
+        assert!((target.extrapolate(&measured).peak - truth(4.0, 16.0)).abs() < 1e-9);
+        config.data.n_query = 2;
+        let target = Target::of(&config, None, 1, true).unwrap();
+        assert_eq!(instances_of(&target)[0].1.n_query, None);
+    }
+
     #[test]
     fn small_configurations_are_measured_as_they_are() {
         let config = Config::default();
-        let target = Target::of(&config, Some(2), 2).unwrap();
+        let target = Target::of(&config, Some(2), 2, false).unwrap();
         let instances = instances_of(&target);
         assert_eq!(instances.len(), 1);
         assert_eq!(instances[0].1.layers, None);
         let mut checkpointed = Config::default();
         checkpointed.memory_optimization.checkpointing.enabled = true;
         // Every layer: two and three segments of one layer, the configured plan kept.
-        let target = Target::of(&checkpointed, Some(6), 4).unwrap();
+        let target = Target::of(&checkpointed, Some(6), 4, false).unwrap();
         let instances = instances_of(&target);
         assert_eq!(instances.len(), 4);
         assert_eq!(instances[0].1.layers, Some(2));
@@ -277,19 +351,19 @@ mod tests {
         assert!(instances.iter().all(|(_, i)| i.checkpoint.is_none()));
         // Every 2 layers of 8: 4 and 6 layers; every 2 of 6: as configured.
         checkpointed.memory_optimization.checkpointing.every = 2;
-        let target = Target::of(&checkpointed, Some(8), 2).unwrap();
+        let target = Target::of(&checkpointed, Some(8), 2, false).unwrap();
         let layers: Vec<_> = instances_of(&target)
             .iter()
             .map(|(_, i)| i.layers)
             .collect();
         assert_eq!(layers, [Some(4), Some(6)]);
         assert_eq!(
-            instances_of(&Target::of(&checkpointed, Some(6), 2).unwrap()).len(),
+            instances_of(&Target::of(&checkpointed, Some(6), 2, false).unwrap()).len(),
             1
         );
         // Chosen layers: the four instances of the segment model.
         checkpointed.memory_optimization.checkpointing.layers = Some(vec![1, 3]);
-        let target = Target::of(&checkpointed, Some(6), 4).unwrap();
+        let target = Target::of(&checkpointed, Some(6), 4, false).unwrap();
         let instances = instances_of(&target);
         assert_eq!(instances.len(), 8);
         assert!(instances.iter().all(|(_, i)| i.checkpoint.is_some()));

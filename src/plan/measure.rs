@@ -275,6 +275,8 @@ pub(crate) struct Instance {
     pub(crate) layers: Option<usize>,
     /// Tasks per meta-batch.
     pub(crate) tasks: usize,
+    /// Queries per class instead of `data.n_query` (`None`: as configured).
+    pub(crate) n_query: Option<usize>,
     /// Checkpointed layers (`memory_optimization.checkpointing.layers`) instead of
     /// the configured plan.
     pub(crate) checkpoint: Option<Vec<usize>>,
@@ -294,6 +296,9 @@ pub(crate) fn measure(
     let mut config = config.clone();
     let meta_trains = config::LearnerSpec::of(&config).meta_trains();
     config.meta_learning.meta_batch_size = instance.tasks;
+    if let Some(n_query) = instance.n_query {
+        config.data.n_query = n_query;
+    }
     if let Some(layers) = &instance.checkpoint {
         config.memory_optimization.checkpointing.layers = Some(layers.clone());
     }

@@ -26,7 +26,12 @@
 //!   segments (count, longest) are then put in;
 //! - **tasks**: a meta-batch of B > 2 tasks is measured with 1 and with 2. Its tasks
 //!   run one after another, each leaving its meta-gradient, so the peak is affine
-//!   in B.
+//!   in B;
+//! - **queries**: image tasks of Q > 2 queries per class are measured with 1 and 2.
+//!   A backbone's activations, kernel buffers, the metric heads' and the loss's
+//!   tensors grow affinely in a task's images, so two points give the line; this
+//!   keeps a ResNet-34 at 224×224 with 16 queries per class plannable on a machine
+//!   that could not run it.
 //!
 //! On text an instance's tasks are the heaviest the run reads: melora computes only
 //! a batch's real tokens, so a run peaks on its task with the most tokens, not at
@@ -38,9 +43,10 @@
 //! [`PlannedTasks::Longest`], it assumes every sequence at `max_length`, an upper
 //! bound on any data, and counts no data set ([`Plan::data_note`] says why).
 //!
-//! Both cuts combine bilinearly (at most 4 instances, 8 with chosen checkpointed
-//! layers; a model of at most 2 layers, or 3 segments, or 4 layers with chosen
-//! ones, and at most 2 tasks is measured as configured). The model
+//! The cuts combine multilinearly (at most 4 instances on text, 8 with chosen
+//! checkpointed layers; 4 on images; a model of at most 2 layers, or 3 segments,
+//! or 4 layers with chosen ones, at most 2 tasks and, on images, at most 2 queries
+//! per class is measured as configured). The model
 //! itself is also built once at its full size (from its folder, for `model.path`),
 //! which gives the frozen weights and the loading peak exactly. A warm-up instance
 //! first sets up what a process sets up once (thread pools, kernel workspaces), as
@@ -345,7 +351,12 @@ pub fn plan_with(config: &Config, options: &PlanOptions) -> Result<Plan> {
             model.layer_chain().map(|chain| chain.chain_length()),
         )
     };
-    let target = Target::of(config, layers, tasks)?;
+    let target = Target::of(
+        config,
+        layers,
+        tasks,
+        matches!(inputs, Inputs::Images { .. }),
+    )?;
     let instances = instances_of(&target);
     // The warm-up: what a process sets up once (per model and dtype) is not the run's.
     if first_plan_of_its_kind(config) {
