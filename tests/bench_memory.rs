@@ -268,3 +268,61 @@ fn resume_measures_a_grid_in_pieces() {
     assert_eq!(corrupt.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("memory.json"), "{stderr}");
 }
+
+/// `bench fsct-memory` on Conv4 at 28 px (the scenario's task shape, generated RGB
+/// image folder): the plain and checkpointed rows are planned and measured, the
+/// planner within 15%, checkpointing below plain; a setting melora refuses is a row
+/// that says why; a row over `--measure-up-to` is planned only; bad flags are
+/// usage errors.
+#[test]
+fn fsct_memory_scenario_plans_measures_and_reports_refusals() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("results");
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "bench",
+            "fsct-memory",
+            "--backbones",
+            "conv4",
+            "--sizes",
+            "28",
+            "--output",
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        melora(&args)
+    };
+    let output = run(&["--settings", "plain,checkpointing,micro-batches"]);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let json = read_json(&out.join("fsct-memory.json"));
+    let rows = json["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 3);
+    let measured = |row: &Value| row["measured_bytes"].as_f64().unwrap();
+    for row in &rows[..2] {
+        let error = (row["predicted_bytes"].as_f64().unwrap() - measured(row)) / measured(row);
+        assert!(error.abs() <= 0.15, "{row}");
+        assert!(row["dataset_bytes"].as_u64().unwrap() > 0, "{row}");
+    }
+    assert!(measured(&rows[1]) < measured(&rows[0]), "{rows:?}");
+    let refused = rows[2]["refused"].as_str().unwrap();
+    assert!(refused.contains("micro_batch"), "{refused}");
+    let md = std::fs::read_to_string(out.join("fsct-memory.md")).unwrap();
+    assert!(md.contains("| conv4 | 28×28 | checkpointing |"), "{md}");
+
+    let output = run(&["--settings", "plain", "--measure-up-to", "1MiB"]);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let json = read_json(&out.join("fsct-memory.json"));
+    let row = &json["rows"][0];
+    assert!(row["measured_bytes"].is_null(), "{row}");
+    assert!(row["not_measured"].as_str().unwrap().contains("predicted above"));
+
+    for bad in [
+        &["--settings", "amp"][..],
+        &["--backbones", "bert"][..],
+        &["--measure-up-to", "lots"][..],
+    ] {
+        let output = run(bad);
+        assert_eq!(output.status.code(), Some(2), "{bad:?}");
+        assert!(!text(&output.stderr).contains("panicked"));
+    }
+}

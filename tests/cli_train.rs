@@ -638,8 +638,9 @@ fn metric_checkpoints_evaluate_at_another_way() {
             );
         } else if method != "fomaml" {
             assert!(run.status.success(), "{}", text(&run.stderr));
-            let written =
-                out.join(format!("{name}/{method}-seed42/evaluation-3way-1shot-1query.json"));
+            let written = out.join(format!(
+                "{name}/{method}-seed42/evaluation-3way-1shot-1query.json"
+            ));
             assert!(written.exists(), "{}", text(&run.stdout));
         } else {
             let err = text(&run.stderr);

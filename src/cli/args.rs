@@ -294,6 +294,15 @@ pub(crate) enum BenchCommand {
     /// (YAML) from standard input and prints the measurement as JSON
     #[command(hide = true)]
     MemoryRow(BenchMemoryRowArgs),
+    /// The FS-CT reference project's memory scenario: FS-CT + VIC on ResNet-34 and
+    /// ResNet-18, 5-way 5-shot 16-query RGB images at 84 and 224 px, under each
+    /// memory setting: the planner's prediction, the measured peak where it fits,
+    /// the reference's figures; writes fsct-memory.json and fsct-memory.md
+    FsctMemory(BenchFsctMemoryArgs),
+    /// The planner's prediction for one configuration, in this process: the
+    /// configuration (YAML) on standard input, the plan as JSON
+    #[command(hide = true)]
+    PlanRow,
     /// Seconds per meta-iteration and peak memory of melora and of PyTorch + peft
     /// (bench/pytorch/meta_bench.py) on the same real episodes, for each method × K,
     /// one fresh process per point, alternating; writes speed.json and speed.md
@@ -426,6 +435,31 @@ pub(crate) struct BenchMemoryArgs {
 pub(crate) enum OnOff {
     Off,
     On,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct BenchFsctMemoryArgs {
+    /// Backbones, in table order
+    #[arg(long, value_name = "LIST", value_delimiter = ',', default_values_t = ["resnet34".to_string(), "resnet18".to_string()])]
+    pub(crate) backbones: Vec<String>,
+
+    /// Image sides
+    #[arg(long, value_name = "LIST", value_delimiter = ',', default_values_t = [84, 224])]
+    pub(crate) sizes: Vec<usize>,
+
+    /// Memory settings: plain, checkpointing, bf16, bf16-checkpointing, micro-batches
+    /// (default all)
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    pub(crate) settings: Vec<crate::bench::fsct_memory::Setting>,
+
+    /// Measure the rows predicted at most this peak, e.g. 8GiB (default: half this
+    /// machine's memory)
+    #[arg(long, value_name = "SIZE")]
+    pub(crate) measure_up_to: Option<String>,
+
+    /// Timed meta-iterations per measured row, after one warm-up
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub(crate) iterations: usize,
 }
 
 #[derive(Debug, Args)]

@@ -215,7 +215,11 @@ pub(crate) fn run(global: &GlobalArgs, args: &BenchMemoryArgs) -> anyhow::Result
 
 /// Measures one point in a fresh process: this executable's `bench memory-row`, the
 /// configuration on its standard input, the measurement as JSON on its standard output.
-fn run_child(config: &Config, iterations: usize, threads: usize) -> Result<Measurement, String> {
+pub(super) fn run_child(
+    config: &Config,
+    iterations: usize,
+    threads: usize,
+) -> Result<Measurement, String> {
     let exe =
         std::env::current_exe().map_err(|e| format!("cannot find the melora executable: {e}"))?;
     let yaml = config.to_yaml_string().map_err(|e| e.to_string())?;
@@ -294,7 +298,17 @@ fn signal(_status: &std::process::ExitStatus) -> String {
 /// in this process; the measurement as one line of JSON.
 pub(crate) fn run_row(args: &BenchMemoryRowArgs) -> anyhow::Result<()> {
     let config = config_from_stdin()?;
-    let measurement = measure(&config, args.iterations)?;
+    // Image tasks are read as the run reads them (the image-folder scenario of
+    // `bench fsct-memory`); text tasks are the benchmark's own.
+    let measurement = if crate::config::pairing::TaskInputs::of(&config)
+        == crate::config::pairing::TaskInputs::Images
+    {
+        let source =
+            crate::run::build::build_sources(&config, &[crate::data::Split::Train])?.swap_remove(0);
+        crate::bench::memory::measure_on(&config, args.iterations, source)?
+    } else {
+        measure(&config, args.iterations)?
+    };
     write_stdout(&format!("{}\n", serde_json::to_string(&measurement)?))
 }
 

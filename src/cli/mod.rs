@@ -6,6 +6,7 @@
 mod adapt_cmd;
 mod args;
 mod bench_cmd;
+mod bench_fsct_cmd;
 mod bench_memory_cmd;
 mod bench_speed_cmd;
 mod check_cmd;
@@ -71,6 +72,12 @@ pub(crate) fn run() -> anyhow::Result<ExitCode> {
         }
         Command::Bench(args::BenchCommand::Memory(args)) => {
             bench_memory_cmd::run(&cli.global, args)
+        }
+        Command::Bench(args::BenchCommand::FsctMemory(args)) => {
+            bench_fsct_cmd::run(&cli.global, args)
+        }
+        Command::Bench(args::BenchCommand::PlanRow) => {
+            bench_fsct_cmd::run_plan_row().map(|()| ExitCode::SUCCESS)
         }
         Command::Bench(args::BenchCommand::MemoryRow(args)) => {
             bench_memory_cmd::run_row(args).map(|()| ExitCode::SUCCESS)
