@@ -112,9 +112,10 @@ pub fn format_breakdown(plan: &Plan) -> String {
     }
     let _ = writeln!(
         out,
-        "\nMeasured: the real code run on {} instances of this configuration (the same \
-         width, sequence length, tasks, K and micro-batches; 1 to 4 layers, 1 or 2 tasks), \
-         extrapolated to its layers and meta-batch.",
+        "\nMeasured: the real code run on {} instance(s) of this configuration (the same \
+         width, sequence length, image size, K and micro-batches; 1 to 4 layers, 1 or 2 \
+         tasks, k and k + 1 queries per class on images of k shots), extrapolated to its \
+         layers, meta-batch and queries.",
         plan.instances
     );
     out
