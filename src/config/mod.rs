@@ -77,7 +77,7 @@ pub use meta_learning::{
     FsctFeatureNorm, FsctSettings, InnerAdapt, InnerLoopConfig, InnerMode, LrSchedule,
     MetaLearningConfig, Method, OuterLoopConfig, OuterOptimizer, ProtoNetConfig, PrototypeDistance,
 };
-pub use model::{DType, ModelConfig, Quantization};
+pub use model::{DType, HeadInit, ModelConfig, Quantization};
 pub use overrides::ConfigOverrides;
 pub use tracking::TrackingConfig;
 

@@ -37,6 +37,23 @@ choice_enum! {
     default = None;
 }
 
+choice_enum! {
+    /// How the classification head starts.
+    pub enum HeadInit {
+        /// The model's own: zero for the transformers' heads, `N(0, 0.02²)` for
+        /// the vision backbones' and the MLP's.
+        Model = "model",
+        /// `W = 0`, `b = 0`: every class starts equal, and the first inner step
+        /// acts as a nearest-centroid rule on the support features (the "zeroing
+        /// trick" of Kao et al., 2022).
+        Zero = "zero",
+        /// `W ~ N(0, 1)`, `b = 0`, seeded: the head of MAML's reference code
+        /// (Finn et al.'s TensorFlow `random_normal`, learn2learn's `normal_()`).
+        Normal = "normal",
+    }
+    default = Model;
+}
+
 /// The `model` section.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -57,6 +74,8 @@ pub struct ModelConfig {
     pub dtype: DType,
     /// Storage of the frozen matrices.
     pub quantization: Quantization,
+    /// How the classification head starts.
+    pub head_init: HeadInit,
 }
 
 impl Default for ModelConfig {
@@ -67,6 +86,7 @@ impl Default for ModelConfig {
             max_length: 32,
             dtype: DType::F32,
             quantization: Quantization::None,
+            head_init: HeadInit::Model,
         }
     }
 }

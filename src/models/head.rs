@@ -68,6 +68,24 @@ impl ClassificationHead {
         Ok(())
     }
 
+    /// Replaces the head in `params` (in its dtype and device) by `W ~ N(0, std²)`,
+    /// seeded, and `b = 0` (`std` 0: zeros).
+    pub fn reset_params(&self, std: f64, seed: u64, params: &mut ParamSet) -> Result<()> {
+        let (dtype, device) = {
+            let w = params.require(HEAD_WEIGHT)?;
+            (w.dtype(), w.device().clone())
+        };
+        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x7261_6e64);
+        let w: Vec<f64> = (0..self.classes * self.features)
+            .map(|_| std * rng.sample::<f64, _>(StandardNormal))
+            .collect();
+        let w = Tensor::from_vec(w, (self.classes, self.features), &device)?.to_dtype(dtype)?;
+        let b = Tensor::zeros(self.classes, dtype, &device)?;
+        params.set(HEAD_WEIGHT, w);
+        params.set(HEAD_BIAS, b);
+        Ok(())
+    }
+
     /// Logits `[b, classes]` of pooled `features` `[b, features]`.
     pub fn forward(&self, features: &Tensor, params: &ParamSet) -> Result<Tensor> {
         let (w, b) = (params.require(HEAD_WEIGHT)?, params.require(HEAD_BIAS)?);

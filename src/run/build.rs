@@ -307,10 +307,32 @@ fn fsct_learner(config: &Config) -> FsctLearner {
     }
 }
 
-/// The parameters a run starts from: the model's initialisation, with MetaSGD's
-/// per-entry step sizes (all `meta_learning.inner.lr`) beside them for `metasgd`.
+/// The parameters a run starts from: the model's initialisation (the head as
+/// `model.head_init` says), with MetaSGD's per-entry step sizes (all
+/// `meta_learning.inner.lr`) beside them for `metasgd`, FS-CT's head for `fsct_*`.
 pub fn initial_params(model: &dyn FewShotModel, config: &Config) -> Result<ParamSet> {
     let mut params = model.init_params(config.seed)?;
+    if config.model.head_init != config::HeadInit::Model {
+        let Some(weight) = params.get(crate::models::HEAD_WEIGHT) else {
+            return Err(Error::Config {
+                key: "model.head_init".into(),
+                message: format!(
+                    "`{}` has no classification head to initialise; set it to model",
+                    config.model.name
+                ),
+            });
+        };
+        let (classes, features) = weight.dims2()?;
+        let std = match config.model.head_init {
+            config::HeadInit::Normal => 1.0,
+            _ => 0.0,
+        };
+        crate::models::ClassificationHead::new(features, classes).reset_params(
+            std,
+            config.seed,
+            &mut params,
+        )?;
+    }
     match config.meta_learning.method {
         Method::FsctCosine | Method::FsctSoftmax => {
             fsct_learner(config).init_head(&mut params, config.seed)?;
@@ -534,6 +556,70 @@ mod tests {
     /// `memory_optimization.precision` and `model.quantization` reach the model and the
     /// outer update: f32 trainable tensors and logits over a bf16/f16 or int8 base,
     /// a loss scaler with f16 only.
+    /// `model.head_init: normal` draws the head's weight from N(0, 1), seeded, with a
+    /// zero bias, `zero` zeroes both, and both leave every other parameter as the model's own
+    /// initialisation (Conv4's head: N(0, 0.02²)) has it; a model without a
+    /// classification head refuses them by key.
+    #[test]
+    fn head_init_zeroes_or_draws_the_head() {
+        let mut config = Config::default();
+        config.model.name = "conv4".into();
+        config.data.synthetic_task = config::SyntheticTask::Images;
+        let model = build_model(&config).unwrap();
+        let own = initial_params(model.as_ref(), &config).unwrap();
+        config.model.head_init = config::HeadInit::Zero;
+        let zero = initial_params(model.as_ref(), &config).unwrap();
+        config.model.head_init = config::HeadInit::Normal;
+        let random = initial_params(model.as_ref(), &config).unwrap();
+        let again = initial_params(model.as_ref(), &config).unwrap();
+        let values = |p: &ParamSet, name: &str| -> Vec<f32> {
+            p.require(name)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        };
+        for name in [crate::models::HEAD_WEIGHT, crate::models::HEAD_BIAS] {
+            assert!(values(&zero, name).iter().all(|&v| v == 0.0));
+            assert_eq!(values(&random, name), values(&again, name));
+        }
+        let own = values(&own, crate::models::HEAD_WEIGHT);
+        assert!(own.iter().all(|v| v.abs() < 0.2) && own.iter().any(|&v| v != 0.0));
+        let drawn = values(&random, crate::models::HEAD_WEIGHT);
+        let n = drawn.len() as f64;
+        let mean = drawn.iter().map(|&v| v as f64).sum::<f64>() / n;
+        let var = drawn
+            .iter()
+            .map(|&v| (v as f64 - mean).powi(2))
+            .sum::<f64>()
+            / n;
+        assert!(mean.abs() < 0.2 && (var - 1.0).abs() < 0.25, "{mean} {var}");
+        assert!(values(&random, crate::models::HEAD_BIAS)
+            .iter()
+            .all(|&v| v == 0.0));
+        for (name, t) in zero.iter() {
+            if !name.starts_with("classifier.") {
+                assert_eq!(values(&zero, name), values(&random, name), "{name}");
+                assert_eq!(t.dims(), random.require(name).unwrap().dims());
+            }
+        }
+        let mut sinusoid = Config::default();
+        sinusoid.model.name = "mlp".into();
+        sinusoid.data.synthetic_task = config::SyntheticTask::Sinusoid;
+        sinusoid.model.head_init = config::HeadInit::Normal;
+        let mlp = build_model(&sinusoid).unwrap();
+        if mlp
+            .init_params(1)
+            .unwrap()
+            .get(crate::models::HEAD_WEIGHT)
+            .is_none()
+        {
+            let err = initial_params(mlp.as_ref(), &sinusoid).unwrap_err();
+            assert!(err.to_string().contains("model.head_init"), "{err}");
+        }
+    }
+
     #[test]
     fn precision_settings_reach_the_model_and_the_outer_update() {
         let base = Config::default();
