@@ -314,7 +314,10 @@ fn fsct_memory_scenario_plans_measures_and_reports_refusals() {
     let json = read_json(&out.join("fsct-memory.json"));
     let row = &json["rows"][0];
     assert!(row["measured_bytes"].is_null(), "{row}");
-    assert!(row["not_measured"].as_str().unwrap().contains("predicted above"));
+    assert!(row["not_measured"]
+        .as_str()
+        .unwrap()
+        .contains("predicted above"));
 
     for bad in [
         &["--settings", "amp"][..],
