@@ -49,8 +49,8 @@ pub(crate) struct Target {
     /// With checkpointing of chosen layers: the number of stored segment
     /// boundaries and the most layers one segment recomputes.
     segments: Option<(usize, usize)>,
-    /// Queries per class, when extrapolated (on images, more than one more than the
-    /// shots), and the shots. See [`Target::query_points`].
+    /// Queries per class, when extrapolated, and the smaller of the two numbers
+    /// measured (see [`Target::query_points`]).
     queries: Option<(usize, usize)>,
     /// Tasks per meta-batch.
     tasks: usize,
@@ -95,8 +95,11 @@ impl Target {
             }
             _ => None,
         };
-        let (shots, queries) = (config.data.k_shot.max(1), config.data.n_query);
-        let queries = (images && queries > shots + 1).then_some((queries, shots));
+        // See `query_points`.
+        let shots = config.data.k_shot.max(1);
+        let first_query = if plan.is_some() { 2 * shots } else { shots };
+        let queries = config.data.n_query;
+        let queries = (images && queries > first_query + 1).then_some((queries, first_query));
         Ok(Target {
             layers,
             stride,
@@ -107,24 +110,34 @@ impl Target {
         })
     }
 
-    /// Queries per class of the instances: as many as the shots and one more when
-    /// extrapolated, the configured number (`None`) otherwise.
+    /// Queries per class of the instances when extrapolated, q₀ and q₀ + 1: k and
+    /// k + 1 for k shots, 2k and 2k + 1 with checkpointing; the configured number
+    /// (`None`) otherwise.
     ///
     /// A task's peak is the larger of what its support set's passes and its query
     /// set's passes hold: the metric learners pull the support embeddings back
-    /// while the query's stored activations wait, then the query's; MAML adapts on
-    /// the support, then differentiates the query loss. Each is affine in the
-    /// queries, the query's passes with the steeper slope (every query image's
-    /// activations, not only what waits of them), and from as many queries as shots
-    /// on they make the peak. So the line through k and k + 1 queries per class
-    /// holds for every larger number, where the line through 1 and 2 would follow
-    /// the support's passes and fall short (by 2.7× with Conv4, 5-way 5-shot
-    /// 16-query, checkpointed). The instances keep a fraction of the configured
-    /// task's images: a ResNet-34 at 224×224 with 16 queries per class, which this
-    /// plans, need not fit where it is planned.
+    /// while the query's wait, then the query's; MAML adapts on the support, then
+    /// differentiates the query loss. Each is affine in the queries; past the
+    /// point where the query's passes make the peak, so is the peak, and the line
+    /// through two numbers past it holds for every larger one, where the line
+    /// through 1 and 2 followed the support's passes and fell short (by 2.7× on a
+    /// checkpointed Conv4 FS-CT task, 5-way 5-shot 16-query).
+    ///
+    /// With the whole graph, what waits of the query during the support's
+    /// backward pass is its whole graph, so the peak is affine from the start. With
+    /// checkpointing what waits is the query's stored segment inputs and its last
+    /// segment's graph (b + g_last an image), while the query's own sweep holds
+    /// b + g_max: it makes the peak from q·(g_max − g_last) ≥ k·g_max on, at most
+    /// 2k when the last segment's graph is at most half the largest, as a
+    /// backbone's last stage, at a few pixels, is beside its first (from k and
+    /// k + 1 a checkpointed ResNet-34 at 84 px was predicted 21% under).
+    ///
+    /// The instances keep a fraction of the configured task's images: a ResNet-34
+    /// at 224×224 with 16 queries per class, which this plans, need not fit where
+    /// it is planned.
     fn query_points(&self) -> Vec<Option<usize>> {
         match self.queries {
-            Some((_, shots)) => vec![Some(shots), Some(shots + 1)],
+            Some((_, first)) => vec![Some(first), Some(first + 1)],
             None => vec![None],
         }
     }
@@ -160,9 +173,9 @@ impl Target {
                     .map(|query| self.along_layers(measured, query, task))
                     .collect();
                 match (per_query.as_slice(), self.queries) {
-                    // The line through `shots` (at 1) and `shots + 1` (at 2).
-                    ([one, two], Some((queries, shots))) => {
-                        along(one, two, (queries + 1 - shots) as f64)
+                    // The line through `first` (at 1) and `first + 1` (at 2).
+                    ([one, two], Some((queries, first))) => {
+                        along(one, two, (queries + 1 - first) as f64)
                     }
                     ([only], _) => *only,
                     _ => unreachable!("one or two query points"),
@@ -362,6 +375,18 @@ mod tests {
             .collect();
         assert!((target.extrapolate(&points).peak - truth(1.0, 16.0)).abs() < 1e-9);
         config.data.n_query = 6;
+        let target = Target::of(&config, None, 1, true).unwrap();
+        assert_eq!(instances_of(&target)[0].1.n_query, None);
+        // Checkpointed: 2k and 2k + 1.
+        config.memory_optimization.checkpointing.enabled = true;
+        config.data.n_query = 16;
+        let target = Target::of(&config, None, 1, true).unwrap();
+        let points: Vec<_> = instances_of(&target)
+            .iter()
+            .map(|(_, i)| i.n_query)
+            .collect();
+        assert_eq!(points, [Some(10), Some(11)]);
+        config.data.n_query = 11;
         let target = Target::of(&config, None, 1, true).unwrap();
         assert_eq!(instances_of(&target)[0].1.n_query, None);
     }

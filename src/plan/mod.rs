@@ -27,12 +27,13 @@
 //! - **tasks**: a meta-batch of B > 2 tasks is measured with 1 and with 2. Its tasks
 //!   run one after another, each leaving its meta-gradient, so the peak is affine
 //!   in B;
-//! - **queries**: image tasks of Q > k + 1 queries per class (k shots) are
-//!   measured with k and k + 1. From as many queries as shots on, the query set's
-//!   passes make the peak, and what they hold (a backbone's activations, kernel
-//!   buffers, the heads' and the loss's tensors) grows affinely in the queries, so
-//!   two points give the line; this keeps a ResNet-34 at 224×224 with 16 queries
-//!   per class plannable on a machine that could not run it.
+//! - **queries**: image tasks of Q > q₀ + 1 queries per class are measured with
+//!   q₀ and q₀ + 1, q₀ the shots k (2k with checkpointing). From there on the
+//!   query set's passes make the peak, and what they hold (a backbone's
+//!   activations, kernel buffers, the heads' and the loss's tensors) grows
+//!   affinely in the queries, so two points give the line; this keeps a ResNet-34
+//!   at 224×224 with 16 queries per class plannable on a machine that could not
+//!   run it.
 //!
 //! On text an instance's tasks are the heaviest the run reads: melora computes only
 //! a batch's real tokens, so a run peaks on its task with the most tokens, not at
@@ -46,7 +47,7 @@
 //!
 //! The cuts combine multilinearly (at most 4 instances on text, 8 with chosen
 //! checkpointed layers; 4 on images; a model of at most 2 layers, or 3 segments,
-//! or 4 layers with chosen ones, at most 2 tasks and, on images, at most k + 1
+//! or 4 layers with chosen ones, at most 2 tasks and, on images, at most q₀ + 1
 //! queries per class is measured as configured). The model
 //! itself is also built once at its full size (from its folder, for `model.path`),
 //! which gives the frozen weights and the loading peak exactly. A warm-up instance

@@ -114,7 +114,8 @@ pub fn format_breakdown(plan: &Plan) -> String {
         out,
         "\nMeasured: the real code run on {} instance(s) of this configuration (the same \
          width, sequence length, image size, K and micro-batches; 1 to 4 layers, 1 or 2 \
-         tasks, k and k + 1 queries per class on images of k shots), extrapolated to its \
+         tasks, k and k + 1 queries per class on images of k shots, 2k and 2k + 1 \
+         checkpointed), extrapolated to its \
          layers, meta-batch and queries.",
         plan.instances
     );
