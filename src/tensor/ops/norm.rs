@@ -30,21 +30,34 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
 /// Batch normalisation of `x` `[n, c, ...]` with the statistics of this batch (mean
 /// and biased variance per channel over every other dimension), then `gamma`, `beta`
 /// per channel: MAML's transductive BatchNorm, with no running statistics.
+///
+/// Each channel's values are one row of a [`layer_norm`] without its own scale and
+/// shift: the fused op computes the statistics in f64 whatever `x`'s dtype (a bf16
+/// sum over a channel's hundred thousand values would keep two digits), keeps only
+/// its input for the backward pass instead of the composite formula's five
+/// input-sized intermediates, and is exact to second order.
 pub fn batch_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
     let dims = x.dims();
     if dims.len() < 2 {
         candle_core::bail!("batch norm needs [batch, channels, ...], got {dims:?}");
     }
     let c = dims[1];
-    // Channels last, everything else flattened: statistics are column means.
+    if gamma.elem_count() != c || beta.elem_count() != c {
+        candle_core::bail!(
+            "batch norm: {c} channels but gamma/beta have {}/{}",
+            gamma.elem_count(),
+            beta.elem_count()
+        );
+    }
+    // Channels first, everything else flattened: a channel's statistics are a row's.
     let moved = x.transpose(0, 1)?.contiguous()?;
-    let flat = moved.reshape((c, moved.elem_count() / c))?;
-    let centered = flat.broadcast_sub(&flat.mean_keepdim(1)?)?;
-    let var = centered.sqr()?.mean_keepdim(1)?;
-    let normed = centered.broadcast_div(&(var + eps)?.sqrt()?)?;
+    let per_channel = moved.elem_count() / c;
+    let flat = moved.reshape((c, per_channel))?;
+    let unit = Tensor::ones(per_channel, x.dtype(), x.device())?;
+    let normed = layer_norm(&flat, &unit, &unit.zeros_like()?, eps)?;
     let scaled = normed
-        .broadcast_mul(&gamma.reshape((c, 1))?)?
-        .broadcast_add(&beta.reshape((c, 1))?)?;
+        .broadcast_mul(&gamma.to_dtype(x.dtype())?.reshape((c, 1))?)?
+        .broadcast_add(&beta.to_dtype(x.dtype())?.reshape((c, 1))?)?;
     let mut moved_dims = dims.to_vec();
     moved_dims.swap(0, 1);
     scaled.reshape(moved_dims)?.transpose(0, 1)?.contiguous()
