@@ -270,8 +270,9 @@ fn resume_measures_a_grid_in_pieces() {
 }
 
 /// `bench fsct-memory` on Conv4 at 28 px (the scenario's task shape, generated RGB
-/// image folder): the plain and checkpointed rows are planned and measured, the
-/// planner within 15%, checkpointing below plain; a setting melora refuses is a row
+/// image folder): the plain, checkpointed and bf16 rows are planned and measured,
+/// the planner within 15%, checkpointing below plain, bf16 activations under 70% of
+/// it; a setting melora refuses is a row
 /// that says why; a row over `--measure-up-to` is planned only; bad flags are
 /// usage errors.
 #[test]
@@ -292,19 +293,21 @@ fn fsct_memory_scenario_plans_measures_and_reports_refusals() {
         args.extend_from_slice(extra);
         melora(&args)
     };
-    let output = run(&["--settings", "plain,checkpointing,micro-batches"]);
+    let output = run(&["--settings", "plain,checkpointing,bf16,micro-batches"]);
     assert!(output.status.success(), "{}", text(&output.stderr));
     let json = read_json(&out.join("fsct-memory.json"));
     let rows = json["rows"].as_array().unwrap();
-    assert_eq!(rows.len(), 3);
+    assert_eq!(rows.len(), 4);
     let measured = |row: &Value| row["measured_bytes"].as_f64().unwrap();
-    for row in &rows[..2] {
+    for row in &rows[..3] {
         let error = (row["predicted_bytes"].as_f64().unwrap() - measured(row)) / measured(row);
         assert!(error.abs() <= 0.15, "{row}");
         assert!(row["dataset_bytes"].as_u64().unwrap() > 0, "{row}");
     }
     assert!(measured(&rows[1]) < measured(&rows[0]), "{rows:?}");
-    let refused = rows[2]["refused"].as_str().unwrap();
+    // bf16 activations: measured 156 against 287 MiB.
+    assert!(measured(&rows[2]) < 0.7 * measured(&rows[0]), "{rows:?}");
+    let refused = rows[3]["refused"].as_str().unwrap();
     assert!(refused.contains("micro_batch"), "{refused}");
     let md = std::fs::read_to_string(out.join("fsct-memory.md")).unwrap();
     assert!(md.contains("| conv4 | 28×28 | checkpointing |"), "{md}");

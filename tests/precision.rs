@@ -281,6 +281,78 @@ fn bf16_checkpointed_second_order_meta_gradients_track_f32() {
     }
 }
 
+/// A 5-way 2-shot 3-query task of 28×28 grey images (pixels in [0, 1]).
+fn image_task() -> Episode {
+    let images = |n: usize, seed: u64| {
+        let x: Vec<f32> = (0..n * 28 * 28)
+            .map(|i| (0.5 + 0.5 * ((i as f32) * 0.37 + seed as f32).sin()) * ((i % 7) as f32 / 7.0))
+            .collect();
+        let labels: Vec<u32> = (0..n as u32).map(|i| i % 5).collect();
+        Batch::from_dense(
+            Tensor::from_vec(x, (n, 1, 28, 28), &Device::Cpu).unwrap(),
+            Tensor::from_vec(labels, n, &Device::Cpu).unwrap(),
+        )
+        .unwrap()
+    };
+    Episode::new(images(10, 1), images(15, 2), 5).unwrap()
+}
+
+/// Vision backbones in bf16 mixed precision (bf16 images, convolutions, BatchNorm and
+/// activations; f32 master weights, head and loss): the exact second-order MAML
+/// meta-gradient on Conv4, unsegmented and checkpointed per stage, stays within 4% of
+/// the all-f32 one (measured 1.7–2.0%), and every gradient is f32.
+#[test]
+fn bf16_vision_meta_gradients_track_f32() {
+    use melora::engine::{CheckpointPlan, Checkpointed};
+    melora::init();
+    let f32_model = builtin("conv4", 1, DType::F32, None, 5).unwrap();
+    let bf16_model = builtin("conv4", 1, ModelPrecision::mixed(DType::BF16), None, 5).unwrap();
+    let params = trained_like(&f32_model.init_params(2).unwrap());
+    assert!(bf16_model
+        .init_params(2)
+        .unwrap()
+        .iter()
+        .all(|(_, t)| t.dtype() == DType::F32));
+    let task = image_task();
+    let checkpointed = Checkpointed::new(bf16_model.as_ref(), &CheckpointPlan::Every(1)).unwrap();
+    for steps in [1, 2] {
+        let learner = Maml {
+            inner: InnerLoop::new(steps, 0.1),
+            mode: MamlMode::Recompute,
+        };
+        let reference = learner
+            .meta_gradient(
+                &WholeGraph::new(f32_model.as_ref()),
+                &params,
+                &task,
+                Mode::Eval,
+            )
+            .unwrap();
+        for (name, model) in [
+            (
+                "whole graph",
+                &WholeGraph::new(bf16_model.as_ref()) as &dyn melora::engine::GradEngine,
+            ),
+            ("checkpointed", &checkpointed),
+        ] {
+            let mixed = learner
+                .meta_gradient(model, &params, &task, Mode::Eval)
+                .unwrap();
+            assert!(mixed
+                .meta_gradient
+                .iter()
+                .all(|(_, t)| t.dtype() == DType::F32));
+            let error = relative_error(&mixed.meta_gradient, &reference.meta_gradient);
+            println!(
+                "conv4 bf16 {name} K={steps}: ‖g_bf16 − g_f32‖/‖g_f32‖ = {error:.2e}, query \
+                 loss {:.5} vs {:.5}",
+                mixed.query_loss, reference.query_loss
+            );
+            assert!(error < 0.04, "{name} K={steps}: relative error {error}");
+        }
+    }
+}
+
 /// f16 activations with loss scaling: the meta-gradient tracks f32's, and without the
 /// scale the inner and query gradients underflow.
 #[test]

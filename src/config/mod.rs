@@ -207,8 +207,11 @@ impl Config {
     /// implement.
     fn validate_precision(&self) -> Result<()> {
         let precision = self.memory_optimization.precision;
-        // conv4 and mlp train every parameter: there is no frozen base to store differently.
-        let all_trained = pairing::ModelKind::of(self).trains_everything();
+        // Vision backbones and the mlp train every parameter: there is no frozen base to
+        // store differently. Backbones run their activations in bf16 (f32 master weights).
+        let kind = pairing::ModelKind::of(self);
+        let all_trained = kind.trains_everything();
+        let vision = matches!(kind, pairing::ModelKind::Vision(_));
         if precision != Precision::F32 {
             if self.model.dtype != DType::F32 {
                 return Err(validate::invalid(
@@ -221,7 +224,17 @@ impl Config {
                     ),
                 ));
             }
-            if all_trained {
+            if vision && precision != Precision::Bf16 {
+                return Err(validate::invalid(
+                    "memory_optimization.precision",
+                    format!(
+                        "{} runs mixed precision in bf16 only (f16 activations would need \
+                         loss scaling); set precision: bf16 or f32",
+                        self.model.name
+                    ),
+                ));
+            }
+            if all_trained && !vision {
                 return Err(validate::invalid(
                     "memory_optimization.precision",
                     format!(

@@ -9,8 +9,10 @@ use candle_core::{DType, Device, Tensor};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use super::vision::{kaiming_normal, staged_backbone_model, Fan, ImageShape, StagedBackbone};
-use super::ClassificationHead;
+use super::vision::{
+    kaiming_normal, staged_backbone_model, weight_in, Fan, ImageShape, StagedBackbone,
+};
+use super::{ClassificationHead, ModelPrecision};
 use crate::tensor::ops::{self, norm::batch_norm};
 use crate::tensor::ParamSet;
 use crate::{Error, Result};
@@ -52,18 +54,22 @@ pub struct ConvNet {
     config: ConvNetConfig,
     head: ClassificationHead,
     dtype: DType,
+    compute: DType,
     device: Device,
 }
 
 impl ConvNet {
     /// A network for `classes` classes; parameters are created by
-    /// [`FewShotModel::init_params`](super::FewShotModel::init_params) in `dtype`.
+    /// [`FewShotModel::init_params`](super::FewShotModel::init_params) in
+    /// `precision.trainable`, activations computed in `precision.frozen` (see
+    /// [`Backbone::build`](crate::config::Backbone::build)).
     pub fn new(
         config: ConvNetConfig,
         classes: usize,
-        dtype: DType,
+        precision: impl Into<ModelPrecision>,
         device: &Device,
     ) -> Result<Self> {
+        let precision = precision.into();
         let pooled = config.blocks.min(POOLED_BLOCKS);
         let side = config.image_size >> pooled;
         if side == 0 || config.channels == 0 || config.in_channels == 0 || config.blocks == 0 {
@@ -80,7 +86,8 @@ impl ConvNet {
         Ok(Self {
             config,
             head,
-            dtype,
+            dtype: precision.trainable,
+            compute: precision.frozen,
             device: device.clone(),
         })
     }
@@ -88,8 +95,12 @@ impl ConvNet {
     fn block(&self, block: usize, x: &Tensor, params: &ParamSet) -> Result<Tensor> {
         let conv = ops::conv2d(
             x,
-            params.require(&format!("conv{block}.weight"))?,
-            Some(params.require(&format!("conv{block}.bias"))?),
+            &weight_in(params, &format!("conv{block}.weight"), self.compute)?,
+            Some(&weight_in(
+                params,
+                &format!("conv{block}.bias"),
+                self.compute,
+            )?),
             1,
         )?;
         let normed = batch_norm(
@@ -155,7 +166,7 @@ impl StagedBackbone for ConvNet {
     }
 
     fn stem(&self, _params: &ParamSet, images: &Tensor) -> Result<Tensor> {
-        Ok(images.clone())
+        Ok(images.to_dtype(self.compute)?)
     }
 
     fn stages(&self) -> usize {
@@ -167,7 +178,8 @@ impl StagedBackbone for ConvNet {
     }
 
     fn pool(&self, last: &Tensor) -> Result<Tensor> {
-        Ok(last.flatten_from(1)?)
+        // The head and the loss run in the parameters' dtype.
+        Ok(last.flatten_from(1)?.to_dtype(self.dtype)?)
     }
 
     fn head(&self) -> &ClassificationHead {

@@ -282,19 +282,19 @@ pub fn builtin_with_inputs(
     let precision = precision.into();
     precision.validate()?;
     let backbone = Backbone::from_name(name);
-    if (backbone.is_some() || name == "mlp") && precision.is_mixed() {
-        return Err(Error::Model(format!(
-            "{name} has no frozen base (every parameter is trained): mixed precision and \
-             int8 storage apply to transformers; use memory_optimization.precision: f32 and \
-             model.quantization: none with {name}"
-        )));
-    }
     if let Some(backbone) = backbone {
         let shape = ImageShape {
             channels: inputs.image_channels,
             side: inputs.image_size,
         };
-        return backbone.build(shape, classes, precision.frozen, &Device::Cpu);
+        return backbone.build(shape, classes, precision, &Device::Cpu);
+    }
+    if name == "mlp" && precision.is_mixed() {
+        return Err(Error::Model(format!(
+            "{name} has no frozen base (every parameter is trained): mixed precision and \
+             int8 storage apply to transformers and vision backbones; use \
+             memory_optimization.precision: f32 and model.quantization: none with {name}"
+        )));
     }
     if name == "mlp" {
         return Ok(Box::new(Mlp::new(

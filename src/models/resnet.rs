@@ -9,8 +9,10 @@ use candle_core::{DType, Device, Tensor};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use super::vision::{kaiming_normal, staged_backbone_model, Fan, ImageShape, StagedBackbone};
-use super::ClassificationHead;
+use super::vision::{
+    kaiming_normal, staged_backbone_model, weight_in, Fan, ImageShape, StagedBackbone,
+};
+use super::{ClassificationHead, ModelPrecision};
 use crate::tensor::ops::{self, norm::batch_norm};
 use crate::tensor::ParamSet;
 use crate::{Error, Result};
@@ -79,6 +81,7 @@ pub struct ResNet {
     config: ResNetConfig,
     head: ClassificationHead,
     dtype: DType,
+    compute: DType,
     device: Device,
 }
 
@@ -93,13 +96,16 @@ fn stage_stride(stage: usize) -> usize {
 
 impl ResNet {
     /// A network for `classes` classes; parameters are created by
-    /// [`FewShotModel::init_params`](super::FewShotModel::init_params) in `dtype`.
+    /// [`FewShotModel::init_params`](super::FewShotModel::init_params) in
+    /// `precision.trainable`, activations computed in `precision.frozen` (see
+    /// [`Backbone::build`](crate::config::Backbone::build)).
     pub fn new(
         config: ResNetConfig,
         classes: usize,
-        dtype: DType,
+        precision: impl Into<ModelPrecision>,
         device: &Device,
     ) -> Result<Self> {
+        let precision = precision.into();
         let min = match config.depth {
             ResNetDepth::R12 => 16,
             _ => 1,
@@ -117,7 +123,8 @@ impl ResNet {
         Ok(Self {
             config,
             head,
-            dtype,
+            dtype: precision.trainable,
+            compute: precision.frozen,
             device: device.clone(),
         })
     }
@@ -132,7 +139,7 @@ impl ResNet {
     ) -> Result<Tensor> {
         Ok(ops::conv2d_strided(
             x,
-            params.require(&format!("{name}.weight"))?,
+            &weight_in(params, &format!("{name}.weight"), self.compute)?,
             None,
             padding,
             stride,
@@ -291,10 +298,11 @@ impl StagedBackbone for ResNet {
     }
 
     fn stem(&self, params: &ParamSet, images: &Tensor) -> Result<Tensor> {
+        let images = images.to_dtype(self.compute)?;
         if self.config.depth == ResNetDepth::R12 {
-            return Ok(images.clone());
+            return Ok(images);
         }
-        let h = self.conv(images, params, "conv1", 3, 2)?;
+        let h = self.conv(&images, params, "conv1", 3, 2)?;
         let h = ops::relu(&self.bn(&h, params, "bn1")?)?;
         Ok(ops::max_pool_strided(&h, 3, 2, 1)?)
     }
@@ -315,7 +323,9 @@ impl StagedBackbone for ResNet {
     }
 
     fn pool(&self, last: &Tensor) -> Result<Tensor> {
-        Ok(ops::global_avg_pool(last)?)
+        // Averaged, then headed and scored, in the parameters' dtype (a bf16 mean
+        // loses digits).
+        Ok(ops::global_avg_pool(&last.to_dtype(self.dtype)?)?)
     }
 
     fn head(&self) -> &ClassificationHead {

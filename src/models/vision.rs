@@ -6,6 +6,12 @@
 //! forwarded (transductive, as MAML does), whichever method trains it: support and
 //! query sets are normalised each with their own statistics, in training and in
 //! evaluation alike.
+//!
+//! Mixed precision (`memory_optimization.precision: bf16`): the parameters stay f32
+//! master weights; images, convolutions, BatchNorm and activations run in bf16 (each
+//! weight cast in the graph, so its gradient reaches the f32 master); the pooled
+//! features, the head and the loss are f32. BatchNorm's statistics are computed in
+//! f64 whatever the activations' dtype.
 
 use candle_core::{DType, Device, Tensor};
 use rand::Rng;
@@ -14,7 +20,7 @@ use rand_distr::StandardNormal;
 
 use super::convnet::{ConvNet, ConvNetConfig};
 use super::resnet::{ResNet, ResNetConfig, ResNetDepth};
-use super::{ClassificationHead, FewShotModel};
+use super::{ClassificationHead, FewShotModel, ModelPrecision, Quantization};
 use crate::config::Backbone;
 use crate::data::Batch;
 use crate::tensor::ParamSet;
@@ -23,14 +29,25 @@ use crate::{Error, Result};
 /// Building the backbones ([`Backbone`] itself is a configuration value).
 impl Backbone {
     /// The backbone for `input` images with a head for `classes` classes, its
-    /// parameters in `dtype`.
+    /// parameters in `precision.trainable` and its activations in `precision.frozen`
+    /// (a plain dtype gives both; [`ModelPrecision::mixed`] bf16 activations with f32
+    /// master weights). Int8 storage is refused: every parameter is trained.
     pub fn build(
         self,
         input: ImageShape,
         classes: usize,
-        dtype: DType,
+        precision: impl Into<ModelPrecision>,
         device: &Device,
     ) -> Result<Box<dyn FewShotModel>> {
+        let precision = precision.into();
+        precision.validate()?;
+        if precision.quantization != Quantization::None {
+            return Err(Error::Model(format!(
+                "{} has no frozen base (every parameter is trained) to store in int8; use \
+                 model.quantization: none with it",
+                self.name()
+            )));
+        }
         let convnet = |blocks| -> Result<Box<dyn FewShotModel>> {
             let config = ConvNetConfig {
                 blocks,
@@ -38,7 +55,7 @@ impl Backbone {
                 image_size: input.side,
                 ..ConvNetConfig::default()
             };
-            Ok(Box::new(ConvNet::new(config, classes, dtype, device)?))
+            Ok(Box::new(ConvNet::new(config, classes, precision, device)?))
         };
         let resnet = |depth| -> Result<Box<dyn FewShotModel>> {
             let config = ResNetConfig {
@@ -47,7 +64,7 @@ impl Backbone {
                 image_size: input.side,
                 bn_eps: 1e-5,
             };
-            Ok(Box::new(ResNet::new(config, classes, dtype, device)?))
+            Ok(Box::new(ResNet::new(config, classes, precision, device)?))
         };
         match self {
             Backbone::Conv4 => convnet(4),
@@ -90,6 +107,12 @@ pub(crate) fn check_images<'b>(
         )));
     }
     Ok(images)
+}
+
+/// Parameter `name` in `compute`, the dtype the activations run in: under mixed
+/// precision a cast in the graph, so the gradient reaches the f32 master weight.
+pub(crate) fn weight_in(params: &ParamSet, name: &str, compute: DType) -> Result<Tensor> {
+    Ok(params.require(name)?.to_dtype(compute)?)
 }
 
 /// Which side of a convolution Kaiming initialisation counts.

@@ -281,7 +281,7 @@ fn lever_levels(lever: BudgetLever, config: &Config) -> Vec<(String, Apply)> {
             levels
         }
         BudgetLever::Precision if memory.precision == Precision::F32 => vec![(
-            "bf16 base and activations".into(),
+            "bf16 mixed precision".into(),
             Box::new(|c: &mut Config| c.memory_optimization.precision = Precision::Bf16),
         )],
         BudgetLever::Precision => Vec::new(),
@@ -374,7 +374,7 @@ mod tests {
         let choice = fit_to_budget(&config(), 25_000_000, &predict).unwrap();
         assert_eq!(
             choice.changes.last().map(String::as_str),
-            Some("bf16 base and activations")
+            Some("bf16 mixed precision")
         );
         assert_eq!(
             choice
@@ -391,7 +391,7 @@ mod tests {
         let mut c = config();
         c.memory_optimization.budget.order = vec![BudgetLever::Precision];
         let choice = fit_to_budget(&c, 70_000_000, &predict).unwrap();
-        assert_eq!(choice.changes, ["bf16 base and activations"]);
+        assert_eq!(choice.changes, ["bf16 mixed precision"]);
         assert!(!choice.config.memory_optimization.checkpointing.enabled);
     }
 
@@ -417,18 +417,17 @@ mod tests {
 
     #[test]
     fn invalid_candidates_are_skipped_and_listed() {
-        // conv4 has no frozen base: bf16 is refused by validation, so it is skipped.
+        // The mlp has no frozen base and no bf16 path: bf16 is refused by validation,
+        // so it is skipped.
         let mut c = config();
-        c.model.name = "conv4".into();
-        c.data.synthetic_task = crate::config::SyntheticTask::Images;
+        c.model.name = "mlp".into();
+        c.data.synthetic_task = crate::config::SyntheticTask::Sinusoid;
         c.memory_optimization.budget.order = vec![BudgetLever::Precision];
         let search = search_budget(&c, 1_000_000, &predict).unwrap();
         assert!(!search.fits);
         let text = search.explain();
         assert!(
-            text.contains("not possible")
-                && text.contains("conv4")
-                && text.contains("nothing fits"),
+            text.contains("not possible") && text.contains("mlp") && text.contains("nothing fits"),
             "{text}"
         );
         assert!(fit_to_budget(&c, 1_000_000, &predict).is_err());
@@ -438,5 +437,17 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("no planner"));
+    }
+
+    /// Vision backbones take bf16 activations (f32 master weights) as a lever.
+    #[test]
+    fn vision_backbones_reach_bf16() {
+        let mut c = config();
+        c.model.name = "conv4".into();
+        c.data.synthetic_task = crate::config::SyntheticTask::Images;
+        c.memory_optimization.budget.order = vec![BudgetLever::Precision];
+        let choice = fit_to_budget(&c, 70_000_000, &predict).unwrap();
+        assert_eq!(choice.changes, ["bf16 mixed precision"]);
+        assert_eq!(choice.config.memory_optimization.precision, Precision::Bf16);
     }
 }

@@ -1917,6 +1917,26 @@ impl CpuStorage {
     }
 }
 
+/// No bf16 GEMM kernel yet: a bf16 matrix product or 2-D convolution (whose im2col
+/// and transposed forms run through the same kernel) widens both operands' storages
+/// to f32 (layouts unchanged), runs `op` and narrows the result back. Other dtypes run
+/// `op` as they are.
+fn widen_bf16(
+    lhs: &CpuStorage,
+    rhs: &CpuStorage,
+    op: impl FnOnce(&CpuStorage, &CpuStorage) -> Result<CpuStorage>,
+) -> Result<CpuStorage> {
+    if let (CpuStorage::BF16(lhs_v), CpuStorage::BF16(rhs_v)) = (lhs, rhs) {
+        let lhs32 = CpuStorage::F32(lhs_v.to_f32_vec());
+        let rhs32 = CpuStorage::F32(rhs_v.to_f32_vec());
+        let CpuStorage::F32(out_v) = op(&lhs32, &rhs32)? else {
+            crate::bail!("bf16 widening: the f32 kernel returned another dtype")
+        };
+        return Ok(CpuStorage::BF16(Vec::from_f32_slice(&out_v)));
+    }
+    op(lhs, rhs)
+}
+
 impl BackendStorage for CpuStorage {
     type Device = CpuDevice;
 
@@ -2938,7 +2958,9 @@ impl BackendStorage for CpuStorage {
         kernel_l: &Layout,
         params: &crate::conv::ParamsConv2D,
     ) -> Result<Self> {
-        Conv2D(params).map(self, l, kernel, kernel_l)
+        widen_bf16(self, kernel, |x, kernel| {
+            Conv2D(params).map(x, l, kernel, kernel_l)
+        })
     }
 
     fn conv_transpose2d(
@@ -2948,7 +2970,9 @@ impl BackendStorage for CpuStorage {
         kernel_l: &Layout,
         params: &crate::conv::ParamsConvTranspose2D,
     ) -> Result<Self> {
-        ConvTranspose2D(params).map(self, l, kernel, kernel_l)
+        widen_bf16(self, kernel, |x, kernel| {
+            ConvTranspose2D(params).map(x, l, kernel, kernel_l)
+        })
     }
 
     fn index_select(&self, ids: &Self, l: &Layout, ids_l: &Layout, dim: usize) -> Result<Self> {
@@ -3061,17 +3085,7 @@ impl BackendStorage for CpuStorage {
         lhs_l: &Layout,
         rhs_l: &Layout,
     ) -> Result<Self> {
-        // no bf16 gemm kernel yet: widen to f32, multiply, narrow back
-        if let (Self::BF16(lhs_v), Self::BF16(rhs_v)) = (self, rhs) {
-            let lhs32 = Self::F32(lhs_v.to_f32_vec());
-            let rhs32 = Self::F32(rhs_v.to_f32_vec());
-            let out = MatMul(bmnk).map(&lhs32, lhs_l, &rhs32, rhs_l)?;
-            let Self::F32(out_v) = out else {
-                crate::bail!("matmul dtype mismatch")
-            };
-            return Ok(Self::BF16(Vec::from_f32_slice(&out_v)));
-        }
-        MatMul(bmnk).map(self, lhs_l, rhs, rhs_l)
+        widen_bf16(self, rhs, |lhs, rhs| MatMul(bmnk).map(lhs, lhs_l, rhs, rhs_l))
     }
 
     fn device(&self) -> &Self::Device {
