@@ -153,6 +153,20 @@ fn cases() -> Result<Vec<Case>> {
             ],
             |t| ops::norm::batch_norm(&t[0], &t[1], &t[2], 1e-5),
         ),
+        // Running statistics are constants: input, scale and shift are differentiated.
+        case(
+            "batch_norm_with_statistics",
+            vec![
+                r(&[4, 3, 2, 2], 38)?,
+                r(&[3], 39)?.affine(0.1, 1.0)?,
+                r(&[3], 40)?,
+            ],
+            |t| {
+                let mean = r_const(&[3], 41)?;
+                let var = r_const(&[3], 42)?.affine(0.1, 1.0)?;
+                ops::norm::batch_norm_with_statistics(&t[0], &mean, &var, &t[1], &t[2], 1e-5)
+            },
+        ),
         case(
             "conv2d",
             vec![r(&[2, 2, 5, 5], 35)?, r(&[3, 2, 3, 3], 36)?, r(&[3], 37)?],
@@ -340,7 +354,12 @@ mod tests {
                 continue;
             }
             if name == "norm" {
-                for op in ["layer_norm", "rms_norm", "batch_norm"] {
+                for op in [
+                    "layer_norm",
+                    "rms_norm",
+                    "batch_norm",
+                    "batch_norm_with_statistics",
+                ] {
                     assert!(names.contains(&op), "norm op `{op}` has no derivative case");
                 }
                 continue;

@@ -653,6 +653,46 @@ fn metric_checkpoints_evaluate_at_another_way() {
     }
 }
 
+/// `evaluate --batch-norm running` scores a backbone's checkpoint with running
+/// BatchNorm statistics of training episodes, into a file of its own beside the
+/// run's `evaluation.json`; a model without BatchNorm refuses it as a usage error
+/// naming the key.
+#[test]
+fn evaluate_with_running_batch_norm_statistics() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("runs");
+    let s = |p: &Path| p.display().to_string();
+    let config = dir.path().join("protonet.yml");
+    write(
+        &config,
+        "model:\n  name: conv4\nmeta_learning:\n  method: protonet\n  meta_batch_size: 1\n  \
+         num_iterations: 2\ndata:\n  synthetic_task: images\n  n_way: 2\n  k_shot: 1\n  \
+         n_query: 2\nevaluation:\n  episodes: 2\n  eval_every: 2\n  val_episodes: 1\n  \
+         batch_norm_episodes: 3\ntracking:\n  experiment_name: bn\n",
+    );
+    let train = melora(&["train", "--config", &s(&config), "--output", &s(&out)]);
+    assert!(train.status.success(), "{}", text(&train.stderr));
+    let best = out.join("bn/protonet-seed42/best");
+    let run = melora(&[
+        "evaluate",
+        "--checkpoint",
+        &s(&best),
+        "--batch-norm",
+        "running",
+    ]);
+    assert!(run.status.success(), "{}", text(&run.stderr));
+    assert!(out
+        .join("bn/protonet-seed42/evaluation-running-bn.json")
+        .exists());
+    let run = melora(&["evaluate", "--batch-norm", "running", "--episodes", "1"]);
+    let err = text(&run.stderr);
+    assert_eq!(run.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("evaluation.batch_norm") && err.contains("tiny-bert"),
+        "{err}"
+    );
+}
+
 /// Trains `method` on `model` (with the `extra` YAML sections) on generated images,
 /// then adapts the checkpoint to a support folder of PNGs and scores a query folder.
 fn adapt_on_image_folders(model: &str, method: &str, extra: &str) {

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::builder::PossibleValue;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::config::{ConfigOverrides, Method, Precision, Variant};
+use crate::config::{BatchNormEvaluation, ConfigOverrides, Method, Precision, Variant};
 
 /// Memory-efficient meta-learning (MAML, FOMAML, Reptile, MELoRA) of LoRA
 /// adapters, with measured memory.
@@ -195,6 +195,11 @@ pub(crate) struct EvaluateArgs {
     /// Test episodes [evaluation.episodes]
     #[arg(long, value_name = "N")]
     pub(crate) episodes: Option<usize>,
+
+    /// BatchNorm statistics of a vision backbone: batch (each set's own) or running
+    /// (estimated over training episodes) [evaluation.batch_norm]
+    #[arg(long, value_name = "STATS")]
+    pub(crate) batch_norm: Option<BatchNormEvaluation>,
 
     /// Print the per-episode results as JSON instead of the summary
     #[arg(long)]
@@ -506,6 +511,16 @@ pub(crate) struct ConfigArgs {
 impl ValueEnum for Method {
     fn value_variants<'a>() -> &'a [Self] {
         Method::ALL
+    }
+
+    fn to_possible_value(&self) -> Option<PossibleValue> {
+        Some(PossibleValue::new(self.as_str()))
+    }
+}
+
+impl ValueEnum for BatchNormEvaluation {
+    fn value_variants<'a>() -> &'a [Self] {
+        BatchNormEvaluation::ALL
     }
 
     fn to_possible_value(&self) -> Option<PossibleValue> {

@@ -133,7 +133,16 @@ pub(crate) fn evaluation_text(e: &Evaluation) -> String {
 }
 
 pub(crate) fn run_evaluate(global: &GlobalArgs, args: &EvaluateArgs) -> anyhow::Result<ExitCode> {
-    let config = config_for_checkpoint(global, args.checkpoint.as_deref())?;
+    let mut config = config_for_checkpoint(global, args.checkpoint.as_deref())?;
+    // Another BatchNorm setting than the run's is another result, kept beside it.
+    let mut suffix = String::new();
+    if let Some(statistics) = args.batch_norm {
+        if statistics != config.evaluation.batch_norm {
+            suffix = format!("-{statistics}-bn");
+        }
+        config.evaluation.batch_norm = statistics;
+        config.validate()?;
+    }
     let episodes = args.episodes.unwrap_or(config.evaluation.episodes);
     if episodes == 0 {
         return Err(UserError::Usage("--episodes must be at least 1".into()).into());
@@ -163,11 +172,11 @@ pub(crate) fn run_evaluate(global: &GlobalArgs, args: &EvaluateArgs) -> anyhow::
     // Episodes of another shape than the run's are another result, kept beside it.
     let file = if global.n_way.is_some() || global.k_shot.is_some() || global.n_query.is_some() {
         format!(
-            "evaluation-{}way-{}shot-{}query.json",
+            "evaluation-{}way-{}shot-{}query{suffix}.json",
             config.data.n_way, config.data.k_shot, config.data.n_query
         )
     } else {
-        "evaluation.json".to_string()
+        format!("evaluation{suffix}.json")
     };
     let path = save_evaluation_as(&evaluation, &dir, &file)?;
     if args.json {

@@ -2,8 +2,24 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::choice::choice_enum;
 use super::validate::{at_least, in_open};
 use crate::Result;
+
+choice_enum! {
+    /// Which statistics the vision backbones' BatchNorm layers use in evaluation
+    /// (training always normalises with each batch's own).
+    pub enum BatchNormEvaluation {
+        /// Each set's own statistics: support and query sets normalised apart
+        /// (transductive, as MAML evaluates).
+        Batch = "batch",
+        /// Running statistics: each layer's population mean and variance, estimated
+        /// over `batch_norm_episodes` training episodes before each evaluation (as
+        /// ProtoNets' and FS-CT's reference code evaluate in PyTorch's eval mode).
+        Running = "running",
+    }
+    default = Batch;
+}
 
 /// The `evaluation` section.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -27,6 +43,11 @@ pub struct EvaluationConfig {
     /// first steps move every entry by about the rate, so a rate fit for SGD on a
     /// small gradient (0.5) would throw LoRA's zero B far from the base model.
     pub finetune_lr: f64,
+    /// BatchNorm's statistics in evaluation and validation (vision backbones).
+    pub batch_norm: BatchNormEvaluation,
+    /// Training episodes whose support and query sets estimate the running
+    /// statistics (at least 1).
+    pub batch_norm_episodes: usize,
 }
 
 impl Default for EvaluationConfig {
@@ -39,6 +60,8 @@ impl Default for EvaluationConfig {
             early_stopping_patience: None,
             finetune_steps: 10,
             finetune_lr: 0.01,
+            batch_norm: BatchNormEvaluation::Batch,
+            batch_norm_episodes: 50,
         }
     }
 }
@@ -51,6 +74,11 @@ impl EvaluationConfig {
         at_least("evaluation.val_episodes", self.val_episodes, 1)?;
         at_least("evaluation.finetune_steps", self.finetune_steps, 1)?;
         super::validate::positive("evaluation.finetune_lr", self.finetune_lr)?;
+        at_least(
+            "evaluation.batch_norm_episodes",
+            self.batch_norm_episodes,
+            1,
+        )?;
         if let Some(patience) = self.early_stopping_patience {
             at_least("evaluation.early_stopping_patience", patience, 1)?;
         }

@@ -65,7 +65,7 @@ pub use data::{
     DataConfig, DataSource, ImageColor, ImageNormalization, SmallClasses, SyntheticTask,
 };
 pub use data::{MAX_EPISODE_EXAMPLES, MAX_IMAGE_SIZE};
-pub use evaluation::EvaluationConfig;
+pub use evaluation::{BatchNormEvaluation, EvaluationConfig};
 pub use learner::{Baseline, LearnerSpec};
 pub use lora::LoraConfig;
 pub use memory_optimization::{
@@ -200,6 +200,23 @@ impl Config {
             ));
         }
         pairing::validate(self)?;
+        if self.evaluation.batch_norm == BatchNormEvaluation::Running
+            && !matches!(pairing::ModelKind::of(self), pairing::ModelKind::Vision(_))
+        {
+            return Err(validate::invalid(
+                "evaluation.batch_norm",
+                format!(
+                    "{} has no BatchNorm layers: running statistics apply to the vision \
+                     backbones ({}); set it to batch",
+                    self.model.name,
+                    Backbone::ALL
+                        .iter()
+                        .map(|b| b.name())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ));
+        }
         self.validate_precision()
     }
 

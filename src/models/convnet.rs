@@ -12,8 +12,8 @@ use rand_chacha::ChaCha8Rng;
 use super::vision::{
     kaiming_normal, staged_backbone_model, weight_in, Fan, ImageShape, StagedBackbone,
 };
-use super::{ClassificationHead, ModelPrecision};
-use crate::tensor::ops::{self, norm::batch_norm};
+use super::{BatchNormStatistics, ClassificationHead, ModelPrecision};
+use crate::tensor::ops;
 use crate::tensor::ParamSet;
 use crate::{Error, Result};
 
@@ -55,6 +55,7 @@ pub struct ConvNet {
     head: ClassificationHead,
     dtype: DType,
     compute: DType,
+    norm: BatchNormStatistics,
     device: Device,
 }
 
@@ -88,6 +89,7 @@ impl ConvNet {
             head,
             dtype: precision.trainable,
             compute: precision.frozen,
+            norm: BatchNormStatistics::default(),
             device: device.clone(),
         })
     }
@@ -103,10 +105,12 @@ impl ConvNet {
             )?),
             1,
         )?;
-        let normed = batch_norm(
+        let bn = format!("bn{block}");
+        let normed = self.norm.normalise(
+            &bn,
             &conv,
-            params.require(&format!("bn{block}.weight"))?,
-            params.require(&format!("bn{block}.bias"))?,
+            params.require(&format!("{bn}.weight"))?,
+            params.require(&format!("{bn}.bias"))?,
             self.config.bn_eps,
         )?;
         let activated = ops::relu(&normed)?;
@@ -184,6 +188,10 @@ impl StagedBackbone for ConvNet {
 
     fn head(&self) -> &ClassificationHead {
         &self.head
+    }
+
+    fn norm_statistics(&self) -> &BatchNormStatistics {
+        &self.norm
     }
 }
 

@@ -10,6 +10,7 @@
 pub mod adapter_files;
 mod architecture;
 mod attention;
+mod batch_norm;
 pub mod bert;
 pub mod convnet;
 pub mod distilbert;
@@ -33,6 +34,7 @@ use candle_core::Tensor;
 
 pub use crate::config::Backbone;
 pub use architecture::Architecture;
+pub use batch_norm::{BatchNormStatistics, RunningStatistics};
 pub use head::{ClassificationHead, HEAD_BIAS, HEAD_WEIGHT};
 pub use precision::{ModelPrecision, Quantization};
 pub use vision::ImageShape;
@@ -109,6 +111,12 @@ pub trait FewShotModel {
     /// micro-batches without changing the result.
     fn couples_examples(&self) -> bool {
         false
+    }
+    /// The statistics its BatchNorm layers normalise with (the vision backbones'):
+    /// the batch's own unless running statistics are in use; `None` for models
+    /// without BatchNorm.
+    fn batch_norm_statistics(&self) -> Option<&BatchNormStatistics> {
+        None
     }
     /// The model as a transformer stack; `None` for models that are not (vision
     /// backbones, MLP).

@@ -12,8 +12,8 @@ use rand_chacha::ChaCha8Rng;
 use super::vision::{
     kaiming_normal, staged_backbone_model, weight_in, Fan, ImageShape, StagedBackbone,
 };
-use super::{ClassificationHead, ModelPrecision};
-use crate::tensor::ops::{self, norm::batch_norm};
+use super::{BatchNormStatistics, ClassificationHead, ModelPrecision};
+use crate::tensor::ops;
 use crate::tensor::ParamSet;
 use crate::{Error, Result};
 
@@ -82,6 +82,7 @@ pub struct ResNet {
     head: ClassificationHead,
     dtype: DType,
     compute: DType,
+    norm: BatchNormStatistics,
     device: Device,
 }
 
@@ -125,6 +126,7 @@ impl ResNet {
             head,
             dtype: precision.trainable,
             compute: precision.frozen,
+            norm: BatchNormStatistics::default(),
             device: device.clone(),
         })
     }
@@ -147,12 +149,13 @@ impl ResNet {
     }
 
     fn bn(&self, x: &Tensor, params: &ParamSet, name: &str) -> Result<Tensor> {
-        Ok(batch_norm(
+        self.norm.normalise(
+            name,
             x,
             params.require(&format!("{name}.weight"))?,
             params.require(&format!("{name}.bias"))?,
             self.config.bn_eps,
-        )?)
+        )
     }
 
     /// The 1×1 convolution and BatchNorm of a block's shortcut.
@@ -330,6 +333,10 @@ impl StagedBackbone for ResNet {
 
     fn head(&self) -> &ClassificationHead {
         &self.head
+    }
+
+    fn norm_statistics(&self) -> &BatchNormStatistics {
+        &self.norm
     }
 }
 

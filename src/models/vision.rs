@@ -4,8 +4,10 @@
 //!
 //! BatchNorm: every backbone normalises with the statistics of the batch being
 //! forwarded (transductive, as MAML does), whichever method trains it: support and
-//! query sets are normalised each with their own statistics, in training and in
-//! evaluation alike.
+//! query sets are normalised each with their own statistics, in training and, by
+//! default, in evaluation; `evaluation.batch_norm: running` evaluates with
+//! population statistics estimated over training batches instead (see
+//! [`BatchNormStatistics`]).
 //!
 //! Mixed precision (`memory_optimization.precision: bf16`): the parameters stay f32
 //! master weights; images, convolutions, BatchNorm and activations run in bf16 (each
@@ -20,7 +22,7 @@ use rand_distr::StandardNormal;
 
 use super::convnet::{ConvNet, ConvNetConfig};
 use super::resnet::{ResNet, ResNetConfig, ResNetDepth};
-use super::{ClassificationHead, FewShotModel, ModelPrecision, Quantization};
+use super::{BatchNormStatistics, ClassificationHead, FewShotModel, ModelPrecision, Quantization};
 use crate::config::Backbone;
 use crate::data::Batch;
 use crate::tensor::ParamSet;
@@ -166,6 +168,8 @@ pub(crate) trait StagedBackbone {
     fn pool(&self, last: &Tensor) -> Result<Tensor>;
     /// The classification head on the features.
     fn head(&self) -> &ClassificationHead;
+    /// The statistics its BatchNorm layers use.
+    fn norm_statistics(&self) -> &BatchNormStatistics;
     /// The stem's output for the batch's images, which are checked against
     /// [`input_shape`](Self::input_shape) first.
     fn stem_of(&self, params: &ParamSet, batch: &Batch) -> Result<Tensor> {
@@ -214,9 +218,16 @@ macro_rules! staged_backbone_model {
                     .forward(&self.features(params, batch, mode)?, params)
             }
 
-            /// BatchNorm normalises with the statistics of the batch being forwarded.
+            /// BatchNorm normalises with the statistics of the batch being forwarded
+            /// (unless running statistics are in use for evaluation).
             fn couples_examples(&self) -> bool {
                 true
+            }
+
+            fn batch_norm_statistics(&self) -> Option<&$crate::models::BatchNormStatistics> {
+                Some($crate::models::vision::StagedBackbone::norm_statistics(
+                    self,
+                ))
             }
 
             fn layer_chain(&self) -> Option<&dyn $crate::models::LayerChain> {

@@ -5,10 +5,12 @@ use std::path::{Path, PathBuf};
 
 use candle_core::Device;
 
-use crate::config::{Config, Method};
-use crate::data::{episode_source, Split};
+use crate::config::{BatchNormEvaluation, Config, Method};
+use crate::data::{episode_sources, EpisodeSource, Split};
 use crate::eval::{evaluate_episodes, Evaluation};
 use crate::memory::MemoryMeter;
+use crate::models::{FewShotModel, RunningStatistics};
+use crate::nn::Mode;
 use crate::tensor::ParamSet;
 use crate::Result;
 
@@ -63,13 +65,27 @@ pub fn evaluate(
         }
         (None, checkpoint) => params_from(model, config, checkpoint.as_deref())?,
     };
-    let source = episode_source(
+    let split = options.split.unwrap_or(Split::Test);
+    // Running BatchNorm statistics come from training episodes: both splits are read
+    // in one pass over the data set.
+    let running = config.evaluation.batch_norm == BatchNormEvaluation::Running;
+    let splits: &[Split] = if running {
+        &[split, Split::Train]
+    } else {
+        &[split]
+    };
+    let mut sources = episode_sources(
         &config.data,
         options.episode_seed.unwrap_or(config.seed),
-        options.split.unwrap_or(Split::Test),
+        splits,
         encoder.as_ref(),
         &Device::Cpu,
     )?;
+    let source = sources.remove(0);
+    let _running = match sources.pop() {
+        Some(train) => running_statistics(config, model, &params, train.as_ref())?,
+        None => None,
+    };
     let engine = run.engine()?;
     let mut evaluation = evaluate_episodes(
         run.adapter.as_ref(),
@@ -85,6 +101,41 @@ pub fn evaluate(
         evaluation.peak_bytes = Some(meter.peak_above_baseline() as u64);
     }
     Ok(evaluation)
+}
+
+/// With `evaluation.batch_norm: running`, estimates the backbone's running
+/// BatchNorm statistics at `params` over the first `evaluation.batch_norm_episodes`
+/// episodes of `train` (support and query sets forwarded apart, as training
+/// normalises them) and returns the guard under which evaluation uses them; `None`
+/// with batch statistics.
+pub(crate) fn running_statistics<'m>(
+    config: &Config,
+    model: &'m dyn FewShotModel,
+    params: &ParamSet,
+    train: &dyn EpisodeSource,
+) -> Result<Option<RunningStatistics<'m>>> {
+    if config.evaluation.batch_norm != BatchNormEvaluation::Running {
+        return Ok(None);
+    }
+    let Some(statistics) = model.batch_norm_statistics() else {
+        return Err(crate::Error::InvalidArgument(format!(
+            "evaluation.batch_norm: running needs a model with BatchNorm layers, and {} has \
+             none",
+            config.model.name
+        )));
+    };
+    // Statistics only: no graph.
+    let params = params.detach();
+    let guard = statistics.estimate(|| {
+        for index in 0..config.evaluation.batch_norm_episodes {
+            let task = train.episode(index as u64)?;
+            for set in [&task.support, &task.query] {
+                model.features(&params, set, Mode::Eval)?;
+            }
+        }
+        Ok(())
+    })?;
+    Ok(Some(guard))
 }
 
 /// The loss scale adaptation runs under: none unless the activations are f16; then
@@ -167,6 +218,44 @@ mod tests {
         let path = save_evaluation(&a, dir.path()).unwrap();
         let back: Evaluation = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
         assert_eq!(back, a);
+    }
+
+    /// `evaluation.batch_norm: running` evaluates a backbone with population
+    /// statistics of training episodes: reproducible, different from the batch
+    /// statistics' scores, in validation during training too; a model without
+    /// BatchNorm refuses it.
+    #[test]
+    fn running_batch_norm_statistics_evaluate_vision_backbones() {
+        let dir = tempfile::tempdir().unwrap();
+        let yaml = "seed: 3\nmodel:\n  name: conv4\nmeta_learning:\n  method: protonet\n  \
+                    meta_batch_size: 1\n  num_iterations: 2\n\
+                    data:\n  synthetic_task: images\n  n_way: 3\n  k_shot: 2\n  n_query: 3\n\
+                    evaluation:\n  episodes: 3\n  eval_every: 2\n  val_episodes: 2\n  \
+                    batch_norm: running\n  batch_norm_episodes: 4\n";
+        let mut running = Config::from_yaml_str(yaml).unwrap();
+        running.tracking.output_dir = dir.path().to_path_buf();
+        let summary = train(&running, &TrainOptions::default()).unwrap();
+        assert_eq!(summary.validations.len(), 1);
+        let options = EvaluateOptions {
+            checkpoint: Some(summary.run_dir.join("last")),
+            ..Default::default()
+        };
+        let losses = |e: &Evaluation| e.episodes.iter().map(|x| x.loss).collect::<Vec<_>>();
+        let a = evaluate(&running, &options, &mut |_| {}).unwrap();
+        let b = evaluate(&running, &options, &mut |_| {}).unwrap();
+        assert_eq!(losses(&a), losses(&b));
+        let mut batch = running.clone();
+        batch.evaluation.batch_norm = BatchNormEvaluation::Batch;
+        let c = evaluate(&batch, &options, &mut |_| {}).unwrap();
+        assert_ne!(losses(&a), losses(&c));
+
+        let err = Config::from_yaml_str("evaluation:\n  batch_norm: running\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("evaluation.batch_norm") && err.contains("tiny-bert"),
+            "{err}"
+        );
     }
 
     #[test]

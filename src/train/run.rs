@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use std::time::Instant;
 
-use crate::config::{Config, Variant};
+use crate::config::{BatchNormEvaluation, Config, Variant};
 use crate::data::{Episode, EpisodeSource, Prefetcher};
 use crate::engine::GradEngine;
 use crate::eval::evaluate_episodes;
@@ -25,6 +25,7 @@ use crate::track::{Resume, RunEnd, RunTracker, TrackerOptions};
 use crate::Result;
 
 use super::checkpoint::{load_checkpoint, save_checkpoint, CheckpointState};
+use super::evaluate::running_statistics;
 use crate::run::build::{build_engine, build_learner, build_sources};
 use crate::run::{meta_step, training_mode, OuterUpdate, Run, StepStats};
 
@@ -177,6 +178,8 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainSummary> {
     let engine = build_engine(config, run.model.as_ref())?;
     let mut trainer = Trainer {
         config,
+        model: run.model.as_ref(),
+        statistics_source: None,
         engine,
         learner,
         outer: run.outer,
@@ -211,6 +214,9 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainSummary> {
                 "iteration {start} × meta_batch_size {meta_batch} overflows the episode index"
             ))
         })?;
+    if config.evaluation.batch_norm == BatchNormEvaluation::Running {
+        trainer.statistics_source = Some(train_source.clone());
+    }
     let mut prefetcher = Prefetcher::new(train_source, first_episode, meta_batch, 2)?;
     // The budget holds for the run from building the model on (model, data and
     // steps), which is what the planner predicts.
@@ -368,6 +374,10 @@ fn step_metrics(stats: &StepStats, seconds: f64) -> Vec<(&'static str, f64)> {
 /// The state of a training run between iterations, and what it does each one.
 struct Trainer<'a> {
     config: &'a Config,
+    model: &'a dyn FewShotModel,
+    /// The training episodes running BatchNorm statistics are estimated on, with
+    /// `evaluation.batch_norm: running`.
+    statistics_source: Option<Arc<dyn EpisodeSource>>,
     engine: Box<dyn GradEngine + 'a>,
     learner: Box<dyn MetaLearner>,
     outer: OuterUpdate,
@@ -467,6 +477,12 @@ impl Trainer<'_> {
     /// The validation score of the current parameters, and whether it is the best
     /// so far.
     fn validate(&mut self, source: &dyn EpisodeSource) -> Result<(f64, bool)> {
+        let _running = match &self.statistics_source {
+            Some(train) => {
+                running_statistics(self.config, self.model, &self.params, train.as_ref())?
+            }
+            None => None,
+        };
         let score = validation_score(
             self.learner.as_ref(),
             self.engine.as_ref(),

@@ -63,6 +63,42 @@ pub fn batch_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result
     scaled.reshape(moved_dims)?.transpose(0, 1)?.contiguous()
 }
 
+/// Batch normalisation of `x` `[n, c, ...]` with fixed per-channel statistics
+/// `mean`, `var` `[c]` (running statistics, as in evaluation): `(x − mean)/√(var +
+/// eps)·gamma + beta`, one per-channel scale and shift computed in `gamma`'s dtype,
+/// differentiable in `x`, `gamma` and `beta` to any order (the statistics are
+/// constants).
+pub fn batch_norm_with_statistics(
+    x: &Tensor,
+    mean: &Tensor,
+    var: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
+    let dims = x.dims();
+    let c = if dims.len() >= 2 { dims[1] } else { 0 };
+    if c == 0 || [mean, var, gamma, beta].iter().any(|t| t.elem_count() != c) {
+        candle_core::bail!(
+            "batch norm with statistics: input {dims:?}, mean/var/gamma/beta of {}/{}/{}/{} \
+             channels",
+            mean.elem_count(),
+            var.elem_count(),
+            gamma.elem_count(),
+            beta.elem_count()
+        );
+    }
+    let work = gamma.dtype();
+    let inv_std = (var.detach() + eps)?.sqrt()?.recip()?.to_dtype(work)?;
+    let scale = gamma.mul(&inv_std)?;
+    let shift = beta.sub(&mean.detach().to_dtype(work)?.mul(&scale)?)?;
+    let mut shape = vec![1; dims.len()];
+    shape[1] = c;
+    let scale = scale.reshape(shape.as_slice())?.to_dtype(x.dtype())?;
+    let shift = shift.reshape(shape.as_slice())?.to_dtype(x.dtype())?;
+    x.broadcast_mul(&scale)?.broadcast_add(&shift)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
