@@ -200,6 +200,19 @@ impl Config {
             ));
         }
         pairing::validate(self)?;
+        if self.memory_optimization.checkpointing.selective
+            && pairing::ModelKind::of(self) != pairing::ModelKind::Transformer
+        {
+            return Err(validate::invalid(
+                "memory_optimization.checkpointing.selective",
+                format!(
+                    "selective recomputation rebuilds the attention and feed-forward blocks \
+                     of transformer layers, and {} has none; set it to false \
+                     (checkpointing.enabled cuts a vision backbone at its stages)",
+                    self.model.name
+                ),
+            ));
+        }
         if self.evaluation.batch_norm == BatchNormEvaluation::Running
             && !matches!(pairing::ModelKind::of(self), pairing::ModelKind::Vision(_))
         {

@@ -485,6 +485,16 @@ fn selective_recomputation_is_accepted() {
         .unwrap();
         assert!(c.memory_optimization.checkpointing.selective);
     }
+    // A vision backbone has no attention or feed-forward blocks to rebuild.
+    let (key, message) = config_error(Config::from_yaml_str(
+        "model:\n  name: conv4\ndata:\n  synthetic_task: images\nmemory_optimization:\n  \
+         checkpointing:\n    selective: true\n",
+    ));
+    assert_eq!(key, "memory_optimization.checkpointing.selective");
+    assert!(
+        message.contains("conv4") && message.contains("false"),
+        "{message}"
+    );
 }
 
 /// Mixed precision and int8 are accepted where the models implement them; the other
