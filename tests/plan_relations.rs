@@ -294,16 +294,27 @@ fn the_planner_refuses_what_training_refuses() {
 
 fn precision_combinations_training_refuses_are_refused() {
     use melora::config::{Precision, Quantization};
-    // f16 does not run with checkpointing; Conv4 and the MLP have no frozen base.
+    // f16 does not run with checkpointing; Conv4 and the MLP have no frozen base to
+    // store in int8; the MLP has no mixed precision, and Conv4 runs bf16 activations
+    // (f32 master weights), not f16.
     let c = checkpointed(text("tiny-bert", 8), None);
     let err = plan(&precise(c, Precision::F16, Quantization::None))
         .unwrap_err()
         .to_string();
     assert!(err.contains("checkpointing"), "{err}");
     for c in [images(), sinusoid()] {
-        assert!(plan(&precise(c.clone(), Precision::Bf16, Quantization::None)).is_err());
         assert!(plan(&precise(c, Precision::F32, Quantization::Int8)).is_err());
     }
+    assert!(plan(&precise(sinusoid(), Precision::Bf16, Quantization::None)).is_err());
+    assert!(plan(&precise(images(), Precision::F16, Quantization::None)).is_err());
+    let f32_peak = plan(&images()).unwrap().peak_bytes;
+    let bf16_peak = plan(&precise(images(), Precision::Bf16, Quantization::None))
+        .unwrap()
+        .peak_bytes;
+    assert!(
+        bf16_peak < f32_peak,
+        "Conv4 in bf16: {bf16_peak} B, not below f32's {f32_peak} B"
+    );
 }
 
 /// A plan adds up: its peak is the larger of loading and the breakdown's total.
