@@ -182,6 +182,7 @@ fn channel_moments(x: &Tensor) -> Result<(Vec<f64>, Vec<f64>)> {
 mod tests {
     use super::*;
     use crate::tensor::gradcheck::random_tensor;
+    use crate::tensor::test_support::max_abs_diff;
     use candle_core::Device;
 
     /// Recording normalises as in training; the running statistics are the batches'
@@ -202,10 +203,7 @@ mod tests {
         let guard = statistics
             .estimate(|| {
                 let recorded = statistics.normalise("bn", &a, &gamma, &beta, 1e-5)?;
-                assert_eq!(
-                    (recorded - &plain)?.abs()?.max_all()?.to_scalar::<f64>()?,
-                    0.0
-                );
+                assert_eq!(max_abs_diff(&recorded, &plain), 0.0);
                 statistics.normalise("bn", &b, &gamma, &beta, 1e-5)?;
                 Ok(())
             })
@@ -229,17 +227,7 @@ mod tests {
         drop(guard);
         assert!(!statistics.running());
         let back = statistics.normalise("bn", &a, &gamma, &beta, 1e-5).unwrap();
-        assert_eq!(
-            (back - plain)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap(),
-            0.0
-        );
+        assert_eq!(max_abs_diff(&back, &plain), 0.0);
         // Nothing recorded is an error, and the layers stay on batch statistics.
         assert!(statistics.estimate(|| Ok(())).is_err());
         assert!(!statistics.running());
