@@ -413,6 +413,9 @@ pub(crate) fn frozen_linear_matrix_transposed(
     weight: &FrozenMatrix,
     stored: Stored,
 ) -> Result<Tensor> {
+    if !super::composite::fused_kernels(g.device()) {
+        return super::composite::frozen_linear(g, weight, None, stored, true);
+    }
     let op = FrozenLinearOp::new(weight, None, stored, true)?;
     let last = g.dims().last().copied().unwrap_or(0);
     if last != op.n_out {
@@ -431,6 +434,9 @@ pub(crate) fn frozen_linear_matrix(
     bias: Option<&Tensor>,
     stored: Stored,
 ) -> Result<Tensor> {
+    if !super::composite::fused_kernels(x.device()) {
+        return super::composite::frozen_linear(x, weight, bias, stored, false);
+    }
     let op = FrozenLinearOp::new(weight, bias, stored, false)?;
     let last = x.dims().last().copied().unwrap_or(0);
     if last != op.n_in {

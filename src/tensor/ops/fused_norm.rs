@@ -129,7 +129,7 @@ pub(crate) fn work_dtype(dtype: DType) -> DType {
 
 /// Per-row statistics of the layer-norm formulas, in the working dtype:
 /// `(x̂, r)` with `r = 1/√(var + eps)` `[.., 1]` and `x̂ = (x − mean)·r`.
-fn normalised(x: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
+pub(crate) fn normalised(x: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
     let centered = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
     let rstd = (centered.sqr()?.mean_keepdim(D::Minus1)? + eps)?
         .sqrt()?
@@ -256,6 +256,9 @@ fn layer_norm_grad(x: &Tensor, gamma: &Tensor, grad: &Tensor, eps: f64) -> Resul
 
 /// Fused layer normalisation over the last dimension (see [`super::norm::layer_norm`]).
 pub(crate) fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
+    if !super::composite::fused_kernels(x.device()) {
+        return super::composite::layer_norm(x, gamma, beta, eps);
+    }
     x.contiguous()?.apply_op3(
         &gamma.contiguous()?,
         &beta.contiguous()?,

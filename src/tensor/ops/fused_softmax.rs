@@ -113,6 +113,9 @@ impl CustomOp1 for SoftmaxOp {
 /// only (as tensor ops it would also keep `g ⊙ p` and `g − Σ g⊙p`, two score-sized
 /// tensors per softmax).
 pub(crate) fn scaled_softmax_backward(p: &Tensor, g: &Tensor, scale: f64) -> Result<Tensor> {
+    if !super::composite::fused_kernels(p.device()) {
+        return super::composite::scaled_softmax_backward(p, g, scale);
+    }
     p.contiguous()?
         .apply_op2(&g.contiguous()?, SoftmaxGradOp { scale })
 }
@@ -172,6 +175,9 @@ impl CustomOp2 for SoftmaxGradOp {
 /// Softmax of `scale·x` over the last dimension, entries with a zero in `keep`
 /// (broadcastable over whole rows) excluded.
 pub(crate) fn softmax(x: &Tensor, keep: Option<&Tensor>, scale: f64) -> Result<Tensor> {
+    if !super::composite::fused_kernels(x.device()) {
+        return super::composite::softmax(x, keep, scale);
+    }
     let keep = keep.map(|k| KeepMask::new(k, x.dims())).transpose()?;
     x.contiguous()?.apply_op1(SoftmaxOp { keep, scale })
 }

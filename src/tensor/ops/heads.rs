@@ -81,6 +81,9 @@ impl HeadLayout {
     /// Rows `[.., n, h·d]` → `[b, h, t, d]`, or `[b, h, d, t]` when `transposed`;
     /// padding positions hold zeros.
     pub(crate) fn split(&self, x: &Tensor, transposed: bool) -> Result<Tensor> {
+        if !super::composite::fused_kernels(x.device()) {
+            return self.split_composite(x, transposed);
+        }
         let x = if x.stride().last() == Some(&1) {
             x.clone()
         } else {
@@ -96,11 +99,88 @@ impl HeadLayout {
     /// The adjoint of [`split`](Self::split): `[b, h, t, d]` (or `[b, h, d, t]`) → the
     /// rows `[.., n, h·d]`, padding positions dropped.
     pub(crate) fn merge(&self, x: &Tensor, transposed: bool) -> Result<Tensor> {
+        if !super::composite::fused_kernels(x.device()) {
+            return self.merge_composite(x, transposed);
+        }
         x.contiguous()?.apply_op1(HeadOp {
             layout: self.clone(),
             transposed,
             merge: true,
         })
+    }
+
+    /// [`split`](Self::split) with candle's ops, for devices without melora's
+    /// kernels (see `composite`): padding positions select an appended zero row, then
+    /// a reshape and a transposed copy. Its backward is candle's (`index_add`, copies).
+    fn split_composite(&self, x: &Tensor, transposed: bool) -> Result<Tensor> {
+        let op = HeadOp {
+            layout: self.clone(),
+            transposed,
+            merge: false,
+        };
+        let x = if x.stride().last() == Some(&1) {
+            x.clone()
+        } else {
+            x.contiguous()?
+        };
+        let width = op.check_split_input(x.layout())?;
+        let rows = x.reshape((self.rows(), width))?;
+        let positions = match &self.rows_of_positions {
+            None => rows,
+            Some(map) => {
+                let zero = Tensor::zeros((1, width), x.dtype(), x.device())?;
+                let padded = Tensor::cat(&[&rows, &zero], 0)?;
+                let zero_row = self.rows() as u32;
+                let picks: Vec<u32> = map
+                    .iter()
+                    .map(|&r| if r == PADDING { zero_row } else { r })
+                    .collect();
+                let picks = Tensor::from_vec(picks, map.len(), x.device())?;
+                padded.index_select(&picks, 0)?
+            }
+        };
+        let grid = positions.reshape((self.batch, self.length, self.heads, width / self.heads))?;
+        let heads = if transposed {
+            grid.permute((0, 2, 3, 1))?
+        } else {
+            grid.transpose(1, 2)?
+        };
+        heads.contiguous()
+    }
+
+    /// [`merge`](Self::merge) with candle's ops: a transposed copy back to one row
+    /// per position, then each row picked from its position.
+    fn merge_composite(&self, x: &Tensor, transposed: bool) -> Result<Tensor> {
+        let op = HeadOp {
+            layout: self.clone(),
+            transposed,
+            merge: true,
+        };
+        let width = op.check_merge_input(&x.contiguous()?.layout().clone())?;
+        let grid = if transposed {
+            x.permute((0, 3, 1, 2))?
+        } else {
+            x.transpose(1, 2)?
+        };
+        let positions = grid
+            .contiguous()?
+            .reshape((self.batch * self.length, width))?;
+        let rows = match &self.rows_of_positions {
+            None => positions,
+            Some(map) => {
+                let mut position_of_row = vec![0u32; self.rows()];
+                for (position, &row) in map.iter().enumerate() {
+                    if row != PADDING {
+                        position_of_row[row as usize] = position as u32;
+                    }
+                }
+                let picks = Tensor::from_vec(position_of_row, self.rows(), x.device())?;
+                positions.index_select(&picks, 0)?
+            }
+        };
+        let mut dims = self.row_dims.clone();
+        dims.push(width);
+        rows.reshape(dims)
     }
 }
 
@@ -374,36 +454,75 @@ mod tests {
         }
     }
 
-    #[test]
-    fn both_directions_have_exact_derivatives() {
+    type Direction = fn(&HeadLayout, &Tensor, bool) -> Result<Tensor>;
+
+    /// First derivatives and Hessian-vector products of `split` and `merge` (a
+    /// square of each, so that second order is tested) against finite differences.
+    fn assert_exact_derivatives(split: Direction, merge: Direction) {
         let dev = Device::Cpu;
         let layout = packed();
         for transposed in [false, true] {
-            let rows = random_tensor(&[1, 3, 4], 4, &dev).unwrap();
-            let errors = check_derivatives(&[rows], |t| {
-                // A non-linear function of the split, so that second order is tested.
-                layout.split(&t[0], transposed)?.sqr()
-            })
-            .unwrap();
-            assert!(
-                errors.first_order < FIRST_ORDER_TOLERANCE
-                    && errors.second_order < SECOND_ORDER_TOLERANCE,
-                "split {transposed}: {errors:?}"
-            );
             let shape: &[usize] = if transposed {
                 &[2, 2, 2, 3]
             } else {
                 &[2, 2, 3, 2]
             };
-            let heads = random_tensor(shape, 5, &dev).unwrap();
-            let errors =
-                check_derivatives(&[heads], |t| layout.merge(&t[0], transposed)?.sqr()).unwrap();
-            assert!(
-                errors.first_order < FIRST_ORDER_TOLERANCE
-                    && errors.second_order < SECOND_ORDER_TOLERANCE,
-                "merge {transposed}: {errors:?}"
-            );
+            let cases: [(&str, Direction, &[usize]); 2] =
+                [("split", split, &[1, 3, 4]), ("merge", merge, shape)];
+            for (name, direction, input_shape) in cases {
+                let input = random_tensor(input_shape, 4, &dev).unwrap();
+                let errors =
+                    check_derivatives(&[input], |t| direction(&layout, &t[0], transposed)?.sqr())
+                        .unwrap();
+                assert!(
+                    errors.first_order < FIRST_ORDER_TOLERANCE
+                        && errors.second_order < SECOND_ORDER_TOLERANCE,
+                    "{name} {transposed}: {errors:?}"
+                );
+            }
         }
+    }
+
+    #[test]
+    fn both_directions_have_exact_derivatives() {
+        assert_exact_derivatives(HeadLayout::split, HeadLayout::merge);
+    }
+
+    /// The compositions other devices use: the fused ops' values (packed and dense,
+    /// strided rows, every float dtype), exact derivatives, the same errors.
+    #[test]
+    fn compositions_match_the_fused_ops() {
+        let dev = Device::Cpu;
+        let wide = random_tensor(&[1, 3, 12], 9, &dev).unwrap();
+        let dense_rows = random_tensor(&[2, 3, 4], 10, &dev).unwrap();
+        for dtype in [DType::F64, DType::F32, DType::BF16] {
+            let view = wide
+                .to_dtype(dtype)
+                .unwrap()
+                .narrow(D::Minus1, 4, 4)
+                .unwrap();
+            let dense = dense_rows.to_dtype(dtype).unwrap();
+            for (layout, rows) in [(packed(), view), (HeadLayout::dense(2, 3, 2), dense)] {
+                for transposed in [false, true] {
+                    let fused = layout.split(&rows, transposed).unwrap();
+                    let composed = layout.split_composite(&rows, transposed).unwrap();
+                    assert_eq!(composed.dims(), fused.dims());
+                    assert_eq!(max_abs_diff(&fused, &composed), 0.0);
+                    let fused_back = layout.merge(&fused, transposed).unwrap();
+                    let composed_back = layout.merge_composite(&fused, transposed).unwrap();
+                    assert_eq!(composed_back.dims(), fused_back.dims());
+                    assert_eq!(max_abs_diff(&fused_back, &composed_back), 0.0);
+                }
+            }
+        }
+        assert_exact_derivatives(HeadLayout::split_composite, HeadLayout::merge_composite);
+        let layout = packed();
+        let wrong_rows = random_tensor(&[1, 4, 4], 6, &dev).unwrap();
+        let err = layout.split_composite(&wrong_rows, false).unwrap_err();
+        assert!(err.to_string().contains("do not match"), "{err}");
+        let wrong_heads = random_tensor(&[2, 2, 4, 2], 8, &dev).unwrap();
+        let err = layout.merge_composite(&wrong_heads, false).unwrap_err();
+        assert!(err.to_string().contains("not the heads layout"), "{err}");
     }
 
     #[test]

@@ -6,6 +6,7 @@ use super::log_softmax;
 
 /// One-hot rows `[n, num_classes]` of `dtype` for integer `labels` `[n]`.
 pub fn one_hot(labels: &Tensor, num_classes: usize, dtype: DType) -> Result<Tensor> {
+    let device = labels.device().clone();
     let labels = labels.to_dtype(DType::U32)?.to_vec1::<u32>()?;
     let mut data = vec![0f64; labels.len() * num_classes];
     for (row, &label) in labels.iter().enumerate() {
@@ -15,7 +16,11 @@ pub fn one_hot(labels: &Tensor, num_classes: usize, dtype: DType) -> Result<Tens
         }
         data[row * num_classes + label] = 1.0;
     }
-    Tensor::from_vec(data, (labels.len(), num_classes), &candle_core::Device::Cpu)?.to_dtype(dtype)
+    // Built on the host, made on the labels' device (f64 is cast before the move:
+    // not every device has f64).
+    Tensor::from_vec(data, (labels.len(), num_classes), &candle_core::Device::Cpu)?
+        .to_dtype(dtype)?
+        .to_device(&device)
 }
 
 /// Mean cross-entropy of `logits` `[n, c]` against integer `labels` `[n]`, with label

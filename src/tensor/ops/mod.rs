@@ -16,6 +16,7 @@
 //! central finite differences in f64 (`tensor::gradcheck`).
 
 mod activation;
+mod composite;
 mod conv;
 mod dropout;
 mod embedding;

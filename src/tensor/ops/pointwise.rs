@@ -288,6 +288,9 @@ fn scaled_derivative(x: &Tensor, g: &Tensor, function: Pointwise, order: u8) -> 
 
 /// `function` applied element-wise to `x`.
 pub(crate) fn pointwise(x: &Tensor, function: Pointwise) -> Result<Tensor> {
+    if !super::composite::fused_kernels(x.device()) {
+        return super::composite::pointwise(x, function);
+    }
     x.contiguous()?
         .apply_op1(PointwiseOp { function, order: 0 })
 }
@@ -295,6 +298,9 @@ pub(crate) fn pointwise(x: &Tensor, function: Pointwise) -> Result<Tensor> {
 /// `function′` applied element-wise to `x`, itself differentiable (a hand-written
 /// backward of a block that contains `function` stays exact at second order).
 pub(crate) fn pointwise_derivative(x: &Tensor, function: Pointwise) -> Result<Tensor> {
+    if !super::composite::fused_kernels(x.device()) {
+        return super::composite::pointwise_derivative(x, function);
+    }
     x.contiguous()?
         .apply_op1(PointwiseOp { function, order: 1 })
 }

@@ -185,6 +185,9 @@ pub(crate) fn int8_embedding(
     if table.stored != Stored::OutIn {
         candle_core::bail!("int8 embedding: the table must be quantized per row");
     }
+    if !super::composite::fused_kernels(ids.device()) {
+        return super::composite::int8_embedding(ids, table, dtype);
+    }
     ids.contiguous()?.apply_op1(Int8LookupOp {
         table: table.clone(),
         dtype,

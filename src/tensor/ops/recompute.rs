@@ -100,6 +100,49 @@ fn storage_of(t: &Tensor) -> Result<CpuStorage> {
     })
 }
 
+/// The block's forward on the GPU: candle hands a custom op raw device buffers, so
+/// the inputs are copied into detached tensors, the forward runs on them with
+/// candle's CUDA ops, and its output is copied back into a buffer.
+#[cfg(feature = "cuda")]
+mod on_cuda {
+    use candle_core::backend::{BackendDevice, BackendStorage};
+    use candle_core::op::BackpropOp;
+    use candle_core::{CudaStorage, Layout, Result, Shape, Storage, Tensor};
+
+    /// A contiguous copy of the elements `layout` addresses.
+    fn contiguous_copy(storage: &CudaStorage, layout: &Layout) -> Result<CudaStorage> {
+        let mut copy = storage
+            .device()
+            .zeros_impl(layout.shape(), storage.dtype())?;
+        storage.copy_strided_src(&mut copy, 0, layout)?;
+        Ok(copy)
+    }
+
+    /// A detached tensor holding the elements `layout` addresses.
+    pub(super) fn tensor_of(storage: &CudaStorage, layout: &Layout) -> Result<Tensor> {
+        let copy = contiguous_copy(storage, layout)?;
+        Ok(Tensor::from_storage(
+            Storage::Cuda(copy),
+            layout.shape().clone(),
+            BackpropOp::none(),
+            false,
+        ))
+    }
+
+    /// `forward`'s output as a contiguous device buffer and its shape.
+    pub(super) fn run(
+        forward: &super::BlockForward,
+        inputs: &[Tensor],
+    ) -> Result<(CudaStorage, Shape)> {
+        let out = forward(inputs)?;
+        let (storage, layout) = out.storage_and_layout();
+        match &*storage {
+            Storage::Cuda(s) => Ok((contiguous_copy(s, layout)?, layout.shape().clone())),
+            _ => candle_core::bail!("recomputed block: the forward left the CUDA device"),
+        }
+    }
+}
+
 impl CustomOp1 for Recomputed {
     fn name(&self) -> &'static str {
         self.name
@@ -107,6 +150,15 @@ impl CustomOp1 for Recomputed {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         self.run(&[tensor_of(storage, layout)?])
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        on_cuda::run(&*self.forward, &[on_cuda::tensor_of(storage, layout)?])
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -130,6 +182,24 @@ impl CustomOp3 for Recomputed {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         self.run(&[tensor_of(s1, l1)?, tensor_of(s2, l2)?, tensor_of(s3, l3)?])
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let inputs = [
+            on_cuda::tensor_of(s1, l1)?,
+            on_cuda::tensor_of(s2, l2)?,
+            on_cuda::tensor_of(s3, l3)?,
+        ];
+        on_cuda::run(&*self.forward, &inputs)
     }
 
     fn bwd(
