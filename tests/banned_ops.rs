@@ -8,7 +8,11 @@
 //!
 //! `melora::tensor::ops` has second-order-safe replacements for all of them.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
+
+mod common;
+
+use common::rust_files;
 
 /// (pattern, why it is banned, what to use instead).
 const BANNED: &[(&str, &str, &str)] = &[
@@ -68,17 +72,6 @@ const BANNED: &[(&str, &str, &str)] = &[
         "ops::gelu_erf",
     ),
 ];
-
-fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
-    for entry in std::fs::read_dir(dir).expect("readable source directory") {
-        let path = entry.expect("directory entry").path();
-        if path.is_dir() {
-            rust_files(&path, out);
-        } else if path.extension().is_some_and(|e| e == "rs") {
-            out.push(path);
-        }
-    }
-}
 
 /// Lines of `source` (outside comments) that use a banned op, as "line: text — why".
 fn violations(source: &str) -> Vec<String> {

@@ -133,6 +133,37 @@ fn bad_checkpoints_and_outputs_are_clear_errors() {
     assert!(err.contains("a-file"), "{err}");
 }
 
+/// `--device` on a CPU-only build: CUDA is a configuration error (exit 2) that says
+/// how to build with it, before anything is written; a wrong name is a usage error.
+#[test]
+fn a_gpu_device_on_a_cpu_build_says_how_to_get_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path());
+    let out = dir.path().join("runs");
+    let out_text = out.display().to_string();
+    let wrong = melora(&["train", "--config", &config, "--device", "gpu"]);
+    assert_eq!(wrong.status.code(), Some(2));
+    let err = text(&wrong.stderr);
+    assert!(err.contains("unknown device `gpu`"), "{err}");
+    if cfg!(feature = "cuda") {
+        return; // a CUDA build opens the GPU, or says why it cannot
+    }
+    let train = melora(&[
+        "train", "--config", &config, "--output", &out_text, "--device", "cuda",
+    ]);
+    assert_eq!(train.status.code(), Some(2), "{}", text(&train.stderr));
+    let err = text(&train.stderr);
+    assert!(
+        err.contains("`device`") && err.contains("--features cuda") && !err.contains("panicked"),
+        "{err}"
+    );
+    assert!(
+        !out.join("tiny").exists(),
+        "a refused run wrote {}",
+        out.display()
+    );
+}
+
 #[test]
 fn full_writes_the_comparison_and_the_report() {
     let dir = tempfile::tempdir().unwrap();

@@ -95,6 +95,11 @@ pub(crate) struct GlobalArgs {
     )]
     pub(crate) seed: Option<u64>,
 
+    /// Where tensors live and ops run: cpu, cuda or cuda:N (CUDA needs the `cuda`
+    /// build) [device]
+    #[arg(long, global = true, value_name = "DEVICE")]
+    pub(crate) device: Option<crate::config::ComputeDevice>,
+
     /// Use synthetic tasks whatever the data source [data.synthetic_only]
     #[arg(long, global = true)]
     pub(crate) synthetic_only: bool,
@@ -130,6 +135,7 @@ impl GlobalArgs {
             n_query: self.n_query,
             method: self.method,
             seed: self.seed,
+            device: self.device,
             // A flag can only turn it on; absent, the file decides.
             synthetic_only: self.synthetic_only.then_some(true),
             experiment_name: self.experiment_name.clone(),

@@ -7,6 +7,7 @@
 //! | section | what it sets |
 //! |---|---|
 //! | `seed` | seed of every random choice (initialization, task sampling, dropout) |
+//! | `device` | where tensors live and ops run: `cpu` (default), `cuda` or `cuda:N` ([`ComputeDevice`]; CUDA needs the `cuda` build) |
 //! | [`model`](ModelConfig) | the network to adapt: a built-in tiny model or a local Hugging Face directory, sequence length, dtype |
 //! | [`lora`](LoraConfig) | adapter rank, scale, dropout and the layers adapted |
 //! | [`meta_learning`](MetaLearningConfig) | the [`Method`], tasks per meta-batch, iterations, the inner loop (steps, learning rate, [`InnerMode`]) and the outer loop (optimizer, learning rate, weight decay, clipping, schedule) |
@@ -38,6 +39,7 @@ mod bytes;
 mod choice;
 mod comparison;
 mod data;
+mod device;
 mod evaluation;
 mod learner;
 mod load;
@@ -65,6 +67,7 @@ pub use data::{
     DataConfig, DataSource, ImageColor, ImageNormalization, SmallClasses, SyntheticTask,
 };
 pub use data::{MAX_EPISODE_EXAMPLES, MAX_IMAGE_SIZE};
+pub use device::{ComputeDevice, UnknownDevice};
 pub use evaluation::{BatchNormEvaluation, EvaluationConfig};
 pub use learner::{Baseline, LearnerSpec};
 pub use lora::LoraConfig;
@@ -89,6 +92,8 @@ use crate::{Error, Result};
 pub struct Config {
     /// Seed of every random choice.
     pub seed: u64,
+    /// Where tensors live and ops run: `cpu`, `cuda` or `cuda:N`.
+    pub device: ComputeDevice,
     /// The network to adapt.
     pub model: ModelConfig,
     /// The low-rank adapters.
@@ -111,6 +116,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             seed: 42,
+            device: ComputeDevice::Cpu,
             model: ModelConfig::default(),
             lora: LoraConfig::default(),
             meta_learning: MetaLearningConfig::default(),

@@ -36,6 +36,8 @@ pub struct ConfigOverrides {
     pub method: Option<Method>,
     /// `seed` (`--seed`).
     pub seed: Option<u64>,
+    /// `device` (`--device`).
+    pub device: Option<super::ComputeDevice>,
     /// `data.synthetic_only` (`--synthetic-only`).
     pub synthetic_only: Option<bool>,
     /// `tracking.experiment_name` (`--experiment-name`).
@@ -48,7 +50,7 @@ pub struct ConfigOverrides {
 
 impl ConfigOverrides {
     /// (is set, config key, command-line flag) for every field.
-    fn entries(&self) -> [(bool, &'static str, &'static str); 17] {
+    fn entries(&self) -> [(bool, &'static str, &'static str); 18] {
         [
             (self.model.is_some(), "model.name", "--model"),
             (self.lora_rank.is_some(), "lora.rank", "--lora-rank"),
@@ -83,6 +85,7 @@ impl ConfigOverrides {
             (self.n_query.is_some(), "data.n_query", "--n-query"),
             (self.method.is_some(), "meta_learning.method", "--method"),
             (self.seed.is_some(), "seed", "--seed"),
+            (self.device.is_some(), "device", "--device"),
             (
                 self.synthetic_only.is_some(),
                 "data.synthetic_only",
@@ -141,6 +144,7 @@ impl ConfigOverrides {
         set(&mut config.data.k_shot, &self.k_shot);
         set(&mut config.data.n_query, &self.n_query);
         set(&mut config.seed, &self.seed);
+        set(&mut config.device, &self.device);
         set(&mut config.data.synthetic_only, &self.synthetic_only);
         set(&mut config.tracking.experiment_name, &self.experiment_name);
         set(&mut config.tracking.output_dir, &self.output_dir);

@@ -276,6 +276,32 @@ fn enum_names_parse_and_print() {
     );
 }
 
+/// `device` is `cpu` by default, parses `cuda` and `cuda:N`, and a wrong name is an
+/// error naming the key and the allowed forms.
+#[test]
+fn device_names_parse_and_wrong_ones_are_named() {
+    assert_eq!(Config::default().device, ComputeDevice::Cpu);
+    for (text, device) in [
+        ("cpu", ComputeDevice::Cpu),
+        ("cuda", ComputeDevice::Cuda(0)),
+        ("cuda:2", ComputeDevice::Cuda(2)),
+    ] {
+        let config = Config::from_yaml_str(&format!("device: {text}\n")).unwrap();
+        assert_eq!(config.device, device);
+        let again = Config::from_yaml_str(&config.to_yaml_string().unwrap()).unwrap();
+        assert_eq!(again.device, device);
+    }
+    for wrong in ["gpu", "cuda:-1", "cuda:x", "CPU"] {
+        let (key, message) = config_error(Config::from_yaml_str(&format!("device: {wrong}\n")));
+        assert_eq!(key, "device");
+        assert!(
+            message.contains(&format!("unknown device `{wrong}`"))
+                && message.contains("cpu, cuda, cuda:N"),
+            "{message}"
+        );
+    }
+}
+
 #[test]
 fn overrides_are_applied() {
     let mut config = Config::default();
@@ -293,6 +319,7 @@ fn overrides_are_applied() {
         n_query: Some(6),
         method: Some(Method::Reptile),
         seed: Some(3),
+        device: Some(ComputeDevice::Cuda(1)),
         synthetic_only: Some(true),
         experiment_name: Some("quick".into()),
         output_dir: Some("out".into()),
@@ -313,6 +340,7 @@ fn overrides_are_applied() {
         (4, 2, 6)
     );
     assert_eq!(config.seed, 3);
+    assert_eq!(config.device, ComputeDevice::Cuda(1));
     assert!(config.data.synthetic_only);
     assert_eq!(config.tracking.experiment_name, "quick");
     assert_eq!(config.tracking.output_dir, PathBuf::from("out"));

@@ -51,6 +51,31 @@ pub fn regression_loss(prediction: &Tensor, batch: &Batch) -> Result<Tensor> {
 }
 
 impl Batch {
+    /// The same batch with every tensor on `device` (a clone where it is there).
+    pub fn to_device(&self, device: &candle_core::Device) -> Result<Self> {
+        let inputs = match &self.inputs {
+            Inputs::Tokens(t) => Inputs::Tokens(TokenInputs {
+                input_ids: t.input_ids.to_device(device)?,
+                attention_mask: t.attention_mask.to_device(device)?,
+                token_type_ids: t
+                    .token_type_ids
+                    .as_ref()
+                    .map(|ids| ids.to_device(device))
+                    .transpose()?,
+            }),
+            Inputs::Dense(x) => Inputs::Dense(x.to_device(device)?),
+        };
+        Ok(Self {
+            inputs,
+            labels: self.labels.to_device(device)?,
+            targets: self
+                .targets
+                .as_ref()
+                .map(|t| t.to_device(device))
+                .transpose()?,
+        })
+    }
+
     /// A text batch, checking that shapes agree and converting ids, masks and labels
     /// to `u32` (they may come as integer-valued floats, as in the fixtures).
     pub fn from_tokens(

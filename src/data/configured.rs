@@ -233,7 +233,16 @@ pub fn episode_sources(
         return splits
             .iter()
             .map(|&split| {
-                synthetic_source(config, seed, seed.wrapping_add(split.salt()), text_encoder)
+                let source =
+                    synthetic_source(config, seed, seed.wrapping_add(split.salt()), text_encoder)?;
+                Ok(if device.is_cpu() {
+                    source
+                } else {
+                    Arc::new(super::source::OnDevice {
+                        inner: source,
+                        device: device.clone(),
+                    }) as Arc<dyn EpisodeSource>
+                })
             })
             .collect();
     }

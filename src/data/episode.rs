@@ -26,6 +26,16 @@ pub struct Episode {
 }
 
 impl Episode {
+    /// The same episode with its support and query on `device`.
+    pub fn to_device(&self, device: &candle_core::Device) -> Result<Self> {
+        Ok(Self {
+            support: self.support.to_device(device)?,
+            query: self.query.to_device(device)?,
+            class_ids: self.class_ids.clone(),
+            ..*self
+        })
+    }
+
     /// An episode of `n_way` classes; both sets must be non-empty.
     pub fn new(support: Batch, query: Batch, n_way: usize) -> Result<Self> {
         let (k_shot, n_query) = (support.len() / n_way.max(1), query.len() / n_way.max(1));

@@ -30,6 +30,35 @@ pub trait EpisodeSource: Send + Sync {
     }
 }
 
+/// The episodes and pre-training batches of a source that makes them on the host
+/// (the synthetic families), moved to `device`.
+pub(crate) struct OnDevice {
+    pub(crate) inner: Arc<dyn EpisodeSource>,
+    pub(crate) device: Device,
+}
+
+impl EpisodeSource for OnDevice {
+    fn episode(&self, index: u64) -> Result<Episode> {
+        self.inner.episode(index)?.to_device(&self.device)
+    }
+
+    fn class_names(&self) -> Option<Vec<String>> {
+        self.inner.class_names()
+    }
+
+    fn pretraining_batch(&self, index: u64, size: usize) -> Result<Option<PretrainBatch>> {
+        self.inner
+            .pretraining_batch(index, size)?
+            .map(|b| {
+                Ok(PretrainBatch {
+                    batch: b.batch.to_device(&self.device)?,
+                    classes: b.classes,
+                })
+            })
+            .transpose()
+    }
+}
+
 /// A supervised batch for pre-training ([`EpisodeSource::pretraining_batch`]).
 #[derive(Debug, Clone)]
 pub struct PretrainBatch {

@@ -279,6 +279,20 @@ pub fn builtin_with_inputs(
     classes: usize,
     inputs: BuiltinInputs,
 ) -> Result<Box<dyn FewShotModel>> {
+    builtin_on(name, seed, precision, lora, classes, inputs, &Device::Cpu)
+}
+
+/// [`builtin_with_inputs`] with every tensor made on `device` (the same seeded
+/// values on every device).
+pub fn builtin_on(
+    name: &str,
+    seed: u64,
+    precision: impl Into<ModelPrecision>,
+    lora: Option<LoraSettings>,
+    classes: usize,
+    inputs: BuiltinInputs,
+    device: &Device,
+) -> Result<Box<dyn FewShotModel>> {
     let precision = precision.into();
     precision.validate()?;
     let backbone = Backbone::from_name(name);
@@ -287,7 +301,7 @@ pub fn builtin_with_inputs(
             channels: inputs.image_channels,
             side: inputs.image_size,
         };
-        return backbone.build(shape, classes, precision, &Device::Cpu);
+        return backbone.build(shape, classes, precision, device);
     }
     if name == "mlp" && precision.is_mixed() {
         return Err(Error::Model(format!(
@@ -302,7 +316,7 @@ pub fn builtin_with_inputs(
             MLP_HIDDEN,
             classes,
             precision.frozen,
-            &Device::Cpu,
+            device,
         )?));
     }
     let Some((family, config)) = builtin_config(name) else {
@@ -315,8 +329,7 @@ pub fn builtin_with_inputs(
                 .join(", ")
         )));
     };
-    let weights =
-        Weights::random(seed, precision.frozen, &Device::Cpu).with_precision(precision)?;
+    let weights = Weights::random(seed, precision.frozen, device).with_precision(precision)?;
     build(family, config, weights, lora, classes, name)
 }
 
@@ -328,6 +341,17 @@ pub fn from_directory(
     precision: impl Into<ModelPrecision>,
     lora: Option<LoraSettings>,
     classes: usize,
+) -> Result<Box<dyn FewShotModel>> {
+    from_directory_on(dir, precision, lora, classes, &Device::Cpu)
+}
+
+/// [`from_directory`] with the weights read onto `device`.
+pub fn from_directory_on(
+    dir: &Path,
+    precision: impl Into<ModelPrecision>,
+    lora: Option<LoraSettings>,
+    classes: usize,
+    device: &Device,
 ) -> Result<Box<dyn FewShotModel>> {
     let precision = precision.into();
     precision.validate()?;
@@ -351,7 +375,7 @@ pub fn from_directory(
             weights_path.display()
         )));
     }
-    let weights = Weights::from_safetensors(&weights_path, precision.frozen, &Device::Cpu)?
+    let weights = Weights::from_safetensors(&weights_path, precision.frozen, device)?
         .with_precision(precision)?;
     build(
         &family,

@@ -300,7 +300,7 @@ impl LoraLinear {
                 (a, draw(n_out * r))
             }
         };
-        let (dtype, device) = (self.trainable, &candle_core::Device::Cpu);
+        let (dtype, device) = (self.trainable, &self.weight.device());
         params.insert(
             self.lora_a_name(),
             Tensor::from_vec(a, (r, n_in), device)?.to_dtype(dtype)?,

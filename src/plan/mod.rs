@@ -280,6 +280,17 @@ pub fn plan(config: &Config) -> Result<Plan> {
 pub fn plan_with(config: &Config, options: &PlanOptions) -> Result<Plan> {
     // A configuration built in code has not been through `Config::load`.
     config.validate()?;
+    if config.device != crate::config::ComputeDevice::Cpu {
+        return Err(Error::Config {
+            key: "device".into(),
+            message: format!(
+                "the memory planner measures the host heap, and on `{}` the tensors are in \
+                 device memory, which melora does not measure yet; plan, profile, memory \
+                 benchmarks and memory budgets run with `--device cpu`",
+                config.device
+            ),
+        });
+    }
     if !crate::memory::is_installed() {
         return Err(Error::InvalidArgument(
             "the memory planner measures with melora's counting allocator, which this \

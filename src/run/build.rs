@@ -1,11 +1,11 @@
 //! Turning a [`Config`] into the objects of a run: model, learner or baseline, text
 //! encoder, outer update.
 
-use candle_core::DType;
+use candle_core::{DType, Device};
 
 use crate::config::{
-    self, CheckpointPlan, Config, HessianKind, InnerMode, LearnerSpec, LrSchedule, Method,
-    OuterOptimizer, Precision, PretrainTune, PrototypeDistance,
+    self, CheckpointPlan, ComputeDevice, Config, HessianKind, InnerMode, LearnerSpec, LrSchedule,
+    Method, OuterOptimizer, Precision, PretrainTune, PrototypeDistance,
 };
 use crate::data::{EncodeText, TextTokenizer, WordHashTokenizer};
 use crate::engine::{Checkpointed, GradEngine, WholeGraph};
@@ -15,7 +15,7 @@ use crate::meta::{
     NoAdaptation, ProtoNet, Prototype, Reptile, VicWeights,
 };
 use crate::models::fsct::{FeatureNorm, FsctAttention, FsctConfig};
-use crate::models::load::{builtin_with_inputs, from_directory, BuiltinInputs};
+use crate::models::load::{builtin_on, from_directory_on, BuiltinInputs};
 use crate::models::{Architecture, FewShotModel, LoraSettings, ModelPrecision, Quantization};
 use crate::nn::{LoraInit, LoraSpec};
 use crate::optim::{LossScaler, Optimizer, OptimizerKind, Schedule};
@@ -56,15 +56,17 @@ pub fn model_precision(config: &Config) -> ModelPrecision {
 pub fn build_model(config: &Config) -> Result<Box<dyn FewShotModel>> {
     let lora = lora_settings(config);
     let outputs = model_outputs(config)?;
+    let device = device(config)?;
     let model = match &config.model.path {
-        Some(dir) => from_directory(dir, model_precision(config), Some(lora), outputs)?,
-        None => builtin_with_inputs(
+        Some(dir) => from_directory_on(dir, model_precision(config), Some(lora), outputs, &device)?,
+        None => builtin_on(
             &config.model.name,
             config.seed,
             model_precision(config),
             Some(lora),
             outputs,
             builtin_inputs(config)?,
+            &device,
         )?,
     };
     with_selective_recompute(config, model)
@@ -84,6 +86,37 @@ pub fn build_model_with_layers(config: &Config, layers: usize) -> Result<Box<dyn
         model_outputs(config)?,
     )?;
     with_selective_recompute(config, model)
+}
+
+/// The device `device` names, opened: the CPU, or a CUDA GPU in a build with the
+/// `cuda` feature (a clear error in a CPU-only build, or when the GPU cannot be
+/// opened).
+pub fn device(config: &Config) -> Result<Device> {
+    open_device(config.device)
+}
+
+/// [`device`] for one [`ComputeDevice`].
+pub fn open_device(device: ComputeDevice) -> Result<Device> {
+    match device {
+        ComputeDevice::Cpu => Ok(Device::Cpu),
+        #[cfg(feature = "cuda")]
+        ComputeDevice::Cuda(index) => Device::new_cuda(index).map_err(|e| Error::Config {
+            key: "device".into(),
+            message: format!(
+                "cannot open CUDA device {index} ({e}); `nvidia-smi` lists the GPUs \
+                 and their indices, `--device cpu` runs on the CPU"
+            ),
+        }),
+        #[cfg(not(feature = "cuda"))]
+        ComputeDevice::Cuda(_) => Err(Error::Config {
+            key: "device".into(),
+            message: format!(
+                "`{device}` needs melora built with CUDA, and this build is CPU-only: \
+                 eval \"$(scripts/setup-cuda.sh)\" && cargo build --release --features cuda \
+                 (README, \"The CUDA build\"), or run with `--device cpu`"
+            ),
+        }),
+    }
 }
 
 fn lora_settings(config: &Config) -> LoraSettings {
@@ -544,7 +577,7 @@ pub fn build_sources(
         config.seed,
         splits,
         encoder.as_ref(),
-        &candle_core::Device::Cpu,
+        &device(config)?,
     )
 }
 
@@ -552,6 +585,40 @@ pub fn build_sources(
 mod tests {
     use super::*;
     use crate::data::EpisodeSource;
+
+    /// The CPU opens everywhere; in a CPU-only build CUDA is a config error that says
+    /// how to build with it; the planner refuses a GPU run (it measures the host heap).
+    #[test]
+    fn devices_open_or_say_why_not() {
+        assert!(open_device(ComputeDevice::Cpu).unwrap().is_cpu());
+        #[cfg(not(feature = "cuda"))]
+        match open_device(ComputeDevice::Cuda(1)) {
+            Err(Error::Config { key, message }) => {
+                assert_eq!(key, "device");
+                assert!(
+                    message.contains("`cuda:1` needs melora built with CUDA")
+                        && message.contains("--features cuda")
+                        && message.contains("--device cpu"),
+                    "{message}"
+                );
+            }
+            other => panic!("expected a config error, got {other:?}"),
+        }
+        let config = Config {
+            device: ComputeDevice::Cuda(0),
+            ..Config::default()
+        };
+        match crate::plan::plan(&config) {
+            Err(Error::Config { key, message }) => {
+                assert_eq!(key, "device");
+                assert!(message.contains("--device cpu"), "{message}");
+            }
+            other => panic!(
+                "expected a config error, got {:?}",
+                other.map(|p| p.peak_bytes)
+            ),
+        }
+    }
 
     /// `memory_optimization.precision` and `model.quantization` reach the model and the
     /// outer update: f32 trainable tensors and logits over a bf16/f16 or int8 base,

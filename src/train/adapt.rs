@@ -10,7 +10,7 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device};
+use candle_core::DType;
 use serde::Serialize;
 
 use crate::config::pairing::{ModelKind, TaskInputs};
@@ -244,7 +244,7 @@ fn batch(config: &Config, items: &[Item], labels: Vec<u32>) -> Result<Batch> {
         }
     };
     let picks: Vec<(usize, usize)> = (0..items.len()).map(|i| (0, i)).collect();
-    data.batch_of(&picks, labels, &Device::Cpu)
+    data.batch_of(&picks, labels, &crate::run::build::device(config)?)
 }
 
 /// Adapts the model of `config` at the `checkpoint`'s parameters to the labelled

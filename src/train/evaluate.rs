@@ -3,8 +3,6 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::Device;
-
 use crate::config::{BatchNormEvaluation, Config, Method};
 use crate::data::{episode_sources, EpisodeSource, Split};
 use crate::eval::{evaluate_episodes, Evaluation};
@@ -79,7 +77,7 @@ pub fn evaluate(
         options.episode_seed.unwrap_or(config.seed),
         splits,
         encoder.as_ref(),
-        &Device::Cpu,
+        &crate::run::build::device(config)?,
     )?;
     let source = sources.remove(0);
     let _running = match sources.pop() {

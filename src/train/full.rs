@@ -6,7 +6,6 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::Device;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Config, HessianKind, Method, Variant};
@@ -579,7 +578,7 @@ fn split_record(config: &Config) -> Result<Option<SplitRecord>> {
         config.seed,
         &[Split::Train, Split::Val, Split::Test],
         encoder.as_ref(),
-        &Device::Cpu,
+        &crate::run::build::device(config)?,
     )?;
     let names: Vec<Option<Vec<String>>> = sources.iter().map(|s| s.class_names()).collect();
     Ok(match &names[..] {
@@ -692,7 +691,7 @@ fn memory_vs_k(config: &Config, variants: &[Variant]) -> Result<Vec<MemoryPoint>
         config.seed,
         Split::Train,
         encoder.as_ref(),
-        &Device::Cpu,
+        &crate::run::build::device(config)?,
     )?;
     let task = source.episode(0)?;
     let mut points = Vec::new();

@@ -6,7 +6,7 @@
 
 use std::time::Instant;
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 
 use crate::config::Config;
 use crate::data::{episode_source, Split};
@@ -64,7 +64,7 @@ pub fn pretrain(config: &Config, model: &dyn FewShotModel) -> Result<PretrainOut
         config.seed,
         Split::Train,
         encoder.as_ref(),
-        &Device::Cpu,
+        &crate::run::build::device(config)?,
     )?;
     let initial = initial_params(model, config)?;
     let engine = build_engine(config, model)?;

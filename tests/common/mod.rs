@@ -4,6 +4,18 @@
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
+/// Every `.rs` file under `dir`, recursively (for tests that scan the source tree).
+pub fn rust_files(dir: &std::path::Path, out: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).expect("readable source directory") {
+        let path = entry.expect("directory entry").path();
+        if path.is_dir() {
+            rust_files(&path, out);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push(path);
+        }
+    }
+}
+
 /// Runs the `melora` binary with `args`, as a user would.
 pub fn melora(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_melora"))

@@ -65,6 +65,15 @@ impl FrozenMatrix {
         }
     }
 
+    /// The device of the run the matrix belongs to (an int8 matrix's values live on
+    /// the host, but it remembers where its dense original was).
+    pub(crate) fn device(&self) -> candle_core::Device {
+        match self {
+            FrozenMatrix::Dense(t) => t.device().clone(),
+            FrozenMatrix::Int8(q) => q.device().clone(),
+        }
+    }
+
     /// Bytes of the stored representation.
     pub(crate) fn nbytes(&self) -> usize {
         match self {

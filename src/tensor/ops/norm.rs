@@ -89,6 +89,11 @@ pub fn batch_norm_with_statistics(
         );
     }
     let work = gamma.dtype();
+    // Statistics estimated on the host reach the parameters' device here.
+    let (mean, var) = (
+        mean.to_device(gamma.device())?,
+        var.to_device(gamma.device())?,
+    );
     let inv_std = (var.detach() + eps)?.sqrt()?.recip()?.to_dtype(work)?;
     let scale = gamma.mul(&inv_std)?;
     let shift = beta.sub(&mean.detach().to_dtype(work)?.mul(&scale)?)?;

@@ -28,6 +28,9 @@ pub(crate) struct Int8Matrix {
     stored: Stored,
     /// The dtype of the dense matrix, which dequantization returns by default.
     dtype: DType,
+    /// The device of the dense matrix (of the run), where the adapters beside it
+    /// are made; the int8 values themselves are on the host.
+    device: candle_core::Device,
 }
 
 impl Int8Matrix {
@@ -74,12 +77,18 @@ impl Int8Matrix {
             dims: (rows, cols),
             stored,
             dtype: weight.dtype(),
+            device: weight.device().clone(),
         })
     }
 
     /// `(rows, cols)` of the stored matrix.
     pub(crate) fn dims(&self) -> (usize, usize) {
         self.dims
+    }
+
+    /// The device of the matrix before quantization.
+    pub(crate) fn device(&self) -> &candle_core::Device {
+        &self.device
     }
 
     /// The dtype of the matrix before quantization.
