@@ -91,8 +91,7 @@ fn lora_case(name: &'static str, layout: WeightLayout, dev: &Device) -> Result<C
 
 /// Every differentiable op of `tensor::ops`, with inputs that exercise masks,
 /// broadcasting and repeated indices.
-fn cases() -> Result<Vec<Case>> {
-    let dev = &Device::Cpu;
+fn cases(dev: &Device) -> Result<Vec<Case>> {
     let r = |shape: &[usize], seed: u64| random_tensor(shape, seed, dev);
     // Key-padding mask [b, 1, 1, t], broadcast over heads and queries as attention does.
     let key_mask = Tensor::new(&[[1u32, 1, 1, 0], [1, 1, 0, 0]], dev)?.reshape((2, 1, 1, 4))?;
@@ -117,10 +116,18 @@ fn cases() -> Result<Vec<Case>> {
         ),
         // The frozen weight is a constant: only the input is differentiated.
         case("frozen_linear", vec![r(&[2, 3, 4], 50)?], |t| {
-            ops::frozen_linear(&t[0], &r_const(&[5, 4], 51)?, Some(&r_const(&[5], 52)?))
+            ops::frozen_linear(
+                &t[0],
+                &r_const(&[5, 4], 51, t[0].device())?,
+                Some(&r_const(&[5], 52, t[0].device())?),
+            )
         }),
         case("frozen_linear_in_out", vec![r(&[3, 4], 53)?], |t| {
-            ops::frozen_linear_in_out(&t[0], &r_const(&[4, 2], 54)?, Some(&r_const(&[2], 55)?))
+            ops::frozen_linear_in_out(
+                &t[0],
+                &r_const(&[4, 2], 54, t[0].device())?,
+                Some(&r_const(&[2], 55, t[0].device())?),
+            )
         }),
         case(
             "matmul (broadcast rhs)",
@@ -162,8 +169,8 @@ fn cases() -> Result<Vec<Case>> {
                 r(&[3], 40)?,
             ],
             |t| {
-                let mean = r_const(&[3], 41)?;
-                let var = r_const(&[3], 42)?.affine(0.1, 1.0)?;
+                let mean = r_const(&[3], 41, t[0].device())?;
+                let var = r_const(&[3], 42, t[0].device())?.affine(0.1, 1.0)?;
                 ops::norm::batch_norm_with_statistics(&t[0], &mean, &var, &t[1], &t[2], 1e-5)
             },
         ),
@@ -208,7 +215,7 @@ fn cases() -> Result<Vec<Case>> {
             "cross_entropy_one_hot (soft targets)",
             vec![r(&[4, 3], 20)?],
             |t| {
-                let targets = ops::softmax(&r_const(&[4, 3], 21)?)?;
+                let targets = ops::softmax(&r_const(&[4, 3], 21, t[0].device())?)?;
                 ops::cross_entropy_one_hot(&t[0], &targets)
             },
         ),
@@ -289,14 +296,15 @@ fn fsct_case(name: &'static str, attention: FsctAttention, dev: &Device) -> Resu
     }))
 }
 
-/// A fixed random tensor built inside an op closure.
-fn r_const(shape: &[usize], seed: u64) -> candle_core::Result<Tensor> {
-    random_tensor(shape, seed, &Device::Cpu)
+/// A fixed random tensor built inside an op closure, on its inputs' device.
+fn r_const(shape: &[usize], seed: u64, device: &Device) -> candle_core::Result<Tensor> {
+    random_tensor(shape, seed, device)
 }
 
-/// Runs every op's derivative check.
-pub fn derivative_checks() -> Result<Vec<CheckRow>> {
-    cases()?
+/// Runs every op's derivative check with its tensors on `device` (on a GPU, the ops
+/// melora fuses on the CPU are checked in the form they take there).
+pub fn derivative_checks_on(device: &Device) -> Result<Vec<CheckRow>> {
+    cases(device)?
         .into_iter()
         .map(|c| {
             let errors = check_derivatives(&c.inputs, &c.f)?;
@@ -317,7 +325,7 @@ mod tests {
 
     #[test]
     fn every_op_matches_finite_differences_at_first_and_second_order() {
-        let rows = derivative_checks().unwrap();
+        let rows = derivative_checks_on(&Device::Cpu).unwrap();
         let failed: Vec<_> = rows.iter().filter(|r| !r.passed).collect();
         assert!(failed.is_empty(), "derivative checks failed: {failed:#?}");
     }
@@ -327,7 +335,11 @@ mod tests {
     #[test]
     fn every_exported_op_has_a_case() {
         let source = include_str!("tensor/ops/mod.rs");
-        let names = cases().unwrap().iter().map(|c| c.name).collect::<Vec<_>>();
+        let names = cases(&Device::Cpu)
+            .unwrap()
+            .iter()
+            .map(|c| c.name)
+            .collect::<Vec<_>>();
         let exported: Vec<&str> = source
             .lines()
             .filter(|l| l.starts_with("pub use ") || l.starts_with("pub mod "))

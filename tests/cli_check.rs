@@ -43,8 +43,25 @@ fn check_json_is_machine_readable() {
     assert!(output.status.success());
     let json: serde_json::Value = serde_json::from_slice(&output.stdout).expect("valid JSON");
     assert_eq!(json["failed"], 0);
+    assert_eq!(json["device"], "cpu");
     assert!(json["ops"].as_array().is_some_and(|ops| ops.len() >= 20));
     assert!(json["memory"]["heap"]["peak_above_baseline_bytes"]
         .as_u64()
         .is_some_and(|b| b > 0));
+}
+
+/// `check --device cuda` on a CPU-only build: a configuration error (exit 2) that
+/// says how to build with CUDA, not a crash.
+#[test]
+fn check_on_a_gpu_needs_the_cuda_build() {
+    if cfg!(feature = "cuda") {
+        return;
+    }
+    let output = Command::new(env!("CARGO_BIN_EXE_melora"))
+        .args(["check", "--device", "cuda:0"])
+        .output()
+        .expect("melora runs");
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("--features cuda"), "{stderr}");
 }

@@ -4,17 +4,19 @@
 use std::fmt::Write as _;
 use std::process::ExitCode;
 
-use super::args::CheckArgs;
-use super::write_stdout;
+use super::args::{CheckArgs, GlobalArgs};
+use super::{write_stdout, UserError};
 use crate::memory::{self, MemoryMeter, ProcessMemory};
-use crate::selfcheck::derivative_checks;
+use crate::selfcheck::derivative_checks_on;
 use crate::tensor::ensure_second_order;
 
-pub(crate) fn run(args: &CheckArgs) -> anyhow::Result<ExitCode> {
+pub(crate) fn run(global: &GlobalArgs, args: &CheckArgs) -> anyhow::Result<ExitCode> {
     ensure_second_order()?;
+    let setting = global.device.unwrap_or_default();
+    let device = crate::run::build::open_device(setting).map_err(UserError::Config)?;
     let meter = MemoryMeter::start();
     let started = std::time::Instant::now();
-    let rows = derivative_checks()?;
+    let rows = derivative_checks_on(&device)?;
     let elapsed = started.elapsed();
     let report = meter.report();
     let failed = rows.iter().filter(|r| !r.passed).count();
@@ -22,6 +24,7 @@ pub(crate) fn run(args: &CheckArgs) -> anyhow::Result<ExitCode> {
     if args.json {
         let json = serde_json::json!({
             "second_order_enabled": true,
+            "device": setting.to_string(),
             "ops": rows,
             "passed": rows.len() - failed,
             "failed": failed,
@@ -33,7 +36,7 @@ pub(crate) fn run(args: &CheckArgs) -> anyhow::Result<ExitCode> {
         let mut out = String::new();
         writeln!(
             out,
-            "Derivatives of every op against central finite differences (f64);\n\
+            "Derivatives of every op against central finite differences (f64, on {setting});\n\
              relative error allowed: 1e-6 first order, 1e-4 Hessian-vector product.\n"
         )?;
         writeln!(

@@ -66,7 +66,7 @@ pub(crate) fn run() -> anyhow::Result<ExitCode> {
     };
     match &cli.command {
         Command::Config(args) => config_cmd::run(&cli.global, args).map(|()| ExitCode::SUCCESS),
-        Command::Check(args) => check_cmd::run(args),
+        Command::Check(args) => check_cmd::run(&cli.global, args),
         Command::Bench(args::BenchCommand::Data(args)) => {
             bench_cmd::run_data(&cli.global, args).map(|()| ExitCode::SUCCESS)
         }
