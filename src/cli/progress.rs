@@ -44,9 +44,9 @@ pub(crate) fn bar(total: u64, prefix: &str) -> ProgressBar {
     bar
 }
 
-/// Current and peak heap, for the progress line.
-fn memory_text() -> String {
-    if memory::is_installed() {
+/// Current and peak heap, and on a GPU its memory, for the progress line.
+fn memory_text(device: Option<&memory::DeviceMemoryReading>) -> String {
+    let mut text = if memory::is_installed() {
         format!(
             "mem {} (peak {})",
             format_bytes(memory::current_bytes() as u64),
@@ -54,7 +54,17 @@ fn memory_text() -> String {
         )
     } else {
         String::new()
+    };
+    if let Some(d) = device {
+        let approximate = if d.exact { "" } else { ", whole device" };
+        text.push_str(&format!(
+            "{}gpu {} (peak {}{approximate})",
+            if text.is_empty() { "" } else { ", " },
+            format_bytes(d.used_bytes),
+            format_bytes(d.peak_bytes)
+        ));
     }
+    text
 }
 
 /// The training callback: updates `bar` with loss, accuracy, speed and memory, and
@@ -73,7 +83,7 @@ pub(crate) fn training_callback(bar: ProgressBar) -> ProgressFn {
         bar.set_message(format!(
             "{score} | {:.2} it/s | {}",
             1.0 / r.seconds.max(1e-9),
-            memory_text()
+            memory_text(r.device_memory.as_ref())
         ));
         if let Some(size) = r.reduced_micro_batch {
             let line = format!(
@@ -94,9 +104,31 @@ pub(crate) fn training_callback(bar: ProgressBar) -> ProgressFn {
                 r.iteration,
                 r.total,
                 r.best.unwrap_or(v),
-                memory_text()
+                memory_text(r.device_memory.as_ref())
             );
             bar.suspend(|| eprintln!("{line}"));
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A GPU reading joins the heap figures, marked when it is the whole device's.
+    #[test]
+    fn the_progress_line_shows_gpu_memory_on_a_gpu_run() {
+        assert!(!memory_text(None).contains("gpu"));
+        let mut reading = memory::DeviceMemoryReading {
+            used_bytes: 3 << 20,
+            peak_bytes: 5 << 30,
+            reserved_bytes: 6 << 30,
+            exact: true,
+        };
+        let text = memory_text(Some(&reading));
+        assert!(text.ends_with("gpu 3.00 MiB (peak 5.00 GiB)"), "{text}");
+        reading.exact = false;
+        let text = memory_text(Some(&reading));
+        assert!(text.ends_with("(peak 5.00 GiB, whole device)"), "{text}");
+    }
 }

@@ -15,6 +15,8 @@
 //! - [`MemoryMeter`] measures the peak of a scope; meters nest.
 //! - [`MemoryReport`] is a serializable snapshot for benchmarks.
 //! - [`format_bytes`] writes sizes for people.
+//! - [`device_memory`] reads a CUDA device's live bytes and their peak from the
+//!   memory pool candle allocates from (the heap figures see the host only).
 //! - [`BudgetGuard`] holds a run to a heap budget ([`check_budget`] fails once it is
 //!   exceeded).
 //!
@@ -23,12 +25,14 @@
 
 mod allocator;
 mod bytes;
+mod device;
 mod guard;
 mod meter;
 mod rss;
 
 pub use allocator::{allocation_count, current_bytes, is_installed, peak_bytes, CountingAllocator};
 pub use bytes::format_bytes;
+pub use device::{device_memory, reset_device_peak, DeviceMemoryReading};
 pub use guard::{check_budget, BudgetGuard};
 pub use meter::{HeapReport, MemoryMeter, MemoryReport};
 pub use rss::{physical_memory_bytes, ProcessMemory};

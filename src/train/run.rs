@@ -48,6 +48,8 @@ pub struct IterationReport<'a> {
     /// The micro-batch this iteration was redone with after going above the memory
     /// budget (it stays in use), if it was.
     pub reduced_micro_batch: Option<usize>,
+    /// The GPU's memory after this iteration, on a CUDA run.
+    pub device_memory: Option<crate::memory::DeviceMemoryReading>,
 }
 
 /// Called after every iteration.
@@ -168,6 +170,9 @@ pub fn run_name(config: &Config) -> String {
 pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainSummary> {
     crate::init();
     let meter = MemoryMeter::start();
+    // On a GPU the tensors are in device memory, which the heap meter does not see.
+    let device = crate::run::build::device(config)?;
+    crate::memory::reset_device_peak(&device)?;
     let run = Run::build(config)?;
     let Some(learner) = run.learner else {
         // Run::build gives baselines no learner; build_learner says why.
@@ -296,6 +301,11 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainSummary> {
             if crate::memory::is_installed() {
                 metrics.push(("memory/peak_bytes", meter.peak_above_baseline() as f64));
             }
+            let device_memory = crate::memory::device_memory(&device)?;
+            if let Some(reading) = device_memory {
+                metrics.push(("memory/device_bytes", reading.used_bytes as f64));
+                metrics.push(("memory/device_peak_bytes", reading.peak_bytes as f64));
+            }
             if let Some(size) = reduced_micro_batch {
                 metrics.push(("memory/micro_batch", size as f64));
             }
@@ -318,6 +328,7 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainSummary> {
                     best: trainer.best,
                     seconds,
                     reduced_micro_batch,
+                    device_memory,
                 });
             }
             summary.history.push(stats);
