@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# The device check: what a GPU machine verifies of melora's CUDA build, in one go
+# and in a few minutes, with a binary built beforehand (the GPU machine may have no
+# Rust toolchain and no network). Build it where cargo is:
+#
+#   eval "$(scripts/setup-cuda.sh)"          # CUDA_COMPUTE_CAP=90 for H100/H200
+#   cargo build --release --features cuda
+#   mkdir -p gpu-check && cp target/release/melora gpu-check/
+#
+# then, on the GPU machine, from the repository root:
+#
+#   scripts/gpu-check.sh [BINARY] [OUT]      # default gpu-check/melora, gpu-check/out
+#
+# It runs, on MELORA_GPU_CHECK_DEVICE (default cuda:0):
+#   1. `melora check`: every op's first derivatives and Hessian-vector products
+#      against finite differences in f64, on the device (there the ops melora
+#      fuses on the CPU are their compositions of candle's ops);
+#   2. a short meta-training run of exact second-order MAML on the built-in tiny
+#      BERT (configs/quickstart.yml), with the device memory it logs;
+#   3. the same run on the CPU, and the two runs' losses side by side (the same
+#      seeded model and tasks, so they agree to f32 rounding).
+# What the issue's check also asks for and melora does not have yet (fixture
+# tests on the device, the out-of-memory retry, the planner's device predictions,
+# the speed table against PyTorch) is listed at the end as not run.
+#
+# MELORA_GPU_CHECK_DEVICE=cpu runs the same steps on the CPU (how the script
+# itself is tested where no GPU is at hand).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+binary=${1:-gpu-check/melora}
+out=${2:-gpu-check/out}
+device=${MELORA_GPU_CHECK_DEVICE:-cuda:0}
+iterations=${MELORA_GPU_CHECK_ITERATIONS:-6}
+
+if [[ ! -x $binary ]]; then
+    echo "gpu-check: no melora binary at $binary; build one with --features cuda (see the top of this script)" >&2
+    exit 2
+fi
+mkdir -p "$out"
+if command -v nvidia-smi >/dev/null 2>&1; then
+    nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv | tee "$out/gpu.csv"
+fi
+
+status=0
+step() { echo; echo "== $*"; }
+
+step "1. derivative checks on $device"
+if "$binary" check --device "$device" --json > "$out/check.json" 2> "$out/check.err"; then
+    echo "all passed"
+else
+    status=1
+    echo "FAILED (see $out/check.json, $out/check.err)"
+fi
+python3 - "$out/check.json" <<'EOF' || true
+import json, sys
+try:
+    report = json.load(open(sys.argv[1]))
+except Exception as e:
+    sys.exit(f"no readable report: {e}")
+print(f"device {report.get('device')}: {report['passed']} passed, {report['failed']} failed in {report['seconds']:.1f} s")
+for op in report["ops"]:
+    if not op["passed"]:
+        print(f"  FAILED {op['name']}: first order {op['first_order']:.1e}, second order {op['second_order']:.1e}")
+EOF
+
+runs=("$device")
+[[ $device != cpu ]] && runs+=(cpu)
+for where in "${runs[@]}"; do
+    step "2. $iterations meta-iterations of MAML on tiny-bert, $where"
+    name=train-${where//:/-}
+    if "$binary" train --config configs/quickstart.yml --device "$where" \
+        --num-iterations "$iterations" --output "$out/$name" > "$out/$name.log" 2>&1; then
+        echo "ok ($out/$name.log)"
+    else
+        status=1
+        echo "FAILED:"; tail -n 5 "$out/$name.log"
+    fi
+done
+
+step "3. the two runs side by side (query loss per iteration; device memory on the GPU)"
+python3 - "$out" "train-${device//:/-}" <<'EOF' || status=1
+import json, pathlib, sys
+out, gpu = pathlib.Path(sys.argv[1]), sys.argv[2]
+def steps(name):
+    files = list((out / name).glob("*/*/metrics.jsonl"))
+    if not files:
+        sys.exit(f"no metrics.jsonl under {out / name}")
+    return [json.loads(line) for line in files[0].read_text().splitlines()]
+gpu_steps, cpu_steps = steps(gpu), steps("train-cpu")
+worst = 0.0
+print(f"{'step':>4} {'loss here':>12} {'loss on cpu':>12} {'device peak':>14}")
+for g, c in zip(gpu_steps, cpu_steps):
+    a, b = g["train/query_loss"], c["train/query_loss"]
+    worst = max(worst, abs(a - b) / max(abs(b), 1e-12))
+    peak = g.get("memory/device_peak_bytes")
+    peak = f"{peak / 2**20:.1f} MiB" if peak is not None else "-"
+    print(f"{g['step']:>4} {a:>12.6f} {b:>12.6f} {peak:>14}")
+print(f"largest relative difference of the losses: {worst:.1e}")
+if worst > 1e-3:
+    sys.exit("the runs disagree by more than f32 rounding explains")
+EOF
+
+step "not run (not in melora yet, issue 21)"
+echo "fixture tests on the device in f64/f32; out-of-memory retry; planner predictions of device memory; speed table against PyTorch"
+
+echo
+if [[ $status == 0 ]]; then echo "gpu-check: passed"; else echo "gpu-check: FAILED"; fi
+exit "$status"
