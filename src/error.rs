@@ -111,11 +111,43 @@ impl Error {
         }
     }
 
+    /// Whether this is a GPU running out of memory (CUDA's `CUDA_ERROR_OUT_OF_MEMORY`,
+    /// from an allocation inside candle): the step that hit it can be redone with
+    /// less memory, as one above the host budget ([`Error::OverBudget`]) is.
+    pub fn is_device_out_of_memory(&self) -> bool {
+        match self.kind() {
+            Error::Candle(e) => e.to_string().contains("CUDA_ERROR_OUT_OF_MEMORY"),
+            _ => false,
+        }
+    }
+
     /// An [`Error::Io`] for `path`.
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
             source,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A CUDA allocation failure, as cudarc reports it through candle, is recognised
+    /// also under context; other errors, and the host budget, are not.
+    #[test]
+    fn device_out_of_memory_is_recognised_under_context() {
+        let oom = Error::Candle(candle_core::Error::Msg(
+            "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")".into(),
+        ));
+        assert!(oom.is_device_out_of_memory());
+        assert!(oom
+            .context("task 2 of the meta-batch")
+            .is_device_out_of_memory());
+        let other = Error::Candle(candle_core::Error::Msg("shape mismatch".into()));
+        assert!(!other.is_device_out_of_memory());
+        assert!(!Error::OverBudget { budget: 1 }.is_device_out_of_memory());
+        assert!(!Error::NonFinite("out of memory".into()).is_device_out_of_memory());
     }
 }

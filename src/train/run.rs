@@ -440,8 +440,9 @@ impl Trainer<'_> {
     }
 
     /// One meta-step on `tasks`, moving the parameters. A step that goes above the
-    /// memory budget is redone with half the micro-batch (nothing changed before it
-    /// was abandoned), which stays in use; that micro-batch is returned.
+    /// memory budget, or runs out of GPU memory, is redone with half the micro-batch
+    /// (nothing changed before it was abandoned, and its tensors are freed as the
+    /// error returns), which stays in use; that micro-batch is returned.
     fn step(&mut self, iteration: usize, tasks: &[Episode]) -> Result<(StepStats, Option<usize>)> {
         let dropout = training_mode(
             self.config.seed,
@@ -462,15 +463,23 @@ impl Trainer<'_> {
                 dropout,
             );
             match outcome {
-                Err(crate::Error::OverBudget { budget }) => {
+                Err(e)
+                    if matches!(e, crate::Error::OverBudget { .. })
+                        || e.is_device_out_of_memory() =>
+                {
+                    let what = match e {
+                        crate::Error::OverBudget { budget } => {
+                            format!("more than the budget of {}", format_bytes(budget))
+                        }
+                        _ => "more memory than the GPU has free".to_string(),
+                    };
                     let half = halved_micro_batch(self.micro_batch, tasks)
                         .filter(|&half| self.learner.set_micro_batch(Some(half)))
                         .ok_or_else(|| {
                             crate::Error::MemoryBudget(format!(
-                                "a meta-step needs more than the budget of {} even with \
-                                 micro-batches of 1 example; raise --memory-budget, or enable \
-                                 memory_optimization.checkpointing or precision: bf16",
-                                format_bytes(budget)
+                                "a meta-step needs {what} even with the smallest micro-batch \
+                                 this learner takes; raise --memory-budget, or enable \
+                                 memory_optimization.checkpointing or precision: bf16"
                             ))
                         })?;
                     self.micro_batch = Some(half);
