@@ -27,6 +27,20 @@ pub(crate) fn shared_required() -> bool {
     std::env::var("MELORA_REQUIRE_SHARED").is_ok_and(|v| v == "1")
 }
 
+/// The device fixture tests run on: `MELORA_TEST_DEVICE` (`cpu`, `cuda` or `cuda:N`;
+/// the CPU when unset), so that the test binary of a CUDA build checks the
+/// reference values on a GPU (`scripts/gpu-check.sh`). A model built from a
+/// fixture's tensors is made on their device.
+pub(crate) fn test_device() -> Device {
+    let Ok(name) = std::env::var("MELORA_TEST_DEVICE") else {
+        return Device::Cpu;
+    };
+    let setting: crate::config::ComputeDevice = name
+        .parse()
+        .unwrap_or_else(|e| panic!("MELORA_TEST_DEVICE: {e}"));
+    crate::run::build::open_device(setting).unwrap_or_else(|e| panic!("MELORA_TEST_DEVICE: {e}"))
+}
+
 /// Loads fixture `name` (`<name>.json` + `<name>.safetensors`), or `None` with a
 /// message when the fixtures are not available and not required.
 pub(crate) fn load(name: &str) -> Option<Fixture> {
@@ -54,7 +68,7 @@ pub(crate) fn load_files(json_path: &Path, tensors_path: &Path) -> Fixture {
         .unwrap_or_else(|e| panic!("{}: {e}", json_path.display()));
     let json =
         serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", json_path.display()));
-    let tensors = candle_core::safetensors::load(tensors_path, &Device::Cpu)
+    let tensors = candle_core::safetensors::load(tensors_path, &test_device())
         .unwrap_or_else(|e| panic!("{}: {e}", tensors_path.display()));
     Fixture { json, tensors }
 }

@@ -99,7 +99,8 @@ impl FixtureCase {
                     bn_eps: fixture.value("/model_config/bn_eps").as_f64().unwrap(),
                 };
                 Box::new(
-                    ConvNet::new(config, n_way, DType::F64, &candle_core::Device::Cpu).unwrap(),
+                    ConvNet::new(config, n_way, DType::F64, &crate::fixtures::test_device())
+                        .unwrap(),
                 )
             }
         };
