@@ -65,7 +65,6 @@ const HOST_SIDE: &[(&str, &str)] = &[
         "tensor/second_order.rs",
         "the start-up probe of second-order support",
     ),
-    ("selfcheck.rs", "`melora check` runs in f64 on the CPU"),
     ("fixtures.rs", "the float64 reference tensors are read on the CPU"),
     (
         "bench/speed.rs",
