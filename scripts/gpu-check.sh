@@ -28,10 +28,16 @@
 #      seeded model and tasks, so they agree to f32 rounding);
 #   4. with gpu-check/melora-tests and gpu-check/fixtures, the fixture tests (exact
 #      MAML, FOMAML, Reptile, MELoRA, MetaSGD on the BERT, GPT-2 and Conv4 fixtures,
-#      FS-CT + VIC) with their tensors on the device, to 1e-8 in f64.
-# What the issue's check also asks for and melora does not have yet (the
-# provoked out-of-memory retry, the planner's device predictions, the speed table
-# against PyTorch) is listed at the end as not run.
+#      FS-CT + VIC) with their tensors on the device, to 1e-8 in f64;
+#   5. with gpu-check/melora-tests, the device-memory tests: a real out-of-memory
+#      error (a ballast tensor leaves less device memory than a step with whole
+#      sets needs), the step redone with smaller micro-batches and the run ending
+#      with the unconstrained run's parameters; and a device budget met the same way;
+#   6. the planner's predictions of device memory beside the measured device peaks
+#      (`melora profile --device`), for MAML on the tiny BERT and on Conv4 images,
+#      each within 15%.
+# What the issue's check also asks for and is not in it (the speed table against
+# PyTorch, which needs PyTorch with CUDA on the GPU machine) is listed at the end.
 #
 # MELORA_GPU_CHECK_DEVICE=cpu runs the same steps on the CPU (how the script
 # itself is tested where no GPU is at hand).
@@ -126,8 +132,42 @@ else
     echo "skipped: no test binary at $tests or no fixtures at $fixtures (see the top of this script)"
 fi
 
-step "not run (not in melora yet, issue 21)"
-echo "a provoked out-of-memory retry; planner predictions of device memory; speed table against PyTorch"
+step "5. device-memory tests on $device: a provoked out-of-memory error, a device budget"
+if [[ -x $tests ]]; then
+    if MELORA_TEST_DEVICE=$device "$tests" on_the_device --nocapture > "$out/device-memory.log" 2>&1; then
+        grep -E "device peaks|test result" "$out/device-memory.log"
+    else
+        status=1
+        echo "FAILED:"; grep -E "panicked|FAILED|test result" "$out/device-memory.log" | head -n 20
+    fi
+else
+    echo "skipped: no test binary at $tests (see the top of this script)"
+fi
+
+step "6. the planner's predictions beside the measured peaks on $device"
+for config in configs/quickstart.yml configs/conv4-images-maml.yml; do
+    name=profile-$(basename "$config" .yml)
+    if "$binary" profile --config "$config" --device "$device" --iterations 3 --json \
+        > "$out/$name.json" 2> "$out/$name.err"; then
+        python3 - "$out/$name.json" "$config" <<'EOF' || status=1
+import json, sys
+p = json.load(open(sys.argv[1]))
+plan, measured = p["plan"], p["measured_peak_bytes"]
+error = p["relative_error"]
+print(f"{sys.argv[2]} ({plan['method']}, memory of {plan['device']}): predicted "
+      f"{plan['peak_bytes'] / 2**20:.1f} MiB, measured {measured / 2**20:.1f} MiB, "
+      f"error {100 * error:+.1f}%, {p['median_seconds']:.3f} s per meta-iteration")
+if abs(error) > 0.15:
+    sys.exit("the prediction is more than 15% off")
+EOF
+    else
+        status=1
+        echo "FAILED:"; tail -n 5 "$out/$name.err"
+    fi
+done
+
+step "not run here (issue 21)"
+echo "the speed and memory table against PyTorch + peft on the GPU (needs PyTorch with CUDA on this machine)"
 
 echo
 if [[ $status == 0 ]]; then echo "gpu-check: passed"; else echo "gpu-check: FAILED"; fi

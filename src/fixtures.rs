@@ -32,13 +32,18 @@ pub(crate) fn shared_required() -> bool {
 /// reference values on a GPU (`scripts/gpu-check.sh`). A model built from a
 /// fixture's tensors is made on their device.
 pub(crate) fn test_device() -> Device {
-    let Ok(name) = std::env::var("MELORA_TEST_DEVICE") else {
-        return Device::Cpu;
-    };
-    let setting: crate::config::ComputeDevice = name
-        .parse()
-        .unwrap_or_else(|e| panic!("MELORA_TEST_DEVICE: {e}"));
-    crate::run::build::open_device(setting).unwrap_or_else(|e| panic!("MELORA_TEST_DEVICE: {e}"))
+    crate::run::build::open_device(test_device_setting())
+        .unwrap_or_else(|e| panic!("MELORA_TEST_DEVICE: {e}"))
+}
+
+/// [`test_device`] as a configuration's `device` setting.
+pub(crate) fn test_device_setting() -> crate::config::ComputeDevice {
+    match std::env::var("MELORA_TEST_DEVICE") {
+        Ok(name) => name
+            .parse()
+            .unwrap_or_else(|e| panic!("MELORA_TEST_DEVICE: {e}")),
+        Err(_) => crate::config::ComputeDevice::Cpu,
+    }
 }
 
 /// Loads fixture `name` (`<name>.json` + `<name>.safetensors`), or `None` with a

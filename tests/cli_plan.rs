@@ -225,6 +225,43 @@ fn plan_exits_with_status_2_when_nothing_fits_the_budget() {
     assert_eq!(json["fits"], true);
 }
 
+/// `--memory-budget auto` is the memory free where the run keeps its tensors: on
+/// the CPU what the kernel reports available, at most the machine's memory.
+#[test]
+fn plan_takes_the_free_memory_as_an_auto_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write(dir.path(), "tiny.yml", TINY);
+    let out = melora(&[
+        "plan",
+        "--config",
+        &config,
+        "--memory-budget",
+        "auto",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let budget = json["memory_budget_bytes"].as_u64().unwrap();
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
+    let total_kib: u64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    assert!(budget > 0 && budget <= total_kib * 1024, "{json}");
+    assert_eq!(json["fits"], true, "{json}");
+    assert_eq!(json["plan"]["device"], "cpu", "{json}");
+}
+
+/// Planning on a GPU measures the GPU: a CPU-only build says how to get a CUDA
+/// build (a CUDA build without a GPU, that the device cannot be opened).
+#[test]
+fn plan_on_a_gpu_needs_a_device_it_can_open() {
+    let quick = quickstart();
+    let out = melora(&["plan", "--config", &quick, "--device", "cuda"]);
+    assert_user_error(&out, "--device cpu");
+}
+
 #[test]
 fn plan_refuses_bad_input_with_one_line() {
     let dir = tempfile::tempdir().unwrap();

@@ -18,12 +18,8 @@ const HOST_SIDE: &[(&str, &str)] = &[
         "`builtin_with_inputs` and `from_directory` are the CPU forms of `builtin_on` and `from_directory_on`",
     ),
     (
-        "models/architecture.rs",
-        "the planner's random stand-in models measure the host heap",
-    ),
-    (
         "plan/measure.rs",
-        "the planner measures the host heap (it refuses GPU runs)",
+        "the planner makes its stand-in episodes on the host and moves them to the run's device",
     ),
     (
         "models/weights.rs",
@@ -65,7 +61,6 @@ const HOST_SIDE: &[(&str, &str)] = &[
         "tensor/second_order.rs",
         "the start-up probe of second-order support",
     ),
-    ("fixtures.rs", "the float64 reference tensors are read on the CPU"),
     (
         "bench/speed.rs",
         "the speed benchmark runs on the CPU beside PyTorch's CPU run",

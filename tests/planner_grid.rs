@@ -385,6 +385,13 @@ fn vision_rows() -> Vec<(String, Config)> {
             rows.push((label, c));
         }
     }
+    // A peak flat in the queries until they turn it: MAML's inner loop (two steps,
+    // recompute) holds more than the query's passes up to 4 queries per class.
+    let (label, mut c) = row("conv4", maml, 2, None);
+    c.data.n_way = 5;
+    c.data.k_shot = 1;
+    c.data.n_query = 15;
+    rows.push((format!("{label} 5-way 1-shot q=15"), c));
     rows
 }
 

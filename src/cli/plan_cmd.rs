@@ -18,17 +18,14 @@ use crate::plan::{self, Plan};
 pub(crate) fn run(global: &GlobalArgs, args: &PlanArgs) -> anyhow::Result<ExitCode> {
     let config = load_config(global)?;
     let variants = methods(&config, &args.methods)?;
-    let budget = config
-        .memory_optimization
-        .budget
-        .limit_bytes()
-        .map_err(UserError::Config)?;
+    // An `auto` budget is read once, before anything is planned on the device.
+    let choice = search_configured(&config).map_err(UserError::Config)?;
+    let budget = choice.as_ref().map(|c| c.budget);
     // Everything the planner rejects comes from the configuration (model, targets,
     // data source, micro-batches, checkpointed layers).
     let plan = plan::plan(&config).map_err(UserError::Config)?;
     let comparison = plan::compare(&config, &variants).map_err(UserError::Config)?;
     // What `train` would run under the budget, or how close it gets.
-    let choice = search_configured(&config)?;
     let status = match &choice {
         Some(choice) if !choice.fits => {
             eprintln!(
@@ -111,9 +108,16 @@ fn methods(config: &Config, names: &[String]) -> anyhow::Result<Vec<Variant>> {
 
 /// What the prediction covers, in plain words.
 fn notes(plan: &Plan) -> String {
-    let mut out = String::from(
-        "Heap bytes as the counting allocator counts them (`melora profile` measures them). ",
-    );
+    let mut out = if plan.device == "cpu" {
+        String::from(
+            "Heap bytes as the counting allocator counts them (`melora profile` measures them). ",
+        )
+    } else {
+        format!(
+            "Bytes of {}'s memory as its memory pool counts them, measured there (`melora              profile --device {}` measures the run). ",
+            plan.device, plan.device
+        )
+    };
     if plan.variant.meta_trains() {
         let _ = write!(
             out,

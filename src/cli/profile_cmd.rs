@@ -12,7 +12,7 @@ use super::args::{GlobalArgs, ProfileArgs};
 use super::{load_config, write_stdout, UserError};
 use crate::config::Config;
 use crate::data::{EpisodeSource, Prefetcher, Split};
-use crate::memory::{current_bytes, format_bytes, is_installed, MemoryMeter, ProcessMemory};
+use crate::memory::{current_bytes, format_bytes, is_installed, ProcessMemory, TensorMeter};
 use crate::meta::loss_value;
 use crate::nn::Mode;
 use crate::plan::{self, Plan};
@@ -24,7 +24,8 @@ use crate::run::{meta_step, training_mode, Run};
 struct Profile {
     /// The planner's prediction for the configuration.
     plan: Plan,
-    /// Measured heap peak since the model was built (counting allocator), bytes.
+    /// Measured peak since the model was built, bytes: of the heap (counting
+    /// allocator) on the CPU, of the GPU's memory pool on a GPU (as `plan.device` says).
     measured_peak_bytes: Option<u64>,
     /// (predicted − measured) / measured.
     relative_error: Option<f64>,
@@ -148,8 +149,10 @@ pub(crate) fn run(global: &GlobalArgs, args: &ProfileArgs) -> anyhow::Result<()>
     crate::tensor::kernel_workspace::reserve_on_kernel_threads();
     let runtime_bytes = current_bytes().saturating_sub(before_warm_up) as u64;
 
-    // Everything of the run itself is measured, from building the model on.
-    let meter = MemoryMeter::start();
+    // Everything of the run itself is measured, from building the model on, where
+    // it keeps its tensors (the heap, or the GPU's memory).
+    let device = crate::run::build::device(&config)?;
+    let meter = TensorMeter::start(&device)?;
     let mut run = Profiled::build(&config)?;
     let mut seconds = Vec::with_capacity(args.iterations);
     for iteration in 0..args.iterations {
@@ -158,7 +161,11 @@ pub(crate) fn run(global: &GlobalArgs, args: &ProfileArgs) -> anyhow::Result<()>
         seconds.push(started.elapsed().as_secs_f64());
     }
     drop(run);
-    let measured = is_installed().then(|| meter.peak_above_baseline() as u64);
+    let measured = if meter.is_device() || is_installed() {
+        Some(meter.peak_above_baseline()?)
+    } else {
+        None
+    };
     drop(meter);
     let peak_rss_bytes = ProcessMemory::read().ok().map(|m| m.peak_rss_bytes);
     let median_seconds = crate::eval::stats::median(&seconds).unwrap_or(f64::NAN);
@@ -207,7 +214,12 @@ fn table(p: &Profile) -> String {
         .map_or("-".to_string(), |e| format!("{:+.1}%", 100.0 * e));
     let _ = writeln!(
         out,
-        "| peak heap (counting allocator) | {} | {measured} | {error} |",
+        "| {} | {} | {measured} | {error} |",
+        if plan.device == "cpu" {
+            "peak heap (counting allocator)".to_string()
+        } else {
+            format!("peak of {}'s memory (its memory pool)", plan.device)
+        },
         format_bytes(plan.peak_bytes)
     );
     let rss = p
@@ -233,7 +245,7 @@ fn table(p: &Profile) -> String {
     }
     let _ = writeln!(
         out,
-        "\nThe heap peak is exact and covers the run from building the model on; RSS also \
+        "\nThe peak is exact and covers the run from building the model on; RSS also \
          counts code, thread stacks, the runtime set up once and memory the allocator keeps \
          cached."
     );

@@ -75,7 +75,9 @@ pub struct MemoryOptimizationConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct MemoryBudgetConfig {
-    /// The limit, such as `4GiB` or `512MB`; `None`: no budget (`--memory-budget`).
+    /// The limit, such as `4GiB` or `512MB`, or `auto` for the memory the run's
+    /// device has free when it starts (a GPU's free memory, the CPU's available
+    /// memory); `None`: no budget (`--memory-budget`).
     pub limit: Option<String>,
     /// The settings tried, in this order, each to its most frugal level before the
     /// next is changed.
@@ -95,16 +97,32 @@ impl Default for MemoryBudgetConfig {
     }
 }
 
+/// The size of a memory budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BudgetLimit {
+    /// This many bytes.
+    Bytes(u64),
+    /// What the run's device has free when the run starts (`auto`).
+    Free,
+}
+
 impl MemoryBudgetConfig {
-    /// The limit in bytes, if one is set.
-    pub fn limit_bytes(&self) -> Result<Option<u64>> {
-        self.limit
-            .as_deref()
-            .map(|text| {
-                super::bytes::parse_bytes(text)
-                    .map_err(|e| invalid("memory_optimization.budget.limit", e.to_string()))
+    /// The limit, if one is set.
+    pub fn limit(&self) -> Result<Option<BudgetLimit>> {
+        let Some(text) = self.limit.as_deref() else {
+            return Ok(None);
+        };
+        if text.trim().eq_ignore_ascii_case("auto") {
+            return Ok(Some(BudgetLimit::Free));
+        }
+        super::bytes::parse_bytes(text)
+            .map(|bytes| Some(BudgetLimit::Bytes(bytes)))
+            .map_err(|e| {
+                invalid(
+                    "memory_optimization.budget.limit",
+                    format!("{e}; or `auto` for the memory free on the run's device"),
+                )
             })
-            .transpose()
     }
 }
 
@@ -329,7 +347,7 @@ impl MemoryOptimizationConfig {
                 ));
             }
         }
-        if self.budget.limit_bytes()? == Some(0) {
+        if self.budget.limit()? == Some(BudgetLimit::Bytes(0)) {
             return Err(invalid(
                 "memory_optimization.budget.limit",
                 "is 0 bytes; give a size such as 4GiB, or null for no budget",

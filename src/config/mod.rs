@@ -72,7 +72,7 @@ pub use evaluation::{BatchNormEvaluation, EvaluationConfig};
 pub use learner::{Baseline, LearnerSpec};
 pub use lora::LoraConfig;
 pub use memory_optimization::{
-    BudgetLever, CheckpointPlan, CheckpointingConfig, GradientAccumulationConfig,
+    BudgetLever, BudgetLimit, CheckpointPlan, CheckpointingConfig, GradientAccumulationConfig,
     HessianApproximationConfig, HessianKind, LossScalingConfig, MemoryBudgetConfig,
     MemoryOptimizationConfig, Precision,
 };

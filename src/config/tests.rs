@@ -345,8 +345,8 @@ fn overrides_are_applied() {
     assert_eq!(config.tracking.experiment_name, "quick");
     assert_eq!(config.tracking.output_dir, PathBuf::from("out"));
     assert_eq!(
-        config.memory_optimization.budget.limit_bytes().unwrap(),
-        Some(4 << 30)
+        config.memory_optimization.budget.limit().unwrap(),
+        Some(BudgetLimit::Bytes(4 << 30))
     );
     // Unset fields change nothing.
     let before = config.clone();
@@ -376,9 +376,22 @@ fn invalid_override_names_its_flag_and_leaves_config_unchanged() {
     assert!(
         err.contains("memory_optimization.budget.limit")
             && err.contains("--memory-budget")
-            && err.contains("GiB"),
+            && err.contains("GiB")
+            && err.contains("`auto`"),
         "{err}"
     );
+    let mut auto = Config::default();
+    for text in ["auto", " AUTO "] {
+        let overrides = ConfigOverrides {
+            memory_budget: Some(text.into()),
+            ..Default::default()
+        };
+        auto.apply(&overrides).unwrap();
+        assert_eq!(
+            auto.memory_optimization.budget.limit().unwrap(),
+            Some(BudgetLimit::Free)
+        );
+    }
 
     let overrides = ConfigOverrides {
         inner_lr: Some(f64::NAN),

@@ -15,6 +15,7 @@
 use candle_core::Device;
 use serde::Serialize;
 
+use super::meter::MemoryMeter;
 use crate::Result;
 
 /// A reading of a device's memory.
@@ -46,6 +47,93 @@ pub fn reset_device_peak(device: &Device) -> Result<()> {
         #[cfg(feature = "cuda")]
         Device::Cuda(cuda) => cuda_pool::reset_peak(cuda),
         _ => Ok(()),
+    }
+}
+
+/// Bytes a new run could use on `device`: for a GPU the free memory the driver
+/// reports (`cuMemGetInfo`, what every process leaves), for the CPU the memory the
+/// kernel reports available (`MemAvailable`); `None` where that cannot be read.
+pub fn free_memory_bytes(device: &Device) -> Result<Option<u64>> {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(cuda) => cuda_pool::free(cuda).map(Some),
+        _ => Ok(super::rss::available_memory_bytes()),
+    }
+}
+
+/// Measures the peak of a scope in the memory that holds `device`'s tensors: the
+/// host heap (a [`MemoryMeter`]) for the CPU, the device's memory pool for a GPU.
+///
+/// On a GPU, starting a meter restarts the device's peak from its current use
+/// ([`reset_device_peak`]): device meters do not nest as heap meters do, so an
+/// enclosing meter's peak must be read before an inner one starts.
+///
+/// ```
+/// use candle_core::Device;
+/// use melora::memory::TensorMeter;
+///
+/// let meter = TensorMeter::start(&Device::Cpu)?;
+/// let buffer = vec![0u8; 1 << 20];
+/// drop(buffer);
+/// // On the CPU the heap meter's figures (zero without the counting allocator).
+/// let _peak = meter.peak_above_baseline()?;
+/// # Ok::<(), melora::Error>(())
+/// ```
+#[derive(Debug)]
+pub enum TensorMeter {
+    /// The CPU's tensors, on the host heap.
+    Heap(MemoryMeter),
+    /// A GPU's tensors, in its memory pool.
+    Device {
+        /// The device measured.
+        device: Device,
+        /// Its live bytes when the meter started.
+        baseline: u64,
+    },
+}
+
+impl TensorMeter {
+    /// Starts measuring where `device` keeps its tensors.
+    #[must_use = "a meter measures until it is dropped; bind it to a variable"]
+    pub fn start(device: &Device) -> Result<Self> {
+        match device_memory(device)? {
+            None => Ok(TensorMeter::Heap(MemoryMeter::start())),
+            Some(reading) => {
+                reset_device_peak(device)?;
+                Ok(TensorMeter::Device {
+                    device: device.clone(),
+                    baseline: reading.used_bytes,
+                })
+            }
+        }
+    }
+
+    /// Live bytes now minus those at the start (negative when the scope freed more
+    /// than it allocated).
+    pub fn current_above_baseline(&self) -> Result<i64> {
+        match self {
+            TensorMeter::Heap(meter) => Ok(meter.current_above_baseline()),
+            TensorMeter::Device { device, baseline } => {
+                let used = device_memory(device)?.map_or(*baseline, |r| r.used_bytes);
+                Ok(used as i64 - *baseline as i64)
+            }
+        }
+    }
+
+    /// How far the live bytes rose above the start at their highest.
+    pub fn peak_above_baseline(&self) -> Result<u64> {
+        match self {
+            TensorMeter::Heap(meter) => Ok(meter.peak_above_baseline() as u64),
+            TensorMeter::Device { device, baseline } => {
+                let peak = device_memory(device)?.map_or(*baseline, |r| r.peak_bytes);
+                Ok(peak.saturating_sub(*baseline))
+            }
+        }
+    }
+
+    /// Whether the figures are a GPU's (`false`: the host heap's).
+    pub fn is_device(&self) -> bool {
+        matches!(self, TensorMeter::Device { .. })
     }
 }
 
@@ -105,6 +193,16 @@ mod cuda_pool {
         }
     }
 
+    pub(super) fn free(device: &CudaDevice) -> Result<u64> {
+        device
+            .cuda_stream()
+            .context()
+            .bind_to_thread()
+            .map_err(driver)?;
+        let (free, _total) = result::mem_get_info().map_err(driver)?;
+        Ok(free as u64)
+    }
+
     pub(super) fn reset_peak(device: &CudaDevice) -> Result<()> {
         if let Some(pool) = pool(device)? {
             let mut zero: u64 = 0;
@@ -131,5 +229,24 @@ mod tests {
     fn the_cpu_has_no_device_memory() {
         assert_eq!(device_memory(&Device::Cpu).unwrap(), None);
         reset_device_peak(&Device::Cpu).unwrap();
+    }
+
+    /// On the CPU a tensor meter is the heap meter, and a run could use what the
+    /// kernel reports available (at most the machine's memory).
+    #[test]
+    fn the_cpu_is_measured_on_the_heap() {
+        let meter = TensorMeter::start(&Device::Cpu).unwrap();
+        assert!(!meter.is_device());
+        let buffer = vec![1u8; 1 << 16];
+        if crate::memory::is_installed() {
+            assert!(meter.current_above_baseline().unwrap() >= 1 << 16);
+        }
+        drop(buffer);
+        if crate::memory::is_installed() {
+            assert!(meter.peak_above_baseline().unwrap() >= 1 << 16);
+        }
+        let free = free_memory_bytes(&Device::Cpu).unwrap().unwrap();
+        let total = crate::memory::physical_memory_bytes().unwrap();
+        assert!(free > 0 && free <= total, "{free} of {total}");
     }
 }

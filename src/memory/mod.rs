@@ -16,9 +16,11 @@
 //! - [`MemoryReport`] is a serializable snapshot for benchmarks.
 //! - [`format_bytes`] writes sizes for people.
 //! - [`device_memory`] reads a CUDA device's live bytes and their peak from the
-//!   memory pool candle allocates from (the heap figures see the host only).
-//! - [`BudgetGuard`] holds a run to a heap budget ([`check_budget`] fails once it is
-//!   exceeded).
+//!   memory pool candle allocates from (the heap figures see the host only);
+//!   [`TensorMeter`] measures a scope where a device keeps its tensors (heap or
+//!   pool), [`free_memory_bytes`] what a run could use there.
+//! - [`BudgetGuard`] holds a run to a budget of heap or device memory
+//!   ([`check_budget`] fails once it is exceeded).
 //!
 //! This layer measures and knows nothing of the layers above it: predicting and
 //! fitting budgets is `crate::plan`'s.
@@ -32,7 +34,9 @@ mod rss;
 
 pub use allocator::{allocation_count, current_bytes, is_installed, peak_bytes, CountingAllocator};
 pub use bytes::format_bytes;
-pub use device::{device_memory, reset_device_peak, DeviceMemoryReading};
+pub use device::{
+    device_memory, free_memory_bytes, reset_device_peak, DeviceMemoryReading, TensorMeter,
+};
 pub use guard::{check_budget, BudgetGuard};
 pub use meter::{HeapReport, MemoryMeter, MemoryReport};
 pub use rss::{physical_memory_bytes, ProcessMemory};

@@ -98,10 +98,21 @@ fn parse_kib(key: &str, value: &str) -> Result<u64> {
 
 /// The machine's physical memory (`MemTotal` of `/proc/meminfo`), where known.
 pub fn physical_memory_bytes() -> Option<u64> {
+    meminfo_bytes("MemTotal:")
+}
+
+/// The memory new work can use without swapping (`MemAvailable` of
+/// `/proc/meminfo`), where known.
+pub(crate) fn available_memory_bytes() -> Option<u64> {
+    meminfo_bytes("MemAvailable:")
+}
+
+/// The `/proc/meminfo` line starting with `key`, in bytes.
+fn meminfo_bytes(key: &str) -> Option<u64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let line = text.lines().find(|l| l.starts_with(key))?;
     let kib: u64 = line
-        .trim_start_matches("MemTotal:")
+        .trim_start_matches(key)
         .trim()
         .trim_end_matches("kB")
         .trim()

@@ -115,18 +115,18 @@ impl Architecture {
     }
 
     /// The model of this architecture with seeded random frozen weights in
-    /// `precision`, LoRA and a head for `classes` classes: the shapes, dtypes and
-    /// storage of a loaded model, without its values.
+    /// `precision` on `device`, LoRA and a head for `classes` classes: the shapes,
+    /// dtypes and storage of a loaded model, without its values.
     pub fn build_random(
         &self,
         seed: u64,
         precision: ModelPrecision,
         lora: Option<LoraSettings>,
         classes: usize,
+        device: &Device,
     ) -> Result<Box<dyn FewShotModel>> {
         precision.validate()?;
-        let weights =
-            Weights::random(seed, precision.frozen, &Device::Cpu).with_precision(precision)?;
+        let weights = Weights::random(seed, precision.frozen, device).with_precision(precision)?;
         build(
             self.family,
             self.config.clone(),
@@ -150,7 +150,13 @@ mod tests {
             let one = architecture.with_layers(1);
             assert_eq!(one.layers().unwrap(), 1);
             let model = one
-                .build_random(1, ModelPrecision::from(candle_core::DType::F32), None, 3)
+                .build_random(
+                    1,
+                    ModelPrecision::from(candle_core::DType::F32),
+                    None,
+                    3,
+                    &Device::Cpu,
+                )
                 .unwrap();
             assert_eq!(model.transformer().unwrap().num_layers(), 1, "{name}");
         }

@@ -9,7 +9,7 @@
 //!   smaller GEMMs, bf16 some accuracy. The method is never changed.
 //! - [`crate::memory::BudgetGuard`] holds the run to the budget while it runs.
 
-use crate::config::{BudgetLever, Config, Precision};
+use crate::config::{BudgetLever, BudgetLimit, Config, Precision};
 use crate::memory::format_bytes;
 use crate::{Error, Result};
 
@@ -155,13 +155,39 @@ pub fn fit_to_budget(
     search_budget(config, budget, predict)?.into_fitting()
 }
 
+/// The budget `memory_optimization.budget.limit` sets, in bytes (`None`: no
+/// budget). `auto` is the memory free now where the run keeps its tensors: on a
+/// GPU the driver's free memory plus what melora's memory pool holds unused, on
+/// the CPU the memory the kernel reports available.
+pub fn configured_budget(config: &Config) -> Result<Option<u64>> {
+    match config.memory_optimization.budget.limit()? {
+        None => Ok(None),
+        Some(BudgetLimit::Bytes(bytes)) => Ok(Some(bytes)),
+        Some(BudgetLimit::Free) => {
+            let device = crate::run::build::device(config)?;
+            crate::memory::free_memory_bytes(&device)?
+                .map(Some)
+                .ok_or_else(|| Error::Config {
+                    key: "memory_optimization.budget.limit".into(),
+                    message: format!(
+                        "is auto, and the free memory of `{}` cannot be read here; give a                          size such as 4GiB",
+                        config.device
+                    ),
+                })
+        }
+    }
+}
+
 /// [`search_budget`] with `memory_optimization.budget.limit` and the memory
-/// planner's predictions; `None` when no budget is set.
+/// planner's predictions; `None` when no budget is set. The chosen configuration's
+/// limit is the budget in bytes (an `auto` budget is read once, here).
 pub fn search_configured(config: &Config) -> Result<Option<BudgetChoice>> {
-    let Some(budget) = config.memory_optimization.budget.limit_bytes()? else {
+    let Some(budget) = configured_budget(config)? else {
         return Ok(None);
     };
-    search_budget(config, budget, &|c| {
+    let mut config = config.clone();
+    config.memory_optimization.budget.limit = Some(budget.to_string());
+    search_budget(&config, budget, &|c| {
         super::plan(c).map(|plan| plan.peak_bytes)
     })
     .map(Some)

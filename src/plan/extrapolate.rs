@@ -153,6 +153,29 @@ impl Target {
         }
     }
 
+    /// The smaller of the two query numbers measured, when queries are
+    /// extrapolated.
+    pub(crate) fn first_query(&self) -> Option<usize> {
+        self.queries.map(|(_, first)| first)
+    }
+
+    /// Measures from `first` and `first + 1` queries per class instead; from the
+    /// configured number (no extrapolation) when that is not below it.
+    pub(crate) fn set_first_query(&mut self, first: usize) {
+        self.queries = self
+            .queries
+            .and_then(|(queries, _)| (queries > first + 1).then_some((queries, first)));
+    }
+
+    /// Where the line through `first` and `first + 1` queries is checked before it
+    /// is trusted (see [`super::plan_with`]): half as many queries again, at least
+    /// two more; `None` where that is not below the configured number.
+    pub(crate) fn query_check_point(&self) -> Option<usize> {
+        let (queries, first) = self.queries?;
+        let check = first + first.div_ceil(2).max(2);
+        (check < queries).then_some(check)
+    }
+
     /// Tasks of the instances: 1 and 2 for a larger meta-batch (extrapolated), the
     /// configured number otherwise.
     fn task_points(&self) -> Vec<usize> {
@@ -400,6 +423,27 @@ mod tests {
         assert_eq!(points, [Some(10), Some(11)]);
         config.data.n_query = 11;
         let target = Target::of(&config, None, 1, true).unwrap();
+        assert_eq!(instances_of(&target)[0].1.n_query, None);
+    }
+
+    /// The first query number moves on, and stops extrapolating where the pair
+    /// would reach the configured number.
+    #[test]
+    fn the_first_query_number_moves_on_to_the_configured_one() {
+        let mut config = Config::default();
+        config.data.k_shot = 1;
+        config.data.n_query = 15;
+        let mut target = Target::of(&config, None, 1, true).unwrap();
+        assert_eq!(target.first_query(), Some(3));
+        assert_eq!(target.query_check_point(), Some(5));
+        target.set_first_query(5);
+        assert_eq!(target.query_check_point(), Some(8));
+        target.set_first_query(8);
+        assert_eq!(target.query_check_point(), Some(12));
+        target.set_first_query(12);
+        assert_eq!(target.query_check_point(), None);
+        target.set_first_query(14);
+        assert_eq!(target.first_query(), None);
         assert_eq!(instances_of(&target)[0].1.n_query, None);
     }
 

@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::config::{self, Config, DataSource, Method, SyntheticTask};
 use crate::data::{Batch, Episode, EpisodeSource, SinusoidTasks, SyntheticText};
-use crate::memory::MemoryMeter;
+use crate::memory::TensorMeter;
 use crate::models::FewShotModel;
 use crate::nn::Mode;
 use crate::optim::{Optimizer, OptimizerKind};
@@ -157,10 +157,17 @@ pub(crate) struct PlannedInputs {
     /// For text, the heaviest task the run reads; `None`: tasks of the configured
     /// shape, every sequence at its longest.
     pub(crate) observed: Option<ObservedTask>,
+    /// The device the run keeps its tensors on.
+    pub(crate) device: Device,
 }
 
 /// One task of an instance: the observed one, or one of the configured shape.
 pub(crate) fn episode(config: &Config, planned: &PlannedInputs, index: u64) -> Result<Episode> {
+    host_episode(config, planned, index)?.to_device(&planned.device)
+}
+
+/// [`episode`] as read or made, in host memory.
+fn host_episode(config: &Config, planned: &PlannedInputs, index: u64) -> Result<Episode> {
     if let Some(task) = &planned.observed {
         return task.episode();
     }
@@ -303,23 +310,25 @@ pub(crate) fn measure(
         config.memory_optimization.checkpointing.layers = Some(layers.clone());
     }
     let config = &config;
-    let meter = MemoryMeter::start();
-    let level = |m: &MemoryMeter| m.current_above_baseline() as f64;
+    let device = &planned.device;
+    // Device meters do not nest: each scope's figures are read before the next starts.
+    let meter = TensorMeter::start(device)?;
+    let level = |m: &TensorMeter| m.current_above_baseline().map(|bytes| bytes as f64);
     let model = match instance.layers {
         Some(layers) => build_model_with_layers(config, layers)?,
         None => build_model(config)?,
     };
     let mut measured = Measured {
-        weights: level(&meter),
-        build_peak: meter.peak_above_baseline() as f64,
+        weights: level(&meter)?,
+        build_peak: meter.peak_above_baseline()? as f64,
         ..Measured::default()
     };
-    let trainable_before = level(&meter);
+    let trainable_before = level(&meter)?;
     let run = Run::with_model(config, model)?;
     let (model, mut params, mut outer) = (run.model, run.params, run.outer);
     // The learner, adapter, outer update and encoder are a few hundred bytes of
     // structure; the parameters are what the run adds here.
-    measured.trainable = level(&meter) - trainable_before;
+    measured.trainable = level(&meter)? - trainable_before;
     let batches = if meta_trains {
         episode_batches.max(1)
     } else {
@@ -328,10 +337,10 @@ pub(crate) fn measure(
     let tasks: Vec<Episode> = (0..batches * instance.tasks)
         .map(|i| episode(config, planned, i as u64))
         .collect::<Result<_>>()?;
-    measured.data = level(&meter) - measured.weights - measured.trainable;
+    measured.data = level(&meter)? - measured.weights - measured.trainable;
     let engine = build_engine(config, model.as_ref())?;
-    let before_steps = level(&meter);
-    let steps = MemoryMeter::start();
+    let before_steps = level(&meter)?;
+    let steps = TensorMeter::start(device)?;
     if let Some(learner) = &run.learner {
         let meta_batch = &tasks[..instance.tasks];
         for iteration in 0..iterations.max(1) {
@@ -361,7 +370,7 @@ pub(crate) fn measure(
         run.adapter
             .predict(engine.as_ref(), &adapted, &task.query, Mode::Eval)?;
     }
-    measured.peak = before_steps + steps.peak_above_baseline() as f64;
+    measured.peak = before_steps + steps.peak_above_baseline()? as f64;
     drop(steps);
 
     // One forward graph of a support micro-batch, then its first-order backward.
@@ -373,18 +382,18 @@ pub(crate) fn measure(
         .unwrap_or(support.len())
         .clamp(1, support.len().max(1));
     let chunk = support.split(micro)?.swap_remove(0);
-    let graph = MemoryMeter::start();
+    let graph = TensorMeter::start(device)?;
     let leaves = params.to_leaves()?;
     let outputs = model.logits(&leaves, &chunk, Mode::Eval)?;
     let loss = engine.loss().value(&outputs, &chunk)?;
-    measured.forward_graph = level(&graph);
+    measured.forward_graph = level(&graph)?;
     let grads = leaves.gradients(&loss, GradGraph::Detach)?;
     measured.backward_extra =
-        (graph.peak_above_baseline() as f64 - measured.forward_graph).max(0.0);
+        (graph.peak_above_baseline()? as f64 - measured.forward_graph).max(0.0);
     drop(grads);
-    let before = level(&graph);
+    let before = level(&graph)?;
     let kept = leaves.gradients(&loss, GradGraph::Keep)?;
-    measured.gradient_graph = (level(&graph) - before).max(0.0);
+    measured.gradient_graph = (level(&graph)? - before).max(0.0);
     drop((kept, loss, outputs, leaves));
     Ok(measured)
 }
@@ -405,7 +414,8 @@ fn pretrain_steps(
         Inputs::Sinusoid.batch(size, 1, 3)?
     } else {
         inputs.batch(size, config.data.n_way, 11)?
-    };
+    }
+    .to_device(&crate::run::build::device(config)?)?;
     let engine = build_engine(config, model)?;
     let engine = crate::engine::MicroBatched::new(
         engine.as_ref(),

@@ -49,7 +49,12 @@ pub fn format_breakdown(plan: &Plan) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "Predicted peak of {} on {} ({}; K = {}, meta-batch {}, {} support + {} query{}{}{}{})",
+        "Predicted peak {}of {} on {} ({}; K = {}, meta-batch {}, {} support + {} query{}{}{}{})",
+        if plan.device == "cpu" {
+            String::new()
+        } else {
+            format!("in the memory of {} ", plan.device)
+        },
         plan.method,
         plan.model,
         precision(plan),

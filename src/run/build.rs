@@ -84,6 +84,7 @@ pub fn build_model_with_layers(config: &Config, layers: usize) -> Result<Box<dyn
         model_precision(config),
         Some(lora_settings(config)),
         model_outputs(config)?,
+        &device(config)?,
     )?;
     with_selective_recompute(config, model)
 }

@@ -173,6 +173,9 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainSummary> {
     // On a GPU the tensors are in device memory, which the heap meter does not see.
     let device = crate::run::build::device(config)?;
     crate::memory::reset_device_peak(&device)?;
+    let device_base = crate::memory::device_memory(&device)?.map_or(0, |r| r.used_bytes);
+    // An `auto` budget is what the device has free before the run allocates.
+    let budget = crate::plan::configured_budget(config)?;
     let run = Run::build(config)?;
     let Some(learner) = run.learner else {
         // Run::build gives baselines no learner; build_learner says why.
@@ -225,11 +228,8 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainSummary> {
     let mut prefetcher = Prefetcher::new(train_source, first_episode, meta_batch, 2)?;
     // The budget holds for the run from building the model on (model, data and
     // steps), which is what the planner predicts.
-    trainer.guard = config
-        .memory_optimization
-        .budget
-        .limit_bytes()?
-        .map(|budget| BudgetGuard::arm_above(budget, meter.baseline_bytes()))
+    trainer.guard = budget
+        .map(|budget| BudgetGuard::arm_on(&device, budget, meter.baseline_bytes(), device_base))
         .transpose()?;
     // From here on every way out ends the tracker (see `RunEnd` below).
     let mut tracker = RunTracker::create(
@@ -452,7 +452,7 @@ impl Trainer<'_> {
         let mut reduced = None;
         loop {
             if let Some(guard) = &self.guard {
-                guard.clear();
+                guard.clear()?;
             }
             let outcome = meta_step(
                 self.learner.as_ref(),
@@ -620,6 +620,108 @@ mod tests {
         let mut config = Config::from_yaml_str(yaml).unwrap();
         config.tracking.output_dir = output.to_path_buf();
         config
+    }
+
+    /// The GPU of `MELORA_TEST_DEVICE`, or `None` (with a message) when the tests run
+    /// on the CPU.
+    fn test_gpu() -> Option<candle_core::Device> {
+        let device = crate::fixtures::test_device();
+        if device.is_cpu() {
+            eprintln!("skipped: needs a GPU (MELORA_TEST_DEVICE=cuda)");
+            return None;
+        }
+        Some(device)
+    }
+
+    /// A run on the test GPU whose sets of 12 examples of 24 tokens make the
+    /// activations a large part of the device memory it uses.
+    fn device_config(output: &Path, micro_batch: Option<usize>) -> Config {
+        let mut config = tiny_config(output);
+        config.device = crate::fixtures::test_device_setting();
+        config.model.max_length = 24;
+        config.meta_learning.num_iterations = 3;
+        config.meta_learning.inner.steps = 2;
+        config.meta_learning.inner.mode = crate::config::InnerMode::Recompute;
+        config.data.k_shot = 4;
+        config.data.n_query = 4;
+        config.evaluation.eval_every = 100;
+        config.memory_optimization.gradient_accumulation.micro_batch = micro_batch;
+        config
+    }
+
+    /// Trains, with the device's peak above its use before the run.
+    fn device_run(config: &Config, device: &candle_core::Device) -> (TrainSummary, u64) {
+        let meter = crate::memory::TensorMeter::start(device).unwrap();
+        let summary = train(config, &TrainOptions::default()).unwrap();
+        (summary, meter.peak_above_baseline().unwrap())
+    }
+
+    /// The unconstrained run and the device peaks of whole sets and of micro-batches
+    /// of 1, with the byte count halfway between them.
+    fn device_peaks(dir: &Path, device: &candle_core::Device) -> (TrainSummary, u64) {
+        let (whole, whole_peak) = device_run(&device_config(&dir.join("a"), None), device);
+        let (_, single_peak) = device_run(&device_config(&dir.join("b"), Some(1)), device);
+        eprintln!("device peaks: whole sets {whole_peak} B, micro-batch 1 {single_peak} B");
+        assert!(
+            (single_peak as f64) < 0.9 * whole_peak as f64,
+            "micro-batches should lower the peak"
+        );
+        (whole, (single_peak + whole_peak) / 2)
+    }
+
+    /// That `constrained` redid a step with a smaller micro-batch and ended with the
+    /// parameters of `whole`.
+    fn assert_redone_alike(whole: &TrainSummary, constrained: &TrainSummary) {
+        let metrics = std::fs::read_to_string(constrained.run_dir.join("metrics.jsonl")).unwrap();
+        assert!(
+            metrics.contains("memory/micro_batch"),
+            "no step was redone: {metrics}"
+        );
+        let gap = constrained
+            .params
+            .sub(&whole.params)
+            .unwrap()
+            .norm()
+            .unwrap()
+            / whole.params.norm().unwrap();
+        assert!(gap < 1e-5, "the constrained run differs by {gap:.3e}");
+    }
+
+    /// The device check's provoked out-of-memory error: with a ballast taking all
+    /// of the GPU's memory but what lies between the peaks of whole sets and of
+    /// micro-batches of 1, the first step runs out of device memory, is redone
+    /// with smaller micro-batches, and the run ends with the unconstrained run's
+    /// parameters. Runs where `MELORA_TEST_DEVICE` names a GPU.
+    #[test]
+    fn on_the_device_an_out_of_memory_step_is_redone_with_smaller_micro_batches() {
+        let Some(device) = test_gpu() else { return };
+        let dir = tempfile::tempdir().unwrap();
+        let (whole, room) = device_peaks(dir.path(), &device);
+        let free = crate::memory::free_memory_bytes(&device).unwrap().unwrap();
+        let ballast = candle_core::Tensor::zeros(
+            (free.saturating_sub(room) as usize,),
+            candle_core::DType::U8,
+            &device,
+        )
+        .unwrap();
+        let (constrained, _) = device_run(&device_config(&dir.path().join("c"), None), &device);
+        drop(ballast);
+        assert_redone_alike(&whole, &constrained);
+    }
+
+    /// A device budget between the peaks of whole sets and of micro-batches of 1 is
+    /// met with smaller micro-batches (the budget guard reads the GPU's memory
+    /// pool), and the run ends with the unconstrained run's parameters. Runs where
+    /// `MELORA_TEST_DEVICE` names a GPU (on the CPU, tests/memory_budget.rs).
+    #[test]
+    fn on_the_device_a_budget_is_met_with_smaller_micro_batches() {
+        let Some(device) = test_gpu() else { return };
+        let dir = tempfile::tempdir().unwrap();
+        let (whole, budget) = device_peaks(dir.path(), &device);
+        let mut limited = device_config(&dir.path().join("c"), None);
+        limited.memory_optimization.budget.limit = Some(budget.to_string());
+        let (constrained, _) = device_run(&limited, &device);
+        assert_redone_alike(&whole, &constrained);
     }
 
     /// f16 activations over an int8 base with a scale forced to overflow: the run skips

@@ -7,21 +7,24 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
 use crate::data::{EpisodeSource, Prefetcher, SyntheticText};
-use crate::memory::{current_bytes, is_installed, MemoryMeter, ProcessMemory};
+use crate::memory::{
+    current_bytes, device_memory, is_installed, reset_device_peak, MemoryMeter, ProcessMemory,
+};
 use crate::nn::Mode;
 use crate::run::build::build_engine;
 use crate::run::{meta_step, training_mode, Run};
 use crate::{Error, Result};
 
-/// What [`measure`] found.
+/// What [`measure`] found. The byte figures are of the memory that holds the run's
+/// tensors: the heap on the CPU, the GPU's memory pool with `device: cuda`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Measurement {
-    /// Highest heap bytes of the process during the timed iterations; `None` without
+    /// Highest bytes held during the timed iterations; `None` on the CPU without
     /// the counting allocator.
     pub peak_bytes: Option<u64>,
-    /// Heap bytes held when the timed iterations started.
+    /// Bytes held when the timed iterations started.
     pub baseline_bytes: Option<u64>,
-    /// Heap bytes of the built model and its trainable parameters.
+    /// Bytes of the built model and its trainable parameters.
     pub model_bytes: Option<u64>,
     /// Peak resident set of the process so far (`VmHWM`), where `/proc` exists.
     pub rss_bytes: Option<u64>,
@@ -91,14 +94,15 @@ pub fn measure_on(
     }
     crate::init();
     crate::tensor::ensure_second_order()?;
-    let before_model = current_bytes();
+    let device = crate::run::build::device(config)?;
+    let before_model = live_bytes(&device)?;
     let run = Run::build(config)?;
-    let model_bytes = current_bytes().saturating_sub(before_model) as u64;
+    let model_bytes = live_bytes(&device)?.saturating_sub(before_model);
     let engine = build_engine(config, run.model.as_ref())?;
     let (mut params, mut outer) = (run.params, run.outer);
     let Some(learner) = run.learner else {
         // A baseline is not meta-trained: its iterations adapt to test tasks.
-        return timed(iterations, model_bytes, |index| {
+        return timed(&device, iterations, model_bytes, |index| {
             let task = source.episode(index as u64)?;
             let adapted = run
                 .adapter
@@ -111,7 +115,7 @@ pub fn measure_on(
     let meta_batch = config.meta_learning.meta_batch_size;
     let mut prefetcher = Prefetcher::new(source, 0, meta_batch, 2)?;
     let seed = config.seed;
-    timed(iterations, model_bytes, |iteration| {
+    timed(&device, iterations, model_bytes, |iteration| {
         let tasks = prefetcher.next_batch()?;
         let dropout = training_mode(seed, iteration, meta_batch);
         let (next, stats) = meta_step(
@@ -134,13 +138,17 @@ pub fn measure_on(
 /// Runs `iteration(0)` as a warm-up — it sets up what a process sets up once
 /// (thread pools, kernel workspaces) and the optimiser state, and its figures are
 /// the [`FirstStep`] — then times `iteration(1..=iterations)` under a
-/// [`MemoryMeter`].
+/// [`MemoryMeter`] (on a GPU, its memory pool's peak).
 fn timed(
+    device: &candle_core::Device,
     iterations: usize,
     model_bytes: u64,
     mut iteration: impl FnMut(usize) -> Result<Option<FirstStep>>,
 ) -> Result<Measurement> {
     let first_step = iteration(0)?;
+    let on_device = device_memory(device)?.is_some();
+    reset_device_peak(device)?;
+    let device_baseline = live_bytes(device)?;
     let meter = MemoryMeter::start();
     let mut seconds = Vec::with_capacity(iterations);
     let matmul_before = candle_core::utils::matmul_nanos();
@@ -151,9 +159,12 @@ fn timed(
     }
     let matmul_seconds = (candle_core::utils::matmul_nanos() - matmul_before) as f64 * 1e-9;
     let total_seconds: f64 = seconds.iter().sum();
-    let (peak, baseline) = (meter.peak_bytes() as u64, meter.baseline_bytes() as u64);
+    let (peak, baseline) = match device_memory(device)? {
+        Some(reading) => (reading.peak_bytes, device_baseline),
+        None => (meter.peak_bytes() as u64, meter.baseline_bytes() as u64),
+    };
     drop(meter);
-    let installed = is_installed();
+    let installed = on_device || is_installed();
     Ok(Measurement {
         peak_bytes: installed.then_some(peak),
         baseline_bytes: installed.then_some(baseline),
@@ -164,6 +175,14 @@ fn timed(
         kernel_threads: candle_core::utils::get_num_threads(),
         matmul_share: (total_seconds > 0.0).then(|| matmul_seconds / total_seconds),
         first_step,
+    })
+}
+
+/// Bytes held now where `device` keeps its tensors: the heap, or the GPU's pool.
+fn live_bytes(device: &candle_core::Device) -> Result<u64> {
+    Ok(match device_memory(device)? {
+        Some(reading) => reading.used_bytes,
+        None => current_bytes() as u64,
     })
 }
 

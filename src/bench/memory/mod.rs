@@ -617,7 +617,8 @@ pub const NOTES: [&str; 4] = [
     "peak_bytes: highest heap bytes held by the whole process (counting allocator) during \
      the timed meta-iterations after one warm-up: model weights, trainable parameters, \
      optimiser state, prefetched episodes and the meta-step; loading and the warm-up are \
-     outside it",
+     outside it (with --device cuda: the GPU's memory, from its memory pool, instead of \
+     the heap)",
     "rss_bytes: peak resident set (VmHWM) of the child process that measured the row, \
      loading included; also counts code, thread stacks and cached allocator memory",
     "predicted_bytes: the memory planner's prediction of peak_bytes (null where no \
