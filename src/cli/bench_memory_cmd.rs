@@ -49,8 +49,8 @@ fn base_config(global: &GlobalArgs, args: &BenchMemoryArgs) -> anyhow::Result<Co
     {
         return Err(UserError::Usage(format!(
             "bench memory measures transformers on text tasks; `{}` is not one (use \
-             --model minilm-shaped, tiny-bert, tiny-distilbert, tiny-gpt2, tiny-t5, or \
-             --model-dir DIR)",
+             --model minilm-shaped, bert-base-shaped, gpt2-medium-shaped, tiny-bert, \
+             tiny-distilbert, tiny-gpt2, tiny-t5, or --model-dir DIR)",
             config.model.name
         ))
         .into());
@@ -134,6 +134,7 @@ pub(crate) fn run(global: &GlobalArgs, args: &BenchMemoryArgs) -> anyhow::Result
         points.len(),
     );
     bench.machine.kernel_threads = threads;
+    bench.device = base.device.to_string();
     let json_path = output.join("memory.json");
     if args.resume && json_path.is_file() {
         let previous = MemoryBench::read(&json_path)

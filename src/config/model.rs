@@ -59,7 +59,8 @@ choice_enum! {
 #[serde(default, deny_unknown_fields)]
 pub struct ModelConfig {
     /// A built-in model (`tiny-bert`, `tiny-distilbert`, `tiny-gpt2`, `tiny-t5`,
-    /// `minilm-shaped`, the vision backbones `conv4`, `conv6`, `resnet12`, `resnet18`,
+    /// `minilm-shaped`, `bert-base-shaped`, `gpt2-medium-shaped`, the vision backbones
+    /// `conv4`, `conv6`, `resnet12`, `resnet18`,
     /// `resnet34`, and `mlp`) or, with [`path`](Self::path), the Hugging Face
     /// family of a local model directory.
     pub name: String,

@@ -162,4 +162,40 @@ mod tests {
         }
         assert!(Architecture::builtin("conv4").is_none());
     }
+
+    /// The full-size built-ins have their published models' shapes: the layer
+    /// count, and in one layer the width (LoRA of rank 4 on the default targets:
+    /// BERT's query and value, 768 → 768; GPT-2's fused c_attn, 1024 → 3072) and
+    /// the head.
+    #[test]
+    fn the_shaped_builtins_have_their_models_shapes() {
+        let lora = crate::models::LoraSettings {
+            spec: crate::nn::LoraSpec {
+                rank: 4,
+                alpha: 8.0,
+                dropout: 0.0,
+            },
+            target_modules: None,
+            init: crate::nn::LoraInit::Peft { seed: 0 },
+        };
+        for (name, layers, adapter, width) in [
+            ("bert-base-shaped", 12, 2 * (768 * 4 + 4 * 768), 768),
+            ("gpt2-medium-shaped", 24, 1024 * 4 + 4 * 3072, 1024),
+        ] {
+            let architecture = Architecture::builtin(name).unwrap();
+            assert_eq!(architecture.layers().unwrap(), layers, "{name}");
+            let model = architecture
+                .with_layers(1)
+                .build_random(
+                    1,
+                    ModelPrecision::from(candle_core::DType::F32),
+                    Some(lora.clone()),
+                    3,
+                    &Device::Cpu,
+                )
+                .unwrap();
+            let params = model.init_params(1).unwrap();
+            assert_eq!(params.numel(), adapter + width * 3 + 3, "{name}");
+        }
+    }
 }

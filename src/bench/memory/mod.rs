@@ -599,6 +599,10 @@ pub struct MemoryBench {
     pub quick: bool,
     /// Timed meta-iterations per point, after one warm-up.
     pub iterations: usize,
+    /// Where the points ran (`cpu`, `cuda:0`), and so whose memory the peaks are:
+    /// the heap's on the CPU, the GPU's otherwise.
+    #[serde(default = "cpu_name")]
+    pub device: String,
     /// Points of the grid (measured, failed or skipped).
     pub points: usize,
     /// What the figures mean.
@@ -610,6 +614,10 @@ pub struct MemoryBench {
     /// Each method against full-graph MAML, and the acceptance check of recompute
     /// MAML at the largest K (recomputed from `rows`).
     pub summary: Summary,
+}
+
+fn cpu_name() -> String {
+    "cpu".into()
 }
 
 /// What the figures mean, written into the results.
@@ -636,6 +644,7 @@ impl MemoryBench {
             date: super::machine::utc_now(),
             quick,
             iterations,
+            device: cpu_name(),
             points,
             notes: NOTES.iter().map(|s| s.to_string()).collect(),
             rows: Vec::new(),

@@ -241,6 +241,11 @@ impl MemoryBench {
                 ]
             })
             .collect();
+        let peak_header = if self.device == "cpu" {
+            "peak (heap)".to_string()
+        } else {
+            format!("peak ({} memory)", self.device)
+        };
         Table {
             headers: [
                 "method",
@@ -248,7 +253,7 @@ impl MemoryBench {
                 "K",
                 "checkpointing",
                 "precision",
-                "peak (heap)",
+                peak_header.as_str(),
                 "peak RSS",
                 "predicted",
                 "predicted / peak",
