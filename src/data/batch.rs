@@ -53,26 +53,19 @@ pub fn regression_loss(prediction: &Tensor, batch: &Batch) -> Result<Tensor> {
 impl Batch {
     /// The same batch with every tensor on `device` (a clone where it is there).
     pub fn to_device(&self, device: &candle_core::Device) -> Result<Self> {
+        let moved = |t: &Option<Tensor>| t.as_ref().map(|t| t.to_device(device)).transpose();
         let inputs = match &self.inputs {
             Inputs::Tokens(t) => Inputs::Tokens(TokenInputs {
                 input_ids: t.input_ids.to_device(device)?,
                 attention_mask: t.attention_mask.to_device(device)?,
-                token_type_ids: t
-                    .token_type_ids
-                    .as_ref()
-                    .map(|ids| ids.to_device(device))
-                    .transpose()?,
+                token_type_ids: moved(&t.token_type_ids)?,
             }),
             Inputs::Dense(x) => Inputs::Dense(x.to_device(device)?),
         };
         Ok(Self {
             inputs,
             labels: self.labels.to_device(device)?,
-            targets: self
-                .targets
-                .as_ref()
-                .map(|t| t.to_device(device))
-                .transpose()?,
+            targets: moved(&self.targets)?,
         })
     }
 

@@ -93,10 +93,11 @@ pub(crate) fn softmax(x: &Tensor, keep: Option<&Tensor>, scale: f64) -> Result<T
         .transpose()?;
     // Softmax does not change when a row is shifted, so the shift (the row's largest
     // kept score) is a constant: detached, exact at every order.
-    let lowest = z.detach().flatten_all()?.min(0)?;
     let shift = match &kept {
         Some(m) => {
-            // Masked entries lowered to the smallest score, so only kept ones count.
+            // Masked entries lowered to their row's smallest score, so only kept
+            // ones count.
+            let lowest = z.detach().min_keepdim(D::Minus1)?;
             let above = z.detach().broadcast_sub(&lowest)?;
             (above * m)?
                 .broadcast_add(&lowest)?
