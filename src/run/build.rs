@@ -97,17 +97,32 @@ pub fn device(config: &Config) -> Result<Device> {
 }
 
 /// [`device`] for one [`ComputeDevice`].
+///
+/// A GPU is opened once per process and handed out again: candle gives every
+/// `Device::new_cuda` a new identity, and tensors of two identities refuse to meet
+/// even on the same GPU (the model, the episodes and the planner's batches are made
+/// by separate calls).
 pub fn open_device(device: ComputeDevice) -> Result<Device> {
     match device {
         ComputeDevice::Cpu => Ok(Device::Cpu),
         #[cfg(feature = "cuda")]
-        ComputeDevice::Cuda(index) => Device::new_cuda(index).map_err(|e| Error::Config {
-            key: "device".into(),
-            message: format!(
-                "cannot open CUDA device {index} ({e}); `nvidia-smi` lists the GPUs \
-                 and their indices, `--device cpu` runs on the CPU"
-            ),
-        }),
+        ComputeDevice::Cuda(index) => {
+            static OPENED: std::sync::Mutex<Vec<(usize, Device)>> =
+                std::sync::Mutex::new(Vec::new());
+            let mut opened = OPENED.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some((_, device)) = opened.iter().find(|(i, _)| *i == index) {
+                return Ok(device.clone());
+            }
+            let device = Device::new_cuda(index).map_err(|e| Error::Config {
+                key: "device".into(),
+                message: format!(
+                    "cannot open CUDA device {index} ({e}); `nvidia-smi` lists the GPUs \
+                     and their indices, `--device cpu` runs on the CPU"
+                ),
+            })?;
+            opened.push((index, device.clone()));
+            Ok(device)
+        }
         #[cfg(not(feature = "cuda"))]
         ComputeDevice::Cuda(_) => Err(Error::Config {
             key: "device".into(),
