@@ -38,10 +38,13 @@
 #      each within 15%;
 #   7. seconds per meta-iteration and device peaks of full-graph and recompute
 #      MAML, FOMAML, Reptile and MELoRA at K = 1 and 8, f32 and bf16, on the
-#      MiniLM-shaped model (`melora bench memory --device`; each point in its own
-#      process, with the planner's prediction beside it).
-# What the issue's check also asks for and is not in it (PyTorch's side of the
-# table, which needs PyTorch with CUDA on the GPU machine) is listed at the end.
+#      MiniLM-shaped model, for melora (`melora bench memory --device`) and, where
+#      python3 has torch, transformers and peft, for PyTorch + peft
+#      (bench/pytorch/meta_bench.py on the same architecture and task shape), each
+#      point in its own process, the programs alternating; then the largest K of
+#      exact MAML under a 16 GiB budget for both (bench/pytorch/gpu_table.py writes
+#      $OUT/table/gpu-table.md). MELORA_GPU_CHECK_MODELS="minilm-shaped
+#      bert-base-shaped gpt2-medium-shaped" measures all three shapes.
 #
 # MELORA_GPU_CHECK_DEVICE=cpu runs the same steps on the CPU (how the script
 # itself is tested where no GPU is at hand).
@@ -170,23 +173,40 @@ EOF
     fi
 done
 
-step "7. seconds and device memory per meta-iteration on $device (melora's side of the table against PyTorch)"
-# Each point in its own process; MELORA_GPU_CHECK_MODELS adds bert-base-shaped and
+step "7. seconds and device memory per meta-iteration on $device, melora against PyTorch + peft"
+# Each point in its own process. MELORA_GPU_CHECK_MODELS adds bert-base-shaped and
 # gpt2-medium-shaped (longer: their random weights are made on the device too).
-for model in ${MELORA_GPU_CHECK_MODELS:-minilm-shaped}; do
-    if "$binary" bench memory --device "$device" --model "$model" \
-        --methods maml-full_graph,maml,fomaml,reptile,melora-diagonal --k 1,8 \
-        --checkpointing off --precision f32,bf16 --iterations 3 \
-        --output "$out/bench-$model" > "$out/bench-$model.log" 2>&1; then
-        sed -n '/^| method/,/^$/p' "$out/bench-$model/memory.md" | head -n 30
+models=${MELORA_GPU_CHECK_MODELS:-minilm-shaped}
+python=${MELORA_GPU_CHECK_PYTHON:-python3}
+if "$python" -c "import torch, transformers, peft" >/dev/null 2>&1; then
+    # bench/pytorch/gpu_table.py alternates `melora bench memory --device` and
+    # bench/pytorch/meta_bench.py point by point, then searches the largest K under
+    # a 16 GiB budget for exact MAML (both modes) and writes gpu-table.md.
+    if "$python" bench/pytorch/gpu_table.py --melora "$binary" --python "$python" \
+        --device "$device" --models "${models// /,}" --k 1,8 --precision f32,bf16 \
+        --methods maml-full_graph,maml,fomaml,reptile,melora-diagonal \
+        --fit-methods "${MELORA_GPU_CHECK_FIT_METHODS:-maml-full_graph,maml}" \
+        --fit-k-max "${MELORA_GPU_CHECK_FIT_K_MAX:-64}" --budget 16GiB \
+        --iterations 3 --out "$out/table" > "$out/table.log" 2>&1; then
+        sed -n '/^| method/,$p' "$out/table/gpu-table.md"
     else
         status=1
-        echo "FAILED ($model):"; tail -n 5 "$out/bench-$model.log"
+        echo "FAILED:"; tail -n 15 "$out/table.log"
     fi
-done
-
-step "not run here (issue 21)"
-echo "PyTorch + peft's side of the table on the GPU (bench/pytorch/meta_bench.py runs on the CPU; the GPU machine needs PyTorch with CUDA)"
+else
+    echo "no PyTorch with transformers and peft in $python: melora's side only"
+    for model in $models; do
+        if "$binary" bench memory --device "$device" --model "$model" \
+            --methods maml-full_graph,maml,fomaml,reptile,melora-diagonal --k 1,8 \
+            --checkpointing off --precision f32,bf16 --iterations 3 \
+            --output "$out/bench-$model" > "$out/bench-$model.log" 2>&1; then
+            sed -n '/^| method/,/^$/p' "$out/bench-$model/memory.md" | head -n 30
+        else
+            status=1
+            echo "FAILED ($model):"; tail -n 5 "$out/bench-$model.log"
+        fi
+    done
+fi
 
 echo
 if [[ $status == 0 ]]; then echo "gpu-check: passed"; else echo "gpu-check: FAILED"; fi
