@@ -18,10 +18,14 @@
 #                        A100). Read from nvidia-smi where a GPU is visible,
 #                        else 90.
 #
-# Only the CUDA libraries' headers come from the wheels: the built binary opens
-# the driver, cuBLAS, cuRAND and NVRTC when it starts on a GPU (see
-# vendor/candle-core/PATCH.md), so the machine that runs it needs the NVIDIA
-# driver and those libraries, as any CUDA program does.
+# The CUDA libraries' headers come from the wheels, and one library: candle-kernels
+# compiles a few kernels into a static library that asks the linker for the CUDA
+# runtime (`-l cudart`). The wheel's libcudart.so.13 has no unversioned name, so
+# the script offers the linker the runtime's static archive under that name
+# (LIBRARY_PATH): the binary then carries the CUDA runtime and does not need
+# libcudart at run time. The rest it opens when it starts on a GPU: the driver,
+# cuBLAS, cuRAND and NVRTC (see vendor/candle-core/PATCH.md), so the machine that
+# runs it needs the NVIDIA driver and those libraries, as any CUDA program does.
 set -euo pipefail
 
 version=${MELORA_CUDA_VERSION:-13.0}
@@ -71,3 +75,13 @@ echo "setup-cuda: CUDA $("$root/bin/nvcc" --version | sed -n 's/.*release \([0-9
 printf 'export PATH=%q:"$PATH"\n' "$root/bin"
 printf 'export CUDA_ROOT=%q\n' "$root"
 printf 'export CUDA_COMPUTE_CAP=%q\n' "$cap"
+
+# The CUDA runtime for the linker, as the static archive (see the top).
+link=$dir/link
+if [[ ! -e $root/lib/libcudart_static.a ]]; then
+    echo "setup-cuda: $root/lib has no libcudart_static.a; remove $dir and run again" >&2
+    exit 1
+fi
+mkdir -p "$link"
+ln -sfn "$root/lib/libcudart_static.a" "$link/libcudart.a"
+printf 'export LIBRARY_PATH=%q"${LIBRARY_PATH:+:$LIBRARY_PATH}"\n' "$link"

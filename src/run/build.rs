@@ -113,6 +113,18 @@ pub fn open_device(device: ComputeDevice) -> Result<Device> {
             if let Some((_, device)) = opened.iter().find(|(i, _)| *i == index) {
                 return Ok(device.clone());
             }
+            let missing = missing_cuda_libraries();
+            if !missing.is_empty() {
+                return Err(Error::Config {
+                    key: "device".into(),
+                    message: format!(
+                        "cannot open CUDA device {index}: {} could not be loaded (install the \
+                         NVIDIA driver and CUDA 13's cuBLAS and cuRAND, or add their folder to \
+                         LD_LIBRARY_PATH); `--device cpu` runs on the CPU",
+                        missing.join(", ")
+                    ),
+                });
+            }
             let device = Device::new_cuda(index).map_err(|e| Error::Config {
                 key: "device".into(),
                 message: format!(
@@ -133,6 +145,37 @@ pub fn open_device(device: ComputeDevice) -> Result<Device> {
             ),
         }),
     }
+}
+
+/// The shared libraries candle opens with a GPU (the driver, cuBLAS, cuRAND) that
+/// cannot be loaded. They are loaded at run time, and cudarc panics on one it cannot
+/// find, so they are looked for first.
+#[cfg(feature = "cuda")]
+fn missing_cuda_libraries() -> Vec<&'static str> {
+    use candle_core::cuda_backend::cudarc;
+    // SAFETY: each check only tries to load the library under its usual names and
+    // drops it again.
+    let found = unsafe {
+        [
+            (
+                "the NVIDIA driver (libcuda.so.1)",
+                cudarc::driver::sys::is_culib_present(),
+            ),
+            (
+                "cuBLAS (libcublas.so)",
+                cudarc::cublas::sys::is_culib_present(),
+            ),
+            (
+                "cuRAND (libcurand.so)",
+                cudarc::curand::sys::is_culib_present(),
+            ),
+        ]
+    };
+    found
+        .iter()
+        .filter(|(_, present)| !present)
+        .map(|(library, _)| *library)
+        .collect()
 }
 
 fn lora_settings(config: &Config) -> LoraSettings {
