@@ -8,11 +8,14 @@
 #   mkdir -p gpu-check && cp target/release/melora gpu-check/
 #   # optional, for the fixture tests on the device: the library's test binary
 #   # (the path `cargo test` prints as "Executable unittests src/lib.rs") and the
-#   # fixtures; strip both binaries to keep under the 64 MiB a device call carries
+#   # fixtures. Stripped, the CUDA binary is still about 61 MiB (candle's kernels
+#   # as PTX), so compress both to carry them (64 MiB per device call): the
+#   # script unpacks gpu-check/NAME.gz where gpu-check/NAME is missing
 #   cargo test --release --features cuda --lib --no-run
 #   cp target/release/deps/melora-<hash> gpu-check/melora-tests
 #   cp -r ../shared/fixtures gpu-check/fixtures
 #   strip gpu-check/melora gpu-check/melora-tests
+#   gzip gpu-check/melora gpu-check/melora-tests    # about 17 MiB each
 #
 # then, on the GPU machine, from the repository root:
 #
@@ -51,6 +54,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+for packed in gpu-check/*.gz; do
+    [[ -e $packed && ! -e ${packed%.gz} ]] || continue
+    gunzip -k "$packed" && chmod +x "${packed%.gz}"
+done
 binary=${1:-gpu-check/melora}
 out=${2:-gpu-check/out}
 device=${MELORA_GPU_CHECK_DEVICE:-cuda:0}
