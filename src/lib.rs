@@ -148,8 +148,8 @@ pub mod prelude {
     pub use crate::eval::{evaluate_episodes, Evaluation};
     pub use crate::memory::MemoryMeter;
     pub use crate::meta::{
-        Adapter, Fomaml, HessianApproximation, InnerLoop, Maml, MamlMode, Melora, MetaLearner,
-        MetaSgd, Reptile, TaskOutcome,
+        Adapter, Fomaml, HessianApproximation, InnerLoop, InnerStepRule, Maml, MamlMode, Melora,
+        MetaLearner, MetaSgd, Reptile, TaskOutcome,
     };
     pub use crate::models::load::builtin;
     pub use crate::models::mlp::Mlp;

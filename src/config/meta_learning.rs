@@ -96,6 +96,19 @@ choice_enum! {
 }
 
 choice_enum! {
+    /// How the inner loop steps on the support loss.
+    pub enum InnerOptimizer {
+        /// Gradient descent, θ ← θ − α·∇L (every method).
+        Sgd = "sgd",
+        /// Adam with bias correction and its moments started fresh for every task
+        /// (`adam_beta1`, `adam_beta2`, ε = 1e-8), as Reptile's code adapts;
+        /// `reptile` and `fomaml` only, whose inner loop is not differentiated.
+        Adam = "adam",
+    }
+    default = Sgd;
+}
+
+choice_enum! {
     /// Optimizer applying the averaged meta-gradient.
     pub enum OuterOptimizer {
         /// AdamW (decoupled weight decay).
@@ -224,6 +237,13 @@ pub struct InnerLoopConfig {
     pub mode: InnerMode,
     /// Which parameters the inner loop adapts: `all`, or only the `head` (ANIL).
     pub adapt: InnerAdapt,
+    /// How each step moves: `sgd`, or `adam` (first-order methods only).
+    pub optimizer: InnerOptimizer,
+    /// First-moment decay of `optimizer: adam` (in [0, 1)); 0 is Reptile's choice,
+    /// so that the few steps of a task are not smoothed away.
+    pub adam_beta1: f64,
+    /// Second-moment decay of `optimizer: adam` (in [0, 1)).
+    pub adam_beta2: f64,
 }
 
 impl Default for InnerLoopConfig {
@@ -233,6 +253,9 @@ impl Default for InnerLoopConfig {
             lr: 0.01,
             mode: InnerMode::Recompute,
             adapt: InnerAdapt::All,
+            optimizer: InnerOptimizer::Sgd,
+            adam_beta1: 0.0,
+            adam_beta2: 0.999,
         }
     }
 }
@@ -275,6 +298,7 @@ impl MetaLearningConfig {
         at_least("meta_learning.num_iterations", self.num_iterations, 1)?;
         at_least("meta_learning.inner.steps", self.inner.steps, 1)?;
         positive("meta_learning.inner.lr", self.inner.lr)?;
+        self.validate_inner_optimizer()?;
         positive(
             "meta_learning.protonet.cosine_scale",
             self.protonet.cosine_scale,
@@ -320,6 +344,40 @@ impl MetaLearningConfig {
         // Both size per-step vectors (tasks of a meta-batch, the inner trajectory).
         super::validate::at_most_count("meta_learning.meta_batch_size", self.meta_batch_size)?;
         super::validate::at_most_count("meta_learning.inner.steps", self.inner.steps)?;
+        Ok(())
+    }
+
+    /// Adam's moments are taken as constants of each step, so only the learners
+    /// that never differentiate through the inner loop may use it.
+    fn validate_inner_optimizer(&self) -> Result<()> {
+        for (key, beta) in [
+            ("meta_learning.inner.adam_beta1", self.inner.adam_beta1),
+            ("meta_learning.inner.adam_beta2", self.inner.adam_beta2),
+        ] {
+            if !(0.0..1.0).contains(&beta) {
+                return Err(invalid(
+                    key,
+                    format!("must be at least 0 and below 1, got {beta}"),
+                ));
+            }
+        }
+        if self.inner.optimizer == InnerOptimizer::Adam
+            && !matches!(self.method, Method::Reptile | Method::Fomaml)
+        {
+            return Err(invalid(
+                "meta_learning.inner.optimizer",
+                format!(
+                    "`adam` is for `reptile` and `fomaml`, whose inner loop is not \
+                     differentiated; `{}` {}; use `sgd`",
+                    self.method.as_str(),
+                    if matches!(self.method, Method::Maml | Method::Melora | Method::Metasgd) {
+                        "differentiates through its SGD steps"
+                    } else {
+                        "has no such inner loop"
+                    }
+                ),
+            ));
+        }
         Ok(())
     }
 }

@@ -77,8 +77,9 @@ pub use memory_optimization::{
     MemoryOptimizationConfig, Precision,
 };
 pub use meta_learning::{
-    FsctFeatureNorm, FsctSettings, InnerAdapt, InnerLoopConfig, InnerMode, LrSchedule,
-    MetaLearningConfig, Method, OuterLoopConfig, OuterOptimizer, ProtoNetConfig, PrototypeDistance,
+    FsctFeatureNorm, FsctSettings, InnerAdapt, InnerLoopConfig, InnerMode, InnerOptimizer,
+    LrSchedule, MetaLearningConfig, Method, OuterLoopConfig, OuterOptimizer, ProtoNetConfig,
+    PrototypeDistance,
 };
 pub use model::{DType, HeadInit, ModelConfig, Quantization};
 pub use overrides::ConfigOverrides;

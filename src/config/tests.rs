@@ -611,6 +611,26 @@ fn precision_and_quantization_combinations() {
             "memory_optimization.loss_scaling.growth_interval",
             "at least 1",
         ),
+        (
+            "meta_learning:\n  inner:\n    optimizer: adam\n",
+            "meta_learning.inner.optimizer",
+            "`maml` differentiates through its SGD steps; use `sgd`",
+        ),
+        (
+            "meta_learning:\n  method: protonet\n  inner:\n    optimizer: adam\n",
+            "meta_learning.inner.optimizer",
+            "`protonet` has no such inner loop",
+        ),
+        (
+            "meta_learning:\n  method: reptile\n  inner:\n    optimizer: adam\n    adam_beta2: 1\n",
+            "meta_learning.inner.adam_beta2",
+            "below 1",
+        ),
+        (
+            "meta_learning:\n  inner:\n    optimizer: rmsprop\n",
+            "meta_learning.inner.optimizer",
+            "sgd, adam",
+        ),
     ];
     for (yaml, expected_key, fix) in cases {
         let (key, message) = config_error(Config::from_yaml_str(yaml));

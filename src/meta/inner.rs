@@ -1,5 +1,6 @@
 //! The inner loop every learner shares: K steps of full-batch SGD on the support
-//! loss, and Hessian-vector products of that loss.
+//! loss (or Adam, for the first-order learners), and Hessian-vector products of that
+//! loss.
 //!
 //! Every step is taken at fresh leaf variables (`ParamSet::to_leaves`): candle's
 //! backward runs to the leaves, so a gradient taken at a non-leaf θ_k would
@@ -16,6 +17,7 @@ use crate::data::Batch;
 use crate::engine::{GradEngine, MicroBatched};
 use crate::models::{HEAD_BIAS, HEAD_WEIGHT};
 use crate::nn::Mode;
+use crate::optim::{Optimizer, OptimizerKind};
 use crate::tensor::{GradGraph, ParamSet};
 use crate::{Error, Result};
 
@@ -76,6 +78,25 @@ pub struct InnerLoop {
     /// other parameters' gradients are computed and not applied), so ANIL here
     /// changes what is learned, not the cost of a step.
     pub head_only: bool,
+    /// How each step moves along the support gradient: SGD, or Adam for the
+    /// learners that do not differentiate through the loop (Reptile, FOMAML).
+    pub rule: InnerStepRule,
+}
+
+/// The step rule of an inner loop.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum InnerStepRule {
+    /// θ ← θ − α·∇L.
+    Sgd,
+    /// θ ← θ − α·m̂/(√v̂ + ε) with ε = 1e-8, Adam's moments started at zero for every
+    /// task (bias-corrected), as Reptile's code adapts (β₁ = 0 there). First order
+    /// only: the second-order learners refuse it.
+    Adam {
+        /// First-moment decay, in [0, 1).
+        beta1: f64,
+        /// Second-moment decay, in [0, 1).
+        beta2: f64,
+    },
 }
 
 impl InnerLoop {
@@ -87,6 +108,26 @@ impl InnerLoop {
             micro_batch: None,
             second_order_micro_batch: None,
             head_only: false,
+            rule: InnerStepRule::Sgd,
+        }
+    }
+
+    /// The same loop stepping with Adam (first-order learners only).
+    pub const fn with_adam(mut self, beta1: f64, beta2: f64) -> Self {
+        self.rule = InnerStepRule::Adam { beta1, beta2 };
+        self
+    }
+
+    /// An error unless the loop takes plain SGD steps: `learner` differentiates
+    /// through them.
+    pub(crate) fn require_sgd(&self, learner: &str) -> Result<()> {
+        match self.rule {
+            InnerStepRule::Sgd => Ok(()),
+            InnerStepRule::Adam { .. } => Err(Error::InvalidArgument(format!(
+                "{learner} differentiates through its inner SGD steps and cannot adapt \
+                 with Adam; use meta_learning.inner.optimizer: sgd (Adam is for reptile \
+                 and fomaml)"
+            ))),
         }
     }
 
@@ -153,6 +194,14 @@ impl InnerLoop {
                  (memory_optimization.gradient_accumulation.micro_batch)"
                     .into(),
             ));
+        }
+        if let InnerStepRule::Adam { beta1, beta2 } = self.rule {
+            if !((0.0..1.0).contains(&beta1) && (0.0..1.0).contains(&beta2)) {
+                return Err(Error::InvalidArgument(format!(
+                    "Adam's decays must be at least 0 and below 1, got β₁ = {beta1}, \
+                     β₂ = {beta2} (meta_learning.inner.adam_beta1, adam_beta2)"
+                )));
+            }
         }
         if self.second_order_micro_batch == Some(0) {
             return Err(Error::InvalidArgument(
@@ -295,18 +344,36 @@ pub(crate) fn adapt_with(
     let mut theta = params.detach();
     let mut thetas = Vec::with_capacity(inner.steps);
     let mut losses = Vec::with_capacity(inner.steps);
+    let mut adam = match inner.rule {
+        InnerStepRule::Sgd => None,
+        InnerStepRule::Adam { beta1, beta2 } => Some(Optimizer::new(OptimizerKind::AdamW {
+            beta1,
+            beta2,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        })),
+    };
     for step in 0..inner.steps {
         let leaves = theta.to_leaves()?;
         let context = || format!("inner step {}", step + 1);
-        let (next, loss) = sgd_step(
-            &engine,
-            &leaves,
-            support,
-            step_size,
-            GradGraph::Detach,
-            mode,
-            &context,
-        )?;
+        let (next, loss) = match &mut adam {
+            None => sgd_step(
+                &engine,
+                &leaves,
+                support,
+                step_size,
+                GradGraph::Detach,
+                mode,
+                &context,
+            )?,
+            Some(adam) => {
+                let (grads, loss, _) = gradient(&engine, &leaves, support, mode, &|| {
+                    format!("{}: the support loss", context())
+                })?;
+                let direction = adam.direction(&leaves, &grads)?;
+                (step_size.step(&leaves, &direction)?, loss)
+            }
+        };
         losses.push(loss);
         thetas.push(theta);
         theta = next.detach();

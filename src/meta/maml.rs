@@ -131,6 +131,7 @@ fn second_order(
     mode: Mode,
 ) -> Result<(TaskOutcome, Option<ParamSet>)> {
     inner.validate()?;
+    inner.require_sgd(if alpha.is_some() { "MetaSGD" } else { "MAML" })?;
     match method {
         MamlMode::FullGraph => {
             // Per-entry step sizes are leaves shared by every step's graph.

@@ -85,6 +85,7 @@ pub struct Melora {
 impl Melora {
     fn validate(&self) -> Result<()> {
         self.inner.validate()?;
+        self.inner.require_sgd("MELoRA")?;
         if !(self.damping.is_finite() && self.damping >= 0.0) {
             return Err(Error::InvalidArgument(format!(
                 "damping must be ≥ 0, got {}",

@@ -36,7 +36,7 @@ pub use baseline::{
 pub use fomaml::Fomaml;
 pub use fsct::{FsctLearner, VicWeights, FSCT_PREFIX, FSCT_SUPPORT};
 pub(crate) use inner::gradient as loss_gradient;
-pub use inner::InnerLoop;
+pub use inner::{InnerLoop, InnerStepRule};
 pub(crate) use loss::loss_value;
 pub use maml::{Maml, MamlMode, MetaSgd, STEP_SIZE_PREFIX};
 pub use melora::{HessianApproximation, Melora};

@@ -85,23 +85,35 @@ impl Optimizer {
                 "learning rate must be ≥ 0, got {lr}"
             )));
         }
+        let direction = self.direction(params, grads)?;
+        let params = params.detach();
+        let start = match self.kind {
+            OptimizerKind::AdamW { weight_decay, .. } if weight_decay > 0.0 => {
+                params.scale(1.0 - lr * weight_decay)?
+            }
+            _ => params,
+        };
+        start.axpy(-lr, &direction)
+    }
+
+    /// The direction `d` of the next step, `θ ← θ − lr·d` (before AdamW's decoupled
+    /// decay), advancing the state: `g + wd·θ` for SGD, the bias-corrected
+    /// `m̂ / (√v̂ + ε)` for AdamW. The inner loop of the first-order learners steps
+    /// along it with its own step rule (every parameter, or only the head).
+    pub fn direction(&mut self, params: &ParamSet, grads: &ParamSet) -> Result<ParamSet> {
         params.check_compatible(grads)?;
         let (params, grads) = (params.detach(), grads.detach());
         self.step = self.step.saturating_add(1);
         match self.kind {
             OptimizerKind::Sgd { weight_decay } => {
-                let direction = if weight_decay > 0.0 {
-                    grads.axpy(weight_decay, &params)?
+                if weight_decay > 0.0 {
+                    grads.axpy(weight_decay, &params)
                 } else {
-                    grads
-                };
-                params.axpy(-lr, &direction)
+                    Ok(grads)
+                }
             }
             OptimizerKind::AdamW {
-                beta1,
-                beta2,
-                eps,
-                weight_decay,
+                beta1, beta2, eps, ..
             } => {
                 let m = match &self.first_moment {
                     Some(m) => m.scale(beta1)?.axpy(1.0 - beta1, &grads)?,
@@ -119,14 +131,9 @@ impl Optimizer {
                     let v_i = v.get(name).expect("same names");
                     (m_i / c1)? / ((v_i / c2)?.sqrt()? + eps)?
                 })?;
-                let decayed = if weight_decay > 0.0 {
-                    params.scale(1.0 - lr * weight_decay)?
-                } else {
-                    params
-                };
                 self.first_moment = Some(m);
                 self.second_moment = Some(v);
-                decayed.axpy(-lr, &update)
+                Ok(update)
             }
         }
     }

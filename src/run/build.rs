@@ -11,8 +11,8 @@ use crate::data::{EncodeText, TextTokenizer, WordHashTokenizer};
 use crate::engine::{Checkpointed, GradEngine, WholeGraph};
 use crate::meta::{
     Adapter, Distance, Finetune, Fomaml, FsctLearner, FullFinetune, HeadFinetune,
-    HessianApproximation, InnerLoop, LoraFinetune, Maml, MamlMode, Melora, MetaLearner, MetaSgd,
-    NoAdaptation, ProtoNet, Prototype, Reptile, VicWeights,
+    HessianApproximation, InnerLoop, InnerStepRule, LoraFinetune, Maml, MamlMode, Melora,
+    MetaLearner, MetaSgd, NoAdaptation, ProtoNet, Prototype, Reptile, VicWeights,
 };
 use crate::models::fsct::{FeatureNorm, FsctAttention, FsctConfig};
 use crate::models::load::{builtin_on, from_directory_on, BuiltinInputs};
@@ -294,6 +294,7 @@ pub fn build_text_encoder(config: &Config) -> Result<Box<dyn EncodeText>> {
 }
 
 fn inner_loop(config: &Config) -> InnerLoop {
+    let inner_config = &config.meta_learning.inner;
     let inner = InnerLoop::new(
         config.meta_learning.inner.steps,
         config.meta_learning.inner.lr,
@@ -302,7 +303,14 @@ fn inner_loop(config: &Config) -> InnerLoop {
     InnerLoop {
         micro_batch: accumulation.micro_batch,
         second_order_micro_batch: accumulation.second_order_micro_batch,
-        head_only: config.meta_learning.inner.adapt == config::InnerAdapt::Head,
+        head_only: inner_config.adapt == config::InnerAdapt::Head,
+        rule: match inner_config.optimizer {
+            config::InnerOptimizer::Sgd => InnerStepRule::Sgd,
+            config::InnerOptimizer::Adam => InnerStepRule::Adam {
+                beta1: inner_config.adam_beta1,
+                beta2: inner_config.adam_beta2,
+            },
+        },
         ..inner
     }
 }
