@@ -292,6 +292,20 @@ pub(crate) fn sgd_step(
     mode: Mode,
     context: &dyn Fn() -> String,
 ) -> Result<(ParamSet, f64)> {
+    let (grads, value) = support_gradient(engine, leaves, support, graph, mode, context)?;
+    Ok((step_size.step(leaves, &grads)?, value))
+}
+
+/// ∇L(θ_k) at `leaves` (with its graph when `graph` is [`GradGraph::Keep`]) and
+/// L(θ_k), both checked finite.
+fn support_gradient(
+    engine: &dyn GradEngine,
+    leaves: &ParamSet,
+    support: &Batch,
+    graph: GradGraph,
+    mode: Mode,
+    context: &dyn Fn() -> String,
+) -> Result<(ParamSet, f64)> {
     let (grads, loss) = match graph {
         // A kept graph is differentiated again across steps (full-graph MAML).
         GradGraph::Keep => engine.differentiable_gradient(leaves, support, mode)?,
@@ -302,7 +316,7 @@ pub(crate) fn sgd_step(
     };
     let value = finite_value(&loss, &|| format!("{}: the support loss", context()))?;
     check_finite(&grads, context)?;
-    Ok((step_size.step(leaves, &grads)?, value))
+    Ok((grads, value))
 }
 
 /// First-order adaptation: θ_K from `params`, with the support loss before each step.
@@ -356,24 +370,13 @@ pub(crate) fn adapt_with(
     for step in 0..inner.steps {
         let leaves = theta.to_leaves()?;
         let context = || format!("inner step {}", step + 1);
-        let (next, loss) = match &mut adam {
-            None => sgd_step(
-                &engine,
-                &leaves,
-                support,
-                step_size,
-                GradGraph::Detach,
-                mode,
-                &context,
-            )?,
-            Some(adam) => {
-                let (grads, loss, _) = gradient(&engine, &leaves, support, mode, &|| {
-                    format!("{}: the support loss", context())
-                })?;
-                let direction = adam.direction(&leaves, &grads)?;
-                (step_size.step(&leaves, &direction)?, loss)
-            }
+        let (grads, loss) =
+            support_gradient(&engine, &leaves, support, GradGraph::Detach, mode, &context)?;
+        let direction = match &mut adam {
+            None => grads,
+            Some(adam) => adam.direction(&leaves, &grads)?,
         };
+        let next = step_size.step(&leaves, &direction)?;
         losses.push(loss);
         thetas.push(theta);
         theta = next.detach();
