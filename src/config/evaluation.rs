@@ -21,6 +21,20 @@ choice_enum! {
     default = Batch;
 }
 
+/// Largest number of adaptation steps `evaluation.curve_steps` accepts: each point
+/// adapts every test task that many times.
+const MAX_CURVE_STEPS: usize = 1000;
+
+impl EvaluationConfig {
+    /// `curve_steps` sorted, without repeats.
+    pub fn curve_step_counts(&self) -> Vec<usize> {
+        let mut steps = self.curve_steps.clone();
+        steps.sort_unstable();
+        steps.dedup();
+        steps
+    }
+}
+
 /// The `evaluation` section.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -48,6 +62,11 @@ pub struct EvaluationConfig {
     /// Training episodes whose support and query sets estimate the running
     /// statistics (at least 1).
     pub batch_norm_episodes: usize,
+    /// `melora full` only: numbers of adaptation steps at which every method with an
+    /// inner loop (and the pre-trained baseline, adapted by the same SGD steps) is
+    /// scored again on the test episodes, for the score-against-steps curve; on
+    /// sinusoid tasks also the fits plotted for the first test task. Empty: no curve.
+    pub curve_steps: Vec<usize>,
 }
 
 impl Default for EvaluationConfig {
@@ -62,6 +81,7 @@ impl Default for EvaluationConfig {
             finetune_lr: 0.01,
             batch_norm: BatchNormEvaluation::Batch,
             batch_norm_episodes: 50,
+            curve_steps: Vec::new(),
         }
     }
 }
@@ -79,6 +99,15 @@ impl EvaluationConfig {
             self.batch_norm_episodes,
             1,
         )?;
+        if let Some(&steps) = self.curve_steps.iter().find(|&&s| s > MAX_CURVE_STEPS) {
+            return Err(crate::Error::Config {
+                key: "evaluation.curve_steps".into(),
+                message: format!(
+                    "{steps} adaptation steps is more than the curve's limit of \
+                     {MAX_CURVE_STEPS}; list step counts such as [0, 1, 5, 10]"
+                ),
+            });
+        }
         if let Some(patience) = self.early_stopping_patience {
             at_least("evaluation.early_stopping_patience", patience, 1)?;
         }

@@ -110,6 +110,19 @@ impl LearnerSpec {
         }
     }
 
+    /// Whether it adapts to a task by gradient steps of `meta_learning.inner` (the
+    /// MAML family and Reptile), so its score can be drawn against the step count.
+    pub fn has_inner_loop(self) -> bool {
+        matches!(
+            self,
+            Self::Maml { .. }
+                | Self::MetaSgd { .. }
+                | Self::Fomaml
+                | Self::Reptile
+                | Self::Melora { .. }
+        )
+    }
+
     /// Whether it meta-trains (a baseline only adapts).
     pub fn meta_trains(self) -> bool {
         !matches!(self, Self::Baseline(_))

@@ -216,6 +216,25 @@ pub fn episode_source(
     Ok(sources.remove(0))
 }
 
+/// Amplitude and phase of sinusoid task `index` of `split`, whose episodes
+/// [`episode_sources`] seeds from `seed`; `None` unless `config` makes sinusoid tasks.
+pub(crate) fn sinusoid_parameters(
+    config: &DataConfig,
+    seed: u64,
+    split: Split,
+    index: u64,
+) -> Option<(f64, f64)> {
+    let synthetic = config.synthetic_only || config.source == DataSource::Synthetic;
+    (synthetic && config.synthetic_task == SyntheticTask::Sinusoid).then(|| {
+        SinusoidTasks {
+            k_shot: config.k_shot,
+            n_query: config.n_query,
+            seed: seed.wrapping_add(split.salt()),
+        }
+        .parameters(index)
+    })
+}
+
 /// Episodes of each of `splits` as `config` describes them, a real data set read
 /// once for all. Synthetic families (also under `synthetic_only`) draw fresh tasks
 /// from a seed that depends on the split; real data sets are loaded with

@@ -23,6 +23,7 @@ mod tokenize;
 mod tests;
 
 pub use batch::{regression_loss, Batch, Inputs, TokenInputs};
+pub(crate) use configured::sinusoid_parameters;
 pub use configured::{
     episode_source, episode_sources, idx_files, load_dataset, training_splits, Split,
 };

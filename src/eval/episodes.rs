@@ -97,6 +97,11 @@ impl Evaluation {
             .collect()
     }
 
+    /// The headline metric's mean and interval: accuracy, or the MSE for regression.
+    pub fn headline_interval(&self) -> IntervalRecord {
+        self.accuracy.unwrap_or(self.loss)
+    }
+
     /// `0.734 ± 0.012` (accuracy) or `0.52 ± 0.04 MSE`.
     pub fn headline(&self) -> String {
         match &self.accuracy {

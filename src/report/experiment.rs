@@ -194,6 +194,10 @@ pub fn write_experiment_report(dir: &Path) -> Result<(PathBuf, PathBuf)> {
         report = report.section(training);
     }
 
+    if results.runs.iter().any(|r| !r.curve.is_empty()) {
+        report = curve_section(report, &results, &plot_dir, metric)?;
+    }
+
     let pareto: Vec<(String, u64, f64, f64)> = results
         .methods
         .iter()
@@ -320,4 +324,120 @@ pub fn write_experiment_report(dir: &Path) -> Result<(PathBuf, PathBuf)> {
         report = report.section(section);
     }
     report.write(dir)
+}
+
+/// The score-against-steps table and plot, and each sinusoid fit (Finn et al.'s
+/// Figures 3 and 2), of the runs that have them.
+fn curve_section(
+    report: Report,
+    results: &FullResults,
+    plot_dir: &Path,
+    metric: &str,
+) -> Result<Report> {
+    let runs: Vec<_> = results
+        .runs
+        .iter()
+        .filter(|r| !r.curve.is_empty())
+        .collect();
+    let several_seeds = runs
+        .iter()
+        .any(|r| runs.iter().any(|o| o.label == r.label && o.seed != r.seed));
+    let name = |r: &crate::train::RunRecord| {
+        if several_seeds {
+            format!("{} (seed {})", r.label, r.seed)
+        } else {
+            r.label.clone()
+        }
+    };
+    let mut steps: Vec<usize> = runs
+        .iter()
+        .flat_map(|r| r.curve.iter().map(|p| p.steps))
+        .collect();
+    steps.sort_unstable();
+    steps.dedup();
+    let mut headers = vec!["method".to_string()];
+    headers.extend(steps.iter().map(|s| format!("{s} steps")));
+    let rows = runs
+        .iter()
+        .map(|r| {
+            let mut row = vec![name(r)];
+            row.extend(steps.iter().map(|s| {
+                r.curve
+                    .iter()
+                    .find(|p| p.steps == *s)
+                    .map_or("–".into(), |p| {
+                        format!("{:.4} ± {:.4}", p.headline.mean, p.headline.half_width)
+                    })
+            }));
+            row
+        })
+        .collect();
+    let series: Vec<(String, Vec<(usize, f64)>)> = runs
+        .iter()
+        .map(|r| {
+            let points = r.curve.iter().map(|p| (p.steps, p.headline.mean)).collect();
+            (name(r), points)
+        })
+        .collect();
+    plots::score_vs_steps(plot_dir.join("score-vs-steps"), &series, metric)?;
+    let relative = |name: &str| PathBuf::from(PLOTS).join(format!("{name}.png"));
+    let mut section = Section::new("Score against adaptation steps")
+        .paragraph(format!(
+            "Each method adapted again to the same {} test tasks with each number of \
+             steps of its inner loop (0: its starting parameters as they are); the \
+             pre-trained baseline takes the same SGD steps (`meta_learning.inner`){}.",
+            results.episodes,
+            results
+                .runs
+                .iter()
+                .find_map(|r| r.curve_lr)
+                .map_or(String::new(), |lr| format!(
+                    " with the step size that scored best on meta-validation tasks after \
+                     the most steps, {lr}"
+                ))
+        ))
+        .table(Table { headers, rows })
+        .image(
+            relative("score-vs-steps"),
+            format!("{metric} against adaptation steps"),
+        );
+    let mut drawn = Vec::new();
+    for run in runs {
+        let Some(fit) = &run.fit else {
+            continue;
+        };
+        if drawn.contains(&run.label) {
+            continue;
+        }
+        drawn.push(run.label.clone());
+        let truth = fit
+            .grid
+            .iter()
+            .map(|&x| (x, fit.amplitude * (x - fit.phase).sin()))
+            .collect();
+        let mut lines = vec![("true function".to_string(), truth)];
+        for p in &fit.predictions {
+            let label = match p.steps {
+                0 => "before adaptation".to_string(),
+                1 => "after 1 step".to_string(),
+                s => format!("after {s} steps"),
+            };
+            lines.push((
+                label,
+                fit.grid
+                    .iter()
+                    .copied()
+                    .zip(p.values.iter().copied())
+                    .collect(),
+            ));
+        }
+        let file = format!("fit-{}", run.label.replace([' ', '(', ')', '/'], "_"));
+        let title = format!(
+            "{}: test task {} (amplitude {:.2}, phase {:.2})",
+            run.label, fit.task, fit.amplitude, fit.phase
+        );
+        plots::regression_fit(plot_dir.join(&file), &title, &lines, &fit.support)?;
+        section = section.image(relative(&file), title);
+    }
+    Ok(report.section(section))
 }

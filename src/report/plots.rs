@@ -190,6 +190,8 @@ struct LineChart<'a> {
     y_label: &'a str,
     series: Vec<(String, Vec<(f64, f64)>)>,
     markers: bool,
+    /// Points drawn as black dots without a line (a regression's support set).
+    scatter: Option<(String, Vec<(f64, f64)>)>,
 }
 
 impl Figure for LineChart<'_> {
@@ -199,7 +201,12 @@ impl Figure for LineChart<'_> {
 
     fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>, text: bool) -> DrawResult {
         root.fill(&WHITE).or_msg()?;
-        let points = || self.series.iter().flat_map(|(_, p)| p.iter());
+        let points = || {
+            self.series
+                .iter()
+                .flat_map(|(_, p)| p.iter())
+                .chain(self.scatter.iter().flat_map(|(_, p)| p.iter()))
+        };
         let (x0, x1) = padded_range(points().map(|p| p.0)).unwrap_or((0.0, 1.0));
         let (y0, y1) = padded_range(points().map(|p| p.1)).unwrap_or((0.0, 1.0));
         let mut builder = ChartBuilder::on(root);
@@ -245,6 +252,16 @@ impl Figure for LineChart<'_> {
                 chart
                     .draw_series(finite.iter().map(|&p| Circle::new(p, 4, c.filled())))
                     .or_msg()?;
+            }
+        }
+        if let Some((name, pts)) = &self.scatter {
+            let drawn = chart
+                .draw_series(pts.iter().map(|&p| Circle::new(p, 5, BLACK.filled())))
+                .or_msg()?;
+            if text {
+                drawn
+                    .label(name.as_str())
+                    .legend(|(x, y)| Circle::new((x + 12, y), 5, BLACK.filled()));
             }
         }
         if text && !self.series.is_empty() {
@@ -293,6 +310,7 @@ pub fn training_curves<S: AsRef<str>>(
             .map(|(n, p)| (n.as_ref().to_string(), p.clone()))
             .collect(),
         markers: false,
+        scatter: None,
     };
     render(path_stem.as_ref(), "training-curves", &chart)
 }
@@ -315,8 +333,56 @@ pub fn memory_vs_k<S: AsRef<str>>(
             })
             .collect(),
         markers: true,
+        scatter: None,
     };
     render(path_stem.as_ref(), "memory-vs-k", &chart)
+}
+
+/// A score against the number of adaptation steps, one line per method (the MSE or
+/// accuracy of Finn et al.'s Figure 3). Writes `<path_stem>.png` and `.svg`.
+pub fn score_vs_steps<S: AsRef<str>>(
+    path_stem: impl AsRef<Path>,
+    series: &[(S, Vec<(usize, f64)>)],
+    y_label: &str,
+) -> Result<(PathBuf, PathBuf)> {
+    let chart = LineChart {
+        title: "Score after adaptation steps on the test tasks",
+        x_label: "adaptation steps",
+        y_label,
+        series: series
+            .iter()
+            .map(|(n, p)| {
+                let pts = p.iter().map(|&(k, v)| (k as f64, v)).collect();
+                (n.as_ref().to_string(), pts)
+            })
+            .collect(),
+        markers: true,
+        scatter: None,
+    };
+    render(path_stem.as_ref(), "score-vs-steps", &chart)
+}
+
+/// One regression task fitted (Finn et al.'s Figure 2): the true curve and each
+/// prediction as lines over `(x, y)` points, the support set as dots. Writes
+/// `<path_stem>.png` and `.svg`.
+pub fn regression_fit<S: AsRef<str>>(
+    path_stem: impl AsRef<Path>,
+    title: &str,
+    lines: &[(S, Vec<(f64, f64)>)],
+    support: &[(f64, f64)],
+) -> Result<(PathBuf, PathBuf)> {
+    let chart = LineChart {
+        title,
+        x_label: "x",
+        y_label: "y",
+        series: lines
+            .iter()
+            .map(|(n, p)| (n.as_ref().to_string(), p.clone()))
+            .collect(),
+        markers: false,
+        scatter: Some(("support points".into(), support.to_vec())),
+    };
+    render(path_stem.as_ref(), "regression-fit", &chart)
 }
 
 /// Accuracy against peak memory, with confidence-interval bars.
@@ -790,6 +856,7 @@ mod tests {
             y_label: "y",
             series: vec![("a".into(), vec![(0.0, 1.0), (1.0, f64::NAN), (2.0, 0.5)])],
             markers: true,
+            scatter: Some(("s".into(), vec![(0.5, 0.7)])),
         });
         draws_without_text(&Pareto {
             points: vec![("a".into(), 10.0, 0.6, 0.02), ("b".into(), 20.0, 0.7, 0.0)],

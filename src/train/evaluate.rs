@@ -37,6 +37,9 @@ pub struct EvaluateOptions {
     /// The classes the episodes come from; `None` is the meta-test split (the
     /// meta-validation split chooses learning rates).
     pub split: Option<Split>,
+    /// Score the starting parameters as they are, without adapting (a point at zero
+    /// steps of the score-against-steps curve).
+    pub no_adaptation: bool,
 }
 
 /// Adapts and scores the configured model on the meta-test episodes; `progress(i)`
@@ -47,11 +50,58 @@ pub fn evaluate(
     options: &EvaluateOptions,
     progress: &mut dyn FnMut(usize),
 ) -> Result<Evaluation> {
-    crate::init();
     let meter = MemoryMeter::start();
+    let mut evaluation = with_prepared(config, options, |run, params, source, engine| {
+        evaluate_episodes(
+            run.adapter.as_ref(),
+            engine,
+            params,
+            source,
+            options.episodes.unwrap_or(config.evaluation.episodes),
+            config.evaluation.confidence,
+            evaluation_loss_scale(config, options.checkpoint.as_deref())?,
+            progress,
+        )
+    })?;
+    if crate::memory::is_installed() {
+        evaluation.peak_bytes = Some(meter.peak_above_baseline() as u64);
+    }
+    Ok(evaluation)
+}
+
+/// The support set of episode `task` of the evaluated split and the predictions
+/// `[b, d]` for `inputs` of `config`'s model adapted to it, as [`evaluate`] adapts.
+pub(crate) fn predict_after_adaptation(
+    config: &Config,
+    options: &EvaluateOptions,
+    task: u64,
+    inputs: &crate::data::Batch,
+) -> Result<(crate::data::Batch, candle_core::Tensor)> {
+    with_prepared(config, options, |run, params, source, engine| {
+        let episode = source.episode(task)?;
+        let adapted = run
+            .adapter
+            .adapt(engine, params, &episode.support, Mode::Eval)?;
+        let predicted = run.adapter.predict(engine, &adapted, inputs, Mode::Eval)?;
+        Ok((episode.support, predicted.detach()))
+    })
+}
+
+/// Builds what an evaluation adapts with (the run, its adapter as `options` ask, the
+/// starting parameters, the episodes of the evaluated split, the engine) and calls
+/// `score` with them, under running BatchNorm statistics when configured.
+fn with_prepared<T>(
+    config: &Config,
+    options: &EvaluateOptions,
+    score: impl FnOnce(&Run, &ParamSet, &dyn EpisodeSource, &dyn crate::engine::GradEngine) -> Result<T>,
+) -> Result<T> {
+    crate::init();
     let mut run = Run::build(config)?;
     if options.finetune_start {
         run.adapter = build_finetune(config);
+    }
+    if options.no_adaptation {
+        run.adapter = Box::new(crate::meta::NoAdaptation);
     }
     let model = run.model.as_ref();
     let encoder = build_text_encoder(config)?;
@@ -85,20 +135,7 @@ pub fn evaluate(
         None => None,
     };
     let engine = run.engine()?;
-    let mut evaluation = evaluate_episodes(
-        run.adapter.as_ref(),
-        engine.as_ref(),
-        &params,
-        source.as_ref(),
-        options.episodes.unwrap_or(config.evaluation.episodes),
-        config.evaluation.confidence,
-        evaluation_loss_scale(config, options.checkpoint.as_deref())?,
-        progress,
-    )?;
-    if crate::memory::is_installed() {
-        evaluation.peak_bytes = Some(meter.peak_above_baseline() as u64);
-    }
-    Ok(evaluation)
+    score(&run, &params, source.as_ref(), engine.as_ref())
 }
 
 /// With `evaluation.batch_norm: running`, estimates the backbone's running

@@ -18,6 +18,7 @@ use crate::memory::MemoryMeter;
 use crate::nn::Mode;
 use crate::{Error, Result};
 
+use super::curve::{adaptation_curve, sinusoid_fit, CurvePoint, SinusoidFit};
 use super::evaluate::{evaluate, save_evaluation, EvaluateOptions};
 use super::pretrain::pretrain;
 use super::run::{run_dir, train, TrainOptions};
@@ -56,6 +57,18 @@ pub struct RunRecord {
     /// The learning rates tried on meta-validation tasks, with their scores.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub lr_sweep: Vec<LrTrial>,
+    /// The test score after each of `evaluation.curve_steps` adaptation steps
+    /// (methods with an inner loop, and the pre-trained model adapted by the same
+    /// steps); empty when no curve is configured.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub curve: Vec<CurvePoint>,
+    /// The first sinusoid test task fitted after some of those steps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fit: Option<SinusoidFit>,
+    /// The pre-trained baseline's SGD step size in the curve, chosen among
+    /// `comparison.finetune_lr_sweep` on meta-validation tasks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub curve_lr: Option<f64>,
 }
 
 /// One learning rate of a fine-tuning baseline's sweep.
@@ -538,14 +551,32 @@ fn train_and_evaluate(
         None
     };
     let episodes = config.evaluation.episodes;
-    let evaluation = evaluate(
-        &config,
-        &EvaluateOptions {
-            episodes: Some(episodes),
-            ..options
-        },
-        &mut |i| observer.evaluation_progress(i + 1, episodes),
-    )?;
+    let options = EvaluateOptions {
+        episodes: Some(episodes),
+        ..options
+    };
+    let evaluation = evaluate(&config, &options, &mut |i| {
+        observer.evaluation_progress(i + 1, episodes)
+    })?;
+    let (curve, fit, curve_lr) = match curve_config(&config, variant, &options)? {
+        Some((curve_config, curve_lr)) => {
+            let steps = config.evaluation.curve_step_counts();
+            observer.note(&format!(
+                "{label}: scoring after {} adaptation steps",
+                steps
+                    .iter()
+                    .map(usize::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+            (
+                adaptation_curve(&curve_config, &options, &steps)?,
+                sinusoid_fit(&curve_config, &options, &steps)?,
+                curve_lr,
+            )
+        }
+        None => (Vec::new(), None, None),
+    };
     if peak.is_none() {
         peak = evaluation.peak_bytes;
     } else if let (Some(p), Some(e)) = (peak, evaluation.peak_bytes) {
@@ -567,7 +598,62 @@ fn train_and_evaluate(
         train_classes,
         finetune_lr,
         lr_sweep,
+        curve,
+        fit,
+        curve_lr,
     }))
+}
+
+/// The configuration the score-against-steps curve of `variant` adapts with: its
+/// own inner loop for a meta-learner with one; for the pre-trained baseline the same
+/// SGD steps (first-order MAML's inner loop: the fine-tuning of Finn et al.'s
+/// pre-trained model) at the step size among `comparison.finetune_lr_sweep` that
+/// scores best on meta-validation tasks after the largest step count, which is
+/// returned too; `None` for everything else, or when no curve is configured.
+fn curve_config(
+    config: &Config,
+    variant: Variant,
+    options: &EvaluateOptions,
+) -> Result<Option<(Config, Option<f64>)>> {
+    let steps = config.evaluation.curve_step_counts();
+    let Some(&most) = steps.last() else {
+        return Ok(None);
+    };
+    if variant.meta_trains() && crate::config::LearnerSpec::of(config).has_inner_loop() {
+        return Ok(Some((config.clone(), None)));
+    }
+    if variant != Variant::PretrainFinetune {
+        return Ok(None);
+    }
+    let mut config = config.clone();
+    config.meta_learning.method = Method::Fomaml;
+    let sweep = &config.comparison.finetune_lr_sweep;
+    if most == 0 || sweep.is_empty() {
+        return Ok(Some((config, None)));
+    }
+    let mut best: Option<(f64, f64)> = None;
+    for &lr in sweep {
+        let mut trial = config.clone();
+        trial.meta_learning.inner.lr = lr;
+        trial.meta_learning.inner.steps = most;
+        let score = evaluate(
+            &trial,
+            &EvaluateOptions {
+                episodes: Some(config.evaluation.val_episodes),
+                split: Some(Split::Val),
+                ..options.clone()
+            },
+            &mut |_| {},
+        )?
+        .score();
+        if score.is_finite() && best.is_none_or(|(_, b)| score > b) {
+            best = Some((lr, score));
+        }
+    }
+    if let Some((lr, _)) = best {
+        config.meta_learning.inner.lr = lr;
+    }
+    Ok(Some((config, best.map(|(lr, _)| lr))))
 }
 
 /// The classes of each split of `config`'s data set (`None` for synthetic tasks).
@@ -903,5 +989,99 @@ mod tests {
         assert_eq!(results.skipped.len(), 1);
         assert!(results.skipped[0].reason.contains("new classes"));
         assert_eq!(results.methods.len(), 1);
+    }
+
+    /// `evaluation.curve_steps` scores every method with an inner loop, and the
+    /// pre-trained model adapted by the same SGD steps, again after each number of
+    /// steps: one step is the evaluation itself, zero is the checkpoint without
+    /// adaptation; sinusoid tasks also get the fit of their first test task, whose
+    /// support points lie on the recorded sine, and the report draws both.
+    #[test]
+    fn adaptation_curves_score_each_step_count_and_fit_a_sinusoid() {
+        let dir = tempfile::tempdir().unwrap();
+        let yaml = "seed: 3\nmodel:\n  name: mlp\n\
+             meta_learning:\n  method: maml\n  meta_batch_size: 2\n  num_iterations: 4\n  \
+             inner:\n    steps: 1\n    lr: 0.01\n\
+             data:\n  synthetic_task: sinusoid\n  k_shot: 5\n  n_query: 5\n\
+             evaluation:\n  episodes: 4\n  eval_every: 2\n  val_episodes: 2\n  \
+             finetune_steps: 2\n  curve_steps: [3, 0, 1]\n\
+             comparison:\n  baselines: [reptile, pretrain-finetune, finetune]\n  \
+             memory_inner_steps: []\n  finetune_lr_sweep: [0.001]\n  pretrain:\n    \
+             steps: 3\n    tune: all\n";
+        let mut config = Config::from_yaml_str(yaml).unwrap();
+        config.tracking.output_dir = dir.path().to_path_buf();
+        let results = run_full(&config, &FullOptions::default(), &mut Quiet).unwrap();
+        for run in &results.runs {
+            let steps: Vec<usize> = run.curve.iter().map(|p| p.steps).collect();
+            let expected: &[usize] = if run.label == "finetune" {
+                &[]
+            } else {
+                &[0, 1, 3]
+            };
+            assert_eq!(steps, expected, "{}", run.label);
+            assert_eq!(run.fit.is_some(), !expected.is_empty(), "{}", run.label);
+        }
+        for run in &results.runs {
+            let swept = run.label == "pretrain-finetune";
+            assert_eq!(run.curve_lr, swept.then_some(0.001), "{}", run.label);
+        }
+        let maml = &results.runs[0];
+        assert_eq!(maml.label, "maml");
+        // One step is how the main evaluation adapts.
+        assert_eq!(maml.curve[1].headline, maml.evaluation.loss);
+        // Zero steps: the checkpoint scored as it is, through the no-adaptation method.
+        let mut none = config.clone();
+        none.meta_learning.method = Method::NoAdaptation;
+        let best = maml.run_dir.as_ref().unwrap().join("best");
+        let unadapted = evaluate(
+            &none,
+            &EvaluateOptions {
+                checkpoint: Some(best),
+                episode_seed: Some(results.episode_seed),
+                ..Default::default()
+            },
+            &mut |_| {},
+        )
+        .unwrap();
+        assert_eq!(maml.curve[0].headline, unadapted.loss);
+        assert_ne!(maml.curve[0].headline, maml.curve[2].headline);
+
+        let fit = maml.fit.as_ref().unwrap();
+        assert_eq!(fit.support.len(), 5);
+        for &(x, y) in &fit.support {
+            let truth = fit.amplitude * (x - fit.phase).sin();
+            assert!((y - truth).abs() < 1e-5, "({x}, {y}) is not on the sine");
+        }
+        let steps: Vec<usize> = fit.predictions.iter().map(|p| p.steps).collect();
+        assert_eq!(steps, [0, 1, 3]);
+        for p in &fit.predictions {
+            assert_eq!(p.values.len(), fit.grid.len());
+            assert!(p.values.iter().all(|v| v.is_finite()));
+        }
+        assert_ne!(fit.predictions[0].values, fit.predictions[2].values);
+
+        let dir = experiment_dir(&config);
+        let (markdown, _) = crate::report::write_experiment_report(&dir).unwrap();
+        let text = std::fs::read_to_string(markdown).unwrap();
+        assert!(text.contains("Score against adaptation steps"), "{text}");
+        for plot in [
+            "score-vs-steps",
+            "fit-maml",
+            "fit-reptile",
+            "fit-pretrain-finetune",
+        ] {
+            assert!(
+                dir.join("plots").join(format!("{plot}.png")).exists(),
+                "{plot}"
+            );
+        }
+
+        let err = Config::from_yaml_str("evaluation:\n  curve_steps: [0, 5000]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("evaluation.curve_steps") && err.contains("5000"),
+            "{err}"
+        );
     }
 }

@@ -5,12 +5,14 @@
 
 pub(crate) mod adapt;
 pub mod checkpoint;
+mod curve;
 mod evaluate;
 mod full;
 mod pretrain;
 mod run;
 
 pub use adapt::{adapt_examples, adapter_params, AdaptOutcome, Prediction};
+pub use curve::{CurvePoint, FitPrediction, SinusoidFit};
 pub use evaluate::{evaluate, save_evaluation, save_evaluation_as, EvaluateOptions};
 pub use full::{
     experiment_dir, load_results, run_full, save_results, AblationPoint, Comparison, FullObserver,
