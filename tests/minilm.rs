@@ -85,3 +85,90 @@ fn minilm_embeddings_rank_paraphrases_above_unrelated_sentences() {
         "paraphrases are clearly similar"
     );
 }
+
+/// The whole `melora full` pipeline of `configs/wordnet-minilm.yml` on the real model
+/// and WordNet, cut to 3 meta-iterations and 5 test episodes: every meta-learner of
+/// the results table and every baseline trains (or pre-trains), is evaluated on
+/// the same episodes, and lands in `results.json` and the report.
+///
+/// `cargo test --release --test minilm -- --ignored --nocapture full_pipeline`, after
+/// `scripts/fetch-data.sh` and `scripts/fetch-minilm.sh`.
+#[test]
+#[ignore = "needs the MiniLM model and WordNet: run scripts/fetch-minilm.sh and scripts/fetch-data.sh, then --ignored"]
+fn full_pipeline_of_the_wordnet_minilm_config_runs_every_method() {
+    let dir = common::minilm_dir();
+    assert!(
+        dir.join("model.safetensors").exists(),
+        "no model in {}: run scripts/fetch-minilm.sh first",
+        dir.display()
+    );
+    assert!(
+        std::path::Path::new("/usr/share/wordnet/data.noun").exists(),
+        "no WordNet in /usr/share/wordnet: run scripts/fetch-data.sh first"
+    );
+    let shipped =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/wordnet-minilm.yml");
+    let mut config = melora::config::Config::from_file(&shipped).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    config.model.path = Some(dir);
+    config.meta_learning.num_iterations = 3;
+    config.evaluation.eval_every = 3;
+    config.evaluation.val_episodes = 2;
+    config.evaluation.episodes = 5;
+    config.evaluation.finetune_steps = 2;
+    config.comparison.finetune_lr_sweep = vec![0.001];
+    config.comparison.pretrain.steps = Some(3);
+    config.comparison.memory_inner_steps = vec![1];
+    config.tracking.output_dir = out.path().join("runs");
+    config.tracking.tensorboard = false;
+    let path = out.path().join("config.yml");
+    std::fs::write(&path, config.to_yaml_string().unwrap()).unwrap();
+
+    let started = std::time::Instant::now();
+    let output = common::melora(&["full", "--config", path.to_str().unwrap()]);
+    let stdout = common::text(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        common::text(&output.stderr)
+    );
+    println!("full pipeline: {:.0} s", started.elapsed().as_secs_f64());
+    let experiment = config
+        .tracking
+        .output_dir
+        .join(&config.tracking.experiment_name);
+    let results = melora::train::load_results(&experiment).unwrap();
+    let labels: Vec<&str> = results.methods.iter().map(|m| m.label.as_str()).collect();
+    let mut expected = vec![results.main.clone()];
+    expected.extend(
+        config
+            .comparison
+            .baselines
+            .iter()
+            .map(ToString::to_string)
+            .filter(|b| *b != results.main),
+    );
+    assert_eq!(labels, expected, "every configured method ran");
+    for method in &results.methods {
+        println!(
+            "{:<24} {:.3} ± {:.3}",
+            method.label, method.headline.mean, method.headline.half_width
+        );
+        assert_eq!(method.per_episode.len(), 5, "{}", method.label);
+        assert!(
+            (0.0..=1.0).contains(&method.headline.mean),
+            "{}",
+            method.label
+        );
+    }
+    assert_eq!(results.comparisons.len(), results.methods.len() - 1);
+    let splits = results
+        .splits
+        .as_ref()
+        .expect("the class split is recorded");
+    assert_eq!(
+        splits.train.len() + splits.val.len() + splits.test.len(),
+        41
+    );
+    assert!(experiment.join("report.md").exists());
+}

@@ -365,8 +365,9 @@ fn curve_section(
                 r.curve
                     .iter()
                     .find(|p| p.steps == *s)
-                    .map_or("–".into(), |p| {
-                        format!("{:.4} ± {:.4}", p.headline.mean, p.headline.half_width)
+                    .map_or("–".into(), |p| match p.headline {
+                        Some(h) => format!("{:.4} ± {:.4}", h.mean, h.half_width),
+                        None => "diverged".into(),
                     })
             }));
             row
@@ -375,7 +376,11 @@ fn curve_section(
     let series: Vec<(String, Vec<(usize, f64)>)> = runs
         .iter()
         .map(|r| {
-            let points = r.curve.iter().map(|p| (p.steps, p.headline.mean)).collect();
+            let points = r
+                .curve
+                .iter()
+                .map(|p| (p.steps, p.headline.map_or(f64::NAN, |h| h.mean)))
+                .collect();
             (name(r), points)
         })
         .collect();
@@ -385,7 +390,8 @@ fn curve_section(
         .paragraph(format!(
             "Each method adapted again to the same {} test tasks with each number of \
              steps of its inner loop (0: its starting parameters as they are); the \
-             pre-trained baseline takes the same SGD steps (`meta_learning.inner`){}.",
+             pre-trained baseline takes the same SGD steps (`meta_learning.inner`){}. \
+             \"diverged\": adaptation reached a non-finite loss on a test task.",
             results.episodes,
             results
                 .runs

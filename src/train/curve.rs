@@ -10,7 +10,7 @@ use candle_core::{Device, Tensor};
 use crate::config::Config;
 use crate::data::{sinusoid_parameters, Batch, Inputs, SinusoidTasks, Split};
 use crate::eval::IntervalRecord;
-use crate::Result;
+use crate::{Error, Result};
 
 use super::evaluate::{evaluate, predict_after_adaptation, EvaluateOptions};
 
@@ -20,8 +20,8 @@ pub struct CurvePoint {
     /// Adaptation steps (0: the starting parameters as they are).
     pub steps: usize,
     /// Mean headline metric (accuracy, or MSE) over the test episodes, with its
-    /// interval.
-    pub headline: IntervalRecord,
+    /// interval; `None` when adaptation diverged (a non-finite loss) on a test task.
+    pub headline: Option<IntervalRecord>,
 }
 
 /// One sinusoid test task fitted after several numbers of adaptation steps.
@@ -80,11 +80,12 @@ pub(crate) fn adaptation_curve(
         .iter()
         .map(|&s| {
             let (config, options) = with_steps(config, options, s);
-            let evaluation = evaluate(&config, &options, &mut |_| {})?;
-            Ok(CurvePoint {
-                steps: s,
-                headline: evaluation.headline_interval(),
-            })
+            let headline = match evaluate(&config, &options, &mut |_| {}) {
+                Ok(evaluation) => Some(evaluation.headline_interval()),
+                Err(Error::NonFinite(_)) => None,
+                Err(e) => return Err(e),
+            };
+            Ok(CurvePoint { steps: s, headline })
         })
         .collect()
 }
@@ -134,7 +135,13 @@ pub(crate) fn sinusoid_fit(
     let mut predictions = Vec::with_capacity(drawn.len());
     for s in drawn {
         let (config, options) = with_steps(config, options, s);
-        let (support_set, predicted) = predict_after_adaptation(&config, &options, TASK, &inputs)?;
+        let (support_set, predicted) =
+            match predict_after_adaptation(&config, &options, TASK, &inputs) {
+                Ok(outcome) => outcome,
+                // Diverged on this task: nothing to draw at this step count.
+                Err(Error::NonFinite(_)) => continue,
+                Err(e) => return Err(e),
+            };
         if support.is_empty() {
             support = points_of(&support_set)?;
         }
@@ -169,4 +176,27 @@ fn points_of(batch: &Batch) -> Result<Vec<(f64, f64)>> {
     let xs = as_f64(x)?;
     let ys = as_f64(batch.regression_targets()?)?;
     Ok(xs.into_iter().zip(ys).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A step count at which SGD diverges on a test task is recorded as diverged
+    /// (and left out of the fit) rather than failing the comparison.
+    #[test]
+    fn a_diverging_step_count_is_recorded_not_fatal() {
+        let yaml = "seed: 2\nmodel:\n  name: mlp\nmeta_learning:\n  method: fomaml\n  \
+                    inner:\n    lr: 1.0e6\n\
+                    data:\n  synthetic_task: sinusoid\n  k_shot: 5\n  n_query: 5\n\
+                    evaluation:\n  episodes: 3\n";
+        let config = Config::from_yaml_str(yaml).unwrap();
+        let options = EvaluateOptions::default();
+        let curve = adaptation_curve(&config, &options, &[0, 8]).unwrap();
+        assert!(curve[0].headline.is_some_and(|h| h.mean.is_finite()));
+        assert_eq!(curve[1].headline, None);
+        let fit = sinusoid_fit(&config, &options, &[0, 8]).unwrap().unwrap();
+        let drawn: Vec<usize> = fit.predictions.iter().map(|p| p.steps).collect();
+        assert_eq!(drawn, [0]);
+    }
 }

@@ -636,16 +636,17 @@ fn curve_config(
         let mut trial = config.clone();
         trial.meta_learning.inner.lr = lr;
         trial.meta_learning.inner.steps = most;
-        let score = evaluate(
-            &trial,
-            &EvaluateOptions {
-                episodes: Some(config.evaluation.val_episodes),
-                split: Some(Split::Val),
-                ..options.clone()
-            },
-            &mut |_| {},
-        )?
-        .score();
+        let trial_options = EvaluateOptions {
+            episodes: Some(config.evaluation.val_episodes),
+            split: Some(Split::Val),
+            ..options.clone()
+        };
+        let score = match evaluate(&trial, &trial_options, &mut |_| {}) {
+            Ok(evaluation) => evaluation.score(),
+            // A step size at which SGD diverges is not a candidate.
+            Err(Error::NonFinite(_)) => continue,
+            Err(e) => return Err(e),
+        };
         if score.is_finite() && best.is_none_or(|(_, b)| score > b) {
             best = Some((lr, score));
         }
@@ -1028,7 +1029,7 @@ mod tests {
         let maml = &results.runs[0];
         assert_eq!(maml.label, "maml");
         // One step is how the main evaluation adapts.
-        assert_eq!(maml.curve[1].headline, maml.evaluation.loss);
+        assert_eq!(maml.curve[1].headline, Some(maml.evaluation.loss));
         // Zero steps: the checkpoint scored as it is, through the no-adaptation method.
         let mut none = config.clone();
         none.meta_learning.method = Method::NoAdaptation;
@@ -1043,7 +1044,7 @@ mod tests {
             &mut |_| {},
         )
         .unwrap();
-        assert_eq!(maml.curve[0].headline, unadapted.loss);
+        assert_eq!(maml.curve[0].headline, Some(unadapted.loss));
         assert_ne!(maml.curve[0].headline, maml.curve[2].headline);
 
         let fit = maml.fit.as_ref().unwrap();
