@@ -5,7 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 
 use crate::config::Config;
 use crate::data::{sinusoid_parameters, Batch, Inputs, SinusoidTasks, Split};
@@ -112,9 +112,10 @@ pub(crate) fn sinusoid_fit(
         .map(|&x| (amplitude * (x - phase).sin()) as f32)
         .collect();
     let x: Vec<f32> = grid.iter().map(|&x| x as f32).collect();
+    let device = crate::run::build::device(config)?;
     let inputs = Batch::regression(
-        Tensor::from_vec(x, (FIT_GRID_POINTS, 1), &Device::Cpu)?,
-        Tensor::from_vec(truth, (FIT_GRID_POINTS, 1), &Device::Cpu)?,
+        Tensor::from_vec(x, (FIT_GRID_POINTS, 1), &device)?,
+        Tensor::from_vec(truth, (FIT_GRID_POINTS, 1), &device)?,
     )?;
     let mut drawn: Vec<usize> = steps.to_vec();
     drawn.sort_unstable();

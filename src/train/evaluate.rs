@@ -50,6 +50,9 @@ pub fn evaluate(
     options: &EvaluateOptions,
     progress: &mut dyn FnMut(usize),
 ) -> Result<Evaluation> {
+    // Before the meter: the process-wide set-up (worker thread, thread pool) is not
+    // the evaluation's memory.
+    crate::init();
     let meter = MemoryMeter::start();
     let mut evaluation = with_prepared(config, options, |run, params, source, engine| {
         evaluate_episodes(
