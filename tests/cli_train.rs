@@ -209,6 +209,23 @@ fn full_writes_the_comparison_and_the_report() {
     // maml and maml-full_graph at K = 1, 2.
     assert!(results["memory_vs_k"].as_array().unwrap().len() >= 6);
 
+    // Resumed, every run is kept: the same scores, nothing trained again.
+    let resumed = melora(&[
+        "full",
+        "--config",
+        &config,
+        "--output",
+        &out.display().to_string(),
+        "--resume",
+    ]);
+    assert!(resumed.status.success(), "{}", text(&resumed.stderr));
+    let err = text(&resumed.stderr);
+    assert_eq!(err.matches("kept from the earlier results").count(), 3, "{err}");
+    let again: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(exp.join("results.json")).unwrap()).unwrap();
+    assert_eq!(again["methods"], results["methods"]);
+    assert!(exp.join("results.before-resume.json").is_file());
+
     std::fs::remove_file(exp.join("report.md")).unwrap();
     let report = melora(&["report", &exp.display().to_string()]);
     assert!(report.status.success(), "{}", text(&report.stderr));

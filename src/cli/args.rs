@@ -221,6 +221,13 @@ pub(crate) struct FullArgs {
     /// Training seeds per method [comparison.seeds]
     #[arg(long, value_name = "N")]
     pub(crate) seeds: Option<usize>,
+
+    /// Keep the runs an earlier `full` of this experiment finished with the same
+    /// configuration (its results.json is copied to results.before-resume.json first),
+    /// continue a meta-training it left unfinished from its last checkpoint, and run
+    /// only the rest. For a comparison of many hours, run in pieces
+    #[arg(long)]
+    pub(crate) resume: bool,
 }
 
 #[derive(Debug, Args)]

@@ -46,6 +46,15 @@ impl FullObserver for Console {
         eprintln!("{text}");
     }
 
+    fn run_kept(&mut self, record: &RunRecord, index: usize, total: usize) {
+        eprintln!(
+            "[{index}/{total}] {} (seed {}): kept from the earlier results, {}",
+            record.label,
+            record.seed,
+            record.evaluation.headline()
+        );
+    }
+
     fn run_finished(&mut self, record: &RunRecord) {
         if let Some(b) = self.bar.take() {
             b.finish_and_clear();
@@ -72,6 +81,7 @@ pub(crate) fn run_full_cmd(global: &GlobalArgs, args: &FullArgs) -> anyhow::Resu
         &FullOptions {
             skip_baselines: args.skip_baselines,
             seeds: args.seeds,
+            resume: args.resume,
         },
         &mut console,
     )?;
@@ -92,7 +102,8 @@ pub(crate) fn run_full_cmd(global: &GlobalArgs, args: &FullArgs) -> anyhow::Resu
         html.display()
     );
     if results.interrupted {
-        text += "interrupted: the report shows the runs that finished\n";
+        text += "interrupted: the report shows the runs that finished; `melora full --resume` \
+                 with the same options keeps them and runs the rest\n";
     }
     write_stdout(&text)?;
     Ok(if results.interrupted {

@@ -21,6 +21,7 @@ use crate::{Error, Result};
 use super::curve::{adaptation_curve, sinusoid_fit, CurvePoint, SinusoidFit};
 use super::evaluate::{evaluate, save_evaluation, EvaluateOptions};
 use super::pretrain::pretrain;
+use super::resume::{run_identity, unfinished_training, Earlier, Reuse};
 use super::run::{run_dir, train, TrainOptions};
 use crate::run::build::{
     build_engine, build_learner, build_model, build_text_encoder, initial_params,
@@ -69,6 +70,10 @@ pub struct RunRecord {
     /// `comparison.finetune_lr_sweep` on meta-validation tasks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub curve_lr: Option<f64>,
+    /// The run's configuration less where it was written and the comparison's plan,
+    /// by which `melora full --resume` knows whether the run can be kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<serde_json::Value>,
 }
 
 /// One learning rate of a fine-tuning baseline's sweep.
@@ -228,6 +233,8 @@ pub trait FullObserver {
     fn evaluation_progress(&mut self, _done: usize, _total: usize) {}
     /// A run finished.
     fn run_finished(&mut self, _record: &RunRecord) {}
+    /// A run (`index` of `total`) was kept from the earlier comparison (`--resume`).
+    fn run_kept(&mut self, _record: &RunRecord, _index: usize, _total: usize) {}
     /// Something to tell the user, such as the configuration a memory budget chose.
     fn note(&mut self, _text: &str) {}
 }
@@ -251,6 +258,10 @@ pub struct FullOptions {
     pub skip_baselines: bool,
     /// Seeds per method, replacing `comparison.seeds`.
     pub seeds: Option<usize>,
+    /// Keep the runs an earlier comparison in the same experiment folder finished
+    /// with the same configuration, continue a meta-training it left unfinished from
+    /// its last checkpoint, and run only the rest.
+    pub resume: bool,
 }
 
 /// The experiment folder of `config`: `<output_dir>/<experiment_name>`.
@@ -283,7 +294,6 @@ pub fn run_full(
     }
     let seeds = options.seeds.unwrap_or(config.comparison.seeds).max(1);
     let grid = ablation_grid(config);
-    let total = variants.len() * seeds + grid.len();
     let dir = experiment_dir(config);
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
     // One class split for the whole experiment: a run of another training seed that
@@ -309,95 +319,104 @@ pub fn run_full(
         interrupted: false,
         skipped: Vec::new(),
     };
-    let mut index = 0;
-    'methods: for variant in &variants {
-        if let Some(why) = crate::config::pairing::method_does_not_apply(&variant.apply(config)) {
-            observer.note(&format!("{variant} skipped: {why}"));
-            results.skipped.push(SkippedMethod {
-                label: variant.to_string(),
-                reason: why,
-            });
-            index += seeds;
+    let plan = plan_runs(config, &variants, seeds, &grid, &mut results, observer)?;
+    let earlier = if options.resume {
+        Earlier::load(&dir, &results)?
+    } else {
+        None
+    };
+    // Every run's fate decided before any runs, so that results.json holds the kept
+    // runs from the start: an interruption loses none of them.
+    let mut reuse = Vec::with_capacity(plan.len());
+    for planned in &plan {
+        reuse.push(match &earlier {
+            Some(earlier) => earlier.reuse(
+                &planned.label,
+                planned.variant,
+                planned.config.seed,
+                &planned.config,
+            )?,
+            None => Reuse::Absent,
+        });
+    }
+    // A meta-init-finetune run adapted the checkpoint of the main run of its seed,
+    // and is not kept when that run is trained again.
+    for i in 0..plan.len() {
+        if plan[i].variant != Variant::MetaInitFinetune || !matches!(reuse[i], Reuse::Keep(_)) {
             continue;
         }
-        for s in 0..seeds {
-            let mut run_config = variant.apply(config);
-            run_config.seed = config.seed + s as u64;
-            let label = variant.to_string();
-            // The meta-initialisation baseline adapts the main run's checkpoint of the
-            // same seed; it has its own folder for its evaluation.
-            let start = match variant {
-                Variant::MetaInitFinetune => {
-                    run_config.tracking.run_name = Some(format!("{label}-seed{}", run_config.seed));
-                    Some(main_checkpoint(
-                        &results,
-                        &main.to_string(),
-                        run_config.seed,
-                    )?)
-                }
-                _ => {
-                    run_config.tracking.run_name = None;
-                    None
-                }
-            };
-            let run_config = fitted_to_budget(run_config, observer)?;
-            index += 1;
-            observer.run_started(&label, run_config.seed, index, total);
-            let Some(record) =
-                train_and_evaluate(&run_config, *variant, &label, config.seed, start, observer)?
-            else {
-                results.interrupted = true;
-                break 'methods;
-            };
-            results.regression = record.evaluation.regression;
-            observer.run_finished(&record);
-            results.runs.push(record);
-            summarise(&mut results)?;
-            save_results(&results, &dir)?;
+        let main_kept = plan.iter().zip(&reuse).any(|(p, r)| {
+            p.ablation.is_none()
+                && p.variant == main
+                && p.config.seed == plan[i].config.seed
+                && matches!(r, Reuse::Keep(_))
+        });
+        if !main_kept {
+            reuse[i] = Reuse::Rerun("the checkpoint it adapts is trained again".into());
         }
     }
-    if !results.interrupted {
-        for (rank, k, hessian) in grid {
-            let mut run_config = config.clone();
-            run_config.lora.rank = rank;
-            run_config.meta_learning.inner.steps = k;
-            if let Some(kind) = hessian {
-                run_config.memory_optimization.hessian_approximation.kind = kind;
+    let mut records: Vec<Option<RunRecord>> = Vec::with_capacity(plan.len());
+    let mut pending = Vec::with_capacity(plan.len());
+    for r in reuse {
+        match r {
+            Reuse::Keep(record) => {
+                records.push(Some(*record));
+                pending.push(None);
             }
-            let label = match hessian {
-                Some(kind) => format!("ablation-r{rank}-k{k}-{kind}"),
-                None => format!("ablation-r{rank}-k{k}"),
-            };
-            run_config.tracking.run_name = Some(label.clone());
-            let run_config = fitted_to_budget(run_config, observer)?;
-            index += 1;
-            observer.run_started(&label, run_config.seed, index, total);
-            let Some(record) = train_and_evaluate(
-                &run_config,
-                Variant::of(&run_config),
-                &label,
-                config.seed,
-                None,
-                observer,
-            )?
-            else {
-                results.interrupted = true;
-                break;
-            };
-            observer.run_finished(&record);
-            results.ablation.push(AblationPoint {
-                lora_rank: rank,
-                inner_steps: k,
-                hessian,
-                headline: headline_interval(
-                    &record.evaluation.headline_values(),
-                    config.evaluation.confidence,
-                )?,
-                peak_bytes: record.peak_bytes,
-            });
-            results.runs.push(record);
-            save_results(&results, &dir)?;
+            other => {
+                records.push(None);
+                pending.push(Some(other));
+            }
         }
+    }
+    if records.iter().any(Option::is_some) {
+        collect_runs(&mut results, &plan, &records)?;
+        save_results(&results, &dir)?;
+    }
+    let total = plan.len();
+    for (i, planned) in plan.iter().enumerate() {
+        let index = i + 1;
+        let Some(reuse) = pending[i].take() else {
+            let record = records[i].as_ref().expect("a kept run");
+            observer.run_kept(record, index, total);
+            continue;
+        };
+        let (label, run_config) = (&planned.label, &planned.config);
+        if let Reuse::Rerun(why) = reuse {
+            observer.note(&format!(
+                "{label} (seed {}) runs again: {why}",
+                run_config.seed
+            ));
+        }
+        // The meta-initialisation baseline adapts the main run's checkpoint of the
+        // same seed.
+        let start = match planned.variant {
+            Variant::MetaInitFinetune => Some(main_checkpoint(
+                &results,
+                &main.to_string(),
+                run_config.seed,
+            )?),
+            _ => None,
+        };
+        observer.run_started(label, run_config.seed, index, total);
+        let continue_from = continued_training(options, planned.variant, run_config, observer)?;
+        let Some(record) = train_and_evaluate(
+            run_config,
+            planned.variant,
+            label,
+            config.seed,
+            start,
+            continue_from,
+            observer,
+        )?
+        else {
+            results.interrupted = true;
+            break;
+        };
+        observer.run_finished(&record);
+        records[i] = Some(record);
+        collect_runs(&mut results, &plan, &records)?;
+        save_results(&results, &dir)?;
     }
     if !results.interrupted {
         let mut trained: Vec<Variant> = variants
@@ -413,6 +432,124 @@ pub fn run_full(
         save_results(&results, &dir)?;
     }
     Ok(results)
+}
+
+/// One run a comparison holds.
+struct PlannedRun {
+    variant: Variant,
+    /// The method, or the ablation point's label.
+    label: String,
+    /// The run's configuration, fitted to the memory budget.
+    config: Config,
+    /// Rank, K and Hessian approximation of an ablation point.
+    ablation: Option<(usize, usize, Option<HessianKind>)>,
+}
+
+/// Every run of the comparison in order: each applicable method (the configured one
+/// first) with each seed, then the ablation grid; the methods that do not apply to
+/// the model or data go to `results.skipped`, with the reason.
+fn plan_runs(
+    config: &Config,
+    variants: &[Variant],
+    seeds: usize,
+    grid: &[(usize, usize, Option<HessianKind>)],
+    results: &mut FullResults,
+    observer: &mut dyn FullObserver,
+) -> Result<Vec<PlannedRun>> {
+    let mut plan = Vec::new();
+    for &variant in variants {
+        if let Some(why) = crate::config::pairing::method_does_not_apply(&variant.apply(config)) {
+            observer.note(&format!("{variant} skipped: {why}"));
+            results.skipped.push(SkippedMethod {
+                label: variant.to_string(),
+                reason: why,
+            });
+            continue;
+        }
+        for s in 0..seeds {
+            let mut run_config = variant.apply(config);
+            run_config.seed = config.seed + s as u64;
+            let label = variant.to_string();
+            // The meta-initialisation baseline evaluates the main run's checkpoint in
+            // a folder of its own.
+            run_config.tracking.run_name = (variant == Variant::MetaInitFinetune)
+                .then(|| format!("{label}-seed{}", run_config.seed));
+            plan.push(PlannedRun {
+                variant,
+                label,
+                config: fitted_to_budget(run_config, observer)?,
+                ablation: None,
+            });
+        }
+    }
+    for &(rank, k, hessian) in grid {
+        let mut run_config = config.clone();
+        run_config.lora.rank = rank;
+        run_config.meta_learning.inner.steps = k;
+        if let Some(kind) = hessian {
+            run_config.memory_optimization.hessian_approximation.kind = kind;
+        }
+        let label = match hessian {
+            Some(kind) => format!("ablation-r{rank}-k{k}-{kind}"),
+            None => format!("ablation-r{rank}-k{k}"),
+        };
+        run_config.tracking.run_name = Some(label.clone());
+        let run_config = fitted_to_budget(run_config, observer)?;
+        plan.push(PlannedRun {
+            variant: Variant::of(&run_config),
+            label,
+            config: run_config,
+            ablation: Some((rank, k, hessian)),
+        });
+    }
+    Ok(plan)
+}
+
+/// Rebuilds `results`' runs, ablation points, summaries and comparisons from the
+/// runs of `plan` that have a record (kept or finished), in the plan's order.
+fn collect_runs(
+    results: &mut FullResults,
+    plan: &[PlannedRun],
+    records: &[Option<RunRecord>],
+) -> Result<()> {
+    results.runs.clear();
+    results.ablation.clear();
+    for (planned, record) in plan.iter().zip(records) {
+        let Some(record) = record else { continue };
+        results.regression = record.evaluation.regression;
+        if let Some((lora_rank, inner_steps, hessian)) = planned.ablation {
+            results.ablation.push(AblationPoint {
+                lora_rank,
+                inner_steps,
+                hessian,
+                headline: headline_interval(
+                    &record.evaluation.headline_values(),
+                    results.confidence,
+                )?,
+                peak_bytes: record.peak_bytes,
+            });
+        }
+        results.runs.push(record.clone());
+    }
+    summarise(results)
+}
+
+/// With `--resume`, the last checkpoint of a meta-training of `config` that an
+/// earlier comparison left unfinished, which the training continues from.
+fn continued_training(
+    options: &FullOptions,
+    variant: Variant,
+    config: &Config,
+    observer: &mut dyn FullObserver,
+) -> Result<Option<PathBuf>> {
+    if !options.resume || !variant.meta_trains() {
+        return Ok(None);
+    }
+    let last = unfinished_training(config, variant)?;
+    if let Some(dir) = &last {
+        observer.note(&format!("continuing from the checkpoint {}", dir.display()));
+    }
+    Ok(last)
 }
 
 /// Rank × K × Hessian points of the ablation, empty when it is off.
@@ -477,8 +614,11 @@ fn train_and_evaluate(
     label: &str,
     episode_seed: u64,
     start: Option<PathBuf>,
+    continue_from: Option<PathBuf>,
     observer: &mut dyn FullObserver,
 ) -> Result<Option<RunRecord>> {
+    // Before the sweep below writes its chosen learning rate into the configuration.
+    let identity = run_identity(config, variant)?;
     let mut train_classes = None;
     let mut options = EvaluateOptions {
         checkpoint: start,
@@ -488,7 +628,10 @@ fn train_and_evaluate(
     };
     let (mut run, mut iterations, mut seconds, mut peak) = (None, 0, None, None);
     if variant.meta_trains() {
-        let train_options = observer.train_options(label, config.meta_learning.num_iterations);
+        let train_options = TrainOptions {
+            resume: continue_from,
+            ..observer.train_options(label, config.meta_learning.num_iterations)
+        };
         let summary = train(config, &train_options)?;
         if summary.interrupted {
             return Ok(None);
@@ -601,6 +744,7 @@ fn train_and_evaluate(
         curve,
         fit,
         curve_lr,
+        config: Some(identity),
     }))
 }
 
@@ -878,6 +1022,7 @@ mod tests {
         let options = FullOptions {
             skip_baselines: false,
             seeds: Some(3),
+            resume: false,
         };
         let results = run_full(&config, &options, &mut Quiet).unwrap();
         assert_eq!(results.split_seed, 42);

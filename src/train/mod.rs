@@ -9,6 +9,7 @@ mod curve;
 mod evaluate;
 mod full;
 mod pretrain;
+mod resume;
 mod run;
 
 pub use adapt::{adapt_examples, adapter_params, AdaptOutcome, Prediction};
