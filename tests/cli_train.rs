@@ -184,6 +184,7 @@ fn full_writes_the_comparison_and_the_report() {
         "finetune",
         "paired statistics",
         "Wilcoxon",
+        "against the best baseline",
     ] {
         assert!(stdout.contains(name), "`{name}` missing from:\n{stdout}");
     }
@@ -220,7 +221,11 @@ fn full_writes_the_comparison_and_the_report() {
     ]);
     assert!(resumed.status.success(), "{}", text(&resumed.stderr));
     let err = text(&resumed.stderr);
-    assert_eq!(err.matches("kept from the earlier results").count(), 3, "{err}");
+    assert_eq!(
+        err.matches("kept from the earlier results").count(),
+        3,
+        "{err}"
+    );
     let again: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(exp.join("results.json")).unwrap()).unwrap();
     assert_eq!(again["methods"], results["methods"]);

@@ -7,7 +7,9 @@ use indicatif::ProgressBar;
 use super::args::{FullArgs, GlobalArgs, ReportArgs};
 use super::progress::{bar, interrupt_flag, training_callback};
 use super::{load_config, write_stdout};
-use crate::report::{comparison_table, statistics_table, write_experiment_report};
+use crate::report::{
+    best_baseline_table, comparison_table, statistics_table, write_experiment_report,
+};
 use crate::train::{experiment_dir, run_full, FullObserver, FullOptions, RunRecord, TrainOptions};
 
 /// Shows each run's progress bar and a line per finished run.
@@ -93,6 +95,13 @@ pub(crate) fn run_full_cmd(global: &GlobalArgs, args: &FullArgs) -> anyhow::Resu
             "\npaired statistics, {} against each method:\n{}",
             results.main,
             statistics_table(&results).to_text()
+        );
+    }
+    if let Some(best) = results.against_best_baseline.first() {
+        text += &format!(
+            "\neach method with meta-learning against the best baseline, {}:\n{}",
+            best.baseline,
+            best_baseline_table(&results).to_text()
         );
     }
     text += &format!(

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use crate::memory::format_bytes;
 use crate::track::read_metrics;
-use crate::train::{load_results, FullResults};
+use crate::train::{load_results, Comparison, FullResults};
 use crate::Result;
 
 use super::{plots, Report, Section, Table};
@@ -69,10 +69,25 @@ pub fn comparison_table(results: &FullResults) -> Table {
     Table { headers, rows }
 }
 
-/// Paired statistics of the configured method against each other method.
+/// The paired statistics of the configured method against each other method.
 pub fn statistics_table(results: &FullResults) -> Table {
+    paired_table(&results.comparisons, "vs", |c| &c.baseline)
+}
+
+/// The paired statistics of every method with meta-learning against the best
+/// baseline without it.
+pub fn best_baseline_table(results: &FullResults) -> Table {
+    paired_table(&results.against_best_baseline, "method", |c| &c.method)
+}
+
+/// One row per comparison, named by `name`.
+fn paired_table(
+    comparisons: &[Comparison],
+    first: &str,
+    name: fn(&Comparison) -> &String,
+) -> Table {
     let headers = [
-        "vs",
+        first,
         "mean difference",
         "bootstrap CI of the difference",
         "paired t (p)",
@@ -81,12 +96,11 @@ pub fn statistics_table(results: &FullResults) -> Table {
     ]
     .map(String::from)
     .to_vec();
-    let rows = results
-        .comparisons
+    let rows = comparisons
         .iter()
         .map(|c| {
             vec![
-                c.baseline.clone(),
+                name(c).clone(),
                 format!("{:+.4}", c.mean_difference),
                 c.bootstrap
                     .map_or("–".into(), |(lo, hi)| format!("[{lo:+.4}, {hi:+.4}]")),
@@ -146,6 +160,20 @@ pub fn write_experiment_report(dir: &Path) -> Result<(PathBuf, PathBuf)> {
                 results.main
             ))
             .table(statistics_table(&results)),
+        );
+    }
+    if let Some(best) = results.against_best_baseline.first() {
+        report = report.section(
+            Section::new(format!(
+                "Does meta-learning pay off? Each method against the best baseline ({})",
+                best.baseline
+            ))
+            .paragraph(format!(
+                "The baseline without meta-learning with the best mean {metric} is {}; \
+                 differences are method − {} in {metric}, paired by test episode.",
+                best.baseline, best.baseline
+            ))
+            .table(best_baseline_table(&results)),
         );
     }
 

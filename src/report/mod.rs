@@ -6,7 +6,9 @@
 mod experiment;
 pub mod plots;
 
-pub use experiment::{comparison_table, statistics_table, write_experiment_report};
+pub use experiment::{
+    best_baseline_table, comparison_table, statistics_table, write_experiment_report,
+};
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};

@@ -129,12 +129,15 @@ pub struct TestRecord {
     pub p_value: f64,
 }
 
-/// The configured method against one other method, paired by test episode.
+/// One method against another, paired by test episode.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Comparison {
-    /// The other method.
+    /// The method compared (in `comparisons`, the configured one).
+    #[serde(default)]
+    pub method: String,
+    /// The method it is compared with.
     pub baseline: String,
-    /// Mean of (configured − baseline) in the headline metric.
+    /// Mean of (method − baseline) in the headline metric.
     pub mean_difference: f64,
     /// Paired t-test (`None` when every difference is equal, e.g. all zero).
     pub t_test: Option<TestRecord>,
@@ -200,6 +203,12 @@ pub struct FullResults {
     pub methods: Vec<MethodSummary>,
     /// The configured method against each other method.
     pub comparisons: Vec<Comparison>,
+    /// Every method with meta-learning (a meta-learner, or `meta-init-finetune`)
+    /// against the best baseline without it (the best mean headline score among
+    /// `no-adaptation`, `prototype`, `lora-finetune`, `finetune` and
+    /// `pretrain-finetune`); empty when either side is missing.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub against_best_baseline: Vec<Comparison>,
     /// The ablation grid (empty when not configured).
     pub ablation: Vec<AblationPoint>,
     /// Peak memory against K per meta-learning method.
@@ -314,6 +323,7 @@ pub fn run_full(
         runs: Vec::new(),
         methods: Vec::new(),
         comparisons: Vec::new(),
+        against_best_baseline: Vec::new(),
         ablation: Vec::new(),
         memory_vs_k: Vec::new(),
         interrupted: false,
@@ -883,6 +893,36 @@ fn summarise(results: &mut FullResults) -> Result<()> {
             .collect(),
         None => Vec::new(),
     };
+    let without_meta_learning = |m: &&MethodSummary| {
+        m.label
+            .parse::<Variant>()
+            .is_ok_and(|v| v.is_baseline() && v != Variant::MetaInitFinetune)
+    };
+    let better = |a: f64, b: f64| {
+        if results.regression {
+            a < b
+        } else {
+            a > b
+        }
+    };
+    let best = results
+        .methods
+        .iter()
+        .filter(without_meta_learning)
+        .filter(|m| m.headline.mean.is_finite())
+        .fold(None, |best: Option<&MethodSummary>, m| match best {
+            Some(b) if !better(m.headline.mean, b.headline.mean) => Some(b),
+            _ => Some(m),
+        });
+    results.against_best_baseline = match best {
+        Some(best) => results
+            .methods
+            .iter()
+            .filter(|m| !without_meta_learning(m))
+            .map(|m| compare(m, best, results.confidence))
+            .collect(),
+        None => Vec::new(),
+    };
     Ok(())
 }
 
@@ -897,6 +937,7 @@ fn compare(main: &MethodSummary, other: &MethodSummary, confidence: f64) -> Comp
         p_value: r.p_value,
     };
     Comparison {
+        method: main.label.clone(),
         baseline: other.label.clone(),
         mean_difference: a.iter().zip(b).map(|(x, y)| x - y).sum::<f64>() / n.max(1) as f64,
         t_test: paired_t_test(a, b).ok().map(record),
@@ -1125,6 +1166,40 @@ mod tests {
             none.headline.mean
         );
         assert!(results.skipped.is_empty());
+        // Every method with meta-learning against the best baseline without it.
+        let summary = |label: &str| results.methods.iter().find(|m| m.label == label).unwrap();
+        let best = [
+            "no-adaptation",
+            "prototype",
+            "lora-finetune",
+            "finetune",
+            "pretrain-finetune",
+        ]
+        .into_iter()
+        .map(summary)
+        // The first of equal scores.
+        .reduce(|a, b| {
+            if b.headline.mean > a.headline.mean {
+                b
+            } else {
+                a
+            }
+        })
+        .unwrap();
+        let compared: Vec<&str> = results
+            .against_best_baseline
+            .iter()
+            .map(|c| c.method.as_str())
+            .collect();
+        assert_eq!(
+            compared,
+            ["fomaml", "maml", "metasgd", "meta-init-finetune"]
+        );
+        for c in &results.against_best_baseline {
+            assert_eq!(c.baseline, best.label);
+            let expected = summary(&c.method).headline.mean - best.headline.mean;
+            assert!((c.mean_difference - expected).abs() < 1e-12, "{c:?}");
+        }
 
         // Synthetic text makes new classes for every task: no pre-training.
         let mut text = config.clone();
