@@ -231,6 +231,35 @@ fn full_writes_the_comparison_and_the_report() {
     assert_eq!(again["methods"], results["methods"]);
     assert!(exp.join("results.before-resume.json").is_file());
 
+    // compare: an experiment beside itself is the same comparison, written out.
+    let merged = dir.path().join("merged");
+    let exp_text = exp.display().to_string();
+    let compare = melora(&[
+        "compare",
+        &exp_text,
+        &exp_text,
+        "--output",
+        &merged.display().to_string(),
+    ]);
+    assert!(compare.status.success(), "{}", text(&compare.stderr));
+    assert!(text(&compare.stdout).contains("paired statistics"));
+    let same: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(merged.join("results.json")).unwrap())
+            .unwrap();
+    assert_eq!(same["methods"], results["methods"]);
+    assert!(merged.join("report.md").is_file());
+    let missing = melora(&[
+        "compare",
+        &exp_text,
+        &dir.path().join("none").display().to_string(),
+    ]);
+    assert!(!missing.status.success());
+    assert!(
+        text(&missing.stderr).contains("melora full"),
+        "{}",
+        text(&missing.stderr)
+    );
+
     std::fs::remove_file(exp.join("report.md")).unwrap();
     let report = melora(&["report", &exp.display().to_string()]);
     assert!(report.status.success(), "{}", text(&report.stderr));

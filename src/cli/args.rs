@@ -166,6 +166,10 @@ pub(crate) enum Command {
     Full(FullArgs),
     /// Redraw the plots and report of an experiment folder written by `full`
     Report(ReportArgs),
+    /// Put the results of several `full` experiments on the same test tasks together:
+    /// the comparison table, the first experiment's method against every other, and
+    /// every method with meta-learning against the best baseline, paired by episode
+    Compare(CompareArgs),
     /// Adapt a checkpoint to your own labelled examples (--support) and predict new
     /// ones (--query): one JSON line per query item with the predicted label and the
     /// probability of each label
@@ -272,6 +276,18 @@ pub(crate) struct ReportArgs {
     /// The experiment folder (OUTPUT/EXPERIMENT) holding results.json
     #[arg(value_name = "DIR")]
     pub(crate) dir: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct CompareArgs {
+    /// Experiment folders (OUTPUT/EXPERIMENT) holding results.json, scored on the same
+    /// test tasks; the first one's configured method is compared with every other
+    #[arg(value_name = "DIR", required = true, num_args = 1..)]
+    pub(crate) dirs: Vec<PathBuf>,
+
+    /// Also write the merged results.json and its report into this folder
+    #[arg(long, value_name = "DIR")]
+    pub(crate) output: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

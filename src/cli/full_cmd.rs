@@ -4,13 +4,16 @@ use std::process::ExitCode;
 
 use indicatif::ProgressBar;
 
-use super::args::{FullArgs, GlobalArgs, ReportArgs};
+use super::args::{CompareArgs, FullArgs, GlobalArgs, ReportArgs};
 use super::progress::{bar, interrupt_flag, training_callback};
 use super::{load_config, write_stdout};
 use crate::report::{
     best_baseline_table, comparison_table, statistics_table, write_experiment_report,
 };
-use crate::train::{experiment_dir, run_full, FullObserver, FullOptions, RunRecord, TrainOptions};
+use crate::train::{
+    experiment_dir, merge_results, run_full, save_results, FullObserver, FullOptions, FullResults,
+    RunRecord, TrainOptions,
+};
 
 /// Shows each run's progress bar and a line per finished run.
 struct Console {
@@ -89,21 +92,7 @@ pub(crate) fn run_full_cmd(global: &GlobalArgs, args: &FullArgs) -> anyhow::Resu
     )?;
     let dir = experiment_dir(&config);
     let (md, html) = write_experiment_report(&dir)?;
-    let mut text = format!("\n{}", comparison_table(&results).to_text());
-    if !results.comparisons.is_empty() {
-        text += &format!(
-            "\npaired statistics, {} against each method:\n{}",
-            results.main,
-            statistics_table(&results).to_text()
-        );
-    }
-    if let Some(best) = results.against_best_baseline.first() {
-        text += &format!(
-            "\neach method with meta-learning against the best baseline, {}:\n{}",
-            best.baseline,
-            best_baseline_table(&results).to_text()
-        );
-    }
+    let mut text = tables_text(&results);
     text += &format!(
         "\nresults: {}\nreport: {} and {}\n",
         dir.join(crate::train::RESULTS_FILE).display(),
@@ -120,6 +109,50 @@ pub(crate) fn run_full_cmd(global: &GlobalArgs, args: &FullArgs) -> anyhow::Resu
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// The comparison table, the configured method's paired statistics against each
+/// method, and each method with meta-learning against the best baseline, as text.
+fn tables_text(results: &FullResults) -> String {
+    let mut text = format!("\n{}", comparison_table(results).to_text());
+    if !results.comparisons.is_empty() {
+        text += &format!(
+            "\npaired statistics, {} against each method:\n{}",
+            results.main,
+            statistics_table(results).to_text()
+        );
+    }
+    if let Some(best) = results.against_best_baseline.first() {
+        text += &format!(
+            "\neach method with meta-learning against the best baseline, {}:\n{}",
+            best.baseline,
+            best_baseline_table(results).to_text()
+        );
+    }
+    text
+}
+
+pub(crate) fn run_compare(args: &CompareArgs) -> anyhow::Result<ExitCode> {
+    let results = merge_results(&args.dirs)?;
+    let mut text = format!(
+        "comparing {}\n{}",
+        results.experiment,
+        tables_text(&results)
+    );
+    if let Some(out) = &args.output {
+        std::fs::create_dir_all(out)
+            .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", out.display()))?;
+        let path = save_results(&results, out)?;
+        let (md, html) = write_experiment_report(out)?;
+        text += &format!(
+            "\nresults: {}\nreport: {} and {}\n",
+            path.display(),
+            md.display(),
+            html.display()
+        );
+    }
+    write_stdout(&text)?;
+    Ok(ExitCode::SUCCESS)
 }
 
 pub(crate) fn run_report(args: &ReportArgs) -> anyhow::Result<ExitCode> {

@@ -92,6 +92,7 @@ pub(crate) fn run() -> anyhow::Result<ExitCode> {
         Command::Evaluate(args) => train_cmd::run_evaluate(&cli.global, args),
         Command::Full(args) => full_cmd::run_full_cmd(&cli.global, args),
         Command::Report(args) => full_cmd::run_report(args),
+        Command::Compare(args) => full_cmd::run_compare(args),
         Command::Adapt(args) => adapt_cmd::run_adapt(&cli.global, args),
         Command::Export(args) => adapt_cmd::run_export(&cli.global, args),
     }

@@ -844,7 +844,7 @@ fn headline_interval(values: &[f64], confidence: f64) -> Result<IntervalRecord> 
 }
 
 /// Recomputes the per-method summaries and the paired comparisons from the runs.
-fn summarise(results: &mut FullResults) -> Result<()> {
+pub(crate) fn summarise(results: &mut FullResults) -> Result<()> {
     let mut labels: Vec<String> = Vec::new();
     for run in &results.runs {
         if !run.label.starts_with("ablation-") && !labels.contains(&run.label) {
@@ -893,8 +893,12 @@ fn summarise(results: &mut FullResults) -> Result<()> {
             .collect(),
         None => Vec::new(),
     };
+    // A label `method@experiment` comes from `melora compare`.
     let without_meta_learning = |m: &&MethodSummary| {
         m.label
+            .split('@')
+            .next()
+            .unwrap_or_default()
             .parse::<Variant>()
             .is_ok_and(|v| v.is_baseline() && v != Variant::MetaInitFinetune)
     };

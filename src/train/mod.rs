@@ -8,6 +8,7 @@ pub mod checkpoint;
 mod curve;
 mod evaluate;
 mod full;
+mod merge;
 mod pretrain;
 mod resume;
 mod run;
@@ -20,6 +21,7 @@ pub use full::{
     FullOptions, FullResults, LrTrial, MemoryPoint, MethodSummary, RunRecord, SkippedMethod,
     SplitRecord, TestRecord, RESULTS_FILE,
 };
+pub use merge::merge_results;
 pub use pretrain::{pretrain, PretrainOutcome};
 pub use run::{
     params_from, run_dir, run_name, train, IterationReport, ProgressFn, TrainOptions, TrainSummary,
