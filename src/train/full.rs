@@ -221,6 +221,37 @@ pub struct FullResults {
     pub skipped: Vec<SkippedMethod>,
 }
 
+impl FullResults {
+    /// How `other`'s test tasks differ from these (episodes, their seed, the class
+    /// split, the kind of task), or `None` when they are the same tasks, so that
+    /// their scores pair by episode.
+    pub(crate) fn test_task_mismatch(&self, other: &FullResults) -> Option<String> {
+        if self.episodes != other.episodes {
+            Some(format!(
+                "{} test episodes against {}",
+                self.episodes, other.episodes
+            ))
+        } else if self.episode_seed != other.episode_seed {
+            Some(format!(
+                "test episodes of seed {} against {}",
+                self.episode_seed, other.episode_seed
+            ))
+        } else if self.split_seed != other.split_seed || self.splits != other.splits {
+            Some(format!(
+                "class splits of seed {} against {}, or other classes",
+                self.split_seed, other.split_seed
+            ))
+        } else if self.regression != other.regression
+            && !self.runs.is_empty()
+            && !other.runs.is_empty()
+        {
+            Some("regression against classification".into())
+        } else {
+            None
+        }
+    }
+}
+
 /// A method `melora full` did not run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SkippedMethod {

@@ -57,20 +57,7 @@ pub fn merge_results(dirs: &[PathBuf]) -> Result<FullResults> {
 }
 
 fn check_same_tasks(a: &FullResults, b: &FullResults, a_dir: &Path, b_dir: &Path) -> Result<()> {
-    let mismatch = if a.episodes != b.episodes {
-        Some(format!("{} and {} test episodes", a.episodes, b.episodes))
-    } else if a.episode_seed != b.episode_seed {
-        Some(format!(
-            "test episodes of seed {} and {}",
-            a.episode_seed, b.episode_seed
-        ))
-    } else if a.split_seed != b.split_seed || a.splits != b.splits {
-        Some("different class splits".into())
-    } else if a.regression != b.regression {
-        Some("regression and classification".into())
-    } else {
-        None
-    };
+    let mismatch = a.test_task_mismatch(b);
     match mismatch {
         Some(what) => Err(Error::InvalidArgument(format!(
             "{} and {} were scored on different test tasks ({what}), so their scores cannot \
@@ -136,7 +123,7 @@ mod tests {
         let err = merge_results(&[experiment_dir(&a), experiment_dir(&other)])
             .unwrap_err()
             .to_string();
-        assert!(err.contains("4 and 5 test episodes"), "{err}");
+        assert!(err.contains("4 test episodes against 5"), "{err}");
         assert!(merge_results(&[]).is_err());
     }
 }

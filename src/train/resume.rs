@@ -114,24 +114,7 @@ impl Earlier {
             return Ok(None);
         }
         let results = load_results(dir)?;
-        let mismatch = if results.episodes != current.episodes {
-            Some(format!(
-                "{} test episodes, not {}",
-                results.episodes, current.episodes
-            ))
-        } else if results.episode_seed != current.episode_seed {
-            Some(format!(
-                "test episodes of seed {}, not {}",
-                results.episode_seed, current.episode_seed
-            ))
-        } else if results.split_seed != current.split_seed || results.splits != current.splits {
-            Some(format!(
-                "another class split (split seed {}, not {})",
-                results.split_seed, current.split_seed
-            ))
-        } else {
-            None
-        };
+        let mismatch = results.test_task_mismatch(current);
         if let Some(what) = mismatch {
             return Err(Error::InvalidArgument(format!(
                 "--resume: {} holds a comparison on other test tasks ({what}), whose scores \
@@ -343,14 +326,14 @@ mod tests {
         let err = run_full(&other, &resume(), &mut Counts::default())
             .unwrap_err()
             .to_string();
-        assert!(err.contains("3 test episodes, not 4"), "{err}");
+        assert!(err.contains("3 test episodes against 4"), "{err}");
         assert!(err.contains("--experiment-name"), "{err}");
         let mut reseeded = small.clone();
         reseeded.seed = 6;
         let err = run_full(&reseeded, &resume(), &mut Counts::default())
             .unwrap_err()
             .to_string();
-        assert!(err.contains("seed 5, not 6"), "{err}");
+        assert!(err.contains("seed 5 against 6"), "{err}");
     }
 
     /// Results written before runs recorded their configuration: a meta-trained run
